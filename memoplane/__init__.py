@@ -1,0 +1,3 @@
+"""memoplane: every computation done once, its result remembered, verified and shared."""
+
+__version__ = "0.1.0"

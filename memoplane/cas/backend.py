@@ -1,0 +1,47 @@
+"""The object backend interface under the content-addressed store.
+
+A backend is a flat namespace of immutable-ish byte objects addressed by
+slash-separated names ("chunks/ab/ab12...", "refs/b3:..."). The filesystem
+backend serves the embedded mode and the node-local chunk cache; an S3/MinIO
+backend (issue 4) implements the same protocol, so the Store never changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    name: str
+    size: int
+    mtime: float  # seconds since the epoch; GC's grace period reads it
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Byte objects by name. Every `put` is atomic: readers see all or nothing."""
+
+    def put(self, name: str, data: bytes) -> None: ...
+
+    def put_if_absent(self, name: str, data: bytes) -> bool:
+        """Write unless present; True if this call wrote it. Used for chunks."""
+        ...
+
+    def get(self, name: str) -> bytes:
+        """The object's bytes; raises memoplane.errors.NotFound if absent."""
+        ...
+
+    def exists(self, name: str) -> bool: ...
+
+    def delete(self, name: str) -> None:
+        """Remove; absent is not an error (idempotent)."""
+        ...
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
+
+    def describe(self) -> str:
+        """A human-readable location, e.g. a path or s3://bucket/prefix."""
+        ...
