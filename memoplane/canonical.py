@@ -83,4 +83,10 @@ def canonical_json(value: Any) -> bytes:
     """Encode `value` canonically; equal JSON values give equal bytes."""
     out: list[str] = []
     _encode(value, "$", out)
-    return "".join(out).encode("utf-8")
+    try:
+        return "".join(out).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(
+            f"$: text contains {exc.object[exc.start:exc.end]!r}, which is not valid Unicode",
+            "remove lone surrogates from strings",
+        ) from None

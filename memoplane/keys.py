@@ -1,0 +1,147 @@
+"""Cache keys (DESIGN §3).
+
+key = "b3:" + blake3(canonical_json({v, code, entrypoint, runtime, inputs, env, salt}))
+
+Every component is itself a content digest or a plain value, never a mutable
+name: an input contributes the digest of its bytes, the runtime the digest of
+the interpreter version and installed distributions. The components are kept
+(`KeyParts.components()`) so that a miss can be explained against the last run.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import platform
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import blake3
+
+from .canonical import canonical_json
+
+KEY_VERSION = 1
+DIGEST_PREFIX = "b3:"
+
+
+def digest_bytes(data: bytes) -> str:
+    return DIGEST_PREFIX + blake3.blake3(data).hexdigest()
+
+
+def digest_value(value: Any) -> str:
+    """The digest of a JSON value: equal values (any key order) give equal digests."""
+    return digest_bytes(canonical_json(value))
+
+
+def code_digest(source: str) -> str:
+    """Source text by its exact bytes: a changed comment is changed code."""
+    return digest_bytes(source.encode("utf-8"))
+
+
+def command_digest(argv: tuple[str, ...] | list[str]) -> str:
+    return digest_value({"argv": list(argv)})
+
+
+@dataclass(frozen=True)
+class RuntimeIdentity:
+    profile: str
+    python: str
+    implementation: str
+    machine: str
+    distributions: tuple[tuple[str, str], ...]
+
+    def components(self) -> dict[str, Any]:
+        return {
+            "profile": self.profile,
+            "python": self.python,
+            "implementation": self.implementation,
+            "machine": self.machine,
+            "distributions": {name: version for name, version in self.distributions},
+        }
+
+    @functools.cached_property
+    def digest(self) -> str:
+        return digest_value(self.components())
+
+
+def _installed_distributions() -> tuple[tuple[str, str], ...]:
+    found: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            found[name.lower().replace("_", "-")] = dist.version
+    return tuple(sorted(found.items()))
+
+
+@functools.lru_cache(maxsize=8)
+def runtime_identity(profile: str = "python") -> RuntimeIdentity:
+    """Identity of the interpreter jobs run on: an upgrade of Python or of any
+    installed distribution changes every key of that runtime (cached per process)."""
+    return RuntimeIdentity(
+        profile=profile,
+        python=platform.python_version(),
+        implementation=sys.implementation.name,
+        machine=platform.machine(),
+        distributions=_installed_distributions(),
+    )
+
+
+@dataclass(frozen=True)
+class KeyParts:
+    code: str                     # digest of the source or command
+    entrypoint: str | None        # None for commands
+    runtime: str                  # RuntimeIdentity.digest
+    inputs: Mapping[str, str] = field(default_factory=dict)   # name -> content digest
+    env: Mapping[str, str] = field(default_factory=dict)
+    salt: str = ""                # spec.cache.version
+
+    def components(self) -> dict[str, Any]:
+        return {
+            "v": KEY_VERSION,
+            "code": self.code,
+            "entrypoint": self.entrypoint,
+            "runtime": self.runtime,
+            "inputs": dict(self.inputs),
+            "env": dict(self.env),
+            "salt": self.salt,
+        }
+
+    @property
+    def key(self) -> str:
+        return digest_value(self.components())
+
+
+def explain_change(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[str]:
+    """Which components of a key changed since `previous`, one line each.
+
+    Inputs and env are compared entry by entry so the line names the input."""
+    if previous is None:
+        return ["no earlier run of this job is recorded"]
+    changes: list[str] = []
+    for part in ("v", "code", "entrypoint", "runtime", "salt"):
+        if previous.get(part) != current.get(part):
+            changes.append(f"{part} changed: {_short(previous.get(part))} -> {_short(current.get(part))}")
+    for part in ("inputs", "env"):
+        changes.extend(_mapping_changes(part, previous.get(part) or {}, current.get(part) or {}))
+    return changes
+
+
+def _mapping_changes(part: str, before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for name in sorted(set(before) | set(after)):
+        if name not in before:
+            lines.append(f"{part}.{name} added")
+        elif name not in after:
+            lines.append(f"{part}.{name} removed")
+        elif before[name] != after[name]:
+            lines.append(f"{part}.{name} changed: {_short(before[name])} -> {_short(after[name])}")
+    return lines
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    if text.startswith(DIGEST_PREFIX):
+        return text[:15]
+    return text if len(text) <= 40 else text[:37] + "..."
