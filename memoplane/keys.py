@@ -142,6 +142,9 @@ def _mapping_changes(part: str, before: Mapping[str, Any], after: Mapping[str, A
 
 def _short(value: Any) -> str:
     text = str(value)
+    kind, _, rest = text.partition(":")
+    if kind in ("json", "blob") and rest.startswith(DIGEST_PREFIX):
+        return f"{kind}:{rest[:15]}"
     if text.startswith(DIGEST_PREFIX):
         return text[:15]
     return text if len(text) <= 40 else text[:37] + "..."

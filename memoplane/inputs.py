@@ -1,0 +1,89 @@
+"""Parsing the user's inputs (CLI `--input NAME=JSON | NAME=@FILE`, `--env K=V`)
+into checked values, with errors that name the flag and the fix."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class FileArg:
+    """An input given as @FILE: its bytes go into the store by content."""
+
+    path: Path
+
+
+def check_input_name(name: str, flag: str = "--input") -> str:
+    if not _NAME.match(name):
+        raise InputError(
+            f"{flag} {name!r}: an input name must be a Python identifier",
+            "use letters, digits and _ (e.g. rows, scale_2)",
+        )
+    return name
+
+
+def parse_input(text: str) -> tuple[str, Any | FileArg]:
+    """`rows=[1,2,3]` -> ("rows", [1, 2, 3]); `raw=@data.csv` -> ("raw", FileArg)."""
+    name, sep, raw = text.partition("=")
+    if not sep:
+        raise InputError(f"--input {text!r} has no '='", "write NAME=JSON or NAME=@FILE, e.g. --input rows=[1,2,3]")
+    check_input_name(name)
+    if raw.startswith("@"):
+        path = Path(raw[1:]).expanduser()
+        if not path.is_file():
+            raise InputError(f"--input {name}: file {raw[1:]!r} does not exist", "check the path after '@'")
+        return name, FileArg(path)
+    try:
+        return name, json.loads(raw, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"--input {name}: {raw!r} is not JSON ({exc.msg})",
+            f"quote strings as JSON, e.g. --input '{name}=\"{raw}\"', or pass a file with {name}=@PATH",
+        ) from None
+
+
+def _reject_constant(token: str) -> Any:
+    raise InputError(f"--input: {token} is not a JSON number", "use a finite number or null")
+
+
+def parse_inputs(texts: list[str]) -> dict[str, Any | FileArg]:
+    found: dict[str, Any | FileArg] = {}
+    for text in texts:
+        name, value = parse_input(text)
+        if name in found:
+            raise InputError(f"--input {name} is given twice", "give each input once")
+        found[name] = value
+    return found
+
+
+def parse_env(texts: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for text in texts:
+        name, sep, value = text.partition("=")
+        if not sep or not name:
+            raise InputError(f"--env {text!r} has no NAME=", "write --env NAME=VALUE")
+        if name.startswith("MEMOPLANE_"):
+            raise InputError(f"--env {name}: MEMOPLANE_* names are reserved", "choose another name")
+        env[name] = value
+    return env
+
+
+_UNITS = {"": 1, "k": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
+          "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+
+
+def parse_bytes(text: str, field: str) -> int:
+    """A Kubernetes-style byte quantity: 512Mi, 1Gi, 1000000."""
+    match = _QUANTITY.match(text.strip())
+    if not match:
+        raise InputError(f"{field}: {text!r} is not a byte quantity", "write e.g. 512Mi, 2Gi or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[match.group(2) or ""])

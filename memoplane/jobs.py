@@ -1,0 +1,116 @@
+"""A job once its inputs are resolved to content: the pure description that
+the key is derived from and that a sandbox runs.
+
+Both the embedded runner and the cluster (operator resolves, agent runs) build
+a `Job`; resolution of the user's spec into it is the only place where mutable
+names (a file path, an upstream job, an object key) become content digests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .canonical import canonical_json
+from .keys import KeyParts, code_digest, command_digest, digest_value, runtime_identity
+from .sandbox.types import CommandTask, Limits, PythonTask
+
+Policy = Literal["Use", "Refresh", "Bypass"]
+POLICIES: tuple[Policy, ...] = ("Use", "Refresh", "Bypass")
+
+
+@dataclass(frozen=True)
+class JsonInput:
+    """A JSON value; the entrypoint receives it as a keyword argument."""
+
+    value: Any
+
+    @property
+    def digest(self) -> str:
+        return digest_value(self.value)
+
+    @property
+    def key_entry(self) -> str:
+        return "json:" + self.digest
+
+
+@dataclass(frozen=True)
+class BlobInput:
+    """Bytes held in the store under `digest`; the entrypoint receives `bytes`
+    (a numpy array when `name` ends in .npy) and commands a file."""
+
+    digest: str
+    size: int
+
+    @property
+    def key_entry(self) -> str:
+        # The kind is part of the entry: a file holding the text "[1,2]" and the
+        # JSON value [1,2] have one digest but reach the code as different types.
+        return "blob:" + self.digest
+
+
+Input = JsonInput | BlobInput
+
+
+@dataclass(frozen=True)
+class PythonCode:
+    source: str
+    entrypoint: str = "main"
+    filename: str = "<job>"
+
+
+@dataclass(frozen=True)
+class CommandCode:
+    argv: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Job:
+    code: PythonCode | CommandCode
+    inputs: Mapping[str, Input] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    salt: str = ""
+    profile: str = "python"
+    limits: Limits = field(default_factory=Limits)
+
+    def key_parts(self) -> KeyParts:
+        if isinstance(self.code, PythonCode):
+            code, entrypoint = code_digest(self.code.source), self.code.entrypoint
+        else:
+            code, entrypoint = command_digest(self.code.argv), None
+        return KeyParts(
+            code=code,
+            entrypoint=entrypoint,
+            runtime=runtime_identity(self.profile).digest,
+            inputs={name: value.key_entry for name, value in self.inputs.items()},
+            env=dict(self.env),
+            salt=self.salt,
+        )
+
+    @property
+    def key(self) -> str:
+        return self.key_parts().key
+
+
+def input_file_name(name: str) -> str:
+    """Where an input appears under $MEMOPLANE_IN (a flat directory of names)."""
+    return name
+
+
+def sandbox_task(job: Job) -> PythonTask | CommandTask:
+    """The sandbox's view of a job: JSON inputs as keyword arguments, blobs as files."""
+    if isinstance(job.code, CommandCode):
+        return CommandTask(argv=job.code.argv)
+    return PythonTask(
+        source=job.code.source,
+        entrypoint=job.code.entrypoint,
+        filename=job.code.filename,
+        inputs={n: v.value for n, v in job.inputs.items() if isinstance(v, JsonInput)},
+        file_inputs={n: input_file_name(n) for n, v in job.inputs.items() if isinstance(v, BlobInput)},
+    )
+
+
+def json_input_file(value: Any) -> bytes:
+    """A JSON input as a command sees it in $MEMOPLANE_IN: its canonical text."""
+    return canonical_json(value)
