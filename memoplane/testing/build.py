@@ -1,0 +1,305 @@
+"""Build the control plane's binaries from the Go module proxy, once, into a cache.
+
+kube-apiserver and etcd cannot be `go install`ed: their go.mod files replace their own
+sibling modules with local directories (k8s.io/api => ./staging/src/k8s.io/api). So for each
+we generate a small wrapper module that requires the release, replaces every such module with
+its published version (the list is read from the release's own go.mod, never typed in), copies
+the upstream `package main` file and builds it. MinIO and helm install with `go install`.
+
+Binaries land in `<cache>/bin/<name>-<version>`; they are written under a temporary name and
+renamed, so a binary that exists is complete and later runs reuse it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VERSIONS_FILE = REPO_ROOT / "hack" / "versions.env"
+COMPONENTS = ("etcd", "kube-apiserver", "minio", "helm")
+_PROGRESS_EVERY_S = 15.0
+
+
+class BuildError(RuntimeError):
+    """A component could not be built; the message names it and points at its log."""
+
+    def __init__(self, component: str, detail: str) -> None:
+        super().__init__(f"cannot build {component}: {detail}")
+        self.component = component
+
+
+@dataclass(frozen=True)
+class Versions:
+    kubernetes: str
+    etcd: str
+    minio: str
+    minio_release: str
+    helm: str
+
+    def of(self, component: str) -> str:
+        return {
+            "etcd": self.etcd,
+            "kube-apiserver": self.kubernetes,
+            "minio": self.minio,
+            "helm": self.helm,
+        }[component]
+
+
+def load_versions(path: Path | None = None) -> Versions:
+    """Read the pinned versions (simple KEY=VALUE lines) from hack/versions.env."""
+    path = path or Path(os.environ.get("MEMOPLANE_VERSIONS_FILE", VERSIONS_FILE))
+    values: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return Versions(
+        kubernetes=values["KUBERNETES_VERSION"],
+        etcd=values["ETCD_VERSION"],
+        minio=values["MINIO_VERSION"],
+        minio_release=values["MINIO_RELEASE"],
+        helm=values["HELM_VERSION"],
+    )
+
+
+def cache_dir() -> Path:
+    """Outside the repository so that every checkout and CI run on the machine shares it."""
+    default = Path.home() / ".cache" / "memoplane"
+    return Path(os.environ.get("MEMOPLANE_CACHE_DIR", default))
+
+
+def binary_path(component: str, versions: Versions | None = None) -> Path:
+    versions = versions or load_versions()
+    return cache_dir() / "bin" / f"{component}-{versions.of(component)}"
+
+
+def _log(msg: str) -> None:
+    print(f"[hack/cluster] {msg}", file=sys.stderr, flush=True)
+
+
+def _go_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    # Static, small, reproducible binaries with the machine's own toolchain (no auto-download).
+    env.update(CGO_ENABLED="0", GOTOOLCHAIN="local", GOFLAGS="-trimpath")
+    env.pop("GOBIN", None)
+    env.update(extra or {})
+    return env
+
+
+def _run_logged(component: str, argv: list[str], cwd: Path, log: Path,
+                env: dict[str, str] | None = None) -> None:
+    """Run a go command, appending its output to `log` and printing a heartbeat meanwhile."""
+    with log.open("a") as out:
+        out.write(f"$ {' '.join(argv)}   (in {cwd})\n")
+        out.flush()
+        proc = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                env=env or _go_env())
+    started = time.monotonic()
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(_PROGRESS_EVERY_S):
+            lines = sum(1 for _ in log.open(errors="replace"))
+            _log(f"  {component}: {argv[1]} running {time.monotonic() - started:.0f}s, "
+                 f"{lines} log lines ({log})")
+
+    thread = threading.Thread(target=heartbeat, daemon=True)
+    thread.start()
+    try:
+        code = proc.wait()
+    finally:
+        stop.set()
+        thread.join()
+    if code != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
+        raise BuildError(component, f"`{' '.join(argv[:3])} ...` exited {code}; "
+                                    f"last lines of {log}:\n{tail}")
+
+
+def _go_mod_json(gomod: Path) -> dict[str, object]:
+    out = subprocess.run(["go", "mod", "edit", "-json", str(gomod)], check=True,
+                         capture_output=True, text=True, env=_go_env())
+    data: dict[str, object] = json.loads(out.stdout)
+    return data
+
+
+def _download(component: str, module: str, version: str, log: Path) -> dict[str, str]:
+    """`go mod download -json` one module; returns its Dir and GoMod paths."""
+    out = subprocess.run(["go", "mod", "download", "-json", f"{module}@{version}"],
+                         capture_output=True, text=True, env=_go_env())
+    log.open("a").write(out.stdout + out.stderr)
+    try:
+        info: dict[str, str] = json.loads(out.stdout)
+    except json.JSONDecodeError:
+        raise BuildError(component, f"go mod download {module}@{version}: {out.stderr.strip()}")
+    if out.returncode != 0 or "Error" in info:
+        raise BuildError(component, f"go mod download {module}@{version}: "
+                                    f"{info.get('Error', out.stderr.strip())}")
+    return info
+
+
+def published_replaces(upstream: dict[str, object],
+                       published: Callable[[str], str]) -> list[tuple[str, str]]:
+    """(module, version) for every required module that upstream replaces by a local dir.
+
+    Replaces of modules the release does not require are guards (etcd points
+    go.etcd.io/etcd at ./FORBIDDEN_DEPENDENCY) and are dropped.
+    """
+    required = {r["Path"] for r in upstream.get("Require") or []}  # type: ignore[union-attr]
+    result = []
+    for rep in upstream.get("Replace") or []:  # type: ignore[union-attr]
+        old, new = rep["Old"]["Path"], rep["New"]
+        is_local = not new.get("Version") and new["Path"].startswith((".", "/"))
+        if is_local and old in required:
+            result.append((old, published(old)))
+    return sorted(result)
+
+
+def _write_wrapper(src: Path, name: str, module: str, version: str,
+                   upstream: dict[str, object], replaces: list[tuple[str, str]],
+                   main_dir: Path) -> None:
+    """A module that requires `module@version`, with published replaces and upstream's main."""
+    if src.exists():
+        shutil.rmtree(src)
+    src.mkdir(parents=True)
+    lines = [f"// Generated by memoplane/testing/build.py: builds {module}@{version}.",
+             f"module memoplane.local/build/{name}", "",
+             f"go {upstream['Go']}", ""]
+    for godebug in upstream.get("Godebug") or []:  # type: ignore[union-attr]
+        lines.append(f"godebug {godebug['Key']}={godebug['Value']}")
+    lines += ["", f"require {module} {version}", "", "replace ("]
+    lines += [f"\t{old} => {old} {ver}" for old, ver in replaces]
+    lines += [")", ""]
+    (src / "go.mod").write_text("\n".join(lines))
+    for f in sorted(main_dir.glob("*.go")):
+        if not f.name.endswith("_test.go"):
+            (src / f.name).write_text(f.read_text())
+
+
+def _build_wrapped(name: str, module: str, version: str, main_subdir: str,
+                   published: Callable[[str], str], ldflags: str, out: Path, log: Path) -> None:
+    info = _download(name, module, version, log)
+    upstream = _go_mod_json(Path(info["GoMod"]))
+    replaces = published_replaces(upstream, published)
+    if not replaces:
+        raise BuildError(name, f"found no local replaces in {module}@{version}'s go.mod")
+    _log(f"  {name}: wrapper replaces {len(replaces)} modules with published versions")
+    src = cache_dir() / "src" / f"{name}-{version}"
+    _write_wrapper(src, name, module, version, upstream, replaces,
+                   Path(info["Dir"]) / main_subdir)
+    # -mod=mod lets go add the wrapper's missing requirements and sums from the proxy.
+    _run_logged(name, ["go", "build", "-mod=mod", "-v", "-ldflags", ldflags, "-o", str(out),
+                       "."], src, log)
+
+
+def _build_kube_apiserver(v: Versions, out: Path, log: Path) -> None:
+    major, minor, patch = v.kubernetes.lstrip("v").split(".")[:3]
+    staging = f"v0.{minor}.{patch}"  # staging modules are published as v0.<minor>.<patch>
+    pkg = "k8s.io/component-base/version"
+    ldflags = " ".join(["-s", "-w",
+                        f"-X {pkg}.gitVersion={v.kubernetes}", f"-X {pkg}.gitMajor={major}",
+                        f"-X {pkg}.gitMinor={minor}", f"-X {pkg}.gitTreeState=clean"])
+    _build_wrapped("kube-apiserver", "k8s.io/kubernetes", v.kubernetes, "cmd/kube-apiserver",
+                   lambda _m: staging, ldflags, out, log)
+
+
+def _build_etcd(v: Versions, out: Path, log: Path) -> None:
+    # All of etcd's modules are released together under the same tag.
+    _build_wrapped("etcd", "go.etcd.io/etcd/server/v3", v.etcd, ".",
+                   lambda _m: v.etcd, "-s -w", out, log)
+
+
+def _go_install(name: str, target: str, ldflags: str, out: Path, log: Path) -> None:
+    gobin = out.parent / f".gobin-{name}"
+    shutil.rmtree(gobin, ignore_errors=True)
+    gobin.mkdir(parents=True)
+    _run_logged(name, ["go", "install", "-v", "-ldflags", ldflags, target], cache_dir(), log,
+                env=_go_env({"GOBIN": str(gobin)}))
+    built = list(gobin.iterdir())
+    if len(built) != 1:
+        raise BuildError(name, f"go install produced {built}")
+    built[0].rename(out)
+    gobin.rmdir()
+
+
+def _build_minio(v: Versions, out: Path, log: Path) -> None:
+    pkg = "github.com/minio/minio/cmd"
+    stamp = v.minio_release.removeprefix("RELEASE.")
+    ldflags = (f"-s -w -X {pkg}.Version={stamp} -X {pkg}.ReleaseTag={v.minio_release} "
+               f"-X {pkg}.CommitID={v.minio.rsplit('-', 1)[-1]}")
+    _go_install("minio", f"github.com/minio/minio@{v.minio}", ldflags, out, log)
+
+
+def _build_helm(v: Versions, out: Path, log: Path) -> None:
+    _go_install("helm", f"helm.sh/helm/v3/cmd/helm@{v.helm}", "-s -w", out, log)
+
+
+_BUILDERS: dict[str, Callable[[Versions, Path, Path], None]] = {
+    "etcd": _build_etcd,
+    "kube-apiserver": _build_kube_apiserver,
+    "minio": _build_minio,
+    "helm": _build_helm,
+}
+_VERSION_ARGS = {"etcd": ["--version"], "kube-apiserver": ["--version"],
+                 "minio": ["--version"], "helm": ["version", "--short"]}
+
+
+@contextmanager
+def _build_lock() -> Iterator[None]:
+    """Two checkouts building at once would race on the same outputs; serialise them."""
+    lock_path = cache_dir() / "build.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def ensure_binary(component: str, versions: Versions | None = None) -> Path:
+    """Return the cached binary of `component`, building it first if it is missing."""
+    versions = versions or load_versions()
+    out = binary_path(component, versions)
+    if out.exists():
+        return out
+    if shutil.which("go") is None:
+        raise BuildError(component, "`go` is not on PATH")
+    with _build_lock():
+        if out.exists():  # built by another process while we waited for the lock
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        log = cache_dir() / "logs" / f"{component}-{versions.of(component)}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("")
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        _log(f"building {component} {versions.of(component)} (log: {log})")
+        started = time.monotonic()
+        _BUILDERS[component](versions, tmp, log)
+        check = subprocess.run([str(tmp), *_VERSION_ARGS[component]], capture_output=True,
+                               text=True, timeout=60)
+        if check.returncode != 0:
+            raise BuildError(component, f"built binary does not run: {check.stderr.strip()}")
+        tmp.rename(out)
+        _log(f"built {component} in {time.monotonic() - started:.0f}s: "
+             f"{check.stdout.strip().splitlines()[0] if check.stdout.strip() else out}")
+    return out
+
+
+def ensure_all(components: tuple[str, ...] = COMPONENTS) -> dict[str, Path]:
+    """Build or reuse every component; raises BuildError naming the first that fails."""
+    versions = load_versions()
+    return {c: ensure_binary(c, versions) for c in components}

@@ -1,0 +1,484 @@
+"""A local control plane from real components: etcd, kube-apiserver and MinIO on loopback.
+
+This is controller-runtime's envtest pattern, done in Python so that the test suite, the
+`hack/cluster` script and CI share one implementation. `up` is idempotent: a healthy running
+set is reused, a crashed earlier set is stopped and replaced. Processes are tracked by pid
+files that also record the binary and the kernel's start time of the process, so `down`
+never signals an unrelated process that happens to reuse a pid.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from memoplane.testing import build, pki
+
+_PORT_RANGE = (21000, 29000)  # below the usual ephemeral range (32768+), above well-known ones
+_PORT_STRIDE = 10
+_READY_TIMEOUT_S = 90.0
+_STOP_TIMEOUT_S = 10.0
+# Start order; `down` stops in reverse (apiserver before the etcd it depends on).
+_SERVERS = ("etcd", "minio", "kube-apiserver")
+
+
+class ClusterError(RuntimeError):
+    """The control plane cannot be brought up; the message names the failing component."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    etcd_client: int
+    etcd_peer: int
+    apiserver: int
+    minio: int
+    minio_console: int
+
+    @classmethod
+    def from_base(cls, base: int) -> Ports:
+        return cls(base, base + 1, base + 2, base + 3, base + 4)
+
+    def all(self) -> list[int]:
+        return list(asdict(self).values())
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """What a client needs; also written as state.json in the state directory."""
+
+    state_dir: str
+    kubeconfig: str
+    apiserver_url: str
+    token: str
+    ca_file: str
+    s3_endpoint: str
+    s3_access_key: str
+    s3_secret_key: str
+    ports: Ports
+    pids: dict[str, int]
+
+    def env(self) -> dict[str, str]:
+        return {
+            "KUBECONFIG": self.kubeconfig,
+            "MEMOPLANE_S3_ENDPOINT": self.s3_endpoint,
+            "MEMOPLANE_S3_ACCESS_KEY": self.s3_access_key,
+            "MEMOPLANE_S3_SECRET_KEY": self.s3_secret_key,
+        }
+
+
+@dataclass(frozen=True)
+class UpResult:
+    info: ClusterInfo
+    already_running: bool  # a healthy set from an earlier `up` was reused
+    built: list[str]  # components that had to be built (empty: the cache was warm)
+    seconds_to_ready: float
+
+
+def checkout_root() -> Path:
+    return build.REPO_ROOT
+
+
+def state_dir() -> Path:
+    """Keyed by checkout, so two checkouts on one machine each get their own cluster."""
+    override = os.environ.get("MEMOPLANE_CLUSTER_DIR")
+    if override:
+        return Path(override).resolve()
+    key = hashlib.sha256(str(checkout_root()).encode()).hexdigest()[:12]
+    return build.cache_dir() / "clusters" / key
+
+
+def port_base(directory: Path) -> int:
+    """A stable base port derived from the state directory; MEMOPLANE_CLUSTER_PORT_BASE wins."""
+    override = os.environ.get("MEMOPLANE_CLUSTER_PORT_BASE")
+    if override:
+        return int(override)
+    slots = (_PORT_RANGE[1] - _PORT_RANGE[0]) // _PORT_STRIDE
+    digest = int(hashlib.sha256(str(directory).encode()).hexdigest(), 16)
+    return _PORT_RANGE[0] + (digest % slots) * _PORT_STRIDE
+
+
+# --- processes -------------------------------------------------------------------------
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid` (field 22 of /proc/pid/stat), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name (field 2) may contain spaces; fields after it follow the last ')'.
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _is_ours(record: dict[str, object]) -> bool:
+    """True if the pid in `record` is still the process we started (not a reused pid)."""
+    pid = int(record["pid"])  # type: ignore[call-overload]
+    if _start_time(pid) != record["start_time"]:
+        return False
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0].decode()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    # A zombie has an empty cmdline; it is ours but already dead.
+    return argv0 == record["binary"]
+
+
+def _pid_file(directory: Path, name: str) -> Path:
+    return directory / "pids" / f"{name}.json"
+
+
+def _read_pid_record(directory: Path, name: str) -> dict[str, object] | None:
+    try:
+        data: dict[str, object] = json.loads(_pid_file(directory, name).read_text())
+        return data
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _spawn(directory: Path, name: str, argv: list[str], env: dict[str, str] | None = None
+           ) -> subprocess.Popen[bytes]:
+    log = directory / "logs" / f"{name}.log"
+    with log.open("ab") as out:
+        # A new session: the servers outlive `hack/cluster up` and ignore the shell's ^C.
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})}, cwd=directory)
+    record = {"pid": proc.pid, "binary": argv[0], "start_time": _start_time(proc.pid)}
+    _pid_file(directory, name).write_text(json.dumps(record))
+    return proc
+
+
+def _stop(directory: Path, name: str) -> None:
+    """SIGTERM, then SIGKILL, exactly the process recorded in `name`'s pid file."""
+    record = _read_pid_record(directory, name)
+    if record is None:
+        return
+    pid = int(record["pid"])  # type: ignore[call-overload]
+    if _is_ours(record):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + _STOP_TIMEOUT_S
+        while _is_ours(record) and time.monotonic() < deadline:
+            _reap(pid)
+            time.sleep(0.05)
+        if _is_ours(record):
+            os.kill(pid, signal.SIGKILL)
+    _reap(pid)
+    _pid_file(directory, name).unlink(missing_ok=True)
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status if the process is our child (pytest's fixture case)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _running(directory: Path) -> dict[str, bool]:
+    """For each server with a pid file: is the recorded process still alive?"""
+    result = {}
+    for name in _SERVERS:
+        record = _read_pid_record(directory, name)
+        if record is not None:
+            _reap(int(record["pid"]))  # type: ignore[call-overload]
+            result[name] = _is_ours(record)
+    return result
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Serialise up/down on one state directory (two shells, or pytest plus a shell)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory.parent / f"{directory.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# --- health ------------------------------------------------------------------------------
+
+
+def _ssl_context(ca_file: str) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=ca_file)
+
+
+def _http_ok(url: str, *, token: str | None = None, ca_file: str | None = None,
+             timeout: float = 2.0) -> bool:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    context = _ssl_context(ca_file) if ca_file else None
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError, ssl.SSLError):
+        return False
+
+
+def _health_checks(info: ClusterInfo) -> dict[str, tuple[str, dict[str, str]]]:
+    return {
+        "etcd": (f"http://127.0.0.1:{info.ports.etcd_client}/health", {}),
+        "kube-apiserver": (f"{info.apiserver_url}/readyz",
+                           {"token": info.token, "ca_file": info.ca_file}),
+        "minio": (f"{info.s3_endpoint}/minio/health/live", {}),
+    }
+
+
+def healthy(info: ClusterInfo) -> dict[str, bool]:
+    return {name: _http_ok(url, **kw) for name, (url, kw) in _health_checks(info).items()}
+
+
+def _log_tail(directory: Path, name: str, lines: int = 30) -> str:
+    try:
+        text = (directory / "logs" / f"{name}.log").read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no log)"
+    return "".join(text.splitlines(keepends=True)[-lines:])
+
+
+def _wait_ready(directory: Path, info: ClusterInfo,
+                procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    pending = dict(_health_checks(info))
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    while pending:
+        for name in list(pending):
+            code = procs[name].poll()
+            if code is not None:
+                raise ClusterError(f"{name} exited with code {code} during startup; last lines "
+                                   f"of {directory / 'logs' / (name + '.log')}:\n"
+                                   f"{_log_tail(directory, name)}")
+            url, kw = pending[name]
+            if _http_ok(url, timeout=1.0, **kw):
+                del pending[name]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            names = ", ".join(sorted(pending))
+            tails = "\n".join(f"--- {n}:\n{_log_tail(directory, n)}" for n in pending)
+            raise ClusterError(f"{names} not ready after {_READY_TIMEOUT_S:.0f}s\n{tails}")
+        time.sleep(0.1)
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+def _check_ports_free(ports: Ports) -> None:
+    for port in ports.all():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError as exc:
+                raise ClusterError(
+                    f"port 127.0.0.1:{port} is in use ({exc.strerror}); ports "
+                    f"{ports.all()} were derived from this checkout's state directory. Another "
+                    "process holds it: stop it, or choose other ports with "
+                    "MEMOPLANE_CLUSTER_PORT_BASE=<n> (uses n..n+4).") from None
+
+
+def _write_kubeconfig(path: Path, server: str, ca_file: str, token: str) -> None:
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "memoplane-local",
+                      "cluster": {"server": server, "certificate-authority": ca_file}}],
+        "users": [{"name": "admin", "user": {"token": token}}],
+        "contexts": [{"name": "memoplane-local",
+                      "context": {"cluster": "memoplane-local", "user": "admin",
+                                  "namespace": "default"}}],
+        "current-context": "memoplane-local",
+    }
+    path.write_text(json.dumps(config, indent=2))  # JSON is valid YAML for kubectl
+    path.chmod(0o600)
+
+
+def _apiserver_argv(binary: Path, directory: Path, ports: Ports,
+                    keys: dict[str, Path]) -> list[str]:
+    return [
+        str(binary),
+        "--bind-address=127.0.0.1",
+        "--advertise-address=127.0.0.1",
+        f"--secure-port={ports.apiserver}",
+        f"--etcd-servers=http://127.0.0.1:{ports.etcd_client}",
+        f"--tls-cert-file={keys['apiserver.crt']}",
+        f"--tls-private-key-file={keys['apiserver.key']}",
+        f"--client-ca-file={keys['ca.crt']}",
+        f"--service-account-key-file={keys['sa.pub']}",
+        f"--service-account-signing-key-file={keys['sa.key']}",
+        f"--service-account-issuer=https://127.0.0.1:{ports.apiserver}",
+        f"--token-auth-file={directory / 'tokens.csv'}",
+        "--authorization-mode=RBAC",
+        "--service-cluster-ip-range=10.0.0.0/24",
+        "--allow-privileged=true",
+        # No controller-manager runs, so nothing would create the tokens this plugin demands.
+        "--disable-admission-plugins=ServiceAccount",
+        # No nodes or kube-proxy: don't maintain the `kubernetes` Service's endpoints.
+        "--endpoint-reconciler-type=none",
+        "--enable-priority-and-fairness=false",
+        "--profiling=false",
+        "--v=0",
+    ]
+
+
+def _etcd_argv(binary: Path, directory: Path, ports: Ports) -> list[str]:
+    client = f"http://127.0.0.1:{ports.etcd_client}"
+    peer = f"http://127.0.0.1:{ports.etcd_peer}"
+    return [
+        str(binary), "--name=memoplane", f"--data-dir={directory / 'data' / 'etcd'}",
+        f"--listen-client-urls={client}", f"--advertise-client-urls={client}",
+        f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
+        f"--initial-cluster=memoplane={peer}",
+        # Test data is thrown away at `down`; fsync would only cost time (envtest does this too).
+        "--unsafe-no-fsync=true", "--log-level=warn",
+    ]
+
+
+def _minio_argv(binary: Path, directory: Path, ports: Ports) -> list[str]:
+    return [str(binary), "server", "--quiet", f"--address=127.0.0.1:{ports.minio}",
+            f"--console-address=127.0.0.1:{ports.minio_console}", str(directory / "data" / "minio")]
+
+
+def _prepare(directory: Path, ports: Ports) -> tuple[ClusterInfo, dict[str, Path]]:
+    """A fresh data dir, keys, token and kubeconfig; returns the cluster's description."""
+    for sub in ("data", "pki", "pids"):
+        shutil.rmtree(directory / sub, ignore_errors=True)
+    for sub in ("data/etcd", "data/minio", "pids", "logs"):
+        (directory / sub).mkdir(parents=True, exist_ok=True)
+    for log in (directory / "logs").glob("*.log"):
+        log.unlink()
+    keys = pki.write_pki(directory / "pki")
+    token = secrets.token_hex(24)
+    tokens = directory / "tokens.csv"
+    tokens.write_text(f"{token},admin,admin,system:masters\n")
+    tokens.chmod(0o600)
+    server = f"https://127.0.0.1:{ports.apiserver}"
+    kubeconfig = directory / "kubeconfig"
+    _write_kubeconfig(kubeconfig, server, str(keys["ca.crt"]), token)
+    info = ClusterInfo(
+        state_dir=str(directory), kubeconfig=str(kubeconfig), apiserver_url=server,
+        token=token, ca_file=str(keys["ca.crt"]),
+        s3_endpoint=f"http://127.0.0.1:{ports.minio}", s3_access_key="memoplane",
+        s3_secret_key=secrets.token_hex(20), ports=ports, pids={})
+    return info, keys
+
+
+def _save_info(directory: Path, info: ClusterInfo) -> None:
+    path = directory / "state.json"
+    path.write_text(json.dumps(asdict(info), indent=2))
+    path.chmod(0o600)
+
+
+def load_info(directory: Path | None = None) -> ClusterInfo | None:
+    try:
+        raw = json.loads(((directory or state_dir()) / "state.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    raw["ports"] = Ports(**raw["ports"])
+    return ClusterInfo(**raw)
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+def _stop_all(directory: Path) -> None:
+    for name in reversed(_SERVERS):
+        _stop(directory, name)
+
+
+def up(directory: Path | None = None) -> UpResult:
+    """Bring the control plane up, or return the healthy one already running here."""
+    directory = directory or state_dir()
+    started = time.monotonic()
+    versions = build.load_versions()
+    missing = [c for c in build.COMPONENTS if not build.binary_path(c, versions).exists()]
+    binaries = build.ensure_all()
+    with _locked(directory):
+        running = _running(directory)
+        info = load_info(directory)
+        if info and running and all(running.get(n) for n in _SERVERS) \
+                and all(healthy(info).values()):
+            return UpResult(info, True, missing, time.monotonic() - started)
+        if running:
+            build._log(f"cleaning up an earlier run in {directory} "
+                       f"(alive: {sorted(n for n, ok in running.items() if ok) or 'none'})")
+            _stop_all(directory)
+        ports = Ports.from_base(port_base(directory))
+        _check_ports_free(ports)
+        info, keys = _prepare(directory, ports)
+        minio_env = {"MINIO_ROOT_USER": info.s3_access_key,
+                     "MINIO_ROOT_PASSWORD": info.s3_secret_key,
+                     "MINIO_BROWSER": "off", "MINIO_UPDATE": "off"}
+        procs = {
+            # The apiserver retries etcd until it answers, so all three start at once.
+            "etcd": _spawn(directory, "etcd", _etcd_argv(binaries["etcd"], directory, ports)),
+            "minio": _spawn(directory, "minio", _minio_argv(binaries["minio"], directory, ports),
+                            minio_env),
+            "kube-apiserver": _spawn(directory, "kube-apiserver", _apiserver_argv(
+                binaries["kube-apiserver"], directory, ports, keys)),
+        }
+        info = ClusterInfo(**{**asdict(info), "ports": ports,
+                              "pids": {n: p.pid for n, p in procs.items()}})
+        try:
+            _wait_ready(directory, info, procs)
+        except BaseException:
+            _stop_all(directory)
+            raise
+        _save_info(directory, info)
+        (directory / "env").write_text(env_script(info))
+        return UpResult(info, False, missing, time.monotonic() - started)
+
+
+def down(directory: Path | None = None) -> list[str]:
+    """Stop the processes `up` started (by pid file only) and remove the state directory."""
+    directory = directory or state_dir()
+    if not directory.exists():
+        return []
+    with _locked(directory):
+        stopped = [n for n, alive in _running(directory).items() if alive]
+        _stop_all(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+    (directory.parent / f"{directory.name}.lock").unlink(missing_ok=True)
+    return stopped
+
+
+def status(directory: Path | None = None) -> dict[str, dict[str, object]]:
+    directory = directory or state_dir()
+    info = load_info(directory)
+    running = _running(directory)
+    health = healthy(info) if info else {}
+    return {name: {"pid": (info.pids.get(name) if info else None),
+                   "running": running.get(name, False),
+                   "healthy": health.get(name, False)} for name in _SERVERS}
+
+
+def env_script(info: ClusterInfo) -> str:
+    return "".join(f"export {k}='{v}'\n" for k, v in info.env().items())
+
+
+def rss_kib(info: ClusterInfo) -> dict[str, int]:
+    """Resident memory of each running server, from /proc (VmRSS)."""
+    result = {}
+    for name, pid in info.pids.items():
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    result[name] = int(line.split()[1])
+        except FileNotFoundError:
+            result[name] = 0
+    return result

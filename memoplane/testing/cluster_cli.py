@@ -1,0 +1,86 @@
+"""`hack/cluster build|up|down|status|env`: the local control plane from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from memoplane.testing import build, cluster
+
+
+def _say(msg: str) -> None:
+    print(f"[hack/cluster] {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_build(_: argparse.Namespace) -> int:
+    for name, path in build.ensure_all().items():
+        _say(f"{name}: {path}")
+    return 0
+
+
+def cmd_up(_: argparse.Namespace) -> int:
+    result = cluster.up()
+    info = result.info
+    how = "already running, reused" if result.already_running else "started"
+    cache = f"built {', '.join(result.built)}" if result.built else "binaries reused from cache"
+    _say(f"control plane {how} in {result.seconds_to_ready:.1f}s ({cache})")
+    _say(f"kube-apiserver {info.apiserver_url}  MinIO {info.s3_endpoint}  state {info.state_dir}")
+    _say(f'use it: eval "$({sys.argv[0]} env)"')
+    return 0
+
+
+def cmd_down(_: argparse.Namespace) -> int:
+    stopped = cluster.down()
+    _say(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+    return 0
+
+
+def cmd_status(_: argparse.Namespace) -> int:
+    info = cluster.load_info()
+    rss = cluster.rss_kib(info) if info else {}
+    report = cluster.status()
+    for name, st in report.items():
+        mem = f"  rss {rss[name] / 1024:.0f} MiB" if st["running"] and name in rss else ""
+        print(f"{name:15} pid {st['pid'] or '-':>8}  running {str(st['running']):5}  "
+              f"healthy {str(st['healthy']):5}{mem}")
+    if rss:
+        print(f"{'total rss':15} {sum(rss.values()) / 1024:.0f} MiB")
+    if info:
+        print(f"state {info.state_dir}  apiserver {info.apiserver_url}  s3 {info.s3_endpoint}")
+    return 0 if all(st["healthy"] for st in report.values()) else 1
+
+
+def cmd_env(_: argparse.Namespace) -> int:
+    info = cluster.load_info()
+    if info is None:
+        _say("not up: run `hack/cluster up` first")
+        return 1
+    sys.stdout.write(cluster.env_script(info))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hack/cluster", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, text in [
+        ("build", cmd_build, "build the pinned binaries into the cache, or reuse them"),
+        ("up", cmd_up, "start etcd, kube-apiserver and MinIO on loopback (idempotent)"),
+        ("down", cmd_down, "stop what `up` started and remove its data"),
+        ("status", cmd_status, "show processes, health and memory; exit 1 unless all healthy"),
+        ("env", cmd_env, "print the shell exports for the running control plane"),
+    ]:
+        sub.add_parser(name, help=text).set_defaults(fn=fn)
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.fn(args)
+    except build.BuildError as exc:
+        _say(f"FAILED: {exc}")
+        return 2
+    except cluster.ClusterError as exc:
+        _say(f"FAILED: {exc}")
+        return 3
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

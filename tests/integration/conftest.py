@@ -1,0 +1,65 @@
+"""Integration tests run against the real local control plane (hack/cluster, DESIGN.md §8).
+
+The control plane is brought up once per test session and stopped at the end, unless it was
+already running (`hack/cluster up` in a shell): then it is reused and left running. If it
+cannot be built or started, every test that needs it errors with the reason: never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from memoplane.testing import build, cluster
+
+_HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Everything under tests/integration needs the control plane: mark it so `-m` selects it.
+    for item in items:
+        if _HERE in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[cluster.ClusterInfo]:
+    directory = cluster.state_dir()
+    try:
+        result = cluster.up(directory)
+    except (build.BuildError, cluster.ClusterError) as exc:
+        pytest.fail(f"the local control plane cannot start: {exc}", pytrace=False)
+    saved = {k: os.environ.get(k) for k in result.info.env()}
+    os.environ.update(result.info.env())  # kubectl and clients in tests find it like a user would
+    try:
+        yield result.info
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if not result.already_running:
+            cluster.down(directory)
+
+
+Kubectl = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture(scope="session")
+def kubectl(control_plane: cluster.ClusterInfo) -> Kubectl:
+    """Run kubectl against the control plane; fails the test with kubectl's stderr."""
+
+    def run(*args: str, stdin: str | None = None, check: bool = True
+            ) -> subprocess.CompletedProcess[str]:
+        argv = ["kubectl", f"--kubeconfig={control_plane.kubeconfig}", *args]
+        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60)
+        if check and proc.returncode != 0:
+            pytest.fail(f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stderr}")
+        return proc
+
+    return run
