@@ -8,7 +8,7 @@ backend (issue 4) implements the same protocol, so the Store never changes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -26,8 +26,16 @@ class Backend(Protocol):
 
     def put(self, name: str, data: bytes) -> None: ...
 
-    def put_if_absent(self, name: str, data: bytes) -> bool:
-        """Write unless present; True if this call wrote it. Used for chunks."""
+    def put_if_absent(self, name: str, data: bytes | Callable[[], bytes]) -> bool:
+        """Write unless present; True if this call wrote it. Used for chunks.
+
+        `data` may be a callable, called only when the object is absent, so a
+        deduplicated chunk is never compressed.
+
+        When the object is already present its mtime must be refreshed: GC keeps
+        objects younger than its grace period, so a writer that deduplicates
+        against an old unreferenced object protects it until its ref is written.
+        """
         ...
 
     def get(self, name: str) -> bytes:
@@ -41,6 +49,12 @@ class Backend(Protocol):
         ...
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
+
+    def flush(self) -> None:
+        """Make every object written so far durable. The store calls it before
+        writing a ref, so a ref never outlives the data it names after a crash.
+        (A no-op where `put` is durable on return, as with S3.)"""
+        ...
 
     def describe(self) -> str:
         """A human-readable location, e.g. a path or s3://bucket/prefix."""

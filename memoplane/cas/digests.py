@@ -1,0 +1,45 @@
+"""Digest strings ("b3:<64 hex>") and the object names derived from them."""
+
+from __future__ import annotations
+
+import re
+
+import blake3
+
+from ..errors import InputError
+
+PREFIX = "b3:"
+_DIGEST = re.compile(r"^b3:[0-9a-f]{64}$")
+
+
+def b3(data: bytes | memoryview) -> str:
+    """The digest string of `data`."""
+    return PREFIX + blake3.blake3(data).hexdigest()
+
+
+def check_digest(value: object, field: str = "digest") -> str:
+    """Return `value` if it is a digest string, else raise naming the field."""
+    if not isinstance(value, str) or not _DIGEST.match(value):
+        raise InputError(
+            f"{field}: {value!r} is not a digest",
+            'use "b3:" followed by 64 lowercase hex digits',
+        )
+    return value
+
+
+def object_name(kind: str, digest: str) -> str:
+    """Backend name of a content-addressed object: `<kind>/<2 hex>/<64 hex>`.
+
+    The 2-hex fan-out keeps directories small on filesystems and spreads S3 keys.
+    """
+    hex_ = check_digest(digest)[3:]
+    return f"{kind}/{hex_[:2]}/{hex_}"
+
+
+def ref_name(key: str) -> str:
+    return "refs/" + check_digest(key, "cache key")[3:]
+
+
+def digest_of_name(name: str) -> str:
+    """Inverse of object_name / ref_name."""
+    return PREFIX + name.rsplit("/", 1)[-1]

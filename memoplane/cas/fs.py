@@ -1,0 +1,212 @@
+"""The filesystem backend: one file per object under a root directory.
+
+Atomicity: every object is written to a temp file in its final directory and
+then published with os.replace (or os.link for put_if_absent), both atomic on
+POSIX, so concurrent writers in several processes never expose a partial file.
+
+Durability policy (`durability=`):
+- "flush" (default): objects are written without fsync; `flush()` (called by the
+  store before each ref) runs syncfs on the store's filesystem, then the ref
+  itself is fsynced with its directory. One sync per result instead of one per
+  chunk, and a ref never survives a crash that lost its data.
+- "always": fsync every object and its directory (slow; for paranoid setups).
+- "none": never sync (tests, benchmarks, the node-local cache, which can refill).
+Whatever the policy, a torn object after a crash is caught by read verification.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Literal
+
+from ..errors import InputError, NotFound
+from .backend import ObjectInfo
+
+Durability = Literal["none", "flush", "always"]
+TEMP_PREFIX = ".tmp-"
+_NAME = re.compile(r"^[A-Za-z0-9_:.%-]+(/[A-Za-z0-9_:.%-]+)*$")
+_counter = itertools.count()
+
+
+def _libc_syncfs() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNCFS = _libc_syncfs()
+
+
+class FilesystemBackend:
+    """Objects as files under `root` (created on first write)."""
+
+    def __init__(self, root: str | os.PathLike[str], *, durability: Durability = "flush") -> None:
+        if durability not in ("none", "flush", "always"):
+            raise InputError(f"durability={durability!r} is not a policy", "use none, flush or always")
+        self.root = Path(root).expanduser().absolute()
+        self.durability: Durability = durability
+        self._dirs: set[Path] = set()
+        self._lock = threading.Lock()
+
+    # -- names and temp files -------------------------------------------------
+
+    def _path(self, name: str) -> Path:
+        if not _NAME.match(name) or any(p in (".", "..") or p.startswith(TEMP_PREFIX) for p in name.split("/")):
+            raise InputError(f"object name {name!r} is not valid", "use slash-separated [A-Za-z0-9_:.%-] parts")
+        return self.root / name
+
+    def _ensure_dir(self, d: Path) -> None:
+        if d not in self._dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(d)
+
+    def _write_temp(self, path: Path, data: bytes | memoryview) -> Path:
+        self._ensure_dir(path.parent)
+        tmp = path.parent / f"{TEMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{next(_counter)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if self.durability == "always":
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return tmp
+
+    def _sync_dir(self, d: Path) -> None:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- the Backend protocol -------------------------------------------------
+
+    def put(self, name: str, data: bytes) -> None:
+        path = self._path(name)
+        tmp = self._write_temp(path, data)
+        if self.durability == "flush" and name.startswith("refs/"):
+            _fsync_path(tmp)
+        os.replace(tmp, path)
+        if self.durability == "always" or (self.durability == "flush" and name.startswith("refs/")):
+            self._sync_dir(path.parent)
+
+    def put_if_absent(self, name: str, data: bytes | Callable[[], bytes]) -> bool:
+        path = self._path(name)
+        if self._touch(path):
+            return False
+        tmp = self._write_temp(path, data() if callable(data) else data)
+        try:
+            os.link(tmp, path)  # atomic create-if-absent, unlike os.replace
+            wrote = True
+        except FileExistsError:
+            wrote = False
+            self._touch(path)
+        except OSError:  # a filesystem without hard links: replacing equal content is harmless
+            os.replace(tmp, path)
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+        if wrote and self.durability == "always":
+            self._sync_dir(path.parent)
+        return wrote
+
+    def _touch(self, path: Path) -> bool:
+        """Refresh mtime (see Backend.put_if_absent); False if absent."""
+        try:
+            os.utime(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def get(self, name: str) -> bytes:
+        try:
+            with open(self._path(name), "rb") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"object {name} is not in the store at {self.root}") from None
+
+    def exists(self, name: str) -> bool:
+        return self._path(name).is_file()
+
+    def delete(self, name: str) -> None:
+        self._path(name).unlink(missing_ok=True)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self.root / base if base else self.root
+        for entry in _walk(start):
+            name = Path(entry.path).relative_to(self.root).as_posix()
+            if not name.startswith(prefix):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:  # deleted while listing
+                continue
+            yield ObjectInfo(name=name, size=st.st_size, mtime=st.st_mtime)
+
+    def flush(self) -> None:
+        if self.durability != "flush" or not self.root.exists():
+            return
+        if _SYNCFS is None:
+            os.sync()
+            return
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _SYNCFS(fd) != 0:
+                os.sync()
+        finally:
+            os.close(fd)
+
+    def describe(self) -> str:
+        return str(self.root)
+
+    # -- filesystem-only maintenance -----------------------------------------
+
+    def sweep_temp(self, older_than: float) -> int:
+        """Remove temp files left by crashed writers; returns how many."""
+        removed = 0
+        cutoff = time.time() - older_than
+        for entry in _walk(self.root, temps=True):
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _walk(d: Path, *, temps: bool = False) -> Iterator[os.DirEntry[str]]:
+    """Regular files under d, depth first; only temp files when temps=True."""
+    try:
+        it = os.scandir(d)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    with it:
+        entries = sorted(it, key=lambda e: e.name)
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            yield from _walk(Path(e.path), temps=temps)
+        elif e.is_file(follow_symlinks=False) and e.name.startswith(TEMP_PREFIX) == temps:
+            yield e

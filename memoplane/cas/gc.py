@@ -1,0 +1,302 @@
+"""Store maintenance: verify (scrub), gc (mark and sweep), stats, evict (retention).
+
+Marking reads manifests without checking signatures: GC must never delete data
+that is live for a reader holding another key.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InputError, NotFound, StoreCorrupted
+from .backend import ObjectInfo
+from .digests import digest_of_name, object_name
+from .manifests import BlobManifest, ResultManifest, SealError, TreeManifest, unseal
+
+if TYPE_CHECKING:
+    from .store import Store
+
+CONTENT = ("chunks/", "blobs/", "trees/", "results/")
+
+
+# -- marking ---------------------------------------------------------------------
+
+
+@dataclass
+class _Graph:
+    """What each ref reaches, with plain sizes of chunks for stats."""
+
+    refs: dict[str, tuple[str, float]] = field(default_factory=dict)  # ref name -> (result, mtime)
+    reach: dict[str, set[str]] = field(default_factory=dict)  # ref name -> object names
+    logical: dict[str, int] = field(default_factory=dict)  # ref name -> result logical size
+    chunk_plain: dict[str, int] = field(default_factory=dict)  # chunk name -> plain size
+    inline: dict[str, int] = field(default_factory=dict)  # result name -> inline value size
+    _blobs: dict[str, set[str]] = field(default_factory=dict)
+
+    def live(self) -> set[str]:
+        return set().union(*self.reach.values()) | set(self.refs)
+
+
+def _read(store: Store, name: str) -> dict[str, Any] | None:
+    try:
+        return unseal(store.backend.get(name))
+    except (NotFound, SealError):
+        return None
+
+
+def _blob_reach(store: Store, g: _Graph, digest: str) -> set[str]:
+    name = object_name("blobs", digest)
+    if name not in g._blobs:
+        body = _read(store, name)
+        out = {name}
+        if body is not None:
+            try:
+                for c, n in BlobManifest.from_dict(body).chunks:
+                    cname = object_name("chunks", c)
+                    out.add(cname)
+                    g.chunk_plain[cname] = n
+            except InputError:
+                pass
+        g._blobs[name] = out
+    return g._blobs[name]
+
+
+def _result_reach(store: Store, g: _Graph, digest: str) -> tuple[set[str], int]:
+    name = object_name("results", digest)
+    out = {name}
+    body = _read(store, name)
+    if body is None:
+        return out, 0
+    try:
+        result = ResultManifest.from_dict(body)
+    except InputError:
+        return out, 0
+    if result.value.blob is None:
+        g.inline[name] = result.value.size
+    blobs = result.blobs()
+    if result.output_tree:
+        tname = object_name("trees", result.output_tree.digest)
+        out.add(tname)
+        tbody = _read(store, tname)
+        if tbody is not None:
+            try:
+                blobs += TreeManifest.from_dict(tbody).blobs()
+            except InputError:
+                pass
+    for b in blobs:
+        out |= _blob_reach(store, g, b)
+    return out, result.logical_size
+
+
+def mark(store: Store) -> _Graph:
+    g = _Graph()
+    for info in store.backend.list("refs/"):
+        body = _read(store, info.name)
+        result = body.get("result") if body else None
+        if not isinstance(result, str):
+            continue
+        try:
+            g.reach[info.name], g.logical[info.name] = _result_reach(store, g, result)
+        except InputError:  # a malformed digest in the ref
+            continue
+        g.refs[info.name] = (result, info.mtime)
+    return g
+
+
+# -- verify ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Damage:
+    name: str
+    reason: str
+
+
+@dataclass
+class VerifyReport:
+    checked: dict[str, int]
+    damaged: list[Damage]
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "checked": dict(self.checked), "damaged": [asdict(d) for d in self.damaged]}
+
+
+def _check(fn: Callable[[], object], name: str) -> Damage | None:
+    try:
+        fn()
+    except (StoreCorrupted, InputError) as e:
+        return Damage(name, str(e))
+    except NotFound as e:
+        return Damage(name, f"missing: {e}")
+    return None
+
+
+def _check_result(store: Store, digest: str) -> None:
+    result = store.get_result(digest)
+    store._check_complete(result, deep=False)
+
+
+def _check_ref(store: Store, info: ObjectInfo) -> None:
+    key = "b3:" + info.name.rsplit("/", 1)[-1]
+    digest = store.read_ref(key)
+    if digest is None:
+        raise StoreCorrupted(f"ref {key} was damaged and quarantined")
+    if not store.backend.exists(object_name("results", digest)):
+        raise NotFound(f"ref {key} names result {digest}, which is not stored")
+
+
+def verify(store: Store) -> VerifyReport:
+    """Re-hash every object; damaged ones are quarantined (as reads do) and reported."""
+    work, _ = store._pools.get()
+    checks: list[tuple[str, str, Callable[[], object]]] = []
+    for info in store.backend.list("chunks/"):
+        checks.append(("chunks", info.name, lambda d=digest_of_name(info.name): store._read_chunk(d)))
+    damaged = [d for d in work.map(lambda c: _check(c[2], c[1]), checks) if d]
+    checked = Counter(kind for kind, _, _ in checks)
+    later: list[tuple[str, str, Callable[[], object]]] = []
+    for info in store.backend.list("blobs/"):
+        later.append(("blobs", info.name, lambda d=digest_of_name(info.name): sum(1 for _ in store.iter_blob(d))))
+    for info in store.backend.list("trees/"):
+        later.append(("trees", info.name, lambda d=digest_of_name(info.name): store.get_tree(d)))
+    for info in store.backend.list("results/"):
+        later.append(("results", info.name, lambda d=digest_of_name(info.name): _check_result(store, d)))
+    for info in store.backend.list("refs/"):
+        later.append(("refs", info.name, lambda i=info: _check_ref(store, i)))
+    for kind, name, fn in later:  # blobs read chunks through the pool themselves
+        checked[kind] += 1
+        if (d := _check(fn, name)) is not None:
+            damaged.append(d)
+    return VerifyReport(dict(checked), damaged)
+
+
+# -- gc ----------------------------------------------------------------------------
+
+
+@dataclass
+class GcReport:
+    live: int
+    deleted: int
+    deleted_bytes: int
+    kept_young: int  # unreferenced but within the grace period
+    temp_removed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def gc(store: Store, grace_seconds: float) -> GcReport:
+    """Delete objects no ref reaches and older than the grace period.
+
+    Marks first, then lists: anything written after marking began is young, and
+    writers refresh the mtime of objects they deduplicate against, so an
+    in-flight write is never swept.
+    """
+    if grace_seconds < 0:
+        raise InputError(f"grace_seconds={grace_seconds} is negative", "use 0 or more seconds")
+    live = mark(store).live()
+    now = time.time()
+    deleted = deleted_bytes = young = 0
+    for prefix in CONTENT:
+        for info in store.backend.list(prefix):
+            if info.name in live:
+                continue
+            if now - info.mtime < grace_seconds:
+                young += 1
+                continue
+            store.backend.delete(info.name)
+            deleted += 1
+            deleted_bytes += info.size
+    sweep = getattr(store.backend, "sweep_temp", None)
+    temps = sweep(max(grace_seconds, 60.0)) if sweep else 0
+    return GcReport(len(live), deleted, deleted_bytes, young, temps)
+
+
+# -- stats ---------------------------------------------------------------------------
+
+
+@dataclass
+class Stats:
+    entries: int  # refs
+    logical_bytes: int  # sum over refs of their results' sizes: what storing each in full would take
+    unique_bytes: int  # plain bytes of the distinct chunks (and inline values) the refs reach
+    stored_bytes: int  # bytes of every object on the backend (compressed chunks, manifests, refs)
+    chunks: int  # chunk objects on the backend
+    objects: int
+
+    @property
+    def dedup_ratio(self) -> float:
+        """logical / unique: deduplication alone, compression excluded."""
+        return self.logical_bytes / self.unique_bytes if self.unique_bytes else 1.0
+
+    @property
+    def storage_ratio(self) -> float:
+        """logical / stored: deduplication and compression together."""
+        return self.logical_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "dedup_ratio": self.dedup_ratio, "storage_ratio": self.storage_ratio}
+
+
+def stats(store: Store) -> Stats:
+    g = mark(store)
+    live_chunks = {n for reach in g.reach.values() for n in reach if n.startswith("chunks/")}
+    stored = chunks = objects = 0
+    for prefix in (*CONTENT, "refs/"):
+        for info in store.backend.list(prefix):
+            stored += info.size
+            objects += 1
+            chunks += prefix == "chunks/"
+    unique = sum(g.chunk_plain.get(n, 0) for n in live_chunks) + sum(g.inline.values())
+    return Stats(len(g.refs), sum(g.logical.values()), unique, stored, chunks, objects)
+
+
+# -- evict ---------------------------------------------------------------------------
+
+
+@dataclass
+class EvictReport:
+    evicted: list[str]  # cache keys
+    remaining: int
+    live_bytes_before: int
+    live_bytes_after: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evict(store: Store, *, max_age: float | None, max_bytes: int | None) -> EvictReport:
+    """Delete refs older than max_age, then oldest first until what the remaining
+    refs reach is at most max_bytes (as stored). Run gc() afterwards to free space."""
+    for name, v in (("max_age", max_age), ("max_bytes", max_bytes)):
+        if v is not None and v < 0:
+            raise InputError(f"{name}={v} is negative", f"use a non-negative {name} or None")
+    g = mark(store)
+    sizes = {i.name: i.size for p in (*CONTENT, "refs/") for i in store.backend.list(p)}
+    order = sorted(g.refs, key=lambda r: (g.refs[r][1], r))  # oldest first
+    newest: dict[str, int] = {}  # object -> index of the newest ref reaching it
+    for i, ref in enumerate(order):
+        for obj in g.reach[ref] | {ref}:
+            newest[obj] = i
+    freed_by = Counter[int]()
+    for obj, i in newest.items():
+        freed_by[i] += sizes.get(obj, 0)
+    live = before = sum(freed_by.values())
+    now = time.time()
+    evicted: list[str] = []
+    for i, ref in enumerate(order):
+        too_old = max_age is not None and now - g.refs[ref][1] > max_age
+        too_big = max_bytes is not None and live > max_bytes
+        if not (too_old or too_big):
+            break
+        store.backend.delete(ref)
+        evicted.append(digest_of_name(ref))
+        live -= freed_by[i]
+    return EvictReport(evicted, len(order) - len(evicted), before, live)

@@ -1,0 +1,245 @@
+"""Manifests: blobs, trees and results, as canonical JSON.
+
+Every manifest object is stored "sealed": its canonical JSON, a newline, and the
+digest of that JSON, so a truncated or flipped manifest is caught before it is
+parsed. Tree and result digests are blake3 of their canonical JSON, so equal content
+gives equal addresses. A blob's
+digest is blake3 of its plain content (however it was chunked), so its manifest
+is checked by re-hashing the content on read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+from ..canonical import canonical_json
+from ..errors import InputError
+from .digests import b3, check_digest
+
+VERSION = 1
+ValueKind = Literal["json", "bytes", "file", "none"]
+VALUE_KINDS = ("json", "bytes", "file", "none")
+
+
+class SealError(ValueError):
+    pass
+
+
+def seal(body: dict[str, Any]) -> bytes:
+    data = canonical_json(body)
+    return data + b"\n" + b3(data).encode()
+
+
+def unseal(stored: bytes) -> dict[str, Any]:
+    """Parse a sealed object; raises SealError if it is damaged."""
+    data, sep, digest = stored.rpartition(b"\n")
+    if not sep or b3(data).encode() != digest:
+        raise SealError("its checksum does not match its content (truncated or altered)")
+    try:
+        body = json.loads(data)
+    except ValueError as e:
+        raise SealError(f"it is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise SealError("it is not a JSON object")
+    return body
+
+
+def _get(d: dict[str, Any], name: str, typ: type | tuple[type, ...], where: str) -> Any:
+    if name not in d:
+        raise InputError(f"{where}.{name} is missing", f"add {name} to the {where}")
+    v = d[name]
+    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+        raise InputError(f"{where}.{name}: {v!r} has the wrong type", f"use a {typ}")
+    return v
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    digest: str
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"digest": self.digest, "size": self.size}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "blob") -> BlobRef:
+        return cls(check_digest(_get(d, "digest", str, where), f"{where}.digest"), _get(d, "size", int, where))
+
+
+@dataclass(frozen=True)
+class BlobManifest:
+    size: int
+    chunks: tuple[tuple[str, int], ...]  # (chunk digest, plain size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": VERSION, "size": self.size, "chunks": [list(c) for c in self.chunks]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BlobManifest:
+        chunks = tuple((check_digest(c[0], "chunk"), int(c[1])) for c in _get(d, "chunks", list, "blob"))
+        size = _get(d, "size", int, "blob")
+        if sum(n for _, n in chunks) != size:
+            raise InputError("blob.size differs from the sum of its chunk sizes", "rewrite the blob")
+        return cls(size, chunks)
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    """A regular file (digest, size, exec) or a symlink (link, never followed)."""
+
+    digest: str | None = None
+    size: int = 0
+    exec: bool = False
+    link: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.link is not None:
+            return {"link": self.link}
+        return {"digest": self.digest, "size": self.size, "exec": self.exec}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str) -> TreeEntry:
+        if "link" in d:
+            return cls(link=_get(d, "link", str, where))
+        return cls(check_digest(_get(d, "digest", str, where), f"{where}.digest"),
+                   _get(d, "size", int, where), bool(_get(d, "exec", bool, where)))
+
+
+@dataclass(frozen=True)
+class TreeManifest:
+    entries: dict[str, TreeEntry]  # relative POSIX path -> entry
+
+    @property
+    def size(self) -> int:
+        return sum(e.size for e in self.entries.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": VERSION, "entries": {p: e.to_dict() for p, e in self.entries.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TreeManifest:
+        raw = _get(d, "entries", dict, "tree")
+        return cls({p: TreeEntry.from_dict(e, f"tree.entries[{p!r}]") for p, e in raw.items()})
+
+    def blobs(self) -> list[str]:
+        return [e.digest for e in self.entries.values() if e.digest is not None]
+
+    @property
+    def digest(self) -> str:
+        return b3(canonical_json(self.to_dict()))
+
+
+@dataclass(frozen=True)
+class StoredValue:
+    """A job's return value: inline JSON when small, else a blob (JSON text, bytes or a file)."""
+
+    kind: ValueKind = "none"
+    inline: Any = None
+    blob: BlobRef | None = None
+
+    @property
+    def size(self) -> int:
+        return self.blob.size if self.blob else len(canonical_json(self.inline))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "inline": self.inline, "blob": self.blob.to_dict() if self.blob else None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StoredValue:
+        kind = _get(d, "kind", str, "value")
+        if kind not in VALUE_KINDS:
+            raise InputError(f"value.kind: {kind!r} is not a value kind", f"use one of {VALUE_KINDS}")
+        blob = d.get("blob")
+        return cls(cast(ValueKind, kind), d.get("inline"), BlobRef.from_dict(blob, "value.blob") if blob else None)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    cache_key: str
+    inputs: dict[str, str]  # input name -> content digest
+    runtime: str  # runtime profile identity digest
+    node: str
+    started_at: float  # seconds since the epoch
+    ended_at: float
+    duration_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cache_key": self.cache_key, "inputs": dict(self.inputs), "runtime": self.runtime,
+                "node": self.node, "started_at": float(self.started_at), "ended_at": float(self.ended_at),
+                "duration_s": float(self.duration_s)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Provenance:
+        w = "provenance"
+        inputs = _get(d, "inputs", dict, w)
+        for k, v in inputs.items():
+            check_digest(v, f"provenance.inputs[{k!r}]")
+        return cls(check_digest(_get(d, "cache_key", str, w), "provenance.cache_key"), inputs,
+                   _get(d, "runtime", str, w), _get(d, "node", str, w),
+                   float(_get(d, "started_at", (int, float), w)), float(_get(d, "ended_at", (int, float), w)),
+                   float(_get(d, "duration_s", (int, float), w)))
+
+
+@dataclass(frozen=True)
+class ResultManifest:
+    """What a job produced and how. Built by the runner, stored by `Store.put_result`."""
+
+    value: StoredValue
+    stdout: BlobRef
+    stderr: BlobRef
+    provenance: Provenance
+    output_tree: BlobRef | None = None  # digest and total size of the output tree
+    meta: dict[str, Any] = field(default_factory=dict)  # runner extras: exit code, isolation, ...
+    signature: str | None = None  # set by the store when it has a signer
+
+    @property
+    def key(self) -> str:
+        return self.provenance.cache_key
+
+    @property
+    def logical_size(self) -> int:
+        tree = self.output_tree.size if self.output_tree else 0
+        return self.value.size + tree + self.stdout.size + self.stderr.size
+
+    def blobs(self) -> list[str]:
+        """Blob digests this result names directly (the tree's are in the tree)."""
+        out = [self.stdout.digest, self.stderr.digest]
+        return out + ([self.value.blob.digest] if self.value.blob else [])
+
+    def body(self) -> dict[str, Any]:
+        """Everything but the signature: what the digest and the signature cover."""
+        return {"v": VERSION, "value": self.value.to_dict(), "stdout": self.stdout.to_dict(),
+                "stderr": self.stderr.to_dict(), "provenance": self.provenance.to_dict(),
+                "output_tree": self.output_tree.to_dict() if self.output_tree else None,
+                "meta": dict(self.meta)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.body(), "signature": self.signature}
+
+    @property
+    def digest(self) -> str:
+        """The address: covers the signature too, so results signed with different
+        keys never overwrite each other."""
+        return b3(canonical_json(self.to_dict()))
+
+    def signing_message(self) -> bytes:
+        """What a signer signs: the digest of the body, which names the cache key."""
+        return b3(canonical_json(self.body())).encode()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ResultManifest:
+        w = "result"
+        if d.get("v") != VERSION:
+            raise InputError(f"result.v: {d.get('v')!r} is not supported", f"this memoplane reads v{VERSION}")
+        tree = d.get("output_tree")
+        sig = d.get("signature")
+        if sig is not None and not isinstance(sig, str):
+            raise InputError("result.signature is not a string", "re-sign the result")
+        return cls(StoredValue.from_dict(_get(d, "value", dict, w)),
+                   BlobRef.from_dict(_get(d, "stdout", dict, w), "stdout"),
+                   BlobRef.from_dict(_get(d, "stderr", dict, w), "stderr"),
+                   Provenance.from_dict(_get(d, "provenance", dict, w)),
+                   BlobRef.from_dict(tree, "output_tree") if tree else None,
+                   dict(d.get("meta") or {}), sig)

@@ -1,0 +1,408 @@
+"""The content-addressed store: blobs, trees, results and refs over a Backend.
+
+Object names: chunks/, blobs/, trees/, results/ (`<kind>/<2 hex>/<64 hex>`),
+refs/<64 hex of the cache key>, quarantine/<name with / as %>.<ns>.
+
+Reads are verified: a chunk is served only if blake3 of its plain bytes equals
+its address, a blob only if its content re-hashes to its digest, a manifest
+only if its seal and address match. Damaged objects are moved to quarantine/
+and StoreCorrupted is raised, so the caller recomputes.
+
+Writes go chunks -> blob manifests -> tree -> result -> (flush) -> ref, each
+object atomic, so a reader never sees a ref whose data was not written first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import blake3
+
+from ..canonical import canonical_json
+from ..errors import InputError, NotFound, StoreCorrupted
+from .backend import Backend
+from .chunking import (ChunkDecodeError, ChunkParams, Ingested, Pools, decode_chunk, ingest_buffer,
+                       ingest_stream)
+from .digests import b3, check_digest, object_name, ref_name
+from .manifests import (BlobManifest, BlobRef, ResultManifest, SealError, StoredValue, TreeEntry,
+                        TreeManifest, ValueKind, seal, unseal)
+from .signing import SignatureInvalid, Signer
+
+if TYPE_CHECKING:
+    from .gc import EvictReport, GcReport, Stats, VerifyReport
+
+log = logging.getLogger("memoplane.cas")
+
+INLINE_MAX = 4096  # canonical JSON bytes a return value may have and still sit in the result manifest
+READ_AHEAD = 16  # chunks fetched and verified in parallel ahead of the reader
+
+
+@dataclass(frozen=True)
+class Hit:
+    key: str
+    digest: str  # of the result manifest
+    result: ResultManifest
+
+
+class Store:
+    """A content-addressed store. Thread-safe; one per process is plenty."""
+
+    def __init__(self, backend: Backend, *, signer: Signer | None = None,
+                 params: ChunkParams | None = None, workers: int | None = None) -> None:
+        self.backend = backend
+        self.signer = signer
+        self.params = params or ChunkParams()
+        self._pools = Pools(workers or os.cpu_count() or 2)
+
+    def close(self) -> None:
+        self._pools.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def describe(self) -> str:
+        return self.backend.describe()
+
+    # -- blobs ---------------------------------------------------------------
+
+    def _put_chunk(self, digest: str, encode: Any) -> bool:
+        return self.backend.put_if_absent(object_name("chunks", digest), encode)
+
+    def _finish_blob(self, ing: Ingested) -> BlobRef:
+        manifest = BlobManifest(ing.size, tuple(ing.chunks))
+        self.backend.put_if_absent(object_name("blobs", ing.digest), seal(manifest.to_dict()))
+        return BlobRef(ing.digest, ing.size)
+
+    def put_bytes(self, data: bytes | bytearray | memoryview) -> BlobRef:
+        return self._finish_blob(ingest_buffer(data, self.params, self._pools, self._put_chunk))
+
+    def put_stream(self, stream: BinaryIO) -> BlobRef:
+        """Store a binary stream without holding it in memory (8 MiB windows)."""
+        return self._finish_blob(ingest_stream(stream, self.params, self._pools, self._put_chunk))
+
+    def put_file(self, path: str | os.PathLike[str]) -> BlobRef:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                return self.put_stream(f)  # type: ignore[arg-type]
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+            raise InputError(f"cannot read {path}: {e.strerror}", "pass a readable regular file") from None
+
+    def blob_manifest(self, digest: str) -> BlobManifest:
+        """The blob's chunk list (seal checked); NotFound if absent."""
+        name = object_name("blobs", digest)
+        data = self.backend.get(name)
+        try:
+            return BlobManifest.from_dict(unseal(data))
+        except (SealError, InputError) as e:
+            raise self._quarantine(name, data, str(e)) from None
+
+    def iter_blob(self, digest: str) -> Iterator[bytes]:
+        """The blob's content chunk by chunk. Each chunk is verified before it is
+        yielded; the whole digest is checked after the last one (StoreCorrupted then)."""
+        manifest = self.blob_manifest(digest)
+        work, _ = self._pools.get()
+        hasher = blake3.blake3()
+        pending: list[Future[bytes]] = []
+        chunks = iter(manifest.chunks)
+        for c, _n in chunks:
+            pending.append(work.submit(self._read_chunk, c, digest))
+            if len(pending) >= READ_AHEAD:
+                break
+        while pending:
+            data = pending.pop(0).result()
+            nxt = next(chunks, None)
+            if nxt is not None:
+                pending.append(work.submit(self._read_chunk, nxt[0], digest))
+            hasher.update(data)
+            yield data
+        if "b3:" + hasher.hexdigest() != digest:
+            name = object_name("blobs", digest)
+            raise self._quarantine(name, self.backend.get(name), "its chunks do not hash to the blob digest")
+
+    def get_bytes(self, digest: str) -> bytes:
+        """The whole blob, verified."""
+        return b"".join(self.iter_blob(digest))
+
+    def write_blob(self, digest: str, path: str | os.PathLike[str], *, executable: bool = False) -> None:
+        """Write the blob to `path`; the file appears only once fully verified."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.memoplane-tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                for data in self.iter_blob(digest):
+                    f.write(data)
+            os.chmod(tmp, 0o755 if executable else 0o644)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _read_chunk(self, digest: str, blob: str = "") -> bytes:
+        name = object_name("chunks", digest)
+        try:
+            stored = self.backend.get(name)
+        except NotFound:
+            raise StoreCorrupted(f"chunk {digest} of blob {blob or '?'} is missing from {self.describe()}",
+                                 "the result will be recomputed; run `memoplane verify`") from None
+        try:
+            plain = decode_chunk(stored)
+        except ChunkDecodeError as e:
+            raise self._quarantine(name, stored, str(e)) from None
+        if b3(plain) != digest:
+            raise self._quarantine(name, stored, "its content does not hash to its address")
+        return plain
+
+    # -- quarantine ------------------------------------------------------------
+
+    def _quarantine(self, name: str, seen: bytes, reason: str) -> StoreCorrupted:
+        """Move a damaged object aside (unless a writer replaced it meanwhile);
+        returns the error for the caller to raise."""
+        try:
+            current = self.backend.get(name)
+        except NotFound:
+            current = None
+        if current == seen:
+            qname = f"quarantine/{name.replace('/', '%')}.{time.time_ns()}"
+            self.backend.put(qname, seen)
+            self.backend.delete(name)
+            log.warning("quarantined %s as %s: %s", name, qname, reason)
+        return StoreCorrupted(f"{name} in {self.describe()} is damaged: {reason}; it was quarantined",
+                              "the result will be recomputed; run `memoplane verify` to check the rest")
+
+    # -- trees -----------------------------------------------------------------
+
+    def put_tree(self, root: str | os.PathLike[str]) -> BlobRef:
+        """Store a directory: regular files (with their exec bit) and symlinks
+        (recorded, never followed). Empty directories are not kept."""
+        root = Path(root)
+        if not root.is_dir():
+            raise InputError(f"output tree {root} is not a directory", "pass an existing directory")
+        entries: dict[str, TreeEntry] = {}
+        for rel, st in _walk_tree(root):
+            path = root / rel
+            if stat.S_ISLNK(st.st_mode):
+                entries[rel] = TreeEntry(link=os.readlink(path))
+            else:
+                blob = self.put_file(path)
+                entries[rel] = TreeEntry(blob.digest, blob.size, bool(st.st_mode & stat.S_IXUSR))
+        tree = TreeManifest(entries)
+        self.backend.put_if_absent(object_name("trees", tree.digest), seal(tree.to_dict()))
+        return BlobRef(tree.digest, tree.size)
+
+    def get_tree(self, digest: str) -> TreeManifest:
+        name = object_name("trees", digest)
+        data = self.backend.get(name)
+        try:
+            tree = TreeManifest.from_dict(unseal(data))
+        except (SealError, InputError) as e:
+            raise self._quarantine(name, data, str(e)) from None
+        if tree.digest != digest:
+            raise self._quarantine(name, data, "its content does not hash to its address")
+        return tree
+
+    def materialize(self, digest: str, dest: str | os.PathLike[str]) -> None:
+        """Recreate a tree under `dest` (created; must be empty if it exists)."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        if any(dest.iterdir()):
+            raise InputError(f"{dest} is not empty", "materialize into a new or empty directory")
+        tree = self.get_tree(digest)
+        links = {p for p, e in tree.entries.items() if e.link is not None}
+        for rel, entry in sorted(tree.entries.items()):
+            _check_rel(rel, links)
+            if entry.digest is not None:
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                self.write_blob(entry.digest, dest / rel, executable=entry.exec)
+        for rel in sorted(links):  # last, so no file is ever written through a link
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(tree.entries[rel].link or "", dest / rel)
+
+    # -- values ----------------------------------------------------------------
+
+    def put_value(self, value: Any, kind: ValueKind = "json") -> StoredValue:
+        """A return value for a ResultManifest: JSON inline when its canonical form is
+        at most INLINE_MAX bytes, else a blob; bytes as a blob; "file" is a path."""
+        if kind == "none":
+            return StoredValue("none")
+        if kind == "json":
+            data = canonical_json(value)
+            return StoredValue("json", inline=value) if len(data) <= INLINE_MAX else \
+                StoredValue("json", blob=self.put_bytes(data))
+        if kind == "bytes":
+            return StoredValue("bytes", blob=self.put_bytes(bytes(value)))
+        if kind == "file":
+            return StoredValue("file", blob=self.put_file(value))
+        raise InputError(f"value kind {kind!r} is unknown", "use json, bytes, file or none")
+
+    def load_value(self, value: StoredValue) -> Any:
+        """The JSON value, or bytes for kinds bytes/file; verified."""
+        if value.blob is None:
+            return value.inline
+        data = self.get_bytes(value.blob.digest)
+        return json.loads(data) if value.kind == "json" else data
+
+    # -- results and refs -------------------------------------------------------
+
+    def put_result(self, result: ResultManifest) -> str:
+        """Store (and sign, with a signer) a result whose blobs and tree are stored;
+        returns its digest."""
+        for d in result.blobs():
+            if not self.backend.exists(object_name("blobs", d)):
+                raise NotFound(f"blob {d} named by the result is not stored", "put the blob before the result")
+        if result.output_tree and not self.backend.exists(object_name("trees", result.output_tree.digest)):
+            raise NotFound(f"output tree {result.output_tree.digest} is not stored", "put_tree before the result")
+        signature = self.signer.sign(result.signing_message()) if self.signer else None
+        result = replace(result, signature=signature)
+        self.backend.put_if_absent(object_name("results", result.digest), seal(result.to_dict()))
+        return result.digest
+
+    def get_result(self, digest: str) -> ResultManifest:
+        """The result, address (and, with a signer, signature) checked."""
+        name = object_name("results", digest)
+        data = self.backend.get(name)
+        try:
+            result = ResultManifest.from_dict(unseal(data))
+        except (SealError, InputError) as e:
+            raise self._quarantine(name, data, str(e)) from None
+        if result.digest != digest:
+            raise self._quarantine(name, data, "its content does not hash to its address")
+        if self.signer and not (result.signature and self.signer.verify(result.signing_message(),
+                                                                         result.signature)):
+            raise SignatureInvalid(f"result {digest} is unsigned or signed with another key",
+                                   "check the store's signing secret; the job will be recomputed")
+        return result
+
+    def set_ref(self, key: str, result_digest: str) -> None:
+        """Point `key` at a stored result (after making its data durable)."""
+        check_digest(key, "cache key")
+        if not self.backend.exists(object_name("results", result_digest)):
+            raise NotFound(f"result {result_digest} is not stored", "put_result before set_ref")
+        self.backend.flush()
+        self.backend.put(ref_name(key), seal({"v": 1, "key": key, "result": result_digest}))
+
+    def commit(self, result: ResultManifest) -> str:
+        """put_result then set_ref for its cache key; returns the result digest."""
+        digest = self.put_result(result)
+        self.set_ref(result.key, digest)
+        return digest
+
+    def read_ref(self, key: str) -> str | None:
+        """The result digest a ref names, unchecked; None if there is no ref."""
+        name = ref_name(key)
+        try:
+            data = self.backend.get(name)
+        except NotFound:
+            return None
+        try:
+            body = unseal(data)
+            if body.get("key") != key:
+                raise SealError("it names another key")
+            return check_digest(body.get("result"), "ref.result")
+        except (SealError, InputError) as e:
+            self._quarantine(name, data, str(e))
+            return None
+
+    def get_ref(self, key: str, *, deep: bool = False) -> Hit | None:
+        """A hit only if the result and everything it names is present and intact.
+
+        Returns None (a miss) otherwise — the caller recomputes. A broken ref is
+        quarantined (logged); a bad signature is not (see SignatureInvalid).
+        `deep=True` also re-hashes every blob instead of checking chunks exist.
+        """
+        digest = self.read_ref(key)
+        if digest is None:
+            return None
+        try:
+            result = self.get_result(digest)
+            if result.key != key:
+                raise StoreCorrupted(f"result {digest} answers key {result.key}, not {key}")
+            self._check_complete(result, deep)
+        except SignatureInvalid as e:
+            log.warning("ref %s refused: %s", key, e)
+            return None
+        except (NotFound, StoreCorrupted) as e:
+            log.warning("ref %s not served: %s", key, e)
+            self._quarantine_ref(key, digest)
+            return None
+        return Hit(key, digest, result)
+
+    def _quarantine_ref(self, key: str, digest: str) -> None:
+        name = ref_name(key)
+        try:
+            data = self.backend.get(name)
+        except NotFound:
+            return
+        if digest.encode() in data:  # not re-pointed by a writer meanwhile
+            self._quarantine(name, data, f"it names {digest}, which is missing or damaged")
+
+    def _check_complete(self, result: ResultManifest, deep: bool) -> None:
+        blobs = list(result.blobs())
+        if result.output_tree:
+            blobs += self.get_tree(result.output_tree.digest).blobs()
+        seen: set[str] = set()
+        for d in dict.fromkeys(blobs):
+            if deep:
+                for _ in self.iter_blob(d):
+                    pass
+                continue
+            for c, _n in self.blob_manifest(d).chunks:
+                if c not in seen and not self.backend.exists(object_name("chunks", c)):
+                    raise NotFound(f"chunk {c} of blob {d} is missing")
+                seen.add(c)
+
+    def delete_ref(self, key: str) -> None:
+        self.backend.delete(ref_name(key))
+
+    # -- maintenance (see gc.py) -------------------------------------------------
+
+    def verify(self) -> VerifyReport:
+        from .gc import verify
+        return verify(self)
+
+    def gc(self, grace_seconds: float = 3600.0) -> GcReport:
+        from .gc import gc
+        return gc(self, grace_seconds)
+
+    def stats(self) -> Stats:
+        from .gc import stats
+        return stats(self)
+
+    def evict(self, max_age: float | None = None, max_bytes: int | None = None) -> EvictReport:
+        from .gc import evict
+        return evict(self, max_age=max_age, max_bytes=max_bytes)
+
+
+def _walk_tree(root: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """(relative POSIX path, lstat) of files and symlinks under root, sorted."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        base = Path(dirpath)
+        names = sorted(filenames + [d for d in dirnames if (base / d).is_symlink()])
+        for name in names:
+            path = base / name
+            st = path.lstat()
+            rel = path.relative_to(root).as_posix()
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+                raise InputError(f"output {rel} is not a regular file or symlink", "write regular files only")
+            yield rel, st
+
+
+def _check_rel(rel: str, links: set[str]) -> None:
+    p = PurePosixPath(rel)
+    if p.is_absolute() or not rel or any(part in ("", ".", "..") for part in rel.split("/")):
+        raise StoreCorrupted(f"tree entry {rel!r} escapes its directory", "the tree was tampered with")
+    for parent in p.parents:
+        if str(parent) in links:
+            raise StoreCorrupted(f"tree entry {rel!r} lies under the symlink {parent}",
+                                 "the tree was tampered with")
