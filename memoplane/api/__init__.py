@@ -1,1 +1,39 @@
-"""memoplane."""
+"""The memoplane API: pydantic models of the custom resources (group memoplane.io,
+version v1alpha1), the CRDs generated from them (`python -m memoplane.api.crd`),
+manifest builders and status-condition helpers.
+
+Short names (checked against the built-in ones, e.g. cj=CronJob, rc=ReplicationController):
+ComputeJob `cjob`, ResultCache `rcache`, GMemSeed `gseed`; all three are in the category
+`memoplane` (`kubectl get memoplane`).
+"""
+
+from .common import API_VERSION, GROUP, VERSION, Condition, parse_quantity
+from .computejob import (
+    ComputeJob,
+    ComputeJobSpec,
+    ComputeJobStatus,
+    Input,
+    format_duration,
+    short_key,
+)
+from .gmemseed import GMemSeed, GMemSeedSpec, GMemSeedStatus
+from .manifests import (
+    SpecError,
+    computejob_manifest,
+    gmemseed_manifest,
+    parse,
+    parse_computejob,
+    parse_gmemseed,
+    parse_resultcache,
+    resultcache_manifest,
+)
+from .resultcache import ResultCache, ResultCacheSpec, ResultCacheStatus
+
+__all__ = [
+    "API_VERSION", "GROUP", "VERSION", "Condition", "parse_quantity",
+    "ComputeJob", "ComputeJobSpec", "ComputeJobStatus", "Input", "format_duration", "short_key",
+    "GMemSeed", "GMemSeedSpec", "GMemSeedStatus",
+    "ResultCache", "ResultCacheSpec", "ResultCacheStatus",
+    "SpecError", "computejob_manifest", "gmemseed_manifest", "resultcache_manifest",
+    "parse", "parse_computejob", "parse_gmemseed", "parse_resultcache",
+]

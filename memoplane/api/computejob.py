@@ -1,0 +1,305 @@
+"""ComputeJob: code plus inputs whose result is computed once and remembered.
+
+Field names are the contract in DESIGN §2. Every cross-field rule exists twice:
+as a pydantic validator (CLI and operator reject early) and as a CEL rule in the
+CRD (the API server rejects `kubectl apply`); both produce the same message, and
+tests/unit/test_api_cel.py evaluates the CEL side to prove it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from .common import (
+    AGE_COLUMN,
+    API_VERSION,
+    Conditions,
+    CONFIGMAP_KEY_PATTERN,
+    DNS_LABEL_PATTERN,
+    BucketName,
+    Digest,
+    Identifier,
+    JsonValue,
+    K8sModel,
+    KindInfo,
+    Name,
+    ObjectMetaLite,
+    PrinterColumn,
+    Quantity,
+    StatusModel,
+    Timestamp,
+    cel,
+    list_map,
+    validations,
+)
+
+MAX_INPUTS = 128
+SOURCES = ("value", "fromJob", "fromSeed", "fromObject", "fromConfigMap")
+_SOURCE_COUNT = " + ".join(f"(has(self.{s}) ? 1 : 0)" for s in SOURCES)
+
+BOTH_PROGRAMS = "spec.python and spec.command are both set: keep exactly one"
+NO_PROGRAM = "spec.python or spec.command is required: set exactly one"
+
+
+def sources_message(name: str, count: int) -> str:
+    return f"input '{name}' has {count} sources: set exactly one of {', '.join(SOURCES)}"
+
+
+def map_over_message(over: str) -> str:
+    return f"spec.map.over names '{over}', which is not in spec.inputs: use one of the input names"
+
+
+class PythonCode(K8sModel):
+    """A Python function run in a sandbox; it receives the inputs as keyword arguments."""
+
+    source: str = Field(min_length=1, description="Python source defining the entrypoint.")
+    entrypoint: Identifier = Field(default="main", description="Function to call (default: main).")
+
+
+class JobRef(K8sModel):
+    """The result of another ComputeJob in the same namespace (a DAG edge)."""
+
+    name: Name
+
+
+class SeedRef(K8sModel):
+    """A range of a GMemSeed in the same namespace: `count` values from `offset`."""
+
+    name: Name
+    offset: int = Field(default=0, ge=0, description="First address (default: 0).")
+    count: int = Field(ge=1, description="Number of values.")
+
+
+class ObjectRef(K8sModel):
+    """An object in the store, addressed by content once read."""
+
+    bucket: BucketName
+    key: str = Field(min_length=1, max_length=1024)
+
+
+class ConfigMapKeyRef(K8sModel):
+    """One key of a ConfigMap in the same namespace."""
+
+    name: Name
+    key: str = Field(pattern=CONFIGMAP_KEY_PATTERN, min_length=1, max_length=253)
+
+
+class Input(K8sModel):
+    """A named input: exactly one of value, fromJob, fromSeed, fromObject, fromConfigMap."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                f"{_SOURCE_COUNT} == 1",
+                f"an input must set exactly one of {', '.join(SOURCES)}",
+                message_expression=(
+                    f"\"input '\" + self.name + \"' has \" + string({_SOURCE_COUNT})"
+                    f" + \" sources: set exactly one of {', '.join(SOURCES)}\""
+                ),
+            )
+        )
+    )
+    _keep_null: ClassVar[tuple[str, ...]] = ("value",)
+
+    name: Identifier = Field(description="Keyword argument / file name under $MEMOPLANE_IN.")
+    value: JsonValue = Field(default=None, description="Any JSON value.")
+    from_job: JobRef | None = None
+    from_seed: SeedRef | None = None
+    from_object: ObjectRef | None = None
+    from_config_map: ConfigMapKeyRef | None = None
+
+    def sources(self) -> list[str]:
+        """The wire names of the sources this input sets (an explicit `value: null` counts)."""
+        found = ["value"] if "value" in self.model_fields_set else []
+        refs = (self.from_job, self.from_seed, self.from_object, self.from_config_map)
+        return found + [s for s, ref in zip(SOURCES[1:], refs, strict=True) if ref is not None]
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Input:
+        count = len(self.sources())
+        if count != 1:
+            raise ValueError(sources_message(self.name, count))
+        return self
+
+
+class MapSpec(K8sModel):
+    """Run one cached sub-task per element of a list input."""
+
+    over: Identifier = Field(description="Name of a list input.")
+
+
+class RuntimeSpec(K8sModel):
+    profile: str = Field(
+        default="python", pattern=DNS_LABEL_PATTERN, max_length=63,
+        description="A runtime profile advertised by the agents (default: python).",
+    )
+
+
+Policy = Literal["Use", "Refresh", "Bypass"]
+
+
+class CacheSpec(K8sModel):
+    result_cache: Name = Field(default="default", description="ResultCache in this namespace.")
+    policy: Policy = Field(
+        default="Use",
+        description="Use: reuse a stored result; Refresh: recompute and overwrite; Bypass: neither read nor write.",
+    )
+    version: str = Field(default="", max_length=63, description="Salt: change it to force new keys.")
+
+
+class Resources(K8sModel):
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
+    timeout_seconds: int | None = Field(default=None, ge=1, description="Wall-clock limit per attempt.")
+    max_output_bytes: Quantity | None = None
+
+
+InputList = Annotated[
+    list[Input],
+    Field(max_length=MAX_INPUTS, json_schema_extra=list_map("name")),
+]
+
+
+class ComputeJobSpec(K8sModel):
+    """What to compute. Exactly one of python | command."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "has(self.python) != has(self.command)",
+                "set exactly one of spec.python or spec.command",
+                message_expression=f"has(self.python) ? '{BOTH_PROGRAMS}' : '{NO_PROGRAM}'",
+            ),
+            cel(
+                "!has(self.map) || (has(self.inputs) && self.inputs.exists(i, i.name == self.map.over))",
+                "spec.map.over must name one of spec.inputs",
+                message_expression=(
+                    "\"spec.map.over names '\" + self.map.over"
+                    " + \"', which is not in spec.inputs: use one of the input names\""
+                ),
+                field_path=".map.over",
+            ),
+        )
+    )
+
+    python: PythonCode | None = None
+    command: list[str] | None = Field(default=None, min_length=1, description="argv, run with fork+exec.")
+    inputs: InputList = Field(default_factory=list)
+    map: MapSpec | None = None
+    env: dict[str, str] = Field(default_factory=dict, max_length=128, description="Part of the key.")
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    cache: CacheSpec = Field(default_factory=CacheSpec)
+    resources: Resources = Field(default_factory=Resources)
+    backoff_limit: int = Field(default=2, ge=0, le=100, description="Retries after a failed attempt.")
+
+    @field_validator("inputs")
+    @classmethod
+    def _unique_names(cls, inputs: list[Input]) -> list[Input]:
+        first: dict[str, int] = {}
+        for index, item in enumerate(inputs):
+            if item.name in first:
+                raise ValueError(
+                    f"duplicate input name '{item.name}' at spec.inputs[{first[item.name]}]"
+                    f" and spec.inputs[{index}]: names must be unique"
+                )
+            first[item.name] = index
+        return inputs
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> ComputeJobSpec:
+        if self.python is not None and self.command is not None:
+            raise ValueError(BOTH_PROGRAMS)
+        if self.python is None and self.command is None:
+            raise ValueError(NO_PROGRAM)
+        if self.map is not None and self.map.over not in {i.name for i in self.inputs}:
+            raise ValueError(map_over_message(self.map.over))
+        return self
+
+
+Phase = Literal["Pending", "Waiting", "Scheduled", "Running", "Succeeded", "Failed"]
+
+
+class ResultRef(StatusModel):
+    _keep_null: ClassVar[tuple[str, ...]] = ("value",)
+
+    digest: Digest | None = None
+    size: int | None = Field(default=None, ge=0)
+    value: JsonValue = Field(default=None, description="Small JSON results, inline.")
+
+
+class Failure(StatusModel):
+    reason: str = Field(max_length=128)
+    message: str = Field(default="", max_length=32768)
+    stderr_tail: str | None = Field(default=None, max_length=16384)
+
+
+class ComputeJobStatus(StatusModel):
+    phase: Phase | None = Field(default=None, description="A summary for humans; conditions are the API.")
+    reason: str | None = None
+    message: str | None = None
+    cache_key: Digest | None = None
+    short_key: str | None = Field(default=None, max_length=16, description="First 12 hex digits of cacheKey.")
+    cached: bool | None = None
+    node: str | None = None
+    result: ResultRef | None = None
+    input_digests: dict[str, Digest] | None = Field(default=None, description="Input name -> content digest.")
+    duration_ms: int | None = Field(default=None, ge=0)
+    duration: str | None = Field(default=None, description="durationMs for humans, e.g. 1.2s.")
+    compute_seconds_saved: float | None = Field(default=None, ge=0)
+    attempts: int | None = Field(default=None, ge=0)
+    start_time: Timestamp | None = None
+    completion_time: Timestamp | None = None
+    failure: Failure | None = None
+    conditions: Conditions = Field(default_factory=list)
+    observed_generation: int | None = Field(default=None, ge=0)
+
+
+class ComputeJob(K8sModel):
+    """A whole ComputeJob object as the API server returns it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: Literal["memoplane.io/v1alpha1"] = API_VERSION
+    kind: Literal["ComputeJob"] = "ComputeJob"
+    metadata: ObjectMetaLite
+    spec: ComputeJobSpec
+    status: ComputeJobStatus = Field(default_factory=ComputeJobStatus)
+
+
+def short_key(cache_key: str, digits: int = 12) -> str:
+    """`b3:9f2c...` -> `9f2c...` (12 hex digits) for the Key printer column."""
+    return cache_key.partition(":")[2][:digits] if ":" in cache_key else cache_key[:digits]
+
+
+def format_duration(ms: int) -> str:
+    """Milliseconds for the Duration column: 12ms, 3.4s, 2m5s, 1h2m."""
+    if ms < 1000:
+        return f"{ms}ms"
+    if ms < 60_000:
+        return f"{ms / 1000:.1f}s"
+    minutes, seconds = divmod(ms // 1000, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes}m"
+
+
+COMPUTEJOB = KindInfo(
+    kind="ComputeJob",
+    plural="computejobs",
+    short_names=("cjob",),
+    spec_model=ComputeJobSpec,
+    status_model=ComputeJobStatus,
+    description="A computation (code + inputs) done once; its result is remembered and shared.",
+    columns=(
+        PrinterColumn("Phase", ".status.phase", "string"),
+        PrinterColumn("Cached", ".status.cached", "boolean", "Served from the result cache."),
+        PrinterColumn("Key", ".status.shortKey", "string", "Start of the cache key."),
+        PrinterColumn("Node", ".status.node", "string"),
+        PrinterColumn("Duration", ".status.duration", "string"),
+        AGE_COLUMN,
+        PrinterColumn("Reason", ".status.reason", "string", priority=1),
+    ),
+)

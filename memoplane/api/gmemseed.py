@@ -1,0 +1,75 @@
+"""GMemSeed: a deterministic procedural dataset over a 2^64 address space.
+
+Only the API lives here; the engine is memoplane.gmem. Seeds are int64 on the
+wire (Kubernetes integers are signed 64-bit), so they range over [0, 2^63).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field
+
+from .common import (
+    AGE_COLUMN,
+    API_VERSION,
+    Conditions,
+    Digest,
+    K8sModel,
+    KindInfo,
+    ObjectMetaLite,
+    PrinterColumn,
+    StatusModel,
+)
+
+MAX_SEED = 2**63 - 1
+MAX_LAYERS = 16
+Dtype = Literal["float32", "float64", "uint64"]
+
+
+class Layer(K8sModel):
+    """A further generator mixed into the base with `weight`."""
+
+    seed: int = Field(ge=0, le=MAX_SEED)
+    weight: float
+
+
+class GMemSeedSpec(K8sModel):
+    seed: int = Field(ge=0, le=MAX_SEED)
+    dtype: Dtype = "float64"
+    layers: list[Layer] = Field(default_factory=list, max_length=MAX_LAYERS)
+
+
+class GMemSeedStatus(StatusModel):
+    digest: Digest | None = Field(default=None, description="Covers parameters and overlay.")
+    version: int | None = Field(default=None, ge=0)
+    overlay_entries: int | None = Field(default=None, ge=0)
+    conditions: Conditions = Field(default_factory=list)
+    observed_generation: int | None = Field(default=None, ge=0)
+
+
+class GMemSeed(K8sModel):
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: Literal["memoplane.io/v1alpha1"] = API_VERSION
+    kind: Literal["GMemSeed"] = "GMemSeed"
+    metadata: ObjectMetaLite
+    spec: GMemSeedSpec
+    status: GMemSeedStatus = Field(default_factory=GMemSeedStatus)
+
+
+GMEMSEED = KindInfo(
+    kind="GMemSeed",
+    plural="gmemseeds",
+    short_names=("gseed",),
+    spec_model=GMemSeedSpec,
+    status_model=GMemSeedStatus,
+    description="A deterministic procedural dataset: values computed from a seed, plus an overlay.",
+    columns=(
+        PrinterColumn("Seed", ".spec.seed", "integer"),
+        PrinterColumn("Dtype", ".spec.dtype", "string"),
+        PrinterColumn("Version", ".status.version", "integer"),
+        PrinterColumn("Entries", ".status.overlayEntries", "integer", "Overlay entries."),
+        AGE_COLUMN,
+    ),
+)
