@@ -48,7 +48,7 @@ def sources_message(name: str, count: int) -> str:
 
 
 def map_over_message(over: str) -> str:
-    return f"spec.map.over names '{over}', which is not in spec.inputs: use one of the input names"
+    return f"'{over}' is not the name of an input: use one of the names in spec.inputs"
 
 
 class PythonCode(K8sModel):
@@ -174,10 +174,9 @@ class ComputeJobSpec(K8sModel):
             ),
             cel(
                 "!has(self.map) || (has(self.inputs) && self.inputs.exists(i, i.name == self.map.over))",
-                "spec.map.over must name one of spec.inputs",
+                "must be the name of an input in spec.inputs",
                 message_expression=(
-                    "\"spec.map.over names '\" + self.map.over"
-                    " + \"', which is not in spec.inputs: use one of the input names\""
+                    "\"'\" + self.map.over + \"' is not the name of an input: use one of the names in spec.inputs\""
                 ),
                 field_path=".map.over",
             ),
@@ -214,7 +213,7 @@ class ComputeJobSpec(K8sModel):
         if self.python is None and self.command is None:
             raise ValueError(NO_PROGRAM)
         if self.map is not None and self.map.over not in {i.name for i in self.inputs}:
-            raise ValueError(map_over_message(self.map.over))
+            raise ValueError("spec.map.over: " + map_over_message(self.map.over))
         return self
 
 

@@ -95,19 +95,23 @@ def structural_problems(schema: Mapping[str, Any], path: str = "") -> list[str]:
     return list(_problems(schema, path or "<root>", in_junctor=False))
 
 
-def _problems(node: Mapping[str, Any], path: str, in_junctor: bool) -> Iterator[str]:
+def _problems(
+    node: Mapping[str, Any], path: str, in_junctor: bool, int_or_string: bool = False
+) -> Iterator[str]:
     unknown = set(node) - ALLOWED_KEYS
     if unknown:
         yield f"{path}: keys not allowed in a CRD schema: {sorted(unknown)}"
     if in_junctor:
         bad = _NOT_IN_JUNCTOR & set(node)
-        if bad and node not in _INT_OR_STRING:
+        # The one exception: `anyOf: [{type: integer}, {type: string}]` under int-or-string.
+        if bad and not (int_or_string and node in _INT_OR_STRING):
             yield f"{path}: {sorted(bad)} may not appear inside allOf/anyOf/oneOf/not"
     else:
         yield from _node_problems(node, path)
+    own = node.get("x-kubernetes-int-or-string") is True
     for junctor in JUNCTORS:
         for i, branch in enumerate(_as_list(node.get(junctor))):
-            yield from _problems(branch, f"{path}.{junctor}[{i}]", in_junctor=True)
+            yield from _problems(branch, f"{path}.{junctor}[{i}]", True, own)
     for name, sub in node.get("properties", {}).items():
         yield from _problems(sub, f"{path}.{name}", in_junctor)
     for key in ("items", "additionalProperties"):

@@ -43,13 +43,19 @@ def field_path(root: str, loc: tuple[int | str, ...]) -> str:
 
 
 def problems(exc: ValidationError, root: str = "spec") -> list[str]:
-    """One `path: message` line per error; messages that already start with their path stand alone."""
+    """One `path: message` line per error, like the API server's field errors."""
     lines = []
     for error in exc.errors():
         path = field_path(root, tuple(error["loc"]))
         message = _FRIENDLY.get(error["type"], error["msg"]).removeprefix("Value error, ")
-        lines.append(message if message.startswith(path) else f"{path}: {message}")
+        lines.append(message if _names_subpath(message, path) else f"{path}: {message}")
     return lines
+
+
+def _names_subpath(message: str, path: str) -> bool:
+    """A model-level validator may name a deeper field itself: `spec.map.over: ...` under `spec`."""
+    head, sep, _ = message.partition(": ")
+    return bool(sep) and " " not in head and (head == path or head.startswith((path + ".", path + "[")))
 
 
 def parse(model: type[M], data: Any, root: str = "spec") -> M:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -27,8 +27,7 @@ from .common import (
 MAX_NAMESPACES = 256
 
 
-def namespace_set_message(field: str) -> str:
-    return f"spec.sharing.{field}: set exactly one of namespaces or namespaceSelector"
+NAMESPACE_SET_MESSAGE = "set exactly one of namespaces or namespaceSelector"
 
 
 class StoreSpec(K8sModel):
@@ -54,42 +53,34 @@ class LabelSelector(K8sModel):
     match_expressions: list[SelectorRequirement] | None = None
 
 
-def _namespace_set_rules(field: str) -> ConfigDict:
-    rule = cel(
-        "has(self.namespaces) != has(self.namespaceSelector)",
-        namespace_set_message(field),
-    )
-    return ConfigDict(json_schema_extra=validations(rule))
-
-
 class _NamespaceSet(K8sModel):
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("has(self.namespaces) != has(self.namespaceSelector)", NAMESPACE_SET_MESSAGE)
+        )
+    )
+
     namespaces: list[NamespaceName] | None = Field(
         default=None, max_length=MAX_NAMESPACES, json_schema_extra={"x-kubernetes-list-type": "set"}
     )
     namespace_selector: LabelSelector | None = None
 
-    _field: ClassVar[str] = "readers"
-
     @model_validator(mode="after")
     def _exactly_one(self) -> _NamespaceSet:
         if (self.namespaces is None) == (self.namespace_selector is None):
-            raise ValueError(namespace_set_message(self._field))
+            raise ValueError(NAMESPACE_SET_MESSAGE)
         if self.namespaces is not None and len(set(self.namespaces)) != len(self.namespaces):
-            raise ValueError(f"spec.sharing.{self._field}.namespaces: a namespace is listed twice")
+            raise ValueError("a namespace is listed twice in namespaces")
         return self
 
 
 class Readers(_NamespaceSet):
     """Namespaces whose jobs may read this cache."""
 
-    model_config = _namespace_set_rules("readers")
-
 
 class Writers(_NamespaceSet):
     """Namespaces whose jobs may write results into this cache."""
 
-    model_config = _namespace_set_rules("writers")
-    _field: ClassVar[str] = "writers"
 
 
 class SharingSpec(K8sModel):

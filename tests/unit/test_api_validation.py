@@ -1,0 +1,236 @@
+"""Bad specs are rejected with a message naming the field, by the models (CLI, operator)
+and by the generated CRD schema (API server), and the two agree.
+
+The CRD side is checked offline: OpenAPI v3 validation (openapi-schema-validator), the
+list-type rules, and the CEL rules evaluated with cel-python. The real API server runs
+the same cases in tests/integration/test_crds.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import celpy
+import pytest
+from openapi_schema_validator import OAS30Validator
+
+from memoplane.api import crd, examples
+from memoplane.api.computejob import COMPUTEJOB, ComputeJobSpec
+from memoplane.api.gmemseed import GMEMSEED, GMemSeedSpec
+from memoplane.api.manifests import SpecError, parse
+from memoplane.api.resultcache import RESULTCACHE, ResultCacheSpec
+
+SOURCES = "set exactly one of value, fromJob, fromSeed, fromObject, fromConfigMap"
+Spec = dict[str, Any]
+
+
+def _spec_schema(info: crd.KindInfo) -> dict[str, Any]:
+    return crd.openapi_schema(info)["properties"]["spec"]
+
+
+# --- an offline stand-in for the API server's schema validation -----------------------
+
+_CEL = celpy.Environment()
+
+
+def _cel(expr: str, value: Any) -> Any:
+    program = _CEL.program(_CEL.compile(expr))
+    return program.evaluate({"self": celpy.json_to_cel(value)})
+
+
+def _cel_failures(schema: dict[str, Any], value: Any, path: str) -> list[str]:
+    failures = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        if _cel(rule["rule"], value):
+            continue
+        message = rule["message"]
+        if "messageExpression" in rule:
+            message = str(_cel(rule["messageExpression"], value))
+        failures.append(f"{path}{rule.get('fieldPath', '')}: {message}")
+    return failures + _cel_children(schema, value, path)
+
+
+def _cel_children(schema: dict[str, Any], value: Any, path: str) -> list[str]:
+    failures: list[str] = []
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            child = schema.get("properties", {}).get(key) or schema.get("additionalProperties")
+            if isinstance(child, dict):
+                failures += _cel_failures(child, sub, f"{path}.{key}")
+    if isinstance(value, list) and "items" in schema:
+        failures += _list_type_failures(schema, value, path)
+        for i, item in enumerate(value):
+            failures += _cel_failures(schema["items"], item, f"{path}[{i}]")
+    return failures
+
+
+def _list_type_failures(schema: dict[str, Any], value: list[Any], path: str) -> list[str]:
+    keys = schema.get("x-kubernetes-list-map-keys")
+    kind = schema.get("x-kubernetes-list-type")
+    seen: list[Any] = []
+    failures = []
+    for i, item in enumerate(value):
+        ident = tuple(item.get(k) for k in keys) if kind == "map" and keys else item
+        if kind in ("map", "set") and ident in seen:
+            failures.append(f"{path}[{i}]: Duplicate value: {ident!r}")
+        seen.append(ident)
+    return failures
+
+
+def api_server_errors(info: crd.KindInfo, spec: Spec) -> list[str]:
+    schema = _spec_schema(info)
+    openapi = [
+        "spec" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.absolute_path)
+        + f": {e.message}"
+        for e in OAS30Validator(schema).iter_errors(spec)
+    ]
+    return openapi + _cel_failures(schema, spec, "spec")
+
+
+def python_errors(model: type[Any], spec: Spec) -> list[str]:
+    try:
+        parse(model, spec)
+    except SpecError as exc:
+        return exc.problems
+    return []
+
+
+# --- the cases ----------------------------------------------------------------------------
+
+
+def _job(**changes: Any) -> Spec:
+    spec = examples.computejob_spec()
+    for key, value in changes.items():
+        if value is None:
+            spec.pop(key, None)
+        else:
+            spec[key] = value
+    return spec
+
+
+def _with_input(index: int, item: dict[str, Any]) -> Spec:
+    spec = _job()
+    spec["inputs"][index] = item
+    return spec
+
+
+def _with(path: list[str], value: Any, base: Callable[[], Spec] = examples.computejob_spec) -> Spec:
+    spec = base()
+    node = spec
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+    return spec
+
+
+# (id, kind, spec, field path that must be named, text in the message)
+CASES: list[tuple[str, crd.KindInfo, type[Any], Spec, str, str]] = [
+    ("python-and-command", COMPUTEJOB, ComputeJobSpec, _job(command=["true"]), "spec",
+     "spec.python and spec.command are both set: keep exactly one"),
+    ("neither-python-nor-command", COMPUTEJOB, ComputeJobSpec, _job(python=None), "spec",
+     "spec.python or spec.command is required: set exactly one"),
+    ("duplicate-input-names", COMPUTEJOB, ComputeJobSpec, _with_input(1, {"name": "rows", "value": 1}),
+     "spec.inputs", ""),
+    ("input-with-two-sources", COMPUTEJOB, ComputeJobSpec,
+     _with_input(2, {"name": "raw", "value": 1, "fromJob": {"name": "download"}}),
+     "spec.inputs[2]", f"input 'raw' has 2 sources: {SOURCES}"),
+    ("input-with-no-source", COMPUTEJOB, ComputeJobSpec, _with_input(3, {"name": "noise"}),
+     "spec.inputs[3]", f"input 'noise' has 0 sources: {SOURCES}"),
+    ("negative-timeout", COMPUTEJOB, ComputeJobSpec, _with(["resources", "timeoutSeconds"], -5),
+     "spec.resources.timeoutSeconds", ""),
+    ("bad-memory-quantity", COMPUTEJOB, ComputeJobSpec, _with(["resources", "memory"], "12XB"),
+     "spec.resources.memory", ""),
+    ("negative-cpu-quantity", COMPUTEJOB, ComputeJobSpec, _with(["resources", "cpu"], "-1"),
+     "spec.resources.cpu", ""),
+    ("bad-output-quantity", COMPUTEJOB, ComputeJobSpec, _with(["resources", "maxOutputBytes"], "1 GB"),
+     "spec.resources.maxOutputBytes", ""),
+    ("map-over-unknown-input", COMPUTEJOB, ComputeJobSpec, _with(["map", "over"], "nope"),
+     "spec.map.over", "spec.map.over: 'nope' is not the name of an input: use one of the names in spec.inputs"),
+    ("bad-policy", COMPUTEJOB, ComputeJobSpec, _with(["cache", "policy"], "Sometimes"), "spec.cache.policy", ""),
+    ("input-name-not-identifier", COMPUTEJOB, ComputeJobSpec,
+     _with_input(0, {"name": "my-rows", "value": [1]}), "spec.inputs[0].name", ""),
+    ("negative-backoff", COMPUTEJOB, ComputeJobSpec, _job(backoffLimit=-1), "spec.backoffLimit", ""),
+    ("empty-command", COMPUTEJOB, ComputeJobSpec, _job(python=None, command=[]), "spec.command", ""),
+    ("seed-count-zero", COMPUTEJOB, ComputeJobSpec,
+     _with_input(3, {"name": "noise", "fromSeed": {"name": "field", "count": 0}}),
+     "spec.inputs[3].fromSeed.count", ""),
+    ("readers-both", RESULTCACHE, ResultCacheSpec,
+     _with(["sharing", "readers", "namespaceSelector"], {"matchLabels": {"team": "ml"}}, examples.resultcache_spec),
+     "spec.sharing.readers", "spec.sharing.readers: set exactly one of namespaces or namespaceSelector"),
+    ("writers-neither", RESULTCACHE, ResultCacheSpec,
+     _with(["sharing", "writers"], {}, examples.resultcache_spec),
+     "spec.sharing.writers", "spec.sharing.writers: set exactly one of namespaces or namespaceSelector"),
+    ("bad-max-bytes", RESULTCACHE, ResultCacheSpec,
+     _with(["retention", "maxBytes"], "lots", examples.resultcache_spec), "spec.retention.maxBytes", ""),
+    ("bad-max-age", RESULTCACHE, ResultCacheSpec,
+     _with(["retention", "maxAge"], "30 days", examples.resultcache_spec), "spec.retention.maxAge", ""),
+    ("bad-dtype", GMEMSEED, GMemSeedSpec, _with(["dtype"], "int8", examples.gmemseed_spec), "spec.dtype", ""),
+    ("negative-seed", GMEMSEED, GMemSeedSpec, _with(["seed"], -1, examples.gmemseed_spec), "spec.seed", ""),
+]
+IDS = [c[0] for c in CASES]
+
+
+def _names(errors: list[str], path: str) -> bool:
+    """An error is about `path` (or an element of it: spec.inputs[1] is about spec.inputs)."""
+    return any(e.startswith(path + ":") or e.startswith(path + "[") or e.startswith(path + ".")
+               for e in errors)
+
+
+@pytest.mark.parametrize(("case", "info", "model", "spec", "path", "text"), CASES, ids=IDS)
+def test_python_rejects_with_field_named(
+    case: str, info: crd.KindInfo, model: type[Any], spec: Spec, path: str, text: str
+) -> None:
+    errors = python_errors(model, spec)
+    assert _names(errors, path), errors
+    assert all(text in e for e in errors if e.startswith(path)) or not text
+    assert any(text in e for e in errors), errors
+
+
+@pytest.mark.parametrize(("case", "info", "model", "spec", "path", "text"), CASES, ids=IDS)
+def test_crd_schema_rejects_with_field_named(
+    case: str, info: crd.KindInfo, model: type[Any], spec: Spec, path: str, text: str
+) -> None:
+    errors = api_server_errors(info, spec)
+    assert _names(errors, path), errors
+    assert any(text in e for e in errors), errors
+
+
+CEL_CASES = [c for c in CASES if c[5]]
+
+
+@pytest.mark.parametrize(("case", "info", "model", "spec", "path", "text"), CEL_CASES,
+                         ids=[c[0] for c in CEL_CASES])
+def test_python_and_cel_give_the_same_message(
+    case: str, info: crd.KindInfo, model: type[Any], spec: Spec, path: str, text: str
+) -> None:
+    cel = _cel_failures(_spec_schema(info), spec, "spec")
+    assert cel == python_errors(model, spec)
+    assert len(cel) == 1 and cel[0].startswith(path + ": ") and text in cel[0]
+
+
+@pytest.mark.parametrize(
+    ("info", "model", "spec"),
+    [
+        (COMPUTEJOB, ComputeJobSpec, examples.computejob_spec()),
+        (RESULTCACHE, ResultCacheSpec, examples.resultcache_spec()),
+        (GMEMSEED, GMemSeedSpec, examples.gmemseed_spec()),
+        (COMPUTEJOB, ComputeJobSpec, {"command": ["sh", "-c", "true"]}),
+        (COMPUTEJOB, ComputeJobSpec, {"python": {"source": "def main(x): return x"},
+                                      "inputs": [{"name": "x", "value": None}]}),
+        (COMPUTEJOB, ComputeJobSpec, _with(["resources"], {"cpu": 2, "memory": "1.5Gi", "maxOutputBytes": "1e6"})),
+        (RESULTCACHE, ResultCacheSpec, {"store": {"bucket": "memoplane"},
+                                        "sharing": {"readers": {"namespaceSelector": {"matchLabels": {"a": "b"}}}}}),
+    ],
+    ids=["computejob-design", "resultcache-design", "gmemseed-design", "command", "null-value",
+         "quantities", "selector"],
+)
+def test_valid_specs_pass_both(info: crd.KindInfo, model: type[Any], spec: Spec) -> None:
+    assert python_errors(model, spec) == []
+    assert api_server_errors(info, spec) == []
+
+
+def test_the_offline_validator_can_fail() -> None:
+    # Guards the stand-in itself: a CEL rule that is false must surface.
+    schema = {"type": "object", "x-kubernetes-validations": [{"rule": "self.a == 1", "message": "a must be 1"}]}
+    assert _cel_failures(schema, {"a": 2}, "spec") == ["spec: a must be 1"]
