@@ -1,0 +1,182 @@
+"""A pooled child: enters its isolation, waits for one request, runs it, exits.
+
+Lifecycle (the zygote forks "W", W forks "I"):
+  W: unshare(user, mount, pid, ipc, uts, net), map ids, fork I, exit.
+  I: pid 1 of the new pid namespace. Builds the read-only view, reports
+     "ready" and blocks on its channel. On a request it mounts /in, /out and
+     a fresh /tmp, pivots into the view, applies rlimits, drops every
+     capability, installs seccomp, reseeds RNGs, reports "started", runs the
+     job, reports "result" and exits (a child serves one job only).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from memoplane.sandbox import isolate, protocol
+from memoplane.sandbox.limits import apply_rlimits, vm_size
+from memoplane.sandbox.types import Limits
+
+SOCK_FD = 1000   # the one non-stdio fd a job has; high so it never matches a caller's fd
+
+
+@dataclass(frozen=True)
+class ChildConfig:
+    """Computed once by the zygote, inherited by every child."""
+
+    root: str                                # empty host dir; the view is mounted on it
+    binds: list[isolate.Bind]
+    links: dict[str, str]
+    bpf: bytes | None                        # compiled seccomp program, None if unavailable
+    uid: int
+    gid: int
+    disable: frozenset[str] = frozenset()    # primitives to skip (tests of degraded hosts)
+    notes: dict[str, str] = field(default_factory=dict)  # why something is unavailable
+
+
+def close_fds_except(keep: set[int]) -> None:
+    low = 0
+    for fd in sorted(keep):
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 16)
+
+
+def enter_namespaces(cfg: ChildConfig) -> dict[str, bool | str]:
+    """Run in W: unshare everything the host allows, record what it refused."""
+    wanted = {k: v for k, v in isolate.NAMESPACES.items() if k not in cfg.disable}
+    flags = 0
+    for v in wanted.values():
+        flags |= v
+    iso: dict[str, bool | str] = {k: "disabled by configuration" for k in isolate.NAMESPACES
+                                  if k in cfg.disable}
+    try:
+        isolate.unshare(flags)
+    except OSError as e:
+        if "userns" not in wanted:
+            raise
+        # Without a user namespace only a privileged agent can unshare the rest.
+        reason = f"user namespaces unavailable ({e.strerror})"
+        iso["userns"] = reason
+        flags &= ~isolate.CLONE_NEWUSER
+        isolate.unshare(flags)
+        wanted.pop("userns")
+    if "userns" in wanted:
+        isolate.write_id_maps(cfg.uid, cfg.gid)
+    iso.update({k: True for k in wanted})
+    return iso
+
+
+def warm_main(cfg: ChildConfig, iso: dict[str, bool | str], sock_fd: int,
+              out_fd: int, err_fd: int) -> NoReturn:
+    """Run in I (pid 1 of the new pid namespace); never returns."""
+    try:
+        os.setsid()  # own session: kill(0, ...) from the job cannot reach the agent
+        _setup_stdio(sock_fd, out_fd, err_fd)
+        sock = socket.socket(fileno=SOCK_FD)
+        iso["view"] = _build_view(cfg, iso)
+        protocol.send(sock, {"op": "ready", "isolation": iso})
+        header, _ = protocol.recv(sock)
+    except BaseException:
+        os._exit(70)
+    _serve(cfg, iso, sock, header)
+
+
+def _setup_stdio(sock_fd: int, out_fd: int, err_fd: int) -> None:
+    null = os.open("/dev/null", os.O_RDONLY)
+    for src, dst in ((null, 0), (out_fd, 1), (err_fd, 2), (sock_fd, SOCK_FD)):
+        os.dup2(src, dst, inheritable=dst != SOCK_FD)
+    close_fds_except({0, 1, 2, SOCK_FD})
+
+
+def _build_view(cfg: ChildConfig, iso: dict[str, bool | str]) -> bool | str:
+    if iso.get("mountns") is not True:
+        return "no mount namespace"
+    if "view" in cfg.disable:
+        return "disabled by configuration"
+    try:
+        isolate.build_root(cfg.root, cfg.binds, cfg.links)
+        return True
+    except OSError as e:
+        return f"could not build the read-only view: {e}"
+
+
+def _serve(cfg: ChildConfig, iso: dict[str, bool | str], sock: socket.socket,
+           req: dict[str, Any]) -> NoReturn:
+    from memoplane.sandbox import runner
+
+    limits = Limits(**req["limits"])
+    try:
+        in_dir, out_dir = _enter(cfg, iso, req, limits)
+    except OSError as e:
+        _send_result(sock, runner.failure("sandbox", f"sandbox setup failed: {e} — "
+                                          "this is a memoplane or host problem, not the job's", ""))
+    protocol.send(sock, {"op": "started", "isolation": _flatten(iso)})
+    env = _job_env(req["env"], in_dir, out_dir)
+    task = req["task"]
+    if "argv" in task:
+        result = runner.run_command(task["argv"], env)
+    else:
+        result = runner.run_python(task, env, in_dir, out_dir, limits)
+    _send_result(sock, result)
+
+
+def _enter(cfg: ChildConfig, iso: dict[str, bool | str], req: dict[str, Any],
+           limits: Limits) -> tuple[str, str]:
+    in_dir, out_dir = req["in_dir"], req["out_dir"]
+    if iso.get("view") is True:
+        isolate.enter_root(cfg.root, in_dir, out_dir, limits.workdir_bytes)
+        in_dir, out_dir = "/in", "/out"
+        os.chdir("/tmp")
+        iso["fresh_proc"] = iso["workdir_tmpfs"] = True
+    else:
+        iso["fresh_proc"] = iso["workdir_tmpfs"] = "no read-only view"
+        os.chdir(out_dir)
+    iso.update(apply_rlimits(limits, vm_size(), effective_nproc=cfg.uid != 0))
+    isolate.drop_privileges()
+    iso["no_new_privs"] = iso["caps_dropped"] = True
+    iso["closed_fds"] = True
+    iso["seccomp"] = cfg.notes.get("seccomp", "unavailable")
+    if cfg.bpf is not None and "seccomp" not in cfg.disable:
+        isolate.load_bpf(cfg.bpf)
+        iso["seccomp"] = True
+    return in_dir, out_dir
+
+
+def _flatten(iso: dict[str, bool | str]) -> dict[str, bool]:
+    return {k: v is True for k, v in iso.items()}
+
+
+def _job_env(extra: dict[str, str], in_dir: str, out_dir: str) -> dict[str, str]:
+    env = {
+        "PATH": f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8",
+        "MEMOPLANE_IN": in_dir, "MEMOPLANE_OUT": out_dir,
+    }
+    env.update(extra)
+    return env
+
+
+def _send_result(sock: socket.socket, result: tuple[dict[str, Any], bytes]) -> NoReturn:
+    header, payload = result
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    try:
+        protocol.send(sock, {"op": "result", **header}, payload)
+    finally:
+        os._exit(0)
+
+
+def restore_signals() -> None:
+    """Python ignores SIGPIPE and SIGXFSZ; programs we exec expect defaults."""
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)

@@ -1,0 +1,250 @@
+"""Namespaces, the mount view and the privilege drop of a sandbox child.
+
+Linux only. Python 3.11 has no os.unshare/os.mount, so these go through libc
+with ctypes. Every step raises OSError with the failing call named, so the
+caller can record *why* a primitive is missing instead of running unisolated.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import sys
+import sysconfig
+from dataclasses import dataclass
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+NAMESPACES = {"userns": CLONE_NEWUSER, "mountns": CLONE_NEWNS, "pidns": CLONE_NEWPID,
+              "ipcns": CLONE_NEWIPC, "utsns": CLONE_NEWUTS, "netns": CLONE_NEWNET}
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MNT_DETACH = 2
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 1, 2, 4
+AT_RECURSIVE = 0x8000
+
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 1, 24, 28
+PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 47, 4
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+# NOROOT: uid 0 gains no capabilities on execve; *_LOCKED: nobody can undo it.
+SECUREBITS_LOCKED = 0b1011_1111
+
+_SYSCALLS = {  # number of each raw syscall that glibc does not wrap
+    "x86_64": {"pivot_root": 155, "capset": 126, "mount_setattr": 442},
+    "aarch64": {"pivot_root": 41, "capset": 91, "mount_setattr": 442},
+}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                        ctypes.c_ulong, ctypes.c_char_p]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong, ctypes.c_ulong]
+_libc.syscall.restype = ctypes.c_long
+
+
+def _check(ret: int, what: str) -> None:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _nr(name: str) -> int:
+    table = _SYSCALLS.get(platform.machine())
+    if table is None:
+        raise OSError(38, f"{name}: unsupported architecture {platform.machine()}")
+    return table[name]
+
+
+def _b(path: str | None) -> bytes | None:
+    return None if path is None else os.fsencode(path)
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(ctypes.c_int(flags)), f"unshare({flags:#x})")
+
+
+def mount(src: str | None, dst: str, fstype: str | None, flags: int,
+          data: str | None = None) -> None:
+    ret = _libc.mount(_b(src), _b(dst), _b(fstype), flags, _b(data))
+    _check(ret, f"mount({src} -> {dst})")
+
+
+def umount_detach(path: str) -> None:
+    _check(_libc.umount2(_b(path), ctypes.c_int(MNT_DETACH)), f"umount2({path})")
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0) -> None:
+    _check(_libc.prctl(option, arg2, arg3, 0, 0), f"prctl({option})")
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def make_readonly(path: str) -> None:
+    """Read-only, nosuid, nodev on `path` and every mount below it."""
+    attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, 0)
+    ret = _libc.syscall(ctypes.c_long(_nr("mount_setattr")), ctypes.c_int(-100),
+                        _b(path), ctypes.c_uint(AT_RECURSIVE), ctypes.byref(attr),
+                        ctypes.c_size_t(ctypes.sizeof(attr)))
+    if ret < 0:  # kernels before 5.12: remount the top mount only
+        mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def write_id_maps(uid: int, gid: int) -> None:
+    """Map root inside the new user namespace to our own ids outside.
+
+    Only the single self-mapping is allowed without privilege in the parent
+    namespace, so no other host uid is reachable from inside."""
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    with open("/proc/self/uid_map", "w") as f:
+        f.write(f"0 {uid} 1")
+    with open("/proc/self/gid_map", "w") as f:
+        f.write(f"0 {gid} 1")
+
+
+@dataclass(frozen=True)
+class Bind:
+    src: str      # host path
+    dst: str      # absolute path inside the sandbox
+    is_dir: bool
+
+
+ETC_ALLOWED = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "passwd", "group",
+               "nsswitch.conf", "localtime", "hosts", "ssl", "ca-certificates",
+               "alternatives", "mime.types", "os-release")
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
+DEVICES = ("null", "zero", "full", "random", "urandom")
+
+
+def runtime_paths(extra: tuple[str, ...] = ()) -> list[str]:
+    """Host directories a Python job needs: interpreter, stdlib, site-packages."""
+    cands = [sys.base_prefix, sys.prefix, sys.exec_prefix,
+             *(sysconfig.get_paths().get(k, "") for k in ("stdlib", "purelib", "platlib")),
+             *extra]
+    out: list[str] = []
+    for p in sorted({os.path.realpath(c) for c in cands if c and os.path.isdir(c)}):
+        if p != "/" and not any(p.startswith(q + "/") for q in out):
+            out.append(p)
+    return out
+
+
+def view_binds(extra: tuple[str, ...] = ()) -> tuple[list[Bind], dict[str, str]]:
+    """The read-only view: binds, and symlinks (merged /usr) to recreate."""
+    binds: list[Bind] = []
+    links: dict[str, str] = {}
+    for d in SYSTEM_DIRS:
+        if os.path.islink(d):
+            links[d] = os.readlink(d)
+        elif os.path.isdir(d):
+            binds.append(Bind(d, d, True))
+    for name in ETC_ALLOWED:
+        p = "/etc/" + name
+        if os.path.exists(p):
+            binds.append(Bind(os.path.realpath(p), p, os.path.isdir(p)))
+    covered = [b.dst for b in binds if b.is_dir]
+    for p in runtime_paths(extra):
+        if not any(p == c or p.startswith(c + "/") for c in covered):
+            binds.append(Bind(p, p, True))
+    return binds, links
+
+
+def _mountpoint(root: str, dst: str, is_dir: bool) -> str:
+    target = root + dst
+    if is_dir:
+        os.makedirs(target, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        open(target, "a").close()
+    return target
+
+
+def build_root(root: str, binds: list[Bind], links: dict[str, str]) -> None:
+    """Populate a tmpfs at `root` with read-only binds, /dev and a fresh /proc.
+
+    Runs in the child's own mount namespace as root of its user namespace;
+    nothing here is visible to the host. Per-request mounts (/in, /out, /tmp)
+    are added later by `enter_root`."""
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+    for dst, target in links.items():
+        os.symlink(target, root + dst)
+    for b in binds:
+        t = _mountpoint(root, b.dst, b.is_dir)
+        mount(b.src, t, None, MS_BIND | MS_REC)
+        make_readonly(t)
+    _build_dev(root)
+    for d in ("in", "out", "tmp", "proc"):
+        os.makedirs(f"{root}/{d}", exist_ok=True)
+    mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
+    mount(None, root, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def _build_dev(root: str) -> None:
+    os.makedirs(root + "/dev")
+    for name in DEVICES:  # bind host nodes: mknod is not allowed in a userns
+        mount("/dev/" + name, _mountpoint(root, "/dev/" + name, False), None, MS_BIND)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
+                         ("shm", "/tmp")):
+        os.symlink(target, f"{root}/dev/{name}")
+
+
+def enter_root(root: str, in_dir: str, out_dir: str, work_bytes: int) -> None:
+    """Per-request mounts, then pivot into the view and drop the host tree."""
+    mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+          f"size={max(work_bytes, 4096)},mode=1777")
+    mount(in_dir, root + "/in", None, MS_BIND | MS_REC)
+    make_readonly(root + "/in")
+    mount(out_dir, root + "/out", None, MS_BIND | MS_REC)
+    mount(None, root + "/out", None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
+    os.chdir(root)
+    # pivot_root(".", ".") stacks the old root on top; detaching it leaves
+    # no path back to the host tree (see pivot_root(2)).
+    _check(_libc.syscall(ctypes.c_long(_nr("pivot_root")), b".", b"."), "pivot_root")
+    umount_detach(".")
+    os.chdir("/")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def drop_privileges() -> None:
+    """no_new_privs, empty bounding/ambient sets, NOROOT, no capabilities."""
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        prctl(PR_CAPBSET_DROP, cap)
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED)
+    hdr = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (_CapData * 2)()
+    _check(_libc.syscall(ctypes.c_long(_nr("capset")), ctypes.byref(hdr),
+                         ctypes.byref(data)), "capset")
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def load_bpf(bpf: bytes) -> None:
+    """Install a compiled seccomp program (needs no_new_privs already set)."""
+    buf = ctypes.create_string_buffer(bpf, len(bpf))
+    prog = _SockFprog(len(bpf) // 8, ctypes.addressof(buf))
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER,
+                       ctypes.addressof(prog), 0, 0), "seccomp")

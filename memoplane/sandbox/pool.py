@@ -1,0 +1,379 @@
+"""SandboxPool: a zygote plus a warm pool of isolated children, one job each."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import select
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from memoplane.errors import IsolationUnavailable
+from memoplane.sandbox import cgroup, protocol
+from memoplane.sandbox.outcome import (check_out_dir, failure_for_status, from_result,
+                                       outcome)
+from memoplane.sandbox.profiles import get_profile
+from memoplane.sandbox.types import (CommandTask, Failure, PythonTask, SandboxOutcome,
+                                     SandboxRequest)
+from memoplane.sandbox.zygote_client import ZygoteClient
+
+log = logging.getLogger("memoplane.sandbox")
+
+# Without these a job is not isolated; require_isolation=True refuses to run.
+REQUIRED = ("userns", "mountns", "pidns", "ipcns", "utsns", "netns", "view", "seccomp",
+            "pids_limit")
+_READY_TIMEOUT = 30.0
+
+
+class _Slot:
+    """One warm child and the pool's ends of its channels."""
+
+    def __init__(self, pid: int, pidfd: int, sock: socket.socket, out_r: int, err_r: int,
+                 group: cgroup.Group | None) -> None:
+        self.pid, self.pidfd, self.sock = pid, pidfd, sock
+        self.out_r, self.err_r, self.group = out_r, err_r, group
+        self.isolation: dict[str, bool | str] = {}
+
+    def kill(self) -> None:
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)  # kills its whole pid ns
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+        protocol.close_quietly(self.out_r, self.err_r, self.pidfd)
+
+
+class SandboxPool:
+    """Runs SandboxRequests in isolated children forked from one zygote.
+
+    Thread-safe: `run` may be called from many threads at once; each call
+    takes its own child. Use as a context manager, or call `close()`."""
+
+    def __init__(self, profile: str = "python", size: int = 2,
+                 preload: tuple[str, ...] | None = None, require_isolation: bool = True,
+                 extra_paths: tuple[str, ...] = (), _disable: tuple[str, ...] = ()) -> None:
+        prof = get_profile(profile)
+        self.profile = prof.name
+        self.size = size
+        self._exits: dict[int, int] = {}
+        self._doomed: dict[int, _Slot] = {}
+        self._lock = threading.Condition()
+        self._ready: queue.Queue[_Slot] = queue.Queue()
+        self._closed = False
+        self._disable = _disable
+        self._cg = cgroup.detect(f"memoplane-{os.getpid()}-{id(self):x}")
+        config = {"preload": list(prof.preload if preload is None else preload),
+                  "extra_paths": list(prof.extra_paths + extra_paths), "disable": list(_disable)}
+        self._zygote = ZygoteClient(config, prof.env, self._on_exit)
+        self.preloaded: list[str] = list(self._zygote.hello.get("preloaded", []))
+        try:
+            first = self._spawn()
+            self.isolation = self._report(first.isolation)
+            self._check(require_isolation)
+        except BaseException:
+            self.close()
+            raise
+        self._ready.put(first)
+        self._want = threading.Event()
+        self._filler = threading.Thread(target=self._fill_loop, name="memoplane-pool",
+                                        daemon=True)
+        self._filler.start()
+        self._want.set()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def __enter__(self) -> SandboxPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if hasattr(self, "_want"):
+            self._want.set()
+            self._filler.join(timeout=10)
+        while True:
+            try:
+                slot = self._ready.get_nowait()
+            except queue.Empty:
+                break
+            self._retire(slot)
+        self._zygote.close()
+        for d in (self._cg.memory, self._cg.pids):
+            if d is not None:
+                _rmtree_cgroups(d)
+
+    # -- isolation -------------------------------------------------------------------
+
+    def _report(self, iso: dict[str, bool | str]) -> dict[str, bool | str]:
+        rep: dict[str, bool | str] = dict(iso)
+        notes = self._zygote.hello.get("notes", {})
+        rep["seccomp"] = True if "seccomp" not in notes else notes["seccomp"]
+        rep["cgroup_memory"] = self._cg.memory is not None or (self._cg.reason or "unavailable")
+        rep["cgroup_pids"] = self._cg.pids is not None or (self._cg.reason or "unavailable")
+        nproc = os.getuid() != 0
+        rep["rlimit_nproc"] = nproc or ("RLIMIT_NPROC does not apply to host root; "
+                                        "the pids cgroup limits processes instead")
+        rep["pids_limit"] = (rep["cgroup_pids"] is True or nproc
+                             or "neither a pids cgroup nor RLIMIT_NPROC can limit processes")
+        if "seccomp" in self._disable:
+            rep["seccomp"] = "disabled by configuration"
+        return rep
+
+    def _check(self, require: bool) -> None:
+        missing = {k: self.isolation.get(k, "not reported") for k in REQUIRED
+                   if self.isolation.get(k) is not True}
+        if not missing:
+            return
+        what = "; ".join(f"{k}: {v}" for k, v in missing.items())
+        if require:
+            raise IsolationUnavailable(
+                f"this host cannot isolate sandbox jobs ({what})",
+                "enable user namespaces (sysctl user.max_user_namespaces>0, "
+                "kernel.unprivileged_userns_clone=1) and libseccomp, or pass "
+                "require_isolation=False to run with the reduced isolation recorded in "
+                "every outcome")
+        log.warning("memoplane sandbox runs with REDUCED isolation: %s", what)
+
+    # -- children --------------------------------------------------------------------
+
+    def _spawn(self) -> _Slot:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            sp = self._zygote.spawn([theirs.fileno(), out_w, err_w])
+        except BaseException:
+            ours.close()
+            protocol.close_quietly(out_r, err_r)
+            raise
+        finally:
+            theirs.close()
+            protocol.close_quietly(out_w, err_w)
+        group = cgroup.Group(self._cg, f"c{sp.pid}") if self._cg.memory or self._cg.pids else None
+        slot = _Slot(sp.pid, sp.pidfd, ours, out_r, err_r, group)
+        try:
+            if group is not None:
+                group.add(sp.pid)
+            ours.settimeout(_READY_TIMEOUT)
+            msg, _ = protocol.recv(ours)
+            ours.settimeout(None)
+            if msg.get("op") != "ready":
+                raise OSError(f"unexpected first message from a child: {msg}")
+        except BaseException:
+            self._retire(slot)
+            raise
+        slot.isolation = msg.get("isolation", {})
+        return slot
+
+    def _fill_loop(self) -> None:
+        while not self._closed:
+            self._want.wait()
+            self._want.clear()
+            while not self._closed and self._ready.qsize() < self.size:
+                try:
+                    self._ready.put(self._spawn())
+                except Exception as e:  # noqa: BLE001 - run() spawns on demand and reports
+                    log.warning("could not start a warm sandbox child: %s", e)
+                    time.sleep(0.5)
+                    break
+
+    def _take(self) -> _Slot:
+        try:
+            slot = self._ready.get_nowait()
+        except queue.Empty:
+            slot = self._spawn()  # cold: no warm child left
+        self._want.set()
+        return slot
+
+    def _on_exit(self, pid: int, status: int) -> None:
+        with self._lock:
+            self._exits[pid] = status
+            slot = self._doomed.pop(pid, None)
+            self._lock.notify_all()
+        if slot is not None and slot.group is not None:
+            slot.group.remove()
+            self._exits.pop(pid, None)
+
+    def _wait_exit(self, pid: int, timeout: float) -> int | None:
+        with self._lock:
+            self._lock.wait_for(lambda: pid in self._exits, timeout)
+            return self._exits.get(pid)
+
+    def _retire(self, slot: _Slot) -> None:
+        """Kill a child (if alive), close our ends; its cgroup goes when it is reaped."""
+        slot.kill()
+        slot.close()
+        with self._lock:
+            reaped = self._exits.pop(slot.pid, None) is not None
+            if not reaped:
+                self._doomed[slot.pid] = slot
+        if reaped and slot.group is not None:
+            slot.group.remove()
+
+    # -- running -----------------------------------------------------------------------
+
+    def run(self, request: SandboxRequest) -> SandboxOutcome:
+        """Run one job in a fresh isolated child and report how it went."""
+        if self._closed:
+            raise RuntimeError("the sandbox pool is closed")
+        t0 = time.monotonic()
+        slot = self._take()
+        try:
+            return _Job(self, slot, request, t0).run()
+        finally:
+            self._retire(slot)
+
+
+def _rmtree_cgroups(d: Path) -> None:
+    for sub in d.glob("*"):
+        if sub.is_dir():
+            try:
+                os.rmdir(sub)
+            except OSError:
+                pass
+    try:
+        os.rmdir(d)
+    except OSError:
+        pass
+
+
+def _task_message(task: PythonTask | CommandTask) -> dict[str, Any]:
+    if isinstance(task, CommandTask):
+        return {"argv": list(task.argv)}
+    return dataclasses.asdict(task)
+
+
+class _Job:
+    """One request on one slot: send, watch channel and pipes, decide the outcome."""
+
+    def __init__(self, pool: SandboxPool, slot: _Slot, req: SandboxRequest, t0: float) -> None:
+        self.pool, self.slot, self.req, self.t0 = pool, slot, req, t0
+        self.limits = req.limits
+        self.out, self.err = bytearray(), bytearray()
+        self.frames = protocol.FrameReader()
+        self.started: dict[str, bool] | None = None
+        self.result: tuple[dict[str, Any], bytes] | None = None
+        self.cg_iso: dict[str, bool] = {"cgroup_memory": False, "cgroup_pids": False}
+
+    def run(self) -> SandboxOutcome:
+        if self.slot.group is not None:
+            self.cg_iso = self.slot.group.set_limits(self.limits.memory_bytes, self.limits.max_pids)
+        out_dir = Path(self.req.out_dir).resolve()
+        msg = {"op": "run", "task": _task_message(self.req.task), "env": dict(self.req.env),
+               "in_dir": str(Path(self.req.in_dir).resolve()), "out_dir": str(out_dir),
+               "limits": dataclasses.asdict(self.limits)}
+        try:
+            protocol.send(self.slot.sock, msg)
+            ended = self._watch()
+        except (OSError, protocol.ProtocolError) as e:
+            ended = f"channel: {e}"
+        self.slot.kill()
+        self._drain()
+        return self._decide(ended, out_dir)
+
+    def _watch(self) -> str:
+        """Wait for the result; returns why watching stopped."""
+        poller = select.poll()
+        fds = {self.slot.sock.fileno(): "sock", self.slot.out_r: "out", self.slot.err_r: "err"}
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        deadline = self.t0 + self.limits.timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "timeout"
+            for fd, _ev in poller.poll(left * 1000):
+                data = os.read(fd, 1 << 16)
+                if fds[fd] == "sock":
+                    if not data:
+                        return "died"
+                    if self._frames(data):
+                        return "result"
+                elif not data:
+                    poller.unregister(fd)
+                elif self._log(fds[fd], data):
+                    return "log-overflow:" + fds[fd]
+
+    def _frames(self, data: bytes) -> bool:
+        for header, payload in self.frames.feed(data):
+            op = header.get("op")
+            if op == "started" and self.started is None:
+                self.started = {k: bool(v) for k, v in header.get("isolation", {}).items()}
+            elif op == "result" and self.started is not None:
+                self.result = (header, payload)
+                return True
+        return False
+
+    def _log(self, which: str, data: bytes) -> bool:
+        buf = self.out if which == "out" else self.err
+        room = self.limits.max_log_bytes - len(buf)
+        buf += data[:max(room, 0)]
+        return len(data) > room
+
+    def _drain(self) -> None:
+        """Take what is already in the pipes; later writers are dead or ignored."""
+        for fd, which in ((self.slot.out_r, "out"), (self.slot.err_r, "err")):
+            os.set_blocking(fd, False)
+            try:
+                while data := os.read(fd, 1 << 16):
+                    if self._log(which, data):
+                        break
+            except BlockingIOError:
+                pass
+
+    def _decide(self, ended: str, out_dir: Path) -> SandboxOutcome:
+        group = self.slot.group
+        status = None
+        if ended != "result":
+            status = self.pool._wait_exit(self.slot.pid, 5.0)
+        oom = group.oom_killed() if group else False
+        pids_hit = group.pids_exhausted() if group else False
+        ok, value, kind, failure, code = False, None, "none", None, None
+        if ended == "result" and self.result is not None:
+            header, payload = self.result
+            code = header.get("exit_code")
+            try:
+                ok, value, kind, failure = from_result(header, payload, out_dir, self.limits,
+                                                       oom, pids_hit)
+            except (OSError, ValueError) as e:
+                failure = Failure("sandbox", f"the job's result could not be read: {e}")
+        elif ended == "timeout":
+            failure = Failure("timeout", f"the job ran past its wall-clock limit of "
+                              f"{self.limits.timeout_s}s and was killed — raise "
+                              "limits.timeout_s or make the job faster")
+        elif ended.startswith("log-overflow"):
+            stream = "stdout" if ended.endswith("out") else "stderr"
+            failure = Failure("output-too-large", f"the job wrote more than max_log_bytes="
+                              f"{self.limits.max_log_bytes} to {stream} and was killed — "
+                              "write large output to $MEMOPLANE_OUT or raise the limit")
+        elif ended == "died":
+            failure = failure_for_status(status, None, oom, pids_hit, self.limits)
+        else:
+            failure = Failure("sandbox", f"lost contact with the sandbox child ({ended}) — "
+                              "a memoplane or host problem")
+        if ok or (failure and failure.reason not in ("timeout", "sandbox")):
+            bad = check_out_dir(out_dir, self.limits, 0)
+            if bad is not None:
+                ok, value, kind, failure = False, None, "none", bad
+        return outcome(ok, value, kind, failure, code, bytes(self.out), bytes(self.err),
+                       time.monotonic() - self.t0, self._isolation())
+
+    def _isolation(self) -> dict[str, bool]:
+        iso = {k: v is True for k, v in self.pool.isolation.items()}
+        iso.update(self.started or {})
+        iso.update(self.cg_iso)
+        iso["pids_limit"] = iso.get("cgroup_pids", False) or iso.get("rlimit_nproc", False)
+        iso["timeout"] = iso["output_caps"] = True
+        return iso

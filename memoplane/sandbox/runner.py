@@ -1,0 +1,230 @@
+"""Runs the user's code inside an already isolated child and encodes the result.
+
+Results are (header, payload) pairs for protocol.send. Small values travel in
+the payload; bigger ones are written to $MEMOPLANE_OUT/.memoplane-return so
+that they never have to fit in a channel buffer.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import json
+import linecache
+import os
+import random
+import sys
+import traceback
+from typing import Any
+
+from memoplane.sandbox.protocol import MAX_PAYLOAD
+from memoplane.sandbox.types import Limits
+
+Result = tuple[dict[str, Any], bytes]
+RETURN_FILE = ".memoplane-return"
+
+
+def failure(reason: str, message: str, detail: str) -> Result:
+    return {"ok": False, "failure": {"reason": reason, "message": message,
+                                     "detail": detail}}, b""
+
+
+def reseed() -> None:
+    """Children share the zygote's RNG state until reseeded from the kernel."""
+    random.seed()
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed()
+
+
+def run_python(task: dict[str, Any], env: dict[str, str], in_dir: str, out_dir: str,
+               limits: Limits) -> Result:
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(env["HOME"])
+    reseed()
+    filename = task.get("filename") or "<job>"
+    source = task["source"]
+    try:
+        code = compile(source, filename, "exec")
+    except (SyntaxError, ValueError) as e:
+        return _syntax_failure(e, filename)
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    scope: dict[str, Any] = {"__name__": "__memoplane_job__", "__file__": filename}
+    pid = os.getpid()
+    try:
+        exec(code, scope)  # module-level statements are user code too
+        fn = scope.get(task["entrypoint"])
+        if not callable(fn):
+            return failure("no-entrypoint", f"entrypoint {task['entrypoint']!r} is "
+                           f"{'not callable' if task['entrypoint'] in scope else 'not defined'} "
+                           f"in {filename} — define `def {task['entrypoint']}(...)` or set entrypoint", "")
+        inputs, bad = _inputs(task, fn, in_dir)
+        if bad is not None:
+            return bad
+        value = fn(**inputs)
+    except BaseException as e:  # noqa: BLE001 - everything the job raises is its failure
+        _exit_if_forked(pid)
+        return _exception_failure(e, filename, limits)
+    _exit_if_forked(pid)
+    return _encode(value, out_dir, limits)
+
+
+def _exit_if_forked(pid: int) -> None:
+    # A job that forks returns from its entrypoint twice; only the original reports.
+    if os.getpid() != pid:
+        os._exit(0)
+
+
+def _syntax_failure(e: Exception, filename: str) -> Result:
+    detail = "".join(traceback.format_exception_only(type(e), e))
+    where = f"{filename}:{getattr(e, 'lineno', '?')}"
+    msg = getattr(e, "msg", str(e))
+    return failure("syntax", f"the job's source does not compile: {msg} at {where} — fix the source", detail)
+
+
+def _inputs(task: dict[str, Any], fn: Any, in_dir: str) -> tuple[dict[str, Any], Result | None]:
+    inputs = dict(task.get("inputs") or {})
+    for name, rel in (task.get("file_inputs") or {}).items():
+        try:
+            inputs[name] = _read_file_input(in_dir, rel)
+        except (OSError, ValueError) as e:
+            return {}, failure("bad-input", f"file input {name!r} ({rel}) cannot be read: {e} — "
+                               "put the file under the job's in_dir", "")
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return inputs, None
+    params = sig.parameters
+    shown = f"{getattr(fn, '__name__', 'entrypoint')}({', '.join(params)})"
+    named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(inputs) - named)
+        if unknown:
+            return {}, failure("bad-input", f"unknown input {unknown[0]!r}: the entrypoint is "
+                               f"{shown} — rename the input or add the parameter", "")
+    missing = [n for n in named if n not in inputs and params[n].default is params[n].empty]
+    if missing:
+        return {}, failure("bad-input", f"missing input {missing[0]!r} required by {shown} — "
+                           "provide it or give the parameter a default", "")
+    return inputs, None
+
+
+def _read_file_input(in_dir: str, rel: str) -> Any:
+    path = os.path.normpath(os.path.join(in_dir, rel))
+    if not path.startswith(in_dir.rstrip("/") + "/"):
+        raise ValueError("path leaves in_dir")
+    if path.endswith(".npy"):
+        import numpy as np
+        return np.load(path, allow_pickle=False)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _user_tb(e: BaseException, filename: str) -> Any:
+    tb = e.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+        tb = tb.tb_next
+    return tb or e.__traceback__
+
+
+def _exception_failure(e: BaseException, filename: str, limits: Limits) -> Result:
+    tb = _user_tb(e, filename)
+    detail = "".join(traceback.format_exception(type(e), e, tb))
+    frames = traceback.extract_tb(tb) if tb else []
+    user = [f for f in frames if f.filename == filename]
+    where = f" at {filename}:{user[-1].lineno}" if user else ""
+    text = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+    if isinstance(e, SystemExit):
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        return {**failure("exit", f"the job called sys.exit({e.code!r}){where} — return a value "
+                          "instead", detail)[0], "exit_code": code}, b""
+    if isinstance(e, MemoryError):
+        return failure("memory", f"the job ran out of memory{where} (limit "
+                       f"{limits.memory_bytes} bytes) — raise limits.memory_bytes or use less", detail)
+    if isinstance(e, OSError) and e.errno in (errno.EFBIG, errno.ENOSPC):
+        return failure("output-too-large", f"{text}{where}: a file hit the size cap "
+                       f"(work dir {limits.workdir_bytes} bytes, files {limits.max_output_bytes} "
+                       "bytes) — write less or raise the limits", detail)
+    return failure("exception", f"{text}{where} — fix the job's code or its inputs", detail)
+
+
+def _encode(value: Any, out_dir: str, limits: Limits) -> Result:
+    np = sys.modules.get("numpy")
+    if value is None:
+        return {"ok": True, "kind": "none"}, b""
+    if np is not None and isinstance(value, np.ndarray):
+        return _save_array(np, value, out_dir)
+    if np is not None and isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        kind, data = "bytes", bytes(value)
+    else:
+        try:
+            data = json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
+        except (TypeError, ValueError) as e:
+            return failure("unserializable", f"the return value is not JSON-serialisable ({e}) — "
+                           "return JSON data, bytes or a numpy array", "")
+        kind = "json"
+    if len(data) > limits.max_output_bytes:
+        return failure("output-too-large", f"the return value has {len(data)} bytes, over "
+                       f"max_output_bytes={limits.max_output_bytes} — return less or write files", "")
+    if len(data) <= MAX_PAYLOAD:
+        return {"ok": True, "kind": kind}, data
+    with open(os.path.join(out_dir, RETURN_FILE), "wb") as f:
+        f.write(data)
+    return {"ok": True, "kind": kind, "value_file": RETURN_FILE}, b""
+
+
+def _save_array(np: Any, value: Any, out_dir: str) -> Result:
+    if value.dtype.hasobject:
+        return failure("unserializable", "the returned array holds Python objects — return a "
+                       "numeric array, JSON data or bytes", "")
+    try:
+        np.save(os.path.join(out_dir, "return.npy"), value, allow_pickle=False)
+    except OSError as e:
+        return failure("output-too-large" if e.errno in (errno.EFBIG, errno.ENOSPC) else "sandbox",
+                       f"could not save the returned array: {e}", "")
+    return {"ok": True, "kind": "file"}, b""
+
+
+def run_command(argv: list[str], env: dict[str, str]) -> Result:
+    """fork + exec as a child of this pid-1 process, reaping every orphan."""
+    from memoplane.sandbox.child import restore_signals
+
+    os.chdir(env["HOME"])
+    r, w = os.pipe()  # close-on-exec: stays empty when exec succeeds
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        restore_signals()
+        try:
+            os.execvpe(argv[0], argv, env)
+        except OSError as e:
+            os.write(w, f"{e.errno}".encode())
+        os._exit(127)
+    os.close(w)
+    err = os.read(r, 64)
+    os.close(r)
+    status = _reap_until(pid)
+    if err:
+        en = int(err)
+        return failure("exit", f"cannot run {argv[0]!r}: {os.strerror(en)} — check the "
+                       "command and that it exists in the runtime", "")
+    if os.WIFSIGNALED(status):
+        return {"ok": False, "signal": os.WTERMSIG(status)}, b""
+    code = os.WEXITSTATUS(status)
+    if code != 0:
+        return {**failure("exit", f"the command exited with status {code} — see stderr", "")[0],
+                "exit_code": code}, b""
+    return {"ok": True, "kind": "none", "exit_code": 0}, b""
+
+
+def _reap_until(pid: int) -> int:
+    while True:
+        try:
+            got, status = os.wait()
+        except ChildProcessError:
+            return 0
+        if got == pid:
+            return status
