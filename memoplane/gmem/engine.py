@@ -260,20 +260,21 @@ def _check_addr(addr: object) -> int:
 
 def as_addresses(addresses: npt.ArrayLike) -> U64Array:
     """A 1-D uint64 array, refusing negatives and non-integers instead of wrapping."""
-    arr = np.asarray(addresses)
-    if arr.dtype == np.uint64:
-        return np.ravel(arr)
-    if arr.dtype == object or arr.dtype.kind in "iu":
-        flat = np.ravel(arr)
-        if flat.dtype.kind == "i" and flat.size and int(flat.min()) < 0:
+    if not isinstance(addresses, np.ndarray):
+        items = np.ravel(np.asarray(addresses, dtype=object))
+        return np.array([_check_addr(a) for a in items.tolist()], dtype=np.uint64)
+    flat = np.ravel(addresses)
+    if flat.dtype == np.uint64:
+        return flat
+    if flat.dtype.kind == "u":
+        return flat.astype(np.uint64)
+    if flat.dtype.kind == "i":
+        if flat.size and int(flat.min()) < 0:
             raise InputError("a negative address was given", "addresses are 0..2^64-1")
-        try:
-            return flat.astype(np.uint64) if flat.dtype != object else np.array(flat.tolist(), dtype=np.uint64)
-        except (OverflowError, TypeError, ValueError) as e:
-            raise InputError(f"addresses are not 64-bit unsigned integers ({e})", "use 0..2^64-1") from e
-    if arr.size == 0:
-        return np.empty(0, dtype=np.uint64)
-    raise InputError(f"addresses of dtype {arr.dtype} are not integers", "pass integer addresses")
+        return flat.astype(np.uint64)
+    if flat.dtype == object:
+        return as_addresses(flat.tolist())
+    raise InputError(f"addresses of dtype {flat.dtype} are not integers", "pass integer addresses")
 
 
 def _as_values(values: npt.ArrayLike | Sequence[Any], dtype: np.dtype) -> np.ndarray:

@@ -66,8 +66,9 @@ class HashIndex:
         qa = q
         while True:
             k = self.keys.take(p)
-            hit = k == qa
             live = k != _EMPTY
+            hit = k == qa
+            np.logical_and(hit, live, out=hit)  # a query equal to the marker is no hit
             np.logical_and(live, ~hit, out=live)
             h = np.flatnonzero(hit)
             found_at.append(h if at is None else at[h])
