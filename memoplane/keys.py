@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import os
 import platform
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import blake3
@@ -66,12 +69,31 @@ class RuntimeIdentity:
         return digest_value(self.components())
 
 
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503
+
+
 def _installed_distributions() -> tuple[tuple[str, str], ...]:
+    """name -> version of every distribution on sys.path, first entry winning as
+    imports do. Reads dist-info directory names (`name-version.dist-info`, how
+    installers write them): a listdir per path entry instead of parsing every
+    METADATA file, which importlib.metadata does at ~1 ms per distribution."""
     found: dict[str, str] = {}
-    for dist in importlib.metadata.distributions():
-        name = dist.metadata["Name"]
-        if name:
-            found[name.lower().replace("_", "-")] = dist.version
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for item in names:
+            if item.endswith(".dist-info"):
+                name, _, version = item[: -len(".dist-info")].rpartition("-")
+            elif item.endswith(".egg-info"):
+                meta = importlib.metadata.PathDistribution(Path(entry or ".") / item)
+                name, version = meta.metadata["Name"] or "", meta.version
+            else:
+                continue
+            if name:
+                found.setdefault(_normalize(name), version)
     return tuple(sorted(found.items()))
 
 

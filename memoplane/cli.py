@@ -1,0 +1,142 @@
+"""The `memoplane` command line. Each subcommand parses its flags, calls one
+core function and prints; errors the user can act on are one line, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from . import __version__
+from .errors import MemoplaneError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _store_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        metavar="DIR",
+        help="the store directory (default: $MEMOPLANE_STORE or ~/.cache/memoplane/store)",
+    )
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a Python script or a command once; later identical runs return the stored result",
+        description="memoplane run SCRIPT.py [options]   or   memoplane run [options] -- CMD ARGS...",
+    )
+    p.add_argument("script", nargs="?", help="a Python file whose entrypoint is called with the inputs")
+    p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=JSON|NAME=@FILE",
+                   help="an input: a JSON value, or @FILE for a file's bytes (repeatable)")
+    p.add_argument("--entrypoint", "-e", default="main", help="the function to call (default: main)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable for the job; part of the key (repeatable)")
+    p.add_argument("--version", dest="salt", default="", metavar="SALT",
+                   help="a cache version: change it to force new results for the same code and inputs")
+    p.add_argument("--policy", choices=["Use", "Refresh", "Bypass"], default="Use",
+                   help="Use the cache (default), Refresh (recompute and replace), or Bypass it")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="wall-clock limit (default 600)")
+    p.add_argument("--memory", default="2Gi", metavar="QUANTITY", help="memory limit, e.g. 512Mi (default 2Gi)")
+    p.add_argument("--max-output", default="1Gi", metavar="QUANTITY", help="cap on output files (default 1Gi)")
+    p.add_argument("--allow-unisolated", action="store_true",
+                   help="run even if this host lacks a sandbox primitive (recorded in the result)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _store_flag(p)
+    p.set_defaults(handler=_lazy("memoplane.commands.run", "run_command"))
+
+
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="show which part of the key changed since the last run of a script")
+    p.add_argument("script", nargs="?")
+    p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=JSON|NAME=@FILE")
+    p.add_argument("--entrypoint", "-e", default="main")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--version", dest="salt", default="")
+    p.add_argument("--json", action="store_true")
+    _store_flag(p)
+    p.set_defaults(handler=_lazy("memoplane.commands.run", "explain_command"))
+
+
+def _add_result(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("result", help="print a stored result and write its output files")
+    p.add_argument("ref", metavar="KEY_OR_DIGEST", help="a cache key or a result digest (b3:...)")
+    p.add_argument("-o", "--output", metavar="DIR", help="write the output files and return value here")
+    p.add_argument("--json", action="store_true")
+    _store_flag(p)
+    p.set_defaults(handler=_lazy("memoplane.commands.store", "result_command"))
+
+
+def _add_store_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check every stored object against its address; exit 3 on damage")
+    p.add_argument("--json", action="store_true")
+    _store_flag(p)
+    p.set_defaults(handler=_lazy("memoplane.commands.store", "verify_command"))
+
+    p = sub.add_parser("gc", help="delete data no ref reaches (objects newer than the grace period are kept)")
+    p.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS", help="default 3600")
+    p.add_argument("--max-age", metavar="DURATION", help="first evict refs older than this, e.g. 720h")
+    p.add_argument("--max-bytes", metavar="QUANTITY", help="first evict oldest refs until under this size")
+    p.add_argument("--json", action="store_true")
+    _store_flag(p)
+    p.set_defaults(handler=_lazy("memoplane.commands.store", "gc_command"))
+
+    cache = sub.add_parser("cache", help="inspect the cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="COMMAND")
+    p = cache_sub.add_parser("stats", help="entries, logical and stored bytes, dedup ratio")
+    p.add_argument("--json", action="store_true")
+    _store_flag(p)
+    p.set_defaults(handler=_lazy("memoplane.commands.store", "stats_command"))
+
+
+def _lazy(module: str, name: str) -> Handler:
+    """Import a command's module only when it runs, so `memoplane --help` is instant."""
+
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        return int(getattr(importlib.import_module(module), name)(args))
+
+    return handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memoplane",
+        description="Every computation done once: results content-addressed, verified and shared.",
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"memoplane {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    _add_explain(sub)
+    _add_result(sub)
+    _add_store_commands(sub)
+    return parser
+
+
+def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`run [opts] -- CMD ARGS` -> (our args, the command); argparse would eat CMD's flags."""
+    argv = list(argv)
+    if "--" in argv:
+        at = argv.index("--")
+        return argv[:at], argv[at + 1 :]
+    return argv, []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ours, command = split_command(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(ours)
+    args.command_argv = command
+    try:
+        return args.handler(args)
+    except MemoplaneError as exc:
+        print(f"memoplane: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("memoplane: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""CLI subcommand implementations: parse -> core call -> print."""

@@ -1,0 +1,167 @@
+"""`memoplane run` and `memoplane explain`: a script or command, once."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..cas import Store, open_store
+from ..embedded import RunHistory, RunReport, run_job
+from ..errors import InputError, JobFailed
+from ..inputs import FileArg, parse_bytes, parse_env, parse_inputs
+from ..jobs import BlobInput, CommandCode, Input, Job, JsonInput, PythonCode
+from ..keys import explain_change
+from ..sandbox.types import Limits
+from .render import render_value
+
+
+def build_job(args: argparse.Namespace, store: Store) -> tuple[Job, str]:
+    """The job and its identity (what `explain` compares against) from CLI flags."""
+    code, identity = _code(args)
+    limits = Limits(
+        timeout_s=_positive(getattr(args, "timeout", 600.0), "--timeout"),
+        memory_bytes=parse_bytes(getattr(args, "memory", "2Gi"), "--memory"),
+        max_output_bytes=parse_bytes(getattr(args, "max_output", "1Gi"), "--max-output"),
+    )
+    job = Job(code=code, inputs=_inputs(parse_inputs(args.input), store),
+              env=parse_env(args.env), salt=args.salt, limits=limits)
+    return job, identity
+
+
+def _code(args: argparse.Namespace) -> tuple[PythonCode | CommandCode, str]:
+    command = list(getattr(args, "command_argv", []) or [])
+    if command and args.script:
+        raise InputError("both a script and a command after -- were given", "pass one: SCRIPT.py or -- CMD ARGS")
+    if command:
+        return CommandCode(tuple(command)), "command:" + command[0]
+    if not args.script:
+        raise InputError("no script or command given", "run `memoplane run SCRIPT.py` or `memoplane run -- CMD ARGS`")
+    path = Path(args.script)
+    if not path.is_file():
+        raise InputError(f"script {args.script!r} does not exist", "check the path")
+    try:
+        source = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"script {args.script!r} is not UTF-8 text", "save it as UTF-8") from None
+    identity = f"script:{path.resolve()}:{args.entrypoint}"
+    return PythonCode(source=source, entrypoint=args.entrypoint, filename=str(path)), identity
+
+
+def _inputs(parsed: dict[str, Any], store: Store) -> dict[str, Input]:
+    inputs: dict[str, Input] = {}
+    for name, value in parsed.items():
+        if isinstance(value, FileArg):
+            blob = store.put_file(value.path)
+            inputs[name] = BlobInput(blob.digest, blob.size)
+        else:
+            inputs[name] = JsonInput(value)
+    return inputs
+
+
+def _positive(value: float, flag: str) -> float:
+    if value <= 0:
+        raise InputError(f"{flag} {value} is not positive", f"give {flag} a number of seconds above 0")
+    return value
+
+
+@contextlib.contextmanager
+def _lazy_pool(allow_unisolated: bool) -> Iterator[Any]:
+    """A sandbox pool started only if the job misses (a hit never pays for it)."""
+    pools: list[Any] = []
+
+    def start() -> Any:
+        from ..sandbox import SandboxPool
+
+        pool = SandboxPool(profile="python", size=0, require_isolation=not allow_unisolated)
+        pools.append(pool)
+        return pool
+
+    try:
+        yield start
+    finally:
+        for pool in pools:
+            pool.close()
+
+
+def run_command(args: argparse.Namespace) -> int:
+    with open_store(args.store) as store:
+        job, identity = build_job(args, store)
+        try:
+            with _lazy_pool(args.allow_unisolated) as sandbox:
+                report = run_job(job, store, sandbox, policy=args.policy, identity=identity)
+        except JobFailed as failed:
+            _print_failure(failed, as_json=args.json)
+            return failed.exit_code
+        if args.json:
+            print(json.dumps(report_json(report), sort_keys=True))
+        else:
+            _print_text(report)
+    return 0
+
+
+def report_json(report: RunReport) -> dict[str, Any]:
+    result = report.result
+    return {
+        "cache_key": report.cache_key,
+        "cached": report.cached,
+        "result_digest": report.result_digest,
+        "result": render_value(report.result.value, report.value),
+        "value_kind": report.value_kind,
+        "duration_ms": round(report.duration_ms, 3),
+        "compute_seconds_saved": round(report.compute_seconds_saved, 6),
+        "compute_seconds": round(result.provenance.duration_s, 6),
+        "outputs": sorted(_output_paths(report)),
+        "isolation": result.meta.get("isolation", {}),
+        "explain": report.explain,
+        "notes": report.notes,
+    }
+
+
+def _output_paths(report: RunReport) -> list[str]:
+    tree = report.result.output_tree
+    return [] if tree is None else [f"(tree {tree.digest}, {tree.size} bytes)"]
+
+
+def _print_text(report: RunReport) -> None:
+    stdout = sys.stdout
+    if report.cached:
+        print(f"cache hit  {report.cache_key[:15]}  in {report.duration_ms:.1f} ms "
+              f"(saved {report.compute_seconds_saved:.2f} s of compute)", file=stdout)
+    else:
+        print(f"computed   {report.cache_key[:15]}  in {report.duration_ms:.1f} ms", file=stdout)
+        for line in report.explain:
+            print(f"  why: {line}", file=stdout)
+    for note in report.notes:
+        print(f"  note: {note}", file=stdout)
+    print(json.dumps(render_value(report.result.value, report.value), indent=2, sort_keys=True), file=stdout)
+
+
+def _print_failure(failed: JobFailed, *, as_json: bool) -> None:
+    detail = getattr(failed, "detail", "")
+    if as_json:
+        failure = getattr(failed, "failure", None)
+        print(json.dumps({"ok": False, "reason": getattr(failure, "reason", "unknown"),
+                          "message": str(failed), "detail": detail}, sort_keys=True))
+    elif detail:
+        sys.stderr.write(detail if detail.endswith("\n") else detail + "\n")
+    print(f"memoplane: {failed}", file=sys.stderr)
+
+
+def explain_command(args: argparse.Namespace) -> int:
+    with open_store(args.store) as store:
+        job, identity = build_job(args, store)
+        parts = job.key_parts()
+        lines = explain_change(RunHistory(store).previous(identity), parts.components())
+        stored = store.get_ref(parts.key) is not None
+        if args.json:
+            print(json.dumps({"cache_key": parts.key, "stored": stored, "changes": lines}, sort_keys=True))
+            return 0
+        print(f"key {parts.key}  ({'stored: the next run is a hit' if stored else 'not stored: the next run computes'})")
+        for line in lines or ["nothing changed since the last run"]:
+            print(f"  {line}")
+    return 0

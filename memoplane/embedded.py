@@ -1,0 +1,170 @@
+"""Embedded mode: the whole memoplane loop in one process, no cluster.
+
+derive key -> (policy Use) serve a verified hit -> else, holding a per-key lock
+so concurrent identical runs compute once, execute in a sandbox -> store ->
+set the ref -> remember the key's components so the next miss can be explained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from .cas import Hit, ResultManifest, Store
+from .errors import JobFailed, NotFound, StoreCorrupted
+from .execute import Execution, SandboxRunner, execute
+from .jobs import Job, Policy
+from .keys import explain_change
+from .sandbox.types import Failure
+
+
+@dataclass
+class RunReport:
+    cache_key: str
+    cached: bool
+    result_digest: str
+    result: ResultManifest
+    value: Any                      # the return value (bytes for bytes/array results)
+    duration_ms: float              # this invocation, wall clock
+    compute_seconds_saved: float    # on a hit: the compute time the stored result stood for
+    explain: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)   # e.g. "a damaged entry was quarantined"
+
+    @property
+    def value_kind(self) -> str:
+        return self.result.value.kind
+
+
+def run_job(
+    job: Job,
+    store: Store,
+    sandbox: Callable[[], SandboxRunner],
+    *,
+    policy: Policy = "Use",
+    identity: str,
+    node: str = "local",
+) -> RunReport:
+    """Run `job` once; `sandbox` is called only on a miss (starting one costs)."""
+    started = time.perf_counter()
+    parts = job.key_parts()
+    key = parts.key
+    history = RunHistory(store)
+    explanation = explain_change(history.previous(identity), parts.components())
+    notes: list[str] = []
+    if policy == "Use":
+        hit = _lookup(store, key, notes)
+        if hit is None:
+            with key_lock(store, key):
+                hit = _lookup(store, key, notes)  # another process may have finished it
+                if hit is None:
+                    return _compute(job, store, sandbox, policy, identity, node, started, explanation, notes)
+        history.record(identity, key, parts.components())
+        return _report(store, hit, started, cached=True, explain=[], notes=notes)
+    return _compute(job, store, sandbox, policy, identity, node, started, explanation, notes)
+
+
+def _lookup(store: Store, key: str, notes: list[str]) -> Hit | None:
+    had_ref = store.read_ref(key) is not None
+    hit = store.get_ref(key)
+    if hit is None and had_ref:
+        notes.append("the stored entry was damaged or incomplete: quarantined and recomputed")
+    return hit
+
+
+def _compute(job: Job, store: Store, sandbox: Callable[[], SandboxRunner], policy: Policy,
+             identity: str, node: str, started: float, explanation: list[str], notes: list[str]) -> RunReport:
+    execution = execute(job, store, sandbox(), node=node)
+    history = RunHistory(store)
+    if execution.result is None or execution.digest is None:
+        history.record_failure(identity, execution.key, execution.failure)
+        raise _job_failed(execution)
+    if policy != "Bypass":
+        store.set_ref(execution.key, execution.digest)
+    history.record(identity, execution.key, job.key_parts().components())
+    hit = Hit(execution.key, execution.digest, execution.result)
+    return _report(store, hit, started, cached=False, explain=explanation, notes=notes)
+
+
+def _report(store: Store, hit: Hit, started: float, *, cached: bool,
+            explain: list[str], notes: list[str]) -> RunReport:
+    try:
+        value = store.load_value(hit.result.value)
+    except (StoreCorrupted, NotFound) as exc:
+        raise StoreCorrupted(f"result {hit.digest}: its value could not be read ({exc.cause})",
+                             "run again: the damaged entry was quarantined and will be recomputed") from None
+    return RunReport(
+        cache_key=hit.key,
+        cached=cached,
+        result_digest=hit.digest,
+        result=hit.result,
+        value=value,
+        duration_ms=(time.perf_counter() - started) * 1000.0,
+        compute_seconds_saved=hit.result.provenance.duration_s if cached else 0.0,
+        explain=explain,
+        notes=notes,
+    )
+
+
+def _job_failed(execution: Execution) -> JobFailed:
+    failure = execution.failure or Failure("sandbox", "the sandbox returned no result and no reason")
+    error = JobFailed(f"job failed ({failure.reason}): {failure.message}", "nothing was cached; fix and run again")
+    error.detail = failure.detail  # type: ignore[attr-defined]
+    error.failure = failure  # type: ignore[attr-defined]
+    return error
+
+
+@contextlib.contextmanager
+def key_lock(store: Store, key: str) -> Iterator[None]:
+    """An exclusive per-key lock across processes on this machine (single flight)."""
+    root = getattr(store.backend, "root", None)
+    lock_dir = Path(root) / "locks" if root is not None else Path(tempfile.gettempdir()) / "memoplane-locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{key.removeprefix('b3:')}.lock", "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class RunHistory:
+    """The key components of the last run of each job identity (a script path and
+    entrypoint, or a command), kept in the store so `explain` works across runs."""
+
+    def __init__(self, store: Store) -> None:
+        self.backend = store.backend
+
+    @staticmethod
+    def _name(identity: str) -> str:
+        return "runs/" + blake3.blake3(identity.encode()).hexdigest()
+
+    def previous(self, identity: str) -> dict[str, Any] | None:
+        try:
+            record = json.loads(self.backend.get(self._name(identity)))
+        except (NotFound, ValueError):
+            return None
+        components = record.get("components")
+        return components if isinstance(components, dict) else None
+
+    def record(self, identity: str, key: str, components: dict[str, Any]) -> None:
+        self._put(identity, {"identity": identity, "key": key, "components": components, "at": time.time()})
+
+    def record_failure(self, identity: str, key: str, failure: Failure | None) -> None:
+        previous = self.previous(identity)
+        record: dict[str, Any] = {"identity": identity, "components": previous, "at": time.time()}
+        if failure is not None:
+            record["failure"] = {"key": key, "reason": failure.reason, "message": failure.message,
+                                 "detail": failure.detail}
+        self._put(identity, record)
+
+    def _put(self, identity: str, record: dict[str, Any]) -> None:
+        self.backend.put(self._name(identity), json.dumps(record, sort_keys=True).encode())

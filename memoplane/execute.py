@@ -1,0 +1,99 @@
+"""Run a resolved job in a sandbox and store what it produced.
+
+Shared by the embedded runner and the node agent. Storing follows DESIGN §4's
+order — chunks, manifests, result — and setting the ref is left to the caller,
+whose cache policy decides (Bypass stores the result but no ref).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from .cas import Provenance, ResultManifest, Store, StoredValue
+from .jobs import BlobInput, JsonInput, Job, input_file_name, json_input_file, sandbox_task
+from .keys import runtime_identity
+from .sandbox.types import Failure, SandboxOutcome, SandboxRequest
+
+RETURN_FILE = "return.npy"  # where the sandbox saves an array return value
+
+
+class SandboxRunner(Protocol):
+    def run(self, request: SandboxRequest) -> SandboxOutcome: ...
+
+
+@dataclass(frozen=True)
+class Execution:
+    key: str
+    outcome: SandboxOutcome
+    result: ResultManifest | None = None   # None when the job failed: nothing is stored
+    digest: str | None = None
+
+    @property
+    def failure(self) -> Failure | None:
+        return self.outcome.failure
+
+
+def materialize_inputs(job: Job, store: Store, in_dir: Path) -> None:
+    """Every input as a file under $MEMOPLANE_IN (JSON as canonical text, blobs as bytes)."""
+    in_dir.mkdir(parents=True, exist_ok=True)
+    for name, value in job.inputs.items():
+        target = in_dir / input_file_name(name)
+        if isinstance(value, JsonInput):
+            target.write_bytes(json_input_file(value.value))
+        elif isinstance(value, BlobInput):
+            store.write_blob(value.digest, target)
+
+
+def execute(job: Job, store: Store, sandbox: SandboxRunner, *, node: str = "local") -> Execution:
+    key = job.key
+    with tempfile.TemporaryDirectory(prefix="memoplane-job-") as tmp:
+        in_dir, out_dir = Path(tmp) / "in", Path(tmp) / "out"
+        materialize_inputs(job, store, in_dir)
+        out_dir.mkdir()
+        started = time.time()
+        outcome = sandbox.run(SandboxRequest(
+            task=sandbox_task(job), in_dir=in_dir, out_dir=out_dir, env=dict(job.env), limits=job.limits,
+        ))
+        ended = time.time()
+        if not outcome.ok:
+            return Execution(key, outcome)
+        result = ResultManifest(
+            value=_stored_value(outcome, out_dir, store),
+            stdout=store.put_bytes(outcome.stdout),
+            stderr=store.put_bytes(outcome.stderr),
+            provenance=Provenance(
+                cache_key=key,
+                inputs={name: value.digest for name, value in job.inputs.items()},
+                runtime=runtime_identity(job.profile).digest,
+                node=node,
+                started_at=started,
+                ended_at=ended,
+                duration_s=outcome.duration_s,
+            ),
+            output_tree=store.put_tree(out_dir) if any(out_dir.iterdir()) else None,
+            meta=_meta(job, outcome),
+        )
+        return Execution(key, outcome, result, store.put_result(result))
+
+
+def _stored_value(outcome: SandboxOutcome, out_dir: Path, store: Store) -> StoredValue:
+    if outcome.value_kind != "file":
+        return store.put_value(outcome.value, outcome.value_kind)
+    array_file = out_dir / RETURN_FILE
+    value = store.put_value(array_file, "file")
+    array_file.unlink()  # the return value is not also an output file
+    return value
+
+
+def _meta(job: Job, outcome: SandboxOutcome) -> dict[str, Any]:
+    return {
+        "exit_code": outcome.exit_code,
+        "isolation": dict(outcome.isolation),
+        "entrypoint": getattr(job.code, "entrypoint", None),
+        "env": dict(job.env),
+        "salt": job.salt,
+    }
