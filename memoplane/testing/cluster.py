@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from memoplane.testing import build, pki
 
@@ -71,6 +72,7 @@ class ClusterInfo:
     s3_secret_key: str
     ports: Ports
     pids: dict[str, int]
+    owner: str = "cli"  # "cli", or "pytest:<pid>" for a set a test session started
 
     def env(self) -> dict[str, str]:
         return {
@@ -215,16 +217,21 @@ def _locked(directory: Path) -> Iterator[None]:
 # --- health ------------------------------------------------------------------------------
 
 
+class _Check(NamedTuple):
+    url: str
+    token: str | None = None
+    ca_file: str | None = None
+
+
 def _ssl_context(ca_file: str) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=ca_file)
 
 
-def _http_ok(url: str, *, token: str | None = None, ca_file: str | None = None,
-             timeout: float = 2.0) -> bool:
-    request = urllib.request.Request(url)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    context = _ssl_context(ca_file) if ca_file else None
+def _http_ok(check: _Check, timeout: float = 2.0) -> bool:
+    request = urllib.request.Request(check.url)
+    if check.token:
+        request.add_header("Authorization", f"Bearer {check.token}")
+    context = _ssl_context(check.ca_file) if check.ca_file else None
     try:
         with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return bool(response.status == 200)
@@ -232,17 +239,16 @@ def _http_ok(url: str, *, token: str | None = None, ca_file: str | None = None,
         return False
 
 
-def _health_checks(info: ClusterInfo) -> dict[str, tuple[str, dict[str, str]]]:
+def _health_checks(info: ClusterInfo) -> dict[str, _Check]:
     return {
-        "etcd": (f"http://127.0.0.1:{info.ports.etcd_client}/health", {}),
-        "kube-apiserver": (f"{info.apiserver_url}/readyz",
-                           {"token": info.token, "ca_file": info.ca_file}),
-        "minio": (f"{info.s3_endpoint}/minio/health/live", {}),
+        "etcd": _Check(f"http://127.0.0.1:{info.ports.etcd_client}/health"),
+        "kube-apiserver": _Check(f"{info.apiserver_url}/readyz", info.token, info.ca_file),
+        "minio": _Check(f"{info.s3_endpoint}/minio/health/live"),
     }
 
 
 def healthy(info: ClusterInfo) -> dict[str, bool]:
-    return {name: _http_ok(url, **kw) for name, (url, kw) in _health_checks(info).items()}
+    return {name: _http_ok(check) for name, check in _health_checks(info).items()}
 
 
 def _log_tail(directory: Path, name: str, lines: int = 30) -> str:
@@ -264,8 +270,7 @@ def _wait_ready(directory: Path, info: ClusterInfo,
                 raise ClusterError(f"{name} exited with code {code} during startup; last lines "
                                    f"of {directory / 'logs' / (name + '.log')}:\n"
                                    f"{_log_tail(directory, name)}")
-            url, kw = pending[name]
-            if _http_ok(url, timeout=1.0, **kw):
+            if _http_ok(pending[name], timeout=1.0):
                 del pending[name]
         if not pending:
             return
@@ -360,6 +365,7 @@ def _prepare(directory: Path, ports: Ports) -> tuple[ClusterInfo, dict[str, Path
         shutil.rmtree(directory / sub, ignore_errors=True)
     for sub in ("data/etcd", "data/minio", "pids", "logs"):
         (directory / sub).mkdir(parents=True, exist_ok=True)
+    (directory / "data" / "etcd").chmod(0o700)  # etcd warns about anything wider
     for log in (directory / "logs").glob("*.log"):
         log.unlink()
     keys = pki.write_pki(directory / "pki")
@@ -401,7 +407,7 @@ def _stop_all(directory: Path) -> None:
         _stop(directory, name)
 
 
-def up(directory: Path | None = None) -> UpResult:
+def up(directory: Path | None = None, owner: str = "cli") -> UpResult:
     """Bring the control plane up, or return the healthy one already running here."""
     directory = directory or state_dir()
     started = time.monotonic()
@@ -432,7 +438,7 @@ def up(directory: Path | None = None) -> UpResult:
             "kube-apiserver": _spawn(directory, "kube-apiserver", _apiserver_argv(
                 binaries["kube-apiserver"], directory, ports, keys)),
         }
-        info = ClusterInfo(**{**asdict(info), "ports": ports,
+        info = ClusterInfo(**{**asdict(info), "ports": ports, "owner": owner,
                               "pids": {n: p.pid for n, p in procs.items()}})
         try:
             _wait_ready(directory, info, procs)
@@ -465,6 +471,12 @@ def status(directory: Path | None = None) -> dict[str, dict[str, object]]:
     return {name: {"pid": (info.pids.get(name) if info else None),
                    "running": running.get(name, False),
                    "healthy": health.get(name, False)} for name in _SERVERS}
+
+
+def orphaned_by_test_session(info: ClusterInfo) -> bool:
+    """True if a test session started this set and died without stopping it."""
+    kind, _, pid = info.owner.partition(":")
+    return kind == "pytest" and not Path(f"/proc/{pid}").exists()
 
 
 def env_script(info: ClusterInfo) -> str:

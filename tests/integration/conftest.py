@@ -19,20 +19,45 @@ from memoplane.testing import build, cluster
 _HERE = Path(__file__).parent
 
 
+def _is_integration(item: pytest.Item) -> bool:
+    return _HERE in Path(str(item.fspath)).parents
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Everything under tests/integration needs the control plane: mark it so `-m` selects it.
     for item in items:
-        if _HERE in Path(str(item.fspath)).parents:
+        if _is_integration(item):
             item.add_marker(pytest.mark.integration)
+
+
+_build_error: list[build.BuildError] = []
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build (or reuse) the binaries before any test runs, outside the per-test timeout.
+
+    A cold build takes minutes; inside the fixture it would count against the first
+    test's timeout. A failure is kept and reported by the fixture, so the tests error.
+    """
+    if any(_is_integration(item) for item in session.items):
+        try:
+            build.ensure_all()
+        except build.BuildError as exc:
+            _build_error.append(exc)
 
 
 @pytest.fixture(scope="session")
 def control_plane() -> Iterator[cluster.ClusterInfo]:
+    if _build_error:
+        pytest.fail(f"the local control plane cannot be built: {_build_error[0]}", pytrace=False)
     directory = cluster.state_dir()
     try:
-        result = cluster.up(directory)
+        result = cluster.up(directory, owner=f"pytest:{os.getpid()}")
     except (build.BuildError, cluster.ClusterError) as exc:
         pytest.fail(f"the local control plane cannot start: {exc}", pytrace=False)
+    # Stop what this session started, or what an earlier session started and left behind
+    # when it died; leave a set started from a shell (`hack/cluster up`) running.
+    owned = not result.already_running or cluster.orphaned_by_test_session(result.info)
     saved = {k: os.environ.get(k) for k in result.info.env()}
     os.environ.update(result.info.env())  # kubectl and clients in tests find it like a user would
     try:
@@ -43,7 +68,7 @@ def control_plane() -> Iterator[cluster.ClusterInfo]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        if not result.already_running:
+        if owned:
             cluster.down(directory)
 
 

@@ -10,6 +10,7 @@ import subprocess
 import threading
 import uuid
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from minio import Minio
 
 from memoplane.testing import build, cluster
 
-from .conftest import Kubectl
+Kubectl = Callable[..., subprocess.CompletedProcess[str]]  # the `kubectl` fixture
 
 GROUP, VERSION, PLURAL, KIND = "smoke.memoplane.io", "v1", "widgets", "Widget"
 CRD = f"""
