@@ -125,7 +125,7 @@ class StoredGMem:
         seq = self._active.header.seq
         self._active.close()
         self.store.backend.put(self.store.obj(self.name, "log", seq), self._active.path.read_bytes())
-        self.store.sync()  # the sealed copy must be durable before the local one goes
+        self.store.sync_backend()  # the sealed copy must be durable before the local one goes
         self._active.path.unlink()
         self.version = seq
         self._active = self.store.new_active(self.name, self.params, seq + 1)
@@ -137,7 +137,7 @@ class StoredGMem:
         keys, values = self.gmem.overlay.to_arrays()
         data = encode_snapshot(self.params, version, keys, to_bits(values))
         self.store.backend.put(self.store.obj(self.name, "snapshot", version), data)
-        self.store.sync()
+        self.store.sync_backend()
         for kind, n, obj in list(self.store.objects(self.name)):
             if n < version or (kind == "log" and n == version):
                 self.store.backend.delete(obj)
@@ -164,7 +164,7 @@ class GMemStore:
         self.backend, self.local_dir, self.sync = backend, Path(local_dir), sync
         self.segment_records = segment_records
 
-    def sync(self) -> None:
+    def sync_backend(self) -> None:
         """Make puts durable on backends that defer it (FilesystemBackend "flush")."""
         flush = getattr(self.backend, "flush", None)
         if callable(flush):
