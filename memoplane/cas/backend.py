@@ -27,7 +27,8 @@ class Backend(Protocol):
     def put(self, name: str, data: bytes) -> None: ...
 
     def put_if_absent(self, name: str, data: bytes | Callable[[], bytes]) -> bool:
-        """Write unless present; True if this call wrote it. Used for chunks.
+        """Write unless present; True if this call wrote it (two racing writers of
+        the same content-addressed object may both say True). Used for chunks.
 
         `data` may be a callable, called only when the object is absent, so a
         deduplicated chunk is never compressed.
