@@ -116,7 +116,7 @@ def _report(store: Store, hit: Hit, started: float, *, cached: bool,
 
 def _job_failed(execution: Execution) -> JobFailed:
     failure = execution.failure or Failure("sandbox", "the sandbox returned no result and no reason")
-    error = JobFailed(f"job failed ({failure.reason}): {failure.message}", "nothing was cached; fix and run again")
+    error = JobFailed(f"job failed ({failure.reason}): {failure.message} (nothing was cached)")
     error.detail = failure.detail  # type: ignore[attr-defined]
     error.failure = failure  # type: ignore[attr-defined]
     return error

@@ -98,13 +98,13 @@ def run_command(args: argparse.Namespace) -> int:
             _print_failure(failed, as_json=args.json)
             return failed.exit_code
         if args.json:
-            print(json.dumps(report_json(report), sort_keys=True))
+            print(json.dumps(report_json(report, store), sort_keys=True))
         else:
-            _print_text(report)
+            _print_text(report, store)
     return 0
 
 
-def report_json(report: RunReport) -> dict[str, Any]:
+def report_json(report: RunReport, store: Store) -> dict[str, Any]:
     result = report.result
     return {
         "cache_key": report.cache_key,
@@ -115,30 +115,36 @@ def report_json(report: RunReport) -> dict[str, Any]:
         "duration_ms": round(report.duration_ms, 3),
         "compute_seconds_saved": round(report.compute_seconds_saved, 6),
         "compute_seconds": round(result.provenance.duration_s, 6),
-        "outputs": sorted(_output_paths(report)),
+        "outputs": _output_paths(report, store),
         "isolation": result.meta.get("isolation", {}),
         "explain": report.explain,
         "notes": report.notes,
     }
 
 
-def _output_paths(report: RunReport) -> list[str]:
+def _output_paths(report: RunReport, store: Store) -> list[str]:
     tree = report.result.output_tree
-    return [] if tree is None else [f"(tree {tree.digest}, {tree.size} bytes)"]
+    return [] if tree is None else sorted(store.get_tree(tree.digest).entries)
 
 
-def _print_text(report: RunReport) -> None:
-    stdout = sys.stdout
+def _print_text(report: RunReport, store: Store) -> None:
+    """The job's own stdout/stderr first (replayed on a hit), then the value on
+    stdout and a status line on stderr, so `memoplane run ... > out.json` works."""
+    sys.stdout.buffer.write(store.get_bytes(report.result.stdout.digest))
+    sys.stdout.flush()
+    sys.stderr.buffer.write(store.get_bytes(report.result.stderr.digest))
     if report.cached:
-        print(f"cache hit  {report.cache_key[:15]}  in {report.duration_ms:.1f} ms "
-              f"(saved {report.compute_seconds_saved:.2f} s of compute)", file=stdout)
+        status = (f"cache hit {report.cache_key[:15]} in {report.duration_ms:.1f} ms "
+                  f"(saved {report.compute_seconds_saved:.2f} s of compute)")
     else:
-        print(f"computed   {report.cache_key[:15]}  in {report.duration_ms:.1f} ms", file=stdout)
-        for line in report.explain:
-            print(f"  why: {line}", file=stdout)
-    for note in report.notes:
-        print(f"  note: {note}", file=stdout)
-    print(json.dumps(render_value(report.result.value, report.value), indent=2, sort_keys=True), file=stdout)
+        status = f"computed {report.cache_key[:15]} in {report.duration_ms:.1f} ms"
+    lines = [status] + [f"  why: {line}" for line in report.explain] + [f"  note: {n}" for n in report.notes]
+    outputs = _output_paths(report, store)
+    if outputs:
+        lines.append(f"  outputs: {', '.join(outputs)} (memoplane result {report.result_digest[:15]}... -o DIR)")
+    print("\n".join(f"memoplane: {line}" for line in lines), file=sys.stderr)
+    if report.value_kind != "none":
+        print(json.dumps(render_value(report.result.value, report.value), indent=2, sort_keys=True))
 
 
 def _print_failure(failed: JobFailed, *, as_json: bool) -> None:

@@ -1,0 +1,124 @@
+"""`memoplane result | verify | gc | cache stats`: the store from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from ..cas import Hit, Store, check_digest, open_store
+from ..errors import InputError, NotFound, StoreCorrupted
+from .render import render_value
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, flag: str) -> float:
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise InputError(f"{flag} {text!r} is not a duration", "write e.g. 90s, 30m, 720h or 7d")
+    return float(match.group(1)) * _SECONDS[match.group(2)]
+
+
+def find_result(store: Store, ref: str) -> Hit:
+    """A stored result by cache key (through its ref) or by result digest."""
+    check_digest(ref, "KEY_OR_DIGEST")
+    hit = store.get_ref(ref)
+    if hit is not None:
+        return hit
+    try:
+        result = store.get_result(ref)
+    except NotFound:
+        raise NotFound(f"{ref} is neither a cache key nor a result digest in {store.describe()}",
+                       "check the value (memoplane run --json prints both), or the --store") from None
+    return Hit(result.key, ref, result)
+
+
+def result_command(args: argparse.Namespace) -> int:
+    with open_store(args.store) as store:
+        hit = find_result(store, args.ref)
+        value = store.load_value(hit.result.value)
+        if args.output:
+            written = materialize_result(store, hit, value, Path(args.output))
+        else:
+            written = []
+        shown = {"cache_key": hit.key, "result_digest": hit.digest,
+                 "result": render_value(hit.result.value, value), "value_kind": hit.result.value.kind,
+                 "compute_seconds": hit.result.provenance.duration_s, "node": hit.result.provenance.node,
+                 "written": written}
+        if args.json:
+            print(json.dumps(shown, sort_keys=True))
+        else:
+            if hit.result.value.kind != "none":
+                print(json.dumps(shown["result"], indent=2, sort_keys=True))
+            for path in written:
+                print(f"wrote {path}")
+    return 0
+
+
+def materialize_result(store: Store, hit: Hit, value: Any, dest: Path) -> list[str]:
+    """Output files into `dest`, plus the return value as return.json / .bin / .npy."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if hit.result.output_tree is not None:
+        store.materialize(hit.result.output_tree.digest, dest)
+    names = {"json": "return.json", "bytes": "return.bin", "file": "return.npy"}
+    kind = hit.result.value.kind
+    if kind in names:
+        data = json.dumps(value, sort_keys=True).encode() if kind == "json" else value
+        (dest / names[kind]).write_bytes(data)
+    return sorted(str(p) for p in dest.rglob("*") if p.is_file())
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    with open_store(args.store) as store:
+        report = store.verify()
+        if args.json:
+            print(json.dumps(report.to_dict(), sort_keys=True))
+        else:
+            checked = ", ".join(f"{n} {kind}" for kind, n in sorted(report.checked.items())) or "nothing"
+            print(f"checked {checked} in {store.describe()}")
+            for damage in report.damaged:
+                print(f"  DAMAGED {damage.name}: {damage.reason}")
+            print("ok" if report.ok else f"{len(report.damaged)} damaged object(s) quarantined; "
+                  "affected jobs recompute on their next run")
+    if not report.ok:
+        return StoreCorrupted.exit_code
+    return 0
+
+
+def gc_command(args: argparse.Namespace) -> int:
+    from ..inputs import parse_bytes
+
+    with open_store(args.store) as store:
+        max_age = parse_duration(args.max_age, "--max-age") if args.max_age else None
+        max_bytes = parse_bytes(args.max_bytes, "--max-bytes") if args.max_bytes else None
+        evicted = store.evict(max_age=max_age, max_bytes=max_bytes) if (max_age or max_bytes) else None
+        report = store.gc(grace_seconds=args.grace)
+        out = {"gc": report.to_dict(), "evict": evicted.to_dict() if evicted else None}
+        if args.json:
+            print(json.dumps(out, sort_keys=True))
+        else:
+            if evicted:
+                print(f"evicted {len(evicted.evicted)} ref(s); {evicted.remaining} remain")
+            print(f"deleted {report.deleted} object(s), {report.deleted_bytes} bytes; "
+                  f"kept {report.live} live and {report.kept_young} younger than {args.grace:.0f} s")
+    return 0
+
+
+def stats_command(args: argparse.Namespace) -> int:
+    with open_store(args.store) as store:
+        stats = store.stats()
+        if args.json:
+            print(json.dumps({**stats.to_dict(), "store": store.describe()}, sort_keys=True))
+            return 0
+        print(f"store          {store.describe()}")
+        print(f"entries        {stats.entries}")
+        print(f"logical bytes  {stats.logical_bytes}")
+        print(f"unique bytes   {stats.unique_bytes}")
+        print(f"stored bytes   {stats.stored_bytes}")
+        print(f"dedup ratio    {stats.dedup_ratio:.2f}x (logical / unique)")
+        print(f"storage ratio  {stats.storage_ratio:.2f}x (logical / stored, with compression)")
+    return 0
