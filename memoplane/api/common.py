@@ -71,8 +71,8 @@ class K8sModel(BaseModel):
         return data
 
     def to_k8s(self) -> dict[str, Any]:
-        """The wire form for a manifest: camelCase keys, defaults and unset optionals omitted."""
-        return self.model_dump(by_alias=True, exclude_defaults=True, mode="json")
+        """The wire form for a manifest: camelCase keys, only the fields that were given."""
+        return self.model_dump(by_alias=True, exclude_unset=True, exclude_none=True, mode="json")
 
 
 class StatusModel(K8sModel):

@@ -131,6 +131,8 @@ class MapSpec(K8sModel):
 
 
 class RuntimeSpec(K8sModel):
+    """Interpreter and installed distributions; their identity is part of the key."""
+
     profile: str = Field(
         default="python", pattern=DNS_LABEL_PATTERN, max_length=63,
         description="A runtime profile advertised by the agents (default: python).",
@@ -141,6 +143,8 @@ Policy = Literal["Use", "Refresh", "Bypass"]
 
 
 class CacheSpec(K8sModel):
+    """Which ResultCache to use and how."""
+
     result_cache: Name = Field(default="default", description="ResultCache in this namespace.")
     policy: Policy = Field(
         default="Use",
@@ -150,6 +154,8 @@ class CacheSpec(K8sModel):
 
 
 class Resources(K8sModel):
+    """Limits of one attempt; not part of the key."""
+
     cpu: Quantity | None = None
     memory: Quantity | None = None
     timeout_seconds: int | None = Field(default=None, ge=1, description="Wall-clock limit per attempt.")
@@ -221,6 +227,8 @@ Phase = Literal["Pending", "Waiting", "Scheduled", "Running", "Succeeded", "Fail
 
 
 class ResultRef(StatusModel):
+    """The stored result: its manifest digest and, when small, its JSON value."""
+
     _keep_null: ClassVar[tuple[str, ...]] = ("value",)
 
     digest: Digest | None = None
@@ -229,12 +237,16 @@ class ResultRef(StatusModel):
 
 
 class Failure(StatusModel):
+    """Why the last attempt failed."""
+
     reason: str = Field(max_length=128)
     message: str = Field(default="", max_length=32768)
     stderr_tail: str | None = Field(default=None, max_length=16384)
 
 
 class ComputeJobStatus(StatusModel):
+    """Written by the operator and the node agents."""
+
     phase: Phase | None = Field(default=None, description="A summary for humans; conditions are the API.")
     reason: str | None = None
     message: str | None = None

@@ -35,12 +35,16 @@ class Layer(K8sModel):
 
 
 class GMemSeedSpec(K8sModel):
+    """Parameters of the generator; any change gives a new digest."""
+
     seed: int = Field(ge=0, le=MAX_SEED)
     dtype: Dtype = "float64"
     layers: list[Layer] = Field(default_factory=list, max_length=MAX_LAYERS)
 
 
 class GMemSeedStatus(StatusModel):
+    """Written by the operator."""
+
     digest: Digest | None = Field(default=None, description="Covers parameters and overlay.")
     version: int | None = Field(default=None, ge=0)
     overlay_entries: int | None = Field(default=None, ge=0)

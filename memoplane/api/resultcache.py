@@ -38,6 +38,8 @@ class StoreSpec(K8sModel):
 
 
 class RetentionSpec(K8sModel):
+    """Refs older or beyond the size budget are evicted; GC then frees their data."""
+
     max_age: Duration | None = Field(default=None, description="Go duration, e.g. 720h.")
     max_bytes: Quantity | None = None
 
@@ -84,6 +86,8 @@ class Writers(_NamespaceSet):
 
 
 class SharingSpec(K8sModel):
+    """Other namespaces allowed to use this cache (its own namespace always may)."""
+
     readers: Readers | None = None
     writers: Writers | None = None
 
@@ -108,6 +112,8 @@ class ResultCacheSpec(K8sModel):
 
 
 class ResultCacheStatus(StatusModel):
+    """Written by the operator."""
+
     entries: int | None = Field(default=None, ge=0)
     logical_bytes: int | None = Field(default=None, ge=0)
     stored_bytes: int | None = Field(default=None, ge=0)

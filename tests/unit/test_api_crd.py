@@ -12,6 +12,7 @@ from memoplane.api import crd
 from memoplane.api.crd import KINDS, structural, structural_problems
 
 CRDS = Path(__file__).resolve().parents[2] / "crds"
+assert crd.CRDS_DIR == CRDS
 
 # `kubectl api-resources` short names of built-in kinds (Kubernetes 1.36).
 BUILTIN_SHORT_NAMES = {
