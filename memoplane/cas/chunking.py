@@ -23,6 +23,7 @@ to the cores that are free.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -120,8 +121,6 @@ class Pools:
     _hash: ThreadPoolExecutor | None = field(default=None, init=False)
 
     def get(self) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
-        import os
-
         if self._work is None or self._hash is None or self._pid != os.getpid():
             # after fork the parent's threads are gone; start fresh ones
             self._work = ThreadPoolExecutor(self.workers, thread_name_prefix="memoplane-chunk")

@@ -141,7 +141,9 @@ class StoredValue:
 
     @property
     def size(self) -> int:
-        return self.blob.size if self.blob else len(canonical_json(self.inline))
+        if self.blob:
+            return self.blob.size
+        return 0 if self.kind == "none" else len(canonical_json(self.inline))
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "inline": self.inline, "blob": self.blob.to_dict() if self.blob else None}

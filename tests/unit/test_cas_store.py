@@ -248,3 +248,20 @@ def test_open_store_paths_and_urls(tmp_path: Path) -> None:
     assert (tmp_path / "u" / "chunks").is_dir()
     with pytest.raises(InputError, match="not available yet"):
         open_store("s3://bucket/prefix")
+
+
+class ReadOnly:
+    """A stream with read() but no readinto(), like some HTTP bodies."""
+
+    def __init__(self, data: bytes) -> None:
+        self._f = io.BytesIO(data)
+
+    def read(self, n: int) -> bytes:
+        return self._f.read(min(n, 100_000))  # short reads, as sockets give
+
+
+def test_put_stream_with_short_reads_and_no_readinto(store: Store) -> None:
+    data = text(9 * MiB, 8)
+    ref = store.put_stream(ReadOnly(data))  # type: ignore[arg-type]
+    assert ref == store.put_bytes(data)
+    assert store.get_bytes(ref.digest) == data
