@@ -9,34 +9,23 @@ tests/unit/vectors/canonical.json.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 from .errors import InputError
 
-_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _string(s: str) -> str:
-    out = []
-    for ch in s:
-        if ch in _ESCAPES:
-            out.append(_ESCAPES[ch])
-        elif ord(ch) < 0x20:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
+# The C string encoder of the json module escapes exactly what we specify: '"',
+# '\\', \b \f \n \r \t by their short forms, other controls as \u00XX, and
+# nothing else (non-ASCII stays UTF-8). It is ~20x faster than a Python loop.
+_string = json.encoder.c_encode_basestring or json.encoder.py_encode_basestring  # type: ignore[attr-defined]
 
 
 def _float(x: float, path: str) -> str:
     if not math.isfinite(x):
         raise InputError(f"{path}: {x!r} is not a JSON number", "use a finite number or null")
-    if x.is_integer() and abs(x) < 2**53:
-        # 1.0 and 1 are different JSON texts for many tools; keep the float marker
-        # but in one fixed form.
-        return f"{int(x)}.0" if x != 0 or math.copysign(1, x) > 0 else "-0.0"
-    return repr(x)
+    # Shortest round-trip repr: 1.0 stays "1.0" (not "1"), 1e16 is "1e+16", -0.0 is kept.
+    return float.__repr__(float(x))
 
 
 def _encode(value: Any, path: str, out: list[str]) -> None:
@@ -79,11 +68,31 @@ def _encode(value: Any, path: str, out: list[str]) -> None:
         )
 
 
+def _is_plain(value: Any) -> bool:
+    """Exactly-typed JSON with string keys and finite floats: what the fast path takes."""
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return True
+    if kind is float:
+        return math.isfinite(value)
+    if kind is list or kind is tuple:
+        return all(map(_is_plain, value))
+    if kind is dict:
+        return all(type(k) is str for k in value) and all(map(_is_plain, value.values()))
+    return False
+
+
 def canonical_json(value: Any) -> bytes:
-    """Encode `value` canonically; equal JSON values give equal bytes."""
-    out: list[str] = []
-    _encode(value, "$", out)
+    """Encode `value` canonically; equal JSON values give equal bytes.
+
+    Plain values go through the json module's C encoder, whose output with these
+    settings is exactly our format; anything else takes the Python encoder,
+    which accepts subclasses (numpy floats, IntEnum) and names the bad path."""
     try:
+        if _is_plain(value):
+            return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        out: list[str] = []
+        _encode(value, "$", out)
         return "".join(out).encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InputError(

@@ -1,0 +1,213 @@
+"""`@memoize`: memoplane's keys and store for functions in a user's own code.
+
+    @memoplane.memoize
+    def featurize(table: pd.DataFrame, scale: float) -> np.ndarray: ...
+
+The key covers the function's source, this interpreter's runtime identity, the
+version salt and every argument by content (arrays and frames by their bytes),
+after binding to the signature so f(1, b=2) and f(a=1, b=2) are one call.
+Not covered: globals and other functions the body calls — bump `version=` when
+those change. Runs in-process, not in a sandbox.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import io
+import json
+import pickle
+import socket
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar, overload
+
+from .canonical import canonical_json
+from .cas import Provenance, ResultManifest, Store, StoredValue, open_store
+from .recent import VerifiedCache
+from .embedded import key_lock
+from .errors import InputError, NotFound, StoreCorrupted
+from .fingerprint import fingerprint
+from .keys import KeyParts, code_digest, runtime_identity
+
+F = TypeVar("F", bound=Callable[..., Any])
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+class Memoized:
+    """The wrapper `@memoize` returns: call it like the function."""
+
+    def __init__(self, func: Callable[..., Any], *, store: Store | str | Path | None,
+                 version: str, ignore: Iterable[str], allow_pickle: bool,
+                 memory_bytes: int = 64 << 20) -> None:
+        functools.update_wrapper(self, func)
+        self.func = func
+        self.signature = inspect.signature(func)
+        self.ignore = frozenset(ignore)
+        unknown = self.ignore - set(self.signature.parameters)
+        if unknown:
+            raise InputError(f"memoize(ignore=...): {sorted(unknown)} are not parameters of {func.__qualname__}",
+                             f"use names from {list(self.signature.parameters)}")
+        self.version = version
+        self.allow_pickle = allow_pickle
+        self.code = code_digest(_source(func))
+        self.entrypoint = f"{func.__module__}.{func.__qualname__}"
+        self._store_arg = store
+        self._store: Store | None = store if isinstance(store, Store) else None
+        self._lock = threading.Lock()
+        self._recent = VerifiedCache(memory_bytes)
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            with self._lock:
+                if self._store is None:
+                    self._store = open_store(self._store_arg)  # type: ignore[arg-type]
+        return self._store
+
+    def key_parts(self, *args: Any, **kwargs: Any) -> KeyParts:
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        inputs = {name: "py:" + fingerprint(value, where=f"{self.func.__qualname__}({name}=...)")
+                  for name, value in bound.arguments.items() if name not in self.ignore}
+        return KeyParts(code=self.code, entrypoint=self.entrypoint, runtime=runtime_identity().digest,
+                        inputs=inputs, salt=self.version)
+
+    def key(self, *args: Any, **kwargs: Any) -> str:
+        """The cache key a call with these arguments has."""
+        return self.key_parts(*args, **kwargs).key
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        parts = self.key_parts(*args, **kwargs)
+        key = parts.key
+        found, value = self._lookup(key)
+        if found:
+            return value
+        with key_lock(self.store, key):
+            found, value = self._lookup(key)  # another thread or process may have finished it
+            if found:
+                return value
+            return self._compute(key, parts, args, kwargs)
+
+    def _lookup(self, key: str) -> tuple[bool, Any]:
+        recent = self._recent.get(key)
+        if recent is not None:
+            return True, _decode_bytes(*recent)
+        hit = self.store.get_ref(key)
+        if hit is None:
+            return False, None
+        try:
+            codec, raw = _load(self.store, hit.result)
+        except (StoreCorrupted, NotFound):
+            return False, None  # quarantined by the store; recompute
+        self._recent.put(key, codec, raw)
+        return True, _decode_bytes(codec, raw)
+
+    def _compute(self, key: str, parts: KeyParts, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        started, t0 = time.time(), time.perf_counter()
+        value = self.func(*args, **kwargs)
+        duration = time.perf_counter() - t0
+        stored, codec = _encode(self.store, value, self.allow_pickle, self.func.__qualname__)
+        empty = self.store.put_bytes(b"")
+        result = ResultManifest(
+            value=stored, stdout=empty, stderr=empty,
+            provenance=Provenance(cache_key=key,
+                                  inputs={n: d.removeprefix("py:") for n, d in parts.inputs.items()},
+                                  runtime=parts.runtime, node=socket.gethostname(),
+                                  started_at=started, ended_at=time.time(), duration_s=duration),
+            meta={"codec": codec, "function": self.entrypoint, "sdk": True},
+        )
+        self.store.commit(result)
+        self._recent.put(key, *_load(self.store, result))
+        return value
+
+
+def _source(func: Callable[..., Any]) -> str:
+    try:
+        return textwrap.dedent(inspect.getsource(func))
+    except (OSError, TypeError):
+        raise InputError(f"memoize: the source of {func.__qualname__} is not available",
+                         "define the function in a .py file (not the REPL or exec)") from None
+
+
+def _is_plain_json(value: Any) -> bool:
+    """True only for values that come back from JSON with the same types."""
+    if type(value) in _JSON_SCALARS:
+        return not (isinstance(value, float) and value != value or value in (float("inf"), float("-inf")))
+    if type(value) is list:
+        return all(_is_plain_json(v) for v in value)
+    if type(value) is dict:
+        return all(type(k) is str and _is_plain_json(v) for k, v in value.items())
+    return False
+
+
+def _encode(store: Store, value: Any, allow_pickle: bool, where: str) -> tuple[StoredValue, str]:
+    if _is_plain_json(value):
+        canonical_json(value)  # raises for lone surrogates and the like
+        return store.put_value(value, "json"), "json"
+    if isinstance(value, (bytes, bytearray)):
+        return store.put_value(bytes(value), "bytes"), "bytes"
+    if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray" and not value.dtype.hasobject:
+        import numpy as np
+
+        buffer = io.BytesIO()
+        np.save(buffer, value, allow_pickle=False)
+        return store.put_value(buffer.getvalue(), "bytes"), "npy"
+    if not allow_pickle:
+        raise InputError(f"{where} returned a {type(value).__name__}, which is not JSON, bytes or an array",
+                         "return plain data, or memoize(allow_pickle=True)")
+    return store.put_value(pickle.dumps(value, protocol=5), "bytes"), "pickle"
+
+
+def _load(store: Store, result: ResultManifest) -> tuple[str, bytes]:
+    """The verified encoded value: JSON text, raw bytes, .npy or pickle bytes."""
+    codec = str(result.meta.get("codec", "json"))
+    value = store.load_value(result.value)
+    return codec, canonical_json(value) if codec == "json" else value
+
+
+def _decode_bytes(codec: str, raw: bytes) -> Any:
+    """A fresh object on every hit, so a caller mutating one result never
+    changes what the next hit returns."""
+    if codec == "json":
+        return json.loads(raw)
+    if codec == "bytes":
+        return raw
+    if codec == "npy":
+        import numpy as np
+
+        return np.load(io.BytesIO(raw), allow_pickle=False)
+    if codec == "pickle":
+        # Only our own store's verified (and, with a signer, signed) bytes reach here.
+        return pickle.loads(raw)  # noqa: S301
+    raise StoreCorrupted(f"result codec {codec!r} is unknown", "upgrade memoplane or clear the entry")
+
+
+@overload
+def memoize(func: F) -> F: ...
+@overload
+def memoize(*, store: Store | str | Path | None = None, version: str = "",
+            ignore: Iterable[str] = (), allow_pickle: bool = True,
+            memory_bytes: int = 64 << 20) -> Callable[[F], F]: ...
+
+
+def memoize(func: Callable[..., Any] | None = None, *, store: Store | str | Path | None = None,
+            version: str = "", ignore: Iterable[str] = (), allow_pickle: bool = True,
+            memory_bytes: int = 64 << 20) -> Any:
+    """Remember a function's results by the content of its code and arguments.
+
+    store: a Store or directory (default: $MEMOPLANE_STORE or ~/.cache/memoplane/store);
+    version: a salt, bump it when something the key cannot see changed;
+    ignore: parameter names left out of the key (e.g. verbose, n_jobs);
+    allow_pickle: store other return types with pickle (only for stores you trust);
+    memory_bytes: encoded results kept in this process after their first verified
+    read, so repeated hits skip the store (0 turns it off).
+    """
+    def wrap(f: Callable[..., Any]) -> Any:
+        return Memoized(f, store=store, version=version, ignore=ignore, allow_pickle=allow_pickle,
+                        memory_bytes=memory_bytes)
+
+    return wrap(func) if func is not None else wrap
