@@ -59,6 +59,7 @@ class Memoized:
         self._store: Store | None = store if isinstance(store, Store) else None
         self._lock = threading.Lock()
         self._recent = VerifiedCache(memory_bytes)
+        self._plain_params = _plain_parameters(self.signature)
 
     @property
     def store(self) -> Store:
@@ -68,11 +69,22 @@ class Memoized:
                     self._store = open_store(self._store_arg)  # type: ignore[arg-type]
         return self._store
 
-    def key_parts(self, *args: Any, **kwargs: Any) -> KeyParts:
-        bound = self.signature.bind(*args, **kwargs)
+    def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Arguments by parameter name, defaults applied (f(1, b=2) == f(a=1, b=2))."""
+        fast = self._plain_params
+        if fast is not None and len(args) <= len(fast[0]) and not kwargs.keys() - fast[0][len(args):]:
+            arguments = dict(fast[1])
+            arguments.update(zip(fast[0], args))
+            arguments.update(kwargs)
+            if len(arguments) == len(fast[0]):
+                return arguments
+        bound = self.signature.bind(*args, **kwargs)  # raises the usual TypeError
         bound.apply_defaults()
+        return dict(bound.arguments)
+
+    def key_parts(self, *args: Any, **kwargs: Any) -> KeyParts:
         inputs = {name: "py:" + fingerprint(value, where=f"{self.func.__qualname__}({name}=...)")
-                  for name, value in bound.arguments.items() if name not in self.ignore}
+                  for name, value in self._arguments(args, kwargs).items() if name not in self.ignore}
         return KeyParts(code=self.code, entrypoint=self.entrypoint, runtime=runtime_identity().digest,
                         inputs=inputs, salt=self.version)
 
@@ -123,6 +135,15 @@ class Memoized:
         self.store.commit(result)
         self._recent.put(key, *_load(self.store, result))
         return value
+
+
+def _plain_parameters(signature: inspect.Signature) -> tuple[tuple[str, ...], dict[str, Any]] | None:
+    """(names, defaults) when every parameter is positional-or-keyword, so calls
+    can be bound without inspect's general (and slow) algorithm."""
+    params = list(signature.parameters.values())
+    if any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
+        return None
+    return tuple(p.name for p in params), {p.name: p.default for p in params if p.default is not p.empty}
 
 
 def _source(func: Callable[..., Any]) -> str:
