@@ -5,14 +5,17 @@ Chunker choice: `pyfastcdc` (FastCDC 2020, Cython) over `fastcdc` (iscc). On a
 releases the GIL while scanning, hands out memoryviews instead of copying every
 chunk into a new bytes object, and does not import click at import time.
 
-Chunk sizes (measured with bench/store.py): avg_size=16 KiB with min_size=16 KiB
-gives ~24 KiB chunks on average. FastCDC never scans the first min_size bytes of a
-chunk (cut-point skipping), so a large minimum roughly doubles cutting speed
-(1.56x vs 0.8x of blake3's throughput with the default min of avg/4) while the
-dedup ratio on the benchmark's tables and text stays within a few percent.
-64 KiB chunks would halve the number of objects but double what a one-byte edit
-costs; 24 KiB keeps both dedup targets met with margin. max_size 128 KiB bounds
-the chunk of a long run without cut points (e.g. zeros).
+Chunk sizes (`python bench/store.py --sweep`, dedup over 10 versions of the
+bench's 64 MiB table / 16 MiB text; cut speed relative to blake3 on one thread):
+    avg/min/max 8K/8K/64K       9.80x / 8.66x
+    16K/4K/64K (lib default)    9.69x / 8.00x   cut ~0.8x
+    16K/16K/128K (chosen)       9.68x / 7.83x   cut ~1.6x
+    32K/32K/256K                9.31x / 6.43x
+    64K/64K/512K                8.75x / 4.96x
+FastCDC never scans the first min_size bytes of a chunk (cut-point skipping), so
+min=16K doubles cutting speed for ~1% less dedup; chunks average ~24 KiB. Bigger
+chunks would mean fewer files but miss the text target (>= 6x); smaller ones
+double the objects for little gain. max_size bounds runs without cut points.
 
 Pipeline: the caller's thread cuts a window (8 MiB); batches of ~1 MiB of
 chunks go to a thread pool that hashes, compresses (only chunks not yet in the
