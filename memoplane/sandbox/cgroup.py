@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path("/sys/fs/cgroup")
 
@@ -60,6 +61,7 @@ class Group:
     def __init__(self, layout: Layout, name: str) -> None:
         self.layout = layout
         self.dirs: dict[str, Path] = {}
+        self.applied: dict[str, Any] = {}   # limit values already written
         for kind, parent in (("memory", layout.memory), ("pids", layout.pids)):
             if parent is None:
                 continue
@@ -76,11 +78,19 @@ class Group:
         for d in set(self.dirs.values()):
             (d / "cgroup.procs").write_text(str(pid))
 
-    def set_limits(self, memory_bytes: int, max_pids: int) -> dict[str, bool]:
-        out = {"cgroup_memory": False, "cgroup_pids": False}
+    def set_limits(self, memory_bytes: int, max_pids: int,
+                   current: dict[str, Any] | None = None) -> dict[str, bool]:
+        """Write the limits (skipping values already in place); report what holds."""
+        current = current or {}
         mem_file = "memory.max" if self.layout.v2 else "memory.limit_in_bytes"
-        out["cgroup_memory"] = self._write("memory", mem_file, str(memory_bytes))
-        out["cgroup_pids"] = self._write("pids", "pids.max", str(max_pids))
+        out = {}
+        for key, kind, name, value in (("cgroup_memory", "memory", mem_file, memory_bytes),
+                                       ("cgroup_pids", "pids", "pids.max", max_pids)):
+            if current.get(key) == value:
+                out[key] = True
+                continue
+            out[key] = self._write(kind, name, str(value))
+            self.applied[key] = value if out[key] else None
         return out
 
     def _write(self, kind: str, name: str, value: str) -> bool:

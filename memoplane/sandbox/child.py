@@ -11,7 +11,9 @@ Lifecycle (the zygote forks "W", W forks "I"):
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import resource
 import signal
 import socket
 import sys
@@ -35,6 +37,8 @@ class ChildConfig:
     bpf: bytes | None                        # compiled seccomp program, None if unavailable
     uid: int
     gid: int
+    early_pivot: bool = False                # /in and /out arrive as detached mounts (fds)
+    last_cap: int = 40                       # /proc/sys/kernel/cap_last_cap, read once
     disable: frozenset[str] = frozenset()    # primitives to skip (tests of degraded hosts)
     notes: dict[str, str] = field(default_factory=dict)  # why something is unavailable
 
@@ -81,11 +85,12 @@ def warm_main(cfg: ChildConfig, iso: dict[str, bool | str], sock_fd: int,
         _setup_stdio(sock_fd, out_fd, err_fd)
         sock = socket.socket(fileno=SOCK_FD)
         iso["view"] = _build_view(cfg, iso)
+        _prefault()
         protocol.send(sock, {"op": "ready", "isolation": iso})
-        header, _ = protocol.recv(sock)
+        header, _, fds = protocol.recv_stream_with_fds(sock)
     except BaseException:
         os._exit(70)
-    _serve(cfg, iso, sock, header)
+    _serve(cfg, iso, sock, header, fds)
 
 
 def _setup_stdio(sock_fd: int, out_fd: int, err_fd: int) -> None:
@@ -95,25 +100,38 @@ def _setup_stdio(sock_fd: int, out_fd: int, err_fd: int) -> None:
     close_fds_except({0, 1, 2, SOCK_FD})
 
 
+def _prefault() -> None:
+    """Touch the request path once now, while idle: its copy-on-write page
+    faults then happen before a request arrives instead of after."""
+    from memoplane.sandbox import runner
+
+    runner.rehearse()
+    Limits(**dataclasses.asdict(Limits()))
+    vm_size()
+    for which in range(16):
+        resource.getrlimit(which)
+    protocol.encode({"op": "started", "isolation": {"x": True}})
+
+
 def _build_view(cfg: ChildConfig, iso: dict[str, bool | str]) -> bool | str:
     if iso.get("mountns") is not True:
         return "no mount namespace"
     if "view" in cfg.disable:
         return "disabled by configuration"
     try:
-        isolate.build_root(cfg.root, cfg.binds, cfg.links)
+        isolate.build_root(cfg.root, cfg.binds, cfg.links, cfg.early_pivot)
         return True
     except OSError as e:
         return f"could not build the read-only view: {e}"
 
 
 def _serve(cfg: ChildConfig, iso: dict[str, bool | str], sock: socket.socket,
-           req: dict[str, Any]) -> NoReturn:
+           req: dict[str, Any], fds: list[int]) -> NoReturn:
     from memoplane.sandbox import runner
 
     limits = Limits(**req["limits"])
     try:
-        in_dir, out_dir = _enter(cfg, iso, req, limits)
+        in_dir, out_dir = _enter(cfg, iso, req, limits, fds)
     except OSError as e:
         _send_result(sock, runner.failure("sandbox", f"sandbox setup failed: {e} — "
                                           "this is a memoplane or host problem, not the job's", ""))
@@ -128,10 +146,16 @@ def _serve(cfg: ChildConfig, iso: dict[str, bool | str], sock: socket.socket,
 
 
 def _enter(cfg: ChildConfig, iso: dict[str, bool | str], req: dict[str, Any],
-           limits: Limits) -> tuple[str, str]:
+           limits: Limits, fds: list[int]) -> tuple[str, str]:
     in_dir, out_dir = req["in_dir"], req["out_dir"]
     if iso.get("view") is True:
-        isolate.enter_root(cfg.root, in_dir, out_dir, limits.workdir_bytes)
+        if cfg.early_pivot:
+            if len(fds) != 2:
+                raise OSError("the request did not carry its /in and /out mounts")
+            isolate.attach_request(fds[0], fds[1], limits.workdir_bytes)
+            protocol.close_quietly(*fds)
+        else:
+            isolate.enter_root(cfg.root, in_dir, out_dir, limits.workdir_bytes)
         in_dir, out_dir = "/in", "/out"
         os.chdir("/tmp")
         iso["fresh_proc"] = iso["workdir_tmpfs"] = True
@@ -139,7 +163,7 @@ def _enter(cfg: ChildConfig, iso: dict[str, bool | str], req: dict[str, Any],
         iso["fresh_proc"] = iso["workdir_tmpfs"] = "no read-only view"
         os.chdir(out_dir)
     iso.update(apply_rlimits(limits, vm_size(), effective_nproc=cfg.uid != 0))
-    isolate.drop_privileges()
+    isolate.drop_privileges(cfg.last_cap)
     iso["no_new_privs"] = iso["caps_dropped"] = True
     iso["closed_fds"] = True
     iso["seccomp"] = cfg.notes.get("seccomp", "unavailable")

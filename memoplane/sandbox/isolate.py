@@ -36,9 +36,13 @@ PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 SECUREBITS_LOCKED = 0b1011_1111
 
 _SYSCALLS = {  # number of each raw syscall that glibc does not wrap
-    "x86_64": {"pivot_root": 155, "capset": 126, "mount_setattr": 442},
-    "aarch64": {"pivot_root": 41, "capset": 91, "mount_setattr": 442},
+    "x86_64": {"pivot_root": 155, "capset": 126, "mount_setattr": 442,
+               "open_tree": 428, "move_mount": 429},
+    "aarch64": {"pivot_root": 41, "capset": 91, "mount_setattr": 442,
+                "open_tree": 428, "move_mount": 429},
 }
+OPEN_TREE_CLONE, AT_EMPTY_PATH, MOVE_MOUNT_F_EMPTY_PATH = 1, 0x1000, 4
+DEFAULT_WORK_BYTES = 256 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
@@ -88,14 +92,43 @@ class _MountAttr(ctypes.Structure):
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
 
+def _setattr(dirfd: int, path: bytes, flags: int, attrs: int) -> int:
+    attr = _MountAttr(attrs, 0, 0, 0)
+    return int(_libc.syscall(ctypes.c_long(_nr("mount_setattr")), ctypes.c_int(dirfd), path,
+                             ctypes.c_uint(flags | AT_RECURSIVE), ctypes.byref(attr),
+                             ctypes.c_size_t(ctypes.sizeof(attr))))
+
+
 def make_readonly(path: str) -> None:
     """Read-only, nosuid, nodev on `path` and every mount below it."""
-    attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, 0)
-    ret = _libc.syscall(ctypes.c_long(_nr("mount_setattr")), ctypes.c_int(-100),
-                        _b(path), ctypes.c_uint(AT_RECURSIVE), ctypes.byref(attr),
-                        ctypes.c_size_t(ctypes.sizeof(attr)))
+    ret = _setattr(-100, os.fsencode(path), 0,
+                   MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
     if ret < 0:  # kernels before 5.12: remount the top mount only
         mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def detached_tree(path: str, readonly: bool) -> int:
+    """A detached copy of the mounts at `path`, as an fd a child can attach.
+
+    Needs CAP_SYS_ADMIN where the caller lives (an agent running as root).
+    This is how a child that already left the host tree receives its
+    per-request /in and /out: no path lookup in the child, no unmount of
+    the host tree on the request path."""
+    fd = int(_libc.syscall(ctypes.c_long(_nr("open_tree")), ctypes.c_int(-100), _b(path),
+                           ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE)))
+    _check(fd, f"open_tree({path})")
+    attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if readonly else 0)
+    if _setattr(fd, b"", AT_EMPTY_PATH, attrs) < 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(err, f"mount_setattr({path}): {os.strerror(err)}")
+    return fd
+
+
+def attach_tree(fd: int, dst: str) -> None:
+    ret = _libc.syscall(ctypes.c_long(_nr("move_mount")), ctypes.c_int(fd), b"",
+                        ctypes.c_int(-100), _b(dst), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
+    _check(int(ret), f"move_mount(-> {dst})")
 
 
 def write_id_maps(uid: int, gid: int) -> None:
@@ -167,12 +200,14 @@ def _mountpoint(root: str, dst: str, is_dir: bool) -> str:
     return target
 
 
-def build_root(root: str, binds: list[Bind], links: dict[str, str]) -> None:
+def build_root(root: str, binds: list[Bind], links: dict[str, str], early_pivot: bool) -> None:
     """Populate a tmpfs at `root` with read-only binds, /dev and a fresh /proc.
 
     Runs in the child's own mount namespace as root of its user namespace;
-    nothing here is visible to the host. Per-request mounts (/in, /out, /tmp)
-    are added later by `enter_root`."""
+    nothing here is visible to the host. With `early_pivot` the child also
+    enters the view now and later receives /in and /out as detached mounts
+    (`attach_request`); otherwise `enter_root` binds them by path and pivots
+    at request time."""
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
     for dst, target in links.items():
@@ -186,6 +221,32 @@ def build_root(root: str, binds: list[Bind], links: dict[str, str]) -> None:
         os.makedirs(f"{root}/{d}", exist_ok=True)
     mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
     mount(None, root, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    if early_pivot:
+        _mount_work(root, DEFAULT_WORK_BYTES)
+        pivot_into(root)
+
+
+def _mount_work(root: str, size: int) -> None:
+    mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+          f"size={max(size, 4096)},mode=1777")
+
+
+def pivot_into(root: str) -> None:
+    os.chdir(root)
+    # pivot_root(".", ".") stacks the old root on top; detaching it leaves
+    # no path back to the host tree (see pivot_root(2)).
+    _check(_libc.syscall(ctypes.c_long(_nr("pivot_root")), b".", b"."), "pivot_root")
+    umount_detach(".")
+    os.chdir("/")
+
+
+def attach_request(in_fd: int, out_fd: int, work_bytes: int) -> None:
+    """Request time, after an early pivot: attach /in and /out, size /tmp."""
+    attach_tree(in_fd, "/in")
+    attach_tree(out_fd, "/out")
+    if work_bytes != DEFAULT_WORK_BYTES:
+        mount(None, "/tmp", None, MS_REMOUNT | MS_NOSUID | MS_NODEV,
+              f"size={max(work_bytes, 4096)}")
 
 
 def _build_dev(root: str) -> None:
@@ -199,19 +260,13 @@ def _build_dev(root: str) -> None:
 
 
 def enter_root(root: str, in_dir: str, out_dir: str, work_bytes: int) -> None:
-    """Per-request mounts, then pivot into the view and drop the host tree."""
-    mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
-          f"size={max(work_bytes, 4096)},mode=1777")
+    """Per-request mounts by path, then pivot into the view (no early pivot)."""
+    _mount_work(root, work_bytes)
     mount(in_dir, root + "/in", None, MS_BIND | MS_REC)
     make_readonly(root + "/in")
     mount(out_dir, root + "/out", None, MS_BIND | MS_REC)
     mount(None, root + "/out", None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
-    os.chdir(root)
-    # pivot_root(".", ".") stacks the old root on top; detaching it leaves
-    # no path back to the host tree (see pivot_root(2)).
-    _check(_libc.syscall(ctypes.c_long(_nr("pivot_root")), b".", b"."), "pivot_root")
-    umount_detach(".")
-    os.chdir("/")
+    pivot_into(root)
 
 
 class _CapHeader(ctypes.Structure):
@@ -223,11 +278,14 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
-def drop_privileges() -> None:
+def last_cap() -> int:
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        return int(f.read())
+
+
+def drop_privileges(last: int) -> None:
     """no_new_privs, empty bounding/ambient sets, NOROOT, no capabilities."""
     prctl(PR_SET_NO_NEW_PRIVS, 1)
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        last = int(f.read())
     for cap in range(last + 1):
         prctl(PR_CAPBSET_DROP, cap)
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)

@@ -9,18 +9,19 @@ import queue
 import select
 import signal
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from memoplane.errors import IsolationUnavailable
-from memoplane.sandbox import cgroup, protocol
+from memoplane.sandbox import cgroup, isolate, protocol
 from memoplane.sandbox.outcome import (check_out_dir, failure_for_status, from_result,
                                        outcome)
 from memoplane.sandbox.profiles import get_profile
-from memoplane.sandbox.types import (CommandTask, Failure, PythonTask, SandboxOutcome,
-                                     SandboxRequest)
+from memoplane.sandbox.types import (CommandTask, Failure, Limits, PythonTask,
+                                     SandboxOutcome, SandboxRequest)
 from memoplane.sandbox.zygote_client import ZygoteClient
 
 log = logging.getLogger("memoplane.sandbox")
@@ -29,6 +30,7 @@ log = logging.getLogger("memoplane.sandbox")
 REQUIRED = ("userns", "mountns", "pidns", "ipcns", "utsns", "netns", "view", "seccomp",
             "pids_limit")
 _READY_TIMEOUT = 30.0
+_DEFAULT = Limits()
 
 
 class _Slot:
@@ -70,8 +72,10 @@ class SandboxPool:
         self._closed = False
         self._disable = _disable
         self._cg = cgroup.detect(f"memoplane-{os.getpid()}-{id(self):x}")
+        self._early_pivot = _can_detach_trees()
         config = {"preload": list(prof.preload if preload is None else preload),
-                  "extra_paths": list(prof.extra_paths + extra_paths), "disable": list(_disable)}
+                  "extra_paths": list(prof.extra_paths + extra_paths), "disable": list(_disable),
+                  "early_pivot": self._early_pivot}
         self._zygote = ZygoteClient(config, prof.env, self._on_exit)
         self.preloaded: list[str] = list(self._zygote.hello.get("preloaded", []))
         try:
@@ -165,6 +169,7 @@ class SandboxPool:
         slot = _Slot(sp.pid, sp.pidfd, ours, out_r, err_r, group)
         try:
             if group is not None:
+                group.set_limits(_DEFAULT.memory_bytes, _DEFAULT.max_pids)
                 group.add(sp.pid)
             ours.settimeout(_READY_TIMEOUT)
             msg, _ = protocol.recv(ours)
@@ -191,11 +196,9 @@ class SandboxPool:
 
     def _take(self) -> _Slot:
         try:
-            slot = self._ready.get_nowait()
+            return self._ready.get_nowait()
         except queue.Empty:
-            slot = self._spawn()  # cold: no warm child left
-        self._want.set()
-        return slot
+            return self._spawn()  # cold: no warm child left
 
     def _on_exit(self, pid: int, status: int) -> None:
         with self._lock:
@@ -233,7 +236,17 @@ class SandboxPool:
         try:
             return _Job(self, slot, request, t0).run()
         finally:
+            self._want.set()  # normally set once the job started (see _Job._frames)
             self._retire(slot)
+
+
+def _can_detach_trees() -> bool:
+    """Can this process hand mounts to children (open_tree needs CAP_SYS_ADMIN)?"""
+    try:
+        os.close(isolate.detached_tree(tempfile.gettempdir(), readonly=True))
+        return True
+    except OSError:
+        return False
 
 
 def _rmtree_cgroups(d: Path) -> None:
@@ -268,20 +281,33 @@ class _Job:
         self.cg_iso: dict[str, bool] = {"cgroup_memory": False, "cgroup_pids": False}
 
     def run(self) -> SandboxOutcome:
-        if self.slot.group is not None:
-            self.cg_iso = self.slot.group.set_limits(self.limits.memory_bytes, self.limits.max_pids)
+        group = self.slot.group
+        if group is not None:
+            self.cg_iso = group.set_limits(self.limits.memory_bytes, self.limits.max_pids,
+                                           group.applied)
         out_dir = Path(self.req.out_dir).resolve()
         msg = {"op": "run", "task": _task_message(self.req.task), "env": dict(self.req.env),
                "in_dir": str(Path(self.req.in_dir).resolve()), "out_dir": str(out_dir),
                "limits": dataclasses.asdict(self.limits)}
         try:
-            protocol.send(self.slot.sock, msg)
+            self._send(msg)
             ended = self._watch()
         except (OSError, protocol.ProtocolError) as e:
             ended = f"channel: {e}"
         self.slot.kill()
         self._drain()
         return self._decide(ended, out_dir)
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        if not self.pool._early_pivot:
+            protocol.send(self.slot.sock, msg)
+            return
+        fds = [isolate.detached_tree(msg["in_dir"], readonly=True)]
+        try:
+            fds.append(isolate.detached_tree(msg["out_dir"], readonly=False))
+            protocol.send(self.slot.sock, msg, fds=fds)
+        finally:
+            protocol.close_quietly(*fds)
 
     def _watch(self) -> str:
         """Wait for the result; returns why watching stopped."""
@@ -311,6 +337,9 @@ class _Job:
             op = header.get("op")
             if op == "started" and self.started is None:
                 self.started = {k: bool(v) for k, v in header.get("isolation", {}).items()}
+                # Refill now, not before: a spawn competing for the CPU with the
+                # request it replaces would only delay that request.
+                self.pool._want.set()
             elif op == "result" and self.started is not None:
                 self.result = (header, payload)
                 return True

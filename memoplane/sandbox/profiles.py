@@ -19,7 +19,7 @@ _SINGLE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_
 
 PROFILES: dict[str, Profile] = {
     "python": Profile("python", ("json", "math", "re", "collections", "itertools",
-                                 "functools", "hashlib", "random", "numpy"), _SINGLE_THREAD),
+                                 "functools", "hashlib", "random", "numpy", "numpy.random"), _SINGLE_THREAD),
     "minimal": Profile("minimal", ("json",)),
 }
 

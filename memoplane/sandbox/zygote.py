@@ -18,6 +18,7 @@ import gc
 import importlib
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -53,8 +54,9 @@ def make_config(cfg: dict[str, Any]) -> child.ChildConfig:
     root = tempfile.mkdtemp(prefix="memoplane-view-")
     os.chmod(root, 0o755)
     return child.ChildConfig(root=root, binds=binds, links=links, bpf=bpf, uid=os.getuid(),
-                             gid=os.getgid(), disable=frozenset(cfg.get("disable", ())),
-                             notes=notes)
+                             gid=os.getgid(), early_pivot=bool(cfg.get("early_pivot")),
+                             last_cap=isolate.last_cap(),
+                             disable=frozenset(cfg.get("disable", ())), notes=notes)
 
 
 def spawn(cfg: child.ChildConfig, fds: list[int]) -> tuple[int, int]:
@@ -105,7 +107,7 @@ class Zygote:
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wfd)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        poller = __import__("select").poll()
+        poller = select.poll()
         poller.register(self.ctrl.fileno(), 1)
         poller.register(rfd, 1)
         while True:
@@ -162,6 +164,7 @@ def main() -> None:
     isolate.prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphaned I processes come back to us
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     sys.stdout.flush()
+    runner.rehearse()
     gc.collect()
     gc.freeze()  # children never touch these objects' GC headers: fewer copied pages
     protocol.send(ctrl, {"op": "hello", "preloaded": done, "preload_failed": failed,
