@@ -19,6 +19,7 @@ is truncated there, so nothing acknowledged before it is lost.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import zlib
@@ -40,29 +41,32 @@ DTYPE_CODES = {"float32": 1, "float64": 2, "uint64": 3}
 Sync = Literal["batch", "none"]
 
 
-def _crc_table() -> np.ndarray:
-    table = np.zeros(256, dtype=np.uint32)
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
-        table[i] = c
-    return table
-
-
-_TABLE = _crc_table()
+@functools.cache
+def _position_tables(length: int) -> tuple[np.ndarray, int]:
+    """CRC-32 is affine over GF(2): for messages of a fixed length,
+    crc(m) = crc(0^length) ^ XOR_j T_j[m_j], with T_j[v] the contribution of byte
+    value v at position j. Lookups per byte are then independent (no carried state)."""
+    zero = zlib.crc32(bytes(length))
+    basis = np.zeros((length, 8), dtype=np.uint32)  # T_j[1 << b]; the rest by linearity
+    msg = bytearray(length)
+    for j in range(length):
+        for b in range(8):
+            msg[j] = 1 << b
+            basis[j, b] = zlib.crc32(msg) ^ zero
+        msg[j] = 0
+    bits = (np.arange(256)[:, None] >> np.arange(8)) & 1  # (256, 8)
+    tables = np.bitwise_xor.reduce(np.where(bits[None], basis[:, None, :], np.uint32(0)), axis=2)
+    return tables, zero
 
 
 def crc32_rows(rows: np.ndarray, start: int) -> np.ndarray:
     """zlib.crc32(row, start) for every row of a (n, k) uint8 array, vectorized."""
-    c = np.full(rows.shape[0], start ^ 0xFFFFFFFF, dtype=np.uint32)
-    idx = np.empty(rows.shape[0], dtype=np.uint32)
-    for j in range(rows.shape[1]):
-        np.bitwise_xor(c, rows[:, j], out=idx)
-        np.bitwise_and(idx, np.uint32(0xFF), out=idx)
-        np.right_shift(c, np.uint32(8), out=c)
-        np.bitwise_xor(c, _TABLE.take(idx), out=c)
-    np.bitwise_xor(c, np.uint32(0xFFFFFFFF), out=c)
+    length = rows.shape[1]
+    tables, _ = _position_tables(length)
+    # Only the all-zero message's crc depends on the start value.
+    c = np.full(rows.shape[0], zlib.crc32(bytes(length), start), dtype=np.uint32)
+    for j in range(length):
+        np.bitwise_xor(c, tables[j].take(rows[:, j]), out=c)
     return c
 
 
@@ -89,7 +93,7 @@ class LogHeader:
     def decode(cls, data: bytes, where: str) -> LogHeader:
         if len(data) < HEADER_SIZE or data[:8] != MAGIC:
             raise StoreCorrupted(f"{where}: not a gmem overlay log (bad magic)", "restore it or delete it")
-        magic, fmt, code, _flags, _res, seq, digest = HEADER.unpack_from(data)
+        _magic, fmt, code, _flags, _res, seq, digest = HEADER.unpack_from(data)
         (crc,) = struct.unpack_from("<I", data, HEADER.size)
         if crc != zlib.crc32(data[: HEADER.size]):
             raise StoreCorrupted(f"{where}: log header checksum mismatch", "restore it or delete it")

@@ -46,7 +46,7 @@ def splitmix64(x: int) -> int:
 def _gamma(z: int) -> int:
     """An odd multiplier with many bit transitions (SplitMix's mixGamma rule)."""
     z = splitmix64(z) | 1
-    if bin(z ^ (z >> 1)).count("1") < 24:
+    if (z ^ (z >> 1)).bit_count() < 24:
         z ^= 0xAAAAAAAAAAAAAAAA
     return z
 

@@ -153,9 +153,13 @@ class Overlay:
         self._pending_v.append(np.array(values, dtype=self.dtype))
 
     def __len__(self) -> int:
-        """Distinct addresses overridden (merges tiers, so not free after writes)."""
-        self.compact()
-        return len(self._base) if self._base is not None else 0
+        """Distinct addresses overridden; O(delta log n), and it keeps the tiers as they are."""
+        self._settle()
+        if self._base is None or self._delta is None:
+            return sum(len(t) for t in (self._base, self._delta) if t is not None)
+        i = np.minimum(np.searchsorted(self._base.keys, self._delta.keys), len(self._base) - 1)
+        overlap = int(np.count_nonzero(self._base.keys[i] == self._delta.keys))
+        return len(self._base) + len(self._delta) - overlap
 
     def _settle(self) -> None:
         """Fold pending writes into the delta; fold the delta into base when large."""

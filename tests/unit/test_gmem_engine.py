@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from memoplane.errors import InputError
-from memoplane.gmem import GMem, Layer, Overlay, seed_digest
-from memoplane.gmem import engine, mixer
+from memoplane.gmem import GMem, Layer, Overlay, engine, mixer, seed_digest
 from memoplane.gmem.overlay import _EMPTY, HashIndex
 
 TOP = 2**64 - 1
@@ -174,6 +173,7 @@ def test_large_overlay_matches_a_dict_through_all_tiers() -> None:
             if a in ref:
                 expect[j] = ref[a]
         assert np.array_equal(g.fetch_many(q), expect)
+        assert len(g.overlay) == len(ref)
     keys, values = g.overlay.to_arrays()
     assert keys.tolist() == sorted(ref) and values.tolist() == [ref[k] for k in sorted(ref)]
 

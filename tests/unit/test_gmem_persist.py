@@ -86,7 +86,7 @@ def test_seal_and_compact_move_everything_into_the_store(backend: Backend, tmp_p
     before = s.digest()
     snap = s.compact()
     assert names(backend) == ["gmem/field/params.json", "gmem/field/snapshot-0000000000000002"]
-    version, keys, bits = decode_snapshot(backend.get("gmem/field/snapshot-0000000000000002"), PARAMS, "x")
+    version, keys, _ = decode_snapshot(backend.get("gmem/field/snapshot-0000000000000002"), PARAMS, "x")
     assert version == 2 and keys.tolist() == [1, 2, 5] and snap.startswith("b3:")
     s.gmem.write_many([9], [0.9])
     s.close()
