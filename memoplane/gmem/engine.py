@@ -236,10 +236,14 @@ class GMem:
         """Make single `write`s durable as one batch (no-op without a journal)."""
         if self.journal is None or not self._unflushed:
             return
-        addrs = np.array([a for a, _ in self._unflushed], dtype=np.uint64)
-        vals = np.array([v for _, v in self._unflushed], dtype=self.dtype)
-        self.journal.append(addrs, to_bits(vals))
-        self._unflushed = []
+        pending, self._unflushed = self._unflushed, []  # the journal may call flush() again
+        addrs = np.array([a for a, _ in pending], dtype=np.uint64)
+        vals = np.array([v for _, v in pending], dtype=self.dtype)
+        try:
+            self.journal.append(addrs, to_bits(vals))
+        except BaseException:
+            self._unflushed = pending + self._unflushed
+            raise
 
 
 def _to_float(x: U64Array, tmp: U64Array, dst: np.ndarray) -> None:

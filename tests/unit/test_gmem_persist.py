@@ -210,3 +210,16 @@ def test_auto_seal_by_segment_size_and_uint64_float32_roundtrip(backend: Backend
         got = s2.gmem.fetch_many(np.arange(10, 15, dtype=np.uint64)).tolist()
         assert got == vals + vals[:2]
         s2.close()
+
+
+def test_single_writes_flush_once_even_when_the_flush_seals(backend: Backend, tmp_path: Path) -> None:
+    store = GMemStore(backend, tmp_path / "local", segment_records=1)
+    s, _ = store.open("field", PARAMS)
+    s.gmem.write(1, 0.5)
+    s.gmem.write(2, 0.25)
+    s.gmem.write_many([3], [0.125])  # flushes the two singles first, as one batch
+    assert s.version == 2 and len(list(store.objects("field"))) == 2
+    s.close()
+    s2, rep = store.open("field", PARAMS)
+    assert rep.sealed_segments == 2 and s2.gmem.fetch_many([1, 2, 3]).tolist() == [0.5, 0.25, 0.125]
+    s2.close()
