@@ -5,10 +5,12 @@
     g.write_many([5, 9], [0.25, 0.75])  # overrides, seen by every later read
 
 Persistence (`GMemStore`) keeps overrides in a durable log and snapshots in the store;
-`seed_digest` names a seed's content (parameters + overlay) for cache keys.
+`seed_digest` names a seed's content (parameters + overlay) for cache keys;
+`GMemLinear` is a linear layer whose weights are generated from a seed and a vector.
 """
 
 from .engine import DTYPES, GMem, GMemParams, Journal, Layer
+from .linear import GMemLinear
 from .log import OverlayLog, Replay
 from .overlay import Overlay
 from .persist import GMemStore, OpenReport, StoredGMem, overlay_digest, seed_digest
@@ -16,6 +18,7 @@ from .persist import GMemStore, OpenReport, StoredGMem, overlay_digest, seed_dig
 __all__ = [
     "DTYPES",
     "GMem",
+    "GMemLinear",
     "GMemParams",
     "GMemStore",
     "Journal",
