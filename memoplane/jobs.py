@@ -114,3 +114,52 @@ def sandbox_task(job: Job) -> PythonTask | CommandTask:
 def json_input_file(value: Any) -> bytes:
     """A JSON input as a command sees it in $MEMOPLANE_IN: its canonical text."""
     return canonical_json(value)
+
+
+# -- the job manifest: a resolved job as the operator hands it to an agent -------------
+
+JOB_MANIFEST_VERSION = 1
+
+
+def job_to_dict(job: Job) -> dict[str, Any]:
+    """A resolved job as plain JSON (stored in the CAS; its digest travels in status)."""
+    if isinstance(job.code, PythonCode):
+        code: dict[str, Any] = {"python": {"source": job.code.source, "entrypoint": job.code.entrypoint,
+                                           "filename": job.code.filename}}
+    else:
+        code = {"command": list(job.code.argv)}
+    inputs = {
+        name: ({"json": value.value} if isinstance(value, JsonInput)
+               else {"blob": {"digest": value.digest, "size": value.size}})
+        for name, value in job.inputs.items()
+    }
+    limits = job.limits
+    return {
+        "v": JOB_MANIFEST_VERSION, **code, "inputs": inputs, "env": dict(job.env), "salt": job.salt,
+        "profile": job.profile,
+        "limits": {"timeout_s": limits.timeout_s, "memory_bytes": limits.memory_bytes,
+                   "max_output_bytes": limits.max_output_bytes},
+    }
+
+
+def job_from_dict(data: dict[str, Any]) -> Job:
+    if data.get("v") != JOB_MANIFEST_VERSION:
+        raise ValueError(f"job manifest v{data.get('v')!r} is not supported (this memoplane reads v1)")
+    code: PythonCode | CommandCode
+    if "python" in data:
+        python = data["python"]
+        code = PythonCode(python["source"], python["entrypoint"], python.get("filename", "<job>"))
+    else:
+        code = CommandCode(tuple(data["command"]))
+    inputs: dict[str, Input] = {}
+    for name, value in data["inputs"].items():
+        if "json" in value:
+            inputs[name] = JsonInput(value["json"])
+        else:
+            inputs[name] = BlobInput(value["blob"]["digest"], int(value["blob"]["size"]))
+    limits = data.get("limits", {})
+    return Job(code=code, inputs=inputs, env=dict(data.get("env", {})), salt=str(data.get("salt", "")),
+               profile=str(data.get("profile", "python")),
+               limits=Limits(timeout_s=float(limits.get("timeout_s", Limits.timeout_s)),
+                             memory_bytes=int(limits.get("memory_bytes", Limits.memory_bytes)),
+                             max_output_bytes=int(limits.get("max_output_bytes", Limits.max_output_bytes))))
