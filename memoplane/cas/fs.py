@@ -6,9 +6,11 @@ several processes never expose a partial file.
 
 Durability policy (`durability=`):
 - "flush" (default): objects are written without fsync; `flush()` (called by the
-  store before each ref) runs syncfs on the store's filesystem, then the ref
-  itself is fsynced with its directory. One sync per result instead of one per
-  chunk, and a ref never survives a crash that lost its data.
+  store before each ref) fsyncs the files this process wrote since the last
+  flush, or, past FSYNC_MAX of them, runs syncfs on the store's filesystem
+  (one call instead of thousands of fsyncs; but it also flushes other programs'
+  writes, so small results avoid it). Then the ref itself is fsynced with its
+  directory. A ref never survives a crash that lost the data it names.
 - "always": fsync every object and its directory (slow; for paranoid setups).
 - "none": never sync (tests, benchmarks, the node-local cache, which can refill).
 Whatever the policy, a torn object after a crash is caught by read verification.
@@ -16,6 +18,7 @@ Whatever the policy, a torn object after a crash is caught by read verification.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import os
@@ -33,6 +36,7 @@ Durability = Literal["none", "flush", "always"]
 TEMP_PREFIX = ".tmp-"
 _NAME = re.compile(r"^[A-Za-z0-9_:.%-]+(/[A-Za-z0-9_:.%-]+)*$")
 _counter = itertools.count()
+FSYNC_MAX = 64  # pending files above which flush() uses syncfs instead
 
 
 def _libc_syncfs() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
@@ -55,6 +59,7 @@ class FilesystemBackend:
         self.durability: Durability = durability
         self._dirs: set[Path] = set()
         self._lock = threading.Lock()
+        self._pending: list[Path] = []  # written since the last flush ("flush" policy)
 
     # -- names and temp files -------------------------------------------------
 
@@ -100,8 +105,10 @@ class FilesystemBackend:
         if self.durability == "flush" and name.startswith("refs/"):
             _fsync_path(tmp)
         os.replace(tmp, path)
-        if self.durability == "always" or (self.durability == "flush" and name.startswith("refs/")):
+        if self.durability == "flush" and name.startswith("refs/"):
             self._sync_dir(path.parent)
+        else:
+            self._written(path)
 
     def put_if_absent(self, name: str, data: bytes | Callable[[], bytes]) -> bool:
         path = self._path(name)
@@ -112,9 +119,16 @@ class FilesystemBackend:
         # os.replace is safe, and measurably cheaper here than os.link + unlink
         # (file metadata operations dominate first writes on this store's layout).
         os.replace(tmp, path)
+        self._written(path)
+        return True
+
+    def _written(self, path: Path) -> None:
         if self.durability == "always":
             self._sync_dir(path.parent)
-        return True
+        elif self.durability == "flush":
+            with self._lock:
+                if len(self._pending) <= FSYNC_MAX:  # beyond it flush() syncs the filesystem anyway
+                    self._pending.append(path)
 
     def _touch(self, path: Path) -> bool:
         """Refresh mtime (see Backend.put_if_absent); False if absent."""
@@ -151,7 +165,16 @@ class FilesystemBackend:
             yield ObjectInfo(name=name, size=st.st_size, mtime=st.st_mtime)
 
     def flush(self) -> None:
-        if self.durability != "flush" or not self.root.exists():
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if not pending:
+            return
+        if len(pending) <= FSYNC_MAX:
+            for path in pending:
+                with contextlib.suppress(FileNotFoundError):  # removed since (gc, quarantine)
+                    _fsync_path(path)
+            for d in {p.parent for p in pending}:
+                self._sync_dir(d)
             return
         if _SYNCFS is None:
             os.sync()

@@ -262,3 +262,14 @@ def test_concurrent_reader_sees_no_temp_files(store: Store, root: Path) -> None:
     old = time.time() - 7200
     os.utime(stale, (old, old))
     assert store.gc(grace_seconds=3600).temp_removed == 1 and not stale.exists()
+
+
+@pytest.mark.parametrize("durability", ["flush", "always"])
+def test_durable_policies_round_trip(tmp_path: Path, durability: str) -> None:
+    backend = FilesystemBackend(tmp_path / durability, durability=durability)  # type: ignore[arg-type]
+    s = Store(backend)
+    key, m = commit(s, b"job", rand(2 * MiB, 20))  # > FSYNC_MAX chunk files: flush takes the syncfs path
+    assert backend._pending == []  # flushed before the ref was written
+    hit = s.get_ref(key, deep=True)
+    assert hit is not None and s.get_bytes(m.stdout.digest) == rand(2 * MiB, 20)
+    s.close()
