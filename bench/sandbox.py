@@ -32,10 +32,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import emit, metric  # noqa: E402
+from _common import emit, metric
 
-from memoplane.sandbox import PythonTask, SandboxPool, SandboxRequest  # noqa: E402
-from memoplane.sandbox.profiles import get_profile  # noqa: E402
+from memoplane.sandbox import PythonTask, SandboxPool, SandboxRequest
+from memoplane.sandbox.profiles import get_profile
 
 JOB = "import time\ndef main():\n    return time.perf_counter_ns()\n"
 
@@ -46,7 +46,7 @@ def pct(xs: list[float], p: float) -> float:
 
 
 def wait_warm(pool: SandboxPool) -> None:
-    while pool._ready.qsize() < pool.size:  # noqa: SLF001 - the bench measures the warm path
+    while pool._ready.qsize() < pool.size:
         time.sleep(0.001)
     time.sleep(0.002)  # let the zygote and the filler go idle
 
@@ -126,7 +126,7 @@ def private_kib(pid: int) -> int:
 def idle_child_mib(pool: SandboxPool) -> float:
     wait_warm(pool)
     time.sleep(0.2)
-    pids = [s.pid for s in list(pool._ready.queue)]  # noqa: SLF001
+    pids = [s.pid for s in list(pool._ready.queue)]
     return statistics.median(private_kib(p) for p in pids) / 1024
 
 

@@ -10,12 +10,31 @@ from __future__ import annotations
 
 from memoplane.sandbox.pool import REQUIRED, SandboxPool
 from memoplane.sandbox.profiles import PROFILES, Profile
-from memoplane.sandbox.types import (CommandTask, Failure, FailureReason, Limits, PythonTask,
-                                     SandboxOutcome, SandboxRequest)
+from memoplane.sandbox.types import (
+    CommandTask,
+    Failure,
+    FailureReason,
+    Limits,
+    PythonTask,
+    SandboxOutcome,
+    SandboxRequest,
+)
 
-__all__ = ["SandboxPool", "run_once", "probe_isolation", "REQUIRED", "PROFILES", "Profile",
-           "CommandTask", "Failure", "FailureReason", "Limits", "PythonTask",
-           "SandboxOutcome", "SandboxRequest"]
+__all__ = [
+    "PROFILES",
+    "REQUIRED",
+    "CommandTask",
+    "Failure",
+    "FailureReason",
+    "Limits",
+    "Profile",
+    "PythonTask",
+    "SandboxOutcome",
+    "SandboxPool",
+    "SandboxRequest",
+    "probe_isolation",
+    "run_once",
+]
 
 
 def run_once(request: SandboxRequest, profile: str = "python",

@@ -11,9 +11,7 @@ Lifecycle (the zygote forks "W", W forks "I"):
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import resource
 import signal
 import socket
 import sys
@@ -85,7 +83,6 @@ def warm_main(cfg: ChildConfig, iso: dict[str, bool | str], sock_fd: int,
         _setup_stdio(sock_fd, out_fd, err_fd)
         sock = socket.socket(fileno=SOCK_FD)
         iso["view"] = _build_view(cfg, iso)
-        _prefault()
         protocol.send(sock, {"op": "ready", "isolation": iso})
         header, _, fds = protocol.recv_stream_with_fds(sock)
     except BaseException:
@@ -98,19 +95,6 @@ def _setup_stdio(sock_fd: int, out_fd: int, err_fd: int) -> None:
     for src, dst in ((null, 0), (out_fd, 1), (err_fd, 2), (sock_fd, SOCK_FD)):
         os.dup2(src, dst, inheritable=dst != SOCK_FD)
     close_fds_except({0, 1, 2, SOCK_FD})
-
-
-def _prefault() -> None:
-    """Touch the request path once now, while idle: its copy-on-write page
-    faults then happen before a request arrives instead of after."""
-    from memoplane.sandbox import runner
-
-    runner.rehearse()
-    Limits(**dataclasses.asdict(Limits()))
-    vm_size()
-    for which in range(16):
-        resource.getrlimit(which)
-    protocol.encode({"op": "started", "isolation": {"x": True}})
 
 
 def _build_view(cfg: ChildConfig, iso: dict[str, bool | str]) -> bool | str:

@@ -17,11 +17,21 @@ from typing import Any
 
 from memoplane.errors import IsolationUnavailable
 from memoplane.sandbox import cgroup, isolate, protocol
-from memoplane.sandbox.outcome import (check_out_dir, failure_for_status, from_result,
-                                       outcome)
+from memoplane.sandbox.outcome import (
+    check_out_dir,
+    failure_for_status,
+    from_result,
+    outcome,
+)
 from memoplane.sandbox.profiles import get_profile
-from memoplane.sandbox.types import (CommandTask, Failure, Limits, PythonTask,
-                                     SandboxOutcome, SandboxRequest)
+from memoplane.sandbox.types import (
+    CommandTask,
+    Failure,
+    Limits,
+    PythonTask,
+    SandboxOutcome,
+    SandboxRequest,
+)
 from memoplane.sandbox.zygote_client import ZygoteClient
 
 log = logging.getLogger("memoplane.sandbox")

@@ -46,9 +46,10 @@ def rehearse() -> None:
     state (caches, interned names, the code of these functions) is created
     where it is then shared: in the zygote before it freezes, or in a warm
     child before it waits (pre-faulting its copy-on-write pages)."""
-    task = {"source": "def main(x):\n    return [x]\n", "entrypoint": "main",
-            "inputs": {"x": 1}, "filename": "<rehearsal>"}
-    code = compile(task["source"], "<rehearsal>", "exec")
+    source = "def main(x):\n    return [x]\n"
+    task: dict[str, Any] = {"source": source, "entrypoint": "main", "inputs": {"x": 1},
+                            "filename": "<rehearsal>"}
+    code = compile(source, "<rehearsal>", "exec")
     scope: dict[str, Any] = {}
     exec(code, scope)
     _inputs(task, scope["main"], "/")

@@ -26,7 +26,7 @@ import sys
 import tempfile
 from typing import Any, NoReturn
 
-from memoplane.sandbox import child, isolate, protocol, runner  # noqa: F401 - preloaded for children
+from memoplane.sandbox import child, isolate, protocol, runner
 
 PR_SET_CHILD_SUBREAPER = 36
 

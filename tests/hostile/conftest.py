@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from memoplane.sandbox import Limits, PythonTask, SandboxOutcome, SandboxPool, SandboxRequest
+from memoplane.sandbox import (
+    Limits,
+    PythonTask,
+    SandboxOutcome,
+    SandboxPool,
+    SandboxRequest,
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import Runner  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.hostile
@@ -19,7 +18,7 @@ LIBC = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
 
 
 def _reason(out: object) -> str:
-    f = getattr(out, "failure")
+    f = out.failure
     assert f is not None, out
     return str(f.reason)
 

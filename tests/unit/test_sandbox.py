@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
 from memoplane.errors import IsolationUnavailable
-from memoplane.sandbox import (REQUIRED, CommandTask, Limits, PythonTask, SandboxOutcome,
-                               SandboxPool, SandboxRequest, probe_isolation, run_once)
+from memoplane.sandbox import (
+    REQUIRED,
+    CommandTask,
+    Limits,
+    PythonTask,
+    SandboxOutcome,
+    SandboxPool,
+    SandboxRequest,
+    probe_isolation,
+    run_once,
+)
 
 
 @pytest.fixture(scope="module")
