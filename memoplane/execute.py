@@ -15,7 +15,6 @@ from typing import Any, Protocol
 
 from .cas import Provenance, ResultManifest, Store, StoredValue
 from .jobs import BlobInput, JsonInput, Job, input_file_name, json_input_file, sandbox_task
-from .keys import runtime_identity
 from .sandbox.types import Failure, SandboxOutcome, SandboxRequest
 
 RETURN_FILE = "return.npy"  # where the sandbox saves an array return value
@@ -68,7 +67,7 @@ def execute(job: Job, store: Store, sandbox: SandboxRunner, *, node: str = "loca
             provenance=Provenance(
                 cache_key=key,
                 inputs={name: value.digest for name, value in job.inputs.items()},
-                runtime=runtime_identity(job.profile).digest,
+                runtime=job.runtime_digest,
                 node=node,
                 started_at=started,
                 ended_at=ended,

@@ -73,6 +73,14 @@ class Job:
     salt: str = ""
     profile: str = "python"
     limits: Limits = field(default_factory=Limits)
+    # The identity digest of the runtime the job runs on. None: this process's
+    # runtime for `profile` (embedded mode). The operator sets the digest the
+    # agents advertise, since it does not run jobs itself.
+    runtime: str | None = None
+
+    @property
+    def runtime_digest(self) -> str:
+        return self.runtime or runtime_identity(self.profile).digest
 
     def key_parts(self) -> KeyParts:
         if isinstance(self.code, PythonCode):
@@ -82,7 +90,7 @@ class Job:
         return KeyParts(
             code=code,
             entrypoint=entrypoint,
-            runtime=runtime_identity(self.profile).digest,
+            runtime=self.runtime_digest,
             inputs={name: value.key_entry for name, value in self.inputs.items()},
             env=dict(self.env),
             salt=self.salt,
@@ -136,7 +144,7 @@ def job_to_dict(job: Job) -> dict[str, Any]:
     limits = job.limits
     return {
         "v": JOB_MANIFEST_VERSION, **code, "inputs": inputs, "env": dict(job.env), "salt": job.salt,
-        "profile": job.profile,
+        "profile": job.profile, "runtime": job.runtime_digest,
         "limits": {"timeout_s": limits.timeout_s, "memory_bytes": limits.memory_bytes,
                    "max_output_bytes": limits.max_output_bytes},
     }
@@ -159,7 +167,7 @@ def job_from_dict(data: dict[str, Any]) -> Job:
             inputs[name] = BlobInput(value["blob"]["digest"], int(value["blob"]["size"]))
     limits = data.get("limits", {})
     return Job(code=code, inputs=inputs, env=dict(data.get("env", {})), salt=str(data.get("salt", "")),
-               profile=str(data.get("profile", "python")),
+               profile=str(data.get("profile", "python")), runtime=data.get("runtime"),
                limits=Limits(timeout_s=float(limits.get("timeout_s", Limits.timeout_s)),
                              memory_bytes=int(limits.get("memory_bytes", Limits.memory_bytes)),
                              max_output_bytes=int(limits.get("max_output_bytes", Limits.max_output_bytes))))
