@@ -132,8 +132,8 @@ def idle_child_mib(pool: SandboxPool) -> float:
 
 def interpreter_mib(preload: tuple[str, ...]) -> float:
     imports = "".join(f"\ntry:\n import {m}\nexcept ImportError:\n pass" for m in preload)
-    p = subprocess.Popen([sys.executable, "-c", f"import sys{imports}\nprint(1, flush=True)\n"
-                          "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    code = f"import sys{imports}\nprint(1, flush=True)\nsys.stdin.read()"
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert p.stdout is not None and p.stdin is not None
     p.stdout.readline()
     try:

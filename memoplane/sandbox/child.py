@@ -85,7 +85,7 @@ def warm_main(cfg: ChildConfig, iso: dict[str, bool | str], sock_fd: int,
         iso["view"] = _build_view(cfg, iso)
         protocol.send(sock, {"op": "ready", "isolation": iso})
         header, _, fds = protocol.recv_stream_with_fds(sock)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - the pool sees the exit and reports it
         os._exit(70)
     _serve(cfg, iso, sock, header, fds)
 

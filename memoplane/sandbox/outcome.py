@@ -13,13 +13,13 @@ from memoplane.sandbox.runner import RETURN_FILE
 from memoplane.sandbox.types import Failure, Limits, SandboxOutcome
 
 _SIGNAL_FAILURES: dict[int, tuple[str, str]] = {
-    signal.SIGSYS: ("forbidden", "the job made a forbidden system call (mount, ptrace, bpf, "
-                    "keyctl, module loading, ...) and was killed by the sandbox's seccomp "
-                    "filter — sandboxed jobs cannot use these calls"),
-    signal.SIGXCPU: ("timeout", "the job used up its CPU time (limits.cpu_seconds) — "
-                     "raise the limit or make the job faster"),
-    signal.SIGXFSZ: ("output-too-large", "the job wrote a file over the size cap — "
-                     "write less or raise limits.max_output_bytes"),
+    signal.SIGSYS: ("forbidden", ("the job made a forbidden system call (mount, ptrace, bpf, "
+                                  "keyctl, module loading, ...) and was killed by the sandbox's "
+                                  "seccomp filter — sandboxed jobs cannot use these calls")),
+    signal.SIGXCPU: ("timeout", ("the job used up its CPU time (limits.cpu_seconds) — "
+                                 "raise the limit or make the job faster")),
+    signal.SIGXFSZ: ("output-too-large", ("the job wrote a file over the size cap — "
+                                          "write less or raise limits.max_output_bytes")),
 }
 
 

@@ -133,7 +133,7 @@ class SandboxPool:
     def _report(self, iso: dict[str, bool | str]) -> dict[str, bool | str]:
         rep: dict[str, bool | str] = dict(iso)
         notes = self._zygote.hello.get("notes", {})
-        rep["seccomp"] = True if "seccomp" not in notes else notes["seccomp"]
+        rep["seccomp"] = notes.get("seccomp", True)
         rep["cgroup_memory"] = self._cg.memory is not None or (self._cg.reason or "unavailable")
         rep["cgroup_pids"] = self._cg.pids is not None or (self._cg.reason or "unavailable")
         nproc = os.getuid() != 0
