@@ -239,7 +239,9 @@ def _build_minio(v: Versions, out: Path, log: Path) -> None:
 
 
 def _build_helm(v: Versions, out: Path, log: Path) -> None:
-    _go_install("helm", f"helm.sh/helm/v3/cmd/helm@{v.helm}", "-s -w", out, log)
+    # Stamp the full version, as helm's release build does (the default says only v3.<minor>).
+    ldflags = f"-s -w -X helm.sh/helm/v3/internal/version.version={v.helm}"
+    _go_install("helm", f"helm.sh/helm/v3/cmd/helm@{v.helm}", ldflags, out, log)
 
 
 _BUILDERS: dict[str, Callable[[Versions, Path, Path], None]] = {

@@ -25,7 +25,7 @@ def cmd_up(_: argparse.Namespace) -> int:
     cache = f"built {', '.join(result.built)}" if result.built else "binaries reused from cache"
     _say(f"control plane {how} in {result.seconds_to_ready:.1f}s ({cache})")
     _say(f"kube-apiserver {info.apiserver_url}  MinIO {info.s3_endpoint}  state {info.state_dir}")
-    _say(f'use it: eval "$({sys.argv[0]} env)"')
+    _say('use it: eval "$(hack/cluster env)"')
     return 0
 
 

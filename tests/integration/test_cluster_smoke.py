@@ -78,13 +78,15 @@ def test_crd_object_watch_sees_update(kubectl: Kubectl, namespace: str, tmp_path
                                    PLURAL, resource_version=created["metadata"]["resourceVersion"],
                                    timeout_seconds=30):
             events.put(event)
+            if event["type"] == "MODIFIED":
+                return  # closes the stream, so no read is left pending at teardown
 
     thread = threading.Thread(target=consume, daemon=True)
     thread.start()
     kubectl("patch", f"{PLURAL}.{GROUP}/w1", "-n", namespace, "--type=merge",
             "-p", '{"spec": {"size": 2}}')
     event = events.get(timeout=30)
-    stream.stop()
+    thread.join(timeout=10)
     assert event["type"] == "MODIFIED"
     assert event["object"]["metadata"]["name"] == "w1"
     assert event["object"]["spec"]["size"] == 2
