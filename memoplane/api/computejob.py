@@ -1,9 +1,9 @@
 """ComputeJob: code plus inputs whose result is computed once and remembered.
 
 Field names are the contract in DESIGN §2. Every cross-field rule exists twice:
-as a pydantic validator (CLI and operator reject early) and as a CEL rule in the
-CRD (the API server rejects `kubectl apply`); both produce the same message, and
-tests/unit/test_api_cel.py evaluates the CEL side to prove it.
+as a pydantic validator (CLI and operator reject early) and in the CRD schema (the
+API server rejects `kubectl apply`): a CEL rule with the same message, or oneOf where
+CEL cannot see the field. tests/unit/test_api_validation.py checks that they agree.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from .common import (
 
 MAX_INPUTS = 128
 SOURCES = ("value", "fromJob", "fromSeed", "fromObject", "fromConfigMap")
-_SOURCE_COUNT = " + ".join(f"(has(self.{s}) ? 1 : 0)" for s in SOURCES)
 
 BOTH_PROGRAMS = "spec.python and spec.command are both set: keep exactly one"
 NO_PROGRAM = "spec.python or spec.command is required: set exactly one"
@@ -89,18 +88,10 @@ class ConfigMapKeyRef(K8sModel):
 class Input(K8sModel):
     """A named input: exactly one of value, fromJob, fromSeed, fromObject, fromConfigMap."""
 
-    model_config = ConfigDict(
-        json_schema_extra=validations(
-            cel(
-                f"{_SOURCE_COUNT} == 1",
-                f"an input must set exactly one of {', '.join(SOURCES)}",
-                message_expression=(
-                    f"\"input '\" + self.name + \"' has \" + string({_SOURCE_COUNT})"
-                    f" + \" sources: set exactly one of {', '.join(SOURCES)}\""
-                ),
-            )
-        )
-    )
+    # Enforced with oneOf/required, not CEL: CEL cannot see `value` (a field with
+    # preserve-unknown-fields and no type is invisible to CEL; kube-apiserver refuses
+    # `has(self.value)` at CRD creation).
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": [s]} for s in SOURCES]})
     _keep_null: ClassVar[tuple[str, ...]] = ("value",)
 
     name: Identifier = Field(description="Keyword argument / file name under $MEMOPLANE_IN.")

@@ -13,6 +13,7 @@ non-structural schema is never written.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -134,6 +135,10 @@ def _node_problems(node: Mapping[str, Any], path: str) -> Iterator[str]:
         yield f"{path}: properties and additionalProperties are mutually exclusive"
     if isinstance(node.get("additionalProperties"), bool):
         yield f"{path}: additionalProperties must be a schema, not a boolean"
+    for key in ("minimum", "maximum"):
+        # Bounds are float64 in the API server; it refuses an integer bound it cannot hold exactly.
+        if node.get("type") == "integer" and abs(node.get(key, 0)) > 2**53:
+            yield f"{path}: {key} {node[key]} is not exact as a float64"
     for key in ("exclusiveMinimum", "exclusiveMaximum", "nullable"):
         if key in node and not isinstance(node[key], bool):
             yield f"{path}: {key} must be a boolean in OpenAPI v3.0"
@@ -163,7 +168,17 @@ def _required_problems(node: Mapping[str, Any], path: str) -> Iterator[str]:
 
 
 def _rule_problems(node: Mapping[str, Any], path: str) -> Iterator[str]:
+    # CEL cannot see an untyped field (preserve-unknown-fields without type); the API
+    # server refuses a rule that names one ("undefined field").
+    invisible = [
+        name for name, sub in node.get("properties", {}).items()
+        if not sub.get("type") and not sub.get("x-kubernetes-int-or-string")
+    ]
     for rule in node.get("x-kubernetes-validations", []):
+        text = rule.get("rule", "") + rule.get("messageExpression", "")
+        for name in invisible:
+            if re.search(rf"\bself\.{re.escape(name)}\b", text):
+                yield f"{path}: CEL cannot see the untyped field {name!r}"
         if not rule.get("rule") or "\n" in rule.get("message", ""):
             yield f"{path}: a CEL rule needs a rule and a one-line message"
         if "fieldPath" in rule and not rule["fieldPath"].startswith("."):

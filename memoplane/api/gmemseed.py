@@ -6,9 +6,9 @@ wire (Kubernetes integers are signed 64-bit), so they range over [0, 2^63).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import AfterValidator, ConfigDict, Field
 
 from .common import (
     AGE_COLUMN,
@@ -27,17 +27,28 @@ MAX_LAYERS = 16
 Dtype = Literal["float32", "float64", "uint64"]
 
 
+def _fits_int64(seed: int) -> int:
+    if seed > MAX_SEED:
+        raise ValueError(f"{seed} does not fit a Kubernetes integer (int64): use a seed below 2^63")
+    return seed
+
+
+# No `maximum` in the schema: kube-apiserver stores bounds as float64 and refuses 2^63-1;
+# the int64 format is enforced by the API server's decoder anyway.
+Seed = Annotated[int, Field(ge=0, json_schema_extra={"format": "int64"}), AfterValidator(_fits_int64)]
+
+
 class Layer(K8sModel):
     """A further generator mixed into the base with `weight`."""
 
-    seed: int = Field(ge=0, le=MAX_SEED)
+    seed: Seed
     weight: float
 
 
 class GMemSeedSpec(K8sModel):
     """Parameters of the generator; any change gives a new digest."""
 
-    seed: int = Field(ge=0, le=MAX_SEED)
+    seed: Seed
     dtype: Dtype = "float64"
     layers: list[Layer] = Field(default_factory=list, max_length=MAX_LAYERS)
 

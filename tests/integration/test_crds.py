@@ -20,7 +20,6 @@ from memoplane.api.manifests import computejob_manifest, gmemseed_manifest, resu
 # The `kubectl` fixture of conftest.py: kubectl(*args, stdin=None, check=True).
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 pytestmark = pytest.mark.integration
-SOURCES = "set exactly one of value, fromJob, fromSeed, fromObject, fromConfigMap"
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +74,8 @@ INVALID = [
      "spec.python or spec.command is required: set exactly one"),
     ("duplicate-input", "ComputeJob", _input(1, {"name": "rows", "value": 1}), "spec.inputs[1]", "Duplicate value"),
     ("two-sources", "ComputeJob", _input(2, {"name": "raw", "value": 1, "fromJob": {"name": "download"}}),
-     "spec.inputs[2]", f"input 'raw' has 2 sources: {SOURCES}"),
-    ("no-source", "ComputeJob", _input(3, {"name": "noise"}), "spec.inputs[3]", f"input 'noise' has 0 sources"),
+     "spec.inputs[2]", "oneOf"),
+    ("no-source", "ComputeJob", _input(3, {"name": "noise"}), "spec.inputs[3]", "oneOf"),
     ("negative-timeout", "ComputeJob", _set(examples.computejob_spec(), ["resources", "timeoutSeconds"], -5),
      "spec.resources.timeoutSeconds", "greater than or equal to 1"),
     ("bad-quantity", "ComputeJob", _set(examples.computejob_spec(), ["resources", "memory"], "12XB"),
@@ -102,7 +101,9 @@ def test_invalid_spec_is_rejected_naming_the_field(
 ) -> None:
     proc = kubectl("create", "-f", "-", stdin=json.dumps(_obj(kind, "bad", namespace, spec)), check=False)
     assert proc.returncode != 0, f"{case} was accepted"
-    lines = [line for line in proc.stderr.split("\n") if f"{path}: " in line and text in line]
+    # CEL and OpenAPI errors read `path: ...`; a oneOf error quotes the path instead.
+    lines = [line for line in proc.stderr.split("\n")
+             if (f"{path}: " in line or f'"{path}"' in line) and text in line]
     assert lines, proc.stderr
 
 

@@ -85,11 +85,14 @@ def test_schema_is_structural(info: crd.KindInfo) -> None:
         ({"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": False},
          "mutually exclusive"),
         ({"type": "integer", "exclusiveMinimum": 0}, "must be a boolean"),
+        ({"type": "integer", "maximum": 2**63 - 1}, "not exact as a float64"),
         ({"type": "array", "items": {"type": "object", "properties": {"n": {"type": "string"}}},
           "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["n"]}, "must be required"),
         ({"type": "object", "required": ["b"], "properties": {"a": {"type": "string"}}}, "unknown properties"),
         ({"type": "object", "x-kubernetes-validations": [{"rule": "true", "message": "a", "fieldPath": "a"}]},
          "fieldPath"),
+        ({"type": "object", "properties": {"v": {"x-kubernetes-preserve-unknown-fields": True}},
+          "x-kubernetes-validations": [{"rule": "has(self.v)", "message": "v"}]}, "cannot see"),
     ],
 )
 def test_structural_validator_catches_violations(schema: dict[str, Any], fragment: str) -> None:
@@ -170,6 +173,8 @@ def test_inputs_are_a_list_map_keyed_by_name() -> None:
     inputs = spec["properties"]["inputs"]
     assert inputs["x-kubernetes-list-type"] == "map"
     assert inputs["x-kubernetes-list-map-keys"] == ["name"]
+    sources = ["value", "fromJob", "fromSeed", "fromObject", "fromConfigMap"]
+    assert inputs["items"]["oneOf"] == [{"required": [s]} for s in sources]
     value = inputs["items"]["properties"]["value"]
     assert value["x-kubernetes-preserve-unknown-fields"] is True and "type" not in value
     memory = spec["properties"]["resources"]["properties"]["memory"]

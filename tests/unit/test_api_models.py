@@ -155,3 +155,11 @@ def test_short_key_and_duration() -> None:
     assert short_key("b3:9f2c0123456789abcdef") == "9f2c01234567"
     assert short_key("9f2c0123456789abcdef") == "9f2c01234567"
     assert [format_duration(ms) for ms in (12, 3400, 125_000, 3_720_000)] == ["12ms", "3.4s", "2m5s", "1h2m"]
+
+
+def test_seed_must_fit_int64() -> None:
+    spec = examples.gmemseed_spec()
+    spec["layers"][0]["seed"] = 2**63
+    with pytest.raises(SpecError) as caught:
+        gmemseed_manifest("field", "ml", spec)
+    assert caught.value.problems[0].startswith("spec.layers[0].seed: ")

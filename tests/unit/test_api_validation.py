@@ -193,10 +193,15 @@ def test_crd_schema_rejects_with_field_named(
 ) -> None:
     errors = api_server_errors(info, spec)
     assert _names(errors, path), errors
-    assert any(text in e for e in errors), errors
+    if case in CEL_IDS:
+        assert any(text in e for e in errors), errors
 
 
-CEL_CASES = [c for c in CASES if c[5]]
+# The cross-field rules the CRD states in CEL (the input-source rule is a oneOf: CEL cannot
+# see the untyped `value`), whose messages must equal the Python ones.
+CEL_IDS = {"python-and-command", "neither-python-nor-command", "map-over-unknown-input",
+           "readers-both", "writers-neither"}
+CEL_CASES = [c for c in CASES if c[0] in CEL_IDS]
 
 
 @pytest.mark.parametrize(("case", "info", "model", "spec", "path", "text"), CEL_CASES,
