@@ -111,7 +111,9 @@ def validations(*rules: dict[str, str]) -> dict[str, Any]:
 
 def _check_quantity(value: Any) -> int | str:
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"{value!r} is not a quantity: use a number or a string such as 500m, 2, 512Mi, 1Gi")
+        # ValueError, not TypeError: pydantic turns only ValueError into a field-named error.
+        message = f"{value!r} is not a quantity: use a number or a string such as 500m, 2, 512Mi, 1Gi"
+        raise ValueError(message)  # noqa: TRY004
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"{value} is negative: a quantity must be >= 0")

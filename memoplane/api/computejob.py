@@ -15,10 +15,10 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from .common import (
     AGE_COLUMN,
     API_VERSION,
-    Conditions,
     CONFIGMAP_KEY_PATTERN,
     DNS_LABEL_PATTERN,
     BucketName,
+    Conditions,
     Digest,
     Identifier,
     JsonValue,

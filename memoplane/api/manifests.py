@@ -80,10 +80,10 @@ def parse_gmemseed(obj: Mapping[str, Any]) -> GMemSeed:
 
 def check_name(name: str, what: str = "metadata.name") -> str:
     if len(name) > 253 or not _DNS_SUBDOMAIN.match(name):
-        raise SpecError([
+        raise SpecError([(
             f"{what}: {name!r} is not a valid name: use lower-case letters, digits, '-' and '.'"
             " (at most 253 characters, starting and ending with a letter or digit)"
-        ])
+        )])
     return name
 
 

@@ -15,7 +15,11 @@ import pytest
 
 from memoplane.api import crd, examples
 from memoplane.api.conditions import mark_ready
-from memoplane.api.manifests import computejob_manifest, gmemseed_manifest, resultcache_manifest
+from memoplane.api.manifests import (
+    computejob_manifest,
+    gmemseed_manifest,
+    resultcache_manifest,
+)
 
 # The `kubectl` fixture of conftest.py: kubectl(*args, stdin=None, check=True).
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]

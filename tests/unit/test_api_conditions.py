@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from memoplane.api.common import Condition
 from memoplane.api.conditions import (
     READY,
     RECONCILING,
@@ -19,7 +20,6 @@ from memoplane.api.conditions import (
     rfc3339,
     set_condition,
 )
-from memoplane.api.common import Condition
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 T1 = T0 + timedelta(minutes=5)

@@ -12,6 +12,7 @@ from memoplane.api import (
     ComputeJobSpec,
     SpecError,
     computejob_manifest,
+    examples,
     format_duration,
     gmemseed_manifest,
     parse_computejob,
@@ -19,7 +20,6 @@ from memoplane.api import (
     resultcache_manifest,
     short_key,
 )
-from memoplane.api import examples
 from memoplane.api.computejob import ComputeJobStatus
 
 DESIGN_JOB = """
@@ -105,9 +105,9 @@ def test_manifest_builder_rejects_bad_spec_naming_the_field() -> None:
     spec["inputs"][1] = {"name": "scale"}
     with pytest.raises(SpecError) as caught:
         computejob_manifest("j", "ml", spec)
-    assert caught.value.problems == [
+    assert caught.value.problems == [(
         "spec.inputs[1]: input 'scale' has 0 sources: set exactly one of value, fromJob, fromSeed,"
-        " fromObject, fromConfigMap"]
+        " fromObject, fromConfigMap")]
     assert "spec.inputs[1]" in str(caught.value)
 
 

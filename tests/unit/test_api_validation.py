@@ -173,8 +173,7 @@ IDS = [c[0] for c in CASES]
 
 def _names(errors: list[str], path: str) -> bool:
     """An error is about `path` (or an element of it: spec.inputs[1] is about spec.inputs)."""
-    return any(e.startswith(path + ":") or e.startswith(path + "[") or e.startswith(path + ".")
-               for e in errors)
+    return any(e.startswith((path + ":", path + "[", path + ".")) for e in errors)
 
 
 @pytest.mark.parametrize(("case", "info", "model", "spec", "path", "text"), CASES, ids=IDS)
