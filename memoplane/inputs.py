@@ -76,14 +76,11 @@ def parse_env(texts: list[str]) -> dict[str, str]:
     return env
 
 
-_UNITS = {"": 1, "k": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
-          "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
-_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
-
-
 def parse_bytes(text: str, field: str) -> int:
-    """A Kubernetes-style byte quantity: 512Mi, 1Gi, 1000000."""
-    match = _QUANTITY.match(text.strip())
-    if not match:
-        raise InputError(f"{field}: {text!r} is not a byte quantity", "write e.g. 512Mi, 2Gi or a number of bytes")
-    return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+    """A Kubernetes byte quantity (512Mi, 1Gi, 1000000), as the CRDs accept it."""
+    from .api.common import parse_quantity  # one quantity grammar for CLI and API
+
+    try:
+        return int(parse_quantity(text.strip()))
+    except ValueError:
+        raise InputError(f"{field}: {text!r} is not a byte quantity", "write e.g. 512Mi, 2Gi or a number of bytes") from None

@@ -12,9 +12,7 @@ in the agents' namespace, renewed every RENEW_SECONDS, annotated with what it ca
 
 from __future__ import annotations
 
-GROUP = "memoplane.io"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+from ..api.common import API_VERSION, GROUP, VERSION  # noqa: F401  (one definition, in the API models)
 COMPUTEJOBS = "computejobs"
 RESULTCACHES = "resultcaches"
 GMEMSEEDS = "gmemseeds"
