@@ -29,7 +29,8 @@ KEY_VERSION = 1
 DIGEST_PREFIX = "b3:"
 
 
-def digest_bytes(data: bytes) -> str:
+def digest_bytes(data: bytes | memoryview) -> str:
+    """The digest string of `data`: "b3:" + 64 hex digits."""
     return DIGEST_PREFIX + blake3.blake3(data).hexdigest()
 
 

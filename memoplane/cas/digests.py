@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import re
 
-import blake3
-
 from ..errors import InputError
+from ..keys import DIGEST_PREFIX as PREFIX
+from ..keys import digest_bytes as b3  # noqa: F401  (one digest function for keys and store)
 
-PREFIX = "b3:"
 _DIGEST = re.compile(r"^b3:[0-9a-f]{64}$")
-
-
-def b3(data: bytes | memoryview) -> str:
-    """The digest string of `data`."""
-    return PREFIX + blake3.blake3(data).hexdigest()
 
 
 def check_digest(value: object, field: str = "digest") -> str:
