@@ -61,11 +61,41 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
 
 def _add_result(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("result", help="print a stored result and write its output files")
-    p.add_argument("ref", metavar="KEY_OR_DIGEST", help="a cache key or a result digest (b3:...)")
+    p.add_argument("ref", metavar="KEY_OR_DIGEST|JOB",
+                   help="a cache key or result digest (b3:...) in the local store, or a ComputeJob's name")
+    p.add_argument("-n", "--namespace", help="with JOB: its namespace")
     p.add_argument("-o", "--output", metavar="DIR", help="write the output files and return value here")
     p.add_argument("--json", action="store_true")
     _store_flag(p)
     p.set_defaults(handler=_lazy("memoplane.commands.store", "result_command"))
+
+
+def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("submit", help="create a ComputeJob from a Python file on the current cluster")
+    p.add_argument("script", help="a Python file whose entrypoint is called with the inputs")
+    p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=JSON|NAME=@FILE",
+                   help="an input: a JSON value, or @FILE (sent as an immutable ConfigMap, < 1 MiB)")
+    p.add_argument("--entrypoint", "-e", default="main")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--version", dest="salt", default="", metavar="SALT")
+    p.add_argument("--policy", choices=["Use", "Refresh", "Bypass"], default="Use")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+    p.add_argument("--memory", default="2Gi", metavar="QUANTITY")
+    p.add_argument("--name", help="the ComputeJob's name (default: generated from the file name)")
+    p.add_argument("-n", "--namespace", help="default: the kubeconfig context's namespace")
+    p.add_argument("--wait", action="store_true", help="wait until it succeeds or fails, and print the result")
+    p.add_argument("--wait-timeout", type=float, default=600.0, metavar="SECONDS")
+    p.add_argument("--dry-run", action="store_true", help="print the manifest instead of creating it")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_lazy("memoplane.commands.cluster", "submit_command"))
+
+    for name, handler, text in (("get", "get_command", "show a ComputeJob's phase, key, node and result"),
+                                ("logs", "logs_command", "print a ComputeJob's stdout and stderr")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job", metavar="JOB")
+        p.add_argument("-n", "--namespace")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(handler=_lazy("memoplane.commands.cluster", handler))
 
 
 def _add_store_commands(sub: argparse._SubParsersAction) -> None:
@@ -111,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_explain(sub)
     _add_result(sub)
+    _add_cluster_commands(sub)
     _add_store_commands(sub)
     return parser
 
@@ -136,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("memoplane: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `memoplane ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
