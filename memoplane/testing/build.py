@@ -97,6 +97,18 @@ def _go_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _progress(log: Path) -> tuple[int, int]:
+    """(modules downloaded, packages compiled) so far, from go's -v output in `log`."""
+    downloads = packages = 0
+    with log.open(errors="replace") as lines:
+        for line in lines:
+            if line.startswith("go: downloading "):
+                downloads += 1
+            elif line and not line.startswith(("go: ", "$ ", "#", " ", "\t")):
+                packages += 1
+    return downloads, packages
+
+
 def _run_logged(component: str, argv: list[str], cwd: Path, log: Path,
                 env: dict[str, str] | None = None) -> None:
     """Run a go command, appending its output to `log` and printing a heartbeat meanwhile."""
@@ -110,9 +122,9 @@ def _run_logged(component: str, argv: list[str], cwd: Path, log: Path,
 
     def heartbeat() -> None:
         while not stop.wait(_PROGRESS_EVERY_S):
-            lines = sum(1 for _ in log.open(errors="replace"))
-            _log(f"  {component}: {argv[1]} running {time.monotonic() - started:.0f}s, "
-                 f"{lines} log lines ({log})")
+            downloads, packages = _progress(log)
+            _log(f"  {component}: go {argv[1]} {time.monotonic() - started:.0f}s: "
+                 f"{downloads} modules downloaded, {packages} packages compiled")
 
     thread = threading.Thread(target=heartbeat, daemon=True)
     thread.start()
@@ -138,7 +150,8 @@ def _download(component: str, module: str, version: str, log: Path) -> dict[str,
     """`go mod download -json` one module; returns its Dir and GoMod paths."""
     out = subprocess.run(["go", "mod", "download", "-json", f"{module}@{version}"],
                          capture_output=True, text=True, env=_go_env())
-    log.open("a").write(out.stdout + out.stderr)
+    with log.open("a") as f:
+        f.write(out.stderr)  # stdout is the JSON parsed below
     try:
         info: dict[str, str] = json.loads(out.stdout)
     except json.JSONDecodeError:

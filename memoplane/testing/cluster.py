@@ -249,6 +249,17 @@ def _health_checks(info: ClusterInfo) -> dict[str, _Check]:
     }
 
 
+def _unhealthy_after_grace(info: ClusterInfo, grace_s: float = 10.0) -> list[str]:
+    """Components still failing their health check after `grace_s` (a busy machine answers
+    slowly; a running set must not be thrown away for one slow reply)."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        sick = [name for name, ok in healthy(info).items() if not ok]
+        if not sick or time.monotonic() > deadline:
+            return sick
+        time.sleep(0.5)
+
+
 def healthy(info: ClusterInfo) -> dict[str, bool]:
     return {name: _http_ok(check) for name, check in _health_checks(info).items()}
 
@@ -367,6 +378,8 @@ def _prepare(directory: Path, ports: Ports) -> tuple[ClusterInfo, dict[str, Path
     """A fresh data dir, keys, token and kubeconfig; returns the cluster's description."""
     for sub in ("data", "pki", "pids"):
         shutil.rmtree(directory / sub, ignore_errors=True)
+    for stale in ("state.json", "env"):  # written again only once the new set is ready
+        (directory / stale).unlink(missing_ok=True)
     for sub in ("data/etcd", "data/minio", "pids", "logs"):
         (directory / sub).mkdir(parents=True, exist_ok=True)
     (directory / "data" / "etcd").chmod(0o700)  # etcd warns about anything wider
@@ -422,9 +435,11 @@ def up(directory: Path | None = None, owner: str = "cli") -> UpResult:
     with _locked(directory):
         running = _running(directory)
         info = load_info(directory)
-        if info and running and all(running.get(n) for n in _SERVERS) \
-                and all(healthy(info).values()):
-            return UpResult(info, True, missing, time.monotonic() - started)
+        if info and running and all(running.get(n) for n in _SERVERS):
+            sick = _unhealthy_after_grace(info)
+            if not sick:
+                return UpResult(info, True, missing, time.monotonic() - started)
+            build._log(f"an earlier run in {directory} is not healthy ({', '.join(sick)})")
         if running:
             build._log(f"cleaning up an earlier run in {directory} "
                        f"(alive: {sorted(n for n, ok in running.items() if ok) or 'none'})")

@@ -171,3 +171,16 @@ def test_cli_lifecycle_reuses_build_recovers_from_crash_and_cleans_up(
 
 def _is_zombie(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_wrappers_replace_local_modules_with_published_versions() -> None:
+    """The wrapper go.mod files were derived from the releases' own go.mod files."""
+    versions = build.load_versions()
+    minor, patch = versions.kubernetes.lstrip("v").split(".")[1:3]
+    kube = (build.cache_dir() / "src" / f"kube-apiserver-{versions.kubernetes}" / "go.mod")
+    etcd = (build.cache_dir() / "src" / f"etcd-{versions.etcd}" / "go.mod")
+    kube_mod, etcd_mod = kube.read_text(), etcd.read_text()
+    assert f"k8s.io/apiserver => k8s.io/apiserver v0.{minor}.{patch}" in kube_mod
+    assert f"go.etcd.io/etcd/api/v3 => go.etcd.io/etcd/api/v3 {versions.etcd}" in etcd_mod
+    for text in (kube_mod, etcd_mod):
+        assert "=> ./" not in text and "=> ../" not in text and "FORBIDDEN" not in text
