@@ -4,6 +4,8 @@
     out = store.put_tree(out_dir)
     digest = store.commit(ResultManifest(...))  # result, then ref
     hit = store.get_ref(key)                    # None = miss: recompute
+
+    store = open_store("s3://bucket/prefix")    # MinIO/S3: MEMOPLANE_S3_ENDPOINT, _ACCESS_KEY, _SECRET_KEY
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ from urllib.parse import urlparse
 
 from ..errors import InputError
 from .backend import Backend, ObjectInfo
+from .cached import DEFAULT_MAX_BYTES as DEFAULT_CACHE_BYTES
+from .cached import CachingBackend
 from .chunking import ChunkParams
 from .digests import b3, check_digest
 from .fs import FilesystemBackend
 from .gc import Damage, EvictReport, GcReport, Stats, VerifyReport
 from .manifests import (BlobManifest, BlobRef, Provenance, ResultManifest, StoredValue, TreeEntry,
                         TreeManifest, ValueKind)
+from .s3 import S3Backend, StoreUnavailable, make_client
 from .signing import Blake3MacSigner, SignatureInvalid, Signer
-from .store import INLINE_MAX, Hit, Store
+from .store import INLINE_MAX, READ_AHEAD, Hit, Store
 
 __all__ = [
     "Backend", "ObjectInfo", "FilesystemBackend", "Store", "Hit", "ChunkParams",
@@ -29,9 +34,13 @@ __all__ = [
     "ResultManifest", "ValueKind", "Signer", "Blake3MacSigner", "SignatureInvalid",
     "VerifyReport", "Damage", "GcReport", "Stats", "EvictReport", "INLINE_MAX",
     "b3", "check_digest", "default_store_path", "open_store",
+    "S3Backend", "StoreUnavailable", "CachingBackend", "store_from_settings",
 ]
 
 ENV = "MEMOPLANE_STORE"
+S3_ENV = ("MEMOPLANE_S3_ENDPOINT", "MEMOPLANE_S3_ACCESS_KEY", "MEMOPLANE_S3_SECRET_KEY")
+CACHE_DIR_ENV = "MEMOPLANE_CACHE_DIR"  # optional: a node-local chunk cache in front of S3
+CACHE_MAX_ENV = "MEMOPLANE_CACHE_MAX_BYTES"
 
 
 def default_store_path() -> Path:
@@ -48,16 +57,68 @@ def default_store_path() -> Path:
 
 def open_store(location: str | os.PathLike[str] | None = None, *, signer: Signer | None = None,
                workers: int | None = None) -> Store:
-    """A store at a path or file:// URL (None: default_store_path())."""
+    """A store at a path, file:// URL or s3://bucket/prefix (None: $MEMOPLANE_STORE, else
+    the default directory). s3:// reads MEMOPLANE_S3_ENDPOINT (http://host:port or
+    https://...), MEMOPLANE_S3_ACCESS_KEY, MEMOPLANE_S3_SECRET_KEY, and optionally
+    MEMOPLANE_CACHE_DIR / MEMOPLANE_CACHE_MAX_BYTES for a node-local chunk cache."""
     if location is None:
-        return Store(FilesystemBackend(default_store_path()), signer=signer, workers=workers)
+        env = os.environ.get(ENV)
+        if not env or not env.startswith(("s3://", "minio://")):
+            return Store(FilesystemBackend(default_store_path()), signer=signer, workers=workers)
+        location = env
     text = os.fspath(location)
     url = urlparse(text)
-    if url.scheme in ("s3", "minio", "http", "https"):
-        raise InputError(f"store {text}: object-store backends are not available yet",
-                         "use a directory path, or set MEMOPLANE_STORE to one")
+    if url.scheme in ("s3", "minio"):
+        return _open_s3(text, signer=signer, workers=workers)
+    if url.scheme in ("http", "https"):
+        raise InputError(f"store {text}: an endpoint is not a store location",
+                         "use s3://bucket/prefix and set MEMOPLANE_S3_ENDPOINT to the endpoint")
     if url.scheme == "file":
         text = url.path
     elif url.scheme and len(url.scheme) > 1:
         raise InputError(f"store {text}: unknown scheme {url.scheme!r}", "use a directory path or file://")
     return Store(FilesystemBackend(text), signer=signer, workers=workers)
+
+
+def _open_s3(text: str, *, signer: Signer | None, workers: int | None) -> Store:
+    url = urlparse(text)
+    if not url.netloc:
+        raise InputError(f"store {text} names no bucket", "use s3://bucket/prefix")
+    for var in S3_ENV:
+        if not os.environ.get(var):
+            raise InputError(f"store {text}: {var} is not set",
+                             f"export {var} (for the local control plane: eval \"$(hack/cluster env)\")")
+    endpoint, access_key, secret_key = (os.environ[v] for v in S3_ENV)
+    max_bytes = os.environ.get(CACHE_MAX_ENV)
+    try:
+        cache_max = int(max_bytes) if max_bytes else None
+    except ValueError:
+        raise InputError(f"{CACHE_MAX_ENV}={max_bytes!r} is not a number of bytes", "set it to an integer") from None
+    return store_from_settings(endpoint, access_key, secret_key, url.netloc, url.path,
+                               cache_dir=os.environ.get(CACHE_DIR_ENV) or None,
+                               cache_max_bytes=cache_max, signer=signer, workers=workers)
+
+
+def store_from_settings(endpoint: str, access_key: str, secret_key: str, bucket: str, prefix: str = "", *,
+                        secure: bool | None = None, cache_dir: str | os.PathLike[str] | None = None,
+                        cache_max_bytes: int | None = None, signer: Signer | None = None,
+                        workers: int | None = None, region: str | None = None,
+                        create_bucket: bool = True) -> Store:
+    """A Store on S3/MinIO, as the operator and agents build it from their settings.
+
+    `endpoint`: http://host:port, https://host or host:port (then `secure`, default
+    True). `cache_dir`: a node-local read-through cache of content-addressed objects
+    (bounded by `cache_max_bytes`, default 10 GiB). `create_bucket`: create the bucket
+    if missing (one request now instead of a failure on the first write)."""
+    workers = workers or os.cpu_count() or 2
+    # Upload threads plus read-ahead, with headroom for refs and listing.
+    client = make_client(endpoint, access_key, secret_key, secure=secure, region=region,
+                         max_connections=max(32, 2 * workers + READ_AHEAD))
+    s3 = S3Backend(client, bucket, prefix)
+    if create_bucket:
+        s3.ensure_bucket()
+    backend: Backend = s3
+    if cache_dir is not None:
+        backend = CachingBackend(s3, FilesystemBackend(cache_dir, durability="none"),
+                                 max_bytes=DEFAULT_CACHE_BYTES if cache_max_bytes is None else cache_max_bytes)
+    return Store(backend, signer=signer, workers=workers)

@@ -19,11 +19,11 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import blake3
 
@@ -44,6 +44,11 @@ log = logging.getLogger("memoplane.cas")
 
 INLINE_MAX = 4096  # canonical JSON bytes a return value may have and still sit in the result manifest
 READ_AHEAD = 16  # chunks fetched and verified in parallel ahead of the reader
+T = TypeVar("T")
+
+
+class _Damaged(Exception):
+    """A check in Store._load found bytes that do not match their name."""
 
 
 @dataclass(frozen=True)
@@ -101,12 +106,7 @@ class Store:
 
     def blob_manifest(self, digest: str) -> BlobManifest:
         """The blob's chunk list (seal checked); NotFound if absent."""
-        name = object_name("blobs", digest)
-        data = self.backend.get(name)
-        try:
-            return BlobManifest.from_dict(unseal(data))
-        except (SealError, InputError) as e:
-            raise self._quarantine(name, data, str(e)) from None
+        return self._load(object_name("blobs", digest), lambda data: _sealed(data, BlobManifest.from_dict))
 
     def iter_blob(self, digest: str) -> Iterator[bytes]:
         """The blob's content chunk by chunk. Each chunk is verified before it is
@@ -149,19 +149,42 @@ class Store:
             tmp.unlink(missing_ok=True)
 
     def _read_chunk(self, digest: str, blob: str = "") -> bytes:
-        name = object_name("chunks", digest)
+        def check(stored: bytes) -> bytes:
+            try:
+                plain = decode_chunk(stored)
+            except ChunkDecodeError as e:
+                raise _Damaged(str(e)) from None
+            if b3(plain) != digest:
+                raise _Damaged("its content does not hash to its address")
+            return plain
+
         try:
-            stored = self.backend.get(name)
+            return self._load(object_name("chunks", digest), check)
         except NotFound:
             raise StoreCorrupted(f"chunk {digest} of blob {blob or '?'} is missing from {self.describe()}",
                                  "the result will be recomputed; run `memoplane verify`") from None
+
+    def _load(self, name: str, check: Callable[[bytes], T]) -> T:
+        """Read `name` and return check(bytes); `check` raises _Damaged.
+
+        If the damaged bytes were a node-local cached copy (the backend's optional
+        `drop_cached(name, seen) -> bool`, see cached.py), that copy is dropped and the
+        object re-read once from the remote before giving up, so a bad local copy
+        never quarantines (deletes) a good remote one. Damage that is not local is
+        quarantined and raised as StoreCorrupted."""
+        data = self.backend.get(name)
         try:
-            plain = decode_chunk(stored)
-        except ChunkDecodeError as e:
-            raise self._quarantine(name, stored, str(e)) from None
-        if b3(plain) != digest:
-            raise self._quarantine(name, stored, "its content does not hash to its address")
-        return plain
+            return check(data)
+        except _Damaged as e:
+            drop = getattr(self.backend, "drop_cached", None)
+            if drop is None or not drop(name, data):
+                raise self._quarantine(name, data, str(e)) from None
+            log.warning("%s: the cached copy was damaged (%s); re-reading it from the remote", name, e)
+        data = self.backend.get(name)
+        try:
+            return check(data)
+        except _Damaged as e:
+            raise self._quarantine(name, data, str(e)) from None
 
     # -- quarantine ------------------------------------------------------------
 
@@ -201,15 +224,13 @@ class Store:
         return BlobRef(tree.digest, tree.size)
 
     def get_tree(self, digest: str) -> TreeManifest:
-        name = object_name("trees", digest)
-        data = self.backend.get(name)
-        try:
-            tree = TreeManifest.from_dict(unseal(data))
-        except (SealError, InputError) as e:
-            raise self._quarantine(name, data, str(e)) from None
-        if tree.digest != digest:
-            raise self._quarantine(name, data, "its content does not hash to its address")
-        return tree
+        def check(data: bytes) -> TreeManifest:
+            tree = _sealed(data, TreeManifest.from_dict)
+            if tree.digest != digest:
+                raise _Damaged("its content does not hash to its address")
+            return tree
+
+        return self._load(object_name("trees", digest), check)
 
     def materialize(self, digest: str, dest: str | os.PathLike[str]) -> None:
         """Recreate a tree under `dest` (created; must be empty if it exists)."""
@@ -269,14 +290,13 @@ class Store:
 
     def get_result(self, digest: str) -> ResultManifest:
         """The result, address (and, with a signer, signature) checked."""
-        name = object_name("results", digest)
-        data = self.backend.get(name)
-        try:
-            result = ResultManifest.from_dict(unseal(data))
-        except (SealError, InputError) as e:
-            raise self._quarantine(name, data, str(e)) from None
-        if result.digest != digest:
-            raise self._quarantine(name, data, "its content does not hash to its address")
+        def check(data: bytes) -> ResultManifest:
+            result = _sealed(data, ResultManifest.from_dict)
+            if result.digest != digest:
+                raise _Damaged("its content does not hash to its address")
+            return result
+
+        result = self._load(object_name("results", digest), check)
         if self.signer and not (result.signature and self.signer.verify(result.signing_message(),
                                                                          result.signature)):
             raise SignatureInvalid(f"result {digest} is unsigned or signed with another key",
@@ -381,6 +401,13 @@ class Store:
     def evict(self, max_age: float | None = None, max_bytes: int | None = None) -> EvictReport:
         from .gc import evict
         return evict(self, max_age=max_age, max_bytes=max_bytes)
+
+
+def _sealed(data: bytes, parse: Callable[[dict[str, Any]], T]) -> T:
+    try:
+        return parse(unseal(data))
+    except (SealError, InputError) as e:
+        raise _Damaged(str(e)) from None
 
 
 def _walk_tree(root: Path) -> Iterator[tuple[str, os.stat_result]]:

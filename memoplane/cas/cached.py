@@ -1,0 +1,229 @@
+"""A node-local read-through cache in front of a remote backend (DESIGN §4: the agent's
+chunk cache in front of MinIO).
+
+Content-addressed objects (chunks, blobs, trees, results) never change under their name,
+so a local copy is always as good as the remote one: reads try the local directory first
+and fill it on a miss. Refs are mutable and always go to the remote. Writes go to the
+remote (which refreshes GC ages there) and populate the cache with what this node uploaded.
+
+Corruption: the Store verifies every read. When a damaged copy came from this cache, the
+Store calls `drop_cached(name, seen)`, which removes the local copy, and re-reads the object
+(now from the remote) before it gives up; only a damaged *remote* copy is quarantined. As a
+second line, `delete` of a cached name removes the remote object only when the remote bytes
+equal the local copy it dropped: a damaged local copy can never delete a good remote one.
+
+`exists` answers from the cache first: a local copy is verified data this node can serve,
+and the Store's writers never rely on it for the remote, because they put_if_absent (which
+always asks the remote and refreshes its age) every object before checking it exists.
+
+The cache is bounded: past `max_bytes`, the least recently used copies (by mtime, which a
+hit refreshes; atime is unreliable under relatime/noatime) are removed down to 90 %.
+Several processes may share one cache directory; each keeps an estimate of its size and an
+eviction rescans the directory for the truth.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from ..errors import InputError, NotFound
+from .backend import Backend, ObjectInfo
+from .fs import FilesystemBackend
+
+log = logging.getLogger("memoplane.cas")
+
+CACHE_PREFIXES = ("chunks/", "blobs/", "trees/", "results/")
+DEFAULT_MAX_BYTES = 10 << 30
+LOW_WATER = 0.9  # an eviction frees down to this fraction of max_bytes, so it runs rarely
+
+
+@dataclass
+class CacheCounters:
+    hits: int = 0
+    misses: int = 0
+    evicted: int = 0
+    dropped_damaged: int = 0
+
+
+class CachingBackend:
+    """`remote` with a bounded local copy of its immutable objects in `local`."""
+
+    def __init__(self, remote: Backend, local: FilesystemBackend,
+                 cache_prefixes: tuple[str, ...] = CACHE_PREFIXES, *,
+                 max_bytes: int = DEFAULT_MAX_BYTES, populate_on_write: bool = True) -> None:
+        if max_bytes < 0:
+            raise InputError(f"cache max_bytes={max_bytes} is negative", "use a size in bytes (0 caches nothing)")
+        if any(p.startswith("refs/") or p == "" for p in cache_prefixes):
+            raise InputError(f"cache_prefixes {cache_prefixes} include refs", "refs are mutable: never cache them")
+        self.remote = remote
+        self.local = local
+        self.cache_prefixes = tuple(cache_prefixes)
+        self.max_bytes = max_bytes
+        self.populate_on_write = populate_on_write
+        self.counters = CacheCounters()
+        self._lock = threading.Lock()
+        self._evicting = threading.Lock()
+        self._bytes: int | None = None  # estimate; None until first needed
+
+    def _cached(self, name: str) -> bool:
+        return name.startswith(self.cache_prefixes)
+
+    # -- the Backend protocol ---------------------------------------------------
+
+    def put(self, name: str, data: bytes) -> None:
+        self.remote.put(name, data)
+        if self._cached(name):
+            if self.populate_on_write:
+                self._fill(name, data)
+            else:
+                self._drop(name)
+
+    def put_if_absent(self, name: str, data: bytes | Callable[[], bytes]) -> bool:
+        if not self._cached(name) or not self.populate_on_write:
+            return self.remote.put_if_absent(name, data)
+        made: list[bytes] = []
+
+        def produce() -> bytes:  # called by the remote only when it lacks the object
+            made.append(data() if callable(data) else data)
+            return made[0]
+
+        wrote = self.remote.put_if_absent(name, produce)
+        if made:
+            self._fill(name, made[0])
+        return wrote
+
+    def get(self, name: str) -> bytes:
+        if not self._cached(name):
+            return self.remote.get(name)
+        try:
+            data = self.local.get(name)
+        except NotFound:
+            pass
+        else:
+            with self._lock:
+                self.counters.hits += 1
+            self._touch(name)
+            return data
+        data = self.remote.get(name)
+        with self._lock:
+            self.counters.misses += 1
+        self._fill(name, data)
+        return data
+
+    def exists(self, name: str) -> bool:
+        return (self._cached(name) and self.local.exists(name)) or self.remote.exists(name)
+
+    def delete(self, name: str) -> None:
+        if self._cached(name):
+            try:
+                mine = self.local.get(name)
+            except NotFound:
+                pass
+            else:
+                self._drop(name, len(mine))
+                try:
+                    theirs = self.remote.get(name)
+                except NotFound:
+                    return
+                if theirs != mine:
+                    log.warning("kept %s in %s: only the local copy at %s differed", name,
+                                self.remote.describe(), self.local.describe())
+                    return
+        self.remote.delete(name)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return self.remote.list(prefix)
+
+    def flush(self) -> None:
+        self.remote.flush()  # local copies can always be refetched: never synced
+
+    def describe(self) -> str:
+        return f"{self.remote.describe()} (cached in {self.local.describe()})"
+
+    # -- corruption --------------------------------------------------------------
+
+    def drop_cached(self, name: str, seen: bytes) -> bool:
+        """The Store read `seen` for `name` and found it damaged. If that is this
+        node's local copy, remove it and return True: the caller re-reads, which
+        now goes to the remote. False: the damage is not (or no longer) local."""
+        if not self._cached(name):
+            return False
+        try:
+            mine = self.local.get(name)
+        except NotFound:
+            return False
+        if mine != seen:
+            return False
+        self._drop(name, len(mine))
+        with self._lock:
+            self.counters.dropped_damaged += 1
+        log.warning("dropped a damaged local copy of %s from %s", name, self.local.describe())
+        return True
+
+    # -- bookkeeping ---------------------------------------------------------------
+
+    def _touch(self, name: str) -> None:
+        try:
+            os.utime(self.local.root / name)
+        except FileNotFoundError:  # evicted by another process meanwhile
+            pass
+
+    def _drop(self, name: str, size: int | None = None) -> None:
+        if size is None:
+            try:
+                size = (self.local.root / name).stat().st_size
+            except FileNotFoundError:
+                return
+        self.local.delete(name)
+        with self._lock:
+            if self._bytes is not None:
+                self._bytes = max(0, self._bytes - size)
+
+    def _fill(self, name: str, data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        self.local.put(name, data)
+        with self._lock:
+            if self._bytes is None:
+                self._bytes = self._scan()[1]
+            else:
+                self._bytes += len(data)
+            over = self._bytes > self.max_bytes
+        if over:
+            self.evict()
+
+    def _scan(self) -> tuple[builtins.list[ObjectInfo], int]:
+        infos = [i for p in self.cache_prefixes for i in self.local.list(p)]
+        return infos, sum(i.size for i in infos)
+
+    def cached_bytes(self) -> int:
+        """Bytes held in the local cache (a fresh scan)."""
+        return self._scan()[1]
+
+    def evict(self, target: int | None = None) -> int:
+        """Remove least recently used local copies until at most `target` bytes
+        (default LOW_WATER of max_bytes) remain; returns how many were removed.
+        One thread evicts at a time; the others carry on."""
+        if not self._evicting.acquire(blocking=False):
+            return 0
+        try:
+            target = int(self.max_bytes * LOW_WATER) if target is None else target
+            infos, total = self._scan()
+            removed = 0
+            for info in sorted(infos, key=lambda i: (i.mtime, i.name)):
+                if total <= target:
+                    break
+                self.local.delete(info.name)
+                total -= info.size
+                removed += 1
+            with self._lock:
+                self._bytes = total
+                self.counters.evicted += removed
+            return removed
+        finally:
+            self._evicting.release()
