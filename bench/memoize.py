@@ -25,9 +25,9 @@ import joblib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, metric  # noqa: E402
+from _common import emit, metric
 
-import memoplane  # noqa: E402
+import memoplane
 
 
 def featurize(rows: Any, scale: float, label: str = "x") -> dict:
@@ -60,8 +60,8 @@ def main() -> None:
         for label, args in (("scalars", ([1, 2, 3], 2.5)), ("array_1mib", (np.random.default_rng(0).random(131072), 2.5))):
             for fn in (job, mem, disk):
                 assert fn(*args) == featurize(*args)  # warm, and a hit returns the right value
-            samples = timed_hits({"joblib": lambda: job(*args), "memory": lambda: mem(*args),
-                                  "store": lambda: disk(*args)}, n)
+            samples = timed_hits({"joblib": lambda a=args: job(*a), "memory": lambda a=args: mem(*a),
+                                  "store": lambda a=args: disk(*a)}, n)
             base = p(samples["joblib"], 50)
             for variant in ("memory", "store"):
                 ours = p(samples[variant], 50)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, metric  # noqa: E402
+from _common import emit, metric
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "primes.py"
 

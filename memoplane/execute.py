@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .cas import Provenance, ResultManifest, Store, StoredValue
-from .jobs import BlobInput, JsonInput, Job, input_file_name, json_input_file, sandbox_task
+from .jobs import BlobInput, Job, JsonInput, input_file_name, json_input_file, sandbox_task
 from .sandbox.types import Failure, SandboxOutcome, SandboxRequest
 
 RETURN_FILE = "return.npy"  # where the sandbox saves an array return value

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .quantity import parse_quantity  # the CRDs' grammar
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -78,8 +79,6 @@ def parse_env(texts: list[str]) -> dict[str, str]:
 
 def parse_bytes(text: str, field: str) -> int:
     """A Kubernetes byte quantity (512Mi, 1Gi, 1000000), as the CRDs accept it."""
-    from .api.common import parse_quantity  # one quantity grammar for CLI and API
-
     try:
         return int(parse_quantity(text.strip()))
     except ValueError:

@@ -16,6 +16,7 @@ import functools
 import inspect
 import io
 import json
+import math
 import pickle
 import socket
 import textwrap
@@ -27,11 +28,11 @@ from typing import Any, TypeVar, overload
 
 from .canonical import canonical_json
 from .cas import Provenance, ResultManifest, Store, StoredValue, open_store
-from .recent import VerifiedCache
 from .embedded import key_lock
 from .errors import InputError, NotFound, StoreCorrupted
 from .fingerprint import fingerprint
 from .keys import KeyParts, code_digest, runtime_identity
+from .recent import VerifiedCache
 
 F = TypeVar("F", bound=Callable[..., Any])
 _JSON_SCALARS = (str, int, float, bool, type(None))
@@ -157,7 +158,7 @@ def _source(func: Callable[..., Any]) -> str:
 def _is_plain_json(value: Any) -> bool:
     """True only for values that come back from JSON with the same types."""
     if type(value) in _JSON_SCALARS:
-        return not (isinstance(value, float) and value != value or value in (float("inf"), float("-inf")))
+        return not isinstance(value, float) or math.isfinite(value)
     if type(value) is list:
         return all(_is_plain_json(v) for v in value)
     if type(value) is dict:
@@ -203,7 +204,7 @@ def _decode_bytes(codec: str, raw: bytes) -> Any:
         return np.load(io.BytesIO(raw), allow_pickle=False)
     if codec == "pickle":
         # Only our own store's verified (and, with a signer, signed) bytes reach here.
-        return pickle.loads(raw)  # noqa: S301
+        return pickle.loads(raw)
     raise StoreCorrupted(f"result codec {codec!r} is unknown", "upgrade memoplane or clear the entry")
 
 

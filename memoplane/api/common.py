@@ -23,16 +23,14 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from ..quantity import QUANTITY_PATTERN, _check_quantity, parse_quantity  # noqa: F401  (re-exported)
+
 GROUP = "memoplane.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 CATEGORY = "memoplane"
 
 # Kubernetes quantity grammar without a sign: a negative size or CPU is always a mistake.
-QUANTITY_PATTERN = (
-    r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
-    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-)
 # Go's time.ParseDuration units, as used by retention.maxAge ("720h", "1h30m").
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -41,16 +39,6 @@ DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 IDENTIFIER_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 CONFIGMAP_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
 BUCKET_PATTERN = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
-
-_QUANTITY = re.compile(QUANTITY_PATTERN)
-_SUFFIXES: dict[str, Decimal] = {
-    "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": Decimal(1),
-    "k": Decimal(10**3), "M": Decimal(10**6), "G": Decimal(10**9), "T": Decimal(10**12),
-    "P": Decimal(10**15), "E": Decimal(10**18),
-    "Ki": Decimal(2**10), "Mi": Decimal(2**20), "Gi": Decimal(2**30), "Ti": Decimal(2**40),
-    "Pi": Decimal(2**50), "Ei": Decimal(2**60),
-}
-
 
 class K8sModel(BaseModel):
     """camelCase on the wire, snake_case in Python; unknown spec fields are typos."""
@@ -107,36 +95,6 @@ def cel(
 def validations(*rules: dict[str, str]) -> dict[str, Any]:
     """`json_schema_extra` carrying CEL rules for a model's schema node."""
     return {"x-kubernetes-validations": list(rules)}
-
-
-def _check_quantity(value: Any) -> int | str:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        # ValueError, not TypeError: pydantic turns only ValueError into a field-named error.
-        message = f"{value!r} is not a quantity: use a number or a string such as 500m, 2, 512Mi, 1Gi"
-        raise ValueError(message)  # noqa: TRY004
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"{value} is negative: a quantity must be >= 0")
-        return value
-    if not _QUANTITY.match(value):
-        raise ValueError(f"{value!r} is not a Kubernetes quantity: write e.g. 500m, 2, 512Mi, 1Gi")
-    return value
-
-
-def parse_quantity(value: int | str) -> Decimal:
-    """`"512Mi"` -> 536870912, `"500m"` -> 0.5; raises ValueError on a bad quantity."""
-    checked = _check_quantity(value)
-    if isinstance(checked, int):
-        return Decimal(checked)
-    match = re.fullmatch(r"([0-9.]+)(.*)", checked)
-    assert match  # the pattern above guarantees a numeric head
-    number, suffix = match.groups()
-    try:
-        if suffix in _SUFFIXES:
-            return Decimal(number) * _SUFFIXES[suffix]
-        return Decimal(number + suffix)  # decimal exponent: 1e3
-    except InvalidOperation:
-        raise ValueError(f"{value!r} is not a Kubernetes quantity") from None
 
 
 QUANTITY_SCHEMA: dict[str, Any] = {

@@ -88,7 +88,7 @@ def _upload_configmap(namespace: str, path: Path, dry_run: bool) -> dict[str, st
         core = client.CoreV1Api()
         try:
             api_call(f"configmap {namespace}/{name}", core.create_namespaced_config_map, namespace, body)
-        except Exception as exc:  # noqa: BLE001 - an existing one has the same content by its name
+        except Exception as exc:
             if "409" not in str(exc) and "AlreadyExists" not in str(exc):
                 raise
     return {"name": name, "key": "data"}

@@ -35,7 +35,7 @@ def current_namespace(explicit: str | None) -> str:
     try:
         _, context = config.list_kube_config_contexts(config_file=os.environ.get("KUBECONFIG"))
         return str(context.get("context", {}).get("namespace") or "default")
-    except Exception:  # noqa: BLE001 - no context just means the default namespace
+    except Exception:
         return "default"
 
 

@@ -178,5 +178,12 @@ def test_missing_script(tmp_path: Path) -> None:
 def test_unknown_key(tmp_path: Path) -> None:
     proc = memoplane(tmp_path / "s", "result", "b3:" + "0" * 64, check=False)
     assert proc.returncode == 4 and "neither a cache key nor a result digest" in proc.stderr
-    bad = memoplane(tmp_path / "s", "result", "nope", check=False)
+    bad = memoplane(tmp_path / "s", "result", "b3:nothex", check=False)
     assert bad.returncode == 2 and "KEY_OR_DIGEST" in bad.stderr
+
+
+def test_job_commands_without_a_cluster_say_how_to_get_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
+    for args in (("result", "some-job"), ("get", "some-job"), ("logs", "some-job")):
+        proc = memoplane(tmp_path / "s", *args, check=False)
+        assert proc.returncode == 6 and "hack/cluster env" in proc.stderr and "Traceback" not in proc.stderr
