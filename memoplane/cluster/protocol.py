@@ -13,6 +13,7 @@ in the agents' namespace, renewed every RENEW_SECONDS, annotated with what it ca
 from __future__ import annotations
 
 from ..api.common import API_VERSION, GROUP, VERSION  # noqa: F401  (one definition, in the API models)
+
 COMPUTEJOBS = "computejobs"
 RESULTCACHES = "resultcaches"
 GMEMSEEDS = "gmemseeds"
@@ -43,3 +44,112 @@ def lease_name(node: str) -> str:
 
 def key_label(cache_key: str) -> str:
     return cache_key.removeprefix("b3:")[:KEY_LABEL_CHARS]
+
+
+# -- the assignment (metadata, written by the operator in one patch with the node label) ----
+#
+# The resolved job for the current generation: the digest of its manifest (a blob in the
+# ResultCache's store), the generation it was resolved from and the store's URL
+# (s3://bucket/prefix). Metadata rather than status because the status schema is the
+# user-facing contract; the agent checks the manifest against status.cacheKey (written by
+# controllers only), so an edited annotation can make it run nothing but an honest job.
+JOB_DIGEST_ANNOTATION = f"{GROUP}/job-digest"
+JOB_GENERATION_ANNOTATION = f"{GROUP}/job-generation"
+STORE_ANNOTATION = f"{GROUP}/store"
+
+# Components named in Events and status.
+OPERATOR_COMPONENT = "memoplane-operator"
+AGENT_COMPONENT = "memoplane-agent"
+
+# Reasons (CamelCase: kstatus condition reasons and Event reasons).
+REASON_RESOLVED = "Resolved"
+REASON_CACHE_HIT = "CacheHit"
+REASON_COMPUTED = "Computed"
+REASON_SCHEDULED = "Scheduled"
+REASON_REASSIGNED = "NodeLost"
+REASON_RUNNING = "Running"
+REASON_BACKOFF = "BackOff"
+REASON_IN_FLIGHT = "SameKeyInFlight"
+REASON_UPSTREAM = "WaitingForUpstream"
+REASON_UPSTREAM_FAILED = "UpstreamFailed"
+REASON_NOT_FOUND = "InputNotFound"
+REASON_NO_AGENT = "NoAgentForProfile"
+REASON_NO_CACHE = "ResultCacheNotFound"
+REASON_INVALID = "InvalidSpec"
+REASON_UNSUPPORTED = "Unsupported"
+REASON_RUNTIME_MISMATCH = "RuntimeMismatch"
+REASON_STORE = "StoreUnavailable"
+REASON_BACKOFF_LIMIT = "BackoffLimitExceeded"
+
+DEFAULT_RESULT_CACHE = "default"
+DEFAULT_BUCKET = "memoplane"
+
+
+def default_store_prefix(namespace: str) -> str:
+    return f"{namespace}/"
+
+
+def store_url(bucket: str, prefix: str) -> str:
+    return f"s3://{bucket}/{prefix.strip('/')}" if prefix.strip("/") else f"s3://{bucket}"
+
+
+def parse_store_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix")."""
+    if not url.startswith("s3://"):
+        raise ValueError(f"store URL {url!r} is not s3://bucket/prefix")
+    bucket, _, prefix = url[len("s3://"):].partition("/")
+    if not bucket:
+        raise ValueError(f"store URL {url!r} names no bucket")
+    return bucket, prefix.strip("/")
+
+
+def runtime_annotation(profile: str) -> str:
+    return RUNTIME_ANNOTATION_PREFIX + profile
+
+
+# -- namespace scoping ----------------------------------------------------------------------
+#
+# The operator is scoped with kopf's namespace patterns (MEMOPLANE_WATCH_NAMESPACES, e.g.
+# "team-*" or "*,!test-*"): several operators (test sessions) can share one API server. The
+# agents watch cluster-wide by label and apply the same patterns, so that an agent of one
+# session never runs another session's job.
+
+
+def _glob_matches(glob: str, name: str) -> bool:
+    from fnmatch import fnmatchcase
+    return fnmatchcase(name, glob)
+
+
+def pattern_matches(pattern: str, namespace: str) -> bool:
+    """kopf's semantics for one pattern: comma-separated globs, `!` negates, the rightmost
+    matching glob wins; the first glob is decisive (a leading negation implies `*` first)."""
+    globs = [g.strip() for g in pattern.split(",") if g.strip()]
+    if not globs:
+        return False
+    first = globs[0]
+    if first.startswith("!"):
+        result = True
+    elif _glob_matches(first, namespace):
+        result = True
+    else:
+        return False
+    for glob in globs:
+        if glob.startswith("!"):
+            if _glob_matches(glob[1:], namespace):
+                result = False
+        elif _glob_matches(glob, namespace):
+            result = True
+    return result
+
+
+def namespace_matches(patterns: list[str] | tuple[str, ...], namespace: str) -> bool:
+    """Empty patterns: every namespace (cluster-wide)."""
+    return not patterns or any(pattern_matches(p, namespace) for p in patterns)
+
+
+def parse_patterns(text: str | None) -> list[str]:
+    """MEMOPLANE_WATCH_NAMESPACES: patterns separated by spaces or semicolons
+    (commas belong to a pattern)."""
+    if not text:
+        return []
+    return [p for p in text.replace(";", " ").split() if p]

@@ -1,0 +1,241 @@
+"""ComputeJob spec -> a resolved `memoplane.jobs.Job`, or why not yet / why never.
+
+Resolution is where mutable names (an upstream job, a ConfigMap, an object key) become
+content digests, so the cache key never depends on a name. The decisions are pure; the
+reads go through `Lookups`, which the operator implements over the API server and the
+store, and tests implement with dicts.
+
+Missing things (an upstream job, a ConfigMap, an object) are waited for during
+MISSING_GRACE_SECONDS after the job was created — `kubectl apply -f dag.yaml` creates the
+jobs one by one and the operator may see a downstream job first — and then fail clearly.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from ..api.common import parse_quantity
+from ..api.computejob import ComputeJob
+from ..api.computejob import Input as SpecInput
+from ..api.manifests import SpecError, parse_computejob
+from ..jobs import BlobInput, CommandCode, Input, Job, JsonInput, PythonCode
+from ..sandbox.types import Limits
+from . import protocol as p
+
+MISSING_GRACE_SECONDS = 60.0
+MAX_CHAIN = 64  # fromJob edges followed when looking for a cycle
+
+
+@dataclass(frozen=True)
+class Resolved:
+    job: Job
+    input_digests: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Waiting:
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    reason: str
+    message: str
+
+
+Resolution = Resolved | Waiting | Failed
+
+
+class LookupError_(Exception):
+    """A lookup failed for a reason worth reporting (store unreachable, damaged result)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class Lookups(Protocol):
+    """What resolution reads. Objects are plain dicts as the API server returns them."""
+
+    def get_job(self, name: str) -> Mapping[str, Any] | None: ...
+
+    def get_config_map(self, name: str) -> Mapping[str, Any] | None: ...
+
+    def result_input(self, result_digest: str) -> Input:
+        """The return value of a stored result as an input (JSON value, or a blob).
+        Raises LookupError_ when the result cannot be read."""
+        ...
+
+    def object_input(self, bucket: str, key: str) -> BlobInput | None:
+        """The object's content hashed into the store; None if it does not exist."""
+        ...
+
+    def put_bytes(self, data: bytes) -> BlobInput: ...
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def _missing(what: str, created: datetime | None, now: datetime, grace: float) -> Waiting | Failed:
+    age = (now - created).total_seconds() if created else grace + 1
+    if age < grace:
+        return Waiting(p.REASON_NOT_FOUND, f"{what} does not exist (yet): waiting up to {grace:.0f}s")
+    return Failed(p.REASON_NOT_FOUND, f"{what} does not exist: create it, or fix the name")
+
+
+def limits_of(job: ComputeJob) -> Limits:
+    """spec.resources -> sandbox limits (cpu is a scheduling hint, not a limit here)."""
+    res = job.spec.resources
+    kwargs: dict[str, Any] = {}
+    if res.timeout_seconds is not None:
+        kwargs["timeout_s"] = float(res.timeout_seconds)
+    if res.memory is not None:
+        kwargs["memory_bytes"] = int(parse_quantity(res.memory))
+    if res.max_output_bytes is not None:
+        kwargs["max_output_bytes"] = int(parse_quantity(res.max_output_bytes))
+    return Limits(**kwargs)
+
+
+def upstream_state(obj: Mapping[str, Any]) -> tuple[str | None, bool]:
+    """(phase, current): current = the status describes the latest spec."""
+    status = obj.get("status") or {}
+    generation = (obj.get("metadata") or {}).get("generation")
+    current = generation is None or status.get("observedGeneration") == generation
+    return status.get("phase"), current
+
+
+def _upstream_names(obj: Mapping[str, Any]) -> list[str]:
+    inputs = ((obj.get("spec") or {}).get("inputs")) or []
+    return [i["fromJob"]["name"] for i in inputs if isinstance(i, dict) and isinstance(i.get("fromJob"), dict)]
+
+
+def find_cycle(name: str, lookups: Lookups) -> list[str] | None:
+    """A fromJob path from `name` back to itself through unfinished jobs, if any."""
+    stack: list[tuple[str, list[str]]] = [(name, [name])]
+    seen: set[str] = set()
+    while stack:
+        current, path = stack.pop()
+        if current in seen or len(path) > MAX_CHAIN:
+            continue
+        seen.add(current)
+        obj = lookups.get_job(current)
+        if obj is None:
+            continue
+        if current != name and upstream_state(obj)[0] in p.TERMINAL:
+            continue  # a finished job's inputs are settled: no wait goes through it
+        for up in _upstream_names(obj):
+            if up == name:
+                return [*path, up]
+            stack.append((up, [*path, up]))
+    return None
+
+
+def _resolve_input(item: SpecInput, name: str, lookups: Lookups, created: datetime | None,
+                   now: datetime, grace: float) -> Input | Waiting | Failed:
+    label = f"input '{item.name}'"
+    if "value" in item.sources():
+        return JsonInput(item.value)
+    if item.from_job is not None:
+        upstream = item.from_job.name
+        if upstream == name:
+            return Failed(p.REASON_INVALID, f"{label}: a job cannot take its own result as input")
+        obj = lookups.get_job(upstream)
+        if obj is None:
+            return _missing(f"{label}: ComputeJob '{upstream}'", created, now, grace)
+        phase, current = upstream_state(obj)
+        status = obj.get("status") or {}
+        if current and phase == p.FAILED:
+            failure = status.get("failure") or {}
+            why = failure.get("reason") or status.get("reason") or "failed"
+            detail = failure.get("message") or status.get("message") or ""
+            return Failed(p.REASON_UPSTREAM_FAILED,
+                          f"{label}: upstream ComputeJob '{upstream}' failed ({why})"
+                          + (f": {detail}" if detail else ""))
+        digest = (status.get("result") or {}).get("digest")
+        if current and phase == p.SUCCEEDED and digest:
+            try:
+                return lookups.result_input(digest)
+            except LookupError_ as exc:
+                return Failed(exc.reason, f"{label}: result of ComputeJob '{upstream}': {exc.message}")
+        return Waiting(p.REASON_UPSTREAM,
+                       f"{label}: waiting for ComputeJob '{upstream}' (phase {phase or 'new'})")
+    if item.from_config_map is not None:
+        ref = item.from_config_map
+        cm = lookups.get_config_map(ref.name)
+        data = (cm or {}).get("data") or {}
+        binary = (cm or {}).get("binaryData") or {}
+        if ref.key in data:
+            return lookups.put_bytes(str(data[ref.key]).encode("utf-8"))
+        if ref.key in binary:
+            return lookups.put_bytes(base64.b64decode(binary[ref.key]))
+        what = f"{label}: ConfigMap '{ref.name}'" if cm is None else \
+            f"{label}: key '{ref.key}' of ConfigMap '{ref.name}'"
+        return _missing(what, created, now, grace)
+    if item.from_object is not None:
+        ref_o = item.from_object
+        try:
+            blob = lookups.object_input(ref_o.bucket, ref_o.key)
+        except LookupError_ as exc:
+            return Waiting(exc.reason, f"{label}: {exc.message}")
+        if blob is None:
+            return _missing(f"{label}: object s3://{ref_o.bucket}/{ref_o.key}", created, now, grace)
+        return blob
+    if item.from_seed is not None:
+        return Failed(p.REASON_UNSUPPORTED,
+                      f"{label}: fromSeed inputs are not supported by this operator yet: use a value or fromObject")
+    return Failed(p.REASON_INVALID, f"{label} has no source")
+
+
+def resolve(obj: Mapping[str, Any], runtime: str | None, lookups: Lookups, now: datetime,
+            grace: float = MISSING_GRACE_SECONDS) -> Resolution:
+    """Resolve a ComputeJob object (as the API server returns it).
+
+    `runtime`: the runtime identity digest the live agents advertise for the job's
+    profile (None: no agent serves it, so no key can be derived yet)."""
+    try:
+        job = parse_computejob(obj)
+    except SpecError as exc:
+        return Failed(p.REASON_INVALID, str(exc))
+    spec = job.spec
+    if spec.map is not None:
+        return Failed(p.REASON_UNSUPPORTED, "spec.map is not supported by this operator yet: "
+                                            "create one job per element")
+    if runtime is None:
+        return Waiting(p.REASON_NO_AGENT, f"no live agent serves runtime profile '{spec.runtime.profile}'")
+    name = job.metadata.name
+    created = parse_time(job.metadata.creation_timestamp)
+    inputs: dict[str, Input] = {}
+    waiting: Waiting | None = None
+    for item in spec.inputs:
+        got = _resolve_input(item, name, lookups, created, now, grace)
+        if isinstance(got, Failed):
+            return got
+        if isinstance(got, Waiting):
+            waiting = waiting or got
+            continue
+        inputs[item.name] = got
+    if waiting is not None:
+        if waiting.reason == p.REASON_UPSTREAM:
+            cycle = find_cycle(name, lookups)
+            if cycle:
+                return Failed(p.REASON_INVALID, "fromJob inputs form a cycle: " + " -> ".join(cycle))
+        return waiting
+    code: PythonCode | CommandCode
+    if spec.python is not None:
+        code = PythonCode(spec.python.source, spec.python.entrypoint, filename=f"<{name}>")
+    else:
+        assert spec.command is not None
+        code = CommandCode(tuple(spec.command))
+    resolved = Job(code=code, inputs=inputs, env=dict(spec.env), salt=spec.cache.version,
+                   profile=spec.runtime.profile, limits=limits_of(job), runtime=runtime)
+    digests = {n: v.digest for n, v in inputs.items()}
+    return Resolved(resolved, digests)

@@ -1,0 +1,169 @@
+"""Status patches for ComputeJob transitions: phase, reason, conditions, observedGeneration.
+
+Each builder returns the body of a JSON merge patch for the status subresource: the fields
+to set, and None for fields of an earlier attempt or generation to clear. Conditions follow
+kstatus (memoplane.api.conditions): Reconciling while work is under way, Ready=True when
+Succeeded, Stalled + Ready=False when Failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from ..api.computejob import format_duration, short_key
+from ..api.conditions import RECONCILING, mark_ready, mark_reconciling, mark_stalled, rfc3339, set_condition
+from ..cas import ResultManifest
+from . import protocol as p
+
+Patch = dict[str, Any]
+STDERR_TAIL_CHARS = 4000
+MESSAGE_CHARS = 2000
+
+# Fields that describe one attempt or one generation's outcome; cleared when a new one starts.
+_OUTCOME = ("result", "cached", "durationMs", "duration", "computeSecondsSaved", "completionTime",
+            "failure", "startTime", "node")
+
+
+def _conds(status: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [dict(c) for c in status.get("conditions") or ()]
+
+
+def _clip(text: str, limit: int = MESSAGE_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def tail(text: str, limit: int = STDERR_TAIL_CHARS) -> str:
+    return text if len(text) <= limit else "…" + text[-(limit - 1):]
+
+
+def result_ref(digest: str, result: ResultManifest) -> dict[str, Any]:
+    """status.result: the result manifest's digest, the value's size, the value when inline."""
+    ref: dict[str, Any] = {"digest": digest, "size": result.value.size}
+    if result.value.kind == "json" and result.value.blob is None:
+        ref["value"] = result.value.inline
+    return ref
+
+
+def resolved(status: Mapping[str, Any], generation: int, key: str, input_digests: Mapping[str, str],
+             now: datetime) -> Patch:
+    """A generation resolved to `key`: everything of an earlier generation is cleared."""
+    message = f"cache key {short_key(key)}"
+    return {
+        "phase": p.PENDING, "reason": p.REASON_RESOLVED, "message": message,
+        "cacheKey": key, "shortKey": short_key(key), "inputDigests": dict(input_digests),
+        "attempts": 0, **{f: None for f in _OUTCOME},
+        "conditions": mark_reconciling(_conds(status), p.REASON_RESOLVED, message, generation, now),
+        "observedGeneration": generation,
+    }
+
+
+def waiting(status: Mapping[str, Any], generation: int, reason: str, message: str, now: datetime) -> Patch:
+    message = _clip(message)
+    return {
+        "phase": p.WAITING, "reason": reason, "message": message,
+        "conditions": mark_reconciling(_conds(status), reason, message, generation, now),
+        "observedGeneration": generation,
+    }
+
+
+def pending(status: Mapping[str, Any], generation: int, reason: str, message: str, now: datetime) -> Patch:
+    message = _clip(message)
+    return {
+        "phase": p.PENDING, "reason": reason, "message": message,
+        "conditions": mark_reconciling(_conds(status), reason, message, generation, now),
+        "observedGeneration": generation,
+    }
+
+
+def failed(status: Mapping[str, Any], generation: int, reason: str, message: str, now: datetime,
+           stderr_tail: str | None = None, attempts: int | None = None) -> Patch:
+    message = _clip(message)
+    failure: dict[str, Any] = {"reason": reason, "message": message}
+    if stderr_tail:
+        failure["stderrTail"] = tail(stderr_tail)
+    patch: Patch = {
+        "phase": p.FAILED, "reason": reason, "message": message, "failure": failure,
+        "completionTime": rfc3339(now),
+        "conditions": mark_stalled(_conds(status), reason, message, generation, now),
+        "observedGeneration": generation,
+    }
+    if attempts is not None:
+        patch["attempts"] = attempts
+    return patch
+
+
+def cache_hit(status: Mapping[str, Any], generation: int, digest: str, result: ResultManifest,
+              duration_ms: int, now: datetime, node: str | None = None) -> Patch:
+    saved = float(result.provenance.duration_s)
+    message = f"served from the cache (computed on {result.provenance.node}, saved {saved:.2f}s)"
+    return {
+        "phase": p.SUCCEEDED, "reason": p.REASON_CACHE_HIT, "message": message,
+        "cached": True, "result": result_ref(digest, result), "node": node,
+        "durationMs": duration_ms, "duration": format_duration(duration_ms),
+        "computeSecondsSaved": saved, "completionTime": rfc3339(now), "failure": None,
+        "conditions": mark_ready(_conds(status), p.REASON_CACHE_HIT, message, generation, now),
+        "observedGeneration": generation,
+    }
+
+
+def scheduled(status: Mapping[str, Any], generation: int, node: str, attempts: int, now: datetime,
+              reason: str = p.REASON_SCHEDULED, message: str | None = None) -> Patch:
+    message = message or f"assigned to node {node} (attempt {attempts})"
+    return {
+        "phase": p.SCHEDULED, "reason": reason, "message": _clip(message), "node": None,
+        "attempts": attempts, "startTime": None,
+        "conditions": mark_reconciling(_conds(status), reason, _clip(message), generation, now),
+        "observedGeneration": generation,
+    }
+
+
+def running(status: Mapping[str, Any], generation: int, node: str, now: datetime) -> Patch:
+    message = f"running on node {node}"
+    return {
+        "phase": p.RUNNING, "reason": p.REASON_RUNNING, "message": message, "node": node,
+        "startTime": rfc3339(now),
+        "conditions": mark_reconciling(_conds(status), p.REASON_RUNNING, message, generation, now),
+        "observedGeneration": generation,
+    }
+
+
+def succeeded(status: Mapping[str, Any], generation: int, node: str, digest: str, result: ResultManifest,
+              duration_ms: int, now: datetime) -> Patch:
+    message = f"computed on node {node} in {format_duration(duration_ms)}"
+    return {
+        "phase": p.SUCCEEDED, "reason": p.REASON_COMPUTED, "message": message,
+        "cached": False, "node": node, "result": result_ref(digest, result),
+        "durationMs": duration_ms, "duration": format_duration(duration_ms),
+        "computeSecondsSaved": 0.0, "completionTime": rfc3339(now), "failure": None,
+        "conditions": mark_ready(_conds(status), p.REASON_COMPUTED, message, generation, now),
+        "observedGeneration": generation,
+    }
+
+
+def retrying(status: Mapping[str, Any], generation: int, attempts: int, reason: str, message: str,
+             delay_s: float, now: datetime, stderr_tail: str | None = None) -> Patch:
+    """A failed attempt that will be retried: back to Pending, the backoff starting now."""
+    text = _clip(f"attempt {attempts} failed ({reason}): {message}; retrying in {delay_s:g}s")
+    failure: dict[str, Any] = {"reason": reason, "message": _clip(message)}
+    if stderr_tail:
+        failure["stderrTail"] = tail(stderr_tail)
+    # The backoff clock is the Reconciling condition's lastTransitionTime: drop it first so
+    # set_condition stamps `now` even though Reconciling was already True.
+    conds = [c for c in _conds(status) if c.get("type") != RECONCILING]
+    conds = set_condition(conds, RECONCILING, "True", p.REASON_BACKOFF, text, generation, now)
+    conds = mark_reconciling(conds, p.REASON_BACKOFF, text, generation, now)
+    return {
+        "phase": p.PENDING, "reason": p.REASON_BACKOFF, "message": text, "failure": failure,
+        "attempts": attempts, "node": None,
+        "conditions": conds, "observedGeneration": generation,
+    }
+
+
+def with_precondition(patch: Patch, resource_version: str | None) -> dict[str, Any]:
+    """The merge-patch body: status plus a resourceVersion precondition (409 when stale)."""
+    body: dict[str, Any] = {"status": patch}
+    if resource_version:
+        body["metadata"] = {"resourceVersion": resource_version}
+    return body

@@ -1,0 +1,151 @@
+"""The stores of ResultCaches, opened once per process and shared by its threads.
+
+A ResultCache names a bucket and a prefix; the endpoint and credentials come from the
+environment (MEMOPLANE_S3_ENDPOINT, MEMOPLANE_S3_ACCESS_KEY, MEMOPLANE_S3_SECRET_KEY), as
+the chart sets them. With MEMOPLANE_STORE_ROOT instead, a bucket is a directory under it:
+the same code runs with no object store (unit tests, one-machine demos).
+
+Agents put a node-local chunk cache (memoplane.cas.cached.CachingBackend) in front of the
+remote: content-addressed objects never change, so a local copy is as good as the remote
+one, and every read is verified either way.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..cas import FilesystemBackend, Store
+from ..cas.backend import Backend
+from . import protocol as p
+
+ROOT_ENV = "MEMOPLANE_STORE_ROOT"
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    endpoint: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = None
+    root: str | None = None              # filesystem stand-in for the object store
+    local_cache: str | None = None       # node-local chunk cache directory (agents)
+    local_cache_bytes: int = 2 << 30
+    workers: int | None = 4
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, local_cache: str | None = None) -> StoreSettings:
+        env = os.environ if env is None else env
+        return cls(endpoint=env.get("MEMOPLANE_S3_ENDPOINT") or None,
+                   access_key=env.get("MEMOPLANE_S3_ACCESS_KEY") or None,
+                   secret_key=env.get("MEMOPLANE_S3_SECRET_KEY") or None,
+                   root=env.get(ROOT_ENV) or None,
+                   local_cache=local_cache or env.get("MEMOPLANE_LOCAL_CACHE") or None,
+                   local_cache_bytes=int(env.get("MEMOPLANE_LOCAL_CACHE_BYTES") or (2 << 30)))
+
+    def describe(self) -> str:
+        return f"directory {self.root}" if self.root else f"S3 {self.endpoint}"
+
+
+class Stores:
+    """Store per (bucket, prefix); thread-safe."""
+
+    def __init__(self, settings: StoreSettings) -> None:
+        if not settings.root and not settings.endpoint:
+            raise ValueError("no object store configured: set MEMOPLANE_S3_ENDPOINT (and the keys) "
+                             f"or {ROOT_ENV}")
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._stores: dict[tuple[str, str], Store] = {}
+        self._ensured: set[str] = set()
+        self._client: Any = None
+
+    def client(self) -> Any:
+        """The minio client (S3 mode only)."""
+        if self._client is None:
+            from ..cas.s3 import make_client
+            s = self.settings
+            self._client = make_client(s.endpoint or "", s.access_key or "", s.secret_key or "")
+        return self._client
+
+    def _remote(self, bucket: str, prefix: str) -> Backend:
+        if self.settings.root:
+            return FilesystemBackend(Path(self.settings.root) / bucket / prefix.strip("/"))
+        from ..cas.s3 import S3Backend
+        backend = S3Backend(self.client(), bucket, prefix)
+        if bucket not in self._ensured:
+            backend.ensure_bucket()
+            self._ensured.add(bucket)
+        return backend
+
+    def get(self, bucket: str, prefix: str) -> Store:
+        key = (bucket, prefix.strip("/"))
+        with self._lock:
+            store = self._stores.get(key)
+            if store is None:
+                backend = self._remote(*key)
+                if self.settings.local_cache:
+                    from ..cas.cached import CachingBackend
+                    local = FilesystemBackend(Path(self.settings.local_cache) / key[0] / key[1])
+                    backend = CachingBackend(backend, local, max_bytes=self.settings.local_cache_bytes)
+                store = Store(backend, workers=self.settings.workers)
+                self._stores[key] = store
+            return store
+
+    def by_url(self, url: str) -> Store:
+        return self.get(*p.parse_store_url(url))
+
+    def ensure(self, bucket: str, prefix: str) -> None:
+        """Make sure the bucket exists (creating the store does)."""
+        self.get(bucket, prefix)
+
+    # -- raw objects (fromObject inputs) ---------------------------------------------------
+
+    def open_object(self, bucket: str, key: str) -> Any | None:
+        """A readable binary stream of an object, or None if it does not exist."""
+        if self.settings.root:
+            path = Path(self.settings.root) / bucket / key
+            return path.open("rb") if path.is_file() else None
+        from minio.error import S3Error
+        try:
+            return _Response(self.client().get_object(bucket, key))
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+                return None
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            for store in self._stores.values():
+                store.close()
+            self._stores.clear()
+
+
+class _Response(io.RawIOBase):
+    """A minio response as a closeable binary stream."""
+
+    def __init__(self, response: Any) -> None:
+        self._r = response
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self._r.read(len(b))
+        n = len(data)
+        b[:n] = data
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        return bytes(self._r.read(None if size is None or size < 0 else size))
+
+    def close(self) -> None:
+        try:
+            self._r.close()
+            self._r.release_conn()
+        finally:
+            super().close()
