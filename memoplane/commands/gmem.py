@@ -1,0 +1,141 @@
+"""`memoplane gmem create | fetch | write | stats | compact`: generative memory in
+the embedded store. A seed's parameters are bound to its name at `create`; later
+commands read them back, so a name can never silently change its values."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..cas import open_store
+from ..errors import InputError, NotFound
+from ..gmem import GMemParams, GMemStore, Layer, StoredGMem
+
+PRINT_LIMIT = 10_000  # values printed as JSON; more go to --out FILE.npy
+
+
+def _local_dir(store: Any) -> Path:
+    root = getattr(store.backend, "root", None)
+    if root is None:
+        raise InputError("gmem needs a local directory for its active log", "use a directory store (--store DIR)")
+    return Path(root) / "gmem-active"
+
+
+@contextlib.contextmanager
+def opened(args: argparse.Namespace, params: GMemParams | None = None) -> Iterator[StoredGMem]:
+    """The named seed, opened under an exclusive lock (one writer per name)."""
+    with open_store(args.store) as store:
+        gstore = GMemStore(store.backend, _local_dir(store))
+        lock_path = _local_dir(store) / f"{args.name}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            seed, _ = gstore.open(args.name, params or _bound_params(store, args.name))
+            try:
+                yield seed
+            finally:
+                seed.close()
+
+
+def _bound_params(store: Any, name: str) -> GMemParams:
+    try:
+        doc = json.loads(store.backend.get(f"gmem/{name}/params.json"))
+    except NotFound:
+        raise NotFound(f"gmem {name!r} does not exist in {store.describe()}",
+                       f"create it: memoplane gmem create {name} --seed N") from None
+    return GMemParams(doc["seed"], doc["dtype"], tuple(Layer(**x) for x in doc["layers"]))
+
+
+def _layer(text: str) -> Layer:
+    seed, _, weight = text.partition(":")
+    try:
+        return Layer(int(seed, 0), float(weight or 1.0))
+    except ValueError:
+        raise InputError(f"--layer {text!r} is not SEED[:WEIGHT]", "write e.g. --layer 7:0.5") from None
+
+
+def create_command(args: argparse.Namespace) -> int:
+    params = GMemParams(args.seed, args.dtype, tuple(_layer(x) for x in args.layer))
+    with opened(args, params) as seed:
+        print(json.dumps({"name": args.name, **params.to_json(), **seed.status()}, sort_keys=True))
+    return 0
+
+
+def fetch_command(args: argparse.Namespace) -> int:
+    with opened(args) as seed:
+        if args.addr:
+            values = seed.gmem.fetch_many(np.array([int(a, 0) for a in args.addr], dtype=np.uint64))
+        else:
+            values = seed.gmem.fetch_range(args.offset, args.count)
+    if args.out:
+        np.save(args.out, values, allow_pickle=False)
+        print(f"wrote {len(values)} values to {args.out}", file=sys.stderr)
+    elif len(values) > PRINT_LIMIT:
+        raise InputError(f"{len(values)} values are too many to print", "save them with --out FILE.npy")
+    else:
+        print(json.dumps(values.tolist()))
+    return 0
+
+
+def write_command(args: argparse.Namespace) -> int:
+    addrs, values = [], []
+    for pair in args.pairs:
+        addr, sep, value = pair.partition("=")
+        if not sep:
+            raise InputError(f"{pair!r} is not ADDR=VALUE", "write e.g. 42=0.5")
+        try:
+            addrs.append(int(addr, 0))
+            values.append(float(value) if any(c in value for c in ".eE") or value in ("nan", "inf") else int(value, 0))
+        except ValueError:
+            raise InputError(f"{pair!r}: address or value is not a number", "write e.g. 42=0.5 or 0x2a=7") from None
+    with opened(args) as seed:
+        seed.gmem.write_many(np.array(addrs, dtype=np.uint64), np.array(values))
+        print(json.dumps(seed.status(), sort_keys=True))  # durable: write_many fsyncs its batch
+    return 0
+
+
+def stats_command(args: argparse.Namespace) -> int:
+    with opened(args) as seed:
+        print(json.dumps({"name": args.name, **seed.params.to_json(), **seed.status()}, sort_keys=True))
+    return 0
+
+
+def compact_command(args: argparse.Namespace) -> int:
+    with opened(args) as seed:
+        snapshot = seed.compact()
+        print(json.dumps({**seed.status(), "snapshot": snapshot}, sort_keys=True))
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction, lazy: Any, store_flag: Any) -> None:
+    gmem = sub.add_parser("gmem", help="generative memory: values computed from a seed, with durable overrides")
+    commands = gmem.add_subparsers(dest="gmem_command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: str, text: str) -> argparse.ArgumentParser:
+        p = commands.add_parser(name, help=text)
+        p.add_argument("name", help="the seed's name")
+        store_flag(p)
+        p.set_defaults(handler=lazy("memoplane.commands.gmem", handler))
+        return p
+
+    p = command("create", "create_command", "bind a name to a seed, dtype and layers")
+    p.add_argument("--seed", type=lambda s: int(s, 0), required=True)
+    p.add_argument("--dtype", choices=["float64", "float32", "uint64"], default="float64")
+    p.add_argument("--layer", action="append", default=[], metavar="SEED[:WEIGHT]")
+    p = command("fetch", "fetch_command", "values at a range of addresses or at given ones")
+    p.add_argument("--offset", type=lambda s: int(s, 0), default=0)
+    p.add_argument("--count", type=int, default=10)
+    p.add_argument("--addr", action="append", default=[], help="an address (repeatable; overrides --offset)")
+    p.add_argument("--out", metavar="FILE.npy", help="save the values as a numpy file")
+    p = command("write", "write_command", "override values: ADDR=VALUE ... (durable when it returns)")
+    p.add_argument("pairs", nargs="+", metavar="ADDR=VALUE")
+    command("stats", "stats_command", "digest, version and overlay entries")
+    command("compact", "compact_command", "snapshot the overlay into the store and drop the logs it covers")
