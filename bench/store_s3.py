@@ -21,6 +21,7 @@ import argparse
 import os
 import random
 import secrets
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -97,7 +98,6 @@ def main() -> None:
             if obj.object_name:
                 client.remove_object(bucket, obj.object_name)
         client.remove_bucket(bucket)
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
         if not up.already_running:
             cluster.down()
