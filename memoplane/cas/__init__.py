@@ -24,7 +24,6 @@ from .fs import FilesystemBackend
 from .gc import Damage, EvictReport, GcReport, Stats, VerifyReport
 from .manifests import (BlobManifest, BlobRef, Provenance, ResultManifest, StoredValue, TreeEntry,
                         TreeManifest, ValueKind)
-from .s3 import S3Backend, StoreUnavailable, make_client
 from .signing import Blake3MacSigner, SignatureInvalid, Signer
 from .store import INLINE_MAX, READ_AHEAD, Hit, Store
 
@@ -38,6 +37,16 @@ __all__ = [
 ]
 
 ENV = "MEMOPLANE_STORE"
+
+
+def __getattr__(name: str) -> object:
+    # S3 names load the minio client on first use; the embedded CLI never pays for it.
+    if name in ("S3Backend", "StoreUnavailable"):
+        from . import s3
+
+        return getattr(s3, name)
+    raise AttributeError(f"module 'memoplane.cas' has no attribute {name!r}")
+
 S3_ENV = ("MEMOPLANE_S3_ENDPOINT", "MEMOPLANE_S3_ACCESS_KEY", "MEMOPLANE_S3_SECRET_KEY")
 CACHE_DIR_ENV = "MEMOPLANE_CACHE_DIR"  # optional: a node-local chunk cache in front of S3
 CACHE_MAX_ENV = "MEMOPLANE_CACHE_MAX_BYTES"
@@ -110,6 +119,8 @@ def store_from_settings(endpoint: str, access_key: str, secret_key: str, bucket:
     True). `cache_dir`: a node-local read-through cache of content-addressed objects
     (bounded by `cache_max_bytes`, default 10 GiB). `create_bucket`: create the bucket
     if missing (one request now instead of a failure on the first write)."""
+    from .s3 import S3Backend, make_client  # minio costs ~0.1 s to import: only when used
+
     workers = workers or os.cpu_count() or 2
     # Upload threads plus read-ahead, with headroom for refs and listing.
     client = make_client(endpoint, access_key, secret_key, secure=secure, region=region,
