@@ -15,10 +15,11 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from memoplane.sandbox import isolate, protocol
+from memoplane.sandbox import isolate, protocol, view
 from memoplane.sandbox.limits import apply_rlimits, vm_size
 from memoplane.sandbox.types import Limits
 
@@ -29,13 +30,15 @@ SOCK_FD = 1000   # the one non-stdio fd a job has; high so it never matches a ca
 class ChildConfig:
     """Computed once by the zygote, inherited by every child."""
 
-    root: str                                # empty host dir; the view is mounted on it
+    root: str                                # legacy view: empty host dir it is mounted on
     binds: list[isolate.Bind]
     links: dict[str, str]
     bpf: bytes | None                        # compiled seccomp program, None if unavailable
-    uid: int
+    uid: int                                 # host ids root of the child's user namespace maps to
     gid: int
     early_pivot: bool = False                # /in and /out arrive as detached mounts (fds)
+    template: bool = False                   # the zygote's mount namespace is the view (view.py)
+    own_netns: bool = True                   # False: the zygote already sits in an empty netns
     last_cap: int = 40                       # /proc/sys/kernel/cap_last_cap, read once
     disable: frozenset[str] = frozenset()    # primitives to skip (tests of degraded hosts)
     notes: dict[str, str] = field(default_factory=dict)  # why something is unavailable
@@ -50,9 +53,14 @@ def close_fds_except(keep: set[int]) -> None:
     os.closerange(low, 1 << 16)
 
 
-def enter_namespaces(cfg: ChildConfig) -> dict[str, bool | str]:
-    """Run in W: unshare everything the host allows, record what it refused."""
+def enter_namespaces(cfg: ChildConfig, ask_maps: Callable[[], None]) -> dict[str, bool | str]:
+    """Run in W: unshare everything the host allows, record what it refused.
+
+    `ask_maps` has the zygote (in the parent user namespace) write our id maps."""
     wanted = {k: v for k, v in isolate.NAMESPACES.items() if k not in cfg.disable}
+    shared_net = not cfg.own_netns and "netns" in wanted
+    if shared_net:  # inherited from the zygote: empty, owned by the host's user namespace
+        wanted.pop("netns")
     flags = 0
     for v in wanted.values():
         flags |= v
@@ -70,8 +78,16 @@ def enter_namespaces(cfg: ChildConfig) -> dict[str, bool | str]:
         isolate.unshare(flags)
         wanted.pop("userns")
     if "userns" in wanted:
-        isolate.write_id_maps(cfg.uid, cfg.gid)
+        ask_maps()
+        isolate.become_namespace_root()
     iso.update({k: True for k in wanted})
+    if shared_net:
+        iso["netns"] = True
+    if "userns" not in wanted:
+        iso["unprivileged_uid"] = (f"no user namespace: the job runs as host uid {os.getuid()}, "
+                                   "the agent's own")
+    else:
+        iso["unprivileged_uid"] = cfg.uid != 0 or "the job's user namespace maps to host root"
     return iso
 
 
@@ -102,6 +118,9 @@ def _build_view(cfg: ChildConfig, iso: dict[str, bool | str]) -> bool | str:
         return "no mount namespace"
     if "view" in cfg.disable:
         return "disabled by configuration"
+    if cfg.template:  # a failure here exits the child: it is already inside the view
+        view.enter_child(isolate.DEFAULT_WORK_BYTES)
+        return True
     try:
         isolate.build_root(cfg.root, cfg.binds, cfg.links, cfg.early_pivot)
         return True
@@ -133,7 +152,7 @@ def _enter(cfg: ChildConfig, iso: dict[str, bool | str], req: dict[str, Any],
            limits: Limits, fds: list[int]) -> tuple[str, str]:
     in_dir, out_dir = req["in_dir"], req["out_dir"]
     if iso.get("view") is True:
-        if cfg.early_pivot:
+        if cfg.template or cfg.early_pivot:
             if len(fds) != 2:
                 raise OSError("the request did not carry its /in and /out mounts")
             isolate.attach_request(fds[0], fds[1], limits.workdir_bytes)
@@ -146,7 +165,9 @@ def _enter(cfg: ChildConfig, iso: dict[str, bool | str], req: dict[str, Any],
     else:
         iso["fresh_proc"] = iso["workdir_tmpfs"] = "no read-only view"
         os.chdir(out_dir)
-    iso.update(apply_rlimits(limits, vm_size(), effective_nproc=cfg.uid != 0))
+    # Per job: the count is kept per (user namespace, uid), and each child has its own.
+    iso.update(apply_rlimits(limits, vm_size(),
+                             effective_nproc=iso.get("unprivileged_uid") is True))
     isolate.drop_privileges(cfg.last_cap)
     iso["no_new_privs"] = iso["caps_dropped"] = True
     iso["closed_fds"] = True

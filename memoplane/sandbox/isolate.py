@@ -27,7 +27,9 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 1, 2, 4
+MOUNT_ATTR_IDMAP = 0x00100000
 AT_RECURSIVE = 0x8000
+PIDFD_GET_USER_NAMESPACE = 0xFF09  # _IO(PIDFS_IOCTL_MAGIC, 9), Linux 6.11
 
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 1, 24, 28
 PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 47, 4
@@ -43,6 +45,12 @@ _SYSCALLS = {  # number of each raw syscall that glibc does not wrap
 }
 OPEN_TREE_CLONE, AT_EMPTY_PATH, MOVE_MOUNT_F_EMPTY_PATH = 1, 0x1000, 4
 DEFAULT_WORK_BYTES = 256 << 20
+# The host uid/gid that root of every job's user namespace maps to when the
+# agent runs as root. Nothing else on a host should have it: it is above
+# useradd's user and subordinate-id ranges (SUB_UID_MAX 600100000) and
+# systemd's container ranges (up to 1879048191), below systemd's foreign-id
+# ranges (from 2147352576). So a job owns no host file and no host process.
+JOB_HOST_ID = 2_000_000_000
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
@@ -92,8 +100,8 @@ class _MountAttr(ctypes.Structure):
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
 
-def _setattr(dirfd: int, path: bytes, flags: int, attrs: int) -> int:
-    attr = _MountAttr(attrs, 0, 0, 0)
+def _setattr(dirfd: int, path: bytes, flags: int, attrs: int, userns_fd: int = 0) -> int:
+    attr = _MountAttr(attrs, 0, 0, userns_fd)
     return int(_libc.syscall(ctypes.c_long(_nr("mount_setattr")), ctypes.c_int(dirfd), path,
                              ctypes.c_uint(flags | AT_RECURSIVE), ctypes.byref(attr),
                              ctypes.c_size_t(ctypes.sizeof(attr))))
@@ -107,18 +115,26 @@ def make_readonly(path: str) -> None:
         mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-def detached_tree(path: str, readonly: bool) -> int:
+def detached_tree(path: str, readonly: bool, userns_fd: int | None = None) -> int:
     """A detached copy of the mounts at `path`, as an fd a child can attach.
 
     Needs CAP_SYS_ADMIN where the caller lives (an agent running as root).
     This is how a child that already left the host tree receives its
     per-request /in and /out: no path lookup in the child, no unmount of
-    the host tree on the request path."""
+    the host tree on the request path.
+
+    With `userns_fd` the copy is idmapped through that user namespace: files
+    owned by host root (the agent) appear owned by the namespace's root, so an
+    unprivileged job can read its inputs and write its outputs without the
+    agent changing any owner or mode on the host; what the job writes lands
+    on disk owned by the agent, as if the agent had written it."""
     fd = int(_libc.syscall(ctypes.c_long(_nr("open_tree")), ctypes.c_int(-100), _b(path),
                            ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE)))
     _check(fd, f"open_tree({path})")
     attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if readonly else 0)
-    if _setattr(fd, b"", AT_EMPTY_PATH, attrs) < 0:
+    if userns_fd is not None:
+        attrs |= MOUNT_ATTR_IDMAP
+    if _setattr(fd, b"", AT_EMPTY_PATH, attrs, userns_fd or 0) < 0:
         err = ctypes.get_errno()
         os.close(fd)
         raise OSError(err, f"mount_setattr({path}): {os.strerror(err)}")
@@ -131,17 +147,36 @@ def attach_tree(fd: int, dst: str) -> None:
     _check(int(ret), f"move_mount(-> {dst})")
 
 
-def write_id_maps(uid: int, gid: int) -> None:
-    """Map root inside the new user namespace to our own ids outside.
+def write_id_maps(proc_fd: int, pid: int, uid: int, gid: int) -> None:
+    """From the parent namespace: map root of `pid`'s new user namespace to
+    the single host id `uid`/`gid` (nothing else of the host is mapped).
 
-    Only the single self-mapping is allowed without privilege in the parent
-    namespace, so no other host uid is reachable from inside."""
-    with open("/proc/self/setgroups", "w") as f:
-        f.write("deny")
-    with open("/proc/self/uid_map", "w") as f:
-        f.write(f"0 {uid} 1")
-    with open("/proc/self/gid_map", "w") as f:
-        f.write(f"0 {gid} 1")
+    A root parent may map any host id; an unprivileged one only its own.
+    `proc_fd` is the host /proc, opened before the caller left the host tree."""
+    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"),
+                       ("gid_map", f"0 {gid} 1")):
+        fd = os.open(f"{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC, dir_fd=proc_fd)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+
+def become_namespace_root() -> None:
+    """After the parent wrote our maps: take the mapped ids (until now we are
+    still host root, unmapped in here). Capabilities in the new namespace are
+    kept: the kernel only clears them when leaving the namespace's root id."""
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+
+
+def pidfd_userns(pidfd: int, pid: int) -> int:
+    """An fd for the user namespace of the process behind `pidfd`."""
+    import fcntl
+    try:
+        return fcntl.ioctl(pidfd, PIDFD_GET_USER_NAMESPACE)
+    except OSError:  # before Linux 6.11; the caller holds the pidfd, so `pid` is not reused
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,13 @@ def check_out_dir(out_dir: Path, limits: Limits, returned: int) -> Failure | Non
                 rel = os.path.relpath(p, out_dir)
                 return Failure("forbidden", f"the job left {rel!r} in $MEMOPLANE_OUT, which is "
                                "not a regular file or directory — write plain files only")
+            if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                # Through the idmapped /out the file is the agent's on disk: a
+                # set-id bit would make it a setuid-root program on the host.
+                os.chmod(p, stat.S_IMODE(st.st_mode) & 0o1777)
+                rel = os.path.relpath(p, out_dir)
+                return Failure("forbidden", f"the job set a set-user/group-id bit on {rel!r} in "
+                               "$MEMOPLANE_OUT (removed) — write plain files only")
             total += st.st_size if stat.S_ISREG(st.st_mode) else 0
     if total > limits.max_output_bytes:
         return Failure("output-too-large", f"the job's outputs total {total} bytes, over "

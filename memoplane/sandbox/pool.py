@@ -38,7 +38,7 @@ log = logging.getLogger("memoplane.sandbox")
 
 # Without these a job is not isolated; require_isolation=True refuses to run.
 REQUIRED = ("userns", "mountns", "pidns", "ipcns", "utsns", "netns", "view", "seccomp",
-            "pids_limit")
+            "pids_limit", "unprivileged_uid")
 _READY_TIMEOUT = 30.0
 _DEFAULT = Limits()
 
@@ -51,6 +51,7 @@ class _Slot:
         self.pid, self.pidfd, self.sock = pid, pidfd, sock
         self.out_r, self.err_r, self.group = out_r, err_r, group
         self.isolation: dict[str, bool | str] = {}
+        self.userns: int | None = None   # the child's user namespace, to idmap /in and /out
 
     def kill(self) -> None:
         try:
@@ -61,6 +62,8 @@ class _Slot:
     def close(self) -> None:
         self.sock.close()
         protocol.close_quietly(self.out_r, self.err_r, self.pidfd)
+        if self.userns is not None:
+            protocol.close_quietly(self.userns)
 
 
 class SandboxPool:
@@ -71,7 +74,8 @@ class SandboxPool:
 
     def __init__(self, profile: str = "python", size: int = 2,
                  preload: tuple[str, ...] | None = None, require_isolation: bool = True,
-                 extra_paths: tuple[str, ...] = (), _disable: tuple[str, ...] = ()) -> None:
+                 extra_paths: tuple[str, ...] = (), _disable: tuple[str, ...] = (),
+                 host_id: int | None = None) -> None:
         prof = get_profile(profile)
         self.profile = prof.name
         self.size = size
@@ -86,7 +90,11 @@ class SandboxPool:
         config = {"preload": list(prof.preload if preload is None else preload),
                   "extra_paths": list(prof.extra_paths + extra_paths), "disable": list(_disable),
                   "early_pivot": self._early_pivot}
+        if host_id is not None:  # the host uid/gid jobs run as (root agents only)
+            config["host_id"] = host_id
         self._zygote = ZygoteClient(config, prof.env, self._on_exit)
+        # Jobs run as another host uid than ours: /in and /out are idmapped to it.
+        self._idmap = self._early_pivot and self._zygote.hello.get("host_uid") != os.getuid()
         self.preloaded: list[str] = list(self._zygote.hello.get("preloaded", []))
         try:
             first = self._spawn()
@@ -136,7 +144,7 @@ class SandboxPool:
         rep["seccomp"] = notes.get("seccomp", True)
         rep["cgroup_memory"] = self._cg.memory is not None or (self._cg.reason or "unavailable")
         rep["cgroup_pids"] = self._cg.pids is not None or (self._cg.reason or "unavailable")
-        nproc = os.getuid() != 0
+        nproc = rep.get("unprivileged_uid") is True
         rep["rlimit_nproc"] = nproc or ("RLIMIT_NPROC does not apply to host root; "
                                         "the pids cgroup limits processes instead")
         rep["pids_limit"] = (rep["cgroup_pids"] is True or nproc
@@ -190,6 +198,12 @@ class SandboxPool:
             self._retire(slot)
             raise
         slot.isolation = msg.get("isolation", {})
+        if self._idmap and slot.isolation.get("userns") is True:
+            try:
+                slot.userns = isolate.pidfd_userns(sp.pidfd, sp.pid)
+            except OSError:
+                self._retire(slot)
+                raise
         return slot
 
     def _fill_loop(self) -> None:
@@ -312,9 +326,10 @@ class _Job:
         if not self.pool._early_pivot:
             protocol.send(self.slot.sock, msg)
             return
-        fds = [isolate.detached_tree(msg["in_dir"], readonly=True)]
+        userns = self.slot.userns
+        fds = [isolate.detached_tree(msg["in_dir"], readonly=True, userns_fd=userns)]
         try:
-            fds.append(isolate.detached_tree(msg["out_dir"], readonly=False))
+            fds.append(isolate.detached_tree(msg["out_dir"], readonly=False, userns_fd=userns))
             protocol.send(self.slot.sock, msg, fds=fds)
         finally:
             protocol.close_quietly(*fds)

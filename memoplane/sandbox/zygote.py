@@ -26,7 +26,7 @@ import sys
 import tempfile
 from typing import Any, NoReturn
 
-from memoplane.sandbox import child, isolate, protocol, runner
+from memoplane.sandbox import child, isolate, protocol, runner, view
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -43,6 +43,9 @@ def preload(modules: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def make_config(cfg: dict[str, Any]) -> child.ChildConfig:
+    """Everything children share, computed once; a root zygote also leaves the
+    host's network and mount namespaces here, for an empty one and the view."""
+    disable = frozenset(cfg.get("disable", ()))
     binds, links = isolate.view_binds(tuple(cfg.get("extra_paths", ())))
     notes: dict[str, str] = {}
     bpf = None
@@ -51,26 +54,61 @@ def make_config(cfg: dict[str, Any]) -> child.ChildConfig:
         bpf = compile_bpf()
     except Exception as e:  # noqa: BLE001 - recorded; the pool decides whether to refuse
         notes["seccomp"] = f"libseccomp unavailable: {type(e).__name__}: {e}"
-    root = tempfile.mkdtemp(prefix="memoplane-view-")
-    os.chmod(root, 0o755)
-    return child.ChildConfig(root=root, binds=binds, links=links, bpf=bpf, uid=os.getuid(),
-                             gid=os.getgid(), early_pivot=bool(cfg.get("early_pivot")),
-                             last_cap=isolate.last_cap(),
-                             disable=frozenset(cfg.get("disable", ())), notes=notes)
+    root_agent = os.getuid() == 0
+    host_id = int(cfg.get("host_id", isolate.JOB_HOST_ID)) if root_agent else os.getuid()
+    own_netns = True
+    if root_agent and "netns" not in disable:
+        try:  # one empty netns for all children: creating one per child costs more than the rest
+            isolate.unshare(isolate.CLONE_NEWNET)
+            own_netns = False
+        except OSError as e:
+            notes["netns"] = f"no shared network namespace ({e}); one per child"
+    template, root = False, ""
+    if root_agent and not disable & {"view", "mountns"}:
+        try:
+            view.build_template(binds, links)
+            template = True
+        except OSError as e:
+            notes["view"] = f"could not prepare the view once ({e}); built per child"
+    if not template:
+        root = tempfile.mkdtemp(prefix="memoplane-view-")
+        os.chmod(root, 0o755)
+    return child.ChildConfig(root=root, binds=binds, links=links, bpf=bpf, uid=host_id,
+                             gid=host_id if root_agent else os.getgid(),
+                             early_pivot=bool(cfg.get("early_pivot")), template=template,
+                             own_netns=own_netns, last_cap=isolate.last_cap(),
+                             disable=disable, notes=notes)
 
 
-def spawn(cfg: child.ChildConfig, fds: list[int]) -> tuple[int, int]:
-    """Fork W, which unshares and forks I; return I's pid and a pidfd for it."""
+def spawn(cfg: child.ChildConfig, fds: list[int], proc_fd: int) -> tuple[int, int]:
+    """Fork W, which unshares and forks I; return I's pid and a pidfd for it.
+
+    W asks for its id maps in between (b"u"): only a process in the parent
+    user namespace can map a host id other than its own."""
     r, w = os.pipe()
+    go_r, go_w = os.pipe()
     wpid = os.fork()
     if wpid == 0:
-        _w_main(cfg, fds, w)
+        os.close(go_w)
+        _w_main(cfg, fds, w, go_r)
     os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(wpid, 0)
+    os.close(go_r)
+    try:
+        data = os.read(r, 1)
+        if data == b"u":
+            try:
+                isolate.write_id_maps(proc_fd, wpid, cfg.uid, cfg.gid)
+                os.write(go_w, b"g")
+            except OSError as e:
+                os.write(go_w, b"x")
+                raise OSError(f"could not map the child's ids: {e}") from None
+            data = b""
+        while chunk := os.read(r, 65536):
+            data += chunk
+    finally:
+        os.close(r)
+        os.close(go_w)
+        os.waitpid(wpid, 0)
     reply = json.loads(data) if data else {"error": "the child died during setup"}
     if "error" in reply:
         raise OSError(reply["error"])
@@ -78,12 +116,19 @@ def spawn(cfg: child.ChildConfig, fds: list[int]) -> tuple[int, int]:
     return pid, os.pidfd_open(pid)  # I cannot be reaped (pid reused) before we do it
 
 
-def _w_main(cfg: child.ChildConfig, fds: list[int], w: int) -> NoReturn:
+def _w_main(cfg: child.ChildConfig, fds: list[int], w: int, go: int) -> NoReturn:
     try:
-        child.close_fds_except({*fds, w})
+        child.close_fds_except({*fds, w, go})  # first: this also closes the host /proc
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        iso = child.enter_namespaces(cfg)
+
+        def ask_maps() -> None:
+            os.write(w, b"u")
+            if os.read(go, 1) != b"g":
+                raise OSError("the zygote could not write the id maps")
+
+        iso = child.enter_namespaces(cfg, ask_maps)
+        os.close(go)
         pid = os.fork()  # the first child after unshare(CLONE_NEWPID) is pid 1 there
         if pid:
             os.write(w, json.dumps({"pid": pid}).encode())
@@ -98,9 +143,10 @@ def _w_main(cfg: child.ChildConfig, fds: list[int], w: int) -> NoReturn:
 
 
 class Zygote:
-    def __init__(self, ctrl: socket.socket, cfg: child.ChildConfig) -> None:
+    def __init__(self, ctrl: socket.socket, cfg: child.ChildConfig, proc_fd: int) -> None:
         self.ctrl = ctrl
         self.cfg = cfg
+        self.proc_fd = proc_fd
         self.children: dict[int, int] = {}   # pid -> pidfd (kept to kill on shutdown)
 
     def serve(self) -> None:
@@ -125,7 +171,7 @@ class Zygote:
             return False
         if msg.get("op") == "spawn":
             try:
-                pid, pidfd = spawn(self.cfg, fds)
+                pid, pidfd = spawn(self.cfg, fds, self.proc_fd)
                 self.children[pid] = pidfd
                 protocol.send(self.ctrl, {"op": "spawned", "id": msg["id"], "pid": pid}, fds=[pidfd])
             except OSError as e:
@@ -153,12 +199,17 @@ class Zygote:
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             except OSError:
                 pass
-        shutil.rmtree(self.cfg.root, ignore_errors=True)
+        if self.cfg.root:
+            shutil.rmtree(self.cfg.root, ignore_errors=True)
 
 
 def main() -> None:
     ctrl = socket.socket(fileno=int(sys.argv[1]))
     conf, _ = protocol.recv_with_fds(ctrl)
+    if os.getuid() == 0:
+        os.setgroups([])  # children must not carry host root's supplementary groups
+    # Opened while the host tree is still ours: to write children's id maps.
+    proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     done, failed = preload(list(conf.get("preload", ())))
     cfg = make_config(conf)
     isolate.prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphaned I processes come back to us
@@ -168,8 +219,9 @@ def main() -> None:
     gc.collect()
     gc.freeze()  # children never touch these objects' GC headers: fewer copied pages
     protocol.send(ctrl, {"op": "hello", "preloaded": done, "preload_failed": failed,
-                         "notes": cfg.notes, "root": cfg.root})
-    z = Zygote(ctrl, cfg)
+                         "notes": cfg.notes, "root": cfg.root, "host_uid": cfg.uid,
+                         "template": cfg.template, "shared_netns": not cfg.own_netns})
+    z = Zygote(ctrl, cfg, proc_fd)
     try:
         z.serve()
     finally:
