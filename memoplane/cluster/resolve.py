@@ -67,8 +67,9 @@ class Lookups(Protocol):
 
     def get_config_map(self, name: str) -> Mapping[str, Any] | None: ...
 
-    def result_input(self, result_digest: str) -> Input:
-        """The return value of a stored result as an input (JSON value, or a blob).
+    def result_input(self, result_digest: str, store_url: str | None) -> Input:
+        """The return value of a stored result (in the store at `store_url`, None: the
+        job's own) as an input: a JSON value, or a blob in the job's store.
         Raises LookupError_ when the result cannot be read."""
         ...
 
@@ -163,7 +164,8 @@ def _resolve_input(item: SpecInput, name: str, lookups: Lookups, created: dateti
         digest = (status.get("result") or {}).get("digest")
         if current and phase == p.SUCCEEDED and digest:
             try:
-                return lookups.result_input(digest)
+                store_url = ((obj.get("metadata") or {}).get("annotations") or {}).get(p.STORE_ANNOTATION)
+                return lookups.result_input(digest, store_url)
             except LookupError_ as exc:
                 return Failed(exc.reason, f"{label}: result of ComputeJob '{upstream}': {exc.message}")
         return Waiting(p.REASON_UPSTREAM,

@@ -34,6 +34,13 @@ def _clip(text: str, limit: int = MESSAGE_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def camel(reason: str) -> str:
+    """A condition reason from a sandbox failure reason: output-too-large -> OutputTooLarge."""
+    parts = [x for x in reason.replace("_", "-").split("-") if x]
+    out = "".join(x[:1].upper() + x[1:] for x in parts)
+    return out if out[:1].isalpha() else "Failed" + out
+
+
 def tail(text: str, limit: int = STDERR_TAIL_CHARS) -> str:
     return text if len(text) <= limit else "…" + text[-(limit - 1):]
 
@@ -84,9 +91,9 @@ def failed(status: Mapping[str, Any], generation: int, reason: str, message: str
     if stderr_tail:
         failure["stderrTail"] = tail(stderr_tail)
     patch: Patch = {
-        "phase": p.FAILED, "reason": reason, "message": message, "failure": failure,
+        "phase": p.FAILED, "reason": camel(reason), "message": message, "failure": failure,
         "completionTime": rfc3339(now),
-        "conditions": mark_stalled(_conds(status), reason, message, generation, now),
+        "conditions": mark_stalled(_conds(status), camel(reason), message, generation, now),
         "observedGeneration": generation,
     }
     if attempts is not None:

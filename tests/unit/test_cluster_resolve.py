@@ -51,7 +51,7 @@ class FakeLookups:
     def get_config_map(self, name: str) -> Mapping[str, Any] | None:
         return self.config_maps.get(name)
 
-    def result_input(self, result_digest: str) -> Input:
+    def result_input(self, result_digest: str, store_url: str | None) -> Input:
         if result_digest not in self.results:
             raise LookupError_("ResultUnavailable", f"result {result_digest} is damaged")
         return self.results[result_digest]

@@ -73,3 +73,10 @@ def test_waiting_and_precondition_body() -> None:
     assert s["phase"] == "Waiting" and get_condition(s["conditions"], "Reconciling")["reason"] == "SameKeyInFlight"
     assert st.with_precondition({"phase": "Running"}, "42") == {"status": {"phase": "Running"},
                                                                 "metadata": {"resourceVersion": "42"}}
+
+
+def test_sandbox_reasons_become_condition_reasons() -> None:
+    assert st.camel("output-too-large") == "OutputTooLarge"
+    assert st.camel("exception") == "Exception"
+    s = st.failed({}, 1, "no-entrypoint", "main is missing", T0)
+    assert s["reason"] == "NoEntrypoint" and s["failure"]["reason"] == "no-entrypoint"

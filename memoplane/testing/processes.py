@@ -1,0 +1,221 @@
+"""The operator and node agents as local processes, for `hack/cluster up --with-memoplane`
+and the integration tests: a Kubernetes-free stand-in for the Deployment and the DaemonSet.
+
+Processes are tracked with the same pid records as the control plane (binary + kernel
+start time), so stopping one never signals an unrelated process that reused its pid.
+Each process gets its own log under <directory>/logs and its HTTP ports on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memoplane.testing import cluster
+
+OPERATOR = "memoplane-operator"
+AGENT_PREFIX = "memoplane-agent-"
+READY_TIMEOUT_S = 90.0
+CRDS_DIR = cluster.checkout_root() / "crds"
+
+
+class ProcessError(RuntimeError):
+    """A memoplane process did not start or stop; the message carries its log tail."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    name: str
+    pid: int
+    ports: dict[str, int]
+    log: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def url(self, port: str, path: str) -> str:
+        return f"http://127.0.0.1:{self.ports[port]}{path}"
+
+
+@dataclass
+class StackConfig:
+    """What the processes share: the API server, the store, the scope."""
+
+    directory: Path
+    env: Mapping[str, str]                 # KUBECONFIG, MEMOPLANE_S3_* (ClusterInfo.env())
+    watch_namespaces: str = ""             # kopf patterns (space separated); "" = all
+    lease_namespace: str = "memoplane-system"
+    capacity: int = 2
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+
+    def process_env(self) -> dict[str, str]:
+        return {**self.env, "MEMOPLANE_WATCH_NAMESPACES": self.watch_namespaces,
+                "MEMOPLANE_NAMESPACE": self.lease_namespace, "PYTHONUNBUFFERED": "1", **self.extra_env}
+
+
+def _record_path(directory: Path, name: str) -> Path:
+    return directory / "pids" / f"{name}.json"
+
+
+def _save(directory: Path, proc: Proc) -> None:
+    path = _record_path(directory, proc.name)
+    record = json.loads(path.read_text())
+    record["ports"] = proc.ports
+    path.write_text(json.dumps(record))
+
+
+def _spawn(cfg: StackConfig, name: str, argv: list[str], env: dict[str, str], ports: dict[str, int]) -> Proc:
+    for sub in ("pids", "logs"):
+        (cfg.directory / sub).mkdir(parents=True, exist_ok=True)
+    popen = cluster._spawn(cfg.directory, name, argv, env)
+    proc = Proc(name, popen.pid, ports, cfg.directory / "logs" / f"{name}.log", popen)
+    _save(cfg.directory, proc)
+    return proc
+
+
+def log_tail(proc: Proc, lines: int = 40) -> str:
+    try:
+        return "".join(proc.log.read_text(errors="replace").splitlines(keepends=True)[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def alive(directory: Path, name: str) -> bool:
+    record = cluster._read_pid_record(directory, name)
+    if record is None:
+        return False
+    cluster._reap(int(record["pid"]))  # type: ignore[call-overload]
+    return cluster._is_ours(record)
+
+
+def _get(url: str, timeout: float = 2.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read().decode(errors="replace")
+    except (urllib.error.URLError, OSError) as exc:
+        return 0, str(exc)
+
+
+def wait_ready(directory: Path, proc: Proc, url: str, timeout: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if not alive(directory, proc.name):
+            raise ProcessError(f"{proc.name} exited during startup; last lines of {proc.log}:\n{log_tail(proc)}")
+        code, body = _get(url)
+        if code == 200:
+            return
+        last = body.strip()
+        time.sleep(0.2)
+    raise ProcessError(f"{proc.name} not ready after {timeout:.0f}s ({last}); last lines of {proc.log}:\n"
+                       f"{log_tail(proc)}")
+
+
+def start_operator(cfg: StackConfig, wait: bool = True) -> Proc:
+    ports = {"metrics": free_port(), "health": free_port()}
+    env = {**cfg.process_env(), "MEMOPLANE_METRICS_PORT": str(ports["metrics"]),
+           "MEMOPLANE_HEALTH_PORT": str(ports["health"])}
+    proc = _spawn(cfg, OPERATOR, [sys.executable, "-m", "memoplane_operator"], env, ports)
+    if wait:
+        wait_ready(cfg.directory, proc, proc.url("health", "/healthz"))
+    return proc
+
+
+def start_agent(cfg: StackConfig, node: str, wait: bool = True) -> Proc:
+    ports = {"http": free_port()}
+    env = {**cfg.process_env(), "NODE_NAME": node, "MEMOPLANE_HTTP_HOST": "127.0.0.1",
+           "MEMOPLANE_HTTP_PORT": str(ports["http"]), "MEMOPLANE_CAPACITY": str(cfg.capacity),
+           "MEMOPLANE_LOCAL_CACHE": str(cfg.directory / "node-cache" / node)}
+    proc = _spawn(cfg, AGENT_PREFIX + node, [sys.executable, "-m", "memoplane_agent"], env, ports)
+    if wait:
+        wait_ready(cfg.directory, proc, proc.url("http", "/readyz"))
+    return proc
+
+
+def stop(directory: Path, name: str) -> None:
+    """SIGTERM (the process drains), then SIGKILL; only the recorded process."""
+    cluster._stop(directory, name)
+
+
+def kill(directory: Path, name: str) -> None:
+    """SIGKILL at once (a crash): the process gets no chance to clean up."""
+    record = cluster._read_pid_record(directory, name)
+    if record is None or not cluster._is_ours(record):
+        return
+    pid = int(record["pid"])  # type: ignore[call-overload]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while cluster._is_ours(record) and time.monotonic() < deadline:
+        cluster._reap(pid)
+        time.sleep(0.05)
+    _record_path(directory, name).unlink(missing_ok=True)
+
+
+def names(directory: Path) -> list[str]:
+    pids = directory / "pids"
+    if not pids.is_dir():
+        return []
+    return sorted(p.stem for p in pids.glob("memoplane-*.json"))
+
+
+def load(directory: Path, name: str) -> Proc | None:
+    record = cluster._read_pid_record(directory, name)
+    if record is None:
+        return None
+    return Proc(name, int(record["pid"]), dict(record.get("ports") or {}),  # type: ignore[call-overload]
+                directory / "logs" / f"{name}.log")
+
+
+def apply_crds(env: Mapping[str, str]) -> None:
+    kubeconfig = env["KUBECONFIG"]
+    for args in (["apply", "-f", str(CRDS_DIR)],
+                 ["wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRDS_DIR)]):
+        proc = subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", *args], capture_output=True, text=True,
+                              timeout=90)
+        if proc.returncode != 0:
+            raise ProcessError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
+
+
+def up(cfg: StackConfig, nodes: tuple[str, ...] = ("node-a", "node-b")) -> list[Proc]:
+    """CRDs applied, then the operator and one agent per node, each waited for (idempotent)."""
+    apply_crds(cfg.env)
+    started = []
+    if not alive(cfg.directory, OPERATOR):
+        started.append(start_operator(cfg, wait=False))
+    for node in nodes:
+        if not alive(cfg.directory, AGENT_PREFIX + node):
+            started.append(start_agent(cfg, node, wait=False))
+    try:
+        for proc in started:
+            path = "/healthz" if proc.name == OPERATOR else "/readyz"
+            wait_ready(cfg.directory, proc, proc.url("health" if proc.name == OPERATOR else "http", path))
+    except ProcessError:
+        down(cfg.directory)
+        raise
+    return started
+
+
+def down(directory: Path) -> list[str]:
+    """Stop every memoplane process recorded under `directory` (agents first)."""
+    stopped = []
+    for name in sorted(names(directory), key=lambda n: n == OPERATOR):
+        if alive(directory, name):
+            stopped.append(name)
+        stop(directory, name)
+    return stopped

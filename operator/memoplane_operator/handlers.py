@@ -1,0 +1,53 @@
+"""kopf handlers: thin. They hand what changed to the reconciler's queue.
+
+Only `on.event` handlers are used: kopf then keeps no per-object progress, adds no
+finalizers (timers and daemons would, blocking namespace deletion while the operator is
+down) and writes nothing to the objects; the reconciler owns all writes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from memoplane.cluster import protocol as p
+
+from .reconciler import Reconciler
+
+
+def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.peering.standalone = True
+        settings.posting.level = logging.WARNING     # kopf's own messages as Events only when they matter
+        settings.watching.server_timeout = 300
+        settings.execution.max_workers = 4
+        reconciler.start()
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # A private registry has none of kopf's default handlers: log in as the kubernetes
+        # client does (KUBECONFIG, else the pod's service account).
+        info: kopf.ConnectionInfo | None = kopf.login_via_client(**kwargs)
+        return info
+
+    @kopf.on.cleanup(registry=registry)
+    def cleanup(**_: Any) -> None:
+        reconciler.stop()
+
+    @kopf.on.event(p.GROUP, p.VERSION, p.COMPUTEJOBS, registry=registry)
+    def job_event(event: dict[str, Any], namespace: str, name: str, **_: Any) -> None:
+        if event.get("type") == "DELETED":
+            return  # results outlive jobs: nothing to clean up
+        reconciler.enqueue(namespace, name)
+
+    @kopf.on.event(p.GROUP, p.VERSION, p.RESULTCACHES, registry=registry)
+    def cache_event(event: dict[str, Any], namespace: str, name: str, **_: Any) -> None:
+        if event.get("type") != "DELETED":
+            reconciler.enqueue_cache(namespace, name)
+
+    @kopf.on.probe(id="reconciler", registry=registry)
+    def reconciler_alive(**_: Any) -> bool:
+        return reconciler.live()

@@ -1,0 +1,308 @@
+"""The agent loop: lease, watch, claim, run, store, report. Decisions are in
+memoplane.cluster (claim.py, retry.py, status.py); this module does the I/O.
+
+Order of a run (DESIGN §4): claim (Running, resourceVersion precondition) -> load the job
+manifest -> check the runtime -> execute (chunks, manifests, result) -> set the ref unless
+Bypass (durable first) -> report Succeeded. A crash anywhere before the report leaves the
+job Running on this node: a restarted agent re-runs it, a dead one loses its Lease and the
+operator reassigns the job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from memoplane.cas import Store
+from memoplane.cluster import protocol as p
+from memoplane.cluster import status as st
+from memoplane.cluster.claim import Assignment, agent_action, assignment_of, claimable, still_ours
+from memoplane.cluster.kube import Kube
+from memoplane.cluster.metrics import AgentMetrics
+from memoplane.cluster.retry import after_failure
+from memoplane.cluster.stores import Stores
+from memoplane.errors import MemoplaneError
+from memoplane.execute import execute
+from memoplane.jobs import Job, job_from_dict
+from memoplane.keys import runtime_identity
+from memoplane.sandbox import SandboxPool
+
+log = logging.getLogger("memoplane.agent")
+
+
+@dataclass
+class AgentConfig:
+    node: str
+    lease_namespace: str = "memoplane-system"
+    patterns: list[str] = field(default_factory=list)
+    capacity: int = 2
+    profiles: list[str] = field(default_factory=lambda: ["python"])
+    require_isolation: bool = True
+    renew_seconds: float = p.RENEW_SECONDS
+    lease_duration: int = p.LEASE_DURATION_SECONDS
+    backoff_base: float = 1.0
+    watch_timeout: int = 30
+
+
+class _Stale(Exception):
+    """The assignment changed under us: drop the job silently."""
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, kube: Kube, stores: Stores, metrics: AgentMetrics | None = None) -> None:
+        self.cfg = config
+        self.kube = kube
+        self.stores = stores
+        self.metrics = metrics or AgentMetrics()
+        self.holder = f"{config.node}/{os.getpid()}"
+        self.pools: dict[str, SandboxPool] = {}
+        self.runtimes: dict[str, str] = {}
+        self.local: dict[str, Assignment] = {}   # uid -> assignment queued or running here
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._executor = ThreadPoolExecutor(max_workers=max(1, config.capacity), thread_name_prefix="job")
+        self._threads: list[threading.Thread] = []
+        self.last_renew = 0.0   # monotonic
+        self.watching = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        for profile in self.cfg.profiles:
+            self.pools[profile] = SandboxPool(profile, size=self.cfg.capacity,
+                                              require_isolation=self.cfg.require_isolation)
+            self.runtimes[profile] = runtime_identity(profile).digest
+            self.metrics.pool_size.labels(profile).set(self.cfg.capacity)
+        self.kube.ensure_namespace(self.cfg.lease_namespace)
+        self._renew()
+        for name, target in (("lease", self._lease_loop), ("watch", self._watch_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info("agent %s up: capacity %d, profiles %s, leases in %s, namespaces %s", self.cfg.node,
+                 self.cfg.capacity, ",".join(self.cfg.profiles), self.cfg.lease_namespace,
+                 " ".join(self.cfg.patterns) or "all")
+
+    def stop(self, drain_seconds: float = 30.0) -> None:
+        """Stop taking jobs, finish the running ones, then give up the lease."""
+        self._stop.set()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        for pool in self.pools.values():
+            pool.close()
+        try:
+            self.kube.coord.delete_namespaced_lease(p.lease_name(self.cfg.node), self.cfg.lease_namespace)
+        except Exception as exc:
+            log.debug("lease not deleted: %s", exc)
+
+    def live(self) -> bool:
+        return all(t.is_alive() for t in self._threads) and not self._stop.is_set()
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.pools:
+            return False, "sandbox pools not started"
+        if time.monotonic() - self.last_renew > self.cfg.lease_duration:
+            return False, "lease not renewed"
+        if not self.watching:
+            return False, "not watching jobs yet"
+        return True, "ready"
+
+    # -- lease ---------------------------------------------------------------------------
+
+    def _renew(self) -> None:
+        with self._lock:
+            running = len(self.local)
+        annotations = {p.CAPACITY_ANNOTATION: str(self.cfg.capacity), p.RUNNING_ANNOTATION: str(running),
+                       p.PROFILES_ANNOTATION: ",".join(self.cfg.profiles)}
+        annotations.update({p.runtime_annotation(k): v for k, v in self.runtimes.items()})
+        self.kube.renew_lease(self.cfg.lease_namespace, self.cfg.node, self.holder, annotations,
+                              self.cfg.lease_duration)
+        self.last_renew = time.monotonic()
+
+    def _lease_loop(self) -> None:
+        while not self._stop.wait(self.cfg.renew_seconds):
+            try:
+                self._renew()
+            except Exception as exc:
+                log.warning("lease renewal failed: %s", exc)
+
+    # -- watch ---------------------------------------------------------------------------
+
+    def _watch_loop(self) -> None:
+        selector = f"{p.NODE_LABEL}={self.cfg.node}"
+        while not self._stop.is_set():
+            try:
+                items, rv = self.kube.list(p.COMPUTEJOBS, label_selector=selector)
+                self.watching = True
+                for obj in items:
+                    self.consider(obj)
+                for kind, obj in self.kube.watch(p.COMPUTEJOBS, rv, selector, self.cfg.watch_timeout):
+                    if self._stop.is_set():
+                        return
+                    if kind in ("ADDED", "MODIFIED"):
+                        self.consider(obj)
+            except ApiException as exc:
+                if exc.status != 410:  # 410 Gone: our resourceVersion is too old, relist
+                    log.warning("watch failed: %s", exc.reason)
+                    self._stop.wait(1.0)
+            except Exception as exc:
+                log.warning("watch failed: %s", exc)
+                self._stop.wait(1.0)
+
+    def consider(self, obj: dict[str, Any]) -> None:
+        uid = str((obj.get("metadata") or {}).get("uid") or "")
+        with self._lock:
+            if self._stop.is_set():
+                return
+            if agent_action(obj, self.cfg.node, uid in self.local, self.cfg.patterns) != "claim":
+                return
+            assignment = assignment_of(obj)
+            assert assignment is not None
+            self.local[uid] = assignment
+            self.metrics.running.set(len(self.local))
+        self._executor.submit(self._run, obj, assignment)
+
+    # -- one job ---------------------------------------------------------------------------
+
+    def _run(self, obj: dict[str, Any], a: Assignment) -> None:
+        started = time.monotonic()
+        try:
+            self._run_claimed(obj, a)
+        except _Stale:
+            log.info("%s/%s: assignment changed, dropped", a.namespace, a.name)
+        except Exception:
+            log.error("%s/%s: agent error:\n%s", a.namespace, a.name, traceback.format_exc())
+        finally:
+            self.metrics.run_seconds.observe(time.monotonic() - started)
+            with self._lock:
+                self.local.pop(a.uid, None)
+                self.metrics.running.set(len(self.local))
+
+    def _claim(self, obj: dict[str, Any], a: Assignment) -> dict[str, Any]:
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        for _ in range(10):
+            patch = st.running(obj.get("status") or {}, a.generation, self.cfg.node, datetime.now(UTC))
+            try:
+                return self.kube.patch_status(p.COMPUTEJOBS, a.namespace, a.name, patch, rv)
+            except ApiException as exc:
+                if exc.status == 404:
+                    raise _Stale() from None
+                if exc.status != 409:
+                    raise
+            fresh = self.kube.get(p.COMPUTEJOBS, a.namespace, a.name)
+            if fresh is None or not claimable(fresh, self.cfg.node, a):
+                raise _Stale()
+            obj, rv = fresh, fresh["metadata"]["resourceVersion"]
+        raise _Stale()
+
+    def _report(self, obj: dict[str, Any], a: Assignment, build: Any) -> dict[str, Any]:
+        """Write the outcome patch built by `build(status)` while the assignment is ours."""
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        for _ in range(10):
+            try:
+                return self.kube.patch_status(p.COMPUTEJOBS, a.namespace, a.name, build(obj.get("status") or {}), rv)
+            except ApiException as exc:
+                if exc.status == 404:
+                    raise _Stale() from None
+                if exc.status != 409:
+                    raise
+            fresh = self.kube.get(p.COMPUTEJOBS, a.namespace, a.name)
+            if fresh is None or not still_ours(fresh, self.cfg.node, a):
+                raise _Stale()
+            obj, rv = fresh, fresh["metadata"]["resourceVersion"]
+        raise _Stale()
+
+    def _run_claimed(self, obj: dict[str, Any], a: Assignment) -> None:
+        obj = self._claim(obj, a)
+        node = self.cfg.node
+        self.kube.event(obj, p.REASON_RUNNING, f"running on node {node} (attempt {a.attempts})",
+                        component=p.AGENT_COMPONENT, host=node)
+        try:
+            store = self.stores.by_url(a.store)
+            job = job_from_dict(json.loads(store.get_bytes(a.job_digest)))
+        except (MemoplaneError, ValueError, KeyError) as exc:
+            self._attempt_failed(obj, a, p.REASON_STORE, f"cannot load the job manifest {a.job_digest}: {exc}", "")
+            return
+        pool = self.pools.get(job.profile)
+        if pool is None or job.runtime != self.runtimes.get(job.profile):
+            why = (f"node {node} does not serve profile '{job.profile}'" if pool is None else
+                   f"node {node} runs profile '{job.profile}' as {self.runtimes[job.profile]}, "
+                   f"the key was derived for {job.runtime}")
+            self._report(obj, a, lambda s: st.pending(s, a.generation, p.REASON_RUNTIME_MISMATCH, why,
+                                                      datetime.now(UTC)))
+            self.kube.event(obj, p.REASON_RUNTIME_MISMATCH, why, warning=True, component=p.AGENT_COMPONENT,
+                            host=node)
+            return
+        if job.key != a.cache_key:
+            message = f"the job manifest {a.job_digest} derives key {job.key}, status says {a.cache_key}"
+            self._report(obj, a, lambda s: st.failed(s, a.generation, p.REASON_INVALID, message,
+                                                     datetime.now(UTC)))
+            return
+        if a.policy == "Use" and self._serve_existing(obj, a, store):
+            return
+        self._compute(obj, a, job, store, pool)
+
+    def _serve_existing(self, obj: dict[str, Any], a: Assignment, store: Store) -> bool:
+        """The result may exist already (an earlier attempt stored it and then lost its node)."""
+        started = time.monotonic()
+        hit = store.get_ref(a.cache_key)
+        if hit is None:
+            return False
+        ms = int((time.monotonic() - started) * 1000)
+        self._report(obj, a, lambda s: st.cache_hit(s, a.generation, hit.digest, hit.result, ms,
+                                                    datetime.now(UTC), node=self.cfg.node))
+        self.metrics.cache_hits.inc()
+        self.kube.event(obj, p.REASON_CACHE_HIT, f"result {hit.digest[:15]} was already stored",
+                        component=p.AGENT_COMPONENT, host=self.cfg.node)
+        return True
+
+    def _compute(self, obj: dict[str, Any], a: Assignment, job: Job, store: Store, pool: SandboxPool) -> None:
+        node = self.cfg.node
+        try:
+            execution = execute(job, store, pool, node=node)
+        except MemoplaneError as exc:
+            self._attempt_failed(obj, a, p.REASON_STORE, str(exc), "")
+            return
+        if execution.result is None or execution.digest is None:
+            failure = execution.failure
+            reason = failure.reason if failure else "sandbox"
+            message = failure.message if failure else "the sandbox returned no result and no reason"
+            detail = (failure.detail if failure and failure.detail else "") or \
+                execution.outcome.stderr.decode("utf-8", "replace")
+            self.metrics.runs.labels("failed").inc()
+            self._attempt_failed(obj, a, reason, message, detail)
+            return
+        if a.policy != "Bypass":
+            store.set_ref(execution.key, execution.digest)   # durable before anyone is told
+        self.metrics.runs.labels("succeeded").inc()
+        self.metrics.bytes_stored.inc(execution.result.logical_size)
+        ms = int(execution.outcome.duration_s * 1000)
+        result, digest = execution.result, execution.digest
+        done = self._report(obj, a, lambda s: st.succeeded(s, a.generation, node, digest, result, ms,
+                                                           datetime.now(UTC)))
+        self.kube.event(done, p.REASON_COMPUTED, f"computed on {node} in {ms} ms, result {digest[:15]}",
+                        component=p.AGENT_COMPONENT, host=node)
+
+    def _attempt_failed(self, obj: dict[str, Any], a: Assignment, reason: str, message: str, detail: str) -> None:
+        decision = after_failure(a.attempts, a.backoff_limit, reason, base=self.cfg.backoff_base)
+        now = datetime.now(UTC)
+        if decision.retry:
+            self._report(obj, a, lambda s: st.retrying(s, a.generation, a.attempts, reason, message,
+                                                       decision.delay_s, now, stderr_tail=detail or None))
+            self.kube.event(obj, p.REASON_BACKOFF, f"attempt {a.attempts} failed ({reason}): {message[:200]}",
+                            warning=True, component=p.AGENT_COMPONENT, host=self.cfg.node)
+            return
+        text = message if a.attempts <= 1 else f"{message} (after {a.attempts} attempts)"
+        self._report(obj, a, lambda s: st.failed(s, a.generation, reason, text, now, stderr_tail=detail or None,
+                                                 attempts=a.attempts))
+        self.kube.event(obj, "Failed", f"{reason}: {message[:300]}", warning=True, component=p.AGENT_COMPONENT,
+                        host=self.cfg.node)
