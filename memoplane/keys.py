@@ -136,6 +136,29 @@ class KeyParts:
         return digest_value(self.components())
 
 
+class KeyTemplate:
+    """Keys of many calls that differ only in their inputs (one memoized function):
+    the fixed components are encoded once, so a key costs one join and one hash.
+
+    Gives exactly `KeyParts(...).key` (tests check it) provided input names are
+    Python identifiers and entries are "kind:b3:<hex>": neither needs escaping."""
+
+    def __init__(self, code: str, entrypoint: str | None, runtime: str,
+                 env: Mapping[str, str] | None = None, salt: str = "") -> None:
+        self.fixed = KeyParts(code=code, entrypoint=entrypoint, runtime=runtime, env=dict(env or {}), salt=salt)
+        head, sep, tail = canonical_json(self.fixed.components()).partition(b'"inputs":{}')
+        assert sep, "the canonical components always hold an empty inputs object"
+        self._head, self._tail = head + b'"inputs":{', b"}" + tail
+
+    def key(self, inputs: Mapping[str, str]) -> str:
+        body = ",".join(f'"{name}":"{inputs[name]}"' for name in sorted(inputs))
+        return digest_bytes(self._head + body.encode("utf-8") + self._tail)
+
+    def parts(self, inputs: Mapping[str, str]) -> KeyParts:
+        fixed = self.fixed
+        return KeyParts(fixed.code, fixed.entrypoint, fixed.runtime, dict(inputs), fixed.env, fixed.salt)
+
+
 def explain_change(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[str]:
     """Which components of a key changed since `previous`, one line each.
 

@@ -31,7 +31,7 @@ from .cas import Provenance, ResultManifest, Store, StoredValue, open_store
 from .embedded import key_lock
 from .errors import InputError, NotFound, StoreCorrupted
 from .fingerprint import fingerprint
-from .keys import KeyParts, code_digest, runtime_identity
+from .keys import KeyParts, KeyTemplate, code_digest, runtime_identity
 from .recent import VerifiedCache
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -61,6 +61,7 @@ class Memoized:
         self._lock = threading.Lock()
         self._recent = VerifiedCache(memory_bytes)
         self._plain_params = _plain_parameters(self.signature)
+        self._template = KeyTemplate(self.code, self.entrypoint, runtime_identity().digest, salt=version)
 
     @property
     def store(self) -> Store:
@@ -83,19 +84,20 @@ class Memoized:
         bound.apply_defaults()
         return dict(bound.arguments)
 
+    def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, str]:
+        return {name: "py:" + fingerprint(value, where=f"{self.func.__qualname__}({name}=...)")
+                for name, value in self._arguments(args, kwargs).items() if name not in self.ignore}
+
     def key_parts(self, *args: Any, **kwargs: Any) -> KeyParts:
-        inputs = {name: "py:" + fingerprint(value, where=f"{self.func.__qualname__}({name}=...)")
-                  for name, value in self._arguments(args, kwargs).items() if name not in self.ignore}
-        return KeyParts(code=self.code, entrypoint=self.entrypoint, runtime=runtime_identity().digest,
-                        inputs=inputs, salt=self.version)
+        return self._template.parts(self._inputs(args, kwargs))
 
     def key(self, *args: Any, **kwargs: Any) -> str:
         """The cache key a call with these arguments has."""
-        return self.key_parts(*args, **kwargs).key
+        return self._template.key(self._inputs(args, kwargs))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        parts = self.key_parts(*args, **kwargs)
-        key = parts.key
+        inputs = self._inputs(args, kwargs)
+        key = self._template.key(inputs)
         found, value = self._lookup(key)
         if found:
             return value
@@ -103,7 +105,7 @@ class Memoized:
             found, value = self._lookup(key)  # another thread or process may have finished it
             if found:
                 return value
-            return self._compute(key, parts, args, kwargs)
+            return self._compute(key, self._template.parts(inputs), args, kwargs)
 
     def _lookup(self, key: str) -> tuple[bool, Any]:
         recent = self._recent.get(key)

@@ -44,6 +44,7 @@ log = logging.getLogger("memoplane.cas")
 
 INLINE_MAX = 4096  # canonical JSON bytes a return value may have and still sit in the result manifest
 READ_AHEAD = 16  # chunks fetched and verified in parallel ahead of the reader
+EMPTY_BLOB = b3(b"")
 T = TypeVar("T")
 
 
@@ -367,7 +368,8 @@ class Store:
             self._quarantine(name, data, f"it names {digest}, which is missing or damaged")
 
     def _check_complete(self, result: ResultManifest, deep: bool) -> None:
-        blobs = list(dict.fromkeys(result.blobs()))
+        # The empty blob needs no check: its digest names its (empty) content.
+        blobs = [d for d in dict.fromkeys(result.blobs()) if d != EMPTY_BLOB]
         if result.output_tree:
             blobs = list(dict.fromkeys(blobs + self.get_tree(result.output_tree.digest).blobs()))
         if deep:

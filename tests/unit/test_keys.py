@@ -107,3 +107,19 @@ def test_explain_without_history() -> None:
     assert explain_change(None, KeyParts(code="b3:1", entrypoint=None, runtime="b3:r").components()) == [
         "no earlier run of this job is recorded"
     ]
+
+
+def test_key_template_equals_key_parts() -> None:
+    from memoplane.keys import KeyTemplate
+
+    rng = __import__("random").Random(7)
+    for salt in ("", "2", 'quote"and\\slash', "é"):
+        for entrypoint in ("mod.f", None):
+            template = KeyTemplate("b3:" + "a" * 64, entrypoint, "b3:" + "b" * 64, salt=salt)
+            for _ in range(20):
+                names = rng.sample(["rows", "scale", "é", "_x", "B", "a1"], rng.randint(0, 6))
+                inputs = {n: f"py:b3:{rng.getrandbits(256):064x}" for n in names}
+                expected = KeyParts(code="b3:" + "a" * 64, entrypoint=entrypoint, runtime="b3:" + "b" * 64,
+                                    inputs=inputs, salt=salt)
+                assert template.key(inputs) == expected.key
+                assert template.parts(inputs) == expected
