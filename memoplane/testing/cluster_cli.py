@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from memoplane.testing import build, cluster
+from memoplane.testing import build, cluster, processes
 
 
 def _say(msg: str) -> None:
@@ -18,19 +18,25 @@ def cmd_build(_: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_up(_: argparse.Namespace) -> int:
+def cmd_up(args: argparse.Namespace) -> int:
     result = cluster.up()
     info = result.info
     how = "already running, reused" if result.already_running else "started"
     cache = f"built {', '.join(result.built)}" if result.built else "binaries reused from cache"
     _say(f"control plane {how} in {result.seconds_to_ready:.1f}s ({cache})")
     _say(f"kube-apiserver {info.apiserver_url}  MinIO {info.s3_endpoint}  state {info.state_dir}")
+    if getattr(args, "with_memoplane", False):
+        # Test sessions run their own stacks in namespaces mpt-*: leave those to them.
+        cfg = processes.StackConfig(directory=cluster.state_dir(), env=info.env(), watch_namespaces="*,!mpt-*")
+        started = processes.up(cfg)
+        _say(f"memoplane: {', '.join(p.name for p in started) or 'already running'} "
+             f"(logs in {cfg.directory / 'logs'}); try: kubectl apply -f examples/job.yaml")
     _say('use it: eval "$(hack/cluster env)"')
     return 0
 
 
 def cmd_down(_: argparse.Namespace) -> int:
-    stopped = cluster.down()
+    stopped = processes.down(cluster.state_dir()) + cluster.down()
     _say(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
     return 0
 
@@ -45,6 +51,8 @@ def cmd_status(_: argparse.Namespace) -> int:
               f"healthy {str(st['healthy']):5}{mem}")
     if rss:
         print(f"{'total rss':15} {sum(rss.values()) / 1024:.0f} MiB")
+    for name in processes.names(cluster.state_dir()):
+        print(f"{name:15} running {processes.alive(cluster.state_dir(), name)}")
     if info:
         print(f"state {info.state_dir}  apiserver {info.apiserver_url}  s3 {info.s3_endpoint}")
     return 0 if all(st["healthy"] for st in report.values()) else 1
@@ -69,14 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         ("status", cmd_status, "show processes, health and memory; exit 1 unless all healthy"),
         ("env", cmd_env, "print the shell exports for the running control plane"),
     ]:
-        sub.add_parser(name, help=text).set_defaults(fn=fn)
+        command = sub.add_parser(name, help=text)
+        command.set_defaults(fn=fn)
+        if name == "up":
+            command.add_argument("--with-memoplane", action="store_true",
+                                 help="also start the operator and agents for nodes node-a and node-b")
     args = parser.parse_args(argv)
     try:
         code: int = args.fn(args)
     except build.BuildError as exc:
         _say(f"FAILED: {exc}")
         return 2
-    except cluster.ClusterError as exc:
+    except (cluster.ClusterError, processes.ProcessError) as exc:
         _say(f"FAILED: {exc}")
         return 3
     return code

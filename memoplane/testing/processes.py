@@ -116,7 +116,9 @@ def wait_ready(directory: Path, proc: Proc, url: str, timeout: float = READY_TIM
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
-        if not alive(directory, proc.name):
+        # Our own child: poll() (right after fork, /proc still shows the parent's argv).
+        exited = proc.popen.poll() is not None if proc.popen is not None else not alive(directory, proc.name)
+        if exited:
             raise ProcessError(f"{proc.name} exited during startup; last lines of {proc.log}:\n{log_tail(proc)}")
         code, body = _get(url)
         if code == 200:
