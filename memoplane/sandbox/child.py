@@ -53,11 +53,14 @@ def close_fds_except(keep: set[int]) -> None:
     os.closerange(low, 1 << 16)
 
 
-def enter_namespaces(cfg: ChildConfig, ask_maps: Callable[[], None]) -> dict[str, bool | str]:
-    """Run in W: unshare everything the host allows, record what it refused.
+def enter_namespaces(cfg: ChildConfig, ask_maps: Callable[[], None],
+                     entered: frozenset[str] = frozenset()) -> dict[str, bool | str]:
+    """Unshare everything the host allows, record what it refused.
 
-    `ask_maps` has the zygote (in the parent user namespace) write our id maps."""
-    wanted = {k: v for k, v in isolate.NAMESPACES.items() if k not in cfg.disable}
+    `ask_maps` has the zygote (in the parent user namespace) write our id
+    maps; `entered`: namespaces the zygote already put us in."""
+    wanted = {k: v for k, v in isolate.NAMESPACES.items()
+              if k not in cfg.disable and k not in entered}
     shared_net = not cfg.own_netns and "netns" in wanted
     if shared_net:  # inherited from the zygote: empty, owned by the host's user namespace
         wanted.pop("netns")
@@ -81,6 +84,7 @@ def enter_namespaces(cfg: ChildConfig, ask_maps: Callable[[], None]) -> dict[str
         ask_maps()
         isolate.become_namespace_root()
     iso.update({k: True for k in wanted})
+    iso.update({k: True for k in entered})
     if shared_net:
         iso["netns"] = True
     if "userns" not in wanted:
@@ -92,13 +96,19 @@ def enter_namespaces(cfg: ChildConfig, ask_maps: Callable[[], None]) -> dict[str
 
 
 def warm_main(cfg: ChildConfig, iso: dict[str, bool | str], sock_fd: int,
-              out_fd: int, err_fd: int) -> NoReturn:
+              out_fd: int, err_fd: int, proc_fd: int | None = None) -> NoReturn:
     """Run in I (pid 1 of the new pid namespace); never returns."""
+    from memoplane.sandbox import runner
+
     try:
         os.setsid()  # own session: kill(0, ...) from the job cannot reach the agent
+        iso["view"] = _build_view(cfg, iso, proc_fd)
         _setup_stdio(sock_fd, out_fd, err_fd)
         sock = socket.socket(fileno=SOCK_FD)
-        iso["view"] = _build_view(cfg, iso)
+        # Work that does not depend on the request is done before it comes.
+        runner.reseed()
+        os.environ.clear()
+        isolate.limit_future_privileges(cfg.last_cap)
         protocol.send(sock, {"op": "ready", "isolation": iso})
         header, _, fds = protocol.recv_stream_with_fds(sock)
     except BaseException:  # noqa: BLE001 - the pool sees the exit and reports it
@@ -113,14 +123,15 @@ def _setup_stdio(sock_fd: int, out_fd: int, err_fd: int) -> None:
     close_fds_except({0, 1, 2, SOCK_FD})
 
 
-def _build_view(cfg: ChildConfig, iso: dict[str, bool | str]) -> bool | str:
+def _build_view(cfg: ChildConfig, iso: dict[str, bool | str], proc_fd: int | None
+                ) -> bool | str:
+    if cfg.template:  # a failure here exits the child: it is already inside the view
+        view.enter_child(proc_fd, isolate.DEFAULT_WORK_BYTES)
+        return True
     if iso.get("mountns") is not True:
         return "no mount namespace"
     if "view" in cfg.disable:
         return "disabled by configuration"
-    if cfg.template:  # a failure here exits the child: it is already inside the view
-        view.enter_child(isolate.DEFAULT_WORK_BYTES)
-        return True
     try:
         isolate.build_root(cfg.root, cfg.binds, cfg.links, cfg.early_pivot)
         return True
@@ -168,9 +179,14 @@ def _enter(cfg: ChildConfig, iso: dict[str, bool | str], req: dict[str, Any],
     # Per job: the count is kept per (user namespace, uid), and each child has its own.
     iso.update(apply_rlimits(limits, vm_size(),
                              effective_nproc=iso.get("unprivileged_uid") is True))
-    isolate.drop_privileges(cfg.last_cap)
+    isolate.drop_capabilities()  # the rest was done by warm_main
     iso["no_new_privs"] = iso["caps_dropped"] = True
     iso["closed_fds"] = True
+    try:
+        isolate.landlock_scope()
+        iso["landlock_scope"] = True
+    except OSError as e:
+        iso["landlock_scope"] = f"Landlock scoping unavailable ({e.strerror}): jobs can reach each other's abstract unix sockets"
     iso["seccomp"] = cfg.notes.get("seccomp", "unavailable")
     if cfg.bpf is not None and "seccomp" not in cfg.disable:
         isolate.load_bpf(cfg.bpf)

@@ -37,12 +37,17 @@ PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 # NOROOT: uid 0 gains no capabilities on execve; *_LOCKED: nobody can undo it.
 SECUREBITS_LOCKED = 0b1011_1111
 
+_COMMON = {"mount_setattr": 442, "open_tree": 428, "move_mount": 429, "fsopen": 430,
+           "fsconfig": 431, "fsmount": 432, "landlock_create_ruleset": 444,
+           "landlock_restrict_self": 446}
 _SYSCALLS = {  # number of each raw syscall that glibc does not wrap
-    "x86_64": {"pivot_root": 155, "capset": 126, "mount_setattr": 442,
-               "open_tree": 428, "move_mount": 429},
-    "aarch64": {"pivot_root": 41, "capset": 91, "mount_setattr": 442,
-                "open_tree": 428, "move_mount": 429},
+    "x86_64": {"pivot_root": 155, "capset": 126, **_COMMON},
+    "aarch64": {"pivot_root": 41, "capset": 91, **_COMMON},
 }
+FSOPEN_CLOEXEC, FSCONFIG_CMD_CREATE, FSMOUNT_CLOEXEC, MOUNT_ATTR_NOEXEC = 1, 6, 1, 8
+# Landlock (ABI 6, Linux 6.12): no connecting to abstract unix sockets, and no
+# signals, outside the job's own domain.
+LANDLOCK_SCOPE = 0x1 | 0x2
 OPEN_TREE_CLONE, AT_EMPTY_PATH, MOVE_MOUNT_F_EMPTY_PATH = 1, 0x1000, 4
 DEFAULT_WORK_BYTES = 256 << 20
 # The host uid/gid that root of every job's user namespace maps to when the
@@ -79,6 +84,54 @@ def _b(path: str | None) -> bytes | None:
 
 def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), f"unshare({flags:#x})")
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), f"setns({nstype:#x})")
+
+
+def _sys(name: str, *args: object) -> int:
+    return int(_libc.syscall(ctypes.c_long(_nr(name)), *args))
+
+
+def detached_proc() -> int:
+    """A new proc instance for the caller's pid namespace, not attached anywhere.
+
+    Made while the caller is still privileged on the host's terms, so none of
+    the rules for mounting proc inside a user namespace apply; the child
+    attaches it later like /in and /out."""
+    fs = _sys("fsopen", b"proc", ctypes.c_uint(FSOPEN_CLOEXEC))
+    _check(fs, "fsopen(proc)")
+    try:
+        _check(_sys("fsconfig", ctypes.c_int(fs), ctypes.c_uint(FSCONFIG_CMD_CREATE), None, None,
+                    ctypes.c_int(0)), "fsconfig(proc)")
+        attrs = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC
+        fd = _sys("fsmount", ctypes.c_int(fs), ctypes.c_uint(FSMOUNT_CLOEXEC), ctypes.c_uint(attrs))
+        _check(fd, "fsmount(proc)")
+        return fd
+    finally:
+        os.close(fs)
+
+
+class _LandlockAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+def landlock_scope() -> None:
+    """Confine abstract unix sockets and signals to this process and its children.
+
+    Jobs share one network namespace, hence one abstract socket namespace;
+    this is what keeps one job from connecting to another's. Needs no_new_privs."""
+    attr = _LandlockAttr(0, 0, LANDLOCK_SCOPE)
+    fd = _sys("landlock_create_ruleset", ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)),
+              ctypes.c_uint(0))
+    _check(fd, "landlock_create_ruleset")
+    try:
+        _check(_sys("landlock_restrict_self", ctypes.c_int(fd), ctypes.c_uint(0)),
+               "landlock_restrict_self")
+    finally:
+        os.close(fd)
 
 
 def mount(src: str | None, dst: str, fstype: str | None, flags: int,
@@ -320,11 +373,22 @@ def last_cap() -> int:
 
 def drop_privileges(last: int) -> None:
     """no_new_privs, empty bounding/ambient sets, NOROOT, no capabilities."""
+    limit_future_privileges(last)
+    drop_capabilities()
+
+
+def limit_future_privileges(last: int) -> None:
+    """no_new_privs, empty bounding/ambient sets, NOROOT: these only limit what
+    an execve could gain, so a warm child sets them before it has work; it
+    keeps its capabilities to attach the request's mounts."""
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     for cap in range(last + 1):
         prctl(PR_CAPBSET_DROP, cap)
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED)
+
+
+def drop_capabilities() -> None:
     hdr = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
     data = (_CapData * 2)()
     _check(_libc.syscall(ctypes.c_long(_nr("capset")), ctypes.byref(hdr),

@@ -60,10 +60,9 @@ def rehearse() -> None:
 
 def run_python(task: dict[str, Any], env: dict[str, str], in_dir: str, out_dir: str,
                limits: Limits) -> Result:
-    os.environ.clear()
+    os.environ.clear()  # already empty: warm_main cleared it and reseeded
     os.environ.update(env)
     os.chdir(env["HOME"])
-    reseed()
     filename = task.get("filename") or "<job>"
     source = task["source"]
     try:

@@ -2,15 +2,15 @@
 
 The zygote unshares a mount namespace, assembles the view on a small tmpfs
 (recursive read-only binds of /usr and the Python runtime, copies of a few
-/etc files, device nodes, an empty /proc) and pivots into it, so its mount
+/etc files, device nodes) and pivots into it, so its mount
 namespace holds nothing but the view. Each child then gets the view with the
 one unshare(CLONE_NEWNS) it needs anyway: a copy of about ten mounts instead
 of ~30 mount calls per child. The copies are locked (the child's user
 namespace is less privileged than the zygote's), so a child cannot unmount a
 piece to look underneath, nor make a read-only mount writable.
 
-Per child there are then two mounts: a /proc of its own pid namespace over
-the template's empty one, and its /tmp.
+Per child there are then two mounts: /proc of its own pid namespace (made
+while still host root, see isolate.detached_proc) and its /tmp.
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ import stat
 
 from memoplane.sandbox.isolate import (
     CLONE_NEWNS,
-    CLONE_NEWPID,
     DEVICES,
     MS_BIND,
     MS_NODEV,
-    MS_NOEXEC,
     MS_NOSUID,
     MS_PRIVATE,
     MS_RDONLY,
@@ -40,7 +38,6 @@ from memoplane.sandbox.isolate import (
 
 _DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
               ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"), ("shm", "/tmp"))
-PROC_FLAGS = MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY
 # Where the zygote assembles the view: /tmp of its *own* mount namespace,
 # shadowed there by a tmpfs, so nothing is created on the host.
 _STAGE = "/tmp"
@@ -71,7 +68,6 @@ def build_template(binds: list[Bind], links: dict[str, str]) -> None:
     _make_dev(root)
     for d in ("in", "out", "tmp", "proc"):
         os.makedirs(f"{root}/{d}", exist_ok=True)
-    _mount_empty_proc(root + "/proc")
     mount(None, root, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
     pivot_into(root)
 
@@ -91,34 +87,12 @@ def _make_dev(root: str) -> None:
         os.symlink(target, f"{root}/dev/{name}")
 
 
-def _mount_empty_proc(target: str) -> None:
-    """A /proc of an empty, dead pid namespace.
-
-    A child in a user namespace may only mount its own /proc where a proc is
-    already fully visible; this one is, and it shows no host process even in
-    the moment before the child covers it."""
-    pid = os.fork()
-    if pid == 0:  # shares our mount namespace; its child is pid 1 of a new pid namespace
-        code = 1
-        try:
-            unshare(CLONE_NEWPID)
-            inner = os.fork()
-            if inner == 0:
-                try:
-                    mount("proc", target, "proc", PROC_FLAGS)
-                    os._exit(0)
-                finally:
-                    os._exit(1)
-            code = os.waitstatus_to_exitcode(os.waitpid(inner, 0)[1])
-        finally:
-            os._exit(code)
-    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
-        raise OSError(f"could not mount an empty /proc at {target}")
-
-
-def enter_child(work_bytes: int) -> None:
+def enter_child(proc_fd: int | None, work_bytes: int) -> None:
     """Run in a child (pid 1 of its pid namespace, root of its user namespace)
-    whose mount namespace is a copy of the template."""
-    mount("proc", "/proc", "proc", PROC_FLAGS)
+    whose mount namespace is a copy of the template. `proc_fd`: its own /proc,
+    made before it entered the user namespace (isolate.detached_proc)."""
+    if proc_fd is not None:
+        attach_tree(proc_fd, "/proc")
+        os.close(proc_fd)
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={max(work_bytes, 4096)},mode=1777")
     os.chdir("/tmp")

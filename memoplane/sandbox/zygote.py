@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from memoplane.sandbox import child, isolate, protocol, runner, view
@@ -54,6 +55,7 @@ def make_config(cfg: dict[str, Any]) -> child.ChildConfig:
         bpf = compile_bpf()
     except Exception as e:  # noqa: BLE001 - recorded; the pool decides whether to refuse
         notes["seccomp"] = f"libseccomp unavailable: {type(e).__name__}: {e}"
+    last_cap = isolate.last_cap()  # before leaving the host tree (and its /proc)
     root_agent = os.getuid() == 0
     host_id = int(cfg.get("host_id", isolate.JOB_HOST_ID)) if root_agent else os.getuid()
     own_netns = True
@@ -76,8 +78,72 @@ def make_config(cfg: dict[str, Any]) -> child.ChildConfig:
     return child.ChildConfig(root=root, binds=binds, links=links, bpf=bpf, uid=host_id,
                              gid=host_id if root_agent else os.getgid(),
                              early_pivot=bool(cfg.get("early_pivot")), template=template,
-                             own_netns=own_netns, last_cap=isolate.last_cap(),
+                             own_netns=own_netns, last_cap=last_cap,
                              disable=disable, notes=notes)
+
+
+def spawn_direct(cfg: child.ChildConfig, fds: list[int], proc_fd: int,
+                 pidns_fd: int | None) -> tuple[int, int]:
+    """Fork the child I straight into a new pid namespace (root zygote, view
+    template); return its pid and a pidfd for it.
+
+    unshare(CLONE_NEWPID) only moves our *next* child, and setns to our own
+    pid namespace undoes it for the one after: one fork of this big process
+    per child instead of two."""
+    r, w = os.pipe()
+    go_r, go_w = os.pipe()
+    if pidns_fd is not None:
+        isolate.unshare(isolate.CLONE_NEWPID)
+    try:
+        pid = os.fork()
+    finally:
+        if pidns_fd is not None and pid != 0:
+            isolate.setns(pidns_fd, isolate.CLONE_NEWPID)
+    if pid == 0:
+        os.close(r)
+        os.close(go_w)
+        _i_main(cfg, fds, w, go_r, pidns_fd is not None)
+    os.close(w)
+    os.close(go_r)
+    try:
+        if os.read(r, 1) == b"u":  # else the child needs no maps, or died (the pool sees it)
+            _map_ids(cfg, proc_fd, pid, go_w)
+    finally:
+        os.close(r)
+        os.close(go_w)
+    return pid, os.pidfd_open(pid)
+
+
+def _map_ids(cfg: child.ChildConfig, proc_fd: int, pid: int, go_w: int) -> None:
+    try:
+        isolate.write_id_maps(proc_fd, pid, cfg.uid, cfg.gid)
+        os.write(go_w, b"g")
+    except OSError as e:
+        os.write(go_w, b"x")
+        raise OSError(f"could not map the child's ids: {e}") from None
+
+
+def _i_main(cfg: child.ChildConfig, fds: list[int], w: int, go: int, new_pidns: bool) -> NoReturn:
+    try:
+        child.close_fds_except({*fds, w, go})  # first: this also closes the host /proc
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # Our own /proc, made while we are still host root in our new pid namespace.
+        proc = isolate.detached_proc() if new_pidns else None
+        iso = child.enter_namespaces(cfg, _asker(w, go),
+                                     frozenset({"pidns"}) if new_pidns else frozenset())
+        protocol.close_quietly(w, go)
+    except BaseException:  # noqa: BLE001 - the pool sees the channel close and reports it
+        os._exit(71)
+    child.warm_main(cfg, iso, *fds, proc_fd=proc)
+
+
+def _asker(w: int, go: int) -> Callable[[], None]:
+    def ask_maps() -> None:
+        os.write(w, b"u")
+        if os.read(go, 1) != b"g":
+            raise OSError("the zygote could not write the id maps")
+    return ask_maps
 
 
 def spawn(cfg: child.ChildConfig, fds: list[int], proc_fd: int) -> tuple[int, int]:
@@ -96,12 +162,7 @@ def spawn(cfg: child.ChildConfig, fds: list[int], proc_fd: int) -> tuple[int, in
     try:
         data = os.read(r, 1)
         if data == b"u":
-            try:
-                isolate.write_id_maps(proc_fd, wpid, cfg.uid, cfg.gid)
-                os.write(go_w, b"g")
-            except OSError as e:
-                os.write(go_w, b"x")
-                raise OSError(f"could not map the child's ids: {e}") from None
+            _map_ids(cfg, proc_fd, wpid, go_w)
             data = b""
         while chunk := os.read(r, 65536):
             data += chunk
@@ -121,13 +182,7 @@ def _w_main(cfg: child.ChildConfig, fds: list[int], w: int, go: int) -> NoReturn
         child.close_fds_except({*fds, w, go})  # first: this also closes the host /proc
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-
-        def ask_maps() -> None:
-            os.write(w, b"u")
-            if os.read(go, 1) != b"g":
-                raise OSError("the zygote could not write the id maps")
-
-        iso = child.enter_namespaces(cfg, ask_maps)
+        iso = child.enter_namespaces(cfg, _asker(w, go))
         os.close(go)
         pid = os.fork()  # the first child after unshare(CLONE_NEWPID) is pid 1 there
         if pid:
@@ -147,6 +202,9 @@ class Zygote:
         self.ctrl = ctrl
         self.cfg = cfg
         self.proc_fd = proc_fd
+        self.pidns_fd: int | None = None
+        if cfg.template and "pidns" not in cfg.disable:
+            self.pidns_fd = os.open("self/ns/pid", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_fd)
         self.children: dict[int, int] = {}   # pid -> pidfd (kept to kill on shutdown)
 
     def serve(self) -> None:
@@ -171,7 +229,10 @@ class Zygote:
             return False
         if msg.get("op") == "spawn":
             try:
-                pid, pidfd = spawn(self.cfg, fds, self.proc_fd)
+                if self.cfg.template:
+                    pid, pidfd = spawn_direct(self.cfg, fds, self.proc_fd, self.pidns_fd)
+                else:
+                    pid, pidfd = spawn(self.cfg, fds, self.proc_fd)
                 self.children[pid] = pidfd
                 protocol.send(self.ctrl, {"op": "spawned", "id": msg["id"], "pid": pid}, fds=[pidfd])
             except OSError as e:
