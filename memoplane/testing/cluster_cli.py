@@ -26,8 +26,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     _say(f"control plane {how} in {result.seconds_to_ready:.1f}s ({cache})")
     _say(f"kube-apiserver {info.apiserver_url}  MinIO {info.s3_endpoint}  state {info.state_dir}")
     if getattr(args, "with_memoplane", False):
-        # Test sessions run their own stacks in namespaces mpt-*: leave those to them.
-        cfg = processes.StackConfig(directory=cluster.state_dir(), env=info.env(), watch_namespaces="*,!mpt-*")
+        cfg = processes.StackConfig(directory=cluster.state_dir(), env=info.env(),
+                                    watch_namespaces=processes.dev_watch_namespaces())
         started = processes.up(cfg)
         _say(f"memoplane: {', '.join(p.name for p in started) or 'already running'} "
              f"(logs in {cfg.directory / 'logs'}); try: kubectl apply -f examples/job.yaml")

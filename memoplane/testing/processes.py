@@ -29,6 +29,16 @@ READY_TIMEOUT_S = 90.0
 CRDS_DIR = cluster.checkout_root() / "crds"
 
 
+# What `hack/cluster up --with-memoplane` watches: every namespace but those of test
+# sessions sharing the API server (their own stacks: mpt-*; CRD and smoke tests: crds-*,
+# smoke-*, which write ComputeJob status themselves). MEMOPLANE_WATCH_NAMESPACES overrides.
+DEV_WATCH_NAMESPACES = "*,!mpt-*,!crds-*,!smoke-*"
+
+
+def dev_watch_namespaces() -> str:
+    return os.environ.get("MEMOPLANE_WATCH_NAMESPACES") or DEV_WATCH_NAMESPACES
+
+
 class ProcessError(RuntimeError):
     """A memoplane process did not start or stop; the message carries its log tail."""
 
