@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -222,3 +223,26 @@ def test_spec_change_refresh_and_bypass(stack: Stack, ns: str) -> None:
     stack.kube.custom.delete_namespaced_custom_object(p.GROUP, p.VERSION, ns, p.COMPUTEJOBS, "refresh")
     stack.apply(ns, job("after-delete", FEATURIZE, {"rows": [1, 1], "scale": 3}, salt=salt))
     assert status(stack.wait(ns, "after-delete"))["result"]["digest"] == refreshed["result"]["digest"]
+
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+
+
+@pytest.mark.parametrize(("example", "final", "check"), [
+    ("job.yaml", "featurize", lambda s: s["result"]["value"] == {"total": 60}),
+    ("dag.yaml", "report", lambda s: s["result"]["value"]["n"] == 1000),
+    ("command-job.yaml", "word-count", lambda s: s["result"]["size"] == 0),
+])
+def test_examples_apply_and_succeed(stack: Stack, ns: str, kubectl: Any, example: str, final: str,
+                                    check: Any) -> None:
+    kubectl("apply", "-n", ns, "-f", str(EXAMPLES / example))
+    kubectl("wait", "-n", ns, "--for=condition=Ready", f"cjob/{final}", "--timeout=120s")
+    s = status(stack.get(ns, final))
+    assert s["phase"] == "Succeeded" and check(s), s
+    if example == "command-job.yaml":  # the command's output file is in the result's tree
+        store = stack.store(ns)
+        result = store.get_result(s["result"]["digest"])
+        assert result.output_tree is not None
+        entry = store.get_tree(result.output_tree.digest).entries["count"]
+        assert store.get_bytes(str(entry.digest)).strip() == b"5"
+        assert store.get_bytes(result.stdout.digest).strip() == b"5"
