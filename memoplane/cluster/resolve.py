@@ -216,21 +216,27 @@ def resolve(obj: Mapping[str, Any], runtime: str | None, lookups: Lookups, now: 
     name = job.metadata.name
     created = parse_time(job.metadata.creation_timestamp)
     inputs: dict[str, Input] = {}
-    waiting: Waiting | None = None
-    for item in spec.inputs:
+    # Objects are read and hashed last, and only when nothing else is awaited: a job
+    # waiting for its upstream is revisited often and must not re-hash its objects each time.
+    ordered = sorted(spec.inputs, key=lambda i: i.from_object is not None)
+    for item in ordered:
         got = _resolve_input(item, name, lookups, created, now, grace)
         if isinstance(got, Failed):
             return got
         if isinstance(got, Waiting):
-            waiting = waiting or got
-            continue
+            if got.reason == p.REASON_UPSTREAM:
+                cycle = find_cycle(name, lookups)
+                if cycle:
+                    return Failed(p.REASON_INVALID, "fromJob inputs form a cycle: " + " -> ".join(cycle))
+            # Keep checking the other inputs for a failure, but read no objects.
+            for rest in ordered:
+                if rest.from_object is None and rest.name not in inputs and rest is not item:
+                    other = _resolve_input(rest, name, lookups, created, now, grace)
+                    if isinstance(other, Failed):
+                        return other
+            return got
         inputs[item.name] = got
-    if waiting is not None:
-        if waiting.reason == p.REASON_UPSTREAM:
-            cycle = find_cycle(name, lookups)
-            if cycle:
-                return Failed(p.REASON_INVALID, "fromJob inputs form a cycle: " + " -> ".join(cycle))
-        return waiting
+    inputs = {item.name: inputs[item.name] for item in spec.inputs}  # the spec's order
     code: PythonCode | CommandCode
     if spec.python is not None:
         code = PythonCode(spec.python.source, spec.python.entrypoint, filename=f"<{name}>")

@@ -46,8 +46,9 @@ def tail(text: str, limit: int = STDERR_TAIL_CHARS) -> str:
 
 
 def result_ref(digest: str, result: ResultManifest) -> dict[str, Any]:
-    """status.result: the result manifest's digest, the value's size, the value when inline."""
-    ref: dict[str, Any] = {"digest": digest, "size": result.value.size}
+    """status.result: the result manifest's digest, its logical size (value, output files,
+    stdout and stderr) and the value itself when it is small JSON (inline in the manifest)."""
+    ref: dict[str, Any] = {"digest": digest, "size": result.logical_size}
     if result.value.kind == "json" and result.value.blob is None:
         ref["value"] = result.value.inline
     return ref

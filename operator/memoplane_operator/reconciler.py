@@ -424,8 +424,7 @@ class Reconciler:
             return
         attempts = int(status.get("attempts") or 0) + 1
         labelled = self.kube_patch_meta(obj, labels={p.NODE_LABEL: node})
-        reason = p.REASON_SCHEDULED if attempts == 1 else status.get("reason") or p.REASON_SCHEDULED
-        reason = reason if reason in (p.REASON_SCHEDULED, p.REASON_REASSIGNED) else "Retry"
+        reason = p.REASON_SCHEDULED if attempts == 1 else "Rescheduled"
         message = f"assigned to node {node} (attempt {attempts})"
         done = self._patch(labelled, st.scheduled(status, generation, node, attempts, now,
                                                   reason=reason, message=message))

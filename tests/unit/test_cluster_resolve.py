@@ -194,3 +194,24 @@ def test_limits_from_resources() -> None:
     obj = parse_computejob(job(resources={"timeoutSeconds": 5, "memory": "256Mi", "maxOutputBytes": "1Mi"}))
     limits = limits_of(obj)
     assert (limits.timeout_s, limits.memory_bytes, limits.max_output_bytes) == (5.0, 256 << 20, 1 << 20)
+
+
+def test_objects_are_not_read_while_another_input_is_awaited() -> None:
+    obj = job(inputs=[{"name": "t", "fromObject": {"bucket": "data", "key": "t.csv"}},
+                      {"name": "raw", "fromJob": {"name": "up"}}])
+    running = job("up")
+    running["status"] = {"phase": "Running", "observedGeneration": 1}
+    lookups = FakeLookups(jobs={"up": running}, objects={("data", "t.csv"): b"x"})
+    got = resolve(obj, RUNTIME, lookups, T0)
+    assert isinstance(got, Waiting) and lookups.stored == []
+    lookups.jobs["up"] = succeeded(job("up"), "b3:" + "11" * 32)
+    lookups.results["b3:" + "11" * 32] = JsonInput(1)
+    got = resolve(obj, RUNTIME, lookups, T0)
+    assert isinstance(got, Resolved) and list(got.job.inputs) == ["t", "raw"] and lookups.stored == [b"x"]
+
+
+def test_a_failed_input_wins_over_a_wait() -> None:
+    obj = job(inputs=[{"name": "raw", "fromJob": {"name": "up"}},
+                      {"name": "n", "fromSeed": {"name": "s", "count": 1}}])
+    got = resolve(obj, RUNTIME, FakeLookups(jobs={"up": job("up")}), T0)
+    assert isinstance(got, Failed) and got.reason == p.REASON_UNSUPPORTED
