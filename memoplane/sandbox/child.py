@@ -107,7 +107,6 @@ def warm_main(cfg: ChildConfig, iso: dict[str, bool | str], sock_fd: int,
         sock = socket.socket(fileno=SOCK_FD)
         # Work that does not depend on the request is done before it comes.
         runner.reseed()
-        os.environ.clear()
         isolate.limit_future_privileges(cfg.last_cap)
         protocol.send(sock, {"op": "ready", "isolation": iso})
         header, _, fds = protocol.recv_stream_with_fds(sock)

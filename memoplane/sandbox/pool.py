@@ -105,9 +105,12 @@ class SandboxPool:
             raise
         self._ready.put(first)
         self._want = threading.Event()
-        self._filler = threading.Thread(target=self._fill_loop, name="memoplane-pool",
-                                        daemon=True)
-        self._filler.start()
+        self._starting = 0  # children being started by the fillers
+        # Two fillers: while one child sets itself up, the zygote forks the next.
+        self._fillers = [threading.Thread(target=self._fill_loop, name=f"memoplane-pool-{k}",
+                                          daemon=True) for k in range(min(size, 2))]
+        for t in self._fillers:
+            t.start()
         self._want.set()
 
     # -- lifecycle -----------------------------------------------------------------
@@ -124,7 +127,8 @@ class SandboxPool:
         self._closed = True
         if hasattr(self, "_want"):
             self._want.set()
-            self._filler.join(timeout=10)
+            for t in self._fillers:
+                t.join(timeout=10)
         while True:
             try:
                 slot = self._ready.get_nowait()
@@ -209,14 +213,27 @@ class SandboxPool:
     def _fill_loop(self) -> None:
         while not self._closed:
             self._want.wait()
-            self._want.clear()
-            while not self._closed and self._ready.qsize() < self.size:
+            while not self._closed and self._claim():
                 try:
                     self._ready.put(self._spawn())
                 except Exception as e:  # noqa: BLE001 - run() spawns on demand and reports
                     log.warning("could not start a warm sandbox child: %s", e)
                     time.sleep(0.5)
                     break
+                finally:
+                    with self._lock:
+                        self._starting -= 1
+            with self._lock:
+                if self._ready.qsize() + self._starting >= self.size:
+                    self._want.clear()
+
+    def _claim(self) -> bool:
+        """Take the job of starting one more child, if the pool needs one."""
+        with self._lock:
+            if self._ready.qsize() + self._starting >= self.size:
+                return False
+            self._starting += 1
+            return True
 
     def _take(self) -> _Slot:
         try:

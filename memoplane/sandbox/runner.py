@@ -12,7 +12,6 @@ import inspect
 import json
 import linecache
 import os
-import random
 import sys
 import traceback
 from typing import Any
@@ -29,16 +28,29 @@ def failure(reason: str, message: str, detail: str) -> Result:
                                      "detail": detail}}, b""
 
 
+_NP_KEY: Any = None  # numpy's MT19937 key, allocated by the zygote; children fill it in place
+
+
 def reseed() -> None:
     """Children share the zygote's RNG state until reseeded from the kernel.
 
-    Only generators the zygote already created are shared; one imported later
-    by the job seeds itself from the kernel (numpy.random is imported lazily,
-    so looking at `np.random` here would import it on every request)."""
-    random.seed()
+    `random` reseeds itself in every forked child (CPython registers that
+    with os.register_at_fork). numpy's global RandomState gets a whole new
+    Mersenne Twister key (19968 bits) from the kernel, written into a buffer
+    the zygote allocated: this touches half the pages that np.random.seed()
+    does, and every touched page is a private copy in each child. Only
+    generators the zygote already created are shared; one imported later by
+    the job seeds itself (numpy.random is imported lazily, so looking at
+    `np.random` here would import it on every request)."""
+    global _NP_KEY
     npr = sys.modules.get("numpy.random")
-    if npr is not None:  # 256 bits from the kernel; seed() without them is 100x slower
-        npr.seed([int.from_bytes(os.urandom(4), "little") for _ in range(8)])
+    if npr is None:
+        return
+    np = sys.modules["numpy"]
+    if _NP_KEY is None:
+        _NP_KEY = np.empty(624, np.uint32)
+    _NP_KEY[:] = np.frombuffer(os.urandom(_NP_KEY.nbytes), np.uint32)
+    npr.mtrand._rand.set_state(("MT19937", _NP_KEY, 624, 0, 0.0))  # also drops a cached gauss
 
 
 def rehearse() -> None:
@@ -56,11 +68,12 @@ def rehearse() -> None:
     json.dumps(scope["main"](1), allow_nan=False, separators=(",", ":"))
     json.loads(json.dumps(task))
     linecache.cache.pop("<rehearsal>", None)
+    reseed()  # numpy builds state on its first seeding: once here, not in every child
 
 
 def run_python(task: dict[str, Any], env: dict[str, str], in_dir: str, out_dir: str,
                limits: Limits) -> Result:
-    os.environ.clear()  # already empty: warm_main cleared it and reseeded
+    os.environ.clear()
     os.environ.update(env)
     os.chdir(env["HOME"])
     filename = task.get("filename") or "<job>"

@@ -82,16 +82,18 @@ def make_config(cfg: dict[str, Any]) -> child.ChildConfig:
                              disable=disable, notes=notes)
 
 
-def spawn_direct(cfg: child.ChildConfig, fds: list[int], proc_fd: int,
-                 pidns_fd: int | None) -> tuple[int, int]:
+def spawn_direct(cfg: child.ChildConfig, fds: list[int], pidns_fd: int | None
+                 ) -> tuple[int, int, int, int]:
     """Fork the child I straight into a new pid namespace (root zygote, view
-    template); return its pid and a pidfd for it.
+    template). Returns its pid, a pidfd, and the pipe ends on which it asks
+    for its id maps (b"u") and is answered: the zygote answers from its poll
+    loop, so it can fork the next child meanwhile.
 
     unshare(CLONE_NEWPID) only moves our *next* child, and setns to our own
     pid namespace undoes it for the one after: one fork of this big process
     per child instead of two."""
-    r, w = os.pipe()
-    go_r, go_w = os.pipe()
+    r, w = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
     if pidns_fd is not None:
         isolate.unshare(isolate.CLONE_NEWPID)
     try:
@@ -105,13 +107,7 @@ def spawn_direct(cfg: child.ChildConfig, fds: list[int], proc_fd: int,
         _i_main(cfg, fds, w, go_r, pidns_fd is not None)
     os.close(w)
     os.close(go_r)
-    try:
-        if os.read(r, 1) == b"u":  # else the child needs no maps, or died (the pool sees it)
-            _map_ids(cfg, proc_fd, pid, go_w)
-    finally:
-        os.close(r)
-        os.close(go_w)
-    return pid, os.pidfd_open(pid)
+    return pid, os.pidfd_open(pid), r, go_w
 
 
 def _map_ids(cfg: child.ChildConfig, proc_fd: int, pid: int, go_w: int) -> None:
@@ -206,21 +202,36 @@ class Zygote:
         if cfg.template and "pidns" not in cfg.disable:
             self.pidns_fd = os.open("self/ns/pid", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_fd)
         self.children: dict[int, int] = {}   # pid -> pidfd (kept to kill on shutdown)
+        self.asking: dict[int, tuple[int, int]] = {}  # read end -> (pid, answer end)
+        self.poller = select.poll()
 
     def serve(self) -> None:
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wfd)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        poller = select.poll()
-        poller.register(self.ctrl.fileno(), 1)
-        poller.register(rfd, 1)
+        self.poller.register(self.ctrl.fileno(), select.POLLIN)
+        self.poller.register(rfd, select.POLLIN)
         while True:
-            for fd, _ev in poller.poll():
+            for fd, _ev in self.poller.poll():
                 if fd == rfd:
                     os.read(rfd, 4096)
                     self.reap()
+                elif fd in self.asking:
+                    self.answer(fd)
                 elif not self.handle():
                     return
+
+    def answer(self, r: int) -> None:
+        """A child asks for its id maps (b"u"), or closed its end (died, or needs none)."""
+        pid, go_w = self.asking.pop(r)
+        self.poller.unregister(r)
+        try:
+            if os.read(r, 1) == b"u":
+                _map_ids(self.cfg, self.proc_fd, pid, go_w)
+        except OSError:
+            pass  # the child exits on b"x" or a closed pipe; the pool sees its channel close
+        finally:
+            protocol.close_quietly(r, go_w)
 
     def handle(self) -> bool:
         try:
@@ -230,7 +241,9 @@ class Zygote:
         if msg.get("op") == "spawn":
             try:
                 if self.cfg.template:
-                    pid, pidfd = spawn_direct(self.cfg, fds, self.proc_fd, self.pidns_fd)
+                    pid, pidfd, r, go_w = spawn_direct(self.cfg, fds, self.pidns_fd)
+                    self.asking[r] = (pid, go_w)
+                    self.poller.register(r, select.POLLIN)
                 else:
                     pid, pidfd = spawn(self.cfg, fds, self.proc_fd)
                 self.children[pid] = pidfd
