@@ -50,4 +50,6 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
 
     @kopf.on.probe(id="reconciler", registry=registry)
     def reconciler_alive(**_: Any) -> bool:
-        return reconciler.live()
+        if not reconciler.live():  # a failing probe makes /healthz answer 500
+            raise kopf.PermanentError("the reconciler thread is stalled or dead")
+        return True

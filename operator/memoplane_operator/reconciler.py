@@ -26,6 +26,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
+from memoplane.api.conditions import mark_ready, mark_stalled
 from memoplane.canonical import canonical_json
 from memoplane.cas import Hit, Store
 from memoplane.cluster import flight, resolve, schedule
@@ -41,7 +42,6 @@ from memoplane.jobs import BlobInput, Input, Job, JsonInput, job_from_dict, job_
 log = logging.getLogger("memoplane.operator")
 
 DEEP_VERIFY_MAX_BYTES = 64 << 20  # hits up to this size are re-hashed in full before they are served
-ADMISSION_WAITS = frozenset({p.REASON_IN_FLIGHT, "NoNodeAvailable"})
 
 
 @dataclass
@@ -352,17 +352,13 @@ class Reconciler:
         manifest = store.put_bytes(canonical_json(job_to_dict(job)))
         self._jobs[manifest.digest] = job
         key = job.key
-        rv = meta.get("resourceVersion")
-        try:
-            updated = self.kube.patch_meta(
-                p.COMPUTEJOBS, namespace, str(meta["name"]),
-                labels={p.KEY_LABEL: p.key_label(key), p.NODE_LABEL: None},
-                annotations={p.JOB_DIGEST_ANNOTATION: manifest.digest, p.STORE_ANNOTATION: url,
-                             p.JOB_GENERATION_ANNOTATION: str(generation)},
-                resource_version=rv)
-            updated = self._patch(updated, st.resolved(status, generation, key, outcome.input_digests, now))
-        except Conflict:
-            raise
+        # The assignment's metadata in one patch, then the status: a crash between them
+        # leaves a Pending job that the next pass resolves again (same digest, same key).
+        updated = self.kube_patch_meta(
+            obj, labels={p.KEY_LABEL: p.key_label(key), p.NODE_LABEL: None},
+            annotations={p.JOB_DIGEST_ANNOTATION: manifest.digest, p.STORE_ANNOTATION: url,
+                         p.JOB_GENERATION_ANNOTATION: str(generation)})
+        updated = self._patch(updated, st.resolved(status, generation, key, outcome.input_digests, now))
         self.kube.event(updated, p.REASON_RESOLVED, f"cache key {key[:15]}… (generation {generation})")
         return updated
 
@@ -419,7 +415,7 @@ class Reconciler:
         previous = (meta.get("labels") or {}).get(p.NODE_LABEL)
         node = schedule.pick_node(self.nodes, job.profile, str(job.runtime), self.load, avoid=previous)
         if node is None:
-            self._wait(obj, "NoNodeAvailable", f"no live agent serves profile '{job.profile}' at runtime "
+            self._wait(obj, p.REASON_NO_NODE, f"no live agent serves profile '{job.profile}' at runtime "
                                                 f"{str(job.runtime)[:15]}…")
             return
         attempts = int(status.get("attempts") or 0) + 1
@@ -503,7 +499,6 @@ class Reconciler:
     # -- ResultCache ---------------------------------------------------------------------------------
 
     def reconcile_cache(self, namespace: str, name: str, stats: bool = False) -> None:
-        from memoplane.api.conditions import mark_ready, mark_stalled
         rc = self.kube.get(p.RESULTCACHES, namespace, name)
         if rc is None or not self.watched(namespace):
             return
