@@ -39,6 +39,8 @@ class ChildConfig:
     early_pivot: bool = False                # /in and /out arrive as detached mounts (fds)
     template: bool = False                   # the zygote's mount namespace is the view (view.py)
     own_netns: bool = True                   # False: the zygote already sits in an empty netns
+    vm_base: int = 0                         # the zygote's address-space size (0: measure per job)
+    hard_limits: dict[int, int] | None = None  # inherited hard rlimits, read once by the zygote
     last_cap: int = 40                       # /proc/sys/kernel/cap_last_cap, read once
     disable: frozenset[str] = frozenset()    # primitives to skip (tests of degraded hosts)
     notes: dict[str, str] = field(default_factory=dict)  # why something is unavailable
@@ -176,8 +178,11 @@ def _enter(cfg: ChildConfig, iso: dict[str, bool | str], req: dict[str, Any],
         iso["fresh_proc"] = iso["workdir_tmpfs"] = "no read-only view"
         os.chdir(out_dir)
     # Per job: the count is kept per (user namespace, uid), and each child has its own.
-    iso.update(apply_rlimits(limits, vm_size(),
-                             effective_nproc=iso.get("unprivileged_uid") is True))
+    # A child maps a little more than the zygote it was forked from (its own
+    # arenas, a few MiB at most); the job's allowance goes on top of the zygote's.
+    iso.update(apply_rlimits(limits, cfg.vm_base or vm_size(),
+                             effective_nproc=iso.get("unprivileged_uid") is True,
+                             hard=cfg.hard_limits))
     isolate.drop_capabilities()  # the rest was done by warm_main
     iso["no_new_privs"] = iso["caps_dropped"] = True
     iso["closed_fds"] = True

@@ -388,20 +388,35 @@ def limit_future_privileges(last: int) -> None:
     prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED)
 
 
+# Made once (in the zygote): a child building ctypes objects on the request
+# path pays for it in copy-on-write faults.
+_CAP_HEADER = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+_CAP_NONE = (_CapData * 2)()
+
+
 def drop_capabilities() -> None:
-    hdr = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
-    data = (_CapData * 2)()
-    _check(_libc.syscall(ctypes.c_long(_nr("capset")), ctypes.byref(hdr),
-                         ctypes.byref(data)), "capset")
+    _check(_libc.syscall(ctypes.c_long(_nr("capset")), ctypes.byref(_CAP_HEADER),
+                         ctypes.byref(_CAP_NONE)), "capset")
 
 
 class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
+_BPF: tuple[bytes, ctypes.Array[ctypes.c_char], _SockFprog] | None = None
+
+
+def prepare_bpf(bpf: bytes) -> None:
+    """Build the ctypes form of a program once (in the zygote) for load_bpf."""
+    global _BPF
+    buf = ctypes.create_string_buffer(bpf, len(bpf))
+    _BPF = (bpf, buf, _SockFprog(len(bpf) // 8, ctypes.addressof(buf)))
+
+
 def load_bpf(bpf: bytes) -> None:
     """Install a compiled seccomp program (needs no_new_privs already set)."""
-    buf = ctypes.create_string_buffer(bpf, len(bpf))
-    prog = _SockFprog(len(bpf) // 8, ctypes.addressof(buf))
+    if _BPF is None or _BPF[0] is not bpf:
+        prepare_bpf(bpf)
+    assert _BPF is not None
     _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER,
-                       ctypes.addressof(prog), 0, 0), "seccomp")
+                       ctypes.addressof(_BPF[2]), 0, 0), "seccomp")

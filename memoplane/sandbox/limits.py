@@ -10,22 +10,38 @@ dict records which one was effective.
 from __future__ import annotations
 
 import math
+import os
 import resource
 
 from memoplane.sandbox.types import Limits
 
-
-def vm_size() -> int:
-    """Current address-space size of this process, in bytes."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[0]) * resource.getpagesize()
+RESOURCES = (resource.RLIMIT_AS, resource.RLIMIT_CPU, resource.RLIMIT_FSIZE,
+             resource.RLIMIT_NOFILE, resource.RLIMIT_CORE, resource.RLIMIT_NPROC)
 
 
-def apply_rlimits(limits: Limits, as_baseline: int, effective_nproc: bool) -> dict[str, bool]:
+def vm_size(proc_fd: int | None = None) -> int:
+    """Current address-space size of this process, in bytes (`proc_fd`: a
+    /proc to read it from, for a process that no longer sees one)."""
+    fd = os.open("self/statm" if proc_fd is not None else "/proc/self/statm", os.O_RDONLY,
+                 dir_fd=proc_fd)
+    try:
+        return int(os.read(fd, 4096).split()[0]) * resource.getpagesize()
+    finally:
+        os.close(fd)
+
+
+def hard_limits() -> dict[int, int]:
+    """The hard limits children inherit, read once by the zygote."""
+    return {r: resource.getrlimit(r)[1] for r in RESOURCES}
+
+
+def apply_rlimits(limits: Limits, as_baseline: int, effective_nproc: bool,
+                  hard: dict[int, int] | None = None) -> dict[str, bool]:
     """Lower the limits of this process (and everything it starts).
 
     RLIMIT_AS counts mappings inherited from the zygote (interpreter, numpy),
-    so the job's allowance is added to what is already mapped."""
+    so the job's allowance is added to what is already mapped. `hard`: the
+    inherited hard limits, if known (saves reading them on the request path)."""
     cpu = limits.cpu_seconds or math.ceil(limits.timeout_s) + 1
     wanted = {
         resource.RLIMIT_AS: as_baseline + limits.memory_bytes,
@@ -36,9 +52,9 @@ def apply_rlimits(limits: Limits, as_baseline: int, effective_nproc: bool) -> di
         resource.RLIMIT_NPROC: limits.max_pids,
     }
     for which, value in wanted.items():
-        _soft, hard = resource.getrlimit(which)
-        if hard != resource.RLIM_INFINITY:
-            value = min(value, hard)
+        cap = hard[which] if hard is not None else resource.getrlimit(which)[1]
+        if cap != resource.RLIM_INFINITY:
+            value = min(value, cap)
         resource.setrlimit(which, (value, value))
     return {"rlimit_as": True, "rlimit_cpu": True, "rlimit_fsize": True,
             "rlimit_nofile": True, "rlimit_core": True, "rlimit_nproc": effective_nproc}

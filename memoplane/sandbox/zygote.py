@@ -14,6 +14,7 @@ Control messages (SEQPACKET, see protocol.py):
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib
 import json
@@ -27,7 +28,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from memoplane.sandbox import child, isolate, protocol, runner, view
+from memoplane.sandbox import child, isolate, limits, protocol, runner, view
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -290,6 +291,9 @@ def main() -> None:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     sys.stdout.flush()
     runner.rehearse()
+    if bpf := cfg.bpf:
+        isolate.prepare_bpf(bpf)
+    cfg = dataclasses.replace(cfg, vm_base=limits.vm_size(proc_fd), hard_limits=limits.hard_limits())
     gc.collect()
     gc.freeze()  # children never touch these objects' GC headers: fewer copied pages
     protocol.send(ctrl, {"op": "hello", "preloaded": done, "preload_failed": failed,

@@ -1,0 +1,38 @@
+"""The runner's reading of entrypoint signatures agrees with inspect's."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from memoplane.sandbox.runner import _inspect_signature, _signature
+
+
+def _all(x: int, y: int = 1, *args: int, z: int, w: int = 2, **kw: int) -> None: ...
+def _posonly(p: int, /, q: int, r: int = 3) -> None: ...
+def _none() -> None: ...
+def _kwonly(*, k: int) -> None: ...
+def _varargs(x: int, *rest: int) -> None: ...
+
+
+class _CallableObject:
+    def __call__(self, u: int, v: int = 1) -> None: ...
+
+
+@functools.wraps(_all)
+def _wrapped(*a: Any, **k: Any) -> None: ...
+
+
+@pytest.mark.parametrize("fn", [_all, _posonly, _none, _kwonly, _varargs, _CallableObject(),
+                                functools.partial(_all, 1), _wrapped, lambda a, b=2: a])
+def test_fast_signature_matches_inspect(fn: Callable[..., Any]) -> None:
+    assert _signature(fn) == _inspect_signature(fn)
+
+
+def test_signature_parts() -> None:
+    assert _signature(_all) == (["x", "y", "args", "z", "w", "kw"], ["x", "y", "z", "w"],
+                                ["x", "z"], True)
+    assert _signature(_posonly) == (["p", "q", "r"], ["q", "r"], ["q"], False)
