@@ -4,6 +4,42 @@
         outcome = pool.run(SandboxRequest(PythonTask(source, "main", {"x": 1}), in_dir, out_dir))
 
 Every outcome records the isolation its child actually had (`outcome.isolation`).
+
+What a job gets (agent running as root; see child.py for the order of steps):
+- its own user, mount, pid, ipc and uts namespaces; one empty network
+  namespace shared by all jobs (no interface but a down loopback);
+- host uid/gid JOB_HOST_ID (isolate.py), no supplementary groups, no
+  capabilities, empty bounding and ambient sets, NOROOT securebits locked,
+  no_new_privs: inside it is root of a one-id user namespace, on the host an
+  id that owns no file and no other process;
+- a read-only view (/usr, the Python runtime, a few /etc files, five device
+  nodes), its own read-only /proc, a size-limited tmpfs /tmp, /in read-only
+  and /out writable, both idmapped so that no host owner or mode changes;
+- seccomp (mount, ptrace, bpf, keyrings, kexec, modules, namespaces,
+  io_uring, userfaultfd, perf_event_open, ...), Landlock scoping of abstract
+  unix sockets and signals, rlimits, memory and pids cgroups, a wall-clock
+  timeout, caps on logs and outputs; set-id bits and non-regular files in
+  outputs are refused.
+
+What a fork sandbox does NOT protect against:
+- the kernel is shared: a kernel bug reachable through the allowed system
+  calls (the filter is a deny list; most of the kernel's surface is open) is
+  an escape, for every namespace at once;
+- side channels: timing, caches, speculative execution (Spectre-class),
+  Rowhammer, /proc/meminfo, loadavg, CPU and memory pressure all cross the
+  boundary; jobs on one node can observe, and slow down, each other;
+- memory shared with the zygote: a child starts as a copy of it, so anything
+  the zygote holds is readable by every job (why the zygote is exec'd clean
+  and never holds credentials), and it learns the zygote's address layout
+  (ASLR is the same in every child);
+- denial of service below the limits: disk I/O, inodes on the host under
+  /out, kernel memory outside the cgroup, entropy, and CPU up to the timeout;
+- what the agent does with outputs afterwards: they are untrusted data;
+- the same host uid for every job: RLIMIT_NPROC is per user namespace, but
+  any per-uid kernel accounting on the host (e.g. inotify, key quotas) is shared.
+Without root (a developer's machine) the view is built per child, jobs run
+as the caller's uid, and /in and /out are not idmapped; `outcome.isolation`
+says which protections held.
 """
 
 from __future__ import annotations

@@ -1,12 +1,22 @@
 """A pooled child: enters its isolation, waits for one request, runs it, exits.
 
-Lifecycle (the zygote forks "W", W forks "I"):
-  W: unshare(user, mount, pid, ipc, uts, net), map ids, fork I, exit.
-  I: pid 1 of the new pid namespace. Builds the read-only view, reports
-     "ready" and blocks on its channel. On a request it mounts /in, /out and
-     a fresh /tmp, pivots into the view, applies rlimits, drops every
-     capability, installs seccomp, reseeds RNGs, reports "started", runs the
-     job, reports "result" and exits (a child serves one job only).
+Lifecycle with a root agent (zygote.spawn_direct), the child "I":
+  - is forked by the zygote straight into a new pid namespace (pid 1 there),
+    inside the zygote's empty network namespace and read-only view;
+  - still host root: makes its own /proc (fsmount), then unshares user,
+    mount, ipc and uts namespaces; the zygote maps root of the new user
+    namespace to JOB_HOST_ID and the child takes those ids (setresuid), so
+    from here on it is an unprivileged host uid with capabilities only over
+    its own namespaces;
+  - attaches its /proc, mounts its /tmp, reseeds numpy, sets no_new_privs,
+    empties the bounding and ambient sets, locks NOROOT securebits, reports
+    "ready" and blocks on its channel;
+  - on a request: attaches the idmapped /in and /out it was sent, applies
+    rlimits, drops every capability, confines abstract sockets and signals
+    with Landlock, installs seccomp, reports "started", runs the job, reports
+    "result" and exits (a child serves one job only).
+Without root (legacy path) the zygote forks "W", which unshares everything
+and forks I; I builds the view itself and maps root to the agent's own uid.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Resource limits applied inside the child just before user code runs.
 
-Note on RLIMIT_NPROC: it counts processes per *host* uid, and the kernel
-exempts host root from it. Children map root-in-namespace to the agent's own
-uid, so when the agent runs as root NPROC does nothing; the pids cgroup is
-what stops fork bombs there (see cgroup.py). Both are set; the isolation
-dict records which one was effective.
+Note on RLIMIT_NPROC: the kernel counts processes per (user namespace, uid)
+and exempts host root. With a root agent jobs run as JOB_HOST_ID, each child
+in a user namespace of its own, so NPROC counts one job's processes only.
+When jobs run as host root (no user namespace) it does nothing; the pids
+cgroup is what stops fork bombs there (see cgroup.py). Both are set; the
+isolation dict records which one was effective.
 """
 
 from __future__ import annotations

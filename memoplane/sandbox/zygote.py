@@ -4,6 +4,12 @@ Started by the pool as `python -m memoplane.sandbox.zygote <fd>` with a clean
 environment and no inherited descriptors except its control socket, so no
 credential of the agent is ever in its memory (children inherit all of it).
 
+A root zygote then drops host root's supplementary groups, moves into one
+empty network namespace (only a down loopback; owned by the host's user
+namespace, so no job can configure it) and into a mount namespace holding
+only the read-only view (view.py). It keeps one handle on the host: an
+O_PATH fd of /proc, to write children's id maps; every child closes it first.
+
 Control messages (SEQPACKET, see protocol.py):
   pool -> zygote  {"op": "config", ...}                       once, first
   zygote -> pool  {"op": "hello", "preloaded": [...], ...}
