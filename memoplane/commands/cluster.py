@@ -22,6 +22,7 @@ TERMINAL = ("Succeeded", "Failed")
 
 
 def submit_command(args: argparse.Namespace) -> int:
+    api = None if args.dry_run else custom_objects()  # loads the kubeconfig for every client below
     namespace = current_namespace(args.namespace)
     spec = _spec(args, namespace)
     meta_name = args.name or None
@@ -32,7 +33,6 @@ def submit_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(manifest, indent=2))
         return 0
-    api = custom_objects()
     created = api_call("create computejob", api.create_namespaced_custom_object,
                        GROUP, VERSION, namespace, PLURAL, manifest)
     name = created["metadata"]["name"]
