@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
 from typing import Any
 
 Stack = Any  # the `stack` fixture of this folder's conftest
