@@ -7,6 +7,7 @@ cannot be built or started, every test that needs it errors with the reason: nev
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -39,7 +40,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     A cold build takes minutes; inside the fixture it would count against the first
     test's timeout. A failure is kept and reported by the fixture, so the tests error.
     """
-    if any(_is_integration(item) for item in session.items):
+    if not any(_is_integration(item) for item in session.items):
+        return
+    capture = session.config.pluginmanager.getplugin("capturemanager")
+    # Let the build's progress lines through: a cold build is minutes of otherwise silence.
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         try:
             build.ensure_all()
         except build.BuildError as exc:
