@@ -418,6 +418,8 @@ class Reconciler:
             self._wait(obj, p.REASON_NO_NODE, f"no live agent serves profile '{job.profile}' at runtime "
                                                 f"{str(job.runtime)[:15]}…")
             return
+        # Re-put the manifest (refreshes its age): a job that waited long must not find it collected.
+        store.put_bytes(canonical_json(job_to_dict(job)))
         attempts = int(status.get("attempts") or 0) + 1
         labelled = self.kube_patch_meta(obj, labels={p.NODE_LABEL: node})
         reason = p.REASON_SCHEDULED if attempts == 1 else "Rescheduled"
