@@ -19,6 +19,9 @@ def cmd_build(_: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    before = cluster.load_info()
+    if before is None or not all(cluster.healthy(before).values()):
+        processes.down(cluster.state_dir())  # memoplane processes of a control plane that is gone
     result = cluster.up()
     info = result.info
     how = "already running, reused" if result.already_running else "started"
@@ -28,8 +31,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     if getattr(args, "with_memoplane", False):
         cfg = processes.StackConfig(directory=cluster.state_dir(), env=info.env(),
                                     watch_namespaces=processes.dev_watch_namespaces())
-        if not result.already_running:
-            processes.down(cfg.directory)  # left from a control plane that is gone
         started = processes.up(cfg)
         _say(f"memoplane: {', '.join(p.name for p in started) or 'already running'} "
              f"(logs in {cfg.directory / 'logs'}); try: kubectl apply -f examples/job.yaml")
