@@ -86,6 +86,22 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), f"unshare({flags:#x})")
 
 
+def fork_lean() -> int:
+    """glibc's fork(), without CPython's after-fork work in the child.
+
+    os.fork() re-initialises interpreter locks, signal state and threading
+    and runs the at-fork callbacks in the child: ~200 copy-on-write page
+    faults, about 0.8 MiB of private memory and half a millisecond per
+    child. In a single-threaded parent that holds no lock at the call none
+    of that is needed, except that `random` is not reseeded: the child must
+    do it (runner.reseed). glibc still does its own part (cached tid,
+    robust lists, malloc locks). Never call this with other threads running."""
+    pid = int(_libc.fork())
+    if pid < 0:
+        raise OSError(ctypes.get_errno(), "fork")
+    return pid
+
+
 def setns(fd: int, nstype: int) -> None:
     _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), f"setns({nstype:#x})")
 

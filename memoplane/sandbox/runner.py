@@ -12,6 +12,7 @@ import inspect
 import json
 import linecache
 import os
+import random
 import sys
 import traceback
 import types
@@ -35,8 +36,9 @@ _NP_KEY: Any = None  # numpy's MT19937 key, allocated by the zygote; children fi
 def reseed() -> None:
     """Children share the zygote's RNG state until reseeded from the kernel.
 
-    `random` reseeds itself in every forked child (CPython registers that
-    with os.register_at_fork). numpy's global RandomState gets a whole new
+    `random` is reseeded here: the zygote forks with isolate.fork_lean, which
+    skips the reseed CPython registers with os.register_at_fork. numpy's
+    global RandomState gets a whole new
     Mersenne Twister key (19968 bits) from the kernel, written into a buffer
     the zygote allocated: this touches half the pages that np.random.seed()
     does, and every touched page is a private copy in each child. Only
@@ -44,6 +46,7 @@ def reseed() -> None:
     the job seeds itself (numpy.random is imported lazily, so looking at
     `np.random` here would import it on every request)."""
     global _NP_KEY
+    random.seed()
     npr = sys.modules.get("numpy.random")
     if npr is None:
         return

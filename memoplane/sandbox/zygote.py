@@ -89,8 +89,8 @@ def make_config(cfg: dict[str, Any]) -> child.ChildConfig:
                              disable=disable, notes=notes)
 
 
-def spawn_direct(cfg: child.ChildConfig, fds: list[int], pidns_fd: int | None
-                 ) -> tuple[int, int, int, int]:
+def spawn_direct(cfg: child.ChildConfig, fds: list[int], pidns_fd: int | None,
+                 lean: bool) -> tuple[int, int, int, int]:
     """Fork the child I straight into a new pid namespace (root zygote, view
     template). Returns its pid, a pidfd, and the pipe ends on which it asks
     for its id maps (b"u") and is answered: the zygote answers from its poll
@@ -103,8 +103,9 @@ def spawn_direct(cfg: child.ChildConfig, fds: list[int], pidns_fd: int | None
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
     if pidns_fd is not None:
         isolate.unshare(isolate.CLONE_NEWPID)
+    pid = -1
     try:
-        pid = os.fork()
+        pid = isolate.fork_lean() if lean else os.fork()
     finally:
         if pidns_fd is not None and pid != 0:
             isolate.setns(pidns_fd, isolate.CLONE_NEWPID)
@@ -200,6 +201,15 @@ def _w_main(cfg: child.ChildConfig, fds: list[int], w: int, go: int) -> NoReturn
             os._exit(1)
 
 
+def _single_threaded(proc_fd: int) -> bool:
+    """No other thread (none of ours, none a library started, e.g. BLAS)."""
+    fd = os.open("self/task", os.O_RDONLY | os.O_DIRECTORY, dir_fd=proc_fd)
+    try:
+        return len(os.listdir(fd)) == 1
+    finally:
+        os.close(fd)
+
+
 class Zygote:
     def __init__(self, ctrl: socket.socket, cfg: child.ChildConfig, proc_fd: int) -> None:
         self.ctrl = ctrl
@@ -210,6 +220,7 @@ class Zygote:
             self.pidns_fd = os.open("self/ns/pid", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_fd)
         self.children: dict[int, int] = {}   # pid -> pidfd (kept to kill on shutdown)
         self.asking: dict[int, tuple[int, int]] = {}  # read end -> (pid, answer end)
+        self.lean = _single_threaded(proc_fd)  # may skip CPython's after-fork work
         self.poller = select.poll()
 
     def serve(self) -> None:
@@ -248,7 +259,7 @@ class Zygote:
         if msg.get("op") == "spawn":
             try:
                 if self.cfg.template:
-                    pid, pidfd, r, go_w = spawn_direct(self.cfg, fds, self.pidns_fd)
+                    pid, pidfd, r, go_w = spawn_direct(self.cfg, fds, self.pidns_fd, self.lean)
                     self.asking[r] = (pid, go_w)
                     self.poller.register(r, select.POLLIN)
                 else:
@@ -302,10 +313,11 @@ def main() -> None:
     cfg = dataclasses.replace(cfg, vm_base=limits.vm_size(proc_fd), hard_limits=limits.hard_limits())
     gc.collect()
     gc.freeze()  # children never touch these objects' GC headers: fewer copied pages
+    z = Zygote(ctrl, cfg, proc_fd)
     protocol.send(ctrl, {"op": "hello", "preloaded": done, "preload_failed": failed,
                          "notes": cfg.notes, "root": cfg.root, "host_uid": cfg.uid,
-                         "template": cfg.template, "shared_netns": not cfg.own_netns})
-    z = Zygote(ctrl, cfg, proc_fd)
+                         "template": cfg.template, "shared_netns": not cfg.own_netns,
+                         "lean_fork": z.lean})
     try:
         z.serve()
     finally:
