@@ -77,8 +77,7 @@ def rehearse() -> None:
 
 def run_python(task: dict[str, Any], env: dict[str, str], in_dir: str, out_dir: str,
                limits: Limits) -> Result:
-    os.environ.clear()
-    os.environ.update(env)
+    _set_environ(env)
     os.chdir(env["HOME"])
     filename = task.get("filename") or "<job>"
     source = task["source"]
@@ -105,6 +104,24 @@ def run_python(task: dict[str, Any], env: dict[str, str], in_dir: str, out_dir: 
         return _exception_failure(e, filename, limits)
     _exit_if_forked(pid)
     return _encode(value, out_dir, limits)
+
+
+def _set_environ(env: dict[str, str]) -> None:
+    """Replace the environment (C's and os.environ). Writes CPython's bytes
+    mapping behind os.environ directly: the generic clear()/update() path
+    takes about twice the copy-on-write faults in a warm child."""
+    data = getattr(os.environ, "_data", None)
+    if not isinstance(data, dict) or os.name != "posix":
+        os.environ.clear()
+        os.environ.update(env)
+        return
+    for key in list(data):
+        os.unsetenv(key)
+    data.clear()
+    for k, v in env.items():
+        kb, vb = os.fsencode(k), os.fsencode(v)
+        os.putenv(kb, vb)
+        data[kb] = vb
 
 
 def _exit_if_forked(pid: int) -> None:

@@ -36,3 +36,22 @@ def test_signature_parts() -> None:
     assert _signature(_all) == (["x", "y", "args", "z", "w", "kw"], ["x", "y", "z", "w"],
                                 ["x", "z"], True)
     assert _signature(_posonly) == (["p", "q", "r"], ["q", "r"], ["q"], False)
+
+
+def test_set_environ_replaces_both_views() -> None:
+    import os
+    import subprocess
+
+    from memoplane.sandbox.runner import _set_environ
+
+    saved = dict(os.environ)
+    try:
+        _set_environ({"PATH": "/usr/bin:/bin", "ONLY": "this"})
+        assert dict(os.environ) == {"PATH": "/usr/bin:/bin", "ONLY": "this"}
+        shown = dict(line.split("=", 1) for line in subprocess.run(
+            ["env"], capture_output=True, text=True, check=True).stdout.splitlines())
+        assert shown["ONLY"] == "this"  # C's environ too, which a child process inherits
+        assert not {k for k in saved if k not in ("PATH", "ONLY")} & set(shown)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
