@@ -1,0 +1,103 @@
+{{/* Names, labels and shared snippets of the memoplane chart. */}}
+
+{{- define "memoplane.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "memoplane.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "memoplane.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "memoplane.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: memoplane
+{{- end -}}
+
+{{/* selectorLabels: call with (dict "root" $ "component" "operator") */}}
+{{- define "memoplane.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "memoplane.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "memoplane.componentLabels" -}}
+{{ include "memoplane.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "memoplane.image" -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+{{- end -}}
+
+{{- define "memoplane.operatorServiceAccount" -}}
+{{- if .Values.operator.serviceAccount.create -}}
+{{ default (printf "%s-operator" (include "memoplane.fullname" .)) .Values.operator.serviceAccount.name }}
+{{- else -}}
+{{ default "default" .Values.operator.serviceAccount.name }}
+{{- end -}}
+{{- end -}}
+
+{{- define "memoplane.agentServiceAccount" -}}
+{{- if .Values.agent.serviceAccount.create -}}
+{{ default (printf "%s-agent" (include "memoplane.fullname" .)) .Values.agent.serviceAccount.name }}
+{{- else -}}
+{{ default "default" .Values.agent.serviceAccount.name }}
+{{- end -}}
+{{- end -}}
+
+{{- define "memoplane.minioFullname" -}}
+{{- printf "%s-minio" (include "memoplane.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The Secret holding accessKey/secretKey for the object store. */}}
+{{- define "memoplane.s3SecretName" -}}
+{{- if .Values.objectStore.minio.enabled -}}
+{{ default (printf "%s-credentials" (include "memoplane.minioFullname" .)) .Values.objectStore.minio.existingSecret }}
+{{- else -}}
+{{ default (printf "%s-s3-credentials" (include "memoplane.fullname" .)) .Values.objectStore.external.existingSecret }}
+{{- end -}}
+{{- end -}}
+
+{{- define "memoplane.s3Endpoint" -}}
+{{- if .Values.objectStore.minio.enabled -}}
+http://{{ include "memoplane.minioFullname" . }}.{{ .Release.Namespace }}.svc:9000
+{{- else -}}
+{{ required "objectStore.external.endpoint is required when objectStore.minio.enabled is false" .Values.objectStore.external.endpoint }}
+{{- end -}}
+{{- end -}}
+
+{{/* Environment shared by the operator and the agents. */}}
+{{- define "memoplane.commonEnv" -}}
+- name: MEMOPLANE_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+- name: MEMOPLANE_WATCH_NAMESPACES
+  value: {{ .Values.watchNamespaces | quote }}
+- name: MEMOPLANE_LOG_LEVEL
+  value: {{ .Values.logLevel | quote }}
+- name: MEMOPLANE_S3_ENDPOINT
+  value: {{ include "memoplane.s3Endpoint" . | quote }}
+- name: MEMOPLANE_S3_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "memoplane.s3SecretName" . }}
+      key: accessKey
+- name: MEMOPLANE_S3_SECRET_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "memoplane.s3SecretName" . }}
+      key: secretKey
+{{- end -}}
