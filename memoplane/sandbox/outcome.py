@@ -60,7 +60,11 @@ def check_out_dir(out_dir: Path, limits: Limits, returned: int) -> Failure | Non
             if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
                 # Through the idmapped /out the file is the agent's on disk: a
                 # set-id bit would make it a setuid-root program on the host.
-                os.chmod(p, stat.S_IMODE(st.st_mode) & 0o1777)
+                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)  # the file we looked at, not a link
+                try:
+                    os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) & 0o1777)
+                finally:
+                    os.close(fd)
                 rel = os.path.relpath(p, out_dir)
                 return Failure("forbidden", f"the job set a set-user/group-id bit on {rel!r} in "
                                "$MEMOPLANE_OUT (removed) — write plain files only")
