@@ -101,8 +101,9 @@ def test_checks_survive_odd_objects(kind: str) -> None:
     """No Lua error on shapes the API server allows: empty status, empty conditions, no generation."""
     script = (CHECKS / kind / "health.lua").read_text()
     base = {"apiVersion": "memoplane.io/v1alpha1", "kind": kind, "metadata": {"name": "x"}}
-    for status in ({}, {"conditions": []}, {"conditions": [{"type": "Ready"}]},
-                   {"conditions": [{"type": "Stalled", "status": "True"}]}, {"observedGeneration": 1}):
+    statuses: list[dict[str, Any]] = [{}, {"conditions": []}, {"conditions": [{"type": "Ready"}]},
+                                      {"conditions": [{"type": "Stalled", "status": "True"}]}, {"observedGeneration": 1}]
+    for status in statuses:
         got = run_health(script, {**base, "status": status})
         assert got["status"] in STATUSES and got.get("message"), (status, got)
 

@@ -213,6 +213,7 @@ def test_wheel_installs_and_runs_like_in_the_image(tmp_path: Path) -> None:
     the memoplane packages must come from the wheel: the test checks where they load from.
     """
     from importlib.metadata import PackageNotFoundError, version
+
     from packaging.requirements import Requirement
 
     # The build requirements, from this environment (the test extra has them): no network.
@@ -246,6 +247,6 @@ def test_wheel_installs_and_runs_like_in_the_image(tmp_path: Path) -> None:
         assert exe.is_file(), f"the wheel installed no {script} script"
         run = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert run.returncode == 0, f"{script} {args}: {run.stderr}"
-    version = subprocess.run([str(env_dir / "bin" / "memoplane"), "--version"], capture_output=True, text=True,
-                             timeout=60, cwd=tmp_path).stdout
-    assert PYPROJECT["project"]["version"] in version
+    shown = subprocess.run([str(env_dir / "bin" / "memoplane"), "--version"], capture_output=True, text=True,
+                           timeout=60, cwd=tmp_path).stdout
+    assert PYPROJECT["project"]["version"] in shown

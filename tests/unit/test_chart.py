@@ -1,0 +1,332 @@
+"""charts/memoplane, offline: lint, render, validate every object, check the security posture.
+
+`helm lint --strict` and `helm template` run with the helm that hack/cluster builds
+(memoplane.testing.build). Every rendered object is validated without network:
+built-in kinds against the Kubernetes JSON schemas that kubernetes-validate ships (strict:
+unknown fields are errors), CRDs against apiextensions.k8s.io/v1, our custom resources
+against the openAPIV3Schema of our CRDs. The ServiceMonitor (Prometheus Operator) has no
+schema here; its shape is checked by hand. Installing into a real API server is
+tests/integration/test_helm.py.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from openapi_schema_validator import OAS30Validator
+
+from memoplane.testing import build
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "memoplane"
+KUBE_VERSION = "1.36"   # hack/versions.env's kube-apiserver; kubernetes-validate ships its schemas
+NAMESPACE = "memoplane-system"
+AGENT_CAPS = {"SYS_ADMIN", "SYS_PTRACE", "SETUID", "SETGID", "MKNOD"}
+
+VARIANTS: dict[str, list[str]] = {
+    "defaults": [],
+    "external-s3": ["--set", "objectStore.minio.enabled=false",
+                    "--set", "objectStore.external.endpoint=https://s3.example.com",
+                    "--set", "objectStore.external.existingSecret=s3-keys"],
+    "external-s3-inline-keys": ["--set", "objectStore.minio.enabled=false",
+                                "--set", "objectStore.external.endpoint=http://minio.storage:9000",
+                                "--set", "objectStore.external.accessKey=AK",
+                                "--set", "objectStore.external.secretKey=SK"],
+    "monitoring": ["--set", "metrics.serviceMonitor.enabled=true",
+                   "--set", "metrics.grafanaDashboard.enabled=true"],
+    "hostpath-cache-no-crds": ["--set", "agent.localCache.type=hostPath", "--set", "crds.install=false",
+                               "--set", "defaultResultCache.namespaces={ml,research}",
+                               "--set", "image.digest=sha256:" + "a" * 64],
+    "privileged-agent": ["--set", "agent.privileged=true", "--set", "rbac.aggregateToDefaultRoles=false"],
+}
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    try:
+        return build.ensure_binary("helm")
+    except build.BuildError as exc:
+        pytest.fail(f"helm is needed for the chart tests and could not be built: {exc}", pytrace=False)
+
+
+def run_helm(helm: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        pytest.fail(f"helm {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}{proc.stdout}")
+    return proc
+
+
+def render(helm: Path, *args: str) -> list[dict[str, Any]]:
+    out = run_helm(helm, "template", "mp", str(CHART), "--namespace", NAMESPACE, *args).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def find(docs: list[dict[str, Any]], kind: str, suffix: str = "") -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix)]
+    assert len(found) == 1, f"{kind} *{suffix}: {len(found)} found"
+    return found[0]
+
+
+def containers(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    spec = doc["spec"]["template"]["spec"]
+    yield from spec.get("initContainers", [])
+    yield from spec["containers"]
+
+
+def crd_schemas() -> dict[str, dict[str, Any]]:
+    out = {}
+    for path in (ROOT / "crds").glob("*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        out[crd["spec"]["names"]["kind"]] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return out
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_lint_strict(helm: Path, variant: str) -> None:
+    proc = run_helm(helm, "lint", "--strict", str(CHART), "--namespace", NAMESPACE, *VARIANTS[variant])
+    assert "0 chart(s) failed" in proc.stdout
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_rendered_objects_validate_offline(helm: Path, variant: str) -> None:
+    docs = render(helm, *VARIANTS[variant])
+    ours = crd_schemas()
+    assert docs
+    for doc in docs:
+        what = f"{doc['kind']}/{doc['metadata']['name']}"
+        group = doc["apiVersion"].split("/")[0] if "/" in doc["apiVersion"] else ""
+        if group == "memoplane.io":
+            errors = [e.message for e in OAS30Validator(ours[doc["kind"]]).iter_errors(doc)]
+            assert not errors, f"{what}: {errors}"
+        elif group == "monitoring.coreos.com":
+            assert doc["kind"] == "ServiceMonitor"
+            assert doc["spec"]["selector"]["matchLabels"] and doc["spec"]["endpoints"]
+            assert all(set(e) <= {"port", "path", "interval"} for e in doc["spec"]["endpoints"])
+        else:
+            try:
+                kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{what}: {exc.message} at {'.'.join(map(str, exc.path))}")
+
+
+def test_default_objects(helm: Path) -> None:
+    docs = render(helm)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds.count("CustomResourceDefinition") == 3
+    for kind in ("Deployment", "DaemonSet", "StatefulSet", "Secret", "ResultCache"):
+        assert kinds.count(kind) == 1, kind
+    services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
+    assert {"mp-memoplane-operator-metrics", "mp-memoplane-agent-metrics", "mp-memoplane-minio"} <= services
+    assert "ServiceMonitor" not in kinds
+
+
+def test_crds_are_the_generated_ones_kept_on_uninstall(helm: Path) -> None:
+    docs = [d for d in render(helm) if d["kind"] == "CustomResourceDefinition"]
+    source = {yaml.safe_load(p.read_text())["metadata"]["name"]: yaml.safe_load(p.read_text())
+              for p in (ROOT / "crds").glob("*.yaml")}
+    assert {d["metadata"]["name"] for d in docs} == set(source)
+    for doc in docs:
+        meta = doc["metadata"]
+        assert meta["annotations"] == {"helm.sh/resource-policy": "keep"}
+        assert meta["labels"]["app.kubernetes.io/part-of"] == "memoplane"
+        assert {**doc, "metadata": {"name": meta["name"]}} == source[meta["name"]]
+    docs = [d for d in render(helm, "--set", "crds.keep=false") if d["kind"] == "CustomResourceDefinition"]
+    assert all("annotations" not in d["metadata"] for d in docs)
+
+
+def test_operator_is_one_recreated_replica_with_restricted_security(helm: Path) -> None:
+    dep = find(render(helm), "Deployment", "-operator")
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    pod = dep["spec"]["template"]["spec"]
+    assert_restricted(pod)
+    (c,) = pod["containers"]
+    assert c["args"] == ["operator"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert int(env["MEMOPLANE_METRICS_PORT"]) == ports["metrics"] == 9090
+    assert int(env["MEMOPLANE_HEALTH_PORT"]) == ports["health"] == 8081
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+
+
+def assert_restricted(pod: dict[str, Any]) -> None:
+    """Pod Security Standards, restricted profile (the checks that apply to these pods)."""
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not pod.get(key), key
+    assert all("hostPath" not in v for v in pod.get("volumes", []))
+    psc = pod.get("securityContext", {})
+    for c in pod["containers"]:
+        sc = c.get("securityContext", {})
+        assert sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, c["name"]
+        assert sc.get("runAsUser", psc.get("runAsUser", 1)) != 0, c["name"]
+        assert sc.get("allowPrivilegeEscalation") is False, c["name"]
+        assert not sc.get("privileged"), c["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), c["name"]
+        seccomp = sc.get("seccompProfile", psc.get("seccompProfile", {}))
+        assert seccomp.get("type") in ("RuntimeDefault", "Localhost"), c["name"]
+
+
+def test_minio_is_restricted_with_a_kept_pvc(helm: Path) -> None:
+    docs = render(helm)
+    sts = find(docs, "StatefulSet", "-minio")
+    assert_restricted(sts["spec"]["template"]["spec"])
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Retain"
+    secret = find(docs, "Secret", "-minio-credentials")
+    assert set(secret["data"]) == {"accessKey", "secretKey"}
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    env = {e["name"]: e for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MINIO_ROOT_USER"]["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+
+
+def test_agent_has_exactly_the_documented_privileges(helm: Path) -> None:
+    ds = find(render(helm), "DaemonSet", "-agent")
+    pod = ds["spec"]["template"]["spec"]
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not pod.get(key), key
+    assert pod.get("hostUsers", True) is True
+    assert all("hostPath" not in v for v in pod["volumes"]), "no hostPath by default"
+    (c,) = pod["containers"]
+    assert c["args"] == ["agent"]
+    sc = c["securityContext"]
+    assert sc["privileged"] is False
+    assert sc["runAsUser"] == 0
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert set(sc["capabilities"]["add"]) == AGENT_CAPS
+    assert sc["seccompProfile"] == {"type": "Unconfined"}
+    assert sc["appArmorProfile"] == {"type": "Unconfined"}
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert env["MEMOPLANE_REQUIRE_ISOLATION"]["value"] == "1"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert {"/tmp", env["MEMOPLANE_LOCAL_CACHE"]["value"]} <= mounts
+    # Every capability is explained where users read about it.
+    values = (CHART / "values.yaml").read_text()
+    readme = (CHART / "README.md").read_text()
+    for cap in AGENT_CAPS:
+        assert re.search(rf"- {cap}\b", values), f"{cap} is not in values.yaml"
+        assert cap in readme, f"{cap} is not explained in the chart README"
+
+
+def test_privileged_agent_adds_no_capabilities_list(helm: Path) -> None:
+    ds = find(render(helm, *VARIANTS["privileged-agent"]), "DaemonSet", "-agent")
+    sc = ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]
+    assert sc["privileged"] is True and "add" not in sc["capabilities"]
+
+
+def _env_names_read(*paths: Path) -> set[str]:
+    names: set[str] = set()
+    for path in paths:
+        names |= set(re.findall(r"""env(?:iron)?\.get\(\s*["']([A-Z0-9_]+)["']""", path.read_text()))
+        names |= set(re.findall(r"""\b(MEMOPLANE_[A-Z0-9_]+)\b""", path.read_text()))
+    return names
+
+
+def test_env_the_chart_sets_is_read_by_the_processes(helm: Path) -> None:
+    docs = render(helm)
+    common = [ROOT / "memoplane" / "cluster" / "stores.py", ROOT / "memoplane" / "cluster" / "kube.py"]
+    readers = {
+        "-operator": _env_names_read(ROOT / "operator" / "memoplane_operator" / "__main__.py", *common),
+        "-agent": _env_names_read(ROOT / "sandbox-node" / "memoplane_agent" / "__main__.py", *common),
+    }
+    for kind, suffix in (("Deployment", "-operator"), ("DaemonSet", "-agent")):
+        (c,) = find(docs, kind, suffix)["spec"]["template"]["spec"]["containers"]
+        set_by_chart = {e["name"] for e in c["env"]} - {"TMPDIR"}
+        unread = set_by_chart - readers[suffix]
+        assert not unread, f"{suffix}: the chart sets {sorted(unread)}, which nothing reads"
+        for needed in ("MEMOPLANE_S3_ENDPOINT", "MEMOPLANE_S3_ACCESS_KEY", "MEMOPLANE_S3_SECRET_KEY",
+                       "MEMOPLANE_NAMESPACE", "MEMOPLANE_WATCH_NAMESPACES"):
+            assert needed in set_by_chart, (suffix, needed)
+
+
+def _rules(doc: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in doc["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+            for v in rule["verbs"]}
+
+
+def test_rbac_is_least_privilege(helm: Path) -> None:
+    docs = render(helm)
+    op = _rules(find(docs, "ClusterRole", "-operator"))
+    agent = _rules(find(docs, "ClusterRole", "-agent"))
+    for rules in (op, agent):
+        assert not any("*" in r for rule in rules for r in rule), "no wildcards"
+        assert not any(r[1] in ("secrets", "pods", "pods/exec", "nodes") for r in rules)
+    assert ("memoplane.io", "computejobs/status", "patch") in agent
+    assert not any(v in ("create", "update", "patch", "delete") for g, r, v in agent if r == "computejobs")
+    assert ("memoplane.io", "resultcaches", "create") in op
+    assert ("", "configmaps", "get") in op and ("", "configmaps", "list") not in op
+    # Leases only in the release namespace.
+    assert not any(r == "leases" for _, r, _ in op | agent)
+    op_lease = find(docs, "Role", "-operator")
+    agent_lease = find(docs, "Role", "-agent")
+    assert op_lease["metadata"]["namespace"] == agent_lease["metadata"]["namespace"] == NAMESPACE
+    assert {v for _, _, v in _rules(op_lease)} == {"get", "list", "watch"}
+    assert {v for _, _, v in _rules(agent_lease)} == {"get", "create", "update", "delete"}
+    for binding in (d for d in docs if d["kind"] in ("ClusterRoleBinding", "RoleBinding")):
+        (subject,) = binding["subjects"]
+        assert subject["kind"] == "ServiceAccount" and subject["namespace"] == NAMESPACE
+
+
+def test_external_s3_uses_the_given_endpoint_and_secret(helm: Path) -> None:
+    docs = render(helm, *VARIANTS["external-s3"])
+    assert not [d for d in docs if d["kind"] in ("StatefulSet", "Secret")]
+    (c,) = find(docs, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["MEMOPLANE_S3_ENDPOINT"]["value"] == "https://s3.example.com"
+    assert env["MEMOPLANE_S3_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3-keys", "key": "accessKey"}
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--set", "objectStore.minio.enabled=false"], "endpoint"),
+    (["--set", "objectStore.minio.enabled=false", "--set", "objectStore.external.endpoint=http://s3:9000"],
+     "set existingSecret, or both accessKey and secretKey"),
+    (["--set", "operator.replicas=2"], "operator/replicas"),
+    (["--set", "agent.capacity=0"], "agent/capacity"),
+    (["--set", "agent.seccompProfile.type=Localhost"], "localhostProfile"),
+    (["--set", "unknownKey=1"], "unknownKey"),
+    (["--set", "image.digest=latest"], "image/digest"),
+])
+def test_bad_values_are_refused(helm: Path, args: list[str], message: str) -> None:
+    proc = run_helm(helm, "template", "mp", str(CHART), *args, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+
+
+def test_monitoring_objects(helm: Path) -> None:
+    import json
+
+    docs = render(helm, *VARIANTS["monitoring"])
+    sm = find(docs, "ServiceMonitor")
+    selector = sm["spec"]["selector"]["matchLabels"]
+    selected = [d for d in docs if d["kind"] == "Service"
+                and all(d["metadata"]["labels"].get(k) == v for k, v in selector.items())]
+    assert {d["metadata"]["name"] for d in selected} == {"mp-memoplane-operator-metrics", "mp-memoplane-agent-metrics"}
+    assert all(p["name"] == "metrics" for d in selected for p in d["spec"]["ports"])
+    dashboard = json.loads(find(docs, "ConfigMap", "-dashboard")["data"]["memoplane.json"])
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    metrics_py = (ROOT / "memoplane" / "cluster" / "metrics.py").read_text()
+    for name in set(re.findall(r"\b(memoplane_[a-z_]+?)(?:_bucket)?\b", exprs)):
+        base = re.sub(r"_total$", "", name)
+        assert f'"{base}' in metrics_py, f"the dashboard queries {name}, which memoplane does not export"
+
+
+def test_default_result_caches(helm: Path) -> None:
+    docs = render(helm, *VARIANTS["hostpath-cache-no-crds"])
+    caches = [d for d in docs if d["kind"] == "ResultCache"]
+    assert {d["metadata"]["namespace"] for d in caches} == {"ml", "research"}
+    for rc in caches:
+        assert rc["metadata"]["name"] == "default"
+        assert rc["spec"]["store"] == {"bucket": "memoplane", "prefix": f"{rc['metadata']['namespace']}/"}
+        assert "helm.sh/hook" in rc["metadata"]["annotations"]
+        assert "finalizers" not in rc["metadata"]
+    assert not [d for d in docs if d["kind"] == "CustomResourceDefinition"]
