@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .cas import Provenance, ResultManifest, Store, StoredValue
-from .jobs import BlobInput, Job, JsonInput, input_file_name, json_input_file, sandbox_task
+from .jobs import (BlobInput, CommandCode, Job, JsonInput, SeedInput, input_file_name, json_input_file,
+                   sandbox_task, seed_overlay_file_name)
 from .sandbox.types import Failure, SandboxOutcome, SandboxRequest
 
 RETURN_FILE = "return.npy"  # where the sandbox saves an array return value
@@ -45,6 +46,26 @@ def materialize_inputs(job: Job, store: Store, in_dir: Path) -> None:
             target.write_bytes(json_input_file(value.value))
         elif isinstance(value, BlobInput):
             store.write_blob(value.digest, target)
+        elif isinstance(value, SeedInput):
+            _materialize_seed(job, name, value, store, in_dir)
+
+
+def _materialize_seed(job: Job, name: str, seed: SeedInput, store: Store, in_dir: Path) -> None:
+    """The overlay for a Python job to generate from (checked against the key's seed digest),
+    or, for a command, the values themselves generated here as NAME (.npy): never fetched."""
+    import numpy as np
+
+    from .gmem import transfer
+
+    data = store.get_bytes(seed.overlay.digest) if seed.overlay is not None else None
+    overlay = transfer.verified_overlay(seed.params, data, seed.seed_digest)
+    if not isinstance(job.code, CommandCode):
+        if data is not None:
+            (in_dir / seed_overlay_file_name(name)).write_bytes(data)
+        return
+    values = transfer.generate(seed.params, seed.offset, seed.count, overlay)
+    with open(in_dir / input_file_name(name), "wb") as f:
+        np.save(f, values, allow_pickle=False)
 
 
 def execute(job: Job, store: Store, sandbox: SandboxRunner, *, node: str = "local") -> Execution:

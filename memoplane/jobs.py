@@ -50,7 +50,30 @@ class BlobInput:
         return "blob:" + self.digest
 
 
-Input = JsonInput | BlobInput
+@dataclass(frozen=True)
+class SeedInput:
+    """`count` values of a GMemSeed from `offset`, generated where the job runs: only the
+    parameters and the overlay (a small blob of written overrides, None when empty) travel.
+
+    `seed_digest` covers parameters and overlay (memoplane.gmem.seed_digest), so a write
+    to the seed changes the key; the agent checks the overlay against it before running."""
+
+    params: Mapping[str, Any]          # memoplane.gmem.GMemParams.to_json()
+    seed_digest: str
+    offset: int
+    count: int
+    overlay: BlobInput | None = None   # memoplane.gmem.transfer.overlay_npy bytes in the job's store
+
+    @property
+    def digest(self) -> str:
+        return self.seed_digest
+
+    @property
+    def key_entry(self) -> str:
+        return f"seed:{self.seed_digest}:{self.offset}:{self.count}"
+
+
+Input = JsonInput | BlobInput | SeedInput
 
 
 @dataclass(frozen=True)
@@ -106,8 +129,14 @@ def input_file_name(name: str) -> str:
     return name
 
 
+def seed_overlay_file_name(name: str) -> str:
+    """Where a seed input's overlay appears for a Python job (input names have no dots)."""
+    return f"{name}.overlay.npy"
+
+
 def sandbox_task(job: Job) -> PythonTask | CommandTask:
-    """The sandbox's view of a job: JSON inputs as keyword arguments, blobs as files."""
+    """The sandbox's view of a job: JSON inputs as keyword arguments, blobs as files,
+    seeds as what to generate (commands find seeds generated into files by the agent)."""
     if isinstance(job.code, CommandCode):
         return CommandTask(argv=job.code.argv)
     return PythonTask(
@@ -116,6 +145,9 @@ def sandbox_task(job: Job) -> PythonTask | CommandTask:
         filename=job.code.filename,
         inputs={n: v.value for n, v in job.inputs.items() if isinstance(v, JsonInput)},
         file_inputs={n: input_file_name(n) for n, v in job.inputs.items() if isinstance(v, BlobInput)},
+        seed_inputs={n: {"params": dict(v.params), "offset": v.offset, "count": v.count,
+                         "overlay": seed_overlay_file_name(n) if v.overlay is not None else None}
+                     for n, v in job.inputs.items() if isinstance(v, SeedInput)},
     )
 
 
@@ -136,11 +168,7 @@ def job_to_dict(job: Job) -> dict[str, Any]:
                                            "filename": job.code.filename}}
     else:
         code = {"command": list(job.code.argv)}
-    inputs = {
-        name: ({"json": value.value} if isinstance(value, JsonInput)
-               else {"blob": {"digest": value.digest, "size": value.size}})
-        for name, value in job.inputs.items()
-    }
+    inputs = {name: _input_to_dict(value) for name, value in job.inputs.items()}
     limits = job.limits
     return {
         "v": JOB_MANIFEST_VERSION, **code, "inputs": inputs, "env": dict(job.env), "salt": job.salt,
@@ -148,6 +176,27 @@ def job_to_dict(job: Job) -> dict[str, Any]:
         "limits": {"timeout_s": limits.timeout_s, "memory_bytes": limits.memory_bytes,
                    "max_output_bytes": limits.max_output_bytes},
     }
+
+
+def _input_to_dict(value: Input) -> dict[str, Any]:
+    if isinstance(value, JsonInput):
+        return {"json": value.value}
+    if isinstance(value, BlobInput):
+        return {"blob": {"digest": value.digest, "size": value.size}}
+    overlay = None if value.overlay is None else {"digest": value.overlay.digest, "size": value.overlay.size}
+    return {"seed": {"params": dict(value.params), "digest": value.seed_digest, "offset": value.offset,
+                     "count": value.count, "overlay": overlay}}
+
+
+def _input_from_dict(value: dict[str, Any]) -> Input:
+    if "json" in value:
+        return JsonInput(value["json"])
+    if "seed" in value:  # added within v1: manifests without seeds read as before
+        seed = value["seed"]
+        overlay = seed.get("overlay")
+        return SeedInput(dict(seed["params"]), str(seed["digest"]), int(seed["offset"]), int(seed["count"]),
+                         BlobInput(overlay["digest"], int(overlay["size"])) if overlay else None)
+    return BlobInput(value["blob"]["digest"], int(value["blob"]["size"]))
 
 
 def job_from_dict(data: dict[str, Any]) -> Job:
@@ -159,12 +208,7 @@ def job_from_dict(data: dict[str, Any]) -> Job:
         code = PythonCode(python["source"], python["entrypoint"], python.get("filename", "<job>"))
     else:
         code = CommandCode(tuple(data["command"]))
-    inputs: dict[str, Input] = {}
-    for name, value in data["inputs"].items():
-        if "json" in value:
-            inputs[name] = JsonInput(value["json"])
-        else:
-            inputs[name] = BlobInput(value["blob"]["digest"], int(value["blob"]["size"]))
+    inputs: dict[str, Input] = {name: _input_from_dict(value) for name, value in data["inputs"].items()}
     limits = data.get("limits", {})
     return Job(code=code, inputs=inputs, env=dict(data.get("env", {})), salt=str(data.get("salt", "")),
                profile=str(data.get("profile", "python")), runtime=data.get("runtime"),

@@ -19,7 +19,8 @@ _SINGLE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_
 
 PROFILES: dict[str, Profile] = {
     "python": Profile("python", ("json", "math", "re", "collections", "itertools",
-                                 "functools", "hashlib", "random", "numpy", "numpy.random"), _SINGLE_THREAD),
+                                 "functools", "hashlib", "random", "numpy", "numpy.random",
+                                 "memoplane.gmem.transfer"), _SINGLE_THREAD),  # fromSeed: generated in the child
     "minimal": Profile("minimal", ("json",)),
 }
 

@@ -145,6 +145,11 @@ def _inputs(task: dict[str, Any], fn: Any, in_dir: str) -> tuple[dict[str, Any],
         except (OSError, ValueError) as e:
             return {}, failure("bad-input", f"file input {name!r} ({rel}) cannot be read: {e} — "
                                "put the file under the job's in_dir", "")
+    for name, seed in (task.get("seed_inputs") or {}).items():
+        try:
+            inputs[name] = _seed_input(in_dir, seed)
+        except (OSError, ValueError) as e:
+            return {}, failure("bad-input", f"seed input {name!r} cannot be generated: {e}", "")
     sig = _signature(fn)
     if sig is None:
         return inputs, None
@@ -197,10 +202,30 @@ def _inspect_signature(fn: Any) -> Signature | None:
     return list(params), by_kw, required, var_kw
 
 
-def _read_file_input(in_dir: str, rel: str) -> Any:
+def _seed_input(in_dir: str, seed: dict[str, Any]) -> Any:
+    """The seed's values, generated here: preloaded by the python profile, so no import cost."""
+    import memoplane.gmem.transfer as transfer
+    from memoplane.errors import InputError
+
+    try:
+        rel = seed.get("overlay")
+        overlay = None
+        if rel:
+            overlay = transfer.load_overlay(_input_path(in_dir, rel), str(seed["params"].get("dtype", "float64")))
+        return transfer.generate(seed["params"], int(seed["offset"]), int(seed["count"]), overlay)
+    except InputError as e:
+        raise ValueError(str(e)) from None
+
+
+def _input_path(in_dir: str, rel: str) -> str:
     path = os.path.normpath(os.path.join(in_dir, rel))
     if not path.startswith(in_dir.rstrip("/") + "/"):
         raise ValueError("path leaves in_dir")
+    return path
+
+
+def _read_file_input(in_dir: str, rel: str) -> Any:
+    path = _input_path(in_dir, rel)
     if path.endswith(".npy"):
         import numpy as np
         return np.load(path, allow_pickle=False)
