@@ -14,8 +14,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .cas import Provenance, ResultManifest, Store, StoredValue
-from .jobs import (BlobInput, CommandCode, Job, JsonInput, SeedInput, input_file_name, json_input_file,
-                   sandbox_task, seed_overlay_file_name)
+from .jobs import (
+    BlobInput,
+    CommandCode,
+    Job,
+    JsonInput,
+    SeedInput,
+    input_file_name,
+    json_input_file,
+    sandbox_task,
+    seed_overlay_file_name,
+)
 from .sandbox.types import Failure, SandboxOutcome, SandboxRequest
 
 RETURN_FILE = "return.npy"  # where the sandbox saves an array return value

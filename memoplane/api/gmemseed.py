@@ -53,12 +53,23 @@ class GMemSeedSpec(K8sModel):
     layers: list[Layer] = Field(default_factory=list, max_length=MAX_LAYERS)
 
 
+class OverlayBlob(StatusModel):
+    """Written overrides as one content-addressed blob: what a fromSeed input carries."""
+
+    digest: Digest | None = None
+    size: int | None = Field(default=None, ge=0)
+
+
 class GMemSeedStatus(StatusModel):
     """Written by the operator."""
 
     digest: Digest | None = Field(default=None, description="Covers parameters and overlay.")
     version: int | None = Field(default=None, ge=0)
     overlay_entries: int | None = Field(default=None, ge=0)
+    store: str | None = Field(default=None, max_length=1024,
+                              description="Where the overlay lives: s3://bucket/prefix.")
+    overlay_blob: OverlayBlob | None = Field(
+        default=None, description="The overlay as jobs receive it (a blob in the store); absent while empty.")
     conditions: Conditions = Field(default_factory=list)
     observed_generation: int | None = Field(default=None, ge=0)
 

@@ -21,10 +21,12 @@ from typing import Any, Protocol
 from ..api.common import parse_quantity
 from ..api.computejob import ComputeJob
 from ..api.computejob import Input as SpecInput
+from ..api.computejob import SeedRef
 from ..api.manifests import SpecError, parse_computejob
-from ..jobs import BlobInput, CommandCode, Input, Job, JsonInput, PythonCode
+from ..jobs import BlobInput, CommandCode, Input, Job, JsonInput, PythonCode, SeedInput
 from ..sandbox.types import Limits
 from . import protocol as p
+from . import seeds
 
 MISSING_GRACE_SECONDS = 60.0
 MAX_CHAIN = 64  # fromJob edges followed when looking for a cycle
@@ -78,6 +80,13 @@ class Lookups(Protocol):
         ...
 
     def put_bytes(self, data: bytes) -> BlobInput: ...
+
+    def get_seed(self, name: str) -> Mapping[str, Any] | None: ...
+
+    def seed_overlay(self, digest: str, store_url: str) -> BlobInput:
+        """A seed's overlay blob (in the store at `store_url`) as a blob in the job's store.
+        Raises LookupError_ when it cannot be read."""
+        ...
 
 
 def parse_time(text: str | None) -> datetime | None:
@@ -192,9 +201,30 @@ def _resolve_input(item: SpecInput, name: str, lookups: Lookups, created: dateti
             return _missing(f"{label}: object s3://{ref_o.bucket}/{ref_o.key}", created, now, grace)
         return blob
     if item.from_seed is not None:
-        return Failed(p.REASON_UNSUPPORTED,
-                      f"{label}: fromSeed inputs are not supported by this operator yet: use a value or fromObject")
+        return _seed_input(item.from_seed, label, lookups, created, now, grace)
     return Failed(p.REASON_INVALID, f"{label} has no source")
+
+
+def _seed_input(ref: SeedRef, label: str, lookups: Lookups, created: datetime | None, now: datetime,
+                grace: float) -> Input | Waiting | Failed:
+    """A GMemSeed's range: its status digest (covering the overlay) goes into the key; the
+    values are generated where the job runs (memoplane.jobs.SeedInput)."""
+    problem = seeds.range_problem(ref.offset, ref.count)
+    if problem:
+        return Failed(p.REASON_INVALID, f"{label}: {problem}")
+    obj = lookups.get_seed(ref.name)
+    if obj is None:
+        return _missing(f"{label}: GMemSeed '{ref.name}'", created, now, grace)
+    view = seeds.seed_view(obj)
+    if isinstance(view, str):
+        return Waiting(seeds.REASON_SEED_NOT_READY, f"{label}: {view}")
+    overlay = None
+    if view.overlay_blob is not None:
+        try:
+            overlay = lookups.seed_overlay(view.overlay_blob[0], view.store_url)
+        except LookupError_ as exc:
+            return Waiting(exc.reason, f"{label}: overlay of GMemSeed '{ref.name}': {exc.message}")
+    return SeedInput(view.params, view.digest, ref.offset, ref.count, overlay)
 
 
 def resolve(obj: Mapping[str, Any], runtime: str | None, lookups: Lookups, now: datetime,

@@ -1,6 +1,7 @@
 """`memoplane gmem create | fetch | write | stats | compact`: generative memory in
 the embedded store. A seed's parameters are bound to its name at `create`; later
-commands read them back, so a name can never silently change its values."""
+commands read them back, so a name can never silently change its values.
+With --cluster or -n NS, create/fetch/write/stats act on a GMemSeed (gmem_cluster)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ from ..errors import InputError, NotFound
 from ..gmem import GMemParams, GMemStore, Layer, StoredGMem
 
 PRINT_LIMIT = 10_000  # values printed as JSON; more go to --out FILE.npy
+
+
+def _on_cluster(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "cluster", False) or getattr(args, "namespace", None))
 
 
 def _local_dir(store: Any) -> Path:
@@ -64,17 +69,26 @@ def _layer(text: str) -> Layer:
 
 def create_command(args: argparse.Namespace) -> int:
     params = GMemParams(args.seed, args.dtype, tuple(_layer(x) for x in args.layer))
+    if _on_cluster(args):
+        from . import gmem_cluster  # the cluster's clients load only when used
+
+        return gmem_cluster.create(args, params)
     with opened(args, params) as seed:
         print(json.dumps({"name": args.name, **params.to_json(), **seed.status()}, sort_keys=True))
     return 0
 
 
 def fetch_command(args: argparse.Namespace) -> int:
-    with opened(args) as seed:
-        if args.addr:
-            values = seed.gmem.fetch_many(np.array([int(a, 0) for a in args.addr], dtype=np.uint64))
-        else:
-            values = seed.gmem.fetch_range(args.offset, args.count)
+    if _on_cluster(args):
+        from . import gmem_cluster  # the cluster's clients load only when used
+
+        values = gmem_cluster.fetch(args)
+    else:
+        with opened(args) as seed:
+            if args.addr:
+                values = seed.gmem.fetch_many(np.array([int(a, 0) for a in args.addr], dtype=np.uint64))
+            else:
+                values = seed.gmem.fetch_range(args.offset, args.count)
     if args.out:
         np.save(args.out, values, allow_pickle=False)
         print(f"wrote {len(values)} values to {args.out}", file=sys.stderr)
@@ -96,6 +110,10 @@ def write_command(args: argparse.Namespace) -> int:
             values.append(float(value) if any(c in value for c in ".eE") or value in ("nan", "inf") else int(value, 0))
         except ValueError:
             raise InputError(f"{pair!r}: address or value is not a number", "write e.g. 42=0.5 or 0x2a=7") from None
+    if _on_cluster(args):
+        from . import gmem_cluster  # the cluster's clients load only when used
+
+        return gmem_cluster.write(args, addrs, values)
     with opened(args) as seed:
         seed.gmem.write_many(np.array(addrs, dtype=np.uint64), np.array(values))
         print(json.dumps(seed.status(), sort_keys=True))  # durable: write_many fsyncs its batch
@@ -103,6 +121,10 @@ def write_command(args: argparse.Namespace) -> int:
 
 
 def stats_command(args: argparse.Namespace) -> int:
+    if _on_cluster(args):
+        from . import gmem_cluster  # the cluster's clients load only when used
+
+        return gmem_cluster.stats(args)
     with opened(args) as seed:
         print(json.dumps({"name": args.name, **seed.params.to_json(), **seed.status()}, sort_keys=True))
     return 0
@@ -119,10 +141,16 @@ def add_parser(sub: argparse._SubParsersAction, lazy: Any, store_flag: Any) -> N
     gmem = sub.add_parser("gmem", help="generative memory: values computed from a seed, with durable overrides")
     commands = gmem.add_subparsers(dest="gmem_command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler: str, text: str) -> argparse.ArgumentParser:
+    def command(name: str, handler: str, text: str, cluster: bool = True) -> argparse.ArgumentParser:
         p = commands.add_parser(name, help=text)
         p.add_argument("name", help="the seed's name")
         store_flag(p)
+        if cluster:
+            p.add_argument("--cluster", action="store_true",
+                           help="the GMemSeed NAME on the current kubeconfig's cluster (store: MEMOPLANE_S3_*)")
+            p.add_argument("-n", "--namespace", help="the GMemSeed's namespace (implies --cluster)")
+            p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                           help="with --cluster: how long to wait for the operator (default 120)")
         p.set_defaults(handler=lazy("memoplane.commands.gmem", handler))
         return p
 
@@ -138,4 +166,5 @@ def add_parser(sub: argparse._SubParsersAction, lazy: Any, store_flag: Any) -> N
     p = command("write", "write_command", "override values: ADDR=VALUE ... (durable when it returns)")
     p.add_argument("pairs", nargs="+", metavar="ADDR=VALUE")
     command("stats", "stats_command", "digest, version and overlay entries")
-    command("compact", "compact_command", "snapshot the overlay into the store and drop the logs it covers")
+    command("compact", "compact_command", "snapshot the overlay into the store and drop the logs it covers",
+            cluster=False)  # on a cluster the operator compacts

@@ -11,6 +11,7 @@ Configuration (environment; flags override):
   MEMOPLANE_HEALTH_PORT       kopf's liveness endpoint /healthz (default 8081; 0 disables)
   MEMOPLANE_RESYNC_SECONDS    how often unfinished jobs are revisited (default 2)
   MEMOPLANE_STATS_SECONDS     how often ResultCache stats are refreshed (default 30)
+  MEMOPLANE_SEED_RESYNC_SECONDS  how often every GMemSeed's inbox is checked (default 10)
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from memoplane.cluster.kube import Kube, load_config
 from memoplane.cluster.metrics import OperatorMetrics
 from memoplane.cluster.stores import Stores, StoreSettings
 
+from .gmemseed import SeedReconciler
+from .gmemseed import register as register_seeds
 from .handlers import register
 from .reconciler import OperatorConfig, Reconciler
 
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         start_http_server(args.metrics_port, registry=metrics.registry)
     registry = kopf.OperatorRegistry()
     register(registry, reconciler)
+    register_seeds(registry, SeedReconciler(reconciler.kube, stores, patterns,
+                                            float(env.get("MEMOPLANE_SEED_RESYNC_SECONDS", "10"))))
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
     kopf.run(registry=registry, standalone=True, liveness_endpoint=liveness,
              clusterwide=not patterns, namespaces=patterns)

@@ -112,6 +112,13 @@ class Lookups:
         ref = self.store.put_bytes(data)
         return BlobInput(ref.digest, ref.size)
 
+    def get_seed(self, name: str) -> Mapping[str, Any] | None:
+        return self.kube.get(p.GMEMSEEDS, self.namespace, name)
+
+    def seed_overlay(self, digest: str, store_url: str) -> BlobInput:
+        from .gmemseed import seed_overlay
+        return seed_overlay(self.stores, self.store, digest, store_url)
+
 
 class Reconciler:
     def __init__(self, config: OperatorConfig, kube: Kube, stores: Stores,

@@ -137,6 +137,6 @@ def test_overlay_file_round_trip() -> None:
     g = GMem(5, "float32")
     g.write_many([9, 2**64 - 1], [0.5, 0.125])
     data = overlay_npy(g.overlay)
-    assert data is not None and overlay_npy(Overlay(np.float32)) is None
+    assert data is not None and overlay_npy(Overlay(np.dtype(np.float32))) is None
     back = load_overlay(data, "float32")
     assert seed_digest(GMemParams(5, "float32"), back) == seed_digest(GMemParams(5, "float32"), g.overlay)
