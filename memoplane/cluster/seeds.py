@@ -33,7 +33,9 @@ from typing import Any
 from ..api.conditions import is_true, mark_ready, mark_reconciling, mark_stalled
 from ..api.manifests import SpecError, parse_gmemseed
 from ..errors import InputError
-from ..gmem import GMemParams, Layer
+from ..gmem import GMem, GMemParams, Layer
+from ..gmem.log import LogHeader, encode_records
+from ..gmem.persist import params_digest
 from . import protocol as p
 
 Patch = dict[str, Any]
@@ -64,6 +66,20 @@ def inbox_prefix(name: str) -> str:
 
 def inbox_object(name: str, time_ns: int, token: str) -> str:
     return f"{inbox_prefix(name)}{time_ns:020d}-{token}"
+
+
+def encode_batch(params: GMemParams, addrs: Any, values: Any) -> bytes:
+    """A write batch for the inbox: a one-batch log (memoplane.gmem.log) bound to the
+    parameters, with the engine's own conversions and checks of addresses and values."""
+    batches: list[tuple[Any, Any]] = []
+
+    class Keep:
+        def append(self, a: Any, bits: Any) -> None:
+            batches.append((a.copy(), bits.copy()))
+
+    GMem(params.seed, params.dtype, params.layers, journal=Keep()).write_many(addrs, values)
+    header = LogHeader(seq=0, dtype=params.dtype, params_digest=params_digest(params))
+    return header.encode() + b"".join(encode_records(a, bits, header.crc) for a, bits in batches)
 
 
 def params_of(spec: Any) -> GMemParams:
@@ -158,7 +174,8 @@ def seed_view(obj: Mapping[str, Any]) -> SeedView | str:
     if isinstance(params, str):
         return f"GMemSeed '{name}' is invalid: {params}"
     generation = meta.get("generation")
-    if generation is not None and status.get("observedGeneration") != generation:
+    observed = status.get("observedGeneration")
+    if generation is not None and observed is not None and observed != generation:
         return f"GMemSeed '{name}' is being reconciled (generation {generation})"
     if not is_true(status.get("conditions"), "Ready") or not status.get("digest"):
         why = next((c.get("message") for c in status.get("conditions") or ()

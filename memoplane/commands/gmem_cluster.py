@@ -24,8 +24,6 @@ from ..cluster import protocol as p
 from ..cluster import seeds as sd
 from ..errors import InputError, MemoplaneError, NotFound
 from ..gmem import GMem, GMemParams
-from ..gmem.log import LogHeader, encode_records
-from ..gmem.persist import params_digest
 from ..gmem.transfer import params_from_json, verified_overlay
 from .kube import GROUP, VERSION, api_call, current_namespace, custom_objects
 
@@ -99,29 +97,15 @@ def fetch(args: argparse.Namespace) -> np.ndarray:
     return g.fetch_range(args.offset, args.count)
 
 
-class _Batch:
-    """A journal that keeps the batch: the engine's own conversions and checks apply."""
-
-    def __init__(self) -> None:
-        self.batches: list[tuple[np.ndarray, np.ndarray]] = []
-
-    def append(self, addrs: np.ndarray, bits: np.ndarray) -> None:
-        self.batches.append((addrs.copy(), bits.copy()))
-
-
 def write(args: argparse.Namespace, addrs: list[int], values: list[Any]) -> int:
     api = custom_objects()
     namespace = current_namespace(args.namespace)
     obj = _get(api, namespace, args.name)
     params = _params(obj)
-    batch = _Batch()
-    GMem(params.seed, params.dtype, params.layers, journal=batch).write_many(
-        np.array(addrs, dtype=np.uint64), np.array(values))
-    [(a, bits)] = batch.batches
-    header = LogHeader(seq=0, dtype=params.dtype, params_digest=params_digest(params))
+    data = sd.encode_batch(params, np.array(addrs, dtype=np.uint64), np.array(values))
     name = sd.inbox_object(sd.store_name(obj["metadata"]["uid"]), time.time_ns(), secrets.token_hex(6))
     with _store(obj) as store:
-        store.backend.put(name, header.encode() + encode_records(a, bits, header.crc))
+        store.backend.put(name, data)
         # A touch makes the operator look now (its resync would find the batch later anyway).
         api_call("annotate gmemseed", api.patch_namespaced_custom_object, GROUP, VERSION, namespace,
                  p.GMEMSEEDS, args.name, {"metadata": {"annotations": {sd.WRITE_ANNOTATION: name.rsplit("/", 1)[1]}}})

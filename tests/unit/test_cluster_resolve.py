@@ -38,8 +38,10 @@ def succeeded(obj: dict[str, Any], digest: str) -> dict[str, Any]:
 
 class FakeLookups:
     def __init__(self, jobs: Mapping[str, dict[str, Any]] = (), config_maps: Mapping[str, dict[str, Any]] = (),
-                 results: Mapping[str, Input] = (), objects: Mapping[tuple[str, str], bytes] = ()) -> None:
+                 results: Mapping[str, Input] = (), objects: Mapping[tuple[str, str], bytes] = (),
+                 seeds: Mapping[str, dict[str, Any]] = ()) -> None:
         self.jobs = dict(jobs)
+        self.seeds = dict(seeds)
         self.config_maps = dict(config_maps)
         self.results = dict(results)
         self.objects = dict(objects)
@@ -63,6 +65,14 @@ class FakeLookups:
     def put_bytes(self, data: bytes) -> BlobInput:
         self.stored.append(data)
         return BlobInput(digest_bytes(data), len(data))
+
+    def get_seed(self, name: str) -> Mapping[str, Any] | None:
+        return self.seeds.get(name)
+
+    def seed_overlay(self, digest: str, store_url: str) -> BlobInput:
+        if store_url == "s3://gone":
+            raise LookupError_(p.REASON_STORE, "the store is unreachable")
+        return BlobInput(digest, 10)
 
 
 def test_values_resolve_to_a_job_with_the_agents_runtime() -> None:
@@ -180,8 +190,8 @@ def test_missing_config_map_key_and_object() -> None:
 
 def test_unsupported_and_invalid() -> None:
     seed = job(inputs=[{"name": "n", "fromSeed": {"name": "field", "count": 10}}])
-    got = resolve(seed, RUNTIME, FakeLookups(), T0)
-    assert isinstance(got, Failed) and got.reason == p.REASON_UNSUPPORTED
+    got = resolve(seed, RUNTIME, FakeLookups(), T0 + timedelta(hours=1))
+    assert isinstance(got, Failed) and got.reason == p.REASON_NOT_FOUND and "GMemSeed 'field'" in got.message
     mapped = job(map={"over": "rows"})
     assert isinstance(resolve(mapped, RUNTIME, FakeLookups(), T0), Failed)
     bad = job()
@@ -212,6 +222,6 @@ def test_objects_are_not_read_while_another_input_is_awaited() -> None:
 
 def test_a_failed_input_wins_over_a_wait() -> None:
     obj = job(inputs=[{"name": "raw", "fromJob": {"name": "up"}},
-                      {"name": "n", "fromSeed": {"name": "s", "count": 1}}])
+                      {"name": "n", "fromSeed": {"name": "s", "offset": 2**63, "count": 2**63 + 1}}])
     got = resolve(obj, RUNTIME, FakeLookups(jobs={"up": job("up")}), T0)
-    assert isinstance(got, Failed) and got.reason == p.REASON_UNSUPPORTED
+    assert isinstance(got, Failed) and got.reason == p.REASON_INVALID and "2^64" in got.message
