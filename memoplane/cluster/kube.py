@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -23,6 +25,7 @@ from . import protocol as p
 
 log = logging.getLogger("memoplane.cluster")
 MERGE = "application/merge-patch+json"
+EVENT_BACKLOG = 2000  # Events waiting to be posted; more are dropped
 
 
 def load_config(kubeconfig: str | None = None) -> client.ApiClient:
@@ -55,6 +58,9 @@ class Kube:
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.coord = client.CoordinationV1Api(api)
+        self._events: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=EVENT_BACKLOG)
+        self._events_lock = threading.Lock()
+        self._poster: threading.Thread | None = None
 
     # -- ComputeJobs and ResultCaches ------------------------------------------------
 
@@ -140,25 +146,54 @@ class Kube:
 
     def event(self, obj: Mapping[str, Any], reason: str, message: str, *, warning: bool = False,
               component: str = p.OPERATOR_COMPONENT, host: str | None = None) -> None:
-        """A core/v1 Event about `obj`; best effort (an Event is never worth failing for)."""
+        """A core/v1 Event about `obj`; best effort (an Event is never worth failing for).
+
+        Posted by a background thread: an Event is a write the caller never needs the
+        answer to, and on the operator's one worker it would add a round trip to every
+        decision. A full backlog drops the Event (logged at debug)."""
         meta = obj.get("metadata") or {}
-        namespace = meta.get("namespace") or "default"
-        now = datetime.now(UTC)
+        ref = {"api_version": obj.get("apiVersion", p.API_VERSION), "kind": obj.get("kind", "ComputeJob"),
+               "name": meta.get("name"), "namespace": meta.get("namespace") or "default", "uid": meta.get("uid"),
+               "resource_version": meta.get("resourceVersion")}
+        item = (ref, reason, message[:1024], warning, component, host, datetime.now(UTC))
+        with self._events_lock:
+            if self._poster is None or not self._poster.is_alive():
+                self._poster = threading.Thread(target=self._post_events, name="events", daemon=True)
+                self._poster.start()
+        try:
+            self._events.put_nowait(item)
+        except queue.Full:
+            log.debug("event %s on %s/%s dropped: backlog full", reason, ref["namespace"], ref["name"])
+
+    def flush_events(self, timeout: float = 5.0) -> None:
+        """Wait (up to `timeout`) until the queued Events are posted."""
+        deadline = time.monotonic() + timeout
+        while self._events.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def _post_events(self) -> None:
+        while True:
+            ref, reason, message, warning, component, host, now = self._events.get()
+            try:
+                self._post_event(ref, reason, message, warning, component, host, now)
+            finally:
+                self._events.task_done()
+
+    def _post_event(self, ref: dict[str, Any], reason: str, message: str, warning: bool, component: str,
+                    host: str | None, now: datetime) -> None:
+        namespace = ref["namespace"]
         body = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(name=f"{meta.get('name', 'obj')}.{uuid.uuid4().hex[:12]}",
+            metadata=client.V1ObjectMeta(name=f"{ref['name'] or 'obj'}.{uuid.uuid4().hex[:12]}",
                                          namespace=namespace),
-            involved_object=client.V1ObjectReference(
-                api_version=obj.get("apiVersion", p.API_VERSION), kind=obj.get("kind", "ComputeJob"),
-                name=meta.get("name"), namespace=namespace, uid=meta.get("uid"),
-                resource_version=meta.get("resourceVersion")),
-            reason=reason, message=message[:1024], type="Warning" if warning else "Normal",
+            involved_object=client.V1ObjectReference(**ref),
+            reason=reason, message=message, type="Warning" if warning else "Normal",
             source=client.V1EventSource(component=component, host=host),
             first_timestamp=now, last_timestamp=now, count=1, reporting_component=component,
             reporting_instance=host or component)
         try:
             self.core.create_namespaced_event(namespace, body)
         except Exception as exc:
-            log.debug("event %s on %s/%s not posted: %s", reason, namespace, meta.get("name"), exc)
+            log.debug("event %s on %s/%s not posted: %s", reason, namespace, ref["name"], exc)
 
     # -- leases --------------------------------------------------------------------------
 

@@ -19,9 +19,8 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from ..api.common import parse_quantity
-from ..api.computejob import ComputeJob
+from ..api.computejob import ComputeJob, SeedRef
 from ..api.computejob import Input as SpecInput
-from ..api.computejob import SeedRef
 from ..api.manifests import SpecError, parse_computejob
 from ..jobs import BlobInput, CommandCode, Input, Job, JsonInput, PythonCode, SeedInput
 from ..sandbox.types import Limits
@@ -123,7 +122,8 @@ def upstream_state(obj: Mapping[str, Any]) -> tuple[str | None, bool]:
     return status.get("phase"), current
 
 
-def _upstream_names(obj: Mapping[str, Any]) -> list[str]:
+def upstream_names(obj: Mapping[str, Any]) -> list[str]:
+    """The jobs named by the spec's fromJob inputs."""
     inputs = ((obj.get("spec") or {}).get("inputs")) or []
     return [i["fromJob"]["name"] for i in inputs if isinstance(i, dict) and isinstance(i.get("fromJob"), dict)]
 
@@ -142,7 +142,7 @@ def find_cycle(name: str, lookups: Lookups) -> list[str] | None:
             continue
         if current != name and upstream_state(obj)[0] in p.TERMINAL:
             continue  # a finished job's inputs are settled: no wait goes through it
-        for up in _upstream_names(obj):
+        for up in upstream_names(obj):
             if up == name:
                 return [*path, up]
             stack.append((up, [*path, up]))

@@ -116,6 +116,13 @@ def cache_hit(status: Mapping[str, Any], generation: int, digest: str, result: R
     }
 
 
+def resolved_hit(status: Mapping[str, Any], generation: int, key: str, input_digests: Mapping[str, str],
+                 digest: str, result: ResultManifest, duration_ms: int, now: datetime) -> Patch:
+    """A generation resolved to a key already in the cache: resolved and served in one write."""
+    first = resolved(status, generation, key, input_digests, now)
+    return {**first, **cache_hit({"conditions": first["conditions"]}, generation, digest, result, duration_ms, now)}
+
+
 def scheduled(status: Mapping[str, Any], generation: int, node: str, attempts: int, now: datetime,
               reason: str = p.REASON_SCHEDULED, message: str | None = None) -> Patch:
     message = message or f"assigned to node {node} (attempt {attempts})"

@@ -39,14 +39,21 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
 
     @kopf.on.event(p.GROUP, p.VERSION, p.COMPUTEJOBS, registry=registry)
     def job_event(event: dict[str, Any], namespace: str, name: str, **_: Any) -> None:
+        body = event.get("object")
+        body = body if isinstance(body, dict) else None
         if event.get("type") == "DELETED":
-            return  # results outlive jobs: nothing to clean up
-        reconciler.enqueue(namespace, name)
+            if body is not None:  # results outlive jobs; what waited for this one may proceed
+                reconciler.deleted(body)
+            return
+        reconciler.enqueue(namespace, name, body)
 
     @kopf.on.event(p.GROUP, p.VERSION, p.RESULTCACHES, registry=registry)
     def cache_event(event: dict[str, Any], namespace: str, name: str, **_: Any) -> None:
-        if event.get("type") != "DELETED":
-            reconciler.enqueue_cache(namespace, name)
+        body = event.get("object")
+        if event.get("type") == "DELETED":
+            reconciler.cache_deleted(namespace, name)
+        else:
+            reconciler.enqueue_cache(namespace, name, body if isinstance(body, dict) else None)
 
     @kopf.on.probe(id="reconciler", registry=registry)
     def reconciler_alive(**_: Any) -> bool:

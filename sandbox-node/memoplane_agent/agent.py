@@ -99,6 +99,7 @@ class Agent:
         self._executor.shutdown(wait=True, cancel_futures=True)
         for pool in self.pools.values():
             pool.close()
+        self.kube.flush_events()
         try:
             self.kube.coord.delete_namespaced_lease(p.lease_name(self.cfg.node), self.cfg.lease_namespace)
         except Exception as exc:

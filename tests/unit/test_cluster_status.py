@@ -80,3 +80,13 @@ def test_sandbox_reasons_become_condition_reasons() -> None:
     assert st.camel("exception") == "Exception"
     s = st.failed({}, 1, "no-entrypoint", "main is missing", T0)
     assert s["reason"] == "NoEntrypoint" and s["failure"]["reason"] == "no-entrypoint"
+
+
+def test_resolved_hit_is_one_write_that_clears_the_old_generation() -> None:
+    old = apply({}, st.succeeded({}, 1, "node-a", DIGEST, result(), 2500, T0))
+    s = apply(old, st.resolved_hit(old, 2, KEY, {"rows": DIGEST}, DIGEST, result({"total": 7}), 3, T0))
+    assert (s["phase"], s["cached"], s["cacheKey"], s["attempts"]) == ("Succeeded", True, KEY, 0)
+    assert s["result"]["value"] == {"total": 7} and s["inputDigests"] == {"rows": DIGEST}
+    assert "node" not in s and "startTime" not in s and s["observedGeneration"] == 2
+    assert kstatus(2, 2, s["conditions"]) == "Current"
+    assert get_condition(s["conditions"], "Ready")["reason"] == "CacheHit"
