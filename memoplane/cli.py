@@ -29,7 +29,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("script", nargs="?", help="a Python file whose entrypoint is called with the inputs")
     p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=JSON|NAME=@FILE",
-                   help="an input: a JSON value, or @FILE for a file's bytes (repeatable)")
+                   help="an input: a JSON value, @FILE for a file's bytes, or @seed:NAME:OFFSET:COUNT for "
+                        "a range of a gmem seed, generated in the sandbox (repeatable)")
     p.add_argument("--entrypoint", "-e", default="main", help="the function to call (default: main)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="an environment variable for the job; part of the key (repeatable)")
@@ -74,7 +75,8 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("submit", help="create a ComputeJob from a Python file on the current cluster")
     p.add_argument("script", help="a Python file whose entrypoint is called with the inputs")
     p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=JSON|NAME=@FILE",
-                   help="an input: a JSON value, or @FILE (sent as an immutable ConfigMap, < 1 MiB)")
+                   help="an input: a JSON value, @FILE (sent as an immutable ConfigMap, < 1 MiB), or "
+                        "@seed:NAME:OFFSET:COUNT (fromSeed: a range of the GMemSeed NAME)")
     p.add_argument("--entrypoint", "-e", default="main")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--version", dest="salt", default="", metavar="SALT")

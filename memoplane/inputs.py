@@ -22,6 +22,32 @@ class FileArg:
     path: Path
 
 
+@dataclass(frozen=True)
+class SeedArg:
+    """An input given as @seed:NAME:OFFSET:COUNT: a range of a gmem seed in the store,
+    generated inside the sandbox (only the seed's parameters and overrides travel)."""
+
+    name: str
+    offset: int
+    count: int
+
+
+SEED_PREFIX = "@seed:"
+
+
+def _seed_arg(name: str, raw: str) -> SeedArg:
+    seed, _, rest = raw[len(SEED_PREFIX):].partition(":")
+    offset, _, count = rest.partition(":")
+    try:
+        arg = SeedArg(seed, int(offset, 0), int(count, 0))
+    except ValueError:
+        arg = None
+    if arg is None or not seed or arg.offset < 0 or arg.count < 1:
+        raise InputError(f"--input {name}: {raw!r} is not @seed:NAME:OFFSET:COUNT",
+                         f"write e.g. --input {name}=@seed:field:0:1000")
+    return arg
+
+
 def check_input_name(name: str, flag: str = "--input") -> str:
     if not _NAME.match(name):
         raise InputError(
@@ -31,12 +57,15 @@ def check_input_name(name: str, flag: str = "--input") -> str:
     return name
 
 
-def parse_input(text: str) -> tuple[str, Any | FileArg]:
-    """`rows=[1,2,3]` -> ("rows", [1, 2, 3]); `raw=@data.csv` -> ("raw", FileArg)."""
+def parse_input(text: str) -> tuple[str, Any | FileArg | SeedArg]:
+    """`rows=[1,2,3]` -> ("rows", [1, 2, 3]); `raw=@data.csv` -> ("raw", FileArg);
+    `noise=@seed:field:0:1000` -> ("noise", SeedArg)."""
     name, sep, raw = text.partition("=")
     if not sep:
         raise InputError(f"--input {text!r} has no '='", "write NAME=JSON or NAME=@FILE, e.g. --input rows=[1,2,3]")
     check_input_name(name)
+    if raw.startswith(SEED_PREFIX):
+        return name, _seed_arg(name, raw)
     if raw.startswith("@"):
         path = Path(raw[1:]).expanduser()
         if not path.is_file():

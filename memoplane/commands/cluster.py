@@ -13,7 +13,7 @@ from typing import Any
 
 from ..api import computejob_manifest
 from ..errors import InputError, JobFailed, NotFound
-from ..inputs import FileArg, parse_env, parse_inputs
+from ..inputs import FileArg, SeedArg, parse_env, parse_inputs
 from ..keys import digest_bytes
 from .kube import GROUP, PLURAL, VERSION, api_call, current_namespace, custom_objects, get_job
 
@@ -57,6 +57,9 @@ def _spec(args: argparse.Namespace, namespace: str) -> dict[str, Any]:
     for name, value in parse_inputs(args.input).items():
         if isinstance(value, FileArg):
             inputs.append({"name": name, "fromConfigMap": _upload_configmap(namespace, value.path, args.dry_run)})
+        elif isinstance(value, SeedArg):
+            inputs.append({"name": name, "fromSeed": {"name": value.name, "offset": value.offset,
+                                                      "count": value.count}})
         else:
             inputs.append({"name": name, "value": value})
     spec: dict[str, Any] = {

@@ -16,9 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from ..cas import open_store
+from ..cas import Store, open_store
 from ..errors import InputError, NotFound
 from ..gmem import GMemParams, GMemStore, Layer, StoredGMem
+from ..gmem.transfer import overlay_npy
+from ..jobs import BlobInput, SeedInput
 
 PRINT_LIMIT = 10_000  # values printed as JSON; more go to --out FILE.npy
 
@@ -37,17 +39,32 @@ def _local_dir(store: Any) -> Path:
 @contextlib.contextmanager
 def opened(args: argparse.Namespace, params: GMemParams | None = None) -> Iterator[StoredGMem]:
     """The named seed, opened under an exclusive lock (one writer per name)."""
-    with open_store(args.store) as store:
-        gstore = GMemStore(store.backend, _local_dir(store))
-        lock_path = _local_dir(store) / f"{args.name}.lock"
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            seed, _ = gstore.open(args.name, params or _bound_params(store, args.name))
-            try:
-                yield seed
-            finally:
-                seed.close()
+    with open_store(args.store) as store, open_named(store, args.name, params) as seed:
+        yield seed
+
+
+@contextlib.contextmanager
+def open_named(store: Store, name: str, params: GMemParams | None = None) -> Iterator[StoredGMem]:
+    gstore = GMemStore(store.backend, _local_dir(store))
+    lock_path = _local_dir(store) / f"{name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        seed, _ = gstore.open(name, params or _bound_params(store, name))
+        try:
+            yield seed
+        finally:
+            seed.close()
+
+
+def seed_input(store: Store, name: str, offset: int, count: int) -> SeedInput:
+    """`memoplane run --input x=@seed:NAME:OFFSET:COUNT`: the seed's digest (parameters and
+    overrides) and its overrides as a blob; the values are generated in the sandbox."""
+    with open_named(store, name) as seed:
+        data = overlay_npy(seed.gmem.overlay)
+        digest, params = seed.digest(), seed.params.to_json()
+    blob = store.put_bytes(data) if data is not None else None
+    return SeedInput(params, digest, offset, count, BlobInput(blob.digest, blob.size) if blob else None)
 
 
 def _bound_params(store: Any, name: str) -> GMemParams:

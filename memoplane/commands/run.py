@@ -13,7 +13,7 @@ from typing import Any
 from ..cas import Store, open_store
 from ..embedded import RunHistory, RunReport, run_job
 from ..errors import InputError, JobFailed
-from ..inputs import FileArg, parse_bytes, parse_env, parse_inputs
+from ..inputs import FileArg, SeedArg, parse_bytes, parse_env, parse_inputs
 from ..jobs import BlobInput, CommandCode, Input, Job, JsonInput, PythonCode
 from ..keys import explain_change
 from ..sandbox.types import Limits
@@ -58,6 +58,10 @@ def _inputs(parsed: dict[str, Any], store: Store) -> dict[str, Input]:
         if isinstance(value, FileArg):
             blob = store.put_file(value.path)
             inputs[name] = BlobInput(blob.digest, blob.size)
+        elif isinstance(value, SeedArg):
+            from .gmem import seed_input
+
+            inputs[name] = seed_input(store, value.name, value.offset, value.count)
         else:
             inputs[name] = JsonInput(value)
     return inputs

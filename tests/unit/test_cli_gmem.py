@@ -52,3 +52,31 @@ def test_errors_name_the_fix(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "ADDR=VALUE" in bad.stderr
     many = gmem(tmp_path, "fetch", "f", "--count", "20000", check=False)
     assert many.returncode == 2 and "--out" in many.stderr
+
+
+def test_run_with_a_seed_input_recomputes_after_a_write(tmp_path: Path) -> None:
+    script = tmp_path / "mc.py"
+    script.write_text("def main(noise):\n    return {'sum': float(noise.sum()), 'first': float(noise[0])}\n")
+    gmem(tmp_path, "create", "field", "--seed", "1337", "--layer", "7:0.5")
+
+    def run() -> dict:
+        proc = subprocess.run([sys.executable, "-m", "memoplane.cli", "run", "--json", str(script),
+                               "--input", "noise=@seed:field:1000:50000"], capture_output=True, text=True,
+                              env={**os.environ, "MEMOPLANE_STORE": str(tmp_path)}, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    from memoplane.gmem import Layer
+
+    g = GMem(1337, "float64", [Layer(7, 0.5)])
+    first = run()
+    assert first["cached"] is False and first["result"]["sum"] == float(g.fetch_range(1000, 50000).sum())
+    assert run()["cached"] is True
+    gmem(tmp_path, "write", "field", "1000=0.5")
+    g.write(1000, 0.5)
+    after = run()
+    assert after["cached"] is False and after["cache_key"] != first["cache_key"]
+    assert after["result"] == {"sum": float(g.fetch_range(1000, 50000).sum()), "first": 0.5}
+    bad = subprocess.run([sys.executable, "-m", "memoplane.cli", "run", str(script), "--input", "noise=@seed:field:x"],
+                         capture_output=True, text=True, env={**os.environ, "MEMOPLANE_STORE": str(tmp_path)})
+    assert bad.returncode == 2 and "@seed:NAME:OFFSET:COUNT" in bad.stderr
