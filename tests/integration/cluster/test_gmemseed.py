@@ -10,13 +10,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from memoplane.cluster import protocol as p
 from memoplane.gmem import GMem, GMemParams, Layer, seed_digest
 
 Stack = Any  # the `stack` fixture of this folder's conftest
 
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 SPEC = {"seed": 1337, "dtype": "float64", "layers": [{"seed": 7, "weight": 0.5}]}
 PARAMS = GMemParams(1337, "float64", (Layer(7, 0.5),))
 OFFSET, COUNT = 10**15, 200_000
@@ -146,3 +150,21 @@ def test_invalid_and_changed_specs_stall(stack: Stack, ns: str) -> None:
     g = GMem(9)
     g.write(3, 0.5)
     assert done["phase"] == "Succeeded" and done["result"]["value"]["sum"] == float(g.fetch_range(0, 10).sum())
+
+
+def test_example_and_cli_create(stack: Stack, ns: str, kubectl: Any) -> None:
+    kubectl("apply", "-n", ns, "-f", str(EXAMPLES / "gmemseed.yaml"))
+    kubectl("wait", "-n", ns, "--for=condition=Ready", "gseed/monte-carlo-noise", "cjob/estimate-pi",
+            "--timeout=120s")
+    noise = GMem(1337).fetch_range(0, 1_000_000)
+    x, y = noise[0::2], noise[1::2]
+    value = stack.get(ns, "estimate-pi")["status"]["result"]["value"]
+    assert value == {"pi": 4.0 * float(np.mean(x * x + y * y < 1.0)), "samples": 500_000}
+    assert abs(value["pi"] - 3.1416) < 0.01
+
+    created = cli("gmem", "create", "other", "-n", ns, "--seed", "3", "--dtype", "uint64", env=stack.cfg.env)
+    assert created.returncode == 0, created.stderr
+    got = json.loads(created.stdout)
+    assert got["ready"] is True and got["digest"] == seed_digest(GMemParams(3, "uint64"))
+    fetched = cli("gmem", "fetch", "other", "-n", ns, "--count", "3", env=stack.cfg.env)
+    assert json.loads(fetched.stdout) == GMem(3, "uint64").fetch_range(0, 3).tolist()
