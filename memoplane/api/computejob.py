@@ -235,6 +235,15 @@ class Failure(StatusModel):
     stderr_tail: str | None = Field(default=None, max_length=16384)
 
 
+class MapStatus(StatusModel):
+    """Progress of a spec.map job: one sub-task (a child ComputeJob) per distinct element."""
+
+    total: int = Field(default=0, ge=0, description="Elements in the list.")
+    succeeded: int = Field(default=0, ge=0, description="Elements whose sub-task succeeded.")
+    cached: int = Field(default=0, ge=0, description="Of those, served from the cache.")
+    failed: int = Field(default=0, ge=0, description="Elements whose sub-task failed.")
+
+
 class ComputeJobStatus(StatusModel):
     """Written by the operator and the node agents."""
 
@@ -254,6 +263,7 @@ class ComputeJobStatus(StatusModel):
     start_time: Timestamp | None = None
     completion_time: Timestamp | None = None
     failure: Failure | None = None
+    map: MapStatus | None = Field(default=None, description="spec.map jobs: progress of the sub-tasks.")
     conditions: Conditions = Field(default_factory=list)
     observed_generation: int | None = Field(default=None, ge=0)
 

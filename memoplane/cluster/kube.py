@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
@@ -122,6 +122,21 @@ class Kube:
         out: dict[str, Any] = self.custom.patch_namespaced_custom_object(
             p.GROUP, p.VERSION, namespace, plural, name, {"metadata": meta}, _content_type=MERGE)
         return out
+
+    def json_patch(self, plural: str, namespace: str, name: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
+        """An RFC 6902 JSON patch (replaces a whole field, which a merge patch cannot for lists)."""
+        return cast(dict[str, Any], self.custom.patch_namespaced_custom_object(
+            p.GROUP, p.VERSION, namespace, plural, name, ops, _content_type="application/json-patch+json"))
+
+    def delete(self, plural: str, namespace: str, name: str) -> bool:
+        """Delete; False if it was already gone."""
+        try:
+            self.custom.delete_namespaced_custom_object(p.GROUP, p.VERSION, namespace, plural, name)
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
 
     def create(self, plural: str, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """Create; None if it already exists."""

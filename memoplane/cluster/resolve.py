@@ -149,7 +149,7 @@ def find_cycle(name: str, lookups: Lookups) -> list[str] | None:
     return None
 
 
-def _resolve_input(item: SpecInput, name: str, lookups: Lookups, created: datetime | None,
+def resolve_input(item: SpecInput, name: str, lookups: Lookups, created: datetime | None,
                    now: datetime, grace: float) -> Input | Waiting | Failed:
     label = f"input '{item.name}'"
     if "value" in item.sources():
@@ -239,8 +239,8 @@ def resolve(obj: Mapping[str, Any], runtime: str | None, lookups: Lookups, now: 
         return Failed(p.REASON_INVALID, str(exc))
     spec = job.spec
     if spec.map is not None:
-        return Failed(p.REASON_UNSUPPORTED, "spec.map is not supported by this operator yet: "
-                                            "create one job per element")
+        # A map job has no key of its own: its sub-tasks do (memoplane.cluster.mapping).
+        return Failed(p.REASON_INVALID, "spec.map jobs are resolved per element, as sub-tasks")
     if runtime is None:
         return Waiting(p.REASON_NO_AGENT, f"no live agent serves runtime profile '{spec.runtime.profile}'")
     name = job.metadata.name
@@ -250,7 +250,7 @@ def resolve(obj: Mapping[str, Any], runtime: str | None, lookups: Lookups, now: 
     # waiting for its upstream is revisited often and must not re-hash its objects each time.
     ordered = sorted(spec.inputs, key=lambda i: i.from_object is not None)
     for item in ordered:
-        got = _resolve_input(item, name, lookups, created, now, grace)
+        got = resolve_input(item, name, lookups, created, now, grace)
         if isinstance(got, Failed):
             return got
         if isinstance(got, Waiting):
@@ -261,7 +261,7 @@ def resolve(obj: Mapping[str, Any], runtime: str | None, lookups: Lookups, now: 
             # Keep checking the other inputs for a failure, but read no objects.
             for rest in ordered:
                 if rest.from_object is None and rest.name not in inputs and rest is not item:
-                    other = _resolve_input(rest, name, lookups, created, now, grace)
+                    other = resolve_input(rest, name, lookups, created, now, grace)
                     if isinstance(other, Failed):
                         return other
             return got

@@ -182,3 +182,34 @@ def with_precondition(patch: Patch, resource_version: str | None) -> dict[str, A
     if resource_version:
         body["metadata"] = {"resourceVersion": resource_version}
     return body
+
+
+# -- spec.map parents (memoplane.cluster.mapping) ---------------------------------------------
+
+
+def map_progress(status: Mapping[str, Any], generation: int, counts: Mapping[str, int], now: datetime,
+                 reason: str = "Mapping") -> Patch:
+    """Sub-tasks under way: Running while any is, with the counts in status.map."""
+    done = counts.get("succeeded", 0)
+    message = f"{done}/{counts.get('total', 0)} sub-tasks succeeded ({counts.get('cached', 0)} from the cache)"
+    return {
+        "phase": p.RUNNING, "reason": reason, "message": message, "map": dict(counts),
+        **{f: None for f in _OUTCOME if f not in ("startTime",)}, "cacheKey": None, "shortKey": None,
+        "conditions": mark_reconciling(_conds(status), reason, message, generation, now),
+        "observedGeneration": generation,
+    }
+
+
+def map_succeeded(status: Mapping[str, Any], generation: int, key: str, digest: str, result: ResultManifest,
+                  counts: Mapping[str, int], seconds_saved: float, now: datetime) -> Patch:
+    """Every sub-task succeeded: the result is their values in element order."""
+    total, cached = counts.get("total", 0), counts.get("cached", 0)
+    message = f"{total} sub-tasks succeeded ({cached} from the cache)"
+    return {
+        "phase": p.SUCCEEDED, "reason": p.REASON_COMPUTED, "message": message, "map": dict(counts),
+        "cacheKey": key, "shortKey": short_key(key), "cached": total > 0 and cached == total,
+        "result": result_ref(digest, result), "node": None, "durationMs": None, "duration": None,
+        "computeSecondsSaved": round(seconds_saved, 3), "completionTime": rfc3339(now), "failure": None,
+        "conditions": mark_ready(_conds(status), p.REASON_COMPUTED, message, generation, now),
+        "observedGeneration": generation,
+    }

@@ -35,10 +35,10 @@ from kubernetes.client.exceptions import ApiException
 from memoplane.api.conditions import mark_ready, mark_stalled
 from memoplane.canonical import canonical_json
 from memoplane.cas import Hit, Store
-from memoplane.cluster import flight, resolve, schedule
+from memoplane.cluster import flight, mapping, resolve, schedule
 from memoplane.cluster import protocol as p
 from memoplane.cluster import status as st
-from memoplane.cluster.index import JobIndex, Ref, job_topic, key_topic, ref_of, settled
+from memoplane.cluster.index import JobIndex, Ref, Topic, job_topic, key_topic, ref_of, settled
 from memoplane.cluster.kube import Kube
 from memoplane.cluster.metrics import OperatorMetrics
 from memoplane.cluster.retry import retry_at
@@ -46,6 +46,8 @@ from memoplane.cluster.stores import Stores
 from memoplane.errors import MemoplaneError, NotFound, StoreCorrupted
 from memoplane.jobs import BlobInput, Input, Job, JsonInput, job_from_dict, job_to_dict
 from memoplane.keys import digest_bytes
+
+from . import mapper
 
 log = logging.getLogger("memoplane.operator")
 
@@ -363,6 +365,9 @@ class Reconciler:
         if self._settled(obj):
             return
         self.refresh_nodes()
+        if mapping.is_map(obj):  # a parent of sub-tasks: see mapper.py
+            mapper.reconcile_map(self, obj)
+            return
         status = _status(obj)
         resolved_now = flight.resolved_for_current_generation(obj) and bool(status.get("cacheKey")) \
             and status.get("observedGeneration") == meta.get("generation")
@@ -463,9 +468,8 @@ class Reconciler:
             self._wait(obj, p.REASON_STORE, str(exc))
             return None
         if isinstance(outcome, resolve.Waiting):
-            with self._cond:  # woken when an upstream settles (or at the next resync)
-                for upstream in resolve.upstream_names(obj):
-                    self.index.wait_for(ref_of(obj), job_topic(namespace, upstream))
+            # Woken when an upstream settles (or at the next resync).
+            self.wait_on(obj, [job_topic(namespace, up) for up in resolve.upstream_names(obj)])
             self._wait(obj, outcome.reason, outcome.message)
             return None
         if isinstance(outcome, resolve.Failed):
@@ -548,8 +552,7 @@ class Reconciler:
                 memo.groups[(namespace, key)] = group
         lead = flight.leader(obj, group)
         if _meta(lead).get("uid") != meta.get("uid"):
-            with self._cond:  # woken when the leader settles (or at the next resync)
-                self.index.wait_for(ref_of(obj), key_topic(namespace, key))
+            self.wait_on(obj, [key_topic(namespace, key)])  # woken when the leader settles
             self._wait(obj, p.REASON_IN_FLIGHT, f"waiting for ComputeJob '{_meta(lead).get('name')}', "
                                                 "which computes the same key")
             return
@@ -682,9 +685,16 @@ class Reconciler:
         if status.get("reason") != reason:
             self.kube.event(done, reason, message)
 
-    def _fail(self, obj: dict[str, Any], reason: str, message: str) -> None:
+    def wait_on(self, obj: Mapping[str, Any], topics: list[Topic]) -> None:
+        """Revisit `obj` as soon as any of `topics` settles (a job name or a key)."""
+        with self._cond:
+            for topic in topics:
+                self.index.wait_for(ref_of(obj), topic)
+
+    def _fail(self, obj: dict[str, Any], reason: str, message: str, extra: Mapping[str, Any] | None = None) -> None:
         generation = int(_meta(obj).get("generation") or 0)
-        done = self._patch(obj, st.failed(_status(obj), generation, reason, message, datetime.now(UTC)))
+        patch = st.failed(_status(obj), generation, reason, message, datetime.now(UTC))
+        done = self._patch(obj, {**patch, **(extra or {})})
         self.metrics.jobs.labels("failed").inc()
         self.kube.event(done, st.camel(reason), message, warning=True)
 
