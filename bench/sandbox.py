@@ -11,6 +11,11 @@ Metrics (baselines measured side by side in the same run):
   enters its namespaces and builds its view on demand).
 - throughput: sandboxes run to completion per second, 2 threads submitting
   trivial jobs back to back; baseline: the same count of `subprocess.run` calls.
+- cpu_per_sandbox: CPU time (user + system) per sandbox in that throughput
+  run: this process (pool, bench threads) plus the zygote and every child it
+  reaped (/proc/<zygote>/stat utime+stime+cutime+cstime). Less noisy than
+  wall-clock figures on a shared machine. Baseline: CPU per `subprocess.run`
+  of `python -c pass` (this process plus its reaped children).
 - idle_child_private: private memory (Private_Clean + Private_Dirty from
   /proc/<pid>/smaps_rollup) of an idle pooled child; baseline: the private
   memory of a fresh interpreter that imported the same modules.
@@ -21,6 +26,7 @@ Both clocks are CLOCK_MONOTONIC (time.perf_counter_ns), shared by all processes.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -78,7 +84,20 @@ def subprocess_first_line_ms(preload: tuple[str, ...], n: int) -> list[float]:
     return out
 
 
-def throughput(pool: SandboxPool, tmp: Path, n: int, threads: int = 2) -> float:
+def zygote_cpu_s(pool: SandboxPool) -> float:
+    """CPU seconds of the zygote and of every child it has reaped."""
+    with open(f"/proc/{pool._zygote.proc.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime..cstime
+
+
+def own_cpu_s(children: bool = False) -> float:
+    t = os.times()
+    return t.children_user + t.children_system if children else t.user + t.system
+
+
+def throughput(pool: SandboxPool, tmp: Path, n: int, threads: int = 2) -> tuple[float, float]:
+    """Sandboxes per second, and CPU ms per sandbox (see the module docstring)."""
     task = PythonTask("def main():\n    return 1\n")
     (tmp / "ti").mkdir()
     (tmp / "to").mkdir()
@@ -90,12 +109,27 @@ def throughput(pool: SandboxPool, tmp: Path, n: int, threads: int = 2) -> float:
             assert pool.run(req).ok
 
     ts = [threading.Thread(target=work) for _ in range(threads)]
+    wait_warm(pool)
+    cpu0 = own_cpu_s() + zygote_cpu_s(pool)
     t = time.perf_counter()
     for th in ts:
         th.start()
     for th in ts:
         th.join()
-    return per * threads / (time.perf_counter() - t)
+    rate = per * threads / (time.perf_counter() - t)
+    # Once refilled, as many warm children wait as before: the ones consumed were
+    # reaped (their whole cost counted), the new ones have not been yet.
+    wait_warm(pool)
+    time.sleep(0.1)
+    cpu = (own_cpu_s() + zygote_cpu_s(pool) - cpu0) * 1e3 / (per * threads)
+    return rate, cpu
+
+
+def subprocess_cpu_ms(n: int) -> float:
+    c0 = own_cpu_s() + own_cpu_s(children=True)
+    for _ in range(n):
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+    return (own_cpu_s() + own_cpu_s(children=True) - c0) * 1e3 / n
 
 
 def subprocess_throughput(n: int, threads: int = 2) -> float:
@@ -155,16 +189,18 @@ def main() -> None:
             first_line_ms(pool, tmp / "warmup", 10, warm=True)
             warm = first_line_ms(pool, tmp, n_lat, warm=True)
             mem = idle_child_mib(pool)
-            tp = throughput(pool, tmp, n_tp)
+            tp, cpu = throughput(pool, tmp, n_tp)
         with SandboxPool(size=0) as cold_pool:
             cold = first_line_ms(cold_pool, tmp, n_lat // 2, warm=False)
         base = subprocess_first_line_ms(preload, n_lat // 2)
         base_tp = subprocess_throughput(n_tp // 4)
+        base_cpu = subprocess_cpu_ms(n_lat // 4)
         base_mem = interpreter_mib(preload)
     b50, b99 = pct(base, 50), pct(base, 99)
     for name, xs in (("warm", warm), ("cold", cold), ("subprocess", base)):
         print(f"{name:>10} first line: p50 {pct(xs, 50):.3f} ms  p99 {pct(xs, 99):.3f} ms  n={len(xs)}")
     print(f"throughput: {tp:.0f} sandboxes/s (subprocess.run: {base_tp:.0f}/s)")
+    print(f"CPU per sandbox: {cpu:.2f} ms (per subprocess.run: {base_cpu:.2f} ms)")
     print(f"idle child private memory: {mem:.2f} MiB (fresh interpreter: {base_mem:.2f} MiB)")
     sub = "subprocess_run_first_line"
     emit("sandbox", {
@@ -173,6 +209,7 @@ def main() -> None:
         "cold_first_line_p50": metric(pct(cold, 50), "ms", sub + "_p50", b50),
         "cold_first_line_p99": metric(pct(cold, 99), "ms", sub + "_p99", b99),
         "throughput": metric(tp, "sandboxes/s", "subprocess_run_per_s", base_tp),
+        "cpu_per_sandbox": metric(cpu, "ms", "subprocess_run_cpu", base_cpu),
         "idle_child_private": metric(mem, "MiB", "fresh_interpreter_private", base_mem),
     })
 

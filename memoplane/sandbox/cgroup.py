@@ -76,7 +76,7 @@ class Group:
 
     def add(self, pid: int) -> None:
         for d in set(self.dirs.values()):
-            (d / "cgroup.procs").write_text(str(pid))
+            _write(d / "cgroup.procs", str(pid))
 
     def set_limits(self, memory_bytes: int, max_pids: int,
                    current: dict[str, Any] | None = None) -> dict[str, bool]:
@@ -98,7 +98,7 @@ class Group:
         if d is None:
             return False
         try:
-            (d / name).write_text(value)
+            _write(d / name, value)
             return True
         except OSError:
             return False
@@ -122,9 +122,23 @@ class Group:
                 pass
 
 
+def _write(path: Path, value: str) -> None:
+    """One write(2), without a Python file object (the pool does this per child)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
 def _counter(path: Path, key: str) -> int:
     try:
-        for line in path.read_text().splitlines():
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            text = os.read(fd, 4096).decode()
+        finally:
+            os.close(fd)
+        for line in text.splitlines():
             k, _, v = line.partition(" ")
             if k == key:
                 return int(v)

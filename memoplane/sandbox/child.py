@@ -9,12 +9,12 @@ Lifecycle with a root agent (zygote.spawn_direct), the child "I":
     from here on it is an unprivileged host uid with capabilities only over
     its own namespaces;
   - attaches its /proc, mounts its /tmp, reseeds numpy, sets no_new_privs,
-    empties the bounding and ambient sets, locks NOROOT securebits, reports
-    "ready" and blocks on its channel;
+    empties the bounding and ambient sets, locks NOROOT securebits, confines
+    abstract sockets and signals with Landlock, installs the job's base
+    environment, reports "ready" and blocks on its channel;
   - on a request: attaches the idmapped /in and /out it was sent, applies
-    rlimits, drops every capability, confines abstract sockets and signals
-    with Landlock, installs seccomp, reports "started", runs the job, reports
-    "result" and exits (a child serves one job only).
+    rlimits, drops every capability, installs seccomp, reports "started",
+    runs the job, reports "result" and exits (a child serves one job only).
 Without root (legacy path) the zygote forks "W", which unshares everything
 and forks I; I builds the view itself and maps root to the agent's own uid.
 """
@@ -120,6 +120,9 @@ def warm_main(cfg: ChildConfig, iso: dict[str, bool | str], sock_fd: int,
         # Work that does not depend on the request is done before it comes.
         runner.reseed()
         isolate.limit_future_privileges(cfg.last_cap)
+        iso["landlock_scope"] = _landlock_scope()  # needs no_new_privs; leaves mounting alone
+        if iso["view"] is True:  # /in and /out have fixed paths: the job's base environment
+            runner.set_environ(_job_env({}, "/in", "/out"))
         protocol.send(sock, {"op": "ready", "isolation": iso})
         header, _, fds = protocol.recv_stream_with_fds(sock)
     except BaseException:  # noqa: BLE001 - the pool sees the exit and reports it
@@ -196,16 +199,24 @@ def _enter(cfg: ChildConfig, iso: dict[str, bool | str], req: dict[str, Any],
     isolate.drop_capabilities()  # the rest was done by warm_main
     iso["no_new_privs"] = iso["caps_dropped"] = True
     iso["closed_fds"] = True
-    try:
-        isolate.landlock_scope()
-        iso["landlock_scope"] = True
-    except OSError as e:
-        iso["landlock_scope"] = f"Landlock scoping unavailable ({e.strerror}): jobs can reach each other's abstract unix sockets"
     iso["seccomp"] = cfg.notes.get("seccomp", "unavailable")
     if cfg.bpf is not None and "seccomp" not in cfg.disable:
         isolate.load_bpf(cfg.bpf)
         iso["seccomp"] = True
     return in_dir, out_dir
+
+
+def _landlock_scope() -> bool | str:
+    """Scope abstract unix sockets and signals to this child and what it starts.
+
+    Done while the child waits for work: a scope-only ruleset handles no
+    file system access, so it does not stop the request's mounts."""
+    try:
+        isolate.landlock_scope()
+        return True
+    except OSError as e:
+        return (f"Landlock scoping unavailable ({e.strerror}): jobs can reach each other's "
+                "abstract unix sockets")
 
 
 def _flatten(iso: dict[str, bool | str]) -> dict[str, bool]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import queue
@@ -303,10 +302,16 @@ def _rmtree_cgroups(d: Path) -> None:
         pass
 
 
+def _fields(obj: Any) -> dict[str, Any]:
+    """A dataclass's fields, not copied: the message is only serialised
+    (dataclasses.asdict deep-copies every input value first)."""
+    return {name: getattr(obj, name) for name in obj.__dataclass_fields__}
+
+
 def _task_message(task: PythonTask | CommandTask) -> dict[str, Any]:
     if isinstance(task, CommandTask):
         return {"argv": list(task.argv)}
-    return dataclasses.asdict(task)
+    return _fields(task)
 
 
 class _Job:
@@ -329,7 +334,7 @@ class _Job:
         out_dir = Path(self.req.out_dir).resolve()
         msg = {"op": "run", "task": _task_message(self.req.task), "env": dict(self.req.env),
                "in_dir": str(Path(self.req.in_dir).resolve()), "out_dir": str(out_dir),
-               "limits": dataclasses.asdict(self.limits)}
+               "limits": _fields(self.limits)}
         try:
             self._send(msg)
             ended = self._watch()

@@ -7,6 +7,7 @@ that they never have to fit in a channel buffer.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import inspect
 import json
@@ -30,7 +31,8 @@ def failure(reason: str, message: str, detail: str) -> Result:
                                      "detail": detail}}, b""
 
 
-_NP_KEY: Any = None  # numpy's MT19937 key, allocated by the zygote; children fill it in place
+_NP_MT: int | None = None  # address of numpy's global MT19937 state (key, pos); 0: use the API
+_MT_KEY_BYTES = 624 * 4
 
 
 def reseed() -> None:
@@ -38,23 +40,45 @@ def reseed() -> None:
 
     `random` is reseeded here: the zygote forks with isolate.fork_lean, which
     skips the reseed CPython registers with os.register_at_fork. numpy's
-    global RandomState gets a whole new
-    Mersenne Twister key (19968 bits) from the kernel, written into a buffer
-    the zygote allocated: this touches half the pages that np.random.seed()
-    does, and every touched page is a private copy in each child. Only
-    generators the zygote already created are shared; one imported later by
-    the job seeds itself (numpy.random is imported lazily, so looking at
-    `np.random` here would import it on every request)."""
-    global _NP_KEY
+    global RandomState gets a whole new Mersenne Twister key (19968 bits)
+    from the kernel. The zygote does it once through numpy's API (which also
+    drops a cached gauss) and checks where the generator keeps its C state
+    ({uint32 key[624]; int pos}); a child then writes a new key and pos=624
+    there directly: numpy's set_state touches ~60 more pages, and every
+    touched page is a private copy in each child. (The legacy gauss cache is
+    left alone: it is empty, as the zygote's last use of the generator is
+    this reseed in rehearse().) Only generators the zygote
+    already created are shared; one imported later by the job seeds itself
+    (numpy.random is imported lazily, so looking at `np.random` here would
+    import it on every request)."""
+    global _NP_MT
     random.seed()
     npr = sys.modules.get("numpy.random")
     if npr is None:
         return
+    rs = npr.mtrand._rand
+    if _NP_MT:
+        ctypes.memmove(_NP_MT, os.urandom(_MT_KEY_BYTES), _MT_KEY_BYTES)
+        ctypes.c_int.from_address(_NP_MT + _MT_KEY_BYTES).value = 624
+        return
     np = sys.modules["numpy"]
-    if _NP_KEY is None:
-        _NP_KEY = np.empty(624, np.uint32)
-    _NP_KEY[:] = np.frombuffer(os.urandom(_NP_KEY.nbytes), np.uint32)
-    npr.mtrand._rand.set_state(("MT19937", _NP_KEY, 624, 0, 0.0))  # also drops a cached gauss
+    rs.set_state(("MT19937", np.frombuffer(os.urandom(_MT_KEY_BYTES), np.uint32), 624, 0, 0.0))
+    if _NP_MT is None:
+        _NP_MT = _mt_state_address(np, rs)
+
+
+def _mt_state_address(np: Any, rs: Any) -> int:
+    """Where `rs` keeps its MT19937 key and position, if numpy's layout is the
+    one reseed() writes; 0 otherwise (children then go through set_state)."""
+    try:
+        addr = int(rs._bit_generator.ctypes.state_address)
+        name, key, pos, _, _ = rs.get_state()
+        raw = ctypes.string_at(addr, _MT_KEY_BYTES)
+        here = ctypes.c_int.from_address(addr + _MT_KEY_BYTES).value
+        ok = name == "MT19937" and raw == np.asarray(key, np.uint32).tobytes() and here == pos
+        return addr if ok else 0
+    except (AttributeError, TypeError, ValueError):
+        return 0
 
 
 def rehearse() -> None:
@@ -77,7 +101,7 @@ def rehearse() -> None:
 
 def run_python(task: dict[str, Any], env: dict[str, str], in_dir: str, out_dir: str,
                limits: Limits) -> Result:
-    _set_environ(env)
+    set_environ(env)
     os.chdir(env["HOME"])
     filename = task.get("filename") or "<job>"
     source = task["source"]
@@ -104,6 +128,31 @@ def run_python(task: dict[str, Any], env: dict[str, str], in_dir: str, out_dir: 
         return _exception_failure(e, filename, limits)
     _exit_if_forked(pid)
     return _encode(value, out_dir, limits)
+
+
+_ENVIRON: dict[str, str] | None = None  # what set_environ last installed, in this process
+
+
+def set_environ(env: dict[str, str]) -> None:
+    """Make the environment (C's and os.environ) exactly `env`.
+
+    A warm child installs the job's base environment before it has work;
+    the request then only changes what differs."""
+    global _ENVIRON
+    if _ENVIRON is None:
+        _set_environ(env)
+    else:
+        data = os.environ._data  # type: ignore[attr-defined]
+        for k in _ENVIRON.keys() - env.keys():
+            kb = os.fsencode(k)
+            os.unsetenv(kb)
+            data.pop(kb, None)
+        for k, v in env.items():
+            if _ENVIRON.get(k) != v:
+                kb, vb = os.fsencode(k), os.fsencode(v)
+                os.putenv(kb, vb)
+                data[kb] = vb
+    _ENVIRON = dict(env)
 
 
 def _set_environ(env: dict[str, str]) -> None:

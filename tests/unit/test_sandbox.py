@@ -138,6 +138,26 @@ def test_env_is_clean_and_has_in_out(pool: SandboxPool, tmp_path: Path) -> None:
     assert "hunter2" not in repr(env)
 
 
+def test_env_is_exactly_the_jobs_in_python_and_c(pool: SandboxPool, tmp_path: Path) -> None:
+    # A warm child installs the base environment before it has work; the
+    # request only changes what differs. Nothing of the zygote's may remain.
+    i, o = _dirs(tmp_path)
+    src = ("import ctypes, os, subprocess\ndef main():\n"
+           "    libc = ctypes.CDLL(None)\n    libc.getenv.restype = ctypes.c_char_p\n"
+           "    c = {k: (libc.getenv(k.encode()) or b'').decode() for k in\n"
+           "         ('PATH', 'LANG', 'MODE', 'PYTHONPATH', 'OPENBLAS_NUM_THREADS')}\n"
+           "    shown = subprocess.run(['env'], capture_output=True, text=True).stdout\n"
+           "    return [dict(os.environ), c, sorted(shown.split())]\n")
+    env = {"MODE": "fast", "LANG": "C", "PATH": "/usr/bin:/bin"}
+    out = pool.run(SandboxRequest(PythonTask(src), i, o, env=env))
+    assert out.ok, out.failure
+    py_env, c_env, shown = out.value
+    assert set(py_env) == {"PATH", "HOME", "TMPDIR", "LANG", "MEMOPLANE_IN", "MEMOPLANE_OUT", "MODE"}
+    assert {k: py_env[k] for k in env} == env
+    assert c_env == {**env, "PYTHONPATH": "", "OPENBLAS_NUM_THREADS": ""}
+    assert shown == sorted(f"{k}={v}" for k, v in py_env.items())
+
+
 def test_outputs_dir_and_inputs_read_only(pool: SandboxPool, tmp_path: Path) -> None:
     i, o = _dirs(tmp_path)
     (i / "rows.txt").write_text("1\n2\n")
@@ -180,7 +200,7 @@ def test_command_jobs(pool: SandboxPool, tmp_path: Path) -> None:
 
 def test_isolation_is_recorded(pool: SandboxPool, tmp_path: Path) -> None:
     out = py(pool, tmp_path, "def main():\n    return 1\n")
-    for key in (*REQUIRED, "no_new_privs", "caps_dropped", "fresh_proc", "workdir_tmpfs",
+    for key in (*REQUIRED, "no_new_privs", "caps_dropped", "fresh_proc", "workdir_tmpfs", "landlock_scope",
                 "rlimit_as", "closed_fds", "timeout"):
         assert out.isolation.get(key) is True, key
 

@@ -55,3 +55,31 @@ def test_set_environ_replaces_both_views() -> None:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def test_reseed_writes_the_same_state_numpy_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import numpy as np
+    import numpy.random  # reseed only touches generators already imported
+
+    from memoplane.sandbox import runner
+
+    saved = np.random.get_state()
+    try:
+        # The zygote's way: numpy's API (no cached gauss left), and where the state lives.
+        # Nothing in the zygote draws from the global generator after this.
+        runner.reseed()
+        assert runner._NP_MT, "numpy's MT19937 layout is not the one reseed() writes"
+        key = bytes(range(256)) * 9 + bytes(range(192))  # 2496 bytes, not from the kernel
+        monkeypatch.setattr(runner.os, "urandom", lambda n: key[:n])
+        runner.reseed()  # a child's way: straight into the C state
+        monkeypatch.setattr(runner.os, "urandom", os.urandom)
+        ref = np.random.RandomState()
+        ref.set_state(("MT19937", np.frombuffer(key, np.uint32), 624, 0, 0.0))
+        got = np.random.get_state()
+        assert bytes(np.asarray(got[1], np.uint32)) == key and got[2] == 624
+        assert np.random.random(5).tolist() == ref.random(5).tolist()
+        assert np.random.standard_normal(3).tolist() == ref.standard_normal(3).tolist()
+    finally:
+        np.random.set_state(saved)
