@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import statistics
 import tempfile
 import threading
@@ -166,18 +167,28 @@ def stack(label: str) -> Iterator[Bench]:
                                 lease_namespace=prefix + "system")
     kube = Kube(load_config(info.kubeconfig))
     namespaces = [prefix + "jobs", prefix.replace("mpb-", "mpr-", 1) + "raw"]
+    ok = False
     try:
         processes.up(cfg, NODES)
         for name in namespaces:
             kube.ensure_namespace(name)
         yield Bench(kube, namespaces[0], namespaces[1], cfg)
+        ok = True
     finally:
         processes.down(cfg.directory)
         for name in namespaces:
+            # The local control plane has no namespace controller: a deleted namespace keeps
+            # its objects, and the next run's lists would carry them. Delete the jobs first.
+            with contextlib.suppress(Exception):
+                kube.custom.delete_collection_namespaced_custom_object(p.GROUP, p.VERSION, name, p.COMPUTEJOBS)
+            with contextlib.suppress(Exception):
+                kube.custom.delete_collection_namespaced_custom_object(p.GROUP, p.VERSION, name, p.RESULTCACHES)
             with contextlib.suppress(Exception):
                 kube.core.delete_namespace(name)
         if not up.already_running:
             cluster.down(directory)
+        if ok:  # keep the processes' logs of a failed run
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def quantile_ms(samples: list[float], q: int) -> float:
