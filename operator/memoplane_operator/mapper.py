@@ -88,6 +88,8 @@ def reconcile_map(r: Reconciler, obj: dict[str, Any]) -> None:
     listed, _ = r.kube.list(p.COMPUTEJOBS, namespace, f"{mp.PARENT_LABEL}={meta.get('uid')}")
     children = {str(_meta(c).get("name")): c for c in listed}
     todo = mp.plan(obj, items, children)
+    # Registered before the writes: a child served from the cache at once wakes the parent.
+    r.wait_on(obj, [job_topic(namespace, m["metadata"]["name"]) for m in todo.create + todo.update])
     for manifest in todo.create:
         child = r.kube.create(p.COMPUTEJOBS, namespace, manifest)
         if child is None:  # the name exists: ours from an earlier pass, or someone else's
