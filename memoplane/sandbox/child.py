@@ -29,7 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from memoplane.sandbox import isolate, protocol, view
+# runner at module level: a `from ... import` inside a function runs importlib's
+# Python code in every child.
+from memoplane.sandbox import isolate, protocol, runner, view
 from memoplane.sandbox.limits import apply_rlimits, vm_size
 from memoplane.sandbox.types import Limits
 
@@ -110,8 +112,6 @@ def enter_namespaces(cfg: ChildConfig, ask_maps: Callable[[], None],
 def warm_main(cfg: ChildConfig, iso: dict[str, bool | str], sock_fd: int,
               out_fd: int, err_fd: int, proc_fd: int | None = None) -> NoReturn:
     """Run in I (pid 1 of the new pid namespace); never returns."""
-    from memoplane.sandbox import runner
-
     try:
         os.setsid()  # own session: kill(0, ...) from the job cannot reach the agent
         iso["view"] = _build_view(cfg, iso, proc_fd)
@@ -155,8 +155,6 @@ def _build_view(cfg: ChildConfig, iso: dict[str, bool | str], proc_fd: int | Non
 
 def _serve(cfg: ChildConfig, iso: dict[str, bool | str], sock: socket.socket,
            req: dict[str, Any], fds: list[int]) -> NoReturn:
-    from memoplane.sandbox import runner
-
     limits = Limits(**req["limits"])
     try:
         in_dir, out_dir = _enter(cfg, iso, req, limits, fds)

@@ -71,11 +71,13 @@ def _check(ret: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
+_TABLE = _SYSCALLS.get(platform.machine())  # looked up once, not per call in every child
+
+
 def _nr(name: str) -> int:
-    table = _SYSCALLS.get(platform.machine())
-    if table is None:
+    if _TABLE is None:
         raise OSError(38, f"{name}: unsupported architecture {platform.machine()}")
-    return table[name]
+    return _TABLE[name]
 
 
 def _b(path: str | None) -> bytes | None:

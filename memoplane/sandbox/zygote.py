@@ -20,6 +20,7 @@ Control messages (SEQPACKET, see protocol.py):
 
 from __future__ import annotations
 
+import _signal
 import dataclasses
 import gc
 import importlib
@@ -130,8 +131,7 @@ def _map_ids(cfg: child.ChildConfig, proc_fd: int, pid: int, go_w: int) -> None:
 def _i_main(cfg: child.ChildConfig, fds: list[int], w: int, go: int, new_pidns: bool) -> NoReturn:
     try:
         child.close_fds_except({*fds, w, go})  # first: this also closes the host /proc
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _default_sigchld()
         # Our own /proc, made while we are still host root in our new pid namespace.
         proc = isolate.detached_proc() if new_pidns else None
         iso = child.enter_namespaces(cfg, _asker(w, go),
@@ -140,6 +140,17 @@ def _i_main(cfg: child.ChildConfig, fds: list[int], w: int, go: int, new_pidns: 
     except BaseException:  # noqa: BLE001 - the pool sees the channel close and reports it
         os._exit(71)
     child.warm_main(cfg, iso, *fds, proc_fd=proc)
+
+
+_SIGCHLD, _SIG_DFL = int(signal.SIGCHLD), int(signal.SIG_DFL)
+
+
+def _default_sigchld() -> None:
+    """Undo the zygote's SIGCHLD handling in a child. Through _signal with
+    plain ints: signal.signal() converts to and from enums, ~60 copied pages
+    in a freshly forked child."""
+    _signal.set_wakeup_fd(-1)
+    _signal.signal(_SIGCHLD, _SIG_DFL)
 
 
 def _asker(w: int, go: int) -> Callable[[], None]:
@@ -184,8 +195,7 @@ def spawn(cfg: child.ChildConfig, fds: list[int], proc_fd: int) -> tuple[int, in
 def _w_main(cfg: child.ChildConfig, fds: list[int], w: int, go: int) -> NoReturn:
     try:
         child.close_fds_except({*fds, w, go})  # first: this also closes the host /proc
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _default_sigchld()
         iso = child.enter_namespaces(cfg, _asker(w, go))
         os.close(go)
         pid = os.fork()  # the first child after unshare(CLONE_NEWPID) is pid 1 there
