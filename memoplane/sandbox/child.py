@@ -10,8 +10,8 @@ Lifecycle with a root agent (zygote.spawn_direct), the child "I":
     its own namespaces;
   - attaches its /proc, mounts its /tmp, reseeds numpy, sets no_new_privs,
     empties the bounding and ambient sets, locks NOROOT securebits, confines
-    abstract sockets and signals with Landlock, installs the job's base
-    environment, reports "ready" and blocks on its channel;
+    abstract sockets and signals with Landlock, reports "ready" and blocks
+    on its channel (its environment is already the job's: the zygote's own);
   - on a request: attaches the idmapped /in and /out it was sent, applies
     rlimits, drops every capability, installs seccomp, reports "started",
     runs the job, reports "result" and exits (a child serves one job only).
@@ -121,8 +121,6 @@ def warm_main(cfg: ChildConfig, iso: dict[str, bool | str], sock_fd: int,
         runner.reseed()
         isolate.limit_future_privileges(cfg.last_cap)
         iso["landlock_scope"] = _landlock_scope()  # needs no_new_privs; leaves mounting alone
-        if iso["view"] is True:  # /in and /out have fixed paths: the job's base environment
-            runner.set_environ(_job_env({}, "/in", "/out"))
         protocol.send(sock, {"op": "ready", "isolation": iso})
         header, _, fds = protocol.recv_stream_with_fds(sock)
     except BaseException:  # noqa: BLE001 - the pool sees the exit and reports it
@@ -221,9 +219,19 @@ def _flatten(iso: dict[str, bool | str]) -> dict[str, bool]:
     return {k: v is True for k, v in iso.items()}
 
 
+_JOB_PATH = f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin"
+
+
+def base_environ() -> dict[str, str]:
+    """A job's environment when it sets nothing, in the view (/in and /out).
+    A root zygote makes this its own environment before forking: children
+    inherit it and a request only changes what it adds (runner.set_environ)."""
+    return _job_env({}, "/in", "/out")
+
+
 def _job_env(extra: dict[str, str], in_dir: str, out_dir: str) -> dict[str, str]:
     env = {
-        "PATH": f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin",
+        "PATH": _JOB_PATH,
         "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8",
         "MEMOPLANE_IN": in_dir, "MEMOPLANE_OUT": out_dir,
     }

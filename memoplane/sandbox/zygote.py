@@ -318,6 +318,8 @@ def main() -> None:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     sys.stdout.flush()
     runner.rehearse()
+    if cfg.template:  # the job's environment: nothing for a child to replace
+        runner.set_environ(child.base_environ())
     if bpf := cfg.bpf:
         isolate.prepare_bpf(bpf)
     cfg = dataclasses.replace(cfg, vm_base=limits.vm_size(proc_fd), hard_limits=limits.hard_limits())
