@@ -182,7 +182,25 @@ def _stop(directory: Path, name: str) -> None:
             time.sleep(0.05)
     if _is_ours(record):
         raise ClusterError(f"{name} (pid {pid}) did not exit after SIGKILL")
+    _wait_exited(pid, record)
     _pid_file(directory, name).unlink(missing_ok=True)
+
+
+def _wait_exited(pid: int, record: dict[str, object], patience: float = 10.0) -> None:
+    """Wait until the process is a zombie or gone. Its cmdline empties when the kernel
+    frees its memory, which is before it closes its files: a listening port may still
+    be held for a moment after `_is_ours` turns False."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        _reap(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[19] != record["start_time"] or fields[0] in ("Z", "X"):
+            return
+        time.sleep(0.02)
 
 
 def _reap(pid: int) -> None:
@@ -297,19 +315,39 @@ def _wait_ready(directory: Path, info: ClusterInfo,
 # --- configuration -------------------------------------------------------------------------
 
 
-def _check_ports_free(ports: Ports) -> None:
-    for port in ports.all():
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            # As the Go servers do: connections of a just-stopped set in TIME_WAIT don't count.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError as exc:
-                raise ClusterError(
-                    f"port 127.0.0.1:{port} is in use ({exc.strerror}); ports "
-                    f"{ports.all()} were derived from this checkout's state directory. Another "
-                    "process holds it: stop it, or choose other ports with "
-                    "MEMOPLANE_CLUSTER_PORT_BASE=<n> (uses n..n+4).") from None
+def _check_ports_free(ports: Ports, patience: float = 0.0) -> None:
+    """Fail naming the first port something listens on. `patience`: how long to wait
+    for a just-stopped set to let go (its last threads close its sockets after the
+    process already looks dead)."""
+    deadline = time.monotonic() + patience
+    busy = sorted(set(ports.all()) & _listening_ports())
+    while busy and time.monotonic() < deadline:
+        time.sleep(0.1)
+        busy = sorted(set(ports.all()) & _listening_ports())
+    for port in busy:
+            raise ClusterError(
+                f"port 127.0.0.1:{port} is in use (a process listens on it); ports "
+                f"{ports.all()} were derived from this checkout's state directory. Another "
+                "process holds it: stop it, or choose other ports with "
+                "MEMOPLANE_CLUSTER_PORT_BASE=<n> (uses n..n+4).")
+
+
+def _listening_ports() -> set[int]:
+    """Local ports with a TCP socket in LISTEN state (IPv4 and IPv6).
+
+    Read from /proc rather than probed with bind(): connections a stopped set closed
+    linger in TIME_WAIT, which a bind() probe reports as busy but the servers ignore."""
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A":  # TCP_LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def _write_kubeconfig(path: Path, server: str, ca_file: str, token: str) -> None:
@@ -335,6 +373,10 @@ def _apiserver_argv(binary: Path, directory: Path, ports: Ports,
         "--bind-address=127.0.0.1",
         "--advertise-address=127.0.0.1",
         f"--secure-port={ports.apiserver}",
+        # Its listener lacks SO_REUSEADDR, so the server side of connections it closed on
+        # shutdown (TIME_WAIT, 60 s) would block a restart on the same port; SO_REUSEPORT
+        # lets the new one bind. A live listener is still refused by _check_ports_free.
+        "--permit-port-sharing=true",
         f"--etcd-servers=http://127.0.0.1:{ports.etcd_client}",
         f"--tls-cert-file={keys['apiserver.crt']}",
         f"--tls-private-key-file={keys['apiserver.key']}",
@@ -445,7 +487,7 @@ def up(directory: Path | None = None, owner: str = "cli") -> UpResult:
                        f"(alive: {sorted(n for n, ok in running.items() if ok) or 'none'})")
             _stop_all(directory)
         ports = Ports.from_base(port_base(directory))
-        _check_ports_free(ports)
+        _check_ports_free(ports, patience=10.0 if running else 0.0)
         info, keys = _prepare(directory, ports)
         minio_env = {"MINIO_ROOT_USER": info.s3_access_key,
                      "MINIO_ROOT_PASSWORD": info.s3_secret_key,
