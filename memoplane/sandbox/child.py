@@ -10,11 +10,13 @@ Lifecycle with a root agent (zygote.spawn_direct), the child "I":
     its own namespaces;
   - attaches its /proc, mounts its /tmp, reseeds numpy, sets no_new_privs,
     empties the bounding and ambient sets, locks NOROOT securebits, confines
-    abstract sockets and signals with Landlock, reports "ready" and blocks
+    abstract sockets and signals with Landlock, installs the seccomp policy
+    but for the mount calls its request needs, reports "ready" and blocks
     on its channel (its environment is already the job's: the zygote's own);
   - on a request: attaches the idmapped /in and /out it was sent, applies
-    rlimits, drops every capability, installs seccomp, reports "started",
-    runs the job, reports "result" and exits (a child serves one job only).
+    rlimits, drops every capability, installs a second seccomp filter that
+    kills the mount calls too, reports "started", runs the job, reports
+    "result" and exits (a child serves one job only).
 Without root (legacy path) the zygote forks "W", which unshares everything
 and forks I; I builds the view itself and maps root to the agent's own uid.
 """
@@ -48,6 +50,9 @@ class ChildConfig:
     bpf: bytes | None                        # compiled seccomp program, None if unavailable
     uid: int                                 # host ids root of the child's user namespace maps to
     gid: int
+    # With a view template: the policy but seccomp_filter.LATE, installed while
+    # the child waits; `bpf` then kills LATE only, installed at request time.
+    bpf_warm: bytes | None = None
     early_pivot: bool = False                # /in and /out arrive as detached mounts (fds)
     template: bool = False                   # the zygote's mount namespace is the view (view.py)
     own_netns: bool = True                   # False: the zygote already sits in an empty netns
@@ -121,6 +126,8 @@ def warm_main(cfg: ChildConfig, iso: dict[str, bool | str], sock_fd: int,
         runner.reseed()
         isolate.limit_future_privileges(cfg.last_cap)
         iso["landlock_scope"] = _landlock_scope()  # needs no_new_privs; leaves mounting alone
+        if cfg.bpf_warm is not None and "seccomp" not in cfg.disable:
+            isolate.load_bpf(cfg.bpf_warm)  # all of the policy but the request's mount calls
         protocol.send(sock, {"op": "ready", "isolation": iso})
         header, _, fds = protocol.recv_stream_with_fds(sock)
     except BaseException:  # noqa: BLE001 - the pool sees the exit and reports it

@@ -421,20 +421,22 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-_BPF: tuple[bytes, ctypes.Array[ctypes.c_char], _SockFprog] | None = None
+# id(program) -> (program, its buffer, the sock_fprog pointing at it)
+_BPF: dict[int, tuple[bytes, ctypes.Array[ctypes.c_char], _SockFprog]] = {}
 
 
 def prepare_bpf(bpf: bytes) -> None:
     """Build the ctypes form of a program once (in the zygote) for load_bpf."""
-    global _BPF
     buf = ctypes.create_string_buffer(bpf, len(bpf))
-    _BPF = (bpf, buf, _SockFprog(len(bpf) // 8, ctypes.addressof(buf)))
+    _BPF[id(bpf)] = (bpf, buf, _SockFprog(len(bpf) // 8, ctypes.addressof(buf)))
 
 
 def load_bpf(bpf: bytes) -> None:
-    """Install a compiled seccomp program (needs no_new_privs already set)."""
-    if _BPF is None or _BPF[0] is not bpf:
+    """Install a compiled seccomp program (needs no_new_privs already set);
+    a second call stacks another filter: both apply."""
+    entry = _BPF.get(id(bpf))
+    if entry is None or entry[0] is not bpf:
         prepare_bpf(bpf)
-    assert _BPF is not None
+        entry = _BPF[id(bpf)]
     _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER,
-                       ctypes.addressof(_BPF[2]), 0, 0), "seccomp")
+                       ctypes.addressof(entry[2]), 0, 0), "seccomp")

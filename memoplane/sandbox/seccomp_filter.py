@@ -37,18 +37,30 @@ CLONE_NS_FLAGS = (0x00020000, 0x04000000, 0x08000000, 0x10000000, 0x20000000,
                   0x40000000, 0x02000000, 0x00000080)  # NEWNS..NEWNET, NEWCGROUP, NEWTIME
 
 
-def compile_bpf() -> bytes:
-    """Build the policy with libseccomp and return the raw BPF program."""
+# What a warm child still calls once its request came (attaching /in and
+# /out, resizing /tmp). A root zygote's children install the policy in two
+# filters: all of it but these while they wait for work, then a small one
+# that kills these right before the job runs. Stacked filters both apply
+# (the strictest action wins), so the job gets the same policy; loading a
+# 10-instruction filter instead of the whole one saves the request ~60 us.
+LATE = ("mount", "move_mount")
+
+
+def compile_bpf(exclude: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> bytes:
+    """Build the policy with libseccomp and return the raw BPF program:
+    without the calls in `exclude`, or killing just the calls in `only`."""
     import pyseccomp as sc
 
     f = sc.SyscallFilter(defaction=sc.ALLOW)
-    for name in KILL:
-        _add(f, sc.KILL_PROCESS, name)
-    for name in EPERM:
-        _add(f, sc.ERRNO(errno.EPERM), name)
-    _add(f, sc.ERRNO(errno.ENOSYS), "clone3")
-    for flag in CLONE_NS_FLAGS:  # clone(flags, ...): flags is argument 0
-        f.add_rule(sc.ERRNO(errno.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
+    for name in KILL if only is None else only:
+        if name not in exclude:
+            _add(f, sc.KILL_PROCESS, name)
+    if only is None:
+        for name in EPERM:
+            _add(f, sc.ERRNO(errno.EPERM), name)
+        _add(f, sc.ERRNO(errno.ENOSYS), "clone3")
+        for flag in CLONE_NS_FLAGS:  # clone(flags, ...): flags is argument 0
+            f.add_rule(sc.ERRNO(errno.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
     with tempfile.TemporaryFile() as tmp:
         f.export_bpf(tmp)
         tmp.seek(0)

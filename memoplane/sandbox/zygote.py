@@ -57,10 +57,10 @@ def make_config(cfg: dict[str, Any]) -> child.ChildConfig:
     disable = frozenset(cfg.get("disable", ()))
     binds, links = isolate.view_binds(tuple(cfg.get("extra_paths", ())))
     notes: dict[str, str] = {}
-    bpf = None
-    try:
-        from memoplane.sandbox.seccomp_filter import compile_bpf
-        bpf = compile_bpf()
+    progs: tuple[bytes, bytes, bytes] | None = None
+    try:  # compiled here, while /tmp is still the host's (libseccomp writes a file)
+        from memoplane.sandbox.seccomp_filter import LATE, compile_bpf
+        progs = compile_bpf(), compile_bpf(exclude=LATE), compile_bpf(only=LATE)
     except Exception as e:  # noqa: BLE001 - recorded; the pool decides whether to refuse
         notes["seccomp"] = f"libseccomp unavailable: {type(e).__name__}: {e}"
     last_cap = isolate.last_cap()  # before leaving the host tree (and its /proc)
@@ -83,7 +83,11 @@ def make_config(cfg: dict[str, Any]) -> child.ChildConfig:
     if not template:
         root = tempfile.mkdtemp(prefix="memoplane-view-")
         os.chmod(root, 0o755)
-    return child.ChildConfig(root=root, binds=binds, links=links, bpf=bpf, uid=host_id,
+    bpf = bpf_warm = None
+    if progs is not None:  # children of a view template attach their mounts, nothing else
+        bpf, bpf_warm = (progs[2], progs[1]) if template else (progs[0], None)
+    return child.ChildConfig(root=root, binds=binds, links=links, bpf=bpf, bpf_warm=bpf_warm,
+                             uid=host_id,
                              gid=host_id if root_agent else os.getgid(),
                              early_pivot=bool(cfg.get("early_pivot")), template=template,
                              own_netns=own_netns, last_cap=last_cap,
@@ -320,8 +324,9 @@ def main() -> None:
     runner.rehearse()
     if cfg.template:  # the job's environment: nothing for a child to replace
         runner.set_environ(child.base_environ())
-    if bpf := cfg.bpf:
-        isolate.prepare_bpf(bpf)
+    for bpf in (cfg.bpf, cfg.bpf_warm):
+        if bpf:
+            isolate.prepare_bpf(bpf)
     cfg = dataclasses.replace(cfg, vm_base=limits.vm_size(proc_fd), hard_limits=limits.hard_limits())
     gc.collect()
     gc.freeze()  # children never touch these objects' GC headers: fewer copied pages

@@ -130,11 +130,23 @@ def test_ptrace_of_the_parent(sandbox: Runner) -> None:
     "libc.syscall(250, 0, 0, 0, 0, 0)",               # keyctl
     "libc.syscall(246, 0, 0, 0, 0)",                  # kexec_load
     "libc.syscall(313, 0, b'', 0)",                   # finit_module
+    "libc.syscall(429, -1, b'', -100, b'/tmp', 4)",   # move_mount (killed by the request's filter)
+    "libc.syscall(428, -100, b'/in', 1)",             # open_tree (killed by the warm filter)
+    "libc.syscall(430, b'tmpfs', 0)",                 # fsopen
 ])
 def test_forbidden_system_calls(sandbox: Runner, call: str) -> None:
     out = sandbox.py(LIBC + f"def main():\n    return {call}\n")
     assert _reason(out) == "forbidden"
     assert "seccomp" in out.failure.message  # type: ignore[union-attr]
+
+
+def test_both_seccomp_filters_are_installed(sandbox: Runner) -> None:
+    # The policy minus the request's mount calls while the child waits, then a
+    # filter killing those: both must be in place when the job runs.
+    out = sandbox.py("def main():\n    return [l.split() for l in open('/proc/self/status')\n"
+                     "            if l.startswith(('Seccomp', 'NoNewPrivs'))]\n")
+    assert out.ok, out.failure
+    assert dict(out.value) == {"Seccomp:": "2", "Seccomp_filters:": "2", "NoNewPrivs:": "1"}
 
 
 @pytest.mark.parametrize("call", [
