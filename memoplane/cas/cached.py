@@ -193,9 +193,24 @@ class CachingBackend:
                 self._bytes = self._scan()[1]
             else:
                 self._bytes += len(data)
-            over = self._bytes > self.max_bytes
-        if over:
-            self.evict()
+        self._evict_while_over()
+
+    def _evict_while_over(self) -> None:
+        """Evict until the estimate is under max_bytes. A filler that finds another
+        thread evicting leaves it to that thread, which checks again after it is done
+        (the filler counted its bytes before looking), so no fill is left over the cap."""
+        while True:
+            with self._lock:
+                if self._bytes is None or self._bytes <= self.max_bytes:
+                    return
+            if not self._evicting.acquire(blocking=False):
+                return
+            try:
+                freed = self._evict_locked(None)
+            finally:
+                self._evicting.release()
+            if freed == 0:
+                return
 
     def _scan(self) -> tuple[builtins.list[ObjectInfo], int]:
         infos = [i for p in self.cache_prefixes for i in self.local.list(p)]
@@ -212,18 +227,25 @@ class CachingBackend:
         if not self._evicting.acquire(blocking=False):
             return 0
         try:
-            target = int(self.max_bytes * LOW_WATER) if target is None else target
-            infos, total = self._scan()
-            removed = 0
-            for info in sorted(infos, key=lambda i: (i.mtime, i.name)):
-                if total <= target:
-                    break
-                self.local.delete(info.name)
-                total -= info.size
-                removed += 1
-            with self._lock:
-                self._bytes = total
-                self.counters.evicted += removed
-            return removed
+            return self._evict_locked(target)
         finally:
             self._evicting.release()
+
+    def _evict_locked(self, target: int | None) -> int:
+        target = int(self.max_bytes * LOW_WATER) if target is None else target
+        infos, total = self._scan()
+        removed = freed = 0
+        for info in sorted(infos, key=lambda i: (i.mtime, i.name)):
+            if total <= target:
+                break
+            self.local.delete(info.name)
+            total -= info.size
+            freed += info.size
+            removed += 1
+        with self._lock:
+            # Fills that raced with the scan added to the running estimate: keep them.
+            scanned = total + freed
+            raced = max(0, (self._bytes or 0) - scanned)
+            self._bytes = total + raced
+            self.counters.evicted += removed
+        return removed
