@@ -8,7 +8,8 @@ Lifecycle with a root agent (zygote.spawn_direct), the child "I":
     namespace to JOB_HOST_ID and the child takes those ids (setresuid), so
     from here on it is an unprivileged host uid with capabilities only over
     its own namespaces;
-  - attaches its /proc, mounts its /tmp, reseeds numpy, sets no_new_privs,
+  - attaches its /proc, mounts its /tmp, rehearses a dummy job (runner.py),
+    reseeds the random generators, sets no_new_privs,
     empties the bounding and ambient sets, locks NOROOT securebits, confines
     abstract sockets and signals with Landlock, installs the seccomp policy
     but for the mount calls its request needs, reports "ready" and blocks
@@ -123,7 +124,7 @@ def warm_main(cfg: ChildConfig, iso: dict[str, bool | str], sock_fd: int,
         _setup_stdio(sock_fd, out_fd, err_fd)
         sock = socket.socket(fileno=SOCK_FD)
         # Work that does not depend on the request is done before it comes.
-        runner.reseed()
+        runner.rehearse()  # compile and run a dummy job (pre-faulting), reseed
         isolate.limit_future_privileges(cfg.last_cap)
         iso["landlock_scope"] = _landlock_scope()  # needs no_new_privs; leaves mounting alone
         if cfg.bpf_warm is not None and "seccomp" not in cfg.disable:

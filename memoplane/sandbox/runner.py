@@ -20,7 +20,7 @@ import traceback
 import types
 from typing import Any
 
-from memoplane.sandbox.protocol import MAX_PAYLOAD, _not_serialisable
+from memoplane.sandbox.protocol import MAX_PAYLOAD, _not_serialisable, _parse, dumps
 from memoplane.sandbox.types import Limits
 
 Result = tuple[dict[str, Any], bytes]
@@ -85,8 +85,11 @@ def _mt_state_address(np: Any, rs: Any) -> int:
 def rehearse() -> None:
     """Exercise the request path once with a dummy job, so that lazily built
     state (caches, interned names, the code of these functions) is created
-    where it is then shared: in the zygote before it freezes, or in a warm
-    child before it waits (pre-faulting its copy-on-write pages)."""
+    where it is then shared: in the zygote before it freezes; and again in
+    every warm child before it waits, which takes the copy-on-write faults
+    of compiling and running a job (~0.3 ms) before the request instead of
+    on its way (about 0.25 MiB more private memory per idle child). Ends
+    with reseed()."""
     source = "def main(x):\n    return [x]\n"
     task: dict[str, Any] = {"source": source, "entrypoint": "main", "inputs": {"x": 1},
                             "filename": "<rehearsal>"}
@@ -94,8 +97,8 @@ def rehearse() -> None:
     scope: dict[str, Any] = {}
     exec(code, scope)  # noqa: S102 - our own rehearsal snippet
     _inputs(task, scope["main"], "/")
-    json.dumps(scope["main"](1), allow_nan=False, separators=(",", ":"))
-    json.loads(json.dumps(task))
+    _dumps_value(scope["main"](1))
+    _parse(dumps(task).encode())  # how a request arrives
     linecache.cache.pop("<rehearsal>", None)
     reseed()  # numpy builds state on its first seeding: once here, not in every child
 
