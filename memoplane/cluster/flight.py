@@ -42,6 +42,15 @@ def resolved_for_current_generation(obj: Mapping[str, Any]) -> bool:
     return (meta.get("annotations") or {}).get(p.JOB_GENERATION_ANNOTATION) == str(meta.get("generation"))
 
 
+def needs_resolution(obj: Mapping[str, Any]) -> bool:
+    """The current generation has no cache key yet (or its status is of another generation),
+    or the key was derived for a runtime the agents no longer run: resolve it (again)."""
+    meta, status = _meta(obj), _status(obj)
+    resolved_now = resolved_for_current_generation(obj) and bool(status.get("cacheKey")) \
+        and status.get("observedGeneration") == meta.get("generation")
+    return not resolved_now or (status.get("phase") == p.PENDING and status.get("reason") == p.REASON_RUNTIME_MISMATCH)
+
+
 def started(obj: Mapping[str, Any]) -> bool:
     status = _status(obj)
     return status.get("phase") in (p.SCHEDULED, p.RUNNING) or int(status.get("attempts") or 0) > 0

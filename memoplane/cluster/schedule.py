@@ -132,3 +132,38 @@ def node_lost(node: str | None, nodes: Iterable[NodeView]) -> bool:
     if not node:
         return False
     return not any(n.name == node and n.live for n in nodes)
+
+
+def assigned_load(jobs: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Jobs Scheduled or Running on each node, by the node label: the operator's own count of
+    what it assigned and has not yet seen finish."""
+    load: dict[str, int] = {}
+    for obj in jobs:
+        if (obj.get("status") or {}).get("phase") in (p.SCHEDULED, p.RUNNING):
+            node = ((obj.get("metadata") or {}).get("labels") or {}).get(p.NODE_LABEL)
+            if node:
+                load[node] = load.get(node, 0) + 1
+    return load
+
+
+@dataclass(frozen=True)
+class Lost:
+    """A started job whose node lost its lease (or that has no node): reschedule it, or
+    fail it when its attempts are past the backoff limit."""
+    what: str
+    attempts: int
+    backoff_limit: int
+
+    @property
+    def exhausted(self) -> bool:
+        return self.attempts > self.backoff_limit
+
+
+def lost(obj: Mapping[str, Any], nodes: Iterable[NodeView]) -> Lost | None:
+    """None while the Scheduled or Running job's node holds a live lease."""
+    node = ((obj.get("metadata") or {}).get("labels") or {}).get(p.NODE_LABEL)
+    if not node_lost(node, nodes) and node:
+        return None
+    attempts = int((obj.get("status") or {}).get("attempts") or 0)
+    backoff_limit = int((obj.get("spec") or {}).get("backoffLimit", 2))
+    return Lost(f"node {node} lost its lease" if node else "the job has no node", attempts, backoff_limit)

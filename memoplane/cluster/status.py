@@ -76,6 +76,12 @@ def waiting(status: Mapping[str, Any], generation: int, reason: str, message: st
     }
 
 
+def already_waiting(status: Mapping[str, Any], generation: int, reason: str, message: str) -> bool:
+    """The status already says this: writing `waiting` again would change nothing."""
+    return (status.get("phase"), status.get("reason"), status.get("message"), status.get("observedGeneration")) \
+        == (p.WAITING, reason, message, generation)
+
+
 def pending(status: Mapping[str, Any], generation: int, reason: str, message: str, now: datetime) -> Patch:
     message = _clip(message)
     return {

@@ -1,4 +1,4 @@
-"""GMemSeed reconciler: its own worker thread and queue, beside the ComputeJob reconciler.
+"""GMemSeed reconciler: its own worker (workqueue.py), beside the ComputeJob reconciler.
 
 For each seed (decisions in memoplane.cluster.seeds): validate the spec, open its overlay
 (the operator is the seed's only writer, so an open seed is kept between passes), apply the
@@ -13,9 +13,6 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-import threading
-import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -26,7 +23,6 @@ from kubernetes.client.exceptions import ApiException
 from memoplane.canonical import canonical_json
 from memoplane.cas import Store
 from memoplane.cluster import protocol as p
-from memoplane.cluster import resolve
 from memoplane.cluster import seeds as sd
 from memoplane.cluster.kube import Kube
 from memoplane.cluster.stores import Stores
@@ -36,11 +32,14 @@ from memoplane.gmem.engine import from_bits
 from memoplane.gmem.log import HEADER_SIZE, RECORD, parse
 from memoplane.gmem.persist import MIXER_ID, params_digest
 from memoplane.gmem.transfer import overlay_npy
-from memoplane.jobs import BlobInput
+
+from .workqueue import Lane, WorkQueue
 
 log = logging.getLogger("memoplane.operator.gmemseed")
 
-Ref = tuple[str, str]  # (namespace, name)
+Ref = tuple[str, str]  # (namespace, name); a drop: (namespace, uid)
+
+SEED_LANE, DROP_LANE = "seed", "drop"
 
 
 class SeedReconciler:
@@ -49,78 +48,43 @@ class SeedReconciler:
         self.resync_seconds = resync_seconds
         # The active log segments: sealed before every status write, so never the only copy.
         self.local_dir = tempfile.mkdtemp(prefix="memoplane-gmem-")
-        self._queue: OrderedDict[Ref, None] = OrderedDict()
-        self._drops: list[Mapping[str, Any]] = []  # deleted seeds whose objects are still to go
-        self._cond = threading.Condition()
-        self._stop = threading.Event()
+        self.work = WorkQueue("gmemseeds", [Lane(DROP_LANE), Lane(SEED_LANE)], resync_seconds,
+                              max(120.0, 10 * resync_seconds), log)
         self._open: dict[tuple[str, str], tuple[GMemParams, StoredGMem]] = {}  # (namespace, uid)
         self._states: dict[tuple[str, str], sd.SeedState] = {}
-        self._last_resync = 0.0
-        self._thread: threading.Thread | None = None
-        self.healthy_at = time.monotonic()
+
+    @property
+    def healthy_at(self) -> float:
+        return self.work.healthy_at
 
     # -- queue -------------------------------------------------------------------------------
 
     def enqueue(self, namespace: str, name: str) -> None:
-        with self._cond:
-            self._queue[(namespace, name)] = None
-            self._cond.notify()
+        self.work.put(SEED_LANE, (namespace, name))
 
     def deleted(self, body: Mapping[str, Any]) -> None:
+        """A deleted seed: its objects in the store go (before any seed is reconciled)."""
         meta = body.get("metadata") or {}
         if meta.get("uid"):
-            with self._cond:
-                self._drops.append(body)
-                self._cond.notify()
+            self.work.put(DROP_LANE, (str(meta.get("namespace")), str(meta["uid"])), body)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="gmemseeds", daemon=True)
-        self._thread.start()
+        self.work.start(self._handle, self.resync)
 
     def stop(self) -> None:
-        self._stop.set()
-        with self._cond:
-            self._cond.notify()
-        if self._thread:
-            self._thread.join(timeout=30)
+        self.work.stop()
         for _, seed in self._open.values():
             seed.close()
         shutil.rmtree(self.local_dir, ignore_errors=True)
 
     def live(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and \
-            time.monotonic() - self.healthy_at < max(120.0, 10 * self.resync_seconds)
+        return self.work.live()
 
-    def _next(self) -> tuple[str, Ref, Mapping[str, Any] | None] | None:
-        with self._cond:
-            while not self._stop.is_set():
-                due = self._last_resync + self.resync_seconds
-                if time.monotonic() >= due:
-                    return "resync", ("", ""), None
-                if self._drops:
-                    return "drop", ("", ""), self._drops.pop(0)
-                if self._queue:
-                    return "seed", self._queue.popitem(last=False)[0], None
-                self._cond.wait(timeout=max(0.05, due - time.monotonic()))
-        return None
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            item = self._next()
-            if item is None:
-                return
-            kind, (namespace, name), body = item
-            self.healthy_at = time.monotonic()
-            try:
-                if kind == "resync":
-                    self._last_resync = time.monotonic()
-                    self.resync()
-                elif body is not None:
-                    self.drop(body)
-                else:
-                    self.reconcile(namespace, name)
-            except Exception:
-                log.exception("gmemseed %s/%s failed", namespace, name)
+    def _handle(self, lane: str, ref: Ref, body: Mapping[str, Any] | None) -> None:
+        if lane == DROP_LANE and body is not None:
+            self.drop(body)
+        else:
+            self.reconcile(*ref)
 
     def resync(self) -> None:
         listed, _ = self.kube.list(p.GMEMSEEDS)
@@ -258,24 +222,6 @@ def _objects(seed: StoredGMem) -> list[tuple[str, int, int]]:
     """(kind, number, size) of the seed's logs and snapshots in the store."""
     sizes = {i.name: i.size for i in seed.store.backend.list(f"gmem/{seed.name}/")}
     return [(kind, n, sizes[obj]) for kind, n, obj in seed.store.objects(seed.name) if obj in sizes]
-
-
-# -- for the ComputeJob resolver ------------------------------------------------------------------
-
-
-def seed_overlay(stores: Stores, job_store: Store, digest: str, store_url: str) -> BlobInput:
-    """A seed's overlay blob as a blob in the job's store (copied when the stores differ)."""
-    try:
-        source = stores.by_url(store_url)
-        if source is job_store:
-            manifest = job_store.blob_manifest(digest)  # present and sealed
-            return BlobInput(digest, manifest.size)
-        ref = job_store.put_bytes(source.get_bytes(digest))
-        return BlobInput(ref.digest, ref.size)
-    except (NotFound, StoreCorrupted) as exc:
-        raise resolve.LookupError_("SeedOverlayUnavailable", str(exc)) from None
-    except (MemoplaneError, ValueError) as exc:
-        raise resolve.LookupError_(p.REASON_STORE, str(exc)) from None
 
 
 def register(registry: kopf.OperatorRegistry, seeds: SeedReconciler) -> None:

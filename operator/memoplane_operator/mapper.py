@@ -25,6 +25,8 @@ from memoplane.cluster.index import job_topic, ref_of
 from memoplane.errors import MemoplaneError
 from memoplane.jobs import JsonInput
 
+from .lookups import Lookups
+
 if TYPE_CHECKING:
     from .reconciler import Reconciler
 
@@ -42,8 +44,6 @@ def _status(obj: Mapping[str, Any]) -> Mapping[str, Any]:
 def elements(r: Reconciler, obj: dict[str, Any], store: Store) -> list[Any] | resolve.Waiting | resolve.Failed:
     """The `over` input's list: a value, or an upstream job's JSON result."""
     from memoplane.api.computejob import Input as SpecInput
-
-    from .reconciler import Lookups
 
     namespace, name = ref_of(obj)
     over = mp.over_of(obj)
@@ -72,18 +72,18 @@ def reconcile_map(r: Reconciler, obj: dict[str, Any]) -> None:
     meta, status = _meta(obj), _status(obj)
     namespace, name = ref_of(obj)
     generation = int(meta.get("generation") or 0)
-    found = r._store_for(obj)
+    found = r.caches.store_for(obj)
     if isinstance(found, str):
-        r._wait(obj, p.REASON_NO_CACHE, found)
+        r.wait(obj, p.REASON_NO_CACHE, found)
         return
     store, _url = found
     items = elements(r, obj, store)
     if isinstance(items, resolve.Waiting):
         r.wait_on(obj, [job_topic(namespace, up) for up in resolve.upstream_names(obj)])
-        r._wait(obj, items.reason, items.message)
+        r.wait(obj, items.reason, items.message)
         return
     if isinstance(items, resolve.Failed):
-        r._fail(obj, items.reason, items.message)
+        r.fail(obj, items.reason, items.message)
         return
     listed, _ = r.kube.list(p.COMPUTEJOBS, namespace, f"{mp.PARENT_LABEL}={meta.get('uid')}")
     children = {str(_meta(c).get("name")): c for c in listed}
@@ -99,8 +99,8 @@ def reconcile_map(r: Reconciler, obj: dict[str, Any]) -> None:
             continue
         children[str(_meta(child)["name"])] = child
     if todo.taken:
-        r._fail(obj, mp.REASON_NAME_TAKEN, f"ComputeJob '{todo.taken[0]}' exists and is not a sub-task of "
-                                           f"'{name}': rename one of them")
+        r.fail(obj, mp.REASON_NAME_TAKEN, f"ComputeJob '{todo.taken[0]}' exists and is not a sub-task of "
+                                          f"'{name}': rename one of them")
         return
     for manifest in todo.update:  # the parent's spec changed: so does each child's
         patch = [{"op": "replace", "path": "/spec", "value": manifest["spec"]},
@@ -119,14 +119,14 @@ def reconcile_map(r: Reconciler, obj: dict[str, Any]) -> None:
         failure = s.get("failure") or {}
         why = failure.get("reason") or s.get("reason") or "failed"
         detail = failure.get("message") or s.get("message") or ""
-        r._fail(obj, mp.REASON_SUBTASK_FAILED, f"element {index} (ComputeJob '{child_name}') failed ({why})"
-                                               + (f": {detail}" if detail else ""), extra={"map": prog.counts()})
+        r.fail(obj, mp.REASON_SUBTASK_FAILED, f"element {index} (ComputeJob '{child_name}') failed ({why})"
+                                              + (f": {detail}" if detail else ""), extra={"map": prog.counts()})
         return
     if not prog.done:
         r.wait_on(obj, [job_topic(namespace, c) for c in prog.waiting_on])
         if status.get("map") != prog.counts() or status.get("phase") != p.RUNNING or \
                 status.get("observedGeneration") != generation:
-            r._patch(obj, st.map_progress(status, generation, prog.counts(), now))
+            r.patch(obj, st.map_progress(status, generation, prog.counts(), now))
         return
     finish(r, obj, store, items, children, prog)
 
@@ -154,10 +154,10 @@ def finish(r: Reconciler, obj: dict[str, Any], store: Store, items: list[Any],
     try:
         values = [_value(r, children[n]) for n in names]
     except resolve.LookupError_ as exc:
-        r._fail(obj, exc.reason, exc.message, extra={"map": prog.counts()})
+        r.fail(obj, exc.reason, exc.message, extra={"map": prog.counts()})
         return
     except MemoplaneError as exc:
-        r._wait(obj, p.REASON_STORE, f"reading a sub-task's result: {exc}")
+        r.wait(obj, p.REASON_STORE, f"reading a sub-task's result: {exc}")
         return
     over = mp.over_of(obj)
     keys = [str(_status(children[n]).get("cacheKey")) for n in names]
@@ -171,8 +171,8 @@ def finish(r: Reconciler, obj: dict[str, Any], store: Store, items: list[Any],
     digest = store.put_result(result)
     store.set_ref(key, digest)  # the list is a live result: GC keeps it, `memoplane result` finds it
     saved = sum(float(_status(children[n]).get("computeSecondsSaved") or 0.0) for n in dict.fromkeys(names))
-    done = r._patch(obj, st.map_succeeded(_status(obj), generation, key, digest, result, prog.counts(), saved,
-                                          datetime.now(UTC)))
+    done = r.patch(obj, st.map_succeeded(_status(obj), generation, key, digest, result, prog.counts(), saved,
+                                         datetime.now(UTC)))
     r.metrics.jobs.labels("computed").inc()
     r.kube.event(done, p.REASON_COMPUTED, f"{prog.total} sub-tasks succeeded ({prog.cached} from the cache), "
                                           f"result {digest[:15]}…")

@@ -16,6 +16,7 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -189,24 +190,19 @@ class Agent:
                 self.metrics.running.set(len(self.local))
 
     def _claim(self, obj: dict[str, Any], a: Assignment) -> dict[str, Any]:
-        rv = (obj.get("metadata") or {}).get("resourceVersion")
-        for _ in range(10):
-            patch = st.running(obj.get("status") or {}, a.generation, self.cfg.node, datetime.now(UTC))
-            try:
-                return self.kube.patch_status(p.COMPUTEJOBS, a.namespace, a.name, patch, rv)
-            except ApiException as exc:
-                if exc.status == 404:
-                    raise _Stale() from None
-                if exc.status != 409:
-                    raise
-            fresh = self.kube.get(p.COMPUTEJOBS, a.namespace, a.name)
-            if fresh is None or not claimable(fresh, self.cfg.node, a):
-                raise _Stale()
-            obj, rv = fresh, fresh["metadata"]["resourceVersion"]
-        raise _Stale()
+        """Mark the assigned job Running on this node while it is still claimable."""
+        return self._patch_while(obj, a, lambda s: st.running(s, a.generation, self.cfg.node, datetime.now(UTC)),
+                                 claimable)
 
     def _report(self, obj: dict[str, Any], a: Assignment, build: Any) -> dict[str, Any]:
         """Write the outcome patch built by `build(status)` while the assignment is ours."""
+        return self._patch_while(obj, a, build, still_ours)
+
+    def _patch_while(self, obj: dict[str, Any], a: Assignment, build: Callable[[Mapping[str, Any]], Any],
+                     valid: Callable[[Mapping[str, Any], str, Assignment], bool]) -> dict[str, Any]:
+        """Patch the status with `build(status)` under a resourceVersion precondition; on a
+        conflict read the job again and retry (up to 10 times) while `valid` holds for it.
+        _Stale when the job is gone or no longer valid."""
         rv = (obj.get("metadata") or {}).get("resourceVersion")
         for _ in range(10):
             try:
@@ -217,7 +213,7 @@ class Agent:
                 if exc.status != 409:
                     raise
             fresh = self.kube.get(p.COMPUTEJOBS, a.namespace, a.name)
-            if fresh is None or not still_ours(fresh, self.cfg.node, a):
+            if fresh is None or not valid(fresh, self.cfg.node, a):
                 raise _Stale()
             obj, rv = fresh, fresh["metadata"]["resourceVersion"]
         raise _Stale()

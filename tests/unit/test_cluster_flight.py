@@ -67,3 +67,24 @@ def test_exactly_one_leader_for_any_order() -> None:
     jobs = [cj(f"j{i:02d}", f"2026-01-02T03:04:{i % 3:02d}Z") for i in range(20)]
     leaders = {name(leader(j, jobs)) for j in jobs}
     assert leaders == {"j00"}
+
+
+def test_needs_resolution_until_the_current_generation_has_a_key() -> None:
+    from memoplane.cluster.flight import needs_resolution
+
+    resolved = cj("a")
+    resolved["status"]["observedGeneration"] = 1
+    assert not needs_resolution(resolved)
+    assert needs_resolution(cj("a", resolved_gen=None))       # never resolved
+    assert needs_resolution(cj("a", generation=2))            # the spec changed since
+    stale_status = cj("a")
+    stale_status["status"]["observedGeneration"] = 0          # status of an older generation
+    assert needs_resolution(stale_status)
+    no_key = cj("a", key="")
+    no_key["status"]["observedGeneration"] = 1
+    assert needs_resolution(no_key)
+    mismatch = cj("a")
+    mismatch["status"].update(observedGeneration=1, reason=p.REASON_RUNTIME_MISMATCH)
+    assert needs_resolution(mismatch)                         # agents run another runtime now
+    mismatch["status"]["phase"] = p.WAITING
+    assert not needs_resolution(mismatch)

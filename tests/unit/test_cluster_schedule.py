@@ -84,3 +84,31 @@ def test_node_lost() -> None:
     assert node_lost("b", nodes)
     assert node_lost("gone", nodes)
     assert not node_lost(None, nodes)
+
+
+def job_on(node_name: str | None, phase: str, attempts: int = 1, backoff_limit: int | None = None) -> dict[str, Any]:
+    labels = {p.NODE_LABEL: node_name} if node_name else {}
+    spec = {} if backoff_limit is None else {"backoffLimit": backoff_limit}
+    return {"metadata": {"labels": labels}, "spec": spec, "status": {"phase": phase, "attempts": attempts}}
+
+
+def test_assigned_load_counts_scheduled_and_running_jobs_per_node() -> None:
+    from memoplane.cluster.schedule import assigned_load
+
+    jobs = [job_on("a", p.SCHEDULED), job_on("a", p.RUNNING), job_on("b", p.RUNNING),
+            job_on("b", p.PENDING), job_on("c", p.SUCCEEDED), job_on(None, p.RUNNING)]
+    assert assigned_load(jobs) == {"a": 2, "b": 1}
+    assert assigned_load([]) == {}
+
+
+def test_lost_reschedules_until_the_backoff_limit() -> None:
+    from memoplane.cluster.schedule import lost
+
+    nodes = [node("a"), node("dead", age=60.0)]
+    assert lost(job_on("a", p.RUNNING), nodes) is None
+    gone = lost(job_on("dead", p.RUNNING, attempts=2), nodes)
+    assert gone is not None and gone.what == "node dead lost its lease" and not gone.exhausted
+    assert gone.backoff_limit == 2                               # the default
+    assert lost(job_on("dead", p.RUNNING, attempts=3), nodes).exhausted  # type: ignore[union-attr]
+    orphan = lost(job_on(None, p.SCHEDULED, attempts=1, backoff_limit=0), nodes)
+    assert orphan is not None and orphan.what == "the job has no node" and orphan.exhausted

@@ -90,3 +90,12 @@ def test_resolved_hit_is_one_write_that_clears_the_old_generation() -> None:
     assert "node" not in s and "startTime" not in s and s["observedGeneration"] == 2
     assert kstatus(2, 2, s["conditions"]) == "Current"
     assert get_condition(s["conditions"], "Ready")["reason"] == "CacheHit"
+
+
+def test_already_waiting_only_for_the_same_reason_message_and_generation() -> None:
+    s = apply({}, st.waiting({}, 2, "InFlight", "waiting for ComputeJob 'a'", T0))
+    assert st.already_waiting(s, 2, "InFlight", "waiting for ComputeJob 'a'")
+    assert not st.already_waiting(s, 3, "InFlight", "waiting for ComputeJob 'a'")
+    assert not st.already_waiting(s, 2, "InFlight", "waiting for ComputeJob 'b'")
+    assert not st.already_waiting(s, 2, "NoNode", "waiting for ComputeJob 'a'")
+    assert not st.already_waiting({}, 2, "InFlight", "waiting for ComputeJob 'a'")

@@ -1,0 +1,54 @@
+"""A ResultCache's status: store statistics, the operator's hit/miss counters, conditions.
+
+The operator counts hits, misses and compute seconds saved per cache between stats
+refreshes (`Counters`) and folds them into the status totals when it reads the store's
+statistics again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from memoplane.api.conditions import mark_ready, mark_stalled
+from memoplane.cas.gc import Stats
+
+from . import protocol as p
+
+Counters = dict[str, float]   # "hits", "misses", "saved" (seconds) since the last stats refresh
+
+
+def no_counts() -> Counters:
+    return {"hits": 0, "misses": 0, "saved": 0.0}
+
+
+def wants_stats(status: Mapping[str, Any], refresh: bool) -> bool:
+    """Read the store's statistics now: a periodic refresh, or a cache never counted."""
+    return refresh or status.get("entries") is None
+
+
+def stats_fields(status: Mapping[str, Any], s: Stats, counters: Counters) -> dict[str, Any]:
+    return {
+        "entries": s.entries, "logicalBytes": s.logical_bytes, "storedBytes": s.stored_bytes,
+        "dedupRatio": round(s.dedup_ratio, 4),
+        "hits": int(status.get("hits") or 0) + int(counters["hits"]),
+        "misses": int(status.get("misses") or 0) + int(counters["misses"]),
+        "computeSecondsSaved": round(float(status.get("computeSecondsSaved") or 0.0) + float(counters["saved"]), 3),
+    }
+
+
+def ready(status: Mapping[str, Any], generation: int, bucket: str, prefix: str, now: datetime) -> list[dict[str, Any]]:
+    return mark_ready(status.get("conditions"), "StoreReady", f"store {p.store_url(bucket, prefix)}", generation, now)
+
+
+def stalled(status: Mapping[str, Any], generation: int, message: str, now: datetime) -> list[dict[str, Any]]:
+    return mark_stalled(status.get("conditions"), p.REASON_STORE, message, generation, now)
+
+
+def unchanged(status: Mapping[str, Any], patch: Mapping[str, Any]) -> bool:
+    """The patch would change no field and no condition's type, status or message."""
+    def key(conds: Any) -> list[tuple[Any, ...]]:
+        return [(c.get("type"), c.get("status"), c.get("message")) for c in conds or ()]
+    return all(status.get(k) == v for k, v in patch.items() if k != "conditions") and \
+        key(status.get("conditions")) == key(patch.get("conditions"))

@@ -1,0 +1,132 @@
+"""ResultCaches on the reconciler's worker: which store a job's cache names (creating a
+namespace's default cache on first use), the hits and misses counted between stats
+refreshes, and each cache's status (decisions in memoplane.cluster.resultcache).
+
+Guarded by the work queue's lock, as the rest of the reconciler's shared state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from memoplane.cas import Store
+from memoplane.cluster import flight
+from memoplane.cluster import protocol as p
+from memoplane.cluster import resultcache as rs
+from memoplane.cluster.kube import Kube
+from memoplane.cluster.stores import Stores
+from memoplane.errors import MemoplaneError
+
+from .workqueue import WorkQueue
+
+log = logging.getLogger("memoplane.operator")
+
+LANE = "cache"
+
+
+class ResultCaches:
+    def __init__(self, kube: Kube, stores: Stores, work: WorkQueue, watched: Callable[[str], bool]) -> None:
+        self.kube, self.stores, self.work, self.watched = kube, stores, work, watched
+        self._seen: dict[tuple[str, str], dict[str, Any]] = {}   # as the watch last delivered them
+        self._counters: dict[tuple[str, str], rs.Counters] = defaultdict(rs.no_counts)
+
+    # -- watch events ---------------------------------------------------------------------------
+
+    def changed(self, namespace: str, name: str, body: dict[str, Any] | None = None) -> None:
+        with self.work.cond:
+            if body is not None:
+                self._seen[(namespace, name)] = body
+            self.work.lanes[LANE].put((namespace, name))
+            self.work.cond.notify()
+
+    def deleted(self, namespace: str, name: str) -> None:
+        with self.work.cond:
+            self._seen.pop((namespace, name), None)
+
+    # -- counters -------------------------------------------------------------------------------
+
+    def count_hit(self, namespace: str, cache: str, saved: float) -> None:
+        with self.work.cond:
+            self._counters[(namespace, cache)]["hits"] += 1
+            self._counters[(namespace, cache)]["saved"] += saved
+
+    def count_miss(self, namespace: str, cache: str) -> None:
+        with self.work.cond:
+            self._counters[(namespace, cache)]["misses"] += 1
+
+    # -- a job's store --------------------------------------------------------------------------
+
+    def store_for(self, obj: Mapping[str, Any]) -> tuple[Store, str] | str:
+        """The job's ResultCache store and its URL, or why not (a Waiting message)."""
+        namespace = str((obj.get("metadata") or {})["namespace"])
+        name = flight.cache_of(obj)
+        with self.work.cond:  # as the watch last delivered it (kopf enqueues every change)
+            rc = self._seen.get((namespace, name))
+        if rc is None:
+            rc = self.kube.get(p.RESULTCACHES, namespace, name)
+        if rc is None:
+            if name != p.DEFAULT_RESULT_CACHE:
+                return f"ResultCache '{name}' does not exist in namespace {namespace}: create it"
+            rc = self._create_default(namespace)
+        spec = (rc.get("spec") or {}).get("store") or {}
+        bucket, prefix = spec.get("bucket", p.DEFAULT_BUCKET), spec.get("prefix", "")
+        return self.stores.get(bucket, prefix), p.store_url(bucket, prefix)
+
+    def _create_default(self, namespace: str) -> dict[str, Any]:
+        body = {"apiVersion": p.API_VERSION, "kind": "ResultCache",
+                "metadata": {"name": p.DEFAULT_RESULT_CACHE, "namespace": namespace,
+                             "labels": {"app.kubernetes.io/managed-by": p.OPERATOR_COMPONENT}},
+                "spec": {"store": {"bucket": p.DEFAULT_BUCKET, "prefix": p.default_store_prefix(namespace)}}}
+        created = self.kube.create(p.RESULTCACHES, namespace, body)
+        if created is not None:
+            with self.work.cond:
+                self._seen[(namespace, p.DEFAULT_RESULT_CACHE)] = created
+            log.info("created ResultCache %s/default", namespace)
+            self.kube.event(created, "Created", f"default cache for namespace {namespace}")
+            self.changed(namespace, p.DEFAULT_RESULT_CACHE)
+            return created
+        return self.kube.get(p.RESULTCACHES, namespace, p.DEFAULT_RESULT_CACHE) or body
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def refresh_stats(self) -> None:
+        """Every watched cache's status, with the store's statistics read afresh."""
+        caches, _ = self.kube.list(p.RESULTCACHES)
+        for rc in caches:
+            meta = rc.get("metadata") or {}
+            if self.watched(str(meta.get("namespace"))):
+                self.reconcile(str(meta["namespace"]), str(meta["name"]), stats=True)
+
+    def reconcile(self, namespace: str, name: str, stats: bool = False) -> None:
+        rc = self.kube.get(p.RESULTCACHES, namespace, name)
+        if rc is None or not self.watched(namespace):
+            return
+        generation = int((rc.get("metadata") or {}).get("generation") or 0)
+        status = rc.get("status") or {}
+        spec = (rc.get("spec") or {}).get("store") or {}
+        bucket, prefix = spec.get("bucket", p.DEFAULT_BUCKET), spec.get("prefix", "")
+        now = datetime.now(UTC)
+        patch: dict[str, Any] = {"observedGeneration": generation}
+        try:
+            store = self.stores.get(bucket, prefix)
+            if rs.wants_stats(status, stats):
+                s = store.stats()
+                with self.work.cond:
+                    counters = self._counters.pop((namespace, name), rs.no_counts())
+                patch.update(rs.stats_fields(status, s, counters))
+            patch["conditions"] = rs.ready(status, generation, bucket, prefix, now)
+        except MemoplaneError as exc:
+            patch["conditions"] = rs.stalled(status, generation, str(exc), now)
+        if rs.unchanged(status, patch):
+            return
+        try:
+            self.kube.patch_status(p.RESULTCACHES, namespace, name, patch)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise

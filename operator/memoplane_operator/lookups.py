@@ -1,0 +1,78 @@
+"""resolve.Lookups over the API server and the job's store: what resolving a ComputeJob
+reads (upstream jobs and their results, ConfigMaps, objects, GMemSeeds and their overlays)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from memoplane.cas import Store
+from memoplane.cluster import protocol as p
+from memoplane.cluster import resolve
+from memoplane.cluster.kube import Kube
+from memoplane.cluster.stores import Stores
+from memoplane.errors import MemoplaneError, NotFound, StoreCorrupted
+from memoplane.jobs import BlobInput, Input, JsonInput
+
+
+class Lookups:
+    def __init__(self, kube: Kube, stores: Stores, namespace: str, store: Store) -> None:
+        self.kube, self.stores, self.namespace, self.store = kube, stores, namespace, store
+
+    def get_job(self, name: str) -> Mapping[str, Any] | None:
+        return self.kube.get(p.COMPUTEJOBS, self.namespace, name)
+
+    def get_config_map(self, name: str) -> Mapping[str, Any] | None:
+        return self.kube.get_config_map(self.namespace, name)
+
+    def result_input(self, result_digest: str, store_url: str | None) -> Input:
+        source = self.stores.by_url(store_url) if store_url else self.store
+        try:
+            value = source.get_result(result_digest).value
+            if value.blob is None:
+                return JsonInput(value.inline)
+            if value.kind == "json":
+                return JsonInput(json.loads(source.get_bytes(value.blob.digest)))
+            if source is not self.store:
+                ref = self.store.put_bytes(source.get_bytes(value.blob.digest))
+            else:
+                source.blob_manifest(value.blob.digest)  # present and sealed
+                ref = value.blob
+            return BlobInput(ref.digest, ref.size)
+        except (NotFound, StoreCorrupted) as exc:
+            raise resolve.LookupError_("UpstreamResultUnavailable", str(exc)) from None
+        except MemoplaneError as exc:
+            raise resolve.LookupError_(p.REASON_STORE, str(exc)) from None
+
+    def object_input(self, bucket: str, key: str) -> BlobInput | None:
+        try:
+            stream = self.stores.open_object(bucket, key)
+            if stream is None:
+                return None
+            with stream:
+                ref = self.store.put_stream(stream)
+        except MemoplaneError as exc:
+            raise resolve.LookupError_(p.REASON_STORE, str(exc)) from None
+        return BlobInput(ref.digest, ref.size)
+
+    def put_bytes(self, data: bytes) -> BlobInput:
+        ref = self.store.put_bytes(data)
+        return BlobInput(ref.digest, ref.size)
+
+    def get_seed(self, name: str) -> Mapping[str, Any] | None:
+        return self.kube.get(p.GMEMSEEDS, self.namespace, name)
+
+    def seed_overlay(self, digest: str, store_url: str) -> BlobInput:
+        """A seed's overlay blob as a blob in the job's store (copied when the stores differ)."""
+        try:
+            source = self.stores.by_url(store_url)
+            if source is self.store:
+                manifest = self.store.blob_manifest(digest)  # present and sealed
+                return BlobInput(digest, manifest.size)
+            ref = self.store.put_bytes(source.get_bytes(digest))
+            return BlobInput(ref.digest, ref.size)
+        except (NotFound, StoreCorrupted) as exc:
+            raise resolve.LookupError_("SeedOverlayUnavailable", str(exc)) from None
+        except (MemoplaneError, ValueError) as exc:
+            raise resolve.LookupError_(p.REASON_STORE, str(exc)) from None
