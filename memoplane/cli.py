@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_result(sub)
     _add_cluster_commands(sub)
     _add_store_commands(sub)
-    from .commands.gmem import add_parser as add_gmem
+    from .commands.gmem_args import add_parser as add_gmem
 
     add_gmem(sub, _lazy, _store_flag)
     return parser
