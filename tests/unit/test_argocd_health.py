@@ -5,12 +5,18 @@ charts/memoplane/argocd/ has Argo CD's own layout for resource customizations
 health_test.yaml is run here in Lua 5.1 (the language gopher-lua, Argo CD's interpreter,
 implements) through lupa, with the object as the global `obj` and no io/os/require.
 The test data must also be valid objects of our CRDs, and argocd-cm-patch.yaml must
-carry the same scripts.
+carry the same scripts. The scripts and the patch are generated from one source
+(kstatus.lua.tmpl plus kstatus-extra/<Kind>.lua) by hack/sync-argocd-health; a test fails
+when a checked-in copy differs from what it produces.
 """
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import shutil
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -117,3 +123,52 @@ def test_argocd_cm_patch_carries_the_same_scripts() -> None:
         assert data.get(key) == (CHECKS / kind / "health.lua").read_text(), (
             f"{key} differs from {kind}/health.lua: copy the script into argocd-cm-patch.yaml")
     assert set(data) == {f"resource.customizations.health.memoplane.io_{k}" for k in KINDS}
+
+
+def _generator() -> ModuleType:
+    """hack/sync-argocd-health, imported (it has no .py suffix)."""
+    path = ROOT / "hack" / "sync-argocd-health"
+    loader = importlib.machinery.SourceFileLoader("sync_argocd_health", str(path))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_generated_files_are_current() -> None:
+    """Every health.lua and argocd-cm-patch.yaml is exactly what the generator writes."""
+    gen = _generator()
+    assert tuple(gen.KINDS) == KINDS
+    files = gen.render()
+    assert set(files) == {CHECKS / k / "health.lua" for k in KINDS} | {ARGOCD / "argocd-cm-patch.yaml"}
+    stale = [str(p.relative_to(ROOT)) for p, text in files.items() if p.read_text() != text]
+    assert not stale, f"{stale} differ from kstatus.lua.tmpl: edit the template, then run hack/sync-argocd-health"
+    assert gen.main(["--check"]) == 0
+
+
+def test_generator_shares_one_source() -> None:
+    """The kinds differ only in their names and their kstatus-extra additions."""
+    gen = _generator()
+    scripts = {k: gen.script(k) for k in KINDS}
+    assert "@KIND@" not in "".join(scripts.values()) and "@EXTRA@" not in "".join(scripts.values())
+    assert scripts["ResultCache"].replace("ResultCache", "GMemSeed") == scripts["GMemSeed"]
+    assert "status.phase" in scripts["ComputeJob"] and "status.phase" not in scripts["ResultCache"]
+
+
+def test_generator_notices_a_hand_edit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A changed copy is reported stale: the check above is not vacuous."""
+    gen = _generator()
+    copy = tmp_path / "argocd"
+    shutil.copytree(ARGOCD, copy)
+    monkeypatch.setattr(gen, "ROOT", tmp_path)
+    monkeypatch.setattr(gen, "ARGOCD", copy)
+    monkeypatch.setattr(gen, "TEMPLATE", copy / "kstatus.lua.tmpl")
+    monkeypatch.setattr(gen, "EXTRA", copy / "kstatus-extra")
+    monkeypatch.setattr(gen, "PATCH", copy / "argocd-cm-patch.yaml")
+    assert gen.stale() == []
+    lua = copy / "memoplane.io" / "GMemSeed" / "health.lua"
+    lua.write_text(lua.read_text().replace('"Stalled"', '"Stuck"'))
+    assert gen.stale() == [lua]
+    assert gen.main(["--check"]) == 1
+    assert gen.main([]) == 0 and gen.stale() == []
