@@ -21,6 +21,35 @@ from .errors import InputError
 _string = json.encoder.c_encode_basestring or json.encoder.py_encode_basestring  # type: ignore[attr-defined]
 
 
+# Deepest nesting of lists and objects accepted anywhere a JSON value crosses a
+# boundary (inputs, return values, manifests): deeper values are refused with a
+# clear message before any recursive code (encoders, decoders) sees them.
+MAX_JSON_DEPTH = 100
+
+
+def json_depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when `value` nests lists/dicts more than `limit` levels deep.
+    Iterative, so a hostile value cannot exhaust the stack while it is checked."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        elif not isinstance(item, (list, tuple)):
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((child, depth + 1) for child in item)
+    return False
+
+
+def check_json_depth(value: Any, what: str, limit: int = MAX_JSON_DEPTH) -> None:
+    """InputError naming `what` when `value` nests deeper than `limit`."""
+    if json_depth_exceeds(value, limit):
+        raise InputError(f"{what} nests lists/objects more than {limit} levels deep",
+                         f"flatten it to at most {limit} levels")
+
+
 def _float(x: float, path: str) -> str:
     if not math.isfinite(x):
         raise InputError(f"{path}: {x!r} is not a JSON number", "use a finite number or null")
