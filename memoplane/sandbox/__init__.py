@@ -7,16 +7,23 @@ Every outcome records the isolation its child actually had (`outcome.isolation`)
 
 What a job gets (agent running as root; see child.py for the order of steps):
 - its own user, mount, pid, ipc and uts namespaces; one empty network
-  namespace shared by all jobs (no interface but a down loopback);
+  namespace shared by all jobs (no interface but a down loopback), and
+  sockets of three address families only: AF_UNIX, AF_INET and AF_INET6
+  (any other family, AF_VSOCK and AF_NETLINK among them, fails with
+  EAFNOSUPPORT; see seccomp_filter.py);
 - host uid/gid JOB_HOST_ID (isolate.py), no supplementary groups, no
   capabilities, empty bounding and ambient sets, NOROOT securebits locked,
   no_new_privs: inside it is root of a one-id user namespace, on the host an
   id that owns no file and no other process;
 - a read-only view (/usr, the Python runtime, a few /etc files, five device
   nodes), its own read-only /proc, a size-limited tmpfs /tmp, /in read-only
-  and /out writable, both idmapped so that no host owner or mode changes;
+  and /out writable, both idmapped so that no host owner or mode changes; a
+  runtime that lives under /tmp (a virtualenv made there) stays visible,
+  read-only, at its own path on top of the job's /tmp;
 - seccomp (mount, ptrace, bpf, keyrings, kexec, modules, namespaces,
-  io_uring, userfaultfd, perf_event_open, ...), Landlock scoping of abstract
+  io_uring, userfaultfd, perf_event_open, setting the clock, address
+  families...; reading the clock's state with adjtimex is allowed: the kernel
+  refuses any change without CAP_SYS_TIME), Landlock scoping of abstract
   unix sockets and signals, rlimits, memory and pids cgroups, a wall-clock
   timeout, caps on logs and outputs; set-id bits and non-regular files in
   outputs are refused.
