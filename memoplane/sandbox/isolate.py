@@ -346,6 +346,13 @@ def view_binds(extra: tuple[str, ...] = ()) -> tuple[list[Bind], dict[str, str]]
     return binds, links
 
 
+def hidden_by_work(binds: list[Bind]) -> list[Bind]:
+    """Directories of the view inside /tmp (a virtualenv made there): a job's
+    own /tmp would hide them, so they are laid over it again, read-only, at
+    the same paths."""
+    return [b for b in binds if b.is_dir and b.dst.startswith("/tmp/")]
+
+
 def _mountpoint(root: str, dst: str, is_dir: bool) -> str:
     target = root + dst
     if is_dir:
@@ -363,28 +370,43 @@ def build_root(root: str, binds: list[Bind], links: dict[str, str], early_pivot:
     nothing here is visible to the host. With `early_pivot` the child also
     enters the view now and later receives /in and /out as detached mounts
     (`attach_request`); otherwise `enter_root` binds them by path and pivots
-    at request time."""
+    at request time. Either way /tmp is mounted here, with the runtime
+    directories inside it laid over it, and only resized per request."""
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
     for dst, target in links.items():
         os.symlink(target, root + dst)
+    over_work = hidden_by_work(binds)
     for b in binds:
-        t = _mountpoint(root, b.dst, b.is_dir)
-        mount(b.src, t, None, MS_BIND | MS_REC)
-        make_readonly(t)
+        if b not in over_work:
+            _bind_readonly(root, b)
     _build_dev(root)
     for d in ("in", "out", "tmp", "proc"):
         os.makedirs(f"{root}/{d}", exist_ok=True)
     mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
     mount(None, root, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    _mount_work(root, DEFAULT_WORK_BYTES)
+    for b in over_work:
+        _bind_readonly(root, b)
     if early_pivot:
-        _mount_work(root, DEFAULT_WORK_BYTES)
         pivot_into(root)
+
+
+def _bind_readonly(root: str, b: Bind) -> None:
+    t = _mountpoint(root, b.dst, b.is_dir)
+    mount(b.src, t, None, MS_BIND | MS_REC)
+    make_readonly(t)
 
 
 def _mount_work(root: str, size: int) -> None:
     mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
           f"size={max(size, 4096)},mode=1777")
+
+
+def _resize_work(path: str, size: int) -> None:
+    """Give the /tmp mounted in the warm phase the request's size."""
+    if size != DEFAULT_WORK_BYTES:
+        mount(None, path, None, MS_REMOUNT | MS_NOSUID | MS_NODEV, f"size={max(size, 4096)}")
 
 
 def pivot_into(root: str) -> None:
@@ -405,9 +427,7 @@ def attach_request(in_fd: int, work_bytes: int, out_bytes: int) -> None:
 def size_request_tmpfs(work_bytes: int, out_bytes: int) -> None:
     """Resize /tmp and /out to the request's limits, when they differ from
     the sizes a warm child mounted them with (both are still empty)."""
-    if work_bytes != DEFAULT_WORK_BYTES:
-        mount(None, "/tmp", None, MS_REMOUNT | MS_NOSUID | MS_NODEV,
-              f"size={max(work_bytes, 4096)}")
+    _resize_work("/tmp", work_bytes)
     resize_out(out_bytes)
 
 
@@ -449,7 +469,7 @@ def _build_dev(root: str) -> None:
 def enter_root(root: str, in_dir: str, work_bytes: int) -> None:
     """Per-request mounts by path, then pivot into the view (no early pivot).
     /out is the tmpfs the warm child mounted (mount_out)."""
-    _mount_work(root, work_bytes)
+    _resize_work(root + "/tmp", work_bytes)
     mount(in_dir, root + "/in", None, MS_BIND | MS_REC)
     make_readonly(root + "/in")
     pivot_into(root)

@@ -40,8 +40,14 @@ def test_outbound_network_to_host_listener(sandbox: Runner) -> None:
 
 
 def test_network_interfaces_are_only_a_down_loopback(sandbox: Runner) -> None:
-    out = sandbox.py("import socket\ndef main():\n    return socket.if_nameindex()\n")
-    assert out.ok and [name for _i, name in out.value] == ["lo"]
+    # From /proc and an ioctl: if_nameindex asks netlink, which jobs cannot open.
+    src = ("import fcntl, socket, struct\ndef main():\n"
+           "    names = [l.split(':')[0].strip() for l in open('/proc/net/dev').readlines()[2:]]\n"
+           "    req = struct.pack('16sH22x', b'lo', 0)\n"
+           "    flags = struct.unpack('16sH22x', fcntl.ioctl(socket.socket(), 0x8913, req))[1]\n"  # SIOCGIFFLAGS
+           "    return names, flags & 1\n")  # IFF_UP
+    out = sandbox.py(src)
+    assert out.ok and out.value == [["lo"], 0], out
 
 
 def test_reading_host_files(sandbox: Runner, tmp_path: Path) -> None:
