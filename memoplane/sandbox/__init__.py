@@ -56,8 +56,10 @@ What a fork sandbox does NOT protect against:
   the zygote holds is readable by every job (why the zygote is exec'd clean
   and never holds credentials), and it learns the zygote's address layout
   (ASLR is the same in every child);
-- denial of service below the limits: disk I/O, inodes on the host under
-  /out, kernel memory outside the cgroup, entropy, and CPU up to the timeout;
+- denial of service below the limits: disk I/O, kernel memory outside the
+  cgroup, entropy, and CPU up to the timeout; a node needs memory for each
+  running job's memory limit plus its output cap (outputs are in RAM until
+  collected);
 - what the agent does with outputs afterwards: they are untrusted data;
 - the same host uid for every job: RLIMIT_NPROC is per user namespace, but
   any per-uid kernel accounting on the host (e.g. inotify, key quotas) is shared.
