@@ -230,10 +230,10 @@ def _env_from_dict(env: Any) -> dict[str, str]:
     """The manifest's env, by the rules the CLI and the CRD apply (memoplane.inputs): a
     tampered or stale manifest is refused here, not at execve as a killed job."""
     if not isinstance(env, dict):
-        raise ValueError(f"job manifest: env is a {type(env).__name__}, not an object of strings")
+        raise ValueError(f"job manifest: env is not an object of strings ({type(env).__name__})")
     for name, value in env.items():
         if not isinstance(value, str):
-            raise ValueError(f"job manifest: env {name!r} is a {type(value).__name__}, not a string")
+            raise ValueError(f"job manifest: env {name!r} is not a string ({type(value).__name__})")
         problem = env_problem(name, value)
         if problem:
             raise ValueError(f"job manifest: env {problem[0]} — {problem[1]}")

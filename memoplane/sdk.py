@@ -194,13 +194,13 @@ def _encode(store: Store, value: Any, allow_pickle: bool, where: str) -> tuple[S
         np.save(buffer, value, allow_pickle=False)
         return store.put_value(buffer.getvalue(), "bytes"), "npy"
     if not allow_pickle:
-        check_json_depth(value, f"the value {where} returned")
+        check_json_depth(value, f"the return value of {where}")
         raise InputError(f"{where} returned a {type(value).__name__}, which is not JSON, bytes or an array",
                          "return plain data, or memoize(allow_pickle=True)")
     try:
         data = pickle.dumps(value, protocol=5)
     except RecursionError:
-        raise too_deep(f"the value {where} returned") from None
+        raise too_deep(f"the return value of {where}") from None
     return store.put_value(data, "bytes"), "pickle"
 
 

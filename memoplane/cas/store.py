@@ -265,8 +265,7 @@ class Store:
         Every directory is made and opened relative to its parent's descriptor with
         O_NOFOLLOW, every file created with O_EXCL | O_NOFOLLOW, so neither a tampered tree
         nor a link planted in `dest` meanwhile can make this write outside `dest`."""
-        Path(dest).mkdir(parents=True, exist_ok=True)
-        with open_directory(dest) as dest_fd:
+        with output_directory(dest) as dest_fd:
             if os.listdir(dest_fd):
                 raise InputError(f"{dest} is not empty", "materialize into a new or empty directory")
             tree = self.get_tree(digest)
@@ -474,8 +473,24 @@ _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOE
 
 @contextlib.contextmanager
 def open_directory(path: str | os.PathLike[str]) -> Iterator[int]:
-    """A descriptor of the directory `path` (a link there is refused: ELOOP)."""
-    fd = os.open(path, _DIR_FLAGS)
+    """A descriptor of the caller's own directory `path` (links in `path` are the caller's
+    choice and followed); everything made below it is reached with O_NOFOLLOW."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def output_directory(path: str | os.PathLike[str]) -> Iterator[int]:
+    """open_directory(path), made first if missing; InputError if it cannot be."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise InputError(f"cannot use {path} as the output directory: {e.strerror}",
+                         "pass a new or empty directory") from None
     try:
         yield fd
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cas import Hit, Store, check_digest, open_store
-from ..cas.store import open_directory, write_new_file
+from ..cas.store import output_directory, write_new_file
 from ..errors import InputError, NotFound, StoreCorrupted
 from .render import render_value
 
@@ -71,7 +71,6 @@ def materialize_result(store: Store, hit: Hit, value: Any, dest: Path) -> list[s
     """Output files into `dest`, plus the return value as return.json / .bin / .npy; every
     file is created new (O_EXCL | O_NOFOLLOW), so nothing is overwritten or written through
     a link. Returns the paths written."""
-    dest.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
     outputs: set[str] = set()
     if hit.result.output_tree is not None:
@@ -83,7 +82,7 @@ def materialize_result(store: Store, hit: Hit, value: Any, dest: Path) -> list[s
         name = RETURN_FILES[kind]
         data = json.dumps(value, sort_keys=True).encode() if kind == "json" else value
         try:
-            with open_directory(dest) as dest_fd:
+            with output_directory(dest) as dest_fd:
                 write_new_file(dest_fd, name, [data])
         except FileExistsError:
             if name in outputs:
