@@ -65,7 +65,7 @@ def backend(tmp_path: Path) -> PlantingBackend:
 
 @pytest.fixture
 def store(backend: PlantingBackend) -> Iterator[Store]:
-    s = Store(backend)  # type: ignore[arg-type]
+    s = Store(backend)
     yield s
     s.close()
 

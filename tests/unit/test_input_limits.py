@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from memoplane import memoize
+from memoplane.api.common import API_VERSION
 from memoplane.canonical import MAX_JSON_DEPTH, canonical_json, check_json_depth, json_depth_exceeds
 from memoplane.cas import FilesystemBackend, Store, b3
 from memoplane.cas.manifests import SealError, StoredValue, seal, unseal
@@ -198,7 +199,7 @@ class NoLookups:
 
 
 def _computejob(inputs: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": p.API_VERSION, "kind": "ComputeJob",
+    return {"apiVersion": API_VERSION, "kind": "ComputeJob",
             "metadata": {"name": "deep", "namespace": "ml", "generation": 1,
                          "creationTimestamp": "2026-01-02T03:04:05Z"},
             "spec": {"python": {"source": "def main(x):\n    return x\n"}, "inputs": inputs, **spec}}
