@@ -15,7 +15,6 @@ object atomic, so a reader never sees a ref whose data was not written first.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -556,8 +555,9 @@ class _DirChain:
 def _tree_files(root_fd: int) -> Iterator[tuple[str, int]]:
     """(relative POSIX path, open read descriptor) of every regular file under `root_fd`,
     depth first, without recursion and without following links; the caller closes each
-    descriptor. Raises InputError for links, other non-files, non-UTF-8 names, and trees
-    deeper than MAX_TREE_DEPTH or larger than MAX_TREE_ENTRIES."""
+    descriptor. Raises InputError for links, other non-files, non-UTF-8 names, entries that
+    change while they are read, and trees deeper than MAX_TREE_DEPTH or larger than
+    MAX_TREE_ENTRIES."""
     stack: list[tuple[int, str, Iterator[str]]] = [(root_fd, "", iter(sorted(os.listdir(root_fd))))]
     seen = 0
     try:
@@ -572,26 +572,34 @@ def _tree_files(root_fd: int) -> Iterator[tuple[str, int]]:
             rel = prefix + name
             seen += 1
             _check_walked(rel, seen, len(stack))
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                child = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-                stack.append((child, rel + "/", iter(sorted(os.listdir(child)))))
-            elif stat.S_ISREG(st.st_mode):
-                fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    os.close(fd)
-                    raise _not_a_file(rel, "changed while it was read")
-                yield rel, fd
+            is_dir, fd = _open_entry(dir_fd, name, rel)
+            if is_dir:
+                stack.append((fd, rel + "/", iter(sorted(os.listdir(fd)))))
             else:
-                raise _not_a_file(rel, "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file")
-    except OSError as e:
-        if e.errno != errno.ELOOP:
-            raise
-        raise _not_a_file(e.filename or "a directory", "replaced by a symbolic link while it was read") from None
+                yield rel, fd
     finally:
         for dir_fd, _, _ in stack:
             if dir_fd != root_fd:
                 os.close(dir_fd)
+
+
+def _open_entry(dir_fd: int, name: str, rel: str) -> tuple[bool, int]:
+    """(is a directory, descriptor) of `name` in `dir_fd`, never through a link."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            raise _not_a_file(rel, "a symbolic link")
+        if stat.S_ISDIR(st.st_mode):
+            return True, os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_a_file(rel, "not a regular file")
+        fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    except OSError as e:  # replaced by a link (ELOOP, ENOTDIR) or removed after the listing
+        raise _not_a_file(rel, f"changed while it was read ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _not_a_file(rel, "changed while it was read (no longer a regular file)")
+    return False, fd
 
 
 def _check_walked(rel: str, seen: int, depth: int) -> None:

@@ -31,9 +31,13 @@ class PlantingBackend:
         self.trigger = ""
         self.plant: Callable[[], None] = lambda: None
 
-    def get(self, name: str) -> bytes:
+    def fire(self, name: str) -> None:
         if name == self.trigger:
+            self.trigger = ""  # once
             self.plant()
+
+    def get(self, name: str) -> bytes:
+        self.fire(name)
         return self.inner.get(name)
 
     def put(self, name: str, data: bytes) -> None:
@@ -172,3 +176,61 @@ def test_result_value_file_never_goes_through_a_planted_link(
     with pytest.raises(InputError) as caught:
         materialize_result(store, hit, {"total": 60}, dest)
     assert str(caught.value) == f"{dest / 'return.json'} already exists — pass a new directory to -o"
+
+
+# -- put_tree: a job's output directory changed while the host stores it -----------------------
+
+
+class PlantingOnWrite(PlantingBackend):
+    """Runs `plant` when the store writes `trigger` (a chunk: while a file is being stored)."""
+
+    def get(self, name: str) -> bytes:
+        return self.inner.get(name)
+
+    def put_if_absent(self, name: str, data: bytes | Callable[[], bytes]) -> bool:
+        self.fire(name)
+        return self.inner.put_if_absent(name, data)
+
+
+def test_put_tree_never_reads_through_a_link_swapped_in(tmp_path: Path, outside: Path) -> None:
+    secret = outside / "victim"
+    store = Store(PlantingOnWrite(tmp_path / "store"))
+    src = tmp_path / "out"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_bytes(b"first")
+    (src / "sub" / "victim").write_bytes(b"job's own")
+    trigger = object_name("chunks", b3(b"first"))
+    assert isinstance(store.backend, PlantingOnWrite)
+    store.backend.trigger = trigger
+
+    def swap() -> None:  # a.txt is being stored; sub/ has not been opened yet
+        os.rename(src / "sub", tmp_path / "moved")
+        (src / "sub").symlink_to(outside)
+
+    store.backend.plant = swap
+    with pytest.raises(InputError) as caught:
+        store.put_tree(src)
+    assert str(caught.value) == ("output 'sub' is a symbolic link"
+                                 " — write regular files and directories only; stored trees never hold links")
+    assert not store.backend.exists(object_name("blobs", b3(secret.read_bytes())))
+    store.close()
+
+
+def test_put_tree_keeps_reading_the_directory_it_opened(tmp_path: Path, outside: Path) -> None:
+    store = Store(PlantingOnWrite(tmp_path / "store"))
+    src = tmp_path / "out"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "a.txt").write_bytes(b"first")
+    (src / "sub" / "victim").write_bytes(b"job's own")
+    assert isinstance(store.backend, PlantingOnWrite)
+    store.backend.trigger = object_name("chunks", b3(b"first"))
+
+    def swap() -> None:  # sub/ is open and half read: the rest still comes from it
+        os.rename(src / "sub", tmp_path / "moved")
+        (src / "sub").symlink_to(outside)
+
+    store.backend.plant = swap
+    tree = store.get_tree(store.put_tree(src).digest)
+    assert {rel: store.get_bytes(e.digest) for rel, e in tree.entries.items()} == \
+        {"sub/a.txt": b"first", "sub/victim": b"job's own"}
+    store.close()
