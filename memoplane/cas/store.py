@@ -446,15 +446,12 @@ def _decode_json_value(data: bytes, digest: str) -> Any:
     nests deeper than MAX_JSON_DEPTH was not written by memoplane."""
     try:
         value = json.loads(data)
+        if not json_depth_exceeds(value):
+            return value
     except (ValueError, RecursionError):
-        value = _UNDECODABLE
-    if value is _UNDECODABLE or json_depth_exceeds(value):
-        raise StoreCorrupted(f"the JSON value in blob {digest} is not JSON memoplane writes (bad or nested too deep)",
-                             "recompute the result (memoplane run --policy Refresh)")
-    return value
-
-
-_UNDECODABLE = object()
+        pass
+    raise StoreCorrupted(f"the JSON value in blob {digest} is not JSON memoplane writes (bad or nested too deep)",
+                         "recompute the result (memoplane run --policy Refresh)")
 
 
 def _sealed(data: bytes, parse: Callable[[dict[str, Any]], T]) -> T:
@@ -464,7 +461,8 @@ def _sealed(data: bytes, parse: Callable[[dict[str, Any]], T]) -> T:
         raise _Damaged(str(e)) from None
 
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_OWN_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_DIR_FLAGS = _OWN_DIR_FLAGS | os.O_NOFOLLOW
 # O_NONBLOCK: a FIFO swapped in after the lstat must not block the open; fstat refuses it.
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -474,7 +472,7 @@ _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOE
 def open_directory(path: str | os.PathLike[str]) -> Iterator[int]:
     """A descriptor of the caller's own directory `path` (links in `path` are the caller's
     choice and followed); everything made below it is reached with O_NOFOLLOW."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.open(path, _OWN_DIR_FLAGS)
     try:
         yield fd
     finally:
@@ -486,7 +484,7 @@ def output_directory(path: str | os.PathLike[str]) -> Iterator[int]:
     """open_directory(path), made first if missing; InputError if it cannot be."""
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(path, _OWN_DIR_FLAGS)
     except OSError as e:
         raise InputError(f"cannot use {path} as the output directory: {e.strerror}",
                          "pass a new or empty directory") from None
