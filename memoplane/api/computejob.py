@@ -195,7 +195,9 @@ class ComputeJobSpec(K8sModel):
     command: list[str] | None = Field(default=None, min_length=1, description="argv, run with fork+exec.")
     inputs: InputList = Field(default_factory=list)
     map: MapSpec | None = None
-    env: EnvMap = Field(default_factory=dict, description="Environment variables; part of the key.")
+    env: EnvMap = Field(default_factory=dict, description=(
+        "Environment variables; part of the key. Names match [-._a-zA-Z][-._a-zA-Z0-9]* and do not start"
+        " with MEMOPLANE_; values hold no NUL."))
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     cache: CacheSpec = Field(default_factory=CacheSpec)
     resources: Resources = Field(default_factory=Resources)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum
 from pathlib import Path
@@ -277,3 +278,21 @@ def test_stored_json_that_memoplane_never_writes_is_refused(tmp_path: Path) -> N
     assert unseal(seal({"a": 1})) == {"a": 1}
     store.close()
 
+
+
+def test_memoize_reports_other_deep_arguments_the_same_way(tmp_path: Path) -> None:
+    @dataclass
+    class Node:
+        child: Any
+
+    @memoize(store=tmp_path / "store")
+    def walk(node: Any) -> int:
+        return 1
+
+    chain: Any = None
+    for _ in range(5000):  # not lists or dicts: only the fingerprint's own recursion sees the depth
+        chain = Node(chain)
+    with pytest.raises(InputError) as caught:
+        walk(chain)
+    assert str(caught.value) == (f"test_memoize_reports_other_deep_arguments_the_same_way.<locals>.walk(node=...) "
+                                 f"{TOO_DEEP}")
