@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import repeat
 from typing import Any
 
 from .errors import InputError
@@ -27,27 +28,42 @@ _string = json.encoder.c_encode_basestring or json.encoder.py_encode_basestring 
 MAX_JSON_DEPTH = 100
 
 
+_CONTAINERS = (list, tuple, dict)
+
+
 def json_depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     """True when `value` nests lists/dicts more than `limit` levels deep.
-    Iterative, so a hostile value cannot exhaust the stack while it is checked."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            item = list(item.values())
-        elif not isinstance(item, (list, tuple)):
-            continue
+    Iterative (one level at a time), so a hostile value cannot exhaust the stack
+    while it is checked; flat containers of scalars are skipped at C speed."""
+    level = [value] if isinstance(value, _CONTAINERS) else []
+    depth = 0
+    while level:
         if depth >= limit:
             return True
-        stack.extend((child, depth + 1) for child in item)
+        level = [child for item in level for child in _nested(item)]
+        depth += 1
     return False
+
+
+def _nested(container: Any) -> list[Any]:
+    """The lists/tuples/dicts directly inside `container`."""
+    children = list(container.values()) if isinstance(container, dict) else container
+    kinds = set(map(type, children))
+    if not any(issubclass(kind, _CONTAINERS) for kind in kinds):
+        return []
+    return [child for child in children if isinstance(child, _CONTAINERS)]
+
+
+def too_deep(what: str, limit: int = MAX_JSON_DEPTH) -> InputError:
+    """The one message for a value nested deeper than `limit`."""
+    return InputError(f"{what} nests lists/objects more than {limit} levels deep",
+                      f"flatten it to at most {limit} levels")
 
 
 def check_json_depth(value: Any, what: str, limit: int = MAX_JSON_DEPTH) -> None:
     """InputError naming `what` when `value` nests deeper than `limit`."""
     if json_depth_exceeds(value, limit):
-        raise InputError(f"{what} nests lists/objects more than {limit} levels deep",
-                         f"flatten it to at most {limit} levels")
+        raise too_deep(what, limit)
 
 
 def _float(x: float, path: str) -> str:
@@ -57,7 +73,8 @@ def _float(x: float, path: str) -> str:
     return float.__repr__(float(x))
 
 
-def _encode(value: Any, path: str, out: list[str]) -> None:
+def _encode(value: Any, path: str, out: list[str], room: int) -> None:
+    """`room`: how many more levels of lists/objects may open here."""
     if value is None:
         out.append("null")
     elif value is True:
@@ -70,12 +87,14 @@ def _encode(value: Any, path: str, out: list[str]) -> None:
         out.append(_float(float(value), path))
     elif isinstance(value, str):
         out.append(_string(value))
+    elif isinstance(value, _CONTAINERS) and room <= 0:
+        raise too_deep("the value")
     elif isinstance(value, (list, tuple)):
         out.append("[")
         for i, item in enumerate(value):
             if i:
                 out.append(",")
-            _encode(item, f"{path}[{i}]", out)
+            _encode(item, f"{path}[{i}]", out, room - 1)
         out.append("]")
     elif isinstance(value, dict):
         keys = list(value)
@@ -88,7 +107,7 @@ def _encode(value: Any, path: str, out: list[str]) -> None:
                 out.append(",")
             out.append(_string(k))
             out.append(":")
-            _encode(value[k], f"{path}.{k}", out)
+            _encode(value[k], f"{path}.{k}", out, room - 1)
         out.append("}")
     else:
         raise InputError(
@@ -97,18 +116,26 @@ def _encode(value: Any, path: str, out: list[str]) -> None:
         )
 
 
-def _is_plain(value: Any) -> bool:
-    """Exactly-typed JSON with string keys and finite floats: what the fast path takes."""
+# Endless `room` arguments for map(), made once: a container's children get one level less.
+_ROOM = tuple(repeat(room) for room in range(MAX_JSON_DEPTH))
+
+
+def _is_plain(value: Any, room: int = MAX_JSON_DEPTH) -> bool:
+    """Exactly-typed JSON with string keys and finite floats: what the fast path takes.
+    Raises InputError for lists/objects deeper than MAX_JSON_DEPTH (`room` levels left),
+    so neither encoder ever recurses past the cap."""
     kind = type(value)
     if kind is str or kind is int or kind is bool or value is None:
         return True
     if kind is float:
         return math.isfinite(value)
-    if kind is list or kind is tuple:
-        return all(map(_is_plain, value))
+    if kind is not list and kind is not tuple and kind is not dict:
+        return False
+    if room <= 0:
+        raise too_deep("the value")
     if kind is dict:
-        return all(type(k) is str for k in value) and all(map(_is_plain, value.values()))
-    return False
+        return all(type(k) is str for k in value) and all(map(_is_plain, value.values(), _ROOM[room - 1]))
+    return all(map(_is_plain, value, _ROOM[room - 1]))
 
 
 def canonical_json(value: Any) -> bytes:
@@ -116,12 +143,13 @@ def canonical_json(value: Any) -> bytes:
 
     Plain values go through the json module's C encoder, whose output with these
     settings is exactly our format; anything else takes the Python encoder,
-    which accepts subclasses (numpy floats, IntEnum) and names the bad path."""
+    which accepts subclasses (numpy floats, IntEnum) and names the bad path.
+    Values nesting deeper than MAX_JSON_DEPTH raise InputError before either recurses."""
     try:
         if _is_plain(value):
             return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         out: list[str] = []
-        _encode(value, "$", out)
+        _encode(value, "$", out, MAX_JSON_DEPTH)
         return "".join(out).encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InputError(

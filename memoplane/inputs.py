@@ -9,10 +9,40 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .canonical import check_json_depth, too_deep
 from .errors import InputError
 from .quantity import parse_quantity  # the CRDs' grammar
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+# What a job's environment variable may be called, one definition for the CLI, the
+# ComputeJob CRD (spec.env) and the job manifest an agent runs. Kubernetes' classic rule
+# for container env names (C_IDENTIFIER plus '-' and '.'): never empty, never '=' or NUL
+# (execve cannot carry them), no leading digit. MEMOPLANE_* is reserved for the sandbox.
+ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+RESERVED_ENV_PREFIX = "MEMOPLANE_"
+ENV_NAME_FIX = "use letters, digits, '_', '-' and '.', not a digit first, and not the MEMOPLANE_ prefix (e.g. MODE)"
+ENV_VALUE_FIX = "remove the NUL character (a process environment cannot hold it)"
+_ENV_NAME = re.compile(ENV_NAME_PATTERN.removeprefix("^").removesuffix("$"))
+
+
+def env_name_problem(name: str) -> str | None:
+    """Why `name` cannot be an environment variable of a job (None: it can)."""
+    if not _ENV_NAME.fullmatch(name):
+        return f"{name!r} is not a valid variable name"
+    if name.startswith(RESERVED_ENV_PREFIX):
+        return f"{name!r} uses the reserved prefix {RESERVED_ENV_PREFIX}"
+    return None
+
+
+def env_problem(name: str, value: str) -> tuple[str, str] | None:
+    """(cause, fix) when `name=value` cannot be in a job's environment, else None."""
+    problem = env_name_problem(name)
+    if problem:
+        return problem, ENV_NAME_FIX
+    if "\0" in value:
+        return f"the value of {name} contains a NUL character", ENV_VALUE_FIX
+    return None
 
 
 @dataclass(frozen=True)
@@ -49,7 +79,7 @@ def _seed_arg(name: str, raw: str) -> SeedArg:
 
 
 def check_input_name(name: str, flag: str = "--input") -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise InputError(
             f"{flag} {name!r}: an input name must be a Python identifier",
             "use letters, digits and _ (e.g. rows, scale_2)",
@@ -72,12 +102,16 @@ def parse_input(text: str) -> tuple[str, Any | FileArg | SeedArg]:
             raise InputError(f"--input {name}: file {raw[1:]!r} does not exist", "check the path after '@'")
         return name, FileArg(path)
     try:
-        return name, json.loads(raw, parse_constant=_reject_constant)
+        value = json.loads(raw, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise InputError(
             f"--input {name}: {raw!r} is not JSON ({exc.msg})",
             f"quote strings as JSON, e.g. --input '{name}=\"{raw}\"', or pass a file with {name}=@PATH",
         ) from None
+    except RecursionError:  # too deep for the decoder itself, let alone the cap
+        raise too_deep(f"--input {name}") from None
+    check_json_depth(value, f"--input {name}")
+    return name, value
 
 
 def _reject_constant(token: str) -> Any:
@@ -100,8 +134,9 @@ def parse_env(texts: list[str]) -> dict[str, str]:
         name, sep, value = text.partition("=")
         if not sep or not name:
             raise InputError(f"--env {text!r} has no NAME=", "write --env NAME=VALUE")
-        if name.startswith("MEMOPLANE_"):
-            raise InputError(f"--env {name}: MEMOPLANE_* names are reserved", "choose another name")
+        problem = env_problem(name, value)
+        if problem:
+            raise InputError(f"--env {problem[0]}", problem[1])
         env[name] = value
     return env
 

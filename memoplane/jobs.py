@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .canonical import canonical_json
+from .canonical import canonical_json, json_depth_exceeds, too_deep
+from .inputs import env_problem
 from .keys import KeyParts, code_digest, command_digest, digest_value, runtime_identity
 from .sandbox.types import CommandTask, Limits, PythonTask
 
@@ -188,11 +189,13 @@ def _input_to_dict(value: Input) -> dict[str, Any]:
                      "count": value.count, "overlay": overlay}}
 
 
-def _input_from_dict(value: dict[str, Any]) -> Input:
+def _input_from_dict(name: str, value: dict[str, Any]) -> Input:
     if "json" in value:
+        _check_depth(value["json"], f"input {name!r}")
         return JsonInput(value["json"])
     if "seed" in value:  # added within v1: manifests without seeds read as before
         seed = value["seed"]
+        _check_depth(seed["params"], f"input {name!r} (seed parameters)")
         overlay = seed.get("overlay")
         return SeedInput(dict(seed["params"]), str(seed["digest"]), int(seed["offset"]), int(seed["count"]),
                          BlobInput(overlay["digest"], int(overlay["size"])) if overlay else None)
@@ -208,10 +211,30 @@ def job_from_dict(data: dict[str, Any]) -> Job:
         code = PythonCode(python["source"], python["entrypoint"], python.get("filename", "<job>"))
     else:
         code = CommandCode(tuple(data["command"]))
-    inputs: dict[str, Input] = {name: _input_from_dict(value) for name, value in data["inputs"].items()}
+    inputs: dict[str, Input] = {name: _input_from_dict(name, value) for name, value in data["inputs"].items()}
     limits = data.get("limits", {})
-    return Job(code=code, inputs=inputs, env=dict(data.get("env", {})), salt=str(data.get("salt", "")),
+    return Job(code=code, inputs=inputs, env=_env_from_dict(data.get("env", {})), salt=str(data.get("salt", "")),
                profile=str(data.get("profile", "python")), runtime=data.get("runtime"),
                limits=Limits(timeout_s=float(limits.get("timeout_s", Limits.timeout_s)),
                              memory_bytes=int(limits.get("memory_bytes", Limits.memory_bytes)),
                              max_output_bytes=int(limits.get("max_output_bytes", Limits.max_output_bytes))))
+
+
+def _check_depth(value: Any, what: str) -> None:
+    if json_depth_exceeds(value):
+        error = too_deep(what)
+        raise ValueError(f"job manifest: {error.cause}; it was not made by memoplane's resolver")
+
+
+def _env_from_dict(env: Any) -> dict[str, str]:
+    """The manifest's env, by the rules the CLI and the CRD apply (memoplane.inputs): a
+    tampered or stale manifest is refused here, not at execve as a killed job."""
+    if not isinstance(env, dict):
+        raise ValueError(f"job manifest: env is not an object of strings ({type(env).__name__})")
+    for name, value in env.items():
+        if not isinstance(value, str):
+            raise ValueError(f"job manifest: env {name!r} is not a string ({type(value).__name__})")
+        problem = env_problem(name, value)
+        if problem:
+            raise ValueError(f"job manifest: env {problem[0]} — {problem[1]}")
+    return dict(env)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
-from .canonical import canonical_json
+from .canonical import MAX_JSON_DEPTH, canonical_json, check_json_depth, too_deep
 from .cas import Provenance, ResultManifest, Store, StoredValue, open_store
 from .embedded import key_lock
 from .errors import InputError, NotFound, StoreCorrupted
@@ -85,7 +85,7 @@ class Memoized:
         return dict(bound.arguments)
 
     def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, str]:
-        return {name: "py:" + fingerprint(value, where=f"{self.func.__qualname__}({name}=...)")
+        return {name: "py:" + _fingerprint(value, f"{self.func.__qualname__}({name}=...)")
                 for name, value in self._arguments(args, kwargs).items() if name not in self.ignore}
 
     def key_parts(self, *args: Any, **kwargs: Any) -> KeyParts:
@@ -157,15 +157,28 @@ def _source(func: Callable[..., Any]) -> str:
                          "define the function in a .py file (not the REPL or exec)") from None
 
 
-def _is_plain_json(value: Any) -> bool:
-    """True only for values that come back from JSON with the same types."""
+def _fingerprint(value: Any, where: str) -> str:
+    """An argument's fingerprint; nesting deeper than MAX_JSON_DEPTH is an InputError
+    (checked iteratively first; a RecursionError from other containers, e.g. a chain of
+    dataclasses, is reported the same way)."""
+    if isinstance(value, (list, tuple, dict)):
+        check_json_depth(value, where)
+    try:
+        return fingerprint(value, where=where)
+    except RecursionError:
+        raise too_deep(where) from None
+
+
+def _is_plain_json(value: Any, room: int = MAX_JSON_DEPTH) -> bool:
+    """True only for values that come back from JSON with the same types, and nest at
+    most `room` levels (deeper values go the pickle way, or are refused)."""
     if type(value) in _JSON_SCALARS:
         return not isinstance(value, float) or math.isfinite(value)
+    if type(value) not in (list, dict) or room <= 0:
+        return False
     if type(value) is list:
-        return all(_is_plain_json(v) for v in value)
-    if type(value) is dict:
-        return all(type(k) is str and _is_plain_json(v) for k, v in value.items())
-    return False
+        return all(_is_plain_json(v, room - 1) for v in value)
+    return all(type(k) is str and _is_plain_json(v, room - 1) for k, v in value.items())
 
 
 def _encode(store: Store, value: Any, allow_pickle: bool, where: str) -> tuple[StoredValue, str]:
@@ -181,9 +194,14 @@ def _encode(store: Store, value: Any, allow_pickle: bool, where: str) -> tuple[S
         np.save(buffer, value, allow_pickle=False)
         return store.put_value(buffer.getvalue(), "bytes"), "npy"
     if not allow_pickle:
+        check_json_depth(value, f"the return value of {where}")
         raise InputError(f"{where} returned a {type(value).__name__}, which is not JSON, bytes or an array",
                          "return plain data, or memoize(allow_pickle=True)")
-    return store.put_value(pickle.dumps(value, protocol=5), "bytes"), "pickle"
+    try:
+        data = pickle.dumps(value, protocol=5)
+    except RecursionError:
+        raise too_deep(f"the return value of {where}") from None
+    return store.put_value(data, "bytes"), "pickle"
 
 
 def _load(store: Store, result: ResultManifest) -> tuple[str, bytes]:

@@ -13,6 +13,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -23,6 +24,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from ..inputs import ENV_NAME_FIX, ENV_NAME_PATTERN, ENV_VALUE_FIX, RESERVED_ENV_PREFIX, env_name_problem
 from ..quantity import QUANTITY_PATTERN, _check_quantity, parse_quantity  # noqa: F401  (re-exported)
 
 GROUP = "memoplane.io"
@@ -119,6 +121,34 @@ Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 JsonValue = Annotated[
     Any,
     WithJsonSchema({"x-kubernetes-preserve-unknown-fields": True, "nullable": True}),
+]
+
+MAX_ENV = 128
+ENV_VALUE_PATTERN = r"^[^\x00]*$"
+_BAD_ENV_NAME = f"!k.matches('{ENV_NAME_PATTERN}') || k.startsWith('{RESERVED_ENV_PREFIX}')"
+ENV_NAME_MESSAGE = f"is not a valid variable name: {ENV_NAME_FIX}"
+
+
+def _check_env(env: dict[str, str]) -> dict[str, str]:
+    """The CRD's rules for spec.env, with the same messages (names: memoplane.inputs)."""
+    for name, value in env.items():
+        if env_name_problem(name):
+            raise ValueError(f"'{name}' {ENV_NAME_MESSAGE}")
+        if "\0" in value:
+            raise ValueError(f"the value of {name} contains a NUL character: {ENV_VALUE_FIX}")
+    return env
+
+
+# spec.env: names by the one definition in memoplane.inputs (a CEL rule on the keys, since
+# a CRD schema cannot constrain map keys), values without NUL (a pattern).
+EnvMap = Annotated[
+    dict[str, Annotated[str, Field(json_schema_extra={"pattern": ENV_VALUE_PATTERN})]],
+    Field(max_length=MAX_ENV, json_schema_extra=validations(cel(
+        f"!self.exists(k, {_BAD_ENV_NAME})",
+        f"a key {ENV_NAME_MESSAGE}",
+        message_expression=f"\"'\" + self.filter(k, {_BAD_ENV_NAME})[0] + \"' {ENV_NAME_MESSAGE}\"",
+    ))),
+    AfterValidator(_check_env),
 ]
 
 ConditionStatus = Literal["True", "False", "Unknown"]

@@ -8,10 +8,11 @@ CEL cannot see the field. tests/unit/test_api_validation.py checks that they agr
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from ..canonical import json_depth_exceeds, too_deep
 from .common import (
     AGE_COLUMN,
     API_VERSION,
@@ -20,6 +21,7 @@ from .common import (
     BucketName,
     Conditions,
     Digest,
+    EnvMap,
     Identifier,
     JsonValue,
     K8sModel,
@@ -107,6 +109,15 @@ class Input(K8sModel):
         refs = (self.from_job, self.from_seed, self.from_object, self.from_config_map)
         return found + [s for s, ref in zip(SOURCES[1:], refs, strict=True) if ref is not None]
 
+    @field_validator("value")
+    @classmethod
+    def _not_too_deep(cls, value: Any) -> Any:
+        # Deeper values would crash recursive encoders later (the key, the agent's decode).
+        if json_depth_exceeds(value):
+            error = too_deep("the value")
+            raise ValueError(f"{error.cause}: {error.fix}")
+        return value
+
     @model_validator(mode="after")
     def _one_source(self) -> Input:
         count = len(self.sources())
@@ -184,7 +195,9 @@ class ComputeJobSpec(K8sModel):
     command: list[str] | None = Field(default=None, min_length=1, description="argv, run with fork+exec.")
     inputs: InputList = Field(default_factory=list)
     map: MapSpec | None = None
-    env: dict[str, str] = Field(default_factory=dict, max_length=128, description="Part of the key.")
+    env: EnvMap = Field(default_factory=dict, description=(
+        "Environment variables; part of the key. Names match [-._a-zA-Z][-._a-zA-Z0-9]* and do not start"
+        " with MEMOPLANE_; values hold no NUL."))
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     cache: CacheSpec = Field(default_factory=CacheSpec)
     resources: Resources = Field(default_factory=Resources)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any, Literal, cast
 
-from ..canonical import canonical_json
+from ..canonical import canonical_json, check_json_depth
 from ..errors import InputError
 from .digests import b3, check_digest
 
@@ -41,6 +42,8 @@ def unseal(stored: bytes) -> dict[str, Any]:
         body = json.loads(data)
     except ValueError as e:
         raise SealError(f"it is not JSON: {e}") from None
+    except RecursionError:  # never written by memoplane: its values nest at most MAX_JSON_DEPTH
+        raise SealError("its JSON nests too deeply to decode") from None
     if not isinstance(body, dict):
         raise SealError("it is not a JSON object")
     return body
@@ -85,24 +88,57 @@ class BlobManifest:
         return cls(size, chunks)
 
 
+# Bounds on a stored tree (an output directory): deeper or bigger trees are refused when
+# stored, and refused when loaded, so no walk over a tree is ever unbounded.
+MAX_TREE_DEPTH = 128          # path components of an entry (a/b/c is 3)
+MAX_TREE_ENTRIES = 100_000    # files, and directories while walking
+NAME_MAX = 255                # bytes in one path component (Linux)
+
+
+def tree_path_problem(rel: str) -> str | None:
+    """Why `rel` cannot name a file in a tree (None: it can): a relative POSIX path of
+    UTF-8 names, no empty, '.' or '..' component, no NUL, at most MAX_TREE_DEPTH deep."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/"):
+        return "is not a relative path"
+    if any(part in ("", ".", "..") for part in parts):
+        return "has an empty, '.' or '..' component"
+    if "\0" in rel:
+        return "contains a NUL character"
+    if len(parts) > MAX_TREE_DEPTH:
+        return f"is nested more than {MAX_TREE_DEPTH} directories deep"
+    try:
+        if any(len(part.encode("utf-8")) > NAME_MAX for part in parts):
+            return f"has a name longer than {NAME_MAX} bytes"
+    except UnicodeEncodeError:
+        return "is not UTF-8"
+    return None
+
+
+def short_path(rel: str, limit: int = 120) -> str:
+    """A path for a one-line message: repr'd, and cut in the middle when long."""
+    text = repr(rel)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]}"
+
+
 @dataclass(frozen=True)
 class TreeEntry:
-    """A regular file (digest, size, exec) or a symlink (link, never followed)."""
+    """A regular file: its blob, size and exec bit. Trees hold nothing else (no links)."""
 
-    digest: str | None = None
+    digest: str
     size: int = 0
     exec: bool = False
-    link: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        if self.link is not None:
-            return {"link": self.link}
         return {"digest": self.digest, "size": self.size, "exec": self.exec}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str) -> TreeEntry:
-        if "link" in d:
-            return cls(link=_get(d, "link", str, where))
+        if not isinstance(d, dict):
+            raise InputError(f"{where} is not an object", "rewrite the tree")
+        if "link" in d:  # written by memoplane before links were refused
+            raise InputError(f"{where} is a symbolic link, which a stored tree may not hold",
+                             "recompute the result; its job must write regular files only")
         return cls(check_digest(_get(d, "digest", str, where), f"{where}.digest"),
                    _get(d, "size", int, where), bool(_get(d, "exec", bool, where)))
 
@@ -120,11 +156,27 @@ class TreeManifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TreeManifest:
+        """Refuses what materialising could not do safely: bad paths, a path that is both a
+        file and a directory, too many entries, links (see TreeEntry)."""
         raw = _get(d, "entries", dict, "tree")
-        return cls({p: TreeEntry.from_dict(e, f"tree.entries[{p!r}]") for p, e in raw.items()})
+        if len(raw) > MAX_TREE_ENTRIES:
+            raise InputError(f"tree has {len(raw)} entries, more than {MAX_TREE_ENTRIES}", "rewrite the tree")
+        entries = {}
+        for rel, entry in raw.items():
+            problem = tree_path_problem(rel)
+            if problem:
+                raise InputError(f"tree entry {short_path(rel)} {problem}", "the tree was tampered with")
+            entries[rel] = TreeEntry.from_dict(entry, f"tree.entries[{short_path(rel)}]")
+        # In component order a file's descendants, if any, come right after it.
+        ordered = sorted(entries, key=lambda rel: rel.split("/"))
+        for rel, after in pairwise(ordered):
+            if after.startswith(rel + "/"):
+                raise InputError(f"tree entry {short_path(rel)} is both a file and a directory",
+                                 "the tree was tampered with")
+        return cls(entries)
 
     def blobs(self) -> list[str]:
-        return [e.digest for e in self.entries.values() if e.digest is not None]
+        return [e.digest for e in self.entries.values()]
 
     @property
     def digest(self) -> str:
@@ -154,6 +206,7 @@ class StoredValue:
         if kind not in VALUE_KINDS:
             raise InputError(f"value.kind: {kind!r} is not a value kind", f"use one of {VALUE_KINDS}")
         blob = d.get("blob")
+        check_json_depth(d.get("inline"), "value.inline")
         return cls(cast(ValueKind, kind), d.get("inline"), BlobRef.from_dict(blob, "value.blob") if blob else None)
 
 

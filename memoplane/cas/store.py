@@ -14,27 +14,42 @@ object atomic, so a reader never sees a ref whose data was not written first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import stat
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import blake3
 
-from ..canonical import canonical_json
+from ..canonical import canonical_json, json_depth_exceeds
 from ..errors import InputError, NotFound, StoreCorrupted
 from .backend import Backend
-from .chunking import (ChunkDecodeError, ChunkParams, Ingested, Pools, decode_chunk, ingest_buffer,
-                       ingest_stream)
+from .chunking import ChunkDecodeError, ChunkParams, Ingested, Pools, decode_chunk, ingest_buffer, ingest_stream
 from .digests import b3, check_digest, object_name, ref_name
-from .manifests import (BlobManifest, BlobRef, ResultManifest, SealError, StoredValue, TreeEntry,
-                        TreeManifest, ValueKind, seal, unseal)
+from .manifests import (
+    MAX_TREE_DEPTH,
+    MAX_TREE_ENTRIES,
+    BlobManifest,
+    BlobRef,
+    ResultManifest,
+    SealError,
+    StoredValue,
+    TreeEntry,
+    TreeManifest,
+    ValueKind,
+    seal,
+    short_path,
+    tree_path_problem,
+    unseal,
+)
 from .signing import SignatureInvalid, Signer
 
 if TYPE_CHECKING:
@@ -137,17 +152,21 @@ class Store:
         return b"".join(self.iter_blob(digest))
 
     def write_blob(self, digest: str, path: str | os.PathLike[str], *, executable: bool = False) -> None:
-        """Write the blob to `path`; the file appears only once fully verified."""
+        """Write the blob to `path` (replacing it); the file appears only once fully verified."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.memoplane-tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                for data in self.iter_blob(digest):
-                    f.write(data)
-            os.chmod(tmp, 0o755 if executable else 0o644)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        tmp = f".{path.name}.memoplane-tmp-{os.getpid()}-{threading.get_ident()}"
+        with open_directory(path.parent) as parent:
+            try:
+                self.write_blob_at(digest, parent, tmp, executable=executable)
+                os.replace(tmp, path.name, src_dir_fd=parent, dst_dir_fd=parent)
+            finally:
+                _unlink_quietly(parent, tmp)
+
+    def write_blob_at(self, digest: str, dir_fd: int, name: str, *, executable: bool = False) -> None:
+        """Create `name` in the directory `dir_fd` with the blob's verified content; never
+        through a link and never over an existing file (FileExistsError). A file left
+        half-written by a failed read is removed."""
+        write_new_file(dir_fd, name, self.iter_blob(digest), executable=executable)
 
     def _read_chunk(self, digest: str, blob: str = "") -> bytes:
         def check(stored: bytes) -> bytes:
@@ -207,19 +226,25 @@ class Store:
     # -- trees -----------------------------------------------------------------
 
     def put_tree(self, root: str | os.PathLike[str]) -> BlobRef:
-        """Store a directory: regular files (with their exec bit) and symlinks
-        (recorded, never followed). Empty directories are not kept."""
-        root = Path(root)
-        if not root.is_dir():
-            raise InputError(f"output tree {root} is not a directory", "pass an existing directory")
+        """Store a directory's regular files (with their exec bit); empty directories are not
+        kept. Anything else (a symlink, a device, a FIFO) is refused, and so are trees deeper
+        than MAX_TREE_DEPTH or with more than MAX_TREE_ENTRIES entries. Every name is opened
+        relative to its directory's descriptor without following links, so a tree changed
+        while it is read can never make this read a file outside `root`."""
+        try:
+            root_fd = os.open(root, _DIR_FLAGS)
+        except OSError as e:
+            raise InputError(f"output tree {root} is not a directory ({e.strerror})",
+                             "pass an existing directory, not a link to one") from None
         entries: dict[str, TreeEntry] = {}
-        for rel, st in _walk_tree(root):
-            path = root / rel
-            if stat.S_ISLNK(st.st_mode):
-                entries[rel] = TreeEntry(link=os.readlink(path))
-            else:
-                blob = self.put_file(path)
-                entries[rel] = TreeEntry(blob.digest, blob.size, bool(st.st_mode & stat.S_IXUSR))
+        try:
+            for rel, fd in _tree_files(root_fd):
+                with os.fdopen(fd, "rb", buffering=0) as f:
+                    executable = bool(os.fstat(f.fileno()).st_mode & stat.S_IXUSR)
+                    blob = self.put_stream(f)
+                entries[rel] = TreeEntry(blob.digest, blob.size, executable)
+        finally:
+            os.close(root_fd)
         tree = TreeManifest(entries)
         self.backend.put_if_absent(object_name("trees", tree.digest), seal(tree.to_dict()))
         return BlobRef(tree.digest, tree.size)
@@ -234,21 +259,26 @@ class Store:
         return self._load(object_name("trees", digest), check)
 
     def materialize(self, digest: str, dest: str | os.PathLike[str]) -> None:
-        """Recreate a tree under `dest` (created; must be empty if it exists)."""
-        dest = Path(dest)
-        dest.mkdir(parents=True, exist_ok=True)
-        if any(dest.iterdir()):
-            raise InputError(f"{dest} is not empty", "materialize into a new or empty directory")
-        tree = self.get_tree(digest)
-        links = {p for p, e in tree.entries.items() if e.link is not None}
-        for rel, entry in sorted(tree.entries.items()):
-            _check_rel(rel, links)
-            if entry.digest is not None:
-                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-                self.write_blob(entry.digest, dest / rel, executable=entry.exec)
-        for rel in sorted(links):  # last, so no file is ever written through a link
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(tree.entries[rel].link or "", dest / rel)
+        """Recreate a tree under `dest` (created; must be empty if it exists).
+
+        Every directory is made and opened relative to its parent's descriptor with
+        O_NOFOLLOW, every file created with O_EXCL | O_NOFOLLOW, so neither a tampered tree
+        nor a link planted in `dest` meanwhile can make this write outside `dest`."""
+        with output_directory(dest) as dest_fd:
+            if os.listdir(dest_fd):
+                raise InputError(f"{dest} is not empty", "materialize into a new or empty directory")
+            tree = self.get_tree(digest)
+            with _DirChain(dest_fd) as dirs:
+                for rel, entry in sorted(tree.entries.items(), key=lambda item: item[0].split("/")):
+                    problem = tree_path_problem(rel)
+                    if problem:
+                        raise StoreCorrupted(f"tree entry {short_path(rel)} {problem}", "the tree was tampered with")
+                    parent, _, name = rel.rpartition("/")
+                    try:
+                        self.write_blob_at(entry.digest, dirs.open(parent), name, executable=entry.exec)
+                    except OSError as e:
+                        raise InputError(f"cannot write {short_path(rel)} under {dest}: {e.strerror}",
+                                         "materialize into a new directory that nothing else writes to") from None
 
     # -- values ----------------------------------------------------------------
 
@@ -272,7 +302,7 @@ class Store:
         if value.blob is None:
             return value.inline
         data = self.get_bytes(value.blob.digest)
-        return json.loads(data) if value.kind == "json" else data
+        return _decode_json_value(data, value.blob.digest) if value.kind == "json" else data
 
     # -- results and refs -------------------------------------------------------
 
@@ -411,6 +441,19 @@ class Store:
         return evict(self, max_age=max_age, max_bytes=max_bytes)
 
 
+def _decode_json_value(data: bytes, digest: str) -> Any:
+    """A stored JSON return value; canonical_json wrote it, so one that does not decode or
+    nests deeper than MAX_JSON_DEPTH was not written by memoplane."""
+    try:
+        value = json.loads(data)
+        if not json_depth_exceeds(value):
+            return value
+    except (ValueError, RecursionError):
+        pass
+    raise StoreCorrupted(f"the JSON value in blob {digest} is not JSON memoplane writes (bad or nested too deep)",
+                         "recompute the result (memoplane run --policy Refresh)")
+
+
 def _sealed(data: bytes, parse: Callable[[dict[str, Any]], T]) -> T:
     try:
         return parse(unseal(data))
@@ -418,26 +461,158 @@ def _sealed(data: bytes, parse: Callable[[dict[str, Any]], T]) -> T:
         raise _Damaged(str(e)) from None
 
 
-def _walk_tree(root: Path) -> Iterator[tuple[str, os.stat_result]]:
-    """(relative POSIX path, lstat) of files and symlinks under root, sorted."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        base = Path(dirpath)
-        names = sorted(filenames + [d for d in dirnames if (base / d).is_symlink()])
-        for name in names:
-            path = base / name
-            st = path.lstat()
-            rel = path.relative_to(root).as_posix()
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-                raise InputError(f"output {rel} is not a regular file or symlink", "write regular files only")
-            yield rel, st
+_OWN_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_DIR_FLAGS = _OWN_DIR_FLAGS | os.O_NOFOLLOW
+# O_NONBLOCK: a FIFO swapped in after the lstat must not block the open; fstat refuses it.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _check_rel(rel: str, links: set[str]) -> None:
-    p = PurePosixPath(rel)
-    if p.is_absolute() or not rel or any(part in ("", ".", "..") for part in rel.split("/")):
-        raise StoreCorrupted(f"tree entry {rel!r} escapes its directory", "the tree was tampered with")
-    for parent in p.parents:
-        if str(parent) in links:
-            raise StoreCorrupted(f"tree entry {rel!r} lies under the symlink {parent}",
-                                 "the tree was tampered with")
+@contextlib.contextmanager
+def open_directory(path: str | os.PathLike[str]) -> Iterator[int]:
+    """A descriptor of the caller's own directory `path` (links in `path` are the caller's
+    choice and followed); everything made below it is reached with O_NOFOLLOW."""
+    fd = os.open(path, _OWN_DIR_FLAGS)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def output_directory(path: str | os.PathLike[str]) -> Iterator[int]:
+    """open_directory(path), made first if missing; InputError if it cannot be."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, _OWN_DIR_FLAGS)
+    except OSError as e:
+        raise InputError(f"cannot use {path} as the output directory: {e.strerror}",
+                         "pass a new or empty directory") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def write_new_file(dir_fd: int, name: str, chunks: Iterable[bytes], *, executable: bool = False) -> None:
+    """Create `name` in `dir_fd` (never through a link, never over an existing entry:
+    FileExistsError) with mode 0o755 or 0o644, and write `chunks`; a failure removes it."""
+    fd = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for data in chunks:
+                f.write(data)
+            os.fchmod(f.fileno(), 0o755 if executable else 0o644)  # exact, whatever the umask
+    except BaseException:
+        _unlink_quietly(dir_fd, name)
+        raise
+
+
+def _unlink_quietly(dir_fd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+class _DirChain:
+    """Descriptors of the directories leading to the file being written: consecutive
+    files in one directory reuse them, and at most MAX_TREE_DEPTH are open at once."""
+
+    def __init__(self, root_fd: int) -> None:
+        self.root_fd = root_fd
+        self.chain: list[tuple[str, int]] = []  # (name, fd) from the root down
+
+    def open(self, parent: str) -> int:
+        """The descriptor of `parent` (a relative path, "" for the root), made if missing."""
+        parts = parent.split("/") if parent else []
+        keep = 0
+        while keep < min(len(parts), len(self.chain)) and self.chain[keep][0] == parts[keep]:
+            keep += 1
+        self._close_from(keep)
+        for part in parts[keep:]:
+            at = self.chain[-1][1] if self.chain else self.root_fd
+            try:
+                os.mkdir(part, 0o755, dir_fd=at)
+            except FileExistsError:
+                pass  # made for an earlier file, or planted: the open below refuses a link
+            self.chain.append((part, os.open(part, _DIR_FLAGS, dir_fd=at)))
+        return self.chain[-1][1] if self.chain else self.root_fd
+
+    def _close_from(self, index: int) -> None:
+        while len(self.chain) > index:
+            os.close(self.chain.pop()[1])
+
+    def __enter__(self) -> _DirChain:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close_from(0)
+
+
+def _tree_files(root_fd: int) -> Iterator[tuple[str, int]]:
+    """(relative POSIX path, open read descriptor) of every regular file under `root_fd`,
+    depth first, without recursion and without following links; the caller closes each
+    descriptor. Raises InputError for links, other non-files, non-UTF-8 names, entries that
+    change while they are read, and trees deeper than MAX_TREE_DEPTH or larger than
+    MAX_TREE_ENTRIES."""
+    stack: list[tuple[int, str, Iterator[str]]] = [(root_fd, "", iter(sorted(os.listdir(root_fd))))]
+    seen = 0
+    try:
+        while stack:
+            dir_fd, prefix, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                if dir_fd != root_fd:
+                    os.close(dir_fd)
+                continue
+            rel = prefix + name
+            seen += 1
+            _check_walked(rel, seen, len(stack))
+            is_dir, fd = _open_entry(dir_fd, name, rel)
+            if is_dir:
+                stack.append((fd, rel + "/", iter(sorted(os.listdir(fd)))))
+            else:
+                yield rel, fd
+    finally:
+        for dir_fd, _, _ in stack:
+            if dir_fd != root_fd:
+                os.close(dir_fd)
+
+
+def _open_entry(dir_fd: int, name: str, rel: str) -> tuple[bool, int]:
+    """(is a directory, descriptor) of `name` in `dir_fd`, never through a link."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            raise _not_a_file(rel, "a symbolic link")
+        if stat.S_ISDIR(st.st_mode):
+            return True, os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_a_file(rel, "not a regular file")
+        fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    except OSError as e:  # replaced by a link (ELOOP, ENOTDIR) or removed after the listing
+        raise _not_a_file(rel, f"changed while it was read ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _not_a_file(rel, "changed while it was read (no longer a regular file)")
+    return False, fd
+
+
+def _check_walked(rel: str, seen: int, depth: int) -> None:
+    if depth > MAX_TREE_DEPTH:
+        raise InputError(f"output {short_path(rel)} is nested more than {MAX_TREE_DEPTH} directories deep",
+                         f"keep output files at most {MAX_TREE_DEPTH} directories deep")
+    if seen > MAX_TREE_ENTRIES:
+        raise InputError(f"the output tree has more than {MAX_TREE_ENTRIES} files and directories",
+                         "write fewer, larger files (e.g. one archive)")
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"output file name {short_path(rel)} is not UTF-8", "name output files in UTF-8") from None
+
+
+def _not_a_file(rel: str, what: str) -> InputError:
+    return InputError(f"output {short_path(rel)} is {what}",
+                      "write regular files and directories only; stored trees never hold links")

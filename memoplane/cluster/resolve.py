@@ -22,6 +22,7 @@ from ..api.common import parse_quantity
 from ..api.computejob import ComputeJob, SeedRef
 from ..api.computejob import Input as SpecInput
 from ..api.manifests import SpecError, parse_computejob
+from ..canonical import json_depth_exceeds, too_deep
 from ..jobs import BlobInput, CommandCode, Input, Job, JsonInput, PythonCode, SeedInput
 from ..sandbox.types import Limits
 from . import protocol as p
@@ -174,9 +175,13 @@ def resolve_input(item: SpecInput, name: str, lookups: Lookups, created: datetim
         if current and phase == p.SUCCEEDED and digest:
             try:
                 store_url = ((obj.get("metadata") or {}).get("annotations") or {}).get(p.STORE_ANNOTATION)
-                return lookups.result_input(digest, store_url)
+                result = lookups.result_input(digest, store_url)
             except LookupError_ as exc:
                 return Failed(exc.reason, f"{label}: result of ComputeJob '{upstream}': {exc.message}")
+            if isinstance(result, JsonInput) and json_depth_exceeds(result.value):
+                error = too_deep(f"the result of ComputeJob '{upstream}'")
+                return Failed(p.REASON_INVALID, f"{label}: {error.cause}: {error.fix}")
+            return result
         return Waiting(p.REASON_UPSTREAM,
                        f"{label}: waiting for ComputeJob '{upstream}' (phase {phase or 'new'})")
     if item.from_config_map is not None:

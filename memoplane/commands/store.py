@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cas import Hit, Store, check_digest, open_store
+from ..cas.store import output_directory, write_new_file
 from ..errors import InputError, NotFound, StoreCorrupted
 from .render import render_value
 
@@ -63,17 +64,33 @@ def result_command(args: argparse.Namespace) -> int:
     return 0
 
 
+RETURN_FILES = {"json": "return.json", "bytes": "return.bin", "file": "return.npy"}
+
+
 def materialize_result(store: Store, hit: Hit, value: Any, dest: Path) -> list[str]:
-    """Output files into `dest`, plus the return value as return.json / .bin / .npy."""
-    dest.mkdir(parents=True, exist_ok=True)
+    """Output files into `dest`, plus the return value as return.json / .bin / .npy; every
+    file is created new (O_EXCL | O_NOFOLLOW), so nothing is overwritten or written through
+    a link. Returns the paths written."""
+    written: list[str] = []
+    outputs: set[str] = set()
     if hit.result.output_tree is not None:
         store.materialize(hit.result.output_tree.digest, dest)
-    names = {"json": "return.json", "bytes": "return.bin", "file": "return.npy"}
+        outputs = set(store.get_tree(hit.result.output_tree.digest).entries)
+        written += [str(dest / rel) for rel in outputs]
     kind = hit.result.value.kind
-    if kind in names:
+    if kind in RETURN_FILES:
+        name = RETURN_FILES[kind]
         data = json.dumps(value, sort_keys=True).encode() if kind == "json" else value
-        (dest / names[kind]).write_bytes(data)
-    return sorted(str(p) for p in dest.rglob("*") if p.is_file())
+        try:
+            with output_directory(dest) as dest_fd:
+                write_new_file(dest_fd, name, [data])
+        except FileExistsError:
+            if name in outputs:
+                raise InputError(f"the job wrote an output file named {name}, the name of the return value's file;"
+                                 f" the output files are in {dest}", "print the return value without -o") from None
+            raise InputError(f"{dest / name} already exists", "pass a new directory to -o") from None
+        written.append(str(dest / name))
+    return sorted(written)
 
 
 def verify_command(args: argparse.Namespace) -> int:

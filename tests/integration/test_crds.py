@@ -20,6 +20,7 @@ from memoplane.api.manifests import (
     gmemseed_manifest,
     resultcache_manifest,
 )
+from memoplane.inputs import ENV_NAME_FIX
 
 # The `kubectl` fixture of conftest.py: kubectl(*args, stdin=None, check=True).
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]
@@ -96,6 +97,12 @@ INVALID = [
     ("bad-max-age", "ResultCache", _set(examples.resultcache_spec(), ["retention", "maxAge"], "30 days"),
      "spec.retention.maxAge", "should match"),
     ("bad-dtype", "GMemSeed", _set(examples.gmemseed_spec(), ["dtype"], "int8"), "spec.dtype", "Unsupported value"),
+    ("env-name-with-equals", "ComputeJob", _job(env={"MODE": "fast", "A=B": "1"}), "spec.env",
+     f"'A=B' is not a valid variable name: {ENV_NAME_FIX}"),
+    ("env-name-empty", "ComputeJob", _job(env={"": "1"}), "spec.env", f"'' is not a valid variable name: {ENV_NAME_FIX}"),
+    ("env-name-reserved", "ComputeJob", _job(env={"MEMOPLANE_OUT": "/etc"}), "spec.env",
+     f"'MEMOPLANE_OUT' is not a valid variable name: {ENV_NAME_FIX}"),
+    ("env-value-with-nul", "ComputeJob", _job(env={"MODE": "a\u0000b"}), "spec.env.MODE", "should match"),
 ]
 
 
@@ -118,10 +125,12 @@ def test_invalid_spec_is_rejected_naming_the_field(
         ("ComputeJob", {"command": ["sh", "-c", "true"], "inputs": [{"name": "x", "value": None}]}),
         ("ComputeJob", {"python": {"source": "def main(): return 1"},
                         "resources": {"cpu": 2, "memory": "1.5Gi", "maxOutputBytes": "1e6"}}),
+        ("ComputeJob", _job(env={"MODE": "a=b c", "_x": "", "a.b-C_9": "ü", ".dot": "-"})),
         ("ResultCache", examples.resultcache_spec()),
         ("GMemSeed", examples.gmemseed_spec()),
     ],
-    ids=["computejob-design", "command-null-value", "quantities", "resultcache-design", "gmemseed-design"],
+    ids=["computejob-design", "command-null-value", "quantities", "env-names", "resultcache-design",
+         "gmemseed-design"],
 )
 def test_valid_spec_is_accepted_unchanged(kubectl: Kubectl, namespace: str, kind: str, spec: dict[str, Any]) -> None:
     created = json.loads(kubectl("create", "-o", "json", "-f", "-",

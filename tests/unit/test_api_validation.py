@@ -20,6 +20,7 @@ from memoplane.api.computejob import COMPUTEJOB, ComputeJobSpec
 from memoplane.api.gmemseed import GMEMSEED, GMemSeedSpec
 from memoplane.api.manifests import SpecError, parse
 from memoplane.api.resultcache import RESULTCACHE, ResultCacheSpec
+from memoplane.inputs import ENV_NAME_FIX
 
 SOURCES = "set exactly one of value, fromJob, fromSeed, fromObject, fromConfigMap"
 Spec = dict[str, Any]
@@ -124,6 +125,13 @@ def _with(path: list[str], value: Any, base: Callable[[], Spec] = examples.compu
     return spec
 
 
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 # (id, kind, spec, field path that must be named, text in the message)
 CASES: list[tuple[str, crd.KindInfo, type[Any], Spec, str, str]] = [
     ("python-and-command", COMPUTEJOB, ComputeJobSpec, _job(command=["true"]), "spec",
@@ -165,6 +173,17 @@ CASES: list[tuple[str, crd.KindInfo, type[Any], Spec, str, str]] = [
      _with(["retention", "maxBytes"], "lots", examples.resultcache_spec), "spec.retention.maxBytes", ""),
     ("bad-max-age", RESULTCACHE, ResultCacheSpec,
      _with(["retention", "maxAge"], "30 days", examples.resultcache_spec), "spec.retention.maxAge", ""),
+    ("env-name-with-equals", COMPUTEJOB, ComputeJobSpec, _job(env={"MODE": "fast", "A=B": "1"}), "spec.env",
+     f"spec.env: 'A=B' is not a valid variable name: {ENV_NAME_FIX}"),
+    ("env-name-empty", COMPUTEJOB, ComputeJobSpec, _job(env={"": "1"}), "spec.env",
+     f"spec.env: '' is not a valid variable name: {ENV_NAME_FIX}"),
+    ("env-name-digit-first", COMPUTEJOB, ComputeJobSpec, _job(env={"9LIVES": "1"}), "spec.env",
+     f"spec.env: '9LIVES' is not a valid variable name: {ENV_NAME_FIX}"),
+    ("env-name-with-nul", COMPUTEJOB, ComputeJobSpec, _job(env={"A\u0000B": "1"}), "spec.env",
+     f"spec.env: 'A\u0000B' is not a valid variable name: {ENV_NAME_FIX}"),
+    ("env-name-reserved", COMPUTEJOB, ComputeJobSpec, _job(env={"MEMOPLANE_OUT": "/etc"}), "spec.env",
+     f"spec.env: 'MEMOPLANE_OUT' is not a valid variable name: {ENV_NAME_FIX}"),
+    ("env-value-with-nul", COMPUTEJOB, ComputeJobSpec, _job(env={"MODE": "a\u0000b"}), "spec.env", ""),
     ("bad-dtype", GMEMSEED, GMemSeedSpec, _with(["dtype"], "int8", examples.gmemseed_spec), "spec.dtype", ""),
     ("negative-seed", GMEMSEED, GMemSeedSpec, _with(["seed"], -1, examples.gmemseed_spec), "spec.seed", ""),
 ]
@@ -199,7 +218,8 @@ def test_crd_schema_rejects_with_field_named(
 # The cross-field rules the CRD states in CEL (the input-source rule is a oneOf: CEL cannot
 # see the untyped `value`), whose messages must equal the Python ones.
 CEL_IDS = {"python-and-command", "neither-python-nor-command", "map-over-unknown-input",
-           "readers-both", "writers-neither"}
+           "readers-both", "writers-neither", "env-name-with-equals", "env-name-empty", "env-name-digit-first",
+           "env-name-with-nul", "env-name-reserved"}
 CEL_CASES = [c for c in CASES if c[0] in CEL_IDS]
 
 
@@ -223,11 +243,13 @@ def test_python_and_cel_give_the_same_message(
         (COMPUTEJOB, ComputeJobSpec, {"python": {"source": "def main(x): return x"},
                                       "inputs": [{"name": "x", "value": None}]}),
         (COMPUTEJOB, ComputeJobSpec, _with(["resources"], {"cpu": 2, "memory": "1.5Gi", "maxOutputBytes": "1e6"})),
+        (COMPUTEJOB, ComputeJobSpec, _job(env={"MODE": "a=b c", "_x": "", "a.b-C_9": "ü", ".dot": "-"})),
+        (COMPUTEJOB, ComputeJobSpec, _with_input(0, {"name": "rows", "value": _nested(100)})),
         (RESULTCACHE, ResultCacheSpec, {"store": {"bucket": "memoplane"},
                                         "sharing": {"readers": {"namespaceSelector": {"matchLabels": {"a": "b"}}}}}),
     ],
     ids=["computejob-design", "resultcache-design", "gmemseed-design", "command", "null-value",
-         "quantities", "selector"],
+         "quantities", "env-names", "deep-100", "selector"],
 )
 def test_valid_specs_pass_both(info: crd.KindInfo, model: type[Any], spec: Spec) -> None:
     assert python_errors(model, spec) == []
@@ -238,3 +260,11 @@ def test_the_offline_validator_can_fail() -> None:
     # Guards the stand-in itself: a CEL rule that is false must surface.
     schema = {"type": "object", "x-kubernetes-validations": [{"rule": "self.a == 1", "message": "a must be 1"}]}
     assert _cel_failures(schema, {"a": 2}, "spec") == ["spec: a must be 1"]
+
+
+def test_a_too_deep_input_value_is_refused_by_the_model() -> None:
+    # The CRD cannot say it (CEL cannot see an untyped value): the operator's parse of the
+    # spec refuses it when it resolves the job, with this message in status.
+    errors = python_errors(ComputeJobSpec, _with_input(0, {"name": "rows", "value": _nested(101)}))
+    assert errors == ["spec.inputs[0].value: the value nests lists/objects more than 100 levels deep:"
+                      " flatten it to at most 100 levels"]
