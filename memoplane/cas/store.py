@@ -34,9 +34,8 @@ from ..errors import InputError, NotFound, StoreCorrupted
 from .backend import Backend
 from .chunking import ChunkDecodeError, ChunkParams, Ingested, Pools, decode_chunk, ingest_buffer, ingest_stream
 from .digests import b3, check_digest, object_name, ref_name
+from ..sandbox.types import MAX_TREE_DEPTH, MAX_TREE_ENTRIES
 from .manifests import (
-    MAX_TREE_DEPTH,
-    MAX_TREE_ENTRIES,
     BlobManifest,
     BlobRef,
     ResultManifest,

@@ -11,6 +11,7 @@ from typing import Any
 from ..cas import Hit, Store, check_digest, open_store
 from ..cas.store import output_directory, write_new_file
 from ..errors import InputError, NotFound, StoreCorrupted
+from ..sandbox.types import VALUE_FILE_NAMES
 from .render import render_value
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
@@ -64,7 +65,6 @@ def result_command(args: argparse.Namespace) -> int:
     return 0
 
 
-RETURN_FILES = {"json": "return.json", "bytes": "return.bin", "file": "return.npy"}
 
 
 def materialize_result(store: Store, hit: Hit, value: Any, dest: Path) -> list[str]:
@@ -78,8 +78,8 @@ def materialize_result(store: Store, hit: Hit, value: Any, dest: Path) -> list[s
         outputs = set(store.get_tree(hit.result.output_tree.digest).entries)
         written += [str(dest / rel) for rel in outputs]
     kind = hit.result.value.kind
-    if kind in RETURN_FILES:
-        name = RETURN_FILES[kind]
+    if kind in VALUE_FILE_NAMES:
+        name = VALUE_FILE_NAMES[kind]
         data = json.dumps(value, sort_keys=True).encode() if kind == "json" else value
         try:
             with output_directory(dest) as dest_fd:

@@ -80,27 +80,37 @@ def recv_stream_with_fds(sock: socket.socket, maxfds: int = 4
                          ) -> tuple[dict[str, Any], bytes, list[int]]:
     """Blocking read of one frame, and the fds sent with its first byte."""
     data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, maxfds)
-    if not data:
-        raise EOFError("peer closed the channel")
-    if len(data) < _HEAD.size:
-        data += _recv_exact(sock, _HEAD.size - len(data))
-    hlen, plen = _HEAD.unpack_from(data)
-    if hlen > MAX_HEADER or plen > MAX_PAYLOAD:
-        raise ProtocolError(f"frame too large ({hlen}+{plen} bytes)")
-    need = _HEAD.size + hlen + plen - len(data)
-    if need > 0:
-        data += _recv_exact(sock, need)
-    body = data[_HEAD.size:]
-    return _parse(body[:hlen]), body[hlen:hlen + plen], fds
+    try:
+        if not data:
+            raise EOFError("peer closed the channel")
+        if len(data) < _HEAD.size:
+            data += _recv_exact(sock, _HEAD.size - len(data))
+        hlen, plen = _HEAD.unpack_from(data)
+        if hlen > MAX_HEADER or plen > MAX_PAYLOAD:
+            raise ProtocolError(f"frame too large ({hlen}+{plen} bytes)")
+        need = _HEAD.size + hlen + plen - len(data)
+        if need > 0:
+            data += _recv_exact(sock, need)
+        body = data[_HEAD.size:]
+        return _parse(body[:hlen]), body[hlen:hlen + plen], fds
+    except BaseException:
+        close_quietly(*fds)  # a bad frame's descriptors are nobody's
+        raise
 
 
 def recv_with_fds(sock: socket.socket, maxfds: int = 8) -> tuple[dict[str, Any], list[int]]:
     """One small frame and its file descriptors from a SEQPACKET socket."""
     data, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, maxfds)
-    if not data:
-        raise EOFError("peer closed the channel")
-    hlen, _plen = _HEAD.unpack_from(data)
-    return _parse(data[_HEAD.size:_HEAD.size + hlen]), fds
+    try:
+        if not data:
+            raise EOFError("peer closed the channel")
+        if len(data) < _HEAD.size or len(data) < _HEAD.size + _HEAD.unpack_from(data)[0]:
+            raise ProtocolError(f"short frame ({len(data)} bytes)")
+        hlen, _plen = _HEAD.unpack_from(data)
+        return _parse(data[_HEAD.size:_HEAD.size + hlen]), fds
+    except BaseException:
+        close_quietly(*fds)
+        raise
 
 
 # json.loads through the C scanner directly (made once, by the zygote): the
