@@ -36,6 +36,7 @@ from memoplane.errors import MemoplaneError
 from memoplane.execute import execute
 from memoplane.jobs import Job, job_from_dict
 from memoplane.keys import runtime_identity
+from memoplane.leftovers import sweep
 from memoplane.sandbox import SandboxPool
 
 log = logging.getLogger("memoplane.agent")
@@ -79,6 +80,7 @@ class Agent:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
+        sweep()   # what an earlier agent that crashed left behind, before our pools make their own
         for profile in self.cfg.profiles:
             self.pools[profile] = SandboxPool(profile, size=self.cfg.capacity,
                                               require_isolation=self.cfg.require_isolation)
