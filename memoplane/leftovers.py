@@ -116,7 +116,7 @@ def sweep(temp_root: Path | None = None, cgroup_parents: Iterable[Path] | None =
         log.warning("/proc is not mounted: leftovers of crashed memoplane processes are not swept")
         return []
     root = Path(temp_root or tempfile.gettempdir())
-    removed = [p for p in _stale_temp_dirs(root) if _try(remove_tree, p)]
+    removed = [p for p in _stale_entries(root, temp_owner) if _try(remove_tree, p)]
     for parent in cgroup_hierarchies() if cgroup_parents is None else cgroup_parents:
         removed += [p for p in _stale_entries(parent, cgroup_owner) if _try(_remove_cgroup, p)]
     if removed:
@@ -128,8 +128,8 @@ def sweep(temp_root: Path | None = None, cgroup_parents: Iterable[Path] | None =
 def _stale_entries(parent: Path, owner_of: Callable[[str], Owner | None]) -> list[Path]:
     """Directories (not links) under `parent` owned by our uid whose owner process is gone."""
     try:
-        names = [e.name for e in os.scandir(parent) if owner_of(e.name) and e.is_dir(follow_symlinks=False)
-                 and e.stat(follow_symlinks=False).st_uid == os.getuid()]
+        with os.scandir(parent) as it:
+            names = [e.name for e in it if owner_of(e.name) and _our_directory(e)]
     except OSError as exc:
         log.debug("cannot list %s: %s", parent, exc)
         return []
@@ -137,8 +137,11 @@ def _stale_entries(parent: Path, owner_of: Callable[[str], Owner | None]) -> lis
     return [parent / name for name in stale(names, owner_of, _running(owners))]
 
 
-def _stale_temp_dirs(root: Path) -> list[Path]:
-    return _stale_entries(root, temp_owner)
+def _our_directory(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == os.getuid()
+    except OSError:   # gone meanwhile
+        return False
 
 
 def _try(remove: Callable[[Path], None], path: Path) -> bool:
@@ -147,7 +150,7 @@ def _try(remove: Callable[[Path], None], path: Path) -> bool:
         return True
     except FileNotFoundError:   # another process is sweeping it too
         return False
-    except OSError as exc:
+    except Exception as exc:  # cleanup must never stop the process that starts
         log.warning("could not remove the leftover %s: %s", path, exc)
         return False
 
