@@ -26,9 +26,7 @@ from .jobs import (
     seed_overlay_file_name,
 )
 from .leftovers import temp_prefix
-from .sandbox.types import Failure, SandboxOutcome, SandboxRequest
-
-RETURN_FILE = "return.npy"  # where the sandbox saves an array return value
+from .sandbox.types import VALUE_FILE_NAMES, Failure, SandboxOutcome, SandboxRequest
 
 
 class SandboxRunner(Protocol):
@@ -113,7 +111,7 @@ def execute(job: Job, store: Store, sandbox: SandboxRunner, *, node: str = "loca
 def _stored_value(outcome: SandboxOutcome, out_dir: Path, store: Store) -> StoredValue:
     if outcome.value_kind != "file":
         return store.put_value(outcome.value, outcome.value_kind)
-    array_file = out_dir / RETURN_FILE
+    array_file = out_dir / VALUE_FILE_NAMES["file"]
     value = store.put_value(array_file, "file")
     array_file.unlink()  # the return value is not also an output file
     return value

@@ -114,6 +114,16 @@ class Group:
         d = self.dirs.get("pids")
         return d is not None and _counter(d / "pids.events", "max") > 0
 
+    def empty(self) -> bool:
+        """No process left in the group (or no group to ask)."""
+        for d in set(self.dirs.values()):
+            try:
+                if (d / "cgroup.procs").read_text().strip():
+                    return False
+            except OSError:
+                pass
+        return True
+
     def remove(self) -> None:
         for d in set(self.dirs.values()):
             try:

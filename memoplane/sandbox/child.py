@@ -56,7 +56,9 @@ class ChildConfig:
     bpf_warm: bytes | None = None
     early_pivot: bool = False                # /in and /out arrive as detached mounts (fds)
     template: bool = False                   # the zygote's mount namespace is the view (view.py)
-    own_netns: bool = True                   # False: the zygote already sits in an empty netns
+    # True: a child makes its network namespace while still host root, so it is
+    # owned by the host's user namespace and the job gets no CAP_NET_ADMIN in it.
+    host_netns: bool = False
     vm_base: int = 0                         # the zygote's address-space size (0: measure per job)
     hard_limits: dict[int, int] | None = None  # inherited hard rlimits, read once by the zygote
     last_cap: int = 40                       # /proc/sys/kernel/cap_last_cap, read once
@@ -81,14 +83,16 @@ def enter_namespaces(cfg: ChildConfig, ask_maps: Callable[[], None],
     maps; `entered`: namespaces the zygote already put us in."""
     wanted = {k: v for k, v in isolate.NAMESPACES.items()
               if k not in cfg.disable and k not in entered}
-    shared_net = not cfg.own_netns and "netns" in wanted
-    if shared_net:  # inherited from the zygote: empty, owned by the host's user namespace
-        wanted.pop("netns")
+    iso: dict[str, bool | str] = {k: "disabled by configuration" for k in isolate.NAMESPACES
+                                  if k in cfg.disable}
+    if cfg.host_netns and "netns" in wanted:
+        # One per job (nobody sees another job's sockets, /proc/net, abstract names or
+        # ports), made before the user namespace: the job cannot configure it.
+        isolate.unshare(wanted.pop("netns"))
+        iso["netns"] = True
     flags = 0
     for v in wanted.values():
         flags |= v
-    iso: dict[str, bool | str] = {k: "disabled by configuration" for k in isolate.NAMESPACES
-                                  if k in cfg.disable}
     try:
         isolate.unshare(flags)
     except OSError as e:
@@ -105,8 +109,6 @@ def enter_namespaces(cfg: ChildConfig, ask_maps: Callable[[], None],
         isolate.become_namespace_root()
     iso.update({k: True for k in wanted})
     iso.update({k: True for k in entered})
-    if shared_net:
-        iso["netns"] = True
     if "userns" not in wanted:
         iso["unprivileged_uid"] = (f"no user namespace: the job runs as host uid {os.getuid()}, "
                                    "the agent's own")
@@ -123,15 +125,18 @@ def warm_main(cfg: ChildConfig, iso: dict[str, bool | str], sock_fd: int,
         iso["view"] = _build_view(cfg, iso, proc_fd)
         _setup_stdio(sock_fd, out_fd, err_fd)
         sock = socket.socket(fileno=SOCK_FD)
+        job_out = _mount_out(cfg, iso)
         # Work that does not depend on the request is done before it comes.
         runner.rehearse()  # compile and run a dummy job (pre-faulting), reseed
         isolate.limit_future_privileges(cfg.last_cap)
         iso["landlock_scope"] = _landlock_scope()  # needs no_new_privs; leaves mounting alone
         if cfg.bpf_warm is not None and "seccomp" not in cfg.disable:
             isolate.load_bpf(cfg.bpf_warm)  # all of the policy but the request's mount calls
-        protocol.send(sock, {"op": "ready", "isolation": iso})
+        protocol.send(sock, {"op": "ready", "isolation": iso}, fds=[job_out] if job_out is not None else None)
+        if job_out is not None:
+            os.close(job_out)  # the pool reads /out through its copy, once we are all gone
         header, _, fds = protocol.recv_stream_with_fds(sock)
-    except BaseException:  # noqa: BLE001 - the pool sees the exit and reports it
+    except BaseException:
         os._exit(70)
     _serve(cfg, iso, sock, header, fds)
 
@@ -159,6 +164,16 @@ def _build_view(cfg: ChildConfig, iso: dict[str, bool | str], proc_fd: int | Non
         return f"could not build the read-only view: {e}"
 
 
+def _mount_out(cfg: ChildConfig, iso: dict[str, bool | str]) -> int | None:
+    """/out: a tmpfs of this child's own (isolate.mount_out). Without a view
+    the job writes to the host directory the request names instead."""
+    if iso.get("view") is not True:
+        iso["out_tmpfs"] = "no read-only view: $MEMOPLANE_OUT is a host directory"
+        return None
+    iso["out_tmpfs"] = True
+    return isolate.mount_out("/out" if cfg.template or cfg.early_pivot else cfg.root + "/out")
+
+
 def _serve(cfg: ChildConfig, iso: dict[str, bool | str], sock: socket.socket,
            req: dict[str, Any], fds: list[int]) -> NoReturn:
     limits = Limits(**req["limits"])
@@ -182,12 +197,13 @@ def _enter(cfg: ChildConfig, iso: dict[str, bool | str], req: dict[str, Any],
     in_dir, out_dir = req["in_dir"], req["out_dir"]
     if iso.get("view") is True:
         if cfg.template or cfg.early_pivot:
-            if len(fds) != 2:
-                raise OSError("the request did not carry its /in and /out mounts")
-            isolate.attach_request(fds[0], fds[1], limits.workdir_bytes)
+            if len(fds) != 1:
+                raise OSError("the request did not carry its /in mount")
+            isolate.attach_request(fds[0], limits.workdir_bytes, limits.max_output_bytes)
             protocol.close_quietly(*fds)
         else:
-            isolate.enter_root(cfg.root, in_dir, out_dir, limits.workdir_bytes)
+            isolate.enter_root(cfg.root, in_dir, limits.workdir_bytes)
+            isolate.resize_out(limits.max_output_bytes)
         in_dir, out_dir = "/in", "/out"
         os.chdir("/tmp")
         iso["fresh_proc"] = iso["workdir_tmpfs"] = True

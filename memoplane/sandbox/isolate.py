@@ -14,6 +14,8 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 
+from memoplane.sandbox.types import MAX_TREE_ENTRIES
+
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
@@ -37,7 +39,7 @@ PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 # NOROOT: uid 0 gains no capabilities on execve; *_LOCKED: nobody can undo it.
 SECUREBITS_LOCKED = 0b1011_1111
 
-_COMMON = {"mount_setattr": 442, "open_tree": 428, "move_mount": 429, "fsopen": 430,
+_COMMON = {"openat2": 437, "mount_setattr": 442, "open_tree": 428, "move_mount": 429, "fsopen": 430,
            "fsconfig": 431, "fsmount": 432, "landlock_create_ruleset": 444,
            "landlock_restrict_self": 446}
 _SYSCALLS = {  # number of each raw syscall that glibc does not wrap
@@ -50,6 +52,7 @@ FSOPEN_CLOEXEC, FSCONFIG_CMD_CREATE, FSMOUNT_CLOEXEC, MOUNT_ATTR_NOEXEC = 1, 6, 
 LANDLOCK_SCOPE = 0x1 | 0x2
 OPEN_TREE_CLONE, AT_EMPTY_PATH, MOVE_MOUNT_F_EMPTY_PATH = 1, 0x1000, 4
 DEFAULT_WORK_BYTES = 256 << 20
+DEFAULT_OUT_BYTES = 1024 << 20  # Limits.max_output_bytes's default: /out of a warm child
 # The host uid/gid that root of every job's user namespace maps to when the
 # agent runs as root. Nothing else on a host should have it: it is above
 # useradd's user and subordinate-id ranges (SUB_UID_MAX 600100000) and
@@ -250,6 +253,53 @@ def pidfd_userns(pidfd: int, pid: int) -> int:
         return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
 
 
+RESOLVE_NO_XDEV, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH = 1, 2, 4, 8
+_CONFINED = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_openat2_missing = False
+
+
+def open_beneath(dir_fd: int, rel: str, flags: int, mode: int = 0) -> int:
+    """Open `rel` strictly below `dir_fd`: no symlink (anywhere on the path),
+    no magic link, no "..", no other mount. openat2(2) (Linux 5.6); before it,
+    one O_NOFOLLOW component at a time, which refuses the same links."""
+    global _openat2_missing
+    flags |= os.O_CLOEXEC | os.O_NOFOLLOW
+    if not _openat2_missing:
+        how = _OpenHow(flags, mode, _CONFINED)
+        fd = _sys("openat2", ctypes.c_int(dir_fd), os.fsencode(rel), ctypes.byref(how),
+                  ctypes.c_size_t(ctypes.sizeof(how)))
+        if fd >= 0:
+            return fd
+        err = ctypes.get_errno()
+        if err != 38:  # ENOSYS
+            raise OSError(err, f"{os.strerror(err)}: {rel!r}")
+        _openat2_missing = True
+    return _open_stepwise(dir_fd, rel, flags, mode)
+
+
+def _open_stepwise(dir_fd: int, rel: str, flags: int, mode: int) -> int:
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise OSError(18, f"path leaves its directory: {rel!r}")  # EXDEV, as openat2 says
+    fd = dir_fd
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            if fd != dir_fd:
+                os.close(fd)
+            fd = nxt
+        return os.open(parts[-1], flags, mode, dir_fd=fd)
+    finally:
+        if fd != dir_fd:
+            os.close(fd)
+
+
 @dataclass(frozen=True)
 class Bind:
     src: str      # host path
@@ -296,6 +346,13 @@ def view_binds(extra: tuple[str, ...] = ()) -> tuple[list[Bind], dict[str, str]]
     return binds, links
 
 
+def hidden_by_work(binds: list[Bind]) -> list[Bind]:
+    """Directories of the view inside /tmp (a virtualenv made there): a job's
+    own /tmp would hide them, so they are laid over it again, read-only, at
+    the same paths."""
+    return [b for b in binds if b.is_dir and b.dst.startswith("/tmp/")]
+
+
 def _mountpoint(root: str, dst: str, is_dir: bool) -> str:
     target = root + dst
     if is_dir:
@@ -313,28 +370,43 @@ def build_root(root: str, binds: list[Bind], links: dict[str, str], early_pivot:
     nothing here is visible to the host. With `early_pivot` the child also
     enters the view now and later receives /in and /out as detached mounts
     (`attach_request`); otherwise `enter_root` binds them by path and pivots
-    at request time."""
+    at request time. Either way /tmp is mounted here, with the runtime
+    directories inside it laid over it, and only resized per request."""
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
     for dst, target in links.items():
         os.symlink(target, root + dst)
+    over_work = hidden_by_work(binds)
     for b in binds:
-        t = _mountpoint(root, b.dst, b.is_dir)
-        mount(b.src, t, None, MS_BIND | MS_REC)
-        make_readonly(t)
+        if b not in over_work:
+            _bind_readonly(root, b)
     _build_dev(root)
     for d in ("in", "out", "tmp", "proc"):
         os.makedirs(f"{root}/{d}", exist_ok=True)
     mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
     mount(None, root, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    _mount_work(root, DEFAULT_WORK_BYTES)
+    for b in over_work:
+        _bind_readonly(root, b)
     if early_pivot:
-        _mount_work(root, DEFAULT_WORK_BYTES)
         pivot_into(root)
+
+
+def _bind_readonly(root: str, b: Bind) -> None:
+    t = _mountpoint(root, b.dst, b.is_dir)
+    mount(b.src, t, None, MS_BIND | MS_REC)
+    make_readonly(t)
 
 
 def _mount_work(root: str, size: int) -> None:
     mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
           f"size={max(size, 4096)},mode=1777")
+
+
+def _resize_work(path: str, size: int) -> None:
+    """Give the /tmp mounted in the warm phase the request's size."""
+    if size != DEFAULT_WORK_BYTES:
+        mount(None, path, None, MS_REMOUNT | MS_NOSUID | MS_NODEV, f"size={max(size, 4096)}")
 
 
 def pivot_into(root: str) -> None:
@@ -346,13 +418,42 @@ def pivot_into(root: str) -> None:
     os.chdir("/")
 
 
-def attach_request(in_fd: int, out_fd: int, work_bytes: int) -> None:
-    """Request time, after an early pivot: attach /in and /out, size /tmp."""
+def attach_request(in_fd: int, work_bytes: int, out_bytes: int) -> None:
+    """Request time, after an early pivot: attach /in, size /tmp and /out."""
     attach_tree(in_fd, "/in")
-    attach_tree(out_fd, "/out")
-    if work_bytes != DEFAULT_WORK_BYTES:
-        mount(None, "/tmp", None, MS_REMOUNT | MS_NOSUID | MS_NODEV,
-              f"size={max(work_bytes, 4096)}")
+    size_request_tmpfs(work_bytes, out_bytes)
+
+
+def size_request_tmpfs(work_bytes: int, out_bytes: int) -> None:
+    """Resize /tmp and /out to the request's limits, when they differ from
+    the sizes a warm child mounted them with (both are still empty)."""
+    _resize_work("/tmp", work_bytes)
+    resize_out(out_bytes)
+
+
+def resize_out(out_bytes: int) -> None:
+    if out_bytes != DEFAULT_OUT_BYTES:
+        mount(None, "/out", None, MS_REMOUNT | MS_NOSUID | MS_NODEV, f"size={_out_size(out_bytes)}")
+
+
+def _out_size(out_bytes: int) -> int:
+    # tmpfs rounds to pages and needs room for the return-value file and
+    # directory entries; the cap itself is enforced again by the collector.
+    return max(out_bytes, 4096) + (64 << 10)
+
+
+def mount_out(path: str) -> int:
+    """Mount the job's /out: a size-limited tmpfs in the child's own mount
+    namespace, never a host directory. Returns an O_RDONLY directory fd on it
+    for the pool, which reads the outputs through it after every process of
+    the job is gone (the mount outlives the namespace while the fd is open),
+    so nothing the job does reaches the host's disk or makes the host follow
+    a path the job controls."""
+    # nr_inodes caps the entries a job can leave (the collector refuses more anyway)
+    # before a huge directory costs the host memory to list.
+    mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV,
+          f"size={_out_size(DEFAULT_OUT_BYTES)},nr_inodes={MAX_TREE_ENTRIES + 16},mode=755")
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def _build_dev(root: str) -> None:
@@ -365,13 +466,12 @@ def _build_dev(root: str) -> None:
         os.symlink(target, f"{root}/dev/{name}")
 
 
-def enter_root(root: str, in_dir: str, out_dir: str, work_bytes: int) -> None:
-    """Per-request mounts by path, then pivot into the view (no early pivot)."""
-    _mount_work(root, work_bytes)
+def enter_root(root: str, in_dir: str, work_bytes: int) -> None:
+    """Per-request mounts by path, then pivot into the view (no early pivot).
+    /out is the tmpfs the warm child mounted (mount_out)."""
+    _resize_work(root + "/tmp", work_bytes)
     mount(in_dir, root + "/in", None, MS_BIND | MS_REC)
     make_readonly(root + "/in")
-    mount(out_dir, root + "/out", None, MS_BIND | MS_REC)
-    mount(None, root + "/out", None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
     pivot_into(root)
 
 

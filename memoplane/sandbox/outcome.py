@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import stat
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from memoplane.sandbox.runner import RETURN_FILE
+from memoplane.canonical import MAX_JSON_DEPTH, json_depth_exceeds
+from memoplane.sandbox.collect import Refused
 from memoplane.sandbox.types import Failure, Limits, SandboxOutcome
 
 _SIGNAL_FAILURES: dict[int, tuple[str, str]] = {
@@ -46,44 +46,25 @@ def failure_for_status(status: int | None, sig: int | None, oom: bool, pids_hit:
                    f"result{hint} — see stderr")
 
 
-def check_out_dir(out_dir: Path, limits: Limits, returned: int) -> Failure | None:
-    """The caller trusts out_dir next, so nothing in it may point elsewhere."""
-    total = returned
-    for dirpath, dirnames, filenames in os.walk(out_dir):
-        for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-                rel = os.path.relpath(p, out_dir)
-                return Failure("forbidden", f"the job left {rel!r} in $MEMOPLANE_OUT, which is "
-                               "not a regular file or directory — write plain files only")
-            if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-                # Through the idmapped /out the file is the agent's on disk: a
-                # set-id bit would make it a setuid-root program on the host.
-                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)  # the file we looked at, not a link
-                try:
-                    os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) & 0o1777)
-                finally:
-                    os.close(fd)
-                rel = os.path.relpath(p, out_dir)
-                return Failure("forbidden", f"the job set a set-user/group-id bit on {rel!r} in "
-                               "$MEMOPLANE_OUT (removed) — write plain files only")
-            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
-    if total > limits.max_output_bytes:
-        return Failure("output-too-large", f"the job's outputs total {total} bytes, over "
-                       f"max_output_bytes={limits.max_output_bytes} — write less or raise the limit")
-    return None
-
-
-def decode_value(header: dict[str, Any], payload: bytes, out_dir: Path) -> tuple[Any, str]:
+def decode_value(header: dict[str, Any], payload: bytes, read_file: Callable[[], bytes]) -> tuple[Any, str]:
+    """The return value a child reported; `read_file` reads it from /out when
+    it did not fit the channel. A JSON value nesting deeper than
+    MAX_JSON_DEPTH is refused here, before any recursive code sees it."""
     kind = header.get("kind", "none")
     if header.get("value_file"):
-        fd = os.open(out_dir / RETURN_FILE, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as f:
-            payload = f.read()
-        os.unlink(out_dir / RETURN_FILE)
+        payload = read_file()
     if kind == "json":
-        return json.loads(payload), "json"
+        try:
+            value = json.loads(payload)
+        except RecursionError:
+            value = None
+            deep = True
+        else:
+            deep = json_depth_exceeds(value)
+        if deep:
+            raise Refused(Failure("unserializable", f"the return value nests lists/objects more than "
+                                  f"{MAX_JSON_DEPTH} levels deep — return flatter data"))
+        return value, "json"
     if kind == "bytes":
         return payload, "bytes"
     if kind == "file":
@@ -91,11 +72,11 @@ def decode_value(header: dict[str, Any], payload: bytes, out_dir: Path) -> tuple
     return None, "none"
 
 
-def from_result(header: dict[str, Any], payload: bytes, out_dir: Path, limits: Limits,
+def from_result(header: dict[str, Any], payload: bytes, read_file: Callable[[], bytes], limits: Limits,
                 oom: bool, pids_hit: bool) -> tuple[bool, Any, str, Failure | None]:
     """(ok, value, kind, failure) from a child's result message."""
     if header.get("ok"):
-        value, kind = decode_value(header, payload, out_dir)
+        value, kind = decode_value(header, payload, read_file)
         return True, value, kind, None
     if "signal" in header:
         return False, None, "none", failure_for_status(None, int(header["signal"]), oom,

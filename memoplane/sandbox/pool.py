@@ -6,6 +6,7 @@ import logging
 import os
 import queue
 import select
+import shutil
 import signal
 import socket
 import tempfile
@@ -15,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from memoplane.errors import IsolationUnavailable
-from memoplane.sandbox import cgroup, isolate, protocol
+from memoplane.sandbox import cgroup, collect, isolate, protocol
 from memoplane.sandbox.outcome import (
-    check_out_dir,
     failure_for_status,
     from_result,
     outcome,
@@ -39,6 +39,10 @@ log = logging.getLogger("memoplane.sandbox")
 REQUIRED = ("userns", "mountns", "pidns", "ipcns", "utsns", "netns", "view", "seccomp",
             "pids_limit", "unprivileged_uid")
 _READY_TIMEOUT = 30.0
+# How long a killed job's processes may take to be gone (one stuck in an
+# uninterruptible call, e.g. sync(), ends when the call does). Past it the
+# job fails and its outputs are never read.
+_GONE_TIMEOUT = 60.0
 _DEFAULT = Limits()
 
 
@@ -49,6 +53,7 @@ class _Slot:
                  group: cgroup.Group | None) -> None:
         self.pid, self.pidfd, self.sock = pid, pidfd, sock
         self.out_r, self.err_r, self.group = out_r, err_r, group
+        self.out_fd: int | None = None   # the child's /out tmpfs (isolate.mount_out)
         self.isolation: dict[str, bool | str] = {}
         self.userns: int | None = None   # the child's user namespace, to idmap /in and /out
 
@@ -61,8 +66,9 @@ class _Slot:
     def close(self) -> None:
         self.sock.close()
         protocol.close_quietly(self.out_r, self.err_r, self.pidfd)
-        if self.userns is not None:
-            protocol.close_quietly(self.userns)
+        for fd in (self.userns, self.out_fd):
+            if fd is not None:
+                protocol.close_quietly(fd)
 
 
 class SandboxPool:
@@ -193,8 +199,9 @@ class SandboxPool:
                 group.set_limits(_DEFAULT.memory_bytes, _DEFAULT.max_pids)
                 group.add(sp.pid)
             ours.settimeout(_READY_TIMEOUT)
-            msg, _ = protocol.recv(ours)
+            msg, _, fds = protocol.recv_stream_with_fds(ours, maxfds=1)
             ours.settimeout(None)
+            slot.out_fd = fds[0] if fds else None
             if msg.get("op") != "ready":
                 raise OSError(f"unexpected first message from a child: {msg}")
         except BaseException:
@@ -215,7 +222,7 @@ class SandboxPool:
             while not self._closed and self._claim():
                 try:
                     self._ready.put(self._spawn())
-                except Exception as e:  # noqa: BLE001 - run() spawns on demand and reports
+                except Exception as e:
                     log.warning("could not start a warm sandbox child: %s", e)
                     time.sleep(0.5)
                     break
@@ -329,32 +336,61 @@ class _Job:
     def run(self) -> SandboxOutcome:
         group = self.slot.group
         if group is not None:
-            self.cg_iso = group.set_limits(self.limits.memory_bytes, self.limits.max_pids,
+            # Outputs live in the child's /out tmpfs, charged to its memory cgroup until
+            # collected: the cgroup holds the job's memory and its outputs.
+            held = self.limits.max_output_bytes if self.slot.out_fd is not None else 0
+            self.cg_iso = group.set_limits(self.limits.memory_bytes + held, self.limits.max_pids,
                                            group.applied)
-        out_dir = Path(self.req.out_dir).resolve()
+        scratch = None
+        if self.slot.out_fd is None:  # no view: the job writes to a host directory of its own
+            scratch = tempfile.mkdtemp(prefix="memoplane-out-", dir=Path(self.req.out_dir).parent)
+        try:
+            return self._run(scratch)
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+    def _run(self, scratch: str | None) -> SandboxOutcome:
         msg = {"op": "run", "task": _task_message(self.req.task), "env": dict(self.req.env),
-               "in_dir": str(Path(self.req.in_dir).resolve()), "out_dir": str(out_dir),
+               "in_dir": str(Path(self.req.in_dir).resolve()), "out_dir": scratch or "/out",
                "limits": _fields(self.limits)}
         try:
             self._send(msg)
-            ended = self._watch()
+            ended = self._watch()  # the first result ends it: later messages are never read
         except (OSError, protocol.ProtocolError) as e:
             ended = f"channel: {e}"
         self.slot.kill()
+        status, gone = self._wait_gone()
         self._drain()
-        return self._decide(ended, out_dir)
+        return self._decide(ended, status, gone, scratch)
 
     def _send(self, msg: dict[str, Any]) -> None:
         if not self.pool._early_pivot:
             protocol.send(self.slot.sock, msg)
             return
-        userns = self.slot.userns
-        fds = [isolate.detached_tree(msg["in_dir"], readonly=True, userns_fd=userns)]
+        fd = isolate.detached_tree(msg["in_dir"], readonly=True, userns_fd=self.slot.userns)
         try:
-            fds.append(isolate.detached_tree(msg["out_dir"], readonly=False, userns_fd=userns))
-            protocol.send(self.slot.sock, msg, fds=fds)
+            protocol.send(self.slot.sock, msg, fds=[fd])
         finally:
-            protocol.close_quietly(*fds)
+            protocol.close_quietly(fd)
+
+    def _wait_gone(self) -> tuple[int | None, bool]:
+        """Wait until no process of the job is left: the child is pid 1 of its pid
+        namespace, and the kernel reports init's end only after every other
+        process in the namespace is gone. Without a pid namespace the cgroup
+        must be empty too. (exit status of the child, whether all are gone)"""
+        deadline = time.monotonic() + _GONE_TIMEOUT
+        status = self.pool._wait_exit(self.slot.pid, _GONE_TIMEOUT)
+        if status is None:
+            return None, False
+        if self.pool.isolation.get("pidns") is True:
+            return status, True
+        group = self.slot.group
+        while group is not None and not group.empty():
+            if time.monotonic() > deadline:
+                return status, False
+            time.sleep(0.005)
+        return status, group is not None
 
     def _watch(self) -> str:
         """Wait for the result; returns why watching stopped."""
@@ -409,22 +445,19 @@ class _Job:
             except BlockingIOError:
                 pass
 
-    def _decide(self, ended: str, out_dir: Path) -> SandboxOutcome:
+    def _decide(self, ended: str, status: int | None, gone: bool, scratch: str | None) -> SandboxOutcome:
         group = self.slot.group
-        status = None
-        if ended != "result":
-            status = self.pool._wait_exit(self.slot.pid, 5.0)
         oom = group.oom_killed() if group else False
         pids_hit = group.pids_exhausted() if group else False
         ok, value, kind, failure, code = False, None, "none", None, None
-        if ended == "result" and self.result is not None:
+        if not gone:
+            failure = Failure("sandbox", f"the job's processes were still there {_GONE_TIMEOUT:.0f}s after "
+                              "it was killed (stuck in the kernel?); its outputs were discarded — "
+                              "a memoplane or host problem, retry the job")
+        elif ended == "result" and self.result is not None:
             header, payload = self.result
             code = header.get("exit_code")
-            try:
-                ok, value, kind, failure = from_result(header, payload, out_dir, self.limits,
-                                                       oom, pids_hit)
-            except (OSError, ValueError) as e:
-                failure = Failure("sandbox", f"the job's result could not be read: {e}")
+            ok, value, kind, failure = self._result(header, payload, oom, pids_hit, scratch)
         elif ended == "timeout":
             failure = Failure("timeout", f"the job ran past its wall-clock limit of "
                               f"{self.limits.timeout_s}s and was killed — raise "
@@ -439,12 +472,31 @@ class _Job:
         else:
             failure = Failure("sandbox", f"lost contact with the sandbox child ({ended}) — "
                               "a memoplane or host problem")
-        if ok or (failure and failure.reason not in ("timeout", "sandbox")):
-            bad = check_out_dir(out_dir, self.limits, 0)
-            if bad is not None:
-                ok, value, kind, failure = False, None, "none", bad
         return outcome(ok, value, kind, failure, code, bytes(self.out), bytes(self.err),
                        time.monotonic() - self.t0, self._isolation())
+
+    def _result(self, header: dict[str, Any], payload: bytes, oom: bool, pids_hit: bool,
+                scratch: str | None) -> tuple[bool, Any, str, Failure | None]:
+        """Decode a result and, when it succeeded, collect the outputs (the job is gone)."""
+        src = self.slot.out_fd
+        opened = None
+        try:
+            if src is None:
+                src = opened = os.open(scratch or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            out_fd = src
+            ok, value, kind, failure = from_result(
+                header, payload, lambda: collect.read_return_file(out_fd, self.limits), self.limits,
+                oom, pids_hit)
+            if ok:
+                collect.collect(out_fd, str(self.req.out_dir), self.limits, kind)
+            return ok, value, kind, failure
+        except collect.Refused as e:
+            return False, None, "none", e.failure
+        except (OSError, ValueError) as e:
+            return False, None, "none", Failure("sandbox", f"the job's result could not be read: {e}")
+        finally:
+            if opened is not None:
+                os.close(opened)
 
     def _isolation(self) -> dict[str, bool]:
         iso = {k: v is True for k, v in self.pool.isolation.items()}

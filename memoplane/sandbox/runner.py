@@ -21,10 +21,9 @@ import types
 from typing import Any
 
 from memoplane.sandbox.protocol import MAX_PAYLOAD, _not_serialisable, _parse, dumps
-from memoplane.sandbox.types import Limits
+from memoplane.sandbox.types import RETURN_FILE, VALUE_FILE_NAMES, Limits
 
 Result = tuple[dict[str, Any], bytes]
-RETURN_FILE = ".memoplane-return"
 
 
 def failure(reason: str, message: str, detail: str) -> Result:
@@ -95,7 +94,7 @@ def rehearse() -> None:
                             "filename": "<rehearsal>"}
     code = compile(source, "<rehearsal>", "exec")
     scope: dict[str, Any] = {}
-    exec(code, scope)  # noqa: S102 - our own rehearsal snippet
+    exec(code, scope)
     _inputs(task, scope["main"], "/")
     _dumps_value(scope["main"](1))
     _parse(dumps(task).encode())  # how a request arrives
@@ -117,7 +116,7 @@ def run_python(task: dict[str, Any], env: dict[str, str], in_dir: str, out_dir: 
     scope: dict[str, Any] = {"__name__": "__memoplane_job__", "__file__": filename}
     pid = os.getpid()
     try:
-        exec(code, scope)  # noqa: S102 - running the job is the point; module-level code is user code
+        exec(code, scope)
         fn = scope.get(task["entrypoint"])
         if not callable(fn):
             return failure("no-entrypoint", f"entrypoint {task['entrypoint']!r} is "
@@ -127,7 +126,7 @@ def run_python(task: dict[str, Any], env: dict[str, str], in_dir: str, out_dir: 
         if bad is not None:
             return bad
         value = fn(**inputs)
-    except BaseException as e:  # noqa: BLE001 - everything the job raises is its failure
+    except BaseException as e:
         _exit_if_forked(pid)
         return _exception_failure(e, filename, limits)
     _exit_if_forked(pid)
@@ -330,6 +329,9 @@ def _encode(value: Any, out_dir: str, limits: Limits) -> Result:
         except (TypeError, ValueError) as e:
             return failure("unserializable", f"the return value is not JSON-serialisable ({e}) — "
                            "return JSON data, bytes or a numpy array", "")
+        except RecursionError:
+            return failure("unserializable", "the return value nests too deeply to encode (or contains "
+                           "itself) — return flatter data", "")
         kind = "json"
     if len(data) > limits.max_output_bytes:
         return failure("output-too-large", f"the return value has {len(data)} bytes, over "
@@ -357,7 +359,7 @@ def _save_array(np: Any, value: Any, out_dir: str) -> Result:
         return failure("unserializable", "the returned array holds Python objects — return a "
                        "numeric array, JSON data or bytes", "")
     try:
-        np.save(os.path.join(out_dir, "return.npy"), value, allow_pickle=False)
+        np.save(os.path.join(out_dir, VALUE_FILE_NAMES["file"]), value, allow_pickle=False)
     except OSError as e:
         return failure("output-too-large" if e.errno in (errno.EFBIG, errno.ENOSPC) else "sandbox",
                        f"could not save the returned array: {e}", "")
@@ -382,7 +384,7 @@ def run_command(argv: list[str], env: dict[str, str]) -> Result:
     os.close(w)
     err = os.read(r, 64)
     os.close(r)
-    status = _reap_until(pid)
+    status = _reap_all(pid)
     if err:
         en = int(err)
         return failure("exit", f"cannot run {argv[0]!r}: {os.strerror(en)} — check the "
@@ -396,11 +398,16 @@ def run_command(argv: list[str], env: dict[str, str]) -> Result:
     return {"ok": True, "kind": "none", "exit_code": 0}, b""
 
 
-def _reap_until(pid: int) -> int:
+def _reap_all(pid: int) -> int:
+    """The command's exit status, once every process it started has ended too:
+    as pid 1 we inherit its orphans, and a job's outputs are only complete
+    when nothing is left to write them (a lingering process runs into the
+    job's timeout)."""
+    status = 0
     while True:
         try:
-            got, status = os.wait()
+            got, st = os.wait()
         except ChildProcessError:
-            return 0
-        if got == pid:
             return status
+        if got == pid:
+            status = st

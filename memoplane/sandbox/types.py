@@ -8,6 +8,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 MiB = 1 << 20
+# Caps on a job's output tree, whatever its byte limit: a deeper or larger tree
+# fails the job ("forbidden" / "output-too-large") instead of the host's walk.
+MAX_TREE_DEPTH = 128                # directories below $MEMOPLANE_OUT
+MAX_TREE_ENTRIES = 100_000          # files and directories below $MEMOPLANE_OUT
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,13 @@ class Failure:
 
 
 ValueKind = Literal["json", "bytes", "file", "none"]
+# Where a return value of each kind appears among a result's files: a "file"
+# value is the array the runner saves there; `memoplane result -o` writes the
+# others there, so a job's own output file may not take the name.
+VALUE_FILE_NAMES: dict[str, str] = {"json": "return.json", "bytes": "return.bin", "file": "return.npy"}
+# A return value too big for the control channel, written to $MEMOPLANE_OUT by the
+# job's runner and read (not kept as an output) by the host.
+RETURN_FILE = ".memoplane-return"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,11 @@ namespace is less privileged than the zygote's), so a child cannot unmount a
 piece to look underneath, nor make a read-only mount writable.
 
 Per child there are then two mounts: /proc of its own pid namespace (made
-while still host root, see isolate.detached_proc) and its /tmp.
+while still host root, see isolate.detached_proc) and its /tmp. A runtime
+that lives under /tmp (a virtualenv made there) is in the template at its own
+path, which the child's /tmp covers: the child clones it first and lays the
+read-only copy over its /tmp at the same path (one more mount per such
+directory, in the warm phase).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from memoplane.sandbox.isolate import (
     Bind,
     attach_tree,
     detached_tree,
+    hidden_by_work,
     mount,
     pivot_into,
     unshare,
@@ -41,10 +46,15 @@ _DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
 # Where the zygote assembles the view: /tmp of its *own* mount namespace,
 # shadowed there by a tmpfs, so nothing is created on the host.
 _STAGE = "/tmp"
+# The view's directories inside /tmp (isolate.hidden_by_work): set by
+# build_template in the zygote, inherited by every child.
+_over_tmp: tuple[str, ...] = ()
 
 
 def build_template(binds: list[Bind], links: dict[str, str]) -> None:
     """Run once in the (root) zygote: leave the host tree for the view."""
+    global _over_tmp
+    _over_tmp = tuple(b.dst for b in hidden_by_work(binds))
     unshare(CLONE_NEWNS)
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     # Take everything from the host before the stage shadows /tmp (a source may be there).
@@ -94,5 +104,12 @@ def enter_child(proc_fd: int | None, work_bytes: int) -> None:
     if proc_fd is not None:
         attach_tree(proc_fd, "/proc")
         os.close(proc_fd)
+    # Copies of the runtime inside /tmp, taken before our own /tmp hides it. A
+    # clone, not a tree the zygote keeps: attaching a detached tree uses it up.
+    kept = [(path, detached_tree(path, readonly=True)) for path in _over_tmp]
     mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={max(work_bytes, 4096)},mode=1777")
+    for path, fd in kept:
+        os.makedirs(path, exist_ok=True)
+        attach_tree(fd, path)
+        os.close(fd)
     os.chdir("/tmp")

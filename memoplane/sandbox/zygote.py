@@ -4,10 +4,9 @@ Started by the pool as `python -m memoplane.sandbox.zygote <fd>` with a clean
 environment and no inherited descriptors except its control socket, so no
 credential of the agent is ever in its memory (children inherit all of it).
 
-A root zygote then drops host root's supplementary groups, moves into one
-empty network namespace (only a down loopback; owned by the host's user
-namespace, so no job can configure it) and into a mount namespace holding
-only the read-only view (view.py). It keeps one handle on the host: an
+A root zygote then drops host root's supplementary groups and moves into a
+mount namespace holding only the read-only view (view.py). Each child makes
+its own empty network namespace (child.enter_namespaces). It keeps one handle on the host: an
 O_PATH fd of /proc, to write children's id maps; every child closes it first.
 
 Control messages (SEQPACKET, see protocol.py):
@@ -46,7 +45,7 @@ def preload(modules: list[str]) -> tuple[list[str], dict[str, str]]:
         try:
             importlib.import_module(name)
             done.append(name)
-        except Exception as e:  # noqa: BLE001 - a missing optional module is reported, not fatal
+        except Exception as e:
             failed[name] = f"{type(e).__name__}: {e}"
     return done, failed
 
@@ -61,18 +60,11 @@ def make_config(cfg: dict[str, Any]) -> child.ChildConfig:
     try:  # compiled here, while /tmp is still the host's (libseccomp writes a file)
         from memoplane.sandbox.seccomp_filter import LATE, compile_bpf
         progs = compile_bpf(), compile_bpf(exclude=LATE), compile_bpf(only=LATE)
-    except Exception as e:  # noqa: BLE001 - recorded; the pool decides whether to refuse
+    except Exception as e:
         notes["seccomp"] = f"libseccomp unavailable: {type(e).__name__}: {e}"
     last_cap = isolate.last_cap()  # before leaving the host tree (and its /proc)
     root_agent = os.getuid() == 0
     host_id = int(cfg.get("host_id", isolate.JOB_HOST_ID)) if root_agent else os.getuid()
-    own_netns = True
-    if root_agent and "netns" not in disable:
-        try:  # one empty netns for all children: creating one per child costs more than the rest
-            isolate.unshare(isolate.CLONE_NEWNET)
-            own_netns = False
-        except OSError as e:
-            notes["netns"] = f"no shared network namespace ({e}); one per child"
     template, root = False, ""
     if root_agent and not disable & {"view", "mountns"}:
         try:
@@ -90,7 +82,7 @@ def make_config(cfg: dict[str, Any]) -> child.ChildConfig:
                              uid=host_id,
                              gid=host_id if root_agent else os.getgid(),
                              early_pivot=bool(cfg.get("early_pivot")), template=template,
-                             own_netns=own_netns, last_cap=last_cap,
+                             host_netns=root_agent, last_cap=last_cap,
                              disable=disable, notes=notes)
 
 
@@ -141,7 +133,7 @@ def _i_main(cfg: child.ChildConfig, fds: list[int], w: int, go: int, new_pidns: 
         iso = child.enter_namespaces(cfg, _asker(w, go),
                                      frozenset({"pidns"}) if new_pidns else frozenset())
         protocol.close_quietly(w, go)
-    except BaseException:  # noqa: BLE001 - the pool sees the channel close and reports it
+    except BaseException:
         os._exit(71)
     child.warm_main(cfg, iso, *fds, proc_fd=proc)
 
@@ -208,7 +200,7 @@ def _w_main(cfg: child.ChildConfig, fds: list[int], w: int, go: int) -> NoReturn
             os._exit(0)
         os.close(w)
         child.warm_main(cfg, iso, *fds)
-    except BaseException as e:  # noqa: BLE001
+    except BaseException as e:
         try:
             os.write(w, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
         finally:
@@ -333,7 +325,7 @@ def main() -> None:
     z = Zygote(ctrl, cfg, proc_fd)
     protocol.send(ctrl, {"op": "hello", "preloaded": done, "preload_failed": failed,
                          "notes": cfg.notes, "root": cfg.root, "host_uid": cfg.uid,
-                         "template": cfg.template, "shared_netns": not cfg.own_netns,
+                         "template": cfg.template, "host_netns": cfg.host_netns,
                          "lean_fork": z.lean})
     try:
         z.serve()

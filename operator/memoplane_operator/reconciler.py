@@ -109,9 +109,10 @@ class Reconciler:
         self._cond = self.work.cond
         self.caches = ResultCaches(kube, stores, self.work, self.watched)
         self.manifests = Manifests()
-        self._last_full = 0.0
-        self._last_leases = 0.0
-        self._last_stats = 0.0
+        # never: each periodic task is due at once, however long ago the monotonic clock started
+        self._last_full = float("-inf")
+        self._last_leases = float("-inf")
+        self._last_stats = float("-inf")
         self.memo: _Pass | None = None
         # Resolution (key, cache lookup, serving a hit) runs on a small pool: it needs no
         # single-flight order, and a burst of hits is bound by round trips, not CPU.

@@ -92,7 +92,7 @@ class WorkQueue:
         self.cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last_resync = 0.0
+        self._last_resync = float("-inf")  # never: the first resync is due at once, whatever the clock's origin
         self.healthy_at = time.monotonic()
 
     def put(self, lane: str, key: Hashable, value: Any = None) -> None:
