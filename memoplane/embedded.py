@@ -24,6 +24,7 @@ from .errors import JobFailed, NotFound, StoreCorrupted
 from .execute import Execution, SandboxRunner, execute
 from .jobs import Job, Policy
 from .keys import explain_change
+from .leftovers import sweep
 from .sandbox.types import Failure
 
 
@@ -82,6 +83,7 @@ def _lookup(store: Store, key: str, notes: list[str]) -> Hit | None:
 
 def _compute(job: Job, store: Store, sandbox: Callable[[], SandboxRunner], policy: Policy,
              identity: str, node: str, started: float, explanation: list[str], notes: list[str]) -> RunReport:
+    sweep()   # before our own pool starts: what crashed runs left behind
     execution = execute(job, store, sandbox(), node=node)
     history = RunHistory(store)
     if execution.result is None or execution.digest is None:

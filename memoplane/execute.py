@@ -25,6 +25,7 @@ from .jobs import (
     sandbox_task,
     seed_overlay_file_name,
 )
+from .leftovers import temp_prefix
 from .sandbox.types import VALUE_FILE_NAMES, Failure, SandboxOutcome, SandboxRequest
 
 
@@ -77,7 +78,7 @@ def _materialize_seed(job: Job, name: str, seed: SeedInput, store: Store, in_dir
 
 def execute(job: Job, store: Store, sandbox: SandboxRunner, *, node: str = "local") -> Execution:
     key = job.key
-    with tempfile.TemporaryDirectory(prefix="memoplane-job-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("job")) as tmp:
         in_dir, out_dir = Path(tmp) / "in", Path(tmp) / "out"
         materialize_inputs(job, store, in_dir)
         out_dir.mkdir()

@@ -81,6 +81,7 @@ REASON_UNSUPPORTED = "Unsupported"
 REASON_RUNTIME_MISMATCH = "RuntimeMismatch"
 REASON_STORE = "StoreUnavailable"
 REASON_BACKOFF_LIMIT = "BackoffLimitExceeded"
+REASON_AGENT_ERROR = "AgentError"      # the agent itself failed while handling the job (a failed attempt)
 
 DEFAULT_RESULT_CACHE = "default"
 DEFAULT_BUCKET = "memoplane"

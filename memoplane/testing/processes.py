@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memoplane.cluster.stores import CREDENTIAL_FILES, CREDENTIALS_ENV, KEY_ENVS
 from memoplane.testing import cluster
 
 OPERATOR = "memoplane-operator"
@@ -149,11 +150,31 @@ def start_operator(cfg: StackConfig, wait: bool = True) -> Proc:
     return proc
 
 
+def agent_credentials(cfg: StackConfig) -> dict[str, str]:
+    """The store keys as the chart gives them to agents: files readable by us only (0600 in a
+    0700 directory under cfg.directory), with the key variables blanked (the agent inherits our
+    environment, which may hold them). Nothing for a store without keys (MEMOPLANE_STORE_ROOT)."""
+    keys = [cfg.env.get(name) for name in KEY_ENVS]
+    if not all(keys):
+        return {}
+    directory = cfg.directory / "s3-credentials"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    for name, key in zip(CREDENTIAL_FILES, keys, strict=True):
+        fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, f"{key}\n".encode())
+        finally:
+            os.close(fd)
+    return {CREDENTIALS_ENV: str(directory), **{name: "" for name in KEY_ENVS}}
+
+
 def start_agent(cfg: StackConfig, node: str, wait: bool = True) -> Proc:
     ports = {"http": free_port()}
     env = {**cfg.process_env(), "NODE_NAME": node, "MEMOPLANE_HTTP_HOST": "127.0.0.1",
            "MEMOPLANE_HTTP_PORT": str(ports["http"]), "MEMOPLANE_CAPACITY": str(cfg.capacity),
-           "MEMOPLANE_LOCAL_CACHE": str(cfg.directory / "node-cache" / node)}
+           "MEMOPLANE_LOCAL_CACHE": str(cfg.directory / "node-cache" / node), **agent_credentials(cfg)}
     proc = _spawn(cfg, AGENT_PREFIX + node, [sys.executable, "-m", "memoplane_agent"], env, ports)
     if wait:
         wait_ready(cfg.directory, proc, proc.url("http", "/readyz"))

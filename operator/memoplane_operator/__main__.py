@@ -28,6 +28,7 @@ from memoplane.cluster import protocol as p
 from memoplane.cluster.kube import Kube, load_config
 from memoplane.cluster.metrics import OperatorMetrics
 from memoplane.cluster.stores import Stores, StoreSettings
+from memoplane.leftovers import sweep
 
 from .gmemseed import SeedReconciler
 from .gmemseed import register as register_seeds
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                             resync_seconds=args.resync_seconds, stats_seconds=args.stats_seconds,
                             backoff_base=args.backoff_base)
     stores = Stores(StoreSettings.from_env())
+    sweep()   # the gmem log directories an operator that crashed left behind
     reconciler = Reconciler(config, Kube(load_config()), stores, metrics)
     if args.metrics_port:
         start_http_server(args.metrics_port, registry=metrics.registry)

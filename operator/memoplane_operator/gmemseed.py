@@ -32,6 +32,7 @@ from memoplane.gmem.engine import from_bits
 from memoplane.gmem.log import HEADER_SIZE, RECORD, parse
 from memoplane.gmem.persist import MIXER_ID, params_digest
 from memoplane.gmem.transfer import overlay_npy
+from memoplane.leftovers import temp_prefix
 
 from .workqueue import Lane, WorkQueue
 
@@ -47,7 +48,7 @@ class SeedReconciler:
         self.kube, self.stores, self.patterns = kube, stores, patterns
         self.resync_seconds = resync_seconds
         # The active log segments: sealed before every status write, so never the only copy.
-        self.local_dir = tempfile.mkdtemp(prefix="memoplane-gmem-")
+        self.local_dir = tempfile.mkdtemp(prefix=temp_prefix("gmem"))
         self.work = WorkQueue("gmemseeds", [Lane(DROP_LANE), Lane(SEED_LANE)], resync_seconds,
                               max(120.0, 10 * resync_seconds), log)
         self._open: dict[tuple[str, str], tuple[GMemParams, StoredGMem]] = {}  # (namespace, uid)

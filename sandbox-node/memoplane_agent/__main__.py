@@ -5,7 +5,15 @@ Configuration (environment; flags override):
   KUBECONFIG                  else in-cluster
   MEMOPLANE_NAMESPACE         where the agents' Leases live (default memoplane-system)
   MEMOPLANE_WATCH_NAMESPACES  namespace patterns whose jobs this agent runs (default all)
-  MEMOPLANE_S3_ENDPOINT, MEMOPLANE_S3_ACCESS_KEY, MEMOPLANE_S3_SECRET_KEY  the object store
+  MEMOPLANE_S3_ENDPOINT       the object store
+  MEMOPLANE_S3_CREDENTIALS_DIR its keys: a directory with two files, `accessKey` and `secretKey`,
+                              each holding the key (a trailing newline is ignored), mode 0400 or
+                              0600 (the chart mounts the store Secret there with defaultMode 0400).
+                              Read once at start; the agent refuses to start if a file is missing,
+                              empty or readable by group or others. Prefer it to the variables
+                              below: a process's initial environment stays readable in
+                              /proc/<pid>/environ for its whole life.
+  MEMOPLANE_S3_ACCESS_KEY, MEMOPLANE_S3_SECRET_KEY  the keys as variables (not with the directory)
   MEMOPLANE_STORE_ROOT        a directory standing in for the object store
   MEMOPLANE_LOCAL_CACHE       node-local chunk cache directory (default: none)
   MEMOPLANE_CAPACITY          jobs run at once (default 2)
@@ -27,6 +35,7 @@ from memoplane.cluster import protocol as p
 from memoplane.cluster.kube import Kube, load_config
 from memoplane.cluster.metrics import AgentMetrics
 from memoplane.cluster.stores import Stores, StoreSettings
+from memoplane.errors import MemoplaneError
 
 from .agent import Agent, AgentConfig
 from .http import serve
@@ -56,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                          profiles=[x for x in args.profiles.split(",") if x], require_isolation=require,
                          backoff_base=args.backoff_base)
     metrics = AgentMetrics()
-    stores = Stores(StoreSettings.from_env(local_cache=args.local_cache))
+    try:
+        stores = Stores(StoreSettings.from_env(local_cache=args.local_cache))
+    except MemoplaneError as exc:
+        parser.exit(2, f"memoplane-agent: {exc}\n")
     agent = Agent(config, Kube(load_config()), stores, metrics)
     server = serve(args.http_host, args.http_port, metrics.registry, agent.live, agent.ready)
     logging.getLogger("memoplane.agent").info("http on %s:%d", args.http_host, server.server_address[1])

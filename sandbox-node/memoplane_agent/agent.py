@@ -36,6 +36,7 @@ from memoplane.errors import MemoplaneError
 from memoplane.execute import execute
 from memoplane.jobs import Job, job_from_dict
 from memoplane.keys import runtime_identity
+from memoplane.leftovers import sweep
 from memoplane.sandbox import SandboxPool
 
 log = logging.getLogger("memoplane.agent")
@@ -79,6 +80,7 @@ class Agent:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
+        sweep()   # what an earlier agent that crashed left behind, before our pools make their own
         for profile in self.cfg.profiles:
             self.pools[profile] = SandboxPool(profile, size=self.cfg.capacity,
                                               require_isolation=self.cfg.require_isolation)
@@ -178,16 +180,29 @@ class Agent:
     def _run(self, obj: dict[str, Any], a: Assignment) -> None:
         started = time.monotonic()
         try:
-            self._run_claimed(obj, a)
+            self._claim_and_run(obj, a)
         except _Stale:
             log.info("%s/%s: assignment changed, dropped", a.namespace, a.name)
-        except Exception:
-            log.error("%s/%s: agent error:\n%s", a.namespace, a.name, traceback.format_exc())
         finally:
             self.metrics.run_seconds.observe(time.monotonic() - started)
             with self._lock:
                 self.local.pop(a.uid, None)
                 self.metrics.running.set(len(self.local))
+
+    def _claim_and_run(self, obj: dict[str, Any], a: Assignment) -> None:
+        try:
+            claimed = self._claim(obj, a)
+        except _Stale:
+            raise
+        except Exception as exc:  # not ours yet: the job stays Scheduled, the next event retries
+            log.error("%s/%s: could not claim: %s", a.namespace, a.name, exc)
+            return
+        try:
+            self._run_claimed(claimed, a)
+        except _Stale:
+            raise
+        except Exception as exc:  # a poison pill must not leave the job Running
+            self._agent_failed(claimed, a, exc)
 
     def _claim(self, obj: dict[str, Any], a: Assignment) -> dict[str, Any]:
         """Mark the assigned job Running on this node while it is still claimable."""
@@ -219,7 +234,7 @@ class Agent:
         raise _Stale()
 
     def _run_claimed(self, obj: dict[str, Any], a: Assignment) -> None:
-        obj = self._claim(obj, a)
+        """Run a job claimed by `obj` (the claim's answer) and report its outcome."""
         node = self.cfg.node
         self.kube.event(obj, p.REASON_RUNNING, f"running on node {node} (attempt {a.attempts})",
                         component=p.AGENT_COMPONENT, host=node)
@@ -303,3 +318,24 @@ class Agent:
                                                  attempts=a.attempts))
         self.kube.event(obj, "Failed", f"{reason}: {message[:300]}", warning=True, component=p.AGENT_COMPONENT,
                         host=self.cfg.node)
+
+    def _agent_failed(self, obj: dict[str, Any], a: Assignment, exc: Exception) -> None:
+        """An exception from our own code while handling a claimed job: a failed attempt like any
+        other, so backoffLimit bounds it. If even that report fails, log it and give up: the job
+        stays Running on this node until the next claim of it (never a loop here)."""
+        try:
+            detail = "".join(traceback.format_exception(exc))
+            log.error("%s/%s: agent error (attempt %d):\n%s", a.namespace, a.name, a.attempts, detail)
+            self._attempt_failed(obj, a, p.REASON_AGENT_ERROR, agent_error_message(exc), detail)
+        except _Stale:
+            log.info("%s/%s: assignment changed before the agent error was reported", a.namespace, a.name)
+        except Exception:
+            log.error("%s/%s: could not report the agent error:\n%s", a.namespace, a.name, traceback.format_exc())
+
+
+def agent_error_message(exc: BaseException) -> str:
+    """One line naming what failed: the exception, where it was raised, its first line."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" in {frames[-1].name} ({os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "no message"
+    return f"the agent failed while handling the job: {type(exc).__name__}{where}: {text}"

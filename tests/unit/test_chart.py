@@ -244,9 +244,32 @@ def test_env_the_chart_sets_is_read_by_the_processes(helm: Path) -> None:
         set_by_chart = {e["name"] for e in c["env"]} - {"TMPDIR"}
         unread = set_by_chart - readers[suffix]
         assert not unread, f"{suffix}: the chart sets {sorted(unread)}, which nothing reads"
-        for needed in ("MEMOPLANE_S3_ENDPOINT", "MEMOPLANE_S3_ACCESS_KEY", "MEMOPLANE_S3_SECRET_KEY",
-                       "MEMOPLANE_NAMESPACE", "MEMOPLANE_WATCH_NAMESPACES"):
+        for needed in ("MEMOPLANE_S3_ENDPOINT", "MEMOPLANE_NAMESPACE", "MEMOPLANE_WATCH_NAMESPACES"):
             assert needed in set_by_chart, (suffix, needed)
+        keys = {"MEMOPLANE_S3_ACCESS_KEY", "MEMOPLANE_S3_SECRET_KEY"}
+        if suffix == "-operator":
+            assert keys <= set_by_chart
+        else:  # a job that reads the agent's /proc/<pid>/environ must not find the store keys
+            assert not keys & set_by_chart and "MEMOPLANE_S3_CREDENTIALS_DIR" in set_by_chart
+
+
+@pytest.mark.parametrize(("variant", "secret"), [("defaults", "mp-memoplane-minio-credentials"),
+                                                 ("external-s3", "s3-keys"),
+                                                 ("external-s3-inline-keys", "mp-memoplane-s3-credentials")])
+def test_agent_reads_the_store_keys_from_a_secret_volume_only_it_can_read(helm: Path, variant: str,
+                                                                          secret: str) -> None:
+    pod = find(render(helm, *VARIANTS[variant]), "DaemonSet", "-agent")["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    assert not any("secretKeyRef" in e.get("valueFrom", {}) for e in env.values()), "no Secret in the environment"
+    directory = env["MEMOPLANE_S3_CREDENTIALS_DIR"]["value"]
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == directory]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"] == {"secretName": secret, "defaultMode": 0o400,
+                                "items": [{"key": "accessKey", "path": "accessKey"},
+                                          {"key": "secretKey", "path": "secretKey"}]}
+    assert "fsGroup" not in pod.get("securityContext", {}), "fsGroup would make the key files group-readable"
 
 
 def _rules(doc: dict[str, Any]) -> set[tuple[str, str, str]]:

@@ -78,7 +78,7 @@ http://{{ include "memoplane.minioFullname" . }}.{{ .Release.Namespace }}.svc:90
 {{- end -}}
 {{- end -}}
 
-{{/* Environment shared by the operator and the agents. */}}
+{{/* Environment shared by the operator and the agents (the store keys are not: see s3KeysEnv). */}}
 {{- define "memoplane.commonEnv" -}}
 - name: MEMOPLANE_NAMESPACE
   valueFrom:
@@ -90,6 +90,11 @@ http://{{ include "memoplane.minioFullname" . }}.{{ .Release.Namespace }}.svc:90
   value: {{ .Values.logLevel | quote }}
 - name: MEMOPLANE_S3_ENDPOINT
   value: {{ include "memoplane.s3Endpoint" . | quote }}
+{{- end -}}
+
+{{/* The store keys as variables: the operator only. The agents, whose environment a job
+might read through /proc, get them as files (agent.yaml, MEMOPLANE_S3_CREDENTIALS_DIR). */}}
+{{- define "memoplane.s3KeysEnv" -}}
 - name: MEMOPLANE_S3_ACCESS_KEY
   valueFrom:
     secretKeyRef:

@@ -1,0 +1,229 @@
+"""The node agent turns any exception while handling a claimed job into a failed attempt.
+
+A job that breaks host-side code (a RecursionError from a deep value, an OSError from the
+disk, a bug) must end Failed or back off like any failed attempt, bounded by backoffLimit:
+never stay Running to be re-run on every relist. Driven through Agent._run with a fake Kube
+(the calls the agent makes, over dicts) and a filesystem store.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+from memoplane_agent.agent import Agent, AgentConfig, agent_error_message
+
+from memoplane.api.common import API_VERSION
+from memoplane.cas import Store
+from memoplane.cluster import protocol as p
+from memoplane.cluster.claim import assignment_of
+from memoplane.cluster.stores import Stores, StoreSettings
+from memoplane.jobs import Job, PythonCode, job_to_dict
+from memoplane.sandbox.types import SandboxOutcome, SandboxRequest
+
+NODE = "node-a"
+RUNTIME = "b3:" + "ab" * 32
+STORE_URL = p.store_url(p.DEFAULT_BUCKET, "ml")
+
+
+class FakeKube:
+    """memoplane.cluster.kube.Kube's calls that the agent makes while running a job, over dicts,
+    with the API server's resourceVersion precondition (409 on a stale write)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.events: list[tuple[str, str, bool]] = []
+        self.status_writes = 0
+        self.refuse_from_write: int | None = None   # answer 500 from this status write on
+
+    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        obj = self.objects.get((namespace, name))
+        return copy.deepcopy(obj) if obj is not None else None
+
+    def patch_status(self, plural: str, namespace: str, name: str, patch: Mapping[str, Any],
+                     resource_version: str | None = None) -> dict[str, Any]:
+        self.status_writes += 1
+        if self.refuse_from_write is not None and self.status_writes >= self.refuse_from_write:
+            raise ApiException(status=500, reason="Internal Server Error")
+        obj = self.objects.get((namespace, name))
+        if obj is None:
+            raise ApiException(status=404, reason="Not Found")
+        if resource_version and resource_version != obj["metadata"]["resourceVersion"]:
+            raise ApiException(status=409, reason="Conflict")
+        status = obj.setdefault("status", {})
+        for k, v in patch.items():
+            if v is None:
+                status.pop(k, None)
+            else:
+                status[k] = copy.deepcopy(v)
+        obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)
+        return copy.deepcopy(obj)
+
+    def event(self, obj: Mapping[str, Any], reason: str, message: str, *, warning: bool = False,
+              component: str = "", host: str = "") -> None:
+        self.events.append((reason, message, warning))
+
+
+class RaisingRunner:
+    """A SandboxRunner whose run raises, as host-side code does on a poison pill."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+        self.runs = 0
+
+    def run(self, request: SandboxRequest) -> SandboxOutcome:
+        self.runs += 1
+        assert request.in_dir.parent.name.startswith("memoplane-job-")
+        raise self.exc
+
+
+@pytest.fixture
+def tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """tempfile's directory for the test: execute() makes its job directory there."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    return scratch
+
+
+@pytest.fixture
+def setup(tmp_path: Path, tmp_dir: Path) -> Iterator[tuple[Agent, FakeKube, Store]]:
+    kube = FakeKube()
+    stores = Stores(StoreSettings(root=str(tmp_path / "s3")))
+    agent = Agent(AgentConfig(node=NODE, backoff_base=0.5), kube, stores)  # type: ignore[arg-type]
+    agent.runtimes["python"] = RUNTIME
+    try:
+        yield agent, kube, stores.by_url(STORE_URL)
+    finally:
+        agent._executor.shutdown(wait=True)
+        stores.close()
+
+
+def scheduled_job(kube: FakeKube, store: Store, backoff_limit: int, attempts: int = 1) -> dict[str, Any]:
+    """A ComputeJob as the operator leaves it for the agent: labelled, resolved, Scheduled."""
+    job = Job(PythonCode("def main():\n    return [[[]]]\n"), runtime=RUNTIME)
+    digest = store.put_bytes(json.dumps(job_to_dict(job)).encode()).digest
+    obj: dict[str, Any] = {
+        "apiVersion": API_VERSION, "kind": "ComputeJob",
+        "metadata": {"name": "deep", "namespace": "ml", "uid": "uid-deep", "generation": 1, "resourceVersion": "7",
+                     "labels": {p.NODE_LABEL: NODE},
+                     "annotations": {p.JOB_DIGEST_ANNOTATION: digest, p.JOB_GENERATION_ANNOTATION: "1",
+                                     p.STORE_ANNOTATION: STORE_URL}},
+        "spec": {"python": {"source": "..."}, "backoffLimit": backoff_limit},
+        "status": {"phase": p.SCHEDULED, "cacheKey": job.key, "attempts": attempts, "observedGeneration": 1},
+    }
+    kube.objects[("ml", "deep")] = copy.deepcopy(obj)
+    return obj
+
+
+def run(agent: Agent, obj: dict[str, Any]) -> None:
+    assignment = assignment_of(obj)
+    assert assignment is not None
+    agent._run(obj, assignment)
+
+
+def status(kube: FakeKube) -> dict[str, Any]:
+    found: dict[str, Any] = kube.objects[("ml", "deep")]["status"]
+    return found
+
+
+def deep(n: int) -> Any:
+    value: Any = []
+    for _ in range(n):
+        value = [value]
+    return value
+
+
+def recursion_error() -> RecursionError:
+    def walk(value: Any) -> int:
+        return 1 + max((walk(v) for v in value), default=0)
+    try:
+        walk(deep(5000))
+    except RecursionError as exc:
+        return exc
+    raise AssertionError("a 5000-deep walk did not exceed the recursion limit")
+
+
+@pytest.mark.parametrize("exc", [recursion_error(), OSError(28, "No space left on device"),
+                                 RuntimeError("a bug\nsecond line")], ids=["recursion", "oserror", "bug"])
+def test_an_agent_error_fails_the_job_at_backoff_limit_zero(setup: Any, tmp_dir: Path, exc: BaseException) -> None:
+    agent, kube, store = setup
+    runner = RaisingRunner(exc)
+    agent.pools["python"] = runner
+    run(agent, scheduled_job(kube, store, backoff_limit=0))
+    s = status(kube)
+    assert runner.runs == 1
+    assert s["phase"] == p.FAILED and s["reason"] == p.REASON_AGENT_ERROR
+    assert s["failure"]["reason"] == p.REASON_AGENT_ERROR
+    message = s["failure"]["message"]
+    assert "\n" not in message and type(exc).__name__ in message and str(exc).splitlines()[0] in message
+    detail = s["failure"]["stderrTail"]
+    assert f"{type(exc).__name__}: " in detail and detail.rstrip().endswith(str(exc).splitlines()[-1]), \
+        "the detail is the traceback's tail"
+    assert ("Failed", True) in {(reason, warning) for reason, _, warning in kube.events}
+    assert not agent.local, "the job is no longer counted as running here"
+    assert list(tmp_dir.iterdir()) == [], "execute() left its job directory behind"
+
+
+def test_an_agent_error_within_backoff_limit_backs_off(setup: Any) -> None:
+    agent, kube, store = setup
+    agent.pools["python"] = RaisingRunner(OSError(5, "Input/output error"))
+    run(agent, scheduled_job(kube, store, backoff_limit=1))
+    s = status(kube)
+    assert s["phase"] == p.PENDING and s["reason"] == p.REASON_BACKOFF and s["attempts"] == 1
+    assert s["failure"]["reason"] == p.REASON_AGENT_ERROR and "OSError" in s["failure"]["message"]
+    assert s.get("node") is None, "the job is released for the operator to schedule again"
+
+
+def test_an_agent_error_on_the_last_attempt_fails_the_job(setup: Any) -> None:
+    agent, kube, store = setup
+    agent.pools["python"] = RaisingRunner(OSError(5, "Input/output error"))
+    run(agent, scheduled_job(kube, store, backoff_limit=1, attempts=2))
+    s = status(kube)
+    assert s["phase"] == p.FAILED and s["attempts"] == 2 and "after 2 attempts" in s["message"]
+
+
+def test_a_failing_failure_report_is_logged_once(setup: Any, caplog: pytest.LogCaptureFixture) -> None:
+    agent, kube, store = setup
+    agent.pools["python"] = RaisingRunner(RuntimeError("boom"))
+    kube.refuse_from_write = 2   # the claim goes through, every later status write fails
+    run(agent, scheduled_job(kube, store, backoff_limit=0))
+    assert kube.status_writes == 2, "one claim, one failed report, no retry loop"
+    assert status(kube)["phase"] == p.RUNNING
+    assert "could not report the agent error" in caplog.text
+    assert not agent.local
+
+
+def test_a_job_gone_meanwhile_is_dropped_without_a_report(setup: Any, caplog: pytest.LogCaptureFixture) -> None:
+    agent, kube, store = setup
+    caplog.set_level(logging.INFO, logger="memoplane.agent")
+    obj = scheduled_job(kube, store, backoff_limit=0)
+
+    class DeletingRunner:
+        def run(self, request: SandboxRequest) -> SandboxOutcome:
+            del kube.objects[("ml", "deep")]
+            raise RuntimeError("boom")
+
+    agent.pools["python"] = DeletingRunner()
+    run(agent, obj)
+    assert ("ml", "deep") not in kube.objects
+    assert "assignment changed" in caplog.text and "could not report" not in caplog.text
+
+
+def test_the_message_names_the_exception_and_where_it_was_raised() -> None:
+    def load() -> None:
+        raise KeyError("digest")
+    try:
+        load()
+    except KeyError as exc:
+        message = agent_error_message(exc)
+    assert message.startswith("the agent failed while handling the job: KeyError in load (test_agent_failures.py:")
+    assert message.endswith(": 'digest'")
+    assert agent_error_message(ValueError()).endswith("ValueError: no message")
