@@ -6,7 +6,6 @@ import logging
 import os
 import queue
 import select
-import shutil
 import signal
 import socket
 import tempfile
@@ -348,7 +347,11 @@ class _Job:
             return self._run(scratch)
         finally:
             if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
+                from memoplane.leftovers import remove_tree  # it imports the sandbox: here, not above
+                try:
+                    remove_tree(Path(scratch))  # iterative: a job's tree may be any depth here
+                except OSError as e:
+                    log.warning("could not remove %s: %s", scratch, e)
 
     def _run(self, scratch: str | None) -> SandboxOutcome:
         msg = {"op": "run", "task": _task_message(self.req.task), "env": dict(self.req.env),
