@@ -33,7 +33,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                         "a range of a gmem seed, generated in the sandbox (repeatable)")
     p.add_argument("--entrypoint", "-e", default="main", help="the function to call (default: main)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                   help="an environment variable for the job; part of the key (repeatable)")
+                   help="an environment variable for the job; part of the key (repeatable). NAME: letters, "
+                        "digits, '_', '-', '.', not a digit first, not MEMOPLANE_*; VALUE: no NUL")
     p.add_argument("--version", dest="salt", default="", metavar="SALT",
                    help="a cache version: change it to force new results for the same code and inputs")
     p.add_argument("--policy", choices=["Use", "Refresh", "Bypass"], default="Use",

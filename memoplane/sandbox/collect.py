@@ -128,13 +128,16 @@ def _copy_dir(out_fd: int, dest_fd: int, rel: str, budget: _Budget, limits: Limi
             child = f"{rel}/{name}" if rel else name
             _check_name(name, child, top=not rel, reserved=reserved)
             st = os.stat(name, dir_fd=src, follow_symlinks=False)
+            if not rel and name == RETURN_FILE:
+                if not stat.S_ISREG(st.st_mode):
+                    raise _refuse("forbidden", f"the job left {name!r} in $MEMOPLANE_OUT, a name memoplane "
+                                  "keeps for return values — rename it")
+                continue  # the return value, read by read_return_file; never an output
             if stat.S_ISDIR(st.st_mode):
                 budget.take(child, 0, limits)
                 os.mkdir(name, 0o755, dir_fd=dst)
                 found.append((name, True))
             elif stat.S_ISREG(st.st_mode):
-                if not rel and name == RETURN_FILE:
-                    continue  # the return value, read by read_return_file
                 if st.st_mode & (stat.S_ISUID | stat.S_ISGID):  # never copied; refused as intent
                     raise _refuse("forbidden", f"the job set a set-user/group-id bit on {child!r} in "
                                   "$MEMOPLANE_OUT — write plain files only")

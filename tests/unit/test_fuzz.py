@@ -36,7 +36,7 @@ from memoplane.errors import InputError, StoreCorrupted
 from memoplane.sandbox import protocol
 from memoplane.sandbox.protocol import MAX_PAYLOAD, FrameReader, ProtocolError
 
-FUZZ = settings(max_examples=200, deadline=None, database=None,
+FUZZ = settings(max_examples=200, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 TREES = settings(FUZZ, max_examples=60)  # each example writes, stores and re-reads a directory
 HEAD = struct.Struct("!II")

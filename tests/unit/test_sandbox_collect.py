@@ -77,7 +77,7 @@ def _snapshot(root: Path) -> dict[bytes, tuple[int, bytes]]:
     return out
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(tree=TREES, kind=st.sampled_from(["json", "bytes", "none"]), cap=st.sampled_from([40, 1 << 20]))
 def test_collect_copies_plain_files_or_refuses(tree: object, kind: str, cap: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,7 +100,8 @@ def test_collect_copies_plain_files_or_refuses(tree: object, kind: str, cap: int
         got = _snapshot(dest)
         assert all(mode in (stat.S_IFREG, stat.S_IFDIR) for mode, _ in got.values()), got
         if not refused:
-            want = {rel: v for rel, v in _snapshot(src).items() if rel != os.fsencode(RETURN_FILE)}
+            want = {rel: v for rel, v in _snapshot(src).items()
+                    if rel.split(b"/")[0] != os.fsencode(RETURN_FILE)}
             assert got == want
 
 
