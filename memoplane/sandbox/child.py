@@ -136,7 +136,7 @@ def warm_main(cfg: ChildConfig, iso: dict[str, bool | str], sock_fd: int,
         if job_out is not None:
             os.close(job_out)  # the pool reads /out through its copy, once we are all gone
         header, _, fds = protocol.recv_stream_with_fds(sock)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - the pool sees the exit and reports it
         os._exit(70)
     _serve(cfg, iso, sock, header, fds)
 

@@ -54,7 +54,7 @@ class _Slot:
         self.out_r, self.err_r, self.group = out_r, err_r, group
         self.out_fd: int | None = None   # the child's /out tmpfs (isolate.mount_out)
         self.isolation: dict[str, bool | str] = {}
-        self.userns: int | None = None   # the child's user namespace, to idmap /in and /out
+        self.userns: int | None = None   # the child's user namespace, to idmap /in
 
     def kill(self) -> None:
         try:
@@ -221,7 +221,7 @@ class SandboxPool:
             while not self._closed and self._claim():
                 try:
                     self._ready.put(self._spawn())
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - run() spawns on demand and reports
                     log.warning("could not start a warm sandbox child: %s", e)
                     time.sleep(0.5)
                     break

@@ -45,7 +45,7 @@ def preload(modules: list[str]) -> tuple[list[str], dict[str, str]]:
         try:
             importlib.import_module(name)
             done.append(name)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a missing optional module is reported, not fatal
             failed[name] = f"{type(e).__name__}: {e}"
     return done, failed
 
@@ -60,7 +60,7 @@ def make_config(cfg: dict[str, Any]) -> child.ChildConfig:
     try:  # compiled here, while /tmp is still the host's (libseccomp writes a file)
         from memoplane.sandbox.seccomp_filter import LATE, compile_bpf
         progs = compile_bpf(), compile_bpf(exclude=LATE), compile_bpf(only=LATE)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - recorded; the pool decides whether to refuse
         notes["seccomp"] = f"libseccomp unavailable: {type(e).__name__}: {e}"
     last_cap = isolate.last_cap()  # before leaving the host tree (and its /proc)
     root_agent = os.getuid() == 0
@@ -133,7 +133,7 @@ def _i_main(cfg: child.ChildConfig, fds: list[int], w: int, go: int, new_pidns: 
         iso = child.enter_namespaces(cfg, _asker(w, go),
                                      frozenset({"pidns"}) if new_pidns else frozenset())
         protocol.close_quietly(w, go)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - the pool sees the channel close and reports it
         os._exit(71)
     child.warm_main(cfg, iso, *fds, proc_fd=proc)
 
@@ -200,7 +200,7 @@ def _w_main(cfg: child.ChildConfig, fds: list[int], w: int, go: int) -> NoReturn
             os._exit(0)
         os.close(w)
         child.warm_main(cfg, iso, *fds)
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001
         try:
             os.write(w, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
         finally:
