@@ -6,9 +6,11 @@
 Every outcome records the isolation its child actually had (`outcome.isolation`).
 
 What a job gets (agent running as root; see child.py for the order of steps):
-- its own user, mount, pid, ipc and uts namespaces; its own empty network
-  namespace (a down loopback only), made by host root so the job cannot
-  configure it, and no job sees another's sockets or /proc/net; and
+- its own user, mount, pid, ipc and uts namespaces; an empty network
+  namespace (a down loopback only) no other running job is in, made by host
+  root so the job cannot configure it, and reused by a later job only once
+  every process of this one is gone (zygote.NetnsPool): no job sees another's
+  sockets, listeners or abstract names, in /proc/net or otherwise; and
   sockets of three address families only: AF_UNIX, AF_INET and AF_INET6
   (any other family, AF_VSOCK and AF_NETLINK among them, fails with
   EAFNOSUPPORT; see seccomp_filter.py);

@@ -363,9 +363,9 @@ class _Job:
         except (OSError, protocol.ProtocolError) as e:
             ended = f"channel: {e}"
         self.slot.kill()
-        status, gone = self._wait_gone()
+        gone = self._wait_gone()
         self._drain()
-        return self._decide(ended, status, gone, scratch)
+        return self._decide(ended, gone, scratch)
 
     def _send(self, msg: dict[str, Any]) -> None:
         if not self.pool._early_pivot:
@@ -377,23 +377,24 @@ class _Job:
         finally:
             protocol.close_quietly(fd)
 
-    def _wait_gone(self) -> tuple[int | None, bool]:
-        """Wait until no process of the job is left: the child is pid 1 of its pid
-        namespace, and the kernel reports init's end only after every other
-        process in the namespace is gone. Without a pid namespace the cgroup
-        must be empty too. (exit status of the child, whether all are gone)"""
+    def _wait_gone(self) -> bool:
+        """Wait until no process of the job is left. The child is pid 1 of its pid
+        namespace: its pidfd turns readable when it has exited, which the kernel
+        lets happen only after every other process in the namespace is gone
+        (zap_pid_ns_processes). Without a pid namespace the cgroup must be empty too."""
         deadline = time.monotonic() + _GONE_TIMEOUT
-        status = self.pool._wait_exit(self.slot.pid, _GONE_TIMEOUT)
-        if status is None:
-            return None, False
+        poller = select.poll()
+        poller.register(self.slot.pidfd, select.POLLIN)
+        if not poller.poll(_GONE_TIMEOUT * 1000):
+            return False
         if self.pool.isolation.get("pidns") is True:
-            return status, True
+            return True
         group = self.slot.group
         while group is not None and not group.empty():
             if time.monotonic() > deadline:
-                return status, False
+                return False
             time.sleep(0.005)
-        return status, group is not None
+        return group is not None
 
     def _watch(self) -> str:
         """Wait for the result; returns why watching stopped."""
@@ -448,7 +449,7 @@ class _Job:
             except BlockingIOError:
                 pass
 
-    def _decide(self, ended: str, status: int | None, gone: bool, scratch: str | None) -> SandboxOutcome:
+    def _decide(self, ended: str, gone: bool, scratch: str | None) -> SandboxOutcome:
         group = self.slot.group
         oom = group.oom_killed() if group else False
         pids_hit = group.pids_exhausted() if group else False
@@ -470,7 +471,8 @@ class _Job:
             failure = Failure("output-too-large", f"the job wrote more than max_log_bytes="
                               f"{self.limits.max_log_bytes} to {stream} and was killed — "
                               "write large output to $MEMOPLANE_OUT or raise the limit")
-        elif ended == "died":
+        elif ended == "died":  # the zygote reaps the child and tells us how it ended
+            status = self.pool._wait_exit(self.slot.pid, 5.0)
             failure = failure_for_status(status, None, oom, pids_hit, self.limits)
         else:
             failure = Failure("sandbox", f"lost contact with the sandbox child ({ended}) — "

@@ -5,8 +5,9 @@ environment and no inherited descriptors except its control socket, so no
 credential of the agent is ever in its memory (children inherit all of it).
 
 A root zygote then drops host root's supplementary groups and moves into a
-mount namespace holding only the read-only view (view.py). Each child makes
-its own empty network namespace (child.enter_namespaces). It keeps one handle on the host: an
+mount namespace holding only the read-only view (view.py). Each child gets
+an empty network namespace of its own: lent from NetnsPool, or made by the
+child (child.enter_namespaces). It keeps one handle on the host: an
 O_PATH fd of /proc, to write children's id maps; every child closes it first.
 
 Control messages (SEQPACKET, see protocol.py):
@@ -86,8 +87,41 @@ def make_config(cfg: dict[str, Any]) -> child.ChildConfig:
                              disable=disable, notes=notes)
 
 
+class NetnsPool:
+    """Empty network namespaces (a down loopback only), each lent to one child at a
+    time and taken back once that child is reaped, i.e. once every process of its
+    job is gone and with them every socket: creating and tearing down a network
+    namespace per job costs about 1 ms of CPU, as much as the rest of a sandbox.
+    Made by host root, so no job holds a capability over one. What may outlive a
+    job in its namespace is kernel state that no socket holds (IPv6 flow labels
+    linger up to 6 s); sockets, listeners and abstract names do not."""
+
+    def __init__(self, proc_fd: int) -> None:
+        self.proc_fd = proc_fd
+        self.home = os.open("self/ns/net", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_fd)
+        self.free: list[int] = []
+        self.lent: dict[int, int] = {}   # child pid -> its namespace
+
+    def take(self) -> int:
+        if self.free:
+            return self.free.pop()
+        isolate.unshare(isolate.CLONE_NEWNET)
+        try:
+            return os.open("self/ns/net", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.proc_fd)
+        finally:
+            isolate.setns(self.home, isolate.CLONE_NEWNET)
+
+    def lend(self, pid: int, fd: int) -> None:
+        self.lent[pid] = fd
+
+    def give_back(self, pid: int) -> None:
+        fd = self.lent.pop(pid, None)
+        if fd is not None:
+            self.free.append(fd)
+
+
 def spawn_direct(cfg: child.ChildConfig, fds: list[int], pidns_fd: int | None,
-                 lean: bool) -> tuple[int, int, int, int]:
+                 lean: bool, netns_fd: int | None) -> tuple[int, int, int, int]:
     """Fork the child I straight into a new pid namespace (root zygote, view
     template). Returns its pid, a pidfd, and the pipe ends on which it asks
     for its id maps (b"u") and is answered: the zygote answers from its poll
@@ -95,7 +129,7 @@ def spawn_direct(cfg: child.ChildConfig, fds: list[int], pidns_fd: int | None,
 
     unshare(CLONE_NEWPID) only moves our *next* child, and setns to our own
     pid namespace undoes it for the one after: one fork of this big process
-    per child instead of two."""
+    per child instead of two. `netns_fd`: the network namespace it joins."""
     r, w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
     if pidns_fd is not None:
@@ -109,7 +143,7 @@ def spawn_direct(cfg: child.ChildConfig, fds: list[int], pidns_fd: int | None,
     if pid == 0:
         os.close(r)
         os.close(go_w)
-        _i_main(cfg, fds, w, go_r, pidns_fd is not None)
+        _i_main(cfg, fds, w, go_r, pidns_fd is not None, netns_fd)
     os.close(w)
     os.close(go_r)
     return pid, os.pidfd_open(pid), r, go_w
@@ -124,14 +158,20 @@ def _map_ids(cfg: child.ChildConfig, proc_fd: int, pid: int, go_w: int) -> None:
         raise OSError(f"could not map the child's ids: {e}") from None
 
 
-def _i_main(cfg: child.ChildConfig, fds: list[int], w: int, go: int, new_pidns: bool) -> NoReturn:
+def _i_main(cfg: child.ChildConfig, fds: list[int], w: int, go: int, new_pidns: bool,
+            netns_fd: int | None) -> NoReturn:
     try:
-        child.close_fds_except({*fds, w, go})  # first: this also closes the host /proc
+        keep = {*fds, w, go} if netns_fd is None else {*fds, w, go, netns_fd}
+        child.close_fds_except(keep)  # first: this also closes the host /proc
         _default_sigchld()
+        entered = {"pidns"} if new_pidns else set()
+        if netns_fd is not None:  # still host root: the job gets no capability over it
+            isolate.setns(netns_fd, isolate.CLONE_NEWNET)
+            os.close(netns_fd)
+            entered.add("netns")
         # Our own /proc, made while we are still host root in our new pid namespace.
         proc = isolate.detached_proc() if new_pidns else None
-        iso = child.enter_namespaces(cfg, _asker(w, go),
-                                     frozenset({"pidns"}) if new_pidns else frozenset())
+        iso = child.enter_namespaces(cfg, _asker(w, go), frozenset(entered))
         protocol.close_quietly(w, go)
     except BaseException:  # noqa: BLE001 - the pool sees the channel close and reports it
         os._exit(71)
@@ -227,6 +267,9 @@ class Zygote:
         self.children: dict[int, int] = {}   # pid -> pidfd (kept to kill on shutdown)
         self.asking: dict[int, tuple[int, int]] = {}  # read end -> (pid, answer end)
         self.lean = _single_threaded(proc_fd)  # may skip CPython's after-fork work
+        # Reuse needs "every process of the job is gone" = "its pid namespace's init was reaped".
+        pooled = cfg.template and cfg.host_netns and self.pidns_fd is not None and "netns" not in cfg.disable
+        self.netns = NetnsPool(proc_fd) if pooled else None
         self.poller = select.poll()
 
     def serve(self) -> None:
@@ -265,7 +308,7 @@ class Zygote:
         if msg.get("op") == "spawn":
             try:
                 if self.cfg.template:
-                    pid, pidfd, r, go_w = spawn_direct(self.cfg, fds, self.pidns_fd, self.lean)
+                    pid, pidfd, r, go_w = self.spawn_direct(fds)
                     self.asking[r] = (pid, go_w)
                     self.poller.register(r, select.POLLIN)
                 else:
@@ -278,6 +321,20 @@ class Zygote:
                 protocol.close_quietly(*fds)
         return True
 
+    def spawn_direct(self, fds: list[int]) -> tuple[int, int, int, int]:
+        netns = self.netns.take() if self.netns is not None else None
+        try:
+            pid, pidfd, r, go_w = spawn_direct(self.cfg, fds, self.pidns_fd, self.lean, netns)
+        except BaseException:
+            if netns is not None:
+                assert self.netns is not None
+                self.netns.free.append(netns)
+            raise
+        if netns is not None:
+            assert self.netns is not None
+            self.netns.lend(pid, netns)
+        return pid, pidfd, r, go_w
+
     def reap(self) -> None:
         while True:
             try:
@@ -286,6 +343,8 @@ class Zygote:
                 return
             if pid == 0:
                 return
+            if self.netns is not None:
+                self.netns.give_back(pid)  # reaped: the job's last process is gone
             pidfd = self.children.pop(pid, None)
             if pidfd is not None:
                 os.close(pidfd)
