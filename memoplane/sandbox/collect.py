@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 from dataclasses import dataclass
 
@@ -99,22 +100,37 @@ def collect(out_fd: int, dest: str, limits: Limits, value_kind: str) -> None:
     never holds two different things under one name."""
     dest_fd = os.open(dest, _DIR | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        budget = _Budget(limits.max_output_bytes)
-        reserved = VALUE_FILE_NAMES.get(value_kind) if value_kind != "file" else None
-        pending: list[tuple[str, int]] = [("", 0)]
-        while pending:
-            rel, depth = pending.pop()
-            for name, is_dir in _copy_dir(out_fd, dest_fd, rel, budget, limits, reserved):
-                child = f"{rel}/{name}" if rel else name
-                if depth + 1 > MAX_TREE_DEPTH:
-                    raise _refuse("forbidden", f"the job's outputs nest directories more than "
-                                  f"{MAX_TREE_DEPTH} levels deep (at {child[:200]!r}...) — flatten the tree")
-                if is_dir:
-                    pending.append((child, depth + 1))
-        if value_kind == "file":
-            _check_array_file(dest_fd)
+        _copy_tree(out_fd, dest_fd, limits, value_kind)
+    except BaseException:
+        _empty(dest)  # a refused job's outputs never reach the host, not even in part
+        raise
     finally:
         os.close(dest_fd)
+
+
+def _empty(dest: str) -> None:
+    for entry in os.scandir(dest):  # our own copy: at most MAX_TREE_DEPTH deep, no links
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            os.unlink(entry.path)
+
+
+def _copy_tree(out_fd: int, dest_fd: int, limits: Limits, value_kind: str) -> None:
+    budget = _Budget(limits.max_output_bytes)
+    reserved = VALUE_FILE_NAMES.get(value_kind) if value_kind != "file" else None
+    pending: list[tuple[str, int]] = [("", 0)]
+    while pending:
+        rel, depth = pending.pop()
+        for name, is_dir in _copy_dir(out_fd, dest_fd, rel, budget, limits, reserved):
+            child = f"{rel}/{name}" if rel else name
+            if depth + 1 > MAX_TREE_DEPTH:
+                raise _refuse("forbidden", f"the job's outputs nest directories more than "
+                              f"{MAX_TREE_DEPTH} levels deep (at {child[:200]!r}...) — flatten the tree")
+            if is_dir:
+                pending.append((child, depth + 1))
+    if value_kind == "file":
+        _check_array_file(dest_fd)
 
 
 def _copy_dir(out_fd: int, dest_fd: int, rel: str, budget: _Budget, limits: Limits,

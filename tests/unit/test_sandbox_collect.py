@@ -99,7 +99,9 @@ def test_collect_copies_plain_files_or_refuses(tree: object, kind: str, cap: int
         assert _snapshot(outside) == before_outside
         got = _snapshot(dest)
         assert all(mode in (stat.S_IFREG, stat.S_IFDIR) for mode, _ in got.values()), got
-        if not refused:
+        if refused:
+            assert got == {}, "a refused tree left copies behind"
+        else:
             want = {rel: v for rel, v in _snapshot(src).items()
                     if rel.split(b"/")[0] != os.fsencode(RETURN_FILE)}
             assert got == want
