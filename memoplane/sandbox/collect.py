@@ -126,7 +126,7 @@ def _copy_tree(out_fd: int, dest_fd: int, limits: Limits, value_kind: str) -> No
             child = f"{rel}/{name}" if rel else name
             if depth + 1 > MAX_TREE_DEPTH:
                 raise _refuse("forbidden", f"the job's outputs nest directories more than "
-                              f"{MAX_TREE_DEPTH} levels deep (at {child[:200]!r}...) — flatten the tree")
+                              f"{MAX_TREE_DEPTH} levels deep (at {child[:60]!r}...) — flatten the tree")
             if is_dir:
                 pending.append((child, depth + 1))
     if value_kind == "file":
