@@ -2,20 +2,22 @@
 
 Lifecycle with a root agent (zygote.spawn_direct), the child "I":
   - is forked by the zygote straight into a new pid namespace (pid 1 there),
-    inside the zygote's empty network namespace and read-only view;
-  - still host root: makes its own /proc (fsmount), then unshares user,
+    inside the zygote's read-only view;
+  - still host root: joins the empty network namespace the zygote lent it
+    (zygote.NetnsPool), makes its own /proc (fsmount), then unshares user,
     mount, ipc and uts namespaces; the zygote maps root of the new user
     namespace to JOB_HOST_ID and the child takes those ids (setresuid), so
     from here on it is an unprivileged host uid with capabilities only over
     its own namespaces;
-  - attaches its /proc, mounts its /tmp, rehearses a dummy job (runner.py),
+  - attaches its /proc, mounts its /tmp and its /out (a tmpfs whose fd it
+    hands the pool with "ready"), rehearses a dummy job (runner.py),
     reseeds the random generators, sets no_new_privs,
     empties the bounding and ambient sets, locks NOROOT securebits, confines
     abstract sockets and signals with Landlock, installs the seccomp policy
     but for the mount calls its request needs, reports "ready" and blocks
     on its channel (its environment is already the job's: the zygote's own);
-  - on a request: attaches the idmapped /in and /out it was sent, applies
-    rlimits, drops every capability, installs a second seccomp filter that
+  - on a request: attaches the idmapped /in it was sent, sizes /tmp and
+    /out to the request's limits, applies rlimits, drops every capability, installs a second seccomp filter that
     kills the mount calls too, reports "started", runs the job, reports
     "result" and exits (a child serves one job only).
 Without root (legacy path) the zygote forks "W", which unshares everything
@@ -54,7 +56,7 @@ class ChildConfig:
     # With a view template: the policy but seccomp_filter.LATE, installed while
     # the child waits; `bpf` then kills LATE only, installed at request time.
     bpf_warm: bytes | None = None
-    early_pivot: bool = False                # /in and /out arrive as detached mounts (fds)
+    early_pivot: bool = False                # /in arrives as a detached mount (an fd)
     template: bool = False                   # the zygote's mount namespace is the view (view.py)
     # True: a child makes its network namespace while still host root, so it is
     # owned by the host's user namespace and the job gets no CAP_NET_ADMIN in it.

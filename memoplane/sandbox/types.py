@@ -49,7 +49,7 @@ class CommandTask:
 class SandboxRequest:
     task: PythonTask | CommandTask
     in_dir: Path          # prepared by the caller; mounted read-only at $MEMOPLANE_IN
-    out_dir: Path         # empty dir created by the caller; the child writes $MEMOPLANE_OUT here
+    out_dir: Path         # empty dir created by the caller; the job's outputs are copied here once it ended
     env: dict[str, str] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
 
