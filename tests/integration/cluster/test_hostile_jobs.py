@@ -19,44 +19,8 @@ from memoplane.api.manifests import computejob_manifest
 pytestmark = pytest.mark.integration
 Stack = Any  # conftest.Stack (fixture `stack`)
 
-# Finding 1, as in tests/hostile/test_outputs.py: a grandchild swaps /out/d for a
-# symlink to TARGET when the host opens a file there (or after `delay`), while the
-# job forges a result frame on its channel and holds its namespace in sync().
-RACE = r'''
-import ctypes, json, os, struct, time
-libc = ctypes.CDLL(None, use_errno=True)
-
-def frame(header, payload=b""):
-    body = json.dumps(header).encode()
-    return struct.pack("!II", len(body), len(payload)) + body + payload
-
-def swap(out, target, delay):
-    fd = libc.inotify_init()
-    libc.inotify_add_watch(fd, (out + "/d").encode(), 0x21)
-    os.set_blocking(fd, False)
-    end = time.monotonic() + delay
-    while time.monotonic() < end:
-        try:
-            if os.read(fd, 4096):
-                break
-        except BlockingIOError:
-            time.sleep(0.0005)
-    os.rename(out + "/d", out + "/d.old")
-    os.symlink(target, out + "/d")
-
-def main(target, delay):
-    out = os.environ["MEMOPLANE_OUT"]
-    os.mkdir(out + "/d")
-    for k in range(20):
-        with open(f"{out}/d/f{k}", "w") as f:
-            f.write("x" * 100)
-    if os.fork() == 0:
-        swap(out, target, delay)
-        os._exit(0)
-    os.write(1000, frame({"op": "result", "ok": True, "kind": "json"}, b'"forged"'))
-    libc.sync()
-    time.sleep(5)
-'''
+# Finding 1, as in tests/hostile/test_outputs.py (see the file's docstring).
+RACE = (Path(__file__).parents[2] / "attacks" / "output_race.py").read_text()
 
 
 def _job(name: str, source: str, inputs: dict[str, Any], **spec: Any) -> dict[str, Any]:
@@ -92,7 +56,7 @@ def test_output_race_never_returns_host_files_or_agent_secrets(stack: Stack, ns:
     for k in range(50):
         target = "/proc/self" if k % 2 else str(private)
         names.append(f"race-{k}")
-        stack.apply(ns, _job(names[-1], RACE, {"target": target, "delay": 0.002 * (k % 10)}))
+        stack.apply(ns, _job(names[-1], RACE, {"target": target, "delay": 0.002 * (k % 10), "hold": "frame"}))
     phases = []
     for name, obj in stack.wait_all(ns, names, timeout=600).items():
         seen = _everything(stack, ns, obj)
