@@ -7,9 +7,7 @@ the CLI/operator and the API server reject the same values. CRD-only markers
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (

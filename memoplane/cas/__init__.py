@@ -22,18 +22,25 @@ from .chunking import ChunkParams
 from .digests import b3, check_digest
 from .fs import FilesystemBackend
 from .gc import Damage, EvictReport, GcReport, Stats, VerifyReport
-from .manifests import (BlobManifest, BlobRef, Provenance, ResultManifest, StoredValue, TreeEntry,
-                        TreeManifest, ValueKind)
+from .manifests import (
+    BlobManifest,
+    BlobRef,
+    Provenance,
+    ResultManifest,
+    StoredValue,
+    TreeEntry,
+    TreeManifest,
+    ValueKind,
+)
 from .signing import Blake3MacSigner, SignatureInvalid, Signer
 from .store import INLINE_MAX, READ_AHEAD, Hit, Store
 
 __all__ = [
-    "Backend", "ObjectInfo", "FilesystemBackend", "Store", "Hit", "ChunkParams",
-    "BlobRef", "BlobManifest", "TreeEntry", "TreeManifest", "StoredValue", "Provenance",
-    "ResultManifest", "ValueKind", "Signer", "Blake3MacSigner", "SignatureInvalid",
-    "VerifyReport", "Damage", "GcReport", "Stats", "EvictReport", "INLINE_MAX",
-    "b3", "check_digest", "default_store_path", "open_store",
-    "S3Backend", "StoreUnavailable", "CachingBackend", "store_from_settings",
+    "INLINE_MAX", "Backend", "Blake3MacSigner", "BlobManifest", "BlobRef", "CachingBackend",
+    "ChunkParams", "Damage", "EvictReport", "FilesystemBackend", "GcReport", "Hit", "ObjectInfo",
+    "Provenance", "ResultManifest", "S3Backend", "SignatureInvalid", "Signer", "Stats", "Store",
+    "StoreUnavailable", "StoredValue", "TreeEntry", "TreeManifest", "ValueKind", "VerifyReport",
+    "b3", "check_digest", "default_store_path", "open_store", "store_from_settings",
 ]
 
 ENV = "MEMOPLANE_STORE"

@@ -240,7 +240,7 @@ def _w_main(cfg: child.ChildConfig, fds: list[int], w: int, go: int) -> NoReturn
             os._exit(0)
         os.close(w)
         child.warm_main(cfg, iso, *fds)
-    except BaseException as e:  # noqa: BLE001
+    except BaseException as e:  # noqa: BLE001 - the host reads the error from w; this process exits either way
         try:
             os.write(w, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
         finally:
