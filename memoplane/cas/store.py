@@ -115,7 +115,7 @@ class Store:
     def put_file(self, path: str | os.PathLike[str]) -> BlobRef:
         try:
             with open(path, "rb", buffering=0) as f:
-                return self.put_stream(f)  # type: ignore[arg-type]
+                return self.put_stream(f)
         except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
             raise InputError(f"cannot read {path}: {e.strerror}", "pass a readable regular file") from None
 

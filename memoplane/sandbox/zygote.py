@@ -175,7 +175,8 @@ def _i_main(cfg: child.ChildConfig, fds: list[int], w: int, go: int, new_pidns: 
         protocol.close_quietly(w, go)
     except BaseException:  # noqa: BLE001 - the pool sees the channel close and reports it
         os._exit(71)
-    child.warm_main(cfg, iso, *fds, proc_fd=proc)
+    sock_fd, out_fd, err_fd = fds
+    child.warm_main(cfg, iso, sock_fd, out_fd, err_fd, proc_fd=proc)
 
 
 _SIGCHLD, _SIG_DFL = int(signal.SIGCHLD), int(signal.SIG_DFL)
