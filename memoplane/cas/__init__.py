@@ -22,7 +22,7 @@ from .chunking import ChunkParams
 from .digests import b3, check_digest
 from .fs import FilesystemBackend
 from .gc import Damage, EvictReport, GcReport, Stats, VerifyReport
-from .manifests import (
+from .records import (
     BlobManifest,
     BlobRef,
     Provenance,
@@ -120,7 +120,7 @@ def store_from_settings(endpoint: str, access_key: str, secret_key: str, bucket:
                         cache_max_bytes: int | None = None, signer: Signer | None = None,
                         workers: int | None = None, region: str | None = None,
                         create_bucket: bool = True) -> Store:
-    """A Store on S3/MinIO, as the operator and agents build it from their settings.
+    """A Store on S3/MinIO from explicit settings: what open_store("s3://...") builds from the environment.
 
     `endpoint`: http://host:port, https://host or host:port (then `secure`, default
     True). `cache_dir`: a node-local read-through cache of content-addressed objects

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InputError, NotFound, StoreCorrupted
 from .backend import ObjectInfo
 from .digests import digest_of_name, object_name
-from .manifests import BlobManifest, ResultManifest, SealError, TreeManifest, unseal
+from .records import BlobManifest, ResultManifest, SealError, TreeManifest, unseal
 
 if TYPE_CHECKING:
     from .store import Store

@@ -35,7 +35,7 @@ from ..sandbox.types import MAX_TREE_DEPTH, MAX_TREE_ENTRIES
 from .backend import Backend
 from .chunking import ChunkDecodeError, ChunkParams, Ingested, Pools, decode_chunk, ingest_buffer, ingest_stream
 from .digests import b3, check_digest, object_name, ref_name
-from .manifests import (
+from .records import (
     BlobManifest,
     BlobRef,
     ResultManifest,

@@ -13,7 +13,7 @@ import pytest
 from memoplane.canonical import canonical_json
 from memoplane.cas import Blake3MacSigner, FilesystemBackend, Provenance, ResultManifest, SignatureInvalid, Store, b3
 from memoplane.cas.digests import object_name, ref_name
-from memoplane.cas.manifests import seal
+from memoplane.cas.records import seal
 from memoplane.errors import InputError, NotFound, StoreCorrupted
 
 MiB = 1 << 20
