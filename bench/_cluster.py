@@ -91,7 +91,7 @@ class Watcher:
                             self._cond.notify_all()
                     if self._stop.is_set():
                         return
-            except Exception as exc:  # a dropped watch: resume from the last resourceVersion
+            except Exception as exc:  # noqa: BLE001 - a dropped watch: resume from the last resourceVersion
                 if "410" in str(exc):
                     _, self._rv = self._list()
                 time.sleep(0.05)

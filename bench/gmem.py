@@ -176,7 +176,7 @@ def log_replay(tmp: Path, records: int, py_records: int) -> dict[str, dict[str, 
         start = LogHeader.decode(data, "x").crc
         body = memoryview(data)[HEADER_SIZE : HEADER_SIZE + 24 * py_records]
         out: dict[int, int] = {}
-        for i, (a, b, left, crc) in enumerate(struct.iter_unpack("<QQII", body)):
+        for i, (a, b, _left, crc) in enumerate(struct.iter_unpack("<QQII", body)):
             if zlib.crc32(body[24 * i : 24 * i + 20], start) != crc:
                 break
             out[a] = b

@@ -41,10 +41,10 @@ import blake3
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import best_seconds, emit, metric  # noqa: E402
+from _common import best_seconds, emit, metric
 
-from memoplane.cas import FilesystemBackend, Provenance, ResultManifest, Store, StoredValue, b3  # noqa: E402
-from memoplane.cas.chunking import ChunkParams, Pools, encode_chunk, ingest_buffer  # noqa: E402
+from memoplane.cas import FilesystemBackend, Provenance, ResultManifest, Store, StoredValue, b3
+from memoplane.cas.chunking import ChunkParams, Pools, encode_chunk, ingest_buffer
 
 MiB = 1 << 20
 VERSIONS = 10

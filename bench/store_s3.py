@@ -29,12 +29,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import best_seconds, emit, metric  # noqa: E402
+from _common import best_seconds, emit, metric
 
-from memoplane.cas import (CachingBackend, FilesystemBackend, Provenance, ResultManifest, S3Backend,  # noqa: E402
-                           Store, StoredValue)
-from memoplane.cas.s3 import make_client  # noqa: E402
-from memoplane.testing import cluster  # noqa: E402
+from memoplane.cas import CachingBackend, FilesystemBackend, Provenance, ResultManifest, S3Backend, Store, StoredValue
+from memoplane.cas.s3 import make_client
+from memoplane.testing import cluster
 
 MiB = 1 << 20
 KEY = "b3:" + "5" * 64

@@ -21,7 +21,7 @@ def _store_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_run(sub: argparse._SubParsersAction) -> None:
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "run",
         help="run a Python script or a command once; later identical runs return the stored result",
@@ -49,7 +49,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_lazy("memoplane.commands.run", "run_command"))
 
 
-def _add_explain(sub: argparse._SubParsersAction) -> None:
+def _add_explain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("explain", help="show which part of the key changed since the last run of a script")
     p.add_argument("script", nargs="?")
     p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=JSON|NAME=@FILE")
@@ -61,7 +61,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_lazy("memoplane.commands.run", "explain_command"))
 
 
-def _add_result(sub: argparse._SubParsersAction) -> None:
+def _add_result(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("result", help="print a stored result and write its output files")
     p.add_argument("ref", metavar="KEY_OR_DIGEST|JOB",
                    help="a cache key or result digest (b3:...) in the local store, or a ComputeJob's name")
@@ -72,7 +72,7 @@ def _add_result(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_lazy("memoplane.commands.store", "result_command"))
 
 
-def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
+def _add_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("submit", help="create a ComputeJob from a Python file on the current cluster")
     p.add_argument("script", help="a Python file whose entrypoint is called with the inputs")
     p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=JSON|NAME=@FILE",
@@ -101,7 +101,7 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(handler=_lazy("memoplane.commands.cluster", handler))
 
 
-def _add_store_commands(sub: argparse._SubParsersAction) -> None:
+def _add_store_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("verify", help="check every stored object against its address; exit 3 on damage")
     p.add_argument("--json", action="store_true")
     _store_flag(p)
@@ -166,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(ours)
     args.command_argv = command
     try:
-        return args.handler(args)
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
     except MemoplaneError as exc:
         print(f"memoplane: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -90,7 +90,7 @@ def _sequence(tag: bytes) -> Callable[[_Writer, Any, str], None]:
     return write
 
 
-def _dict(w: _Writer, value: dict, where: str) -> None:
+def _dict(w: _Writer, value: dict[Any, Any], where: str) -> None:
     # Order-insensitive: entries sorted by the fingerprint of their key.
     entries = sorted((fingerprint(k, where=f"{where} key"), k) for k in value)
     w.tag(b"d", struct.pack("<Q", len(entries)))
@@ -99,7 +99,7 @@ def _dict(w: _Writer, value: dict, where: str) -> None:
         _write(w, value[key], f"{where}[{key!r}]")
 
 
-def _set(w: _Writer, value: set | frozenset, where: str) -> None:
+def _set(w: _Writer, value: set[Any] | frozenset[Any], where: str) -> None:
     digests = sorted(fingerprint(item, where=f"{where} element") for item in value)
     w.tag(b"S", "".join(digests).encode())
 
@@ -135,8 +135,8 @@ def _numpy(w: _Writer, value: Any, where: str) -> None:
         for i, item in enumerate(array.ravel(order="C").tolist()):
             _write(w, item, f"{where}[{i}]")
     else:
-        # hasher.update reads the buffer in place for contiguous arrays.
-        w.hasher.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
+        # hasher.update reads the buffer in place (.data: a memoryview, no copy) for contiguous arrays.
+        w.hasher.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data)
 
 
 def _is_pandas(value: Any) -> bool:

@@ -150,7 +150,7 @@ def _try(remove: Callable[[Path], None], path: Path) -> bool:
         return True
     except FileNotFoundError:   # another process is sweeping it too
         return False
-    except Exception as exc:  # cleanup must never stop the process that starts
+    except Exception as exc:  # noqa: BLE001 - cleanup must never stop the process that starts
         log.warning("could not remove the leftover %s: %s", path, exc)
         return False
 

@@ -76,7 +76,7 @@ class Memoized:
         fast = self._plain_params
         if fast is not None and len(args) <= len(fast[0]) and not kwargs.keys() - fast[0][len(args):]:
             arguments = dict(fast[1])
-            arguments.update(zip(fast[0], args))
+            arguments.update(zip(fast[0], args, strict=False))  # the leading parameters given by position
             arguments.update(kwargs)
             if len(arguments) == len(fast[0]):
                 return arguments

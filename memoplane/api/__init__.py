@@ -7,7 +7,8 @@ ComputeJob `cjob`, ResultCache `rcache`, GMemSeed `gseed`; all three are in the 
 `memoplane` (`kubectl get memoplane`).
 """
 
-from .common import API_VERSION, GROUP, VERSION, Condition, parse_quantity
+from ..quantity import parse_quantity
+from .common import API_VERSION, GROUP, VERSION, Condition
 from .computejob import (
     ComputeJob,
     ComputeJobSpec,

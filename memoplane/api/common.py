@@ -7,9 +7,7 @@ the CLI/operator and the API server reject the same values. CRD-only markers
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -25,11 +23,13 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from ..inputs import ENV_NAME_FIX, ENV_NAME_PATTERN, ENV_VALUE_FIX, RESERVED_ENV_PREFIX, env_name_problem
-from ..quantity import QUANTITY_PATTERN, _check_quantity, parse_quantity  # noqa: F401  (re-exported)
+from ..quantity import QUANTITY_PATTERN, _check_quantity
+from ..quantity import parse_quantity as parse_quantity  # re-exported: memoplane.cluster imports it from here
 
 GROUP = "memoplane.io"
 VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+# f"{GROUP}/{VERSION}" spelled out: the models' apiVersion fields have this literal type.
+API_VERSION: Literal["memoplane.io/v1alpha1"] = "memoplane.io/v1alpha1"
 CATEGORY = "memoplane"
 
 # Kubernetes quantity grammar without a sign: a negative size or CPU is always a mistake.

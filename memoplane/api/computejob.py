@@ -52,7 +52,7 @@ def map_over_message(over: str) -> str:
     return f"'{over}' is not the name of an input: use one of the names in spec.inputs"
 
 
-class PythonCode(K8sModel):
+class PythonSpec(K8sModel):
     """A Python function run in a sandbox; it receives the inputs as keyword arguments."""
 
     source: str = Field(min_length=1, description="Python source defining the entrypoint.")
@@ -191,7 +191,7 @@ class ComputeJobSpec(K8sModel):
         )
     )
 
-    python: PythonCode | None = None
+    python: PythonSpec | None = None
     command: list[str] | None = Field(default=None, min_length=1, description="argv, run with fork+exec.")
     inputs: InputList = Field(default_factory=list)
     map: MapSpec | None = None

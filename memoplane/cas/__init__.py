@@ -22,18 +22,25 @@ from .chunking import ChunkParams
 from .digests import b3, check_digest
 from .fs import FilesystemBackend
 from .gc import Damage, EvictReport, GcReport, Stats, VerifyReport
-from .manifests import (BlobManifest, BlobRef, Provenance, ResultManifest, StoredValue, TreeEntry,
-                        TreeManifest, ValueKind)
+from .records import (
+    BlobManifest,
+    BlobRef,
+    Provenance,
+    ResultManifest,
+    StoredValue,
+    TreeEntry,
+    TreeManifest,
+    ValueKind,
+)
 from .signing import Blake3MacSigner, SignatureInvalid, Signer
 from .store import INLINE_MAX, READ_AHEAD, Hit, Store
 
 __all__ = [
-    "Backend", "ObjectInfo", "FilesystemBackend", "Store", "Hit", "ChunkParams",
-    "BlobRef", "BlobManifest", "TreeEntry", "TreeManifest", "StoredValue", "Provenance",
-    "ResultManifest", "ValueKind", "Signer", "Blake3MacSigner", "SignatureInvalid",
-    "VerifyReport", "Damage", "GcReport", "Stats", "EvictReport", "INLINE_MAX",
-    "b3", "check_digest", "default_store_path", "open_store",
-    "S3Backend", "StoreUnavailable", "CachingBackend", "store_from_settings",
+    "INLINE_MAX", "Backend", "Blake3MacSigner", "BlobManifest", "BlobRef", "CachingBackend",
+    "ChunkParams", "Damage", "EvictReport", "FilesystemBackend", "GcReport", "Hit", "ObjectInfo",
+    "Provenance", "ResultManifest", "S3Backend", "SignatureInvalid", "Signer", "Stats", "Store",
+    "StoreUnavailable", "StoredValue", "TreeEntry", "TreeManifest", "ValueKind", "VerifyReport",
+    "b3", "check_digest", "default_store_path", "open_store", "store_from_settings",
 ]
 
 ENV = "MEMOPLANE_STORE"
@@ -113,7 +120,7 @@ def store_from_settings(endpoint: str, access_key: str, secret_key: str, bucket:
                         cache_max_bytes: int | None = None, signer: Signer | None = None,
                         workers: int | None = None, region: str | None = None,
                         create_bucket: bool = True) -> Store:
-    """A Store on S3/MinIO, as the operator and agents build it from their settings.
+    """A Store on S3/MinIO from explicit settings: what open_store("s3://...") builds from the environment.
 
     `endpoint`: http://host:port, https://host or host:port (then `secure`, default
     True). `cache_dir`: a node-local read-through cache of content-addressed objects

@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import BinaryIO
 
 import blake3
@@ -142,7 +143,7 @@ def _process(views: list[memoryview], put: ChunkPut | None) -> list[tuple[str, i
     out = []
     for v in views:
         d = PREFIX + blake3.blake3(v).hexdigest()
-        new = put(d, lambda v=v: encode_chunk(v)) if put is not None else False
+        new = put(d, partial(encode_chunk, v)) if put is not None else False
         out.append((d, len(v), new))
     return out
 
@@ -157,7 +158,7 @@ class Ingest:
         self._hasher = blake3.blake3()
         self._batches: list[Future[list[tuple[str, int, bool]]]] = []
         # per window: its whole-hash future and how many batches existed at its end
-        self._windows: deque[tuple[Future[object], int]] = deque()
+        self._windows: deque[tuple[Future[blake3.blake3], int]] = deque()
         self._size = 0
 
     def add(self, window: memoryview, final: bool, fresh: int = 0) -> int:
@@ -201,7 +202,7 @@ class Ingest:
         return Ingested(PREFIX + self._hasher.hexdigest(), self._size, chunks, new)
 
 
-def ingest_buffer(data: bytes | memoryview, params: ChunkParams, pools: Pools,
+def ingest_buffer(data: bytes | bytearray | memoryview, params: ChunkParams, pools: Pools,
                   put: ChunkPut | None) -> Ingested:
     ing = Ingest(params, pools, put)
     ing.add(memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data), True)

@@ -6,7 +6,9 @@ import re
 
 from ..errors import InputError
 from ..keys import DIGEST_PREFIX as PREFIX
-from ..keys import digest_bytes as b3  # noqa: F401  (one digest function for keys and store)
+from ..keys import digest_bytes as b3  # one digest function for keys and store
+
+__all__ = ["PREFIX", "b3", "check_digest", "digest_of_name", "object_name", "ref_name"]
 
 _DIGEST = re.compile(r"^b3:[0-9a-f]{64}$")
 

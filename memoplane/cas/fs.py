@@ -41,7 +41,7 @@ FSYNC_MAX = 64  # pending files above which flush() uses syncfs instead
 
 def _libc_syncfs() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     try:
-        return ctypes.CDLL(None, use_errno=True).syncfs  # type: ignore[no-any-return]
+        return ctypes.CDLL(None, use_errno=True).syncfs
     except (OSError, AttributeError):
         return None
 

@@ -10,12 +10,13 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError, NotFound, StoreCorrupted
 from .backend import ObjectInfo
 from .digests import digest_of_name, object_name
-from .manifests import BlobManifest, ResultManifest, SealError, TreeManifest, unseal
+from .records import BlobManifest, ResultManifest, SealError, TreeManifest, unseal
 
 if TYPE_CHECKING:
     from .store import Store
@@ -139,6 +140,11 @@ def _check(fn: Callable[[], object], name: str) -> Damage | None:
     return None
 
 
+def _read_blob(store: Store, digest: str) -> None:
+    for _ in store.iter_blob(digest):
+        pass
+
+
 def _check_result(store: Store, digest: str) -> None:
     result = store.get_result(digest)
     store._check_complete(result, deep=False)
@@ -158,18 +164,18 @@ def verify(store: Store) -> VerifyReport:
     work, _ = store._pools.get()
     checks: list[tuple[str, str, Callable[[], object]]] = []
     for info in store.backend.list("chunks/"):
-        checks.append(("chunks", info.name, lambda d=digest_of_name(info.name): store._read_chunk(d)))
+        checks.append(("chunks", info.name, partial(store._read_chunk, digest_of_name(info.name))))
     damaged = [d for d in work.map(lambda c: _check(c[2], c[1]), checks) if d]
     checked = Counter(kind for kind, _, _ in checks)
     later: list[tuple[str, str, Callable[[], object]]] = []
     for info in store.backend.list("blobs/"):
-        later.append(("blobs", info.name, lambda d=digest_of_name(info.name): sum(1 for _ in store.iter_blob(d))))
+        later.append(("blobs", info.name, partial(_read_blob, store, digest_of_name(info.name))))
     for info in store.backend.list("trees/"):
-        later.append(("trees", info.name, lambda d=digest_of_name(info.name): store.get_tree(d)))
+        later.append(("trees", info.name, partial(store.get_tree, digest_of_name(info.name))))
     for info in store.backend.list("results/"):
-        later.append(("results", info.name, lambda d=digest_of_name(info.name): _check_result(store, d)))
+        later.append(("results", info.name, partial(_check_result, store, digest_of_name(info.name))))
     for info in store.backend.list("refs/"):
-        later.append(("refs", info.name, lambda i=info: _check_ref(store, i)))
+        later.append(("refs", info.name, partial(_check_ref, store, info)))
     for kind, name, fn in later:  # blobs read chunks through the pool themselves
         checked[kind] += 1
         if (d := _check(fn, name)) is not None:

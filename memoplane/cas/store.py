@@ -31,11 +31,11 @@ import blake3
 
 from ..canonical import canonical_json, json_depth_exceeds
 from ..errors import InputError, NotFound, StoreCorrupted
+from ..sandbox.types import MAX_TREE_DEPTH, MAX_TREE_ENTRIES
 from .backend import Backend
 from .chunking import ChunkDecodeError, ChunkParams, Ingested, Pools, decode_chunk, ingest_buffer, ingest_stream
 from .digests import b3, check_digest, object_name, ref_name
-from ..sandbox.types import MAX_TREE_DEPTH, MAX_TREE_ENTRIES
-from .manifests import (
+from .records import (
     BlobManifest,
     BlobRef,
     ResultManifest,
@@ -115,7 +115,7 @@ class Store:
     def put_file(self, path: str | os.PathLike[str]) -> BlobRef:
         try:
             with open(path, "rb", buffering=0) as f:
-                return self.put_stream(f)  # type: ignore[arg-type]
+                return self.put_stream(f)
         except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
             raise InputError(f"cannot read {path}: {e.strerror}", "pass a readable regular file") from None
 
@@ -410,11 +410,11 @@ class Store:
         # pool (a hit with one small value stays a handful of sequential calls).
         work, _ = self._pools.get() if len(blobs) > 2 else (None, None)
         manifests = list(work.map(self.blob_manifest, blobs)) if work else [self.blob_manifest(d) for d in blobs]
-        owner = {c: d for d, m in zip(blobs, manifests) for c, _n in m.chunks}
+        owner = {c: d for d, m in zip(blobs, manifests, strict=True) for c, _n in m.chunks}
         names = [object_name("chunks", c) for c in owner]
         present = list(work.map(self.backend.exists, names)) if work and len(names) > 2 else \
             [self.backend.exists(n) for n in names]
-        for (chunk, blob), ok in zip(owner.items(), present):
+        for (chunk, blob), ok in zip(owner.items(), present, strict=True):
             if not ok:
                 raise NotFound(f"chunk {chunk} of blob {blob} is missing")
 

@@ -30,7 +30,7 @@ def submit_command(args: argparse.Namespace) -> int:
     if meta_name is None:
         del manifest["metadata"]["name"]
         manifest["metadata"]["generateName"] = _generate_name(Path(args.script).stem)
-    if args.dry_run:
+    if api is None:  # --dry-run
         print(json.dumps(manifest, indent=2))
         return 0
     created = api_call("create computejob", api.create_namespaced_custom_object,

@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 
-def add_parser(sub: argparse._SubParsersAction, lazy: Any, store_flag: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], lazy: Any, store_flag: Any) -> None:
     gmem = sub.add_parser("gmem", help="generative memory: values computed from a seed, with durable overrides")
     commands = gmem.add_subparsers(dest="gmem_command", required=True, metavar="COMMAND")
 

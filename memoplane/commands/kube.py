@@ -35,7 +35,7 @@ def current_namespace(explicit: str | None) -> str:
     try:
         _, context = config.list_kube_config_contexts(config_file=os.environ.get("KUBECONFIG"))
         return str(context.get("context", {}).get("namespace") or "default")
-    except Exception:
+    except Exception:  # noqa: BLE001 - no usable kubeconfig: the namespace a bare kubectl would use
         return "default"
 
 

@@ -489,12 +489,6 @@ def last_cap() -> int:
         return int(f.read())
 
 
-def drop_privileges(last: int) -> None:
-    """no_new_privs, empty bounding/ambient sets, NOROOT, no capabilities."""
-    limit_future_privileges(last)
-    drop_capabilities()
-
-
 def limit_future_privileges(last: int) -> None:
     """no_new_privs, empty bounding/ambient sets, NOROOT: these only limit what
     an execve could gain, so a warm child sets them before it has work; it

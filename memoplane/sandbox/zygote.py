@@ -175,7 +175,8 @@ def _i_main(cfg: child.ChildConfig, fds: list[int], w: int, go: int, new_pidns: 
         protocol.close_quietly(w, go)
     except BaseException:  # noqa: BLE001 - the pool sees the channel close and reports it
         os._exit(71)
-    child.warm_main(cfg, iso, *fds, proc_fd=proc)
+    sock_fd, out_fd, err_fd = fds
+    child.warm_main(cfg, iso, sock_fd, out_fd, err_fd, proc_fd=proc)
 
 
 _SIGCHLD, _SIG_DFL = int(signal.SIGCHLD), int(signal.SIG_DFL)
@@ -240,7 +241,7 @@ def _w_main(cfg: child.ChildConfig, fds: list[int], w: int, go: int) -> NoReturn
             os._exit(0)
         os.close(w)
         child.warm_main(cfg, iso, *fds)
-    except BaseException as e:  # noqa: BLE001
+    except BaseException as e:  # noqa: BLE001 - the host reads the error from w; this process exits either way
         try:
             os.write(w, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
         finally:

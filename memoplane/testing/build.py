@@ -155,7 +155,7 @@ def _download(component: str, module: str, version: str, log: Path) -> dict[str,
     try:
         info: dict[str, str] = json.loads(out.stdout)
     except json.JSONDecodeError:
-        raise BuildError(component, f"go mod download {module}@{version}: {out.stderr.strip()}")
+        raise BuildError(component, f"go mod download {module}@{version}: {out.stderr.strip()}") from None
     if out.returncode != 0 or "Error" in info:
         raise BuildError(component, f"go mod download {module}@{version}: "
                                     f"{info.get('Error', out.stderr.strip())}")

@@ -50,8 +50,8 @@ def cmd_status(_: argparse.Namespace) -> int:
     report = cluster.status()
     for name, st in report.items():
         mem = f"  rss {rss[name] / 1024:.0f} MiB" if st["running"] and name in rss else ""
-        print(f"{name:15} pid {st['pid'] or '-':>8}  running {str(st['running']):5}  "
-              f"healthy {str(st['healthy']):5}{mem}")
+        print(f"{name:15} pid {st['pid'] or '-':>8}  running {st['running']!s:5}  "
+              f"healthy {st['healthy']!s:5}{mem}")
     if rss:
         print(f"{'total rss':15} {sum(rss.values()) / 1024:.0f} MiB")
     for name in processes.names(cluster.state_dir()):

@@ -105,7 +105,7 @@ class Agent:
         self.kube.flush_events()
         try:
             self.kube.coord.delete_namespaced_lease(p.lease_name(self.cfg.node), self.cfg.lease_namespace)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - shutting down: the lease expires on its own
             log.debug("lease not deleted: %s", exc)
 
     def live(self) -> bool:
@@ -136,7 +136,7 @@ class Agent:
         while not self._stop.wait(self.cfg.renew_seconds):
             try:
                 self._renew()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive one failed renewal
                 log.warning("lease renewal failed: %s", exc)
 
     # -- watch ---------------------------------------------------------------------------
@@ -158,7 +158,7 @@ class Agent:
                 if exc.status != 410:  # 410 Gone: our resourceVersion is too old, relist
                     log.warning("watch failed: %s", exc.reason)
                     self._stop.wait(1.0)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the watch restarts after any failure
                 log.warning("watch failed: %s", exc)
                 self._stop.wait(1.0)
 
@@ -194,14 +194,14 @@ class Agent:
             claimed = self._claim(obj, a)
         except _Stale:
             raise
-        except Exception as exc:  # not ours yet: the job stays Scheduled, the next event retries
+        except Exception as exc:  # noqa: BLE001 - not ours yet: the job stays Scheduled, the next event retries
             log.error("%s/%s: could not claim: %s", a.namespace, a.name, exc)
             return
         try:
             self._run_claimed(claimed, a)
         except _Stale:
             raise
-        except Exception as exc:  # a poison pill must not leave the job Running
+        except Exception as exc:  # noqa: BLE001 - a poison pill must not leave the job Running
             self._agent_failed(claimed, a, exc)
 
     def _claim(self, obj: dict[str, Any], a: Assignment) -> dict[str, Any]:
@@ -329,7 +329,7 @@ class Agent:
             self._attempt_failed(obj, a, p.REASON_AGENT_ERROR, agent_error_message(exc), detail)
         except _Stale:
             log.info("%s/%s: assignment changed before the agent error was reported", a.namespace, a.name)
-        except Exception:
+        except Exception:  # noqa: BLE001 - last resort: logged, never retried here (see above)
             log.error("%s/%s: could not report the agent error:\n%s", a.namespace, a.name, traceback.format_exc())
 
 

@@ -15,7 +15,7 @@ from memoplane.canonical import canonical_json
 from memoplane.cas import BlobRef, FilesystemBackend, Hit, Provenance, ResultManifest, Store, b3
 from memoplane.cas.backend import ObjectInfo
 from memoplane.cas.digests import object_name
-from memoplane.cas.manifests import seal
+from memoplane.cas.records import seal
 from memoplane.commands.store import materialize_result
 from memoplane.errors import InputError, StoreCorrupted
 

@@ -9,8 +9,8 @@ import queue
 import subprocess
 import threading
 import uuid
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest

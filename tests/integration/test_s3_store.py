@@ -276,7 +276,7 @@ def test_concurrent_writers_threads_and_processes(s3: S3) -> None:
         try:
             for i in range(start, start + 6):
                 commit_bytes(store, key(i), random.Random(i % 4).randbytes(300_000))
-        except BaseException as e:  # surfaced below
+        except BaseException as e:  # noqa: BLE001 - surfaced below
             errors.append(e)
 
     threads = [threading.Thread(target=write, args=(s,)) for s in (100, 102, 104)]

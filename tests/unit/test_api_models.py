@@ -96,7 +96,7 @@ def test_manifest_builder_accepts_a_model() -> None:
 
 @pytest.mark.parametrize("name", ["Featurize", "a_b", "-x", "x" * 254, ""])
 def test_manifest_builder_rejects_bad_names(name: str) -> None:
-    with pytest.raises(SpecError, match="metadata.name"):
+    with pytest.raises(SpecError, match=r"metadata\.name"):
         computejob_manifest(name, "ml", examples.computejob_spec())
 
 

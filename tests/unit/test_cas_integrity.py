@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 
 from memoplane.canonical import canonical_json
-from memoplane.cas import (Blake3MacSigner, FilesystemBackend, Provenance, ResultManifest,
-                           SignatureInvalid, Store, b3)
+from memoplane.cas import Blake3MacSigner, FilesystemBackend, Provenance, ResultManifest, SignatureInvalid, Store, b3
 from memoplane.cas.digests import object_name, ref_name
-from memoplane.cas.manifests import seal
+from memoplane.cas.records import seal
 from memoplane.errors import InputError, NotFound, StoreCorrupted
 
 MiB = 1 << 20
@@ -118,7 +117,7 @@ def test_tampered_result_manifest_does_not_match_its_address(store: Store, root:
 
 
 def test_verify_reports_damage_and_is_clean_otherwise(store: Store, root: Path) -> None:
-    key, m = commit(store, b"job", rand(500_000, 3))
+    _key, m = commit(store, b"job", rand(500_000, 3))
     assert store.verify().ok
     chunk = store.blob_manifest(m.stdout.digest).chunks[0][0]
     flip(path_of(root, object_name("chunks", chunk)), 50)
@@ -176,7 +175,7 @@ def test_signed_entries_round_trip_and_forgeries_are_refused(root: Path) -> None
 def test_signature_edited_in_place_is_refused(root: Path) -> None:
     signer = Blake3MacSigner(b"k" * 32)
     s = Store(FilesystemBackend(root, durability="none"), signer=signer)
-    key, m = commit(s, b"job", b"out")
+    key, _m = commit(s, b"job", b"out")
     digest = s.read_ref(key) or ""
     result = s.get_result(digest)
     bad = replace(result, signature="b3mac:" + "0" * 64)

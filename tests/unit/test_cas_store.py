@@ -11,8 +11,18 @@ from pathlib import Path
 import blake3
 import pytest
 
-from memoplane.cas import (INLINE_MAX, BlobRef, FilesystemBackend, Provenance, ResultManifest, Store,
-                           StoredValue, b3, default_store_path, open_store)
+from memoplane.cas import (
+    INLINE_MAX,
+    BlobRef,
+    FilesystemBackend,
+    Provenance,
+    ResultManifest,
+    Store,
+    StoredValue,
+    b3,
+    default_store_path,
+    open_store,
+)
 from memoplane.cas.chunking import RAW, ZSTD
 from memoplane.errors import InputError, NotFound
 
@@ -97,7 +107,7 @@ def test_missing_blob_is_not_found(store: Store) -> None:
 
 
 def test_put_file_missing_names_the_path(store: Store, tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="nope.bin"):
+    with pytest.raises(InputError, match=r"nope\.bin"):
         store.put_file(tmp_path / "nope.bin")
 
 
@@ -159,7 +169,7 @@ def test_result_manifest_dict_round_trip_and_stable_digest(store: Store) -> None
     m = result_for(store, b3(b"key"), {"a": [1, 2.5]})
     again = ResultManifest.from_dict(m.to_dict())
     assert again == m and again.digest == m.digest
-    with pytest.raises(InputError, match="provenance.cache_key"):
+    with pytest.raises(InputError, match=r"provenance\.cache_key"):
         ResultManifest.from_dict({**m.to_dict(), "provenance": {**m.provenance.to_dict(), "cache_key": "nope"}})
 
 

@@ -16,7 +16,7 @@ from memoplane.canonical import canonical_json
 from memoplane.cas import FilesystemBackend, Hit, Provenance, ResultManifest, Store, b3
 from memoplane.cas import store as store_module
 from memoplane.cas.digests import object_name
-from memoplane.cas.manifests import MAX_TREE_DEPTH, TreeManifest, seal
+from memoplane.cas.records import MAX_TREE_DEPTH, TreeManifest, seal
 from memoplane.commands.store import materialize_result
 from memoplane.errors import InputError, NotFound, StoreCorrupted
 

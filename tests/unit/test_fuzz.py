@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from memoplane.canonical import canonical_json
 from memoplane.cas import FilesystemBackend, Store, b3
 from memoplane.cas.digests import object_name
-from memoplane.cas.manifests import seal
+from memoplane.cas.records import seal
 from memoplane.errors import InputError, StoreCorrupted
 from memoplane.sandbox import protocol
 from memoplane.sandbox.protocol import MAX_PAYLOAD, FrameReader, ProtocolError

@@ -20,7 +20,7 @@ from memoplane import memoize
 from memoplane.api.common import API_VERSION
 from memoplane.canonical import MAX_JSON_DEPTH, canonical_json, check_json_depth, json_depth_exceeds
 from memoplane.cas import FilesystemBackend, Store, b3
-from memoplane.cas.manifests import SealError, StoredValue, seal, unseal
+from memoplane.cas.records import SealError, StoredValue, seal, unseal
 from memoplane.cluster import protocol as p
 from memoplane.cluster.resolve import Failed, Resolved, resolve
 from memoplane.errors import InputError, StoreCorrupted

@@ -1,4 +1,4 @@
-"""Manifests: blobs, trees and results, as canonical JSON.
+"""The store's records: the manifests of blobs, trees and results, as canonical JSON.
 
 Every manifest object is stored "sealed": its canonical JSON, a newline, and the
 digest of that JSON, so a truncated or flipped manifest is caught before it is
