@@ -12,7 +12,10 @@ in the agents' namespace, renewed every RENEW_SECONDS, annotated with what it ca
 
 from __future__ import annotations
 
-from ..api.common import API_VERSION, GROUP, VERSION  # noqa: F401  (one definition, in the API models)
+from ..api.common import API_VERSION as API_VERSION  # one definition each, in the API models
+from ..api.common import GROUP as GROUP
+from ..api.common import VERSION as VERSION
+from ..api.computejob import CacheSpec
 
 COMPUTEJOBS = "computejobs"
 RESULTCACHES = "resultcaches"
@@ -83,8 +86,8 @@ REASON_STORE = "StoreUnavailable"
 REASON_BACKOFF_LIMIT = "BackoffLimitExceeded"
 REASON_AGENT_ERROR = "AgentError"      # the agent itself failed while handling the job (a failed attempt)
 
-DEFAULT_RESULT_CACHE = "default"
-DEFAULT_BUCKET = "memoplane"
+DEFAULT_RESULT_CACHE: str = CacheSpec.model_fields["result_cache"].default   # the model's, not typed again
+DEFAULT_BUCKET = "memoplane"   # the bucket of a namespace's default ResultCache
 
 
 def default_store_prefix(namespace: str) -> str:
