@@ -27,13 +27,14 @@ from prometheus_client import start_http_server
 from memoplane.cluster import protocol as p
 from memoplane.cluster.kube import Kube, load_config
 from memoplane.cluster.metrics import OperatorMetrics
+from memoplane.cluster.settings import OperatorSettings
 from memoplane.cluster.stores import Stores, StoreSettings
 from memoplane.leftovers import sweep
 
 from .gmemseed import SeedReconciler
 from .gmemseed import register as register_seeds
 from .handlers import register
-from .reconciler import OperatorConfig, Reconciler
+from .reconciler import Reconciler
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     patterns = p.parse_patterns(args.watch_namespaces)
     metrics = OperatorMetrics()
-    config = OperatorConfig(patterns=patterns, lease_namespace=args.lease_namespace,
+    config = OperatorSettings(patterns=patterns, lease_namespace=args.lease_namespace,
                             resync_seconds=args.resync_seconds, stats_seconds=args.stats_seconds,
                             backoff_base=args.backoff_base)
     stores = Stores(StoreSettings.from_env())
