@@ -20,6 +20,7 @@ from typing import Any, cast
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
 from . import protocol as p
 from .views import meta_of
@@ -209,7 +210,7 @@ class Kube:
             reporting_instance=host or component)
         try:
             self.core.create_namespaced_event(namespace, body)
-        except Exception as exc:
+        except (ApiException, HTTPError, OSError, ValueError) as exc:  # an Event is never worth failing for
             log.debug("event %s on %s/%s not posted: %s", reason, namespace, ref["name"], exc)
 
     # -- leases --------------------------------------------------------------------------

@@ -25,11 +25,11 @@ from ..canonical import json_depth_exceeds, too_deep
 from ..jobs import BlobInput, CommandCode, Input, Job, JsonInput, PythonCode, SeedInput
 from ..quantity import parse_quantity
 from ..sandbox.types import Limits
+from ..settings import MISSING_GRACE_SECONDS
 from . import protocol as p
 from . import seeds
 from .views import job, section
 
-MISSING_GRACE_SECONDS = 60.0
 MAX_CHAIN = 64  # fromJob edges followed when looking for a cycle
 
 

@@ -23,9 +23,9 @@ from memoplane.cluster.decide import Fail, Wait
 from memoplane.cluster.index import JobIndex, Topic
 from memoplane.cluster.kube import Kube
 from memoplane.cluster.metrics import OperatorMetrics
-from memoplane.cluster.settings import OperatorSettings
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import job
+from memoplane.settings import OperatorSettings
 
 from .caches import ResultCaches
 from .manifests import Manifests

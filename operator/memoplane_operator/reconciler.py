@@ -38,9 +38,9 @@ from memoplane.cluster import protocol as p
 from memoplane.cluster.index import JobIndex, Ref, ref_of, settled
 from memoplane.cluster.kube import Kube
 from memoplane.cluster.metrics import OperatorMetrics
-from memoplane.cluster.settings import OperatorSettings
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import job
+from memoplane.settings import OperatorSettings
 
 from . import mapper
 from .admission import admit, check_node
@@ -60,6 +60,7 @@ class Reconciler:
     def __init__(self, settings: OperatorSettings, kube: Kube, stores: Stores,
                  metrics: OperatorMetrics | None = None) -> None:
         self.cfg = settings
+        self.patterns = p.parse_patterns(settings.watch_namespaces)
         self.kube = kube
         self.stores = stores
         self.metrics = metrics or OperatorMetrics()
@@ -90,7 +91,7 @@ class Reconciler:
     # -- queue -----------------------------------------------------------------------------
 
     def watched(self, namespace: str) -> bool:
-        return p.namespace_matches(self.cfg.patterns, namespace)
+        return p.namespace_matches(self.patterns, namespace)
 
     def enqueue(self, namespace: str, name: str, body: dict[str, Any] | None = None) -> None:
         """Decide on the job soon: on `body` (a watch event's), else on a fresh read."""

@@ -16,7 +16,7 @@ from memoplane_operator.reconciler import Reconciler
 
 from memoplane.cas import BlobRef, Hit, Provenance, ResultManifest, Store
 from memoplane.cluster import protocol as p
-from memoplane.cluster.settings import OperatorSettings
+from memoplane.settings import OperatorSettings
 from memoplane.cluster.stores import Stores, StoreSettings
 
 RUNTIME = "b3:" + "11" * 32
