@@ -49,10 +49,6 @@ def to_dict(api: client.ApiClient, obj: Any) -> dict[str, Any]:
     return data
 
 
-def is_status(exc: BaseException, *codes: int) -> bool:
-    return isinstance(exc, ApiException) and exc.status in codes
-
-
 class Kube:
     """The calls memoplane makes, over one ApiClient (thread-safe)."""
 
