@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import InputError
+from ..settings import LOCAL_CACHE_BYTES_ENV, LOCAL_CACHE_ENV
 from .backend import Backend, ObjectInfo
 from .cached import DEFAULT_MAX_BYTES as DEFAULT_CACHE_BYTES
 from .cached import CachingBackend
@@ -55,8 +56,8 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'memoplane.cas' has no attribute {name!r}")
 
 S3_ENV = ("MEMOPLANE_S3_ENDPOINT", "MEMOPLANE_S3_ACCESS_KEY", "MEMOPLANE_S3_SECRET_KEY")
-CACHE_DIR_ENV = "MEMOPLANE_CACHE_DIR"  # optional: a node-local chunk cache in front of S3
-CACHE_MAX_ENV = "MEMOPLANE_CACHE_MAX_BYTES"
+# optional: a node-local chunk cache in front of S3, under the agents' names (memoplane.settings)
+CACHE_DIR_ENV, CACHE_MAX_ENV = LOCAL_CACHE_ENV, LOCAL_CACHE_BYTES_ENV
 
 
 def default_store_path() -> Path:
@@ -76,7 +77,7 @@ def open_store(location: str | os.PathLike[str] | None = None, *, signer: Signer
     """A store at a path, file:// URL or s3://bucket/prefix (None: $MEMOPLANE_STORE, else
     the default directory). s3:// reads MEMOPLANE_S3_ENDPOINT (http://host:port or
     https://...), MEMOPLANE_S3_ACCESS_KEY, MEMOPLANE_S3_SECRET_KEY, and optionally
-    MEMOPLANE_CACHE_DIR / MEMOPLANE_CACHE_MAX_BYTES for a node-local chunk cache."""
+    MEMOPLANE_LOCAL_CACHE / MEMOPLANE_LOCAL_CACHE_BYTES for a node-local chunk cache."""
     if location is None:
         env = os.environ.get(ENV)
         if not env or not env.startswith(("s3://", "minio://")):
@@ -124,7 +125,7 @@ def store_from_settings(endpoint: str, access_key: str, secret_key: str, bucket:
 
     `endpoint`: http://host:port, https://host or host:port (then `secure`, default
     True). `cache_dir`: a node-local read-through cache of content-addressed objects
-    (bounded by `cache_max_bytes`, default 10 GiB). `create_bucket`: create the bucket
+    (bounded by `cache_max_bytes`, default memoplane.settings.LOCAL_CACHE_BYTES). `create_bucket`: create the bucket
     if missing (one request now instead of a failure on the first write)."""
     from .s3 import S3Backend, make_client  # minio costs ~0.1 s to import: only when used
 

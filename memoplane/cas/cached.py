@@ -32,13 +32,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..errors import InputError, NotFound
+from ..settings import LOCAL_CACHE_BYTES
 from .backend import Backend, ObjectInfo
 from .fs import FilesystemBackend
 
 log = logging.getLogger("memoplane.cas")
 
 CACHE_PREFIXES = ("chunks/", "blobs/", "trees/", "results/")
-DEFAULT_MAX_BYTES = 10 << 30
+DEFAULT_MAX_BYTES = LOCAL_CACHE_BYTES  # one default for every node-local cache (memoplane.settings)
 LOW_WATER = 0.9  # an eviction frees down to this fraction of max_bytes, so it runs rarely
 
 

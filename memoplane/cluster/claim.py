@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from . import protocol as p
-from .flight import policy_of, resolved_for_current_generation
+from .views import job
 
 
 @dataclass(frozen=True)
@@ -36,22 +36,18 @@ class Assignment:
 
 
 def assignment_of(obj: Mapping[str, Any]) -> Assignment | None:
-    meta = obj.get("metadata") or {}
-    ann = meta.get("annotations") or {}
-    status = obj.get("status") or {}
-    digest, store = ann.get(p.JOB_DIGEST_ANNOTATION), ann.get(p.STORE_ANNOTATION)
-    if not digest or not store or not status.get("cacheKey") or not resolved_for_current_generation(obj):
+    view = job(obj)
+    meta, status = view.meta, view.status
+    digest, store, key = view.assigned.job_digest, view.assigned.store_url, status.cache_key
+    if not digest or not store or not key or not view.resolved_for_current_generation:
         return None
-    return Assignment(uid=str(meta.get("uid") or ""), namespace=str(meta.get("namespace") or ""),
-                      name=str(meta.get("name") or ""), job_digest=digest, store=store,
-                      attempts=int(status.get("attempts") or 0), generation=int(meta.get("generation") or 0),
-                      policy=policy_of(obj),
-                      backoff_limit=int((obj.get("spec") or {}).get("backoffLimit", 2)),
-                      cache_key=str(status["cacheKey"]))
+    return Assignment(uid=meta.uid, namespace=meta.namespace, name=meta.name, job_digest=digest, store=store,
+                      attempts=status.attempts, generation=meta.generation, policy=view.spec.policy,
+                      backoff_limit=view.spec.backoff_limit, cache_key=key)
 
 
 def labelled_for(obj: Mapping[str, Any], node: str) -> bool:
-    return ((obj.get("metadata") or {}).get("labels") or {}).get(p.NODE_LABEL) == node
+    return job(obj).assigned.node == node
 
 
 Action = Literal["claim", "ignore"]
@@ -59,18 +55,17 @@ Action = Literal["claim", "ignore"]
 
 def agent_action(obj: Mapping[str, Any], node: str, running_here: bool,
                  patterns: tuple[str, ...] | list[str] = ()) -> Action:
-    meta = obj.get("metadata") or {}
-    if not labelled_for(obj, node) or meta.get("deletionTimestamp"):
+    meta = job(obj).meta
+    if not labelled_for(obj, node) or meta.deleting:
         return "ignore"
-    if not p.namespace_matches(list(patterns), str(meta.get("namespace") or "")):
+    if not p.namespace_matches(list(patterns), meta.namespace):
         return "ignore"
     if assignment_of(obj) is None or running_here:
         return "ignore"
-    status = obj.get("status") or {}
-    phase = status.get("phase")
-    if phase == p.SCHEDULED:
+    status = job(obj).status
+    if status.phase == p.SCHEDULED:
         return "claim"
-    if phase == p.RUNNING and status.get("node") == node:
+    if status.phase == p.RUNNING and status.node == node:
         return "claim"
     return "ignore"
 
@@ -78,18 +73,17 @@ def agent_action(obj: Mapping[str, Any], node: str, running_here: bool,
 def still_ours(obj: Mapping[str, Any], node: str, mine: Assignment) -> bool:
     """After a 409: does the fresh object still hold the assignment we are working on?"""
     now = assignment_of(obj)
-    status = obj.get("status") or {}
+    status = job(obj).status
     return (labelled_for(obj, node) and now is not None and now.uid == mine.uid
             and now.job_digest == mine.job_digest and now.attempts == mine.attempts
-            and status.get("phase") == p.RUNNING and status.get("node") == node)
+            and status.phase == p.RUNNING and status.node == node)
 
 
 def claimable(obj: Mapping[str, Any], node: str, mine: Assignment) -> bool:
     """After a 409 on the claim: may we still claim it (same assignment, not yet claimed
     by us or anyone)?"""
     now = assignment_of(obj)
-    status = obj.get("status") or {}
+    status = job(obj).status
     return (labelled_for(obj, node) and now is not None and now.uid == mine.uid
             and now.job_digest == mine.job_digest and now.attempts == mine.attempts
-            and (status.get("phase") == p.SCHEDULED
-                 or (status.get("phase") == p.RUNNING and status.get("node") == node)))
+            and (status.phase == p.SCHEDULED or (status.phase == p.RUNNING and status.node == node)))

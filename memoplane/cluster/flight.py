@@ -19,55 +19,48 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from . import protocol as p
-
-
-def _status(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    return obj.get("status") or {}
-
-
-def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    return obj.get("metadata") or {}
+from .views import job
 
 
 def policy_of(obj: Mapping[str, Any]) -> str:
-    return str((((obj.get("spec") or {}).get("cache")) or {}).get("policy") or "Use")
+    return job(obj).spec.policy
 
 
 def cache_of(obj: Mapping[str, Any]) -> str:
-    return str((((obj.get("spec") or {}).get("cache")) or {}).get("resultCache") or p.DEFAULT_RESULT_CACHE)
+    return job(obj).spec.result_cache
 
 
 def resolved_for_current_generation(obj: Mapping[str, Any]) -> bool:
-    meta = _meta(obj)
-    return (meta.get("annotations") or {}).get(p.JOB_GENERATION_ANNOTATION) == str(meta.get("generation"))
+    return job(obj).resolved_for_current_generation
 
 
 def needs_resolution(obj: Mapping[str, Any]) -> bool:
     """The current generation has no cache key yet (or its status is of another generation),
     or the key was derived for a runtime the agents no longer run: resolve it (again)."""
-    meta, status = _meta(obj), _status(obj)
-    resolved_now = resolved_for_current_generation(obj) and bool(status.get("cacheKey")) \
-        and status.get("observedGeneration") == meta.get("generation")
-    return not resolved_now or (status.get("phase") == p.PENDING and status.get("reason") == p.REASON_RUNTIME_MISMATCH)
+    view = job(obj)
+    status = view.status
+    resolved_now = view.resolved_for_current_generation and status.cache_key is not None \
+        and status.raw.get("observedGeneration") == view.meta.raw.get("generation")
+    return not resolved_now or (status.phase == p.PENDING and status.reason == p.REASON_RUNTIME_MISMATCH)
 
 
 def started(obj: Mapping[str, Any]) -> bool:
-    status = _status(obj)
-    return status.get("phase") in (p.SCHEDULED, p.RUNNING) or int(status.get("attempts") or 0) > 0
+    status = job(obj).status
+    return status.phase in (p.SCHEDULED, p.RUNNING) or status.attempts > 0
 
 
 def is_member(obj: Mapping[str, Any], key: str, cache: str) -> bool:
-    status = _status(obj)
-    return (status.get("cacheKey") == key
-            and status.get("phase") not in p.TERMINAL
-            and resolved_for_current_generation(obj)
-            and policy_of(obj) != "Bypass"
-            and cache_of(obj) == cache)
+    view = job(obj)
+    return (view.status.cache_key == key
+            and view.status.phase not in p.TERMINAL
+            and view.resolved_for_current_generation
+            and view.spec.policy != "Bypass"
+            and view.spec.result_cache == cache)
 
 
 def order(obj: Mapping[str, Any]) -> tuple[bool, str, str]:
-    meta = _meta(obj)
-    return (not started(obj), str(meta.get("creationTimestamp") or ""), str(meta.get("name") or ""))
+    meta = job(obj).meta
+    return (not started(obj), meta.creation_timestamp, meta.name)
 
 
 def leader(me: Mapping[str, Any], others: Iterable[Mapping[str, Any]]) -> Mapping[str, Any]:
@@ -75,12 +68,12 @@ def leader(me: Mapping[str, Any], others: Iterable[Mapping[str, Any]]) -> Mappin
 
     `others`: the jobs listed with `me`'s key label (may include a stale copy of `me`,
     which is replaced by `me`)."""
-    key = _status(me).get("cacheKey")
-    if policy_of(me) == "Bypass" or not key:
+    view = job(me)
+    key = view.status.cache_key
+    if view.spec.policy == "Bypass" or not key:
         return me
-    cache = cache_of(me)
-    uid = _meta(me).get("uid")
-    name = _meta(me).get("name")
+    cache = view.spec.result_cache
+    mine = view.meta.uid or view.meta.name
     group = [o for o in others
-             if (_meta(o).get("uid") or _meta(o).get("name")) != (uid or name) and is_member(o, key, cache)]
+             if (job(o).meta.uid or job(o).meta.name) != mine and is_member(o, key, cache)]
     return min([me, *group], key=order)

@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from . import protocol as p
+from .views import job, meta_of
+from .views import ref_of as ref_of
 
 Ref = tuple[str, str]                 # (namespace, name)
 Topic = tuple[str, str, str]          # ("key", namespace, key label) | ("job", namespace, name)
@@ -31,16 +33,9 @@ REMEMBERED_WRITES = 8                 # resourceVersions kept per job
 REMEMBERED_JOBS = 20000               # jobs whose writes are remembered (least recently written dropped)
 
 
-def ref_of(obj: Mapping[str, Any]) -> Ref:
-    meta = obj.get("metadata") or {}
-    return str(meta.get("namespace") or ""), str(meta.get("name") or "")
-
-
 def settled(obj: Mapping[str, Any]) -> bool:
     """Final for its current spec: nothing to do until the spec changes."""
-    status = obj.get("status") or {}
-    return status.get("phase") in p.TERMINAL and \
-        status.get("observedGeneration") == (obj.get("metadata") or {}).get("generation")
+    return job(obj).settled
 
 
 def key_topic(namespace: str, cache_key: str) -> Topic:
@@ -55,9 +50,9 @@ def topics_of(obj: Mapping[str, Any]) -> list[Topic]:
     """What a job settling (or going away) may unblock: its name and its key."""
     namespace, name = ref_of(obj)
     out = [job_topic(namespace, name)]
-    key = (obj.get("status") or {}).get("cacheKey")
+    key = job(obj).status.cache_key
     if key:
-        out.append(key_topic(namespace, str(key)))
+        out.append(key_topic(namespace, key))
     return out
 
 
@@ -71,7 +66,7 @@ class JobIndex:
 
     def stale(self, obj: Mapping[str, Any]) -> bool:
         """An echo of a write of ours that a later write of ours superseded."""
-        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        rv = meta_of(obj).resource_version
         written = self._writes.get(ref_of(obj))
         return written is not None and rv in written and rv != written[-1]
 
@@ -85,7 +80,7 @@ class JobIndex:
         """The API server's answer to a write of ours."""
         ref = ref_of(obj)
         written = self._writes.pop(ref, None) or deque(maxlen=REMEMBERED_WRITES)
-        written.append(str((obj.get("metadata") or {}).get("resourceVersion")))
+        written.append(str(meta_of(obj).resource_version))
         self._writes[ref] = written
         while len(self._writes) > REMEMBERED_JOBS:
             self._writes.popitem(last=False)
@@ -93,7 +88,7 @@ class JobIndex:
 
     def _keep(self, obj: dict[str, Any]) -> Verdict:
         ref = ref_of(obj)
-        if settled(obj) or (obj.get("metadata") or {}).get("deletionTimestamp"):
+        if settled(obj) or meta_of(obj).deleting:
             self.open.pop(ref, None)
             return "settled"
         self.open[ref] = obj

@@ -20,12 +20,15 @@ from typing import Any, cast
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
 from . import protocol as p
+from .views import meta_of
 
 log = logging.getLogger("memoplane.cluster")
 MERGE = "application/merge-patch+json"
 EVENT_BACKLOG = 2000  # Events waiting to be posted; more are dropped
+Objects = list[dict[str, Any]]   # outside the class: there `list` is Kube.list
 
 
 def load_config(kubeconfig: str | None = None) -> client.ApiClient:
@@ -44,10 +47,6 @@ def to_dict(api: client.ApiClient, obj: Any) -> dict[str, Any]:
         return obj
     data: dict[str, Any] = api.sanitize_for_serialization(obj)
     return data
-
-
-def is_status(exc: BaseException, *codes: int) -> bool:
-    return isinstance(exc, ApiException) and exc.status in codes
 
 
 class Kube:
@@ -75,7 +74,7 @@ class Kube:
             raise
 
     def list(self, plural: str, namespace: str | None = None, label_selector: str | None = None
-             ) -> tuple[list[dict[str, Any]], str]:
+             ) -> tuple[Objects, str]:
         kwargs: dict[str, Any] = {}
         if label_selector:
             kwargs["label_selector"] = label_selector
@@ -123,7 +122,7 @@ class Kube:
             p.GROUP, p.VERSION, namespace, plural, name, {"metadata": meta}, _content_type=MERGE)
         return out
 
-    def json_patch(self, plural: str, namespace: str, name: str, ops: list[dict[str, Any]]) -> dict[str, Any]:
+    def json_patch(self, plural: str, namespace: str, name: str, ops: Objects) -> dict[str, Any]:
         """An RFC 6902 JSON patch (replaces a whole field, which a merge patch cannot for lists)."""
         return cast(dict[str, Any], self.custom.patch_namespaced_custom_object(
             p.GROUP, p.VERSION, namespace, plural, name, ops, _content_type="application/json-patch+json"))
@@ -166,7 +165,7 @@ class Kube:
         Posted by a background thread: an Event is a write the caller never needs the
         answer to, and on the operator's one worker it would add a round trip to every
         decision. A full backlog drops the Event (logged at debug)."""
-        meta = obj.get("metadata") or {}
+        meta = meta_of(obj).raw
         ref = {"api_version": obj.get("apiVersion", p.API_VERSION), "kind": obj.get("kind", "ComputeJob"),
                "name": meta.get("name"), "namespace": meta.get("namespace") or "default", "uid": meta.get("uid"),
                "resource_version": meta.get("resourceVersion")}
@@ -207,12 +206,12 @@ class Kube:
             reporting_instance=host or component)
         try:
             self.core.create_namespaced_event(namespace, body)
-        except Exception as exc:
+        except (ApiException, HTTPError, OSError, ValueError) as exc:  # an Event is never worth failing for
             log.debug("event %s on %s/%s not posted: %s", reason, namespace, ref["name"], exc)
 
     # -- leases --------------------------------------------------------------------------
 
-    def list_leases(self, namespace: str) -> list[dict[str, Any]]:
+    def list_leases(self, namespace: str) -> Objects:
         out = self.coord.list_namespaced_lease(namespace)
         return [to_dict(self.api, item) for item in out.items]
 
@@ -235,7 +234,9 @@ class Kube:
                                         renew_time=now, acquire_time=now))
             self.coord.create_namespaced_lease(namespace, body)
             return
-        current.metadata.annotations = {**(current.metadata.annotations or {}), **annotations}
+        meta = current.metadata or client.V1ObjectMeta(name=name, namespace=namespace)
+        meta.annotations = {**(meta.annotations or {}), **annotations}
+        current.metadata = meta
         if current.spec is None or current.spec.holder_identity != holder:
             spec.acquire_time = now
             spec.lease_transitions = ((current.spec.lease_transitions or 0) + 1) if current.spec else 0

@@ -25,6 +25,7 @@ from ..canonical import canonical_json
 from ..keys import digest_bytes
 from . import protocol as p
 from .index import settled
+from .views import job, meta_of, section
 
 PARENT_LABEL = f"{p.GROUP}/map-parent"            # value: the parent's uid
 SPEC_ANNOTATION = f"{p.GROUP}/map-spec"          # digest of the spec the parent wrote for the child
@@ -36,19 +37,16 @@ DIGEST_CHARS = 10                                # hex digits of the element dig
 
 
 def is_map(obj: Mapping[str, Any]) -> bool:
-    return bool(((obj.get("spec") or {}).get("map") or {}).get("over"))
+    return job(obj).spec.map_over is not None
 
 
 def over_of(obj: Mapping[str, Any]) -> str:
-    return str(((obj.get("spec") or {}).get("map") or {}).get("over"))
+    return str(job(obj).spec.map_over)
 
 
 def over_input(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
     over = over_of(obj)
-    for item in (obj.get("spec") or {}).get("inputs") or ():
-        if isinstance(item, Mapping) and item.get("name") == over:
-            return item
-    return None
+    return next((item for item in job(obj).spec.inputs if item.get("name") == over), None)
 
 
 def elements_problem(value: Any, over: str) -> str | None:
@@ -67,7 +65,7 @@ def child_name(parent: str, element: Any) -> str:
 
 
 def child_spec(parent: Mapping[str, Any], element: Any) -> dict[str, Any]:
-    spec = {k: v for k, v in (parent.get("spec") or {}).items() if k != "map"}
+    spec = {k: v for k, v in section(parent, "spec").items() if k != "map"}
     over = over_of(parent)
     spec["inputs"] = [({"name": over, "value": element} if item.get("name") == over else item)
                       for item in spec.get("inputs") or ()]
@@ -79,30 +77,28 @@ def spec_digest(spec: Mapping[str, Any]) -> str:
 
 
 def child_manifest(parent: Mapping[str, Any], element: Any) -> dict[str, Any]:
-    meta = parent.get("metadata") or {}
+    meta = meta_of(parent)
     spec = child_spec(parent, element)
     return {
         "apiVersion": p.API_VERSION, "kind": "ComputeJob",
         "metadata": {
-            "name": child_name(str(meta.get("name")), element), "namespace": meta.get("namespace"),
-            "labels": {PARENT_LABEL: str(meta.get("uid"))},
+            "name": child_name(meta.name, element), "namespace": meta.namespace,
+            "labels": {PARENT_LABEL: meta.uid},
             "annotations": {SPEC_ANNOTATION: spec_digest(spec)},
-            "ownerReferences": [{"apiVersion": p.API_VERSION, "kind": "ComputeJob", "name": meta.get("name"),
-                                 "uid": meta.get("uid"), "controller": True, "blockOwnerDeletion": False}],
+            "ownerReferences": [{"apiVersion": p.API_VERSION, "kind": "ComputeJob", "name": meta.name,
+                                 "uid": meta.uid, "controller": True, "blockOwnerDeletion": False}],
         },
         "spec": spec,
     }
 
 
 def owned_by(child: Mapping[str, Any], parent: Mapping[str, Any]) -> bool:
-    labels = (child.get("metadata") or {}).get("labels") or {}
-    return labels.get(PARENT_LABEL) == str((parent.get("metadata") or {}).get("uid"))
+    return meta_of(child).labels.get(PARENT_LABEL) == meta_of(parent).uid
 
 
 def current_spec(child: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
     """The child holds the spec the parent wants now (else the parent rewrites it)."""
-    ann = (child.get("metadata") or {}).get("annotations") or {}
-    return ann.get(SPEC_ANNOTATION) == (wanted.get("metadata") or {}).get("annotations", {}).get(SPEC_ANNOTATION)
+    return meta_of(child).annotations.get(SPEC_ANNOTATION) == meta_of(wanted).annotations.get(SPEC_ANNOTATION)
 
 
 @dataclass
@@ -169,10 +165,10 @@ def progress(parent: Mapping[str, Any], elements: list[Any], children: Mapping[s
         if child is None or not current_spec(child, manifest) or not settled(child):
             waiting[name] = None
             continue
-        status = child.get("status") or {}
-        if status.get("phase") == p.SUCCEEDED:
+        status = job(child).status
+        if status.phase == p.SUCCEEDED:
             succeeded += 1
-            cached += bool(status.get("cached"))
+            cached += status.cached
         else:
             failed += 1
             first = first or (index, name)

@@ -1,9 +1,9 @@
 """The contract between operator and agents (DESIGN §6), in one place.
 
-Assignment: the operator labels a ComputeJob `memoplane.io/node=<node>` and sets
-`status.phase: Scheduled` with `status.jobDigest`, the digest of the resolved job
-manifest (memoplane.jobs.job_to_dict, stored as a blob in the ResultCache's store).
-Agents watch with the label selector, like a kubelet, and claim a job by patching
+Assignment: the operator annotates a ComputeJob with the digest of its resolved job manifest
+(JOB_DIGEST_ANNOTATION; memoplane.jobs.job_to_dict, stored as a blob in the ResultCache's
+store), labels it `memoplane.io/node=<node>` and sets `status.phase: Scheduled`. Agents
+watch with the label selector, like a kubelet, and claim a job by patching
 `status.phase: Running` with a resourceVersion precondition.
 
 Liveness: each agent holds a coordination.k8s.io Lease named `memoplane-node-<node>`
@@ -12,11 +12,16 @@ in the agents' namespace, renewed every RENEW_SECONDS, annotated with what it ca
 
 from __future__ import annotations
 
-from ..api.common import API_VERSION, GROUP, VERSION  # noqa: F401  (one definition, in the API models)
+from ..api.common import API_VERSION as API_VERSION  # one definition each, in the API models
+from ..api.common import GROUP as GROUP
+from ..api.common import VERSION as VERSION
+from ..api.computejob import COMPUTEJOB, CacheSpec
+from ..api.gmemseed import GMEMSEED
+from ..api.resultcache import RESULTCACHE
 
-COMPUTEJOBS = "computejobs"
-RESULTCACHES = "resultcaches"
-GMEMSEEDS = "gmemseeds"
+COMPUTEJOBS = COMPUTEJOB.plural       # the plurals the CRDs are served under (memoplane.api)
+RESULTCACHES = RESULTCACHE.plural
+GMEMSEEDS = GMEMSEED.plural
 
 # Labels (values at most 63 characters).
 NODE_LABEL = f"{GROUP}/node"            # the node a job is assigned to
@@ -67,6 +72,7 @@ REASON_CACHE_HIT = "CacheHit"
 REASON_COMPUTED = "Computed"
 REASON_SCHEDULED = "Scheduled"
 REASON_REASSIGNED = "NodeLost"
+REASON_RESCHEDULED = "Rescheduled"
 REASON_RUNNING = "Running"
 REASON_BACKOFF = "BackOff"
 REASON_IN_FLIGHT = "SameKeyInFlight"
@@ -83,8 +89,8 @@ REASON_STORE = "StoreUnavailable"
 REASON_BACKOFF_LIMIT = "BackoffLimitExceeded"
 REASON_AGENT_ERROR = "AgentError"      # the agent itself failed while handling the job (a failed attempt)
 
-DEFAULT_RESULT_CACHE = "default"
-DEFAULT_BUCKET = "memoplane"
+DEFAULT_RESULT_CACHE: str = CacheSpec.model_fields["result_cache"].default   # the model's, not typed again
+DEFAULT_BUCKET = "memoplane"   # the bucket of a namespace's default ResultCache
 
 
 def default_store_prefix(namespace: str) -> str:

@@ -18,17 +18,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from ..api.common import parse_quantity
 from ..api.computejob import ComputeJob, SeedRef
 from ..api.computejob import Input as SpecInput
 from ..api.manifests import SpecError, parse_computejob
 from ..canonical import json_depth_exceeds, too_deep
 from ..jobs import BlobInput, CommandCode, Input, Job, JsonInput, PythonCode, SeedInput
+from ..quantity import parse_quantity
 from ..sandbox.types import Limits
+from ..settings import MISSING_GRACE_SECONDS
 from . import protocol as p
 from . import seeds
+from .views import job, section
 
-MISSING_GRACE_SECONDS = 60.0
 MAX_CHAIN = 64  # fromJob edges followed when looking for a cycle
 
 
@@ -117,16 +118,15 @@ def limits_of(job: ComputeJob) -> Limits:
 
 def upstream_state(obj: Mapping[str, Any]) -> tuple[str | None, bool]:
     """(phase, current): current = the status describes the latest spec."""
-    status = obj.get("status") or {}
-    generation = (obj.get("metadata") or {}).get("generation")
-    current = generation is None or status.get("observedGeneration") == generation
-    return status.get("phase"), current
+    view = job(obj)
+    generation = view.meta.raw.get("generation")
+    current = generation is None or view.status.raw.get("observedGeneration") == generation
+    return view.status.phase, current
 
 
 def upstream_names(obj: Mapping[str, Any]) -> list[str]:
     """The jobs named by the spec's fromJob inputs."""
-    inputs = ((obj.get("spec") or {}).get("inputs")) or []
-    return [i["fromJob"]["name"] for i in inputs if isinstance(i, dict) and isinstance(i.get("fromJob"), dict)]
+    return [str(i["fromJob"]["name"]) for i in job(obj).spec.inputs if isinstance(i.get("fromJob"), Mapping)]
 
 
 def find_cycle(name: str, lookups: Lookups) -> list[str] | None:
@@ -163,19 +163,16 @@ def resolve_input(item: SpecInput, name: str, lookups: Lookups, created: datetim
         if obj is None:
             return _missing(f"{label}: ComputeJob '{upstream}'", created, now, grace)
         phase, current = upstream_state(obj)
-        status = obj.get("status") or {}
+        status = job(obj).status
         if current and phase == p.FAILED:
-            failure = status.get("failure") or {}
-            why = failure.get("reason") or status.get("reason") or "failed"
-            detail = failure.get("message") or status.get("message") or ""
+            why, detail = status.failure_summary()
             return Failed(p.REASON_UPSTREAM_FAILED,
                           f"{label}: upstream ComputeJob '{upstream}' failed ({why})"
                           + (f": {detail}" if detail else ""))
-        digest = (status.get("result") or {}).get("digest")
+        digest = status.result_digest
         if current and phase == p.SUCCEEDED and digest:
             try:
-                store_url = ((obj.get("metadata") or {}).get("annotations") or {}).get(p.STORE_ANNOTATION)
-                result = lookups.result_input(digest, store_url)
+                result = lookups.result_input(digest, job(obj).assigned.store_url)
             except LookupError_ as exc:
                 return Failed(exc.reason, f"{label}: result of ComputeJob '{upstream}': {exc.message}")
             if isinstance(result, JsonInput) and json_depth_exceeds(result.value):
@@ -187,8 +184,7 @@ def resolve_input(item: SpecInput, name: str, lookups: Lookups, created: datetim
     if item.from_config_map is not None:
         ref = item.from_config_map
         cm = lookups.get_config_map(ref.name)
-        data = (cm or {}).get("data") or {}
-        binary = (cm or {}).get("binaryData") or {}
+        data, binary = section(cm, "data"), section(cm, "binaryData")
         if ref.key in data:
             return lookups.put_bytes(str(data[ref.key]).encode("utf-8"))
         if ref.key in binary:

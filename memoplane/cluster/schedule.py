@@ -16,6 +16,7 @@ from typing import Any
 
 from . import protocol as p
 from .resolve import parse_time
+from .views import job, meta_of, section
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,12 @@ class NodeView:
 def lease_fields(lease: Mapping[str, Any]) -> dict[str, Any] | None:
     """The parts of an agent's Lease (a dict as the API server returns it) we use; None
     if it is not an agent lease."""
-    meta = lease.get("metadata") or {}
-    name = meta.get("name") or ""
+    meta = meta_of(lease)
+    name = meta.name
     if not name.startswith(p.LEASE_PREFIX):
         return None
-    ann = meta.get("annotations") or {}
-    spec = lease.get("spec") or {}
+    ann = meta.annotations
+    spec = section(lease, "spec")
     profiles = {}
     for prof in [x.strip() for x in str(ann.get(p.PROFILES_ANNOTATION, "")).split(",") if x.strip()]:
         digest = ann.get(p.runtime_annotation(prof))
@@ -55,7 +56,7 @@ def lease_fields(lease: Mapping[str, Any]) -> dict[str, Any] | None:
 
     return {
         "node": name[len(p.LEASE_PREFIX):],
-        "resource_version": meta.get("resourceVersion"),
+        "resource_version": meta.resource_version,
         "renew_time": parse_time(spec.get("renewTime")),
         "duration_s": float(spec.get("leaseDurationSeconds") or p.LEASE_DURATION_SECONDS),
         "capacity": max(0, _int(ann.get(p.CAPACITY_ANNOTATION), 1)),
@@ -139,8 +140,9 @@ def assigned_load(jobs: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     what it assigned and has not yet seen finish."""
     load: dict[str, int] = {}
     for obj in jobs:
-        if (obj.get("status") or {}).get("phase") in (p.SCHEDULED, p.RUNNING):
-            node = ((obj.get("metadata") or {}).get("labels") or {}).get(p.NODE_LABEL)
+        view = job(obj)
+        if view.status.phase in (p.SCHEDULED, p.RUNNING):
+            node = view.assigned.node
             if node:
                 load[node] = load.get(node, 0) + 1
     return load
@@ -161,9 +163,9 @@ class Lost:
 
 def lost(obj: Mapping[str, Any], nodes: Iterable[NodeView]) -> Lost | None:
     """None while the Scheduled or Running job's node holds a live lease."""
-    node = ((obj.get("metadata") or {}).get("labels") or {}).get(p.NODE_LABEL)
+    view = job(obj)
+    node = view.assigned.node
     if not node_lost(node, nodes) and node:
         return None
-    attempts = int((obj.get("status") or {}).get("attempts") or 0)
-    backoff_limit = int((obj.get("spec") or {}).get("backoffLimit", 2))
-    return Lost(f"node {node} lost its lease" if node else "the job has no node", attempts, backoff_limit)
+    return Lost(f"node {node} lost its lease" if node else "the job has no node", view.status.attempts,
+                view.spec.backoff_limit)

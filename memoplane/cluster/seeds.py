@@ -37,6 +37,7 @@ from ..gmem import GMem, GMemParams, Layer
 from ..gmem.log import LogHeader, encode_records
 from ..gmem.persist import params_digest
 from . import protocol as p
+from .views import meta_of, section
 
 Patch = dict[str, Any]
 
@@ -168,7 +169,7 @@ class SeedView:
 
 def seed_view(obj: Mapping[str, Any]) -> SeedView | str:
     """The seed as of its status, if that status is Ready for the current spec; else why not."""
-    meta, status = obj.get("metadata") or {}, obj.get("status") or {}
+    meta, status = meta_of(obj).raw, section(obj, "status")
     name = meta.get("name")
     params = parse_seed(obj)
     if isinstance(params, str):

@@ -182,14 +182,6 @@ def retrying(status: Mapping[str, Any], generation: int, attempts: int, reason: 
     }
 
 
-def with_precondition(patch: Patch, resource_version: str | None) -> dict[str, Any]:
-    """The merge-patch body: status plus a resourceVersion precondition (409 when stale)."""
-    body: dict[str, Any] = {"status": patch}
-    if resource_version:
-        body["metadata"] = {"resourceVersion": resource_version}
-    return body
-
-
 # -- spec.map parents (memoplane.cluster.mapping) ---------------------------------------------
 
 

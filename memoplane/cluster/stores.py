@@ -15,76 +15,18 @@ one, and every read is verified either way.
 from __future__ import annotations
 
 import io
-import os
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..cas import FilesystemBackend, Store
 from ..cas.backend import Backend
-from ..errors import InputError
+from ..settings import CREDENTIALS_ENV as CREDENTIALS_ENV  # the settings live in memoplane.settings
+from ..settings import StoreSettings as StoreSettings
+from ..settings import read_credentials as read_credentials
 from . import protocol as p
 
 ROOT_ENV = "MEMOPLANE_STORE_ROOT"
-CREDENTIALS_ENV = "MEMOPLANE_S3_CREDENTIALS_DIR"
-KEY_ENVS = ("MEMOPLANE_S3_ACCESS_KEY", "MEMOPLANE_S3_SECRET_KEY")
-CREDENTIAL_FILES = ("accessKey", "secretKey")   # the keys of the chart's store Secret
-
-
-@dataclass(frozen=True)
-class StoreSettings:
-    endpoint: str | None = None
-    access_key: str | None = field(default=None, repr=False)
-    secret_key: str | None = field(default=None, repr=False)
-    root: str | None = None              # filesystem stand-in for the object store
-    local_cache: str | None = None       # node-local chunk cache directory (agents)
-    local_cache_bytes: int = 2 << 30
-    workers: int | None = 4
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, local_cache: str | None = None) -> StoreSettings:
-        """Raises InputError (one line) for a credentials directory that is missing, incomplete
-        or readable by others, or that is set while the keys are in the environment too."""
-        env = os.environ if env is None else env
-        access_key, secret_key = (env.get(name) or None for name in KEY_ENVS)
-        if env.get(CREDENTIALS_ENV):
-            if access_key or secret_key:
-                raise InputError(f"{CREDENTIALS_ENV} is set and so are {' / '.join(KEY_ENVS)}",
-                                 "unset the key variables: the keys belong in the credentials files only")
-            access_key, secret_key = read_credentials(Path(env[CREDENTIALS_ENV]))
-        return cls(endpoint=env.get("MEMOPLANE_S3_ENDPOINT") or None,
-                   access_key=access_key, secret_key=secret_key,
-                   root=env.get(ROOT_ENV) or None,
-                   local_cache=local_cache or env.get("MEMOPLANE_LOCAL_CACHE") or None,
-                   local_cache_bytes=int(env.get("MEMOPLANE_LOCAL_CACHE_BYTES") or (2 << 30)))
-
-    def describe(self) -> str:
-        return f"directory {self.root}" if self.root else f"S3 {self.endpoint}"
-
-
-def read_credentials(directory: Path) -> tuple[str, str]:
-    """The store keys from `directory`: a file `accessKey` and a file `secretKey`, each holding
-    the key (a trailing newline is ignored), readable by their owner only (mode 0400 or 0600).
-    That is the layout of a Kubernetes Secret with those keys mounted as a volume (its files
-    are links into a ..data directory: modes are those of the targets)."""
-    keys = []
-    for name in CREDENTIAL_FILES:
-        path = directory / name
-        try:
-            mode = path.stat().st_mode
-            text = path.read_text().rstrip("\r\n")
-        except OSError as exc:
-            raise InputError(f"{CREDENTIALS_ENV}: cannot read {path} ({exc.strerror})",
-                             f"put the store's {name} there (mode 0400), or unset {CREDENTIALS_ENV}") from None
-        if mode & 0o077:
-            raise InputError(f"{CREDENTIALS_ENV}: {path} is readable or writable by group or others "
-                             f"(mode {mode & 0o777:04o})", f"chmod 0400 {path} (a Secret volume: defaultMode 0400)")
-        if not text.strip():
-            raise InputError(f"{CREDENTIALS_ENV}: {path} is empty", f"put the store's {name} in it")
-        keys.append(text)
-    return keys[0], keys[1]
 
 
 class Stores:

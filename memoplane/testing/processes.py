@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memoplane.cluster.stores import CREDENTIAL_FILES, CREDENTIALS_ENV, KEY_ENVS
+from memoplane.settings import CREDENTIAL_FILES, CREDENTIALS_ENV, KEY_ENVS
 from memoplane.testing import cluster
 
 OPERATOR = "memoplane-operator"

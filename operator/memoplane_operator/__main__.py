@@ -1,73 +1,59 @@
 """`memoplane-operator` / `python -m memoplane_operator`: the ComputeJob operator (kopf).
 
-Configuration (environment; flags override):
-  KUBECONFIG                  else in-cluster
-  MEMOPLANE_WATCH_NAMESPACES  kopf namespace patterns, space separated (default: cluster-wide),
-                              e.g. "ml research" or "*,!kube-*"
-  MEMOPLANE_NAMESPACE         where the agents' Leases live (default memoplane-system)
-  MEMOPLANE_S3_ENDPOINT, MEMOPLANE_S3_ACCESS_KEY, MEMOPLANE_S3_SECRET_KEY  the object store
-  MEMOPLANE_STORE_ROOT        a directory standing in for the object store
-  MEMOPLANE_METRICS_PORT      Prometheus /metrics (default 9090; 0 disables)
-  MEMOPLANE_HEALTH_PORT       kopf's liveness endpoint /healthz (default 8081; 0 disables)
-  MEMOPLANE_RESYNC_SECONDS    how often unfinished jobs are revisited (default 2)
-  MEMOPLANE_STATS_SECONDS     how often ResultCache stats are refreshed (default 30)
-  MEMOPLANE_SEED_RESYNC_SECONDS  how often every GMemSeed's inbox is checked (default 10)
+Configuration: the environment (memoplane.settings.OperatorSettings and StoreSettings,
+listed below), overridden by flags; KUBECONFIG, else in-cluster.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 import kopf
 from prometheus_client import start_http_server
 
-from memoplane.cluster import protocol as p
 from memoplane.cluster.kube import Kube, load_config
 from memoplane.cluster.metrics import OperatorMetrics
-from memoplane.cluster.stores import Stores, StoreSettings
+from memoplane.cluster.stores import Stores
+from memoplane.errors import MemoplaneError
 from memoplane.leftovers import sweep
+from memoplane.settings import OperatorSettings, StoreSettings, add_flags, describe, flag_values, from_env
 
 from .gmemseed import SeedReconciler
 from .gmemseed import register as register_seeds
 from .handlers import register
-from .reconciler import OperatorConfig, Reconciler
+from .reconciler import Reconciler
+
+FLAGS = ("watch_namespaces", "lease_namespace", "metrics_port", "health_port", "resync_seconds", "stats_seconds",
+         "backoff_base")
 
 
 def main(argv: list[str] | None = None) -> int:
-    env = os.environ
     parser = argparse.ArgumentParser(prog="memoplane-operator", description=__doc__,
+                                     epilog=describe(OperatorSettings) + "\n" + describe(StoreSettings),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--watch-namespaces", default=env.get("MEMOPLANE_WATCH_NAMESPACES", ""))
-    parser.add_argument("--lease-namespace", default=env.get("MEMOPLANE_NAMESPACE", "memoplane-system"))
-    parser.add_argument("--metrics-port", type=int, default=int(env.get("MEMOPLANE_METRICS_PORT", "9090")))
-    parser.add_argument("--health-port", type=int, default=int(env.get("MEMOPLANE_HEALTH_PORT", "8081")))
-    parser.add_argument("--resync-seconds", type=float, default=float(env.get("MEMOPLANE_RESYNC_SECONDS", "2")))
-    parser.add_argument("--stats-seconds", type=float, default=float(env.get("MEMOPLANE_STATS_SECONDS", "30")))
-    parser.add_argument("--backoff-base", type=float, default=float(env.get("MEMOPLANE_BACKOFF_BASE", "1.0")))
+    add_flags(parser, OperatorSettings, FLAGS)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=env.get("MEMOPLANE_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = from_env(OperatorSettings, **flag_values(args, FLAGS))
+        stores = Stores(StoreSettings.from_env())
+    except MemoplaneError as exc:
+        parser.exit(2, f"memoplane-operator: {exc}\n")
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    patterns = p.parse_patterns(args.watch_namespaces)
     metrics = OperatorMetrics()
-    config = OperatorConfig(patterns=patterns, lease_namespace=args.lease_namespace,
-                            resync_seconds=args.resync_seconds, stats_seconds=args.stats_seconds,
-                            backoff_base=args.backoff_base)
-    stores = Stores(StoreSettings.from_env())
     sweep()   # the gmem log directories an operator that crashed left behind
-    reconciler = Reconciler(config, Kube(load_config()), stores, metrics)
-    if args.metrics_port:
-        start_http_server(args.metrics_port, registry=metrics.registry)
+    reconciler = Reconciler(settings, Kube(load_config()), stores, metrics)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, registry=metrics.registry)
     registry = kopf.OperatorRegistry()
     register(registry, reconciler)
-    register_seeds(registry, SeedReconciler(reconciler.kube, stores, patterns,
-                                            float(env.get("MEMOPLANE_SEED_RESYNC_SECONDS", "10"))))
-    liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
+    register_seeds(registry, SeedReconciler(reconciler.kube, stores, reconciler.patterns,
+                                            settings.seed_resync_seconds))
+    liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
     kopf.run(registry=registry, standalone=True, liveness_endpoint=liveness,
-             clusterwide=not patterns, namespaces=patterns)
+             clusterwide=not reconciler.patterns, namespaces=reconciler.patterns)
     stores.close()
     return 0
 

@@ -16,11 +16,12 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from memoplane.cas import Store
-from memoplane.cluster import flight
 from memoplane.cluster import protocol as p
 from memoplane.cluster import resultcache as rs
+from memoplane.cluster.decide import CreateDefault, Wait, default_cache, missing_cache
 from memoplane.cluster.kube import Kube
 from memoplane.cluster.stores import Stores
+from memoplane.cluster.views import cache, job
 from memoplane.errors import MemoplaneError
 
 from .workqueue import WorkQueue
@@ -62,27 +63,25 @@ class ResultCaches:
 
     # -- a job's store --------------------------------------------------------------------------
 
-    def store_for(self, obj: Mapping[str, Any]) -> tuple[Store, str] | str:
-        """The job's ResultCache store and its URL, or why not (a Waiting message)."""
-        namespace = str((obj.get("metadata") or {})["namespace"])
-        name = flight.cache_of(obj)
+    def store_for(self, obj: Mapping[str, Any]) -> tuple[Store, str] | Wait:
+        """The job's ResultCache store and its URL, or why the job waits for it."""
+        view = job(obj)
+        namespace, name = view.meta.namespace, view.spec.result_cache
         with self.work.cond:  # as the watch last delivered it (kopf enqueues every change)
             rc = self._seen.get((namespace, name))
         if rc is None:
             rc = self.kube.get(p.RESULTCACHES, namespace, name)
         if rc is None:
-            if name != p.DEFAULT_RESULT_CACHE:
-                return f"ResultCache '{name}' does not exist in namespace {namespace}: create it"
-            rc = self._create_default(namespace)
-        spec = (rc.get("spec") or {}).get("store") or {}
-        bucket, prefix = spec.get("bucket", p.DEFAULT_BUCKET), spec.get("prefix", "")
-        return self.stores.get(bucket, prefix), p.store_url(bucket, prefix)
+            missing = missing_cache(namespace, name)
+            if isinstance(missing, Wait):
+                return missing
+            rc = self._create_default(missing)
+        found = cache(rc)
+        return self.stores.get(found.bucket, found.prefix), found.store_url
 
-    def _create_default(self, namespace: str) -> dict[str, Any]:
-        body = {"apiVersion": p.API_VERSION, "kind": "ResultCache",
-                "metadata": {"name": p.DEFAULT_RESULT_CACHE, "namespace": namespace,
-                             "labels": {"app.kubernetes.io/managed-by": p.OPERATOR_COMPONENT}},
-                "spec": {"store": {"bucket": p.DEFAULT_BUCKET, "prefix": p.default_store_prefix(namespace)}}}
+    def _create_default(self, wanted: CreateDefault) -> dict[str, Any]:
+        namespace = wanted.namespace
+        body = default_cache(namespace)
         created = self.kube.create(p.RESULTCACHES, namespace, body)
         if created is not None:
             with self.work.cond:
@@ -99,18 +98,16 @@ class ResultCaches:
         """Every watched cache's status, with the store's statistics read afresh."""
         caches, _ = self.kube.list(p.RESULTCACHES)
         for rc in caches:
-            meta = rc.get("metadata") or {}
-            if self.watched(str(meta.get("namespace"))):
-                self.reconcile(str(meta["namespace"]), str(meta["name"]), stats=True)
+            meta = cache(rc).meta
+            if self.watched(meta.namespace):
+                self.reconcile(meta.namespace, meta.name, stats=True)
 
     def reconcile(self, namespace: str, name: str, stats: bool = False) -> None:
         rc = self.kube.get(p.RESULTCACHES, namespace, name)
         if rc is None or not self.watched(namespace):
             return
-        generation = int((rc.get("metadata") or {}).get("generation") or 0)
-        status = rc.get("status") or {}
-        spec = (rc.get("spec") or {}).get("store") or {}
-        bucket, prefix = spec.get("bucket", p.DEFAULT_BUCKET), spec.get("prefix", "")
+        view = cache(rc)
+        generation, status, bucket, prefix = view.meta.generation, view.status, view.bucket, view.prefix
         now = datetime.now(UTC)
         patch: dict[str, Any] = {"observedGeneration": generation}
         try:

@@ -8,16 +8,26 @@ down) and writes nothing to the objects; the reconciler owns all writes.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Protocol, cast
 
 import kopf
 
 from memoplane.cluster import protocol as p
 
-from .reconciler import Reconciler
+
+class Reconciling(Protocol):
+    """What the handlers hand events to (memoplane_operator.reconciler.Reconciler)."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def live(self) -> bool: ...
+    def enqueue(self, namespace: str, name: str, body: dict[str, Any] | None = None) -> None: ...
+    def deleted(self, body: dict[str, Any]) -> None: ...
+    def enqueue_cache(self, namespace: str, name: str, body: dict[str, Any] | None = None) -> None: ...
+    def cache_deleted(self, namespace: str, name: str) -> None: ...
 
 
-def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
+def register(registry: kopf.OperatorRegistry, reconciler: Reconciling) -> None:
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.peering.standalone = True
@@ -38,22 +48,25 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
         reconciler.stop()
 
     @kopf.on.event(p.GROUP, p.VERSION, p.COMPUTEJOBS, registry=registry)
-    def job_event(event: dict[str, Any], namespace: str, name: str, **_: Any) -> None:
-        body = event.get("object")
-        body = body if isinstance(body, dict) else None
+    def job_event(event: kopf.RawEvent, namespace: str | None, name: str, **_: Any) -> None:
+        raw = event.get("object")
+        body = cast(dict[str, Any], raw) if isinstance(raw, dict) else None
         if event.get("type") == "DELETED":
             if body is not None:  # results outlive jobs; what waited for this one may proceed
                 reconciler.deleted(body)
             return
-        reconciler.enqueue(namespace, name, body)
+        if namespace:
+            reconciler.enqueue(namespace, name, body)
 
     @kopf.on.event(p.GROUP, p.VERSION, p.RESULTCACHES, registry=registry)
-    def cache_event(event: dict[str, Any], namespace: str, name: str, **_: Any) -> None:
-        body = event.get("object")
+    def cache_event(event: kopf.RawEvent, namespace: str | None, name: str, **_: Any) -> None:
+        raw = event.get("object")
+        if not namespace:
+            return
         if event.get("type") == "DELETED":
             reconciler.cache_deleted(namespace, name)
         else:
-            reconciler.enqueue_cache(namespace, name, body if isinstance(body, dict) else None)
+            reconciler.enqueue_cache(namespace, name, cast(dict[str, Any], raw) if isinstance(raw, dict) else None)
 
     @kopf.on.probe(id="reconciler", registry=registry)
     def reconciler_alive(**_: Any) -> bool:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from memoplane.cas import Hit, Store
-from memoplane.cluster import flight
 from memoplane.cluster import protocol as p
+from memoplane.cluster.views import job
 from memoplane.errors import NotFound, StoreCorrupted
 
-if TYPE_CHECKING:
-    from .reconciler import Reconciler
+from .context import Context
 
 log = logging.getLogger("memoplane.operator")
 
@@ -43,14 +43,20 @@ def verified_hit(store: Store, key: str) -> Hit | None:
     return hit
 
 
-def served(r: Reconciler, done: Mapping[str, Any], hit: Hit) -> None:
+def look_up(store: Store, key: str) -> tuple[Hit | None, int]:
+    """A verified lookup and how long it took (ms: the hit's status reports it)."""
+    looked = time.monotonic()
+    hit = verified_hit(store, key)
+    return hit, int((time.monotonic() - looked) * 1000)
+
+
+def served(ctx: Context, done: Mapping[str, Any], hit: Hit) -> None:
     """`done` (its status already written) was served `hit`: count it and say so."""
-    namespace = str((done.get("metadata") or {})["namespace"])
+    view = job(done)
     saved = float(hit.result.provenance.duration_s)
-    r.metrics.cache_hits.inc()
-    r.metrics.seconds_saved.inc(saved)
-    r.metrics.jobs.labels("cached").inc()
-    r.caches.count_hit(namespace, flight.cache_of(done), saved)
-    r.kube.event(done, p.REASON_CACHE_HIT, f"result {hit.digest[:15]}… for key "
-                                           f"{str((done.get('status') or {}).get('cacheKey'))[:15]}… from the cache, "
-                                           f"{saved:.2f}s of compute saved")
+    ctx.metrics.cache_hits.inc()
+    ctx.metrics.seconds_saved.inc(saved)
+    ctx.metrics.jobs.labels("cached").inc()
+    ctx.caches.count_hit(view.meta.namespace, view.spec.result_cache, saved)
+    ctx.event(done, p.REASON_CACHE_HIT, f"result {hit.digest[:15]}… for key {str(view.status.cache_key)[:15]}… "
+                                        f"from the cache, {saved:.2f}s of compute saved")

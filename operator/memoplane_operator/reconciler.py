@@ -9,11 +9,13 @@ decision in turn, single-flight decisions list the key's jobs afresh, so single 
 sound (see memoplane.cluster.flight), and nothing lives only in memory: a restarted
 operator picks up where the API server says things are.
 
-Every decision is a pure function in memoplane.cluster; this module and the ones it calls
-read, call them and write (labels and annotations first, then status, both with
-resourceVersion preconditions: a 409 re-queues the job):
+Every decision is a pure function in memoplane.cluster (decide.py); this module and the
+ones it calls read, call them and apply what they return through a Context (context.py:
+labels and annotations first, then status, both with resourceVersion preconditions: a 409
+re-queues the job). None of them imports this module:
 
   workqueue.py   the queue, the worker thread, the resync timer
+  context.py     what the modules below may do: read, write a job, post Events, wait, fail
   resolution.py  a job's generation -> its cache key (and a hit served at once)
   admission.py   a resolved job -> served, waiting for its key's leader, or scheduled
   hits.py        verified cache lookups and serving a hit
@@ -26,28 +28,27 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from kubernetes.client.exceptions import ApiException
-
-from memoplane.cluster import flight, mapping, resolve, schedule
+from memoplane.cluster import flight, mapping, schedule
 from memoplane.cluster import protocol as p
-from memoplane.cluster import status as st
-from memoplane.cluster.index import JobIndex, Ref, Topic, ref_of, settled
+from memoplane.cluster.index import JobIndex, Ref, ref_of, settled
 from memoplane.cluster.kube import Kube
 from memoplane.cluster.metrics import OperatorMetrics
 from memoplane.cluster.stores import Stores
+from memoplane.cluster.views import job
+from memoplane.settings import OperatorSettings
 
 from . import mapper
 from .admission import admit, check_node
 from .caches import LANE as CACHE_LANE
 from .caches import ResultCaches
+from .context import Conflict, Context, Pass
 from .manifests import Manifests
-from .resolution import resolve_job
+from .resolution import Admissible, resolve_job
 from .workqueue import Lane, WorkQueue
 
 log = logging.getLogger("memoplane.operator")
@@ -55,70 +56,33 @@ log = logging.getLogger("memoplane.operator")
 JOB_LANE = "job"
 
 
-@dataclass
-class OperatorConfig:
-    patterns: list[str] = field(default_factory=list)
-    lease_namespace: str = "memoplane-system"
-    resync_seconds: float = 2.0
-    stats_seconds: float = 30.0
-    full_resync_seconds: float = 30.0   # how often every job is listed (the index's safety net)
-    resolvers: int = 4                  # threads resolving jobs and serving hits (0: on the worker)
-    missing_grace_seconds: float = resolve.MISSING_GRACE_SECONDS
-    backoff_base: float = 1.0
-
-
-class Conflict(Exception):
-    """The object changed while we decided: decide again."""
-
-
-@dataclass
-class _Pass:
-    """Reads shared by the decisions of one resync pass (hundreds of jobs may wait on one
-    key): the single-flight list of a key, until this pass schedules one of its jobs, and
-    the (store, key)s found missing from the cache (a hit arriving meanwhile is served by the
-    wake-up of the job that computed it, or by the next pass)."""
-
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
-    misses: set[tuple[str, str]] = field(default_factory=set)
-
-
-def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    return obj.get("metadata") or {}
-
-
-def _status(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    return obj.get("status") or {}
-
-
 class Reconciler:
-    def __init__(self, config: OperatorConfig, kube: Kube, stores: Stores,
+    def __init__(self, settings: OperatorSettings, kube: Kube, stores: Stores,
                  metrics: OperatorMetrics | None = None) -> None:
-        self.cfg = config
+        self.cfg = settings
+        self.patterns = p.parse_patterns(settings.watch_namespaces)
         self.kube = kube
         self.stores = stores
         self.metrics = metrics or OperatorMetrics()
         self.tracker = schedule.LeaseTracker()
-        self.nodes: list[schedule.NodeView] = []
-        self.load: dict[str, int] = defaultdict(int)
         self.index = JobIndex()   # guarded by the work queue's lock
         # Job -> the body to decide on (None: read it first); a queued body superseded by a
         # write of ours is skipped. ResultCaches go first.
         self._jobs = Lane(JOB_LANE, accept=lambda body: body is None or not self.index.stale(body))
-        self.work = WorkQueue("reconciler", [Lane(CACHE_LANE), self._jobs], config.resync_seconds,
-                              max(60.0, 10 * config.resync_seconds), log)
+        self.work = WorkQueue("reconciler", [Lane(CACHE_LANE), self._jobs], settings.resync_seconds,
+                              max(60.0, 10 * settings.resync_seconds), log)
         self._cond = self.work.cond
         self.caches = ResultCaches(kube, stores, self.work, self.watched)
-        self.manifests = Manifests()
+        self.ctx = Context(settings, kube, stores, self.caches, Manifests(), self.metrics, self.index, self._cond)
         # never: each periodic task is due at once, however long ago the monotonic clock started
         self._last_full = float("-inf")
         self._last_leases = float("-inf")
         self._last_stats = float("-inf")
-        self.memo: _Pass | None = None
         # Resolution (key, cache lookup, serving a hit) runs on a small pool: it needs no
         # single-flight order, and a burst of hits is bound by round trips, not CPU.
-        self._resolvers = ThreadPoolExecutor(config.resolvers, thread_name_prefix="resolve") \
-            if config.resolvers > 0 else None
-        self._missed: dict[Ref, str] = {}   # job -> resourceVersion written after its key missed the cache
+        self._resolvers = ThreadPoolExecutor(settings.resolvers, thread_name_prefix="resolve") \
+            if settings.resolvers > 0 else None
+        self._carried: dict[Ref, Admissible] = {}   # job -> what resolving it found, for admission
 
     @property
     def healthy_at(self) -> float:
@@ -127,7 +91,7 @@ class Reconciler:
     # -- queue -----------------------------------------------------------------------------
 
     def watched(self, namespace: str) -> bool:
-        return p.namespace_matches(self.cfg.patterns, namespace)
+        return p.namespace_matches(self.patterns, namespace)
 
     def enqueue(self, namespace: str, name: str, body: dict[str, Any] | None = None) -> None:
         """Decide on the job soon: on `body` (a watch event's), else on a fresh read."""
@@ -147,6 +111,7 @@ class Reconciler:
         with self._cond:
             self.index.forget(ref_of(body))
             self._jobs.remove(ref_of(body))
+            self._carried.pop(ref_of(body), None)
             self._wake(body)
 
     def _wake(self, body: Mapping[str, Any]) -> None:
@@ -191,9 +156,9 @@ class Reconciler:
         if not force and now - self._last_leases < min(1.0, self.cfg.resync_seconds):
             return
         leases = self.kube.list_leases(self.cfg.lease_namespace)
-        self.nodes = self.tracker.observe(leases, now, datetime.now(UTC))
+        self.ctx.fleet.nodes = self.tracker.observe(leases, now, datetime.now(UTC))
         self._last_leases = now
-        self.metrics.nodes.set(len(schedule.live_nodes(self.nodes)))
+        self.metrics.nodes.set(len(schedule.live_nodes(self.ctx.fleet.nodes)))
 
     # -- resync ----------------------------------------------------------------------------
 
@@ -203,13 +168,13 @@ class Reconciler:
             self._last_full = time.monotonic()
             listed, _ = self.kube.list(p.COMPUTEJOBS)
             with self._cond:
-                self.index.replace_open([o for o in listed if self.watched(str(_meta(o).get("namespace")))])
+                self.index.replace_open([o for o in listed if self.watched(job(o).meta.namespace)])
         with self._cond:
             items = list(self.index.open.values())
-        self.load = defaultdict(int, schedule.assigned_load(items))
-        self.memo = _Pass()
+        self.ctx.fleet.load = defaultdict(int, schedule.assigned_load(items))
+        self.ctx.memo = Pass()
         try:
-            for ref in [ref_of(o) for o in sorted(items, key=lambda o: str(_meta(o).get("creationTimestamp")))]:
+            for ref in [ref_of(o) for o in sorted(items, key=lambda o: job(o).meta.creation_timestamp)]:
                 if self.work.stopping:
                     return
                 with self._cond:
@@ -224,7 +189,7 @@ class Reconciler:
                 except Exception:
                     log.exception("reconcile %s/%s failed", *ref)
         finally:
-            self.memo = None
+            self.ctx.memo = None
         if time.monotonic() - self._last_stats >= self.cfg.stats_seconds:
             self._last_stats = time.monotonic()
             self.caches.refresh_stats()
@@ -249,42 +214,44 @@ class Reconciler:
             self.metrics.reconcile.observe(time.monotonic() - started)
 
     def _reconcile(self, obj: dict[str, Any]) -> None:
-        meta = _meta(obj)
-        if meta.get("deletionTimestamp") or not self.watched(str(meta.get("namespace"))):
-            return
-        if settled(obj):
+        view = job(obj)
+        if view.meta.deleting or not self.watched(view.meta.namespace) or view.settled:
             return
         self.refresh_nodes()
         if mapping.is_map(obj):  # a parent of sub-tasks: see mapper.py
-            mapper.reconcile_map(self, obj)
+            mapper.reconcile_map(self.ctx, obj)
             return
-        phase = _status(obj).get("phase")
         if flight.needs_resolution(obj):
             if self._resolvers is not None:
-                ref = ref_of(obj)
                 with self._cond:
-                    self._jobs.hold(ref)
-                self._resolvers.submit(self._resolve_on_pool, ref, obj)
+                    self._jobs.hold(view.ref)
+                self._resolvers.submit(self._resolve_on_pool, view.ref, obj)
                 return
-            resolved = resolve_job(self, obj)  # serves a cache hit itself
-            if resolved is None:
-                return
-            obj = resolved
-            phase = _status(obj).get("phase")
+            carried = resolve_job(self.ctx, obj)  # serves a cache hit itself
+            if carried is not None:
+                admit(self.ctx, carried.body, carried)
+            return
         with self._cond:
-            looked_up = self._missed.pop(ref_of(obj), None) == meta.get("resourceVersion")
+            carried = self._carried.pop(view.ref, None)
+        if carried is not None and carried.resource_version != view.meta.resource_version:
+            carried = None  # the job changed since: decide on what it is now
+        phase = view.status.phase
         if phase in (p.SCHEDULED, p.RUNNING):
-            check_node(self, obj)
+            check_node(self.ctx, obj)
         elif phase in (p.PENDING, p.WAITING):
-            admit(self, obj, looked_up)
+            admit(self.ctx, obj, carried)
 
     def _resolve_on_pool(self, ref: Ref, obj: dict[str, Any]) -> None:
-        """Resolve on a pool thread; a job that must be admitted goes back to the worker."""
+        """Resolve on a pool thread; a job that must be admitted goes back to the worker,
+        with what resolving it found."""
         then: dict[str, Any] | None = None
         requeue = False
         try:
-            then = resolve_job(self, obj)
-            requeue = then is not None
+            carried = resolve_job(self.ctx, obj)
+            if carried is not None:
+                then, requeue = carried.body, True
+                with self._cond:
+                    self._carried[ref] = carried
         except Conflict:
             requeue = True  # decide again on a fresh read
         except Exception:
@@ -294,56 +261,3 @@ class Reconciler:
                 # An event that arrived while resolving is decided on, else our result.
                 self._jobs.release(ref, then, requeue)
                 self._cond.notify()
-
-    def missed(self, ref: Ref, resource_version: str) -> None:
-        """The job's key missed the cache in the write that produced `resource_version`:
-        admission need not look it up again in this state."""
-        with self._cond:
-            self._missed[ref] = resource_version
-
-    # -- writes --------------------------------------------------------------------------------
-
-    def _written(self, write: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Run a write with a resourceVersion precondition; a 404 or 409 means decide again."""
-        try:
-            out = write()
-        except ApiException as exc:
-            if exc.status in (404, 409):
-                raise Conflict() from None
-            raise
-        with self._cond:
-            self.index.wrote(out)
-        return out
-
-    def patch_meta(self, obj: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
-        meta = _meta(obj)
-        return self._written(lambda: self.kube.patch_meta(
-            p.COMPUTEJOBS, str(meta["namespace"]), str(meta["name"]),
-            resource_version=meta.get("resourceVersion"), **kwargs))
-
-    def patch(self, obj: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
-        meta = _meta(obj)
-        return self._written(lambda: self.kube.patch_status(
-            p.COMPUTEJOBS, str(meta["namespace"]), str(meta["name"]), patch, meta.get("resourceVersion")))
-
-    def wait(self, obj: dict[str, Any], reason: str, message: str) -> None:
-        status = _status(obj)
-        generation = int(_meta(obj).get("generation") or 0)
-        if st.already_waiting(status, generation, reason, message):
-            return
-        done = self.patch(obj, st.waiting(status, generation, reason, message, datetime.now(UTC)))
-        if status.get("reason") != reason:
-            self.kube.event(done, reason, message)
-
-    def wait_on(self, obj: Mapping[str, Any], topics: list[Topic]) -> None:
-        """Revisit `obj` as soon as any of `topics` settles (a job name or a key)."""
-        with self._cond:
-            for topic in topics:
-                self.index.wait_for(ref_of(obj), topic)
-
-    def fail(self, obj: dict[str, Any], reason: str, message: str, extra: Mapping[str, Any] | None = None) -> None:
-        generation = int(_meta(obj).get("generation") or 0)
-        patch = st.failed(_status(obj), generation, reason, message, datetime.now(UTC))
-        done = self.patch(obj, {**patch, **(extra or {})})
-        self.metrics.jobs.labels("failed").inc()
-        self.kube.event(done, st.camel(reason), message, warning=True)

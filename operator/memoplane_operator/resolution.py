@@ -1,89 +1,97 @@
 """Resolving a ComputeJob's current generation: its store, its inputs, its cache key
 (memoplane.cluster.resolve decides), the job manifest, and the assignment's metadata.
 A cache hit is served in the same pass: key, lookup, one metadata patch, one status patch.
+A miss is handed to admission in memory (`Admissible`): its key is not looked up again.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from memoplane.canonical import canonical_json
-from memoplane.cluster import flight, resolve, schedule
+from memoplane.cas import Store
+from memoplane.cluster import decide, resolve, schedule
 from memoplane.cluster import protocol as p
 from memoplane.cluster import status as st
-from memoplane.cluster.index import job_topic, ref_of
+from memoplane.cluster.views import job
 from memoplane.errors import MemoplaneError
-from memoplane.jobs import job_to_dict
+from memoplane.jobs import Job, job_to_dict
 from memoplane.keys import digest_bytes
 
-from .hits import served, verified_hit
+from .context import Context
+from .hits import look_up, served
 from .lookups import Lookups
 
-if TYPE_CHECKING:
-    from .reconciler import Reconciler
+
+@dataclass(frozen=True)
+class Admissible:
+    """A job resolved in this process, as admission needs it: the body its last write
+    returned, the resolved job, its store, and whether its key already missed the cache."""
+
+    body: dict[str, Any]
+    job: Job
+    store: Store
+    url: str
+    missed: bool
+
+    @property
+    def resource_version(self) -> str | None:
+        return job(self.body).meta.resource_version
 
 
-def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
-    return obj.get("metadata") or {}
-
-
-def resolve_job(r: Reconciler, obj: dict[str, Any]) -> dict[str, Any] | None:
-    """Resolve the current generation; returns the updated job when it has a key."""
-    meta, status = _meta(obj), obj.get("status") or {}
-    namespace, generation = str(meta["namespace"]), int(meta.get("generation") or 0)
-    now = datetime.now(UTC)
+def resolve_job(ctx: Context, obj: dict[str, Any]) -> Admissible | None:
+    """Resolve the current generation; a job that has a key and missed the cache (or was
+    not looked up) is returned for admission."""
+    view = job(obj)
     try:
-        found = r.caches.store_for(obj)
+        found = ctx.caches.store_for(obj)
+        if isinstance(found, decide.Wait):
+            ctx.wait(obj, found)
+            return None
+        store, url = found
+        runtime = schedule.runtime_for(ctx.fleet.nodes, view.spec.profile)
+        outcome = resolve.resolve(obj, runtime, Lookups(ctx.kube, ctx.stores, view.meta.namespace, store),
+                                  datetime.now(UTC), ctx.settings.missing_grace_seconds)
     except MemoplaneError as exc:
-        r.wait(obj, p.REASON_STORE, str(exc))
+        ctx.wait(obj, decide.Wait(p.REASON_STORE, str(exc)))
         return None
-    if isinstance(found, str):
-        r.wait(obj, p.REASON_NO_CACHE, found)
+    decision = decide.after_resolution(obj, outcome)
+    if isinstance(decision, decide.Wait):  # woken when an upstream settles (or at the next resync)
+        ctx.wait(obj, decision)
         return None
-    store, url = found
-    profile = str((((obj.get("spec") or {}).get("runtime")) or {}).get("profile") or "python")
-    runtime = schedule.runtime_for(r.nodes, profile)
-    try:
-        outcome = resolve.resolve(obj, runtime, Lookups(r.kube, r.stores, namespace, store), now,
-                                  r.cfg.missing_grace_seconds)
-    except MemoplaneError as exc:
-        r.wait(obj, p.REASON_STORE, str(exc))
+    if isinstance(decision, decide.Fail):
+        ctx.fail(obj, decision)
         return None
-    if isinstance(outcome, resolve.Waiting):
-        # Woken when an upstream settles (or at the next resync).
-        r.wait_on(obj, [job_topic(namespace, up) for up in resolve.upstream_names(obj)])
-        r.wait(obj, outcome.reason, outcome.message)
-        return None
-    if isinstance(outcome, resolve.Failed):
-        r.fail(obj, outcome.reason, outcome.message)
-        return None
-    job = outcome.job
-    manifest = canonical_json(job_to_dict(job))
+    return _keyed(ctx, obj, decision, store, url)
+
+
+def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, store: Store, url: str
+           ) -> Admissible | None:
+    """Write the key (serving a hit in the same write) and hand a miss to admission."""
+    view, job_ = job(obj), outcome.job
+    generation, now = view.meta.generation, datetime.now(UTC)
+    manifest = canonical_json(job_to_dict(job_))
     digest = digest_bytes(manifest)  # the manifest's blob digest, whether or not it is stored yet
-    r.manifests.remember(digest, job)
-    key = job.key
-    looked = time.monotonic()
-    hit = verified_hit(store, key) if flight.policy_of(obj) == "Use" else None
+    ctx.manifests.remember(digest, job_)
+    looked_up = decide.looks_up(view.spec.policy, missed=False)
+    hit, ms = look_up(store, job_.key) if looked_up else (None, 0)
     if hit is None:  # it goes to a node: the agent loads the manifest from the store
-        r.manifests.put(store, manifest)
+        ctx.manifests.put(store, manifest)
     # The assignment's metadata in one patch, then the status: a crash between them
     # leaves a job whose status is of an older generation, which the next pass resolves
     # again (same digest, same key); the node label is removed, so no agent acts on it.
-    updated = r.patch_meta(
-        obj, labels={p.KEY_LABEL: p.key_label(key), p.NODE_LABEL: None},
+    updated = ctx.patch_meta(
+        obj, labels={p.KEY_LABEL: p.key_label(job_.key), p.NODE_LABEL: None},
         annotations={p.JOB_DIGEST_ANNOTATION: digest, p.STORE_ANNOTATION: url,
                      p.JOB_GENERATION_ANNOTATION: str(generation)})
+    status = view.status.raw
     if hit is not None:
-        ms = int((time.monotonic() - looked) * 1000)
-        done = r.patch(updated, st.resolved_hit(status, generation, key, outcome.input_digests,
-                                                hit.digest, hit.result, ms, now))
-        served(r, done, hit)
+        done = ctx.patch(updated, st.resolved_hit(status, generation, job_.key, outcome.input_digests,
+                                                  hit.digest, hit.result, ms, now))
+        served(ctx, done, hit)
         return None
-    updated = r.patch(updated, st.resolved(status, generation, key, outcome.input_digests, now))
-    if flight.policy_of(obj) == "Use":
-        r.missed(ref_of(updated), str(_meta(updated).get("resourceVersion")))
-    r.kube.event(updated, p.REASON_RESOLVED, f"cache key {key[:15]}… (generation {generation})")
-    return updated
+    updated = ctx.patch(updated, st.resolved(status, generation, job_.key, outcome.input_digests, now))
+    ctx.event(updated, p.REASON_RESOLVED, f"cache key {job_.key[:15]}… (generation {generation})")
+    return Admissible(updated, job_, store, url, missed=looked_up)

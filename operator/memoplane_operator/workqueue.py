@@ -1,6 +1,6 @@
 """One worker thread over keyed, de-duplicating queues, with a periodic resync.
 
-Both reconcilers (ComputeJobs and ResultCaches, GMemSeeds) run on one: kopf's handlers
+Each reconciler (ComputeJobs with ResultCaches; GMemSeeds) runs on its own: kopf's handlers
 put what changed into a lane; the worker takes the resync when it is due, else the first
 item of the first non-empty lane (lanes in priority order), hands it to the reconciler's
 `handle`, records `healthy_at` (the liveness probe's clock) and logs what raised, so one bad

@@ -32,6 +32,7 @@ from memoplane.cluster.kube import Kube
 from memoplane.cluster.metrics import AgentMetrics
 from memoplane.cluster.retry import after_failure
 from memoplane.cluster.stores import Stores
+from memoplane.cluster.views import meta_of, section
 from memoplane.errors import MemoplaneError
 from memoplane.execute import execute
 from memoplane.jobs import Job, job_from_dict
@@ -163,7 +164,7 @@ class Agent:
                 self._stop.wait(1.0)
 
     def consider(self, obj: dict[str, Any]) -> None:
-        uid = str((obj.get("metadata") or {}).get("uid") or "")
+        uid = meta_of(obj).uid
         with self._lock:
             if self._stop.is_set():
                 return
@@ -218,10 +219,10 @@ class Agent:
         """Patch the status with `build(status)` under a resourceVersion precondition; on a
         conflict read the job again and retry (up to 10 times) while `valid` holds for it.
         _Stale when the job is gone or no longer valid."""
-        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        rv = meta_of(obj).resource_version
         for _ in range(10):
             try:
-                return self.kube.patch_status(p.COMPUTEJOBS, a.namespace, a.name, build(obj.get("status") or {}), rv)
+                return self.kube.patch_status(p.COMPUTEJOBS, a.namespace, a.name, build(section(obj, "status")), rv)
             except ApiException as exc:
                 if exc.status == 404:
                     raise _Stale() from None

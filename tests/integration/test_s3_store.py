@@ -170,7 +170,7 @@ def test_open_store_from_environment(s3: S3, monkeypatch: pytest.MonkeyPatch, tm
     assert store.describe() == s3.url()
     ref = store.put_bytes(b"hello")
     assert open_store(s3.url()).get_bytes(ref.digest) == b"hello"
-    monkeypatch.setenv("MEMOPLANE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MEMOPLANE_LOCAL_CACHE", str(tmp_path / "cache"))
     cached = open_store(s3.url())
     assert isinstance(cached.backend, CachingBackend) and cached.get_bytes(ref.digest) == b"hello"
     monkeypatch.delenv("MEMOPLANE_S3_ACCESS_KEY")

@@ -11,6 +11,7 @@ tests/integration/test_helm.py.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 from collections.abc import Iterator
@@ -232,12 +233,22 @@ def _env_names_read(*paths: Path) -> set[str]:
     return names
 
 
+def _settings_env(*classes: Any) -> set[str]:
+    """The environment variables memoplane.settings reads for these settings classes."""
+    return {f.metadata["env"] for cls in classes for f in dataclasses.fields(cls) if f.metadata.get("env")}
+
+
 def test_env_the_chart_sets_is_read_by_the_processes(helm: Path) -> None:
+    from memoplane import settings as s
+
     docs = render(helm)
-    common = [ROOT / "memoplane" / "cluster" / "stores.py", ROOT / "memoplane" / "cluster" / "kube.py"]
+    common = [ROOT / "memoplane" / "cluster" / "kube.py"]
+    store = _settings_env(s.StoreSettings) | {s.CREDENTIALS_ENV}
     readers = {
-        "-operator": _env_names_read(ROOT / "operator" / "memoplane_operator" / "__main__.py", *common),
-        "-agent": _env_names_read(ROOT / "sandbox-node" / "memoplane_agent" / "__main__.py", *common),
+        "-operator": _env_names_read(ROOT / "operator" / "memoplane_operator" / "__main__.py", *common)
+        | _settings_env(s.OperatorSettings) | store,
+        "-agent": _env_names_read(ROOT / "sandbox-node" / "memoplane_agent" / "__main__.py", *common)
+        | _settings_env(s.AgentSettings) | store,
     }
     for kind, suffix in (("Deployment", "-operator"), ("DaemonSet", "-agent")):
         (c,) = find(docs, kind, suffix)["spec"]["template"]["spec"]["containers"]

@@ -68,11 +68,9 @@ def test_a_new_generation_clears_the_old_outcome() -> None:
     assert kstatus(2, s["observedGeneration"], s["conditions"]) == "InProgress"
 
 
-def test_waiting_and_precondition_body() -> None:
+def test_waiting() -> None:
     s = st.waiting({}, 1, "SameKeyInFlight", "waiting for job a", T0)
     assert s["phase"] == "Waiting" and get_condition(s["conditions"], "Reconciling")["reason"] == "SameKeyInFlight"
-    assert st.with_precondition({"phase": "Running"}, "42") == {"status": {"phase": "Running"},
-                                                                "metadata": {"resourceVersion": "42"}}
 
 
 def test_sandbox_reasons_become_condition_reasons() -> None:

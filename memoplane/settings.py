@@ -1,0 +1,181 @@
+"""Settings of the stores, the operator and the node agents, in one place.
+
+Each field is documented once, here, with the one environment variable that sets it; the
+processes' flags are made from the same fields (`--lease-namespace` for `lease_namespace`)
+and override the environment. The chart's values map onto these variables one to one
+(charts/memoplane/templates: operator.yaml, agent.yaml, _helpers.tpl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import InputError
+
+T = TypeVar("T")
+
+LOCAL_CACHE_BYTES = 2 << 30   # a node-local chunk cache's bound, unless MEMOPLANE_LOCAL_CACHE_BYTES says otherwise
+MISSING_GRACE_SECONDS = 60.0  # how long a job waits for a missing upstream, ConfigMap or object before failing
+
+
+def setting(env: str | None, default: Any, doc: str, *, secret: bool = False) -> Any:
+    """A settings field: its environment variable (None: a flag only), its default, what it means."""
+    return field(default=default, repr=not secret, metadata={"env": env, "doc": doc})
+
+
+def _parse(kind: str, text: str, name: str) -> Any:
+    """An environment variable's text as the field's type (annotations are strings here)."""
+    if kind == "bool":
+        return text.strip().lower() not in ("0", "false", "no", "off")
+    if kind in ("int", "float"):
+        convert = int if kind == "int" else float
+        try:
+            return convert(text)
+        except ValueError:
+            raise InputError(f"{name}={text!r} is not a number", f"set {name} to a {convert.__name__}") from None
+    return text
+
+
+def from_env(cls: type[T], env: Mapping[str, str] | None = None, **overrides: Any) -> T:
+    """The settings from the environment (and `overrides`, e.g. flags), defaults elsewhere."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        name = f.metadata.get("env")
+        if f.name in overrides and overrides[f.name] is not None:
+            values[f.name] = overrides[f.name]
+        elif name and env.get(name) not in (None, ""):
+            values[f.name] = _parse(str(f.type), env[name], name)
+    return cls(**values)
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type[Any], names: Sequence[str]) -> None:
+    """Flags for the fields `names` of `cls` (default None: the environment, then the field's default)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in names:
+        f = fields[name]
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        env = f" (env {f.metadata['env']})" if f.metadata.get("env") else ""
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                            help=f"{f.metadata['doc']}; default {f.default!r}{env}")
+
+
+def flag_values(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in names}
+
+
+def describe(cls: type[Any]) -> str:
+    """One line per environment variable: for a --help epilog."""
+    return "\n".join(f"  {f.metadata['env']:<30} {f.metadata['doc']} (default {f.default!r})"
+                     for f in dataclasses.fields(cls) if f.metadata.get("env"))
+
+
+# -- the object store -------------------------------------------------------------------------
+
+CREDENTIALS_ENV = "MEMOPLANE_S3_CREDENTIALS_DIR"
+LOCAL_CACHE_ENV = "MEMOPLANE_LOCAL_CACHE"               # also read by memoplane.cas.open_store
+LOCAL_CACHE_BYTES_ENV = "MEMOPLANE_LOCAL_CACHE_BYTES"
+CREDENTIAL_FILES = ("accessKey", "secretKey")   # the keys of the chart's store Secret
+KEY_ENVS = ("MEMOPLANE_S3_ACCESS_KEY", "MEMOPLANE_S3_SECRET_KEY")
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    endpoint: str | None = setting("MEMOPLANE_S3_ENDPOINT", None, "the S3/MinIO endpoint, http://host:port or https://host")
+    access_key: str | None = setting(KEY_ENVS[0], None, "the store's access key (not with the "
+                                     "credentials directory)", secret=True)
+    secret_key: str | None = setting(KEY_ENVS[1], None, "the store's secret key (not with the "
+                                     "credentials directory)", secret=True)
+    root: str | None = setting("MEMOPLANE_STORE_ROOT", None, "a directory standing in for the object store: "
+                               "a bucket is a directory under it")
+    local_cache: str | None = setting(LOCAL_CACHE_ENV, None, "a node-local chunk cache directory in "
+                                      "front of the store (agents)")
+    local_cache_bytes: int = setting(LOCAL_CACHE_BYTES_ENV, LOCAL_CACHE_BYTES,
+                                     "the node-local chunk cache's bound in bytes")
+    workers: int | None = setting(None, 4, "threads a store uploads and reads ahead with")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, local_cache: str | None = None) -> StoreSettings:
+        """The store settings; the keys come from MEMOPLANE_S3_CREDENTIALS_DIR when it is set (see
+        read_credentials). Raises InputError (one line) for a credentials directory that is missing,
+        incomplete or readable by others, or that is set while the keys are in the environment too."""
+        env = os.environ if env is None else env
+        settings = from_env(cls, env, local_cache=local_cache)
+        if env.get(CREDENTIALS_ENV):
+            if settings.access_key or settings.secret_key:
+                raise InputError(f"{CREDENTIALS_ENV} is set and so are {' / '.join(KEY_ENVS)}",
+                                 "unset the key variables: the keys belong in the credentials files only")
+            access_key, secret_key = read_credentials(Path(env[CREDENTIALS_ENV]))
+            settings = dataclasses.replace(settings, access_key=access_key, secret_key=secret_key)
+        return settings
+
+    def describe(self) -> str:
+        return f"directory {self.root}" if self.root else f"S3 {self.endpoint}"
+
+
+def read_credentials(directory: Path) -> tuple[str, str]:
+    """The store keys from `directory`: a file `accessKey` and a file `secretKey`, each holding
+    the key (a trailing newline is ignored), readable by their owner only (mode 0400 or 0600).
+    That is the layout of a Kubernetes Secret with those keys mounted as a volume (its files
+    are links into a ..data directory: modes are those of the targets)."""
+    keys = []
+    for name in CREDENTIAL_FILES:
+        path = directory / name
+        try:
+            mode = path.stat().st_mode
+            text = path.read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise InputError(f"{CREDENTIALS_ENV}: cannot read {path} ({exc.strerror})",
+                             f"put the store's {name} there (mode 0400), or unset {CREDENTIALS_ENV}") from None
+        if mode & 0o077:
+            raise InputError(f"{CREDENTIALS_ENV}: {path} is readable or writable by group or others "
+                             f"(mode {mode & 0o777:04o})", f"chmod 0400 {path} (a Secret volume: defaultMode 0400)")
+        if not text.strip():
+            raise InputError(f"{CREDENTIALS_ENV}: {path} is empty", f"put the store's {name} in it")
+        keys.append(text)
+    return keys[0], keys[1]
+
+
+# -- the operator and the agents --------------------------------------------------------------
+
+WATCH_DOC = 'namespace patterns, space separated (empty: every namespace), e.g. "ml research" or "*,!kube-*"'
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    watch_namespaces: str = setting("MEMOPLANE_WATCH_NAMESPACES", "", "the " + WATCH_DOC)
+    lease_namespace: str = setting("MEMOPLANE_NAMESPACE", "memoplane-system", "where the agents' Leases live")
+    metrics_port: int = setting("MEMOPLANE_METRICS_PORT", 9090, "Prometheus /metrics (0 disables)")
+    health_port: int = setting("MEMOPLANE_HEALTH_PORT", 8081, "kopf's liveness endpoint /healthz (0 disables)")
+    resync_seconds: float = setting("MEMOPLANE_RESYNC_SECONDS", 2.0, "how often unfinished jobs are revisited")
+    stats_seconds: float = setting("MEMOPLANE_STATS_SECONDS", 30.0, "how often ResultCache stats are refreshed")
+    seed_resync_seconds: float = setting("MEMOPLANE_SEED_RESYNC_SECONDS", 10.0,
+                                         "how often every GMemSeed's inbox is checked")
+    backoff_base: float = setting("MEMOPLANE_BACKOFF_BASE", 1.0, "seconds before a failed job's first retry "
+                                  "(doubling per attempt)")
+    log_level: str = setting("MEMOPLANE_LOG_LEVEL", "INFO", "the log level")
+    full_resync_seconds: float = setting(None, 30.0, "how often every job is listed (the job index's safety net)")
+    resolvers: int = setting(None, 4, "threads resolving jobs and serving hits (0: on the worker)")
+    missing_grace_seconds: float = setting(None, MISSING_GRACE_SECONDS, "how long a missing input is waited for")
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    node: str | None = setting("NODE_NAME", None, "the node this agent serves (required)")
+    lease_namespace: str = setting("MEMOPLANE_NAMESPACE", "memoplane-system", "where the agents' Leases live")
+    watch_namespaces: str = setting("MEMOPLANE_WATCH_NAMESPACES", "", "the " + WATCH_DOC + " whose jobs it runs")
+    capacity: int = setting("MEMOPLANE_CAPACITY", 2, "jobs run at once")
+    profiles: str = setting("MEMOPLANE_PROFILES", "python", "runtime profiles served, comma separated")
+    http_host: str = setting("MEMOPLANE_HTTP_HOST", "0.0.0.0", "address of /healthz /readyz /metrics")
+    http_port: int = setting("MEMOPLANE_HTTP_PORT", 8080, "port of /healthz /readyz /metrics (0: any free port)")
+    backoff_base: float = setting("MEMOPLANE_BACKOFF_BASE", 1.0, "seconds before a failed job's first retry "
+                                  "(doubling per attempt)")
+    require_isolation: bool = setting("MEMOPLANE_REQUIRE_ISOLATION", True, "refuse to start without full "
+                                      "sandbox isolation")
+    log_level: str = setting("MEMOPLANE_LOG_LEVEL", "INFO", "the log level")

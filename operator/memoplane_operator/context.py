@@ -1,0 +1,125 @@
+"""What the operator's job modules (resolution, admission, hits, mapper) may do: read the
+API server and the stores, write a job with a resourceVersion precondition, post Events,
+register what a job waits for, and apply a decision (memoplane.cluster.decide) that says
+wait or fail. The Reconciler builds one Context and hands it to them; they never see the
+Reconciler itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from memoplane.cluster import protocol as p
+from memoplane.cluster import schedule
+from memoplane.cluster import status as st
+from memoplane.cluster.decide import Fail, Wait
+from memoplane.cluster.index import JobIndex, Topic
+from memoplane.cluster.kube import Kube
+from memoplane.cluster.metrics import OperatorMetrics
+from memoplane.cluster.stores import Stores
+from memoplane.cluster.views import job
+from memoplane.settings import OperatorSettings
+
+from .caches import ResultCaches
+from .manifests import Manifests
+
+
+class Conflict(Exception):
+    """The object changed while we decided: decide again."""
+
+
+@dataclass
+class Fleet:
+    """The nodes as of the last lease read, and the jobs assigned to each and not yet seen
+    finish (the leases' running counts lag)."""
+
+    nodes: list[schedule.NodeView] = field(default_factory=list)
+    load: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+@dataclass
+class Pass:
+    """Reads shared by the decisions of one resync pass (hundreds of jobs may wait on one
+    key): the single-flight list of a key, until this pass schedules one of its jobs, and
+    the (store, key)s found missing from the cache (a hit arriving meanwhile is served by the
+    wake-up of the job that computed it, or by the next pass)."""
+
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
+    misses: set[tuple[str, str]] = field(default_factory=set)
+
+
+@dataclass
+class Context:
+    settings: OperatorSettings
+    kube: Kube
+    stores: Stores
+    caches: ResultCaches
+    manifests: Manifests
+    metrics: OperatorMetrics
+    index: JobIndex
+    lock: threading.Condition     # guards `index` (the work queue's)
+    fleet: Fleet = field(default_factory=Fleet)
+    memo: Pass | None = None      # set during a resync pass
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def _written(self, write: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run a write with a resourceVersion precondition; a 404 or 409 means decide again."""
+        try:
+            out = write()
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                raise Conflict() from None
+            raise
+        with self.lock:
+            self.index.wrote(out)
+        return out
+
+    def patch_meta(self, obj: Mapping[str, Any], *, labels: Mapping[str, str | None] | None = None,
+                   annotations: Mapping[str, str | None] | None = None) -> dict[str, Any]:
+        meta = job(obj).meta
+        return self._written(lambda: self.kube.patch_meta(
+            p.COMPUTEJOBS, meta.namespace, meta.name, labels=labels, annotations=annotations,
+            resource_version=meta.resource_version))
+
+    def patch(self, obj: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+        meta = job(obj).meta
+        return self._written(lambda: self.kube.patch_status(
+            p.COMPUTEJOBS, meta.namespace, meta.name, patch, meta.resource_version))
+
+    def event(self, obj: Mapping[str, Any], reason: str, message: str, *, warning: bool = False) -> None:
+        self.kube.event(obj, reason, message, warning=warning)
+
+    def wait_on(self, obj: Mapping[str, Any], topics: tuple[Topic, ...] | list[Topic]) -> None:
+        """Revisit `obj` as soon as any of `topics` settles (a job name or a key)."""
+        with self.lock:
+            for topic in topics:
+                self.index.wait_for(job(obj).ref, topic)
+
+    # -- decisions ---------------------------------------------------------------------------
+
+    def wait(self, obj: Mapping[str, Any], decision: Wait) -> None:
+        """Waiting with the decision's reason (unless the status says so already)."""
+        self.wait_on(obj, decision.topics)
+        view = job(obj)
+        status, generation = view.status.raw, view.meta.generation
+        if st.already_waiting(status, generation, decision.reason, decision.message):
+            return
+        done = self.patch(obj, st.waiting(status, generation, decision.reason, decision.message, datetime.now(UTC)))
+        if view.status.reason != decision.reason:
+            self.event(done, decision.reason, decision.message)
+
+    def fail(self, obj: Mapping[str, Any], decision: Fail) -> None:
+        view = job(obj)
+        patch = st.failed(view.status.raw, view.meta.generation, decision.reason, decision.message,
+                          datetime.now(UTC))
+        done = self.patch(obj, {**patch, **decision.extra})
+        self.metrics.jobs.labels("failed").inc()
+        self.event(done, st.camel(decision.reason), decision.message, warning=True)

@@ -1,0 +1,49 @@
+"""memoplane.settings: one field per concept, read from the environment, overridden by flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from memoplane.cas import cached
+from memoplane.errors import InputError
+from memoplane.settings import (
+    LOCAL_CACHE_BYTES,
+    AgentSettings,
+    OperatorSettings,
+    StoreSettings,
+    add_flags,
+    flag_values,
+    from_env,
+)
+
+
+def test_environment_then_flags_then_defaults() -> None:
+    env = {"MEMOPLANE_RESYNC_SECONDS": "0.5", "MEMOPLANE_NAMESPACE": "sys", "MEMOPLANE_METRICS_PORT": ""}
+    parser = argparse.ArgumentParser()
+    add_flags(parser, OperatorSettings, ("lease_namespace", "resync_seconds", "metrics_port"))
+    args = parser.parse_args(["--lease-namespace", "flagged"])
+    got = from_env(OperatorSettings, env, **flag_values(args, ("lease_namespace", "resync_seconds", "metrics_port")))
+    assert (got.resync_seconds, got.lease_namespace, got.metrics_port) == (0.5, "flagged", 9090)
+
+
+def test_a_bad_number_names_the_variable() -> None:
+    with pytest.raises(InputError, match="MEMOPLANE_CAPACITY='two' is not a number"):
+        from_env(AgentSettings, {"MEMOPLANE_CAPACITY": "two"})
+
+
+@pytest.mark.parametrize(("text", "want"), [("0", False), ("false", False), ("1", True), ("yes", True)])
+def test_booleans(text: str, want: bool) -> None:
+    assert from_env(AgentSettings, {"MEMOPLANE_REQUIRE_ISOLATION": text}).require_isolation is want
+
+
+def test_one_node_cache_default_and_one_name_per_concept() -> None:
+    assert StoreSettings().local_cache_bytes == cached.DEFAULT_MAX_BYTES == LOCAL_CACHE_BYTES
+    settings = StoreSettings.from_env({"MEMOPLANE_LOCAL_CACHE": "/c", "MEMOPLANE_LOCAL_CACHE_BYTES": "5"})
+    assert (settings.local_cache, settings.local_cache_bytes) == ("/c", 5)
+    for cls in (StoreSettings, OperatorSettings, AgentSettings):
+        names = [f.metadata["env"] for f in dataclasses.fields(cls) if f.metadata.get("env")]
+        assert len(names) == len(set(names)), cls
+        assert all(f.metadata["doc"] for f in dataclasses.fields(cls)), cls
