@@ -65,9 +65,8 @@ class Kube:
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
-                p.GROUP, p.VERSION, namespace, plural, name)
-            return obj
+            return cast(dict[str, Any], self.custom.get_namespaced_custom_object(
+                p.GROUP, p.VERSION, namespace, plural, name))
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -79,9 +78,10 @@ class Kube:
         if label_selector:
             kwargs["label_selector"] = label_selector
         if namespace:
-            out = self.custom.list_namespaced_custom_object(p.GROUP, p.VERSION, namespace, plural, **kwargs)
+            out = cast(dict[str, Any], self.custom.list_namespaced_custom_object(
+                p.GROUP, p.VERSION, namespace, plural, **kwargs))
         else:
-            out = self.custom.list_cluster_custom_object(p.GROUP, p.VERSION, plural, **kwargs)
+            out = cast(dict[str, Any], self.custom.list_cluster_custom_object(p.GROUP, p.VERSION, plural, **kwargs))
         return list(out.get("items") or []), str((out.get("metadata") or {}).get("resourceVersion") or "")
 
     def watch(self, plural: str, resource_version: str, label_selector: str | None = None,
@@ -104,9 +104,8 @@ class Kube:
         body: dict[str, Any] = {"status": dict(patch)}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
-        out: dict[str, Any] = self.custom.patch_namespaced_custom_object_status(
-            p.GROUP, p.VERSION, namespace, plural, name, body, _content_type=MERGE)
-        return out
+        return cast(dict[str, Any], self.custom.patch_namespaced_custom_object_status(
+            p.GROUP, p.VERSION, namespace, plural, name, body, _content_type=MERGE))
 
     def patch_meta(self, plural: str, namespace: str, name: str, labels: Mapping[str, str | None] | None = None,
                    annotations: Mapping[str, str | None] | None = None,
@@ -118,9 +117,8 @@ class Kube:
             meta["annotations"] = dict(annotations)
         if resource_version:
             meta["resourceVersion"] = resource_version
-        out: dict[str, Any] = self.custom.patch_namespaced_custom_object(
-            p.GROUP, p.VERSION, namespace, plural, name, {"metadata": meta}, _content_type=MERGE)
-        return out
+        return cast(dict[str, Any], self.custom.patch_namespaced_custom_object(
+            p.GROUP, p.VERSION, namespace, plural, name, {"metadata": meta}, _content_type=MERGE))
 
     def json_patch(self, plural: str, namespace: str, name: str, ops: Objects) -> dict[str, Any]:
         """An RFC 6902 JSON patch (replaces a whole field, which a merge patch cannot for lists)."""
@@ -140,9 +138,8 @@ class Kube:
     def create(self, plural: str, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """Create; None if it already exists."""
         try:
-            out: dict[str, Any] = self.custom.create_namespaced_custom_object(
-                p.GROUP, p.VERSION, namespace, plural, dict(body))
-            return out
+            return cast(dict[str, Any], self.custom.create_namespaced_custom_object(
+                p.GROUP, p.VERSION, namespace, plural, dict(body)))
         except ApiException as exc:
             if exc.status == 409:
                 return None

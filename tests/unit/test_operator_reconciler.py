@@ -16,8 +16,8 @@ from memoplane_operator.reconciler import Reconciler
 
 from memoplane.cas import BlobRef, Hit, Provenance, ResultManifest, Store
 from memoplane.cluster import protocol as p
-from memoplane.settings import OperatorSettings
 from memoplane.cluster.stores import Stores, StoreSettings
+from memoplane.settings import OperatorSettings
 
 RUNTIME = "b3:" + "11" * 32
 Objects = list[dict[str, Any]]   # outside FakeKube: there `list` is FakeKube.list
