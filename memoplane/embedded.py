@@ -127,8 +127,8 @@ def _job_failed(execution: Execution) -> JobFailed:
 @contextlib.contextmanager
 def key_lock(store: Store, key: str) -> Iterator[None]:
     """An exclusive per-key lock across processes on this machine (single flight)."""
-    root = getattr(store.backend, "root", None)
-    lock_dir = Path(root) / "locks" if root is not None else Path(tempfile.gettempdir()) / "memoplane-locks"
+    root = store.local_root
+    lock_dir = root / "locks" if root is not None else Path(tempfile.gettempdir()) / "memoplane-locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
     with open(lock_dir / f"{key.removeprefix('b3:')}.lock", "a+b") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

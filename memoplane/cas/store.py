@@ -92,6 +92,12 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def local_root(self) -> Path | None:
+        """The directory a filesystem store lives in; None for an object store."""
+        root = getattr(self.backend, "root", None)
+        return Path(root) if root is not None else None
+
     def describe(self) -> str:
         return self.backend.describe()
 

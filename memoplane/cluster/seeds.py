@@ -61,14 +61,6 @@ def store_name(uid: str) -> str:
     return uid.lower()
 
 
-def inbox_prefix(name: str) -> str:
-    return f"gmem/{name}/inbox/"
-
-
-def inbox_object(name: str, time_ns: int, token: str) -> str:
-    return f"{inbox_prefix(name)}{time_ns:020d}-{token}"
-
-
 def encode_batch(params: GMemParams, addrs: Any, values: Any) -> bytes:
     """A write batch for the inbox: a one-batch log (memoplane.gmem.log) bound to the
     parameters, with the engine's own conversions and checks of addresses and values."""

@@ -12,7 +12,6 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -29,11 +28,10 @@ def _on_cluster(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "cluster", False) or getattr(args, "namespace", None))
 
 
-def _local_dir(store: Any) -> Path:
-    root = getattr(store.backend, "root", None)
-    if root is None:
+def _local_dir(store: Store) -> Path:
+    if store.local_root is None:
         raise InputError("gmem needs a local directory for its active log", "use a directory store (--store DIR)")
-    return Path(root) / "gmem-active"
+    return store.local_root / "gmem-active"
 
 
 @contextlib.contextmanager
@@ -45,12 +43,12 @@ def opened(args: argparse.Namespace, params: GMemParams | None = None) -> Iterat
 
 @contextlib.contextmanager
 def open_named(store: Store, name: str, params: GMemParams | None = None) -> Iterator[StoredGMem]:
-    gstore = GMemStore(store.backend, _local_dir(store))
+    gstore = GMemStore.of(store, _local_dir(store))
     lock_path = _local_dir(store) / f"{name}.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        seed, _ = gstore.open(name, params or _bound_params(store, name))
+        seed, _ = gstore.open(name, params or _bound_params(gstore, store, name))
         try:
             yield seed
         finally:
@@ -67,13 +65,12 @@ def seed_input(store: Store, name: str, offset: int, count: int) -> SeedInput:
     return SeedInput(params, digest, offset, count, BlobInput(blob.digest, blob.size) if blob else None)
 
 
-def _bound_params(store: Any, name: str) -> GMemParams:
-    try:
-        doc = json.loads(store.backend.get(f"gmem/{name}/params.json"))
-    except NotFound:
+def _bound_params(gstore: GMemStore, store: Store, name: str) -> GMemParams:
+    params = gstore.bound_params(name)
+    if params is None:
         raise NotFound(f"gmem {name!r} does not exist in {store.describe()}",
-                       f"create it: memoplane gmem create {name} --seed N") from None
-    return GMemParams(doc["seed"], doc["dtype"], tuple(Layer(**x) for x in doc["layers"]))
+                       f"create it: memoplane gmem create {name} --seed N")
+    return params
 
 
 def _layer(text: str) -> Layer:

@@ -23,7 +23,7 @@ from ..cas import Store, open_store
 from ..cluster import protocol as p
 from ..cluster import seeds as sd
 from ..errors import InputError, MemoplaneError, NotFound
-from ..gmem import GMem, GMemParams
+from ..gmem import GMem, GMemParams, GMemStore
 from ..gmem.transfer import params_from_json, verified_overlay
 from .kube import GROUP, VERSION, api_call, current_namespace, custom_objects
 
@@ -103,14 +103,14 @@ def write(args: argparse.Namespace, addrs: list[int], values: list[Any]) -> int:
     obj = _get(api, namespace, args.name)
     params = _params(obj)
     data = sd.encode_batch(params, np.array(addrs, dtype=np.uint64), np.array(values))
-    name = sd.inbox_object(sd.store_name(obj["metadata"]["uid"]), time.time_ns(), secrets.token_hex(6))
     with _store(obj) as store:
-        store.backend.put(name, data)
+        gstore = GMemStore.of(store)
+        name = gstore.queue_batch(sd.store_name(obj["metadata"]["uid"]), data, time.time_ns(), secrets.token_hex(6))
         # A touch makes the operator look now (its resync would find the batch later anyway).
         api_call("annotate gmemseed", api.patch_namespaced_custom_object, GROUP, VERSION, namespace,
                  p.GMEMSEEDS, args.name, {"metadata": {"annotations": {sd.WRITE_ANNOTATION: name.rsplit("/", 1)[1]}}})
         deadline = time.monotonic() + args.timeout
-        while store.backend.exists(name):
+        while gstore.is_queued(name):
             if time.monotonic() > deadline:
                 raise MemoplaneError(f"the write is queued ({name}) but the operator has not applied it "
                                      f"within {args.timeout:g}s",

@@ -15,6 +15,7 @@ A local segment whose seq is already sealed (a crash after the put) is discarded
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 from collections.abc import Iterator
@@ -27,8 +28,9 @@ import numpy as np
 
 from ..canonical import canonical_json
 from ..cas.backend import Backend
+from ..cas.store import Store
 from ..errors import InputError, NotFound, StoreCorrupted
-from .engine import DTYPES, GMem, GMemParams, from_bits, to_bits
+from .engine import DTYPES, GMem, GMemParams, Layer, from_bits, to_bits
 from .log import DTYPE_CODES, LogHeader, OverlayLog, Replay, Sync, parse
 from .mixer import U64Array
 from .overlay import Overlay
@@ -39,8 +41,13 @@ SNAP_HEADER = struct.Struct("<8sHBBIQQ32s32s")
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,251}[a-z0-9])?$")
 
 
+def params_document(params: GMemParams) -> bytes:
+    """What a name's params.json holds for `params`: two documents differ iff the parameters do."""
+    return canonical_json({"mixer": MIXER_ID, **params.to_json()})
+
+
 def params_digest(params: GMemParams) -> bytes:
-    return blake3.blake3(canonical_json({"mixer": MIXER_ID, **params.to_json()})).digest()
+    return blake3.blake3(params_document(params)).digest()
 
 
 def _body(keys: U64Array, bits: U64Array) -> bytes:
@@ -156,13 +163,71 @@ class StoredGMem:
 
 
 class GMemStore:
-    """Named GMems over a Backend, with active log segments in `local_dir`."""
+    """Named GMems over a Backend, with active log segments in `local_dir`.
+
+    The only code that knows the store's gmem/ layout: per name, params.json (the
+    parameters the overlay was written for), sealed log segments and snapshots,
+    and an inbox of write batches queued for the writer (the operator) to apply."""
 
     def __init__(
-        self, backend: Backend, local_dir: Path | str, sync: Sync = "batch", segment_records: int = 1 << 22
+        self, backend: Backend, local_dir: Path | str | None, sync: Sync = "batch", segment_records: int = 1 << 22
     ) -> None:
-        self.backend, self.local_dir, self.sync = backend, Path(local_dir), sync
+        self.backend, self.sync = backend, sync
+        self.local_dir = Path(local_dir) if local_dir is not None else None
         self.segment_records = segment_records
+
+    @classmethod
+    def of(cls, store: Store, local_dir: Path | str | None = None) -> GMemStore:
+        """Over a Store's backend; `local_dir` (active segments) is needed to open() a name."""
+        return cls(store.backend, local_dir)
+
+    # -- parameters --------------------------------------------------------------
+
+    def bound_document(self, name: str) -> bytes | None:
+        """The params.json of `name` as stored, or None if it has none yet."""
+        try:
+            return self.backend.get(self._params_object(name))
+        except NotFound:
+            return None
+
+    def bound_params(self, name: str) -> GMemParams | None:
+        doc = self.bound_document(name)
+        if doc is None:
+            return None
+        data = json.loads(doc)
+        return GMemParams(data["seed"], data["dtype"], tuple(Layer(**x) for x in data["layers"]))
+
+    @staticmethod
+    def _params_object(name: str) -> str:
+        return f"gmem/{name}/params.json"
+
+    # -- the inbox of queued write batches ---------------------------------------------
+
+    @staticmethod
+    def _inbox_prefix(name: str) -> str:
+        return f"gmem/{name}/inbox/"
+
+    def queue_batch(self, name: str, data: bytes, time_ns: int, token: str) -> str:
+        """Queue a write batch for `name`'s writer; returns its object name (applied once gone)."""
+        obj = f"{self._inbox_prefix(name)}{time_ns:020d}-{token}"
+        self.backend.put(obj, data)
+        return obj
+
+    def queued(self, name: str) -> list[str]:
+        """The queued batches of `name`, oldest first."""
+        return sorted(info.name for info in self.backend.list(self._inbox_prefix(name)))
+
+    def is_queued(self, batch: str) -> bool:
+        return self.backend.exists(batch)
+
+    def read_batch(self, batch: str) -> bytes:
+        return self.backend.get(batch)
+
+    def unqueue(self, batch: str) -> None:
+        """Forget a batch once it is applied and sealed."""
+        self.backend.delete(batch)
+
+    # -- segments -------------------------------------------------------------------
 
     def sync_backend(self) -> None:
         """Make puts durable on backends that defer it (FilesystemBackend "flush")."""
@@ -175,12 +240,22 @@ class GMemStore:
 
     def objects(self, name: str) -> Iterator[tuple[str, int, str]]:
         """(kind, number, object name) of the name's logs and snapshots."""
+        for kind, n, obj, _size in self._segments(name):
+            yield kind, n, obj
+
+    def segment_sizes(self, name: str) -> list[tuple[str, int, int]]:
+        """(kind, number, size in bytes) of the name's logs and snapshots."""
+        return [(kind, n, size) for kind, n, _obj, size in self._segments(name)]
+
+    def _segments(self, name: str) -> Iterator[tuple[str, int, str, int]]:
         for info in self.backend.list(f"gmem/{name}/"):
             m = re.fullmatch(rf"gmem/{re.escape(name)}/(log|snapshot)-(\d{{16}})", info.name)
             if m:
-                yield m.group(1), int(m.group(2)), info.name
+                yield m.group(1), int(m.group(2)), info.name, info.size
 
     def active_path(self, name: str) -> Path:
+        if self.local_dir is None:
+            raise ValueError("this GMemStore has no local directory for active segments")
         return self.local_dir / name / "active.log"
 
     def new_active(self, name: str, params: GMemParams, seq: int) -> OverlayLog:
@@ -220,19 +295,20 @@ class GMemStore:
         return StoredGMem(self, name, params, overlay, version, active), report
 
     def drop(self, name: str) -> None:
-        """Forget a name: its objects in the store and its local active segment."""
+        """Forget a name: its queued batches, its objects in the store, its local active segment."""
+        for batch in self.queued(name):
+            self.unqueue(batch)
         for _kind, _n, obj in list(self.objects(name)):
             self.backend.delete(obj)
-        self.backend.delete(f"gmem/{name}/params.json")
-        self.active_path(name).unlink(missing_ok=True)
+        self.backend.delete(self._params_object(name))
+        if self.local_dir is not None:
+            self.active_path(name).unlink(missing_ok=True)
 
     def _bind(self, name: str, params: GMemParams) -> None:
-        doc = canonical_json({"mixer": MIXER_ID, **params.to_json()})
-        obj = f"gmem/{name}/params.json"
-        try:
-            stored = self.backend.get(obj)
-        except NotFound:
-            self.backend.put(obj, doc)
+        doc = params_document(params)
+        stored = self.bound_document(name)
+        if stored is None:
+            self.backend.put(self._params_object(name), doc)
             return
         if stored != doc:
             raise InputError(

@@ -20,7 +20,6 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from memoplane.canonical import canonical_json
 from memoplane.cas import Store
 from memoplane.cluster import protocol as p
 from memoplane.cluster import seeds as sd
@@ -30,7 +29,7 @@ from memoplane.errors import MemoplaneError, NotFound, StoreCorrupted
 from memoplane.gmem import GMemParams, GMemStore, StoredGMem
 from memoplane.gmem.engine import from_bits
 from memoplane.gmem.log import HEADER_SIZE, RECORD, parse
-from memoplane.gmem.persist import MIXER_ID, params_digest
+from memoplane.gmem.persist import params_digest, params_document
 from memoplane.gmem.transfer import overlay_npy
 from memoplane.leftovers import temp_prefix
 
@@ -115,8 +114,8 @@ class SeedReconciler:
                 self._write(obj, sd.stalled(status, generation, sd.REASON_PARAMS_CHANGED, opened, now),
                             sd.REASON_PARAMS_CHANGED)
                 return
-            name_in_store = sd.store_name(uid)
-            batches = sorted(i.name for i in store.backend.list(sd.inbox_prefix(name_in_store)))
+            gstore = GMemStore.of(store)
+            batches = gstore.queued(sd.store_name(uid))
             state = self._states.get((namespace, uid))
             if batches or state is None:
                 self._apply(obj, opened, params, store, batches)
@@ -128,7 +127,7 @@ class SeedReconciler:
                                                        f"{state.overlay_entries} overlay entries")
             self._write(obj, patch)
             for batch in batches:  # applied, sealed and visible in status: only now forgotten
-                store.backend.delete(batch)
+                gstore.unqueue(batch)
         except MemoplaneError as exc:
             # The store is down or damaged: forget what is open (reopened from the store next time).
             self._forget(namespace, uid)
@@ -142,13 +141,11 @@ class SeedReconciler:
                 return cached[1]
             self._forget(namespace, uid)
         name = sd.store_name(uid)
-        try:
-            bound = store.backend.get(f"gmem/{name}/params.json")
-        except NotFound:
-            bound = None
-        if bound is not None and bound != canonical_json({"mixer": MIXER_ID, **params.to_json()}):
+        gstore = GMemStore.of(store, f"{self.local_dir}/{namespace}")
+        bound = gstore.bound_document(name)
+        if bound is not None and bound != params_document(params):
             return sd.params_changed_message(bound.decode())
-        seed, report = GMemStore(store.backend, f"{self.local_dir}/{namespace}").open(name, params)
+        seed, report = gstore.open(name, params)
         if report.dropped_records:
             log.warning("gmemseed %s/%s: dropped %d records of a torn batch", namespace, uid, report.dropped_records)
         self._open[(namespace, uid)] = (params, seed)
@@ -160,7 +157,7 @@ class SeedReconciler:
         want = params_digest(params)
         for batch in batches:
             try:
-                replay = parse(store.backend.get(batch), batch)
+                replay = parse(GMemStore.of(store).read_batch(batch), batch)
                 if replay.dropped_bytes or replay.header.params_digest != want:
                     raise StoreCorrupted(f"{batch}: damaged, or written for other parameters", "write again")
             except NotFound:
@@ -213,16 +210,13 @@ class SeedReconciler:
         self._forget(namespace, uid)
         store = self.stores.get(*sd.location(namespace))
         name = sd.store_name(uid)
-        for info in list(store.backend.list(sd.inbox_prefix(name))):
-            store.backend.delete(info.name)
-        GMemStore(store.backend, f"{self.local_dir}/{namespace}").drop(name)
+        GMemStore.of(store, f"{self.local_dir}/{namespace}").drop(name)  # inbox, segments, params
         log.info("gmemseed %s/%s deleted: dropped gmem/%s", namespace, meta.get("name"), name)
 
 
 def _objects(seed: StoredGMem) -> list[tuple[str, int, int]]:
     """(kind, number, size) of the seed's logs and snapshots in the store."""
-    sizes = {i.name: i.size for i in seed.store.backend.list(f"gmem/{seed.name}/")}
-    return [(kind, n, sizes[obj]) for kind, n, obj in seed.store.objects(seed.name) if obj in sizes]
+    return seed.store.segment_sizes(seed.name)
 
 
 def register(registry: kopf.OperatorRegistry, seeds: SeedReconciler) -> None:

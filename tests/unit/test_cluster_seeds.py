@@ -19,7 +19,7 @@ from memoplane.cluster import protocol as p
 from memoplane.cluster import seeds as sd
 from memoplane.cluster.resolve import LookupError_, Resolved, Waiting, resolve
 from memoplane.cluster.stores import Stores, StoreSettings
-from memoplane.gmem import GMem, GMemParams, Layer, seed_digest
+from memoplane.gmem import GMem, GMemParams, GMemStore, Layer, seed_digest
 from memoplane.gmem.transfer import load_overlay
 from memoplane.jobs import BlobInput, Input, SeedInput
 
@@ -191,10 +191,8 @@ def operator(tmp_path: Path) -> Iterator[tuple[SeedReconciler, FakeKube, Stores]
 
 
 def put_batch(stores: Stores, params: GMemParams, addrs: list[int], values: list[float], n: int) -> str:
-    name = sd.inbox_object(sd.store_name(UID), n, "t")
-    stores.get(*sd.location("ml")).backend.put(name, sd.encode_batch(params, np.array(addrs, dtype=np.uint64),
-                                                                       np.array(values)))
-    return name
+    data = sd.encode_batch(params, np.array(addrs, dtype=np.uint64), np.array(values))
+    return GMemStore.of(stores.get(*sd.location("ml"))).queue_batch(sd.store_name(UID), data, n, "t")
 
 
 def status(kube: FakeKube) -> dict[str, Any]:
