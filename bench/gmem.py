@@ -198,6 +198,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes (~20 s)")
     quick = ap.parse_args().quick
+    t0 = time.perf_counter()
     print("single-threaded; best of 3 interleaved runs; numpy", np.__version__)
     metrics: dict[str, dict[str, float | str]] = {}
     metrics |= contiguous(n=(1 << 22) if quick else (1 << 25), py_n=20_000 if quick else 100_000)
@@ -205,10 +206,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gmem-bench-") as d:
         metrics |= log_append(Path(d), records=(1 << 20) if quick else (1 << 23), batch=1 << 16)
         metrics |= log_replay(Path(d), records=1_000_000 if quick else 10_000_000, py_records=1_000_000)
-    emit("gmem", metrics)
+    print(f"# {time.perf_counter() - t0:.0f} s", flush=True)
+    emit("gmem", metrics)  # the last line
 
 
 if __name__ == "__main__":
-    t0 = time.perf_counter()
     main()
-    print(f"# {time.perf_counter() - t0:.0f} s", file=sys.stderr)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shlex
+import site
 import subprocess
 import sys
 import tomllib
@@ -205,11 +207,24 @@ def test_chart_image_defaults_to_the_package_version() -> None:
     assert chart["appVersion"] == PYPROJECT["project"]["version"]
 
 
+def _see_this_environments_packages(python: Path) -> None:
+    """Put this environment's site-packages (where the dependencies are) after the venv's own.
+
+    Not system_site_packages: that is the base interpreter's, which lacks them when this
+    test itself runs in a virtualenv. Plain path lines, so their .pth files (an editable
+    install of memoplane among them) are not run: memoplane can only come from the wheel.
+    """
+    dirs = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    venv_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                               capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    Path(venv_site, "this-environments-packages.pth").write_text("\n".join(d for d in dirs if Path(d).is_dir()))
+
+
 @pytest.mark.timeout(600)
 def test_wheel_installs_and_runs_like_in_the_image(tmp_path: Path) -> None:
     """pip wheel the checkout, install the wheel (not editable) into a fresh venv, run it.
 
-    The venv sees this interpreter's site-packages for the dependencies (no network), but
+    The venv sees this environment's site-packages for the dependencies (no network), but
     the memoplane packages must come from the wheel: the test checks where they load from.
     """
     from importlib.metadata import PackageNotFoundError, version
@@ -229,15 +244,21 @@ def test_wheel_installs_and_runs_like_in_the_image(tmp_path: Path) -> None:
     assert build.returncode == 0, build.stdout + build.stderr
     (wheel,) = wheels.glob("memoplane-*.whl")
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False, symlinks=True).create(env_dir)
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(env_dir)
     py = env_dir / "bin" / "python"
+    # No PYTHONPATH in the venv's processes: one naming the checkout would load memoplane from it, and
+    # show pip the checkout's memoplane.egg-info as memoplane already installed (pip then keeps it).
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
     inst = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps",
-                           "--no-index", str(wheel)], capture_output=True, text=True, timeout=300)
+                           "--no-index", str(wheel)], capture_output=True, text=True, timeout=300, env=env)
     assert inst.returncode == 0, inst.stdout + inst.stderr
+    # Only now: had pip seen this environment's memoplane, it would have kept it, not installed the wheel.
+    _see_this_environments_packages(py)
     probe = ("import json, memoplane, memoplane_operator, memoplane_agent, memoplane.sandbox.seccomp_filter;"
              "print(json.dumps([m.__file__ for m in (memoplane, memoplane_operator, memoplane_agent)]))")
     # -I: isolated, so neither the checkout (cwd) nor an editable install's path hooks leak in.
-    out = subprocess.run([str(py), "-I", "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    out = subprocess.run([str(py), "-I", "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env=env)
     assert out.returncode == 0, out.stderr
     for path in json.loads(out.stdout):
         assert str(env_dir) in path, f"{path} was not loaded from the installed wheel"
@@ -245,8 +266,8 @@ def test_wheel_installs_and_runs_like_in_the_image(tmp_path: Path) -> None:
                          ("memoplane-agent", ["--help"])):
         exe = env_dir / "bin" / script
         assert exe.is_file(), f"the wheel installed no {script} script"
-        run = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        run = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
         assert run.returncode == 0, f"{script} {args}: {run.stderr}"
     shown = subprocess.run([str(env_dir / "bin" / "memoplane"), "--version"], capture_output=True, text=True,
-                           timeout=60, cwd=tmp_path).stdout
+                           timeout=60, cwd=tmp_path, env=env).stdout
     assert PYPROJECT["project"]["version"] in shown
