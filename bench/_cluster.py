@@ -26,7 +26,7 @@ from typing import Any
 
 from kubernetes import watch
 
-from memoplane.api.manifests import computejob_manifest
+from memoplane.api.specs import computejob_manifest
 from memoplane.cluster import protocol as p
 from memoplane.cluster.kube import Kube, load_config
 from memoplane.testing import cluster, processes

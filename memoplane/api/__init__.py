@@ -18,7 +18,8 @@ from .computejob import (
     short_key,
 )
 from .gmemseed import GMemSeed, GMemSeedSpec, GMemSeedStatus
-from .manifests import (
+from .resultcache import ResultCache, ResultCacheSpec, ResultCacheStatus
+from .specs import (
     SpecError,
     computejob_manifest,
     gmemseed_manifest,
@@ -28,7 +29,6 @@ from .manifests import (
     parse_resultcache,
     resultcache_manifest,
 )
-from .resultcache import ResultCache, ResultCacheSpec, ResultCacheStatus
 
 __all__ = [
     "API_VERSION",

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from ..api.computejob import ComputeJob, SeedRef
 from ..api.computejob import Input as SpecInput
-from ..api.manifests import SpecError, parse_computejob
+from ..api.specs import SpecError, parse_computejob
 from ..canonical import json_depth_exceeds, too_deep
 from ..jobs import BlobInput, CommandCode, Input, Job, JsonInput, PythonCode, SeedInput
 from ..quantity import parse_quantity

@@ -31,7 +31,7 @@ from datetime import datetime
 from typing import Any
 
 from ..api.conditions import is_true, mark_ready, mark_reconciling, mark_stalled
-from ..api.manifests import SpecError, parse_gmemseed
+from ..api.specs import SpecError, parse_gmemseed
 from ..errors import InputError
 from ..gmem import GMem, GMemParams, Layer
 from ..gmem.log import LogHeader, encode_records

@@ -28,7 +28,7 @@ from memoplane.cluster.views import job
 from memoplane.settings import OperatorSettings
 
 from .caches import ResultCaches
-from .manifests import Manifests
+from .job_manifests import JobManifests
 
 
 class Conflict(Exception):
@@ -61,7 +61,7 @@ class Context:
     kube: Kube
     stores: Stores
     caches: ResultCaches
-    manifests: Manifests
+    manifests: JobManifests
     metrics: OperatorMetrics
     index: JobIndex
     lock: threading.Condition     # guards `index` (the work queue's)

@@ -47,7 +47,7 @@ from .admission import admit, check_node
 from .caches import LANE as CACHE_LANE
 from .caches import ResultCaches
 from .context import Conflict, Context, Pass
-from .manifests import Manifests
+from .job_manifests import JobManifests
 from .resolution import Admissible, resolve_job
 from .workqueue import Lane, WorkQueue
 
@@ -73,7 +73,7 @@ class Reconciler:
                               max(60.0, 10 * settings.resync_seconds), log)
         self._cond = self.work.cond
         self.caches = ResultCaches(kube, stores, self.work, self.watched)
-        self.ctx = Context(settings, kube, stores, self.caches, Manifests(), self.metrics, self.index, self._cond)
+        self.ctx = Context(settings, kube, stores, self.caches, JobManifests(), self.metrics, self.index, self._cond)
         # never: each periodic task is due at once, however long ago the monotonic clock started
         self._last_full = float("-inf")
         self._last_leases = float("-inf")

@@ -15,7 +15,7 @@ import pytest
 
 from memoplane.api import crd, examples
 from memoplane.api.conditions import mark_ready
-from memoplane.api.manifests import (
+from memoplane.api.specs import (
     computejob_manifest,
     gmemseed_manifest,
     resultcache_manifest,

@@ -18,8 +18,8 @@ from openapi_schema_validator import OAS30Validator
 from memoplane.api import crd, examples
 from memoplane.api.computejob import COMPUTEJOB, ComputeJobSpec
 from memoplane.api.gmemseed import GMEMSEED, GMemSeedSpec
-from memoplane.api.manifests import SpecError, parse
 from memoplane.api.resultcache import RESULTCACHE, ResultCacheSpec
+from memoplane.api.specs import SpecError, parse
 from memoplane.inputs import ENV_NAME_FIX
 
 SOURCES = "set exactly one of value, fromJob, fromSeed, fromObject, fromConfigMap"

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from memoplane.api.manifests import parse_computejob
+from memoplane.api.specs import parse_computejob
 from memoplane.cluster import protocol as p
 from memoplane.cluster.resolve import Failed, LookupError_, Resolved, Waiting, find_cycle, limits_of, resolve
 from memoplane.jobs import BlobInput, CommandCode, Input, JsonInput, PythonCode

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from memoplane.api.manifests import computejob_manifest
+from memoplane.api.specs import computejob_manifest
 
 pytestmark = pytest.mark.integration
 Stack = Any  # conftest.Stack (fixture `stack`)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from memoplane.api.manifests import computejob_manifest
+from memoplane.api.specs import computejob_manifest
 from memoplane.cluster import mapping as mp
 from memoplane.cluster import protocol as p
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from memoplane.api.conditions import get_condition, kstatus
-from memoplane.api.manifests import computejob_manifest
+from memoplane.api.specs import computejob_manifest
 from memoplane.cas.digests import object_name
 from memoplane.cluster import protocol as p
 

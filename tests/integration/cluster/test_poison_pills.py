@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from memoplane.api.manifests import computejob_manifest
+from memoplane.api.specs import computejob_manifest
 from memoplane.cluster import protocol as p
 from memoplane.testing import cluster, processes
 

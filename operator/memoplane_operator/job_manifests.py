@@ -21,7 +21,7 @@ def digest_of(obj: Mapping[str, Any]) -> str:
     return str(((obj.get("metadata") or {}).get("annotations") or {})[p.JOB_DIGEST_ANNOTATION])
 
 
-class Manifests:
+class JobManifests:
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}       # job manifest digest -> Job
         self._put_at: dict[str, float] = {}   # job manifest digest -> when this process last put it
