@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import blake3
-
 from .cas import Hit, ResultManifest, Store
 from .errors import JobFailed, NotFound, StoreCorrupted
 from .execute import Execution, SandboxRunner, execute
@@ -143,18 +141,15 @@ class RunHistory:
     entrypoint, or a command), kept in the store so `explain` works across runs."""
 
     def __init__(self, store: Store) -> None:
-        self.backend = store.backend
-
-    @staticmethod
-    def _name(identity: str) -> str:
-        return "runs/" + blake3.blake3(identity.encode()).hexdigest()
+        self.store = store
 
     def previous(self, identity: str) -> dict[str, Any] | None:
+        raw = self.store.last_run(identity)
         try:
-            record = json.loads(self.backend.get(self._name(identity)))
-        except (NotFound, ValueError):
+            record = json.loads(raw) if raw is not None else None
+        except ValueError:
             return None
-        components = record.get("components")
+        components = record.get("components") if isinstance(record, dict) else None
         return components if isinstance(components, dict) else None
 
     def record(self, identity: str, key: str, components: dict[str, Any]) -> None:
@@ -169,4 +164,4 @@ class RunHistory:
         self._put(identity, record)
 
     def _put(self, identity: str, record: dict[str, Any]) -> None:
-        self.backend.put(self._name(identity), json.dumps(record, sort_keys=True).encode())
+        self.store.set_last_run(identity, json.dumps(record, sort_keys=True).encode())

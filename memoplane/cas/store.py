@@ -228,6 +228,18 @@ class Store:
         return StoreCorrupted(f"{name} in {self.describe()} is damaged: {reason}; it was quarantined",
                               "the result will be recomputed; run `memoplane verify` to check the rest")
 
+    # -- the last run of each job identity (embedded mode's `explain`) ------------------
+
+    def last_run(self, identity: str) -> bytes | None:
+        """The record set_last_run kept for `identity` (a script and entrypoint, or a command)."""
+        try:
+            return self.backend.get(_last_run_name(identity))
+        except NotFound:
+            return None
+
+    def set_last_run(self, identity: str, record: bytes) -> None:
+        self.backend.put(_last_run_name(identity), record)
+
     # -- trees -----------------------------------------------------------------
 
     def put_tree(self, root: str | os.PathLike[str]) -> BlobRef:
@@ -457,6 +469,10 @@ def _decode_json_value(data: bytes, digest: str) -> Any:
         pass
     raise StoreCorrupted(f"the JSON value in blob {digest} is not JSON memoplane writes (bad or nested too deep)",
                          "recompute the result (memoplane run --policy Refresh)")
+
+
+def _last_run_name(identity: str) -> str:
+    return "runs/" + blake3.blake3(identity.encode()).hexdigest()
 
 
 def _sealed(data: bytes, parse: Callable[[dict[str, Any]], T]) -> T:
