@@ -56,11 +56,9 @@ def decode_value(header: dict[str, Any], payload: bytes, read_file: Callable[[],
     if kind == "json":
         try:
             value = json.loads(payload)
-        except RecursionError:
-            value = None
-            deep = True
-        else:
             deep = json_depth_exceeds(value)
+        except RecursionError:  # deeper than the decoder itself can go
+            deep = True
         if deep:
             raise Refused(Failure("unserializable", f"the return value nests lists/objects more than "
                                   f"{MAX_JSON_DEPTH} levels deep — return flatter data"))
