@@ -238,6 +238,8 @@ class ResultRef(StatusModel):
     digest: Digest | None = None
     size: int | None = Field(default=None, ge=0)
     value: JsonValue = Field(default=None, description="Small JSON results, inline.")
+    store: str | None = Field(default=None, max_length=2048,
+                              description="The store that holds it: s3://<bucket>/<prefix> of the ResultCache.")
 
 
 class Failure(StatusModel):

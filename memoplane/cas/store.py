@@ -21,6 +21,7 @@ import os
 import stat
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -73,6 +74,9 @@ class Hit:
     result: ResultManifest
 
 
+HIT_RESULTS_KEPT = 1024  # verified result manifests get_ref keeps in memory (small: a tree or a big value is a blob)
+
+
 class Store:
     """A content-addressed store. Thread-safe; one per process is plenty."""
 
@@ -82,6 +86,10 @@ class Store:
         self.signer = signer
         self.params = params or ChunkParams()
         self._pools = Pools(workers or os.cpu_count() or 2)
+        # Result manifests read by get_ref, by digest: content-addressed, so a verified copy
+        # stays true; the ref and the presence of every chunk are still read for each hit.
+        self._hit_results: OrderedDict[str, ResultManifest] = OrderedDict()
+        self._hit_results_lock = threading.Lock()
 
     def close(self) -> None:
         self._pools.close()
@@ -392,7 +400,7 @@ class Store:
         if digest is None:
             return None
         try:
-            result = self.get_result(digest)
+            result = self._hit_result(digest)
             if result.key != key:
                 raise StoreCorrupted(f"result {digest} answers key {result.key}, not {key}")
             self._check_complete(result, deep)
@@ -404,6 +412,19 @@ class Store:
             self._quarantine_ref(key, digest)
             return None
         return Hit(key, digest, result)
+
+    def _hit_result(self, digest: str) -> ResultManifest:
+        with self._hit_results_lock:
+            result = self._hit_results.get(digest)
+            if result is not None:
+                self._hit_results.move_to_end(digest)
+                return result
+        result = self.get_result(digest)
+        with self._hit_results_lock:
+            self._hit_results[digest] = result
+            while len(self._hit_results) > HIT_RESULTS_KEPT:
+                self._hit_results.popitem(last=False)
+        return result
 
     def _quarantine_ref(self, key: str, digest: str) -> None:
         name = ref_name(key)

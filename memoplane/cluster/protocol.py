@@ -58,9 +58,12 @@ def key_label(cache_key: str) -> str:
 # (s3://bucket/prefix). Metadata rather than status because the status schema is the
 # user-facing contract; the agent checks the manifest against status.cacheKey (written by
 # controllers only), so an edited annotation can make it run nothing but an honest job.
+# A job served from the cache when it is resolved has no assignment (one of an earlier
+# generation is removed): status.result.store says where its result is.
 JOB_DIGEST_ANNOTATION = f"{GROUP}/job-digest"
 JOB_GENERATION_ANNOTATION = f"{GROUP}/job-generation"
 STORE_ANNOTATION = f"{GROUP}/store"
+ASSIGNMENT_ANNOTATIONS = (JOB_DIGEST_ANNOTATION, JOB_GENERATION_ANNOTATION, STORE_ANNOTATION)
 
 # Components named in Events and status.
 OPERATOR_COMPONENT = "memoplane-operator"

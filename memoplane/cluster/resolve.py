@@ -172,7 +172,7 @@ def resolve_input(item: SpecInput, name: str, lookups: Lookups, created: datetim
         digest = status.result_digest
         if current and phase == p.SUCCEEDED and digest:
             try:
-                result = lookups.result_input(digest, job(obj).assigned.store_url)
+                result = lookups.result_input(digest, job(obj).result_store_url)
             except LookupError_ as exc:
                 return Failed(exc.reason, f"{label}: result of ComputeJob '{upstream}': {exc.message}")
             if isinstance(result, JsonInput) and json_depth_exceeds(result.value):

@@ -45,10 +45,11 @@ def tail(text: str, limit: int = STDERR_TAIL_CHARS) -> str:
     return text if len(text) <= limit else "…" + text[-(limit - 1):]
 
 
-def result_ref(digest: str, result: ResultManifest) -> dict[str, Any]:
+def result_ref(digest: str, result: ResultManifest, store: str) -> dict[str, Any]:
     """status.result: the result manifest's digest, its logical size (value, output files,
-    stdout and stderr) and the value itself when it is small JSON (inline in the manifest)."""
-    ref: dict[str, Any] = {"digest": digest, "size": result.logical_size}
+    stdout and stderr), the store that holds it (s3://bucket/prefix) and the value itself
+    when it is small JSON (inline in the manifest)."""
+    ref: dict[str, Any] = {"digest": digest, "size": result.logical_size, "store": store}
     if result.value.kind == "json" and result.value.blob is None:
         ref["value"] = result.value.inline
     return ref
@@ -108,13 +109,13 @@ def failed(status: Mapping[str, Any], generation: int, reason: str, message: str
     return patch
 
 
-def cache_hit(status: Mapping[str, Any], generation: int, digest: str, result: ResultManifest,
+def cache_hit(status: Mapping[str, Any], generation: int, digest: str, result: ResultManifest, store: str,
               duration_ms: int, now: datetime, node: str | None = None) -> Patch:
     saved = float(result.provenance.duration_s)
     message = f"served from the cache (computed on {result.provenance.node}, saved {saved:.2f}s)"
     return {
         "phase": p.SUCCEEDED, "reason": p.REASON_CACHE_HIT, "message": message,
-        "cached": True, "result": result_ref(digest, result), "node": node,
+        "cached": True, "result": result_ref(digest, result, store), "node": node,
         "durationMs": duration_ms, "duration": format_duration(duration_ms),
         "computeSecondsSaved": saved, "completionTime": rfc3339(now), "failure": None,
         "conditions": mark_ready(_conds(status), p.REASON_CACHE_HIT, message, generation, now),
@@ -123,10 +124,10 @@ def cache_hit(status: Mapping[str, Any], generation: int, digest: str, result: R
 
 
 def resolved_hit(status: Mapping[str, Any], generation: int, key: str, input_digests: Mapping[str, str],
-                 digest: str, result: ResultManifest, duration_ms: int, now: datetime) -> Patch:
+                 digest: str, result: ResultManifest, store: str, duration_ms: int, now: datetime) -> Patch:
     """A generation resolved to a key already in the cache: resolved and served in one write."""
     first = resolved(status, generation, key, input_digests, now)
-    return {**first, **cache_hit({"conditions": first["conditions"]}, generation, digest, result, duration_ms, now)}
+    return {**first, **cache_hit({"conditions": first["conditions"]}, generation, digest, result, store, duration_ms, now)}
 
 
 def scheduled(status: Mapping[str, Any], generation: int, node: str, attempts: int, now: datetime,
@@ -151,11 +152,11 @@ def running(status: Mapping[str, Any], generation: int, node: str, now: datetime
 
 
 def succeeded(status: Mapping[str, Any], generation: int, node: str, digest: str, result: ResultManifest,
-              duration_ms: int, now: datetime) -> Patch:
+              store: str, duration_ms: int, now: datetime) -> Patch:
     message = f"computed on node {node} in {format_duration(duration_ms)}"
     return {
         "phase": p.SUCCEEDED, "reason": p.REASON_COMPUTED, "message": message,
-        "cached": False, "node": node, "result": result_ref(digest, result),
+        "cached": False, "node": node, "result": result_ref(digest, result, store),
         "durationMs": duration_ms, "duration": format_duration(duration_ms),
         "computeSecondsSaved": 0.0, "completionTime": rfc3339(now), "failure": None,
         "conditions": mark_ready(_conds(status), p.REASON_COMPUTED, message, generation, now),
@@ -199,14 +200,14 @@ def map_progress(status: Mapping[str, Any], generation: int, counts: Mapping[str
 
 
 def map_succeeded(status: Mapping[str, Any], generation: int, key: str, digest: str, result: ResultManifest,
-                  counts: Mapping[str, int], seconds_saved: float, now: datetime) -> Patch:
+                  store: str, counts: Mapping[str, int], seconds_saved: float, now: datetime) -> Patch:
     """Every sub-task succeeded: the result is their values in element order."""
     total, cached = counts.get("total", 0), counts.get("cached", 0)
     message = f"{total} sub-tasks succeeded ({cached} from the cache)"
     return {
         "phase": p.SUCCEEDED, "reason": p.REASON_COMPUTED, "message": message, "map": dict(counts),
         "cacheKey": key, "shortKey": short_key(key), "cached": total > 0 and cached == total,
-        "result": result_ref(digest, result), "node": None, "durationMs": None, "duration": None,
+        "result": result_ref(digest, result, store), "node": None, "durationMs": None, "duration": None,
         "computeSecondsSaved": round(seconds_saved, 3), "completionTime": rfc3339(now), "failure": None,
         "conditions": mark_ready(_conds(status), p.REASON_COMPUTED, message, generation, now),
         "observedGeneration": generation,

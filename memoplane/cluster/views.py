@@ -220,6 +220,12 @@ class Assigned:
         return str(url) if url else None
 
     @property
+    def present(self) -> bool:
+        """Anything of an assignment is written (a label or an annotation)."""
+        return any(name in self.meta.labels for name in (p.NODE_LABEL, p.KEY_LABEL)) or \
+            any(name in self.meta.annotations for name in p.ASSIGNMENT_ANNOTATIONS)
+
+    @property
     def generation(self) -> str | None:
         generation = self.meta.annotations.get(p.JOB_GENERATION_ANNOTATION)
         return None if generation is None else str(generation)
@@ -250,6 +256,13 @@ class JobView:
     @property
     def ref(self) -> Ref:
         return ref_of(self.body)
+
+    @property
+    def result_store_url(self) -> str | None:
+        """The store holding status.result: status.result.store (the assignment's, for a
+        result written before the status named its store)."""
+        url = self.status.result.get("store")
+        return str(url) if url else self.assigned.store_url
 
     @property
     def resolved_for_current_generation(self) -> bool:

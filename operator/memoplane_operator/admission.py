@@ -39,7 +39,7 @@ def admit(ctx: Context, obj: dict[str, Any], carried: Admissible | None = None) 
     memo = ctx.memo
     if decide.looks_up(view.spec.policy, missed or bool(memo and (url, key) in memo.misses)):
         # A stored result is served whoever else computes the key: no flight to consult.
-        if _serve(ctx, obj, store, key):
+        if _serve(ctx, obj, store, url, key):
             return
         if memo:
             memo.misses.add((url, key))
@@ -58,13 +58,13 @@ def admit(ctx: Context, obj: dict[str, Any], carried: Admissible | None = None) 
         _schedule(ctx, obj, decision, store, resolved)
 
 
-def _serve(ctx: Context, obj: Mapping[str, Any], store: Store, key: str) -> bool:
+def _serve(ctx: Context, obj: Mapping[str, Any], store: Store, url: str, key: str) -> bool:
     hit, ms = look_up(store, key)
     if hit is None:
         return False
     view = job(obj)
-    done = ctx.patch(obj, st.cache_hit(view.status.raw, view.meta.generation, hit.digest, hit.result, ms,
-                                       datetime.now(UTC)))
+    done = ctx.patch(obj, st.cache_hit(view.status.raw, view.meta.generation, hit.digest, hit.result, url,
+                                       ms, datetime.now(UTC)))
     served(ctx, done, hit)
     return True
 

@@ -66,7 +66,7 @@ def reconcile_map(ctx: Context, obj: dict[str, Any]) -> None:
     if isinstance(found, decide.Wait):
         ctx.wait(obj, found)
         return
-    store, _url = found
+    store, url = found
     items = elements(ctx, obj, store)
     if not isinstance(items, list):
         decision = decide.after_resolution(obj, items)
@@ -94,7 +94,7 @@ def reconcile_map(ctx: Context, obj: dict[str, Any]) -> None:
         if step.write:
             ctx.patch(obj, st.map_progress(view.status.raw, view.meta.generation, prog.counts(), datetime.now(UTC)))
     else:
-        finish(ctx, obj, store, items, children, prog)
+        finish(ctx, obj, store, url, items, children, prog)
 
 
 def _apply_plan(ctx: Context, obj: Mapping[str, Any], todo: mp.Plan, children: dict[str, dict[str, Any]]) -> None:
@@ -122,13 +122,14 @@ def _apply_plan(ctx: Context, obj: Mapping[str, Any], todo: mp.Plan, children: d
         children.pop(gone, None)
 
 
-def _value(ctx: Context, child: Mapping[str, Any]) -> Any:
-    """A child's JSON value: inline in its status, else read (verified) from its store."""
+def _value(ctx: Context, child: Mapping[str, Any], url: str) -> Any:
+    """A child's JSON value: inline in its status, else read (verified) from its store
+    (the parent's, `url`, unless its status names another)."""
     view = job(child)
     result = view.status.result
     if "value" in result:
         return result["value"]
-    store = ctx.stores.by_url(str(view.assigned.store_url))
+    store = ctx.stores.by_url(view.result_store_url or url)
     manifest = store.get_result(str(result["digest"]))
     if manifest.value.kind != "json":
         raise resolve.LookupError_(p.REASON_INVALID, f"ComputeJob '{view.meta.name}' returned "
@@ -136,14 +137,14 @@ def _value(ctx: Context, child: Mapping[str, Any]) -> Any:
     return store.load_value(manifest.value)
 
 
-def finish(ctx: Context, obj: dict[str, Any], store: Store, items: list[Any],
+def finish(ctx: Context, obj: dict[str, Any], store: Store, url: str, items: list[Any],
            children: Mapping[str, Mapping[str, Any]], prog: mp.Progress) -> None:
     """Every element succeeded: store the values in element order under the map key."""
     view = job(obj)
     namespace, name = view.ref
     names = [mp.child_name(name, e) for e in items]
     try:
-        values = [_value(ctx, children[n]) for n in names]
+        values = [_value(ctx, children[n], url) for n in names]
     except resolve.LookupError_ as exc:
         ctx.fail(obj, decide.Fail(exc.reason, exc.message, {"map": prog.counts()}))
         return
@@ -162,7 +163,7 @@ def finish(ctx: Context, obj: dict[str, Any], store: Store, items: list[Any],
     digest = store.put_result(result)
     store.set_ref(key, digest)  # the list is a live result: GC keeps it, `memoplane result` finds it
     saved = sum(job(children[n]).status.compute_seconds_saved for n in dict.fromkeys(names))
-    done = ctx.patch(obj, st.map_succeeded(view.status.raw, view.meta.generation, key, digest, result, prog.counts(),
+    done = ctx.patch(obj, st.map_succeeded(view.status.raw, view.meta.generation, key, digest, result, url, prog.counts(),
                                            saved, datetime.now(UTC)))
     ctx.metrics.jobs.labels("computed").inc()
     ctx.event(done, p.REASON_COMPUTED, f"{prog.total} sub-tasks succeeded ({prog.cached} from the cache), "

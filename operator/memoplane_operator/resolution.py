@@ -1,6 +1,7 @@
 """Resolving a ComputeJob's current generation: its store, its inputs, its cache key
 (memoplane.cluster.resolve decides), the job manifest, and the assignment's metadata.
-A cache hit is served in the same pass: key, lookup, one metadata patch, one status patch.
+A cache hit is served in the same pass: key, lookup, one status write (and one metadata
+patch first only when an earlier generation's assignment is to be removed).
 A miss is handed to admission in memory (`Admissible`): its key is not looked up again.
 """
 
@@ -77,8 +78,13 @@ def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, store: 
     ctx.manifests.remember(digest, job_)
     looked_up = decide.looks_up(view.spec.policy, missed=False)
     hit, ms = look_up(store, job_.key) if looked_up else (None, 0)
-    if hit is None:  # it goes to a node: the agent loads the manifest from the store
-        ctx.manifests.put(store, manifest)
+    status = view.status.raw
+    if hit is not None:  # one status write; the result's store is in status.result
+        done = ctx.patch(_unassigned(ctx, obj), st.resolved_hit(status, generation, job_.key, outcome.input_digests,
+                                                                hit.digest, hit.result, url, ms, now))
+        served(ctx, done, hit)
+        return None
+    ctx.manifests.put(store, manifest)  # it goes to a node: the agent loads the manifest from the store
     # The assignment's metadata in one patch, then the status: a crash between them
     # leaves a job whose status is of an older generation, which the next pass resolves
     # again (same digest, same key); the node label is removed, so no agent acts on it.
@@ -86,12 +92,15 @@ def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, store: 
         obj, labels={p.KEY_LABEL: p.key_label(job_.key), p.NODE_LABEL: None},
         annotations={p.JOB_DIGEST_ANNOTATION: digest, p.STORE_ANNOTATION: url,
                      p.JOB_GENERATION_ANNOTATION: str(generation)})
-    status = view.status.raw
-    if hit is not None:
-        done = ctx.patch(updated, st.resolved_hit(status, generation, job_.key, outcome.input_digests,
-                                                  hit.digest, hit.result, ms, now))
-        served(ctx, done, hit)
-        return None
     updated = ctx.patch(updated, st.resolved(status, generation, job_.key, outcome.input_digests, now))
     ctx.event(updated, p.REASON_RESOLVED, f"cache key {job_.key[:15]}… (generation {generation})")
     return Admissible(updated, job_, store, url, missed=looked_up)
+
+
+def _unassigned(ctx: Context, obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj` with no assignment of an earlier generation left (a served job has none): a job
+    that never went to a node is returned as it is, with no write."""
+    if not job(obj).assigned.present:
+        return obj
+    return ctx.patch_meta(obj, labels={p.KEY_LABEL: None, p.NODE_LABEL: None},
+                          annotations={name: None for name in p.ASSIGNMENT_ANNOTATIONS})

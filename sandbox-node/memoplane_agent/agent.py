@@ -271,7 +271,7 @@ class Agent:
         if hit is None:
             return False
         ms = int((time.monotonic() - started) * 1000)
-        self._report(obj, a, lambda s: st.cache_hit(s, a.generation, hit.digest, hit.result, ms,
+        self._report(obj, a, lambda s: st.cache_hit(s, a.generation, hit.digest, hit.result, a.store, ms,
                                                     datetime.now(UTC), node=self.cfg.node))
         self.metrics.cache_hits.inc()
         self.kube.event(obj, p.REASON_CACHE_HIT, f"result {hit.digest[:15]} was already stored",
@@ -300,7 +300,7 @@ class Agent:
         self.metrics.bytes_stored.inc(execution.result.logical_size)
         ms = int(execution.outcome.duration_s * 1000)
         result, digest = execution.result, execution.digest
-        done = self._report(obj, a, lambda s: st.succeeded(s, a.generation, node, digest, result, ms,
+        done = self._report(obj, a, lambda s: st.succeeded(s, a.generation, node, digest, result, a.store, ms,
                                                            datetime.now(UTC)))
         self.kube.event(done, p.REASON_COMPUTED, f"computed on {node} in {ms} ms, result {digest[:15]}",
                         component=p.AGENT_COMPONENT, host=node)

@@ -11,6 +11,7 @@ from memoplane.cluster import status as st
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 KEY = "b3:" + "aa" * 32
 DIGEST = "b3:" + "bb" * 32
+STORE = "s3://memoplane/team-a"
 EMPTY = BlobRef("b3:" + "cc" * 32, 0)
 
 
@@ -37,20 +38,20 @@ def test_lifecycle_to_succeeded_is_current() -> None:
     assert (s["phase"], s["attempts"]) == ("Scheduled", 1)
     s = apply(s, st.running(s, 1, "node-a", T0))
     assert s["node"] == "node-a" and s["startTime"] == "2026-01-02T03:04:05Z"
-    s = apply(s, st.succeeded(s, 1, "node-a", DIGEST, result(), 2500, T0 + timedelta(seconds=3)))
+    s = apply(s, st.succeeded(s, 1, "node-a", DIGEST, result(), STORE, 2500, T0 + timedelta(seconds=3)))
     assert s["phase"] == "Succeeded" and s["cached"] is False
-    assert s["result"] == {"digest": DIGEST, "size": len(b'{"total":60}'), "value": {"total": 60}}
+    assert s["result"] == {"digest": DIGEST, "size": len(b'{"total":60}'), "store": STORE, "value": {"total": 60}}
     assert s["duration"] == "2.5s"
     assert kstatus(1, 1, s["conditions"]) == "Current"
     assert get_condition(s["conditions"], "Reconciling") is None
 
 
 def test_cache_hit_reports_seconds_saved_and_no_inline_for_blobs() -> None:
-    s = apply({}, st.cache_hit({}, 3, DIGEST, result(), 4, T0))
+    s = apply({}, st.cache_hit({}, 3, DIGEST, result(), STORE, 4, T0))
     assert s["cached"] is True and s["computeSecondsSaved"] == 2.5 and s["observedGeneration"] == 3
     assert get_condition(s["conditions"], "Ready")["reason"] == "CacheHit"
-    big = apply({}, st.cache_hit({}, 1, DIGEST, result(blob=BlobRef("b3:" + "ee" * 32, 99999)), 4, T0))
-    assert big["result"] == {"digest": DIGEST, "size": 99999}
+    big = apply({}, st.cache_hit({}, 1, DIGEST, result(blob=BlobRef("b3:" + "ee" * 32, 99999)), STORE, 4, T0))
+    assert big["result"] == {"digest": DIGEST, "size": 99999, "store": STORE}
 
 
 def test_failed_is_stalled_with_stderr_tail() -> None:
@@ -61,7 +62,7 @@ def test_failed_is_stalled_with_stderr_tail() -> None:
 
 
 def test_a_new_generation_clears_the_old_outcome() -> None:
-    s = apply({}, st.succeeded({}, 1, "node-a", DIGEST, result(), 10, T0))
+    s = apply({}, st.succeeded({}, 1, "node-a", DIGEST, result(), STORE, 10, T0))
     s = apply(s, st.resolved(s, 2, KEY, {}, T0))
     for gone in ("result", "cached", "node", "completionTime", "durationMs"):
         assert gone not in s
@@ -81,8 +82,8 @@ def test_sandbox_reasons_become_condition_reasons() -> None:
 
 
 def test_resolved_hit_is_one_write_that_clears_the_old_generation() -> None:
-    old = apply({}, st.succeeded({}, 1, "node-a", DIGEST, result(), 2500, T0))
-    s = apply(old, st.resolved_hit(old, 2, KEY, {"rows": DIGEST}, DIGEST, result({"total": 7}), 3, T0))
+    old = apply({}, st.succeeded({}, 1, "node-a", DIGEST, result(), STORE, 2500, T0))
+    s = apply(old, st.resolved_hit(old, 2, KEY, {"rows": DIGEST}, DIGEST, result({"total": 7}), STORE, 3, T0))
     assert (s["phase"], s["cached"], s["cacheKey"], s["attempts"]) == ("Succeeded", True, KEY, 0)
     assert s["result"]["value"] == {"total": 7} and s["inputDigests"] == {"rows": DIGEST}
     assert "node" not in s and "startTime" not in s and s["observedGeneration"] == 2

@@ -17,6 +17,7 @@ from memoplane_operator.reconciler import Reconciler
 from memoplane.cas import BlobRef, Hit, Provenance, ResultManifest, Store
 from memoplane.cluster import protocol as p
 from memoplane.cluster.stores import Stores, StoreSettings
+from memoplane.cluster.views import job
 from memoplane.settings import OperatorSettings
 
 RUNTIME = "b3:" + "11" * 32
@@ -165,12 +166,32 @@ def test_a_hit_costs_one_lookup_and_is_served_at_resolution(world: tuple[Reconci
     key = submit(r, kube, "a")["status"]["cacheKey"]
     store_result(r, key, 2)
     lookups.clear()
-    job = submit(r, kube, "b")
-    status = job["status"]
+    job_ = submit(r, kube, "b")
+    status = job_["status"]
     assert (status["phase"], status["cached"], status["result"]["value"]) == ("Succeeded", True, 2)
     assert lookups == [key]
-    assert [w[0] for w in kube.writes if w[1] == p.COMPUTEJOBS] == ["meta", "status"]
+    assert [w[0] for w in kube.writes if w[1] == p.COMPUTEJOBS] == ["status"]
+    assert status["result"]["store"] == p.store_url(p.DEFAULT_BUCKET, "ml")
+    assert not job(job_).assigned.present
     assert ("b", p.REASON_CACHE_HIT) in kube.events
+
+
+def test_a_hit_after_a_spec_edit_removes_the_earlier_assignment(
+        world: tuple[Reconciler, FakeKube, list[str]]) -> None:
+    r, kube, _ = world
+    assert job(submit(r, kube, "a", x=1)).assigned.node == "node-a"
+    key = submit(r, kube, "b", x=2)["status"]["cacheKey"]
+    store_result(r, key, 5)
+    edited = kube.objects[(p.COMPUTEJOBS, "ml", "a")]
+    edited["spec"]["inputs"] = [{"name": "x", "value": 2}]
+    edited["metadata"]["generation"] = 2
+    kube.writes.clear()
+    r.reconcile(kube._stamp(edited))
+    served = kube.get(p.COMPUTEJOBS, "ml", "a")
+    assert served is not None
+    assert [w[0] for w in kube.writes if w[1] == p.COMPUTEJOBS] == ["meta", "status"]
+    assert (served["status"]["phase"], served["status"]["result"]["value"]) == ("Succeeded", 5)
+    assert not job(served).assigned.present
 
 
 def test_a_second_job_on_the_key_waits_for_the_first(world: tuple[Reconciler, FakeKube, list[str]]) -> None:
