@@ -31,7 +31,7 @@ import blake3
 
 from ..canonical import canonical_json, json_depth_exceeds
 from ..errors import InputError, NotFound, StoreCorrupted
-from ..sandbox.types import MAX_TREE_DEPTH, MAX_TREE_ENTRIES
+from ..tree_limits import MAX_TREE_DEPTH, MAX_TREE_ENTRIES
 from .backend import Backend
 from .chunking import ChunkDecodeError, ChunkParams, Ingested, Pools, decode_chunk, ingest_buffer, ingest_stream
 from .digests import b3, check_digest, object_name, ref_name
