@@ -3,16 +3,18 @@
 
 - FakeKube: memoplane.cluster.kube.Kube over dicts in memory, with the API server's rules that
   the callers rely on (resourceVersion preconditions, merge patches, 404 and 409).
+- DelegatingBackend: a real Backend behind a hook that runs before every call naming an object.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 from kubernetes.client.exceptions import ApiException
 
+from memoplane.cas.backend import Backend, ObjectInfo
 from memoplane.cluster import protocol as p
 from memoplane.cluster.kube import Kube
 
@@ -125,3 +127,42 @@ def _merge(into: dict[str, Any], patch: Mapping[str, Any]) -> None:
         else:
             into[key] = copy.deepcopy(value)
 
+
+class DelegatingBackend:
+    """A Backend that forwards every call to `inner`, first calling `before(op, name)` for each
+    call that names one object (op: the method's name). Subclasses override `before`."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+
+    def before(self, op: str, name: str) -> None:
+        pass
+
+    def put(self, name: str, data: bytes) -> None:
+        self.before("put", name)
+        self.inner.put(name, data)
+
+    def put_if_absent(self, name: str, data: bytes | Callable[[], bytes]) -> bool:
+        self.before("put_if_absent", name)
+        return self.inner.put_if_absent(name, data)
+
+    def get(self, name: str) -> bytes:
+        self.before("get", name)
+        return self.inner.get(name)
+
+    def exists(self, name: str) -> bool:
+        self.before("exists", name)
+        return self.inner.exists(name)
+
+    def delete(self, name: str) -> None:
+        self.before("delete", name)
+        self.inner.delete(name)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return self.inner.list(prefix)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def describe(self) -> str:
+        return self.inner.describe()
