@@ -69,7 +69,14 @@ def _add_result(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("-o", "--output", metavar="DIR", help="write the output files and return value here")
     p.add_argument("--json", action="store_true")
     _store_flag(p)
-    p.set_defaults(handler=_lazy("memoplane.commands.store", "result_command"))
+    p.set_defaults(handler=_result_handler)
+
+
+def _result_handler(args: argparse.Namespace) -> int:
+    """A cache key or result digest (b3:...) is read from the local store; anything else names a ComputeJob."""
+    if args.ref.startswith("b3:"):
+        return _lazy("memoplane.commands.store", "result_command")(args)
+    return _lazy("memoplane.commands.cluster", "result_of_job")(args)
 
 
 def _add_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,5 +1,8 @@
 """Store maintenance: verify (scrub), gc (mark and sweep), stats, evict (retention).
 
+gc, stats and evict work on the store's backend; verify re-runs the store's checked
+reads on every object. The Store's methods of the same names call them.
+
 Marking reads manifests without checking signatures: GC must never delete data
 that is live for a reader holding another key.
 """
@@ -8,18 +11,16 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..errors import InputError, NotFound, StoreCorrupted
-from .backend import ObjectInfo
+from .backend import Backend, ObjectInfo
 from .digests import digest_of_name, object_name
 from .records import BlobManifest, ResultManifest, SealError, TreeManifest, unseal
-
-if TYPE_CHECKING:
-    from .store import Store
 
 CONTENT = ("chunks/", "blobs/", "trees/", "results/")
 
@@ -42,17 +43,17 @@ class _Graph:
         return set().union(*self.reach.values()) | set(self.refs)
 
 
-def _read(store: Store, name: str) -> dict[str, Any] | None:
+def _read(backend: Backend, name: str) -> dict[str, Any] | None:
     try:
-        return unseal(store.backend.get(name))
+        return unseal(backend.get(name))
     except (NotFound, SealError):
         return None
 
 
-def _blob_reach(store: Store, g: _Graph, digest: str) -> set[str]:
+def _blob_reach(backend: Backend, g: _Graph, digest: str) -> set[str]:
     name = object_name("blobs", digest)
     if name not in g._blobs:
-        body = _read(store, name)
+        body = _read(backend, name)
         out = {name}
         if body is not None:
             try:
@@ -66,10 +67,10 @@ def _blob_reach(store: Store, g: _Graph, digest: str) -> set[str]:
     return g._blobs[name]
 
 
-def _result_reach(store: Store, g: _Graph, digest: str) -> tuple[set[str], int]:
+def _result_reach(backend: Backend, g: _Graph, digest: str) -> tuple[set[str], int]:
     name = object_name("results", digest)
     out = {name}
-    body = _read(store, name)
+    body = _read(backend, name)
     if body is None:
         return out, 0
     try:
@@ -82,26 +83,26 @@ def _result_reach(store: Store, g: _Graph, digest: str) -> tuple[set[str], int]:
     if result.output_tree:
         tname = object_name("trees", result.output_tree.digest)
         out.add(tname)
-        tbody = _read(store, tname)
+        tbody = _read(backend, tname)
         if tbody is not None:
             try:
                 blobs += TreeManifest.from_dict(tbody).blobs()
             except InputError:
                 pass
     for b in blobs:
-        out |= _blob_reach(store, g, b)
+        out |= _blob_reach(backend, g, b)
     return out, result.logical_size
 
 
-def mark(store: Store) -> _Graph:
+def mark(backend: Backend) -> _Graph:
     g = _Graph()
-    for info in store.backend.list("refs/"):
-        body = _read(store, info.name)
+    for info in backend.list("refs/"):
+        body = _read(backend, info.name)
         result = body.get("result") if body else None
         if not isinstance(result, str):
             continue
         try:
-            g.reach[info.name], g.logical[info.name] = _result_reach(store, g, result)
+            g.reach[info.name], g.logical[info.name] = _result_reach(backend, g, result)
         except InputError:  # a malformed digest in the ref
             continue
         g.refs[info.name] = (result, info.mtime)
@@ -140,17 +141,26 @@ def _check(fn: Callable[[], object], name: str) -> Damage | None:
     return None
 
 
-def _read_blob(store: Store, digest: str) -> None:
+class CheckedReads(Protocol):
+    """The store's reads that check what they read: each quarantines a damaged object and raises
+    StoreCorrupted, InputError or NotFound. A Store is one."""
+
+    @property
+    def backend(self) -> Backend: ...
+
+    def iter_blob(self, digest: str) -> Iterator[bytes]: ...
+
+    def get_tree(self, digest: str) -> TreeManifest: ...
+
+    def read_ref(self, key: str) -> str | None: ...
+
+
+def _read_blob(store: CheckedReads, digest: str) -> None:
     for _ in store.iter_blob(digest):
         pass
 
 
-def _check_result(store: Store, digest: str) -> None:
-    result = store.get_result(digest)
-    store._check_complete(result, deep=False)
-
-
-def _check_ref(store: Store, info: ObjectInfo) -> None:
+def _check_ref(store: CheckedReads, info: ObjectInfo) -> None:
     key = "b3:" + info.name.rsplit("/", 1)[-1]
     digest = store.read_ref(key)
     if digest is None:
@@ -159,12 +169,15 @@ def _check_ref(store: Store, info: ObjectInfo) -> None:
         raise NotFound(f"ref {key} names result {digest}, which is not stored")
 
 
-def verify(store: Store) -> VerifyReport:
-    """Re-hash every object; damaged ones are quarantined (as reads do) and reported."""
-    work, _ = store._pools.get()
+def verify(store: CheckedReads, work: Executor, read_chunk: Callable[[str], object],
+           check_result: Callable[[str], object]) -> VerifyReport:
+    """Re-hash every object; damaged ones are quarantined (as reads do) and reported.
+
+    `work` reads the chunks in parallel; `read_chunk` and `check_result` are the store's own
+    checks of one chunk and of one result with everything it names."""
     checks: list[tuple[str, str, Callable[[], object]]] = []
     for info in store.backend.list("chunks/"):
-        checks.append(("chunks", info.name, partial(store._read_chunk, digest_of_name(info.name))))
+        checks.append(("chunks", info.name, partial(read_chunk, digest_of_name(info.name))))
     damaged = [d for d in work.map(lambda c: _check(c[2], c[1]), checks) if d]
     checked = Counter(kind for kind, _, _ in checks)
     later: list[tuple[str, str, Callable[[], object]]] = []
@@ -173,7 +186,7 @@ def verify(store: Store) -> VerifyReport:
     for info in store.backend.list("trees/"):
         later.append(("trees", info.name, partial(store.get_tree, digest_of_name(info.name))))
     for info in store.backend.list("results/"):
-        later.append(("results", info.name, partial(_check_result, store, digest_of_name(info.name))))
+        later.append(("results", info.name, partial(check_result, digest_of_name(info.name))))
     for info in store.backend.list("refs/"):
         later.append(("refs", info.name, partial(_check_ref, store, info)))
     for kind, name, fn in later:  # blobs read chunks through the pool themselves
@@ -198,7 +211,7 @@ class GcReport:
         return asdict(self)
 
 
-def gc(store: Store, grace_seconds: float) -> GcReport:
+def gc(backend: Backend, grace_seconds: float) -> GcReport:
     """Delete objects no ref reaches and older than the grace period.
 
     Marks first, then lists: anything written after marking began is young, and
@@ -207,20 +220,20 @@ def gc(store: Store, grace_seconds: float) -> GcReport:
     """
     if grace_seconds < 0:
         raise InputError(f"grace_seconds={grace_seconds} is negative", "use 0 or more seconds")
-    live = mark(store).live()
+    live = mark(backend).live()
     now = time.time()
     deleted = deleted_bytes = young = 0
     for prefix in CONTENT:
-        for info in store.backend.list(prefix):
+        for info in backend.list(prefix):
             if info.name in live:
                 continue
             if now - info.mtime < grace_seconds:
                 young += 1
                 continue
-            store.backend.delete(info.name)
+            backend.delete(info.name)
             deleted += 1
             deleted_bytes += info.size
-    sweep = getattr(store.backend, "sweep_temp", None)
+    sweep = getattr(backend, "sweep_temp", None)
     temps = sweep(max(grace_seconds, 60.0)) if sweep else 0
     return GcReport(len(live), deleted, deleted_bytes, young, temps)
 
@@ -251,12 +264,12 @@ class Stats:
         return {**asdict(self), "dedup_ratio": self.dedup_ratio, "storage_ratio": self.storage_ratio}
 
 
-def stats(store: Store) -> Stats:
-    g = mark(store)
+def stats(backend: Backend) -> Stats:
+    g = mark(backend)
     live_chunks = {n for reach in g.reach.values() for n in reach if n.startswith("chunks/")}
     stored = chunks = objects = 0
     for prefix in (*CONTENT, "refs/"):
-        for info in store.backend.list(prefix):
+        for info in backend.list(prefix):
             stored += info.size
             objects += 1
             chunks += prefix == "chunks/"
@@ -278,14 +291,14 @@ class EvictReport:
         return asdict(self)
 
 
-def evict(store: Store, *, max_age: float | None, max_bytes: int | None) -> EvictReport:
+def evict(backend: Backend, *, max_age: float | None, max_bytes: int | None) -> EvictReport:
     """Delete refs older than max_age, then oldest first until what the remaining
     refs reach is at most max_bytes (as stored). Run gc() afterwards to free space."""
     for name, v in (("max_age", max_age), ("max_bytes", max_bytes)):
         if v is not None and v < 0:
             raise InputError(f"{name}={v} is negative", f"use a non-negative {name} or None")
-    g = mark(store)
-    sizes = {i.name: i.size for p in (*CONTENT, "refs/") for i in store.backend.list(p)}
+    g = mark(backend)
+    sizes = {i.name: i.size for p in (*CONTENT, "refs/") for i in backend.list(p)}
     order = sorted(g.refs, key=lambda r: (g.refs[r][1], r))  # oldest first
     newest: dict[str, int] = {}  # object -> index of the newest ref reaching it
     for i, ref in enumerate(order):
@@ -302,7 +315,7 @@ def evict(store: Store, *, max_age: float | None, max_bytes: int | None) -> Evic
         too_big = max_bytes is not None and live > max_bytes
         if not (too_old or too_big):
             break
-        store.backend.delete(ref)
+        backend.delete(ref)
         evicted.append(digest_of_name(ref))
         live -= freed_by[i]
     return EvictReport(evicted, len(order) - len(evicted), before, live)

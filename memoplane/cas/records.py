@@ -17,7 +17,7 @@ from typing import Any, Literal, cast
 
 from ..canonical import canonical_json, check_json_depth
 from ..errors import InputError
-from ..sandbox.types import MAX_TREE_DEPTH, MAX_TREE_ENTRIES
+from ..tree_limits import MAX_TREE_DEPTH, MAX_TREE_ENTRIES
 from .digests import b3, check_digest
 
 VERSION = 1
@@ -89,10 +89,6 @@ class BlobManifest:
         return cls(size, chunks)
 
 
-# Bounds on a stored tree (an output directory): deeper or bigger trees are refused when
-# stored, and refused when loaded, so no walk over a tree is ever unbounded.
-# MAX_TREE_DEPTH: path components of an entry (a/b/c is 3); MAX_TREE_ENTRIES: files,
-# and directories while walking. Shared with the sandbox, whose collector makes trees.
 NAME_MAX = 255                # bytes in one path component (Linux)
 
 

@@ -26,16 +26,18 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import blake3
 
 from ..canonical import canonical_json, json_depth_exceeds
 from ..errors import InputError, NotFound, StoreCorrupted
-from ..sandbox.types import MAX_TREE_DEPTH, MAX_TREE_ENTRIES
+from ..tree_limits import MAX_TREE_DEPTH, MAX_TREE_ENTRIES
+from . import gc as maintenance
 from .backend import Backend
 from .chunking import ChunkDecodeError, ChunkParams, Ingested, Pools, decode_chunk, ingest_buffer, ingest_stream
 from .digests import b3, check_digest, object_name, ref_name
+from .gc import EvictReport, GcReport, Stats, VerifyReport
 from .records import (
     BlobManifest,
     BlobRef,
@@ -51,9 +53,6 @@ from .records import (
     unseal,
 )
 from .signing import SignatureInvalid, Signer
-
-if TYPE_CHECKING:
-    from .gc import EvictReport, GcReport, Stats, VerifyReport
 
 log = logging.getLogger("memoplane.cas")
 
@@ -463,20 +462,18 @@ class Store:
     # -- maintenance (see gc.py) -------------------------------------------------
 
     def verify(self) -> VerifyReport:
-        from .gc import verify
-        return verify(self)
+        work, _ = self._pools.get()
+        return maintenance.verify(self, work, self._read_chunk,
+                                  lambda digest: self._check_complete(self.get_result(digest), deep=False))
 
     def gc(self, grace_seconds: float = 3600.0) -> GcReport:
-        from .gc import gc
-        return gc(self, grace_seconds)
+        return maintenance.gc(self.backend, grace_seconds)
 
     def stats(self) -> Stats:
-        from .gc import stats
-        return stats(self)
+        return maintenance.stats(self.backend)
 
     def evict(self, max_age: float | None = None, max_bytes: int | None = None) -> EvictReport:
-        from .gc import evict
-        return evict(self, max_age=max_age, max_bytes=max_bytes)
+        return maintenance.evict(self.backend, max_age=max_age, max_bytes=max_bytes)
 
 
 def _decode_json_value(data: bytes, digest: str) -> Any:

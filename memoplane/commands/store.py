@@ -40,10 +40,7 @@ def find_result(store: Store, ref: str) -> Hit:
 
 
 def result_command(args: argparse.Namespace) -> int:
-    if not args.ref.startswith("b3:"):
-        from .cluster import result_of_job
-
-        return result_of_job(args)
+    """`memoplane result KEY_OR_DIGEST`: a result in the local store (a job's name: commands.cluster)."""
     with open_store(args.store) as store:
         hit = find_result(store, args.ref)
         value = store.load_value(hit.result.value)

@@ -27,7 +27,6 @@ and forks I; I builds the view itself and maps root to the agent's own uid.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -276,9 +275,3 @@ def _send_result(sock: socket.socket, result: tuple[dict[str, Any], bytes]) -> N
         protocol.send(sock, {"op": "result", **header}, payload)
     finally:
         os._exit(0)
-
-
-def restore_signals() -> None:
-    """Python ignores SIGPIPE and SIGXFSZ; programs we exec expect defaults."""
-    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)

@@ -24,13 +24,12 @@ from dataclasses import dataclass
 
 from memoplane.sandbox.isolate import open_beneath
 from memoplane.sandbox.types import (
-    MAX_TREE_DEPTH,
-    MAX_TREE_ENTRIES,
     RETURN_FILE,
     VALUE_FILE_NAMES,
     Failure,
     Limits,
 )
+from memoplane.tree_limits import MAX_TREE_DEPTH, MAX_TREE_ENTRIES
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY
 _COPY_CHUNK = 8 << 20

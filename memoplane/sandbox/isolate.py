@@ -14,7 +14,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 
-from memoplane.sandbox.types import MAX_TREE_ENTRIES
+from memoplane.tree_limits import MAX_TREE_ENTRIES
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000

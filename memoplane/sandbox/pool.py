@@ -22,6 +22,7 @@ from memoplane.sandbox.outcome import (
     outcome,
 )
 from memoplane.sandbox.profiles import get_profile
+from memoplane.sandbox.removal import remove_tree
 from memoplane.sandbox.types import (
     CommandTask,
     Failure,
@@ -347,7 +348,6 @@ class _Job:
             return self._run(scratch)
         finally:
             if scratch is not None:
-                from memoplane.leftovers import remove_tree  # it imports the sandbox: here, not above
                 try:
                     remove_tree(Path(scratch))  # iterative: a job's tree may be any depth here
                 except OSError as e:

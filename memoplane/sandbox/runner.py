@@ -15,6 +15,7 @@ import json.encoder
 import linecache
 import os
 import random
+import signal
 import sys
 import traceback
 import types
@@ -366,10 +367,14 @@ def _save_array(np: Any, value: Any, out_dir: str) -> Result:
     return {"ok": True, "kind": "file"}, b""
 
 
+def restore_signals() -> None:
+    """Python ignores SIGPIPE and SIGXFSZ; programs we exec expect defaults."""
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def run_command(argv: list[str], env: dict[str, str]) -> Result:
     """fork + exec as a child of this pid-1 process, reaping every orphan."""
-    from memoplane.sandbox.child import restore_signals
-
     os.chdir(env["HOME"])
     r, w = os.pipe()  # close-on-exec: stays empty when exec succeeds
     pid = os.fork()

@@ -8,10 +8,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 MiB = 1 << 20
-# Caps on a job's output tree, whatever its byte limit: a deeper or larger tree
-# fails the job ("forbidden" / "output-too-large") instead of the host's walk.
-MAX_TREE_DEPTH = 128                # directories below $MEMOPLANE_OUT
-MAX_TREE_ENTRIES = 100_000          # files and directories below $MEMOPLANE_OUT
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import DelegatingBackend
 
 from memoplane.canonical import canonical_json
 from memoplane.cas import BlobRef, FilesystemBackend, Hit, Provenance, ResultManifest, Store, b3
-from memoplane.cas.backend import ObjectInfo
 from memoplane.cas.digests import object_name
 from memoplane.cas.records import seal
 from memoplane.commands.store import materialize_result
@@ -22,44 +22,21 @@ from memoplane.errors import InputError, StoreCorrupted
 pytestmark = pytest.mark.hostile
 
 
-class PlantingBackend:
+class PlantingBackend(DelegatingBackend):
     """A real filesystem backend that runs `plant` just before serving `trigger`: the
     attacker's move lands after materialize checked DIR and before it writes there."""
 
+    planted_on = "get"   # the call on `trigger` that plants
+
     def __init__(self, root: Path) -> None:
-        self.inner = FilesystemBackend(root, durability="none")
+        super().__init__(FilesystemBackend(root, durability="none"))
         self.trigger = ""
         self.plant: Callable[[], None] = lambda: None
 
-    def fire(self, name: str) -> None:
-        if name == self.trigger:
+    def before(self, op: str, name: str) -> None:
+        if op == self.planted_on and name == self.trigger:
             self.trigger = ""  # once
             self.plant()
-
-    def get(self, name: str) -> bytes:
-        self.fire(name)
-        return self.inner.get(name)
-
-    def put(self, name: str, data: bytes) -> None:
-        self.inner.put(name, data)
-
-    def put_if_absent(self, name: str, data: bytes | Callable[[], bytes]) -> bool:
-        return self.inner.put_if_absent(name, data)
-
-    def exists(self, name: str) -> bool:
-        return self.inner.exists(name)
-
-    def delete(self, name: str) -> None:
-        self.inner.delete(name)
-
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        return self.inner.list(prefix)
-
-    def flush(self) -> None:
-        self.inner.flush()
-
-    def describe(self) -> str:
-        return self.inner.describe()
 
 
 @pytest.fixture
@@ -184,12 +161,7 @@ def test_result_value_file_never_goes_through_a_planted_link(
 class PlantingOnWrite(PlantingBackend):
     """Runs `plant` when the store writes `trigger` (a chunk: while a file is being stored)."""
 
-    def get(self, name: str) -> bytes:
-        return self.inner.get(name)
-
-    def put_if_absent(self, name: str, data: bytes | Callable[[], bytes]) -> bool:
-        self.fire(name)
-        return self.inner.put_if_absent(name, data)
+    planted_on = "put_if_absent"
 
 
 def test_put_tree_never_reads_through_a_link_swapped_in(tmp_path: Path, outside: Path) -> None:

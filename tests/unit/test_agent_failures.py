@@ -12,12 +12,12 @@ import copy
 import json
 import logging
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes.client.exceptions import ApiException
+from fakes import FakeKube
 from memoplane_agent.agent import Agent, AgentConfig, agent_error_message
 
 from memoplane.api.common import API_VERSION
@@ -31,44 +31,6 @@ from memoplane.sandbox.types import SandboxOutcome, SandboxRequest
 NODE = "node-a"
 RUNTIME = "b3:" + "ab" * 32
 STORE_URL = p.store_url(p.DEFAULT_BUCKET, "ml")
-
-
-class FakeKube:
-    """memoplane.cluster.kube.Kube's calls that the agent makes while running a job, over dicts,
-    with the API server's resourceVersion precondition (409 on a stale write)."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
-        self.events: list[tuple[str, str, bool]] = []
-        self.status_writes = 0
-        self.refuse_from_write: int | None = None   # answer 500 from this status write on
-
-    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
-        obj = self.objects.get((namespace, name))
-        return copy.deepcopy(obj) if obj is not None else None
-
-    def patch_status(self, plural: str, namespace: str, name: str, patch: Mapping[str, Any],
-                     resource_version: str | None = None) -> dict[str, Any]:
-        self.status_writes += 1
-        if self.refuse_from_write is not None and self.status_writes >= self.refuse_from_write:
-            raise ApiException(status=500, reason="Internal Server Error")
-        obj = self.objects.get((namespace, name))
-        if obj is None:
-            raise ApiException(status=404, reason="Not Found")
-        if resource_version and resource_version != obj["metadata"]["resourceVersion"]:
-            raise ApiException(status=409, reason="Conflict")
-        status = obj.setdefault("status", {})
-        for k, v in patch.items():
-            if v is None:
-                status.pop(k, None)
-            else:
-                status[k] = copy.deepcopy(v)
-        obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)
-        return copy.deepcopy(obj)
-
-    def event(self, obj: Mapping[str, Any], reason: str, message: str, *, warning: bool = False,
-              component: str = "", host: str = "") -> None:
-        self.events.append((reason, message, warning))
 
 
 class RaisingRunner:
@@ -97,7 +59,7 @@ def tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def setup(tmp_path: Path, tmp_dir: Path) -> Iterator[tuple[Agent, FakeKube, Store]]:
     kube = FakeKube()
     stores = Stores(StoreSettings(root=str(tmp_path / "s3")))
-    agent = Agent(AgentConfig(node=NODE, backoff_base=0.5), kube, stores)  # type: ignore[arg-type]
+    agent = Agent(AgentConfig(node=NODE, backoff_base=0.5), kube, stores)
     agent.runtimes["python"] = RUNTIME
     try:
         yield agent, kube, stores.by_url(STORE_URL)
@@ -119,7 +81,7 @@ def scheduled_job(kube: FakeKube, store: Store, backoff_limit: int, attempts: in
         "spec": {"python": {"source": "..."}, "backoffLimit": backoff_limit},
         "status": {"phase": p.SCHEDULED, "cacheKey": job.key, "attempts": attempts, "observedGeneration": 1},
     }
-    kube.objects[("ml", "deep")] = copy.deepcopy(obj)
+    kube.objects[(p.COMPUTEJOBS, "ml", "deep")] = copy.deepcopy(obj)
     return obj
 
 
@@ -130,7 +92,7 @@ def run(agent: Agent, obj: dict[str, Any]) -> None:
 
 
 def status(kube: FakeKube) -> dict[str, Any]:
-    found: dict[str, Any] = kube.objects[("ml", "deep")]["status"]
+    found: dict[str, Any] = kube.objects[(p.COMPUTEJOBS, "ml", "deep")]["status"]
     return found
 
 
@@ -167,7 +129,7 @@ def test_an_agent_error_fails_the_job_at_backoff_limit_zero(setup: Any, tmp_dir:
     detail = s["failure"]["stderrTail"]
     assert f"{type(exc).__name__}: " in detail and detail.rstrip().endswith(str(exc).splitlines()[-1]), \
         "the detail is the traceback's tail"
-    assert ("Failed", True) in {(reason, warning) for reason, _, warning in kube.events}
+    assert ("Failed", True) in {(e.reason, e.warning) for e in kube.events}
     assert not agent.local, "the job is no longer counted as running here"
     assert list(tmp_dir.iterdir()) == [], "execute() left its job directory behind"
 
@@ -193,9 +155,9 @@ def test_an_agent_error_on_the_last_attempt_fails_the_job(setup: Any) -> None:
 def test_a_failing_failure_report_is_logged_once(setup: Any, caplog: pytest.LogCaptureFixture) -> None:
     agent, kube, store = setup
     agent.pools["python"] = RaisingRunner(RuntimeError("boom"))
-    kube.refuse_from_write = 2   # the claim goes through, every later status write fails
+    kube.refuse_status_from = 2   # the claim goes through, every later status write fails
     run(agent, scheduled_job(kube, store, backoff_limit=0))
-    assert kube.status_writes == 2, "one claim, one failed report, no retry loop"
+    assert kube.status_attempts == 2, "one claim, one failed report, no retry loop"
     assert status(kube)["phase"] == p.RUNNING
     assert "could not report the agent error" in caplog.text
     assert not agent.local
@@ -208,12 +170,12 @@ def test_a_job_gone_meanwhile_is_dropped_without_a_report(setup: Any, caplog: py
 
     class DeletingRunner:
         def run(self, request: SandboxRequest) -> SandboxOutcome:
-            del kube.objects[("ml", "deep")]
+            del kube.objects[(p.COMPUTEJOBS, "ml", "deep")]
             raise RuntimeError("boom")
 
     agent.pools["python"] = DeletingRunner()
     run(agent, obj)
-    assert ("ml", "deep") not in kube.objects
+    assert (p.COMPUTEJOBS, "ml", "deep") not in kube.objects
     assert "assignment changed" in caplog.text and "could not report" not in caplog.text
 
 

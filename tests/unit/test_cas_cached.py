@@ -5,56 +5,28 @@ from __future__ import annotations
 import os
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fakes import DelegatingBackend
 
-from memoplane.cas import CachingBackend, FilesystemBackend, ObjectInfo, Provenance, ResultManifest, Store, StoredValue
+from memoplane.cas import CachingBackend, FilesystemBackend, Provenance, ResultManifest, Store, StoredValue
 from memoplane.cas.digests import object_name
 from memoplane.errors import InputError, NotFound, StoreCorrupted
 
 KEY = "b3:" + "1" * 64
 
 
-class Counting:
-    """A backend wrapper that counts calls per (method, kind): proves where reads go."""
+class Counting(DelegatingBackend):
+    """Counts the calls that name an object, per (method, kind): proves where reads go."""
 
     def __init__(self, inner: FilesystemBackend) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.calls: Counter[tuple[str, str]] = Counter()
 
-    def _count(self, op: str, name: str) -> None:
+    def before(self, op: str, name: str) -> None:
         self.calls[(op, name.split("/", 1)[0])] += 1
-
-    def put(self, name: str, data: bytes) -> None:
-        self._count("put", name)
-        self.inner.put(name, data)
-
-    def put_if_absent(self, name: str, data: bytes | Callable[[], bytes]) -> bool:
-        self._count("put_if_absent", name)
-        return self.inner.put_if_absent(name, data)
-
-    def get(self, name: str) -> bytes:
-        self._count("get", name)
-        return self.inner.get(name)
-
-    def exists(self, name: str) -> bool:
-        self._count("exists", name)
-        return self.inner.exists(name)
-
-    def delete(self, name: str) -> None:
-        self._count("delete", name)
-        self.inner.delete(name)
-
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        return self.inner.list(prefix)
-
-    def flush(self) -> None:
-        self.inner.flush()
-
-    def describe(self) -> str:
-        return "remote:" + self.inner.describe()
 
 
 def rand(n: int, seed: int = 0) -> bytes:

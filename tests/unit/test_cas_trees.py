@@ -16,9 +16,10 @@ from memoplane.canonical import canonical_json
 from memoplane.cas import FilesystemBackend, Hit, Provenance, ResultManifest, Store, b3
 from memoplane.cas import store as store_module
 from memoplane.cas.digests import object_name
-from memoplane.cas.records import MAX_TREE_DEPTH, TreeManifest, seal
+from memoplane.cas.records import TreeManifest, seal
 from memoplane.commands.store import materialize_result
 from memoplane.errors import InputError, NotFound, StoreCorrupted
+from memoplane.tree_limits import MAX_TREE_DEPTH
 
 NOT_A_LINK = "write regular files and directories only; stored trees never hold links"
 

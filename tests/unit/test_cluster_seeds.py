@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fakes import FakeKube
 from memoplane_operator.gmemseed import SeedReconciler
 
 from memoplane.api.conditions import get_condition
@@ -26,6 +27,7 @@ from memoplane.jobs import BlobInput, Input, SeedInput
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 RUNTIME = "b3:" + "ab" * 32
 UID = "0b5f8a3e-1111-4222-8333-444455556666"
+SEED = (p.GMEMSEEDS, "ml", "field")   # where FakeKube keeps the seed the reconciler tests use
 
 
 def seed_obj(spec: dict[str, Any], generation: int = 1, name: str = "field") -> dict[str, Any]:
@@ -148,41 +150,11 @@ def test_from_seed_waits_while_the_seed_is_not_ready() -> None:
 # -- the operator's seed reconciler ---------------------------------------------------------------
 
 
-class FakeKube:
-    """memoplane.cluster.kube.Kube's calls that the seed reconciler makes, over dicts."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
-        self.events: list[tuple[str, str, bool]] = []
-
-    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
-        assert plural == p.GMEMSEEDS
-        obj = self.objects.get((namespace, name))
-        return copy.deepcopy(obj) if obj is not None else None
-
-    def list(self, plural: str, namespace: str | None = None, label_selector: str | None = None
-             ) -> tuple[list[dict[str, Any]], str]:
-        return [copy.deepcopy(o) for o in self.objects.values()], "1"
-
-    def patch_status(self, plural: str, namespace: str, name: str, patch: Mapping[str, Any],
-                     resource_version: str | None = None) -> dict[str, Any]:
-        status = self.objects[(namespace, name)].setdefault("status", {})
-        for k, v in patch.items():
-            if v is None:
-                status.pop(k, None)
-            else:
-                status[k] = copy.deepcopy(v)
-        return copy.deepcopy(self.objects[(namespace, name)])
-
-    def event(self, obj: Mapping[str, Any], reason: str, message: str, *, warning: bool = False) -> None:
-        self.events.append((reason, message, warning))
-
-
 @pytest.fixture
 def operator(tmp_path: Path) -> Iterator[tuple[SeedReconciler, FakeKube, Stores]]:
     kube = FakeKube()
     stores = Stores(StoreSettings(root=str(tmp_path / "s3")))
-    seeds = SeedReconciler(kube, stores, [])  # type: ignore[arg-type]
+    seeds = SeedReconciler(kube, stores, [])
     try:
         yield seeds, kube, stores
     finally:
@@ -196,13 +168,14 @@ def put_batch(stores: Stores, params: GMemParams, addrs: list[int], values: list
 
 
 def status(kube: FakeKube) -> dict[str, Any]:
-    return kube.objects[("ml", "field")]["status"]
+    found: dict[str, Any] = kube.objects[SEED]["status"]
+    return found
 
 
 def test_batches_are_applied_sealed_compacted_and_published(operator: Any) -> None:
     seeds, kube, stores = operator
     params = GMemParams(1337, "float64", (Layer(7, 0.5),))
-    kube.objects[("ml", "field")] = seed_obj({"seed": 1337, "layers": [{"seed": 7, "weight": 0.5}]})
+    kube.objects[SEED] = seed_obj({"seed": 1337, "layers": [{"seed": 7, "weight": 0.5}]})
     seeds.reconcile("ml", "field")
     assert status(kube)["digest"] == seed_digest(params) and status(kube)["version"] == 0
     assert status(kube)["store"] == "s3://memoplane/ml" and "overlayBlob" not in status(kube)
@@ -221,49 +194,49 @@ def test_batches_are_applied_sealed_compacted_and_published(operator: Any) -> No
     data = stores.get(*sd.location("ml")).get_bytes(blob["digest"])
     assert seed_digest(params, load_overlay(data, "float64")) == status(kube)["digest"]
     # A restarted operator reads the same state back from the store.
-    fresh = SeedReconciler(kube, stores, [])  # type: ignore[arg-type]
+    fresh = SeedReconciler(kube, stores, [])
     before = copy.deepcopy(status(kube))
     fresh.reconcile("ml", "field")
     fresh.stop()
     assert {k: v for k, v in status(kube).items() if k != "conditions"} == \
         {k: v for k, v in before.items() if k != "conditions"}
-    assert [e[0] for e in kube.events].count("OverlayUpdated") == 1 + sd.COMPACT_SEGMENTS  # the first: created
+    assert [e.reason for e in kube.events].count("OverlayUpdated") == 1 + sd.COMPACT_SEGMENTS  # the first: created
 
 
 def test_foreign_batches_are_rejected_and_spec_changes_stall(operator: Any) -> None:
     seeds, kube, stores = operator
-    kube.objects[("ml", "field")] = seed_obj({"seed": 5})
+    kube.objects[SEED] = seed_obj({"seed": 5})
     seeds.reconcile("ml", "field")
     digest = status(kube)["digest"]
     put_batch(stores, GMemParams(6), [1], [0.5], 1)  # written for other parameters
     seeds.reconcile("ml", "field")
-    assert status(kube)["digest"] == digest and ("WriteRejected" in {e[0] for e in kube.events})
+    assert status(kube)["digest"] == digest and ("WriteRejected" in {e.reason for e in kube.events})
     put_batch(stores, GMemParams(5), [1], [0.5], 2)
     seeds.reconcile("ml", "field")
     assert status(kube)["overlayEntries"] == 1
-    kube.objects[("ml", "field")]["spec"] = {"seed": 6}
-    kube.objects[("ml", "field")]["metadata"]["generation"] = 2
+    kube.objects[SEED]["spec"] = {"seed": 6}
+    kube.objects[SEED]["metadata"]["generation"] = 2
     seeds.reconcile("ml", "field")
     stalled = get_condition(status(kube)["conditions"], "Stalled")
     assert stalled is not None and stalled["reason"] == sd.REASON_PARAMS_CHANGED and "delete and recreate" in \
         stalled["message"]
     assert status(kube)["observedGeneration"] == 2
-    kube.objects[("ml", "field")]["spec"] = {"seed": 5}
-    kube.objects[("ml", "field")]["metadata"]["generation"] = 3
+    kube.objects[SEED]["spec"] = {"seed": 5}
+    kube.objects[SEED]["metadata"]["generation"] = 3
     seeds.reconcile("ml", "field")
     assert get_condition(status(kube)["conditions"], "Ready")["status"] == "True"  # type: ignore[index]
     assert status(kube)["overlayEntries"] == 1 and get_condition(status(kube)["conditions"], "Stalled") is None
-    kube.objects[("ml", "field")]["spec"] = {"seed": 5, "dtype": "uint64", "layers": [{"seed": 1, "weight": 2.0}]}
+    kube.objects[SEED]["spec"] = {"seed": 5, "dtype": "uint64", "layers": [{"seed": 1, "weight": 2.0}]}
     seeds.reconcile("ml", "field")
     assert get_condition(status(kube)["conditions"], "Stalled")["reason"] == p.REASON_INVALID  # type: ignore[index]
 
 
 def test_deletion_drops_the_overlay(operator: Any) -> None:
     seeds, kube, stores = operator
-    kube.objects[("ml", "field")] = seed_obj({"seed": 5})
+    kube.objects[SEED] = seed_obj({"seed": 5})
     seeds.reconcile("ml", "field")
     put_batch(stores, GMemParams(5), [1], [0.5], 1)
     seeds.reconcile("ml", "field")
     put_batch(stores, GMemParams(5), [2], [0.5], 2)  # still in the inbox
-    seeds.drop(kube.objects.pop(("ml", "field")))
+    seeds.drop(kube.objects.pop(SEED))
     assert list(stores.get(*sd.location("ml")).backend.list(f"gmem/{sd.store_name(UID)}/")) == []

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from memoplane.leftovers import Owner, cgroup_owner, remove_tree, stale, start_time, sweep, temp_owner, temp_prefix
+from memoplane.leftovers import Owner, cgroup_owner, stale, start_time, sweep, temp_owner, temp_prefix
+from memoplane.sandbox.removal import remove_tree
 
 # A pid above pid_max: no process can have it, so its leftovers are stale.
 GONE = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from memoplane.sandbox import Limits
 from memoplane.sandbox.collect import Refused, collect, read_return_file
-from memoplane.sandbox.types import MAX_TREE_DEPTH, RETURN_FILE
+from memoplane.sandbox.types import RETURN_FILE
+from memoplane.tree_limits import MAX_TREE_DEPTH
 
 NAMES = st.one_of(
     st.sampled_from(["a", "b", "return.json", "return.npy", RETURN_FILE, "..a", " ", "x" * 200]),
