@@ -19,10 +19,10 @@ from typing import Any, Protocol
 
 from ..errors import InputError, NotFound, StoreCorrupted
 from .backend import Backend, ObjectInfo
-from .digests import digest_of_name, object_name
+from .digests import attestation_name, digest_of_name, object_name
 from .records import BlobManifest, ResultManifest, SealError, TreeManifest, unseal
 
-CONTENT = ("chunks/", "blobs/", "trees/", "results/")
+CONTENT = ("chunks/", "blobs/", "trees/", "results/", "attestations/")
 
 
 # -- marking ---------------------------------------------------------------------
@@ -103,6 +103,9 @@ def mark(backend: Backend) -> _Graph:
             continue
         try:
             g.reach[info.name], g.logical[info.name] = _result_reach(backend, g, result)
+            # Who vouches for a live result stays as long as it does.
+            vouching = attestation_name(digest_of_name(info.name), result, None)
+            g.reach[info.name] |= {a.name for a in backend.list(vouching)}
         except InputError:  # a malformed digest in the ref
             continue
         g.refs[info.name] = (result, info.mtime)
