@@ -142,6 +142,20 @@ def read_credentials(directory: Path) -> tuple[str, str]:
     return keys[0], keys[1]
 
 
+# -- embedded mode: the keys this user signs with and the keys they trust (memoplane.trust.local) --------
+
+KEYS_DIR_ENV = "MEMOPLANE_KEYS_DIR"
+
+
+def keys_dir(env: Mapping[str, str] | None = None) -> Path:
+    """$MEMOPLANE_KEYS_DIR, else $XDG_CONFIG_HOME/memoplane/keys (~/.config/memoplane/keys): the
+    embedded keyring and trust file. Configuration, not cache: deleting it loses the signing key."""
+    env = os.environ if env is None else env
+    if env.get(KEYS_DIR_ENV):
+        return Path(env[KEYS_DIR_ENV]).expanduser()
+    return Path(env.get("XDG_CONFIG_HOME") or "~/.config").expanduser() / "memoplane" / "keys"
+
+
 # -- the operator and the agents --------------------------------------------------------------
 
 WATCH_DOC = 'namespace patterns, space separated (empty: every namespace), e.g. "ml research" or "*,!kube-*"'
