@@ -38,7 +38,7 @@ from .errors import InputError, NotFound, StoreCorrupted
 from .fingerprint import fingerprint
 from .keys import KeyParts, KeyTemplate, code_digest, runtime_identity
 from .recent import VerifiedCache
-from .trust import SigningKey, TrustPolicy, Verdict, trusted_hit
+from .trust import SigningKey, TrustPolicy, Verdict, Vouched, trusted_hit
 from .trust.local import Keyring, commit_signed, refused_note
 
 log = logging.getLogger("memoplane.sdk")
@@ -67,6 +67,7 @@ class Memoized:
         self._store_arg = store
         self._store: Store | None = store if isinstance(store, Store) else None
         self._keys: tuple[TrustPolicy, SigningKey] | None = None
+        self._vouched = Vouched()  # for self.keys' policy, read once
         self._lock = threading.Lock()
         self._recent = VerifiedCache(memory_bytes)
         self._plain_params = _plain_parameters(self.signature)
@@ -133,7 +134,7 @@ class Memoized:
         recent = self._recent.get(key)
         if recent is not None:
             return True, _decode_bytes(*recent), None
-        found = trusted_hit(self.store, key, self.keys[0])
+        found = trusted_hit(self.store, key, self.keys[0], vouched=self._vouched)
         hit = found.hit
         if hit is None:
             return False, None, found.verdict if found.refused else None

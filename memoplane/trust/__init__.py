@@ -8,6 +8,8 @@ and a reader serves a ref only if its trust policy accepts enough of those attes
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..cas import Hit, Store
@@ -15,8 +17,8 @@ from ..cas.digests import digest_of_name
 from .keys import PublicKey, SigningKey, check_keyid, next_keyid, split_keyid
 from .policy import Refusal, TrustPolicy, Verdict, judge
 
-__all__ = ["Lookup", "PublicKey", "Refusal", "SigningKey", "TrustPolicy", "Untrusted", "Verdict", "check_keyid",
-           "judge", "judge_stored", "next_keyid", "split_keyid", "trusted_hit", "untrusted_refs"]
+__all__ = ["Lookup", "PublicKey", "Refusal", "SigningKey", "TrustPolicy", "Untrusted", "Verdict", "Vouched",
+           "check_keyid", "judge", "judge_stored", "next_keyid", "split_keyid", "trusted_hit", "untrusted_refs"]
 
 
 @dataclass(frozen=True)
@@ -30,15 +32,42 @@ class Lookup:
         return self.verdict is not None and not self.verdict.trusted
 
 
-def trusted_hit(store: Store, key: str, policy: TrustPolicy, *, deep: bool = False) -> Lookup:
+class Vouched:
+    """The trusting verdicts one policy gave, by (key, result), so a repeated hit skips the signature
+    checks. Sound because attestations are immutable and a policy never changes: what it trusted
+    once it trusts again (a revocation is a new policy, with a new Vouched). Bounded, thread-safe."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._kept: OrderedDict[tuple[str, str], Verdict] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str, result: str) -> Verdict | None:
+        with self._lock:
+            return self._kept.get((key, result))
+
+    def put(self, key: str, result: str, verdict: Verdict) -> None:
+        with self._lock:
+            self._kept[(key, result)] = verdict
+            while len(self._kept) > self.size:
+                self._kept.popitem(last=False)
+
+
+def trusted_hit(store: Store, key: str, policy: TrustPolicy, *, deep: bool = False,
+                vouched: Vouched | None = None) -> Lookup:
     """A hit that `policy` trusts, or a miss with the verdict that refused it.
 
     The attestations the ref lists are judged first (cached by address: a repeated hit costs
-    no extra read); if they are not enough, every stored attestation of the result is."""
+    no extra read); if they are not enough, every stored attestation of the result is.
+    `vouched`: this policy's earlier trusting verdicts (one Vouched per policy, never shared)."""
     hit = store.get_ref(key, deep=deep)
     if hit is None:
         return Lookup(None, None)
-    verdict = judge_stored(store, policy, key, hit.digest, hit.attestations)
+    verdict = vouched.get(key, hit.digest) if vouched is not None else None
+    if verdict is None:
+        verdict = judge_stored(store, policy, key, hit.digest, hit.attestations)
+        if verdict.trusted and vouched is not None:
+            vouched.put(key, hit.digest, verdict)
     return Lookup(hit if verdict.trusted else None, verdict)
 
 

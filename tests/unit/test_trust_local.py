@@ -121,3 +121,29 @@ def test_names_and_the_default_directory() -> None:
     assert keys_dir({"XDG_CONFIG_HOME": "/c"}) == Path("/c/memoplane/keys")
     with pytest.raises(InputError, match="key name 'Bad Name' is not valid"):
         Keyring(Path("/nonexistent")).create("Bad Name")
+
+
+def test_vouched_skips_rechecking_only_what_the_policy_trusted(tmp_path: Path) -> None:
+    from memoplane.cas import FilesystemBackend, Provenance, ResultManifest, Store
+    from memoplane.keys import KeyParts
+    from memoplane.trust import TrustPolicy, Vouched, trusted_hit
+    from memoplane.trust.local import commit_signed
+
+    parts = KeyParts(code="b3:" + "c0" * 32, entrypoint="main", runtime="b3:" + "7e" * 32, inputs={})
+    signer = SigningKey.generate("me-1")
+    with Store(FilesystemBackend(tmp_path / "store", durability="none")) as store:
+        def result(value: object) -> ResultManifest:
+            empty = store.put_bytes(b"")
+            return ResultManifest(store.put_value(value), empty, empty,
+                                  Provenance(parts.key, {}, parts.runtime, "here", 1.0, 2.0, 1.0))
+
+        honest = result(4)
+        commit_signed(store, parts.components(), honest, store.put_result(honest), signer)
+        vouched, policy = Vouched(size=1), TrustPolicy.of([signer.public])
+        assert trusted_hit(store, parts.key, policy, vouched=vouched).hit is not None
+        assert vouched.get(parts.key, honest.digest) is not None
+        store.commit(result(5))  # re-pointed, unsigned: judged afresh and refused, never remembered
+        assert trusted_hit(store, parts.key, policy, vouched=vouched).refused
+        assert vouched.get(parts.key, result(5).digest) is None
+        store.set_ref(parts.key, honest.digest)
+        assert trusted_hit(store, parts.key, policy, vouched=vouched).hit is not None
