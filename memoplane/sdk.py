@@ -268,7 +268,8 @@ def memoize(func: Callable[..., Any] | None = None, *, store: Store | str | Path
     store: a Store or directory (default: $MEMOPLANE_STORE or ~/.cache/memoplane/store);
     version: a salt, bump it when something the key cannot see changed;
     ignore: parameter names left out of the key (e.g. verbose, n_jobs);
-    allow_pickle: store other return types with pickle (only for stores you trust);
+    allow_pickle: store other return types with pickle (read back only when a key you trust
+    signed them: trust only keys whose holders would not plant code);
     memory_bytes: encoded results kept in this process after their first verified
     read, so repeated hits skip the store (0 turns it off).
     """
