@@ -431,6 +431,11 @@ class Store:
         self.set_ref(result.key, digest, signed)
         return digest
 
+    def cache_keys(self) -> Iterator[str]:
+        """Every cache key with a ref (in no particular order)."""
+        for info in self.backend.list("refs/"):
+            yield digest_of_name(info.name)
+
     def read_ref(self, key: str) -> str | None:
         """The result digest a ref names, unchecked; None if there is no ref."""
         entry = self.read_ref_entry(key)

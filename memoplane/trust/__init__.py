@@ -13,7 +13,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..cas import Hit, Store
-from ..cas.digests import digest_of_name
 from .keys import PublicKey, SigningKey, check_keyid, next_keyid, split_keyid
 from .policy import Refusal, TrustPolicy, Verdict, judge
 
@@ -91,8 +90,7 @@ def untrusted_refs(store: Store, policy: TrustPolicy) -> tuple[int, list[Untrust
     """(refs judged, those `policy` does not trust): what `memoplane verify` reports. A ref that
     cannot be read is left to the store's own verify (it reports damage)."""
     judged, untrusted = 0, []
-    for info in store.backend.list("refs/"):
-        key = digest_of_name(info.name)
+    for key in store.cache_keys():
         entry = store.read_ref_entry(key)
         if entry is None:
             continue
