@@ -85,6 +85,7 @@ def read_checkpoint(data: bytes) -> tuple[Checkpoint, bytes, bytes]:
 class AuditReport:
     chain: ChainReport
     checkpoints: list[Checkpoint] = field(default_factory=list)  # those that hold (signature checked if keys)
+    signed: int = 0  # checkpoints whose signature verified with a given key, holding or not
     problems: list[Problem] = field(default_factory=list)
     signatures_checked: bool = False
 
@@ -105,7 +106,7 @@ def verify(log: AuditLog, keys: Mapping[str, PublicKey] | None) -> AuditReport:
         problem = _check_checkpoint(report, seq, name, data, keys)
         if problem is not None:
             report.problems.append(problem)
-    if keys is not None and not report.checkpoints and report.chain.records:
+    if keys is not None and not report.signed and report.chain.records:
         report.problems.append(Problem(0, "no checkpoint signed by a given key: nothing proves where the log ends"))
     report.problems = sorted(report.chain.problems + report.problems, key=lambda p: p.seq)
     return report
@@ -125,6 +126,7 @@ def _check_checkpoint(report: AuditReport, seq: int | None, name: str, data: byt
             return Problem(seq, f"checkpoint {seq}: signed by {checkpoint.keyid}, not a given key (forged?)")
         if not public.verify(signature, pae(CHECKPOINT_TYPE, payload)):
             return Problem(seq, f"checkpoint {seq}: its signature does not verify with {checkpoint.keyid} (forged)")
+        report.signed += 1
     stored = report.chain.digests.get(seq)
     if stored is None:
         return Problem(seq, f"record {seq}: missing, though checkpoint {seq} ({checkpoint.keyid}) signed it "
