@@ -1,5 +1,5 @@
 """The audit log (DESIGN §11): an append-only, hash-chained record, in the store, of every ref
-write, attestation, revocation, dispute and eviction.
+write, attestation, revocation, dispute and eviction (and every object a read quarantined).
 
 Layout (the store's; nothing else names these objects):
 - audit/records/<seq, 12 digits>: canonical JSON {v, seq, time, kind, by, prev, ...subject fields};
@@ -50,6 +50,7 @@ REF = "ref"                    # key, result, attestations: a ref was written
 REF_DELETED = "ref-deleted"    # key
 ATTESTATION = "attestation"    # key, result, attestation (the envelope's digest): a new one was stored
 EVICTION = "eviction"          # key, result: retention removed a ref
+QUARANTINE = "quarantine"      # object, quarantined_as, reason: a read found damage and moved it aside
 REVOCATION = "revocation"      # keyid: a signing key epoch stopped counting
 DISPUTE = "dispute"            # whatever shows what differed (job, key, digests, node)
 START = "audit-start"          # record 1 when the log is started on purpose

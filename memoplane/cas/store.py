@@ -271,6 +271,7 @@ class Store:
             self.backend.put(qname, seen)
             self.backend.delete(name)
             log.warning("quarantined %s as %s: %s", name, qname, reason)
+            self.audit(audit_log.QUARANTINE, object=name, quarantined_as=qname, reason=reason)
         return StoreCorrupted(f"{name} in {self.describe()} is damaged: {reason}; it was quarantined",
                               "the result will be recomputed; run `memoplane verify` to check the rest")
 

@@ -90,6 +90,17 @@ def test_writes_revocations_and_evictions_are_recorded_in_one_chain(store: Store
     assert problems(store, keys=False) == []
 
 
+def test_damage_a_read_quarantines_is_recorded(store: Store) -> None:
+    digest = compute(store, 1, SigningKey.generate("node-a-1"))
+    name = f"results/{digest[3:5]}/{digest[3:]}"
+    store.backend.put(name, store.backend.get(name).replace(b'"a":1', b'"a":2'))
+    assert store.get_ref(parts(1).key) is None
+    result, ref = [b for b in bodies(store) if b["kind"] == "quarantine"]  # the damaged result, then its ref
+    assert result["object"] == name and str(result["quarantined_as"]).startswith("quarantine/results%")
+    assert "does not match its content" in str(result["reason"])
+    assert ref["object"] == "refs/" + parts(1).key[3:] and digest in str(ref["reason"])
+
+
 def test_a_store_without_a_log_writes_none_until_one_is_started(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     backend = fs(tmp_path / "store")
