@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from securesystemslib.dsse import Envelope
+from securesystemslib.signer._key import SSlibKey  # the package re-exports it without __all__
 
 from memoplane.canonical import canonical_json
 from memoplane.cas import FilesystemBackend, Provenance, ResultManifest, Store
@@ -270,6 +272,14 @@ def test_forged_checkpoints_are_detected(store: Store) -> None:
     store.backend.delete(checkpoint_name(5, OPERATOR.keyid))
     store.backend.put(checkpoint_name(3, OPERATOR.keyid), store.backend.get(checkpoint_name(6, OPERATOR.keyid)))
     assert problems(store) == [f"{checkpoint_name(3, OPERATOR.keyid)}: signs record 6 by operator-1 (moved)"]
+
+
+def test_a_checkpoint_verifies_with_a_standard_dsse_verifier(store: Store) -> None:
+    signed_six(store)
+    envelope = Envelope.from_dict(json.loads(store.backend.get(checkpoint_name(6, OPERATOR.keyid))))
+    key = SSlibKey(OPERATOR.keyid, "ed25519", "ed25519", {"public": OPERATOR.public.raw.hex()})
+    assert set(envelope.verify([key], 1)) == {OPERATOR.keyid}
+    assert json.loads(envelope.payload)["digest"] == verify_chain(store.audit_log).digests[6]
 
 
 def test_with_keys_an_unsigned_log_is_a_problem_and_a_broken_one_is_never_signed(store: Store) -> None:
