@@ -244,3 +244,33 @@ def verify_chain(log: AuditLog) -> ChainReport:
                     f"does not chain to record {seq - 1} (record {seq - 1} edited or replaced, or reordered)")))
         expected, prev = seq + 1, digest
     return report
+
+
+def extend_chain(log: AuditLog, seq: int, digest: str) -> ChainReport:
+    """The records after record seq (known to have `digest`), read one by one up to the first
+    absent number: what a periodic signer checks, without listing or re-reading the whole log.
+    (A record dropped after seq looks like the end here; a full verify_chain names it.)"""
+    report = ChainReport(last=seq, digests={seq: digest})
+    try:
+        if seq and b3(log.backend.get(record_name(seq))) != digest:
+            report.problems.append(Problem(seq, f"record {seq}: not what was checked before (edited)"))
+            return report
+    except NotFound:
+        report.problems.append(Problem(seq, f"record {seq}: missing, though it was checked before (dropped)"))
+        return report
+    while True:
+        try:
+            data = log.backend.get(record_name(seq + 1))
+        except NotFound:
+            return report
+        seq += 1
+        try:
+            body = parse_record(data)
+            fits = body["seq"] == seq and body["prev"] == digest
+        except (ValueError, RecursionError):
+            fits = False
+        if not fits:
+            report.problems.append(Problem(seq, f"record {seq}: does not chain to record {seq - 1} (edited or planted)"))
+            return report
+        digest = b3(data)
+        report.records, report.last, report.digests[seq] = report.records + 1, seq, digest

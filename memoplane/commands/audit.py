@@ -95,7 +95,7 @@ def _line(seq: int, body: dict[str, Any]) -> str:
     head = ("v", "seq", "time", "kind", "by", "prev")
     rest = " ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sorted(body.items())
                     if k not in head)
-    return f"{seq:>6}  {body.get('time', '?')}  {body.get('kind', '?'):<12} by={body.get('by', '?')}  {rest}"
+    return f"{seq:>6}  {body.get('time', '?')}  {body.get('kind', '?'):<12} by={body.get('by', '?')}  {rest}".rstrip()
 
 
 def verify_command(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from ..canonical import canonical_json
 from ..cas import Store
-from ..cas.audit import AuditLog, ChainReport, Problem, verify_chain
+from ..cas.audit import AuditLog, ChainReport, Problem, extend_chain, verify_chain
 from ..errors import StoreCorrupted
 from .attestation import pae
 from .keys import KEYID_PATTERN, PublicKey, SigningKey
@@ -47,16 +47,31 @@ def checkpoint_envelope(seq: int, digest: str, signer: SigningKey, signed_at: fl
 def sign_head(store: Store, signer: SigningKey, now: float) -> Checkpoint | None:
     """Sign the newest record of `store`'s audit log (None: the log is empty). A broken chain is
     never signed (StoreCorrupted names its first problem): a signature would bless the damage.
-    Reads the whole log (one pass): sign every few minutes, not per record."""
-    chain = verify_chain(store.audit_log)
+    Only the records after `signer`'s own newest checkpoint are read (the whole log the first time),
+    so signing every few minutes costs the records written meanwhile."""
+    log = store.audit_log
+    mine = [c for c in (_holding(data, name, seq, signer) for seq, name, data in log.checkpoints()) if c]
+    chain = extend_chain(log, mine[-1].seq, mine[-1].digest) if mine else verify_chain(log)
     if chain.problems:
         raise StoreCorrupted(f"the audit log of {store.describe()} is broken: {chain.problems[0]}",
                              "run `memoplane audit verify`; the head is not signed until that is explained")
-    if not chain.last:
-        return None
+    if not chain.last or (mine and chain.last == mine[-1].seq):
+        return mine[-1] if mine else None
     seq, digest = chain.last, chain.digests[chain.last]
-    store.audit_log.put_checkpoint(seq, signer.keyid, checkpoint_envelope(seq, digest, signer, now))
+    log.put_checkpoint(seq, signer.keyid, checkpoint_envelope(seq, digest, signer, now))
     return Checkpoint(seq, digest, signer.keyid, now)
+
+
+def _holding(data: bytes, name: str, seq: int | None, signer: SigningKey) -> Checkpoint | None:
+    """The checkpoint in `data` if `signer` made it (its signature verifies) for the record it names."""
+    try:
+        checkpoint, payload, signature = read_checkpoint(data)
+    except _Unreadable:
+        return None
+    if checkpoint.keyid != signer.keyid or checkpoint.seq != seq or \
+            not signer.public.verify(signature, pae(CHECKPOINT_TYPE, payload)):
+        return None
+    return checkpoint
 
 
 class _Unreadable(ValueError):

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fakes import DelegatingBackend
 from securesystemslib.dsse import Envelope
 from securesystemslib.signer._key import SSlibKey  # the package re-exports it without __all__
 
@@ -280,6 +281,38 @@ def test_a_checkpoint_verifies_with_a_standard_dsse_verifier(store: Store) -> No
     key = SSlibKey(OPERATOR.keyid, "ed25519", "ed25519", {"public": OPERATOR.public.raw.hex()})
     assert set(envelope.verify([key], 1)) == {OPERATOR.keyid}
     assert json.loads(envelope.payload)["digest"] == verify_chain(store.audit_log).digests[6]
+
+
+class Reads(DelegatingBackend):
+    def __init__(self, inner: FilesystemBackend) -> None:
+        super().__init__(inner)
+        self.got: list[str] = []
+
+    def before(self, op: str, name: str) -> None:
+        if op == "get":
+            self.got.append(name)
+
+
+def test_signing_again_reads_only_the_records_since_the_last_checkpoint(tmp_path: Path) -> None:
+    backend = Reads(fs(tmp_path / "store"))
+    store = Store(backend, audit=True)
+    signed_six(store)
+    store.audit(au.REVOCATION, keyid="node-7-1")
+    store.audit(au.REVOCATION, keyid="node-8-1")
+    backend.got.clear()
+    checkpoint = sign_head(store, OPERATOR, 2.0)
+    assert checkpoint is not None and checkpoint.seq == 8
+    assert [n for n in backend.got if n.startswith(au.RECORDS)] == [record_name(s) for s in (6, 7, 8, 9)]  # 9: the end
+    assert sign_head(store, OPERATOR, 3.0) == checkpoint  # nothing new: the same checkpoint, none written
+    assert len(list(store.audit_log.checkpoints())) == 2 and problems(store) == []
+    store.audit(au.REVOCATION, keyid="node-9-1")
+    edit(store, 8, keyid="node-0-1")
+    with pytest.raises(StoreCorrupted, match="record 8: not what was checked before"):
+        sign_head(store, OPERATOR, 4.0)
+    edit(store, 8, keyid="node-8-1")  # back as it was signed
+    store.backend.put(record_name(10), store.backend.get(record_name(9)))  # planted after the head
+    with pytest.raises(StoreCorrupted, match="record 10: does not chain to record 9"):
+        sign_head(store, OPERATOR, 5.0)
 
 
 def test_with_keys_an_unsigned_log_is_a_problem_and_a_broken_one_is_never_signed(store: Store) -> None:
