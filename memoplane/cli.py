@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands.gmem_args import add_parser as add_gmem
 
     add_gmem(sub, _lazy, _store_flag)
+    from .commands.audit import add_parser as add_audit
+
+    add_audit(sub, _lazy, _store_flag)
     return parser
 
 

@@ -146,6 +146,10 @@ class DelegatingBackend:
         self.before("put_if_absent", name)
         return self.inner.put_if_absent(name, data)
 
+    def create(self, name: str, data: bytes) -> bool:
+        self.before("create", name)
+        return self.inner.create(name, data)
+
     def get(self, name: str) -> bytes:
         self.before("get", name)
         return self.inner.get(name)

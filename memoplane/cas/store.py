@@ -3,7 +3,7 @@
 Object names: chunks/, blobs/, trees/, results/ (`<kind>/<2 hex>/<64 hex>`),
 refs/<64 hex of the cache key>, attestations/<64 hex of the key>/<64 hex of the result>/<64 hex
 of the envelope> (append-only: who vouches for a result, memoplane.trust), quarantine/<name
-with / as %>.<ns>.
+with / as %>.<ns>, audit/ (the audit log, audit.py).
 
 Reads are verified: a chunk is served only if blake3 of its plain bytes equals
 its address, a blob only if its content re-hashes to its digest, a manifest
@@ -38,7 +38,9 @@ import blake3
 from ..canonical import canonical_json, json_depth_exceeds
 from ..errors import InputError, NotFound, StoreCorrupted
 from ..tree_limits import MAX_TREE_DEPTH, MAX_TREE_ENTRIES
+from . import audit as audit_log
 from . import gc as maintenance
+from .audit import AuditLog, Record
 from .backend import Backend
 from .chunking import ChunkDecodeError, ChunkParams, Ingested, Pools, decode_chunk, ingest_buffer, ingest_stream
 from .digests import attestation_name, b3, check_digest, digest_of_name, object_name, ref_name
@@ -94,10 +96,19 @@ def _keep(memo: OrderedDict[str, Any], name: str, value: Any) -> None:
 
 
 class Store:
-    """A content-addressed store. Thread-safe; one per process is plenty."""
+    """A content-addressed store. Thread-safe; one per process is plenty.
 
-    def __init__(self, backend: Backend, *, params: ChunkParams | None = None, workers: int | None = None) -> None:
+    `audit`: whether ref writes, new attestations, ref deletions and evictions are appended to the
+    store's audit log (audit.py). None (default): if the store keeps one, i.e. once anyone started
+    it (Store(audit=True), `memoplane audit start`); a store without a log costs one existence
+    check per RECHECK_SECONDS. `audit_by`: who the records say wrote them (default: the host name).
+    """
+
+    def __init__(self, backend: Backend, *, params: ChunkParams | None = None, workers: int | None = None,
+                 audit: bool | None = None, audit_by: str | None = None) -> None:
         self.backend = backend
+        self.audit_log = AuditLog(backend, audit_by)
+        self._audit = audit
         self.params = params or ChunkParams()
         self._pools = Pools(workers or os.cpu_count() or 2)
         # Result manifests read by get_ref and attestations, by address: content-addressed,
@@ -124,6 +135,17 @@ class Store:
 
     def describe(self) -> str:
         return self.backend.describe()
+
+    # -- the audit log -------------------------------------------------------
+
+    def audit(self, kind: str, **fields: Any) -> Record | None:
+        """Append a record of `kind` (cas.audit: REF, ATTESTATION, REVOCATION, DISPUTE, ...) with
+        `fields` (JSON; name big things by digest) to the audit log, if this store writes one
+        (see the class doc); returns it, or None. Revocations and disputes are recorded by whoever
+        decides them: `store.audit(REVOCATION, keyid="node-a-1")`."""
+        if not (self._audit if self._audit is not None else self.audit_log.started()):
+            return None
+        return self.audit_log.append(kind, fields)
 
     # -- blobs ---------------------------------------------------------------
 
@@ -249,6 +271,7 @@ class Store:
             self.backend.put(qname, seen)
             self.backend.delete(name)
             log.warning("quarantined %s as %s: %s", name, qname, reason)
+            self.audit(audit_log.QUARANTINE, object=name, quarantined_as=qname, reason=reason)
         return StoreCorrupted(f"{name} in {self.describe()} is damaged: {reason}; it was quarantined",
                               "the result will be recomputed; run `memoplane verify` to check the rest")
 
@@ -373,7 +396,8 @@ class Store:
         """Add an attestation of (key, result); one already stored is never replaced.
         Returns its digest (what a ref lists)."""
         digest = b3(envelope)
-        self.backend.put_if_absent(attestation_name(key, result_digest, digest), envelope)
+        if self.backend.put_if_absent(attestation_name(key, result_digest, digest), envelope):
+            self.audit(audit_log.ATTESTATION, key=key, result=result_digest, attestation=digest)
         return digest
 
     def attestations(self, key: str, result_digest: str, digests: Iterable[str] | None = None) -> list[bytes]:
@@ -422,6 +446,7 @@ class Store:
         if names:
             body["attestations"] = names
         self.backend.put(ref_name(key), seal(body))
+        self.audit(audit_log.REF, key=key, result=result_digest, attestations=names)
 
     def commit(self, result: ResultManifest, attestations: Iterable[bytes] = ()) -> str:
         """put_result, put_attestation of each envelope, then set_ref for its cache key;
@@ -526,6 +551,7 @@ class Store:
 
     def delete_ref(self, key: str) -> None:
         self.backend.delete(ref_name(key))
+        self.audit(audit_log.REF_DELETED, key=key)
 
     # -- maintenance (see gc.py) -------------------------------------------------
 
@@ -541,7 +567,10 @@ class Store:
         return maintenance.stats(self.backend)
 
     def evict(self, max_age: float | None = None, max_bytes: int | None = None) -> EvictReport:
-        return maintenance.evict(self.backend, max_age=max_age, max_bytes=max_bytes)
+        def evicted(key: str, result: str) -> None:
+            self.audit(audit_log.EVICTION, key=key, result=result)
+
+        return maintenance.evict(self.backend, max_age=max_age, max_bytes=max_bytes, on_evict=evicted)
 
 
 def _decode_json_value(data: bytes, digest: str) -> Any:
