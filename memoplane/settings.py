@@ -131,14 +131,19 @@ def read_credentials(directory: Path) -> tuple[str, str]:
 
 def read_private_file(path: Path, env: str, what: str, alternative: str = "") -> str:
     """A secret's text from `path` (a trailing newline is ignored): it must exist, be readable
-    by its owner only and not be empty; InputError naming `env` and the fix otherwise."""
+    by its owner only (or also by this process's own non-root group) and not be empty;
+    InputError naming `env` and the fix otherwise."""
     try:
-        mode = path.stat().st_mode
+        stat = path.stat()
         text = path.read_text().rstrip("\r\n")
     except OSError as exc:
         raise InputError(f"{env}: cannot read {path} ({exc.strerror})",
                          f"put {what} there (mode 0400)" + (f", {alternative}" if alternative else "")) from None
-    if mode & 0o077:
+    mode = stat.st_mode
+    # Group-readable is fine when the group is this process's own (not root's): the pod's
+    # fsGroup, which is how a non-root container reads a Secret volume.
+    own_group = stat.st_gid == os.getegid() != 0
+    if mode & 0o037 or (mode & 0o040 and not own_group):
         raise InputError(f"{env}: {path} is readable or writable by group or others "
                          f"(mode {mode & 0o777:04o})", f"chmod 0400 {path} (a Secret volume: defaultMode 0400)")
     if not text.strip():

@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                          require_isolation=settings.require_isolation, backoff_base=settings.backoff_base)
     metrics = AgentMetrics()
     try:
-        signer = load_signer(from_env(SigningSettings))
         stores = Stores(StoreSettings.from_env(local_cache=args.local_cache))
+        signer = load_signer(from_env(SigningSettings))
     except MemoplaneError as exc:
         parser.exit(2, f"memoplane-agent: {exc}\n")
     agent = Agent(config, Kube(load_config()), stores, signer, metrics)
