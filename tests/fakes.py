@@ -59,7 +59,13 @@ class FakeKube(Kube):
             raise ApiException(status=409, reason="Conflict")
         return obj
 
-    # -- custom objects ------------------------------------------------------------------
+    # -- objects: custom ones under their plural, core ones under "configmaps" and "secrets" -----
+
+    def get_config_map(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.get("configmaps", namespace, name)
+
+    def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.get("secrets", namespace, name)
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         obj = self.objects.get((plural, namespace, name))

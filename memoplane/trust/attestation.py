@@ -60,8 +60,9 @@ def statement(key: str, key_manifest: Mapping[str, Any], result_digest: str, bui
               started_at: float, finished_at: float) -> dict[str, Any]:
     """The in-toto statement that `builder` computed `result_digest` for cache key `key`."""
     inputs = key_manifest.get("inputs") or {}
-    dependencies = [{"name": "code", "digest": {DIGEST_ALGORITHM: _hex(str(key_manifest["code"]))}},
-                    {"name": "runtime", "digest": {DIGEST_ALGORITHM: _hex(str(key_manifest["runtime"]))}}]
+    # A map parent's key manifest lists its children's keys and has no code or runtime of its own.
+    dependencies = [{"name": name, "digest": {DIGEST_ALGORITHM: _hex(str(key_manifest[name]))}}
+                    for name in ("code", "runtime") if name in key_manifest]
     dependencies += [{"name": f"input:{name}", "digest": {DIGEST_ALGORITHM: _hex(str(entry).rsplit(":", 1)[-1])}}
                      for name, entry in sorted(inputs.items())]
     return {

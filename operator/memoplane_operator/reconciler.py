@@ -41,6 +41,7 @@ from memoplane.cluster.metrics import OperatorMetrics
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import job
 from memoplane.settings import OperatorSettings
+from memoplane.trust import SigningKey
 
 from . import mapper
 from .admission import admit, check_node
@@ -57,7 +58,7 @@ JOB_LANE = "job"
 
 
 class Reconciler:
-    def __init__(self, settings: OperatorSettings, kube: Kube, stores: Stores,
+    def __init__(self, settings: OperatorSettings, kube: Kube, stores: Stores, signer: SigningKey,
                  metrics: OperatorMetrics | None = None) -> None:
         self.cfg = settings
         self.patterns = p.parse_patterns(settings.watch_namespaces)
@@ -72,8 +73,9 @@ class Reconciler:
         self.work = WorkQueue("reconciler", [Lane(CACHE_LANE), self._jobs], settings.resync_seconds,
                               max(60.0, 10 * settings.resync_seconds), log)
         self._cond = self.work.cond
-        self.caches = ResultCaches(kube, stores, self.work, self.watched)
-        self.ctx = Context(settings, kube, stores, self.caches, JobManifests(), self.metrics, self.index, self._cond)
+        self.caches = ResultCaches(kube, stores, self.work, self.watched, signer.public)
+        self.ctx = Context(settings, kube, stores, self.caches, JobManifests(), self.metrics, self.index, self._cond,
+                           signer)
         # never: each periodic task is due at once, however long ago the monotonic clock started
         self._last_full = float("-inf")
         self._last_leases = float("-inf")
@@ -166,6 +168,7 @@ class Reconciler:
         self.refresh_nodes(force=True)
         if time.monotonic() - self._last_full >= self.cfg.full_resync_seconds:
             self._last_full = time.monotonic()
+            self.caches.forget_policies()  # a Secret or ConfigMap of trusted keys may have changed
             listed, _ = self.kube.list(p.COMPUTEJOBS)
             with self._cond:
                 self.index.replace_open([o for o in listed if self.watched(job(o).meta.namespace)])
