@@ -28,7 +28,6 @@ _COMPUTEJOB_SPEC: dict[str, Any] = {
 
 _RESULTCACHE_SPEC: dict[str, Any] = {
     "store": {"bucket": "memoplane", "prefix": "ml/"},
-    "retention": {"maxAge": "720h", "maxBytes": "500Gi"},
     "trust": {"keys": [{"secretRef": {"name": "ml-team-keys"}},
                        {"publicKey": {"keyId": "ci-2", "key": "YCVqevkm2di+qD65dqFC8tGuI5+4Djlh3skNQxaAR4w="}}],
               "revoked": ["ci-1"], "minSignatures": 1, "clusterAgents": True},

@@ -111,6 +111,8 @@ SHARING_MESSAGE = ("sharing is not supported yet: remove it (a cache is used by 
                    "sharing across namespaces is issue 12)")
 SIGNING_MESSAGE = ("signing was replaced by trust: move the key to trust.keys (publicKey, secretRef or "
                    "configMapRef holding <keyid>.pub entries)")
+RETENTION_MESSAGE = ("retention is not supported yet: remove it (nothing evicts on its own yet; run "
+                     "`memoplane gc` / `memoplane evict` against the store)")
 REEXECUTE_MESSAGE = "reexecute is not supported yet: remove it (re-executing hits on another node is planned)"
 
 # The same grammar without Python's group names (the schema's regex dialect is Go's).
@@ -188,10 +190,11 @@ class ResultCacheSpec(K8sModel):
 
     model_config = ConfigDict(json_schema_extra=validations(
         cel("!has(self.sharing)", SHARING_MESSAGE, field_path=".sharing"),
+        cel("!has(self.retention)", RETENTION_MESSAGE, field_path=".retention"),
         cel("!has(self.signing)", SIGNING_MESSAGE, field_path=".signing")))
 
     store: StoreSpec
-    retention: RetentionSpec | None = None
+    retention: RetentionSpec | None = Field(default=None, description="Refused until eviction is enforced.")
     trust: TrustSpec | None = Field(default=None, description="Whom this cache trusts (default: the cluster's "
                                                               "agents).")
     sharing: SharingSpec | None = None
@@ -201,6 +204,11 @@ class ResultCacheSpec(K8sModel):
     @classmethod
     def _no_sharing(cls, value: Any) -> Any:
         return _refused(value, SHARING_MESSAGE)
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _no_retention(cls, value: Any) -> Any:
+        return _refused(value, RETENTION_MESSAGE)
 
     @field_validator("signing", mode="before")
     @classmethod
