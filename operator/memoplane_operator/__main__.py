@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import kopf
@@ -15,6 +16,7 @@ from prometheus_client import start_http_server
 
 from memoplane.cluster.kube import Kube, load_config
 from memoplane.cluster.metrics import OperatorMetrics
+from memoplane.cluster.replicas import signing_key_from_env
 from memoplane.cluster.stores import Stores
 from memoplane.errors import MemoplaneError
 from memoplane.leftovers import sweep
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = from_env(OperatorSettings, **flag_values(args, FLAGS))
+        agents = signing_key_from_env(os.environ)  # its public half: whose replicas' attestations count
         stores = Stores(StoreSettings.from_env())
     except MemoplaneError as exc:
         parser.exit(2, f"memoplane-operator: {exc}\n")
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     metrics = OperatorMetrics()
     sweep()   # the gmem log directories an operator that crashed left behind
-    reconciler = Reconciler(settings, Kube(load_config()), stores, metrics)
+    reconciler = Reconciler(settings, Kube(load_config()), stores, metrics,
+                            agents=agents.public if agents is not None else None)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, registry=metrics.registry)
     registry = kopf.OperatorRegistry()

@@ -19,6 +19,7 @@ from memoplane.jobs import Job
 
 from .context import Context
 from .hits import look_up, served
+from .replicas import exclude_for
 from .resolution import Admissible
 
 log = logging.getLogger("memoplane.operator")
@@ -48,7 +49,8 @@ def admit(ctx: Context, obj: dict[str, Any], carried: Admissible | None = None) 
         ctx.wait(obj, waiting)
         return
     resolved = carried.job if carried is not None else ctx.manifests.job_of(obj, store)
-    decision = decide.place(obj, ctx.fleet.nodes, ctx.fleet.load, resolved.profile, str(resolved.runtime))
+    decision = decide.place(obj, ctx.fleet.nodes, ctx.fleet.load, resolved.profile, str(resolved.runtime),
+                            exclude_for(ctx, obj))
     if isinstance(decision, decide.Wait):
         ctx.wait(obj, decision)
     elif isinstance(decision, decide.Rederive):

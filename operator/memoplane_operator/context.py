@@ -26,6 +26,7 @@ from memoplane.cluster.metrics import OperatorMetrics
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import job
 from memoplane.settings import OperatorSettings
+from memoplane.trust import PublicKey
 
 from .caches import ResultCaches
 from .job_manifests import JobManifests
@@ -67,6 +68,7 @@ class Context:
     lock: threading.Condition     # guards `index` (the work queue's)
     fleet: Fleet = field(default_factory=Fleet)
     memo: Pass | None = None      # set during a resync pass
+    agents: PublicKey | None = None  # the cluster agents' key: replicated jobs count their attestations
 
     # -- writes ------------------------------------------------------------------------------
 

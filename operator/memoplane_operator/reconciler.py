@@ -38,9 +38,11 @@ from memoplane.cluster import protocol as p
 from memoplane.cluster.index import JobIndex, Ref, ref_of, settled
 from memoplane.cluster.kube import Kube
 from memoplane.cluster.metrics import OperatorMetrics
+from memoplane.cluster.replicas import is_replicated
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import job
 from memoplane.settings import OperatorSettings
+from memoplane.trust import PublicKey
 
 from . import mapper
 from .admission import admit, check_node
@@ -48,6 +50,7 @@ from .caches import LANE as CACHE_LANE
 from .caches import ResultCaches
 from .context import Conflict, Context, Pass
 from .job_manifests import JobManifests
+from .replicas import reconcile_replicated
 from .resolution import Admissible, resolve_job
 from .workqueue import Lane, WorkQueue
 
@@ -58,7 +61,7 @@ JOB_LANE = "job"
 
 class Reconciler:
     def __init__(self, settings: OperatorSettings, kube: Kube, stores: Stores,
-                 metrics: OperatorMetrics | None = None) -> None:
+                 metrics: OperatorMetrics | None = None, agents: PublicKey | None = None) -> None:
         self.cfg = settings
         self.patterns = p.parse_patterns(settings.watch_namespaces)
         self.kube = kube
@@ -73,7 +76,8 @@ class Reconciler:
                               max(60.0, 10 * settings.resync_seconds), log)
         self._cond = self.work.cond
         self.caches = ResultCaches(kube, stores, self.work, self.watched)
-        self.ctx = Context(settings, kube, stores, self.caches, JobManifests(), self.metrics, self.index, self._cond)
+        self.ctx = Context(settings, kube, stores, self.caches, JobManifests(), self.metrics, self.index, self._cond,
+                           agents=agents)
         # never: each periodic task is due at once, however long ago the monotonic clock started
         self._last_full = float("-inf")
         self._last_leases = float("-inf")
@@ -220,6 +224,9 @@ class Reconciler:
         self.refresh_nodes()
         if mapping.is_map(obj):  # a parent of sub-tasks: see mapper.py
             mapper.reconcile_map(self.ctx, obj)
+            return
+        if is_replicated(obj):  # a parent of replicas: see replicas.py
+            reconcile_replicated(self.ctx, obj)
             return
         if flight.needs_resolution(obj):
             if self._resolvers is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -21,6 +22,7 @@ import threading
 from memoplane.cluster import protocol as p
 from memoplane.cluster.kube import Kube, load_config
 from memoplane.cluster.metrics import AgentMetrics
+from memoplane.cluster.replicas import signing_key_from_env
 from memoplane.cluster.stores import Stores
 from memoplane.errors import MemoplaneError
 from memoplane.settings import AgentSettings, StoreSettings, add_flags, describe, flag_values, from_env
@@ -54,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     metrics = AgentMetrics()
     try:
         stores = Stores(StoreSettings.from_env(local_cache=args.local_cache))
+        signer = signing_key_from_env(os.environ)  # attests the replicas it computes
     except MemoplaneError as exc:
         parser.exit(2, f"memoplane-agent: {exc}\n")
-    agent = Agent(config, Kube(load_config()), stores, metrics)
+    agent = Agent(config, Kube(load_config()), stores, metrics, signer=signer)
     server = serve(settings.http_host, settings.http_port, metrics.registry, agent.live, agent.ready)
     logging.getLogger("memoplane.agent").info("http on %s:%d", settings.http_host, server.server_address[1])
     stop = threading.Event()

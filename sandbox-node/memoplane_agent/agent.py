@@ -30,6 +30,7 @@ from memoplane.cluster import status as st
 from memoplane.cluster.claim import Assignment, agent_action, assignment_of, claimable, still_ours
 from memoplane.cluster.kube import Kube
 from memoplane.cluster.metrics import AgentMetrics
+from memoplane.cluster.replicas import is_replica
 from memoplane.cluster.retry import after_failure
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import meta_of, section
@@ -39,6 +40,9 @@ from memoplane.jobs import Job, job_from_dict
 from memoplane.keys import runtime_identity
 from memoplane.leftovers import sweep
 from memoplane.sandbox import SandboxPool
+from memoplane.trust import SigningKey
+
+from .replica import REASON_NO_KEY, store_replica
 
 log = logging.getLogger("memoplane.agent")
 
@@ -62,8 +66,10 @@ class _Stale(Exception):
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, kube: Kube, stores: Stores, metrics: AgentMetrics | None = None) -> None:
+    def __init__(self, config: AgentConfig, kube: Kube, stores: Stores, metrics: AgentMetrics | None = None,
+                 signer: SigningKey | None = None) -> None:
         self.cfg = config
+        self.signer = signer
         self.kube = kube
         self.stores = stores
         self.metrics = metrics or AgentMetrics()
@@ -294,12 +300,18 @@ class Agent:
             self.metrics.runs.labels("failed").inc()
             self._attempt_failed(obj, a, reason, message, detail)
             return
-        if a.policy != "Bypass":
+        result, digest = execution.result, execution.digest
+        if is_replica(obj):  # stored and attested, not believed on its own: the parent compares (no ref)
+            if self.signer is None:
+                why = f"node {node} has no signing key: a replica's result must be attested"
+                self._report(obj, a, lambda s: st.failed(s, a.generation, REASON_NO_KEY, why, datetime.now(UTC)))
+                return
+            result, digest = store_replica(store, job, result, self.signer, node)
+        elif a.policy != "Bypass":
             store.set_ref(execution.key, execution.digest)   # durable before anyone is told
         self.metrics.runs.labels("succeeded").inc()
-        self.metrics.bytes_stored.inc(execution.result.logical_size)
+        self.metrics.bytes_stored.inc(result.logical_size)
         ms = int(execution.outcome.duration_s * 1000)
-        result, digest = execution.result, execution.digest
         done = self._report(obj, a, lambda s: st.succeeded(s, a.generation, node, digest, result, a.store, ms,
                                                            datetime.now(UTC)))
         self.kube.event(done, p.REASON_COMPUTED, f"computed on {node} in {ms} ms, result {digest[:15]}",
