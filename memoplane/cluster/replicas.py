@@ -27,7 +27,7 @@ from ..canonical import canonical_json
 from ..cas import Provenance, ResultManifest
 from ..errors import InputError
 from ..keys import digest_bytes
-from ..trust import SigningKey, Verdict
+from ..trust import SigningKey, TrustPolicy, judge
 from . import protocol as p
 from .index import settled
 from .schedule import NodeView, live_nodes
@@ -220,19 +220,22 @@ def step(parent: Mapping[str, Any], children: Mapping[str, Mapping[str, Any]]
 # -- attestations ------------------------------------------------------------------------------
 
 
-def attesting_nodes(verdict: Verdict) -> frozenset[str]:
-    """The distinct nodes (builders) that trusted keys say computed the result."""
-    return frozenset(a.builder for a in verdict.attested)
+def attesting_nodes(policy: TrustPolicy, key: str, digest: str, envelopes: Iterable[bytes]) -> frozenset[str]:
+    """The distinct nodes (builders) that trusted keys say computed `digest` for `key`.
+    Judged one envelope at a time: the agents may share one key, and each node counts."""
+    one = dataclasses.replace(policy, min_signatures=1)
+    verdicts = (judge(one, key, digest, [data]) for data in envelopes)
+    return frozenset(a.builder for v in verdicts if v.trusted for a in v.attested)
 
 
-def enough_nodes(verdict: Verdict, replicas: int) -> bool:
-    """A stored result counts for a k-replica job: trusted, and attested by k distinct nodes."""
-    return verdict.trusted and len(attesting_nodes(verdict)) >= replicas
+def enough_nodes(policy: TrustPolicy, key: str, digest: str, envelopes: Sequence[bytes], replicas: int) -> bool:
+    """A stored result counts for a k-replica job: trusted by the policy, and attested by k distinct nodes."""
+    return judge(policy, key, digest, envelopes).trusted and \
+        len(attesting_nodes(policy, key, digest, envelopes)) >= replicas
 
 
-def unattested(agreed: Agreed, verdict: Verdict) -> list[str]:
-    """Nodes of the replicas whose own attestation of the agreed result is missing or untrusted."""
-    nodes = attesting_nodes(verdict)
+def unattested(agreed: Agreed, nodes: frozenset[str]) -> list[str]:
+    """Replicas (their nodes) whose own trusted attestation of the agreed result is missing."""
     return [o.node or o.job for o in agreed.outcomes if o.node not in nodes]
 
 

@@ -112,9 +112,9 @@ def _resolve(ctx: Context, obj: dict[str, Any], store: Store, url: str, policy: 
         return None
     key, now, generation = decision.job.key, datetime.now(UTC), view.meta.generation
     if decide.looks_up(view.spec.policy, missed=False):
-        lookup = trusted_hit(store, key, policy)
-        if lookup.hit is not None and lookup.verdict is not None and rp.enough_nodes(lookup.verdict, rp.replicas_of(obj)):
-            hit = lookup.hit
+        hit = trusted_hit(store, key, policy).hit
+        if hit is not None and rp.enough_nodes(policy, key, hit.digest, store.attestations(key, hit.digest),
+                                               rp.replicas_of(obj)):
             done = ctx.patch(obj, st.resolved_hit(view.status.raw, generation, key, decision.input_digests, hit.digest,
                                                   hit.result, url, 0, now))
             served(ctx, done, hit)
@@ -161,8 +161,7 @@ def _agreed(ctx: Context, obj: dict[str, Any], agreed: rp.Agreed, store: Store, 
     """Every replica returned the same result: it is the job's only if each node attests it."""
     view = job(obj)
     envelopes = store.attestations(agreed.key, agreed.digest)
-    verdict = judge(policy, agreed.key, agreed.digest, envelopes)
-    missing = rp.unattested(agreed, verdict)
+    missing = rp.unattested(agreed, rp.attesting_nodes(policy, agreed.key, agreed.digest, envelopes))
     outcomes = [o.to_status() for o in agreed.outcomes]
     if missing:
         ctx.fail(obj, decide.Fail(rp.REASON_UNATTESTED, f"replicas agree on {agreed.digest} but no trusted "
