@@ -36,6 +36,7 @@ from .views import job, meta_of, section
 PARENT_LABEL = f"{p.GROUP}/replica-of"          # value: the parent's uid
 INDEX_LABEL = f"{p.GROUP}/replica-index"        # value: 0 .. k-1
 SPEC_ANNOTATION = f"{p.GROUP}/replica-spec"     # digest of the spec the parent wrote for the replica
+COUNT_ANNOTATION = f"{p.GROUP}/replicas"        # k: the replica's siblings are <parent>-r0 .. -r<k-1>
 REPLICATED_NODE = "replicas"                    # provenance.node of a normalised result: see the attestations
 NAME_MAX = 253
 
@@ -86,12 +87,26 @@ def child_manifest(parent: Mapping[str, Any], index: int) -> dict[str, Any]:
         "metadata": {
             "name": child_name(meta.name, index), "namespace": meta.namespace,
             "labels": {PARENT_LABEL: meta.uid, INDEX_LABEL: str(index)},
-            "annotations": {SPEC_ANNOTATION: digest_bytes(canonical_json(spec))},
+            "annotations": {SPEC_ANNOTATION: digest_bytes(canonical_json(spec)), COUNT_ANNOTATION: str(replicas_of(parent))},
             "ownerReferences": [{"apiVersion": p.API_VERSION, "kind": "ComputeJob", "name": meta.name,
                                  "uid": meta.uid, "controller": True, "blockOwnerDeletion": False}],
         },
         "spec": spec,
     }
+
+
+def sibling_names(replica: Mapping[str, Any]) -> list[str]:
+    """The names of a replica's siblings (read by name: no list of the namespace)."""
+    meta = meta_of(replica)
+    owners = [o for o in meta.raw.get("ownerReferences") or () if o.get("uid") == meta.labels.get(PARENT_LABEL)]
+    try:
+        count = int(meta.annotations.get(COUNT_ANNOTATION, "0"))
+    except ValueError:
+        count = 0
+    if not owners:
+        return []
+    names = [child_name(str(owners[0].get("name")), i) for i in range(count)]
+    return [n for n in names if n != meta.name]
 
 
 def owned_by(child: Mapping[str, Any], parent: Mapping[str, Any]) -> bool:

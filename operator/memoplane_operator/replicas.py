@@ -50,9 +50,13 @@ def exclude_for(ctx: Context, obj: Mapping[str, Any]) -> frozenset[str]:
     """The nodes a job must not be placed on: for a replica, its siblings' (listed afresh)."""
     if not rp.is_replica(obj):
         return frozenset()
-    parent = job(obj).meta.labels[rp.PARENT_LABEL]
-    siblings, _ = ctx.kube.list(p.COMPUTEJOBS, job(obj).meta.namespace, f"{rp.PARENT_LABEL}={parent}")
-    return rp.taken_nodes(obj, siblings)
+    namespace = job(obj).meta.namespace
+    siblings = [ctx.kube.get(p.COMPUTEJOBS, namespace, name) for name in rp.sibling_names(obj)]
+    return rp.taken_nodes(obj, [s for s in siblings if s is not None and rp.owned_by(s, _parent_ref(obj))])
+
+
+def _parent_ref(replica: Mapping[str, Any]) -> dict[str, Any]:
+    return {"metadata": {"uid": job(replica).meta.labels.get(rp.PARENT_LABEL)}}
 
 
 def reconcile_replicated(ctx: Context, obj: dict[str, Any]) -> None:
@@ -64,14 +68,14 @@ def reconcile_replicated(ctx: Context, obj: dict[str, Any]) -> None:
             return
     assert not isinstance(found, decide.Wait) and isinstance(policy, TrustPolicy)
     store, url = found
-    view = job(obj)
     if not _resolved(obj):
         updated = _resolve(ctx, obj, store, url, policy)
         if updated is None:
             return
-        obj, view = updated, job(updated)
-    listed, _ = ctx.kube.list(p.COMPUTEJOBS, view.meta.namespace, f"{rp.PARENT_LABEL}={view.meta.uid}")
-    children = {job(c).meta.name: c for c in listed}
+        obj = updated
+    if ctx.memo is not None and _replicas_open(ctx, obj):
+        return  # a resync pass: the parent is woken when a replica settles, and reads them then
+    children = _replicas(ctx, obj)
     decision = rp.step(obj, children)
     if isinstance(decision, rp.Missing):
         _progress(ctx, obj, decision, children)
@@ -84,6 +88,27 @@ def reconcile_replicated(ctx: Context, obj: dict[str, Any]) -> None:
         _agreed(ctx, obj, decision, store, url, policy)
     else:
         _disputed(ctx, obj, decision, store)
+
+
+def _replicas(ctx: Context, obj: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The parent's replicas by name, each read by name (k reads, no list of the namespace)."""
+    view = job(obj)
+    found = {}
+    for index in range(rp.replicas_of(obj)):
+        name = rp.child_name(view.meta.name, index)
+        child = ctx.kube.get(p.COMPUTEJOBS, view.meta.namespace, name)
+        if child is not None and rp.owned_by(child, obj):
+            found[name] = child
+    return found
+
+
+def _replicas_open(ctx: Context, obj: Mapping[str, Any]) -> bool:
+    """Some replica of the current spec is unfinished, as the operator's index knows it."""
+    view = job(obj)
+    with ctx.lock:
+        bodies = [ctx.index.open.get((view.meta.namespace, rp.child_name(view.meta.name, i)))
+                  for i in range(rp.replicas_of(obj))]
+    return any(b is not None and rp.owned_by(b, obj) and rp.current(b, obj) for b in bodies)
 
 
 def _resolved(obj: Mapping[str, Any]) -> bool:

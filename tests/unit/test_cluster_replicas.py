@@ -87,6 +87,7 @@ def test_a_replica_is_placed_away_from_its_siblings() -> None:
     me = replica(1, phase="Pending")
     siblings = [replica(0, phase="Running", node="a"), me, replica(2, phase="Succeeded", node="c", digest=D1)]
     assert rp.taken_nodes(me, siblings) == frozenset({"a", "c"})
+    assert rp.sibling_names(me) == ["sum-r0"] and rp.sibling_names(replica(0, of=parent(3))) == ["sum-r1", "sum-r2"]
     nodes = [nv("a"), nv("b"), nv("c")]
     assert pick_node(nodes, "python", R1, {}, exclude=frozenset({"a", "c"})) == "b"
     assert pick_node(nodes, "python", R1, {"b": 9}, exclude=frozenset({"a", "c"})) == "b"  # busy still beats taken
