@@ -194,13 +194,14 @@ def agent_credentials(cfg: StackConfig) -> dict[str, str]:
     return {CREDENTIALS_ENV: str(directory), **{name: "" for name in KEY_ENVS}}
 
 
-def start_agent(cfg: StackConfig, node: str, wait: bool = True) -> Proc:
+def start_agent(cfg: StackConfig, node: str, wait: bool = True, argv: list[str] | None = None) -> Proc:
+    """`argv`: another program than the agent (a test agent that wraps it)."""
     ports = {"http": free_port()}
     env = {**cfg.process_env(), "NODE_NAME": node, "MEMOPLANE_HTTP_HOST": "127.0.0.1",
            "MEMOPLANE_HTTP_PORT": str(ports["http"]), "MEMOPLANE_CAPACITY": str(cfg.capacity),
            "MEMOPLANE_LOCAL_CACHE": str(cfg.directory / "node-cache" / node), **agent_credentials(cfg),
            **signing_env(cfg)}
-    proc = _spawn(cfg, AGENT_PREFIX + node, [sys.executable, "-m", "memoplane_agent"], env, ports)
+    proc = _spawn(cfg, AGENT_PREFIX + node, argv or [sys.executable, "-m", "memoplane_agent"], env, ports)
     if wait:
         wait_ready(cfg.directory, proc, proc.url("http", "/readyz"))
     return proc

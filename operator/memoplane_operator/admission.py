@@ -20,6 +20,7 @@ from memoplane.trust import TrustPolicy
 
 from .context import Context
 from .hits import look_up, served
+from .replicas import exclude_for
 from .resolution import Admissible
 
 log = logging.getLogger("memoplane.operator")
@@ -53,7 +54,8 @@ def admit(ctx: Context, obj: dict[str, Any], carried: Admissible | None = None) 
         ctx.wait(obj, waiting)
         return
     resolved = carried.job if carried is not None else ctx.manifests.job_of(obj, store)
-    decision = decide.place(obj, ctx.fleet.nodes, ctx.fleet.load, resolved.profile, str(resolved.runtime))
+    decision = decide.place(obj, ctx.fleet.nodes, ctx.fleet.load, resolved.profile, str(resolved.runtime),
+                            exclude_for(ctx, obj))
     if isinstance(decision, decide.Wait):
         ctx.wait(obj, decision)
     elif isinstance(decision, decide.Rederive):

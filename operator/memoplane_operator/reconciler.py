@@ -38,6 +38,7 @@ from memoplane.cluster import protocol as p
 from memoplane.cluster.index import JobIndex, Ref, ref_of, settled
 from memoplane.cluster.kube import Kube
 from memoplane.cluster.metrics import OperatorMetrics
+from memoplane.cluster.replicas import is_replicated
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import job
 from memoplane.settings import OperatorSettings
@@ -49,6 +50,7 @@ from .caches import LANE as CACHE_LANE
 from .caches import ResultCaches
 from .context import Conflict, Context, Pass
 from .job_manifests import JobManifests
+from .replicas import reconcile_replicated
 from .resolution import Admissible, resolve_job
 from .workqueue import Lane, WorkQueue
 
@@ -223,6 +225,9 @@ class Reconciler:
         self.refresh_nodes()
         if mapping.is_map(obj):  # a parent of sub-tasks: see mapper.py
             mapper.reconcile_map(self.ctx, obj)
+            return
+        if is_replicated(obj):  # a parent of replicas: see replicas.py
+            reconcile_replicated(self.ctx, obj)
             return
         if flight.needs_resolution(obj):
             if self._resolvers is not None:

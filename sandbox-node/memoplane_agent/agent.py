@@ -31,6 +31,7 @@ from memoplane.cluster import status as st
 from memoplane.cluster.claim import Assignment, agent_action, assignment_of, claimable, still_ours
 from memoplane.cluster.kube import Kube
 from memoplane.cluster.metrics import AgentMetrics
+from memoplane.cluster.replicas import is_replica
 from memoplane.cluster.retry import after_failure
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import meta_of, section
@@ -42,6 +43,8 @@ from memoplane.leftovers import sweep
 from memoplane.sandbox import SandboxPool
 from memoplane.trust import SigningKey, TrustPolicy, trusted_hit
 from memoplane.trust.attestation import attest
+
+from .replica import store_replica
 
 log = logging.getLogger("memoplane.agent")
 
@@ -301,16 +304,18 @@ class Agent:
             self.metrics.runs.labels("failed").inc()
             self._attempt_failed(obj, a, reason, message, detail)
             return
-        if a.policy != "Bypass":  # attested and durable before anyone is told
+        result, digest = execution.result, execution.digest
+        if is_replica(obj):  # stored and attested, not believed on its own: the parent compares (no ref)
+            result, digest = store_replica(store, job, result, self.signer, node)
+        elif a.policy != "Bypass":  # attested and durable before anyone is told
             provenance = execution.result.provenance
             envelope = attest(execution.key, job.key_parts().components(), execution.digest, self.signer, node,
                               provenance.started_at, provenance.ended_at)
             store.set_ref(execution.key, execution.digest,
                           [store.put_attestation(execution.key, execution.digest, envelope)])
         self.metrics.runs.labels("succeeded").inc()
-        self.metrics.bytes_stored.inc(execution.result.logical_size)
+        self.metrics.bytes_stored.inc(result.logical_size)
         ms = int(execution.outcome.duration_s * 1000)
-        result, digest = execution.result, execution.digest
         done = self._report(obj, a, lambda s: st.succeeded(s, a.generation, node, digest, result, a.store, ms,
                                                            datetime.now(UTC)))
         self.kube.event(done, p.REASON_COMPUTED, f"computed on {node} in {ms} ms, result {digest[:15]}",

@@ -21,9 +21,9 @@ from memoplane.api.gmemseed import GMEMSEED, GMemSeedSpec
 from memoplane.api.resultcache import (
     KEY_SOURCE_MESSAGE,
     NO_KEYS_MESSAGE,
-    RETENTION_MESSAGE,
     REEXECUTE_MESSAGE,
     RESULTCACHE,
+    RETENTION_MESSAGE,
     SHARING_MESSAGE,
     SIGNING_MESSAGE,
     ResultCacheSpec,
@@ -164,6 +164,13 @@ CASES: list[tuple[str, crd.KindInfo, type[Any], Spec, str, str]] = [
      "spec.resources.maxOutputBytes", ""),
     ("map-over-unknown-input", COMPUTEJOB, ComputeJobSpec, _with(["map", "over"], "nope"),
      "spec.map.over", "spec.map.over: 'nope' is not the name of an input: use one of the names in spec.inputs"),
+    ("verify-zero-replicas", COMPUTEJOB, ComputeJobSpec, _with(["verify", "replicas"], 0), "spec.verify.replicas",
+     ""),
+    ("verify-six-replicas", COMPUTEJOB, ComputeJobSpec, _with(["verify", "replicas"], 6), "spec.verify.replicas",
+     ""),
+    ("verify-with-map", COMPUTEJOB, ComputeJobSpec,
+     _with(["verify", "replicas"], 2, lambda: _with(["map", "over"], "rows")), "spec.verify",
+     "spec.verify: replicas > 1 with spec.map is not supported yet: verify a job without map"),
     ("bad-policy", COMPUTEJOB, ComputeJobSpec, _with(["cache", "policy"], "Sometimes"), "spec.cache.policy", ""),
     ("input-name-not-identifier", COMPUTEJOB, ComputeJobSpec,
      _with_input(0, {"name": "my-rows", "value": [1]}), "spec.inputs[0].name", ""),
@@ -245,7 +252,7 @@ def test_crd_schema_rejects_with_field_named(
 
 # The cross-field rules the CRD states in CEL (the input-source rule is a oneOf: CEL cannot
 # see the untyped `value`), whose messages must equal the Python ones.
-CEL_IDS = {"python-and-command", "neither-python-nor-command", "map-over-unknown-input",
+CEL_IDS = {"python-and-command", "neither-python-nor-command", "map-over-unknown-input", "verify-with-map", "retention-not-supported",
            "sharing-not-supported", "signing-replaced-by-trust", "reexecute-not-supported",
            "trusted-key-two-sources", "trusted-key-no-source", "trusts-no-key", "env-name-with-equals", "env-name-empty", "env-name-digit-first",
            "env-name-with-nul", "env-name-reserved"}
