@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..cas import open_store
+from ..cas.audit import REVOCATION
 from ..errors import InputError
 from ..trust.local import Keyring
 
@@ -50,6 +52,8 @@ def keys_rotate(args: argparse.Namespace) -> int:
 def keys_revoke(args: argparse.Namespace) -> int:
     rotated = Keyring().revoke(args.keyid)
     text = f"revoked {args.keyid}: results it signed are no longer trusted and recompute on their next run"
+    with open_store() as store:  # the store's audit log, if it keeps one, says when
+        store.audit(REVOCATION, keyid=args.keyid)
     if rotated is not None:
         text += f"; it was your signing key, new results are signed with {rotated.keyid}"
     return _said(args, {"revoked": args.keyid, "signing": rotated.keyid if rotated else None}, text)

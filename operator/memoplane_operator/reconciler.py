@@ -41,8 +41,10 @@ from memoplane.cluster.metrics import OperatorMetrics
 from memoplane.cluster.replicas import is_replicated
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import job
+from memoplane.errors import MemoplaneError
 from memoplane.settings import OperatorSettings
 from memoplane.trust import SigningKey
+from memoplane.trust.audit import sign_head
 
 from . import mapper
 from .admission import admit, check_node
@@ -198,6 +200,17 @@ class Reconciler:
         if time.monotonic() - self._last_stats >= self.cfg.stats_seconds:
             self._last_stats = time.monotonic()
             self.caches.refresh_stats()
+            self._sign_audit_heads()
+
+    def _sign_audit_heads(self) -> None:
+        """A signed checkpoint of every audit log kept in a store this operator uses: what was
+        recorded up to now can no longer be edited, dropped or reordered unseen."""
+        for store in self.stores.opened():
+            try:
+                if store.audit_log.started():
+                    sign_head(store, self.ctx.signer, time.time())
+            except MemoplaneError as exc:
+                log.warning("audit log of %s not signed: %s", store.describe(), exc)
 
     # -- ComputeJob ---------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from memoplane.cas import Store
+from memoplane.cas import audit as audit_log
 from memoplane.cas.digests import b3
 from memoplane.cluster import decide, resolve, schedule
 from memoplane.cluster import protocol as p
@@ -215,5 +216,7 @@ def _disputed(ctx: Context, obj: dict[str, Any], disagreed: rp.Disagreed, store:
     done = ctx.patch(obj, st.disputed(view.status.raw, view.meta.generation, x.key, outcomes, "; ".join(lines),
                                       message, datetime.now(UTC), rp.REASON_DISPUTED))
     ctx.metrics.jobs.labels("failed").inc()
+    store.audit(audit_log.DISPUTE, job=f"{view.meta.namespace}/{view.meta.name}", key=x.key,
+                results={str(o.node): o.digest for o in disagreed.outcomes}, difference=lines[:8])
     ctx.event(done, rp.REASON_DISPUTED, message, warning=True)
     log.warning("%s/%s: %s", view.meta.namespace, view.meta.name, message)

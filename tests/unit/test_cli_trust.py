@@ -171,3 +171,14 @@ def test_the_sdk_never_serves_the_forgery(tmp_path: Path, caplog: pytest.LogCapt
     assert len(calls) == 2
     assert "the stored result was not trusted (other-result" in caplog.text and "recomputed" in caplog.text
     assert make()(2, 2) == {"sum": 4} and len(calls) == 2  # the recomputed result is signed: a hit
+
+
+def test_a_revocation_is_recorded_in_the_store_audit_log(tmp_path: Path, add_script: Path) -> None:
+    store = tmp_path / "store"
+    memoplane_cli(store, "audit", "start")
+    memoplane_cli(store, "keys", "create", "carol")
+    run_add(store, add_script)
+    memoplane_cli(store, "keys", "revoke", "carol-1")
+    records = [json.loads(line) for line in memoplane_cli(store, "audit", "show", "--json").stdout.splitlines()]
+    assert [r["keyid"] for r in records if r["kind"] == "revocation"] == ["carol-1"]
+    assert [r["kind"] for r in records][-1] == "revocation"

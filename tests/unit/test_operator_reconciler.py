@@ -14,12 +14,14 @@ from memoplane_operator.context import Conflict
 from memoplane_operator.reconciler import Reconciler
 
 from memoplane.cas import BlobRef, Hit, Provenance, ResultManifest, Store
+from memoplane.cas import audit as audit_log
 from memoplane.cluster import protocol as p
 from memoplane.cluster.stores import Stores, StoreSettings
 from memoplane.cluster.views import job
 from memoplane.settings import OperatorSettings
 from memoplane.trust import SigningKey
 from memoplane.trust.attestation import attest
+from memoplane.trust.audit import verify as verify_audit
 
 RUNTIME = "b3:" + "11" * 32
 AGENTS = SigningKey.generate("test-agents-1")   # the cluster agents' key, trusted by the default cache
@@ -191,3 +193,15 @@ def test_trusted_keys_from_a_secret_and_a_missing_one(world: tuple[Reconciler, F
     store_result(r, scheduled, 7, team)
     served = submit_to_team("c")["status"]
     assert (served["phase"], served["cached"], served["result"]["value"]) == ("Succeeded", True, 7)
+
+
+def test_the_operator_signs_the_head_of_every_audit_log_it_writes(
+        world: tuple[Reconciler, FakeKube, list[str]]) -> None:
+    r, kube, _ = world
+    computed = submit(r, kube, "a")
+    store = r.stores.get(p.DEFAULT_BUCKET, "ml")
+    store.audit_log.append(audit_log.START, {})  # `memoplane audit start`: the store writes its log from now on
+    store_result(r, computed, 2)
+    r._sign_audit_heads()
+    report = verify_audit(store.audit_log, {AGENTS.keyid: AGENTS.public})
+    assert report.ok and report.newest_checkpoint == report.chain.last and report.chain.last >= 2
