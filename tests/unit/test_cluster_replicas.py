@@ -16,7 +16,6 @@ from memoplane.cluster import protocol as p
 from memoplane.cluster import replicas as rp
 from memoplane.cluster import status as st
 from memoplane.cluster.schedule import NodeView, pick_node
-from memoplane.errors import InputError
 from memoplane.keys import KeyParts
 from memoplane.trust import SigningKey, TrustPolicy, judge
 from memoplane.trust.attestation import attest
@@ -240,16 +239,3 @@ def test_honest_replicas_store_one_digest_each_attested_and_k_nodes_make_a_hit(s
     assert not rp.enough_nodes(strict, key, digest, envelopes, 2)
     other = KeyParts(code="b3:" + "c1" * 32, entrypoint="main", runtime=R1, inputs={}).key
     assert not rp.attesting_nodes(policy, other, digest, envelopes)  # attestations for another key do not count
-
-
-def test_the_agents_key_comes_from_the_environment(tmp_path: Path) -> None:
-    key = SigningKey.generate("agents-1")
-    (tmp_path / "key.pem").write_bytes(key.pem())
-    env = {rp.SIGNING_KEY_FILE_ENV: str(tmp_path / "key.pem"), rp.SIGNING_KEYID_ENV: "agents-1"}
-    loaded = rp.signing_key_from_env(env)
-    assert loaded is not None and loaded.public == key.public
-    assert rp.signing_key_from_env({}) is None
-    with pytest.raises(InputError, match="must be set together"):
-        rp.signing_key_from_env({rp.SIGNING_KEYID_ENV: "agents-1"})
-    with pytest.raises(InputError, match="cannot read"):
-        rp.signing_key_from_env({**env, rp.SIGNING_KEY_FILE_ENV: str(tmp_path / "missing")})
