@@ -109,7 +109,8 @@ def _add_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def _add_store_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("verify", help="check every stored object against its address; exit 3 on damage")
+    p = sub.add_parser("verify", help="check every stored object against its address and every ref "
+                                         "against your trust policy; exit 3 on damage, 7 on untrusted refs")
     p.add_argument("--json", action="store_true")
     _store_flag(p)
     p.set_defaults(handler=_lazy("memoplane.commands.store", "verify_command"))
@@ -128,6 +129,42 @@ def _add_store_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--json", action="store_true")
     _store_flag(p)
     p.set_defaults(handler=_lazy("memoplane.commands.store", "stats_command"))
+
+
+def _add_trust_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`keys` (what this user signs with) and `trust` (whose signatures make a hit): commands.keys."""
+    def command(group: argparse._SubParsersAction[argparse.ArgumentParser], name: str, handler: str,
+                text: str) -> argparse.ArgumentParser:
+        p = group.add_parser(name, help=text)
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(handler=_lazy("memoplane.commands.keys", handler))
+        return p
+
+    keys = sub.add_parser("keys", help="the keys your results are signed with ($MEMOPLANE_KEYS_DIR or "
+                                       "~/.config/memoplane/keys; one is made on first use)")
+    group = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    command(group, "list", "keys_list", "your keys and the ones you trust or revoked")
+    command(group, "export", "keys_export", "print a public key (default: your signing key) for a colleague") \
+        .add_argument("keyid", nargs="?", metavar="KEYID")
+    command(group, "create", "keys_create", "make a key NAME-1, trust it and sign new results with it") \
+        .add_argument("name", metavar="NAME")
+    command(group, "rotate", "keys_rotate", "replace a key (default: your signing key) by its next epoch; "
+                                            "what the old one signed still counts") \
+        .add_argument("keyid", nargs="?", metavar="KEYID")
+    command(group, "revoke", "keys_revoke", "stop trusting what KEYID signed (revoking your signing key "
+                                            "rotates it first)") \
+        .add_argument("keyid", metavar="KEYID")
+
+    trust = sub.add_parser("trust", help="whose signatures make a stored result a hit for you")
+    group = trust.add_subparsers(dest="trust_command", required=True, metavar="COMMAND")
+    p = command(group, "add", "trust_add", "trust a colleague's public key (the output of `memoplane keys export`)")
+    p.add_argument("keyid", metavar="KEYID")
+    p.add_argument("public_key", metavar="FILE_OR_PEM", help="a .pub file, - for stdin, or the PEM itself")
+    command(group, "list", "trust_list", "the keys you trust and revoked, and how many signatures a hit needs")
+    command(group, "remove", "trust_remove", "stop trusting KEYID").add_argument("keyid", metavar="KEYID")
+    command(group, "min-signatures", "trust_min_signatures",
+            "how many distinct trusted keys must sign a result for it to be a hit (default 1)") \
+        .add_argument("count", type=int, metavar="N")
 
 
 def _lazy(module: str, name: str) -> Handler:
@@ -153,9 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_result(sub)
     _add_cluster_commands(sub)
     _add_store_commands(sub)
+    _add_trust_commands(sub)
     from .commands.gmem_args import add_parser as add_gmem
 
     add_gmem(sub, _lazy, _store_flag)
+    from .commands.audit import add_parser as add_audit
+
+    add_audit(sub, _lazy, _store_flag)
     return parser
 
 

@@ -1,8 +1,9 @@
 """Embedded mode: the whole memoplane loop in one process, no cluster.
 
-derive key -> (policy Use) serve a verified hit -> else, holding a per-key lock
-so concurrent identical runs compute once, execute in a sandbox -> store ->
-set the ref -> remember the key's components so the next miss can be explained.
+derive key -> (policy Use) serve a verified hit that the reader's trust policy
+accepts -> else, holding a per-key lock so concurrent identical runs compute once,
+execute in a sandbox -> store -> sign (attest) -> set the ref -> remember the key's
+components so the next miss can be explained.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from .jobs import Job, Policy
 from .keys import explain_change
 from .leftovers import sweep
 from .sandbox.types import Failure
+from .trust import SigningKey, TrustPolicy, trusted_hit
+from .trust.local import commit_signed, refused_note
 
 
 @dataclass
@@ -50,9 +53,12 @@ def run_job(
     *,
     policy: Policy = "Use",
     identity: str,
+    trust: TrustPolicy,
+    signer: SigningKey,
     node: str = "local",
 ) -> RunReport:
-    """Run `job` once; `sandbox` is called only on a miss (starting one costs)."""
+    """Run `job` once; `sandbox` is called only on a miss (starting one costs). A stored result is
+    served only if `trust` accepts its attestations; what is computed is signed by `signer`."""
     started = time.perf_counter()
     parts = job.key_parts()
     key = parts.key
@@ -60,26 +66,32 @@ def run_job(
     explanation = explain_change(history.previous(identity), parts.components())
     notes: list[str] = []
     if policy == "Use":
-        hit = _lookup(store, key, notes)
+        hit = _lookup(store, key, trust, notes)
         if hit is None:
             with key_lock(store, key):
-                hit = _lookup(store, key, notes)  # another process may have finished it
+                hit = _lookup(store, key, trust, notes)  # another process may have finished it
                 if hit is None:
-                    return _compute(job, store, sandbox, policy, identity, node, started, explanation, notes)
+                    return _compute(job, store, sandbox, policy, signer, identity, node, started, explanation,
+                                    notes)
         history.record(identity, key, parts.components())
         return _report(store, hit, started, cached=True, explain=[], notes=notes)
-    return _compute(job, store, sandbox, policy, identity, node, started, explanation, notes)
+    return _compute(job, store, sandbox, policy, signer, identity, node, started, explanation, notes)
 
 
-def _lookup(store: Store, key: str, notes: list[str]) -> Hit | None:
+def _lookup(store: Store, key: str, trust: TrustPolicy, notes: list[str]) -> Hit | None:
     had_ref = store.read_ref(key) is not None
-    hit = store.get_ref(key)
-    if hit is None and had_ref:
-        notes.append("the stored entry was damaged or incomplete: quarantined and recomputed")
-    return hit
+    found = trusted_hit(store, key, trust)
+    note = None
+    if found.refused and found.verdict is not None:
+        note = refused_note(found.verdict)
+    elif found.hit is None and had_ref:
+        note = "the stored entry was damaged or incomplete: quarantined and recomputed"
+    if note is not None and note not in notes:  # looked up twice: before and under the key's lock
+        notes.append(note)
+    return found.hit
 
 
-def _compute(job: Job, store: Store, sandbox: Callable[[], SandboxRunner], policy: Policy,
+def _compute(job: Job, store: Store, sandbox: Callable[[], SandboxRunner], policy: Policy, signer: SigningKey,
              identity: str, node: str, started: float, explanation: list[str], notes: list[str]) -> RunReport:
     sweep()   # before our own pool starts: what crashed runs left behind
     execution = execute(job, store, sandbox(), node=node)
@@ -88,7 +100,7 @@ def _compute(job: Job, store: Store, sandbox: Callable[[], SandboxRunner], polic
         history.record_failure(identity, execution.key, execution.failure)
         raise _job_failed(execution)
     if policy != "Bypass":
-        store.set_ref(execution.key, execution.digest)
+        commit_signed(store, job.key_parts().components(), execution.result, execution.digest, signer)
     history.record(identity, execution.key, job.key_parts().components())
     hit = Hit(execution.key, execution.digest, execution.result)
     return _report(store, hit, started, cached=False, explain=explanation, notes=notes)

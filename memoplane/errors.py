@@ -44,3 +44,9 @@ class IsolationUnavailable(MemoplaneError):
     """The host lacks a sandbox primitive and the caller did not allow running without it."""
 
     exit_code = 5
+
+
+class Untrusted(MemoplaneError):
+    """A stored result no key the reader trusts vouches for: never served, recomputed when a job asks."""
+
+    exit_code = 7  # 6 is ClusterUnavailable (commands.kube)

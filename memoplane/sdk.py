@@ -8,6 +8,10 @@ version salt and every argument by content (arrays and frames by their bytes),
 after binding to the signature so f(1, b=2) and f(a=1, b=2) are one call.
 Not covered: globals and other functions the body calls — bump `version=` when
 those change. Runs in-process, not in a sandbox.
+
+A stored result is served only if the trust policy accepts its attestations (the SDK may
+unpickle what it reads: an unverified hit would run a stranger's code); what it computes is
+signed with this user's key. Both are read from the keys directory once per function.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import functools
 import inspect
 import io
 import json
+import logging
 import math
 import pickle
 import socket
@@ -33,7 +38,10 @@ from .errors import InputError, NotFound, StoreCorrupted
 from .fingerprint import fingerprint
 from .keys import KeyParts, KeyTemplate, code_digest, runtime_identity
 from .recent import VerifiedCache
+from .trust import SigningKey, TrustPolicy, Verdict, Vouched, trusted_hit
+from .trust.local import Keyring, commit_signed, refused_note
 
+log = logging.getLogger("memoplane.sdk")
 F = TypeVar("F", bound=Callable[..., Any])
 _JSON_SCALARS = (str, int, float, bool, type(None))
 
@@ -58,6 +66,8 @@ class Memoized:
         self.entrypoint = f"{func.__module__}.{func.__qualname__}"
         self._store_arg = store
         self._store: Store | None = store if isinstance(store, Store) else None
+        self._keys: tuple[TrustPolicy, SigningKey] | None = None
+        self._vouched = Vouched()  # for self.keys' policy, read once
         self._lock = threading.Lock()
         self._recent = VerifiedCache(memory_bytes)
         self._plain_params = _plain_parameters(self.signature)
@@ -70,6 +80,16 @@ class Memoized:
                 if self._store is None:
                     self._store = open_store(self._store_arg)  # type: ignore[arg-type]
         return self._store
+
+    @property
+    def keys(self) -> tuple[TrustPolicy, SigningKey]:
+        """(whom this user trusts, what they sign with), read once."""
+        if self._keys is None:
+            with self._lock:
+                if self._keys is None:
+                    keyring = Keyring()
+                    self._keys = (keyring.policy(), keyring.signer())
+        return self._keys
 
     def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """Arguments by parameter name, defaults applied (f(1, b=2) == f(a=1, b=2))."""
@@ -98,28 +118,32 @@ class Memoized:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         inputs = self._inputs(args, kwargs)
         key = self._template.key(inputs)
-        found, value = self._lookup(key)
+        found, value, _ = self._lookup(key)
         if found:
             return value
         with key_lock(self.store, key):
-            found, value = self._lookup(key)  # another thread or process may have finished it
+            found, value, refused = self._lookup(key)  # another thread or process may have finished it
             if found:
                 return value
+            if refused is not None:
+                log.warning("memoize %s: %s", self.entrypoint, refused_note(refused))
             return self._compute(key, self._template.parts(inputs), args, kwargs)
 
-    def _lookup(self, key: str) -> tuple[bool, Any]:
+    def _lookup(self, key: str) -> tuple[bool, Any, Verdict | None]:
+        """(found, value, the verdict that refused a stored result)."""
         recent = self._recent.get(key)
         if recent is not None:
-            return True, _decode_bytes(*recent)
-        hit = self.store.get_ref(key)
+            return True, _decode_bytes(*recent), None
+        found = trusted_hit(self.store, key, self.keys[0], vouched=self._vouched)
+        hit = found.hit
         if hit is None:
-            return False, None
+            return False, None, found.verdict if found.refused else None
         try:
             codec, raw = _load(self.store, hit.result)
         except (StoreCorrupted, NotFound):
-            return False, None  # quarantined by the store; recompute
+            return False, None, None  # quarantined by the store; recompute
         self._recent.put(key, codec, raw)
-        return True, _decode_bytes(codec, raw)
+        return True, _decode_bytes(codec, raw), None
 
     def _compute(self, key: str, parts: KeyParts, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         started, t0 = time.time(), time.perf_counter()
@@ -135,7 +159,7 @@ class Memoized:
                                   started_at=started, ended_at=time.time(), duration_s=duration),
             meta={"codec": codec, "function": self.entrypoint, "sdk": True},
         )
-        self.store.commit(result)
+        commit_signed(self.store, parts.components(), result, self.store.put_result(result), self.keys[1])
         self._recent.put(key, *_load(self.store, result))
         return value
 
@@ -244,7 +268,8 @@ def memoize(func: Callable[..., Any] | None = None, *, store: Store | str | Path
     store: a Store or directory (default: $MEMOPLANE_STORE or ~/.cache/memoplane/store);
     version: a salt, bump it when something the key cannot see changed;
     ignore: parameter names left out of the key (e.g. verbose, n_jobs);
-    allow_pickle: store other return types with pickle (only for stores you trust);
+    allow_pickle: store other return types with pickle (read back only when a key you trust
+    signed them: trust only keys whose holders would not plant code);
     memory_bytes: encoded results kept in this process after their first verified
     read, so repeated hits skip the store (0 turns it off).
     """

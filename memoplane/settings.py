@@ -124,22 +124,72 @@ def read_credentials(directory: Path) -> tuple[str, str]:
     the key (a trailing newline is ignored), readable by their owner only (mode 0400 or 0600).
     That is the layout of a Kubernetes Secret with those keys mounted as a volume (its files
     are links into a ..data directory: modes are those of the targets)."""
-    keys = []
-    for name in CREDENTIAL_FILES:
-        path = directory / name
-        try:
-            mode = path.stat().st_mode
-            text = path.read_text().rstrip("\r\n")
-        except OSError as exc:
-            raise InputError(f"{CREDENTIALS_ENV}: cannot read {path} ({exc.strerror})",
-                             f"put the store's {name} there (mode 0400), or unset {CREDENTIALS_ENV}") from None
-        if mode & 0o077:
-            raise InputError(f"{CREDENTIALS_ENV}: {path} is readable or writable by group or others "
-                             f"(mode {mode & 0o777:04o})", f"chmod 0400 {path} (a Secret volume: defaultMode 0400)")
-        if not text.strip():
-            raise InputError(f"{CREDENTIALS_ENV}: {path} is empty", f"put the store's {name} in it")
-        keys.append(text)
-    return keys[0], keys[1]
+    access_key, secret_key = (read_private_file(directory / name, CREDENTIALS_ENV, f"the store's {name}",
+                                                f"or unset {CREDENTIALS_ENV}") for name in CREDENTIAL_FILES)
+    return access_key, secret_key
+
+
+def read_private_file(path: Path, env: str, what: str, alternative: str = "") -> str:
+    """A secret's text from `path` (a trailing newline is ignored): it must exist, be readable
+    by its owner only (or also by this process's own non-root group) and not be empty;
+    InputError naming `env` and the fix otherwise."""
+    try:
+        stat = path.stat()
+        text = path.read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise InputError(f"{env}: cannot read {path} ({exc.strerror})",
+                         f"put {what} there (mode 0400)" + (f", {alternative}" if alternative else "")) from None
+    mode = stat.st_mode
+    # Group-readable is fine when the group is this process's own (not root's): the pod's
+    # fsGroup, which is how a non-root container reads a Secret volume.
+    own_group = stat.st_gid == os.getegid() != 0
+    if mode & 0o037 or (mode & 0o040 and not own_group):
+        raise InputError(f"{env}: {path} is readable or writable by group or others "
+                         f"(mode {mode & 0o777:04o})", f"chmod 0400 {path} (a Secret volume: defaultMode 0400)")
+    if not text.strip():
+        raise InputError(f"{env}: {path} is empty", f"put {what} in it")
+    return text
+
+
+# -- signing ----------------------------------------------------------------------------------
+
+SIGNING_KEY_FILE_ENV = "MEMOPLANE_SIGNING_KEY_FILE"
+SIGNING_KEYID_ENV = "MEMOPLANE_SIGNING_KEYID"
+
+
+@dataclass(frozen=True)
+class SigningSettings:
+    """The cluster agents' Ed25519 key (the chart generates it at install and keeps it on
+    upgrade). Agents attest the results they compute with it; the operator attests the
+    results it computes (map lists) and trusts its public key where a ResultCache says
+    `trust.clusterAgents: true` (the default)."""
+
+    key_file: str | None = setting(SIGNING_KEY_FILE_ENV, None, "the agents' Ed25519 private key, PKCS#8 PEM in "
+                                   "a file readable by its owner only (mode 0400)")
+    keyid: str | None = setting(SIGNING_KEYID_ENV, None, "that key's id: a name and an epoch, e.g. "
+                                "memoplane-agents-1")
+
+    def read(self) -> tuple[str, bytes]:
+        """(key id, private key PEM); InputError (one line) when unset or unreadable."""
+        if not self.key_file or not self.keyid:
+            raise InputError(f"{SIGNING_KEY_FILE_ENV} and {SIGNING_KEYID_ENV} must both be set",
+                             "mount the chart's agents key Secret and set both (the chart does)")
+        pem = read_private_file(Path(self.key_file), SIGNING_KEY_FILE_ENV, "the agents' private key")
+        return self.keyid, pem.encode() + b"\n"
+
+
+# -- embedded mode: the keys this user signs with and the keys they trust (memoplane.trust.local) --------
+
+KEYS_DIR_ENV = "MEMOPLANE_KEYS_DIR"
+
+
+def keys_dir(env: Mapping[str, str] | None = None) -> Path:
+    """$MEMOPLANE_KEYS_DIR, else $XDG_CONFIG_HOME/memoplane/keys (~/.config/memoplane/keys): the
+    embedded keyring and trust file. Configuration, not cache: deleting it loses the signing key."""
+    env = os.environ if env is None else env
+    if env.get(KEYS_DIR_ENV):
+        return Path(env[KEYS_DIR_ENV]).expanduser()
+    return Path(env.get("XDG_CONFIG_HOME") or "~/.config").expanduser() / "memoplane" / "keys"
 
 
 # -- the operator and the agents --------------------------------------------------------------

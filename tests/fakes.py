@@ -59,7 +59,13 @@ class FakeKube(Kube):
             raise ApiException(status=409, reason="Conflict")
         return obj
 
-    # -- custom objects ------------------------------------------------------------------
+    # -- objects: custom ones under their plural, core ones under "configmaps" and "secrets" -----
+
+    def get_config_map(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.get("configmaps", namespace, name)
+
+    def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.get("secrets", namespace, name)
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         obj = self.objects.get((plural, namespace, name))
@@ -145,6 +151,10 @@ class DelegatingBackend:
     def put_if_absent(self, name: str, data: bytes | Callable[[], bytes]) -> bool:
         self.before("put_if_absent", name)
         return self.inner.put_if_absent(name, data)
+
+    def create(self, name: str, data: bytes) -> bool:
+        self.before("create", name)
+        return self.inner.create(name, data)
 
     def get(self, name: str) -> bytes:
         self.before("get", name)

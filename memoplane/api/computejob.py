@@ -132,6 +132,19 @@ class MapSpec(K8sModel):
     over: Identifier = Field(description="Name of a list input.")
 
 
+MAX_REPLICAS = 5
+VERIFY_WITH_MAP = "replicas > 1 with spec.map is not supported yet: verify a job without map"
+
+
+class VerifySpec(K8sModel):
+    """Verification by re-execution: run on `replicas` distinct nodes; the result counts only if all agree."""
+
+    replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS, description=(
+        f"Distinct nodes that compute the job (1-{MAX_REPLICAS}, default 1: no re-execution). The result is cached"
+        " and Ready only if every replica returns the same result; otherwise the job is Disputed. A cache hit"
+        " needs that many distinct nodes attesting the stored result."))
+
+
 class RuntimeSpec(K8sModel):
     """Interpreter and installed distributions; their identity is part of the key."""
 
@@ -181,6 +194,11 @@ class ComputeJobSpec(K8sModel):
                 message_expression=f"has(self.python) ? '{BOTH_PROGRAMS}' : '{NO_PROGRAM}'",
             ),
             cel(
+                "!has(self.map) || !has(self.verify) || !has(self.verify.replicas) || self.verify.replicas == 1",
+                VERIFY_WITH_MAP,
+                field_path=".verify",
+            ),
+            cel(
                 "!has(self.map) || (has(self.inputs) && self.inputs.exists(i, i.name == self.map.over))",
                 "must be the name of an input in spec.inputs",
                 message_expression=(
@@ -202,6 +220,7 @@ class ComputeJobSpec(K8sModel):
     cache: CacheSpec = Field(default_factory=CacheSpec)
     resources: Resources = Field(default_factory=Resources)
     backoff_limit: int = Field(default=2, ge=0, le=100, description="Retries after a failed attempt.")
+    verify: VerifySpec | None = None
 
     @field_validator("inputs")
     @classmethod
@@ -224,6 +243,8 @@ class ComputeJobSpec(K8sModel):
             raise ValueError(NO_PROGRAM)
         if self.map is not None and self.map.over not in {i.name for i in self.inputs}:
             raise ValueError("spec.map.over: " + map_over_message(self.map.over))
+        if self.map is not None and self.verify is not None and self.verify.replicas > 1:
+            raise ValueError("spec.verify: " + VERIFY_WITH_MAP)
         return self
 
 
@@ -259,6 +280,23 @@ class MapStatus(StatusModel):
     failed: int = Field(default=0, ge=0, description="Elements whose sub-task failed.")
 
 
+class ReplicaOutcome(StatusModel):
+    """What one replica of a spec.verify job returned."""
+
+    job: str = Field(max_length=253, description="The replica's ComputeJob.")
+    node: str | None = Field(default=None, max_length=253)
+    digest: Digest | None = Field(default=None, description="Its result manifest's digest.")
+
+
+class VerifyStatus(StatusModel):
+    """spec.verify jobs: the replicas' results, whether they agree and, if not, what differs."""
+
+    replicas: list[ReplicaOutcome] = Field(default_factory=list, max_length=MAX_REPLICAS)
+    agreed: bool | None = None
+    difference: str | None = Field(default=None, max_length=4096,
+                                   description="The first difference between the replicas' results.")
+
+
 class ComputeJobStatus(StatusModel):
     """Written by the operator and the node agents."""
 
@@ -279,6 +317,7 @@ class ComputeJobStatus(StatusModel):
     completion_time: Timestamp | None = None
     failure: Failure | None = None
     map: MapStatus | None = Field(default=None, description="spec.map jobs: progress of the sub-tasks.")
+    verify: VerifyStatus | None = Field(default=None, description="spec.verify jobs: the replicas' results.")
     conditions: Conditions = Field(default_factory=list)
     observed_generation: int | None = Field(default=None, ge=0)
 

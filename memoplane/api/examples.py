@@ -28,9 +28,9 @@ _COMPUTEJOB_SPEC: dict[str, Any] = {
 
 _RESULTCACHE_SPEC: dict[str, Any] = {
     "store": {"bucket": "memoplane", "prefix": "ml/"},
-    "retention": {"maxAge": "720h", "maxBytes": "500Gi"},
-    "sharing": {"readers": {"namespaces": ["ml", "research"]}, "writers": {"namespaces": ["ml"]}},
-    "signing": {"secretRef": {"name": "ml-cache-key"}},
+    "trust": {"keys": [{"secretRef": {"name": "ml-team-keys"}},
+                       {"publicKey": {"keyId": "ci-2", "key": "YCVqevkm2di+qD65dqFC8tGuI5+4Djlh3skNQxaAR4w="}}],
+              "revoked": ["ci-1"], "minSignatures": 1, "clusterAgents": True},
 }
 
 _GMEMSEED_SPEC: dict[str, Any] = {"seed": 1337, "dtype": "float64", "layers": [{"seed": 7, "weight": 0.5}]}

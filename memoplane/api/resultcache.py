@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
+from ..trust.keys import KEYID_PATTERN
 from .common import (
     AGE_COLUMN,
     API_VERSION,
@@ -86,7 +88,7 @@ class Writers(_NamespaceSet):
 
 
 class SharingSpec(K8sModel):
-    """Other namespaces allowed to use this cache (its own namespace always may)."""
+    """Other namespaces allowed to use this cache. Not supported yet: the API rejects it."""
 
     readers: Readers | None = None
     writers: Writers | None = None
@@ -96,19 +98,122 @@ class SecretRef(K8sModel):
     name: Name
 
 
-class SigningSpec(K8sModel):
-    """Entries are signed with the key in this Secret and checked on read."""
+class ConfigMapRef(K8sModel):
+    name: Name
 
-    secret_ref: SecretRef
+
+MAX_TRUSTED_KEYS = 64
+MAX_REVOKED = 256
+MAX_MIN_SIGNATURES = 16
+KEY_SOURCE_MESSAGE = "set exactly one of publicKey, secretRef or configMapRef"
+NO_KEYS_MESSAGE = "trusts no key: add trust.keys or set trust.clusterAgents: true"
+SHARING_MESSAGE = ("sharing is not supported yet: remove it (a cache is used by the jobs of its own namespace; "
+                   "sharing across namespaces is issue 12)")
+SIGNING_MESSAGE = ("signing was replaced by trust: move the key to trust.keys (publicKey, secretRef or "
+                   "configMapRef holding <keyid>.pub entries)")
+RETENTION_MESSAGE = ("retention is not supported yet: remove it (nothing evicts on its own yet; run "
+                     "`memoplane gc` / `memoplane evict` against the store)")
+REEXECUTE_MESSAGE = "reexecute is not supported yet: remove it (re-executing hits on another node is planned)"
+
+# The same grammar without Python's group names (the schema's regex dialect is Go's).
+KeyId = Annotated[str, Field(pattern=re.sub(r"\?P<\w+>", "", KEYID_PATTERN.pattern), min_length=3, max_length=73)]
+# A field the API names only to refuse it with a message (kept in the schema, so that the
+# API server does not silently prune it).
+Refused = Annotated[Any, WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True})]
+
+
+class PublicKeySpec(K8sModel):
+    """An Ed25519 public key: PEM (SubjectPublicKeyInfo) or the 32 raw bytes in base64."""
+
+    key_id: KeyId = Field(description="The key's name and epoch, e.g. team-ml-1.")
+    key: str = Field(min_length=1, max_length=4096)
+
+
+class TrustedKey(K8sModel):
+    """One trusted public key, or a Secret/ConfigMap in the cache's namespace whose entries
+    `<keyid>.pub` hold PEM public keys."""
+
+    model_config = ConfigDict(json_schema_extra=validations(cel(
+        "[has(self.publicKey), has(self.secretRef), has(self.configMapRef)].filter(x, x).size() == 1",
+        KEY_SOURCE_MESSAGE)))
+
+    public_key: PublicKeySpec | None = None
+    secret_ref: SecretRef | None = None
+    config_map_ref: ConfigMapRef | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TrustedKey:
+        if [self.public_key, self.secret_ref, self.config_map_ref].count(None) != 2:
+            raise ValueError(KEY_SOURCE_MESSAGE)
+        return self
+
+
+class TrustSpec(K8sModel):
+    """Whose attestations make a stored result a hit: at least minSignatures distinct trusted,
+    unrevoked keys must attest the same result for the same key; anything else is recomputed."""
+
+    model_config = ConfigDict(json_schema_extra=validations(
+        cel("!has(self.reexecute)", REEXECUTE_MESSAGE, field_path=".reexecute"),
+        cel("!has(self.clusterAgents) || self.clusterAgents || (has(self.keys) && size(self.keys) > 0)",
+            NO_KEYS_MESSAGE)))
+
+    keys: list[TrustedKey] | None = Field(default=None, max_length=MAX_TRUSTED_KEYS)
+    revoked: list[KeyId] | None = Field(default=None, max_length=MAX_REVOKED,
+                                        description="Key ids (name and epoch) whose attestations no longer count.",
+                                        json_schema_extra={"x-kubernetes-list-type": "set"})
+    min_signatures: int = Field(default=1, ge=1, le=MAX_MIN_SIGNATURES,
+                                description="Distinct trusted signers a result needs (default 1).")
+    cluster_agents: bool = Field(default=True, description="Trust the keys of this cluster's agents "
+                                                           "(default true).")
+    reexecute: Refused = None
+
+    @field_validator("reexecute", mode="before")
+    @classmethod
+    def _no_reexecute(cls, value: Any) -> Any:
+        return _refused(value, REEXECUTE_MESSAGE)
+
+    @model_validator(mode="after")
+    def _trusts_someone(self) -> TrustSpec:
+        if not self.cluster_agents and not self.keys:
+            raise ValueError(NO_KEYS_MESSAGE)
+        return self
+
+
+def _refused(value: Any, message: str) -> Any:
+    if value is not None:
+        raise ValueError(message)
+    return value
 
 
 class ResultCacheSpec(K8sModel):
     """A content-addressed result store shared by the jobs allowed to use it."""
 
+    model_config = ConfigDict(json_schema_extra=validations(
+        cel("!has(self.sharing)", SHARING_MESSAGE, field_path=".sharing"),
+        cel("!has(self.retention)", RETENTION_MESSAGE, field_path=".retention"),
+        cel("!has(self.signing)", SIGNING_MESSAGE, field_path=".signing")))
+
     store: StoreSpec
-    retention: RetentionSpec | None = None
+    retention: RetentionSpec | None = Field(default=None, description="Refused until eviction is enforced.")
+    trust: TrustSpec | None = Field(default=None, description="Whom this cache trusts (default: the cluster's "
+                                                              "agents).")
     sharing: SharingSpec | None = None
-    signing: SigningSpec | None = None
+    signing: Refused = None
+
+    @field_validator("sharing", mode="before")
+    @classmethod
+    def _no_sharing(cls, value: Any) -> Any:
+        return _refused(value, SHARING_MESSAGE)
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _no_retention(cls, value: Any) -> Any:
+        return _refused(value, RETENTION_MESSAGE)
+
+    @field_validator("signing", mode="before")
+    @classmethod
+    def _no_signing(cls, value: Any) -> Any:
+        return _refused(value, SIGNING_MESSAGE)
 
 
 class ResultCacheStatus(StatusModel):
@@ -141,7 +246,7 @@ RESULTCACHE = KindInfo(
     short_names=("rcache",),
     spec_model=ResultCacheSpec,
     status_model=ResultCacheStatus,
-    description="A store of computed results, with retention and sharing rules.",
+    description="A store of computed results, with retention and trust rules.",
     columns=(
         PrinterColumn("Entries", ".status.entries", "integer"),
         PrinterColumn("Dedup", ".status.dedupRatio", "number", "logicalBytes / storedBytes."),

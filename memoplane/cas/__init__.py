@@ -33,13 +33,12 @@ from .records import (
     TreeManifest,
     ValueKind,
 )
-from .signing import Blake3MacSigner, SignatureInvalid, Signer
-from .store import INLINE_MAX, READ_AHEAD, Hit, Store
+from .store import INLINE_MAX, READ_AHEAD, Hit, RefEntry, Store
 
 __all__ = [
-    "INLINE_MAX", "Backend", "Blake3MacSigner", "BlobManifest", "BlobRef", "CachingBackend",
+    "INLINE_MAX", "Backend", "BlobManifest", "BlobRef", "CachingBackend",
     "ChunkParams", "Damage", "EvictReport", "FilesystemBackend", "GcReport", "Hit", "ObjectInfo",
-    "Provenance", "ResultManifest", "S3Backend", "SignatureInvalid", "Signer", "Stats", "Store",
+    "Provenance", "RefEntry", "ResultManifest", "S3Backend", "Stats", "Store",
     "StoreUnavailable", "StoredValue", "TreeEntry", "TreeManifest", "ValueKind", "VerifyReport",
     "b3", "check_digest", "default_store_path", "open_store", "store_from_settings",
 ]
@@ -72,8 +71,7 @@ def default_store_path() -> Path:
     return Path(cache).expanduser() / "memoplane" / "store"
 
 
-def open_store(location: str | os.PathLike[str] | None = None, *, signer: Signer | None = None,
-               workers: int | None = None) -> Store:
+def open_store(location: str | os.PathLike[str] | None = None, *, workers: int | None = None) -> Store:
     """A store at a path, file:// URL or s3://bucket/prefix (None: $MEMOPLANE_STORE, else
     the default directory). s3:// reads MEMOPLANE_S3_ENDPOINT (http://host:port or
     https://...), MEMOPLANE_S3_ACCESS_KEY, MEMOPLANE_S3_SECRET_KEY, and optionally
@@ -81,12 +79,12 @@ def open_store(location: str | os.PathLike[str] | None = None, *, signer: Signer
     if location is None:
         env = os.environ.get(ENV)
         if not env or not env.startswith(("s3://", "minio://")):
-            return Store(FilesystemBackend(default_store_path()), signer=signer, workers=workers)
+            return Store(FilesystemBackend(default_store_path()), workers=workers)
         location = env
     text = os.fspath(location)
     url = urlparse(text)
     if url.scheme in ("s3", "minio"):
-        return _open_s3(text, signer=signer, workers=workers)
+        return _open_s3(text, workers=workers)
     if url.scheme in ("http", "https"):
         raise InputError(f"store {text}: an endpoint is not a store location",
                          "use s3://bucket/prefix and set MEMOPLANE_S3_ENDPOINT to the endpoint")
@@ -94,10 +92,10 @@ def open_store(location: str | os.PathLike[str] | None = None, *, signer: Signer
         text = url.path
     elif url.scheme and len(url.scheme) > 1:
         raise InputError(f"store {text}: unknown scheme {url.scheme!r}", "use a directory path or file://")
-    return Store(FilesystemBackend(text), signer=signer, workers=workers)
+    return Store(FilesystemBackend(text), workers=workers)
 
 
-def _open_s3(text: str, *, signer: Signer | None, workers: int | None) -> Store:
+def _open_s3(text: str, *, workers: int | None) -> Store:
     url = urlparse(text)
     if not url.netloc:
         raise InputError(f"store {text} names no bucket", "use s3://bucket/prefix")
@@ -113,12 +111,12 @@ def _open_s3(text: str, *, signer: Signer | None, workers: int | None) -> Store:
         raise InputError(f"{CACHE_MAX_ENV}={max_bytes!r} is not a number of bytes", "set it to an integer") from None
     return store_from_settings(endpoint, access_key, secret_key, url.netloc, url.path,
                                cache_dir=os.environ.get(CACHE_DIR_ENV) or None,
-                               cache_max_bytes=cache_max, signer=signer, workers=workers)
+                               cache_max_bytes=cache_max, workers=workers)
 
 
 def store_from_settings(endpoint: str, access_key: str, secret_key: str, bucket: str, prefix: str = "", *,
                         secure: bool | None = None, cache_dir: str | os.PathLike[str] | None = None,
-                        cache_max_bytes: int | None = None, signer: Signer | None = None,
+                        cache_max_bytes: int | None = None,
                         workers: int | None = None, region: str | None = None,
                         create_bucket: bool = True) -> Store:
     """A Store on S3/MinIO from explicit settings: what open_store("s3://...") builds from the environment.
@@ -140,4 +138,4 @@ def store_from_settings(endpoint: str, access_key: str, secret_key: str, bucket:
     if cache_dir is not None:
         backend = CachingBackend(s3, FilesystemBackend(cache_dir, durability="none"),
                                  max_bytes=DEFAULT_CACHE_BYTES if cache_max_bytes is None else cache_max_bytes)
-    return Store(backend, signer=signer, workers=workers)
+    return Store(backend, workers=workers)

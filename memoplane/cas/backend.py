@@ -39,6 +39,12 @@ class Backend(Protocol):
         """
         ...
 
+    def create(self, name: str, data: bytes) -> bool:
+        """Write `data` under `name` only if nothing is there, atomically: of racing creators
+        exactly one gets True, and nothing is ever overwritten. Used where names are not
+        content addresses (the audit log's sequence numbers), so a stat-then-put would fork."""
+        ...
+
     def get(self, name: str) -> bytes:
         """The object's bytes; raises memoplane.errors.NotFound if absent."""
         ...

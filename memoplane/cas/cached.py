@@ -98,6 +98,12 @@ class CachingBackend:
             self._fill(name, made[0])
         return wrote
 
+    def create(self, name: str, data: bytes) -> bool:
+        if self._cached(name):
+            raise InputError(f"create({name!r}): content-addressed objects are written with put_if_absent",
+                             "create only names that are not content addresses (audit/...)")
+        return self.remote.create(name, data)
+
     def get(self, name: str) -> bytes:
         if not self._cached(name):
             return self.remote.get(name)

@@ -8,7 +8,7 @@ from ..errors import InputError
 from ..keys import DIGEST_PREFIX as PREFIX
 from ..keys import digest_bytes as b3  # one digest function for keys and store
 
-__all__ = ["PREFIX", "b3", "check_digest", "digest_of_name", "object_name", "ref_name"]
+__all__ = ["PREFIX", "attestation_name", "b3", "check_digest", "digest_of_name", "object_name", "ref_name"]
 
 _DIGEST = re.compile(r"^b3:[0-9a-f]{64}$")
 
@@ -34,6 +34,13 @@ def object_name(kind: str, digest: str) -> str:
 
 def ref_name(key: str) -> str:
     return "refs/" + check_digest(key, "cache key")[3:]
+
+
+def attestation_name(key: str, result: str, envelope: str | None) -> str:
+    """`attestations/<key>/<result>/<envelope>`: an attestation of (key, result); the
+    prefix of all of them with `envelope` None."""
+    head = f"attestations/{check_digest(key, 'cache key')[3:]}/{check_digest(result, 'result')[3:]}/"
+    return head if envelope is None else head + check_digest(envelope, "attestation")[3:]
 
 
 def digest_of_name(name: str) -> str:

@@ -122,6 +122,23 @@ class FilesystemBackend:
         self._written(path)
         return True
 
+    def create(self, name: str, data: bytes) -> bool:
+        """Backend.create: os.link of a complete temp file fails if the name exists, atomically
+        on POSIX (os.replace would overwrite). Synced like a ref: nothing is written after it."""
+        path = self._path(name)
+        tmp = self._write_temp(path, data)
+        try:
+            if self.durability == "flush":
+                _fsync_path(tmp)
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        if self.durability != "none":
+            self._sync_dir(path.parent)
+        return True
+
     def _written(self, path: Path) -> None:
         if self.durability == "always":
             self._sync_dir(path.parent)

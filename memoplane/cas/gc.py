@@ -19,10 +19,10 @@ from typing import Any, Protocol
 
 from ..errors import InputError, NotFound, StoreCorrupted
 from .backend import Backend, ObjectInfo
-from .digests import digest_of_name, object_name
+from .digests import attestation_name, digest_of_name, object_name
 from .records import BlobManifest, ResultManifest, SealError, TreeManifest, unseal
 
-CONTENT = ("chunks/", "blobs/", "trees/", "results/")
+CONTENT = ("chunks/", "blobs/", "trees/", "results/", "attestations/")
 
 
 # -- marking ---------------------------------------------------------------------
@@ -103,6 +103,9 @@ def mark(backend: Backend) -> _Graph:
             continue
         try:
             g.reach[info.name], g.logical[info.name] = _result_reach(backend, g, result)
+            # Who vouches for a live result stays as long as it does.
+            vouching = attestation_name(digest_of_name(info.name), result, None)
+            g.reach[info.name] |= {a.name for a in backend.list(vouching)}
         except InputError:  # a malformed digest in the ref
             continue
         g.refs[info.name] = (result, info.mtime)
@@ -291,9 +294,11 @@ class EvictReport:
         return asdict(self)
 
 
-def evict(backend: Backend, *, max_age: float | None, max_bytes: int | None) -> EvictReport:
+def evict(backend: Backend, *, max_age: float | None, max_bytes: int | None,
+          on_evict: Callable[[str, str], object] | None = None) -> EvictReport:
     """Delete refs older than max_age, then oldest first until what the remaining
-    refs reach is at most max_bytes (as stored). Run gc() afterwards to free space."""
+    refs reach is at most max_bytes (as stored). Run gc() afterwards to free space.
+    `on_evict(key, result)` follows each deletion (the store's audit log)."""
     for name, v in (("max_age", max_age), ("max_bytes", max_bytes)):
         if v is not None and v < 0:
             raise InputError(f"{name}={v} is negative", f"use a non-negative {name} or None")
@@ -317,5 +322,7 @@ def evict(backend: Backend, *, max_age: float | None, max_bytes: int | None) -> 
             break
         backend.delete(ref)
         evicted.append(digest_of_name(ref))
+        if on_evict is not None:
+            on_evict(evicted[-1], g.refs[ref][0])
         live -= freed_by[i]
     return EvictReport(evicted, len(order) - len(evicted), before, live)

@@ -244,7 +244,9 @@ class ResultManifest:
     provenance: Provenance
     output_tree: BlobRef | None = None  # digest and total size of the output tree
     meta: dict[str, Any] = field(default_factory=dict)  # runner extras: exit code, isolation, ...
-    signature: str | None = None  # set by the store when it has a signer
+    # Written by the shared-secret MAC that attestations replaced (memoplane.trust): always None
+    # now, and kept because the digest covers it, so every stored result keeps its address.
+    signature: str | None = None
 
     @property
     def key(self) -> str:
@@ -261,7 +263,7 @@ class ResultManifest:
         return out + ([self.value.blob.digest] if self.value.blob else [])
 
     def body(self) -> dict[str, Any]:
-        """Everything but the signature: what the digest and the signature cover."""
+        """Everything but the (legacy) signature."""
         return {"v": VERSION, "value": self.value.to_dict(), "stdout": self.stdout.to_dict(),
                 "stderr": self.stderr.to_dict(), "provenance": self.provenance.to_dict(),
                 "output_tree": self.output_tree.to_dict() if self.output_tree else None,
@@ -272,13 +274,8 @@ class ResultManifest:
 
     @property
     def digest(self) -> str:
-        """The address: covers the signature too, so results signed with different
-        keys never overwrite each other."""
+        """The address (of to_dict, the legacy signature field included)."""
         return b3(canonical_json(self.to_dict()))
-
-    def signing_message(self) -> bytes:
-        """What a signer signs: the digest of the body, which names the cache key."""
-        return b3(canonical_json(self.body())).encode()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ResultManifest:

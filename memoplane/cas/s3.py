@@ -5,6 +5,9 @@ Semantics (see Backend):
 - put_if_absent: HEAD, then PUT when absent. Names are content addresses, so two racing
   writers PUT identical bytes: harmless, and cheaper than a conditional write that would
   have to compress and upload every deduplicated chunk first.
+- create: one PUT with `If-None-Match: *`: the server refuses it (412 PreconditionFailed) when
+  the name exists, atomically (MinIO and S3 both), so of racing creators exactly one wins. A retried
+  PUT whose first attempt succeeded is refused too: the caller compares what is there with its bytes.
 - Age refresh for GC grace: an existing object is copied onto itself with REPLACE
   metadata, which moves its LastModified (what list() reports as mtime) to now. Measured
   on the local MinIO: HEAD ~1 ms, self-copy ~3 ms (the client HEADs the source once more).
@@ -179,6 +182,21 @@ class S3Backend:
                 return False
             payload = data() if callable(data) else data
             self.client.put_object(self.bucket, key, io.BytesIO(payload), len(payload))
+            return True
+
+    def create(self, name: str, data: bytes) -> bool:
+        key = self._key(name)
+        with self._errors("create", name):
+            try:
+                # put_object (minio 7.2) sends headers it does not know as user metadata
+                # (x-amz-meta-if-none-match: no condition at all); the client's one-request PUT
+                # sends them as given. Keyword arguments: the same call in minio's next major version.
+                self.client._put_object(bucket_name=self.bucket, object_name=key, data=data,
+                                        headers={"If-None-Match": "*"})
+            except S3Error as e:
+                if e.code == "PreconditionFailed":
+                    return False
+                raise
             return True
 
     def _stat(self, key: str) -> Any | None:

@@ -1,15 +1,20 @@
 """The content-addressed store: blobs, trees, results and refs over a Backend.
 
 Object names: chunks/, blobs/, trees/, results/ (`<kind>/<2 hex>/<64 hex>`),
-refs/<64 hex of the cache key>, quarantine/<name with / as %>.<ns>.
+refs/<64 hex of the cache key>, attestations/<64 hex of the key>/<64 hex of the result>/<64 hex
+of the envelope> (append-only: who vouches for a result, memoplane.trust), quarantine/<name
+with / as %>.<ns>, audit/ (the audit log, audit.py).
 
 Reads are verified: a chunk is served only if blake3 of its plain bytes equals
 its address, a blob only if its content re-hashes to its digest, a manifest
 only if its seal and address match. Damaged objects are moved to quarantine/
 and StoreCorrupted is raised, so the caller recomputes.
 
-Writes go chunks -> blob manifests -> tree -> result -> (flush) -> ref, each
-object atomic, so a reader never sees a ref whose data was not written first.
+Writes go chunks -> blob manifests -> tree -> result -> attestation -> (flush) -> ref, each
+object atomic, so a reader never sees a ref whose data was not written first. A ref also
+lists the attestations of its result that its writers knew of (a reader's fast path; a
+reader that needs more lists them all), and whoever can write the store can write a ref:
+a reader trusts a ref only as far as the attestations its trust policy accepts.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -33,10 +38,12 @@ import blake3
 from ..canonical import canonical_json, json_depth_exceeds
 from ..errors import InputError, NotFound, StoreCorrupted
 from ..tree_limits import MAX_TREE_DEPTH, MAX_TREE_ENTRIES
+from . import audit as audit_log
 from . import gc as maintenance
+from .audit import AuditLog, Record
 from .backend import Backend
 from .chunking import ChunkDecodeError, ChunkParams, Ingested, Pools, decode_chunk, ingest_buffer, ingest_stream
-from .digests import b3, check_digest, object_name, ref_name
+from .digests import attestation_name, b3, check_digest, digest_of_name, object_name, ref_name
 from .gc import EvictReport, GcReport, Stats, VerifyReport
 from .records import (
     BlobManifest,
@@ -52,7 +59,6 @@ from .records import (
     tree_path_problem,
     unseal,
 )
-from .signing import SignatureInvalid, Signer
 
 log = logging.getLogger("memoplane.cas")
 
@@ -71,24 +77,46 @@ class Hit:
     key: str
     digest: str  # of the result manifest
     result: ResultManifest
+    attestations: tuple[str, ...] = ()  # digests of the attestations the ref lists
 
 
-HIT_RESULTS_KEPT = 1024  # verified result manifests get_ref keeps in memory (small: a tree or a big value is a blob)
+@dataclass(frozen=True)
+class RefEntry:
+    result: str                     # the result manifest's digest
+    attestations: tuple[str, ...]   # digests of attestations of it (not necessarily all)
+
+
+SMALL_KEPT = 1024  # verified result manifests and attestations kept in memory, each (small: big values are blobs)
+
+
+def _keep(memo: OrderedDict[str, Any], name: str, value: Any) -> None:
+    memo[name] = value
+    while len(memo) > SMALL_KEPT:
+        memo.popitem(last=False)
 
 
 class Store:
-    """A content-addressed store. Thread-safe; one per process is plenty."""
+    """A content-addressed store. Thread-safe; one per process is plenty.
 
-    def __init__(self, backend: Backend, *, signer: Signer | None = None,
-                 params: ChunkParams | None = None, workers: int | None = None) -> None:
+    `audit`: whether ref writes, new attestations, ref deletions and evictions are appended to the
+    store's audit log (audit.py). None (default): if the store keeps one, i.e. once anyone started
+    it (Store(audit=True), `memoplane audit start`); a store without a log costs one existence
+    check per RECHECK_SECONDS. `audit_by`: who the records say wrote them (default: the host name).
+    """
+
+    def __init__(self, backend: Backend, *, params: ChunkParams | None = None, workers: int | None = None,
+                 audit: bool | None = None, audit_by: str | None = None) -> None:
         self.backend = backend
-        self.signer = signer
+        self.audit_log = AuditLog(backend, audit_by)
+        self._audit = audit
         self.params = params or ChunkParams()
         self._pools = Pools(workers or os.cpu_count() or 2)
-        # Result manifests read by get_ref, by digest: content-addressed, so a verified copy
-        # stays true; the ref and the presence of every chunk are still read for each hit.
+        # Result manifests read by get_ref and attestations, by address: content-addressed,
+        # so a verified copy stays true; the ref and the presence of every chunk are still
+        # read for each hit.
         self._hit_results: OrderedDict[str, ResultManifest] = OrderedDict()
-        self._hit_results_lock = threading.Lock()
+        self._envelopes: OrderedDict[str, bytes] = OrderedDict()
+        self._small_lock = threading.Lock()
 
     def close(self) -> None:
         self._pools.close()
@@ -107,6 +135,17 @@ class Store:
 
     def describe(self) -> str:
         return self.backend.describe()
+
+    # -- the audit log -------------------------------------------------------
+
+    def audit(self, kind: str, **fields: Any) -> Record | None:
+        """Append a record of `kind` (cas.audit: REF, ATTESTATION, REVOCATION, DISPUTE, ...) with
+        `fields` (JSON; name big things by digest) to the audit log, if this store writes one
+        (see the class doc); returns it, or None. Revocations and disputes are recorded by whoever
+        decides them: `store.audit(REVOCATION, keyid="node-a-1")`."""
+        if not (self._audit if self._audit is not None else self.audit_log.started()):
+            return None
+        return self.audit_log.append(kind, fields)
 
     # -- blobs ---------------------------------------------------------------
 
@@ -232,6 +271,7 @@ class Store:
             self.backend.put(qname, seen)
             self.backend.delete(name)
             log.warning("quarantined %s as %s: %s", name, qname, reason)
+            self.audit(audit_log.QUARANTINE, object=name, quarantined_as=qname, reason=reason)
         return StoreCorrupted(f"{name} in {self.describe()} is damaged: {reason}; it was quarantined",
                               "the result will be recomputed; run `memoplane verify` to check the rest")
 
@@ -331,49 +371,103 @@ class Store:
     # -- results and refs -------------------------------------------------------
 
     def put_result(self, result: ResultManifest) -> str:
-        """Store (and sign, with a signer) a result whose blobs and tree are stored;
-        returns its digest."""
+        """Store a result whose blobs and tree are stored; returns its digest."""
         for d in result.blobs():
             if not self.backend.exists(object_name("blobs", d)):
                 raise NotFound(f"blob {d} named by the result is not stored", "put the blob before the result")
         if result.output_tree and not self.backend.exists(object_name("trees", result.output_tree.digest)):
             raise NotFound(f"output tree {result.output_tree.digest} is not stored", "put_tree before the result")
-        signature = self.signer.sign(result.signing_message()) if self.signer else None
-        result = replace(result, signature=signature)
         self.backend.put_if_absent(object_name("results", result.digest), seal(result.to_dict()))
         return result.digest
 
     def get_result(self, digest: str) -> ResultManifest:
-        """The result, address (and, with a signer, signature) checked."""
+        """The result, its address checked."""
         def check(data: bytes) -> ResultManifest:
             result = _sealed(data, ResultManifest.from_dict)
             if result.digest != digest:
                 raise _Damaged("its content does not hash to its address")
             return result
 
-        result = self._load(object_name("results", digest), check)
-        if self.signer and not (result.signature and self.signer.verify(result.signing_message(),
-                                                                         result.signature)):
-            raise SignatureInvalid(f"result {digest} is unsigned or signed with another key",
-                                   "check the store's signing secret; the job will be recomputed")
-        return result
+        return self._load(object_name("results", digest), check)
 
-    def set_ref(self, key: str, result_digest: str) -> None:
-        """Point `key` at a stored result (after making its data durable)."""
+    # -- attestations (what they say and whom to believe: memoplane.trust) ----------------
+
+    def put_attestation(self, key: str, result_digest: str, envelope: bytes) -> str:
+        """Add an attestation of (key, result); one already stored is never replaced.
+        Returns its digest (what a ref lists)."""
+        digest = b3(envelope)
+        if self.backend.put_if_absent(attestation_name(key, result_digest, digest), envelope):
+            self.audit(audit_log.ATTESTATION, key=key, result=result_digest, attestation=digest)
+        return digest
+
+    def attestations(self, key: str, result_digest: str, digests: Iterable[str] | None = None) -> list[bytes]:
+        """The attestations of (key, result) named by `digests` (None: every one stored),
+        each checked against its address; a missing one is skipped, a damaged one quarantined."""
+        if digests is None:
+            prefix = attestation_name(key, result_digest, None)
+            digests = [digest_of_name(info.name) for info in self.backend.list(prefix)]
+        found = []
+        for digest in dict.fromkeys(digests):
+            try:
+                found.append(self._attestation(attestation_name(key, result_digest, digest), digest))
+            except (NotFound, StoreCorrupted, InputError):
+                continue
+        return found
+
+    def _attestation(self, name: str, digest: str) -> bytes:
+        with self._small_lock:
+            data = self._envelopes.get(name)
+        if data is not None:
+            return data
+
+        def check(data: bytes) -> bytes:
+            if b3(data) != digest:
+                raise _Damaged("its content does not hash to its address")
+            return data
+
+        data = self._load(name, check)
+        with self._small_lock:
+            _keep(self._envelopes, name, data)
+        return data
+
+    # -- refs ------------------------------------------------------------------------
+
+    def set_ref(self, key: str, result_digest: str, attestations: Iterable[str] = ()) -> None:
+        """Point `key` at a stored result (after making its data durable), listing
+        `attestations` of it and those the ref already lists for the same result."""
         check_digest(key, "cache key")
         if not self.backend.exists(object_name("results", result_digest)):
             raise NotFound(f"result {result_digest} is not stored", "put_result before set_ref")
+        current = self.read_ref_entry(key)
+        listed = current.attestations if current is not None and current.result == result_digest else ()
+        names = sorted(set(listed) | {check_digest(a, "attestation") for a in attestations})
         self.backend.flush()
-        self.backend.put(ref_name(key), seal({"v": 1, "key": key, "result": result_digest}))
+        body: dict[str, Any] = {"v": 1, "key": key, "result": result_digest}
+        if names:
+            body["attestations"] = names
+        self.backend.put(ref_name(key), seal(body))
+        self.audit(audit_log.REF, key=key, result=result_digest, attestations=names)
 
-    def commit(self, result: ResultManifest) -> str:
-        """put_result then set_ref for its cache key; returns the result digest."""
+    def commit(self, result: ResultManifest, attestations: Iterable[bytes] = ()) -> str:
+        """put_result, put_attestation of each envelope, then set_ref for its cache key;
+        returns the result digest."""
         digest = self.put_result(result)
-        self.set_ref(result.key, digest)
+        signed = [self.put_attestation(result.key, digest, envelope) for envelope in attestations]
+        self.set_ref(result.key, digest, signed)
         return digest
+
+    def cache_keys(self) -> Iterator[str]:
+        """Every cache key with a ref (in no particular order)."""
+        for info in self.backend.list("refs/"):
+            yield digest_of_name(info.name)
 
     def read_ref(self, key: str) -> str | None:
         """The result digest a ref names, unchecked; None if there is no ref."""
+        entry = self.read_ref_entry(key)
+        return entry.result if entry is not None else None
+
+    def read_ref_entry(self, key: str) -> RefEntry | None:
+        """What a ref says, unchecked; None if there is no ref (a malformed one is quarantined)."""
         name = ref_name(key)
         try:
             data = self.backend.get(name)
@@ -383,7 +477,11 @@ class Store:
             body = unseal(data)
             if body.get("key") != key:
                 raise SealError("it names another key")
-            return check_digest(body.get("result"), "ref.result")
+            listed = body.get("attestations", [])
+            if not isinstance(listed, list):
+                raise SealError("its attestations are not a list")
+            return RefEntry(check_digest(body.get("result"), "ref.result"),
+                            tuple(check_digest(a, "ref.attestations") for a in listed))
         except (SealError, InputError) as e:
             self._quarantine(name, data, str(e))
             return None
@@ -392,37 +490,32 @@ class Store:
         """A hit only if the result and everything it names is present and intact.
 
         Returns None (a miss) otherwise — the caller recomputes. A broken ref is
-        quarantined (logged); a bad signature is not (see SignatureInvalid).
+        quarantined (logged). Whether anyone vouches for it is the trust policy's call
+        (memoplane.trust.trusted_hit); a reader never serves a bare get_ref.
         `deep=True` also re-hashes every blob instead of checking chunks exist.
         """
-        digest = self.read_ref(key)
-        if digest is None:
+        entry = self.read_ref_entry(key)
+        if entry is None:
             return None
+        digest = entry.result
         try:
             result = self._hit_result(digest)
             if result.key != key:
                 raise StoreCorrupted(f"result {digest} answers key {result.key}, not {key}")
             self._check_complete(result, deep)
-        except SignatureInvalid as e:
-            log.warning("ref %s refused: %s", key, e)
-            return None
         except (NotFound, StoreCorrupted) as e:
             log.warning("ref %s not served: %s", key, e)
             self._quarantine_ref(key, digest)
             return None
-        return Hit(key, digest, result)
+        return Hit(key, digest, result, entry.attestations)
 
     def _hit_result(self, digest: str) -> ResultManifest:
-        with self._hit_results_lock:
+        with self._small_lock:
             result = self._hit_results.get(digest)
-            if result is not None:
-                self._hit_results.move_to_end(digest)
-                return result
-        result = self.get_result(digest)
-        with self._hit_results_lock:
-            self._hit_results[digest] = result
-            while len(self._hit_results) > HIT_RESULTS_KEPT:
-                self._hit_results.popitem(last=False)
+        if result is None:
+            result = self.get_result(digest)
+            with self._small_lock:
+                _keep(self._hit_results, digest, result)
         return result
 
     def _quarantine_ref(self, key: str, digest: str) -> None:
@@ -458,6 +551,7 @@ class Store:
 
     def delete_ref(self, key: str) -> None:
         self.backend.delete(ref_name(key))
+        self.audit(audit_log.REF_DELETED, key=key)
 
     # -- maintenance (see gc.py) -------------------------------------------------
 
@@ -473,7 +567,10 @@ class Store:
         return maintenance.stats(self.backend)
 
     def evict(self, max_age: float | None = None, max_bytes: int | None = None) -> EvictReport:
-        return maintenance.evict(self.backend, max_age=max_age, max_bytes=max_bytes)
+        def evicted(key: str, result: str) -> None:
+            self.audit(audit_log.EVICTION, key=key, result=result)
+
+        return maintenance.evict(self.backend, max_age=max_age, max_bytes=max_bytes, on_evict=evicted)
 
 
 def _decode_json_value(data: bytes, digest: str) -> Any:

@@ -106,14 +106,18 @@ def follow(obj: Mapping[str, Any], group: Iterable[Mapping[str, Any]]) -> Wait |
 
 
 def place(obj: Mapping[str, Any], nodes: Sequence[schedule.NodeView], load: Mapping[str, int], profile: str,
-          runtime: str) -> Wait | Rederive | Schedule:
+          runtime: str, exclude: frozenset[str] = frozenset()) -> Wait | Rederive | Schedule:
     """A job that leads its key's flight: have its key derived again for the runtime the
-    agents now run, wait for a node, or go to one. `profile`, `runtime`: its manifest's."""
+    agents now run, wait for a node, or go to one. `profile`, `runtime`: its manifest's;
+    `exclude`: nodes it must not run on (a replica's siblings')."""
     view = job(obj)
     current = schedule.runtime_for(nodes, profile)
     if current is not None and current != runtime:
         return Rederive(p.REASON_RUNTIME_MISMATCH, f"agents now run profile '{profile}' as {current[:15]}…")
-    node = schedule.pick_node(nodes, profile, runtime, load, avoid=view.assigned.node)
+    node = schedule.pick_node(nodes, profile, runtime, load, avoid=view.assigned.node, exclude=exclude)
+    if node is None and exclude:
+        return Wait(p.REASON_NO_NODE, f"no live agent serves profile '{profile}' at runtime {runtime[:15]}… "
+                                      f"on a node other than its sibling replicas' ({', '.join(sorted(exclude))})")
     if node is None:
         return Wait(p.REASON_NO_NODE, f"no live agent serves profile '{profile}' at runtime {runtime[:15]}…")
     attempts = view.status.attempts + 1

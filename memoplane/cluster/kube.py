@@ -155,6 +155,16 @@ class Kube:
                 return None
             raise
 
+    def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Secret (its data base64-encoded, as the API serves it); the operator reads only
+        those a ResultCache names for its trusted keys."""
+        try:
+            return to_dict(self.api, self.core.read_namespaced_secret(name, namespace))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     def event(self, obj: Mapping[str, Any], reason: str, message: str, *, warning: bool = False,
               component: str = p.OPERATOR_COMPONENT, host: str | None = None) -> None:
         """A core/v1 Event about `obj`; best effort (an Event is never worth failing for).

@@ -175,6 +175,10 @@ def progress(parent: Mapping[str, Any], elements: list[Any], children: Mapping[s
     return Progress(len(elements), succeeded, cached, failed, first, list(waiting))
 
 
+def map_manifest(over: str, child_keys: list[str]) -> dict[str, Any]:
+    """What the parent's key is the digest of: its children's keys in element order."""
+    return {"v": 1, "map": over, "keys": child_keys}
+
+
 def map_key(over: str, child_keys: list[str]) -> str:
-    """The parent's key: its children's keys in element order."""
-    return digest_bytes(canonical_json({"v": 1, "map": over, "keys": child_keys}))
+    return digest_bytes(canonical_json(map_manifest(over, child_keys)))

@@ -15,6 +15,8 @@ class OperatorMetrics:
                             "(cached, computed, failed).", ["outcome"], registry=r)
         self.cache_hits = Counter("memoplane_cache_hits_total", "Cache lookups that found a verified result.",
                                   registry=r)
+        self.untrusted = Counter("memoplane_cache_untrusted_total", "Stored results found and not served: the "
+                                 "cache's trust policy refused their attestations (recomputed).", registry=r)
         self.cache_misses = Counter("memoplane_cache_misses_total", "Jobs sent to a node to compute.", registry=r)
         self.seconds_saved = Counter("memoplane_compute_seconds_saved_total",
                                      "Compute seconds that cache hits did not spend.", registry=r)

@@ -90,6 +90,8 @@ REASON_UNSUPPORTED = "Unsupported"
 REASON_RUNTIME_MISMATCH = "RuntimeMismatch"
 REASON_STORE = "StoreUnavailable"
 REASON_BACKOFF_LIMIT = "BackoffLimitExceeded"
+REASON_UNTRUSTED = "Untrusted"        # a stored result the cache's trust policy refused: recomputed
+REASON_TRUST_KEYS = "TrustKeysUnavailable"  # the cache's trusted keys cannot be read: its jobs wait
 REASON_AGENT_ERROR = "AgentError"      # the agent itself failed while handling the job (a failed attempt)
 
 DEFAULT_RESULT_CACHE: str = CacheSpec.model_fields["result_cache"].default   # the model's, not typed again

@@ -110,14 +110,14 @@ def runtime_for(nodes: Iterable[NodeView], profile: str) -> str | None:
 
 
 def pick_node(nodes: Iterable[NodeView], profile: str, runtime: str,
-              load: Mapping[str, int], avoid: str | None = None) -> str | None:
+              load: Mapping[str, int], avoid: str | None = None, exclude: frozenset[str] = frozenset()) -> str | None:
     """A live node serving `profile` at `runtime`, with the most free capacity.
 
     `load`: jobs the operator has assigned to each node and not yet seen finish (the
     leases' running counts lag). A full node is still chosen when all are full: its agent
     queues the job. `avoid` (the node a retried job failed on) loses ties and is taken only
-    when it is the sole candidate."""
-    candidates = [n for n in live_nodes(nodes) if n.profiles.get(profile) == runtime]
+    when it is the sole candidate. `exclude` (a replica's siblings' nodes) is never taken."""
+    candidates = [n for n in live_nodes(nodes) if n.profiles.get(profile) == runtime and n.name not in exclude]
     if not candidates:
         return None
 

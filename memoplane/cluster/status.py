@@ -13,7 +13,15 @@ from datetime import datetime
 from typing import Any
 
 from ..api.computejob import format_duration, short_key
-from ..api.conditions import RECONCILING, mark_ready, mark_reconciling, mark_stalled, rfc3339, set_condition
+from ..api.conditions import (
+    RECONCILING,
+    mark_ready,
+    mark_reconciling,
+    mark_stalled,
+    remove_condition,
+    rfc3339,
+    set_condition,
+)
 from ..cas import ResultManifest
 from . import protocol as p
 
@@ -210,5 +218,54 @@ def map_succeeded(status: Mapping[str, Any], generation: int, key: str, digest: 
         "result": result_ref(digest, result, store), "node": None, "durationMs": None, "duration": None,
         "computeSecondsSaved": round(seconds_saved, 3), "completionTime": rfc3339(now), "failure": None,
         "conditions": mark_ready(_conds(status), p.REASON_COMPUTED, message, generation, now),
+        "observedGeneration": generation,
+    }
+
+
+# -- spec.verify parents (memoplane.cluster.replicas) ------------------------------------------
+
+
+def replicating(status: Mapping[str, Any], generation: int, key: str | None, done: int, total: int,
+                nodes: list[str], now: datetime, reason: str, dispute: str) -> Patch:
+    """Replicas under way: Running, with how many are done and where."""
+    message = f"{done}/{total} replicas done" + (f" (on {', '.join(nodes)})" if nodes else "")
+    return {
+        "phase": p.RUNNING, "reason": reason, "message": message,
+        **{f: None for f in _OUTCOME if f != "startTime"}, "verify": None,
+        **({"cacheKey": key, "shortKey": short_key(key)} if key else {}),
+        "conditions": mark_reconciling(remove_condition(_conds(status), dispute), reason, message, generation, now),
+        "observedGeneration": generation,
+    }
+
+
+def replicas_agreed(status: Mapping[str, Any], generation: int, key: str, digest: str, result: ResultManifest,
+                    store: str, replicas: list[dict[str, Any]], now: datetime, reason: str, dispute: str) -> Patch:
+    """Every replica returned `digest` and attested it: Ready, with the result."""
+    nodes = [str(r.get("node")) for r in replicas]
+    message = f"computed on {len(nodes)} nodes ({', '.join(nodes)}); their results agree"
+    return {
+        "phase": p.SUCCEEDED, "reason": reason, "message": message, "cached": False,
+        "cacheKey": key, "shortKey": short_key(key), "node": None, "result": result_ref(digest, result, store),
+        "verify": {"replicas": replicas, "agreed": True, "difference": None},
+        "durationMs": None, "duration": None, "computeSecondsSaved": 0.0, "completionTime": rfc3339(now),
+        "failure": None,
+        "conditions": mark_ready(remove_condition(_conds(status), dispute), reason, message, generation, now),
+        "observedGeneration": generation,
+    }
+
+
+def disputed(status: Mapping[str, Any], generation: int, key: str | None, replicas: list[dict[str, Any]],
+             difference: str, message: str, now: datetime, reason: str) -> Patch:
+    """The replicas disagree: a condition of type `reason` (Disputed) True, Ready False
+    (Stalled: nothing to do until the spec changes), no result."""
+    message = _clip(message)
+    conds = mark_stalled(_conds(status), reason, message, generation, now)
+    return {
+        "phase": p.FAILED, "reason": reason, "message": message, "result": None, "cached": None,
+        **({"cacheKey": key, "shortKey": short_key(key)} if key else {}),
+        "failure": {"reason": reason, "message": message},
+        "verify": {"replicas": replicas, "agreed": False, "difference": _clip(difference, 4096)},
+        "completionTime": rfc3339(now),
+        "conditions": set_condition(conds, reason, "True", reason, message, generation, now),
         "observedGeneration": generation,
     }

@@ -96,6 +96,11 @@ class Stores:
                 return None
             raise
 
+    def opened(self) -> list[Store]:
+        """The stores opened so far (a ResultCache's is opened when a job or the cache is reconciled)."""
+        with self._lock:
+            return list(self._stores.values())
+
     def close(self) -> None:
         with self._lock:
             for store in self._stores.values():

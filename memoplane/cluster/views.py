@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..api.computejob import CacheSpec, ComputeJobSpec, RuntimeSpec
+from ..api.computejob import CacheSpec, ComputeJobSpec, RuntimeSpec, VerifySpec
 from . import protocol as p
 
 Body = Mapping[str, Any]
@@ -29,6 +29,7 @@ DEFAULT_POLICY: str = _default(CacheSpec, "policy")
 DEFAULT_RESULT_CACHE: str = p.DEFAULT_RESULT_CACHE
 DEFAULT_PROFILE: str = _default(RuntimeSpec, "profile")
 DEFAULT_BACKOFF_LIMIT: int = _default(ComputeJobSpec, "backoff_limit")
+DEFAULT_REPLICAS: int = _default(VerifySpec, "replicas")
 
 
 def section(obj: Mapping[str, Any] | None, name: str) -> Mapping[str, Any]:
@@ -126,6 +127,11 @@ class JobSpec:
     def map_over(self) -> str | None:
         over = section(self.raw, "map").get("over")
         return str(over) if over else None
+
+    @property
+    def replicas(self) -> int:
+        """spec.verify.replicas: distinct nodes that must compute it and agree."""
+        return _int(section(self.raw, "verify").get("replicas"), DEFAULT_REPLICAS)
 
     @property
     def inputs(self) -> list[Mapping[str, Any]]:

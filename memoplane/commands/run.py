@@ -17,6 +17,8 @@ from ..inputs import FileArg, SeedArg, parse_bytes, parse_env, parse_inputs
 from ..jobs import BlobInput, CommandCode, Input, Job, JsonInput, PythonCode
 from ..keys import explain_change
 from ..sandbox.types import Limits
+from ..trust import trusted_hit
+from ..trust.local import Keyring
 from .render import render_value
 
 
@@ -95,9 +97,11 @@ def _lazy_pool(allow_unisolated: bool) -> Iterator[Any]:
 def run_command(args: argparse.Namespace) -> int:
     with open_store(args.store) as store:
         job, identity = build_job(args, store)
+        keyring = Keyring()
         try:
             with _lazy_pool(args.allow_unisolated) as sandbox:
-                report = run_job(job, store, sandbox, policy=args.policy, identity=identity)
+                report = run_job(job, store, sandbox, policy=args.policy, identity=identity,
+                                 trust=keyring.policy(), signer=keyring.signer())
         except JobFailed as failed:
             _print_failure(failed, as_json=args.json)
             return failed.exit_code
@@ -167,11 +171,17 @@ def explain_command(args: argparse.Namespace) -> int:
         job, identity = build_job(args, store)
         parts = job.key_parts()
         lines = explain_change(RunHistory(store).previous(identity), parts.components())
-        stored = store.get_ref(parts.key) is not None
+        found = trusted_hit(store, parts.key, Keyring().policy())
+        stored = found.hit is not None
+        untrusted = found.verdict.reason if found.refused and found.verdict else None
         if args.json:
-            print(json.dumps({"cache_key": parts.key, "stored": stored, "changes": lines}, sort_keys=True))
+            print(json.dumps({"cache_key": parts.key, "stored": stored, "untrusted": untrusted, "changes": lines},
+                             sort_keys=True))
             return 0
-        print(f"key {parts.key}  ({'stored: the next run is a hit' if stored else 'not stored: the next run computes'})")
+        state = "stored: the next run is a hit" if stored else \
+            f"stored but not trusted ({untrusted}): the next run computes" if untrusted else \
+            "not stored: the next run computes"
+        print(f"key {parts.key}  ({state})")
         for line in lines or ["nothing changed since the last run"]:
             print(f"  {line}")
     return 0

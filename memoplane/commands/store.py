@@ -5,14 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 from ..cas import Hit, Store, check_digest, open_store
 from ..cas.store import output_directory, write_new_file
-from ..errors import InputError, NotFound, StoreCorrupted
+from ..errors import InputError, NotFound, StoreCorrupted, Untrusted
 from ..sandbox.types import VALUE_FILE_NAMES
+from ..trust import TrustPolicy, judge_stored, trusted_hit, untrusted_refs
+from ..trust.local import Keyring
 from .render import render_value
+
+UNTRUSTED_SHOWN = 5  # untrusted refs `verify` names in text; --json lists them all
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -25,12 +30,16 @@ def parse_duration(text: str, flag: str) -> float:
     return float(match.group(1)) * _SECONDS[match.group(2)]
 
 
-def find_result(store: Store, ref: str) -> Hit:
-    """A stored result by cache key (through its ref) or by result digest."""
+def find_result(store: Store, ref: str, policy: TrustPolicy) -> Hit:
+    """A stored result by cache key (through its ref, only if `policy` trusts it) or by result digest
+    (content-addressed: exactly what was asked for, whoever made it)."""
     check_digest(ref, "KEY_OR_DIGEST")
-    hit = store.get_ref(ref)
-    if hit is not None:
-        return hit
+    found = trusted_hit(store, ref, policy)
+    if found.hit is not None:
+        return found.hit
+    if found.refused and found.verdict is not None:
+        raise Untrusted(f"the stored result of {ref} is not trusted ({found.verdict.reason})",
+                        "run the job again to recompute it, or `memoplane trust add` its signer's key")
     try:
         result = store.get_result(ref)
     except NotFound:
@@ -42,7 +51,9 @@ def find_result(store: Store, ref: str) -> Hit:
 def result_command(args: argparse.Namespace) -> int:
     """`memoplane result KEY_OR_DIGEST`: a result in the local store (a job's name: commands.cluster)."""
     with open_store(args.store) as store:
-        hit = find_result(store, args.ref)
+        policy = Keyring().policy()
+        hit = find_result(store, args.ref, policy)
+        signers = judge_stored(store, policy, hit.key, hit.digest, hit.attestations).signers
         value = store.load_value(hit.result.value)
         if args.output:
             written = materialize_result(store, hit, value, Path(args.output))
@@ -51,7 +62,7 @@ def result_command(args: argparse.Namespace) -> int:
         shown = {"cache_key": hit.key, "result_digest": hit.digest,
                  "result": render_value(hit.result.value, value), "value_kind": hit.result.value.kind,
                  "compute_seconds": hit.result.provenance.duration_s, "node": hit.result.provenance.node,
-                 "written": written}
+                 "signers": list(signers), "written": written}
         if args.json:
             print(json.dumps(shown, sort_keys=True))
         else:
@@ -59,6 +70,9 @@ def result_command(args: argparse.Namespace) -> int:
                 print(json.dumps(shown["result"], indent=2, sort_keys=True))
             for path in written:
                 print(f"wrote {path}")
+            if not signers:
+                print(f"memoplane: note: no key you trust signed {hit.digest[:15]}... (asked for by digest)",
+                      file=sys.stderr)
     return 0
 
 
@@ -91,20 +105,35 @@ def materialize_result(store: Store, hit: Hit, value: Any, dest: Path) -> list[s
 
 
 def verify_command(args: argparse.Namespace) -> int:
+    """Every object against its address, then every ref against the local trust policy."""
     with open_store(args.store) as store:
         report = store.verify()
+        judged, untrusted = untrusted_refs(store, Keyring().policy())
         if args.json:
-            print(json.dumps(report.to_dict(), sort_keys=True))
+            out = report.to_dict()
+            out["ok"] = report.ok and not untrusted
+            out["trust"] = {"judged": judged, "untrusted": [
+                {"key": u.key, "result": u.result, "reason": u.verdict.reason} for u in untrusted]}
+            print(json.dumps(out, sort_keys=True))
         else:
             checked = ", ".join(f"{n} {kind}" for kind, n in sorted(report.checked.items())) or "nothing"
-            print(f"checked {checked} in {store.describe()}")
+            print(f"checked {checked} in {store.describe()}; judged {judged} ref(s) by your trust policy")
             for damage in report.damaged:
                 print(f"  DAMAGED {damage.name}: {damage.reason}")
-            print("ok" if report.ok else f"{len(report.damaged)} damaged object(s) quarantined; "
-                  "affected jobs recompute on their next run")
+            for u in untrusted[:UNTRUSTED_SHOWN]:
+                print(f"  UNTRUSTED {u.key}: {u.verdict.reason}")
+            if len(untrusted) > UNTRUSTED_SHOWN:
+                print(f"  ... and {len(untrusted) - UNTRUSTED_SHOWN} more (--json lists them all)")
+            if not report.ok:
+                print(f"{len(report.damaged)} damaged object(s) quarantined; affected jobs recompute on their next run")
+            if untrusted:
+                print(f"{len(untrusted)} ref(s) not trusted (never served: they recompute on their next run); "
+                      "`memoplane trust list` shows whom you trust")
+            if report.ok and not untrusted:
+                print("ok")
     if not report.ok:
         return StoreCorrupted.exit_code
-    return 0
+    return Untrusted.exit_code if untrusted else 0
 
 
 def gc_command(args: argparse.Namespace) -> int:

@@ -21,8 +21,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memoplane.settings import CREDENTIAL_FILES, CREDENTIALS_ENV, KEY_ENVS
+from memoplane.settings import CREDENTIAL_FILES, CREDENTIALS_ENV, KEY_ENVS, SIGNING_KEY_FILE_ENV, SIGNING_KEYID_ENV
 from memoplane.testing import cluster
+from memoplane.trust import SigningKey
 
 OPERATOR = "memoplane-operator"
 AGENT_PREFIX = "memoplane-agent-"
@@ -140,10 +141,33 @@ def wait_ready(directory: Path, proc: Proc, url: str, timeout: float = READY_TIM
                        f"{log_tail(proc)}")
 
 
+AGENTS_KEYID = "local-agents-1"
+
+
+def agents_key(directory: Path) -> SigningKey:
+    """The stack's agents' signing key, as the chart makes one at install: generated on first
+    use into a 0600 file under `directory` (0700) and kept, so a restarted stack's agents keep
+    attesting with the key its caches trust."""
+    path = directory / "signing" / "private.pem"
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, SigningKey.generate(AGENTS_KEYID).pem())
+        finally:
+            os.close(fd)
+    return SigningKey.parse(AGENTS_KEYID, path.read_bytes())
+
+
+def signing_env(cfg: StackConfig) -> dict[str, str]:
+    agents_key(cfg.directory)
+    return {SIGNING_KEY_FILE_ENV: str(cfg.directory / "signing" / "private.pem"), SIGNING_KEYID_ENV: AGENTS_KEYID}
+
+
 def start_operator(cfg: StackConfig, wait: bool = True) -> Proc:
     ports = {"metrics": free_port(), "health": free_port()}
     env = {**cfg.process_env(), "MEMOPLANE_METRICS_PORT": str(ports["metrics"]),
-           "MEMOPLANE_HEALTH_PORT": str(ports["health"])}
+           "MEMOPLANE_HEALTH_PORT": str(ports["health"]), **signing_env(cfg)}
     proc = _spawn(cfg, OPERATOR, [sys.executable, "-m", "memoplane_operator"], env, ports)
     if wait:
         wait_ready(cfg.directory, proc, proc.url("health", "/healthz"))
@@ -170,12 +194,14 @@ def agent_credentials(cfg: StackConfig) -> dict[str, str]:
     return {CREDENTIALS_ENV: str(directory), **{name: "" for name in KEY_ENVS}}
 
 
-def start_agent(cfg: StackConfig, node: str, wait: bool = True) -> Proc:
+def start_agent(cfg: StackConfig, node: str, wait: bool = True, argv: list[str] | None = None) -> Proc:
+    """`argv`: another program than the agent (a test agent that wraps it)."""
     ports = {"http": free_port()}
     env = {**cfg.process_env(), "NODE_NAME": node, "MEMOPLANE_HTTP_HOST": "127.0.0.1",
            "MEMOPLANE_HTTP_PORT": str(ports["http"]), "MEMOPLANE_CAPACITY": str(cfg.capacity),
-           "MEMOPLANE_LOCAL_CACHE": str(cfg.directory / "node-cache" / node), **agent_credentials(cfg)}
-    proc = _spawn(cfg, AGENT_PREFIX + node, [sys.executable, "-m", "memoplane_agent"], env, ports)
+           "MEMOPLANE_LOCAL_CACHE": str(cfg.directory / "node-cache" / node), **agent_credentials(cfg),
+           **signing_env(cfg)}
+    proc = _spawn(cfg, AGENT_PREFIX + node, argv or [sys.executable, "-m", "memoplane_agent"], env, ports)
     if wait:
         wait_ready(cfg.directory, proc, proc.url("http", "/readyz"))
     return proc

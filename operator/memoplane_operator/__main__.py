@@ -1,7 +1,9 @@
 """`memoplane-operator` / `python -m memoplane_operator`: the ComputeJob operator (kopf).
 
-Configuration: the environment (memoplane.settings.OperatorSettings and StoreSettings,
-listed below), overridden by flags; KUBECONFIG, else in-cluster.
+Configuration: the environment (memoplane.settings.OperatorSettings, SigningSettings and
+StoreSettings, listed below), overridden by flags; KUBECONFIG, else in-cluster. The agents'
+signing key is required: its public key is the cluster agents' key that ResultCaches trust
+by default, and the operator attests the map results it computes with it.
 """
 
 from __future__ import annotations
@@ -16,9 +18,18 @@ from prometheus_client import start_http_server
 from memoplane.cluster.kube import Kube, load_config
 from memoplane.cluster.metrics import OperatorMetrics
 from memoplane.cluster.stores import Stores
+from memoplane.cluster.trust import load_signer
 from memoplane.errors import MemoplaneError
 from memoplane.leftovers import sweep
-from memoplane.settings import OperatorSettings, StoreSettings, add_flags, describe, flag_values, from_env
+from memoplane.settings import (
+    OperatorSettings,
+    SigningSettings,
+    StoreSettings,
+    add_flags,
+    describe,
+    flag_values,
+    from_env,
+)
 
 from .gmemseed import SeedReconciler
 from .gmemseed import register as register_seeds
@@ -31,12 +42,13 @@ FLAGS = ("watch_namespaces", "lease_namespace", "metrics_port", "health_port", "
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memoplane-operator", description=__doc__,
-                                     epilog=describe(OperatorSettings) + "\n" + describe(StoreSettings),
+                                     epilog="\n".join(describe(s) for s in (OperatorSettings, SigningSettings, StoreSettings)),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(parser, OperatorSettings, FLAGS)
     args = parser.parse_args(argv)
     try:
         settings = from_env(OperatorSettings, **flag_values(args, FLAGS))
+        signer = load_signer(from_env(SigningSettings))
         stores = Stores(StoreSettings.from_env())
     except MemoplaneError as exc:
         parser.exit(2, f"memoplane-operator: {exc}\n")
@@ -44,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     metrics = OperatorMetrics()
     sweep()   # the gmem log directories an operator that crashed left behind
-    reconciler = Reconciler(settings, Kube(load_config()), stores, metrics)
+    reconciler = Reconciler(settings, Kube(load_config()), stores, signer, metrics)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, registry=metrics.registry)
     registry = kopf.OperatorRegistry()

@@ -16,9 +16,11 @@ from memoplane.cluster import protocol as p
 from memoplane.cluster import status as st
 from memoplane.cluster.views import job
 from memoplane.jobs import Job
+from memoplane.trust import TrustPolicy
 
 from .context import Context
 from .hits import look_up, served
+from .replicas import exclude_for
 from .resolution import Admissible
 
 log = logging.getLogger("memoplane.operator")
@@ -39,7 +41,11 @@ def admit(ctx: Context, obj: dict[str, Any], carried: Admissible | None = None) 
     memo = ctx.memo
     if decide.looks_up(view.spec.policy, missed or bool(memo and (url, key) in memo.misses)):
         # A stored result is served whoever else computes the key: no flight to consult.
-        if _serve(ctx, obj, store, url, key):
+        policy = carried.policy if carried is not None else ctx.caches.policy_for(obj)
+        if isinstance(policy, decide.Wait):  # the cache's trusted keys cannot be read: serve nothing
+            ctx.wait(obj, policy)
+            return
+        if _serve(ctx, obj, store, url, key, policy):
             return
         if memo:
             memo.misses.add((url, key))
@@ -48,7 +54,8 @@ def admit(ctx: Context, obj: dict[str, Any], carried: Admissible | None = None) 
         ctx.wait(obj, waiting)
         return
     resolved = carried.job if carried is not None else ctx.manifests.job_of(obj, store)
-    decision = decide.place(obj, ctx.fleet.nodes, ctx.fleet.load, resolved.profile, str(resolved.runtime))
+    decision = decide.place(obj, ctx.fleet.nodes, ctx.fleet.load, resolved.profile, str(resolved.runtime),
+                            exclude_for(ctx, obj))
     if isinstance(decision, decide.Wait):
         ctx.wait(obj, decision)
     elif isinstance(decision, decide.Rederive):
@@ -58,8 +65,8 @@ def admit(ctx: Context, obj: dict[str, Any], carried: Admissible | None = None) 
         _schedule(ctx, obj, decision, store, resolved)
 
 
-def _serve(ctx: Context, obj: Mapping[str, Any], store: Store, url: str, key: str) -> bool:
-    hit, ms = look_up(store, key)
+def _serve(ctx: Context, obj: Mapping[str, Any], store: Store, url: str, key: str, policy: TrustPolicy) -> bool:
+    hit, ms = look_up(ctx, obj, store, key, policy)
     if hit is None:
         return False
     view = job(obj)

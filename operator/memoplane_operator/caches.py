@@ -1,6 +1,11 @@
 """ResultCaches on the reconciler's worker: which store a job's cache names (creating a
-namespace's default cache on first use), the hits and misses counted between stats
-refreshes, and each cache's status (decisions in memoplane.cluster.resultcache).
+namespace's default cache on first use) and whom it trusts, the hits and misses counted
+between stats refreshes, and each cache's status (decisions in memoplane.cluster.resultcache
+and memoplane.cluster.trust).
+
+A cache's trust policy is kept until the cache changes or the next full resync (which is
+when a change to a Secret or ConfigMap it names is seen); one that cannot be made (a named
+Secret missing) is not kept: the waiting job's next visit reads the keys again.
 
 Guarded by the work queue's lock, as the rest of the reconciler's shared state.
 """
@@ -10,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,11 +24,13 @@ from kubernetes.client.exceptions import ApiException
 from memoplane.cas import Store
 from memoplane.cluster import protocol as p
 from memoplane.cluster import resultcache as rs
+from memoplane.cluster import trust as tr
 from memoplane.cluster.decide import CreateDefault, Wait, default_cache, missing_cache
 from memoplane.cluster.kube import Kube
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import cache, job
 from memoplane.errors import MemoplaneError
+from memoplane.trust import PublicKey, TrustPolicy
 
 from .workqueue import WorkQueue
 
@@ -31,10 +39,21 @@ log = logging.getLogger("memoplane.operator")
 LANE = "cache"
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where a job's results live and whose attestations make a stored one a hit."""
+
+    store: Store
+    url: str
+    policy: TrustPolicy
+
+
 class ResultCaches:
-    def __init__(self, kube: Kube, stores: Stores, work: WorkQueue, watched: Callable[[str], bool]) -> None:
-        self.kube, self.stores, self.work, self.watched = kube, stores, work, watched
+    def __init__(self, kube: Kube, stores: Stores, work: WorkQueue, watched: Callable[[str], bool],
+                 agents: PublicKey | None) -> None:
+        self.kube, self.stores, self.work, self.watched, self.agents = kube, stores, work, watched, agents
         self._seen: dict[tuple[str, str], dict[str, Any]] = {}   # as the watch last delivered them
+        self._policies: dict[tuple[str, str], TrustPolicy] = {}
         self._counters: dict[tuple[str, str], rs.Counters] = defaultdict(rs.no_counts)
 
     # -- watch events ---------------------------------------------------------------------------
@@ -43,12 +62,19 @@ class ResultCaches:
         with self.work.cond:
             if body is not None:
                 self._seen[(namespace, name)] = body
+            self._policies.pop((namespace, name), None)
             self.work.lanes[LANE].put((namespace, name))
             self.work.cond.notify()
 
     def deleted(self, namespace: str, name: str) -> None:
         with self.work.cond:
             self._seen.pop((namespace, name), None)
+            self._policies.pop((namespace, name), None)
+
+    def forget_policies(self) -> None:
+        """Read every cache's trusted keys afresh (a Secret or ConfigMap may have changed)."""
+        with self.work.cond:
+            self._policies.clear()
 
     # -- counters -------------------------------------------------------------------------------
 
@@ -63,8 +89,22 @@ class ResultCaches:
 
     # -- a job's store --------------------------------------------------------------------------
 
-    def store_for(self, obj: Mapping[str, Any]) -> tuple[Store, str] | Wait:
-        """The job's ResultCache store and its URL, or why the job waits for it."""
+    def store_for(self, obj: Mapping[str, Any]) -> Target | Wait:
+        """The job's ResultCache store, its URL and trust policy, or why the job waits for it."""
+        rc = self._cache_of(obj)
+        if isinstance(rc, Wait):
+            return rc
+        policy = self._policy(rc)
+        if isinstance(policy, Wait):
+            return policy
+        found = cache(rc)
+        return Target(self.stores.get(found.bucket, found.prefix), found.store_url, policy)
+
+    def policy_for(self, obj: Mapping[str, Any]) -> TrustPolicy | Wait:
+        rc = self._cache_of(obj)
+        return rc if isinstance(rc, Wait) else self._policy(rc)
+
+    def _cache_of(self, obj: Mapping[str, Any]) -> dict[str, Any] | Wait:
         view = job(obj)
         namespace, name = view.meta.namespace, view.spec.result_cache
         with self.work.cond:  # as the watch last delivered it (kopf enqueues every change)
@@ -76,8 +116,28 @@ class ResultCaches:
             if isinstance(missing, Wait):
                 return missing
             rc = self._create_default(missing)
-        found = cache(rc)
-        return self.stores.get(found.bucket, found.prefix), found.store_url
+        return rc
+
+    def _policy(self, rc: Mapping[str, Any]) -> TrustPolicy | Wait:
+        """The cache's trust policy (kept until the cache changes or the next full resync)."""
+        meta = cache(rc).meta
+        ref = (meta.namespace, meta.name)
+        with self.work.cond:
+            kept = self._policies.get(ref)
+        if kept is not None:
+            return kept
+        objects = {source: self._read(meta.namespace, source) for source in tr.key_sources(rc)}
+        policy = tr.effective_policy(rc, objects, self.agents)
+        if isinstance(policy, tr.Unusable):  # not kept: the waiting job's next visit reads the keys again
+            return Wait(p.REASON_TRUST_KEYS, f"ResultCache '{meta.name}': {policy.message}")
+        with self.work.cond:
+            self._policies[ref] = policy
+        return policy
+
+    def _read(self, namespace: str, source: tr.KeySource) -> dict[str, Any] | None:
+        if source.kind == tr.SECRET:
+            return self.kube.get_secret(namespace, source.name)
+        return self.kube.get_config_map(namespace, source.name)
 
     def _create_default(self, wanted: CreateDefault) -> dict[str, Any]:
         namespace = wanted.namespace

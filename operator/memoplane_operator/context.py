@@ -26,6 +26,7 @@ from memoplane.cluster.metrics import OperatorMetrics
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import job
 from memoplane.settings import OperatorSettings
+from memoplane.trust import SigningKey
 
 from .caches import ResultCaches
 from .job_manifests import JobManifests
@@ -65,6 +66,7 @@ class Context:
     metrics: OperatorMetrics
     index: JobIndex
     lock: threading.Condition     # guards `index` (the work queue's)
+    signer: SigningKey            # attests what the operator computes itself (map lists)
     fleet: Fleet = field(default_factory=Fleet)
     memo: Pass | None = None      # set during a resync pass
 

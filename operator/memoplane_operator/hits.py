@@ -1,4 +1,6 @@
-"""Cache hits: looking a key up with verification, and serving what is found."""
+"""Cache hits: looking a key up with verification and the cache's trust policy, and serving
+what is found. A stored result the policy refuses is a miss (the job computes) and a
+Warning Event `Untrusted` says why."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from memoplane.cas import Hit, Store
 from memoplane.cluster import protocol as p
 from memoplane.cluster.views import job
 from memoplane.errors import NotFound, StoreCorrupted
+from memoplane.trust import Lookup, TrustPolicy, trusted_hit
 
 from .context import Context
 
@@ -19,19 +22,20 @@ log = logging.getLogger("memoplane.operator")
 DEEP_VERIFY_MAX_BYTES = 64 << 20  # a hit's value blob up to this size is re-hashed in full before it is served
 
 
-def verified_hit(store: Store, key: str) -> Hit | None:
-    """A verified hit, at a cost proportional to what it serves.
+def verified_hit(store: Store, key: str, policy: TrustPolicy) -> Lookup:
+    """A trusted, verified hit, at a cost proportional to what it serves.
 
-    get_ref reads the ref and the result manifest (sealed: its digest is checked, and
-    with it the inline value) and checks that every chunk of every blob exists. What
-    the status then serves is the result's value: when that is a blob (<= 64 MiB) it is
-    re-hashed in full here, so a damaged value is recomputed rather than handed to the
-    jobs downstream. stdout, stderr and output files are verified whenever they are
-    read, by whoever reads them, and are not re-read for every hit."""
-    hit = store.get_ref(key)
-    blob = hit.result.value.blob if hit is not None else None
-    if hit is None or blob is None or blob.size > DEEP_VERIFY_MAX_BYTES:
-        return hit
+    trusted_hit reads the ref and the result manifest (sealed: its digest is checked, and
+    with it the inline value), checks that every chunk of every blob exists, and judges the
+    result's attestations with `policy`. What the status then serves is the result's value:
+    when that is a blob (<= 64 MiB) it is re-hashed in full here, so a damaged value is
+    recomputed rather than handed to the jobs downstream. stdout, stderr and output files
+    are verified whenever they are read, by whoever reads them, and are not re-read for
+    every hit."""
+    found = trusted_hit(store, key, policy)
+    blob = found.hit.result.value.blob if found.hit is not None else None
+    if blob is None or blob.size > DEEP_VERIFY_MAX_BYTES:
+        return found
     try:
         for _ in store.iter_blob(blob.digest):
             pass
@@ -39,15 +43,23 @@ def verified_hit(store: Store, key: str) -> Hit | None:
         # The damaged chunk was quarantined by the read, so the ref now fails the
         # presence check and is quarantined too: the key is a miss from here on.
         log.warning("key %s: value %s not served: %s", key[:15], blob.digest[:15], exc)
-        return store.get_ref(key)
-    return hit
+        return trusted_hit(store, key, policy)
+    return found
 
 
-def look_up(store: Store, key: str) -> tuple[Hit | None, int]:
-    """A verified lookup and how long it took (ms: the hit's status reports it)."""
+def look_up(ctx: Context, obj: Mapping[str, Any], store: Store, key: str, policy: TrustPolicy
+            ) -> tuple[Hit | None, int]:
+    """A trusted, verified lookup for `obj` and how long it took (ms: the hit's status reports
+    it). A refused stored result is announced on `obj` and is a miss."""
     looked = time.monotonic()
-    hit = verified_hit(store, key)
-    return hit, int((time.monotonic() - looked) * 1000)
+    found = verified_hit(store, key, policy)
+    ms = int((time.monotonic() - looked) * 1000)
+    if found.refused and found.verdict is not None:
+        ctx.metrics.untrusted.inc()
+        ctx.event(obj, p.REASON_UNTRUSTED, f"stored result for key {key[:15]}… not served, recomputing: "
+                                           f"{found.verdict.reason}", warning=True)
+        log.warning("key %s: stored result refused: %s", key[:15], found.verdict.reason)
+    return found.hit, ms
 
 
 def served(ctx: Context, done: Mapping[str, Any], hit: Hit) -> None:

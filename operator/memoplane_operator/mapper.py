@@ -26,6 +26,7 @@ from memoplane.cluster.index import job_topic
 from memoplane.cluster.views import job
 from memoplane.errors import MemoplaneError
 from memoplane.jobs import JsonInput
+from memoplane.trust.attestation import attest
 
 from .context import Context
 from .lookups import Lookups
@@ -66,7 +67,7 @@ def reconcile_map(ctx: Context, obj: dict[str, Any]) -> None:
     if isinstance(found, decide.Wait):
         ctx.wait(obj, found)
         return
-    store, url = found
+    store, url = found.store, found.url
     items = elements(ctx, obj, store)
     if not isinstance(items, list):
         decision = decide.after_resolution(obj, items)
@@ -160,8 +161,10 @@ def finish(ctx: Context, obj: dict[str, Any], store: Store, url: str, items: lis
                             Provenance(key, {f"{over}[{i}]": k for i, k in enumerate(keys)}, "",
                                        p.OPERATOR_COMPONENT, now_s, now_s, 0.0),
                             meta={"map": {"over": over, "children": names}})
-    digest = store.put_result(result)
-    store.set_ref(key, digest)  # the list is a live result: GC keeps it, `memoplane result` finds it
+    # The list is a live result (GC keeps it, `memoplane result` finds it), attested by the
+    # operator's key as the agents attest theirs.
+    digest = store.commit(result, [attest(key, mp.map_manifest(over, keys), result.digest, ctx.signer,
+                                          p.OPERATOR_COMPONENT, now_s, time.time())])
     saved = sum(job(children[n]).status.compute_seconds_saved for n in dict.fromkeys(names))
     done = ctx.patch(obj, st.map_succeeded(view.status.raw, view.meta.generation, key, digest, result, url, prog.counts(),
                                            saved, datetime.now(UTC)))

@@ -38,9 +38,13 @@ from memoplane.cluster import protocol as p
 from memoplane.cluster.index import JobIndex, Ref, ref_of, settled
 from memoplane.cluster.kube import Kube
 from memoplane.cluster.metrics import OperatorMetrics
+from memoplane.cluster.replicas import is_replicated
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import job
+from memoplane.errors import MemoplaneError
 from memoplane.settings import OperatorSettings
+from memoplane.trust import SigningKey
+from memoplane.trust.audit import sign_head
 
 from . import mapper
 from .admission import admit, check_node
@@ -48,6 +52,7 @@ from .caches import LANE as CACHE_LANE
 from .caches import ResultCaches
 from .context import Conflict, Context, Pass
 from .job_manifests import JobManifests
+from .replicas import reconcile_replicated
 from .resolution import Admissible, resolve_job
 from .workqueue import Lane, WorkQueue
 
@@ -57,7 +62,7 @@ JOB_LANE = "job"
 
 
 class Reconciler:
-    def __init__(self, settings: OperatorSettings, kube: Kube, stores: Stores,
+    def __init__(self, settings: OperatorSettings, kube: Kube, stores: Stores, signer: SigningKey,
                  metrics: OperatorMetrics | None = None) -> None:
         self.cfg = settings
         self.patterns = p.parse_patterns(settings.watch_namespaces)
@@ -72,8 +77,9 @@ class Reconciler:
         self.work = WorkQueue("reconciler", [Lane(CACHE_LANE), self._jobs], settings.resync_seconds,
                               max(60.0, 10 * settings.resync_seconds), log)
         self._cond = self.work.cond
-        self.caches = ResultCaches(kube, stores, self.work, self.watched)
-        self.ctx = Context(settings, kube, stores, self.caches, JobManifests(), self.metrics, self.index, self._cond)
+        self.caches = ResultCaches(kube, stores, self.work, self.watched, signer.public)
+        self.ctx = Context(settings, kube, stores, self.caches, JobManifests(), self.metrics, self.index, self._cond,
+                           signer)
         # never: each periodic task is due at once, however long ago the monotonic clock started
         self._last_full = float("-inf")
         self._last_leases = float("-inf")
@@ -166,6 +172,7 @@ class Reconciler:
         self.refresh_nodes(force=True)
         if time.monotonic() - self._last_full >= self.cfg.full_resync_seconds:
             self._last_full = time.monotonic()
+            self.caches.forget_policies()  # a Secret or ConfigMap of trusted keys may have changed
             listed, _ = self.kube.list(p.COMPUTEJOBS)
             with self._cond:
                 self.index.replace_open([o for o in listed if self.watched(job(o).meta.namespace)])
@@ -193,6 +200,17 @@ class Reconciler:
         if time.monotonic() - self._last_stats >= self.cfg.stats_seconds:
             self._last_stats = time.monotonic()
             self.caches.refresh_stats()
+            self._sign_audit_heads()
+
+    def _sign_audit_heads(self) -> None:
+        """A signed checkpoint of every audit log kept in a store this operator uses: what was
+        recorded up to now can no longer be edited, dropped or reordered unseen."""
+        for store in self.stores.opened():
+            try:
+                if store.audit_log.started():
+                    sign_head(store, self.ctx.signer, time.time())
+            except MemoplaneError as exc:
+                log.warning("audit log of %s not signed: %s", store.describe(), exc)
 
     # -- ComputeJob ---------------------------------------------------------------------------
 
@@ -220,6 +238,9 @@ class Reconciler:
         self.refresh_nodes()
         if mapping.is_map(obj):  # a parent of sub-tasks: see mapper.py
             mapper.reconcile_map(self.ctx, obj)
+            return
+        if is_replicated(obj):  # a parent of replicas: see replicas.py
+            reconcile_replicated(self.ctx, obj)
             return
         if flight.needs_resolution(obj):
             if self._resolvers is not None:

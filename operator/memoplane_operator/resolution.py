@@ -20,7 +20,9 @@ from memoplane.cluster.views import job
 from memoplane.errors import MemoplaneError
 from memoplane.jobs import Job, job_to_dict
 from memoplane.keys import digest_bytes
+from memoplane.trust import TrustPolicy
 
+from .caches import Target
 from .context import Context
 from .hits import look_up, served
 from .lookups import Lookups
@@ -29,12 +31,14 @@ from .lookups import Lookups
 @dataclass(frozen=True)
 class Admissible:
     """A job resolved in this process, as admission needs it: the body its last write
-    returned, the resolved job, its store, and whether its key already missed the cache."""
+    returned, the resolved job, its store and the cache's trust policy, and whether its key
+    already missed the cache."""
 
     body: dict[str, Any]
     job: Job
     store: Store
     url: str
+    policy: TrustPolicy
     missed: bool
 
     @property
@@ -51,9 +55,8 @@ def resolve_job(ctx: Context, obj: dict[str, Any]) -> Admissible | None:
         if isinstance(found, decide.Wait):
             ctx.wait(obj, found)
             return None
-        store, url = found
         runtime = schedule.runtime_for(ctx.fleet.nodes, view.spec.profile)
-        outcome = resolve.resolve(obj, runtime, Lookups(ctx.kube, ctx.stores, view.meta.namespace, store),
+        outcome = resolve.resolve(obj, runtime, Lookups(ctx.kube, ctx.stores, view.meta.namespace, found.store),
                                   datetime.now(UTC), ctx.settings.missing_grace_seconds)
     except MemoplaneError as exc:
         ctx.wait(obj, decide.Wait(p.REASON_STORE, str(exc)))
@@ -65,11 +68,10 @@ def resolve_job(ctx: Context, obj: dict[str, Any]) -> Admissible | None:
     if isinstance(decision, decide.Fail):
         ctx.fail(obj, decision)
         return None
-    return _keyed(ctx, obj, decision, store, url)
+    return _keyed(ctx, obj, decision, found)
 
 
-def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, store: Store, url: str
-           ) -> Admissible | None:
+def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, target: Target) -> Admissible | None:
     """Write the key (serving a hit in the same write) and hand a miss to admission."""
     view, job_ = job(obj), outcome.job
     generation, now = view.meta.generation, datetime.now(UTC)
@@ -77,7 +79,8 @@ def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, store: 
     digest = digest_bytes(manifest)  # the manifest's blob digest, whether or not it is stored yet
     ctx.manifests.remember(digest, job_)
     looked_up = decide.looks_up(view.spec.policy, missed=False)
-    hit, ms = look_up(store, job_.key) if looked_up else (None, 0)
+    store, url = target.store, target.url
+    hit, ms = look_up(ctx, obj, store, job_.key, target.policy) if looked_up else (None, 0)
     status = view.status.raw
     if hit is not None:  # one status write; the result's store is in status.result
         done = ctx.patch(_unassigned(ctx, obj), st.resolved_hit(status, generation, job_.key, outcome.input_digests,
@@ -94,7 +97,7 @@ def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, store: 
                      p.JOB_GENERATION_ANNOTATION: str(generation)})
     updated = ctx.patch(updated, st.resolved(status, generation, job_.key, outcome.input_digests, now))
     ctx.event(updated, p.REASON_RESOLVED, f"cache key {job_.key[:15]}… (generation {generation})")
-    return Admissible(updated, job_, store, url, missed=looked_up)
+    return Admissible(updated, job_, store, url, target.policy, missed=looked_up)
 
 
 def _unassigned(ctx: Context, obj: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,9 @@ holding the key (a trailing newline is ignored), mode 0400 or 0600 (the chart mo
 store Secret there with defaultMode 0400), read once at start; the agent refuses to start if
 a file is missing, empty or readable by group or others. A process's initial environment
 stays readable in /proc/<pid>/environ for its whole life, so the key variables are for the
-operator and local tools.
+operator and local tools. The agents' signing key (MEMOPLANE_SIGNING_KEY_FILE, a PEM file
+under the same rules, and MEMOPLANE_SIGNING_KEYID) is required: every result the agent
+computes is attested with it (DESIGN §11).
 """
 
 from __future__ import annotations
@@ -22,8 +24,17 @@ from memoplane.cluster import protocol as p
 from memoplane.cluster.kube import Kube, load_config
 from memoplane.cluster.metrics import AgentMetrics
 from memoplane.cluster.stores import Stores
+from memoplane.cluster.trust import load_signer
 from memoplane.errors import MemoplaneError
-from memoplane.settings import AgentSettings, StoreSettings, add_flags, describe, flag_values, from_env
+from memoplane.settings import (
+    AgentSettings,
+    SigningSettings,
+    StoreSettings,
+    add_flags,
+    describe,
+    flag_values,
+    from_env,
+)
 
 from .agent import Agent, AgentConfig
 from .http import serve
@@ -34,7 +45,7 @@ FLAGS = ("node", "lease_namespace", "watch_namespaces", "capacity", "profiles", 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memoplane-agent", description=__doc__,
-                                     epilog=describe(AgentSettings) + "\n" + describe(StoreSettings),
+                                     epilog="\n".join(describe(s) for s in (AgentSettings, SigningSettings, StoreSettings)),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(parser, AgentSettings, FLAGS)
     parser.add_argument("--local-cache", default=None, help="the node-local chunk cache directory "
@@ -54,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     metrics = AgentMetrics()
     try:
         stores = Stores(StoreSettings.from_env(local_cache=args.local_cache))
+        signer = load_signer(from_env(SigningSettings))
     except MemoplaneError as exc:
         parser.exit(2, f"memoplane-agent: {exc}\n")
-    agent = Agent(config, Kube(load_config()), stores, metrics)
+    agent = Agent(config, Kube(load_config()), stores, signer, metrics)
     server = serve(settings.http_host, settings.http_port, metrics.registry, agent.live, agent.ready)
     logging.getLogger("memoplane.agent").info("http on %s:%d", settings.http_host, server.server_address[1])
     stop = threading.Event()

@@ -2,8 +2,9 @@
 memoplane.cluster (claim.py, retry.py, status.py); this module does the I/O.
 
 Order of a run (DESIGN §4): claim (Running, resourceVersion precondition) -> load the job
-manifest -> check the runtime -> execute (chunks, manifests, result) -> set the ref unless
-Bypass (durable first) -> report Succeeded. A crash anywhere before the report leaves the
+manifest -> check the runtime -> execute (chunks, manifests, result) -> unless Bypass: attest
+the result with the agents' key (DESIGN §11) and set the ref listing that attestation
+(durable first) -> report Succeeded. A crash anywhere before the report leaves the
 job Running on this node: a restarted agent re-runs it, a dead one loses its Lease and the
 operator reassigns the job.
 """
@@ -30,6 +31,7 @@ from memoplane.cluster import status as st
 from memoplane.cluster.claim import Assignment, agent_action, assignment_of, claimable, still_ours
 from memoplane.cluster.kube import Kube
 from memoplane.cluster.metrics import AgentMetrics
+from memoplane.cluster.replicas import is_replica
 from memoplane.cluster.retry import after_failure
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import meta_of, section
@@ -39,6 +41,10 @@ from memoplane.jobs import Job, job_from_dict
 from memoplane.keys import runtime_identity
 from memoplane.leftovers import sweep
 from memoplane.sandbox import SandboxPool
+from memoplane.trust import SigningKey, TrustPolicy, trusted_hit
+from memoplane.trust.attestation import attest
+
+from .replica import store_replica
 
 log = logging.getLogger("memoplane.agent")
 
@@ -62,8 +68,12 @@ class _Stale(Exception):
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, kube: Kube, stores: Stores, metrics: AgentMetrics | None = None) -> None:
+    def __init__(self, config: AgentConfig, kube: Kube, stores: Stores, signer: SigningKey,
+                 metrics: AgentMetrics | None = None) -> None:
         self.cfg = config
+        self.signer = signer
+        # What the agent re-uses on its own (an earlier attempt's result): what the agents' key attests.
+        self.own_policy = TrustPolicy.of([signer.public])
         self.kube = kube
         self.stores = stores
         self.metrics = metrics or AgentMetrics()
@@ -267,7 +277,7 @@ class Agent:
     def _serve_existing(self, obj: dict[str, Any], a: Assignment, store: Store) -> bool:
         """The result may exist already (an earlier attempt stored it and then lost its node)."""
         started = time.monotonic()
-        hit = store.get_ref(a.cache_key)
+        hit = trusted_hit(store, a.cache_key, self.own_policy).hit
         if hit is None:
             return False
         ms = int((time.monotonic() - started) * 1000)
@@ -294,12 +304,18 @@ class Agent:
             self.metrics.runs.labels("failed").inc()
             self._attempt_failed(obj, a, reason, message, detail)
             return
-        if a.policy != "Bypass":
-            store.set_ref(execution.key, execution.digest)   # durable before anyone is told
-        self.metrics.runs.labels("succeeded").inc()
-        self.metrics.bytes_stored.inc(execution.result.logical_size)
-        ms = int(execution.outcome.duration_s * 1000)
         result, digest = execution.result, execution.digest
+        if is_replica(obj):  # stored and attested, not believed on its own: the parent compares (no ref)
+            result, digest = store_replica(store, job, result, self.signer, node)
+        elif a.policy != "Bypass":  # attested and durable before anyone is told
+            provenance = execution.result.provenance
+            envelope = attest(execution.key, job.key_parts().components(), execution.digest, self.signer, node,
+                              provenance.started_at, provenance.ended_at)
+            store.set_ref(execution.key, execution.digest,
+                          [store.put_attestation(execution.key, execution.digest, envelope)])
+        self.metrics.runs.labels("succeeded").inc()
+        self.metrics.bytes_stored.inc(result.logical_size)
+        ms = int(execution.outcome.duration_s * 1000)
         done = self._report(obj, a, lambda s: st.succeeded(s, a.generation, node, digest, result, a.store, ms,
                                                            datetime.now(UTC)))
         self.kube.event(done, p.REASON_COMPUTED, f"computed on {node} in {ms} ms, result {digest[:15]}",

@@ -157,7 +157,8 @@ def test_operator_and_agent_work_with_exactly_the_charts_rbac(release: Release, 
                                                               tmp_path / "agent.kubeconfig"))}
     # What the ServiceAccounts may not do (least privilege), asked of the API server.
     for account, verb, resource, allowed in (
-            ("operator", "get", "secrets", "no"), ("agent", "create", "computejobs.memoplane.io", "no"),
+            ("operator", "list", "secrets", "no"), ("operator", "get", "secrets", "yes"),  # only those caches name
+            ("agent", "get", "secrets", "no"), ("agent", "create", "computejobs.memoplane.io", "no"),
             ("agent", "patch", "computejobs.memoplane.io --subresource=status", "yes"),
             ("operator", "create", "resultcaches.memoplane.io", "yes"),
             ("agent", "list", "configmaps", "no")):
@@ -194,6 +195,7 @@ def test_operator_and_agent_work_with_exactly_the_charts_rbac(release: Release, 
 def test_upgrade_updates_crds_and_values_and_keeps_the_keys(release: Release, kubectl: Any) -> None:
     ns, full = release.namespace, f"{release.name}-memoplane"
     secret_before = _json(kubectl, "-n", ns, "get", "secret", f"{full}-minio-credentials")["data"]
+    signing_before = _json(kubectl, "-n", ns, "get", "secret", f"{full}-signing-key")["data"]
     for name in CRD_NAMES:
         crd = _json(kubectl, "get", "crd", name)
         assert crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"].endswith(OLD_DESCRIPTION_MARK)
@@ -212,6 +214,8 @@ def test_upgrade_updates_crds_and_values_and_keeps_the_keys(release: Release, ku
     assert env["MEMOPLANE_WATCH_NAMESPACES"] == release.jobs
     # The generated MinIO keys survive the upgrade (the chart reads them back).
     assert _json(kubectl, "-n", ns, "get", "secret", f"{full}-minio-credentials")["data"] == secret_before
+    # So does the agents' signing key: what they attested before stays trusted.
+    assert _json(kubectl, "-n", ns, "get", "secret", f"{full}-signing-key")["data"] == signing_before
     kubectl("-n", release.jobs, "get", "resultcache", "default")
 
 
@@ -229,6 +233,7 @@ def test_uninstall_keeps_crds_and_user_objects_without_finalizers(release: Relea
     for name in CRD_NAMES:
         kubectl("get", "crd", name)
     kubectl("-n", ns, "get", "secret", f"{full}-minio-credentials")
+    kubectl("-n", ns, "get", "secret", f"{full}-signing-key")
     jobs = _json(kubectl, "-n", release.jobs, "get", "computejobs")["items"]
     caches = _json(kubectl, "-n", release.jobs, "get", "resultcaches")["items"]
     assert {j["metadata"]["name"] for j in jobs} >= {"featurize", "download", "normalize", "report"}

@@ -365,3 +365,31 @@ def test_cache_with_store_from_settings(s3: S3, tmp_path: Path) -> None:
     assert store.backend.cached_bytes() <= 256 * 1024  # bounded: LRU eviction ran
     assert store.describe().startswith(f"s3://{s3.bucket}/viasettings/")
     assert store.verify().ok
+
+
+def test_memoize_on_s3_signs_and_never_serves_a_forged_ref(s3: S3) -> None:
+    """Trust does not depend on the backend: on MinIO a forged ref is refused, recomputed, and
+    `verify`'s scan (a listing of refs/) names it."""
+    import dataclasses
+
+    import memoplane
+    from memoplane.trust import untrusted_refs
+    from memoplane.trust.local import Keyring
+
+    store, calls = s3.store(), []
+
+    def make() -> memoplane.Memoized:
+        @memoplane.memoize(store=store, memory_bytes=0)
+        def add(a: int, b: int) -> dict[str, int]:
+            calls.append(a)
+            return {"sum": a + b}
+        return add  # type: ignore[return-value]
+
+    assert make()(2, 2) == {"sum": 4} and make()(2, 2) == {"sum": 4} and len(calls) == 1
+    k = make().key(2, 2)
+    honest = store.get_result(store.read_ref(k) or "")
+    forged = store.commit(dataclasses.replace(honest, value=store.put_value({"sum": 5})))
+    judged, untrusted = untrusted_refs(store, Keyring().policy())
+    assert judged == 1 and [(u.key, u.result) for u in untrusted] == [(k, forged)]
+    assert make()(2, 2) == {"sum": 4} and len(calls) == 2
+    assert untrusted_refs(store, Keyring().policy()) == (1, [])

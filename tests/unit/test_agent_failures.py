@@ -27,6 +27,7 @@ from memoplane.cluster.claim import assignment_of
 from memoplane.cluster.stores import Stores, StoreSettings
 from memoplane.jobs import Job, PythonCode, job_to_dict
 from memoplane.sandbox.types import SandboxOutcome, SandboxRequest
+from memoplane.trust import SigningKey
 
 NODE = "node-a"
 RUNTIME = "b3:" + "ab" * 32
@@ -59,7 +60,7 @@ def tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def setup(tmp_path: Path, tmp_dir: Path) -> Iterator[tuple[Agent, FakeKube, Store]]:
     kube = FakeKube()
     stores = Stores(StoreSettings(root=str(tmp_path / "s3")))
-    agent = Agent(AgentConfig(node=NODE, backoff_base=0.5), kube, stores)
+    agent = Agent(AgentConfig(node=NODE, backoff_base=0.5), kube, stores, SigningKey.generate("test-agents-1"))
     agent.runtimes["python"] = RUNTIME
     try:
         yield agent, kube, stores.by_url(STORE_URL)

@@ -18,7 +18,16 @@ from openapi_schema_validator import OAS30Validator
 from memoplane.api import crd, examples
 from memoplane.api.computejob import COMPUTEJOB, ComputeJobSpec
 from memoplane.api.gmemseed import GMEMSEED, GMemSeedSpec
-from memoplane.api.resultcache import RESULTCACHE, ResultCacheSpec
+from memoplane.api.resultcache import (
+    KEY_SOURCE_MESSAGE,
+    NO_KEYS_MESSAGE,
+    REEXECUTE_MESSAGE,
+    RESULTCACHE,
+    RETENTION_MESSAGE,
+    SHARING_MESSAGE,
+    SIGNING_MESSAGE,
+    ResultCacheSpec,
+)
 from memoplane.api.specs import SpecError, parse
 from memoplane.inputs import ENV_NAME_FIX
 
@@ -155,6 +164,13 @@ CASES: list[tuple[str, crd.KindInfo, type[Any], Spec, str, str]] = [
      "spec.resources.maxOutputBytes", ""),
     ("map-over-unknown-input", COMPUTEJOB, ComputeJobSpec, _with(["map", "over"], "nope"),
      "spec.map.over", "spec.map.over: 'nope' is not the name of an input: use one of the names in spec.inputs"),
+    ("verify-zero-replicas", COMPUTEJOB, ComputeJobSpec, _with(["verify", "replicas"], 0), "spec.verify.replicas",
+     ""),
+    ("verify-six-replicas", COMPUTEJOB, ComputeJobSpec, _with(["verify", "replicas"], 6), "spec.verify.replicas",
+     ""),
+    ("verify-with-map", COMPUTEJOB, ComputeJobSpec,
+     _with(["verify", "replicas"], 2, lambda: _with(["map", "over"], "rows")), "spec.verify",
+     "spec.verify: replicas > 1 with spec.map is not supported yet: verify a job without map"),
     ("bad-policy", COMPUTEJOB, ComputeJobSpec, _with(["cache", "policy"], "Sometimes"), "spec.cache.policy", ""),
     ("input-name-not-identifier", COMPUTEJOB, ComputeJobSpec,
      _with_input(0, {"name": "my-rows", "value": [1]}), "spec.inputs[0].name", ""),
@@ -163,16 +179,35 @@ CASES: list[tuple[str, crd.KindInfo, type[Any], Spec, str, str]] = [
     ("seed-count-zero", COMPUTEJOB, ComputeJobSpec,
      _with_input(3, {"name": "noise", "fromSeed": {"name": "field", "count": 0}}),
      "spec.inputs[3].fromSeed.count", ""),
-    ("readers-both", RESULTCACHE, ResultCacheSpec,
-     _with(["sharing", "readers", "namespaceSelector"], {"matchLabels": {"team": "ml"}}, examples.resultcache_spec),
-     "spec.sharing.readers", "spec.sharing.readers: set exactly one of namespaces or namespaceSelector"),
-    ("writers-neither", RESULTCACHE, ResultCacheSpec,
-     _with(["sharing", "writers"], {}, examples.resultcache_spec),
-     "spec.sharing.writers", "spec.sharing.writers: set exactly one of namespaces or namespaceSelector"),
-    ("bad-max-bytes", RESULTCACHE, ResultCacheSpec,
-     _with(["retention", "maxBytes"], "lots", examples.resultcache_spec), "spec.retention.maxBytes", ""),
-    ("bad-max-age", RESULTCACHE, ResultCacheSpec,
-     _with(["retention", "maxAge"], "30 days", examples.resultcache_spec), "spec.retention.maxAge", ""),
+    ("sharing-not-supported", RESULTCACHE, ResultCacheSpec,
+     _with(["sharing", "readers", "namespaces"], ["ml"], examples.resultcache_spec),
+     "spec.sharing", f"spec.sharing: {SHARING_MESSAGE}"),
+    ("signing-replaced-by-trust", RESULTCACHE, ResultCacheSpec,
+     _with(["signing"], {"secretRef": {"name": "k"}}, examples.resultcache_spec),
+     "spec.signing", f"spec.signing: {SIGNING_MESSAGE}"),
+    ("reexecute-not-supported", RESULTCACHE, ResultCacheSpec,
+     _with(["trust", "reexecute"], {"fraction": 0.1}, examples.resultcache_spec),
+     "spec.trust.reexecute", f"spec.trust.reexecute: {REEXECUTE_MESSAGE}"),
+    ("trusted-key-two-sources", RESULTCACHE, ResultCacheSpec,
+     _with(["trust", "keys"], [{"secretRef": {"name": "a"}, "configMapRef": {"name": "b"}}],
+           examples.resultcache_spec),
+     "spec.trust.keys[0]", f"spec.trust.keys[0]: {KEY_SOURCE_MESSAGE}"),
+    ("trusted-key-no-source", RESULTCACHE, ResultCacheSpec,
+     _with(["trust", "keys"], [{}], examples.resultcache_spec),
+     "spec.trust.keys[0]", f"spec.trust.keys[0]: {KEY_SOURCE_MESSAGE}"),
+    ("trusts-no-key", RESULTCACHE, ResultCacheSpec,
+     _with(["trust"], {"clusterAgents": False}, examples.resultcache_spec),
+     "spec.trust", f"spec.trust: {NO_KEYS_MESSAGE}"),
+    ("bad-key-id", RESULTCACHE, ResultCacheSpec,
+     _with(["trust", "revoked"], ["Node_A"], examples.resultcache_spec), "spec.trust.revoked[0]", ""),
+    ("key-id-without-epoch", RESULTCACHE, ResultCacheSpec,
+     _with(["trust", "keys"], [{"publicKey": {"keyId": "ci", "key": "x"}}], examples.resultcache_spec),
+     "spec.trust.keys[0].publicKey.keyId", ""),
+    ("min-signatures-zero", RESULTCACHE, ResultCacheSpec,
+     _with(["trust", "minSignatures"], 0, examples.resultcache_spec), "spec.trust.minSignatures", ""),
+    ("retention-not-supported", RESULTCACHE, ResultCacheSpec,
+     _with(["retention"], {"maxAge": "720h"}, examples.resultcache_spec), "spec.retention",
+     f"spec.retention: {RETENTION_MESSAGE}"),
     ("env-name-with-equals", COMPUTEJOB, ComputeJobSpec, _job(env={"MODE": "fast", "A=B": "1"}), "spec.env",
      f"spec.env: 'A=B' is not a valid variable name: {ENV_NAME_FIX}"),
     ("env-name-empty", COMPUTEJOB, ComputeJobSpec, _job(env={"": "1"}), "spec.env",
@@ -217,8 +252,9 @@ def test_crd_schema_rejects_with_field_named(
 
 # The cross-field rules the CRD states in CEL (the input-source rule is a oneOf: CEL cannot
 # see the untyped `value`), whose messages must equal the Python ones.
-CEL_IDS = {"python-and-command", "neither-python-nor-command", "map-over-unknown-input",
-           "readers-both", "writers-neither", "env-name-with-equals", "env-name-empty", "env-name-digit-first",
+CEL_IDS = {"python-and-command", "neither-python-nor-command", "map-over-unknown-input", "verify-with-map", "retention-not-supported",
+           "sharing-not-supported", "signing-replaced-by-trust", "reexecute-not-supported",
+           "trusted-key-two-sources", "trusted-key-no-source", "trusts-no-key", "env-name-with-equals", "env-name-empty", "env-name-digit-first",
            "env-name-with-nul", "env-name-reserved"}
 CEL_CASES = [c for c in CASES if c[0] in CEL_IDS]
 
@@ -245,11 +281,13 @@ def test_python_and_cel_give_the_same_message(
         (COMPUTEJOB, ComputeJobSpec, _with(["resources"], {"cpu": 2, "memory": "1.5Gi", "maxOutputBytes": "1e6"})),
         (COMPUTEJOB, ComputeJobSpec, _job(env={"MODE": "a=b c", "_x": "", "a.b-C_9": "ü", ".dot": "-"})),
         (COMPUTEJOB, ComputeJobSpec, _with_input(0, {"name": "rows", "value": _nested(100)})),
+        (RESULTCACHE, ResultCacheSpec, {"store": {"bucket": "memoplane"}}),
         (RESULTCACHE, ResultCacheSpec, {"store": {"bucket": "memoplane"},
-                                        "sharing": {"readers": {"namespaceSelector": {"matchLabels": {"a": "b"}}}}}),
+                                        "trust": {"clusterAgents": False,
+                                                  "keys": [{"configMapRef": {"name": "team-keys"}}]}}),
     ],
     ids=["computejob-design", "resultcache-design", "gmemseed-design", "command", "null-value",
-         "quantities", "env-names", "deep-100", "selector"],
+         "quantities", "env-names", "deep-100", "no-trust", "own-keys-only"],
 )
 def test_valid_specs_pass_both(info: crd.KindInfo, model: type[Any], spec: Spec) -> None:
     assert python_errors(model, spec) == []
@@ -268,3 +306,9 @@ def test_a_too_deep_input_value_is_refused_by_the_model() -> None:
     errors = python_errors(ComputeJobSpec, _with_input(0, {"name": "rows", "value": _nested(101)}))
     assert errors == ["spec.inputs[0].value: the value nests lists/objects more than 100 levels deep:"
                       " flatten it to at most 100 levels"]
+
+
+def test_fields_the_system_does_not_enforce_say_so() -> None:
+    # A field the API accepts is a field the system enforces: the others are refused, saying why.
+    assert "not supported yet" in SHARING_MESSAGE and "not supported yet" in REEXECUTE_MESSAGE
+    assert "trust" in SIGNING_MESSAGE

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from memoplane.canonical import canonical_json
-from memoplane.cas import Blake3MacSigner, FilesystemBackend, Provenance, ResultManifest, SignatureInvalid, Store, b3
+from memoplane.cas import FilesystemBackend, Provenance, ResultManifest, Store, b3
 from memoplane.cas.digests import object_name, ref_name
 from memoplane.cas.records import seal
-from memoplane.errors import InputError, NotFound, StoreCorrupted
+from memoplane.errors import NotFound, StoreCorrupted
 
 MiB = 1 << 20
 
@@ -145,50 +145,6 @@ def test_crafted_tree_cannot_escape(store: Store, root: Path, tmp_path: Path) ->
     with pytest.raises(StoreCorrupted, match=r"tree entry '\.\./escape' has an empty, '\.' or '\.\.' component"):
         store.materialize(digest, tmp_path / "out")
     assert not (tmp_path / "escape").exists()
-
-
-# -- signing ---------------------------------------------------------------------------
-
-
-def test_signed_entries_round_trip_and_forgeries_are_refused(root: Path) -> None:
-    signer = Blake3MacSigner(b"s" * 32)
-    signed = Store(FilesystemBackend(root, durability="none"), signer=signer)
-    key, m = commit(signed, b"job", b"out")
-    hit = signed.get_ref(key)
-    assert hit is not None and hit.result.signature and hit.result.signature.startswith("b3mac:")
-    # An attacker with write access but no key stores a different result and re-points the ref.
-    attacker = Store(FilesystemBackend(root, durability="none"))
-    forged = replace(m, value=attacker.put_value({"name": "evil"}))
-    attacker.commit(forged)
-    assert signed.get_ref(key) is None
-    with pytest.raises(SignatureInvalid):
-        signed.get_result(attacker.read_ref(key) or "")
-    # Same for one signed with another key; the entry is refused, not quarantined.
-    other = Store(FilesystemBackend(root, durability="none"), signer=Blake3MacSigner(b"o" * 32))
-    other.commit(m)
-    assert signed.get_ref(key) is None
-    assert other.get_ref(key) is not None
-    for s in (signed, attacker, other):
-        s.close()
-
-
-def test_signature_edited_in_place_is_refused(root: Path) -> None:
-    signer = Blake3MacSigner(b"k" * 32)
-    s = Store(FilesystemBackend(root, durability="none"), signer=signer)
-    key, _m = commit(s, b"job", b"out")
-    digest = s.read_ref(key) or ""
-    result = s.get_result(digest)
-    bad = replace(result, signature="b3mac:" + "0" * 64)
-    s.backend.put(object_name("results", bad.digest), seal(bad.to_dict()))
-    s.backend.put(ref_name(key), seal({"v": 1, "key": key, "result": bad.digest}))
-    assert s.get_ref(key) is None
-    assert signer.verify(result.signing_message(), result.signature or "")
-    s.close()
-
-
-def test_short_signing_secret_is_refused() -> None:
-    with pytest.raises(InputError, match="secret"):
-        Blake3MacSigner(b"short")
 
 
 # -- gc and evict ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ tests/integration/test_helm.py.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import re
 import subprocess
@@ -121,8 +122,9 @@ def test_default_objects(helm: Path) -> None:
     docs = render(helm)
     kinds = sorted(d["kind"] for d in docs)
     assert kinds.count("CustomResourceDefinition") == 3
-    for kind in ("Deployment", "DaemonSet", "StatefulSet", "Secret", "ResultCache"):
+    for kind in ("Deployment", "DaemonSet", "StatefulSet", "ResultCache"):
         assert kinds.count(kind) == 1, kind
+    assert kinds.count("Secret") == 2  # the store keys and the agents' signing key
     services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
     assert {"mp-memoplane-operator-metrics", "mp-memoplane-agent-metrics", "mp-memoplane-minio"} <= services
     assert "ServiceMonitor" not in kinds
@@ -243,7 +245,7 @@ def test_env_the_chart_sets_is_read_by_the_processes(helm: Path) -> None:
 
     docs = render(helm)
     common = [ROOT / "memoplane" / "cluster" / "kube.py"]
-    store = _settings_env(s.StoreSettings) | {s.CREDENTIALS_ENV}
+    store = _settings_env(s.StoreSettings) | {s.CREDENTIALS_ENV} | _settings_env(s.SigningSettings)
     readers = {
         "-operator": _env_names_read(ROOT / "operator" / "memoplane_operator" / "__main__.py", *common)
         | _settings_env(s.OperatorSettings) | store,
@@ -294,7 +296,9 @@ def test_rbac_is_least_privilege(helm: Path) -> None:
     agent = _rules(find(docs, "ClusterRole", "-agent"))
     for rules in (op, agent):
         assert not any("*" in r for rule in rules for r in rule), "no wildcards"
-        assert not any(r[1] in ("secrets", "pods", "pods/exec", "nodes") for r in rules)
+        assert not any(r[1] in ("pods", "pods/exec", "nodes") for r in rules)
+    # The operator gets a Secret a ResultCache names (trusted keys); nothing lists Secrets.
+    assert {v for _, r, v in op if r == "secrets"} == {"get"} and not any(r == "secrets" for _, r, _ in agent)
     assert ("memoplane.io", "computejobs/status", "patch") in agent
     assert not any(v in ("create", "update", "patch", "delete") for g, r, v in agent if r == "computejobs")
     assert ("memoplane.io", "resultcaches", "create") in op
@@ -313,7 +317,8 @@ def test_rbac_is_least_privilege(helm: Path) -> None:
 
 def test_external_s3_uses_the_given_endpoint_and_secret(helm: Path) -> None:
     docs = render(helm, *VARIANTS["external-s3"])
-    assert not [d for d in docs if d["kind"] in ("StatefulSet", "Secret")]
+    assert not [d for d in docs if d["kind"] == "StatefulSet" or (d["kind"] == "Secret" and "-signing-key" not in
+                                                                    d["metadata"]["name"])]
     (c,) = find(docs, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in c["env"]}
     assert env["MEMOPLANE_S3_ENDPOINT"]["value"] == "https://s3.example.com"
@@ -364,3 +369,32 @@ def test_default_result_caches(helm: Path) -> None:
         assert "helm.sh/hook" in rc["metadata"]["annotations"]
         assert "finalizers" not in rc["metadata"]
     assert not [d for d in docs if d["kind"] == "CustomResourceDefinition"]
+
+
+def test_the_agents_signing_key_is_generated_kept_and_mounted_read_only(helm: Path) -> None:
+    from memoplane.settings import SIGNING_KEY_FILE_ENV, SIGNING_KEYID_ENV
+    from memoplane.trust import SigningKey
+
+    docs = render(helm)
+    secret = find(docs, "Secret", "-signing-key")
+    keyid = secret["metadata"]["annotations"]["memoplane.io/key-id"]
+    assert keyid == "mp-agents-1" and secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    pem = base64.b64decode(secret["data"]["private.pem"])
+    assert SigningKey.parse(keyid, pem).keyid == keyid  # an Ed25519 PKCS#8 key the processes load
+    other = find(render(helm), "Secret", "-signing-key")["data"]["private.pem"]
+    assert other != secret["data"]["private.pem"], "generated per install"
+    # Kept on upgrade: the template reads the installed Secret back (`helm template` cannot).
+    source = (CHART / "templates" / "signingkey.yaml").read_text()
+    assert re.search(r'lookup "v1" "Secret" \.Release\.Namespace \$name', source)
+    assert 'index $existing.data "private.pem"' in source
+    for kind, suffix in (("Deployment", "-operator"), ("DaemonSet", "-agent")):
+        pod = find(docs, kind, suffix)["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env[SIGNING_KEYID_ENV] == keyid
+        directory, file = str(env[SIGNING_KEY_FILE_ENV]).rsplit("/", 1)
+        (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == directory]
+        assert mount["readOnly"] is True
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["secret"] == {"secretName": secret["metadata"]["name"], "defaultMode": 0o400,
+                                    "items": [{"key": "private.pem", "path": file}]}

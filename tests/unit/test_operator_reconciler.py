@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,17 @@ from memoplane_operator.context import Conflict
 from memoplane_operator.reconciler import Reconciler
 
 from memoplane.cas import BlobRef, Hit, Provenance, ResultManifest, Store
+from memoplane.cas import audit as audit_log
 from memoplane.cluster import protocol as p
 from memoplane.cluster.stores import Stores, StoreSettings
 from memoplane.cluster.views import job
 from memoplane.settings import OperatorSettings
+from memoplane.trust import SigningKey
+from memoplane.trust.attestation import attest
+from memoplane.trust.audit import verify as verify_audit
 
 RUNTIME = "b3:" + "11" * 32
+AGENTS = SigningKey.generate("test-agents-1")   # the cluster agents' key, trusted by the default cache
 SOURCE = "def main(x):\n    return x + 1\n"
 
 
@@ -33,12 +39,12 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Rec
     lookups: list[str] = []
     get_ref = Store.get_ref
 
-    def counted(self: Store, key: str) -> Hit | None:
+    def counted(self: Store, key: str, deep: bool = False) -> Hit | None:
         lookups.append(key)
-        return get_ref(self, key)
+        return get_ref(self, key, deep=deep)
 
     monkeypatch.setattr(Store, "get_ref", counted)
-    r = Reconciler(OperatorSettings(resolvers=0), kube, stores)
+    r = Reconciler(OperatorSettings(resolvers=0), kube, stores, AGENTS)
     try:
         yield r, kube, lookups
     finally:
@@ -58,12 +64,17 @@ def submit(r: Reconciler, kube: FakeKube, name: str, x: int = 1) -> dict[str, An
     return job
 
 
-def store_result(r: Reconciler, key: str, value: Any) -> None:
+def store_result(r: Reconciler, job_: dict[str, Any], value: Any, signer: SigningKey | None = AGENTS) -> str:
+    """What an agent does after computing `job_` (None: what a store writer without a key can do)."""
     store = r.stores.get(p.DEFAULT_BUCKET, "ml")
+    key = job_["status"]["cacheKey"]
     empty = store.put_bytes(b"")
     result = ResultManifest(store.put_value(value), BlobRef(empty.digest, 0), BlobRef(empty.digest, 0),
                             Provenance(key, {}, RUNTIME, "node-a", 0.0, 1.5, 1.5))
-    store.set_ref(key, store.put_result(result))
+    parts = r.ctx.manifests.job_of(job_, store).key_parts()
+    envelopes = [attest(key, parts.components(), result.digest, signer, "node-a", 0.0, 1.5)] if signer else []
+    store.commit(result, envelopes)
+    return key
 
 
 def test_a_miss_is_looked_up_once_and_scheduled(world: tuple[Reconciler, FakeKube, list[str]]) -> None:
@@ -78,8 +89,7 @@ def test_a_miss_is_looked_up_once_and_scheduled(world: tuple[Reconciler, FakeKub
 
 def test_a_hit_costs_one_lookup_and_is_served_at_resolution(world: tuple[Reconciler, FakeKube, list[str]]) -> None:
     r, kube, lookups = world
-    key = submit(r, kube, "a")["status"]["cacheKey"]
-    store_result(r, key, 2)
+    key = store_result(r, submit(r, kube, "a"), 2)
     lookups.clear()
     job_ = submit(r, kube, "b")
     status = job_["status"]
@@ -95,8 +105,7 @@ def test_a_hit_after_a_spec_edit_removes_the_earlier_assignment(
         world: tuple[Reconciler, FakeKube, list[str]]) -> None:
     r, kube, _ = world
     assert job(submit(r, kube, "a", x=1)).assigned.node == "node-a"
-    key = submit(r, kube, "b", x=2)["status"]["cacheKey"]
-    store_result(r, key, 5)
+    store_result(r, submit(r, kube, "b", x=2), 5)
     edited = kube.objects[(p.COMPUTEJOBS, "ml", "a")]
     edited["spec"]["inputs"] = [{"name": "x", "value": 2}]
     edited["metadata"]["generation"] = 2
@@ -138,3 +147,61 @@ def test_a_stale_body_is_a_conflict(world: tuple[Reconciler, FakeKube, list[str]
     kube.patch_meta(p.COMPUTEJOBS, "ml", "a", labels={"touched": "yes"})
     with pytest.raises(Conflict):
         r.reconcile(created)
+
+
+@pytest.mark.parametrize("signer", [None, SigningKey.generate("stranger-1")], ids=["unsigned", "stranger"])
+def test_a_result_the_cache_does_not_trust_is_recomputed_and_announced(
+        world: tuple[Reconciler, FakeKube, list[str]], signer: SigningKey | None) -> None:
+    r, kube, _ = world
+    store_result(r, submit(r, kube, "a"), 5, signer)
+    job_ = submit(r, kube, "b")
+    assert job_["status"]["phase"] != "Succeeded" and not job_["status"].get("cached")
+    untrusted = [e for e in kube.events if e.name == "b" and e.reason == p.REASON_UNTRUSTED]
+    assert len(untrusted) == 1 and ("unsigned" in untrusted[0].message if signer is None
+                                    else "unknown-key (stranger-1)" in untrusted[0].message)
+
+
+def test_trusted_keys_from_a_secret_and_a_missing_one(world: tuple[Reconciler, FakeKube, list[str]]) -> None:
+    r, kube, _ = world
+    team = SigningKey.generate("team-ml-1")
+    kube.objects[(p.RESULTCACHES, "ml", "team")] = {
+        "apiVersion": p.API_VERSION, "kind": "ResultCache", "metadata": {"name": "team", "namespace": "ml"},
+        "spec": {"store": {"bucket": p.DEFAULT_BUCKET, "prefix": "ml"},
+                 "trust": {"clusterAgents": False, "keys": [{"secretRef": {"name": "team-keys"}}]}}}
+
+    def submit_to_team(name: str) -> dict[str, Any]:
+        body = {"metadata": {"name": name}, "spec": {"python": {"source": SOURCE}, "inputs": [{"name": "x",
+                                                                                              "value": 1}],
+                                                     "cache": {"resultCache": "team"}}}
+        created = kube.create(p.COMPUTEJOBS, "ml", body)
+        assert created is not None
+        r.reconcile(created)
+        found = kube.get(p.COMPUTEJOBS, "ml", name)
+        assert found is not None
+        return found
+
+    waiting = submit_to_team("a")
+    assert (waiting["status"]["phase"], waiting["status"]["reason"]) == ("Waiting", p.REASON_TRUST_KEYS)
+    assert "Secret 'team-keys' does not exist" in waiting["status"]["message"]
+    pem = base64.b64encode(team.public.pem().encode()).decode()
+    kube.objects[("secrets", "ml", "team-keys")] = {"metadata": {"name": "team-keys"}, "data": {"team-ml-1.pub": pem}}
+    r.reconcile(waiting)  # the keys are read again on the waiting job's next visit
+    scheduled = kube.get(p.COMPUTEJOBS, "ml", "a")
+    assert scheduled is not None and scheduled["status"]["phase"] == "Scheduled"
+    store_result(r, scheduled, 7, AGENTS)  # the agents' key is not trusted by this cache
+    assert submit_to_team("b")["status"]["phase"] != "Succeeded"
+    store_result(r, scheduled, 7, team)
+    served = submit_to_team("c")["status"]
+    assert (served["phase"], served["cached"], served["result"]["value"]) == ("Succeeded", True, 7)
+
+
+def test_the_operator_signs_the_head_of_every_audit_log_it_writes(
+        world: tuple[Reconciler, FakeKube, list[str]]) -> None:
+    r, kube, _ = world
+    computed = submit(r, kube, "a")
+    store = r.stores.get(p.DEFAULT_BUCKET, "ml")
+    store.audit_log.append(audit_log.START, {})  # `memoplane audit start`: the store writes its log from now on
+    store_result(r, computed, 2)
+    r._sign_audit_heads()
+    report = verify_audit(store.audit_log, {AGENTS.keyid: AGENTS.public})
+    assert report.ok and report.newest_checkpoint == report.chain.last and report.chain.last >= 2

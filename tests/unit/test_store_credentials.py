@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 
 from memoplane.cluster.stores import CREDENTIALS_ENV, StoreSettings, read_credentials
+from memoplane.cluster.trust import load_signer
 from memoplane.errors import InputError
+from memoplane.settings import SigningSettings
 from memoplane.testing import processes
+from memoplane.trust import SigningKey
 
 ENDPOINT = {"MEMOPLANE_S3_ENDPOINT": "http://127.0.0.1:9"}
 
@@ -90,3 +93,28 @@ def test_local_agents_get_the_keys_as_private_files(tmp_path: Path) -> None:
     assert {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()} == {"accessKey": 0o600, "secretKey": 0o600}
     assert StoreSettings.from_env({**ENDPOINT, **env}).secret_key == "b"
     assert processes.agent_credentials(processes.StackConfig(directory=tmp_path / "root-store", env={})) == {}
+
+
+def test_the_signing_key_is_read_from_an_owner_only_file(tmp_path: Path) -> None:
+    key = SigningKey.generate("mp-agents-1")
+    path = tmp_path / "private.pem"
+    path.write_bytes(key.pem())
+    path.chmod(0o400)
+    settings = SigningSettings(key_file=str(path), keyid="mp-agents-1")
+    assert load_signer(settings).public == key.public
+    path.chmod(0o644)
+    with pytest.raises(InputError, match=r"MEMOPLANE_SIGNING_KEY_FILE: .* \(mode 0644\)"):
+        load_signer(settings)
+    with pytest.raises(InputError, match="must both be set"):
+        load_signer(SigningSettings(key_file=str(path)))
+
+
+def test_the_agent_refuses_to_start_without_its_signing_key(tmp_path: Path) -> None:
+    env = {**os.environ, **ENDPOINT, "NODE_NAME": "n", CREDENTIALS_ENV: str(write_keys(tmp_path / "keys")),
+           "MEMOPLANE_S3_ACCESS_KEY": "", "MEMOPLANE_S3_SECRET_KEY": "", "MEMOPLANE_SIGNING_KEY_FILE": "",
+           "MEMOPLANE_SIGNING_KEYID": ""}
+    proc = subprocess.run([sys.executable, "-m", "memoplane_agent"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("memoplane-agent: MEMOPLANE_SIGNING_KEY_FILE and MEMOPLANE_SIGNING_KEYID must both be set")

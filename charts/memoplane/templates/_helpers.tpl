@@ -78,6 +78,40 @@ http://{{ include "memoplane.minioFullname" . }}.{{ .Release.Namespace }}.svc:90
 {{- end -}}
 {{- end -}}
 
+{{/* The Secret holding the agents' Ed25519 private key (signingkey.yaml). */}}
+{{- define "memoplane.signingSecretName" -}}
+{{ printf "%s-signing-key" (include "memoplane.fullname" .) }}
+{{- end -}}
+
+{{/* That key's id: a name and an epoch (memoplane.trust.keys.KEYID_PATTERN). */}}
+{{- define "memoplane.signingKeyId" -}}
+{{ printf "%s-agents-1" .Release.Name }}
+{{- end -}}
+
+{{/* The signing key as a file readable by its owner (and the pod's fsGroup) only: the
+operator and the agents. The volume is "signing-key" (memoplane.signingKeyVolume). */}}
+{{- define "memoplane.signingKeyEnv" -}}
+- name: MEMOPLANE_SIGNING_KEY_FILE
+  value: /var/run/secrets/memoplane/signing/private.pem
+- name: MEMOPLANE_SIGNING_KEYID
+  value: {{ include "memoplane.signingKeyId" . | quote }}
+{{- end -}}
+
+{{- define "memoplane.signingKeyMount" -}}
+- name: signing-key
+  mountPath: /var/run/secrets/memoplane/signing
+  readOnly: true
+{{- end -}}
+
+{{- define "memoplane.signingKeyVolume" -}}
+- name: signing-key
+  secret:
+    secretName: {{ include "memoplane.signingSecretName" . }}
+    defaultMode: 0400
+    items:
+      - {key: private.pem, path: private.pem}
+{{- end -}}
+
 {{/* Environment shared by the operator and the agents (the store keys are not: see s3KeysEnv). */}}
 {{- define "memoplane.commonEnv" -}}
 - name: MEMOPLANE_NAMESPACE
