@@ -51,11 +51,13 @@ def spot_check(ctx: Context, served: Mapping[str, Any], hit: Hit, store: Store, 
 
 def _maybe_start(ctx: Context, served: Mapping[str, Any], hit: Hit, store: Store, policy: TrustPolicy,
                  wanted: sc.Reexecute) -> None:
+    view, runtime = job(served), hit.result.provenance.runtime
     nodes = rp.attesting_nodes(policy, hit.key, hit.digest, store.attestations(hit.key, hit.digest))
-    pairs = [sc.pair(node, hit.result.provenance.runtime) for node in nodes]
+    if not set(rp.capable_nodes(ctx.fleet.nodes, view.spec.profile, runtime)) - nodes:
+        return  # every node that could re-execute it attests it already
+    pairs = [sc.pair(node, runtime) for node in nodes]
     if not sc.should_check(wanted, ctx.streaks.of(store), pairs, sc.seed_of(served, hit.key)):
         return
-    view = job(served)
     manifest = sc.check_manifest(served, hit.digest, nodes)
     if ctx.kube.create(p.COMPUTEJOBS, view.meta.namespace, manifest) is None:
         return  # a check of this job exists (an earlier generation's): one at a time
