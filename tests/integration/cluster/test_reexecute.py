@@ -109,7 +109,7 @@ def test_every_hit_is_rechecked_the_liar_is_caught_and_no_honest_hit_is_disputed
     s.apply(ns, *(job(f"first-{n}", salt, n) for n in range(HITS)))
     first = s.wait_all(ns, [f"first-{n}" for n in range(HITS)], timeout=900)
     s.apply(ns, *(job(f"hit-{n}", salt, n) for n in range(HITS)))
-    hits = s.wait_all(ns, [f"hit-{n}" for n in range(HITS)], timeout=300)
+    s.wait_all(ns, [f"hit-{n}" for n in range(HITS)], timeout=300)
     checks = judged(s, ns, [sc.check_name(f"hit-{n}") for n in range(HITS)])   # every hit is re-checked
     store = s.store(ns)
     agreed = disputed = 0
@@ -136,7 +136,8 @@ def test_every_hit_is_rechecked_the_liar_is_caught_and_no_honest_hit_is_disputed
             assert st["reason"] == rp.REASON_DISPUTED and LIAR in st["message"], st
             assert "value differs at $" in st["message"], st["message"]
             assert kstatus(hit["metadata"]["generation"], st["observedGeneration"], st["conditions"]) == "Failed"
-            served = status(hits[f"hit-{n}"])["result"]["digest"]
+            served = st["verify"]["replicas"][0]["digest"]                      # what the hit was given
+            assert st["verify"]["replicas"][1]["node"] == checker and st["verify"]["agreed"] is False
             assert store.read_ref(key) != served                              # no longer served
             events = s.kube.core.list_namespaced_event(ns, field_selector=f"involvedObject.name=hit-{n}").items
             assert any(e.reason == rp.REASON_DISPUTED and origin in e.message and checker in e.message
