@@ -113,7 +113,6 @@ SIGNING_MESSAGE = ("signing was replaced by trust: move the key to trust.keys (p
                    "configMapRef holding <keyid>.pub entries)")
 RETENTION_MESSAGE = ("retention is not supported yet: remove it (nothing evicts on its own yet; run "
                      "`memoplane gc` / `memoplane evict` against the store)")
-REEXECUTE_MESSAGE = "reexecute is not supported yet: remove it (re-executing hits on another node is planned)"
 
 # The same grammar without Python's group names (the schema's regex dialect is Go's).
 KeyId = Annotated[str, Field(pattern=re.sub(r"\?P<\w+>", "", KEYID_PATTERN.pattern), min_length=3, max_length=73)]
@@ -148,12 +147,22 @@ class TrustedKey(K8sModel):
         return self
 
 
+class ReexecuteSpec(K8sModel):
+    """Re-execute a fraction of this cache's hits on another node than those that attest the served
+    result: agreement adds the node's attestation to the ref, a disagreement disputes the result
+    (no longer served; the served job is Disputed)."""
+
+    fraction: float = Field(gt=0.0, le=1.0, description="The share of hits re-executed (0 < fraction <= 1).")
+    adaptive: bool = Field(default=True, description="Re-check a (node, runtime) pair less often while its "
+                                                     "results keep agreeing, as BOINC's adaptive replication "
+                                                     "(default true).")
+
+
 class TrustSpec(K8sModel):
     """Whose attestations make a stored result a hit: at least minSignatures distinct trusted,
     unrevoked keys must attest the same result for the same key; anything else is recomputed."""
 
     model_config = ConfigDict(json_schema_extra=validations(
-        cel("!has(self.reexecute)", REEXECUTE_MESSAGE, field_path=".reexecute"),
         cel("!has(self.clusterAgents) || self.clusterAgents || (has(self.keys) && size(self.keys) > 0)",
             NO_KEYS_MESSAGE)))
 
@@ -165,12 +174,8 @@ class TrustSpec(K8sModel):
                                 description="Distinct trusted signers a result needs (default 1).")
     cluster_agents: bool = Field(default=True, description="Trust the keys of this cluster's agents "
                                                            "(default true).")
-    reexecute: Refused = None
-
-    @field_validator("reexecute", mode="before")
-    @classmethod
-    def _no_reexecute(cls, value: Any) -> Any:
-        return _refused(value, REEXECUTE_MESSAGE)
+    reexecute: ReexecuteSpec | None = Field(default=None, description="Spot checks: re-execute a fraction of "
+                                                                      "hits on another node.")
 
     @model_validator(mode="after")
     def _trusts_someone(self) -> TrustSpec:

@@ -3,7 +3,8 @@
 Object names: chunks/, blobs/, trees/, results/ (`<kind>/<2 hex>/<64 hex>`),
 refs/<64 hex of the cache key>, attestations/<64 hex of the key>/<64 hex of the result>/<64 hex
 of the envelope> (append-only: who vouches for a result, memoplane.trust), quarantine/<name
-with / as %>.<ns>, audit/ (the audit log, audit.py).
+with / as %>.<ns>, audit/ (the audit log, audit.py), spot-checks/streaks.json (how often re-executing
+a hit agreed: memoplane.cluster.spotcheck).
 
 Reads are verified: a chunk is served only if blake3 of its plain bytes equals
 its address, a blob only if its content re-hashes to its digest, a manifest
@@ -287,6 +288,18 @@ class Store:
     def set_last_run(self, identity: str, record: bytes) -> None:
         self.backend.put(_last_run_name(identity), record)
 
+    # -- the spot checks' agreement streaks (memoplane.cluster.spotcheck) -------------------
+
+    def spot_check_streaks(self) -> bytes | None:
+        """The streaks set_spot_check_streaks kept (None: none yet)."""
+        try:
+            return self.backend.get(SPOT_CHECK_STREAKS)
+        except NotFound:
+            return None
+
+    def set_spot_check_streaks(self, record: bytes) -> None:
+        self.backend.put(SPOT_CHECK_STREAKS, record)
+
     # -- trees -----------------------------------------------------------------
 
     def put_tree(self, root: str | os.PathLike[str]) -> BlobRef:
@@ -549,6 +562,20 @@ class Store:
             if not ok:
                 raise NotFound(f"chunk {chunk} of blob {blob} is missing")
 
+    def withdraw_ref(self, key: str, result_digest: str, reason: str) -> bool:
+        """Stop serving `key` (a dispute): its ref moves to quarantine/ with `reason`, if it still
+        names `result_digest` (a writer may have re-pointed it meanwhile). True if it was moved."""
+        name = ref_name(key)
+        try:
+            data = self.backend.get(name)
+        except NotFound:
+            return False
+        entry = self.read_ref_entry(key)
+        if entry is None or entry.result != result_digest:
+            return False
+        self._quarantine(name, data, reason)
+        return True
+
     def delete_ref(self, key: str) -> None:
         self.backend.delete(ref_name(key))
         self.audit(audit_log.REF_DELETED, key=key)
@@ -584,6 +611,9 @@ def _decode_json_value(data: bytes, digest: str) -> Any:
         pass
     raise StoreCorrupted(f"the JSON value in blob {digest} is not JSON memoplane writes (bad or nested too deep)",
                          "recompute the result (memoplane run --policy Refresh)")
+
+
+SPOT_CHECK_STREAKS = "spot-checks/streaks.json"
 
 
 def _last_run_name(identity: str) -> str:

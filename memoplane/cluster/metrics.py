@@ -25,6 +25,9 @@ class OperatorMetrics:
         self.reassigned = Counter("memoplane_operator_reassigned_total", "Jobs moved off a node whose lease expired.",
                                   registry=r)
         self.nodes = Gauge("memoplane_operator_live_nodes", "Agents with a live lease.", registry=r)
+        self.spot_checks = Counter("memoplane_spot_checks_total", "Cache hits re-executed on another node "
+                                   "(trust.reexecute), by stage (started, agreed, disputed, failed).", ["stage"],
+                                   registry=r)
 
 
 class AgentMetrics:

@@ -22,6 +22,7 @@ from .context import Context
 from .hits import look_up, served
 from .replicas import exclude_for
 from .resolution import Admissible
+from .spotchecks import spot_check
 
 log = logging.getLogger("memoplane.operator")
 
@@ -73,6 +74,7 @@ def _serve(ctx: Context, obj: Mapping[str, Any], store: Store, url: str, key: st
     done = ctx.patch(obj, st.cache_hit(view.status.raw, view.meta.generation, hit.digest, hit.result, url,
                                        ms, datetime.now(UTC)))
     served(ctx, done, hit)
+    spot_check(ctx, done, hit, store, policy)
     return True
 
 

@@ -24,6 +24,7 @@ from kubernetes.client.exceptions import ApiException
 from memoplane.cas import Store
 from memoplane.cluster import protocol as p
 from memoplane.cluster import resultcache as rs
+from memoplane.cluster import spotcheck as sc
 from memoplane.cluster import trust as tr
 from memoplane.cluster.decide import CreateDefault, Wait, default_cache, missing_cache
 from memoplane.cluster.kube import Kube
@@ -103,6 +104,11 @@ class ResultCaches:
     def policy_for(self, obj: Mapping[str, Any]) -> TrustPolicy | Wait:
         rc = self._cache_of(obj)
         return rc if isinstance(rc, Wait) else self._policy(rc)
+
+    def reexecute_for(self, obj: Mapping[str, Any]) -> sc.Reexecute | None:
+        """The job's cache's trust.reexecute (None: no spot checks)."""
+        rc = self._cache_of(obj)
+        return None if isinstance(rc, Wait) else sc.reexecute_of(rc)
 
     def _cache_of(self, obj: Mapping[str, Any]) -> dict[str, Any] | Wait:
         view = job(obj)

@@ -30,6 +30,7 @@ from memoplane.trust import SigningKey
 
 from .caches import ResultCaches
 from .job_manifests import JobManifests
+from .streaks import Streaks
 
 
 class Conflict(Exception):
@@ -69,6 +70,7 @@ class Context:
     signer: SigningKey            # attests what the operator computes itself (map lists)
     fleet: Fleet = field(default_factory=Fleet)
     memo: Pass | None = None      # set during a resync pass
+    streaks: Streaks = field(default_factory=Streaks)  # trust.reexecute's agreement streaks, per store
 
     # -- writes ------------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from memoplane.cluster.index import JobIndex, Ref, ref_of, settled
 from memoplane.cluster.kube import Kube
 from memoplane.cluster.metrics import OperatorMetrics
 from memoplane.cluster.replicas import is_replicated
+from memoplane.cluster.spotcheck import awaiting_verdict
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import job
 from memoplane.errors import MemoplaneError
@@ -54,6 +55,7 @@ from .context import Conflict, Context, Pass
 from .job_manifests import JobManifests
 from .replicas import reconcile_replicated
 from .resolution import Admissible, resolve_job
+from .spotchecks import judge_check
 from .workqueue import Lane, WorkQueue
 
 log = logging.getLogger("memoplane.operator")
@@ -109,7 +111,8 @@ class Reconciler:
                 if verdict == "settled":  # nothing to decide; what waited for it may proceed
                     self._jobs.forget((namespace, name))
                     self._wake(body)
-                    return
+                    if not awaiting_verdict(body):
+                        return  # a settled spot check is judged on the worker (spotchecks.py)
             self._jobs.put((namespace, name), body)
             self._cond.notify()
 
@@ -233,7 +236,11 @@ class Reconciler:
 
     def _reconcile(self, obj: dict[str, Any]) -> None:
         view = job(obj)
-        if view.meta.deleting or not self.watched(view.meta.namespace) or view.settled:
+        if view.meta.deleting or not self.watched(view.meta.namespace):
+            return
+        if view.settled:
+            if awaiting_verdict(obj):
+                judge_check(self.ctx, obj)
             return
         self.refresh_nodes()
         if mapping.is_map(obj):  # a parent of sub-tasks: see mapper.py

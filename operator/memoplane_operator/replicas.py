@@ -23,6 +23,7 @@ from memoplane.cas.digests import b3
 from memoplane.cluster import decide, resolve, schedule
 from memoplane.cluster import protocol as p
 from memoplane.cluster import replicas as rp
+from memoplane.cluster import spotcheck as sc
 from memoplane.cluster import status as st
 from memoplane.cluster.index import job_topic
 from memoplane.cluster.views import job
@@ -36,12 +37,14 @@ from .lookups import Lookups
 log = logging.getLogger("memoplane.operator.replicas")
 
 def exclude_for(ctx: Context, obj: Mapping[str, Any]) -> frozenset[str]:
-    """The nodes a job must not be placed on: for a replica, its siblings' (listed afresh)."""
+    """The nodes a job must not be placed on: for a replica, its siblings' (read afresh); for a
+    spot check, the nodes that attest the result it checks."""
     if not rp.is_replica(obj):
         return frozenset()
     namespace = job(obj).meta.namespace
     siblings = [ctx.kube.get(p.COMPUTEJOBS, namespace, name) for name in rp.sibling_names(obj)]
-    return rp.taken_nodes(obj, [s for s in siblings if s is not None and rp.owned_by(s, _parent_ref(obj))])
+    return rp.taken_nodes(obj, [s for s in siblings if s is not None and rp.owned_by(s, _parent_ref(obj))]) \
+        | sc.avoided(obj)
 
 
 def _parent_ref(replica: Mapping[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from .caches import Target
 from .context import Context
 from .hits import look_up, served
 from .lookups import Lookups
+from .spotchecks import spot_check
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, target:
         done = ctx.patch(_unassigned(ctx, obj), st.resolved_hit(status, generation, job_.key, outcome.input_digests,
                                                                 hit.digest, hit.result, url, ms, now))
         served(ctx, done, hit)
+        spot_check(ctx, done, hit, store, target.policy)
         return None
     ctx.manifests.put(store, manifest)  # it goes to a node: the agent loads the manifest from the store
     # The assignment's metadata in one patch, then the status: a crash between them

@@ -33,6 +33,7 @@ from memoplane.cluster.kube import Kube
 from memoplane.cluster.metrics import AgentMetrics
 from memoplane.cluster.replicas import is_replica
 from memoplane.cluster.retry import after_failure
+from memoplane.cluster.spotcheck import checked_digest
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import meta_of, section
 from memoplane.errors import MemoplaneError
@@ -306,7 +307,7 @@ class Agent:
             return
         result, digest = execution.result, execution.digest
         if is_replica(obj):  # stored and attested, not believed on its own: the parent compares (no ref)
-            result, digest = store_replica(store, job, result, self.signer, node)
+            result, digest = store_replica(store, job, result, self.signer, node, checked_digest(obj))
         elif a.policy != "Bypass":  # attested and durable before anyone is told
             provenance = execution.result.provenance
             envelope = attest(execution.key, job.key_parts().components(), execution.digest, self.signer, node,

@@ -21,7 +21,6 @@ from memoplane.api.gmemseed import GMEMSEED, GMemSeedSpec
 from memoplane.api.resultcache import (
     KEY_SOURCE_MESSAGE,
     NO_KEYS_MESSAGE,
-    REEXECUTE_MESSAGE,
     RESULTCACHE,
     RETENTION_MESSAGE,
     SHARING_MESSAGE,
@@ -185,9 +184,13 @@ CASES: list[tuple[str, crd.KindInfo, type[Any], Spec, str, str]] = [
     ("signing-replaced-by-trust", RESULTCACHE, ResultCacheSpec,
      _with(["signing"], {"secretRef": {"name": "k"}}, examples.resultcache_spec),
      "spec.signing", f"spec.signing: {SIGNING_MESSAGE}"),
-    ("reexecute-not-supported", RESULTCACHE, ResultCacheSpec,
-     _with(["trust", "reexecute"], {"fraction": 0.1}, examples.resultcache_spec),
-     "spec.trust.reexecute", f"spec.trust.reexecute: {REEXECUTE_MESSAGE}"),
+    ("reexecute-fraction-zero", RESULTCACHE, ResultCacheSpec,
+     _with(["trust", "reexecute"], {"fraction": 0}, examples.resultcache_spec), "spec.trust.reexecute.fraction", ""),
+    ("reexecute-fraction-above-one", RESULTCACHE, ResultCacheSpec,
+     _with(["trust", "reexecute"], {"fraction": 1.5}, examples.resultcache_spec), "spec.trust.reexecute.fraction",
+     ""),
+    ("reexecute-without-fraction", RESULTCACHE, ResultCacheSpec,
+     _with(["trust", "reexecute"], {"adaptive": False}, examples.resultcache_spec), "spec.trust.reexecute", ""),
     ("trusted-key-two-sources", RESULTCACHE, ResultCacheSpec,
      _with(["trust", "keys"], [{"secretRef": {"name": "a"}, "configMapRef": {"name": "b"}}],
            examples.resultcache_spec),
@@ -253,7 +256,7 @@ def test_crd_schema_rejects_with_field_named(
 # The cross-field rules the CRD states in CEL (the input-source rule is a oneOf: CEL cannot
 # see the untyped `value`), whose messages must equal the Python ones.
 CEL_IDS = {"python-and-command", "neither-python-nor-command", "map-over-unknown-input", "verify-with-map", "retention-not-supported",
-           "sharing-not-supported", "signing-replaced-by-trust", "reexecute-not-supported",
+           "sharing-not-supported", "signing-replaced-by-trust",
            "trusted-key-two-sources", "trusted-key-no-source", "trusts-no-key", "env-name-with-equals", "env-name-empty", "env-name-digit-first",
            "env-name-with-nul", "env-name-reserved"}
 CEL_CASES = [c for c in CASES if c[0] in CEL_IDS]
@@ -285,9 +288,13 @@ def test_python_and_cel_give_the_same_message(
         (RESULTCACHE, ResultCacheSpec, {"store": {"bucket": "memoplane"},
                                         "trust": {"clusterAgents": False,
                                                   "keys": [{"configMapRef": {"name": "team-keys"}}]}}),
+        (RESULTCACHE, ResultCacheSpec, {"store": {"bucket": "memoplane"},
+                                        "trust": {"reexecute": {"fraction": 0.05}}}),
+        (RESULTCACHE, ResultCacheSpec, {"store": {"bucket": "memoplane"},
+                                        "trust": {"reexecute": {"fraction": 1, "adaptive": False}}}),
     ],
     ids=["computejob-design", "resultcache-design", "gmemseed-design", "command", "null-value",
-         "quantities", "env-names", "deep-100", "no-trust", "own-keys-only"],
+         "quantities", "env-names", "deep-100", "no-trust", "own-keys-only", "reexecute", "reexecute-all"],
 )
 def test_valid_specs_pass_both(info: crd.KindInfo, model: type[Any], spec: Spec) -> None:
     assert python_errors(model, spec) == []
@@ -310,5 +317,5 @@ def test_a_too_deep_input_value_is_refused_by_the_model() -> None:
 
 def test_fields_the_system_does_not_enforce_say_so() -> None:
     # A field the API accepts is a field the system enforces: the others are refused, saying why.
-    assert "not supported yet" in SHARING_MESSAGE and "not supported yet" in REEXECUTE_MESSAGE
+    assert "not supported yet" in SHARING_MESSAGE
     assert "trust" in SIGNING_MESSAGE
