@@ -80,7 +80,7 @@ def real_policy(stack: Stack, ns: str) -> TrustPolicy:
     rc = stack.kube.get(p.RESULTCACHES, ns, "default")
     assert rc is not None
     objects = {s: stack.kube.get_config_map(ns, s.name) for s in tr.key_sources(rc)}
-    policy = tr.effective_policy(rc, objects, processes.agents_key(stack.cfg.directory).public)
+    policy = tr.effective_policy(rc, objects, processes.cluster_keys(stack.cfg.directory))
     assert isinstance(policy, TrustPolicy), policy
     return policy
 
