@@ -30,7 +30,7 @@ from memoplane.cluster.agentkeys import latest_epoch, remembered
 from memoplane.cluster.kube import Kube, load_config
 from memoplane.cluster.metrics import AgentMetrics
 from memoplane.cluster.stores import Stores
-from memoplane.errors import MemoplaneError
+from memoplane.errors import InputError, MemoplaneError
 from memoplane.settings import (
     NODE_KEY_DIR_ENV,
     AgentSettings,
@@ -64,16 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.node:
         parser.error("set NODE_NAME (or --node): the node this agent serves")
-    if not settings.key_dir:
-        parser.error(f"set {NODE_KEY_DIR_ENV}: a directory kept on the node for the agent's own signing key")
     config = AgentConfig(node=settings.node, lease_namespace=settings.lease_namespace,
                          patterns=p.parse_patterns(settings.watch_namespaces), capacity=settings.capacity,
                          profiles=[x for x in settings.profiles.split(",") if x],
                          require_isolation=settings.require_isolation, backoff_base=settings.backoff_base)
     metrics = AgentMetrics()
-    kube = Kube(load_config())
     try:
         stores = Stores(StoreSettings.from_env(local_cache=args.local_cache))
+        if not settings.key_dir:
+            raise InputError(f"{NODE_KEY_DIR_ENV} is not set", "set it to a directory kept on the node, for the "
+                                                               "agent's own signing key (the chart mounts one)")
+        kube = Kube(load_config())
         signer = node_key(Path(settings.key_dir), settings.node, lambda: next_epoch(kube, config))
     except MemoplaneError as exc:
         parser.exit(2, f"memoplane-agent: {exc}\n")
