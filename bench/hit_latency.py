@@ -95,7 +95,7 @@ def signature_cost(b: Bench, key: str, n: int) -> tuple[list[float], list[float]
     """The same warm key looked up n times each way, interleaved, against the job's store."""
     rc = b.kube.get(p.RESULTCACHES, b.ns, p.DEFAULT_RESULT_CACHE)
     assert rc is not None
-    policy = tr.effective_policy(rc, {}, processes.agents_key(b.cfg.directory).public)
+    policy = tr.effective_policy(rc, {}, processes.cluster_keys(b.cfg.directory))
     assert isinstance(policy, TrustPolicy), policy
     stores = Stores(StoreSettings.from_env(b.cfg.env))
     try:

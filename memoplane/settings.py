@@ -155,16 +155,18 @@ def read_private_file(path: Path, env: str, what: str, alternative: str = "") ->
 
 SIGNING_KEY_FILE_ENV = "MEMOPLANE_SIGNING_KEY_FILE"
 SIGNING_KEYID_ENV = "MEMOPLANE_SIGNING_KEYID"
+NODE_KEY_DIR_ENV = "MEMOPLANE_NODE_KEY_DIR"
 
 
 @dataclass(frozen=True)
 class SigningSettings:
-    """The cluster agents' Ed25519 key (the chart generates it at install and keeps it on
-    upgrade). Agents attest the results they compute with it; the operator attests the
-    results it computes (map lists) and trusts its public key where a ResultCache says
-    `trust.clusterAgents: true` (the default)."""
+    """The operator's Ed25519 key (the chart generates it at install and keeps it on upgrade,
+    named `<release>-agents-1`: before each agent had a key of its own, the agents signed with
+    it too). The operator attests the results it computes (map lists) and audit checkpoints
+    with it, and trusts it, with every agent's own key, where a ResultCache says
+    `trust.clusterAgents: true` (the default). Agents sign with their node key (AgentSettings.key_dir)."""
 
-    key_file: str | None = setting(SIGNING_KEY_FILE_ENV, None, "the agents' Ed25519 private key, PKCS#8 PEM in "
+    key_file: str | None = setting(SIGNING_KEY_FILE_ENV, None, "the operator's Ed25519 private key, PKCS#8 PEM in "
                                    "a file readable by its owner only (mode 0400)")
     keyid: str | None = setting(SIGNING_KEYID_ENV, None, "that key's id: a name and an epoch, e.g. "
                                 "memoplane-agents-1")
@@ -173,8 +175,8 @@ class SigningSettings:
         """(key id, private key PEM); InputError (one line) when unset or unreadable."""
         if not self.key_file or not self.keyid:
             raise InputError(f"{SIGNING_KEY_FILE_ENV} and {SIGNING_KEYID_ENV} must both be set",
-                             "mount the chart's agents key Secret and set both (the chart does)")
-        pem = read_private_file(Path(self.key_file), SIGNING_KEY_FILE_ENV, "the agents' private key")
+                             "mount the chart's signing key Secret and set both (the chart does)")
+        pem = read_private_file(Path(self.key_file), SIGNING_KEY_FILE_ENV, "the operator's private key")
         return self.keyid, pem.encode() + b"\n"
 
 
@@ -229,3 +231,5 @@ class AgentSettings:
     require_isolation: bool = setting("MEMOPLANE_REQUIRE_ISOLATION", True, "refuse to start without full "
                                       "sandbox isolation")
     log_level: str = setting("MEMOPLANE_LOG_LEVEL", "INFO", "the log level")
+    key_dir: str | None = setting(NODE_KEY_DIR_ENV, None, "the directory (kept on the node, made 0700) of the "
+                                  "agent's own signing key, <node>-<epoch>.key: made on first start (required)")

@@ -67,6 +67,15 @@ class FakeKube(Kube):
     def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.get("secrets", namespace, name)
 
+    def add_config_map_entries(self, namespace: str, name: str, data: Mapping[str, str],
+                               labels: Mapping[str, str]) -> None:
+        key = ("configmaps", namespace, name)
+        obj = self.objects.setdefault(key, {"metadata": {"name": name, "namespace": namespace,
+                                                         "labels": dict(labels)}, "data": {}})
+        obj.setdefault("data", {}).update(data)
+        self._stamp(obj)
+        self.writes.append(("patch", "configmaps", name))
+
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         obj = self.objects.get((plural, namespace, name))
         return copy.deepcopy(obj) if obj is not None else None

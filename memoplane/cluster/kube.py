@@ -155,6 +155,25 @@ class Kube:
                 return None
             raise
 
+    def add_config_map_entries(self, namespace: str, name: str, data: Mapping[str, str],
+                               labels: Mapping[str, str]) -> None:
+        """Add (or overwrite) `data` entries of a ConfigMap, creating it with `labels` if absent."""
+        try:
+            self.core.patch_namespaced_config_map(name, namespace, {"data": dict(data)}, _content_type=MERGE)
+            return
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        body = client.V1ConfigMap(metadata=client.V1ObjectMeta(name=name, namespace=namespace, labels=dict(labels)),
+                                  data=dict(data))
+        try:
+            self.core.create_namespaced_config_map(namespace, body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            self.core.patch_namespaced_config_map(name, namespace, {"data": dict(data)},  # created meanwhile
+                                                  _content_type=MERGE)
+
     def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
         """A Secret (its data base64-encoded, as the API serves it); the operator reads only
         those a ResultCache names for its trusted keys."""

@@ -36,6 +36,12 @@ CAPACITY_ANNOTATION = f"{GROUP}/capacity"     # int: jobs it runs at once
 RUNNING_ANNOTATION = f"{GROUP}/running"       # int: jobs running now
 PROFILES_ANNOTATION = f"{GROUP}/profiles"     # comma-separated runtime profiles
 RUNTIME_ANNOTATION_PREFIX = f"{GROUP}/runtime-"  # + profile: that profile's runtime identity digest
+SIGNING_KEY_ANNOTATION = f"{GROUP}/signing-key"  # <keyid>:<base64 raw Ed25519 key>: the agent's own key
+
+# The agents' public keys the operator has seen in Leases, kept when a node is gone (its
+# results stay hits): a ConfigMap in the agents' namespace, `<keyid>.pub` entries holding PEM,
+# written by the operator only.
+AGENT_KEYS_CONFIG_MAP = "memoplane-agent-keys"
 
 # Phases (a summary for humans; conditions are the API).
 PENDING, WAITING, SCHEDULED, RUNNING, SUCCEEDED, FAILED = (

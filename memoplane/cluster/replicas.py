@@ -25,7 +25,8 @@ from typing import Any
 from ..canonical import canonical_json
 from ..cas import Provenance, ResultManifest
 from ..keys import digest_bytes
-from ..trust import TrustPolicy, judge
+from ..trust import TrustPolicy, judge, split_keyid
+from ..trust.nodekey import node_key_name
 from . import protocol as p
 from .index import settled
 from .schedule import NodeView, live_nodes
@@ -234,11 +235,13 @@ def step(parent: Mapping[str, Any], children: Mapping[str, Mapping[str, Any]]
 
 
 def attesting_nodes(policy: TrustPolicy, key: str, digest: str, envelopes: Iterable[bytes]) -> frozenset[str]:
-    """The distinct nodes (builders) that trusted keys say computed `digest` for `key`.
-    Judged one envelope at a time: the agents may share one key, and each node counts."""
+    """The distinct nodes that attest, with their own trusted key (`<node>-<epoch>`), that they
+    computed `digest` for `key`: a builder named in an attestation by another key does not count
+    (a node cannot stand for another one)."""
     one = dataclasses.replace(policy, min_signatures=1)
     verdicts = (judge(one, key, digest, [data]) for data in envelopes)
-    return frozenset(a.builder for v in verdicts if v.trusted for a in v.attested)
+    return frozenset(a.builder for v in verdicts if v.trusted for a in v.attested
+                     if split_keyid(a.keyid)[0] == node_key_name(a.builder))
 
 
 def enough_nodes(policy: TrustPolicy, key: str, digest: str, envelopes: Sequence[bytes], replicas: int) -> bool:
@@ -383,9 +386,4 @@ def dispute_message(disagreed: Disagreed, lines: Sequence[str]) -> str:
 def nodes_of(outcomes: Iterable[Outcome]) -> list[str]:
     return [o.node or "?" for o in outcomes]
 
-
-# -- the agents' key (a stand-in: the trust-cluster work names these settings in memoplane.settings) --
-
-SIGNING_KEY_FILE_ENV = "MEMOPLANE_SIGNING_KEY_FILE"
-SIGNING_KEYID_ENV = "MEMOPLANE_SIGNING_KEYID"
 

@@ -1,7 +1,7 @@
 """A ResultCache's effective trust policy (pure): whose attestations make a stored result a hit.
 
 From the cache's `spec.trust`, the Secrets and ConfigMaps it names (read by the caller) and
-the cluster agents' public key. Key material that is missing or malformed makes the cache
+the cluster's keys (memoplane.cluster.agentkeys: the operator's and each agent's own). Key material that is missing or malformed makes the cache
 unusable, with a message: its jobs wait, and nothing is served on a guess.
 """
 
@@ -18,6 +18,7 @@ from ..api.specs import SpecError, parse
 from ..errors import InputError
 from ..settings import SIGNING_KEY_FILE_ENV, SigningSettings
 from ..trust import PublicKey, SigningKey, TrustPolicy
+from .agentkeys import ClusterKeys
 from .views import section
 
 SECRET, CONFIG_MAP = "Secret", "ConfigMap"
@@ -82,9 +83,9 @@ def object_keys(source: KeySource, obj: Mapping[str, Any] | None) -> list[Public
 
 
 def effective_policy(cache: Mapping[str, Any], objects: Mapping[KeySource, Mapping[str, Any] | None],
-                     agents: PublicKey | None) -> TrustPolicy | Unusable:
+                     cluster: ClusterKeys) -> TrustPolicy | Unusable:
     """The cache's policy: its inline keys, the keys of the objects it names (`objects`, as
-    read), and the cluster agents' key unless `clusterAgents: false`."""
+    read), and the cluster's keys (the operator's and every agent's) unless `clusterAgents: false`."""
     spec = trust_spec(cache)
     if isinstance(spec, Unusable):
         return spec
@@ -102,17 +103,28 @@ def effective_policy(cache: Mapping[str, Any], objects: Mapping[KeySource, Mappi
             return found
         keys += found
     if spec.cluster_agents:
-        if agents is None:
-            return Unusable("spec.trust.clusterAgents: the operator has no agents' key (MEMOPLANE_SIGNING_KEY_FILE): "
-                            "install with the chart's generated key, or set clusterAgents: false")
-        keys.append(agents)
+        if not cluster.all:
+            return Unusable("spec.trust.clusterAgents: the operator has no signing key (MEMOPLANE_SIGNING_KEY_FILE) "
+                            "and no agent has published one: install with the chart, or set clusterAgents: false")
+        keys += cluster.all
     for a, b in zip(sorted(keys, key=lambda k: k.keyid), sorted(keys, key=lambda k: k.keyid)[1:], strict=False):
         if a.keyid == b.keyid and a.raw != b.raw:
             return Unusable(f"spec.trust.keys: key id {a.keyid} names two different keys: give each key its own id")
-    if len({k.keyid for k in keys}) < spec.min_signatures:
-        return Unusable(f"spec.trust.minSignatures: {spec.min_signatures} signers needed, {len(keys)} key(s) trusted: "
-                        "trust more keys or lower minSignatures")
-    return TrustPolicy.of(keys, spec.revoked or (), spec.min_signatures)
+    revoked = frozenset(spec.revoked or ())
+    operator = cluster.operator if spec.cluster_agents and spec.min_signatures > 1 else None
+    signers = possible_signers(keys, revoked, operator)
+    if len(signers) < spec.min_signatures:
+        return Unusable(f"spec.trust.minSignatures: {spec.min_signatures} signers needed, {len(signers)} key(s) "
+                        f"can attest one result ({', '.join(signers) or 'none'}): trust more keys, run agents "
+                        "on more nodes, or lower minSignatures")
+    return TrustPolicy.of(keys, revoked, spec.min_signatures)
+
+
+def possible_signers(keys: list[PublicKey], revoked: frozenset[str], operator: PublicKey | None) -> list[str]:
+    """The distinct, unrevoked key ids that can be signers of one result. The operator's key (given when
+    minSignatures > 1) is not: it is the only signer of what it computes (map lists), and signs no job's."""
+    skip = revoked | ({operator.keyid} if operator else set())
+    return sorted({k.keyid for k in keys} - skip)
 
 
 def load_signer(settings: SigningSettings) -> SigningKey:

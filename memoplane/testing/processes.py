@@ -21,9 +21,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memoplane.settings import CREDENTIAL_FILES, CREDENTIALS_ENV, KEY_ENVS, SIGNING_KEY_FILE_ENV, SIGNING_KEYID_ENV
+from memoplane.cluster.agentkeys import ClusterKeys
+from memoplane.settings import (
+    CREDENTIAL_FILES,
+    CREDENTIALS_ENV,
+    KEY_ENVS,
+    NODE_KEY_DIR_ENV,
+    SIGNING_KEY_FILE_ENV,
+    SIGNING_KEYID_ENV,
+)
 from memoplane.testing import cluster
-from memoplane.trust import SigningKey
+from memoplane.trust import PublicKey, SigningKey
+from memoplane.trust.nodekey import node_key
 
 OPERATOR = "memoplane-operator"
 AGENT_PREFIX = "memoplane-agent-"
@@ -141,27 +150,45 @@ def wait_ready(directory: Path, proc: Proc, url: str, timeout: float = READY_TIM
                        f"{log_tail(proc)}")
 
 
-AGENTS_KEYID = "local-agents-1"
+OPERATOR_KEYID = "local-agents-1"   # the id it had when the agents shared it: what it signed then stays trusted
+NODE_KEYS = "node-keys"
 
 
-def agents_key(directory: Path) -> SigningKey:
-    """The stack's agents' signing key, as the chart makes one at install: generated on first
-    use into a 0600 file under `directory` (0700) and kept, so a restarted stack's agents keep
-    attesting with the key its caches trust."""
+def operator_key(directory: Path) -> SigningKey:
+    """The stack's operator signing key, as the chart makes one at install: generated on first
+    use into a 0600 file under `directory` (0700) and kept, so a restarted stack's operator keeps
+    the key its caches trust."""
     path = directory / "signing" / "private.pem"
     if not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, SigningKey.generate(AGENTS_KEYID).pem())
+            os.write(fd, SigningKey.generate(OPERATOR_KEYID).pem())
         finally:
             os.close(fd)
-    return SigningKey.parse(AGENTS_KEYID, path.read_bytes())
+    return SigningKey.parse(OPERATOR_KEYID, path.read_bytes())
 
 
 def signing_env(cfg: StackConfig) -> dict[str, str]:
-    agents_key(cfg.directory)
-    return {SIGNING_KEY_FILE_ENV: str(cfg.directory / "signing" / "private.pem"), SIGNING_KEYID_ENV: AGENTS_KEYID}
+    operator_key(cfg.directory)
+    return {SIGNING_KEY_FILE_ENV: str(cfg.directory / "signing" / "private.pem"), SIGNING_KEYID_ENV: OPERATOR_KEYID}
+
+
+def node_key_dir(directory: Path, node: str) -> Path:
+    """Where the stack's agent of `node` keeps its own key (as a hostPath on the node would)."""
+    return directory / NODE_KEYS / node
+
+
+def agent_key(directory: Path, node: str) -> PublicKey:
+    """The public key the stack's agent of `node` signs with (made by the agent on its first start)."""
+    return node_key(node_key_dir(directory, node), node).public
+
+
+def cluster_keys(directory: Path) -> ClusterKeys:
+    """What `trust.clusterAgents` trusts in the stack: its operator's key and the key of every
+    agent that has started (as the operator learns them from the Leases)."""
+    nodes = sorted(d.name for d in (directory / NODE_KEYS).iterdir()) if (directory / NODE_KEYS).is_dir() else []
+    return ClusterKeys(operator_key(directory).public, tuple(agent_key(directory, node) for node in nodes))
 
 
 def start_operator(cfg: StackConfig, wait: bool = True) -> Proc:
@@ -200,7 +227,7 @@ def start_agent(cfg: StackConfig, node: str, wait: bool = True, argv: list[str] 
     env = {**cfg.process_env(), "NODE_NAME": node, "MEMOPLANE_HTTP_HOST": "127.0.0.1",
            "MEMOPLANE_HTTP_PORT": str(ports["http"]), "MEMOPLANE_CAPACITY": str(cfg.capacity),
            "MEMOPLANE_LOCAL_CACHE": str(cfg.directory / "node-cache" / node), **agent_credentials(cfg),
-           **signing_env(cfg)}
+           NODE_KEY_DIR_ENV: str(node_key_dir(cfg.directory, node))}
     proc = _spawn(cfg, AGENT_PREFIX + node, argv or [sys.executable, "-m", "memoplane_agent"], env, ports)
     if wait:
         wait_ready(cfg.directory, proc, proc.url("http", "/readyz"))

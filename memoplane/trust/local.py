@@ -231,7 +231,7 @@ class Keyring:
             before = trust.to_json()
             yield trust
             if trust.to_json() != before:
-                _write_atomically(self.trust_path, trust.to_json(), 0o600)
+                write_atomically(self.trust_path, trust.to_json(), 0o600)
         finally:
             os.close(lock)  # releases the lock
 
@@ -248,8 +248,8 @@ class Keyring:
 
     def _new_signing_key(self, trust: TrustFile, keyid: str) -> SigningKey:
         key = SigningKey.generate(keyid)
-        _write_atomically(self.directory / f"{keyid}.key", key.pem(), 0o600, replace=False)
-        _write_atomically(self.directory / f"{keyid}.pub", key.public.pem().encode(), 0o644, replace=False)
+        write_atomically(self.directory / f"{keyid}.key", key.pem(), 0o600, replace=False)
+        write_atomically(self.directory / f"{keyid}.pub", key.public.pem().encode(), 0o644, replace=False)
         trust.trusted[keyid] = key.public.pem()
         trust.signing_key = keyid
         return key
@@ -307,7 +307,7 @@ def _by_name_and_epoch(keyid: str) -> tuple[str, int]:
     return split_keyid(keyid)
 
 
-def _write_atomically(path: Path, data: bytes, mode: int, *, replace: bool = True) -> None:
+def write_atomically(path: Path, data: bytes, mode: int, *, replace: bool = True) -> None:
     """Write `data` to a temporary file beside `path`, sync it, then rename it over `path` (or, with
     replace=False, link it there: an existing file is never overwritten)."""
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

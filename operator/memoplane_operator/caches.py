@@ -26,12 +26,13 @@ from memoplane.cluster import protocol as p
 from memoplane.cluster import resultcache as rs
 from memoplane.cluster import spotcheck as sc
 from memoplane.cluster import trust as tr
+from memoplane.cluster.agentkeys import ClusterKeys
 from memoplane.cluster.decide import CreateDefault, Wait, default_cache, missing_cache
 from memoplane.cluster.kube import Kube
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import cache, job
 from memoplane.errors import MemoplaneError
-from memoplane.trust import PublicKey, TrustPolicy
+from memoplane.trust import TrustPolicy
 
 from .workqueue import WorkQueue
 
@@ -51,8 +52,9 @@ class Target:
 
 class ResultCaches:
     def __init__(self, kube: Kube, stores: Stores, work: WorkQueue, watched: Callable[[str], bool],
-                 agents: PublicKey | None) -> None:
-        self.kube, self.stores, self.work, self.watched, self.agents = kube, stores, work, watched, agents
+                 cluster_keys: Callable[[], ClusterKeys]) -> None:
+        self.kube, self.stores, self.work, self.watched = kube, stores, work, watched
+        self.cluster_keys = cluster_keys  # the operator's and the agents' keys, as known now
         self._seen: dict[tuple[str, str], dict[str, Any]] = {}   # as the watch last delivered them
         self._policies: dict[tuple[str, str], TrustPolicy] = {}
         self._counters: dict[tuple[str, str], rs.Counters] = defaultdict(rs.no_counts)
@@ -73,7 +75,8 @@ class ResultCaches:
             self._policies.pop((namespace, name), None)
 
     def forget_policies(self) -> None:
-        """Read every cache's trusted keys afresh (a Secret or ConfigMap may have changed)."""
+        """Read every cache's trusted keys afresh (a Secret or ConfigMap may have changed, an agent's key
+        may be new)."""
         with self.work.cond:
             self._policies.clear()
 
@@ -133,7 +136,7 @@ class ResultCaches:
         if kept is not None:
             return kept
         objects = {source: self._read(meta.namespace, source) for source in tr.key_sources(rc)}
-        policy = tr.effective_policy(rc, objects, self.agents)
+        policy = tr.effective_policy(rc, objects, self.cluster_keys())
         if isinstance(policy, tr.Unusable):  # not kept: the waiting job's next visit reads the keys again
             return Wait(p.REASON_TRUST_KEYS, f"ResultCache '{meta.name}': {policy.message}")
         with self.work.cond:

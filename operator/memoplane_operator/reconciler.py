@@ -20,6 +20,7 @@ re-queues the job). None of them imports this module:
   admission.py   a resolved job -> served, waiting for its key's leader, or scheduled
   hits.py        verified cache lookups and serving a hit
   caches.py      ResultCaches: a job's store, hit/miss counters, cache status
+  agent_keys.py  the agents' own keys, from their Leases, remembered in a ConfigMap
   mapper.py      spec.map parents and their sub-tasks
 """
 
@@ -49,6 +50,7 @@ from memoplane.trust.audit import sign_head
 
 from . import mapper
 from .admission import admit, check_node
+from .agent_keys import AgentKeys
 from .caches import LANE as CACHE_LANE
 from .caches import ResultCaches
 from .context import Conflict, Context, Pass
@@ -79,7 +81,8 @@ class Reconciler:
         self.work = WorkQueue("reconciler", [Lane(CACHE_LANE), self._jobs], settings.resync_seconds,
                               max(60.0, 10 * settings.resync_seconds), log)
         self._cond = self.work.cond
-        self.caches = ResultCaches(kube, stores, self.work, self.watched, signer.public)
+        self.agent_keys = AgentKeys(kube, settings.lease_namespace, signer.public)
+        self.caches = ResultCaches(kube, stores, self.work, self.watched, lambda: self.agent_keys.cluster)
         self.ctx = Context(settings, kube, stores, self.caches, JobManifests(), self.metrics, self.index, self._cond,
                            signer)
         # never: each periodic task is due at once, however long ago the monotonic clock started
@@ -136,6 +139,7 @@ class Reconciler:
 
     def start(self) -> None:
         self.kube.ensure_namespace(self.cfg.lease_namespace)
+        self.refresh_nodes(force=True)  # the agents' keys before the first policy is made
         self.work.start(self._handle, self.resync)
 
     def stop(self) -> None:
@@ -165,6 +169,8 @@ class Reconciler:
         if not force and now - self._last_leases < min(1.0, self.cfg.resync_seconds):
             return
         leases = self.kube.list_leases(self.cfg.lease_namespace)
+        if self.agent_keys.observe(leases):  # a new agent key: every cache's policy is made again
+            self.caches.forget_policies()
         self.ctx.fleet.nodes = self.tracker.observe(leases, now, datetime.now(UTC))
         self._last_leases = now
         self.metrics.nodes.set(len(schedule.live_nodes(self.ctx.fleet.nodes)))

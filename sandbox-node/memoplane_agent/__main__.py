@@ -7,9 +7,10 @@ holding the key (a trailing newline is ignored), mode 0400 or 0600 (the chart mo
 store Secret there with defaultMode 0400), read once at start; the agent refuses to start if
 a file is missing, empty or readable by group or others. A process's initial environment
 stays readable in /proc/<pid>/environ for its whole life, so the key variables are for the
-operator and local tools. The agents' signing key (MEMOPLANE_SIGNING_KEY_FILE, a PEM file
-under the same rules, and MEMOPLANE_SIGNING_KEYID) is required: every result the agent
-computes is attested with it (DESIGN §11).
+operator and local tools. The agent's own signing key lives in MEMOPLANE_NODE_KEY_DIR (required,
+kept on the node): made there on first start (`<node>-<epoch>`, memoplane.trust.nodekey),
+re-used after; every result the agent computes is attested with it, and its public key is
+announced in the node's Lease, where the operator learns it (DESIGN §11).
 """
 
 from __future__ import annotations
@@ -19,22 +20,27 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
+
+from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
 from memoplane.cluster import protocol as p
+from memoplane.cluster.agentkeys import latest_epoch, remembered
 from memoplane.cluster.kube import Kube, load_config
 from memoplane.cluster.metrics import AgentMetrics
 from memoplane.cluster.stores import Stores
-from memoplane.cluster.trust import load_signer
-from memoplane.errors import MemoplaneError
+from memoplane.errors import InputError, MemoplaneError
 from memoplane.settings import (
+    NODE_KEY_DIR_ENV,
     AgentSettings,
-    SigningSettings,
     StoreSettings,
     add_flags,
     describe,
     flag_values,
     from_env,
 )
+from memoplane.trust.nodekey import node_key
 
 from .agent import Agent, AgentConfig
 from .http import serve
@@ -45,7 +51,7 @@ FLAGS = ("node", "lease_namespace", "watch_namespaces", "capacity", "profiles", 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memoplane-agent", description=__doc__,
-                                     epilog="\n".join(describe(s) for s in (AgentSettings, SigningSettings, StoreSettings)),
+                                     epilog="\n".join(describe(s) for s in (AgentSettings, StoreSettings)),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(parser, AgentSettings, FLAGS)
     parser.add_argument("--local-cache", default=None, help="the node-local chunk cache directory "
@@ -65,10 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     metrics = AgentMetrics()
     try:
         stores = Stores(StoreSettings.from_env(local_cache=args.local_cache))
-        signer = load_signer(from_env(SigningSettings))
+        if not settings.key_dir:
+            raise InputError(f"{NODE_KEY_DIR_ENV} is not set", "set it to a directory kept on the node, for the "
+                                                               "agent's own signing key (the chart mounts one)")
+        kube = Kube(load_config())
+        signer = node_key(Path(settings.key_dir), settings.node, lambda: next_epoch(kube, config))
     except MemoplaneError as exc:
         parser.exit(2, f"memoplane-agent: {exc}\n")
-    agent = Agent(config, Kube(load_config()), stores, signer, metrics)
+    logging.getLogger("memoplane.agent").info("signing as %s", signer.keyid)
+    agent = Agent(config, kube, stores, signer, metrics)
     server = serve(settings.http_host, settings.http_port, metrics.registry, agent.live, agent.ready)
     logging.getLogger("memoplane.agent").info("http on %s:%d", settings.http_host, server.server_address[1])
     stop = threading.Event()
@@ -80,6 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     server.shutdown()
     stores.close()
     return 0
+
+
+def next_epoch(kube: Kube, config: AgentConfig) -> int:
+    """The epoch a new key of this node takes: after the latest one the operator remembers, so a
+    node whose key directory was lost comes back under a new key id (1 when none can be read)."""
+    try:
+        kept, _ = remembered(kube.get_config_map(config.lease_namespace, p.AGENT_KEYS_CONFIG_MAP))
+    except (ApiException, HTTPError, OSError) as exc:
+        logging.getLogger("memoplane.agent").warning("the operator's agent keys were not read (%s): epoch 1", exc)
+        return 1
+    return latest_epoch(kept, config.node) + 1
 
 
 if __name__ == "__main__":

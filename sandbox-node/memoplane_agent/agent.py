@@ -3,7 +3,8 @@ memoplane.cluster (claim.py, retry.py, status.py); this module does the I/O.
 
 Order of a run (DESIGN §4): claim (Running, resourceVersion precondition) -> load the job
 manifest -> check the runtime -> execute (chunks, manifests, result) -> unless Bypass: attest
-the result with the agents' key (DESIGN §11) and set the ref listing that attestation
+the result with this node's own key (DESIGN §11; its public key is in the node's Lease) and
+set the ref listing that attestation
 (durable first) -> report Succeeded. A crash anywhere before the report leaves the
 job Running on this node: a restarted agent re-runs it, a dead one loses its Lease and the
 operator reassigns the job.
@@ -28,6 +29,7 @@ from kubernetes.client.exceptions import ApiException
 from memoplane.cas import Store
 from memoplane.cluster import protocol as p
 from memoplane.cluster import status as st
+from memoplane.cluster.agentkeys import key_annotation
 from memoplane.cluster.claim import Assignment, agent_action, assignment_of, claimable, still_ours
 from memoplane.cluster.kube import Kube
 from memoplane.cluster.metrics import AgentMetrics
@@ -73,7 +75,7 @@ class Agent:
                  metrics: AgentMetrics | None = None) -> None:
         self.cfg = config
         self.signer = signer
-        # What the agent re-uses on its own (an earlier attempt's result): what the agents' key attests.
+        # What the agent re-uses on its own (an earlier attempt's result): what its own key attests.
         self.own_policy = TrustPolicy.of([signer.public])
         self.kube = kube
         self.stores = stores
@@ -138,7 +140,8 @@ class Agent:
         with self._lock:
             running = len(self.local)
         annotations = {p.CAPACITY_ANNOTATION: str(self.cfg.capacity), p.RUNNING_ANNOTATION: str(running),
-                       p.PROFILES_ANNOTATION: ",".join(self.cfg.profiles)}
+                       p.PROFILES_ANNOTATION: ",".join(self.cfg.profiles),
+                       p.SIGNING_KEY_ANNOTATION: key_annotation(self.signer.public)}
         annotations.update({p.runtime_annotation(k): v for k, v in self.runtimes.items()})
         self.kube.renew_lease(self.cfg.lease_namespace, self.cfg.node, self.holder, annotations,
                               self.cfg.lease_duration)

@@ -165,6 +165,10 @@ def test_operator_and_agent_work_with_exactly_the_charts_rbac(release: Release, 
         got = kubectl("auth", "can-i", verb, *resource.split(), "-n", release.jobs,
                       f"--as=system:serviceaccount:{release.namespace}:{full}-{account}", check=False)
         assert got.stdout.strip() == allowed, (account, verb, resource, got.stdout, got.stderr)
+    for account, verb, allowed in (("operator", "patch", "yes"), ("agent", "get", "yes"), ("agent", "patch", "no")):
+        got = kubectl("auth", "can-i", verb, "configmaps/memoplane-agent-keys", "-n", release.namespace,
+                      f"--as=system:serviceaccount:{release.namespace}:{full}-{account}", check=False)
+        assert got.stdout.strip() == allowed, ("agent keys", account, verb, got.stdout, got.stderr)
     common = {"watch_namespaces": release.jobs, "lease_namespace": release.namespace}
     op_cfg = processes.StackConfig(directory=tmp_path / "stack", env=env_op, **common)  # type: ignore[arg-type]
     agent_cfg = processes.StackConfig(directory=tmp_path / "stack", env=env_agent, **common)  # type: ignore[arg-type]
@@ -187,6 +191,11 @@ def test_operator_and_agent_work_with_exactly_the_charts_rbac(release: Release, 
         lease = _json(kubectl, "-n", release.namespace, "get", "lease", "-l",
                       "app.kubernetes.io/component=memoplane-agent")
         assert lease["items"], "the agent holds no Lease in the release namespace"
+        # The agent signs with its own key, announced in its Lease; the operator remembered it.
+        (announced,) = [i["metadata"]["annotations"].get("memoplane.io/signing-key") for i in lease["items"]]
+        assert str(announced).startswith("helm-node-1:"), announced
+        kept = _json(kubectl, "-n", release.namespace, "get", "configmap", "memoplane-agent-keys")
+        assert list(kept["data"]) == ["helm-node-1.pub"]
     finally:
         for name in reversed(started):
             processes.stop(op_cfg.directory, name)
@@ -214,7 +223,7 @@ def test_upgrade_updates_crds_and_values_and_keeps_the_keys(release: Release, ku
     assert env["MEMOPLANE_WATCH_NAMESPACES"] == release.jobs
     # The generated MinIO keys survive the upgrade (the chart reads them back).
     assert _json(kubectl, "-n", ns, "get", "secret", f"{full}-minio-credentials")["data"] == secret_before
-    # So does the agents' signing key: what they attested before stays trusted.
+    # So does the operator's signing key (the agents' before each had its own): what it attested stays trusted.
     assert _json(kubectl, "-n", ns, "get", "secret", f"{full}-signing-key")["data"] == signing_before
     kubectl("-n", release.jobs, "get", "resultcache", "default")
 

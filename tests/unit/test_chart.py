@@ -195,7 +195,9 @@ def test_agent_has_exactly_the_documented_privileges(helm: Path) -> None:
     for key in ("hostNetwork", "hostPID", "hostIPC"):
         assert not pod.get(key), key
     assert pod.get("hostUsers", True) is True
-    assert all("hostPath" not in v for v in pod["volumes"]), "no hostPath by default"
+    # One hostPath by default: the node's own signing key, which outlives the pod.
+    assert [v["hostPath"] for v in pod["volumes"] if "hostPath" in v] == [
+        {"path": "/var/lib/memoplane/node-key", "type": "DirectoryOrCreate"}]
     (c,) = pod["containers"]
     assert c["args"] == ["agent"]
     sc = c["securityContext"]
@@ -308,8 +310,13 @@ def test_rbac_is_least_privilege(helm: Path) -> None:
     op_lease = find(docs, "Role", "-operator")
     agent_lease = find(docs, "Role", "-agent")
     assert op_lease["metadata"]["namespace"] == agent_lease["metadata"]["namespace"] == NAMESPACE
-    assert {v for _, _, v in _rules(op_lease)} == {"get", "list", "watch"}
-    assert {v for _, _, v in _rules(agent_lease)} == {"get", "create", "update", "delete"}
+    assert {v for _, r, v in _rules(op_lease) if r == "leases"} == {"get", "list", "watch"}
+    assert {v for _, r, v in _rules(agent_lease) if r == "leases"} == {"get", "create", "update", "delete"}
+    # The agents' keys the operator remembers: it alone writes them, an agent may only read them.
+    assert {(v, tuple(rule.get("resourceNames", ()))) for rule in op_lease["rules"] for v in rule["verbs"]
+            if rule["resources"] == ["configmaps"]} == {("create", ()), ("patch", ("memoplane-agent-keys",))}
+    assert [(rule["verbs"], rule.get("resourceNames")) for rule in agent_lease["rules"]
+            if rule["resources"] == ["configmaps"]] == [(["get"], ["memoplane-agent-keys"])]
     for binding in (d for d in docs if d["kind"] in ("ClusterRoleBinding", "RoleBinding")):
         (subject,) = binding["subjects"]
         assert subject["kind"] == "ServiceAccount" and subject["namespace"] == NAMESPACE
@@ -371,8 +378,8 @@ def test_default_result_caches(helm: Path) -> None:
     assert not [d for d in docs if d["kind"] == "CustomResourceDefinition"]
 
 
-def test_the_agents_signing_key_is_generated_kept_and_mounted_read_only(helm: Path) -> None:
-    from memoplane.settings import SIGNING_KEY_FILE_ENV, SIGNING_KEYID_ENV
+def test_the_operators_signing_key_is_generated_kept_and_mounted_read_only(helm: Path) -> None:
+    from memoplane.settings import NODE_KEY_DIR_ENV, SIGNING_KEY_FILE_ENV, SIGNING_KEYID_ENV
     from memoplane.trust import SigningKey
 
     docs = render(helm)
@@ -387,14 +394,26 @@ def test_the_agents_signing_key_is_generated_kept_and_mounted_read_only(helm: Pa
     source = (CHART / "templates" / "signingkey.yaml").read_text()
     assert re.search(r'lookup "v1" "Secret" \.Release\.Namespace \$name', source)
     assert 'index $existing.data "private.pem"' in source
-    for kind, suffix in (("Deployment", "-operator"), ("DaemonSet", "-agent")):
-        pod = find(docs, kind, suffix)["spec"]["template"]["spec"]
-        (c,) = pod["containers"]
-        env = {e["name"]: e.get("value") for e in c["env"]}
-        assert env[SIGNING_KEYID_ENV] == keyid
-        directory, file = str(env[SIGNING_KEY_FILE_ENV]).rsplit("/", 1)
-        (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == directory]
-        assert mount["readOnly"] is True
-        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
-        assert volume["secret"] == {"secretName": secret["metadata"]["name"], "defaultMode": 0o400,
-                                    "items": [{"key": "private.pem", "path": file}]}
+    pod = find(docs, "Deployment", "-operator")["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env[SIGNING_KEYID_ENV] == keyid
+    directory, file = str(env[SIGNING_KEY_FILE_ENV]).rsplit("/", 1)
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == directory]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"] == {"secretName": secret["metadata"]["name"], "defaultMode": 0o400,
+                                "items": [{"key": "private.pem", "path": file}]}
+    # The agents never see it: each signs with its own key, kept in a directory on its node.
+    pod = find(docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert SIGNING_KEY_FILE_ENV not in env and SIGNING_KEYID_ENV not in env
+    assert not [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == secret["metadata"]["name"]]
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == env[NODE_KEY_DIR_ENV]]
+    assert not mount.get("readOnly")
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["hostPath"] == {"path": "/var/lib/memoplane/node-key", "type": "DirectoryOrCreate"}
+    moved = find(render(helm, "--set", "agent.nodeKey.hostPath=/srv/mp-key"), "DaemonSet", "-agent")
+    assert [v["hostPath"]["path"] for v in moved["spec"]["template"]["spec"]["volumes"]
+            if v["name"] == mount["name"]] == ["/srv/mp-key"]

@@ -213,10 +213,12 @@ def computed(store: Store, key: str, value: Any, node: str, started: float) -> R
 
 def test_honest_replicas_store_one_digest_each_attested_and_k_nodes_make_a_hit(store: Store) -> None:
     parts = KeyParts(code="b3:" + "c0" * 32, entrypoint="main", runtime=R1, inputs={})
-    key, agents = parts.key, SigningKey.generate("agents-1")
-    policy = TrustPolicy.of([agents.public])
+    key = parts.key
+    keys = {node: SigningKey.generate(f"{node}-1") for node in ("node-a", "node-b", "node-c")}
+    policy = TrustPolicy.of([k.public for k in keys.values()])
     digests = set()
     for node, started in (("node-a", 10.0), ("node-b", 20.0), ("node-c", 30.0)):
+        agents = keys[node]   # each node signs with its own key
         result = rp.replica_result(computed(store, key, {"sum": 4}, node, started))
         assert result.provenance.node == rp.REPLICATED_NODE and "isolation" not in result.meta
         digest = store.put_result(result)
@@ -225,7 +227,7 @@ def test_honest_replicas_store_one_digest_each_attested_and_k_nodes_make_a_hit(s
     (digest,) = digests  # who ran it and when are in the attestations only
     envelopes = store.attestations(key, digest)
     nodes = rp.attesting_nodes(policy, key, digest, envelopes)
-    assert nodes == {"node-a", "node-b", "node-c"}   # one shared agents' key, three nodes
+    assert nodes == {"node-a", "node-b", "node-c"}   # three nodes, each with its own key
     assert rp.enough_nodes(policy, key, digest, envelopes, 3) and not rp.enough_nodes(policy, key, digest, envelopes, 4)
     agreed = rp.Agreed(digest, key, [rp.Outcome("j-r0", "node-a", digest, key),
                                      rp.Outcome("j-r1", "node-x", digest, key)])
@@ -235,7 +237,10 @@ def test_honest_replicas_store_one_digest_each_attested_and_k_nodes_make_a_hit(s
     stranger = TrustPolicy.of([SigningKey.generate("x-1").public])
     assert not rp.enough_nodes(stranger, key, digest, envelopes, 1) and not rp.attesting_nodes(stranger, key, digest,
                                                                                                envelopes)
-    strict = TrustPolicy.of([agents.public], min_signatures=2)   # the cache's own rule still applies
+    strict = TrustPolicy.of([keys["node-a"].public], min_signatures=2)   # the cache's own rule still applies
     assert not rp.enough_nodes(strict, key, digest, envelopes, 2)
+    # node-a's key saying node-d computed it does not make node-d an attesting node.
+    posing = attest(key, parts.components(), digest, keys["node-a"], "node-d", 40.0, 41.0)
+    assert rp.attesting_nodes(policy, key, digest, [posing]) == frozenset()
     other = KeyParts(code="b3:" + "c1" * 32, entrypoint="main", runtime=R1, inputs={}).key
     assert not rp.attesting_nodes(policy, other, digest, envelopes)  # attestations for another key do not count

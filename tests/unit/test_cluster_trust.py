@@ -1,6 +1,6 @@
 """A ResultCache's effective trust policy, table-tested: inline keys, Secrets and ConfigMaps
-holding <keyid>.pub entries, the cluster agents' key, revocations, and what makes a cache
-unusable (its jobs wait) rather than served on a guess."""
+holding <keyid>.pub entries, the cluster's keys (the operator's and each agent's own),
+revocations, and what makes a cache unusable (its jobs wait) rather than served on a guess."""
 
 from __future__ import annotations
 
@@ -10,9 +10,15 @@ from typing import Any
 import pytest
 
 from memoplane.cluster import trust as t
+from memoplane.cluster.agentkeys import ClusterKeys
 from memoplane.trust import SigningKey, TrustPolicy
 
-AGENTS = SigningKey.generate("mp-agents-1").public
+OPERATOR = SigningKey.generate("mp-agents-1").public
+NODE_A = SigningKey.generate("node-a-1").public
+NODE_B = SigningKey.generate("node-b-1").public
+AGENTS = ClusterKeys(OPERATOR, (NODE_A, NODE_B))      # the operator and two agents
+ONE_AGENT = ClusterKeys(OPERATOR, (NODE_A,))
+NONE = ClusterKeys(None)
 TEAM_A = SigningKey.generate("team-a-1").public
 TEAM_B = SigningKey.generate("team-b-2").public
 CI = SigningKey.generate("ci-3").public
@@ -43,16 +49,20 @@ BY_MAP = {"configMapRef": {"name": "ci-keys"}}
 
 # (id, spec.trust, objects read, agents' key, trusted key ids, revoked, min signatures)
 POLICIES: list[tuple[str, dict[str, Any] | None, dict[t.KeySource, Any], Any, set[str], set[str], int]] = [
-    ("default-trusts-the-agents", None, {}, AGENTS, {"mp-agents-1"}, set(), 1),
+    ("default-trusts-the-cluster", None, {}, AGENTS, {"mp-agents-1", "node-a-1", "node-b-1"}, set(), 1),
+    ("operator-alone", None, {}, ClusterKeys(OPERATOR), {"mp-agents-1"}, set(), 1),
+    ("two-nodes-for-two", {"minSignatures": 2}, {}, AGENTS, {"mp-agents-1", "node-a-1", "node-b-1"}, set(), 2),
+    ("revoke-one-node", {"revoked": ["node-a-1"]}, {}, AGENTS, {"mp-agents-1", "node-a-1", "node-b-1"},
+     {"node-a-1"}, 1),
     ("inline-pem-and-agents", {"keys": [{"publicKey": {"keyId": "team-a-1", "key": TEAM_A.pem()}}]}, {},
-     AGENTS, {"team-a-1", "mp-agents-1"}, set(), 1),
+     ONE_AGENT, {"team-a-1", "mp-agents-1", "node-a-1"}, set(), 1),
     ("inline-base64-only", {"clusterAgents": False, "keys": [{"publicKey": {"keyId": "ci-3", "key": CI.base64}}]},
      {}, AGENTS, {"ci-3"}, set(), 1),
-    ("secret-entries", {"clusterAgents": False, "keys": [BY_SECRET]}, {SECRET: TEAM_SECRET}, None,
+    ("secret-entries", {"clusterAgents": False, "keys": [BY_SECRET]}, {SECRET: TEAM_SECRET}, NONE,
      {"team-a-1", "team-b-2"}, set(), 1),
     ("secret-map-revoked-two-of", {"keys": [BY_SECRET, BY_MAP], "revoked": ["team-b-2"], "minSignatures": 2},
-     {SECRET: TEAM_SECRET, CONFIG_MAP: CI_MAP}, AGENTS, {"team-a-1", "team-b-2", "ci-3", "mp-agents-1"},
-     {"team-b-2"}, 2),
+     {SECRET: TEAM_SECRET, CONFIG_MAP: CI_MAP}, ClusterKeys(OPERATOR),
+     {"team-a-1", "team-b-2", "ci-3", "mp-agents-1"}, {"team-b-2"}, 2),
 ]
 
 
@@ -63,7 +73,8 @@ def test_effective_policy(case: str, trust: dict[str, Any] | None, objects: dict
     policy = t.effective_policy(cache(trust), objects, agents)
     assert isinstance(policy, TrustPolicy), policy
     assert set(policy.keys) == keyids and policy.revoked == revoked and policy.min_signatures == minimum
-    assert all(policy.keys[k].raw == key.raw for key in (AGENTS, TEAM_A, TEAM_B, CI) for k in [key.keyid]
+    assert all(policy.keys[k].raw == key.raw for key in (OPERATOR, NODE_A, NODE_B, TEAM_A, TEAM_B, CI)
+               for k in [key.keyid]
                if k in keyids)
 
 
@@ -79,8 +90,16 @@ UNUSABLE: list[tuple[str, dict[str, Any] | None, dict[t.KeySource, Any], Any, st
      "is not a key id"),
     ("bad-inline-key", {"keys": [{"publicKey": {"keyId": "ci-3", "key": "abc"}}]}, {}, AGENTS,
      "spec.trust.keys[0].publicKey of ci-3"),
-    ("no-agents-key", None, {}, None, "the operator has no agents' key"),
-    ("too-few-keys", {"minSignatures": 2}, {}, AGENTS, "2 signers needed, 1 key(s) trusted"),
+    ("no-cluster-key", None, {}, NONE, "the operator has no signing key (MEMOPLANE_SIGNING_KEY_FILE) and no agent"),
+    # The operator's key signs no job's result: for two signers, one agent is one, whatever else is trusted.
+    ("one-agent-for-two", {"minSignatures": 2}, {}, ONE_AGENT,
+     "2 signers needed, 1 key(s) can attest one result (node-a-1)"),
+    ("a-revoked-node-is-no-signer", {"minSignatures": 2, "revoked": ["node-b-1"]}, {}, AGENTS,
+     "2 signers needed, 1 key(s) can attest one result (node-a-1)"),
+    ("operator-alone-for-two", {"minSignatures": 2, "keys": [{"publicKey": {"keyId": "ci-3", "key": CI.base64}}]},
+     {}, ClusterKeys(OPERATOR), "2 signers needed, 1 key(s) can attest one result (ci-3)"),
+    ("agent-key-id-taken-inline", {"keys": [{"publicKey": {"keyId": "node-a-1", "key": CI.base64}}]}, {}, AGENTS,
+     "key id node-a-1 names two different keys"),
     ("one-id-two-keys", {"keys": [{"publicKey": {"keyId": "ci-3", "key": TEAM_A.base64}}, BY_MAP]},
      {CONFIG_MAP: CI_MAP}, AGENTS, "key id ci-3 names two different keys"),
     ("invalid-spec", {"minSignatures": 0}, {}, AGENTS, "spec.trust.minSignatures"),

@@ -75,7 +75,7 @@ def test_keys_in_both_places_are_refused(tmp_path: Path) -> None:
 def test_the_agent_refuses_to_start_with_readable_keys_in_one_line(tmp_path: Path) -> None:
     keys = write_keys(tmp_path / "keys", mode=0o644)
     env = {**os.environ, **ENDPOINT, "NODE_NAME": "n", CREDENTIALS_ENV: str(keys),
-           "MEMOPLANE_S3_ACCESS_KEY": "", "MEMOPLANE_S3_SECRET_KEY": ""}
+           "MEMOPLANE_S3_ACCESS_KEY": "", "MEMOPLANE_S3_SECRET_KEY": "", "MEMOPLANE_NODE_KEY_DIR": str(tmp_path / "nk")}
     proc = subprocess.run([sys.executable, "-m", "memoplane_agent"], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2
@@ -109,12 +109,11 @@ def test_the_signing_key_is_read_from_an_owner_only_file(tmp_path: Path) -> None
         load_signer(SigningSettings(key_file=str(path)))
 
 
-def test_the_agent_refuses_to_start_without_its_signing_key(tmp_path: Path) -> None:
+def test_the_agent_refuses_to_start_without_its_node_key_directory(tmp_path: Path) -> None:
     env = {**os.environ, **ENDPOINT, "NODE_NAME": "n", CREDENTIALS_ENV: str(write_keys(tmp_path / "keys")),
-           "MEMOPLANE_S3_ACCESS_KEY": "", "MEMOPLANE_S3_SECRET_KEY": "", "MEMOPLANE_SIGNING_KEY_FILE": "",
-           "MEMOPLANE_SIGNING_KEYID": ""}
+           "MEMOPLANE_S3_ACCESS_KEY": "", "MEMOPLANE_S3_SECRET_KEY": "", "MEMOPLANE_NODE_KEY_DIR": ""}
     proc = subprocess.run([sys.executable, "-m", "memoplane_agent"], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith("memoplane-agent: MEMOPLANE_SIGNING_KEY_FILE and MEMOPLANE_SIGNING_KEYID must both be set")
+    assert line.startswith("memoplane-agent: MEMOPLANE_NODE_KEY_DIR is not set") and "Traceback" not in proc.stderr

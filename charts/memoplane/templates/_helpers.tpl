@@ -78,18 +78,19 @@ http://{{ include "memoplane.minioFullname" . }}.{{ .Release.Namespace }}.svc:90
 {{- end -}}
 {{- end -}}
 
-{{/* The Secret holding the agents' Ed25519 private key (signingkey.yaml). */}}
+{{/* The Secret holding the operator's Ed25519 private key (signingkey.yaml). */}}
 {{- define "memoplane.signingSecretName" -}}
 {{ printf "%s-signing-key" (include "memoplane.fullname" .) }}
 {{- end -}}
 
-{{/* That key's id: a name and an epoch (memoplane.trust.keys.KEYID_PATTERN). */}}
+{{/* That key's id: a name and an epoch (memoplane.trust.keys.KEYID_PATTERN). "agents": the agents
+shared it before each had a key of its own; the id stays, so what it signed stays trusted. */}}
 {{- define "memoplane.signingKeyId" -}}
 {{ printf "%s-agents-1" .Release.Name }}
 {{- end -}}
 
 {{/* The signing key as a file readable by its owner (and the pod's fsGroup) only: the
-operator and the agents. The volume is "signing-key" (memoplane.signingKeyVolume). */}}
+operator's (agents have keys of their own). The volume is "signing-key" (memoplane.signingKeyVolume). */}}
 {{- define "memoplane.signingKeyEnv" -}}
 - name: MEMOPLANE_SIGNING_KEY_FILE
   value: /var/run/secrets/memoplane/signing/private.pem

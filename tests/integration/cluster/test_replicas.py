@@ -1,5 +1,5 @@
 """spec.verify.replicas end to end: a stack of its own (operator, two honest agents and a
-lying one, all holding the agents' key) on the real API server and MinIO. Outcomes are
+lying one, each signing with its own key) on the real API server and MinIO. Outcomes are
 asserted, never timings.
 
 - 200 jobs with replicas: 2 while one agent lies on 20% of its jobs: no wrong result is ever
@@ -25,7 +25,7 @@ from memoplane.api.conditions import kstatus
 from memoplane.api.specs import computejob_manifest
 from memoplane.cluster import replicas as rp
 from memoplane.testing import cluster, processes
-from memoplane.trust import SigningKey, TrustPolicy
+from memoplane.trust import TrustPolicy
 
 pytestmark = pytest.mark.integration
 
@@ -39,10 +39,10 @@ SQUARE = "def main(n):\n    return n * n\n"
 
 @pytest.fixture(scope="module")
 def rstack(stack: Stack, control_plane: cluster.ClusterInfo, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[tuple[Stack, SigningKey]]:
-    """The session's helpers over a stack of our own: its operator and agents hold the agents' key."""
+           ) -> Iterator[tuple[Stack, TrustPolicy]]:
+    """The session's helpers over a stack of our own, and whom its caches trust: the operator's
+    key and each agent's own (the liar's too: a liar with a trusted key)."""
     directory = Path(tmp_path_factory.mktemp("memoplane-replicas"))
-    agents = processes.agents_key(directory)  # what the stack's operator and agents are given
     cfg = processes.StackConfig(
         directory=directory, env=control_plane.env(), watch_namespaces=PREFIX + "*",
         lease_namespace=PREFIX + "system", capacity=3,
@@ -55,7 +55,7 @@ def rstack(stack: Stack, control_plane: cluster.ClusterInfo, tmp_path_factory: p
         for node in HONEST:
             processes.start_agent(cfg, node)
         processes.start_agent(cfg, LIAR, argv=[sys.executable, str(Path(__file__).with_name("lying_agent.py"))])
-        yield mine, agents
+        yield mine, TrustPolicy.of(processes.cluster_keys(directory).all)
     except processes.ProcessError as exc:
         pytest.fail(f"the replicas stack cannot start: {exc}", pytrace=False)
     finally:
@@ -66,7 +66,7 @@ def rstack(stack: Stack, control_plane: cluster.ClusterInfo, tmp_path_factory: p
 
 
 @pytest.fixture
-def rns(rstack: tuple[Stack, SigningKey]) -> Iterator[str]:
+def rns(rstack: tuple[Stack, TrustPolicy]) -> Iterator[str]:
     name = PREFIX + uuid.uuid4().hex[:6]
     rstack[0].kube.ensure_namespace(name)
     yield name
@@ -87,7 +87,7 @@ def nodes(obj: dict[str, Any]) -> list[str]:
     return [str(r.get("node")) for r in (status(obj).get("verify") or {}).get("replicas") or []]
 
 
-def test_a_liar_is_never_believed_and_named_in_every_dispute(rstack: tuple[Stack, SigningKey], rns: str) -> None:
+def test_a_liar_is_never_believed_and_named_in_every_dispute(rstack: tuple[Stack, TrustPolicy], rns: str) -> None:
     s, agents = rstack
     salt = uuid.uuid4().hex[:12]
     started = time.monotonic()
@@ -95,7 +95,7 @@ def test_a_liar_is_never_believed_and_named_in_every_dispute(rstack: tuple[Stack
     done = s.wait_all(rns, [f"sq-{n}" for n in range(JOBS)], timeout=900)
     elapsed = time.monotonic() - started
     store = s.store(rns)
-    policy = TrustPolicy.of([agents.public])
+    policy = agents
     succeeded = disputed = liar_jobs = lied = 0
     for name, obj in done.items():
         n, st, key = int(name.removeprefix("sq-")), status(obj), status(obj)["cacheKey"]
@@ -122,7 +122,7 @@ def test_a_liar_is_never_believed_and_named_in_every_dispute(rstack: tuple[Stack
     assert disputed == lied and succeeded == JOBS - lied and lied > 0
 
 
-def test_time_ns_is_disputed_with_a_readable_difference(rstack: tuple[Stack, SigningKey], rns: str) -> None:
+def test_time_ns_is_disputed_with_a_readable_difference(rstack: tuple[Stack, TrustPolicy], rns: str) -> None:
     s, _ = rstack
     clock = "import time\n\ndef main():\n    return {'now': time.time_ns()}\n"
     s.apply(rns, job("clock", clock, uuid.uuid4().hex[:12]))
@@ -142,7 +142,7 @@ def test_time_ns_is_disputed_with_a_readable_difference(rstack: tuple[Stack, Sig
     print(f"\ndispute: {ready['message']}")
 
 
-def test_agreement_is_a_hit_for_as_many_replicas_and_a_miss_for_more(rstack: tuple[Stack, SigningKey],
+def test_agreement_is_a_hit_for_as_many_replicas_and_a_miss_for_more(rstack: tuple[Stack, TrustPolicy],
                                                                      rns: str) -> None:
     s, _ = rstack
     honest = "def main(n):\n    return n + 1000\n"

@@ -80,7 +80,7 @@ def real_policy(stack: Stack, ns: str) -> TrustPolicy:
     rc = stack.kube.get(p.RESULTCACHES, ns, "default")
     assert rc is not None
     objects = {s: stack.kube.get_config_map(ns, s.name) for s in tr.key_sources(rc)}
-    policy = tr.effective_policy(rc, objects, processes.agents_key(stack.cfg.directory).public)
+    policy = tr.effective_policy(rc, objects, processes.cluster_keys(stack.cfg.directory))
     assert isinstance(policy, TrustPolicy), policy
     return policy
 
@@ -315,3 +315,52 @@ def test_poisoning_is_never_served(stack: Stack, ns: str) -> None:
           f"{sum(1 for n in names if n in events)} Untrusted events")
     refused_kinds = {k for k, r in expected.items() if r != DAMAGED}
     assert all(f"again-{i}" in events for i in range(SAMPLE) if KINDS[i % len(KINDS)] in refused_kinds)
+
+
+def signers(store: Store, key: str, digest: str) -> set[str]:
+    return {json.loads(e)["signatures"][0]["keyid"] for e in store.attestations(key, digest)}
+
+
+def test_two_signatures_are_two_nodes(stack: Stack, ns: str) -> None:
+    """Each agent signs with its own key: a cache asking for two signers serves a result only
+    once two nodes attest it (verify.replicas: 2 has both compute it), never one node twice."""
+    stack.ensure()
+    prefix = f"{p.default_store_prefix(ns)}two/"
+    created = stack.kube.create(p.RESULTCACHES, ns, {
+        "apiVersion": p.API_VERSION, "kind": "ResultCache", "metadata": {"name": "two", "namespace": ns},
+        "spec": {"store": {"bucket": p.DEFAULT_BUCKET, "prefix": prefix}, "trust": {"minSignatures": 2}}})
+    assert created is not None
+    salt = uuid.uuid4().hex[:8]
+
+    def add(name: str, replicas: int = 1) -> dict[str, Any]:
+        manifest = job(name, ADD, {"a": 3, "b": 4}, salt)
+        manifest["spec"]["cache"]["resultCache"] = "two"
+        if replicas > 1:
+            manifest["spec"]["verify"] = {"replicas": replicas}
+        stack.apply(ns, manifest)
+        return status(stack.wait(ns, name, timeout=180))
+
+    store = stack.stores.get(p.DEFAULT_BUCKET, prefix)
+    one = add("one")
+    assert (one["phase"], one["result"]["value"], one["cached"]) == ("Succeeded", {"sum": 7}, False), one
+    key = one["cacheKey"]
+    assert signers(store, key, one["result"]["digest"]) == {f"{one['node']}-1"}
+    # One node's attestation is not two signers: a miss, recomputed.
+    again = add("again")
+    assert (again["result"]["value"], again["cached"]) == ({"sum": 7}, False), again
+    message = _eventually(lambda: untrusted_events(stack, ns).get("again"))
+    assert "too-few-signers: 1 trusted signer(s)" in message, message
+    # Two nodes compute it: the agreed result carries both nodes' keys and is a hit from now on.
+    both = add("both", replicas=2)
+    assert both["phase"] == "Succeeded", both
+    assert {r["node"] for r in both["verify"]["replicas"]} == {"node-a", "node-b"}
+    assert signers(store, key, both["result"]["digest"]) == {"node-a-1", "node-b-1"}
+    hit = add("hit")
+    assert (hit["cached"], hit["result"]["value"], hit["result"]["digest"]) == (True, {"sum": 7},
+                                                                                 both["result"]["digest"]), hit
+    # The operator remembers both agents' keys (a node that leaves stays trusted), as announced.
+    kept = stack.kube.get_config_map(stack.cfg.lease_namespace, p.AGENT_KEYS_CONFIG_MAP)
+    assert kept is not None
+    for node in ("node-a", "node-b"):
+        assert kept["data"][f"{node}-1.pub"] == processes.agent_key(stack.cfg.directory, node).pem()
+    print(f"\ntwo signers: one node's result refused ({message}); replicas on node-a and node-b: a hit")
