@@ -1,5 +1,5 @@
 """ResultCache.spec.trust.reexecute end to end: a stack of its own (operator, two honest agents
-and a lying one, all holding the agents' key) on the real API server and MinIO. Outcomes are
+and a lying one, each signing with its own key) on the real API server and MinIO. Outcomes are
 asserted, never timings.
 
 - fraction 1.0: every hit is re-executed on a node that does not attest it; a result the liar
@@ -28,7 +28,7 @@ from memoplane.cluster import protocol as p
 from memoplane.cluster import replicas as rp
 from memoplane.cluster import spotcheck as sc
 from memoplane.testing import cluster, processes
-from memoplane.trust import SigningKey, TrustPolicy
+from memoplane.trust import TrustPolicy
 
 pytestmark = pytest.mark.integration
 
@@ -43,9 +43,8 @@ SQUARE = "def main(n):\n    return n * n\n"
 
 @pytest.fixture(scope="module")
 def xstack(stack: Stack, control_plane: cluster.ClusterInfo, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[tuple[Stack, SigningKey]]:
+           ) -> Iterator[tuple[Stack, TrustPolicy]]:
     directory = Path(tmp_path_factory.mktemp("memoplane-reexecute"))
-    agents = processes.agents_key(directory)
     cfg = processes.StackConfig(
         directory=directory, env=control_plane.env(), watch_namespaces=PREFIX + "*",
         lease_namespace=PREFIX + "system", capacity=3,
@@ -58,7 +57,7 @@ def xstack(stack: Stack, control_plane: cluster.ClusterInfo, tmp_path_factory: p
         for node in HONEST:
             processes.start_agent(cfg, node)
         processes.start_agent(cfg, LIAR, argv=[sys.executable, str(Path(__file__).with_name("lying_agent.py"))])
-        yield mine, agents
+        yield mine, TrustPolicy.of(processes.cluster_keys(directory).all)  # each agent's key, the operator's
     except processes.ProcessError as exc:
         pytest.fail(f"the reexecute stack cannot start: {exc}", pytrace=False)
     finally:
@@ -102,10 +101,9 @@ def judged(s: Stack, ns: str, names: list[str], timeout: float = 600.0) -> dict[
 
 
 def test_every_hit_is_rechecked_the_liar_is_caught_and_no_honest_hit_is_disputed(
-        xstack: tuple[Stack, SigningKey]) -> None:
-    s, agents = xstack
+        xstack: tuple[Stack, TrustPolicy]) -> None:
+    s, policy = xstack
     ns, salt = namespace_with_cache(s, {"fraction": 1.0, "adaptive": False}), uuid.uuid4().hex[:12]
-    policy = TrustPolicy.of([agents.public])
     s.apply(ns, *(job(f"first-{n}", salt, n) for n in range(HITS)))
     first = s.wait_all(ns, [f"first-{n}" for n in range(HITS)], timeout=900)
     s.apply(ns, *(job(f"hit-{n}", salt, n) for n in range(HITS)))
@@ -150,7 +148,7 @@ def test_every_hit_is_rechecked_the_liar_is_caught_and_no_honest_hit_is_disputed
     assert disputed > 0 and agreed + disputed == HITS
 
 
-def test_adaptive_rechecks_agreeing_pairs_less_often(xstack: tuple[Stack, SigningKey]) -> None:
+def test_adaptive_rechecks_agreeing_pairs_less_often(xstack: tuple[Stack, TrustPolicy]) -> None:
     """Each round: new keys (a key can be checked only on a node that does not attest it yet),
     computed, then hit once each; the pairs' streaks carry over from round to round. Keys the
     liar lies about are left out: nothing here disagrees."""
