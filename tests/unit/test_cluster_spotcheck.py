@@ -185,16 +185,17 @@ def test_the_streaks_are_kept_in_the_store(store: Store) -> None:
 def test_a_checking_node_vouches_for_the_served_result_only_when_it_reproduced_it(store: Store) -> None:
     job = Job(PythonCode("def main():\n    return {'sum': 4}\n"), runtime=R1)
     parts = job.key_parts()
-    key, agents = job.key, SigningKey.generate("agents-1")
-    policy = TrustPolicy.of([agents.public])
+    key = job.key
+    a, b, c = (SigningKey.generate(f"node-{n}-1") for n in "abc")  # each agent signs with its own key
+    policy = TrustPolicy.of([a.public, b.public, c.public])
     original = computed(store, key, {"sum": 4}, "node-a", 10.0)
     digest = store.put_result(original)
-    store.put_attestation(key, digest, attest(key, parts.components(), digest, agents, "node-a", 10.0, 11.0))
-    _, honest = store_replica(store, job, computed(store, key, {"sum": 4}, "node-b", 20.0), agents, "node-b", digest)
+    store.put_attestation(key, digest, attest(key, parts.components(), digest, a, "node-a", 10.0, 11.0))
+    _, honest = store_replica(store, job, computed(store, key, {"sum": 4}, "node-b", 20.0), b, "node-b", digest)
     assert honest == rp.replica_result(original).digest
     assert rp.attesting_nodes(policy, key, digest, store.attestations(key, digest)) == {"node-a", "node-b"}
     assert rp.attesting_nodes(policy, key, honest, store.attestations(key, honest)) == {"node-b"}
-    _, other = store_replica(store, job, computed(store, key, {"sum": 5}, "node-c", 30.0), agents, "node-c", digest)
+    _, other = store_replica(store, job, computed(store, key, {"sum": 5}, "node-c", 30.0), c, "node-c", digest)
     assert other != honest
     assert rp.attesting_nodes(policy, key, digest, store.attestations(key, digest)) == {"node-a", "node-b"}
     assert p.GROUP in sc.CHECK_OF_ANNOTATION
