@@ -231,6 +231,9 @@ class ResultCacheStatus(StatusModel):
     hits: int | None = Field(default=None, ge=0)
     misses: int | None = Field(default=None, ge=0)
     compute_seconds_saved: float | None = Field(default=None, ge=0)
+    revocations_recorded: list[str] | None = Field(
+        default=None, description="Key ids of spec.trust.revoked whose revocation the operator appended to the "
+                                  "store's audit log (when the store keeps one).")
     conditions: Conditions = Field(default_factory=list)
     observed_generation: int | None = Field(default=None, ge=0)
 

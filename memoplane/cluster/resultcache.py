@@ -15,6 +15,7 @@ from memoplane.api.conditions import mark_ready, mark_stalled
 from memoplane.cas.gc import Stats
 
 from . import protocol as p
+from .views import CacheView
 
 Counters = dict[str, float]   # "hits", "misses", "saved" (seconds) since the last stats refresh
 
@@ -44,6 +45,12 @@ def ready(status: Mapping[str, Any], generation: int, bucket: str, prefix: str, 
 
 def stalled(status: Mapping[str, Any], generation: int, message: str, now: datetime) -> list[dict[str, Any]]:
     return mark_stalled(status.get("conditions"), p.REASON_STORE, message, generation, now)
+
+
+def newly_revoked(view: CacheView) -> list[str]:
+    """Revocations in the cache's spec not yet recorded in its store's audit log (a key id
+    removed from the list and revoked again is recorded again)."""
+    return sorted(set(view.revoked) - set(view.revocations_recorded))
 
 
 def unchanged(status: Mapping[str, Any], patch: Mapping[str, Any]) -> bool:

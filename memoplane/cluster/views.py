@@ -314,6 +314,16 @@ class CacheView:
     def store_url(self) -> str:
         return p.store_url(self.bucket, self.prefix)
 
+    @property
+    def revoked(self) -> list[str]:
+        """spec.trust.revoked: key ids whose attestations no longer count."""
+        return [str(k) for k in section(section(self.body, "spec"), "trust").get("revoked") or ()]
+
+    @property
+    def revocations_recorded(self) -> list[str]:
+        """status.revocationsRecorded: those already appended to the store's audit log."""
+        return [str(k) for k in self.status.get("revocationsRecorded") or ()]
+
 
 def cache(obj: Body) -> CacheView:
     return CacheView(obj)

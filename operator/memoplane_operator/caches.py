@@ -22,6 +22,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from memoplane.cas import Store
+from memoplane.cas import audit as audit_log
 from memoplane.cluster import protocol as p
 from memoplane.cluster import resultcache as rs
 from memoplane.cluster import spotcheck as sc
@@ -30,7 +31,7 @@ from memoplane.cluster.agentkeys import ClusterKeys
 from memoplane.cluster.decide import CreateDefault, Wait, default_cache, missing_cache
 from memoplane.cluster.kube import Kube
 from memoplane.cluster.stores import Stores
-from memoplane.cluster.views import cache, job
+from memoplane.cluster.views import CacheView, cache, job
 from memoplane.errors import MemoplaneError
 from memoplane.trust import TrustPolicy
 
@@ -171,6 +172,15 @@ class ResultCaches:
             if self.watched(meta.namespace):
                 self.reconcile(meta.namespace, meta.name, stats=True)
 
+    @staticmethod
+    def _record_revocations(view: CacheView, store: Store) -> dict[str, Any]:
+        """Append each revocation new in the cache's spec to its store's audit log (if it keeps
+        one); the status remembers which were, so a restart records none twice."""
+        new = rs.newly_revoked(view)
+        for keyid in new:
+            store.audit(audit_log.REVOCATION, keyid=keyid, cache=f"{view.meta.namespace}/{view.meta.name}")
+        return {"revocationsRecorded": sorted(set(view.revoked))} if new or view.revocations_recorded else {}
+
     def reconcile(self, namespace: str, name: str, stats: bool = False) -> None:
         rc = self.kube.get(p.RESULTCACHES, namespace, name)
         if rc is None or not self.watched(namespace):
@@ -186,6 +196,7 @@ class ResultCaches:
                 with self.work.cond:
                     counters = self._counters.pop((namespace, name), rs.no_counts())
                 patch.update(rs.stats_fields(status, s, counters))
+            patch.update(self._record_revocations(view, store))
             patch["conditions"] = rs.ready(status, generation, bucket, prefix, now)
         except MemoplaneError as exc:
             patch["conditions"] = rs.stalled(status, generation, str(exc), now)

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from memoplane.api.conditions import get_condition
 from memoplane.cas.gc import Stats
 from memoplane.cluster import resultcache as rs
+from memoplane.cluster.views import CacheView, cache
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 STATS = Stats(entries=3, logical_bytes=300, unique_bytes=100, stored_bytes=80, chunks=2, objects=9)
@@ -41,3 +42,16 @@ def test_unchanged_ignores_condition_timestamps() -> None:
     assert rs.unchanged(status, later)
     assert not rs.unchanged(status, {**later, "entries": 4})
     assert not rs.unchanged(status, {**later, "conditions": rs.stalled(status, 1, "down", T0)})
+
+
+def test_newly_revoked_is_what_the_spec_revokes_and_the_status_has_not_recorded() -> None:
+    def view(revoked: list[str] | None, recorded: list[str] | None) -> CacheView:
+        return cache({"spec": {"trust": {"revoked": revoked}} if revoked is not None else {},
+                      "status": {"revocationsRecorded": recorded} if recorded is not None else {}})
+    for revoked, recorded, new in [
+        (None, None, []),
+        (["a-1"], None, ["a-1"]),
+        (["b-1", "a-1"], ["a-1"], ["b-1"]),
+        (["a-1"], ["a-1", "c-1"], []),   # c-1 was un-revoked: nothing to record
+    ]:
+        assert rs.newly_revoked(view(revoked, recorded)) == new

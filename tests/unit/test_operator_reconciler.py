@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -205,3 +206,18 @@ def test_the_operator_signs_the_head_of_every_audit_log_it_writes(
     r._sign_audit_heads()
     report = verify_audit(store.audit_log, {AGENTS.keyid: AGENTS.public})
     assert report.ok and report.newest_checkpoint == report.chain.last and report.chain.last >= 2
+
+
+def test_a_revocation_in_a_cache_is_recorded_once_in_its_store_audit_log(
+        world: tuple[Reconciler, FakeKube, list[str]]) -> None:
+    r, kube, _ = world
+    submit(r, kube, "a")  # the namespace's default cache exists from here on
+    store = r.stores.get(p.DEFAULT_BUCKET, "ml")
+    store.audit_log.append(audit_log.START, {})
+    kube.objects[(p.RESULTCACHES, "ml", "default")]["spec"]["trust"] = {"revoked": ["old-node-1"]}
+    for _ in range(2):  # a second pass (or a restarted operator) reads the status and records nothing more
+        r.caches.reconcile("ml", "default")
+    kinds = [(rec["kind"], rec.get("keyid")) for _, data in store.audit_log.read() for rec in [json.loads(data)]]
+    assert kinds.count(("revocation", "old-node-1")) == 1
+    rc = kube.get(p.RESULTCACHES, "ml", "default")
+    assert rc is not None and rc["status"]["revocationsRecorded"] == ["old-node-1"]
