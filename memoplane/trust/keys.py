@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import stat
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -118,3 +120,18 @@ class SigningKey:
         if not isinstance(key, Ed25519PrivateKey):
             raise InputError(f"{where} of {keyid} is not an Ed25519 key", "use an Ed25519 key") from None
         return cls(keyid, key)
+
+
+def read_signing_key(path: Path, keyid: str, where: str, fix: str) -> SigningKey:
+    """The private key of `keyid` in the file `path`, which only its owner may read: a key
+    others can read may have leaked. `where` starts each error, `fix` says what to do when
+    the file cannot be read."""
+    try:
+        mode = path.stat().st_mode
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{where}cannot read {path} ({exc.strerror})", fix) from None
+    if mode & 0o077:
+        raise InputError(f"{where}{path} is open to group or others (mode {stat.S_IMODE(mode):04o})",
+                         f"chmod 600 {path}")
+    return SigningKey.parse(keyid, pem, str(path))

@@ -29,7 +29,7 @@ from ..cas import ResultManifest, Store
 from ..errors import InputError
 from ..settings import KEYS_DIR_ENV, keys_dir
 from .attestation import attest
-from .keys import KEYID_PATTERN, PublicKey, SigningKey, check_keyid, split_keyid
+from .keys import KEYID_PATTERN, PublicKey, SigningKey, check_keyid, read_signing_key, split_keyid
 from .policy import TrustPolicy, Verdict
 
 TRUST_FILE = "trust.json"
@@ -272,17 +272,8 @@ class Keyring:
         return max(epochs, default=0) + 1
 
     def _private(self, keyid: str) -> SigningKey:
-        path = self.directory / f"{keyid}.key"
-        try:
-            mode = path.stat().st_mode
-            pem = path.read_bytes()
-        except OSError as exc:
-            raise InputError(f"cannot read the signing key {path} ({exc.strerror})",
-                             "`memoplane keys create NAME` makes a new one") from None
-        if mode & 0o077:
-            raise InputError(f"the signing key {path} is open to group or others (mode {stat.S_IMODE(mode):04o})",
-                             f"chmod 600 {path}")
-        return SigningKey.parse(keyid, pem, str(path))
+        return read_signing_key(self.directory / f"{keyid}.key", keyid, "the signing key: ",
+                                "`memoplane keys create NAME` makes a new one")
 
     def _public(self, keyid: str, trust: TrustFile) -> PublicKey | None:
         if keyid in trust.trusted:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-import stat
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import InputError
 from ..settings import NODE_KEY_DIR_ENV
-from .keys import KEYID_PATTERN, SigningKey, split_keyid
+from .keys import KEYID_PATTERN, SigningKey, read_signing_key, split_keyid
 from .local import write_atomically
 
 NAME_MAX = 63   # the key-id rule's name part
@@ -66,14 +65,5 @@ def _private_directory(directory: Path) -> None:
 
 
 def _read(directory: Path, keyid: str) -> SigningKey:
-    path = directory / f"{keyid}{SUFFIX}"
-    try:
-        mode = path.stat().st_mode
-        pem = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"{NODE_KEY_DIR_ENV}: cannot read {path} ({exc.strerror})",
-                         "give the agent its own readable directory") from None
-    if mode & 0o077:
-        raise InputError(f"{NODE_KEY_DIR_ENV}: {path} is open to group or others (mode {stat.S_IMODE(mode):04o})",
-                         f"chmod 600 {path}")
-    return SigningKey.parse(keyid, pem, str(path))
+    return read_signing_key(directory / f"{keyid}{SUFFIX}", keyid, f"{NODE_KEY_DIR_ENV}: ",
+                            "give the agent its own readable directory")
