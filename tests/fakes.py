@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 from kubernetes.client.exceptions import ApiException
 
+from memoplane.cas import Provenance, ResultManifest, Store
 from memoplane.cas.backend import Backend, ObjectInfo
 from memoplane.cluster import protocol as p
 from memoplane.cluster.kube import Kube
@@ -185,3 +186,11 @@ class DelegatingBackend:
 
     def describe(self) -> str:
         return self.inner.describe()
+
+
+def computed_result(store: Store, key: str, value: Any, node: str, started: float, runtime: str) -> ResultManifest:
+    """A result as a node's execution makes it (value stored, empty stdout and stderr, the node's
+    name and times in its provenance and meta), not yet put: for tests of replicas and spot checks."""
+    empty = store.put_bytes(b"")
+    prov = Provenance(key, {}, runtime, node, started, started + 1, 1.0)
+    return ResultManifest(store.put_value(value), empty, empty, prov, meta={"exit_code": 0, "isolation": {node: 1}})

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import computed_result
 
 from memoplane.api.conditions import kstatus
-from memoplane.cas import FilesystemBackend, Provenance, ResultManifest, Store
+from memoplane.cas import FilesystemBackend, ResultManifest, Store
 from memoplane.cluster import decide
 from memoplane.cluster import protocol as p
 from memoplane.cluster import replicas as rp
@@ -206,9 +207,7 @@ def store(tmp_path: Path) -> Store:
 
 
 def computed(store: Store, key: str, value: Any, node: str, started: float) -> ResultManifest:
-    empty = store.put_bytes(b"")
-    prov = Provenance(key, {}, R1, node, started, started + 1, 1.0)
-    return ResultManifest(store.put_value(value), empty, empty, prov, meta={"exit_code": 0, "isolation": {node: 1}})
+    return computed_result(store, key, value, node, started, R1)
 
 
 def test_honest_replicas_store_one_digest_each_attested_and_k_nodes_make_a_hit(store: Store) -> None:

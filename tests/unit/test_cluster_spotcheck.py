@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import computed_result
 from memoplane_agent.replica import store_replica
 
-from memoplane.cas import FilesystemBackend, Provenance, ResultManifest, Store
+from memoplane.cas import FilesystemBackend, ResultManifest, Store
 from memoplane.cluster import protocol as p
 from memoplane.cluster import replicas as rp
 from memoplane.cluster import spotcheck as sc
@@ -159,9 +160,7 @@ def store(tmp_path: Path) -> Store:
 
 
 def computed(store: Store, key: str, value: Any, node: str, started: float) -> ResultManifest:
-    empty = store.put_bytes(b"")
-    prov = Provenance(key, {}, R1, node, started, started + 1, 1.0)
-    return ResultManifest(store.put_value(value), empty, empty, prov, meta={"exit_code": 0, "isolation": {node: 1}})
+    return computed_result(store, key, value, node, started, R1)
 
 
 def test_a_disputed_ref_is_withdrawn_only_while_it_names_the_result(store: Store) -> None:

@@ -11,7 +11,6 @@ asserted, never timings.
 from __future__ import annotations
 
 import os
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lying_agent import lies  # this directory is on the path, as for conftest
+from lying_agent import LIAR, lies, with_a_liar  # this directory is on the path, as for conftest
 
 from memoplane.api.conditions import kstatus
 from memoplane.api.specs import computejob_manifest
@@ -34,7 +33,6 @@ pytestmark = pytest.mark.integration
 
 Stack = Any  # conftest.Stack (fixture `stack`)
 PREFIX = f"mpx-{uuid.uuid4().hex[:6]}-"
-HONEST, LIAR = ("node-a", "node-b"), "node-liar"
 SEED = "reexecute-1"
 RATE = 0.2
 HITS = int(os.environ.get("MEMOPLANE_REEXECUTE_HITS", "100"))
@@ -45,26 +43,11 @@ SQUARE = "def main(n):\n    return n * n\n"
 def xstack(stack: Stack, control_plane: cluster.ClusterInfo, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[tuple[Stack, TrustPolicy]]:
     directory = Path(tmp_path_factory.mktemp("memoplane-reexecute"))
-    cfg = processes.StackConfig(
-        directory=directory, env=control_plane.env(), watch_namespaces=PREFIX + "*",
-        lease_namespace=PREFIX + "system", capacity=3,
-        extra_env={"MEMOPLANE_BACKOFF_BASE": "0.2", "MEMOPLANE_RESYNC_SECONDS": "1",
-                   "LIAR_SEED": SEED, "LIAR_RATE": str(RATE)})
-    mine = type(stack)(cfg, stack.kube, stack.stores)
     try:
-        processes.apply_crds(cfg.env)
-        processes.start_operator(cfg)
-        for node in HONEST:
-            processes.start_agent(cfg, node)
-        processes.start_agent(cfg, LIAR, argv=[sys.executable, str(Path(__file__).with_name("lying_agent.py"))])
-        yield mine, TrustPolicy.of(processes.cluster_keys(directory).all)  # each agent's key, the operator's
+        with with_a_liar(stack, control_plane.env(), directory, PREFIX, SEED, RATE) as mine:
+            yield mine
     except processes.ProcessError as exc:
         pytest.fail(f"the reexecute stack cannot start: {exc}", pytrace=False)
-    finally:
-        processes.down(directory)
-        for ns in stack.kube.core.list_namespace().items:
-            if ns.metadata.name.startswith(PREFIX):
-                stack.kube.core.delete_namespace(ns.metadata.name)
 
 
 def namespace_with_cache(s: Stack, reexecute: dict[str, Any]) -> str:
@@ -88,16 +71,11 @@ def status(obj: dict[str, Any]) -> dict[str, Any]:
 
 def judged(s: Stack, ns: str, names: list[str], timeout: float = 600.0) -> dict[str, dict[str, Any]]:
     """The spot checks `names`, once each has its verdict."""
-    deadline, found = time.monotonic() + timeout, {}
-    for name in names:
-        while True:
-            obj = s.kube.get(p.COMPUTEJOBS, ns, name)
-            if obj is not None and sc.JUDGED_ANNOTATION in obj["metadata"].get("annotations", {}):
-                found[name] = obj
-                break
-            assert time.monotonic() < deadline, f"spot check {ns}/{name} not judged: {obj and status(obj)}\n{s.logs()}"
-            time.sleep(0.25)
-    return found
+    def has_verdict(obj: dict[str, Any]) -> bool:
+        return sc.JUDGED_ANNOTATION in (obj["metadata"].get("annotations") or {})
+    deadline = time.monotonic() + timeout
+    return {name: s.wait(ns, name, until=has_verdict, timeout=max(1.0, deadline - time.monotonic()))
+            for name in names}
 
 
 def test_every_hit_is_rechecked_the_liar_is_caught_and_no_honest_hit_is_disputed(

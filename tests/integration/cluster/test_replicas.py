@@ -11,7 +11,6 @@ asserted, never timings.
 from __future__ import annotations
 
 import os
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lying_agent import lies  # this directory is on the path, as for conftest
+from lying_agent import LIAR, lies, with_a_liar  # this directory is on the path, as for conftest
 
 from memoplane.api.conditions import kstatus
 from memoplane.api.specs import computejob_manifest
@@ -31,7 +30,6 @@ pytestmark = pytest.mark.integration
 
 Stack = Any  # conftest.Stack (fixture `stack`)
 PREFIX = f"mpr-{uuid.uuid4().hex[:6]}-"
-HONEST, LIAR = ("node-a", "node-b"), "node-liar"
 SEED = "replicas-1"
 JOBS = int(os.environ.get("MEMOPLANE_REPLICA_JOBS", "200"))
 SQUARE = "def main(n):\n    return n * n\n"
@@ -43,26 +41,11 @@ def rstack(stack: Stack, control_plane: cluster.ClusterInfo, tmp_path_factory: p
     """The session's helpers over a stack of our own, and whom its caches trust: the operator's
     key and each agent's own (the liar's too: a liar with a trusted key)."""
     directory = Path(tmp_path_factory.mktemp("memoplane-replicas"))
-    cfg = processes.StackConfig(
-        directory=directory, env=control_plane.env(), watch_namespaces=PREFIX + "*",
-        lease_namespace=PREFIX + "system", capacity=3,
-        extra_env={"MEMOPLANE_BACKOFF_BASE": "0.2", "MEMOPLANE_RESYNC_SECONDS": "1",
-                   "LIAR_SEED": SEED, "LIAR_RATE": "0.2"})
-    mine = type(stack)(cfg, stack.kube, stack.stores)
     try:
-        processes.apply_crds(cfg.env)
-        processes.start_operator(cfg)
-        for node in HONEST:
-            processes.start_agent(cfg, node)
-        processes.start_agent(cfg, LIAR, argv=[sys.executable, str(Path(__file__).with_name("lying_agent.py"))])
-        yield mine, TrustPolicy.of(processes.cluster_keys(directory).all)
+        with with_a_liar(stack, control_plane.env(), directory, PREFIX, SEED, 0.2) as mine:
+            yield mine
     except processes.ProcessError as exc:
         pytest.fail(f"the replicas stack cannot start: {exc}", pytrace=False)
-    finally:
-        processes.down(directory)
-        for ns in stack.kube.core.list_namespace().items:
-            if ns.metadata.name.startswith(PREFIX):
-                stack.kube.core.delete_namespace(ns.metadata.name)
 
 
 @pytest.fixture
