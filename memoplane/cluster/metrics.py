@@ -43,5 +43,3 @@ class AgentMetrics:
         self.running = Gauge("memoplane_agent_running_jobs", "Jobs claimed and not yet reported.", registry=r)
         self.bytes_stored = Counter("memoplane_agent_result_bytes_total",
                                     "Logical bytes of the results this agent stored.", registry=r)
-        self.cache_hits = Counter("memoplane_agent_cache_hits_total",
-                                  "Assigned jobs found already computed when claimed.", registry=r)

@@ -44,7 +44,7 @@ from memoplane.jobs import Job, job_from_dict
 from memoplane.keys import runtime_identity
 from memoplane.leftovers import sweep
 from memoplane.sandbox import SandboxPool
-from memoplane.trust import SigningKey, TrustPolicy, trusted_hit
+from memoplane.trust import SigningKey
 from memoplane.trust.attestation import attest
 
 from .replica import store_replica
@@ -76,7 +76,6 @@ class Agent:
         self.cfg = config
         self.signer = signer
         # What the agent re-uses on its own (an earlier attempt's result): what its own key attests.
-        self.own_policy = TrustPolicy.of([signer.public])
         self.kube = kube
         self.stores = stores
         self.metrics = metrics or AgentMetrics()
@@ -274,23 +273,10 @@ class Agent:
             self._report(obj, a, lambda s: st.failed(s, a.generation, p.REASON_INVALID, message,
                                                      datetime.now(UTC)))
             return
-        if a.policy == "Use" and self._serve_existing(obj, a, store):
-            return
+        # No lookup here: the operator looked the key up under the cache's trust policy before it
+        # assigned the job, and this node's own signature must not stand in for what that policy
+        # refused (a cache with minSignatures: 2 would be served one node's result).
         self._compute(obj, a, job, store, pool)
-
-    def _serve_existing(self, obj: dict[str, Any], a: Assignment, store: Store) -> bool:
-        """The result may exist already (an earlier attempt stored it and then lost its node)."""
-        started = time.monotonic()
-        hit = trusted_hit(store, a.cache_key, self.own_policy).hit
-        if hit is None:
-            return False
-        ms = int((time.monotonic() - started) * 1000)
-        self._report(obj, a, lambda s: st.cache_hit(s, a.generation, hit.digest, hit.result, a.store, ms,
-                                                    datetime.now(UTC), node=self.cfg.node))
-        self.metrics.cache_hits.inc()
-        self.kube.event(obj, p.REASON_CACHE_HIT, f"result {hit.digest[:15]} was already stored",
-                        component=p.AGENT_COMPONENT, host=self.cfg.node)
-        return True
 
     def _compute(self, obj: dict[str, Any], a: Assignment, job: Job, store: Store, pool: SandboxPool) -> None:
         node = self.cfg.node

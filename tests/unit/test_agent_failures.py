@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import FakeKube
+from fakes import FakeKube, computed_result
 from memoplane_agent.agent import Agent, AgentConfig, agent_error_message
 
 from memoplane.api.common import API_VERSION
@@ -28,6 +28,7 @@ from memoplane.cluster.stores import Stores, StoreSettings
 from memoplane.jobs import Job, PythonCode, job_to_dict
 from memoplane.sandbox.types import SandboxOutcome, SandboxRequest
 from memoplane.trust import SigningKey
+from memoplane.trust.attestation import attest
 
 NODE = "node-a"
 RUNTIME = "b3:" + "ab" * 32
@@ -190,3 +191,20 @@ def test_the_message_names_the_exception_and_where_it_was_raised() -> None:
     assert message.startswith("the agent failed while handling the job: KeyError in load (test_agent_failures.py:")
     assert message.endswith(": 'digest'")
     assert agent_error_message(ValueError()).endswith("ValueError: no message")
+
+
+def test_an_assigned_job_computes_even_when_its_node_signed_a_stored_result(setup: Any) -> None:
+    """The operator assigns a job only after its lookup under the cache's trust policy missed or
+    refused: the agent must not serve what its own signature alone vouches for (a cache with
+    minSignatures: 2 would be served one node's result)."""
+    agent, kube, store = setup
+    obj = scheduled_job(kube, store, backoff_limit=0)
+    key = obj["status"]["cacheKey"]
+    result = computed_result(store, key, {"sum": 7}, NODE, 1.0, RUNTIME)
+    envelope = attest(key, {}, store.put_result(result), agent.signer, NODE, 1.0, 2.0)
+    store.commit(result, [envelope])
+    runner = RaisingRunner(RuntimeError("computed"))
+    agent.pools["python"] = runner
+    run(agent, obj)
+    assert runner.runs == 1, "the job was served from the store instead of computed"
+    assert status(kube)["phase"] == p.FAILED and not status(kube).get("cached")
