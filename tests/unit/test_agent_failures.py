@@ -25,9 +25,9 @@ from memoplane.cas import Store
 from memoplane.cluster import protocol as p
 from memoplane.cluster.claim import assignment_of
 from memoplane.cluster.stores import Stores, StoreSettings
-from memoplane.jobs import Job, PythonCode, job_to_dict
+from memoplane.jobs import Job, PythonCode, job_from_dict, job_to_dict
 from memoplane.sandbox.types import SandboxOutcome, SandboxRequest
-from memoplane.trust import SigningKey
+from memoplane.trust import SigningKey, TrustPolicy, trusted_hit
 from memoplane.trust.attestation import attest
 
 NODE = "node-a"
@@ -201,8 +201,11 @@ def test_an_assigned_job_computes_even_when_its_node_signed_a_stored_result(setu
     obj = scheduled_job(kube, store, backoff_limit=0)
     key = obj["status"]["cacheKey"]
     result = computed_result(store, key, {"sum": 7}, NODE, 1.0, RUNTIME)
-    envelope = attest(key, {}, store.put_result(result), agent.signer, NODE, 1.0, 2.0)
+    job = job_from_dict(json.loads(store.get_bytes(obj["metadata"]["annotations"][p.JOB_DIGEST_ANNOTATION])))
+    manifest = job.key_parts().components()
+    envelope = attest(key, manifest, store.put_result(result), agent.signer, NODE, 1.0, 2.0)
     store.commit(result, [envelope])
+    assert trusted_hit(store, key, TrustPolicy.of([agent.signer.public])).hit is not None, "a hit for its key"
     runner = RaisingRunner(RuntimeError("computed"))
     agent.pools["python"] = runner
     run(agent, obj)
