@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -199,6 +200,53 @@ def keys_dir(env: Mapping[str, str] | None = None) -> Path:
 WATCH_DOC = 'namespace patterns, space separated (empty: every namespace), e.g. "ml research" or "*,!kube-*"'
 
 
+OBJECT_INPUTS_ENV = "MEMOPLANE_OBJECT_INPUTS"
+OBJECT_INPUTS_FIX = ('set it to a JSON list of {"namespaces": ["ml"] or "*", "bucket": "data", "prefix": "tables/"} '
+                     '(the chart\'s objectInputs)')
+
+
+@dataclass(frozen=True)
+class ObjectGrant:
+    """One entry of the cluster's fromObject allowlist: `namespaces` (None: every namespace) may
+    read the objects of `bucket` whose keys start with `prefix` ("" or ending in "/")."""
+
+    namespaces: tuple[str, ...] | None
+    bucket: str
+    prefix: str
+
+
+def parse_object_grants(text: str) -> tuple[ObjectGrant, ...]:
+    """MEMOPLANE_OBJECT_INPUTS (JSON) as grants; empty: none (no object is readable). InputError
+    (one line, naming the variable and the entry) for anything else than the documented shape."""
+    if not text.strip():
+        return ()
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"{OBJECT_INPUTS_ENV} is not JSON ({exc})", OBJECT_INPUTS_FIX) from None
+    if not isinstance(raw, list):
+        raise InputError(f"{OBJECT_INPUTS_ENV} is not a list", OBJECT_INPUTS_FIX)
+    return tuple(_object_grant(entry, f"{OBJECT_INPUTS_ENV}[{i}]") for i, entry in enumerate(raw))
+
+
+def _object_grant(entry: Any, where: str) -> ObjectGrant:
+    if not isinstance(entry, dict) or set(entry) != {"namespaces", "bucket", "prefix"}:
+        raise InputError(f"{where} must have exactly the keys namespaces, bucket and prefix", OBJECT_INPUTS_FIX)
+    namespaces, bucket, prefix = entry["namespaces"], entry["bucket"], entry["prefix"]
+    if not isinstance(bucket, str) or not bucket:
+        raise InputError(f"{where}.bucket must be a bucket name", OBJECT_INPUTS_FIX)
+    if not isinstance(prefix, str) or (prefix and not prefix.endswith("/")) or prefix.startswith("/"):
+        raise InputError(f"{where}.prefix {prefix!r} must be \"\" (the whole bucket) or a key prefix ending in "
+                         "\"/\" (a directory)", f'write e.g. "tables/" in {where}.prefix')
+    if namespaces == "*":
+        return ObjectGrant(None, bucket, prefix)
+    if not isinstance(namespaces, list) or not namespaces or \
+            not all(isinstance(n, str) and n and n != "*" for n in namespaces):
+        raise InputError(f"{where}.namespaces must be \"*\" (every namespace) or a list of namespace names",
+                         OBJECT_INPUTS_FIX)
+    return ObjectGrant(tuple(namespaces), bucket, prefix)
+
+
 @dataclass(frozen=True)
 class OperatorSettings:
     watch_namespaces: str = setting("MEMOPLANE_WATCH_NAMESPACES", "", "the " + WATCH_DOC)
@@ -215,6 +263,12 @@ class OperatorSettings:
     full_resync_seconds: float = setting(None, 30.0, "how often every job is listed (the job index's safety net)")
     resolvers: int = setting(None, 4, "threads resolving jobs and serving hits (0: on the worker)")
     missing_grace_seconds: float = setting(None, MISSING_GRACE_SECONDS, "how long a missing input is waited for")
+    object_inputs: str = setting(OBJECT_INPUTS_ENV, "", "the fromObject allowlist, JSON: who may read which "
+                                 "bucket/prefix as inputs (empty: no object is readable)")
+
+    def object_grants(self) -> tuple[ObjectGrant, ...]:
+        """The parsed allowlist; InputError (one line) when it is malformed."""
+        return parse_object_grants(self.object_inputs)
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,7 @@ REASON_INVALID = "InvalidSpec"
 REASON_UNSUPPORTED = "Unsupported"
 REASON_RUNTIME_MISMATCH = "RuntimeMismatch"
 REASON_STORE = "StoreUnavailable"
+REASON_OBJECT_NOT_ALLOWED = "ObjectNotAllowed"  # a fromObject input outside the namespace's allowlist
 REASON_BACKOFF_LIMIT = "BackoffLimitExceeded"
 REASON_UNTRUSTED = "Untrusted"        # a stored result the cache's trust policy refused: recomputed
 REASON_TRUST_KEYS = "TrustKeysUnavailable"  # the cache's trusted keys cannot be read: its jobs wait

@@ -76,6 +76,11 @@ class Lookups(Protocol):
         Raises LookupError_ when the result cannot be read."""
         ...
 
+    def object_refusal(self, bucket: str, key: str) -> str | None:
+        """Why the job's namespace may not read the object as an input (None: it may;
+        memoplane.cluster.objectinputs decides)."""
+        ...
+
     def object_input(self, bucket: str, key: str) -> BlobInput | None:
         """The object's content hashed into the store; None if it does not exist."""
         ...
@@ -151,7 +156,8 @@ def find_cycle(name: str, lookups: Lookups) -> list[str] | None:
 
 
 def resolve_input(item: SpecInput, name: str, lookups: Lookups, created: datetime | None,
-                   now: datetime, grace: float) -> Input | Waiting | Failed:
+                   now: datetime, grace: float, index: int = 0) -> Input | Waiting | Failed:
+    """`index`: the input's place in spec.inputs (named in a refused fromObject's reason)."""
     label = f"input '{item.name}'"
     if "value" in item.sources():
         return JsonInput(item.value)
@@ -194,6 +200,11 @@ def resolve_input(item: SpecInput, name: str, lookups: Lookups, created: datetim
         return _missing(what, created, now, grace)
     if item.from_object is not None:
         ref_o = item.from_object
+        # A refusal fails the job rather than waiting: the allowlist changes only with the
+        # operator's configuration, and the reason says whom to ask.
+        refused = lookups.object_refusal(ref_o.bucket, ref_o.key)
+        if refused:
+            return Failed(p.REASON_OBJECT_NOT_ALLOWED, f"spec.inputs[{index}].fromObject: {refused}")
         try:
             blob = lookups.object_input(ref_o.bucket, ref_o.key)
         except LookupError_ as exc:
@@ -249,9 +260,9 @@ def resolve(obj: Mapping[str, Any], runtime: str | None, lookups: Lookups, now: 
     inputs: dict[str, Input] = {}
     # Objects are read and hashed last, and only when nothing else is awaited: a job
     # waiting for its upstream is revisited often and must not re-hash its objects each time.
-    ordered = sorted(spec.inputs, key=lambda i: i.from_object is not None)
-    for item in ordered:
-        got = resolve_input(item, name, lookups, created, now, grace)
+    ordered = sorted(enumerate(spec.inputs), key=lambda pair: pair[1].from_object is not None)
+    for index, item in ordered:
+        got = resolve_input(item, name, lookups, created, now, grace, index)
         if isinstance(got, Failed):
             return got
         if isinstance(got, Waiting):
@@ -260,9 +271,9 @@ def resolve(obj: Mapping[str, Any], runtime: str | None, lookups: Lookups, now: 
                 if cycle:
                     return Failed(p.REASON_INVALID, "fromJob inputs form a cycle: " + " -> ".join(cycle))
             # Keep checking the other inputs for a failure, but read no objects.
-            for rest in ordered:
+            for rest_index, rest in ordered:
                 if rest.from_object is None and rest.name not in inputs and rest is not item:
-                    other = resolve_input(rest, name, lookups, created, now, grace)
+                    other = resolve_input(rest, name, lookups, created, now, grace, rest_index)
                     if isinstance(other, Failed):
                         return other
             return got

@@ -17,6 +17,7 @@ from prometheus_client import start_http_server
 
 from memoplane.cluster.kube import Kube, load_config
 from memoplane.cluster.metrics import OperatorMetrics
+from memoplane.cluster.objectinputs import checked_grants
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.trust import load_signer
 from memoplane.errors import MemoplaneError
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = from_env(OperatorSettings, **flag_values(args, FLAGS))
+        checked_grants(settings)  # a bad fromObject allowlist stops the start, in one line
         signer = load_signer(from_env(SigningSettings))
         stores = Stores(StoreSettings.from_env())
     except MemoplaneError as exc:

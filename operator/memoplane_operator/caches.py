@@ -92,6 +92,11 @@ class ResultCaches:
         with self.work.cond:
             self._counters[(namespace, cache)]["misses"] += 1
 
+    def result_buckets(self) -> set[str]:
+        """The buckets results are kept in: the default one and every cache's the watch delivered."""
+        with self.work.cond:
+            return {p.DEFAULT_BUCKET, *(cache(rc).bucket for rc in self._seen.values())}
+
     # -- a job's store --------------------------------------------------------------------------
 
     def store_for(self, obj: Mapping[str, Any]) -> Target | Wait:

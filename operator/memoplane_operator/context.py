@@ -16,6 +16,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
+from memoplane.cas import Store
 from memoplane.cluster import protocol as p
 from memoplane.cluster import schedule
 from memoplane.cluster import status as st
@@ -25,11 +26,12 @@ from memoplane.cluster.kube import Kube
 from memoplane.cluster.metrics import OperatorMetrics
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import job
-from memoplane.settings import OperatorSettings
+from memoplane.settings import ObjectGrant, OperatorSettings
 from memoplane.trust import SigningKey
 
 from .caches import ResultCaches
 from .job_manifests import JobManifests
+from .lookups import Lookups
 from .streaks import Streaks
 
 
@@ -68,9 +70,14 @@ class Context:
     index: JobIndex
     lock: threading.Condition     # guards `index` (the work queue's)
     signer: SigningKey            # attests what the operator computes itself (map lists)
+    object_grants: tuple[ObjectGrant, ...]  # the fromObject allowlist (memoplane.cluster.objectinputs)
     fleet: Fleet = field(default_factory=Fleet)
     memo: Pass | None = None      # set during a resync pass
     streaks: Streaks = field(default_factory=Streaks)  # trust.reexecute's agreement streaks, per store
+
+    def lookups(self, namespace: str, store: Store) -> Lookups:
+        """What resolving a job of `namespace` whose results go to `store` reads."""
+        return Lookups(self.kube, self.stores, namespace, store, self.object_grants, self.caches.result_buckets)
 
     # -- writes ------------------------------------------------------------------------------
 

@@ -4,21 +4,24 @@ reads (upstream jobs and their results, ConfigMaps, objects, GMemSeeds and their
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from memoplane.cas import Store
+from memoplane.cluster import objectinputs, resolve
 from memoplane.cluster import protocol as p
-from memoplane.cluster import resolve
 from memoplane.cluster.kube import Kube
 from memoplane.cluster.stores import Stores
 from memoplane.errors import MemoplaneError, NotFound, StoreCorrupted
 from memoplane.jobs import BlobInput, Input, JsonInput
+from memoplane.settings import ObjectGrant
 
 
 class Lookups:
-    def __init__(self, kube: Kube, stores: Stores, namespace: str, store: Store) -> None:
+    def __init__(self, kube: Kube, stores: Stores, namespace: str, store: Store,
+                 object_grants: tuple[ObjectGrant, ...], result_buckets: Callable[[], set[str]]) -> None:
         self.kube, self.stores, self.namespace, self.store = kube, stores, namespace, store
+        self.object_grants, self.result_buckets = object_grants, result_buckets
 
     def get_job(self, name: str) -> Mapping[str, Any] | None:
         return self.kube.get(p.COMPUTEJOBS, self.namespace, name)
@@ -44,6 +47,9 @@ class Lookups:
             raise resolve.LookupError_("UpstreamResultUnavailable", str(exc)) from None
         except MemoplaneError as exc:
             raise resolve.LookupError_(p.REASON_STORE, str(exc)) from None
+
+    def object_refusal(self, bucket: str, key: str) -> str | None:
+        return objectinputs.refusal(self.object_grants, self.namespace, bucket, key, self.result_buckets())
 
     def object_input(self, bucket: str, key: str) -> BlobInput | None:
         try:

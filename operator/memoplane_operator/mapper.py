@@ -29,7 +29,6 @@ from memoplane.jobs import JsonInput
 from memoplane.trust.attestation import attest
 
 from .context import Context
-from .lookups import Lookups
 
 log = logging.getLogger("memoplane.operator.map")
 
@@ -50,7 +49,7 @@ def elements(ctx: Context, obj: dict[str, Any], store: Store) -> list[Any] | res
         return resolve.Failed(p.REASON_INVALID, f"spec.map.over: input '{over}' must be a value or fromJob "
                                                 "(a JSON list)")
     created = resolve.parse_time(view.meta.creation_timestamp or None)
-    got = resolve.resolve_input(item, name, Lookups(ctx.kube, ctx.stores, namespace, store), created,
+    got = resolve.resolve_input(item, name, ctx.lookups(namespace, store), created,
                                 datetime.now(UTC), ctx.settings.missing_grace_seconds)
     if isinstance(got, resolve.Waiting | resolve.Failed):
         return got

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
-from memoplane.cluster import flight, mapping, schedule
+from memoplane.cluster import flight, mapping, objectinputs, schedule
 from memoplane.cluster import protocol as p
 from memoplane.cluster.index import JobIndex, Ref, ref_of, settled
 from memoplane.cluster.kube import Kube
@@ -84,7 +84,7 @@ class Reconciler:
         self.agent_keys = AgentKeys(kube, settings.lease_namespace, signer.public)
         self.caches = ResultCaches(kube, stores, self.work, self.watched, lambda: self.agent_keys.cluster)
         self.ctx = Context(settings, kube, stores, self.caches, JobManifests(), self.metrics, self.index, self._cond,
-                           signer)
+                           signer, objectinputs.checked_grants(settings))
         # never: each periodic task is due at once, however long ago the monotonic clock started
         self._last_full = float("-inf")
         self._last_leases = float("-inf")

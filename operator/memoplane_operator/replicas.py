@@ -32,7 +32,6 @@ from memoplane.trust import TrustPolicy, judge, trusted_hit
 
 from .context import Context
 from .hits import served
-from .lookups import Lookups
 
 log = logging.getLogger("memoplane.operator.replicas")
 
@@ -112,7 +111,7 @@ def _resolve(ctx: Context, obj: dict[str, Any], store: Store, url: str, policy: 
     view = job(obj)
     runtime = schedule.runtime_for(ctx.fleet.nodes, view.spec.profile)
     try:
-        outcome = resolve.resolve(obj, runtime, Lookups(ctx.kube, ctx.stores, view.meta.namespace, store),
+        outcome = resolve.resolve(obj, runtime, ctx.lookups(view.meta.namespace, store),
                                   datetime.now(UTC), ctx.settings.missing_grace_seconds)
     except MemoplaneError as exc:
         ctx.wait(obj, decide.Wait(p.REASON_STORE, str(exc)))

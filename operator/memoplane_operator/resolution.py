@@ -25,7 +25,6 @@ from memoplane.trust import TrustPolicy
 from .caches import Target
 from .context import Context
 from .hits import look_up, served
-from .lookups import Lookups
 from .spotchecks import spot_check
 
 
@@ -57,7 +56,7 @@ def resolve_job(ctx: Context, obj: dict[str, Any]) -> Admissible | None:
             ctx.wait(obj, found)
             return None
         runtime = schedule.runtime_for(ctx.fleet.nodes, view.spec.profile)
-        outcome = resolve.resolve(obj, runtime, Lookups(ctx.kube, ctx.stores, view.meta.namespace, found.store),
+        outcome = resolve.resolve(obj, runtime, ctx.lookups(view.meta.namespace, found.store),
                                   datetime.now(UTC), ctx.settings.missing_grace_seconds)
     except MemoplaneError as exc:
         ctx.wait(obj, decide.Wait(p.REASON_STORE, str(exc)))

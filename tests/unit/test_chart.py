@@ -47,6 +47,8 @@ VARIANTS: dict[str, list[str]] = {
                                "--set", "defaultResultCache.namespaces={ml,research}",
                                "--set", "image.digest=sha256:" + "a" * 64],
     "privileged-agent": ["--set", "agent.privileged=true", "--set", "rbac.aggregateToDefaultRoles=false"],
+    "object-inputs": ["--set-json", 'objectInputs=[{"namespaces":["ml"],"bucket":"datasets","prefix":"tables/"},'
+                                    '{"namespaces":"*","bucket":"public-data","prefix":""}]'],
 }
 
 
@@ -341,11 +343,27 @@ def test_external_s3_uses_the_given_endpoint_and_secret(helm: Path) -> None:
     (["--set", "agent.seccompProfile.type=Localhost"], "localhostProfile"),
     (["--set", "unknownKey=1"], "unknownKey"),
     (["--set", "image.digest=latest"], "image/digest"),
+    (["--set-json", 'objectInputs=[{"namespaces":"*","bucket":"memoplane","prefix":""}]'],
+     "the result bucket (objectStore.bucket), which is never readable"),
+    (["--set-json", 'objectInputs=[{"namespaces":"*","bucket":"data","prefix":"tables"}]'], "objectInputs/0/prefix"),
+    (["--set-json", 'objectInputs=[{"bucket":"data","prefix":""}]'], "namespaces"),
 ])
 def test_bad_values_are_refused(helm: Path, args: list[str], message: str) -> None:
     proc = run_helm(helm, "template", "mp", str(CHART), *args, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr
+
+
+def test_the_object_allowlist_reaches_the_operator_as_the_setting_it_reads(helm: Path) -> None:
+    from memoplane.settings import OBJECT_INPUTS_ENV, ObjectGrant, parse_object_grants
+
+    def allowlist(*args: str) -> tuple[ObjectGrant, ...]:
+        (c,) = find(render(helm, *args), "Deployment", "-operator")["spec"]["template"]["spec"]["containers"]
+        return parse_object_grants({e["name"]: e for e in c["env"]}[OBJECT_INPUTS_ENV]["value"])
+
+    assert allowlist() == ()
+    assert allowlist(*VARIANTS["object-inputs"]) == (ObjectGrant(("ml",), "datasets", "tables/"),
+                                                     ObjectGrant(None, "public-data", ""))
 
 
 def test_monitoring_objects(helm: Path) -> None:

@@ -39,8 +39,9 @@ def succeeded(obj: dict[str, Any], digest: str) -> dict[str, Any]:
 class FakeLookups:
     def __init__(self, jobs: Mapping[str, dict[str, Any]] = (), config_maps: Mapping[str, dict[str, Any]] = (),
                  results: Mapping[str, Input] = (), objects: Mapping[tuple[str, str], bytes] = (),
-                 seeds: Mapping[str, dict[str, Any]] = ()) -> None:
+                 seeds: Mapping[str, dict[str, Any]] = (), refused: Mapping[tuple[str, str], str] = ()) -> None:
         self.jobs = dict(jobs)
+        self.refused = dict(refused)
         self.seeds = dict(seeds)
         self.config_maps = dict(config_maps)
         self.results = dict(results)
@@ -57,6 +58,9 @@ class FakeLookups:
         if result_digest not in self.results:
             raise LookupError_("ResultUnavailable", f"result {result_digest} is damaged")
         return self.results[result_digest]
+
+    def object_refusal(self, bucket: str, key: str) -> str | None:
+        return self.refused.get((bucket, key))
 
     def object_input(self, bucket: str, key: str) -> BlobInput | None:
         data = self.objects.get((bucket, key))
@@ -186,6 +190,14 @@ def test_missing_config_map_key_and_object() -> None:
     obj = job(inputs=[{"name": "t", "fromObject": {"bucket": "data", "key": "t.csv"}}])
     got = resolve(obj, RUNTIME, FakeLookups(), T0 + timedelta(hours=1))
     assert isinstance(got, Failed) and "s3://data/t.csv" in got.message
+
+
+def test_a_refused_object_fails_the_job_naming_the_input_and_is_never_read() -> None:
+    obj = job(inputs=[{"name": "a", "value": 1}, {"name": "t", "fromObject": {"bucket": "data", "key": "t.csv"}}])
+    lookups = FakeLookups(objects={("data", "t.csv"): b"x"}, refused={("data", "t.csv"): "not in the allowlist"})
+    got = resolve(obj, RUNTIME, lookups, T0)
+    assert isinstance(got, Failed) and got.reason == p.REASON_OBJECT_NOT_ALLOWED
+    assert got.message == "spec.inputs[1].fromObject: not in the allowlist" and lookups.stored == []
 
 
 def test_unsupported_and_invalid() -> None:

@@ -96,6 +96,9 @@ class Lookups:
     def result_input(self, result_digest: str, store_url: str | None) -> Input:
         raise LookupError_("Nope", "no results here")
 
+    def object_refusal(self, bucket: str, key: str) -> str | None:
+        return None
+
     def object_input(self, bucket: str, key: str) -> BlobInput | None:
         return None
 

@@ -21,11 +21,17 @@ from memoplane.cas import Store
 from memoplane.cluster import protocol as p
 from memoplane.cluster.kube import Kube, load_config
 from memoplane.cluster.stores import Stores, StoreSettings
+from memoplane.settings import OBJECT_INPUTS_ENV
 from memoplane.testing import cluster, processes
 
 SESSION = uuid.uuid4().hex[:6]
 PREFIX = f"mpt-{SESSION}-"
 NODES = ("node-a", "node-b")
+# The stack's fromObject allowlist (the chart's objectInputs): every namespace may read
+# s3://INPUTS_BUCKET/OPEN_PREFIX..., nothing else.
+INPUTS_BUCKET = "mpt-inputs"
+OPEN_PREFIX = "open/"
+OBJECT_INPUTS = json.dumps([{"namespaces": "*", "bucket": INPUTS_BUCKET, "prefix": OPEN_PREFIX}])
 _METRIC = re.compile(r'^memoplane_agent_runs_total\{outcome="(\w+)"\}\s+([0-9.e+]+)$', re.M)
 
 
@@ -123,7 +129,7 @@ def stack(control_plane: cluster.ClusterInfo, tmp_path_factory: pytest.TempPathF
         directory=directory, env=control_plane.env(), watch_namespaces=PREFIX + "*",
         lease_namespace=PREFIX + "system",
         extra_env={"MEMOPLANE_BACKOFF_BASE": "0.2", "MEMOPLANE_STATS_SECONDS": "3",
-                   "MEMOPLANE_RESYNC_SECONDS": "1"})
+                   "MEMOPLANE_RESYNC_SECONDS": "1", OBJECT_INPUTS_ENV: OBJECT_INPUTS})
     stores = Stores(StoreSettings.from_env(control_plane.env()))
     stack = Stack(cfg, Kube(load_config(control_plane.kubeconfig)), stores)
     try:
