@@ -152,6 +152,26 @@ def read_private_file(path: Path, env: str, what: str, alternative: str = "") ->
     return text
 
 
+# -- where a namespace's results live by default -----------------------------------------------
+
+HOME_ENV = "MEMOPLANE_HOME"
+DEFAULT_HOME = "s3://memoplane"
+HOME_DOC = ("where namespaces' homes are: s3://bucket[/prefix]; namespace N's default ResultCache and GMemSeed "
+            "overlays live under <prefix>/N/ in that bucket (two clusters sharing a bucket: one prefix each)")
+
+
+def home_location(env: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """(bucket, prefix without slashes) of MEMOPLANE_HOME (default s3://memoplane); InputError (one
+    line) for anything else than s3://bucket[/prefix]. Read once per process (memoplane.cluster.protocol)."""
+    env = os.environ if env is None else env
+    url = env.get(HOME_ENV) or DEFAULT_HOME
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    if not url.startswith("s3://") or not bucket or any(part in (".", "..") for part in prefix.split("/")):
+        raise InputError(f"{HOME_ENV}={url!r} is not s3://bucket[/prefix]",
+                         f"set {HOME_ENV} like s3://memoplane or s3://shared/cluster-a (the chart's objectStore)")
+    return bucket, prefix.strip("/")
+
+
 # -- signing ----------------------------------------------------------------------------------
 
 SIGNING_KEY_FILE_ENV = "MEMOPLANE_SIGNING_KEY_FILE"
@@ -263,6 +283,7 @@ class OperatorSettings:
     full_resync_seconds: float = setting(None, 30.0, "how often every job is listed (the job index's safety net)")
     resolvers: int = setting(None, 4, "threads resolving jobs and serving hits (0: on the worker)")
     missing_grace_seconds: float = setting(None, MISSING_GRACE_SECONDS, "how long a missing input is waited for")
+    home: str = setting(HOME_ENV, DEFAULT_HOME, HOME_DOC)
     object_inputs: str = setting(OBJECT_INPUTS_ENV, "", "the fromObject allowlist, JSON: who may read which "
                                  "bucket/prefix as inputs (empty: no object is readable)")
 

@@ -18,6 +18,7 @@ from ..api.common import VERSION as VERSION
 from ..api.computejob import COMPUTEJOB, CacheSpec
 from ..api.gmemseed import GMEMSEED
 from ..api.resultcache import RESULTCACHE
+from ..settings import home_location
 
 COMPUTEJOBS = COMPUTEJOB.plural       # the plurals the CRDs are served under (memoplane.api)
 RESULTCACHES = RESULTCACHE.plural
@@ -102,11 +103,14 @@ REASON_TRUST_KEYS = "TrustKeysUnavailable"  # the cache's trusted keys cannot be
 REASON_AGENT_ERROR = "AgentError"      # the agent itself failed while handling the job (a failed attempt)
 
 DEFAULT_RESULT_CACHE: str = CacheSpec.model_fields["result_cache"].default   # the model's, not typed again
-DEFAULT_BUCKET = "memoplane"   # the bucket of a namespace's default ResultCache
+# The bucket of namespaces' homes (their default ResultCaches, GMemSeed overlays) and the
+# prefix the homes are under: the process's MEMOPLANE_HOME (memoplane.settings), read once.
+DEFAULT_BUCKET, HOME_PREFIX = home_location()
 
 
 def default_store_prefix(namespace: str) -> str:
-    return f"{namespace}/"
+    """Namespace `namespace`'s home in DEFAULT_BUCKET."""
+    return f"{HOME_PREFIX}/{namespace}/" if HOME_PREFIX else f"{namespace}/"
 
 
 def store_url(bucket: str, prefix: str) -> str:

@@ -366,6 +366,17 @@ def test_the_object_allowlist_reaches_the_operator_as_the_setting_it_reads(helm:
                                                      ObjectGrant(None, "public-data", ""))
 
 
+def test_the_home_prefix_places_the_default_caches_and_the_operators_homes(helm: Path) -> None:
+    from memoplane.settings import HOME_ENV, home_location
+
+    docs = render(helm, "--set", "objectStore.bucket=shared", "--set", "objectStore.homePrefix=cluster-a/",
+                  "--set", "defaultResultCache.namespaces={ml}")
+    (c,) = find(docs, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"]
+    home = {e["name"]: e for e in c["env"]}[HOME_ENV]["value"]
+    assert home_location({HOME_ENV: home}) == ("shared", "cluster-a")
+    assert find(docs, "ResultCache")["spec"]["store"] == {"bucket": "shared", "prefix": "cluster-a/ml/"}
+
+
 def test_monitoring_objects(helm: Path) -> None:
     import json
 

@@ -47,3 +47,16 @@ def test_one_node_cache_default_and_one_name_per_concept() -> None:
         names = [f.metadata["env"] for f in dataclasses.fields(cls) if f.metadata.get("env")]
         assert len(names) == len(set(names)), cls
         assert all(f.metadata["doc"] for f in dataclasses.fields(cls)), cls
+
+
+def test_home_location_is_the_default_bucket_and_a_prefix_for_the_homes() -> None:
+    from memoplane.cluster import protocol as p
+    from memoplane.settings import HOME_ENV, home_location
+
+    assert home_location({}) == ("memoplane", "") == (p.DEFAULT_BUCKET, p.HOME_PREFIX)
+    assert p.default_store_prefix("ml") == "ml/"
+    assert home_location({HOME_ENV: "s3://shared/cluster-a/"}) == ("shared", "cluster-a")
+    for bad in ("shared/cluster-a", "s3://", "s3:///x", "s3://b/../x"):
+        with pytest.raises(InputError) as caught:
+            home_location({HOME_ENV: bad})
+        assert str(caught.value).startswith(f"{HOME_ENV}={bad!r} is not s3://bucket[/prefix]")

@@ -141,3 +141,13 @@ might read through /proc, get them as files (agent.yaml, MEMOPLANE_S3_CREDENTIAL
       name: {{ include "memoplane.s3SecretName" . }}
       key: secretKey
 {{- end -}}
+
+{{/* Namespace .ns's home prefix (memoplane.cluster.protocol.default_store_prefix): <homePrefix>/<ns>/. */}}
+{{- define "memoplane.home" -}}
+{{- with trimAll "/" .root.Values.objectStore.homePrefix }}{{ . }}/{{ end }}{{ .ns }}/
+{{- end }}
+
+{{/* MEMOPLANE_HOME: where namespaces' homes are (the operator's default caches, GMemSeed overlays). */}}
+{{- define "memoplane.homeUrl" -}}
+s3://{{ .Values.objectStore.bucket }}{{ with trimAll "/" .Values.objectStore.homePrefix }}/{{ . }}{{ end }}
+{{- end }}
