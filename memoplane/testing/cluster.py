@@ -72,6 +72,7 @@ class ClusterInfo:
     ports: Ports
     pids: dict[str, int]
     owner: str = "cli"  # "cli", or "pytest:<pid>" for a set a test session started
+    servers: tuple[str, ...] = _SERVERS  # what this set runs (no MinIO: it uses another set's)
 
     def env(self) -> dict[str, str]:
         return {
@@ -295,7 +296,7 @@ def _wait_ready(directory: Path, info: ClusterInfo,
     deadline = time.monotonic() + _READY_TIMEOUT_S
     while pending:
         for name in list(pending):
-            code = procs[name].poll()
+            code = procs[name].poll() if name in procs else None   # another set's MinIO: its health only
             if code is not None:
                 raise ClusterError(f"{name} exited with code {code} during startup; last lines "
                                    f"of {directory / 'logs' / (name + '.log')}:\n"
@@ -415,8 +416,9 @@ def _minio_argv(binary: Path, directory: Path, ports: Ports) -> list[str]:
             f"--console-address=127.0.0.1:{ports.minio_console}", str(directory / "data" / "minio")]
 
 
-def _prepare(directory: Path, ports: Ports) -> tuple[ClusterInfo, dict[str, Path]]:
-    """A fresh data dir, keys, token and kubeconfig; returns the cluster's description."""
+def _prepare(directory: Path, ports: Ports, store: ClusterInfo | None = None) -> tuple[ClusterInfo, dict[str, Path]]:
+    """A fresh data dir, keys, token and kubeconfig; returns the cluster's description (with
+    `store`: that set's MinIO, not one of its own)."""
     for sub in ("data", "pki", "pids"):
         shutil.rmtree(directory / sub, ignore_errors=True)
     for stale in ("state.json", "env"):  # written again only once the new set is ready
@@ -439,6 +441,10 @@ def _prepare(directory: Path, ports: Ports) -> tuple[ClusterInfo, dict[str, Path
         token=token, ca_file=str(keys["ca.crt"]),
         s3_endpoint=f"http://127.0.0.1:{ports.minio}", s3_access_key="memoplane",
         s3_secret_key=secrets.token_hex(20), ports=ports, pids={})
+    if store is not None:
+        info = ClusterInfo(**{**asdict(info), "ports": ports, "s3_endpoint": store.s3_endpoint,
+                              "s3_access_key": store.s3_access_key, "s3_secret_key": store.s3_secret_key,
+                              "servers": tuple(n for n in _SERVERS if n != "minio")})
     return info, keys
 
 
@@ -454,6 +460,7 @@ def load_info(directory: Path | None = None) -> ClusterInfo | None:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     raw["ports"] = Ports(**raw["ports"])
+    raw["servers"] = tuple(raw.get("servers", _SERVERS))
     return ClusterInfo(**raw)
 
 
@@ -465,8 +472,10 @@ def _stop_all(directory: Path) -> None:
         _stop(directory, name)
 
 
-def up(directory: Path | None = None, owner: str = "cli") -> UpResult:
-    """Bring the control plane up, or return the healthy one already running here."""
+def up(directory: Path | None = None, owner: str = "cli", store: ClusterInfo | None = None) -> UpResult:
+    """Bring the control plane up, or return the healthy one already running here. `store`:
+    another set whose MinIO this one uses (a second cluster sharing an object store) instead of
+    starting its own."""
     directory = directory or state_dir()
     started = time.monotonic()
     versions = build.load_versions()
@@ -476,7 +485,7 @@ def up(directory: Path | None = None, owner: str = "cli") -> UpResult:
     with _locked(directory):
         running = _running(directory)
         info = load_info(directory)
-        if info and running and all(running.get(n) for n in _SERVERS):
+        if info and running and all(running.get(n) for n in info.servers):
             sick = _unhealthy_after_grace(info)
             if not sick:
                 return UpResult(info, True, missing, time.monotonic() - started)
@@ -487,18 +496,15 @@ def up(directory: Path | None = None, owner: str = "cli") -> UpResult:
             _stop_all(directory)
         ports = Ports.from_base(port_base(directory))
         _check_ports_free(ports, patience=10.0 if running else 0.0)
-        info, keys = _prepare(directory, ports)
+        info, keys = _prepare(directory, ports, store)
         minio_env = {"MINIO_ROOT_USER": info.s3_access_key,
                      "MINIO_ROOT_PASSWORD": info.s3_secret_key,
                      "MINIO_BROWSER": "off", "MINIO_UPDATE": "off"}
-        procs = {
-            # The apiserver retries etcd until it answers, so all three start at once.
-            "etcd": _spawn(directory, "etcd", _etcd_argv(binaries["etcd"], directory, ports)),
-            "minio": _spawn(directory, "minio", _minio_argv(binaries["minio"], directory, ports),
-                            minio_env),
-            "kube-apiserver": _spawn(directory, "kube-apiserver", _apiserver_argv(
-                binaries["kube-apiserver"], directory, ports, keys)),
-        }
+        argvs = {"etcd": (_etcd_argv(binaries["etcd"], directory, ports), None),
+                 "minio": (_minio_argv(binaries["minio"], directory, ports), minio_env),
+                 "kube-apiserver": (_apiserver_argv(binaries["kube-apiserver"], directory, ports, keys), None)}
+        # The apiserver retries etcd until it answers, so all start at once.
+        procs = {name: _spawn(directory, name, *argvs[name]) for name in info.servers}
         info = ClusterInfo(**{**asdict(info), "ports": ports, "owner": owner,
                               "pids": {n: p.pid for n, p in procs.items()}})
         try:
@@ -531,7 +537,7 @@ def status(directory: Path | None = None) -> dict[str, dict[str, object]]:
     health = healthy(info) if info else {}
     return {name: {"pid": (info.pids.get(name) if info else None),
                    "running": running.get(name, False),
-                   "healthy": health.get(name, False)} for name in _SERVERS}
+                   "healthy": health.get(name, False)} for name in (info.servers if info else _SERVERS)}
 
 
 def orphaned_by_test_session(info: ClusterInfo) -> bool:

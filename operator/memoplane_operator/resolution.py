@@ -88,7 +88,11 @@ def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, target:
         served(ctx, done, hit)
         spot_check(ctx, done, hit, store, target.policy)
         return None
-    ctx.manifests.put(store, manifest)  # it goes to a node: the agent loads the manifest from the store
+    try:
+        ctx.manifests.put(store, manifest)  # it goes to a node: the agent loads the manifest from the store
+    except MemoplaneError as exc:  # e.g. credentials that may not write there (AccessDenied): say so in status
+        ctx.wait(obj, decide.Wait(p.REASON_STORE, str(exc)))
+        return None
     # The assignment's metadata in one patch, then the status: a crash between them
     # leaves a job whose status is of an older generation, which the next pass resolves
     # again (same digest, same key); the node label is removed, so no agent acts on it.

@@ -221,3 +221,20 @@ def test_a_revocation_in_a_cache_is_recorded_once_in_its_store_audit_log(
     assert kinds.count(("revocation", "old-node-1")) == 1
     rc = kube.get(p.RESULTCACHES, "ml", "default")
     assert rc is not None and rc["status"]["revocationsRecorded"] == ["old-node-1"]
+
+
+def test_a_refused_manifest_write_is_a_wait_with_the_stores_words(
+        world: tuple[Reconciler, FakeKube, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    from memoplane_operator.job_manifests import JobManifests
+
+    from memoplane.cas.s3 import StoreUnavailable
+
+    def refused(self: JobManifests, store: Store, manifest: bytes) -> None:
+        raise StoreUnavailable("put s3://shared/c1/ml/chunks/x: refused the credentials (AccessDenied)",
+                               "check the key's policy on the bucket")
+
+    r, kube, _ = world
+    monkeypatch.setattr(JobManifests, "put", refused)
+    status = submit(r, kube, "a")["status"]
+    assert (status["phase"], status["reason"]) == ("Waiting", p.REASON_STORE)
+    assert "AccessDenied" in status["message"]
