@@ -99,6 +99,9 @@ REASON_BACKOFF_LIMIT = "BackoffLimitExceeded"
 REASON_UNTRUSTED = "Untrusted"        # a stored result the cache's trust policy refused: recomputed
 REASON_TRUST_KEYS = "TrustKeysUnavailable"  # the cache's trusted keys cannot be read: its jobs wait
 REASON_AGENT_ERROR = "AgentError"      # the agent itself failed while handling the job (a failed attempt)
+REASON_SHARING_DENIED = "SharingDenied"  # the cache's location is another namespace's: not read, or not written
+REASON_LOCATION_OWNED = "LocationOwned"  # a ResultCache in another namespace's location with no grant: Stalled
+REASON_LOCATION_REFUSED = "LocationRefused"  # a location no namespace may use (e.g. the default bucket's root)
 
 DEFAULT_RESULT_CACHE: str = CacheSpec.model_fields["result_cache"].default   # the model's, not typed again
 DEFAULT_BUCKET = "memoplane"   # the bucket of a namespace's default ResultCache
