@@ -102,6 +102,7 @@ REASON_AGENT_ERROR = "AgentError"      # the agent itself failed while handling 
 REASON_SHARING_DENIED = "SharingDenied"  # the cache's location is another namespace's: not read, or not written
 REASON_LOCATION_OWNED = "LocationOwned"  # a ResultCache in another namespace's location with no grant: Stalled
 REASON_LOCATION_REFUSED = "LocationRefused"  # a location no namespace may use (e.g. the default bucket's root)
+REASON_STORE_CHANGED = "StoreChanged"  # sharing changed where a resolved job may write: Pending, resolved again
 
 DEFAULT_RESULT_CACHE: str = CacheSpec.model_fields["result_cache"].default   # the model's, not typed again
 DEFAULT_BUCKET = "memoplane"   # the bucket of a namespace's default ResultCache

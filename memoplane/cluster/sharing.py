@@ -55,7 +55,8 @@ class Access:
     read: bool
     write: bool
     owner: str     # the owning namespace ("" when the location is refused outright)
-    why: str = ""  # empty when the cache's namespace owns the location
+    why: str = ""  # what is denied, the owner and the fix (empty: nothing but what readOnly gives up)
+    guest: bool = False   # the location is another namespace's (what it serves is a shared read)
 
     @property
     def usable(self) -> bool:
@@ -115,7 +116,27 @@ def _access(c: _Cache, caches: Sequence[_Cache], owners: Sequence[_Cache], label
     grants = [o for o in caches if o.namespace == owner and o.location.contains(c.location)]
     read = any(_lists(o.sharing, "readers", c.namespace, labels) for o in grants)
     write = any(_lists(o.sharing, "writers", c.namespace, labels) for o in grants) and not c.read_only
-    return Access(read, write, owner, _why(c, owner, grants, read, write))
+    return Access(read, write, owner, _why(c, owner, grants, read, write), guest=True)
+
+
+def stalled_reason(access: Access) -> str:
+    """The condition reason of a cache that may neither read nor write its location."""
+    return p.REASON_LOCATION_REFUSED if not access.owner else p.REASON_LOCATION_OWNED
+
+
+def sharing_changed(before: Body | None, after: Body) -> bool:
+    """A change that can change some cache's access: a new cache, another store or sharing."""
+    if before is None:
+        return True
+    spec_before, spec_after = section(before, "spec"), section(after, "spec")
+    return any(spec_before.get(f) != spec_after.get(f) for f in ("store", "sharing")) or \
+        cache(before).meta.creation_timestamp != cache(after).meta.creation_timestamp
+
+
+def selects_by_labels(caches: Iterable[Body]) -> bool:
+    """Some cache shares by namespaceSelector (only then are Namespace labels read)."""
+    return any(section(section(section(c, "spec"), "sharing"), role).get("namespaceSelector") is not None
+               for c in caches for role in ("readers", "writers"))
 
 
 def _refused_location(c: _Cache) -> str:
@@ -141,7 +162,7 @@ def _why(c: _Cache, owner: str, grants: Sequence[_Cache], read: bool, write: boo
     if c.read_only and "writers" in missing:
         missing.remove("writers")
     if not missing:
-        return f"{c.location} is owned by namespace {owner} ({holder}), which shares it with {c.namespace}"
+        return ""
     home = f"bucket {p.DEFAULT_BUCKET} prefix {p.default_store_prefix(c.namespace)}"
     return (f"{c.location} is owned by namespace {owner} ({holder}): {c.namespace} may not "
             f"{' or '.join('read' if r == 'readers' else 'write' for r in missing)} there; ask namespace {owner} "
