@@ -104,7 +104,7 @@ def _schedule(ctx: Context, obj: dict[str, Any], decision: decide.Schedule, targ
     ctx.fleet.load[decision.node] += 1
     ctx.metrics.cache_misses.inc()
     ctx.caches.count_miss(namespace, view.spec.result_cache)
-    ctx.event(done, p.REASON_SCHEDULED, decision.message)
+    ctx.event(done, p.REASON_SCHEDULED, message)
     log.info("%s/%s: key %s -> node %s (attempt %d)", namespace, view.meta.name, str(view.status.cache_key)[3:15],
              decision.node, decision.attempts)
 
