@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..canonical import canonical_json
 from . import protocol as p
 from .views import Body, CacheView, Ref, cache, section
 
@@ -124,13 +125,12 @@ def stalled_reason(access: Access) -> str:
     return p.REASON_LOCATION_REFUSED if not access.owner else p.REASON_LOCATION_OWNED
 
 
-def sharing_changed(before: Body | None, after: Body) -> bool:
-    """A change that can change some cache's access: a new cache, another store or sharing."""
-    if before is None:
-        return True
-    spec_before, spec_after = section(before, "spec"), section(after, "spec")
-    return any(spec_before.get(f) != spec_after.get(f) for f in ("store", "sharing")) or \
-        cache(before).meta.creation_timestamp != cache(after).meta.creation_timestamp
+def basis(body: Body) -> tuple[str, str, str]:
+    """What of a cache the decisions depend on: its store, its sharing and its age (a new
+    object under the same name is another cache)."""
+    spec = section(body, "spec")
+    return canonical_json(spec.get("store")).decode(), canonical_json(spec.get("sharing")).decode(), \
+        cache(body).meta.creation_timestamp
 
 
 def selects_by_labels(caches: Iterable[Body]) -> bool:

@@ -68,17 +68,17 @@ class ResultCaches:
         self._policies: dict[tuple[str, str], TrustPolicy] = {}
         self._counters: dict[tuple[str, str], rs.Counters] = defaultdict(rs.no_counts)
         self._access: dict[tuple[str, str], sh.Access] | None = None   # None: decide again
+        self._access_basis: dict[tuple[str, str], tuple[str, str, str]] = {}   # the caches as last decided on
         self._access_epoch = 0   # bumped whenever the decisions go stale
 
     # -- watch events ---------------------------------------------------------------------------
 
     def changed(self, namespace: str, name: str, body: dict[str, Any] | None = None) -> None:
         with self.work.cond:
-            before = self._seen.get((namespace, name))
             if body is not None:
                 self._seen[(namespace, name)] = body
             self._policies.pop((namespace, name), None)
-            if body is None or sh.sharing_changed(before, body):
+            if body is None or self._access_basis.get((namespace, name)) != sh.basis(body):
                 self._forget_access()
             self.work.lanes[LANE].put((namespace, name))
             self.work.cond.notify()
@@ -99,9 +99,10 @@ class ResultCaches:
 
     def _forget_access(self) -> None:
         """Every cache's access is decided again, and its status with it (caller holds the lock)."""
+        if self._access is not None:
+            for ref in self._seen:
+                self.work.lanes[LANE].put(ref)
         self._access, self._access_epoch = None, self._access_epoch + 1
-        for ref in self._seen:
-            self.work.lanes[LANE].put(ref)
 
     # -- access (sharing) -----------------------------------------------------------------------
 
@@ -112,12 +113,13 @@ class ResultCaches:
             decided, epoch = self._access, self._access_epoch
         if decided is None or ref not in decided:
             listed, _ = self.kube.list(p.RESULTCACHES)
-            bodies: list[Mapping[str, Any]] = [c for c in listed if self.watched(cache(c).meta.namespace) and ref_of(c) != ref]
-            bodies.append(rc)   # as the caller sees it (a cache just created may not be listed yet)
+            bodies: list[Mapping[str, Any]] = [c for c in listed if self.watched(cache(c).meta.namespace)]
+            if ref not in {ref_of(b) for b in bodies}:
+                bodies.append(rc)   # as the caller sees it (a cache just created may not be listed yet)
             decided = sh.decide_access(bodies, self.kube.namespace_labels() if sh.selects_by_labels(bodies) else {})
             with self.work.cond:
                 if epoch == self._access_epoch:
-                    self._access = decided
+                    self._access, self._access_basis = decided, {ref_of(b): sh.basis(b) for b in bodies}
         return decided[ref]
 
     # -- counters -------------------------------------------------------------------------------
