@@ -179,6 +179,19 @@ def _lists(sharing: Mapping[str, Any], role: str, namespace: str, labels: Labels
     return isinstance(selector, Mapping) and namespace in labels and selects(selector, labels[namespace])
 
 
+def upstream_denied(upstream: Ref, cache_name: str, upstream_cache: Body | None, reader: str, labels: Labels) -> str:
+    """Why a job of namespace `reader` may not take the result of ComputeJob `upstream` (of another
+    namespace) as input ("": it may: the upstream's ResultCache lists it in spec.sharing.readers)."""
+    namespace, name = upstream
+    holder = f"ResultCache {namespace}/{cache_name}"
+    if upstream_cache is None:
+        return f"ComputeJob {namespace}/{name} names {holder}, which does not exist: nothing is shared"
+    if _lists(section(section(upstream_cache, "spec"), "sharing"), "readers", reader, labels):
+        return ""
+    return (f"ComputeJob {namespace}/{name} stores its results through {holder}, which does not list {reader} in "
+            f"spec.sharing.readers: ask namespace {namespace} to list it, or compute the input in {reader}")
+
+
 def selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
     """A Kubernetes LabelSelector (matchLabels and matchExpressions) over `labels`; an empty
     selector selects everything, as Kubernetes'."""

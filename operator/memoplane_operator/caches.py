@@ -122,6 +122,19 @@ class ResultCaches:
                     self._access, self._access_basis = decided, {ref_of(b): sh.basis(b) for b in bodies}
         return decided[ref]
 
+    def reader_denied(self, upstream: Mapping[str, Any], reader: str) -> str:
+        """Why namespace `reader` may not use the result of `upstream` (a job of another namespace)."""
+        view = job(upstream)
+        namespace, name = view.ref
+        if not self.watched(namespace):
+            return f"namespace {namespace} is not one this operator serves: its jobs are not shared here"
+        with self.work.cond:
+            rc = self._seen.get((namespace, view.spec.result_cache))
+        if rc is None:
+            rc = self.kube.get(p.RESULTCACHES, namespace, view.spec.result_cache)
+        labels = self.kube.namespace_labels() if rc is not None and sh.selects_by_labels([rc]) else {}
+        return sh.upstream_denied((namespace, name), view.spec.result_cache, rc, reader, labels)
+
     # -- counters -------------------------------------------------------------------------------
 
     def count_hit(self, namespace: str, cache: str, saved: float) -> None:

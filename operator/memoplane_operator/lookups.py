@@ -15,13 +15,19 @@ from memoplane.cluster.stores import Stores
 from memoplane.errors import MemoplaneError, NotFound, StoreCorrupted
 from memoplane.jobs import BlobInput, Input, JsonInput
 
+from .caches import ResultCaches
+
 
 class Lookups:
-    def __init__(self, kube: Kube, stores: Stores, namespace: str, store: Store) -> None:
-        self.kube, self.stores, self.namespace, self.store = kube, stores, namespace, store
+    def __init__(self, kube: Kube, stores: Stores, namespace: str, store: Store, caches: ResultCaches) -> None:
+        self.kube, self.stores, self.namespace, self.store, self.caches = kube, stores, namespace, store, caches
 
     def get_job(self, name: str) -> Mapping[str, Any] | None:
         return self.kube.get(p.COMPUTEJOBS, self.namespace, name)
+
+    def foreign_job(self, namespace: str, name: str) -> tuple[Mapping[str, Any] | None, str]:
+        found = self.kube.get(p.COMPUTEJOBS, namespace, name)
+        return found, self.caches.reader_denied(found, self.namespace) if found is not None else ""
 
     def get_config_map(self, name: str) -> Mapping[str, Any] | None:
         return self.kube.get_config_map(self.namespace, name)

@@ -50,7 +50,7 @@ def elements(ctx: Context, obj: dict[str, Any], store: Store) -> list[Any] | res
         return resolve.Failed(p.REASON_INVALID, f"spec.map.over: input '{over}' must be a value or fromJob "
                                                 "(a JSON list)")
     created = resolve.parse_time(view.meta.creation_timestamp or None)
-    got = resolve.resolve_input(item, name, Lookups(ctx.kube, ctx.stores, namespace, store), created,
+    got = resolve.resolve_input(item, name, Lookups(ctx.kube, ctx.stores, namespace, store, ctx.caches), created,
                                 datetime.now(UTC), ctx.settings.missing_grace_seconds)
     if isinstance(got, resolve.Waiting | resolve.Failed):
         return got

@@ -113,7 +113,7 @@ def _resolve(ctx: Context, obj: dict[str, Any], target: Target) -> dict[str, Any
     view, store, policy, lookup = job(obj), target.store, target.policy, target.lookup
     runtime = schedule.runtime_for(ctx.fleet.nodes, view.spec.profile)
     try:
-        outcome = resolve.resolve(obj, runtime, Lookups(ctx.kube, ctx.stores, view.meta.namespace, store),
+        outcome = resolve.resolve(obj, runtime, Lookups(ctx.kube, ctx.stores, view.meta.namespace, store, ctx.caches),
                                   datetime.now(UTC), ctx.settings.missing_grace_seconds)
     except MemoplaneError as exc:
         ctx.wait(obj, decide.Wait(p.REASON_STORE, str(exc)))

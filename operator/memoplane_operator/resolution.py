@@ -53,7 +53,8 @@ def resolve_job(ctx: Context, obj: dict[str, Any]) -> Admissible | None:
             ctx.wait(obj, found)
             return None
         runtime = schedule.runtime_for(ctx.fleet.nodes, view.spec.profile)
-        outcome = resolve.resolve(obj, runtime, Lookups(ctx.kube, ctx.stores, view.meta.namespace, found.store),
+        lookups = Lookups(ctx.kube, ctx.stores, view.meta.namespace, found.store, ctx.caches)
+        outcome = resolve.resolve(obj, runtime, lookups,
                                   datetime.now(UTC), ctx.settings.missing_grace_seconds)
     except MemoplaneError as exc:
         ctx.wait(obj, decide.Wait(p.REASON_STORE, str(exc)))

@@ -189,3 +189,24 @@ def test_a_writer_stores_in_the_owners_location_and_the_owner_is_served(stack: S
     assert not events(stack, team_b, "write", p.REASON_SHARING_DENIED)
     served, runs = run(stack, team_a, token_job("read", salt))
     assert (served["cached"], runs, served["result"]["value"]) == (True, 0, written["result"]["value"])
+
+
+def test_an_upstream_of_another_namespace_is_an_input_only_when_its_cache_grants_reading(
+        stack: Stack, ns: str, team_b: str) -> None:
+    team_a, salt = ns, uuid.uuid4().hex[:8]
+    make_cache(stack, team_a, p.DEFAULT_RESULT_CACHE, team_a)
+    up, _ = run(stack, team_a, token_job("up", salt))
+    down = computejob_manifest("down", None, {
+        "python": {"source": "def main(secret):\n    return secret['token']\n", "entrypoint": "main"},
+        "inputs": [{"name": "secret", "fromJob": {"name": "up", "namespace": team_a}}],
+        "cache": {"version": salt}})
+    stack.apply(team_b, down)
+    waiting = stack.wait(team_b, "down", until=lambda o: (o.get("status") or {}).get("reason")
+                         == p.REASON_SHARING_DENIED)["status"]
+    assert waiting["phase"] == "Waiting"
+    assert waiting["message"].startswith("spec.inputs[0].fromJob.namespace: ")
+    assert f"ResultCache {team_a}/default, which does not list {team_b}" in waiting["message"]
+
+    share(stack, team_a, readers(team_b))   # seen at the waiting job's next resync visit
+    done = stack.wait(team_b, "down")["status"]
+    assert (done["phase"], done["result"]["value"]) == ("Succeeded", up["result"]["value"]["token"])
