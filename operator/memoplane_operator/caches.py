@@ -163,10 +163,6 @@ class ResultCaches:
             (self.stores.get(p.DEFAULT_BUCKET, home), p.store_url(p.DEFAULT_BUCKET, home))
         return Target(store, url, policy, own if access.read else None, found.store_url, access)
 
-    def policy_for(self, obj: Mapping[str, Any]) -> TrustPolicy | Wait:
-        rc = self._cache_of(obj)
-        return rc if isinstance(rc, Wait) else self._policy(rc)
-
     def reexecute_for(self, obj: Mapping[str, Any]) -> sc.Reexecute | None:
         """The job's cache's trust.reexecute (None: no spot checks)."""
         rc = self._cache_of(obj)

@@ -210,3 +210,15 @@ def test_an_upstream_of_another_namespace_is_an_input_only_when_its_cache_grants
     share(stack, team_a, readers(team_b))   # seen at the waiting job's next resync visit
     done = stack.wait(team_b, "down")["status"]
     assert (done["phase"], done["result"]["value"]) == ("Succeeded", up["result"]["value"]["token"])
+
+
+def test_readers_chosen_by_namespace_labels(stack: Stack, ns: str, team_b: str) -> None:
+    team_a, salt, org = ns, uuid.uuid4().hex[:8], uuid.uuid4().hex[:8]
+    stack.kube.core.patch_namespace(team_b, {"metadata": {"labels": {"memoplane-test/org": org}}})
+    selector = {"readers": {"namespaceSelector": {"matchLabels": {"memoplane-test/org": org}}}}
+    make_cache(stack, team_a, p.DEFAULT_RESULT_CACHE, team_a, sharing=selector)
+    secret, _ = run(stack, team_a, token_job("secret", salt))
+    make_cache(stack, team_b, STOLEN, team_a)
+    ready(stack, team_b, STOLEN)
+    hit, runs = run(stack, team_b, token_job("selected", salt, STOLEN))
+    assert (hit["cached"], runs, hit["result"]["value"]) == (True, 0, secret["result"]["value"])
