@@ -134,6 +134,11 @@ class FakeKube(Kube):
     def ensure_namespace(self, name: str) -> None:
         pass
 
+    def namespace_labels(self) -> dict[str, dict[str, str]]:
+        """Namespaces are objects under ("namespaces", "", name)."""
+        return {name: dict(o["metadata"].get("labels") or {})
+                for (plural, _, name), o in self.objects.items() if plural == "namespaces"}
+
 
 def _merge(into: dict[str, Any], patch: Mapping[str, Any]) -> None:
     """A JSON merge patch one level deep: None removes a key, anything else replaces it."""

@@ -27,6 +27,7 @@ from .common import (
     K8sModel,
     KindInfo,
     Name,
+    NamespaceName,
     ObjectMetaLite,
     PrinterColumn,
     Quantity,
@@ -60,9 +61,12 @@ class PythonSpec(K8sModel):
 
 
 class JobRef(K8sModel):
-    """The result of another ComputeJob in the same namespace (a DAG edge)."""
+    """The result of another ComputeJob (a DAG edge), in this namespace unless `namespace` names another."""
 
     name: Name
+    namespace: NamespaceName | None = Field(
+        default=None, description="Another namespace's ComputeJob: used only while the ResultCache of that job "
+                                  "lists this namespace in spec.sharing.readers (the job waits otherwise).")
 
 
 class SeedRef(K8sModel):

@@ -31,6 +31,8 @@ _RESULTCACHE_SPEC: dict[str, Any] = {
     "trust": {"keys": [{"secretRef": {"name": "ml-team-keys"}},
                        {"publicKey": {"keyId": "ci-2", "key": "YCVqevkm2di+qD65dqFC8tGuI5+4Djlh3skNQxaAR4w="}}],
               "revoked": ["ci-1"], "minSignatures": 1, "clusterAgents": True},
+    "sharing": {"readers": {"namespaces": ["ml-eval"]},
+                "writers": {"namespaceSelector": {"matchLabels": {"team": "ml"}}}},
 }
 
 _GMEMSEED_SPEC: dict[str, Any] = {"seed": 1337, "dtype": "float64", "layers": [{"seed": 7, "weight": 0.5}]}

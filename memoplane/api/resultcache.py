@@ -36,7 +36,13 @@ class StoreSpec(K8sModel):
     """Bucket and key prefix; endpoint and credentials default to the chart's."""
 
     bucket: BucketName
-    prefix: str = Field(default="", max_length=512)
+    prefix: str = Field(default="", max_length=512, description=(
+        "Key prefix in the bucket. In the default bucket a namespace owns <namespace>/ and below; elsewhere the "
+        "namespace of the oldest cache there owns the location. Another namespace's location is read and "
+        "written only as its owner's spec.sharing grants."))
+    read_only: bool = Field(default=False, description=(
+        "Only read this location: the jobs' results are written to their namespace's home "
+        "(bucket memoplane, prefix <namespace>/) instead (default false)."))
 
 
 class RetentionSpec(K8sModel):
@@ -79,19 +85,21 @@ class _NamespaceSet(K8sModel):
 
 
 class Readers(_NamespaceSet):
-    """Namespaces whose jobs may read this cache."""
+    """Namespaces whose jobs may read this cache's location (and below): their hits come from it."""
 
 
 class Writers(_NamespaceSet):
-    """Namespaces whose jobs may write results into this cache."""
-
+    """Namespaces whose jobs may write results into this cache's location (and below)."""
 
 
 class SharingSpec(K8sModel):
-    """Other namespaces allowed to use this cache. Not supported yet: the API rejects it."""
+    """Other namespaces allowed to use this cache's location, by name or by a selector over Namespace labels
+    (label changes count from the operator's next full resync). A namespace not listed is never served from
+    it and never writes into it."""
 
-    readers: Readers | None = None
-    writers: Writers | None = None
+    readers: Readers | None = Field(default=None, description="Namespaces served hits from this location.")
+    writers: Writers | None = Field(default=None, description="Namespaces whose results are stored here "
+                                                              "(a writer that is not a reader only adds).")
 
 
 class SecretRef(K8sModel):
@@ -107,8 +115,6 @@ MAX_REVOKED = 256
 MAX_MIN_SIGNATURES = 16
 KEY_SOURCE_MESSAGE = "set exactly one of publicKey, secretRef or configMapRef"
 NO_KEYS_MESSAGE = "trusts no key: add trust.keys or set trust.clusterAgents: true"
-SHARING_MESSAGE = ("sharing is not supported yet: remove it (a cache is used by the jobs of its own namespace; "
-                   "sharing across namespaces is issue 12)")
 SIGNING_MESSAGE = ("signing was replaced by trust: move the key to trust.keys (publicKey, secretRef or "
                    "configMapRef holding <keyid>.pub entries)")
 RETENTION_MESSAGE = ("retention is not supported yet: remove it (nothing evicts on its own yet; run "
@@ -194,7 +200,6 @@ class ResultCacheSpec(K8sModel):
     """A content-addressed result store shared by the jobs allowed to use it."""
 
     model_config = ConfigDict(json_schema_extra=validations(
-        cel("!has(self.sharing)", SHARING_MESSAGE, field_path=".sharing"),
         cel("!has(self.retention)", RETENTION_MESSAGE, field_path=".retention"),
         cel("!has(self.signing)", SIGNING_MESSAGE, field_path=".signing")))
 
@@ -202,13 +207,9 @@ class ResultCacheSpec(K8sModel):
     retention: RetentionSpec | None = Field(default=None, description="Refused until eviction is enforced.")
     trust: TrustSpec | None = Field(default=None, description="Whom this cache trusts (default: the cluster's "
                                                               "agents).")
-    sharing: SharingSpec | None = None
+    sharing: SharingSpec | None = Field(default=None, description="Other namespaces allowed to read or write "
+                                                                  "this cache's location.")
     signing: Refused = None
-
-    @field_validator("sharing", mode="before")
-    @classmethod
-    def _no_sharing(cls, value: Any) -> Any:
-        return _refused(value, SHARING_MESSAGE)
 
     @field_validator("retention", mode="before")
     @classmethod

@@ -53,6 +53,7 @@ EVICTION = "eviction"          # key, result: retention removed a ref
 QUARANTINE = "quarantine"      # object, quarantined_as, reason: a read found damage and moved it aside
 REVOCATION = "revocation"      # keyid: a signing key epoch stopped counting
 DISPUTE = "dispute"            # whatever shows what differed (job, key, digests, node)
+SHARED_READ = "shared-read"    # key, result, reader (namespace), cache: a hit served to another namespace
 START = "audit-start"          # record 1 when the log is started on purpose
 RESERVED = ("v", "seq", "time", "kind", "by", "prev")
 _KIND = re.compile(r"^[a-z][a-z0-9-]{0,62}$")

@@ -73,8 +73,7 @@ class Reassign:
 def after_resolution(obj: Mapping[str, Any], outcome: resolve.Resolution) -> resolve.Resolved | Wait | Fail:
     """A resolution that did not produce a job: wait (for the upstreams it names) or fail."""
     if isinstance(outcome, resolve.Waiting):
-        namespace = job(obj).meta.namespace
-        topics = tuple(job_topic(namespace, up) for up in resolve.upstream_names(obj))
+        topics = tuple(job_topic(*up) for up in resolve.upstream_refs(obj))
         return Wait(outcome.reason, outcome.message, topics)
     if isinstance(outcome, resolve.Failed):
         return Fail(outcome.reason, outcome.message)

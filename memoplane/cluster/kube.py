@@ -272,6 +272,11 @@ class Kube:
         current.spec = spec
         self.coord.replace_namespaced_lease(name, namespace, current)
 
+    def namespace_labels(self) -> dict[str, dict[str, str]]:
+        """Every Namespace's labels (ResultCache sharing selects namespaces by them)."""
+        listed = to_dict(self.api, self.core.list_namespace())
+        return {str(ns["metadata"]["name"]): dict(ns["metadata"].get("labels") or {}) for ns in listed["items"]}
+
     def ensure_namespace(self, name: str) -> None:
         try:
             self.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))

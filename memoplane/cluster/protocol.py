@@ -101,6 +101,10 @@ REASON_BACKOFF_LIMIT = "BackoffLimitExceeded"
 REASON_UNTRUSTED = "Untrusted"        # a stored result the cache's trust policy refused: recomputed
 REASON_TRUST_KEYS = "TrustKeysUnavailable"  # the cache's trusted keys cannot be read: its jobs wait
 REASON_AGENT_ERROR = "AgentError"      # the agent itself failed while handling the job (a failed attempt)
+REASON_SHARING_DENIED = "SharingDenied"  # the cache's location is another namespace's: not read, or not written
+REASON_LOCATION_OWNED = "LocationOwned"  # a ResultCache in another namespace's location with no grant: Stalled
+REASON_LOCATION_REFUSED = "LocationRefused"  # a location no namespace may use (e.g. the default bucket's root)
+REASON_STORE_CHANGED = "StoreChanged"  # sharing changed where a resolved job may write: Pending, resolved again
 
 DEFAULT_RESULT_CACHE: str = CacheSpec.model_fields["result_cache"].default   # the model's, not typed again
 # The bucket of namespaces' homes (their default ResultCaches, GMemSeed overlays) and the
@@ -111,6 +115,21 @@ DEFAULT_BUCKET, HOME_PREFIX = home_location()
 def default_store_prefix(namespace: str) -> str:
     """Namespace `namespace`'s home in DEFAULT_BUCKET."""
     return f"{HOME_PREFIX}/{namespace}/" if HOME_PREFIX else f"{namespace}/"
+
+
+def home_namespace(bucket: str, prefix: str) -> str | None:
+    """The namespace whose home holds the location (`prefix` normalised: "" or "a/b/"); None
+    when it is outside the homes (another bucket, or outside HOME_PREFIX: say another cluster's
+    part of a bucket both use) or holds them all."""
+    root = f"{HOME_PREFIX}/" if HOME_PREFIX else ""
+    if bucket != DEFAULT_BUCKET or not prefix.startswith(root):
+        return None
+    return prefix[len(root):].split("/", 1)[0] or None
+
+
+def holds_every_home(bucket: str, prefix: str) -> bool:
+    """The location (`prefix` normalised) contains every namespace's home."""
+    return bucket == DEFAULT_BUCKET and (f"{HOME_PREFIX}/" if HOME_PREFIX else "").startswith(prefix)
 
 
 def store_url(bucket: str, prefix: str) -> str:

@@ -68,6 +68,11 @@ class Lookups(Protocol):
 
     def get_job(self, name: str) -> Mapping[str, Any] | None: ...
 
+    def foreign_job(self, namespace: str, name: str) -> tuple[Mapping[str, Any] | None, str]:
+        """A ComputeJob of another namespace and why this namespace may not read its result
+        ("": it may, as its ResultCache's spec.sharing.readers says)."""
+        ...
+
     def get_config_map(self, name: str) -> Mapping[str, Any] | None: ...
 
     def result_input(self, result_digest: str, store_url: str | None) -> Input:
@@ -129,38 +134,50 @@ def upstream_state(obj: Mapping[str, Any]) -> tuple[str | None, bool]:
     return view.status.phase, current
 
 
-def upstream_names(obj: Mapping[str, Any]) -> list[str]:
-    """The jobs named by the spec's fromJob inputs."""
-    return [str(i["fromJob"]["name"]) for i in job(obj).spec.inputs if isinstance(i.get("fromJob"), Mapping)]
+def upstream_refs(obj: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The (namespace, name) of the jobs named by the spec's fromJob inputs."""
+    view = job(obj)
+    return [(str(i["fromJob"].get("namespace") or view.meta.namespace), str(i["fromJob"]["name"]))
+            for i in view.spec.inputs if isinstance(i.get("fromJob"), Mapping)]
 
 
-def find_cycle(name: str, lookups: Lookups) -> list[str] | None:
-    """A fromJob path from `name` back to itself through unfinished jobs, if any."""
-    stack: list[tuple[str, list[str]]] = [(name, [name])]
-    seen: set[str] = set()
+def _get_job(lookups: Lookups, namespace: str, ref: tuple[str, str]) -> Mapping[str, Any] | None:
+    """`ref` as read from a job in `namespace`."""
+    return lookups.get_job(ref[1]) if ref[0] == namespace else lookups.foreign_job(*ref)[0]
+
+
+def find_cycle(obj: Mapping[str, Any], lookups: Lookups) -> list[str] | None:
+    """A fromJob path from `obj` back to itself through unfinished jobs, if any (names; namespace/name
+    for another namespace's jobs)."""
+    here = job(obj).ref
+    stack: list[tuple[tuple[str, str], list[str]]] = [(here, [here[1]])]
+    seen: set[tuple[str, str]] = set()
     while stack:
         current, path = stack.pop()
         if current in seen or len(path) > MAX_CHAIN:
             continue
         seen.add(current)
-        obj = lookups.get_job(current)
-        if obj is None:
+        found = _get_job(lookups, here[0], current)
+        if found is None:
             continue
-        if current != name and upstream_state(obj)[0] in p.TERMINAL:
+        if current != here and upstream_state(found)[0] in p.TERMINAL:
             continue  # a finished job's inputs are settled: no wait goes through it
-        for up in upstream_names(obj):
-            if up == name:
-                return [*path, up]
-            stack.append((up, [*path, up]))
+        for up in upstream_refs(found):
+            step = up[1] if up[0] == here[0] else f"{up[0]}/{up[1]}"
+            if up == here:
+                return [*path, step]
+            stack.append((up, [*path, step]))
     return None
 
 
 def resolve_input(item: SpecInput, name: str, lookups: Lookups, created: datetime | None,
-                   now: datetime, grace: float, index: int = 0) -> Input | Waiting | Failed:
-    """`index`: the input's place in spec.inputs (named in a refused fromObject's reason)."""
+                   now: datetime, grace: float, field: str = "") -> Input | Waiting | Failed:
+    """`field`: where the input is in the spec (spec.inputs[i]), for messages that name a field."""
     label = f"input '{item.name}'"
     if "value" in item.sources():
         return JsonInput(item.value)
+    if item.from_job is not None and item.from_job.namespace is not None:
+        return _foreign_upstream(item, lookups, created, now, grace, field or label)
     if item.from_job is not None:
         upstream = item.from_job.name
         if upstream == name:
@@ -168,25 +185,7 @@ def resolve_input(item: SpecInput, name: str, lookups: Lookups, created: datetim
         obj = lookups.get_job(upstream)
         if obj is None:
             return _missing(f"{label}: ComputeJob '{upstream}'", created, now, grace)
-        phase, current = upstream_state(obj)
-        status = job(obj).status
-        if current and phase == p.FAILED:
-            why, detail = status.failure_summary()
-            return Failed(p.REASON_UPSTREAM_FAILED,
-                          f"{label}: upstream ComputeJob '{upstream}' failed ({why})"
-                          + (f": {detail}" if detail else ""))
-        digest = status.result_digest
-        if current and phase == p.SUCCEEDED and digest:
-            try:
-                result = lookups.result_input(digest, job(obj).result_store_url)
-            except LookupError_ as exc:
-                return Failed(exc.reason, f"{label}: result of ComputeJob '{upstream}': {exc.message}")
-            if isinstance(result, JsonInput) and json_depth_exceeds(result.value):
-                error = too_deep(f"the result of ComputeJob '{upstream}'")
-                return Failed(p.REASON_INVALID, f"{label}: {error.cause}: {error.fix}")
-            return result
-        return Waiting(p.REASON_UPSTREAM,
-                       f"{label}: waiting for ComputeJob '{upstream}' (phase {phase or 'new'})")
+        return _upstream_result(label, upstream, obj, lookups)
     if item.from_config_map is not None:
         ref = item.from_config_map
         cm = lookups.get_config_map(ref.name)
@@ -204,7 +203,7 @@ def resolve_input(item: SpecInput, name: str, lookups: Lookups, created: datetim
         # operator's configuration, and the reason says whom to ask.
         refused = lookups.object_refusal(ref_o.bucket, ref_o.key)
         if refused:
-            return Failed(p.REASON_OBJECT_NOT_ALLOWED, f"spec.inputs[{index}].fromObject: {refused}")
+            return Failed(p.REASON_OBJECT_NOT_ALLOWED, f"{field or label}.fromObject: {refused}")
         try:
             blob = lookups.object_input(ref_o.bucket, ref_o.key)
         except LookupError_ as exc:
@@ -215,6 +214,40 @@ def resolve_input(item: SpecInput, name: str, lookups: Lookups, created: datetim
     if item.from_seed is not None:
         return _seed_input(item.from_seed, label, lookups, created, now, grace)
     return Failed(p.REASON_INVALID, f"{label} has no source")
+
+
+def _foreign_upstream(item: SpecInput, lookups: Lookups, created: datetime | None, now: datetime, grace: float,
+                      field: str) -> Input | Waiting | Failed:
+    """An upstream in another namespace: used only while its ResultCache lets this namespace read."""
+    assert item.from_job is not None and item.from_job.namespace is not None
+    upstream = f"{item.from_job.namespace}/{item.from_job.name}"
+    obj, denied = lookups.foreign_job(item.from_job.namespace, item.from_job.name)
+    if obj is None:
+        return _missing(f"{field}.fromJob: ComputeJob '{upstream}'", created, now, grace)
+    if denied:
+        return Waiting(p.REASON_SHARING_DENIED, f"{field}.fromJob.namespace: {denied}")
+    return _upstream_result(f"input '{item.name}'", upstream, obj, lookups)
+
+
+def _upstream_result(label: str, upstream: str, obj: Mapping[str, Any], lookups: Lookups) -> Input | Waiting | Failed:
+    """The upstream's result once it succeeded for its current spec; why not otherwise."""
+    phase, current = upstream_state(obj)
+    status = job(obj).status
+    if current and phase == p.FAILED:
+        why, detail = status.failure_summary()
+        return Failed(p.REASON_UPSTREAM_FAILED,
+                      f"{label}: upstream ComputeJob '{upstream}' failed ({why})" + (f": {detail}" if detail else ""))
+    digest = status.result_digest
+    if current and phase == p.SUCCEEDED and digest:
+        try:
+            result = lookups.result_input(digest, job(obj).result_store_url)
+        except LookupError_ as exc:
+            return Failed(exc.reason, f"{label}: result of ComputeJob '{upstream}': {exc.message}")
+        if isinstance(result, JsonInput) and json_depth_exceeds(result.value):
+            error = too_deep(f"the result of ComputeJob '{upstream}'")
+            return Failed(p.REASON_INVALID, f"{label}: {error.cause}: {error.fix}")
+        return result
+    return Waiting(p.REASON_UPSTREAM, f"{label}: waiting for ComputeJob '{upstream}' (phase {phase or 'new'})")
 
 
 def _seed_input(ref: SeedRef, label: str, lookups: Lookups, created: datetime | None, now: datetime,
@@ -260,20 +293,21 @@ def resolve(obj: Mapping[str, Any], runtime: str | None, lookups: Lookups, now: 
     inputs: dict[str, Input] = {}
     # Objects are read and hashed last, and only when nothing else is awaited: a job
     # waiting for its upstream is revisited often and must not re-hash its objects each time.
-    ordered = sorted(enumerate(spec.inputs), key=lambda pair: pair[1].from_object is not None)
-    for index, item in ordered:
-        got = resolve_input(item, name, lookups, created, now, grace, index)
+    ordered = sorted(spec.inputs, key=lambda i: i.from_object is not None)
+    fields = {item.name: f"spec.inputs[{index}]" for index, item in enumerate(spec.inputs)}
+    for item in ordered:
+        got = resolve_input(item, name, lookups, created, now, grace, fields[item.name])
         if isinstance(got, Failed):
             return got
         if isinstance(got, Waiting):
             if got.reason == p.REASON_UPSTREAM:
-                cycle = find_cycle(name, lookups)
+                cycle = find_cycle(obj, lookups)
                 if cycle:
                     return Failed(p.REASON_INVALID, "fromJob inputs form a cycle: " + " -> ".join(cycle))
             # Keep checking the other inputs for a failure, but read no objects.
-            for rest_index, rest in ordered:
+            for rest in ordered:
                 if rest.from_object is None and rest.name not in inputs and rest is not item:
-                    other = resolve_input(rest, name, lookups, created, now, grace, rest_index)
+                    other = resolve_input(rest, name, lookups, created, now, grace, fields[rest.name])
                     if isinstance(other, Failed):
                         return other
             return got

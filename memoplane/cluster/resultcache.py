@@ -43,8 +43,9 @@ def ready(status: Mapping[str, Any], generation: int, bucket: str, prefix: str, 
     return mark_ready(status.get("conditions"), "StoreReady", f"store {p.store_url(bucket, prefix)}", generation, now)
 
 
-def stalled(status: Mapping[str, Any], generation: int, message: str, now: datetime) -> list[dict[str, Any]]:
-    return mark_stalled(status.get("conditions"), p.REASON_STORE, message, generation, now)
+def stalled(status: Mapping[str, Any], generation: int, message: str, now: datetime,
+            reason: str = p.REASON_STORE) -> list[dict[str, Any]]:
+    return mark_stalled(status.get("conditions"), reason, message, generation, now)
 
 
 def newly_revoked(view: CacheView) -> list[str]:

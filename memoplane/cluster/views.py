@@ -315,6 +315,11 @@ class CacheView:
         return p.store_url(self.bucket, self.prefix)
 
     @property
+    def read_only(self) -> bool:
+        """spec.store.readOnly: the cache's jobs only read its location."""
+        return bool(section(section(self.body, "spec"), "store").get("readOnly"))
+
+    @property
     def revoked(self) -> list[str]:
         """spec.trust.revoked: key ids whose attestations no longer count."""
         return [str(k) for k in section(section(self.body, "spec"), "trust").get("revoked") or ()]

@@ -10,14 +10,13 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from memoplane.cas import Store
 from memoplane.cluster import decide
 from memoplane.cluster import protocol as p
 from memoplane.cluster import status as st
 from memoplane.cluster.views import job
 from memoplane.jobs import Job
-from memoplane.trust import TrustPolicy
 
+from .caches import Target
 from .context import Context
 from .hits import look_up, served
 from .replicas import exclude_for
@@ -34,27 +33,28 @@ def admit(ctx: Context, obj: dict[str, Any], carried: Admissible | None = None) 
         return  # a later resync schedules it
     view = job(obj)
     namespace, key = view.meta.namespace, str(view.status.cache_key)
-    if carried is not None:
-        store, url, missed = carried.store, carried.url, carried.missed
-    else:
-        url = str(view.assigned.store_url)
-        store, missed = ctx.stores.by_url(url), False
-    memo = ctx.memo
-    if decide.looks_up(view.spec.policy, missed or bool(memo and (url, key) in memo.misses)):
+    target = carried.target if carried is not None else ctx.caches.store_for(obj)
+    if isinstance(target, decide.Wait):  # the cache's trusted keys cannot be read: serve nothing
+        ctx.wait(obj, target)
+        return
+    if carried is None and view.assigned.store_url not in (None, target.url):
+        # Sharing changed since it was resolved: its manifest and inputs go where it may write now.
+        ctx.patch(obj, st.pending(view.status.raw, view.meta.generation, p.REASON_STORE_CHANGED,
+                                  f"its results now go to {target.url}: resolving again", datetime.now(UTC)))
+        return
+    missed, memo = carried is not None and carried.missed, ctx.memo
+    if target.lookup is not None and decide.looks_up(
+            view.spec.policy, missed or bool(memo and (target.lookup_url, key) in memo.misses)):
         # A stored result is served whoever else computes the key: no flight to consult.
-        policy = carried.policy if carried is not None else ctx.caches.policy_for(obj)
-        if isinstance(policy, decide.Wait):  # the cache's trusted keys cannot be read: serve nothing
-            ctx.wait(obj, policy)
-            return
-        if _serve(ctx, obj, store, url, key, policy):
+        if _serve(ctx, obj, key, target):
             return
         if memo:
-            memo.misses.add((url, key))
+            memo.misses.add((target.lookup_url, key))
     waiting = decide.follow(obj, _group(ctx, namespace, key))
     if waiting is not None:  # woken when the leader settles
         ctx.wait(obj, waiting)
         return
-    resolved = carried.job if carried is not None else ctx.manifests.job_of(obj, store)
+    resolved = carried.job if carried is not None else ctx.manifests.job_of(obj, target.store)
     decision = decide.place(obj, ctx.fleet.nodes, ctx.fleet.load, resolved.profile, str(resolved.runtime),
                             exclude_for(ctx, obj))
     if isinstance(decision, decide.Wait):
@@ -63,18 +63,19 @@ def admit(ctx: Context, obj: dict[str, Any], carried: Admissible | None = None) 
         ctx.patch(obj, st.pending(view.status.raw, view.meta.generation, decision.reason, decision.message,
                                   datetime.now(UTC)))
     else:
-        _schedule(ctx, obj, decision, store, resolved)
+        _schedule(ctx, obj, decision, target, resolved)
 
 
-def _serve(ctx: Context, obj: Mapping[str, Any], store: Store, url: str, key: str, policy: TrustPolicy) -> bool:
-    hit, ms = look_up(ctx, obj, store, key, policy)
+def _serve(ctx: Context, obj: Mapping[str, Any], key: str, target: Target) -> bool:
+    assert target.lookup is not None
+    hit, ms = look_up(ctx, obj, target.lookup, key, target.policy)
     if hit is None:
         return False
     view = job(obj)
-    done = ctx.patch(obj, st.cache_hit(view.status.raw, view.meta.generation, hit.digest, hit.result, url,
-                                       ms, datetime.now(UTC)))
-    served(ctx, done, hit)
-    spot_check(ctx, done, hit, store, policy)
+    done = ctx.patch(obj, st.cache_hit(view.status.raw, view.meta.generation, hit.digest, hit.result,
+                                       target.lookup_url, ms, datetime.now(UTC)))
+    served(ctx, done, hit, target)
+    spot_check(ctx, done, hit, target)
     return True
 
 
@@ -89,20 +90,21 @@ def _group(ctx: Context, namespace: str, key: str) -> list[dict[str, Any]]:
     return group
 
 
-def _schedule(ctx: Context, obj: dict[str, Any], decision: decide.Schedule, store: Store, resolved: Job) -> None:
+def _schedule(ctx: Context, obj: dict[str, Any], decision: decide.Schedule, target: Target, resolved: Job) -> None:
     view = job(obj)
     namespace, now = view.meta.namespace, datetime.now(UTC)
     # Re-put the manifest (refreshes its age): a job that waited long must not find it collected.
-    ctx.manifests.refresh(store, obj, resolved)
+    ctx.manifests.refresh(target.store, obj, resolved)
+    message = f"{decision.message}; {target.access.why}" if target.access.why else decision.message
     if ctx.memo:
         ctx.memo.groups.pop((namespace, str(view.status.cache_key)), None)  # the flight has a started job now
     labelled = ctx.patch_meta(obj, labels={p.NODE_LABEL: decision.node})
     done = ctx.patch(labelled, st.scheduled(view.status.raw, view.meta.generation, decision.node, decision.attempts,
-                                            now, reason=decision.reason, message=decision.message))
+                                            now, reason=decision.reason, message=message))
     ctx.fleet.load[decision.node] += 1
     ctx.metrics.cache_misses.inc()
     ctx.caches.count_miss(namespace, view.spec.result_cache)
-    ctx.event(done, p.REASON_SCHEDULED, decision.message)
+    ctx.event(done, p.REASON_SCHEDULED, message)
     log.info("%s/%s: key %s -> node %s (attempt %d)", namespace, view.meta.name, str(view.status.cache_key)[3:15],
              decision.node, decision.attempts)
 

@@ -1,7 +1,11 @@
 """ResultCaches on the reconciler's worker: which store a job's cache names (creating a
-namespace's default cache on first use) and whom it trusts, the hits and misses counted
-between stats refreshes, and each cache's status (decisions in memoplane.cluster.resultcache
-and memoplane.cluster.trust).
+namespace's default cache on first use), what its namespace may do there and whom it trusts,
+the hits and misses counted between stats refreshes, and each cache's status (decisions in
+memoplane.cluster.resultcache, memoplane.cluster.sharing and memoplane.cluster.trust).
+
+Access (sharing) depends on every cache: it is decided for all at once, again after any
+cache is added, removed or has its spec changed (every cache's status is then reconciled
+again) and at each full resync (which is when Namespace label changes are seen).
 
 A cache's trust policy is kept until the cache changes or the next full resync (which is
 when a change to a Secret or ConfigMap it names is seen); one that cannot be made (a named
@@ -25,13 +29,14 @@ from memoplane.cas import Store
 from memoplane.cas import audit as audit_log
 from memoplane.cluster import protocol as p
 from memoplane.cluster import resultcache as rs
+from memoplane.cluster import sharing as sh
 from memoplane.cluster import spotcheck as sc
 from memoplane.cluster import trust as tr
 from memoplane.cluster.agentkeys import ClusterKeys
 from memoplane.cluster.decide import CreateDefault, Wait, default_cache, missing_cache
 from memoplane.cluster.kube import Kube
 from memoplane.cluster.stores import Stores
-from memoplane.cluster.views import CacheView, cache, job
+from memoplane.cluster.views import CacheView, cache, job, ref_of
 from memoplane.errors import MemoplaneError
 from memoplane.trust import TrustPolicy
 
@@ -44,11 +49,14 @@ LANE = "cache"
 
 @dataclass(frozen=True)
 class Target:
-    """Where a job's results live and whose attestations make a stored one a hit."""
+    """Where a job's hits come from, where its results go and whose attestations make a stored one a hit."""
 
-    store: Store
-    url: str
+    store: Store           # where the job's results are written: its cache's location, or (not
+    url: str               # a writer there, or readOnly) its namespace's home
     policy: TrustPolicy
+    lookup: Store | None   # where hits come from: the cache's location (None: the namespace may not read it)
+    lookup_url: str
+    access: sh.Access
 
 
 class ResultCaches:
@@ -59,6 +67,9 @@ class ResultCaches:
         self._seen: dict[tuple[str, str], dict[str, Any]] = {}   # as the watch last delivered them
         self._policies: dict[tuple[str, str], TrustPolicy] = {}
         self._counters: dict[tuple[str, str], rs.Counters] = defaultdict(rs.no_counts)
+        self._access: dict[tuple[str, str], sh.Access] | None = None   # None: decide again
+        self._access_basis: dict[tuple[str, str], tuple[str, str, str]] = {}   # the caches as last decided on
+        self._access_epoch = 0   # bumped whenever the decisions go stale
 
     # -- watch events ---------------------------------------------------------------------------
 
@@ -67,6 +78,8 @@ class ResultCaches:
             if body is not None:
                 self._seen[(namespace, name)] = body
             self._policies.pop((namespace, name), None)
+            if body is None or self._access_basis.get((namespace, name)) != sh.basis(body):
+                self._forget_access()
             self.work.lanes[LANE].put((namespace, name))
             self.work.cond.notify()
 
@@ -74,12 +87,53 @@ class ResultCaches:
         with self.work.cond:
             self._seen.pop((namespace, name), None)
             self._policies.pop((namespace, name), None)
+            self._forget_access()
+            self.work.cond.notify()
 
     def forget_policies(self) -> None:
         """Read every cache's trusted keys afresh (a Secret or ConfigMap may have changed, an agent's key
-        may be new)."""
+        may be new), and decide access again (a Namespace's labels may have changed)."""
         with self.work.cond:
             self._policies.clear()
+            self._access, self._access_epoch = None, self._access_epoch + 1
+
+    def _forget_access(self) -> None:
+        """Every cache's access is decided again, and its status with it (caller holds the lock)."""
+        if self._access is not None:
+            for ref in self._seen:
+                self.work.lanes[LANE].put(ref)
+        self._access, self._access_epoch = None, self._access_epoch + 1
+
+    # -- access (sharing) -----------------------------------------------------------------------
+
+    def access_of(self, rc: Mapping[str, Any]) -> sh.Access:
+        """What the cache's namespace may do in its location, decided with every other cache."""
+        ref = ref_of(rc)
+        with self.work.cond:
+            decided, epoch = self._access, self._access_epoch
+        if decided is None or ref not in decided:
+            listed, _ = self.kube.list(p.RESULTCACHES)
+            bodies: list[Mapping[str, Any]] = [c for c in listed if self.watched(cache(c).meta.namespace)]
+            if ref not in {ref_of(b) for b in bodies}:
+                bodies.append(rc)   # as the caller sees it (a cache just created may not be listed yet)
+            decided = sh.decide_access(bodies, self.kube.namespace_labels() if sh.selects_by_labels(bodies) else {})
+            with self.work.cond:
+                if epoch == self._access_epoch:
+                    self._access, self._access_basis = decided, {ref_of(b): sh.basis(b) for b in bodies}
+        return decided[ref]
+
+    def reader_denied(self, upstream: Mapping[str, Any], reader: str) -> str:
+        """Why namespace `reader` may not use the result of `upstream` (a job of another namespace)."""
+        view = job(upstream)
+        namespace, name = view.ref
+        if not self.watched(namespace):
+            return f"namespace {namespace} is not one this operator serves: its jobs are not shared here"
+        with self.work.cond:
+            rc = self._seen.get((namespace, view.spec.result_cache))
+        if rc is None:
+            rc = self.kube.get(p.RESULTCACHES, namespace, view.spec.result_cache)
+        labels = self.kube.namespace_labels() if rc is not None and sh.selects_by_labels([rc]) else {}
+        return sh.upstream_denied((namespace, name), view.spec.result_cache, rc, reader, labels)
 
     # -- counters -------------------------------------------------------------------------------
 
@@ -107,12 +161,12 @@ class ResultCaches:
         policy = self._policy(rc)
         if isinstance(policy, Wait):
             return policy
-        found = cache(rc)
-        return Target(self.stores.get(found.bucket, found.prefix), found.store_url, policy)
-
-    def policy_for(self, obj: Mapping[str, Any]) -> TrustPolicy | Wait:
-        rc = self._cache_of(obj)
-        return rc if isinstance(rc, Wait) else self._policy(rc)
+        found, access = cache(rc), self.access_of(rc)
+        own = self.stores.get(found.bucket, found.prefix)
+        home = p.default_store_prefix(found.meta.namespace)
+        store, url = (own, found.store_url) if access.write else \
+            (self.stores.get(p.DEFAULT_BUCKET, home), p.store_url(p.DEFAULT_BUCKET, home))
+        return Target(store, url, policy, own if access.read else None, found.store_url, access)
 
     def reexecute_for(self, obj: Mapping[str, Any]) -> sc.Reexecute | None:
         """The job's cache's trust.reexecute (None: no spot checks)."""
@@ -194,15 +248,18 @@ class ResultCaches:
         generation, status, bucket, prefix = view.meta.generation, view.status, view.bucket, view.prefix
         now = datetime.now(UTC)
         patch: dict[str, Any] = {"observedGeneration": generation}
+        access = self.access_of(rc)
         try:
             store = self.stores.get(bucket, prefix)
-            if rs.wants_stats(status, stats):
+            if access.read and rs.wants_stats(status, stats):   # a location it may not read is not described
                 s = store.stats()
                 with self.work.cond:
                     counters = self._counters.pop((namespace, name), rs.no_counts())
                 patch.update(rs.stats_fields(status, s, counters))
-            patch.update(self._record_revocations(view, store))
-            patch["conditions"] = rs.ready(status, generation, bucket, prefix, now)
+            if access.write:
+                patch.update(self._record_revocations(view, store))
+            patch["conditions"] = rs.ready(status, generation, bucket, prefix, now) if access.usable else \
+                rs.stalled(status, generation, access.why, now, sh.stalled_reason(access))
         except MemoplaneError as exc:
             patch["conditions"] = rs.stalled(status, generation, str(exc), now)
         if rs.unchanged(status, patch):

@@ -77,7 +77,7 @@ class Context:
 
     def lookups(self, namespace: str, store: Store) -> Lookups:
         """What resolving a job of `namespace` whose results go to `store` reads."""
-        return Lookups(self.kube, self.stores, namespace, store, self.object_grants, self.caches.result_buckets)
+        return Lookups(self.kube, self.stores, namespace, store, self.caches, self.object_grants)
 
     # -- writes ------------------------------------------------------------------------------
 

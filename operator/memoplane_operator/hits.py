@@ -10,11 +10,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from memoplane.cas import Hit, Store
+from memoplane.cas import audit as audit_log
 from memoplane.cluster import protocol as p
 from memoplane.cluster.views import job
 from memoplane.errors import NotFound, StoreCorrupted
 from memoplane.trust import Lookup, TrustPolicy, trusted_hit
 
+from .caches import Target
 from .context import Context
 
 log = logging.getLogger("memoplane.operator")
@@ -62,9 +64,13 @@ def look_up(ctx: Context, obj: Mapping[str, Any], store: Store, key: str, policy
     return found.hit, ms
 
 
-def served(ctx: Context, done: Mapping[str, Any], hit: Hit) -> None:
-    """`done` (its status already written) was served `hit`: count it and say so."""
+def served(ctx: Context, done: Mapping[str, Any], hit: Hit, target: Target) -> None:
+    """`done` (its status already written) was served `hit` from `target.lookup`: count it, say so,
+    and audit a read across namespaces (in the owner's store, if it keeps a log)."""
     view = job(done)
+    if target.access.guest and target.lookup is not None:
+        target.lookup.audit(audit_log.SHARED_READ, key=hit.key, result=hit.digest, reader=view.meta.namespace,
+                            cache=f"{view.meta.namespace}/{view.spec.result_cache}")
     saved = float(hit.result.provenance.duration_s)
     ctx.metrics.cache_hits.inc()
     ctx.metrics.seconds_saved.inc(saved)

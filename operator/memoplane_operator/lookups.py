@@ -4,7 +4,7 @@ reads (upstream jobs and their results, ConfigMaps, objects, GMemSeeds and their
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from memoplane.cas import Store
@@ -16,15 +16,21 @@ from memoplane.errors import MemoplaneError, NotFound, StoreCorrupted
 from memoplane.jobs import BlobInput, Input, JsonInput
 from memoplane.settings import ObjectGrant
 
+from .caches import ResultCaches
+
 
 class Lookups:
-    def __init__(self, kube: Kube, stores: Stores, namespace: str, store: Store,
-                 object_grants: tuple[ObjectGrant, ...], result_buckets: Callable[[], set[str]]) -> None:
-        self.kube, self.stores, self.namespace, self.store = kube, stores, namespace, store
-        self.object_grants, self.result_buckets = object_grants, result_buckets
+    def __init__(self, kube: Kube, stores: Stores, namespace: str, store: Store, caches: ResultCaches,
+                 object_grants: tuple[ObjectGrant, ...]) -> None:
+        self.kube, self.stores, self.namespace, self.store, self.caches = kube, stores, namespace, store, caches
+        self.object_grants = object_grants
 
     def get_job(self, name: str) -> Mapping[str, Any] | None:
         return self.kube.get(p.COMPUTEJOBS, self.namespace, name)
+
+    def foreign_job(self, namespace: str, name: str) -> tuple[Mapping[str, Any] | None, str]:
+        found = self.kube.get(p.COMPUTEJOBS, namespace, name)
+        return found, self.caches.reader_denied(found, self.namespace) if found is not None else ""
 
     def get_config_map(self, name: str) -> Mapping[str, Any] | None:
         return self.kube.get_config_map(self.namespace, name)
@@ -49,7 +55,7 @@ class Lookups:
             raise resolve.LookupError_(p.REASON_STORE, str(exc)) from None
 
     def object_refusal(self, bucket: str, key: str) -> str | None:
-        return objectinputs.refusal(self.object_grants, self.namespace, bucket, key, self.result_buckets())
+        return objectinputs.refusal(self.object_grants, self.namespace, bucket, key, self.caches.result_buckets())
 
     def object_input(self, bucket: str, key: str) -> BlobInput | None:
         try:

@@ -30,6 +30,7 @@ from memoplane.cluster.views import job
 from memoplane.errors import MemoplaneError, NotFound, StoreCorrupted
 from memoplane.trust import TrustPolicy, judge, trusted_hit
 
+from .caches import Target
 from .context import Context
 from .hits import served
 
@@ -57,7 +58,7 @@ def reconcile_replicated(ctx: Context, obj: dict[str, Any]) -> None:
         return
     store, url, policy = found.store, found.url, found.policy
     if not _resolved(obj):
-        updated = _resolve(ctx, obj, store, url, policy)
+        updated = _resolve(ctx, obj, found)
         if updated is None:
             return
         obj = updated
@@ -104,11 +105,11 @@ def _resolved(obj: Mapping[str, Any]) -> bool:
     return status.cache_key is not None and status.observed_generation == job(obj).meta.generation
 
 
-def _resolve(ctx: Context, obj: dict[str, Any], store: Store, url: str, policy: TrustPolicy
-             ) -> dict[str, Any] | None:
+def _resolve(ctx: Context, obj: dict[str, Any], target: Target) -> dict[str, Any] | None:
     """The key for the current generation, served at once when `replicas` nodes already
-    attest its stored result; the updated parent otherwise (None: waiting, failed or served)."""
-    view = job(obj)
+    attest its stored result (where its namespace may read); the updated parent otherwise
+    (None: waiting, failed or served)."""
+    view, store, policy, lookup = job(obj), target.store, target.policy, target.lookup
     runtime = schedule.runtime_for(ctx.fleet.nodes, view.spec.profile)
     try:
         outcome = resolve.resolve(obj, runtime, ctx.lookups(view.meta.namespace, store),
@@ -124,13 +125,13 @@ def _resolve(ctx: Context, obj: dict[str, Any], store: Store, url: str, policy: 
         ctx.fail(obj, decision)
         return None
     key, now, generation = decision.job.key, datetime.now(UTC), view.meta.generation
-    if decide.looks_up(view.spec.policy, missed=False):
-        hit = trusted_hit(store, key, policy).hit
-        if hit is not None and rp.enough_nodes(policy, key, hit.digest, store.attestations(key, hit.digest),
+    if lookup is not None and decide.looks_up(view.spec.policy, missed=False):
+        hit = trusted_hit(lookup, key, policy).hit
+        if hit is not None and rp.enough_nodes(policy, key, hit.digest, lookup.attestations(key, hit.digest),
                                                rp.replicas_of(obj)):
             done = ctx.patch(obj, st.resolved_hit(view.status.raw, generation, key, decision.input_digests, hit.digest,
-                                                  hit.result, url, 0, now))
-            served(ctx, done, hit)
+                                                  hit.result, target.lookup_url, 0, now))
+            served(ctx, done, hit, target)
             return None
     first = st.resolved(view.status.raw, generation, key, decision.input_digests, now)
     return ctx.patch(obj, {**first, **st.replicating(first, generation, key, 0, rp.replicas_of(obj), [], now,

@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from memoplane.canonical import canonical_json
-from memoplane.cas import Store
 from memoplane.cluster import decide, resolve, schedule
 from memoplane.cluster import protocol as p
 from memoplane.cluster import status as st
@@ -20,7 +19,6 @@ from memoplane.cluster.views import job
 from memoplane.errors import MemoplaneError
 from memoplane.jobs import Job, job_to_dict
 from memoplane.keys import digest_bytes
-from memoplane.trust import TrustPolicy
 
 from .caches import Target
 from .context import Context
@@ -31,14 +29,12 @@ from .spotchecks import spot_check
 @dataclass(frozen=True)
 class Admissible:
     """A job resolved in this process, as admission needs it: the body its last write
-    returned, the resolved job, its store and the cache's trust policy, and whether its key
-    already missed the cache."""
+    returned, the resolved job, its cache's store locations and trust policy, and whether its
+    key already missed the cache."""
 
     body: dict[str, Any]
     job: Job
-    store: Store
-    url: str
-    policy: TrustPolicy
+    target: Target
     missed: bool
 
     @property
@@ -80,13 +76,14 @@ def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, target:
     ctx.manifests.remember(digest, job_)
     looked_up = decide.looks_up(view.spec.policy, missed=False)
     store, url = target.store, target.url
-    hit, ms = look_up(ctx, obj, store, job_.key, target.policy) if looked_up else (None, 0)
+    hit, ms = look_up(ctx, obj, target.lookup, job_.key, target.policy) \
+        if looked_up and target.lookup is not None else (None, 0)
     status = view.status.raw
     if hit is not None:  # one status write; the result's store is in status.result
         done = ctx.patch(_unassigned(ctx, obj), st.resolved_hit(status, generation, job_.key, outcome.input_digests,
-                                                                hit.digest, hit.result, url, ms, now))
-        served(ctx, done, hit)
-        spot_check(ctx, done, hit, store, target.policy)
+                                                                hit.digest, hit.result, target.lookup_url, ms, now))
+        served(ctx, done, hit, target)
+        spot_check(ctx, done, hit, target)
         return None
     try:
         ctx.manifests.put(store, manifest)  # it goes to a node: the agent loads the manifest from the store
@@ -102,7 +99,10 @@ def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, target:
                      p.JOB_GENERATION_ANNOTATION: str(generation)})
     updated = ctx.patch(updated, st.resolved(status, generation, job_.key, outcome.input_digests, now))
     ctx.event(updated, p.REASON_RESOLVED, f"cache key {job_.key[:15]}… (generation {generation})")
-    return Admissible(updated, job_, store, url, target.policy, missed=looked_up)
+    if target.access.why:
+        ctx.event(updated, p.REASON_SHARING_DENIED, f"ResultCache '{view.spec.result_cache}': {target.access.why}",
+                  warning=True)
+    return Admissible(updated, job_, target, missed=looked_up or target.lookup is None)
 
 
 def _unassigned(ctx: Context, obj: dict[str, Any]) -> dict[str, Any]:

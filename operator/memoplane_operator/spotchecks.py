@@ -32,17 +32,20 @@ from memoplane.cluster.views import job
 from memoplane.errors import MemoplaneError
 from memoplane.trust import TrustPolicy, judge
 
+from .caches import Target
 from .context import Conflict, Context
 from .replicas import outputs_of
 
 log = logging.getLogger("memoplane.operator.spotchecks")
 
 
-def spot_check(ctx: Context, served: Mapping[str, Any], hit: Hit, store: Store, policy: TrustPolicy) -> None:
-    """`served` was just answered with `hit`: re-execute it elsewhere if its cache asks and the draw says so."""
+def spot_check(ctx: Context, served: Mapping[str, Any], hit: Hit, target: Target) -> None:
+    """`served` was just answered with `hit`: re-execute it elsewhere if its cache asks and the draw says so
+    (not a hit from another location than the job writes to: the check is judged where it writes)."""
     wanted = ctx.caches.reexecute_for(served)
-    if wanted is None:
+    if wanted is None or target.lookup_url != target.url:
         return
+    store, policy = target.store, target.policy
     try:
         _maybe_start(ctx, served, hit, store, policy, wanted)
     except (MemoplaneError, ApiException) as exc:  # the hit stands: it is attested under the policy

@@ -20,10 +20,10 @@ from memoplane.api.computejob import COMPUTEJOB, ComputeJobSpec
 from memoplane.api.gmemseed import GMEMSEED, GMemSeedSpec
 from memoplane.api.resultcache import (
     KEY_SOURCE_MESSAGE,
+    NAMESPACE_SET_MESSAGE,
     NO_KEYS_MESSAGE,
     RESULTCACHE,
     RETENTION_MESSAGE,
-    SHARING_MESSAGE,
     SIGNING_MESSAGE,
     ResultCacheSpec,
 )
@@ -178,9 +178,13 @@ CASES: list[tuple[str, crd.KindInfo, type[Any], Spec, str, str]] = [
     ("seed-count-zero", COMPUTEJOB, ComputeJobSpec,
      _with_input(3, {"name": "noise", "fromSeed": {"name": "field", "count": 0}}),
      "spec.inputs[3].fromSeed.count", ""),
-    ("sharing-not-supported", RESULTCACHE, ResultCacheSpec,
-     _with(["sharing", "readers", "namespaces"], ["ml"], examples.resultcache_spec),
-     "spec.sharing", f"spec.sharing: {SHARING_MESSAGE}"),
+    ("sharing-names-and-selector", RESULTCACHE, ResultCacheSpec,
+     _with(["sharing", "readers"], {"namespaces": ["ml"], "namespaceSelector": {"matchLabels": {"t": "a"}}},
+           examples.resultcache_spec),
+     "spec.sharing.readers", f"spec.sharing.readers: {NAMESPACE_SET_MESSAGE}"),
+    ("sharing-writers-empty", RESULTCACHE, ResultCacheSpec,
+     _with(["sharing", "writers"], {}, examples.resultcache_spec),
+     "spec.sharing.writers", f"spec.sharing.writers: {NAMESPACE_SET_MESSAGE}"),
     ("signing-replaced-by-trust", RESULTCACHE, ResultCacheSpec,
      _with(["signing"], {"secretRef": {"name": "k"}}, examples.resultcache_spec),
      "spec.signing", f"spec.signing: {SIGNING_MESSAGE}"),
@@ -256,7 +260,7 @@ def test_crd_schema_rejects_with_field_named(
 # The cross-field rules the CRD states in CEL (the input-source rule is a oneOf: CEL cannot
 # see the untyped `value`), whose messages must equal the Python ones.
 CEL_IDS = {"python-and-command", "neither-python-nor-command", "map-over-unknown-input", "verify-with-map", "retention-not-supported",
-           "sharing-not-supported", "signing-replaced-by-trust",
+           "sharing-names-and-selector", "sharing-writers-empty", "signing-replaced-by-trust",
            "trusted-key-two-sources", "trusted-key-no-source", "trusts-no-key", "env-name-with-equals", "env-name-empty", "env-name-digit-first",
            "env-name-with-nul", "env-name-reserved"}
 CEL_CASES = [c for c in CASES if c[0] in CEL_IDS]
@@ -292,9 +296,14 @@ def test_python_and_cel_give_the_same_message(
                                         "trust": {"reexecute": {"fraction": 0.05}}}),
         (RESULTCACHE, ResultCacheSpec, {"store": {"bucket": "memoplane"},
                                         "trust": {"reexecute": {"fraction": 1, "adaptive": False}}}),
+        (RESULTCACHE, ResultCacheSpec, {"store": {"bucket": "shared", "prefix": "team-a/", "readOnly": True},
+                                        "sharing": {"readers": {"namespaceSelector": {"matchExpressions": [
+                                            {"key": "team", "operator": "In", "values": ["b", "c"]}]}},
+                                            "writers": {"namespaces": ["team-b"]}}}),
     ],
     ids=["computejob-design", "resultcache-design", "gmemseed-design", "command", "null-value",
-         "quantities", "env-names", "deep-100", "no-trust", "own-keys-only", "reexecute", "reexecute-all"],
+         "quantities", "env-names", "deep-100", "no-trust", "own-keys-only", "reexecute", "reexecute-all",
+         "sharing-and-read-only"],
 )
 def test_valid_specs_pass_both(info: crd.KindInfo, model: type[Any], spec: Spec) -> None:
     assert python_errors(model, spec) == []
@@ -317,5 +326,4 @@ def test_a_too_deep_input_value_is_refused_by_the_model() -> None:
 
 def test_fields_the_system_does_not_enforce_say_so() -> None:
     # A field the API accepts is a field the system enforces: the others are refused, saying why.
-    assert "not supported yet" in SHARING_MESSAGE
     assert "trust" in SIGNING_MESSAGE

@@ -39,8 +39,11 @@ def succeeded(obj: dict[str, Any], digest: str) -> dict[str, Any]:
 class FakeLookups:
     def __init__(self, jobs: Mapping[str, dict[str, Any]] = (), config_maps: Mapping[str, dict[str, Any]] = (),
                  results: Mapping[str, Input] = (), objects: Mapping[tuple[str, str], bytes] = (),
-                 seeds: Mapping[str, dict[str, Any]] = (), refused: Mapping[tuple[str, str], str] = ()) -> None:
+                 seeds: Mapping[str, dict[str, Any]] = (), foreign: Mapping[tuple[str, str], dict[str, Any]] = (),
+                 readers: frozenset[str] = frozenset(), refused: Mapping[tuple[str, str], str] = ()) -> None:
         self.jobs = dict(jobs)
+        self.foreign = dict(foreign)   # (namespace, name) -> job of another namespace
+        self.readers = readers         # the namespaces whose jobs' caches let this one ("ml") read
         self.refused = dict(refused)
         self.seeds = dict(seeds)
         self.config_maps = dict(config_maps)
@@ -50,6 +53,10 @@ class FakeLookups:
 
     def get_job(self, name: str) -> Mapping[str, Any] | None:
         return self.jobs.get(name)
+
+    def foreign_job(self, namespace: str, name: str) -> tuple[Mapping[str, Any] | None, str]:
+        denied = "" if namespace in self.readers else f"ResultCache {namespace}/default does not list ml"
+        return self.foreign.get((namespace, name)), denied
 
     def get_config_map(self, name: str) -> Mapping[str, Any] | None:
         return self.config_maps.get(name)
@@ -160,9 +167,36 @@ def test_self_reference_and_cycles_fail() -> None:
     a = job("a", [{"name": "x", "fromJob": {"name": "b"}}])
     b = job("b", [{"name": "x", "fromJob": {"name": "a"}}])
     lookups = FakeLookups(jobs={"a": a, "b": b})
-    assert find_cycle("a", lookups) == ["a", "b", "a"]
+    assert find_cycle(a, lookups) == ["a", "b", "a"]
     got = resolve(a, RUNTIME, lookups, T0)
     assert isinstance(got, Failed) and "a -> b -> a" in got.message
+
+
+def in_namespace(obj: dict[str, Any], namespace: str) -> dict[str, Any]:
+    return {**obj, "metadata": {**obj["metadata"], "namespace": namespace}}
+
+
+def test_an_upstream_of_another_namespace_is_used_only_when_its_cache_lets_this_one_read() -> None:
+    down = job("down", [{"name": "rows", "value": [1]},
+                        {"name": "scale", "fromJob": {"name": "up", "namespace": "team-a"}}])
+    up = in_namespace(succeeded(job("up"), "b3:" + "cd" * 32), "team-a")
+    results: dict[str, Input] = {"b3:" + "cd" * 32: JsonInput(3)}
+    denied = resolve(down, RUNTIME, FakeLookups(foreign={("team-a", "up"): up}, results=results), T0)
+    assert denied == Waiting(p.REASON_SHARING_DENIED,
+                             "spec.inputs[1].fromJob.namespace: ResultCache team-a/default does not list ml")
+    granted = resolve(down, RUNTIME, FakeLookups(foreign={("team-a", "up"): up}, results=results,
+                                                 readers=frozenset({"team-a"})), T0)
+    assert isinstance(granted, Resolved) and granted.job.inputs["scale"] == JsonInput(3)
+    missing = resolve(down, RUNTIME, FakeLookups(readers=frozenset({"team-a"})), T0, grace=0)
+    assert isinstance(missing, Failed) and "spec.inputs[1].fromJob: ComputeJob 'team-a/up'" in missing.message
+
+
+def test_a_cycle_through_another_namespace_fails() -> None:
+    a = job("a", [{"name": "x", "fromJob": {"name": "b", "namespace": "team-b"}}])
+    b = in_namespace(job("b", [{"name": "x", "fromJob": {"name": "a", "namespace": "ml"}}]), "team-b")
+    lookups = FakeLookups(jobs={"a": a}, foreign={("team-b", "b"): b}, readers=frozenset({"team-b"}))
+    got = resolve(a, RUNTIME, lookups, T0)
+    assert isinstance(got, Failed) and "a -> team-b/b -> a" in got.message
 
 
 def test_damaged_upstream_result_fails_clearly() -> None:

@@ -223,6 +223,107 @@ def test_a_revocation_in_a_cache_is_recorded_once_in_its_store_audit_log(
     assert rc is not None and rc["status"]["revocationsRecorded"] == ["old-node-1"]
 
 
+# -- sharing: team "ops" points a cache at the home of "ml" --------------------------------------------
+
+
+def put_cache(r: Reconciler, kube: FakeKube, namespace: str, name: str, prefix: str,
+              sharing: dict[str, Any] | None = None) -> None:
+    """A ResultCache created (or changed) as the watch delivers it."""
+    spec: dict[str, Any] = {"store": {"bucket": p.DEFAULT_BUCKET, "prefix": prefix}}
+    if sharing is not None:
+        spec["sharing"] = sharing
+    existing = kube.objects.get((p.RESULTCACHES, namespace, name))
+    if existing is None:
+        body = kube.create(p.RESULTCACHES, namespace, {"apiVersion": p.API_VERSION, "kind": "ResultCache",
+                                                       "metadata": {"name": name}, "spec": spec})
+    else:
+        existing["spec"] = spec
+        body = kube._stamp(existing)
+    assert body is not None
+    r.caches.changed(namespace, name, body)
+
+
+def submit_to(r: Reconciler, kube: FakeKube, namespace: str, name: str, cache: str, x: int = 1) -> dict[str, Any]:
+    body = {"apiVersion": p.API_VERSION, "kind": "ComputeJob", "metadata": {"name": name},
+            "spec": {"python": {"source": SOURCE}, "inputs": [{"name": "x", "value": x}],
+                     "cache": {"resultCache": cache}}}
+    created = kube.create(p.COMPUTEJOBS, namespace, body)
+    assert created is not None
+    r.reconcile(created)
+    found = kube.get(p.COMPUTEJOBS, namespace, name)
+    assert found is not None
+    return found
+
+
+def ready_condition(r: Reconciler, kube: FakeKube, namespace: str, name: str) -> dict[str, Any]:
+    r.caches.reconcile(namespace, name)
+    rc = kube.get(p.RESULTCACHES, namespace, name)
+    assert rc is not None
+    return next(c for c in rc["status"]["conditions"] if c["type"] == "Ready")
+
+
+def test_a_cache_at_another_namespaces_home_is_not_read_and_not_written(
+        world: tuple[Reconciler, FakeKube, list[str]]) -> None:
+    r, kube, lookups = world
+    put_cache(r, kube, "ml", "default", "ml/")
+    store_result(r, submit(r, kube, "secret"), 42)
+    put_cache(r, kube, "ops", "steal", "ml/")
+    lookups.clear()
+    job_ = submit_to(r, kube, "ops", "try", "steal")
+    assert lookups == [] and job_["status"]["phase"] == "Scheduled"
+    assert job(job_).assigned.store_url == p.store_url(p.DEFAULT_BUCKET, "ops")
+    assert "ResultCache ml/default" in job_["status"]["message"]
+    [denied] = [e for e in kube.events if e.name == "try" and e.reason == p.REASON_SHARING_DENIED]
+    assert denied.warning and "list ops in ResultCache ml/default spec.sharing.readers" in denied.message
+    stalled = ready_condition(r, kube, "ops", "steal")
+    assert (stalled["status"], stalled["reason"]) == ("False", p.REASON_LOCATION_OWNED)
+    assert "ResultCache ml/default" in stalled["message"]
+    assert "entries" not in (kube.get(p.RESULTCACHES, "ops", "steal") or {})["status"], "no stats of ml's store"
+
+
+def test_a_granted_read_is_a_hit_audited_in_the_owners_log_until_revoked(
+        world: tuple[Reconciler, FakeKube, list[str]]) -> None:
+    r, kube, _ = world
+    put_cache(r, kube, "ml", "default", "ml/", sharing={"readers": {"namespaces": ["ops"]}})
+    store_result(r, submit(r, kube, "secret"), 42)
+    owners = r.stores.get(p.DEFAULT_BUCKET, "ml")
+    owners.audit_log.append(audit_log.START, {})
+    put_cache(r, kube, "ops", "shared", "ml/")
+    assert ready_condition(r, kube, "ops", "shared")["status"] == "True"
+    served = submit_to(r, kube, "ops", "granted", "shared")["status"]
+    assert (served["phase"], served["cached"], served["result"]["value"]) == ("Succeeded", True, 42)
+    assert served["result"]["store"] == p.store_url(p.DEFAULT_BUCKET, "ml")
+    reads = [rec for _, data in owners.audit_log.read() for rec in [json.loads(data)] if rec["kind"] == "shared-read"]
+    assert [(rec["reader"], rec["cache"]) for rec in reads] == [("ops", "ops/shared")]
+
+    put_cache(r, kube, "ml", "default", "ml/")   # the grant is removed
+    assert ready_condition(r, kube, "ops", "shared")["reason"] == p.REASON_LOCATION_OWNED
+    assert submit_to(r, kube, "ops", "revoked", "shared")["status"]["phase"] == "Scheduled"
+
+
+def test_a_job_resolved_for_a_location_it_may_no_longer_write_is_resolved_again(
+        world: tuple[Reconciler, FakeKube, list[str]]) -> None:
+    r, kube, _ = world
+    both = {"readers": {"namespaces": ["ops"]}, "writers": {"namespaces": ["ops"]}}
+    put_cache(r, kube, "ml", "default", "ml/", sharing=both)
+    put_cache(r, kube, "ops", "shared", "ml/")
+    assigned = submit_to(r, kube, "ops", "w", "shared")
+    assert job(assigned).assigned.store_url == p.store_url(p.DEFAULT_BUCKET, "ml")
+    # as if its node was lost before it started: Pending again, resolved for the writer's location
+    stored = kube.objects[(p.COMPUTEJOBS, "ops", "w")]
+    stored["status"].update(phase="Pending", reason=p.REASON_REASSIGNED)
+    stored["metadata"]["labels"].pop(p.NODE_LABEL)
+    waiting = kube._stamp(stored)
+    put_cache(r, kube, "ml", "default", "ml/", sharing={"readers": {"namespaces": ["ops"]}})
+    r.reconcile(waiting)
+    again = kube.get(p.COMPUTEJOBS, "ops", "w")
+    assert again is not None
+    assert (again["status"]["phase"], again["status"]["reason"]) == ("Pending", p.REASON_STORE_CHANGED)
+    r.reconcile(again)
+    resolved = kube.get(p.COMPUTEJOBS, "ops", "w")
+    assert resolved is not None and job(resolved).assigned.store_url == p.store_url(p.DEFAULT_BUCKET, "ops")
+
+
 def test_a_refused_manifest_write_is_a_wait_with_the_stores_words(
         world: tuple[Reconciler, FakeKube, list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
     from memoplane_operator.job_manifests import JobManifests
