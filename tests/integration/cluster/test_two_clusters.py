@@ -158,4 +158,16 @@ def test_results_are_shared_only_with_trust_in_the_other_installs_keys(installs:
     done = two.stack.wait(NS, "trusting")
     assert status(done)["phase"] == p.SUCCEEDED and status(done)["result"]["value"] == {"sum": 5}
     assert status(done).get("cached") is True and two.runs() == before
+    assert status(done)["result"]["store"] == p.store_url(BUCKET, home)
 
+    # Without that trust: a miss, computed in cluster 2 (and written to its own home).
+    before = two.runs()
+    assert two.stack.kube.create(p.RESULTCACHES, NS, reading_cache("from-c1", home, None)) is not None
+    two.stack.apply(NS, add_job("untrusting", "from-c1", salt))
+    done = two.stack.wait(NS, "untrusting")
+    assert status(done)["phase"] == p.SUCCEEDED and status(done)["result"]["value"] == {"sum": 5}
+    assert not status(done).get("cached") and two.runs() == before + 1
+    assert p.REASON_UNTRUSTED in events(two.stack, "untrusting")
+    mine = f"c2/{NS}/"
+    assert any(o.object_name.startswith(mine) for o in two.stack.stores.client().list_objects(
+        BUCKET, prefix=mine, recursive=True))
