@@ -70,6 +70,23 @@ def cmd_env(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_user(args: argparse.Namespace) -> int:
+    """A MinIO user of the running control plane that reads BUCKET and writes only under PREFIX;
+    prints the exports an install (or `memoplane`) uses it with."""
+    info = cluster.load_info()
+    if info is None:
+        _say("not up: run `hack/cluster up` first")
+        return 1
+    from memoplane.settings import HOME_ENV, KEY_ENVS
+    from memoplane.testing import tenants
+
+    keys = tenants.scoped_user(info, args.name, args.bucket, args.prefix)
+    _say(f"user {args.name}: reads s3://{args.bucket}, writes only under {args.prefix.strip('/')}/")
+    exports = {**dict(zip(KEY_ENVS, keys, strict=True)), HOME_ENV: f"s3://{args.bucket}/{args.prefix.strip('/')}"}
+    sys.stdout.write("".join(f"export {k}='{v}'\n" for k, v in exports.items()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hack/cluster", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,9 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         ("down", cmd_down, "stop what `up` started and remove its data"),
         ("status", cmd_status, "show processes, health and memory; exit 1 unless all healthy"),
         ("env", cmd_env, "print the shell exports for the running control plane"),
+        ("user", cmd_user, "make a MinIO user that writes only under a prefix of a bucket (an install's keys)"),
     ]:
         command = sub.add_parser(name, help=text)
         command.set_defaults(fn=fn)
+        if name == "user":
+            command.add_argument("name", help="the user (its access key)")
+            command.add_argument("bucket", help="the bucket it reads (created if missing)")
+            command.add_argument("prefix", help="the prefix it writes under, e.g. cluster-a/")
         if name == "up":
             command.add_argument("--with-memoplane", action="store_true",
                                  help="also start the operator and agents for nodes node-a and node-b")

@@ -9,6 +9,9 @@ ResultCache that trusts cluster 1's agents' keys.
 from __future__ import annotations
 
 import io
+import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -171,3 +174,15 @@ def test_results_are_shared_only_with_trust_in_the_other_installs_keys(installs:
     mine = f"c2/{NS}/"
     assert any(o.object_name.startswith(mine) for o in two.stack.stores.client().list_objects(
         BUCKET, prefix=mine, recursive=True))
+
+
+def test_hack_cluster_user_makes_keys_that_write_only_under_their_prefix(control_plane: cluster.ClusterInfo) -> None:
+    proc = subprocess.run([sys.executable, "-m", "memoplane.testing.cluster_cli", "user", f"mpx-{SESSION}-c3", BUCKET,
+                           "c3/"], capture_output=True, text=True, timeout=60, check=True)
+    exports = dict(re.findall(r"^export (\w+)='([^']*)'$", proc.stdout, re.M))
+    assert exports[HOME_ENV] == f"s3://{BUCKET}/c3"
+    client = make_client(control_plane.s3_endpoint, *(exports[name] for name in KEY_ENVS))
+    client.put_object(BUCKET, "c3/probe", io.BytesIO(b"ok"), 2)
+    with pytest.raises(S3Error) as caught:
+        client.put_object(BUCKET, "c1/probe", io.BytesIO(b"no"), 2)
+    assert caught.value.code == "AccessDenied"
