@@ -81,7 +81,8 @@ def _upload_configmap(namespace: str, path: Path, dry_run: bool) -> dict[str, st
     data = path.read_bytes()
     if len(data) > CONFIGMAP_LIMIT:
         raise InputError(f"--input file {path} is {len(data)} bytes; a ConfigMap holds under 1 MiB",
-                         "put it in the object store and use `fromObject` in a ComputeJob manifest")
+                         "put it in the object store where the cluster's objectInputs allowlist lets your namespace "
+                         "read, and use `fromObject` in a ComputeJob manifest")
     name = "memoplane-input-" + digest_bytes(data)[3:23]
     if not dry_run:
         from kubernetes import client
