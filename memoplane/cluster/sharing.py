@@ -14,6 +14,7 @@ neither read nor write.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -90,35 +91,72 @@ def _of(body: Body) -> _Cache:
                   section(section(body, "spec"), "sharing"), (meta.creation_timestamp, meta.namespace, meta.name))
 
 
+class _Owners:
+    """The caches of one bucket that own their location, found by prefix (no scan of them all)."""
+
+    def __init__(self) -> None:
+        self._at: dict[str, list[_Cache]] = {}
+        self._prefixes: list[str] = []   # sorted: those below a prefix are one run
+
+    def add(self, c: _Cache) -> None:
+        if c.location.prefix not in self._at:
+            bisect.insort(self._prefixes, c.location.prefix)
+        self._at.setdefault(c.location.prefix, []).append(c)
+
+    def containing(self, prefix: str) -> list[_Cache]:
+        """Those at `prefix` or above it."""
+        ancestors = [""] + [prefix[:i + 1] for i, char in enumerate(prefix) if char == "/"]
+        return [o for a in ancestors for o in self._at.get(a, ())]
+
+    def below(self, prefix: str) -> list[_Cache]:
+        """Those strictly below `prefix`."""
+        found: list[_Cache] = []
+        for other in self._prefixes[bisect.bisect_right(self._prefixes, prefix):]:
+            if not other.startswith(prefix):
+                break
+            found.extend(self._at[other])
+        return found
+
+
 def decide_access(caches: Iterable[Body], labels: Labels) -> dict[Ref, Access]:
     """Every cache's access to its location (the decisions depend on one another)."""
     ordered = sorted((_of(body) for body in caches), key=lambda c: c.age)
-    owners: list[_Cache] = []   # caches that own their location, oldest first
+    by_namespace: dict[str, list[_Cache]] = {}
+    for c in ordered:
+        by_namespace.setdefault(c.namespace, []).append(c)
+    owners: dict[str, _Owners] = {}   # per bucket
     decided: dict[Ref, Access] = {}
     for c in ordered:
-        access = _access(c, ordered, owners, labels)
+        established = owners.setdefault(c.location.bucket, _Owners())
+        access = _access(c, by_namespace, established, labels)
         if access.owner == c.namespace:
-            owners.append(c)
+            established.add(c)
         decided[c.ref] = access
     return decided
 
 
-def _access(c: _Cache, caches: Sequence[_Cache], owners: Sequence[_Cache], labels: Labels) -> Access:
-    refused = _refused_location(c)
+def _access(c: _Cache, by_namespace: Mapping[str, Sequence[_Cache]], owners: _Owners, labels: Labels) -> Access:
+    """`owners`: the older caches of c's bucket that own their location."""
+    refused = _refused_location(c) or _contains_another(c, owners)
     if refused:
         return Access(False, False, "", refused)
     owner = _owner(c, owners)
-    inner = [o for o in owners if o.namespace != c.namespace and c.location.contains(o.location)
-             and o.location != c.location and p.home_namespace(c.location.bucket, c.location.prefix) is None]
-    if inner:
-        return Access(False, False, "", f"{c.location} contains ResultCache {inner[0].name}'s location "
-                                        f"{inner[0].location}: point spec.store.prefix below it or elsewhere")
     if owner == c.namespace:
         return Access(True, not c.read_only, owner)
-    grants = [o for o in caches if o.namespace == owner and o.location.contains(c.location)]
+    grants = [o for o in by_namespace.get(owner, ()) if o.location.contains(c.location)]
     read = any(_lists(o.sharing, "readers", c.namespace, labels) for o in grants)
     write = any(_lists(o.sharing, "writers", c.namespace, labels) for o in grants) and not c.read_only
     return Access(read, write, owner, _why(c, owner, grants, read, write), guest=True)
+
+
+def _contains_another(c: _Cache, owners: _Owners) -> str:
+    """Outside the homes (owned by name): why c's location, a parent of
+    another namespace's, is no one's ("": it is not)."""
+    if p.home_namespace(c.location.bucket, c.location.prefix) is not None:
+        return ""
+    inner = next((o for o in owners.below(c.location.prefix) if o.namespace != c.namespace), None)
+    return "" if inner is None else (f"{c.location} contains ResultCache {inner.name}'s location {inner.location}: "
+                                     "point spec.store.prefix below it or elsewhere")
 
 
 def stalled_reason(access: Access) -> str:
@@ -150,12 +188,12 @@ def _refused_location(c: _Cache) -> str:
     return ""
 
 
-def _owner(c: _Cache, owners: Sequence[_Cache]) -> str:
+def _owner(c: _Cache, owners: _Owners) -> str:
     home = p.home_namespace(c.location.bucket, c.location.prefix)
     if home is not None:   # a namespace's home is its own, whoever came first
         return home
-    older = next((o for o in owners if o.location.overlaps(c.location)), None)
-    return c.namespace if older is None else older.namespace
+    overlapping = owners.containing(c.location.prefix) + owners.below(c.location.prefix)
+    return min(overlapping, key=lambda o: o.age).namespace if overlapping else c.namespace
 
 
 def _why(c: _Cache, owner: str, grants: Sequence[_Cache], read: bool, write: bool) -> str:

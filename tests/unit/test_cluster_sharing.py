@@ -151,6 +151,19 @@ def test_caches_of_one_namespace_overlap_freely() -> None:
     assert decided[("team-a", "parent")] == Access(True, True, "team-a")
 
 
+def test_owners_are_found_by_prefix_not_by_spelling() -> None:
+    decided = _decide(_rc("team-a", "deep", "shared", "d/x/y/", created="2026-01-01T00:00:00Z"),
+                      _rc("team-b", "dash", "shared", "d/x-y/", created="2026-01-02T00:00:00Z"),
+                      _rc("team-c", "deeper", "shared", "d/x/y/z", created="2026-01-03T00:00:00Z"),
+                      _rc("team-d", "parent", "shared", "d/x", created="2026-01-04T00:00:00Z"),
+                      _rc("team-e", "slashes", "shared", "/d//x/y/", created="2026-01-05T00:00:00Z"))
+    assert decided[("team-b", "dash")] == Access(True, True, "team-b")   # "d/x-y/" is not below "d/x/"
+    assert decided[("team-c", "deeper")].owner == "team-a" and not decided[("team-c", "deeper")].usable
+    parent = decided[("team-d", "parent")]
+    assert not parent.usable and "contains ResultCache team-a/deep" in parent.why
+    assert decided[("team-e", "slashes")].owner == "team-a"
+
+
 def test_with_a_home_prefix_homes_are_below_it_and_the_rest_of_the_bucket_is_like_another_bucket(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Two clusters sharing one bucket: this one's homes are under c2/ (MEMOPLANE_HOME), c1/ is
