@@ -78,7 +78,7 @@ class SeedRef(K8sModel):
 
 
 class ObjectRef(K8sModel):
-    """An object in the store, addressed by content once read."""
+    """An object the cluster's objectInputs allowlist lets this namespace read, hashed once read."""
 
     bucket: BucketName
     key: str = Field(min_length=1, max_length=1024)
