@@ -339,3 +339,38 @@ def test_a_refused_manifest_write_is_a_wait_with_the_stores_words(
     status = submit(r, kube, "a")["status"]
     assert (status["phase"], status["reason"]) == ("Waiting", p.REASON_STORE)
     assert "AccessDenied" in status["message"]
+
+
+# -- fromObject: the allowlist, never a result bucket -----------------------------------------------
+
+
+def test_from_object_reads_the_allowlist_only_and_never_a_caches_bucket(
+        world: tuple[Reconciler, FakeKube, list[str]]) -> None:
+    from memoplane.cluster.objectinputs import checked_grants
+
+    r, kube, _ = world
+    grants = [{"namespaces": ["ml"], "bucket": b, "prefix": ""} for b in ("data", "team-cache")]
+    r.ctx.object_grants = checked_grants(OperatorSettings(object_inputs=json.dumps(grants)))
+    root = Path(str(r.stores.settings.root))
+    for bucket, key in (("data", "t.csv"), ("team-cache", "ml/refs/x")):
+        (root / bucket / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / bucket / key).write_bytes(b"1,2\n")
+    rc = kube.create(p.RESULTCACHES, "ml", {"apiVersion": p.API_VERSION, "kind": "ResultCache",
+                                            "metadata": {"name": "team"},
+                                            "spec": {"store": {"bucket": "team-cache", "prefix": "ml/"}}})
+    assert rc is not None
+    r.caches.changed("ml", "team", rc)
+
+    def read(name: str, bucket: str, key: str) -> dict[str, Any]:
+        body = {"apiVersion": p.API_VERSION, "kind": "ComputeJob", "metadata": {"name": name},
+                "spec": {"python": {"source": "def main(t):\n    return len(t)\n"},
+                         "inputs": [{"name": "t", "fromObject": {"bucket": bucket, "key": key}}]}}
+        created = kube.create(p.COMPUTEJOBS, "ml", body)
+        assert created is not None
+        r.reconcile(created)
+        return (kube.get(p.COMPUTEJOBS, "ml", name) or {})["status"]
+
+    assert read("allowed", "data", "t.csv")["phase"] == "Scheduled"
+    refused = read("results", "team-cache", "ml/refs/x")
+    assert (refused["phase"], refused["reason"]) == ("Failed", p.REASON_OBJECT_NOT_ALLOWED)
+    assert refused["message"].startswith("spec.inputs[0].fromObject: bucket 'team-cache' holds memoplane's results")
