@@ -18,6 +18,7 @@ from ..api.common import VERSION as VERSION
 from ..api.computejob import COMPUTEJOB, CacheSpec
 from ..api.gmemseed import GMEMSEED
 from ..api.resultcache import RESULTCACHE
+from ..errors import InputError
 from ..settings import home_location
 
 COMPUTEJOBS = COMPUTEJOB.plural       # the plurals the CRDs are served under (memoplane.api)
@@ -109,7 +110,12 @@ REASON_STORE_CHANGED = "StoreChanged"  # sharing changed where a resolved job ma
 DEFAULT_RESULT_CACHE: str = CacheSpec.model_fields["result_cache"].default   # the model's, not typed again
 # The bucket of namespaces' homes (their default ResultCaches, GMemSeed overlays) and the
 # prefix the homes are under: the process's MEMOPLANE_HOME (memoplane.settings), read once.
-DEFAULT_BUCKET, HOME_PREFIX = home_location()
+# A malformed MEMOPLANE_HOME is reported in one line by each program's start (home_location() again,
+# where its errors are caught), not as a traceback from this import.
+try:
+    DEFAULT_BUCKET, HOME_PREFIX = home_location()
+except InputError:
+    DEFAULT_BUCKET, HOME_PREFIX = home_location({})
 
 
 def default_store_prefix(namespace: str) -> str:

@@ -30,6 +30,7 @@ from memoplane.settings import (
     describe,
     flag_values,
     from_env,
+    home_location,
 )
 
 from .gmemseed import SeedReconciler
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = from_env(OperatorSettings, **flag_values(args, FLAGS))
+        home_location()  # a malformed MEMOPLANE_HOME stops the start, in one line
         checked_grants(settings)  # a bad fromObject allowlist stops the start, in one line
         signer = load_signer(from_env(SigningSettings))
         stores = Stores(StoreSettings.from_env())

@@ -39,6 +39,7 @@ from memoplane.settings import (
     describe,
     flag_values,
     from_env,
+    home_location,
 )
 from memoplane.trust.nodekey import node_key
 
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = from_env(AgentSettings, **flag_values(args, FLAGS))
+        home_location()  # a malformed MEMOPLANE_HOME stops the start, in one line
     except MemoplaneError as exc:
         parser.exit(2, f"memoplane-agent: {exc}\n")
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +64,15 @@ def test_home_location_is_the_default_bucket_and_a_prefix_for_the_homes() -> Non
         with pytest.raises(InputError) as caught:
             home_location({HOME_ENV: bad})
         assert str(caught.value).startswith(f"{HOME_ENV}={bad!r} is not s3://bucket[/prefix]")
+
+
+@pytest.mark.parametrize("program", ["memoplane_operator", "memoplane_agent"])
+def test_a_malformed_home_stops_a_program_in_one_line(program: str) -> None:
+    """MEMOPLANE_HOME is read when memoplane.cluster.protocol is imported: a bad value must still reach
+    the user as the program's one-line start error, not as a traceback from the import."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "MEMOPLANE_HOME": "http://not-a-bucket", "NODE_NAME": "n",
+           "PYTHONPATH": os.pathsep.join(str(root / d) for d in (".", "operator", "sandbox-node"))}
+    done = subprocess.run([sys.executable, "-m", program], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "MEMOPLANE_HOME='http://not-a-bucket' is not s3://bucket" in done.stderr
