@@ -215,6 +215,17 @@ class OperatorSettings:
     full_resync_seconds: float = setting(None, 30.0, "how often every job is listed (the job index's safety net)")
     resolvers: int = setting(None, 4, "threads resolving jobs and serving hits (0: on the worker)")
     missing_grace_seconds: float = setting(None, MISSING_GRACE_SECONDS, "how long a missing input is waited for")
+    retention_seconds: float = setting("MEMOPLANE_RETENTION_SECONDS", 30.0, "how often the retention worker counts "
+                                       "each ResultCache's usage, applies its retention and updates its stats")
+    retention_grace_seconds: float = setting("MEMOPLANE_RETENTION_GRACE_SECONDS", 600.0, "nothing written or used "
+                                             "within this many seconds is evicted")
+    gc_seconds: float = setting("MEMOPLANE_GC_SECONDS", 3600.0, "how often a store with retention is swept of "
+                                "objects no ref reaches (also after each pass that evicted)")
+    gc_grace_seconds: float = setting("MEMOPLANE_GC_GRACE_SECONDS", 3600.0, "unreferenced objects younger than this "
+                                      "are kept by the sweep (in-flight writes)")
+    usage_flush_seconds: float = setting(None, 2.0, "how often the hits and writes seen are appended to the usage log")
+    evictions_per_pass: int = setting(None, 1000, "refs a ResultCache evicts at most per retention pass")
+    index_reads_per_pass: int = setting(None, 2000, "refs a ResultCache without a usage index reads per pass")
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from ..errors import InputError, NotFound, StoreCorrupted
 from ..tree_limits import MAX_TREE_DEPTH, MAX_TREE_ENTRIES
 from . import audit as audit_log
 from . import gc as maintenance
+from . import usage as usage_log
 from .audit import AuditLog, Record
 from .backend import Backend
 from .chunking import ChunkDecodeError, ChunkParams, Ingested, Pools, decode_chunk, ingest_buffer, ingest_stream
@@ -60,6 +61,7 @@ from .records import (
     tree_path_problem,
     unseal,
 )
+from .usage import Entry, UsageIndex, Use
 
 log = logging.getLogger("memoplane.cas")
 
@@ -587,11 +589,60 @@ class Store:
         return maintenance.verify(self, work, self._read_chunk,
                                   lambda digest: self._check_complete(self.get_result(digest), deep=False))
 
-    def gc(self, grace_seconds: float = 3600.0) -> GcReport:
-        return maintenance.gc(self.backend, grace_seconds)
+    def gc(self, grace_seconds: float = 3600.0, *, results: Iterable[str] = (),
+           blobs: Iterable[str] = ()) -> GcReport:
+        """Sweep what no ref reaches; `results` and `blobs` (digests) are roots too."""
+        return maintenance.gc(self.backend, grace_seconds, results=results, blobs=blobs)
 
     def stats(self) -> Stats:
         return maintenance.stats(self.backend)
+
+    def evict_ref(self, key: str) -> str | None:
+        """Retention removes `key`'s ref (its data goes at the next gc); the audit log says so.
+        Returns the result it named (None: no ref)."""
+        entry = self.read_ref_entry(key)
+        if entry is None:
+            return None
+        self.backend.delete(ref_name(key))
+        self.audit(audit_log.EVICTION, key=key, result=entry.result)
+        return entry.result
+
+    # -- the usage index (usage.py) -----------------------------------------------
+
+    def record_uses(self, uses: list[Use]) -> None:
+        """Append a batch of writes, hits and evictions to the usage log."""
+        usage_log.append(self.backend, uses)
+
+    def usage(self, index: UsageIndex | None = None) -> UsageIndex:
+        """The usage index: `index` (kept by the caller) or the stored snapshot, with the uses
+        logged since applied."""
+        if index is None:
+            return usage_log.load(self.backend)[0]
+        return usage_log.merge(self.backend, index)[0]
+
+    def save_usage(self, index: UsageIndex) -> None:
+        """Compact: the snapshot becomes `index`; the batches it merged are deleted."""
+        usage_log.save(self.backend, index)
+
+    def index_refs(self, index: UsageIndex, limit: int) -> int:
+        """Bring `index` in line with the refs present: add up to `limit` refs it lacks (last used
+        = written = the ref's mtime, the best known), drop entries whose ref is gone. Returns how many
+        refs are still missing (0: `index.refs_indexed` is set)."""
+        present = {digest_of_name(i.name): i.mtime for i in self.backend.list("refs/")}
+        for key in [k for k in index.entries if k not in present]:
+            del index.entries[key]
+        missing = [k for k in present if k not in index.entries]
+        for key in missing[:limit]:
+            digest = self.read_ref(key)
+            try:
+                size = self.get_result(digest).logical_size if digest else None
+            except (NotFound, StoreCorrupted, InputError):
+                size = None
+            if size is not None:
+                index.entries[key] = Entry(present[key], present[key], size)
+        left = max(0, len(missing) - limit)
+        index.refs_indexed = index.refs_indexed or left == 0
+        return left
 
     def evict(self, max_age: float | None = None, max_bytes: int | None = None) -> EvictReport:
         def evicted(key: str, result: str) -> None:

@@ -99,6 +99,7 @@ REASON_BACKOFF_LIMIT = "BackoffLimitExceeded"
 REASON_UNTRUSTED = "Untrusted"        # a stored result the cache's trust policy refused: recomputed
 REASON_TRUST_KEYS = "TrustKeysUnavailable"  # the cache's trusted keys cannot be read: its jobs wait
 REASON_AGENT_ERROR = "AgentError"      # the agent itself failed while handling the job (a failed attempt)
+REASON_EVICTED = "Evicted"            # a ResultCache pass of retention evicted entries (their data goes at GC)
 
 DEFAULT_RESULT_CACHE: str = CacheSpec.model_fields["result_cache"].default   # the model's, not typed again
 DEFAULT_BUCKET = "memoplane"   # the bucket of a namespace's default ResultCache

@@ -165,7 +165,7 @@ class ResultCaches:
     # -- status ---------------------------------------------------------------------------------
 
     def refresh_stats(self) -> None:
-        """Every watched cache's status, with the store's statistics read afresh."""
+        """Every watched cache's status, with the hits and misses counted since the last refresh."""
         caches, _ = self.kube.list(p.RESULTCACHES)
         for rc in caches:
             meta = cache(rc).meta
@@ -191,11 +191,10 @@ class ResultCaches:
         patch: dict[str, Any] = {"observedGeneration": generation}
         try:
             store = self.stores.get(bucket, prefix)
-            if rs.wants_stats(status, stats):
-                s = store.stats()
+            if stats:  # the size figures are the retention worker's (retention.py)
                 with self.work.cond:
                     counters = self._counters.pop((namespace, name), rs.no_counts())
-                patch.update(rs.stats_fields(status, s, counters))
+                patch.update(rs.counter_fields(status, counters))
             patch.update(self._record_revocations(view, store))
             patch["conditions"] = rs.ready(status, generation, bucket, prefix, now)
         except MemoplaneError as exc:

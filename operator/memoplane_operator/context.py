@@ -30,6 +30,7 @@ from memoplane.trust import SigningKey
 
 from .caches import ResultCaches
 from .job_manifests import JobManifests
+from .retention import UsageRecorder
 from .streaks import Streaks
 
 
@@ -68,6 +69,7 @@ class Context:
     index: JobIndex
     lock: threading.Condition     # guards `index` (the work queue's)
     signer: SigningKey            # attests what the operator computes itself (map lists)
+    usage: UsageRecorder          # hits and writes, for the usage index (retention.py)
     fleet: Fleet = field(default_factory=Fleet)
     memo: Pass | None = None      # set during a resync pass
     streaks: Streaks = field(default_factory=Streaks)  # trust.reexecute's agreement streaks, per store

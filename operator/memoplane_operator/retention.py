@@ -1,0 +1,212 @@
+"""Retention on its own thread: each ResultCache's usage index kept (hits and writes the operator
+sees, appended to the store's usage log), its size figures in status, its `spec.retention`
+applied (decisions in memoplane.cluster.retention) and its store swept.
+
+Nothing here runs on the reconciler's worker or holds the work queue's lock: the reconciler
+only hands uses to the UsageRecorder (an in-memory list) and pokes the worker when a
+ResultCache changes. Work per pass is bounded: at most `evictions_per_pass` evictions and
+`index_reads_per_pass` ref reads per cache; the sweep (gc: a full mark of the store) runs on
+this thread too, after a pass that evicted or every `gc_seconds`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from memoplane.cas import Store
+from memoplane.cas.usage import EVICT, HIT, UsageIndex, Use
+from memoplane.cluster import protocol as p
+from memoplane.cluster import retention as rt
+from memoplane.cluster.kube import Kube
+from memoplane.cluster.stores import Stores
+from memoplane.cluster.views import cache
+from memoplane.errors import MemoplaneError
+from memoplane.settings import OperatorSettings
+
+log = logging.getLogger("memoplane.operator")
+
+
+class UsageRecorder:
+    """Hits and writes, batched per store in memory and appended to its usage log every
+    `interval` seconds by its own thread, and on `flush` (the worker's, and at stop): an
+    operator that dies loses at most the last unflushed batch."""
+
+    def __init__(self, stores: Stores, interval: float) -> None:
+        self.stores, self.interval = stores, interval
+        self._lock = threading.Lock()      # guards _pending
+        self._flushing = threading.Lock()  # one append at a time: batch names stay in write order
+        self._pending: dict[int, tuple[Store, list[Use]]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def hit(self, store: Store, key: str, size: int) -> None:
+        self._add(store, Use(key, HIT, time.time(), size))
+
+    def written(self, body: Mapping[str, Any]) -> None:
+        """A settled job's write, if it computed a result."""
+        found = rt.written_use(body)
+        if found is not None:
+            self._add(self.stores.by_url(found[0]), found[1])
+
+    def _add(self, store: Store, use: Use) -> None:
+        with self._lock:
+            self._pending.setdefault(id(store), (store, []))[1].append(use)
+
+    def flush(self) -> None:
+        with self._flushing:
+            with self._lock:
+                pending, self._pending = self._pending, {}
+            for store, uses in pending.values():
+                try:
+                    store.record_uses(uses)
+                except MemoplaneError as exc:  # the store is down: these uses are lost, not the operator
+                    log.warning("usage of %s not recorded (%d uses): %s", store.describe(), len(uses), exc)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="usage", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.flush()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.flush()
+            except Exception:
+                log.exception("usage flush failed")
+
+
+class RetentionWorker:
+    def __init__(self, settings: OperatorSettings, kube: Kube, stores: Stores, recorder: UsageRecorder,
+                 watched: Callable[[str], bool]) -> None:
+        self.cfg, self.kube, self.stores, self.recorder, self.watched = settings, kube, stores, recorder, watched
+        self._indexes: dict[str, UsageIndex] = {}   # store URL -> its index as of the last pass
+        self._swept: dict[str, float] = {}          # store URL -> monotonic time of its last sweep
+        self._saved: dict[str, tuple[Any, ...]] = {}  # store URL -> _signature of the index last saved
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.passes = 0
+
+    def poke(self) -> None:
+        """A ResultCache changed: run a pass soon."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="retention", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_pass()
+            except Exception:
+                log.exception("retention pass failed")
+            self._wake.wait(self.cfg.retention_seconds)
+            self._wake.clear()
+
+    def run_pass(self) -> None:
+        caches, _ = self.kube.list(p.RESULTCACHES)
+        caches = [rc for rc in caches if self.watched(cache(rc).meta.namespace)]
+        if not caches:
+            return
+        jobs, _ = self.kube.list(p.COMPUTEJOBS)
+        seeds, _ = self.kube.list(p.GMEMSEEDS)
+        self.recorder.flush()
+        for rc in caches:
+            if self._stop.is_set():
+                return
+            try:
+                self._cache_pass(rc, jobs, seeds)
+            except MemoplaneError as exc:
+                log.warning("retention of ResultCache %s/%s: %s", cache(rc).meta.namespace, cache(rc).meta.name, exc)
+        self.passes += 1
+
+    def _cache_pass(self, rc: dict[str, Any], jobs: list[dict[str, Any]], seeds: list[dict[str, Any]]) -> None:
+        view = cache(rc)
+        url = view.store_url
+        store = self.stores.get(view.bucket, view.prefix)
+        index = self._current_index(store, url)
+        retention = rt.retention_of(rc)
+        evicted = self._evict(store, index, retention, rt.job_roots(jobs, url) | rt.kept_history_roots(url)) \
+            if retention is not None else []
+        if retention is not None and (evicted or self._sweep_due(url)):
+            self._sweep(store, index, url, rt.job_results(jobs, url), rt.seed_blobs(seeds, url))
+        if self._saved.get(url) != (signature := _signature(index)):
+            store.save_usage(index)
+            self._saved[url] = signature
+        fields = rt.stats_fields(index, view.status)
+        if fields:
+            self._patch(view.meta.namespace, view.meta.name, fields)
+        if evicted and retention is not None:
+            freed = sum(size for _, size in evicted)
+            self.kube.event(rc, p.REASON_EVICTED, rt.eviction_message(len(evicted), freed, retention))
+
+    def _current_index(self, store: Store, url: str) -> UsageIndex:
+        """The store's index with the uses logged since applied; a store never indexed reads a
+        bounded number of its refs per pass until it is, then is measured once."""
+        index = store.usage(self._indexes.get(url))
+        self._indexes[url] = index
+        if not index.refs_indexed:
+            left = store.index_refs(index, self.cfg.index_reads_per_pass)
+            if left:
+                log.info("usage index of %s: %d refs left to index", url, left)
+        if index.refs_indexed and index.stored_per_logical is None and index.entries:
+            self._measure(index, store.stats().stored_bytes)
+        return index
+
+    def _evict(self, store: Store, index: UsageIndex, retention: rt.Retention, roots: set[str]
+               ) -> list[tuple[str, int]]:
+        now = time.time()
+        chosen = rt.choose_evictions(index.entries, retention, roots, now, self.cfg.retention_grace_seconds,
+                                     self.cfg.evictions_per_pass)
+        out = []
+        for key in chosen:
+            size = index.entries[key].size
+            store.evict_ref(key)
+            index.apply([Use(key, EVICT, now)])
+            out.append((key, size))
+        return out
+
+    def _sweep_due(self, url: str) -> bool:
+        return time.monotonic() - self._swept.get(url, float("-inf")) >= self.cfg.gc_seconds
+
+    def _sweep(self, store: Store, index: UsageIndex, url: str, results: set[str], blobs: set[str]) -> None:
+        self._swept[url] = time.monotonic()
+        report = store.gc(self.cfg.gc_grace_seconds, results=results, blobs=blobs)
+        self._measure(index, report.kept_bytes)
+        log.info("swept %s: %d objects (%d bytes) deleted, %d young kept", url, report.deleted,
+                 report.deleted_bytes, report.kept_young)
+
+    @staticmethod
+    def _measure(index: UsageIndex, stored: int) -> None:
+        logical = index.logical_bytes
+        index.stored_per_logical = stored / logical if logical else None
+
+    def _patch(self, namespace: str, name: str, fields: dict[str, Any]) -> None:
+        try:
+            self.kube.patch_status(p.RESULTCACHES, namespace, name, fields)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+
+def _signature(index: UsageIndex) -> tuple[Any, ...]:
+    """What changes when the index does (uses merged, refs indexed, evictions, a measurement)."""
+    return index.through, len(index.entries), index.logical_bytes, index.evicted, index.stored_per_logical
