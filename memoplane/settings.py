@@ -219,6 +219,8 @@ class OperatorSettings:
                                        "each ResultCache's usage, applies its retention and updates its stats")
     retention_grace_seconds: float = setting("MEMOPLANE_RETENTION_GRACE_SECONDS", 600.0, "nothing written or used "
                                              "within this many seconds is evicted")
+    reindex_seconds: float = setting("MEMOPLANE_REINDEX_SECONDS", 3600.0, "how often each ResultCache's usage index "
+                                     "is checked against its store's refs (what others wrote), in bounded batches")
     gc_seconds: float = setting("MEMOPLANE_GC_SECONDS", 3600.0, "how often a store with retention is swept of "
                                 "objects no ref reaches (also after each pass that evicted)")
     gc_grace_seconds: float = setting("MEMOPLANE_GC_GRACE_SECONDS", 3600.0, "unreferenced objects younger than this "

@@ -644,6 +644,10 @@ class Store:
         index.refs_indexed = index.refs_indexed or left == 0
         return left
 
+    def stored_bytes(self) -> int:
+        """Bytes of every content object and ref on the backend (a listing: nothing is read)."""
+        return sum(i.size for prefix in (*maintenance.CONTENT, "refs/") for i in self.backend.list(prefix))
+
     def evict(self, max_age: float | None = None, max_bytes: int | None = None) -> EvictReport:
         def evicted(key: str, result: str) -> None:
             self.audit(audit_log.EVICTION, key=key, result=result)

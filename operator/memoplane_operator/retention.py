@@ -5,8 +5,9 @@ applied (decisions in memoplane.cluster.retention) and its store swept.
 Nothing here runs on the reconciler's worker or holds the work queue's lock: the reconciler
 only hands uses to the UsageRecorder (an in-memory list) and pokes the worker when a
 ResultCache changes. Work per pass is bounded: at most `evictions_per_pass` evictions and
-`index_reads_per_pass` ref reads per cache; the sweep (gc: a full mark of the store) runs on
-this thread too, after a pass that evicted or every `gc_seconds`.
+`index_reads_per_pass` ref reads per cache (plus a listing of the refs while the index is checked
+against them, every `reindex_seconds`); the sweep (gc: a full mark of the store) runs on this
+thread too, for caches with retention, after a pass that evicted or every `gc_seconds`.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class RetentionWorker:
         self._indexes: dict[str, UsageIndex] = {}   # store URL -> its index as of the last pass
         self._swept: dict[str, float] = {}          # store URL -> monotonic time of its last sweep
         self._saved: dict[str, tuple[Any, ...]] = {}  # store URL -> _signature of the index last saved
+        self._reindexed: dict[str, float] = {}      # store URL -> monotonic time its refs were last checked
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -159,16 +161,21 @@ class RetentionWorker:
             self.kube.event(rc, p.REASON_EVICTED, rt.eviction_message(len(evicted), freed, retention))
 
     def _current_index(self, store: Store, url: str) -> UsageIndex:
-        """The store's index with the uses logged since applied; a store never indexed reads a
-        bounded number of its refs per pass until it is, then is measured once."""
+        """The store's index with the uses logged since applied. Every `reindex_seconds` (and at
+        start) it is checked against the store's refs, which others (the CLI, embedded runs) may
+        have written or deleted: a bounded number of refs read per pass until done, then the
+        bytes on the store are measured (a listing)."""
         index = store.usage(self._indexes.get(url))
         self._indexes[url] = index
+        if time.monotonic() - self._reindexed.get(url, float("-inf")) >= self.cfg.reindex_seconds:
+            self._reindexed[url] = time.monotonic()
+            index.refs_indexed = False
         if not index.refs_indexed:
             left = store.index_refs(index, self.cfg.index_reads_per_pass)
             if left:
                 log.info("usage index of %s: %d refs left to index", url, left)
-        if index.refs_indexed and index.stored_per_logical is None and index.entries:
-            self._measure(index, store.stats().stored_bytes)
+            else:
+                self._measure(index, store.stored_bytes())
         return index
 
     def _evict(self, store: Store, index: UsageIndex, retention: rt.Retention, roots: set[str]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +108,16 @@ def test_usage_is_flushed_on_stop(world: tuple[RetentionWorker, FakeKube, Store]
     recorder.stop()
     entry = store.usage().entries[b3(b"k")]
     assert entry.size == 3 and entry.last_used <= time.time()
+
+
+def test_refs_written_by_others_are_counted_when_the_index_is_checked_again(
+        world: tuple[RetentionWorker, FakeKube, Store]) -> None:
+    worker, kube, store = world
+    worker.run_pass()   # an empty store: indexed at once
+    assert status(kube)["entries"] == 0
+    store.commit(computed_result(store, b3(b"by the CLI"), 1, "node-a", 1.0, RUNTIME))  # no use recorded
+    worker.run_pass()
+    assert status(kube)["entries"] == 0   # until the next check against the refs
+    worker.cfg = replace(worker.cfg, reindex_seconds=0.0)
+    worker.run_pass()
+    assert status(kube)["entries"] == 1
