@@ -89,9 +89,18 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
-def sweeps_logged(b: Bench) -> int:
+def sweeps_logged(b: Bench, word: str = "swept") -> int:
+    """Sweeps the operator logged as finished ("swept") or started ("sweeping")."""
     proc = processes.load(b.cfg.directory, processes.OPERATOR)
-    return 0 if proc is None else processes.log_tail(proc, 100_000).count(" swept ")
+    return 0 if proc is None else processes.log_tail(proc, 100_000).count(f" {word} ")
+
+
+def wait_sweeping(b: Bench, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not sweeps_logged(b, "sweeping"):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the operator did not start sweeping")
+        time.sleep(0.2)
 
 
 def main() -> None:
@@ -123,10 +132,11 @@ def main() -> None:
         idle = hits(b, served, salt, "idle", n_hits)
         b.kube.custom.patch_namespaced_custom_object(p.GROUP, p.VERSION, b.ns, p.RESULTCACHES,
                                                      p.DEFAULT_RESULT_CACHE, {"spec": {"retention": {"maxAge": "720h"}}})
-        time.sleep(3)  # the worker's next pass starts sweeping, and sweeps again after every pass
+        wait_sweeping(b)  # the worker sweeps from now on, again after every pass
         before = sweeps_logged(b)
         during = hits(b, served, salt, "gc", n_hits)
         sweeps = sweeps_logged(b) - before
+        assert sweeps_logged(b, "sweeping") > 0
         for w in (served, computed):
             w.close()
         stores.close()
@@ -139,7 +149,8 @@ def main() -> None:
         ours, base = quantile_ms(during, q), quantile_ms(idle, q)
         metrics[f"hit_during_gc_p{q}"] = metric(round(ours, 2), "ms", f"hit_gc_idle_p{q}", round(base, 2))
         print(f"p{q}: hit apply->Ready while sweeping {ours:7.1f} ms   idle {base:7.1f} ms   ratio {ours / base:5.2f}")
-    print(f"{n} entries, {n_hits} hits each way, {sweeps} sweeps finished during the sweeping block, {load_note()}")
+    print(f"{n} entries, {n_hits} hits each way (the second block began after the first sweep started; "
+          f"{sweeps} sweeps finished during it), {load_note()}")
     emit("gc", metrics)
 
 

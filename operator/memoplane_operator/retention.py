@@ -196,6 +196,7 @@ class RetentionWorker:
 
     def _sweep(self, store: Store, index: UsageIndex, url: str, results: set[str], blobs: set[str]) -> None:
         self._swept[url] = time.monotonic()
+        log.info("sweeping %s (%d results and %d blobs of jobs and seeds as roots)", url, len(results), len(blobs))
         report = store.gc(self.cfg.gc_grace_seconds, results=results, blobs=blobs)
         self._measure(index, report.kept_bytes)
         log.info("swept %s: %d objects (%d bytes) deleted, %d young kept", url, report.deleted,
