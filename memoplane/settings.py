@@ -226,6 +226,8 @@ class OperatorSettings:
     gc_grace_seconds: float = setting("MEMOPLANE_GC_GRACE_SECONDS", 3600.0, "unreferenced objects younger than this "
                                       "are kept by the sweep (in-flight writes)")
     usage_flush_seconds: float = setting(None, 2.0, "how often the hits and writes seen are appended to the usage log")
+    compact_seconds: float = setting(None, 300.0, "how often a changed usage index is written as the snapshot "
+                                     "(at once after evictions)")
     evictions_per_pass: int = setting(None, 1000, "refs a ResultCache evicts at most per retention pass")
     index_reads_per_pass: int = setting(None, 2000, "refs a ResultCache without a usage index reads per pass")
 

@@ -93,7 +93,7 @@ class RetentionWorker:
         self.cfg, self.kube, self.stores, self.recorder, self.watched = settings, kube, stores, recorder, watched
         self._indexes: dict[str, UsageIndex] = {}   # store URL -> its index as of the last pass
         self._swept: dict[str, float] = {}          # store URL -> monotonic time of its last sweep
-        self._saved: dict[str, tuple[Any, ...]] = {}  # store URL -> _signature of the index last saved
+        self._saved: dict[str, tuple[tuple[Any, ...], float]] = {}  # store URL -> (_signature, when) last saved
         self._reindexed: dict[str, float] = {}      # store URL -> monotonic time its refs were last checked
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -128,19 +128,19 @@ class RetentionWorker:
         caches = [rc for rc in caches if self.watched(cache(rc).meta.namespace)]
         if not caches:
             return
-        jobs, _ = self.kube.list(p.COMPUTEJOBS)
-        seeds, _ = self.kube.list(p.GMEMSEEDS)
+        # Roots: the jobs that exist (listed only when some cache has retention).
+        jobs = self.kube.list(p.COMPUTEJOBS)[0] if any(rt.retention_of(rc) for rc in caches) else []
         self.recorder.flush()
         for rc in caches:
             if self._stop.is_set():
                 return
             try:
-                self._cache_pass(rc, jobs, seeds)
+                self._cache_pass(rc, jobs)
             except MemoplaneError as exc:
                 log.warning("retention of ResultCache %s/%s: %s", cache(rc).meta.namespace, cache(rc).meta.name, exc)
         self.passes += 1
 
-    def _cache_pass(self, rc: dict[str, Any], jobs: list[dict[str, Any]], seeds: list[dict[str, Any]]) -> None:
+    def _cache_pass(self, rc: dict[str, Any], jobs: list[dict[str, Any]]) -> None:
         view = cache(rc)
         url = view.store_url
         store = self.stores.get(view.bucket, view.prefix)
@@ -149,10 +149,8 @@ class RetentionWorker:
         evicted = self._evict(store, index, retention, rt.job_roots(jobs, url) | rt.kept_history_roots(url)) \
             if retention is not None else []
         if retention is not None and (evicted or self._sweep_due(url)):
-            self._sweep(store, index, url, rt.job_results(jobs, url), rt.seed_blobs(seeds, url))
-        if self._saved.get(url) != (signature := _signature(index)):
-            store.save_usage(index)
-            self._saved[url] = signature
+            self._sweep(store, index, url)
+        self._save(store, index, url, force=bool(evicted))
         fields = rt.stats_fields(index, view.status)
         if fields:
             self._patch(view.meta.namespace, view.meta.name, fields)
@@ -194,8 +192,21 @@ class RetentionWorker:
     def _sweep_due(self, url: str) -> bool:
         return time.monotonic() - self._swept.get(url, float("-inf")) >= self.cfg.gc_seconds
 
-    def _sweep(self, store: Store, index: UsageIndex, url: str, results: set[str], blobs: set[str]) -> None:
+    def _save(self, store: Store, index: UsageIndex, url: str, force: bool) -> None:
+        """Compact the usage log into the snapshot: at once after evictions (they are only in
+        memory until then), else when something changed and `compact_seconds` passed (uses
+        are safe in the log meanwhile)."""
+        signature = _signature(index)
+        saved, at = self._saved.get(url, ((), float("-inf")))
+        if signature != saved and (force or time.monotonic() - at >= self.cfg.compact_seconds):
+            store.save_usage(index)
+            self._saved[url] = (signature, time.monotonic())
+
+    def _sweep(self, store: Store, index: UsageIndex, url: str) -> None:
+        """Delete what no ref reaches; roots listed now (a job served since the pass began is one)."""
         self._swept[url] = time.monotonic()
+        results = rt.job_results(self.kube.list(p.COMPUTEJOBS)[0], url)
+        blobs = rt.seed_blobs(self.kube.list(p.GMEMSEEDS)[0], url)
         log.info("sweeping %s (%d results and %d blobs of jobs and seeds as roots)", url, len(results), len(blobs))
         report = store.gc(self.cfg.gc_grace_seconds, results=results, blobs=blobs)
         self._measure(index, report.kept_bytes)

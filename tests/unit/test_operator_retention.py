@@ -121,3 +121,17 @@ def test_refs_written_by_others_are_counted_when_the_index_is_checked_again(
     worker.cfg = replace(worker.cfg, reindex_seconds=0.0)
     worker.run_pass()
     assert status(kube)["entries"] == 1
+
+
+def test_a_restarted_worker_loses_no_flushed_use(world: tuple[RetentionWorker, FakeKube, Store]) -> None:
+    worker, kube, store = world
+    key = write(worker, kube, store, "k", 10)
+    worker.run_pass()   # compacted into the snapshot (the first save)
+    worker.recorder.hit(store, key, 10)
+    worker.run_pass()   # flushed to the log, not compacted yet (compact_seconds)
+    assert len(list(store.backend.list("usage/log/"))) == 1
+    restarted = RetentionWorker(worker.cfg, kube, worker.stores, UsageRecorder(worker.stores, 3600.0),
+                                lambda _ns: True)
+    restarted.run_pass()   # reads the snapshot and the log afresh
+    assert restarted.recorder is not worker.recorder
+    assert store.usage().entries[key].last_used > 1767323045.0 + 3600  # the hit's time, not the write's
