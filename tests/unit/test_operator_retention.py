@@ -16,6 +16,7 @@ from fakes import FakeKube, computed_result
 from memoplane_operator.retention import RetentionWorker, UsageRecorder
 
 from memoplane.cas import Store, b3
+from memoplane.cas.usage import LOG
 from memoplane.cluster import protocol as p
 from memoplane.cluster.decide import default_cache
 from memoplane.cluster.stores import Stores, StoreSettings
@@ -129,7 +130,7 @@ def test_a_restarted_worker_loses_no_flushed_use(world: tuple[RetentionWorker, F
     worker.run_pass()   # compacted into the snapshot (the first save)
     worker.recorder.hit(store, key, 10)
     worker.run_pass()   # flushed to the log, not compacted yet (compact_seconds)
-    assert len(list(store.backend.list("usage/log/"))) == 1
+    assert len(list(store.backend.list(LOG))) == 1
     restarted = RetentionWorker(worker.cfg, kube, worker.stores, UsageRecorder(worker.stores, 3600.0),
                                 lambda _ns: True)
     restarted.run_pass()   # reads the snapshot and the log afresh
