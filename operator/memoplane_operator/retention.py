@@ -52,8 +52,14 @@ class UsageRecorder:
     def written(self, body: Mapping[str, Any]) -> None:
         """A settled job's write, if it computed a result."""
         found = rt.written_use(body)
-        if found is not None:
-            self._add(self.stores.by_url(found[0]), found[1])
+        if found is None:
+            return
+        try:
+            store = self.stores.by_url(found[0])
+        except (MemoplaneError, ValueError) as exc:  # a status naming no store we can open: nothing to keep
+            log.warning("write of key %s not recorded: %s", found[1].key[:15], exc)
+            return
+        self._add(store, found[1])
 
     def _add(self, store: Store, use: Use) -> None:
         with self._lock:

@@ -136,3 +136,13 @@ def test_a_restarted_worker_loses_no_flushed_use(world: tuple[RetentionWorker, F
     restarted.run_pass()   # reads the snapshot and the log afresh
     assert restarted.recorder is not worker.recorder
     assert store.usage().entries[key].last_used > 1767323045.0 + 3600  # the hit's time, not the write's
+
+
+def test_a_job_naming_no_usable_store_records_nothing(world: tuple[RetentionWorker, FakeKube, Store]) -> None:
+    worker, kube, store = world
+    body = {"metadata": {"name": "odd", "namespace": NS},
+            "status": {"phase": p.SUCCEEDED, "cacheKey": b3(b"odd"), "result": {"digest": b3(b"r"), "size": 1,
+                                                                                "store": "http://not-a-store"}}}
+    worker.recorder.written(body)   # no exception on the watch's thread
+    worker.recorder.flush()
+    assert store.usage().entries == {}
