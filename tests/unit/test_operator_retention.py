@@ -139,7 +139,7 @@ def test_a_restarted_worker_loses_no_flushed_use(world: tuple[RetentionWorker, F
 
 
 def test_a_job_naming_no_usable_store_records_nothing(world: tuple[RetentionWorker, FakeKube, Store]) -> None:
-    worker, kube, store = world
+    worker, _kube, store = world
     body = {"metadata": {"name": "odd", "namespace": NS},
             "status": {"phase": p.SUCCEEDED, "cacheKey": b3(b"odd"), "result": {"digest": b3(b"r"), "size": 1,
                                                                                 "store": "http://not-a-store"}}}
