@@ -624,25 +624,35 @@ class Store:
         """Compact: the snapshot becomes `index`; the batches it merged are deleted."""
         usage_log.save(self.backend, index)
 
-    def index_refs(self, index: UsageIndex, limit: int) -> int:
-        """Bring `index` in line with the refs present: add up to `limit` refs it lacks (last used
-        = written = the ref's mtime, the best known), drop entries whose ref is gone. Returns how many
-        refs are still missing (0: `index.refs_indexed` is set)."""
+    def refs_to_index(self, index: UsageIndex) -> dict[str, float]:
+        """Check `index` against the refs present (one listing): entries whose ref is gone are
+        dropped; returns the refs it lacks (key -> the ref's mtime), for index_refs."""
         present = {digest_of_name(i.name): i.mtime for i in self.backend.list("refs/")}
         for key in [k for k in index.entries if k not in present]:
             del index.entries[key]
-        missing = [k for k in present if k not in index.entries]
-        for key in missing[:limit]:
-            digest = self.read_ref(key)
-            try:
-                size = self.get_result(digest).logical_size if digest else None
-            except (NotFound, StoreCorrupted, InputError):
-                size = None
-            if size is not None:
-                index.entries[key] = Entry(present[key], present[key], size)
-        left = max(0, len(missing) - limit)
-        index.refs_indexed = index.refs_indexed or left == 0
-        return left
+        index.refs_indexed = False
+        return {k: mtime for k, mtime in present.items() if k not in index.entries}
+
+    def index_refs(self, index: UsageIndex, missing: dict[str, float], limit: int) -> int:
+        """Add up to `limit` of the `missing` refs to `index` (reading each ref and its result, in
+        parallel; last used = written = the ref's mtime, the best known), taking them out of
+        `missing`. Returns how many are left (0: `index.refs_indexed` is set)."""
+        batch = [k for k in list(missing)[:limit]]
+        work, _ = self._pools.get()
+        for key, size in zip(batch, work.map(self._logical_size, batch), strict=True):
+            if size is not None and key not in index.entries:
+                index.entries[key] = Entry(missing[key], missing[key], size)
+            del missing[key]
+        index.refs_indexed = not missing
+        return len(missing)
+
+    def _logical_size(self, key: str) -> int | None:
+        """The logical size of what `key`'s ref names (None: no ref, or a damaged one)."""
+        digest = self.read_ref(key)
+        try:
+            return self.get_result(digest).logical_size if digest else None
+        except (NotFound, StoreCorrupted, InputError):
+            return None
 
     def stored_bytes(self) -> int:
         """Bytes of every content object and ref on the backend (a listing: nothing is read)."""

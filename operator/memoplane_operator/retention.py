@@ -101,6 +101,7 @@ class RetentionWorker:
         self._swept: dict[str, float] = {}          # store URL -> monotonic time of its last sweep
         self._saved: dict[str, tuple[tuple[Any, ...], float]] = {}  # store URL -> (_signature, when) last saved
         self._reindexed: dict[str, float] = {}      # store URL -> monotonic time its refs were last checked
+        self._unindexed: dict[str, dict[str, float]] = {}  # store URL -> refs its index lacks, left to read
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -173,12 +174,14 @@ class RetentionWorker:
         self._indexes[url] = index
         if time.monotonic() - self._reindexed.get(url, float("-inf")) >= self.cfg.reindex_seconds:
             self._reindexed[url] = time.monotonic()
-            index.refs_indexed = False
-        if not index.refs_indexed:
-            left = store.index_refs(index, self.cfg.index_reads_per_pass)
+            self._unindexed[url] = store.refs_to_index(index)
+        missing = self._unindexed.get(url)
+        if missing is not None:
+            left = store.index_refs(index, missing, self.cfg.index_reads_per_pass)
             if left:
                 log.info("usage index of %s: %d refs left to index", url, left)
             else:
+                del self._unindexed[url]
                 self._measure(index, store.stored_bytes())
         return index
 

@@ -74,14 +74,15 @@ def test_a_crash_between_snapshot_and_deletion_merges_nothing_twice(store: Store
 def test_refs_are_indexed_a_bounded_number_per_call(store: Store) -> None:
     keys = [commit(store, n) for n in range(5)]
     index = store.usage()
-    assert store.index_refs(index, limit=2) == 3 and len(index.entries) == 2 and not index.refs_indexed
-    assert store.index_refs(index, limit=2) == 1
-    assert store.index_refs(index, limit=2) == 0 and index.refs_indexed and set(index.entries) == set(keys)
+    missing = store.refs_to_index(index)
+    assert set(missing) == set(keys) and not index.refs_indexed
+    assert store.index_refs(index, missing, limit=2) == 3 and len(index.entries) == 2 and not index.refs_indexed
+    assert store.index_refs(index, missing, limit=2) == 1
+    assert store.index_refs(index, missing, limit=2) == 0 and index.refs_indexed and set(index.entries) == set(keys)
     size = store.get_result(store.read_ref(keys[0]) or "").logical_size
     assert index.entries[keys[0]].size == size > 0
-    store.delete_ref(keys[0])  # gone by another hand: the index drops it
-    store.index_refs(index, limit=2)
-    assert keys[0] not in index.entries
+    store.delete_ref(keys[0])  # gone by another hand: the next check drops it
+    assert store.refs_to_index(index) == {} and keys[0] not in index.entries
 
 
 def test_evicting_a_ref_is_audited_and_its_data_goes_at_the_sweep(store: Store) -> None:
