@@ -155,16 +155,16 @@ def ready_status() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def stack(label: str) -> Iterator[Bench]:
-    """Control plane (reused if up), operator + 2 agents in a scratch directory, and the
-    benchmark's two namespaces; everything this started is stopped at the end."""
+def stack(label: str, extra_env: dict[str, str] | None = None) -> Iterator[Bench]:
+    """Control plane (reused if up), operator + 2 agents in a scratch directory (with `extra_env`),
+    and the benchmark's two namespaces; everything this started is stopped at the end."""
     directory = cluster.state_dir()
     up = cluster.up(directory, owner=f"bench:{os.getpid()}")
     info = up.info
     prefix = f"mpb-{label}-{uuid.uuid4().hex[:5]}-"
     tmp = tempfile.mkdtemp(prefix="memoplane-bench-")
     cfg = processes.StackConfig(directory=Path(tmp), env=info.env(), watch_namespaces=prefix + "*",
-                                lease_namespace=prefix + "system")
+                                lease_namespace=prefix + "system", extra_env=extra_env or {})
     kube = Kube(load_config(info.kubeconfig))
     namespaces = [prefix + "jobs", prefix.replace("mpb-", "mpr-", 1) + "raw"]
     ok = False

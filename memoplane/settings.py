@@ -290,6 +290,21 @@ class OperatorSettings:
     def object_grants(self) -> tuple[ObjectGrant, ...]:
         """The parsed allowlist; InputError (one line) when it is malformed."""
         return parse_object_grants(self.object_inputs)
+    retention_seconds: float = setting("MEMOPLANE_RETENTION_SECONDS", 30.0, "how often the retention worker counts "
+                                       "each ResultCache's usage, applies its retention and updates its stats")
+    retention_grace_seconds: float = setting("MEMOPLANE_RETENTION_GRACE_SECONDS", 600.0, "nothing written or used "
+                                             "within this many seconds is evicted")
+    reindex_seconds: float = setting("MEMOPLANE_REINDEX_SECONDS", 3600.0, "how often each ResultCache's usage index "
+                                     "is checked against its store's refs (what others wrote), in bounded batches")
+    gc_seconds: float = setting("MEMOPLANE_GC_SECONDS", 3600.0, "how often a store with retention is swept of "
+                                "objects no ref reaches (also after each pass that evicted)")
+    gc_grace_seconds: float = setting("MEMOPLANE_GC_GRACE_SECONDS", 3600.0, "unreferenced objects younger than this "
+                                      "are kept by the sweep (in-flight writes)")
+    usage_flush_seconds: float = setting(None, 2.0, "how often the hits and writes seen are appended to the usage log")
+    compact_seconds: float = setting(None, 300.0, "how often a changed usage index is written as the snapshot "
+                                     "(at once after evictions)")
+    evictions_per_pass: int = setting(None, 1000, "refs a ResultCache evicts at most per retention pass")
+    index_reads_per_pass: int = setting(None, 2000, "refs a ResultCache without a usage index reads per pass")
 
 
 @dataclass(frozen=True)

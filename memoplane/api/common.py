@@ -7,6 +7,7 @@ the CLI/operator and the API server reject the same values. CRD-only markers
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -108,6 +109,14 @@ QUANTITY_SCHEMA: dict[str, Any] = {
 Quantity = Annotated[int | str, PlainValidator(_check_quantity), WithJsonSchema(QUANTITY_SCHEMA)]
 
 Duration = Annotated[str, Field(pattern=DURATION_PATTERN, max_length=64)]
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_seconds(text: str) -> float:
+    """A Duration in seconds: `"1h30m"` -> 5400.0; raises ValueError on a bad one."""
+    if not re.fullmatch(DURATION_PATTERN, text):
+        raise ValueError(f"{text!r} is not a Go duration: write e.g. 90s, 30m or 720h")
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in re.findall(r"([0-9.]+)(ns|us|µs|ms|s|m|h)", text))
 Name = Annotated[str, Field(pattern=DNS_SUBDOMAIN_PATTERN, min_length=1, max_length=253)]
 NamespaceName = Annotated[str, Field(pattern=DNS_LABEL_PATTERN, min_length=1, max_length=63)]
 Identifier = Annotated[str, Field(pattern=IDENTIFIER_PATTERN, min_length=1, max_length=63)]

@@ -46,10 +46,14 @@ class StoreSpec(K8sModel):
 
 
 class RetentionSpec(K8sModel):
-    """Refs older or beyond the size budget are evicted; GC then frees their data."""
+    """Entries are evicted by last use (a write or a hit), never by write time; the operator's sweep
+    then frees their data. Roots (results of ComputeJobs that exist, GMemSeed overlays) and anything
+    written or used within the grace period (MEMOPLANE_RETENTION_GRACE_SECONDS) are kept."""
 
-    max_age: Duration | None = Field(default=None, description="Go duration, e.g. 720h.")
-    max_bytes: Quantity | None = None
+    max_age: Duration | None = Field(default=None, description="Evict entries not used (written or hit) for "
+                                                               "this long: a Go duration, e.g. 720h.")
+    max_bytes: Quantity | None = Field(default=None, description="Evict the least recently used entries until "
+                                                                 "the logical bytes of the rest fit, e.g. 50Gi.")
 
 
 class SelectorRequirement(K8sModel):
@@ -117,8 +121,6 @@ KEY_SOURCE_MESSAGE = "set exactly one of publicKey, secretRef or configMapRef"
 NO_KEYS_MESSAGE = "trusts no key: add trust.keys or set trust.clusterAgents: true"
 SIGNING_MESSAGE = ("signing was replaced by trust: move the key to trust.keys (publicKey, secretRef or "
                    "configMapRef holding <keyid>.pub entries)")
-RETENTION_MESSAGE = ("retention is not supported yet: remove it (nothing evicts on its own yet; run "
-                     "`memoplane gc` / `memoplane evict` against the store)")
 
 # The same grammar without Python's group names (the schema's regex dialect is Go's).
 KeyId = Annotated[str, Field(pattern=re.sub(r"\?P<\w+>", "", KEYID_PATTERN.pattern), min_length=3, max_length=73)]
@@ -200,21 +202,17 @@ class ResultCacheSpec(K8sModel):
     """A content-addressed result store shared by the jobs allowed to use it."""
 
     model_config = ConfigDict(json_schema_extra=validations(
-        cel("!has(self.retention)", RETENTION_MESSAGE, field_path=".retention"),
         cel("!has(self.signing)", SIGNING_MESSAGE, field_path=".signing")))
 
     store: StoreSpec
-    retention: RetentionSpec | None = Field(default=None, description="Refused until eviction is enforced.")
+    retention: RetentionSpec | None = Field(default=None, description="How long and how much is kept (default: "
+                                                                      "everything).")
     trust: TrustSpec | None = Field(default=None, description="Whom this cache trusts (default: the cluster's "
                                                               "agents).")
     sharing: SharingSpec | None = Field(default=None, description="Other namespaces allowed to read or write "
                                                                   "this cache's location.")
     signing: Refused = None
 
-    @field_validator("retention", mode="before")
-    @classmethod
-    def _no_retention(cls, value: Any) -> Any:
-        return _refused(value, RETENTION_MESSAGE)
 
     @field_validator("signing", mode="before")
     @classmethod
@@ -225,12 +223,21 @@ class ResultCacheSpec(K8sModel):
 class ResultCacheStatus(StatusModel):
     """Written by the operator."""
 
-    entries: int | None = Field(default=None, ge=0)
-    logical_bytes: int | None = Field(default=None, ge=0)
-    stored_bytes: int | None = Field(default=None, ge=0)
-    dedup_ratio: float | None = Field(default=None, ge=0, description="logicalBytes / storedBytes.")
-    hits: int | None = Field(default=None, ge=0)
-    misses: int | None = Field(default=None, ge=0)
+    entries: int | None = Field(default=None, ge=0, description="Cache keys with a stored result, from the "
+                                                               "store's usage index (kept on write, hit and "
+                                                               "eviction).")
+    logical_bytes: int | None = Field(default=None, ge=0, description="Sum of the entries' result sizes: what "
+                                                                     "storing each in full would take.")
+    stored_bytes: int | None = Field(default=None, ge=0, description="An estimate: logicalBytes times the ratio of "
+                                                                    "bytes on the store to logical bytes measured "
+                                                                    "at the last sweep (or first indexing).")
+    dedup_ratio: float | None = Field(default=None, ge=0, description="logicalBytes / storedBytes: deduplication "
+                                                                     "and compression together (an estimate).")
+    hits: int | None = Field(default=None, ge=0, description="Lookups served from this cache.")
+    misses: int | None = Field(default=None, ge=0, description="Lookups that found nothing to serve.")
+    evicted_entries: int | None = Field(default=None, ge=0, description="Entries retention evicted so far.")
+    last_eviction_time: str | None = Field(default=None, description="When retention last evicted an entry "
+                                                                     "(RFC 3339).")
     compute_seconds_saved: float | None = Field(default=None, ge=0)
     revocations_recorded: list[str] | None = Field(
         default=None, description="Key ids of spec.trust.revoked whose revocation the operator appended to the "

@@ -9,9 +9,10 @@ that is live for a reader holding another key.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -92,6 +93,18 @@ def _result_reach(backend: Backend, g: _Graph, digest: str) -> tuple[set[str], i
     for b in blobs:
         out |= _blob_reach(backend, g, b)
     return out, result.logical_size
+
+
+def _mark_roots(backend: Backend, g: _Graph, results: Iterable[str], blobs: Iterable[str]) -> set[str]:
+    """What results and blobs named from outside the refs (live jobs, GMemSeed overlays) reach."""
+    out: set[str] = set()
+    for digest in results:
+        with contextlib.suppress(InputError):
+            out |= _result_reach(backend, g, digest)[0]
+    for digest in blobs:
+        with contextlib.suppress(InputError):
+            out |= _blob_reach(backend, g, digest)
+    return out
 
 
 def mark(backend: Backend) -> _Graph:
@@ -209,13 +222,16 @@ class GcReport:
     deleted_bytes: int
     kept_young: int  # unreferenced but within the grace period
     temp_removed: int
+    kept_bytes: int = 0  # bytes of the content objects and refs left on the backend
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def gc(backend: Backend, grace_seconds: float) -> GcReport:
-    """Delete objects no ref reaches and older than the grace period.
+def gc(backend: Backend, grace_seconds: float, *, results: Iterable[str] = (), blobs: Iterable[str] = ()
+       ) -> GcReport:
+    """Delete objects no ref (nor any of the root `results` and `blobs`) reaches and older than
+    the grace period.
 
     Marks first, then lists: anything written after marking began is young, and
     writers refresh the mtime of objects they deduplicate against, so an
@@ -223,22 +239,23 @@ def gc(backend: Backend, grace_seconds: float) -> GcReport:
     """
     if grace_seconds < 0:
         raise InputError(f"grace_seconds={grace_seconds} is negative", "use 0 or more seconds")
-    live = mark(backend).live()
+    g = mark(backend)
+    live = g.live() | _mark_roots(backend, g, results, blobs)
     now = time.time()
-    deleted = deleted_bytes = young = 0
+    deleted = deleted_bytes = young = kept = 0
     for prefix in CONTENT:
         for info in backend.list(prefix):
-            if info.name in live:
-                continue
-            if now - info.mtime < grace_seconds:
-                young += 1
+            if info.name in live or now - info.mtime < grace_seconds:
+                young += info.name not in live
+                kept += info.size
                 continue
             backend.delete(info.name)
             deleted += 1
             deleted_bytes += info.size
+    kept += sum(i.size for i in backend.list("refs/"))
     sweep = getattr(backend, "sweep_temp", None)
     temps = sweep(max(grace_seconds, 60.0)) if sweep else 0
-    return GcReport(len(live), deleted, deleted_bytes, young, temps)
+    return GcReport(len(live), deleted, deleted_bytes, young, temps, kept)
 
 
 # -- stats ---------------------------------------------------------------------------

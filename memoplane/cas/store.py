@@ -41,6 +41,7 @@ from ..errors import InputError, NotFound, StoreCorrupted
 from ..tree_limits import MAX_TREE_DEPTH, MAX_TREE_ENTRIES
 from . import audit as audit_log
 from . import gc as maintenance
+from . import usage as usage_log
 from .audit import AuditLog, Record
 from .backend import Backend
 from .chunking import ChunkDecodeError, ChunkParams, Ingested, Pools, decode_chunk, ingest_buffer, ingest_stream
@@ -60,6 +61,7 @@ from .records import (
     tree_path_problem,
     unseal,
 )
+from .usage import Entry, UsageIndex, Use
 
 log = logging.getLogger("memoplane.cas")
 
@@ -587,11 +589,74 @@ class Store:
         return maintenance.verify(self, work, self._read_chunk,
                                   lambda digest: self._check_complete(self.get_result(digest), deep=False))
 
-    def gc(self, grace_seconds: float = 3600.0) -> GcReport:
-        return maintenance.gc(self.backend, grace_seconds)
+    def gc(self, grace_seconds: float = 3600.0, *, results: Iterable[str] = (),
+           blobs: Iterable[str] = ()) -> GcReport:
+        """Sweep what no ref reaches; `results` and `blobs` (digests) are roots too."""
+        return maintenance.gc(self.backend, grace_seconds, results=results, blobs=blobs)
 
     def stats(self) -> Stats:
         return maintenance.stats(self.backend)
+
+    def evict_ref(self, key: str) -> str | None:
+        """Retention removes `key`'s ref (its data goes at the next gc); the audit log says so.
+        Returns the result it named (None: no ref)."""
+        entry = self.read_ref_entry(key)
+        if entry is None:
+            return None
+        self.backend.delete(ref_name(key))
+        self.audit(audit_log.EVICTION, key=key, result=entry.result)
+        return entry.result
+
+    # -- the usage index (usage.py) -----------------------------------------------
+
+    def record_uses(self, uses: list[Use]) -> None:
+        """Append a batch of writes, hits and evictions to the usage log."""
+        usage_log.append(self.backend, uses)
+
+    def usage(self, index: UsageIndex | None = None) -> UsageIndex:
+        """The usage index: `index` (kept by the caller) or the stored snapshot, with the uses
+        logged since applied."""
+        if index is None:
+            return usage_log.load(self.backend)[0]
+        return usage_log.merge(self.backend, index)[0]
+
+    def save_usage(self, index: UsageIndex) -> None:
+        """Compact: the snapshot becomes `index`; the batches it merged are deleted."""
+        usage_log.save(self.backend, index)
+
+    def refs_to_index(self, index: UsageIndex) -> dict[str, float]:
+        """Check `index` against the refs present (one listing): entries whose ref is gone are
+        dropped; returns the refs it lacks (key -> the ref's mtime), for index_refs."""
+        present = {digest_of_name(i.name): i.mtime for i in self.backend.list("refs/")}
+        for key in [k for k in index.entries if k not in present]:
+            del index.entries[key]
+        index.refs_indexed = False
+        return {k: mtime for k, mtime in present.items() if k not in index.entries}
+
+    def index_refs(self, index: UsageIndex, missing: dict[str, float], limit: int) -> int:
+        """Add up to `limit` of the `missing` refs to `index` (reading each ref and its result, in
+        parallel; last used = written = the ref's mtime, the best known), taking them out of
+        `missing`. Returns how many are left (0: `index.refs_indexed` is set)."""
+        batch = [k for k in list(missing)[:limit]]
+        work, _ = self._pools.get()
+        for key, size in zip(batch, work.map(self._logical_size, batch), strict=True):
+            if size is not None and key not in index.entries:
+                index.entries[key] = Entry(missing[key], missing[key], size)
+            del missing[key]
+        index.refs_indexed = not missing
+        return len(missing)
+
+    def _logical_size(self, key: str) -> int | None:
+        """The logical size of what `key`'s ref names (None: no ref, or a damaged one)."""
+        digest = self.read_ref(key)
+        try:
+            return self.get_result(digest).logical_size if digest else None
+        except (NotFound, StoreCorrupted, InputError):
+            return None
+
+    def stored_bytes(self) -> int:
+        """Bytes of every content object and ref on the backend (a listing: nothing is read)."""
+        return sum(i.size for prefix in (*maintenance.CONTENT, "refs/") for i in self.backend.list(prefix))
 
     def evict(self, max_age: float | None = None, max_bytes: int | None = None) -> EvictReport:
         def evicted(key: str, result: str) -> None:

@@ -106,6 +106,7 @@ REASON_SHARING_DENIED = "SharingDenied"  # the cache's location is another names
 REASON_LOCATION_OWNED = "LocationOwned"  # a ResultCache in another namespace's location with no grant: Stalled
 REASON_LOCATION_REFUSED = "LocationRefused"  # a location no namespace may use (e.g. the default bucket's root)
 REASON_STORE_CHANGED = "StoreChanged"  # sharing changed where a resolved job may write: Pending, resolved again
+REASON_EVICTED = "Evicted"            # a ResultCache pass of retention evicted entries (their data goes at GC)
 
 DEFAULT_RESULT_CACHE: str = CacheSpec.model_fields["result_cache"].default   # the model's, not typed again
 # The bucket of namespaces' homes (their default ResultCaches, GMemSeed overlays) and the

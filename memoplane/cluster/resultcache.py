@@ -1,8 +1,8 @@
-"""A ResultCache's status: store statistics, the operator's hit/miss counters, conditions.
+"""A ResultCache's status: the operator's hit/miss counters, conditions (the size figures are
+counted from the store's usage index by the retention worker: memoplane.cluster.retention).
 
-The operator counts hits, misses and compute seconds saved per cache between stats
-refreshes (`Counters`) and folds them into the status totals when it reads the store's
-statistics again.
+The operator counts hits, misses and compute seconds saved per cache between refreshes
+(`Counters`) and folds them into the status totals every MEMOPLANE_STATS_SECONDS.
 """
 
 from __future__ import annotations
@@ -12,27 +12,19 @@ from datetime import datetime
 from typing import Any
 
 from memoplane.api.conditions import mark_ready, mark_stalled
-from memoplane.cas.gc import Stats
 
 from . import protocol as p
 from .views import CacheView
 
-Counters = dict[str, float]   # "hits", "misses", "saved" (seconds) since the last stats refresh
+Counters = dict[str, float]   # "hits", "misses", "saved" (seconds) since the last refresh
 
 
 def no_counts() -> Counters:
     return {"hits": 0, "misses": 0, "saved": 0.0}
 
 
-def wants_stats(status: Mapping[str, Any], refresh: bool) -> bool:
-    """Read the store's statistics now: a periodic refresh, or a cache never counted."""
-    return refresh or status.get("entries") is None
-
-
-def stats_fields(status: Mapping[str, Any], s: Stats, counters: Counters) -> dict[str, Any]:
+def counter_fields(status: Mapping[str, Any], counters: Counters) -> dict[str, Any]:
     return {
-        "entries": s.entries, "logicalBytes": s.logical_bytes, "storedBytes": s.stored_bytes,
-        "dedupRatio": round(s.dedup_ratio, 4),
         "hits": int(status.get("hits") or 0) + int(counters["hits"]),
         "misses": int(status.get("misses") or 0) + int(counters["misses"]),
         "computeSecondsSaved": round(float(status.get("computeSecondsSaved") or 0.0) + float(counters["saved"]), 3),

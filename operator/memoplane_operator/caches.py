@@ -224,7 +224,7 @@ class ResultCaches:
     # -- status ---------------------------------------------------------------------------------
 
     def refresh_stats(self) -> None:
-        """Every watched cache's status, with the store's statistics read afresh."""
+        """Every watched cache's status, with the hits and misses counted since the last refresh."""
         caches, _ = self.kube.list(p.RESULTCACHES)
         for rc in caches:
             meta = cache(rc).meta
@@ -251,11 +251,10 @@ class ResultCaches:
         access = self.access_of(rc)
         try:
             store = self.stores.get(bucket, prefix)
-            if access.read and rs.wants_stats(status, stats):   # a location it may not read is not described
-                s = store.stats()
+            if access.read and stats:  # the size figures are the retention worker's (retention.py)
                 with self.work.cond:
                     counters = self._counters.pop((namespace, name), rs.no_counts())
-                patch.update(rs.stats_fields(status, s, counters))
+                patch.update(rs.counter_fields(status, counters))
             if access.write:
                 patch.update(self._record_revocations(view, store))
             patch["conditions"] = rs.ready(status, generation, bucket, prefix, now) if access.usable else \

@@ -32,6 +32,7 @@ from memoplane.trust import SigningKey
 from .caches import ResultCaches
 from .job_manifests import JobManifests
 from .lookups import Lookups
+from .retention import UsageRecorder
 from .streaks import Streaks
 
 
@@ -71,6 +72,7 @@ class Context:
     lock: threading.Condition     # guards `index` (the work queue's)
     signer: SigningKey            # attests what the operator computes itself (map lists)
     object_grants: tuple[ObjectGrant, ...]  # the fromObject allowlist (memoplane.cluster.objectinputs)
+    usage: UsageRecorder          # hits and writes, for the usage index (retention.py)
     fleet: Fleet = field(default_factory=Fleet)
     memo: Pass | None = None      # set during a resync pass
     streaks: Streaks = field(default_factory=Streaks)  # trust.reexecute's agreement streaks, per store

@@ -56,6 +56,8 @@ def look_up(ctx: Context, obj: Mapping[str, Any], store: Store, key: str, policy
     looked = time.monotonic()
     found = verified_hit(store, key, policy)
     ms = int((time.monotonic() - looked) * 1000)
+    if found.hit is not None:
+        ctx.usage.hit(store, key, found.hit.result.logical_size)
     if found.refused and found.verdict is not None:
         ctx.metrics.untrusted.inc()
         ctx.event(obj, p.REASON_UNTRUSTED, f"stored result for key {key[:15]}… not served, recomputing: "

@@ -20,6 +20,7 @@ re-queues the job). None of them imports this module:
   admission.py   a resolved job -> served, waiting for its key's leader, or scheduled
   hits.py        verified cache lookups and serving a hit
   caches.py      ResultCaches: a job's store, hit/miss counters, cache status
+  retention.py   usage of each cache's keys, its stats and retention, on their own threads
   agent_keys.py  the agents' own keys, from their Leases, remembered in a ConfigMap
   mapper.py      spec.map parents and their sub-tasks
 """
@@ -57,6 +58,7 @@ from .context import Conflict, Context, Pass
 from .job_manifests import JobManifests
 from .replicas import reconcile_replicated
 from .resolution import Admissible, resolve_job
+from .retention import RetentionWorker, UsageRecorder
 from .spotchecks import judge_check
 from .workqueue import Lane, WorkQueue
 
@@ -83,8 +85,12 @@ class Reconciler:
         self._cond = self.work.cond
         self.agent_keys = AgentKeys(kube, settings.lease_namespace, signer.public)
         self.caches = ResultCaches(kube, stores, self.work, self.watched, lambda: self.agent_keys.cluster)
+        self.usage = UsageRecorder(stores, settings.usage_flush_seconds)
+        self.retention = RetentionWorker(settings, kube, stores, self.usage, self.watched,
+                                         self.caches.access_of)
         self.ctx = Context(settings, kube, stores, self.caches, JobManifests(), self.metrics, self.index, self._cond,
-                           signer, objectinputs.checked_grants(settings))
+                           signer, objectinputs.checked_grants(settings),
+                           self.usage)
         # never: each periodic task is due at once, however long ago the monotonic clock started
         self._last_full = float("-inf")
         self._last_leases = float("-inf")
@@ -106,6 +112,8 @@ class Reconciler:
 
     def enqueue(self, namespace: str, name: str, body: dict[str, Any] | None = None) -> None:
         """Decide on the job soon: on `body` (a watch event's), else on a fresh read."""
+        if body is not None and settled(body):
+            self.usage.written(body)  # outside the lock: it may open the store
         with self._cond:
             if body is not None:
                 verdict = self.index.observe(body)
@@ -133,6 +141,7 @@ class Reconciler:
 
     def enqueue_cache(self, namespace: str, name: str, body: dict[str, Any] | None = None) -> None:
         self.caches.changed(namespace, name, body)
+        self.retention.poke()
 
     def cache_deleted(self, namespace: str, name: str) -> None:
         self.caches.deleted(namespace, name)
@@ -141,9 +150,13 @@ class Reconciler:
         self.kube.ensure_namespace(self.cfg.lease_namespace)
         self.refresh_nodes(force=True)  # the agents' keys before the first policy is made
         self.work.start(self._handle, self.resync)
+        self.usage.start()
+        self.retention.start()
 
     def stop(self) -> None:
         self.work.stop()
+        self.retention.stop()
+        self.usage.stop()
         if self._resolvers is not None:
             self._resolvers.shutdown(wait=True, cancel_futures=True)
         self.kube.flush_events()

@@ -23,7 +23,6 @@ from memoplane.api.resultcache import (
     NAMESPACE_SET_MESSAGE,
     NO_KEYS_MESSAGE,
     RESULTCACHE,
-    RETENTION_MESSAGE,
     SIGNING_MESSAGE,
     ResultCacheSpec,
 )
@@ -212,9 +211,10 @@ CASES: list[tuple[str, crd.KindInfo, type[Any], Spec, str, str]] = [
      "spec.trust.keys[0].publicKey.keyId", ""),
     ("min-signatures-zero", RESULTCACHE, ResultCacheSpec,
      _with(["trust", "minSignatures"], 0, examples.resultcache_spec), "spec.trust.minSignatures", ""),
-    ("retention-not-supported", RESULTCACHE, ResultCacheSpec,
-     _with(["retention"], {"maxAge": "720h"}, examples.resultcache_spec), "spec.retention",
-     f"spec.retention: {RETENTION_MESSAGE}"),
+    ("retention-age-not-a-duration", RESULTCACHE, ResultCacheSpec,
+     _with(["retention"], {"maxAge": "30 days"}, examples.resultcache_spec), "spec.retention.maxAge", ""),
+    ("retention-bytes-not-a-quantity", RESULTCACHE, ResultCacheSpec,
+     _with(["retention"], {"maxBytes": "lots"}, examples.resultcache_spec), "spec.retention.maxBytes", ""),
     ("env-name-with-equals", COMPUTEJOB, ComputeJobSpec, _job(env={"MODE": "fast", "A=B": "1"}), "spec.env",
      f"spec.env: 'A=B' is not a valid variable name: {ENV_NAME_FIX}"),
     ("env-name-empty", COMPUTEJOB, ComputeJobSpec, _job(env={"": "1"}), "spec.env",
@@ -259,7 +259,7 @@ def test_crd_schema_rejects_with_field_named(
 
 # The cross-field rules the CRD states in CEL (the input-source rule is a oneOf: CEL cannot
 # see the untyped `value`), whose messages must equal the Python ones.
-CEL_IDS = {"python-and-command", "neither-python-nor-command", "map-over-unknown-input", "verify-with-map", "retention-not-supported",
+CEL_IDS = {"python-and-command", "neither-python-nor-command", "map-over-unknown-input", "verify-with-map",
            "sharing-names-and-selector", "sharing-writers-empty", "signing-replaced-by-trust",
            "trusted-key-two-sources", "trusted-key-no-source", "trusts-no-key", "env-name-with-equals", "env-name-empty", "env-name-digit-first",
            "env-name-with-nul", "env-name-reserved"}

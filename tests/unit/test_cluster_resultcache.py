@@ -1,30 +1,21 @@
-"""A ResultCache's status: store statistics plus the hits and misses counted since the last refresh."""
+"""A ResultCache's status: the hits and misses counted since the last refresh, conditions."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
 from memoplane.api.conditions import get_condition
-from memoplane.cas.gc import Stats
 from memoplane.cluster import resultcache as rs
 from memoplane.cluster.views import CacheView, cache
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-STATS = Stats(entries=3, logical_bytes=300, unique_bytes=100, stored_bytes=80, chunks=2, objects=9)
-
-
-def test_stats_are_read_on_refresh_or_when_never_counted() -> None:
-    assert rs.wants_stats({}, refresh=False)
-    assert not rs.wants_stats({"entries": 0}, refresh=False)
-    assert rs.wants_stats({"entries": 0}, refresh=True)
 
 
 def test_counters_add_to_the_status_totals() -> None:
     status = {"hits": 4, "misses": 1, "computeSecondsSaved": 1.5}
-    fields = rs.stats_fields(status, STATS, {"hits": 2, "misses": 3, "saved": 0.25})
-    assert fields == {"entries": 3, "logicalBytes": 300, "storedBytes": 80, "dedupRatio": 3.0,
-                      "hits": 6, "misses": 4, "computeSecondsSaved": 1.75}
-    assert rs.stats_fields({}, STATS, rs.no_counts())["hits"] == 0
+    fields = rs.counter_fields(status, {"hits": 2, "misses": 3, "saved": 0.25})
+    assert fields == {"hits": 6, "misses": 4, "computeSecondsSaved": 1.75}
+    assert rs.counter_fields({}, rs.no_counts())["hits"] == 0
 
 
 def test_ready_and_stalled_conditions() -> None:

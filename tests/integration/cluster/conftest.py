@@ -129,7 +129,9 @@ def stack(control_plane: cluster.ClusterInfo, tmp_path_factory: pytest.TempPathF
         directory=directory, env=control_plane.env(), watch_namespaces=PREFIX + "*",
         lease_namespace=PREFIX + "system",
         extra_env={"MEMOPLANE_BACKOFF_BASE": "0.2", "MEMOPLANE_STATS_SECONDS": "3",
-                   "MEMOPLANE_RESYNC_SECONDS": "1", OBJECT_INPUTS_ENV: OBJECT_INPUTS})
+                   "MEMOPLANE_RESYNC_SECONDS": "1", "MEMOPLANE_RETENTION_SECONDS": "1",
+                   # retention and sweeps only touch caches with spec.retention: test_retention.py's
+                   "MEMOPLANE_RETENTION_GRACE_SECONDS": "2", "MEMOPLANE_GC_GRACE_SECONDS": "2", OBJECT_INPUTS_ENV: OBJECT_INPUTS})
     stores = Stores(StoreSettings.from_env(control_plane.env()))
     stack = Stack(cfg, Kube(load_config(control_plane.kubeconfig)), stores)
     try:
