@@ -119,6 +119,9 @@ MAX_REVOKED = 256
 MAX_MIN_SIGNATURES = 16
 KEY_SOURCE_MESSAGE = "set exactly one of publicKey, secretRef or configMapRef"
 NO_KEYS_MESSAGE = "trusts no key: add trust.keys or set trust.clusterAgents: true"
+QUOTA_MESSAGE = ("quota is not supported yet: remove it (bound a cache's size with retention.maxBytes, which "
+                 "evicts least recently used first)")
+TIERS_MESSAGE = "tiers is not supported yet: remove it (a cache keeps its results in spec.store only)"
 SIGNING_MESSAGE = ("signing was replaced by trust: move the key to trust.keys (publicKey, secretRef or "
                    "configMapRef holding <keyid>.pub entries)")
 
@@ -127,6 +130,8 @@ KeyId = Annotated[str, Field(pattern=re.sub(r"\?P<\w+>", "", KEYID_PATTERN.patte
 # A field the API names only to refuse it with a message (kept in the schema, so that the
 # API server does not silently prune it).
 Refused = Annotated[Any, WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True})]
+RefusedList = Annotated[Any, WithJsonSchema({"type": "array", "items": {
+    "type": "object", "x-kubernetes-preserve-unknown-fields": True}})]
 
 
 class PublicKeySpec(K8sModel):
@@ -202,6 +207,8 @@ class ResultCacheSpec(K8sModel):
     """A content-addressed result store shared by the jobs allowed to use it."""
 
     model_config = ConfigDict(json_schema_extra=validations(
+        cel("!has(self.quota)", QUOTA_MESSAGE, field_path=".quota"),
+        cel("!has(self.tiers)", TIERS_MESSAGE, field_path=".tiers"),
         cel("!has(self.signing)", SIGNING_MESSAGE, field_path=".signing")))
 
     store: StoreSpec
@@ -211,8 +218,19 @@ class ResultCacheSpec(K8sModel):
                                                               "agents).")
     sharing: SharingSpec | None = Field(default=None, description="Other namespaces allowed to read or write "
                                                                   "this cache's location.")
+    quota: Refused = None   # named only to be refused (DESIGN §2 shows it): not enforced yet
+    tiers: RefusedList = None
     signing: Refused = None
 
+    @field_validator("quota", mode="before")
+    @classmethod
+    def _no_quota(cls, value: Any) -> Any:
+        return _refused(value, QUOTA_MESSAGE)
+
+    @field_validator("tiers", mode="before")
+    @classmethod
+    def _no_tiers(cls, value: Any) -> Any:
+        return _refused(value, TIERS_MESSAGE)
 
     @field_validator("signing", mode="before")
     @classmethod

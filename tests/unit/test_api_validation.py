@@ -22,8 +22,10 @@ from memoplane.api.resultcache import (
     KEY_SOURCE_MESSAGE,
     NAMESPACE_SET_MESSAGE,
     NO_KEYS_MESSAGE,
+    QUOTA_MESSAGE,
     RESULTCACHE,
     SIGNING_MESSAGE,
+    TIERS_MESSAGE,
     ResultCacheSpec,
 )
 from memoplane.api.specs import SpecError, parse
@@ -184,6 +186,10 @@ CASES: list[tuple[str, crd.KindInfo, type[Any], Spec, str, str]] = [
     ("sharing-writers-empty", RESULTCACHE, ResultCacheSpec,
      _with(["sharing", "writers"], {}, examples.resultcache_spec),
      "spec.sharing.writers", f"spec.sharing.writers: {NAMESPACE_SET_MESSAGE}"),
+    ("quota-not-supported", RESULTCACHE, ResultCacheSpec,
+     _with(["quota"], {"maxBytes": "1Ti"}, examples.resultcache_spec), "spec.quota", f"spec.quota: {QUOTA_MESSAGE}"),
+    ("tiers-not-supported", RESULTCACHE, ResultCacheSpec,
+     _with(["tiers"], [{"after": "720h"}], examples.resultcache_spec), "spec.tiers", f"spec.tiers: {TIERS_MESSAGE}"),
     ("signing-replaced-by-trust", RESULTCACHE, ResultCacheSpec,
      _with(["signing"], {"secretRef": {"name": "k"}}, examples.resultcache_spec),
      "spec.signing", f"spec.signing: {SIGNING_MESSAGE}"),
@@ -261,6 +267,7 @@ def test_crd_schema_rejects_with_field_named(
 # see the untyped `value`), whose messages must equal the Python ones.
 CEL_IDS = {"python-and-command", "neither-python-nor-command", "map-over-unknown-input", "verify-with-map",
            "sharing-names-and-selector", "sharing-writers-empty", "signing-replaced-by-trust",
+           "quota-not-supported", "tiers-not-supported",
            "trusted-key-two-sources", "trusted-key-no-source", "trusts-no-key", "env-name-with-equals", "env-name-empty", "env-name-digit-first",
            "env-name-with-nul", "env-name-reserved"}
 CEL_CASES = [c for c in CASES if c[0] in CEL_IDS]
