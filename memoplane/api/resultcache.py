@@ -30,6 +30,7 @@ MAX_NAMESPACES = 256
 
 
 NAMESPACE_SET_MESSAGE = "set exactly one of namespaces or namespaceSelector"
+QUOTA_EMPTY_MESSAGE = "quota bounds nothing: set quota.maxBytes, quota.maxEntries or both"
 
 
 class StoreSpec(K8sModel):
@@ -54,6 +55,26 @@ class RetentionSpec(K8sModel):
                                                                "this long: a Go duration, e.g. 720h.")
     max_bytes: Quantity | None = Field(default=None, description="Evict the least recently used entries until "
                                                                  "the logical bytes of the rest fit, e.g. 50Gi.")
+
+
+class QuotaSpec(K8sModel):
+    """An upper bound on what the cache keeps, as its status counts it (status.entries, status.logicalBytes).
+    At the limit nothing is evicted: jobs through the cache still compute and succeed, but their results
+    are not cached (a Warning Event QuotaExceeded on the job says so); hits are still served."""
+
+    model_config = ConfigDict(json_schema_extra=validations(
+        cel("has(self.maxBytes) || has(self.maxEntries)", QUOTA_EMPTY_MESSAGE)))
+
+    max_bytes: Quantity | None = Field(default=None, description=(
+        "New results are not cached once the entries' logical bytes (status.logicalBytes) reach this, e.g. 50Gi."))
+    max_entries: int | None = Field(default=None, ge=1, description=(
+        "New results are not cached once the cache holds this many entries (status.entries)."))
+
+    @model_validator(mode="after")
+    def _bounds_something(self) -> QuotaSpec:
+        if self.max_bytes is None and self.max_entries is None:
+            raise ValueError(QUOTA_EMPTY_MESSAGE)
+        return self
 
 
 class SelectorRequirement(K8sModel):
@@ -119,8 +140,6 @@ MAX_REVOKED = 256
 MAX_MIN_SIGNATURES = 16
 KEY_SOURCE_MESSAGE = "set exactly one of publicKey, secretRef or configMapRef"
 NO_KEYS_MESSAGE = "trusts no key: add trust.keys or set trust.clusterAgents: true"
-QUOTA_MESSAGE = ("quota is not supported yet: remove it (bound a cache's size with retention.maxBytes, which "
-                 "evicts least recently used first)")
 TIERS_MESSAGE = "tiers is not supported yet: remove it (a cache keeps its results in spec.store only)"
 SIGNING_MESSAGE = ("signing was replaced by trust: move the key to trust.keys (publicKey, secretRef or "
                    "configMapRef holding <keyid>.pub entries)")
@@ -207,7 +226,6 @@ class ResultCacheSpec(K8sModel):
     """A content-addressed result store shared by the jobs allowed to use it."""
 
     model_config = ConfigDict(json_schema_extra=validations(
-        cel("!has(self.quota)", QUOTA_MESSAGE, field_path=".quota"),
         cel("!has(self.tiers)", TIERS_MESSAGE, field_path=".tiers"),
         cel("!has(self.signing)", SIGNING_MESSAGE, field_path=".signing")))
 
@@ -218,14 +236,10 @@ class ResultCacheSpec(K8sModel):
                                                               "agents).")
     sharing: SharingSpec | None = Field(default=None, description="Other namespaces allowed to read or write "
                                                                   "this cache's location.")
-    quota: Refused = None   # named only to be refused (DESIGN §2 shows it): not enforced yet
-    tiers: RefusedList = None
+    quota: QuotaSpec | None = Field(default=None, description="A bound on the entries or logical bytes kept: at "
+                                                              "the limit new results are computed but not cached.")
+    tiers: RefusedList = None   # named only to be refused (DESIGN §2 shows it): not enforced yet
     signing: Refused = None
-
-    @field_validator("quota", mode="before")
-    @classmethod
-    def _no_quota(cls, value: Any) -> Any:
-        return _refused(value, QUOTA_MESSAGE)
 
     @field_validator("tiers", mode="before")
     @classmethod

@@ -33,6 +33,7 @@ class Assignment:
     policy: str
     backoff_limit: int
     cache_key: str
+    cache_result: bool = True   # false: the cache was at its quota when resolved: compute, set no ref
 
 
 def assignment_of(obj: Mapping[str, Any]) -> Assignment | None:
@@ -43,7 +44,8 @@ def assignment_of(obj: Mapping[str, Any]) -> Assignment | None:
         return None
     return Assignment(uid=meta.uid, namespace=meta.namespace, name=meta.name, job_digest=digest, store=store,
                       attempts=status.attempts, generation=meta.generation, policy=view.spec.policy,
-                      backoff_limit=view.spec.backoff_limit, cache_key=key)
+                      backoff_limit=view.spec.backoff_limit, cache_key=key,
+                      cache_result=view.assigned.cache_result)
 
 
 def labelled_for(obj: Mapping[str, Any], node: str) -> bool:

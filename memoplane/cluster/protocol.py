@@ -71,7 +71,10 @@ def key_label(cache_key: str) -> str:
 JOB_DIGEST_ANNOTATION = f"{GROUP}/job-digest"
 JOB_GENERATION_ANNOTATION = f"{GROUP}/job-generation"
 STORE_ANNOTATION = f"{GROUP}/store"
-ASSIGNMENT_ANNOTATIONS = (JOB_DIGEST_ANNOTATION, JOB_GENERATION_ANNOTATION, STORE_ANNOTATION)
+# "false" when the cache's spec.quota was reached at resolution: compute, but set no ref.
+CACHE_RESULT_ANNOTATION = f"{GROUP}/cache-result"
+ASSIGNMENT_ANNOTATIONS = (JOB_DIGEST_ANNOTATION, JOB_GENERATION_ANNOTATION, STORE_ANNOTATION,
+                          CACHE_RESULT_ANNOTATION)
 
 # Components named in Events and status.
 OPERATOR_COMPONENT = "memoplane-operator"
@@ -106,6 +109,9 @@ REASON_SHARING_DENIED = "SharingDenied"  # the cache's location is another names
 REASON_LOCATION_OWNED = "LocationOwned"  # a ResultCache in another namespace's location with no grant: Stalled
 REASON_LOCATION_REFUSED = "LocationRefused"  # a location no namespace may use (e.g. the default bucket's root)
 REASON_STORE_CHANGED = "StoreChanged"  # sharing changed where a resolved job may write: Pending, resolved again
+REASON_QUOTA_EXCEEDED = "QuotaExceeded"  # a cache at its spec.quota: results computed, not cached
+REASON_UNDER_QUOTA = "UnderQuota"
+CONDITION_QUOTA_EXCEEDED = "QuotaExceeded"  # a ResultCache's condition: True at its spec.quota
 REASON_EVICTED = "Evicted"            # a ResultCache pass of retention evicted entries (their data goes at GC)
 
 DEFAULT_RESULT_CACHE: str = CacheSpec.model_fields["result_cache"].default   # the model's, not typed again

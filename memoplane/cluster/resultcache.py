@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from memoplane.api.conditions import mark_ready, mark_stalled
+from memoplane.api.common import parse_quantity
+from memoplane.api.conditions import mark_ready, mark_stalled, remove_condition, set_condition
 
 from . import protocol as p
 from .views import CacheView
@@ -38,6 +39,37 @@ def ready(status: Mapping[str, Any], generation: int, bucket: str, prefix: str, 
 def stalled(status: Mapping[str, Any], generation: int, message: str, now: datetime,
             reason: str = p.REASON_STORE) -> list[dict[str, Any]]:
     return mark_stalled(status.get("conditions"), reason, message, generation, now)
+
+
+def quota_reached(view: CacheView) -> str | None:
+    """Why the cache takes no new results (None: under spec.quota), by the status's figures (the
+    retention worker's count of the store's usage index; a cache with no figures yet is under quota)."""
+    quota, status = view.quota, view.status
+    max_entries, max_bytes = quota.get("maxEntries"), quota.get("maxBytes")
+    entries, size = status.get("entries"), status.get("logicalBytes")
+    if max_entries is not None and entries is not None and int(entries) >= int(max_entries):
+        return _reached(f"{entries} of {max_entries} entries", "maxEntries")
+    if max_bytes is not None and size is not None and int(size) >= int(parse_quantity(str(max_bytes))):
+        return _reached(f"{size} of {int(parse_quantity(str(max_bytes)))} logical bytes", "maxBytes")
+    return None
+
+
+def _reached(figures: str, field: str) -> str:
+    return (f"quota reached: {figures} (spec.quota.{field}): new results are computed but not cached; "
+            "raise spec.quota, or set spec.retention to evict")
+
+
+def with_quota(conditions: list[dict[str, Any]], view: CacheView, generation: int,
+               now: datetime) -> list[dict[str, Any]]:
+    """`conditions` with QuotaExceeded: True (and why) at the quota, False under it, none without one.
+    Ready is left as it is: a cache at its quota still serves hits."""
+    if not view.quota:
+        return remove_condition(conditions, p.CONDITION_QUOTA_EXCEEDED)
+    why = quota_reached(view)
+    if why is None:
+        return set_condition(conditions, p.CONDITION_QUOTA_EXCEEDED, "False", p.REASON_UNDER_QUOTA,
+                             "under spec.quota", generation, now)
+    return set_condition(conditions, p.CONDITION_QUOTA_EXCEEDED, "True", p.REASON_QUOTA_EXCEEDED, why, generation, now)
 
 
 def newly_revoked(view: CacheView) -> list[str]:

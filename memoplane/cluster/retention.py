@@ -116,11 +116,14 @@ def eviction_message(evicted: int, freed: int, retention: Retention) -> str:
 def written_use(obj: Mapping[str, Any]) -> tuple[str, Use] | None:
     """A settled job that computed its result wrote it: (its store's URL, the write), dated by the
     job's completion (so seeing the job again, e.g. after a restart, changes nothing). A job served
-    from the cache wrote nothing (its hit was recorded when it was looked up)."""
+    from the cache wrote nothing (its hit was recorded when it was looked up), nor did one whose
+    result was not cached (policy Bypass, or its cache at its quota: no ref)."""
     view = job(obj)
     status = view.status
     url, key, size = view.result_store_url, status.cache_key, status.result.get("size")
     if status.phase != p.SUCCEEDED or status.cached or not (url and key and status.result_digest):
+        return None
+    if view.spec.policy == "Bypass" or not view.assigned.cache_result:
         return None
     done = parse_time(status.raw.get("completionTime"))
     at = done.timestamp() if done is not None else time.time()

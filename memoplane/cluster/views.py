@@ -232,6 +232,11 @@ class Assigned:
             any(name in self.meta.annotations for name in p.ASSIGNMENT_ANNOTATIONS)
 
     @property
+    def cache_result(self) -> bool:
+        """Set a ref for the result (false: the cache was at its quota when the job was resolved)."""
+        return self.meta.annotations.get(p.CACHE_RESULT_ANNOTATION) != "false"
+
+    @property
     def generation(self) -> str | None:
         generation = self.meta.annotations.get(p.JOB_GENERATION_ANNOTATION)
         return None if generation is None else str(generation)
@@ -323,6 +328,11 @@ class CacheView:
     def revoked(self) -> list[str]:
         """spec.trust.revoked: key ids whose attestations no longer count."""
         return [str(k) for k in section(section(self.body, "spec"), "trust").get("revoked") or ()]
+
+    @property
+    def quota(self) -> Mapping[str, Any]:
+        """spec.quota ({}: none)."""
+        return section(section(self.body, "spec"), "quota")
 
     @property
     def revocations_recorded(self) -> list[str]:

@@ -57,6 +57,7 @@ class Target:
     lookup: Store | None   # where hits come from: the cache's location (None: the namespace may not read it)
     lookup_url: str
     access: sh.Access
+    quota_reached: str | None = None   # why results are not cached (the cache is at its spec.quota)
 
 
 class ResultCaches:
@@ -166,7 +167,8 @@ class ResultCaches:
         home = p.default_store_prefix(found.meta.namespace)
         store, url = (own, found.store_url) if access.write else \
             (self.stores.get(p.DEFAULT_BUCKET, home), p.store_url(p.DEFAULT_BUCKET, home))
-        return Target(store, url, policy, own if access.read else None, found.store_url, access)
+        quota = rs.quota_reached(found) if access.write else None   # the quota bounds the cache's location only
+        return Target(store, url, policy, own if access.read else None, found.store_url, access, quota)
 
     def reexecute_for(self, obj: Mapping[str, Any]) -> sc.Reexecute | None:
         """The job's cache's trust.reexecute (None: no spot checks)."""
@@ -257,8 +259,9 @@ class ResultCaches:
                 patch.update(rs.counter_fields(status, counters))
             if access.write:
                 patch.update(self._record_revocations(view, store))
-            patch["conditions"] = rs.ready(status, generation, bucket, prefix, now) if access.usable else \
+            conditions = rs.ready(status, generation, bucket, prefix, now) if access.usable else \
                 rs.stalled(status, generation, access.why, now, sh.stalled_reason(access))
+            patch["conditions"] = rs.with_quota(conditions, view, generation, now)
         except MemoplaneError as exc:
             patch["conditions"] = rs.stalled(status, generation, str(exc), now)
         if rs.unchanged(status, patch):

@@ -76,6 +76,7 @@ def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, target:
     ctx.manifests.remember(digest, job_)
     looked_up = decide.looks_up(view.spec.policy, missed=False)
     store, url = target.store, target.url
+    uncached = target.quota_reached if view.spec.policy != "Bypass" else None   # Bypass caches nothing anyway
     hit, ms = look_up(ctx, obj, target.lookup, job_.key, target.policy) \
         if looked_up and target.lookup is not None else (None, 0)
     status = view.status.raw
@@ -96,9 +97,13 @@ def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, target:
     updated = ctx.patch_meta(
         obj, labels={p.KEY_LABEL: p.key_label(job_.key), p.NODE_LABEL: None},
         annotations={p.JOB_DIGEST_ANNOTATION: digest, p.STORE_ANNOTATION: url,
-                     p.JOB_GENERATION_ANNOTATION: str(generation)})
+                     p.JOB_GENERATION_ANNOTATION: str(generation),
+                     p.CACHE_RESULT_ANNOTATION: None if uncached is None else "false"})
     updated = ctx.patch(updated, st.resolved(status, generation, job_.key, outcome.input_digests, now))
     ctx.event(updated, p.REASON_RESOLVED, f"cache key {job_.key[:15]}… (generation {generation})")
+    if uncached is not None:
+        ctx.event(updated, p.REASON_QUOTA_EXCEEDED, f"ResultCache '{view.spec.result_cache}': {uncached}",
+                  warning=True)
     if target.access.why:
         ctx.event(updated, p.REASON_SHARING_DENIED, f"ResultCache '{view.spec.result_cache}': {target.access.why}",
                   warning=True)

@@ -2,7 +2,8 @@
 memoplane.cluster (claim.py, retry.py, status.py); this module does the I/O.
 
 Order of a run (DESIGN §4): claim (Running, resourceVersion precondition) -> load the job
-manifest -> check the runtime -> execute (chunks, manifests, result) -> unless Bypass: attest
+manifest -> check the runtime -> execute (chunks, manifests, result) -> unless Bypass or the
+cache was at its quota (the assignment's cache-result annotation): attest
 the result with this node's own key (DESIGN §11; its public key is in the node's Lease) and
 set the ref listing that attestation
 (durable first) -> report Succeeded. A crash anywhere before the report leaves the
@@ -297,7 +298,7 @@ class Agent:
         result, digest = execution.result, execution.digest
         if is_replica(obj):  # stored and attested, not believed on its own: the parent compares (no ref)
             result, digest = store_replica(store, job, result, self.signer, node, checked_digest(obj))
-        elif a.policy != "Bypass":  # attested and durable before anyone is told
+        elif a.policy != "Bypass" and a.cache_result:  # attested and durable before anyone is told
             provenance = execution.result.provenance
             envelope = attest(execution.key, job.key_parts().components(), execution.digest, self.signer, node,
                               provenance.started_at, provenance.ended_at)

@@ -22,7 +22,7 @@ from memoplane.api.resultcache import (
     KEY_SOURCE_MESSAGE,
     NAMESPACE_SET_MESSAGE,
     NO_KEYS_MESSAGE,
-    QUOTA_MESSAGE,
+    QUOTA_EMPTY_MESSAGE,
     RESULTCACHE,
     SIGNING_MESSAGE,
     TIERS_MESSAGE,
@@ -186,8 +186,10 @@ CASES: list[tuple[str, crd.KindInfo, type[Any], Spec, str, str]] = [
     ("sharing-writers-empty", RESULTCACHE, ResultCacheSpec,
      _with(["sharing", "writers"], {}, examples.resultcache_spec),
      "spec.sharing.writers", f"spec.sharing.writers: {NAMESPACE_SET_MESSAGE}"),
-    ("quota-not-supported", RESULTCACHE, ResultCacheSpec,
-     _with(["quota"], {"maxBytes": "1Ti"}, examples.resultcache_spec), "spec.quota", f"spec.quota: {QUOTA_MESSAGE}"),
+    ("quota-empty", RESULTCACHE, ResultCacheSpec,
+     _with(["quota"], {}, examples.resultcache_spec), "spec.quota", f"spec.quota: {QUOTA_EMPTY_MESSAGE}"),
+    ("quota-max-entries-zero", RESULTCACHE, ResultCacheSpec,
+     _with(["quota", "maxEntries"], 0, examples.resultcache_spec), "spec.quota.maxEntries", ""),
     ("tiers-not-supported", RESULTCACHE, ResultCacheSpec,
      _with(["tiers"], [{"after": "720h"}], examples.resultcache_spec), "spec.tiers", f"spec.tiers: {TIERS_MESSAGE}"),
     ("signing-replaced-by-trust", RESULTCACHE, ResultCacheSpec,
@@ -267,7 +269,7 @@ def test_crd_schema_rejects_with_field_named(
 # see the untyped `value`), whose messages must equal the Python ones.
 CEL_IDS = {"python-and-command", "neither-python-nor-command", "map-over-unknown-input", "verify-with-map",
            "sharing-names-and-selector", "sharing-writers-empty", "signing-replaced-by-trust",
-           "quota-not-supported", "tiers-not-supported",
+           "quota-empty", "tiers-not-supported",
            "trusted-key-two-sources", "trusted-key-no-source", "trusts-no-key", "env-name-with-equals", "env-name-empty", "env-name-digit-first",
            "env-name-with-nul", "env-name-reserved"}
 CEL_CASES = [c for c in CASES if c[0] in CEL_IDS]
@@ -307,10 +309,13 @@ def test_python_and_cel_give_the_same_message(
                                         "sharing": {"readers": {"namespaceSelector": {"matchExpressions": [
                                             {"key": "team", "operator": "In", "values": ["b", "c"]}]}},
                                             "writers": {"namespaces": ["team-b"]}}}),
+        (RESULTCACHE, ResultCacheSpec, {"store": {"bucket": "memoplane"}, "quota": {"maxEntries": 1000}}),
+        (RESULTCACHE, ResultCacheSpec, {"store": {"bucket": "memoplane"},
+                                        "quota": {"maxBytes": "50Gi", "maxEntries": 1}}),
     ],
     ids=["computejob-design", "resultcache-design", "gmemseed-design", "command", "null-value",
          "quantities", "env-names", "deep-100", "no-trust", "own-keys-only", "reexecute", "reexecute-all",
-         "sharing-and-read-only"],
+         "sharing-and-read-only", "quota-entries", "quota-both"],
 )
 def test_valid_specs_pass_both(info: crd.KindInfo, model: type[Any], spec: Spec) -> None:
     assert python_errors(model, spec) == []

@@ -29,6 +29,14 @@ def test_assignment_fields() -> None:
     assert assignment_of(cj("Scheduled", generation=2, resolved=1)) is None
 
 
+def test_the_assignment_says_whether_to_cache_the_result() -> None:
+    assert assignment_of(cj("Scheduled")).cache_result  # type: ignore[union-attr]
+    at_quota = cj("Scheduled")
+    at_quota["metadata"]["annotations"][p.CACHE_RESULT_ANNOTATION] = "false"
+    a = assignment_of(at_quota)
+    assert a is not None and not a.cache_result
+
+
 def test_claim_scheduled_jobs_for_this_node() -> None:
     assert agent_action(cj("Scheduled"), "node-a", running_here=False) == "claim"
     assert agent_action(cj("Scheduled"), "node-b", running_here=False) == "ignore"

@@ -46,3 +46,32 @@ def test_newly_revoked_is_what_the_spec_revokes_and_the_status_has_not_recorded(
         (["a-1"], ["a-1", "c-1"], []),   # c-1 was un-revoked: nothing to record
     ]:
         assert rs.newly_revoked(view(revoked, recorded)) == new
+
+
+def _at(quota: dict[str, object] | None, entries: int | None = None, logical: int | None = None) -> CacheView:
+    status = {k: v for k, v in (("entries", entries), ("logicalBytes", logical)) if v is not None}
+    return cache({"spec": {"store": {"bucket": "memoplane"}, **({"quota": quota} if quota else {})},
+                  "status": status})
+
+
+def test_quota_reached_by_the_status_figures() -> None:
+    assert rs.quota_reached(_at({"maxEntries": 1000}, entries=999)) is None
+    assert rs.quota_reached(_at({"maxEntries": 1000}, entries=1000)) == (
+        "quota reached: 1000 of 1000 entries (spec.quota.maxEntries): new results are computed but not cached; "
+        "raise spec.quota, or set spec.retention to evict")
+    assert rs.quota_reached(_at({"maxBytes": "1Ki"}, entries=5, logical=1023)) is None
+    why = rs.quota_reached(_at({"maxBytes": "1Ki", "maxEntries": 10}, entries=5, logical=1024))
+    assert why is not None and why.startswith("quota reached: 1024 of 1024 logical bytes (spec.quota.maxBytes)")
+    assert rs.quota_reached(_at({"maxEntries": 1})) is None, "no figures yet: under quota"
+    assert rs.quota_reached(_at(None, entries=10**9, logical=10**15)) is None, "no quota"
+
+
+def test_the_quota_condition_leaves_the_cache_ready() -> None:
+    ready = rs.ready({}, 1, "memoplane", "ml/", T0)
+    at_limit = rs.with_quota(ready, _at({"maxEntries": 1}, entries=1), 1, T0)
+    cond = get_condition(at_limit, "QuotaExceeded")
+    assert cond is not None and cond["status"] == "True" and cond["message"].startswith("quota reached: 1 of 1")
+    assert get_condition(at_limit, "Ready")["status"] == "True"  # type: ignore[index]
+    under = rs.with_quota(at_limit, _at({"maxEntries": 2}, entries=1), 1, T0)
+    assert get_condition(under, "QuotaExceeded")["status"] == "False"  # type: ignore[index]
+    assert get_condition(rs.with_quota(under, _at(None), 1, T0), "QuotaExceeded") is None

@@ -81,6 +81,13 @@ def test_a_computed_result_is_a_write_dated_by_its_completion_and_a_hit_is_not()
     assert rt.written_use(job("b3:k", phase=p.FAILED)) is None
 
 
+def test_a_result_not_cached_is_not_a_write() -> None:
+    at_quota = job("b3:k")
+    at_quota["metadata"]["annotations"] = {p.CACHE_RESULT_ANNOTATION: "false"}  # type: ignore[index]
+    assert rt.written_use(at_quota) is None
+    assert rt.written_use({**job("b3:k"), "spec": {"cache": {"policy": "Bypass"}}}) is None
+
+
 def test_roots_are_the_jobs_and_seeds_of_the_store() -> None:
     jobs = [job("b3:mine"), job("b3:elsewhere", store="s3://memoplane/other")]
     assert rt.job_roots(jobs, "s3://memoplane/ml") == {"b3:mine"}
