@@ -26,6 +26,9 @@ from ..canonical import canonical_json
 from ..errors import NotFound
 from .backend import Backend
 
+# What parsing a usage object someone else wrote can raise (the index is kept whatever they wrote).
+MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError)
+
 LOG = "usage/log/"
 SNAPSHOT = "usage/snapshot"
 
@@ -114,6 +117,8 @@ def load(backend: Backend) -> tuple[UsageIndex, list[str]]:
         index = UsageIndex.from_bytes(backend.get(SNAPSHOT))
     except NotFound:
         index = UsageIndex()
+    except MALFORMED:  # anyone who can write the store can write it: start over from the refs, never fail
+        index = UsageIndex()
     return merge(backend, index)
 
 
@@ -125,6 +130,8 @@ def merge(backend: Backend, index: UsageIndex) -> tuple[UsageIndex, list[str]]:
             index.apply(_parse(backend.get(name)))
         except NotFound:  # merged and deleted by another compaction meanwhile
             continue
+        except MALFORMED:  # not a batch this module wrote: skipped (compaction deletes it)
+            pass
         index.through = name
     return index, names
 

@@ -147,6 +147,8 @@ class RetentionWorker:
                 self._cache_pass(rc, jobs)
             except MemoplaneError as exc:
                 log.warning("retention of ResultCache %s/%s: %s", cache(rc).meta.namespace, cache(rc).meta.name, exc)
+            except Exception:  # one cache's surprise (its store holds what anyone wrote) never stops the others'
+                log.exception("retention of ResultCache %s/%s failed", cache(rc).meta.namespace, cache(rc).meta.name)
         self.passes += 1
 
     def _cache_pass(self, rc: dict[str, Any], jobs: list[dict[str, Any]]) -> None:

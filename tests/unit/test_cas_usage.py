@@ -103,3 +103,17 @@ def test_the_sweep_keeps_roots_no_ref_reaches(store: Store) -> None:
     assert report.deleted == 0 and report.kept_bytes > 0
     assert store.get_bytes(overlay.digest) == b"overlay " * 5000 and store.get_result(kept_result).key == key(7)
     assert store.gc(0.0).deleted > 0  # without the roots they go
+
+
+@pytest.mark.parametrize("garbage", [b"not json", b'{"v": 1}', b'[["k", "hit"]]', b'{"entries": {"k": 3}}'])
+def test_usage_objects_someone_else_wrote_never_stop_the_index(store: Store, garbage: bytes) -> None:
+    """Whoever can write the store can write its usage objects: a malformed snapshot is started over
+    (the refs are indexed again) and a malformed batch skipped, so one tenant's store cannot stop the
+    operator's retention pass for every cache."""
+    store.backend.put(SNAPSHOT, garbage)
+    store.backend.put(f"{LOG}{'0' * 20}-00000000", garbage)
+    store.record_uses([Use(key(1), HIT, 5.0, 7)])
+    index = store.usage()
+    assert not index.refs_indexed and list(index.entries) == [key(1)] and index.entries[key(1)].size == 7
+    store.save_usage(index)
+    assert batches(store) == [] and store.usage().entries.keys() == {key(1)}
