@@ -108,9 +108,13 @@ def test_a_liar_is_never_believed_and_named_in_every_dispute(rstack: tuple[Stack
 def test_time_ns_is_disputed_with_a_readable_difference(rstack: tuple[Stack, TrustPolicy], rns: str) -> None:
     s, _ = rstack
     clock = "import time\n\ndef main():\n    return {'now': time.time_ns()}\n"
-    s.apply(rns, job("clock", clock, uuid.uuid4().hex[:12]))
-    obj = s.wait(rns, "clock", timeout=180)
-    st = status(obj)
+    for attempt in range(10):  # a key the liar lies about differs at $.lie first: take the next salt
+        name = f"clock-{attempt}"
+        s.apply(rns, job(name, clock, uuid.uuid4().hex[:12]))
+        obj = s.wait(rns, name, timeout=180)
+        st = status(obj)
+        if not lies(st["cacheKey"], SEED, 0.2):
+            break
     assert st["phase"] == "Failed" and st["reason"] == "Disputed", st
     disputed = next(c for c in st["conditions"] if c["type"] == "Disputed")
     ready = next(c for c in st["conditions"] if c["type"] == "Ready")
@@ -120,7 +124,7 @@ def test_time_ns_is_disputed_with_a_readable_difference(rstack: tuple[Stack, Tru
     assert len(digests) == 2 and all(d in ready["message"] for d in digests)
     assert st["verify"]["agreed"] is False and st["verify"]["difference"].startswith("value differs at $.now")
     assert s.store(rns).read_ref(st["cacheKey"]) is None
-    events = s.kube.core.list_namespaced_event(rns, field_selector="involvedObject.name=clock").items
+    events = s.kube.core.list_namespaced_event(rns, field_selector=f"involvedObject.name={name}").items
     assert any(e.reason == "Disputed" and "value differs at $.now" in e.message for e in events)
     print(f"\ndispute: {ready['message']}")
 
