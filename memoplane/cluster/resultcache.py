@@ -49,8 +49,9 @@ def quota_reached(view: CacheView) -> str | None:
     entries, size = status.get("entries"), status.get("logicalBytes")
     if max_entries is not None and entries is not None and int(entries) >= int(max_entries):
         return _reached(f"{entries} of {max_entries} entries", "maxEntries")
-    if max_bytes is not None and size is not None and int(size) >= int(parse_quantity(str(max_bytes))):
-        return _reached(f"{size} of {int(parse_quantity(str(max_bytes)))} logical bytes", "maxBytes")
+    limit = int(parse_quantity(str(max_bytes))) if max_bytes is not None else None
+    if limit is not None and size is not None and int(size) >= limit:
+        return _reached(f"{size} of {limit} logical bytes", "maxBytes")
     return None
 
 
