@@ -290,6 +290,23 @@ class Store:
     def set_last_run(self, identity: str, record: bytes) -> None:
         self.backend.put(_last_run_name(identity), record)
 
+    # -- run records (memoplane.history): one object per run, append-only ----------------
+
+    def put_run_record(self, run_id: str, record: bytes) -> bool:
+        """Keep a run's record under its id; False if a record of that id exists (never replaced)."""
+        return self.backend.create(RUN_RECORDS + run_id, record)
+
+    def run_record(self, run_id: str) -> bytes | None:
+        try:
+            return self.backend.get(RUN_RECORDS + run_id)
+        except NotFound:
+            return None
+
+    def run_record_ids(self, after: str = "") -> Iterator[str]:
+        """Every kept run id, oldest first (ids sort by time), those after `after` only."""
+        ids = sorted(info.name[len(RUN_RECORDS):] for info in self.backend.list(RUN_RECORDS))
+        return (run_id for run_id in ids if run_id > after)
+
     # -- the spot checks' agreement streaks (memoplane.cluster.spotcheck) -------------------
 
     def spot_check_streaks(self) -> bytes | None:
@@ -679,6 +696,7 @@ def _decode_json_value(data: bytes, digest: str) -> Any:
 
 
 SPOT_CHECK_STREAKS = "spot-checks/streaks.json"
+RUN_RECORDS = "history/runs/"
 
 
 def _last_run_name(identity: str) -> str:
