@@ -13,7 +13,7 @@ import fcntl
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from typing import Any
 from .cas import Hit, ResultManifest, Store
 from .errors import JobFailed, NotFound, StoreCorrupted
 from .execute import Execution, SandboxRunner, execute
+from .history import build as records
+from .history.records import InputRecord, JobIdentity, RunRecord
 from .jobs import Job, Policy
 from .keys import explain_change
 from .leftovers import sweep
@@ -40,6 +42,7 @@ class RunReport:
     compute_seconds_saved: float    # on a hit: the compute time the stored result stood for
     explain: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)   # e.g. "a damaged entry was quarantined"
+    run_id: str = ""                # this run's record in the store's history
 
     @property
     def value_kind(self) -> str:
@@ -56,29 +59,67 @@ def run_job(
     trust: TrustPolicy,
     signer: SigningKey,
     node: str = "local",
+    job_identity: JobIdentity | None = None,
+    sources: Mapping[str, InputRecord] | None = None,
 ) -> RunReport:
     """Run `job` once; `sandbox` is called only on a miss (starting one costs). A stored result is
-    served only if `trust` accepts its attestations; what is computed is signed by `signer`."""
-    started = time.perf_counter()
+    served only if `trust` accepts its attestations; what is computed is signed by `signer`.
+    Every run, served or computed or failed, appends a run record to the store's history, as
+    `job_identity` (default: `identity`, unnamespaced); `sources` says where inputs came from."""
+    run = _Run(job, store, policy, job_identity or JobIdentity("", identity), sources, node)
     parts = job.key_parts()
     key = parts.key
     history = RunHistory(store)
     explanation = explain_change(history.previous(identity), parts.components())
     notes: list[str] = []
     if policy == "Use":
-        hit = _lookup(store, key, trust, notes)
+        hit, vouched = _lookup(store, key, trust, notes)
         if hit is None:
             with key_lock(store, key):
-                hit = _lookup(store, key, trust, notes)  # another process may have finished it
+                hit, vouched = _lookup(store, key, trust, notes)  # another process may have finished it
                 if hit is None:
-                    return _compute(job, store, sandbox, policy, signer, identity, node, started, explanation,
-                                    notes)
+                    return _compute(job, store, sandbox, policy, signer, identity, run, explanation, notes)
         history.record(identity, key, parts.components())
-        return _report(store, hit, started, cached=True, explain=[], notes=notes)
-    return _compute(job, store, sandbox, policy, signer, identity, node, started, explanation, notes)
+        return run.done(_report(store, hit, run.started, cached=True, explain=[], notes=notes), vouched)
+    return _compute(job, store, sandbox, policy, signer, identity, run, explanation, notes)
 
 
-def _lookup(store: Store, key: str, trust: TrustPolicy, notes: list[str]) -> Hit | None:
+class _Run:
+    """One run as its record needs it: when it started and what it was."""
+
+    def __init__(self, job: Job, store: Store, policy: Policy, identity: JobIdentity,
+                 sources: Mapping[str, InputRecord] | None, node: str) -> None:
+        self.job, self.store, self.policy, self.identity, self.sources, self.node = \
+            job, store, policy, identity, sources, node
+        self.started = time.perf_counter()
+        self.started_at = time.time()
+
+    def done(self, report: RunReport, signer: str | None) -> RunReport:
+        result = report.result
+        computed = result.provenance.duration_s
+        record = self._record(result=report.result_digest, result_size=result.logical_size, signer=signer,
+                              cached=report.cached, compute_seconds=computed)
+        if records.append(self.store, record):
+            report.run_id = record.run_id
+        return report
+
+    def failed(self, execution: Execution) -> None:
+        failure = execution.failure
+        records.append(self.store, self._record(
+            result=None, result_size=None, signer=None, cached=False, compute_seconds=0.0,
+            failure=f"{failure.reason}: {failure.message}" if failure else "no result"))
+
+    def _record(self, *, result: str | None, result_size: int | None, signer: str | None, cached: bool,
+                compute_seconds: float, failure: str | None = None) -> RunRecord:
+        return records.run_record(
+            self.job, self.job.key_parts(), self.identity, result=result, result_size=result_size, node=self.node,
+            signer=signer, started=self.started_at, ended=time.time(), cached=cached,
+            compute_seconds=compute_seconds, policy=self.policy, failure=failure, sources=self.sources,
+            blobs=records.detail_blobs(self.store, self.job) if not cached else (None, None))
+
+
+def _lookup(store: Store, key: str, trust: TrustPolicy, notes: list[str]) -> tuple[Hit | None, str | None]:
+    """A trusted hit (and the first key that vouched for it), or why not in `notes`."""
     had_ref = store.read_ref(key) is not None
     found = trusted_hit(store, key, trust)
     note = None
@@ -88,22 +129,25 @@ def _lookup(store: Store, key: str, trust: TrustPolicy, notes: list[str]) -> Hit
         note = "the stored entry was damaged or incomplete: quarantined and recomputed"
     if note is not None and note not in notes:  # looked up twice: before and under the key's lock
         notes.append(note)
-    return found.hit
+    signers = found.verdict.signers if found.verdict is not None else ()
+    return found.hit, ",".join(signers) or None
 
 
 def _compute(job: Job, store: Store, sandbox: Callable[[], SandboxRunner], policy: Policy, signer: SigningKey,
-             identity: str, node: str, started: float, explanation: list[str], notes: list[str]) -> RunReport:
+             identity: str, run: _Run, explanation: list[str], notes: list[str]) -> RunReport:
     sweep()   # before our own pool starts: what crashed runs left behind
-    execution = execute(job, store, sandbox(), node=node)
+    execution = execute(job, store, sandbox(), node=run.node)
     history = RunHistory(store)
     if execution.result is None or execution.digest is None:
         history.record_failure(identity, execution.key, execution.failure)
+        run.failed(execution)
         raise _job_failed(execution)
     if policy != "Bypass":
         commit_signed(store, job.key_parts().components(), execution.result, execution.digest, signer)
     history.record(identity, execution.key, job.key_parts().components())
     hit = Hit(execution.key, execution.digest, execution.result)
-    return _report(store, hit, started, cached=False, explain=explanation, notes=notes)
+    report = _report(store, hit, run.started, cached=False, explain=explanation, notes=notes)
+    return run.done(report, signer.keyid if policy != "Bypass" else None)
 
 
 def _report(store: Store, hit: Hit, started: float, *, cached: bool,

@@ -12,6 +12,7 @@ from typing import Any
 from ..cas import Hit, Store, check_digest, open_store
 from ..cas.store import output_directory, write_new_file
 from ..errors import InputError, NotFound, StoreCorrupted, Untrusted
+from ..history.roots import kept_roots
 from ..sandbox.types import VALUE_FILE_NAMES
 from ..trust import TrustPolicy, judge_stored, trusted_hit, untrusted_refs
 from ..trust.local import Keyring
@@ -143,7 +144,8 @@ def gc_command(args: argparse.Namespace) -> int:
         max_age = parse_duration(args.max_age, "--max-age") if args.max_age else None
         max_bytes = parse_bytes(args.max_bytes, "--max-bytes") if args.max_bytes else None
         evicted = store.evict(max_age=max_age, max_bytes=max_bytes) if (max_age or max_bytes) else None
-        report = store.gc(grace_seconds=args.grace)
+        results, blobs = kept_roots(store)  # versions in history stay readable
+        report = store.gc(grace_seconds=args.grace, results=results, blobs=blobs)
         out = {"gc": report.to_dict(), "evict": evicted.to_dict() if evicted else None}
         if args.json:
             print(json.dumps(out, sort_keys=True))
