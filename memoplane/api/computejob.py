@@ -301,6 +301,15 @@ class VerifyStatus(StatusModel):
                                    description="The first difference between the replicas' results.")
 
 
+class UpstreamRun(StatusModel):
+    """A fromJob input as its key was resolved: the upstream job, the result used and the run that produced it."""
+
+    input: Identifier
+    job: str = Field(max_length=317, description="The upstream ComputeJob, namespace/name.")
+    result: Digest | None = Field(default=None, description="The upstream's result digest that went into the key.")
+    run_id: str | None = Field(default=None, max_length=64, description="The upstream run that produced it.")
+
+
 class ComputeJobStatus(StatusModel):
     """Written by the operator and the node agents."""
 
@@ -322,6 +331,10 @@ class ComputeJobStatus(StatusModel):
     failure: Failure | None = None
     map: MapStatus | None = Field(default=None, description="spec.map jobs: progress of the sub-tasks.")
     verify: VerifyStatus | None = Field(default=None, description="spec.verify jobs: the replicas' results.")
+    run_id: str | None = Field(default=None, max_length=64, description=(
+        "The run that produced what this status shows (its record is in the ResultCache's store history)."))
+    upstreams: list[UpstreamRun] | None = Field(default=None, max_length=MAX_INPUTS, description=(
+        "fromJob inputs as resolved: the exact upstream result and run this job's key used."))
     conditions: Conditions = Field(default_factory=list)
     observed_generation: int | None = Field(default=None, ge=0)
 

@@ -28,6 +28,7 @@ from ..sandbox.types import Limits
 from ..settings import MISSING_GRACE_SECONDS
 from . import protocol as p
 from . import seeds
+from .lineage import upstream_runs
 from .views import job, section
 
 MAX_CHAIN = 64  # fromJob edges followed when looking for a cycle
@@ -37,6 +38,7 @@ MAX_CHAIN = 64  # fromJob edges followed when looking for a cycle
 class Resolved:
     job: Job
     input_digests: dict[str, str] = field(default_factory=dict)
+    upstreams: list[dict[str, Any]] = field(default_factory=list)  # status.upstreams (memoplane.cluster.lineage)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,47 @@ class Lookups(Protocol):
         """A seed's overlay blob (in the store at `store_url`) as a blob in the job's store.
         Raises LookupError_ when it cannot be read."""
         ...
+
+
+class SeenJobs:
+    """`Lookups` that remembers every ComputeJob object it returned, by (namespace, name)."""
+
+    def __init__(self, lookups: Lookups, namespace: str) -> None:
+        self.lookups, self.namespace = lookups, namespace
+        self.seen: dict[tuple[str, str], Mapping[str, Any]] = {}
+
+    def get_job(self, name: str) -> Mapping[str, Any] | None:
+        found = self.lookups.get_job(name)
+        if found is not None:
+            self.seen[(self.namespace, name)] = found
+        return found
+
+    def foreign_job(self, namespace: str, name: str) -> tuple[Mapping[str, Any] | None, str]:
+        found, denied = self.lookups.foreign_job(namespace, name)
+        if found is not None:
+            self.seen[(namespace, name)] = found
+        return found, denied
+
+    def get_config_map(self, name: str) -> Mapping[str, Any] | None:
+        return self.lookups.get_config_map(name)
+
+    def result_input(self, result_digest: str, store_url: str | None) -> Input:
+        return self.lookups.result_input(result_digest, store_url)
+
+    def object_refusal(self, bucket: str, key: str) -> str | None:
+        return self.lookups.object_refusal(bucket, key)
+
+    def object_input(self, bucket: str, key: str) -> BlobInput | None:
+        return self.lookups.object_input(bucket, key)
+
+    def put_bytes(self, data: bytes) -> BlobInput:
+        return self.lookups.put_bytes(data)
+
+    def get_seed(self, name: str) -> Mapping[str, Any] | None:
+        return self.lookups.get_seed(name)
+
+    def seed_overlay(self, digest: str, store_url: str) -> BlobInput:
+        return self.lookups.seed_overlay(digest, store_url)
 
 
 def parse_time(text: str | None) -> datetime | None:
@@ -290,6 +333,7 @@ def resolve(obj: Mapping[str, Any], runtime: str | None, lookups: Lookups, now: 
         return Waiting(p.REASON_NO_AGENT, f"no live agent serves runtime profile '{spec.runtime.profile}'")
     name = job.metadata.name
     created = parse_time(job.metadata.creation_timestamp)
+    lookups = seen = SeenJobs(lookups, job.metadata.namespace or "")
     inputs: dict[str, Input] = {}
     # Objects are read and hashed last, and only when nothing else is awaited: a job
     # waiting for its upstream is revisited often and must not re-hash its objects each time.
@@ -322,4 +366,4 @@ def resolve(obj: Mapping[str, Any], runtime: str | None, lookups: Lookups, now: 
     resolved = Job(code=code, inputs=inputs, env=dict(spec.env), salt=spec.cache.version,
                    profile=spec.runtime.profile, limits=limits_of(job), runtime=runtime)
     digests = {n: v.digest for n, v in inputs.items()}
-    return Resolved(resolved, digests)
+    return Resolved(resolved, digests, upstream_runs(obj, seen.seen))

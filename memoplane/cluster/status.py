@@ -8,7 +8,7 @@ Succeeded, Stalled + Ready=False when Failed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -31,7 +31,7 @@ MESSAGE_CHARS = 2000
 
 # Fields that describe one attempt or one generation's outcome; cleared when a new one starts.
 _OUTCOME = ("result", "cached", "durationMs", "duration", "computeSecondsSaved", "completionTime",
-            "failure", "startTime", "node")
+            "failure", "startTime", "node", "runId")
 
 
 def _conds(status: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -64,12 +64,14 @@ def result_ref(digest: str, result: ResultManifest, store: str) -> dict[str, Any
 
 
 def resolved(status: Mapping[str, Any], generation: int, key: str, input_digests: Mapping[str, str],
-             now: datetime) -> Patch:
-    """A generation resolved to `key`: everything of an earlier generation is cleared."""
+             now: datetime, upstreams: Sequence[Mapping[str, Any]] = ()) -> Patch:
+    """A generation resolved to `key`: everything of an earlier generation is cleared.
+    `upstreams`: the fromJob inputs' exact upstream results and runs (status.upstreams)."""
     message = f"cache key {short_key(key)}"
     return {
         "phase": p.PENDING, "reason": p.REASON_RESOLVED, "message": message,
         "cacheKey": key, "shortKey": short_key(key), "inputDigests": dict(input_digests),
+        "upstreams": [dict(u) for u in upstreams] or None,
         "attempts": 0, **{f: None for f in _OUTCOME},
         "conditions": mark_reconciling(_conds(status), p.REASON_RESOLVED, message, generation, now),
         "observedGeneration": generation,
@@ -101,14 +103,14 @@ def pending(status: Mapping[str, Any], generation: int, reason: str, message: st
 
 
 def failed(status: Mapping[str, Any], generation: int, reason: str, message: str, now: datetime,
-           stderr_tail: str | None = None, attempts: int | None = None) -> Patch:
+           stderr_tail: str | None = None, attempts: int | None = None, run_id: str | None = None) -> Patch:
     message = _clip(message)
     failure: dict[str, Any] = {"reason": reason, "message": message}
     if stderr_tail:
         failure["stderrTail"] = tail(stderr_tail)
     patch: Patch = {
         "phase": p.FAILED, "reason": camel(reason), "message": message, "failure": failure,
-        "completionTime": rfc3339(now),
+        "completionTime": rfc3339(now), "runId": run_id,
         "conditions": mark_stalled(_conds(status), camel(reason), message, generation, now),
         "observedGeneration": generation,
     }
@@ -118,24 +120,26 @@ def failed(status: Mapping[str, Any], generation: int, reason: str, message: str
 
 
 def cache_hit(status: Mapping[str, Any], generation: int, digest: str, result: ResultManifest, store: str,
-              duration_ms: int, now: datetime, node: str | None = None) -> Patch:
+              duration_ms: int, now: datetime, node: str | None = None, run_id: str | None = None) -> Patch:
     saved = float(result.provenance.duration_s)
     message = f"served from the cache (computed on {result.provenance.node}, saved {saved:.2f}s)"
     return {
         "phase": p.SUCCEEDED, "reason": p.REASON_CACHE_HIT, "message": message,
         "cached": True, "result": result_ref(digest, result, store), "node": node,
         "durationMs": duration_ms, "duration": format_duration(duration_ms),
-        "computeSecondsSaved": saved, "completionTime": rfc3339(now), "failure": None,
+        "computeSecondsSaved": saved, "completionTime": rfc3339(now), "failure": None, "runId": run_id,
         "conditions": mark_ready(_conds(status), p.REASON_CACHE_HIT, message, generation, now),
         "observedGeneration": generation,
     }
 
 
 def resolved_hit(status: Mapping[str, Any], generation: int, key: str, input_digests: Mapping[str, str],
-                 digest: str, result: ResultManifest, store: str, duration_ms: int, now: datetime) -> Patch:
+                 digest: str, result: ResultManifest, store: str, duration_ms: int, now: datetime,
+                 upstreams: Sequence[Mapping[str, Any]] = (), run_id: str | None = None) -> Patch:
     """A generation resolved to a key already in the cache: resolved and served in one write."""
-    first = resolved(status, generation, key, input_digests, now)
-    return {**first, **cache_hit({"conditions": first["conditions"]}, generation, digest, result, store, duration_ms, now)}
+    first = resolved(status, generation, key, input_digests, now, upstreams)
+    return {**first, **cache_hit({"conditions": first["conditions"]}, generation, digest, result, store, duration_ms,
+                                 now, run_id=run_id)}
 
 
 def scheduled(status: Mapping[str, Any], generation: int, node: str, attempts: int, now: datetime,
@@ -160,13 +164,13 @@ def running(status: Mapping[str, Any], generation: int, node: str, now: datetime
 
 
 def succeeded(status: Mapping[str, Any], generation: int, node: str, digest: str, result: ResultManifest,
-              store: str, duration_ms: int, now: datetime) -> Patch:
+              store: str, duration_ms: int, now: datetime, run_id: str | None = None) -> Patch:
     message = f"computed on node {node} in {format_duration(duration_ms)}"
     return {
         "phase": p.SUCCEEDED, "reason": p.REASON_COMPUTED, "message": message,
         "cached": False, "node": node, "result": result_ref(digest, result, store),
         "durationMs": duration_ms, "duration": format_duration(duration_ms),
-        "computeSecondsSaved": 0.0, "completionTime": rfc3339(now), "failure": None,
+        "computeSecondsSaved": 0.0, "completionTime": rfc3339(now), "failure": None, "runId": run_id,
         "conditions": mark_ready(_conds(status), p.REASON_COMPUTED, message, generation, now),
         "observedGeneration": generation,
     }
@@ -208,7 +212,8 @@ def map_progress(status: Mapping[str, Any], generation: int, counts: Mapping[str
 
 
 def map_succeeded(status: Mapping[str, Any], generation: int, key: str, digest: str, result: ResultManifest,
-                  store: str, counts: Mapping[str, int], seconds_saved: float, now: datetime) -> Patch:
+                  store: str, counts: Mapping[str, int], seconds_saved: float, now: datetime,
+                  run_id: str | None = None) -> Patch:
     """Every sub-task succeeded: the result is their values in element order."""
     total, cached = counts.get("total", 0), counts.get("cached", 0)
     message = f"{total} sub-tasks succeeded ({cached} from the cache)"
@@ -217,6 +222,7 @@ def map_succeeded(status: Mapping[str, Any], generation: int, key: str, digest: 
         "cacheKey": key, "shortKey": short_key(key), "cached": total > 0 and cached == total,
         "result": result_ref(digest, result, store), "node": None, "durationMs": None, "duration": None,
         "computeSecondsSaved": round(seconds_saved, 3), "completionTime": rfc3339(now), "failure": None,
+        "runId": run_id,
         "conditions": mark_ready(_conds(status), p.REASON_COMPUTED, message, generation, now),
         "observedGeneration": generation,
     }
@@ -239,7 +245,8 @@ def replicating(status: Mapping[str, Any], generation: int, key: str | None, don
 
 
 def replicas_agreed(status: Mapping[str, Any], generation: int, key: str, digest: str, result: ResultManifest,
-                    store: str, replicas: list[dict[str, Any]], now: datetime, reason: str, dispute: str) -> Patch:
+                    store: str, replicas: list[dict[str, Any]], now: datetime, reason: str, dispute: str,
+                    run_id: str | None = None) -> Patch:
     """Every replica returned `digest` and attested it: Ready, with the result."""
     nodes = [str(r.get("node")) for r in replicas]
     message = f"computed on {len(nodes)} nodes ({', '.join(nodes)}); their results agree"
@@ -248,7 +255,7 @@ def replicas_agreed(status: Mapping[str, Any], generation: int, key: str, digest
         "cacheKey": key, "shortKey": short_key(key), "node": None, "result": result_ref(digest, result, store),
         "verify": {"replicas": replicas, "agreed": True, "difference": None},
         "durationMs": None, "duration": None, "computeSecondsSaved": 0.0, "completionTime": rfc3339(now),
-        "failure": None,
+        "failure": None, "runId": run_id,
         "conditions": mark_ready(remove_condition(_conds(status), dispute), reason, message, generation, now),
         "observedGeneration": generation,
     }

@@ -6,6 +6,7 @@ job whose node was lost. memoplane.cluster.decide decides; this module reads and
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -18,7 +19,7 @@ from memoplane.jobs import Job
 
 from .caches import Target
 from .context import Context
-from .hits import look_up, served
+from .hits import look_up, record_hit, served
 from .replicas import exclude_for
 from .resolution import Admissible
 from .spotchecks import spot_check
@@ -46,7 +47,7 @@ def admit(ctx: Context, obj: dict[str, Any], carried: Admissible | None = None) 
     if target.lookup is not None and decide.looks_up(
             view.spec.policy, missed or bool(memo and (target.lookup_url, key) in memo.misses)):
         # A stored result is served whoever else computes the key: no flight to consult.
-        if _serve(ctx, obj, key, target):
+        if _serve(ctx, obj, key, target, carried.job if carried is not None else None):
             return
         if memo:
             memo.misses.add((target.lookup_url, key))
@@ -66,14 +67,16 @@ def admit(ctx: Context, obj: dict[str, Any], carried: Admissible | None = None) 
         _schedule(ctx, obj, decision, target, resolved)
 
 
-def _serve(ctx: Context, obj: Mapping[str, Any], key: str, target: Target) -> bool:
+def _serve(ctx: Context, obj: Mapping[str, Any], key: str, target: Target, resolved: Job | None) -> bool:
     assert target.lookup is not None
-    hit, ms = look_up(ctx, obj, target.lookup, key, target.policy)
+    started = time.time()
+    hit, ms, signers = look_up(ctx, obj, target.lookup, key, target.policy)
     if hit is None:
         return False
     view = job(obj)
+    run_id = record_hit(ctx, obj, resolved, hit, target, signers, started)
     done = ctx.patch(obj, st.cache_hit(view.status.raw, view.meta.generation, hit.digest, hit.result,
-                                       target.lookup_url, ms, datetime.now(UTC)))
+                                       target.lookup_url, ms, datetime.now(UTC), run_id=run_id))
     served(ctx, done, hit, target)
     spot_check(ctx, done, hit, target)
     return True

@@ -11,9 +11,13 @@ from typing import Any
 
 from memoplane.cas import Hit, Store
 from memoplane.cas import audit as audit_log
+from memoplane.cluster import lineage
 from memoplane.cluster import protocol as p
 from memoplane.cluster.views import job
-from memoplane.errors import NotFound, StoreCorrupted
+from memoplane.errors import MemoplaneError, NotFound, StoreCorrupted
+from memoplane.history import build as history
+from memoplane.history import new_run_id
+from memoplane.jobs import Job
 from memoplane.trust import Lookup, TrustPolicy, trusted_hit
 
 from .caches import Target
@@ -50,9 +54,10 @@ def verified_hit(store: Store, key: str, policy: TrustPolicy) -> Lookup:
 
 
 def look_up(ctx: Context, obj: Mapping[str, Any], store: Store, key: str, policy: TrustPolicy
-            ) -> tuple[Hit | None, int]:
-    """A trusted, verified lookup for `obj` and how long it took (ms: the hit's status reports
-    it). A refused stored result is announced on `obj` and is a miss."""
+            ) -> tuple[Hit | None, int, tuple[str, ...]]:
+    """A trusted, verified lookup for `obj`, how long it took (ms: the hit's status reports
+    it) and the trusted keys that attest the hit. A refused stored result is announced on `obj`
+    and is a miss."""
     looked = time.monotonic()
     found = verified_hit(store, key, policy)
     ms = int((time.monotonic() - looked) * 1000)
@@ -63,7 +68,24 @@ def look_up(ctx: Context, obj: Mapping[str, Any], store: Store, key: str, policy
         ctx.event(obj, p.REASON_UNTRUSTED, f"stored result for key {key[:15]}… not served, recomputing: "
                                            f"{found.verdict.reason}", warning=True)
         log.warning("key %s: stored result refused: %s", key[:15], found.verdict.reason)
-    return found.hit, ms
+    return found.hit, ms, found.verdict.signers if found.verdict is not None and found.hit is not None else ()
+
+
+def record_hit(ctx: Context, obj: Mapping[str, Any], resolved: Job | None, hit: Hit, target: Target,
+               signers: tuple[str, ...], started: float) -> str | None:
+    """Append the record of serving `hit` to `obj` (before the status that shows it: the run id
+    goes into that write) to the job's own cache's store; its run id, None when not kept."""
+    try:
+        resolved = resolved or ctx.manifests.job_of(obj, target.store)
+        run_id = new_run_id()
+        record = lineage.job_record(
+            obj, resolved, run_id=run_id, result=hit.digest, result_size=hit.result.logical_size,
+            node=p.OPERATOR_COMPONENT, signer=",".join(signers) or None, started=started, ended=time.time(),
+            cached=True, compute_seconds=float(hit.result.provenance.duration_s))
+    except (MemoplaneError, ValueError, KeyError) as exc:
+        log.warning("%s/%s: no run record for the hit: %s", *job(obj).ref, exc)
+        return None
+    return run_id if history.append(target.store, record) else None
 
 
 def served(ctx: Context, done: Mapping[str, Any], hit: Hit, target: Target) -> None:

@@ -18,13 +18,15 @@ from typing import Any
 
 from memoplane.api.computejob import Input as SpecInput
 from memoplane.cas import BlobRef, Provenance, ResultManifest, Store
-from memoplane.cluster import decide, resolve
+from memoplane.cluster import decide, lineage, resolve
 from memoplane.cluster import mapping as mp
 from memoplane.cluster import protocol as p
 from memoplane.cluster import status as st
 from memoplane.cluster.index import job_topic
 from memoplane.cluster.views import job
 from memoplane.errors import MemoplaneError
+from memoplane.history import InputRecord, RunRecord, new_run_id
+from memoplane.history import build as history
 from memoplane.jobs import JsonInput
 from memoplane.trust.attestation import attest
 
@@ -165,9 +167,29 @@ def finish(ctx: Context, obj: dict[str, Any], store: Store, url: str, items: lis
     digest = store.commit(result, [attest(key, mp.map_manifest(over, keys), result.digest, ctx.signer,
                                           p.OPERATOR_COMPONENT, now_s, time.time())])
     saved = sum(job(children[n]).status.compute_seconds_saved for n in dict.fromkeys(names))
+    run_id = _record(obj, store, key, digest, result, [children[n] for n in names], now_s, saved, prog,
+                     ctx.signer.keyid)
     done = ctx.patch(obj, st.map_succeeded(view.status.raw, view.meta.generation, key, digest, result, url, prog.counts(),
-                                           saved, datetime.now(UTC)))
+                                           saved, datetime.now(UTC), run_id))
     ctx.metrics.jobs.labels("computed").inc()
     ctx.event(done, p.REASON_COMPUTED, f"{prog.total} sub-tasks succeeded ({prog.cached} from the cache), "
                                        f"result {digest[:15]}…")
     log.info("%s/%s: map of %d elements done, key %s", namespace, name, prog.total, key[3:15])
+
+
+def _record(obj: Mapping[str, Any], store: Store, key: str, digest: str, result: ResultManifest,
+            children: list[Mapping[str, Any]], started: float, saved: float, prog: mp.Progress,
+            signer: str) -> str | None:
+    """The parent's run: the assembled list, its inputs the sub-tasks (each its key, result and
+    run, as fromJob inputs name theirs). Appended before the status write that names its run id."""
+    over, namespace = mp.over_of(obj), job(obj).meta.namespace
+    inputs = tuple(InputRecord(f"{over}[{i}]", str(job(c).status.cache_key), None, "mapElement",
+                               f"{namespace}/{job(c).meta.name}", job(c).status.result_digest,
+                               job(c).status.raw.get("runId")) for i, c in enumerate(children))
+    run_id = new_run_id()
+    record = RunRecord(run_id=run_id, job=lineage.identity(obj), key=key, result=digest, inputs=inputs, code="",
+                       runtime="", env={}, node=p.OPERATOR_COMPONENT, signer=signer, started=started, ended=time.time(),
+                       cached=prog.total > 0 and prog.cached == prog.total, compute_seconds=saved,
+                       cache=lineage.cache_label(obj), policy=job(obj).spec.policy,
+                       result_size=result.logical_size, components={"map": over})
+    return run_id if history.append(store, record) else None

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from memoplane.cas import Store
+from memoplane.cas import ResultManifest, Store
 from memoplane.cas import audit as audit_log
 from memoplane.cas.digests import b3
-from memoplane.cluster import decide, resolve, schedule
+from memoplane.cluster import decide, lineage, resolve, schedule
 from memoplane.cluster import protocol as p
 from memoplane.cluster import replicas as rp
 from memoplane.cluster import spotcheck as sc
@@ -28,11 +29,13 @@ from memoplane.cluster import status as st
 from memoplane.cluster.index import job_topic
 from memoplane.cluster.views import job
 from memoplane.errors import MemoplaneError, NotFound, StoreCorrupted
-from memoplane.trust import TrustPolicy, judge, trusted_hit
+from memoplane.history import build as history
+from memoplane.history import new_run_id
+from memoplane.trust import judge, trusted_hit
 
 from .caches import Target
 from .context import Context
-from .hits import served
+from .hits import record_hit, served
 
 log = logging.getLogger("memoplane.operator.replicas")
 
@@ -56,7 +59,7 @@ def reconcile_replicated(ctx: Context, obj: dict[str, Any]) -> None:
     if isinstance(found, decide.Wait):
         ctx.wait(obj, found)
         return
-    store, url, policy = found.store, found.url, found.policy
+    store = found.store
     if not _resolved(obj):
         updated = _resolve(ctx, obj, found)
         if updated is None:
@@ -74,7 +77,7 @@ def reconcile_replicated(ctx: Context, obj: dict[str, Any]) -> None:
                                   + (f": {decision.message}" if decision.message else ""),
                                   {"verify": {"replicas": outcomes, "agreed": None, "difference": None}}))
     elif isinstance(decision, rp.Agreed):
-        _agreed(ctx, obj, decision, store, url, policy)
+        _agreed(ctx, obj, decision, found, children)
     else:
         _disputed(ctx, obj, decision, store)
 
@@ -126,14 +129,18 @@ def _resolve(ctx: Context, obj: dict[str, Any], target: Target) -> dict[str, Any
         return None
     key, now, generation = decision.job.key, datetime.now(UTC), view.meta.generation
     if lookup is not None and decide.looks_up(view.spec.policy, missed=False):
-        hit = trusted_hit(lookup, key, policy).hit
-        if hit is not None and rp.enough_nodes(policy, key, hit.digest, lookup.attestations(key, hit.digest),
-                                               rp.replicas_of(obj)):
+        started = time.time()
+        found = trusted_hit(lookup, key, policy)
+        hit = found.hit
+        if hit is not None and found.verdict is not None and rp.enough_nodes(
+                policy, key, hit.digest, lookup.attestations(key, hit.digest), rp.replicas_of(obj)):
+            seen = {**obj, "status": {**view.status.raw, "upstreams": decision.upstreams}}
+            run_id = record_hit(ctx, seen, decision.job, hit, target, found.verdict.signers, started)
             done = ctx.patch(obj, st.resolved_hit(view.status.raw, generation, key, decision.input_digests, hit.digest,
-                                                  hit.result, target.lookup_url, 0, now))
+                                                  hit.result, target.lookup_url, 0, now, decision.upstreams, run_id))
             served(ctx, done, hit, target)
             return None
-    first = st.resolved(view.status.raw, generation, key, decision.input_digests, now)
+    first = st.resolved(view.status.raw, generation, key, decision.input_digests, now, decision.upstreams)
     return ctx.patch(obj, {**first, **st.replicating(first, generation, key, 0, rp.replicas_of(obj), [], now,
                                                      rp.REASON_REPLICATING, rp.REASON_DISPUTED)})
 
@@ -171,9 +178,10 @@ def _progress(ctx: Context, obj: dict[str, Any], missing: rp.Missing, children: 
         ctx.patch(obj, patch)
 
 
-def _agreed(ctx: Context, obj: dict[str, Any], agreed: rp.Agreed, store: Store, url: str, policy: TrustPolicy) -> None:
+def _agreed(ctx: Context, obj: dict[str, Any], agreed: rp.Agreed, target: Target,
+            children: Mapping[str, Mapping[str, Any]]) -> None:
     """Every replica returned the same result: it is the job's only if each node attests it."""
-    view = job(obj)
+    view, store, url, policy = job(obj), target.store, target.url, target.policy
     envelopes = store.attestations(agreed.key, agreed.digest)
     missing = rp.unattested(agreed, rp.attesting_nodes(policy, agreed.key, agreed.digest, envelopes))
     outcomes = [o.to_status() for o in agreed.outcomes]
@@ -183,18 +191,41 @@ def _agreed(ctx: Context, obj: dict[str, Any], agreed: rp.Agreed, store: Store, 
                                   {"verify": {"replicas": outcomes, "agreed": True, "difference": None}}))
         return
     one = dataclasses.replace(policy, min_signatures=1)
-    listed = [b3(e) for e in envelopes if judge(one, agreed.key, agreed.digest, [e]).trusted]
+    verdicts = [(e, judge(one, agreed.key, agreed.digest, [e])) for e in envelopes]
+    listed = [b3(e) for e, verdict in verdicts if verdict.trusted]
+    signers = tuple(dict.fromkeys(s for _, verdict in verdicts if verdict.trusted for s in verdict.signers))
     try:
         result = store.get_result(agreed.digest)
         store.set_ref(agreed.key, agreed.digest, attestations=listed)
     except (NotFound, StoreCorrupted) as exc:
         ctx.fail(obj, decide.Fail(p.REASON_STORE, f"the agreed result {agreed.digest} cannot be read: {exc}"))
         return
+    run_id = _record_agreed(ctx, obj, agreed, result, target, children, signers)
     done = ctx.patch(obj, st.replicas_agreed(view.status.raw, view.meta.generation, agreed.key, agreed.digest, result,
-                                             url, outcomes, datetime.now(UTC), rp.REASON_AGREED, rp.REASON_DISPUTED))
+                                             url, outcomes, datetime.now(UTC), rp.REASON_AGREED, rp.REASON_DISPUTED,
+                                             run_id))
     ctx.metrics.jobs.labels("computed").inc()
     ctx.event(done, rp.REASON_AGREED, f"{len(outcomes)} replicas on {', '.join(rp.nodes_of(agreed.outcomes))} "
                                       f"returned {agreed.digest[:15]}…: cached")
+
+
+def _record_agreed(ctx: Context, obj: Mapping[str, Any], agreed: rp.Agreed, result: ResultManifest, target: Target,
+                   children: Mapping[str, Mapping[str, Any]], signers: tuple[str, ...]) -> str | None:
+    """The parent's run: the agreed result, computed on every replica's node and attested by their
+    keys (the replicas themselves are Bypass runs with no record of their own). Its job is a
+    replica's manifest (the same key). The run id, None when not kept."""
+    try:
+        resolved = ctx.manifests.job_of(next(iter(children.values())), target.store)
+    except (MemoplaneError, ValueError, KeyError, StopIteration) as exc:
+        log.warning("%s/%s: no run record for the agreed result: %s", *job(obj).ref, exc)
+        return None
+    provenance, run_id = result.provenance, new_run_id()
+    record = lineage.job_record(
+        obj, resolved, run_id=run_id, result=agreed.digest, result_size=result.logical_size,
+        node=",".join(rp.nodes_of(agreed.outcomes)), signer=",".join(signers) or None,
+        started=provenance.started_at, ended=time.time(), cached=False, compute_seconds=provenance.duration_s,
+        store=target.store)
+    return run_id if history.append(target.store, record) else None
 
 
 def outputs_of(store: Store, digest: str) -> rp.Outputs:

@@ -7,6 +7,7 @@ A miss is handed to admission in memory (`Admissible`): its key is not looked up
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +23,7 @@ from memoplane.keys import digest_bytes
 
 from .caches import Target
 from .context import Context
-from .hits import look_up, served
+from .hits import look_up, record_hit, served
 from .spotchecks import spot_check
 
 
@@ -77,12 +78,17 @@ def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, target:
     looked_up = decide.looks_up(view.spec.policy, missed=False)
     store, url = target.store, target.url
     uncached = target.quota_reached if view.spec.policy != "Bypass" else None   # Bypass caches nothing anyway
-    hit, ms = look_up(ctx, obj, target.lookup, job_.key, target.policy) \
-        if looked_up and target.lookup is not None else (None, 0)
+    started = time.time()
+    hit, ms, signers = look_up(ctx, obj, target.lookup, job_.key, target.policy) \
+        if looked_up and target.lookup is not None else (None, 0, ())
     status = view.status.raw
     if hit is not None:  # one status write; the result's store is in status.result
-        done = ctx.patch(_unassigned(ctx, obj), st.resolved_hit(status, generation, job_.key, outcome.input_digests,
-                                                                hit.digest, hit.result, target.lookup_url, ms, now))
+        unassigned = _unassigned(ctx, obj)
+        run_id = record_hit(ctx, {**unassigned, "status": {**status, "upstreams": outcome.upstreams}}, job_, hit,
+                            target, signers, started)
+        done = ctx.patch(unassigned, st.resolved_hit(status, generation, job_.key, outcome.input_digests,
+                                                     hit.digest, hit.result, target.lookup_url, ms, now,
+                                                     outcome.upstreams, run_id))
         served(ctx, done, hit, target)
         spot_check(ctx, done, hit, target)
         return None
@@ -99,7 +105,8 @@ def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, target:
         annotations={p.JOB_DIGEST_ANNOTATION: digest, p.STORE_ANNOTATION: url,
                      p.JOB_GENERATION_ANNOTATION: str(generation),
                      p.CACHE_RESULT_ANNOTATION: None if uncached is None else "false"})
-    updated = ctx.patch(updated, st.resolved(status, generation, job_.key, outcome.input_digests, now))
+    updated = ctx.patch(updated, st.resolved(status, generation, job_.key, outcome.input_digests, now,
+                                             outcome.upstreams))
     ctx.event(updated, p.REASON_RESOLVED, f"cache key {job_.key[:15]}… (generation {generation})")
     if uncached is not None:
         ctx.event(updated, p.REASON_QUOTA_EXCEEDED, f"ResultCache '{view.spec.result_cache}': {uncached}",
