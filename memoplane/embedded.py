@@ -22,6 +22,7 @@ from .cas import Hit, ResultManifest, Store
 from .errors import JobFailed, NotFound, StoreCorrupted
 from .execute import Execution, SandboxRunner, execute
 from .history import build as records
+from .history import events
 from .history.records import InputRecord, JobIdentity, RunRecord
 from .jobs import Job, Policy
 from .keys import explain_change
@@ -101,13 +102,15 @@ class _Run:
                               cached=report.cached, compute_seconds=computed)
         if records.append(self.store, record):
             report.run_id = record.run_id
+        events.run_settled(record, start=True)
         return report
 
     def failed(self, execution: Execution) -> None:
         failure = execution.failure
-        records.append(self.store, self._record(
-            result=None, result_size=None, signer=None, cached=False, compute_seconds=0.0,
-            failure=f"{failure.reason}: {failure.message}" if failure else "no result"))
+        record = self._record(result=None, result_size=None, signer=None, cached=False, compute_seconds=0.0,
+                              failure=f"{failure.reason}: {failure.message}" if failure else "no result")
+        records.append(self.store, record)
+        events.run_settled(record, start=True)
 
     def _record(self, *, result: str | None, result_size: int | None, signer: str | None, cached: bool,
                 compute_seconds: float, failure: str | None = None) -> RunRecord:

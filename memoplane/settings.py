@@ -220,6 +220,9 @@ def keys_dir(env: Mapping[str, str] | None = None) -> Path:
 WATCH_DOC = 'namespace patterns, space separated (empty: every namespace), e.g. "ml research" or "*,!kube-*"'
 
 
+OPENLINEAGE_URL_ENV = "MEMOPLANE_OPENLINEAGE_URL"   # read by memoplane.history.openlineage (embedded runs too)
+OPENLINEAGE_DOC = ("an OpenLineage HTTP endpoint (events go to <url>/api/v1/lineage): every run's START and "
+                   "COMPLETE/FAIL; empty: none are sent")
 OBJECT_INPUTS_ENV = "MEMOPLANE_OBJECT_INPUTS"
 OBJECT_INPUTS_FIX = ('set it to a JSON list of {"namespaces": ["ml"] or "*", "bucket": "data", "prefix": "tables/"} '
                      '(the chart\'s objectInputs)')
@@ -305,6 +308,7 @@ class OperatorSettings:
                                      "(at once after evictions)")
     evictions_per_pass: int = setting(None, 1000, "refs a ResultCache evicts at most per retention pass")
     index_reads_per_pass: int = setting(None, 2000, "refs a ResultCache without a usage index reads per pass")
+    openlineage_url: str = setting(OPENLINEAGE_URL_ENV, "", OPENLINEAGE_DOC)
 
 
 @dataclass(frozen=True)
@@ -323,3 +327,4 @@ class AgentSettings:
     log_level: str = setting("MEMOPLANE_LOG_LEVEL", "INFO", "the log level")
     key_dir: str | None = setting(NODE_KEY_DIR_ENV, None, "the directory (kept on the node, made 0700) of the "
                                   "agent's own signing key, <node>-<epoch>.key: made on first start (required)")
+    openlineage_url: str = setting(OPENLINEAGE_URL_ENV, "", OPENLINEAGE_DOC)

@@ -28,6 +28,12 @@ class OperatorMetrics:
         self.spot_checks = Counter("memoplane_spot_checks_total", "Cache hits re-executed on another node "
                                    "(trust.reexecute), by stage (started, agreed, disputed, failed).", ["stage"],
                                    registry=r)
+        self.openlineage = openlineage_counter(r)
+
+
+def openlineage_counter(registry: CollectorRegistry) -> Counter:
+    return Counter("memoplane_openlineage_events_total", "OpenLineage events by outcome: sent, dropped (the queue "
+                   "was full) or failed (the endpoint refused or was down).", ["outcome"], registry=registry)
 
 
 class AgentMetrics:
@@ -43,3 +49,4 @@ class AgentMetrics:
         self.running = Gauge("memoplane_agent_running_jobs", "Jobs claimed and not yet reported.", registry=r)
         self.bytes_stored = Counter("memoplane_agent_result_bytes_total",
                                     "Logical bytes of the results this agent stored.", registry=r)
+        self.openlineage = openlineage_counter(r)

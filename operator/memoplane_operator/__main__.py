@@ -21,6 +21,7 @@ from memoplane.cluster.objectinputs import checked_grants
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.trust import load_signer
 from memoplane.errors import MemoplaneError
+from memoplane.history import events
 from memoplane.leftovers import sweep
 from memoplane.settings import (
     OperatorSettings,
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     metrics = OperatorMetrics()
+    events.configure(settings.openlineage_url, lambda outcome: metrics.openlineage.labels(outcome).inc())
     sweep()   # the gmem log directories an operator that crashed left behind
     reconciler = Reconciler(settings, Kube(load_config()), stores, signer, metrics)
     if settings.metrics_port:

@@ -16,7 +16,7 @@ from memoplane.cluster import protocol as p
 from memoplane.cluster.views import job
 from memoplane.errors import MemoplaneError, NotFound, StoreCorrupted
 from memoplane.history import build as history
-from memoplane.history import new_run_id
+from memoplane.history import events, new_run_id
 from memoplane.jobs import Job
 from memoplane.trust import Lookup, TrustPolicy, trusted_hit
 
@@ -85,7 +85,9 @@ def record_hit(ctx: Context, obj: Mapping[str, Any], resolved: Job | None, hit: 
     except (MemoplaneError, ValueError, KeyError) as exc:
         log.warning("%s/%s: no run record for the hit: %s", *job(obj).ref, exc)
         return None
-    return run_id if history.append(target.store, record) else None
+    kept = history.append(target.store, record)
+    events.run_settled(record, start=True)
+    return run_id if kept else None
 
 
 def served(ctx: Context, done: Mapping[str, Any], hit: Hit, target: Target) -> None:

@@ -25,7 +25,7 @@ from memoplane.cluster import status as st
 from memoplane.cluster.index import job_topic
 from memoplane.cluster.views import job
 from memoplane.errors import MemoplaneError
-from memoplane.history import InputRecord, RunRecord, new_run_id
+from memoplane.history import InputRecord, RunRecord, events, new_run_id
 from memoplane.history import build as history
 from memoplane.jobs import JsonInput
 from memoplane.trust.attestation import attest
@@ -192,4 +192,6 @@ def _record(obj: Mapping[str, Any], store: Store, key: str, digest: str, result:
                        cached=prog.total > 0 and prog.cached == prog.total, compute_seconds=saved,
                        cache=lineage.cache_label(obj), policy=job(obj).spec.policy,
                        result_size=result.logical_size, components={"map": over})
-    return run_id if history.append(store, record) else None
+    kept = history.append(store, record)
+    events.run_settled(record, start=True)
+    return run_id if kept else None

@@ -30,7 +30,7 @@ from memoplane.cluster.index import job_topic
 from memoplane.cluster.views import job
 from memoplane.errors import MemoplaneError, NotFound, StoreCorrupted
 from memoplane.history import build as history
-from memoplane.history import new_run_id
+from memoplane.history import events, new_run_id
 from memoplane.trust import judge, trusted_hit
 
 from .caches import Target
@@ -225,7 +225,9 @@ def _record_agreed(ctx: Context, obj: Mapping[str, Any], agreed: rp.Agreed, resu
         node=",".join(rp.nodes_of(agreed.outcomes)), signer=",".join(signers) or None,
         started=provenance.started_at, ended=time.time(), cached=False, compute_seconds=provenance.duration_s,
         store=target.store)
-    return run_id if history.append(target.store, record) else None
+    kept = history.append(target.store, record)
+    events.run_settled(record, start=True)
+    return run_id if kept else None
 
 
 def outputs_of(store: Store, digest: str) -> rp.Outputs:

@@ -31,6 +31,7 @@ from memoplane.cluster.kube import Kube, load_config
 from memoplane.cluster.metrics import AgentMetrics
 from memoplane.cluster.stores import Stores
 from memoplane.errors import InputError, MemoplaneError
+from memoplane.history import events
 from memoplane.settings import (
     NODE_KEY_DIR_ENV,
     AgentSettings,
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                          profiles=[x for x in settings.profiles.split(",") if x],
                          require_isolation=settings.require_isolation, backoff_base=settings.backoff_base)
     metrics = AgentMetrics()
+    events.configure(settings.openlineage_url, lambda outcome: metrics.openlineage.labels(outcome).inc())
     try:
         stores = Stores(StoreSettings.from_env(local_cache=args.local_cache))
         if not settings.key_dir:

@@ -43,7 +43,7 @@ from memoplane.cluster.views import meta_of, section
 from memoplane.errors import MemoplaneError
 from memoplane.execute import Execution, execute
 from memoplane.history import build as history
-from memoplane.history import new_run_id
+from memoplane.history import events, new_run_id
 from memoplane.jobs import Job, job_from_dict
 from memoplane.keys import runtime_identity
 from memoplane.leftovers import sweep
@@ -283,7 +283,9 @@ class Agent:
         self._compute(obj, a, job, store, pool)
 
     def _compute(self, obj: dict[str, Any], a: Assignment, job: Job, store: Store, pool: SandboxPool) -> None:
-        node = self.cfg.node
+        node, run_id = self.cfg.node, new_run_id()
+        if not is_replica(obj):
+            events.run_started(lineage.identity(obj), run_id, a.cache_key, lineage.cache_label(obj))
         try:
             execution = execute(job, store, pool, node=node)
         except MemoplaneError as exc:
@@ -297,7 +299,7 @@ class Agent:
                 execution.outcome.stderr.decode("utf-8", "replace")
             self.metrics.runs.labels("failed").inc()
             self._attempt_failed(obj, a, reason, message, detail, lambda: self._record(
-                obj, job, store, execution, failure=f"{reason}: {message}"))
+                obj, job, store, execution, run_id, failure=f"{reason}: {message}"))
             return
         result, digest = execution.result, execution.digest
         if is_replica(obj):  # stored and attested, not believed on its own: the parent compares (no ref)
@@ -311,30 +313,34 @@ class Agent:
         self.metrics.runs.labels("succeeded").inc()
         self.metrics.bytes_stored.inc(result.logical_size)
         ms = int(execution.outcome.duration_s * 1000)
-        run_id = None if is_replica(obj) else self._record(obj, job, store, execution, result=(digest, result))
+        kept = None if is_replica(obj) else self._record(obj, job, store, execution, run_id, result=(digest, result))
         done = self._report(obj, a, lambda s: st.succeeded(s, a.generation, node, digest, result, a.store, ms,
-                                                           datetime.now(UTC), run_id))
+                                                           datetime.now(UTC), kept))
         self.kube.event(done, p.REASON_COMPUTED, f"computed on {node} in {ms} ms, result {digest[:15]}",
                         component=p.AGENT_COMPONENT, host=node)
 
-    def _record(self, obj: Mapping[str, Any], job: Job, store: Store, execution: Execution, *,
+    def _record(self, obj: Mapping[str, Any], job: Job, store: Store, execution: Execution, run_id: str, *,
                 result: tuple[str, Any] | None = None, failure: str | None = None) -> str | None:
         """Append this run's record to the job's store before the status write that names its run id
-        (a crash in between leaves a record no status names; never a status naming no record)."""
+        (a crash in between leaves a record no status names; never a status naming no record), and
+        announce it settled. The run id, None when the record was not kept."""
         provenance = result[1].provenance if result is not None else None
-        run_id = new_run_id()
         record = lineage.job_record(
             obj, job, run_id=run_id, result=result[0] if result else None,
             result_size=result[1].logical_size if result else None, node=self.cfg.node, signer=self.signer.keyid,
             started=provenance.started_at if provenance else time.time() - execution.outcome.duration_s,
             ended=provenance.ended_at if provenance else time.time(), cached=False,
             compute_seconds=execution.outcome.duration_s, failure=failure, store=store)
-        return run_id if history.append(store, record) else None
+        kept = history.append(store, record)
+        events.run_settled(record)
+        return run_id if kept else None
 
     def _attempt_failed(self, obj: dict[str, Any], a: Assignment, reason: str, message: str, detail: str,
                         record: Callable[[], str | None] | None = None) -> None:
-        """`record`: appends the run's record when this failure is final (its run id)."""
+        """`record`: appends the failed run's record (every attempt is a run; the final one's id goes
+        into the status)."""
         decision = after_failure(a.attempts, a.backoff_limit, reason, base=self.cfg.backoff_base)
+        run_id = record() if record is not None else None
         now = datetime.now(UTC)
         if decision.retry:
             self._report(obj, a, lambda s: st.retrying(s, a.generation, a.attempts, reason, message,
@@ -343,7 +349,6 @@ class Agent:
                             warning=True, component=p.AGENT_COMPONENT, host=self.cfg.node)
             return
         text = message if a.attempts <= 1 else f"{message} (after {a.attempts} attempts)"
-        run_id = record() if record is not None else None
         self._report(obj, a, lambda s: st.failed(s, a.generation, reason, text, now, stderr_tail=detail or None,
                                                  attempts=a.attempts, run_id=run_id))
         self.kube.event(obj, "Failed", f"{reason}: {message[:300]}", warning=True, component=p.AGENT_COMPONENT,

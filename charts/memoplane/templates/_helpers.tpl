@@ -125,6 +125,8 @@ operator's (agents have keys of their own). The volume is "signing-key" (memopla
   value: {{ .Values.logLevel | quote }}
 - name: MEMOPLANE_S3_ENDPOINT
   value: {{ include "memoplane.s3Endpoint" . | quote }}
+- name: MEMOPLANE_OPENLINEAGE_URL
+  value: {{ .Values.openlineage.url | quote }}
 {{- end -}}
 
 {{/* The store keys as variables: the operator only. The agents, whose environment a job
