@@ -22,7 +22,7 @@ from memoplane.errors import JobFailed
 from memoplane.history import events
 from memoplane.history.openlineage import Emitter, run_uuid
 from memoplane.history.records import new_run_id
-from memoplane.jobs import JsonInput, Job, PythonCode
+from memoplane.jobs import Job, JsonInput, PythonCode
 from memoplane.sandbox import SandboxPool
 from memoplane.trust import SigningKey
 from memoplane.trust.policy import TrustPolicy
@@ -65,7 +65,7 @@ class Receiver:
         received = self.events
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 received.append(json.loads(body))
                 self.send_response(201)
