@@ -1,20 +1,15 @@
-"""OpenLineage events of runs: a loopback HTTP server receives them; each has the structure the
-OpenLineage RunEvent schema requires (SCHEMA below: the spec's required fields and formats for the
-parts memoplane sends) and the memoplane run facet. An endpoint that is down never fails a run."""
+"""OpenLineage events of runs: a loopback HTTP server receives them; each is checked by
+tests/openlineage_check.py. An endpoint that is down never fails a run."""
 
 from __future__ import annotations
 
-import json
 import socket
-import threading
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any
 
-import jsonschema
 import pytest
+from openlineage_check import LineageReceiver, valid
 
 from memoplane import embedded
 from memoplane.cas import open_store
@@ -27,65 +22,10 @@ from memoplane.sandbox import SandboxPool
 from memoplane.trust import SigningKey
 from memoplane.trust.policy import TrustPolicy
 
-FACET = {"type": "object", "required": ["_producer", "_schemaURL"],
-         "properties": {"_producer": {"type": "string", "format": "uri"},
-                        "_schemaURL": {"type": "string", "format": "uri"}}}
-DATASET = {"type": "object", "required": ["namespace", "name"],
-           "properties": {"namespace": {"type": "string"}, "name": {"type": "string"}}}
-SCHEMA = {  # OpenLineage 2-0-2 RunEvent: required fields, eventType, formats (uuid, date-time, uri)
-    "type": "object", "required": ["eventTime", "producer", "schemaURL", "run", "job"],
-    "properties": {
-        "eventType": {"enum": ["START", "RUNNING", "COMPLETE", "ABORT", "FAIL", "OTHER"]},
-        "eventTime": {"type": "string", "format": "date-time"},
-        "producer": {"type": "string", "format": "uri"},
-        "schemaURL": {"type": "string", "format": "uri"},
-        "run": {"type": "object", "required": ["runId"],
-                "properties": {"runId": {"type": "string", "format": "uuid"},
-                               "facets": {"type": "object", "additionalProperties": FACET}}},
-        "job": {"type": "object", "required": ["namespace", "name"],
-                "properties": {"namespace": {"type": "string"}, "name": {"type": "string"}}},
-        "inputs": {"type": "array", "items": DATASET},
-        "outputs": {"type": "array", "items": DATASET},
-    },
-}
-MEMOPLANE_FACET = {"type": "object", "required": ["cacheKey", "cached", "computeSecondsSaved", "runId"]}  # resultDigest: once there is one
-
-
-def valid(event: dict[str, Any]) -> None:
-    jsonschema.Draft202012Validator(SCHEMA, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER).validate(
-        event)
-    jsonschema.validate(event["run"]["facets"]["memoplane"], MEMOPLANE_FACET)
-
-
-class Receiver:
-    """An OpenLineage endpoint on loopback that keeps what it receives."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        received = self.events
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                received.append(json.loads(body))
-                self.send_response(201)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
 
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
+def receiver() -> Iterator[LineageReceiver]:
+    r = LineageReceiver()
     yield r
     r.close()
     events.configure("")
@@ -97,7 +37,7 @@ def test_run_uuid_is_a_stable_uuid7() -> None:
     assert uuid.UUID(run_uuid(run_id)).version == 7
 
 
-def test_embedded_runs_send_valid_start_complete_and_fail(receiver: Receiver, tmp_path: Path) -> None:
+def test_embedded_runs_send_valid_start_complete_and_fail(receiver: LineageReceiver, tmp_path: Path) -> None:
     emitter = events.configure(receiver.url)
     assert emitter is not None
     store = open_store(tmp_path / "store")

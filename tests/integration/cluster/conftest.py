@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from openlineage_check import LineageReceiver
 
 from memoplane.cas import Store
 from memoplane.cluster import protocol as p
 from memoplane.cluster.kube import Kube, load_config
 from memoplane.cluster.stores import Stores, StoreSettings
-from memoplane.settings import OBJECT_INPUTS_ENV
+from memoplane.settings import OBJECT_INPUTS_ENV, OPENLINEAGE_URL_ENV
 from memoplane.testing import cluster, processes
 
 SESSION = uuid.uuid4().hex[:6]
@@ -40,6 +41,7 @@ class Stack:
     cfg: processes.StackConfig
     kube: Kube
     stores: Stores
+    lineage: LineageReceiver   # the OpenLineage endpoint the operator and agents send to
 
     def ensure(self) -> None:
         """Start whatever is not running (a test may have killed a process)."""
@@ -125,20 +127,23 @@ class Stack:
 @pytest.fixture(scope="session")
 def stack(control_plane: cluster.ClusterInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     directory = Path(tmp_path_factory.mktemp("memoplane-stack"))
+    lineage = LineageReceiver()
     cfg = processes.StackConfig(
         directory=directory, env=control_plane.env(), watch_namespaces=PREFIX + "*",
         lease_namespace=PREFIX + "system",
         extra_env={"MEMOPLANE_BACKOFF_BASE": "0.2", "MEMOPLANE_STATS_SECONDS": "3",
                    "MEMOPLANE_RESYNC_SECONDS": "1", "MEMOPLANE_RETENTION_SECONDS": "1",
                    # retention and sweeps only touch caches with spec.retention: test_retention.py's
-                   "MEMOPLANE_RETENTION_GRACE_SECONDS": "2", "MEMOPLANE_GC_GRACE_SECONDS": "2", OBJECT_INPUTS_ENV: OBJECT_INPUTS})
+                   "MEMOPLANE_RETENTION_GRACE_SECONDS": "2", "MEMOPLANE_GC_GRACE_SECONDS": "2", OBJECT_INPUTS_ENV: OBJECT_INPUTS,
+                   OPENLINEAGE_URL_ENV: lineage.url})
     stores = Stores(StoreSettings.from_env(control_plane.env()))
-    stack = Stack(cfg, Kube(load_config(control_plane.kubeconfig)), stores)
+    stack = Stack(cfg, Kube(load_config(control_plane.kubeconfig)), stores, lineage)
     try:
         stack.ensure()
         yield stack
     finally:
         processes.down(directory)
+        lineage.close()
         stores.close()
         for ns in stack.kube.core.list_namespace().items:
             if ns.metadata.name.startswith(PREFIX):
