@@ -28,6 +28,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
@@ -36,6 +37,8 @@ from .cas import Provenance, ResultManifest, Store, StoredValue, open_store
 from .embedded import key_lock
 from .errors import InputError, NotFound, StoreCorrupted
 from .fingerprint import fingerprint
+from .history.deferred import DEFERRED
+from .history.records import InputRecord, JobIdentity, RunRecord, new_run_id
 from .keys import KeyParts, KeyTemplate, code_digest, runtime_identity
 from .recent import VerifiedCache
 from .trust import SigningKey, TrustPolicy, Verdict, Vouched, trusted_hit
@@ -72,6 +75,8 @@ class Memoized:
         self._recent = VerifiedCache(memory_bytes)
         self._plain_params = _plain_parameters(self.signature)
         self._template = KeyTemplate(self.code, self.entrypoint, runtime_identity().digest, salt=version)
+        self._known: dict[str, _Known] = {}   # key -> what its record names (bounded: see _know)
+        self._code_blob: str | None = None
 
     @property
     def store(self) -> Store:
@@ -116,18 +121,49 @@ class Memoized:
         return self._template.key(self._inputs(args, kwargs))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.time()
         inputs = self._inputs(args, kwargs)
         key = self._template.key(inputs)
         found, value, _ = self._lookup(key)
         if found:
+            self._served(key, inputs, started)
             return value
         with key_lock(self.store, key):
             found, value, refused = self._lookup(key)  # another thread or process may have finished it
             if found:
+                self._served(key, inputs, started)
                 return value
             if refused is not None:
                 log.warning("memoize %s: %s", self.entrypoint, refused_note(refused))
             return self._compute(key, self._template.parts(inputs), args, kwargs)
+
+    def _served(self, key: str, inputs: dict[str, str], started: float) -> None:
+        """Queue the hit's run record (memoplane.history.deferred: written off this thread)."""
+        ended = time.time()
+        DEFERRED.add(self.store, lambda: self._record(key, inputs, started, ended, cached=True))
+
+    def _know(self, key: str, known: _Known) -> None:
+        if len(self._known) >= 4096:  # a record without it reads the ref instead
+            self._known.clear()
+        self._known[key] = known
+
+    def _record(self, key: str, inputs: dict[str, str], started: float, ended: float, cached: bool) -> RunRecord:
+        """The run record of one call (built on the history thread)."""
+        parts = self._template.parts(inputs)
+        known = self._known.get(key)
+        if known is None:
+            digest = self.store.read_ref(key)
+            manifest = self.store.get_result(digest) if digest is not None else None
+            known = _Known(digest, manifest.logical_size if manifest else None, None,
+                           manifest.provenance.duration_s if manifest else 0.0)
+        if not cached and self._code_blob is None:
+            self._code_blob = self.store.put_bytes(_source(self.func).encode("utf-8")).digest
+        return RunRecord(
+            run_id=new_run_id(int(started * 1e9)), job=JobIdentity("", self.entrypoint), key=key, result=known.digest,
+            inputs=tuple(InputRecord(name, digest, None, "arg") for name, digest in parts.inputs.items()),
+            code=parts.code, runtime=parts.runtime, env={}, node=socket.gethostname(), signer=known.signers,
+            started=started, ended=ended, cached=cached, compute_seconds=known.seconds,
+            code_blob=None if cached else self._code_blob, result_size=known.size, components=parts.components())
 
     def _lookup(self, key: str) -> tuple[bool, Any, Verdict | None]:
         """(found, value, the verdict that refused a stored result)."""
@@ -143,6 +179,8 @@ class Memoized:
         except (StoreCorrupted, NotFound):
             return False, None, None  # quarantined by the store; recompute
         self._recent.put(key, codec, raw)
+        signers = ",".join(found.verdict.signers) if found.verdict is not None else ""
+        self._know(key, _Known(hit.digest, hit.result.logical_size, signers or None, hit.result.provenance.duration_s))
         return True, _decode_bytes(codec, raw), None
 
     def _compute(self, key: str, parts: KeyParts, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -159,9 +197,23 @@ class Memoized:
                                   started_at=started, ended_at=time.time(), duration_s=duration),
             meta={"codec": codec, "function": self.entrypoint, "sdk": True},
         )
-        commit_signed(self.store, parts.components(), result, self.store.put_result(result), self.keys[1])
+        digest = self.store.put_result(result)
+        commit_signed(self.store, parts.components(), result, digest, self.keys[1])
         self._recent.put(key, *_load(self.store, result))
+        self._know(key, _Known(digest, result.logical_size, self.keys[1].keyid, duration))
+        ended = time.time()
+        DEFERRED.add(self.store, lambda: self._record(key, dict(parts.inputs), started, ended, cached=False))
         return value
+
+
+@dataclass(frozen=True)
+class _Known:
+    """What a call's record names about its result: digest, size, who attests it, its compute seconds."""
+
+    digest: str | None
+    size: int | None
+    signers: str | None
+    seconds: float
 
 
 def _plain_parameters(signature: inspect.Signature) -> tuple[tuple[str, ...], dict[str, Any]] | None:
