@@ -41,7 +41,7 @@ class Stack:
     cfg: processes.StackConfig
     kube: Kube
     stores: Stores
-    lineage: LineageReceiver   # the OpenLineage endpoint the operator and agents send to
+    lineage: LineageReceiver | None = None   # the OpenLineage endpoint the operator and agents send to
 
     def ensure(self) -> None:
         """Start whatever is not running (a test may have killed a process)."""

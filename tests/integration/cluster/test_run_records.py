@@ -14,6 +14,7 @@ from openlineage_check import valid
 
 from memoplane.api.specs import computejob_manifest
 from memoplane.cas import Store
+from memoplane.cluster import mapping
 from memoplane.cluster import protocol as p
 from memoplane.history import RunRecord
 
@@ -60,6 +61,7 @@ def rerun(stack: Stack, ns: str, name: str) -> dict[str, Any]:
 
 def lineage_events(stack: Stack, run_id: str, kinds: int, timeout: float = 30.0) -> list[dict[str, Any]]:
     """The OpenLineage events of `run_id` (by the memoplane facet), once `kinds` have arrived."""
+    assert stack.lineage is not None, "the stack has no OpenLineage endpoint"
     deadline = time.monotonic() + timeout
     while True:
         found = [e for e in list(stack.lineage.events)
@@ -137,3 +139,33 @@ def test_a_failed_job_has_a_record_with_its_failure(stack: Stack, ns: str) -> No
     assert [e["eventType"] for e in got] == ["START", "FAIL"]
     for event in got:
         valid(event)
+
+
+def test_a_map_parent_records_its_list_with_each_sub_tasks_run(stack: Stack, ns: str) -> None:
+    stack.apply(ns, computejob_manifest("squares", None, {
+        "python": {"source": "def main(x):\n    return x * x\n"}, "inputs": [{"name": "x", "value": [1, 2, 3]}],
+        "map": {"over": "x"}, "cache": {"version": uuid.uuid4().hex[:12]}}))
+    done = status(stack.wait(ns, "squares", timeout=180))
+    assert done["phase"] == "Succeeded" and done["runId"]
+    record = records(stack.store(ns), ns, "squares")[done["runId"]]
+    assert record.result == done["result"]["digest"] and record.key == done["cacheKey"]
+    assert [i.name for i in record.inputs] == ["x[0]", "x[1]", "x[2]"]
+    for item, element in zip(record.inputs, (1, 2, 3), strict=True):
+        child = status(stack.get(ns, mapping.child_name("squares", element)))
+        assert (item.source, item.upstream_job) == ("mapElement", f"{ns}/{mapping.child_name('squares', element)}")
+        assert (item.digest, item.upstream_result, item.upstream_run) == \
+            (child["cacheKey"], child["result"]["digest"], child["runId"])
+    got = lineage_events(stack, done["runId"], 2)
+    assert [e["eventType"] for e in got] == ["START", "COMPLETE"]
+
+
+def test_an_agreed_verify_parent_records_the_replicas_nodes_and_keys(stack: Stack, ns: str) -> None:
+    stack.apply(ns, computejob_manifest("checked", None, {
+        "python": {"source": "def main(n):\n    return n + 1\n"}, "inputs": [{"name": "n", "value": 41}],
+        "cache": {"version": uuid.uuid4().hex[:12]}, "verify": {"replicas": 2}}))
+    done = status(stack.wait(ns, "checked", timeout=180))
+    assert done["phase"] == "Succeeded" and done["runId"]
+    record = records(stack.store(ns), ns, "checked")[done["runId"]]
+    assert record.result == done["result"]["digest"] and record.cached is False
+    assert sorted(record.node.split(",")) == ["node-a", "node-b"]
+    assert len((record.signer or "").split(",")) == 2
