@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from memoplane.canonical import canonical_json
-from memoplane.cluster import decide, resolve, schedule
+from memoplane.cluster import decide, propagate, resolve, schedule
 from memoplane.cluster import protocol as p
 from memoplane.cluster import status as st
 from memoplane.cluster.views import job
@@ -64,7 +64,28 @@ def resolve_job(ctx: Context, obj: dict[str, Any]) -> Admissible | None:
     if isinstance(decision, decide.Fail):
         ctx.fail(obj, decision)
         return None
-    return _keyed(ctx, obj, decision, found)
+    changed = None
+    if propagate.held(obj):
+        with ctx.lock:
+            step = propagate.release(obj, decision.job.key, decision.input_digests, ctx.edges.states)
+        if isinstance(step, propagate.EarlyCutoff):
+            done = ctx.patch(obj, st.early_cutoff(view.status.raw, view.meta.generation, step.message,
+                                                  datetime.now(UTC)))
+            ctx.event(done, p.REASON_EARLY_CUTOFF, step.message)
+            return None
+        changed = step.message
+    carried = _keyed(ctx, obj, decision, found)
+    if changed is not None:
+        ctx.event(carried.body if carried is not None else obj, p.REASON_UPSTREAM_CHANGED, changed)
+    return carried
+
+
+def hold_job(ctx: Context, obj: dict[str, Any], hold: propagate.Hold) -> None:
+    """Hold a settled job back while an upstream it used is recomputed: not Ready, its result kept."""
+    view = job(obj)
+    done = ctx.patch(obj, st.upstream_changed(view.status.raw, view.meta.generation, hold.reason, hold.message,
+                                              datetime.now(UTC)))
+    ctx.event(done, hold.reason, hold.message)
 
 
 def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, target: Target) -> Admissible | None:
