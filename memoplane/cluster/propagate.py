@@ -53,7 +53,6 @@ class JobState:
     generation: int
     phase: str | None
     current: bool              # the status describes the latest spec
-    result: str | None         # status.result.digest
 
     @property
     def ready(self) -> bool:
@@ -65,7 +64,7 @@ def state_of(obj: Mapping[str, Any]) -> JobState:
     view = job(obj)
     generation = view.meta.raw.get("generation")
     current = generation is None or view.status.raw.get("observedGeneration") == generation
-    return JobState(view.meta.generation, view.status.phase, current, view.status.result_digest)
+    return JobState(view.meta.generation, view.status.phase, current)
 
 
 def held(obj: Mapping[str, Any]) -> bool:
@@ -116,15 +115,17 @@ class Changed:
     message: str
 
 
-def release(obj: Mapping[str, Any], key: str, input_digests: Mapping[str, str],
-            states: Mapping[Ref, JobState]) -> EarlyCutoff | Changed:
-    """A held job resolved again to `key` (its inputs' digests `input_digests`)."""
+def release(obj: Mapping[str, Any], key: str, input_digests: Mapping[str, str]) -> EarlyCutoff | Changed:
+    """A held job resolved again to `key`, its inputs' content digests `input_digests`.
+    (An upstream's status.result.digest names its result manifest, provenance included, so
+    a recomputed upstream always has a new one: what its downstream jobs use is the value,
+    whose digest is the input's.)"""
     view = job(obj)
     namespace = view.meta.namespace
     upstreams = dict(from_job_inputs(obj))
     if key == view.status.cache_key and view.status.result_digest:
-        same = [f"upstream '{_label(namespace, up)}' recomputed to the same result "
-                f"{_short(states[up].result if up in states else None)}" for up in dict.fromkeys(upstreams.values())]
+        same = [f"input '{name}': upstream '{_label(namespace, up)}' recomputed to the same value "
+                f"{_short(input_digests.get(name))}" for name, up in upstreams.items()]
         return EarlyCutoff("; ".join(same or ["inputs unchanged"]) + "; nothing re-ran")
     before = view.status.raw.get("inputDigests")
     before = before if isinstance(before, Mapping) else {}
@@ -145,10 +146,6 @@ class EdgeIndex:
         self._inputs: dict[Ref, tuple[Edge, ...]] = {}
         self._downstream: dict[Ref, set[Ref]] = {}
         self._states: dict[Ref, JobState] = {}
-
-    @property
-    def states(self) -> Mapping[Ref, JobState]:
-        return self._states
 
     def observe(self, obj: Mapping[str, Any]) -> None:
         ref = job(obj).ref

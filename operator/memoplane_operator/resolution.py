@@ -66,8 +66,7 @@ def resolve_job(ctx: Context, obj: dict[str, Any]) -> Admissible | None:
         return None
     changed = None
     if propagate.held(obj):
-        with ctx.lock:
-            step = propagate.release(obj, decision.job.key, decision.input_digests, ctx.edges.states)
+        step = propagate.release(obj, decision.job.key, decision.input_digests)
         if isinstance(step, propagate.EarlyCutoff):
             done = ctx.patch(obj, st.early_cutoff(view.status.raw, view.meta.generation, step.message,
                                                   datetime.now(UTC)))

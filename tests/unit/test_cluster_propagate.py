@@ -104,18 +104,18 @@ def test_a_held_job_is_resolved_again() -> None:
 
 
 def test_release_to_the_same_key_is_an_early_cutoff() -> None:
-    held = cj("normalize", "download", phase=p.WAITING, reason=p.REASON_UPSTREAM_CHANGED)
-    states = {("ml", "download"): propagate.state_of(cj("download", generation=2, observed=2, result=R2))}
-    assert propagate.release(held, KEY, {"in_download": D1}, states) == propagate.EarlyCutoff(
-        f"upstream 'download' recomputed to the same result {R2[:15]}…; nothing re-ran")
+    held = cj("report", "download", "normalize", phase=p.WAITING, reason=p.REASON_UPSTREAM_CHANGED)
+    assert propagate.release(held, KEY, {"in_download": D1, "in_normalize": D2}) == propagate.EarlyCutoff(
+        f"input 'in_download': upstream 'download' recomputed to the same value {D1[:15]}…; "
+        f"input 'in_normalize': upstream 'normalize' recomputed to the same value {D2[:15]}…; nothing re-ran")
 
 
 def test_release_to_another_key_names_the_inputs_that_changed() -> None:
     held = cj("report", "download", ("other", "normalize"), phase=p.WAITING, reason=p.REASON_UPSTREAM_CHANGED,
               inputDigests={"in_download": D1, "in_normalize": D1})
-    got = propagate.release(held, KEY2, {"in_download": D2, "in_normalize": D1}, {})
+    got = propagate.release(held, KEY2, {"in_download": D2, "in_normalize": D1})
     assert got == propagate.Changed(f"input 'in_download' (upstream 'download') changed {D1[:15]}… -> {D2[:15]}…")
-    got = propagate.release(held, KEY2, {"in_download": D1, "in_normalize": D2}, {})
+    got = propagate.release(held, KEY2, {"in_download": D1, "in_normalize": D2})
     assert got == propagate.Changed(
         f"input 'in_normalize' (upstream 'other/normalize') changed {D1[:15]}… -> {D2[:15]}…")
 
