@@ -127,15 +127,41 @@ def release(obj: Mapping[str, Any], key: str, input_digests: Mapping[str, str]) 
         same = [f"input '{name}': upstream '{_label(namespace, up)}' recomputed to the same value "
                 f"{_short(input_digests.get(name))}" for name, up in upstreams.items()]
         return EarlyCutoff("; ".join(same or ["inputs unchanged"]) + "; nothing re-ran")
+    changes = _changes(obj, input_digests)
+    return Changed("; ".join(changes) or f"cache key changed {_short(view.status.cache_key)} -> {_short(key)}")
+
+
+def _changes(obj: Mapping[str, Any], input_digests: Mapping[str, str], only_known: bool = False) -> list[str]:
+    """Each input whose digest is not the one status.inputDigests says the key used
+    (`only_known`: of the inputs that status names)."""
+    view = job(obj)
+    upstreams = dict(from_job_inputs(obj))
     before = view.status.raw.get("inputDigests")
     before = before if isinstance(before, Mapping) else {}
     changes = []
     for name, digest in input_digests.items():
-        if before.get(name) == digest:
+        if before.get(name) == digest or (only_known and name not in before):
             continue
-        source = f" (upstream '{_label(namespace, upstreams[name])}')" if name in upstreams else ""
+        source = f" (upstream '{_label(view.meta.namespace, upstreams[name])}')" if name in upstreams else ""
         changes.append(f"input '{name}'{source} changed {_short(before.get(name))} -> {_short(digest)}")
-    return Changed("; ".join(changes) or f"cache key changed {_short(view.status.cache_key)} -> {_short(key)}")
+    return changes
+
+
+def stale_inputs(obj: Mapping[str, Any], from_job_digests: Mapping[str, str]) -> Hold | None:
+    """A Ready job whose fromJob inputs, resolved now (`from_job_digests`), are not what its
+    key used: an upstream was recomputed while it ran, or while the operator was down. Hold it."""
+    if not holdable(obj):
+        return None
+    changes = _changes(obj, from_job_digests, only_known=True)
+    return Hold("; ".join(changes) + " since it was resolved") if changes else None
+
+
+def needs_check(obj: Mapping[str, Any]) -> bool:
+    """A Ready job with fromJob inputs whose digests its status records: check them when it settles."""
+    view = job(obj)
+    digests = view.status.raw.get("inputDigests")
+    return holdable(obj) and not view.spec.map_over and isinstance(digests, Mapping) and \
+        any(name in digests for name, _ in from_job_inputs(obj))
 
 
 class EdgeIndex:

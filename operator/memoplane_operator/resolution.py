@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from memoplane.api.specs import SpecError, parse_computejob
 from memoplane.canonical import canonical_json
 from memoplane.cluster import decide, propagate, resolve, schedule
 from memoplane.cluster import protocol as p
@@ -77,6 +78,33 @@ def resolve_job(ctx: Context, obj: dict[str, Any]) -> Admissible | None:
     if changed is not None:
         ctx.event(carried.body if carried is not None else obj, p.REASON_UPSTREAM_CHANGED, changed)
     return carried
+
+
+def check_inputs(ctx: Context, obj: dict[str, Any]) -> None:
+    """A job that settled Ready: hold it if a fromJob input's value is no longer the one its
+    key used (an upstream recomputed while it ran). Only fromJob inputs are read again: a
+    settled job is final for everything else (a new runtime recomputes nothing settled)."""
+    view = job(obj)
+    try:
+        found = ctx.caches.store_for(obj)
+        if isinstance(found, decide.Wait):
+            return
+        spec = parse_computejob(obj).spec
+        lookups = ctx.lookups(view.meta.namespace, found.store)
+        created, now = resolve.parse_time(view.meta.creation_timestamp or None), datetime.now(UTC)
+        digests = {}
+        for item in spec.inputs:
+            if item.from_job is None:
+                continue
+            got = resolve.resolve_input(item, view.meta.name, lookups, created, now, ctx.settings.missing_grace_seconds)
+            if isinstance(got, resolve.Waiting | resolve.Failed):
+                return  # an upstream not Ready holds it (propagate.hold), a missing one leaves it as it is
+            digests[item.name] = got.digest
+    except (MemoplaneError, SpecError):
+        return  # checked again when it next settles; nothing here makes it Ready
+    hold = propagate.stale_inputs(obj, digests)
+    if hold is not None:
+        hold_job(ctx, obj, hold)
 
 
 def hold_job(ctx: Context, obj: dict[str, Any], hold: propagate.Hold) -> None:

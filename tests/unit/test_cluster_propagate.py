@@ -132,3 +132,23 @@ def test_the_hold_status_is_not_ready_and_keeps_the_result() -> None:
     assert back["phase"] == p.SUCCEEDED and back["reason"] == p.REASON_EARLY_CUTOFF and "result" not in back
     assert kstatus(1, back["observedGeneration"], back["conditions"]) == "Current"
 
+
+
+def test_a_ready_job_whose_fromjob_input_changed_while_it_ran_is_held() -> None:
+    done = cj("normalize", "download", inputDigests={"in_download": D1})
+    assert propagate.needs_check(done)
+    assert propagate.stale_inputs(done, {"in_download": D1}) is None
+    assert propagate.stale_inputs(done, {"in_download": D2}) == propagate.Hold(
+        f"input 'in_download' (upstream 'download') changed {D1[:15]}… -> {D2[:15]}… since it was resolved")
+    assert propagate.stale_inputs(cj("n", "download", phase=p.RUNNING, inputDigests={"in_download": D1}),
+                                  {"in_download": D2}) is None
+
+
+def test_only_ready_jobs_with_recorded_fromjob_digests_are_checked() -> None:
+    assert not propagate.needs_check(cj("download", inputDigests={"count": D1}))   # no fromJob input
+    assert not propagate.needs_check(cj("normalize", "download"))                  # no digests recorded
+    assert not propagate.needs_check(cj("normalize", "download", phase=p.RUNNING, inputDigests={"in_download": D1}))
+    mapped = cj("normalize", "download", inputDigests={"in_download": D1})
+    mapped["spec"]["map"] = {"over": "in_download"}
+    assert not propagate.needs_check(mapped)
+    assert propagate.stale_inputs(cj("normalize", "download", inputDigests={}), {"in_download": D2}) is None

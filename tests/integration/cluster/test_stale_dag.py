@@ -101,8 +101,8 @@ def wait_event(stack: Stack, ns: str, name: str, reason: str, timeout: float = 3
     return found
 
 
-def set_download(stack: Stack, ns: str, path: str, value: Any) -> None:
-    stack.kube.json_patch(p.COMPUTEJOBS, ns, "download", [{"op": "replace", "path": path, "value": value}])
+def set_download(stack: Stack, ns: str, path: str, value: Any, name: str = "download") -> None:
+    stack.kube.json_patch(p.COMPUTEJOBS, ns, name, [{"op": "replace", "path": path, "value": value}])
 
 
 def applied(stack: Stack, ns: str) -> dict[str, dict[str, Any]]:
@@ -182,3 +182,24 @@ def test_a_restarted_operator_holds_and_releases_from_what_the_api_server_says(s
         final = stack.wait(ns, "report", ready_with(lambda o: n_of(o) == 10), timeout=120)
     assert status(final)["phase"] == p.SUCCEEDED
     assert not [o for o in seen if o["metadata"]["name"] == "report" and ready(o) and n_of(o) == 1000]
+
+
+def test_an_upstream_recomputed_while_its_downstream_ran_is_caught_when_it_settles(stack: Stack, ns: str) -> None:
+    # `slow` resolves with the 1000 rows and is still running when `rows` is patched and
+    # recomputed: it settles with a result of the old rows, is held at once, and recomputes.
+    rows = {"apiVersion": p.API_VERSION, "kind": "ComputeJob", "metadata": {"name": "rows"},
+            "spec": {"python": {"source": "def main(count):\n    return list(range(count))\n"},
+                     "inputs": [{"name": "count", "value": 1000}]}}
+    slow = {"apiVersion": p.API_VERSION, "kind": "ComputeJob", "metadata": {"name": "slow"},
+            "spec": {"python": {"source": "import time\n\ndef main(rows):\n    time.sleep(8)\n    return len(rows)\n"},
+                     "inputs": [{"name": "rows", "fromJob": {"name": "rows"}}]}}
+    stack.apply(ns, rows, slow)
+    stack.wait(ns, "slow", lambda o: status(o).get("phase") == p.RUNNING)
+    set_download(stack, ns, "/spec/inputs/0/value", 10, name="rows")
+    stack.wait(ns, "rows", ready_with(lambda o: o["metadata"]["generation"] == 2))
+    assert not ready(stack.get(ns, "slow")), "the scenario needs slow still running when rows is recomputed"
+    final = stack.wait(ns, "slow", ready_with(lambda o: status(o)["result"]["value"] == 10), timeout=120)
+    assert status(final)["cached"] is False
+    said = wait_event(stack, ns, "slow", p.REASON_UPSTREAM_CHANGED)
+    assert any("since it was resolved" in m for m in said), said
+
