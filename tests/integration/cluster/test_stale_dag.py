@@ -203,3 +203,30 @@ def test_an_upstream_recomputed_while_its_downstream_ran_is_caught_when_it_settl
     said = wait_event(stack, ns, "slow", p.REASON_UPSTREAM_CHANGED)
     assert any("since it was resolved" in m for m in said), said
 
+
+
+def test_a_map_over_a_recomputed_upstream_is_held_and_so_is_what_uses_it(stack: Stack, ns: str) -> None:
+    def cjob(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return {"apiVersion": p.API_VERSION, "kind": "ComputeJob", "metadata": {"name": name}, "spec": spec}
+
+    numbers = cjob("numbers", {"python": {"source": "def main(n):\n    return list(range(n))\n"},
+                               "inputs": [{"name": "n", "value": 3}]})
+    times = cjob("times", {"python": {"source": "def main(x):\n    return x * 10\n"}, "map": {"over": "x"},
+                           "inputs": [{"name": "x", "fromJob": {"name": "numbers"}}]})
+    total = cjob("total", {"python": {"source": "def main(xs):\n    return sum(xs)\n"},
+                           "inputs": [{"name": "xs", "fromJob": {"name": "times"}}]})
+    stack.apply(ns, numbers, times, total)
+    assert status(stack.wait_all(ns, ["numbers", "times", "total"])["total"])["result"]["value"] == 30
+    runs = stack.total_runs()
+    with recorded(stack, ns) as seen:
+        set_download(stack, ns, "/spec/inputs/0/value", 4, name="numbers")
+        final = stack.wait(ns, "total", ready_with(lambda o: status(o)["result"]["value"] == 60), timeout=120)
+    assert status(stack.get(ns, "times"))["result"]["value"] == [0, 10, 20, 30]
+    assert status(final)["cached"] is False
+    patched = next(i for i, o in enumerate(seen) if o["metadata"]["name"] == "numbers"
+                   and o["metadata"]["generation"] == 2)
+    for name, old in (("times", [0, 10, 20]), ("total", 30)):
+        after = [o for o in seen[patched:] if o["metadata"]["name"] == name]
+        assert not [o for o in after if ready(o) and status(o)["result"]["value"] == old], name
+        assert any(status(o).get("reason") == p.REASON_UPSTREAM_CHANGED and ks(o) == "InProgress" for o in after)
+    assert stack.total_runs() - runs == 3   # numbers, the one new element, total
