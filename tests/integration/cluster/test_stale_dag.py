@@ -230,3 +230,29 @@ def test_a_map_over_a_recomputed_upstream_is_held_and_so_is_what_uses_it(stack: 
         assert not [o for o in after if ready(o) and status(o)["result"]["value"] == old], name
         assert any(status(o).get("reason") == p.REASON_UPSTREAM_CHANGED and ks(o) == "InProgress" for o in after)
     assert stack.total_runs() - runs == 3   # numbers, the one new element, total
+
+
+def test_a_downstream_in_another_namespace_is_held_and_recomputed(stack: Stack, ns: str) -> None:
+    reader = f"{ns}-b"   # starts with the session's prefix: the operator watches it too
+    stack.kube.ensure_namespace(reader)
+    try:
+        cache = {"apiVersion": p.API_VERSION, "kind": "ResultCache",
+                 "metadata": {"name": p.DEFAULT_RESULT_CACHE, "namespace": ns},
+                 "spec": {"store": {"bucket": p.DEFAULT_BUCKET, "prefix": p.default_store_prefix(ns)},
+                          "sharing": {"readers": {"namespaces": [reader]}}}}
+        assert stack.kube.create(p.RESULTCACHES, ns, cache) is not None
+        download = dag()[0]
+        report = {"apiVersion": p.API_VERSION, "kind": "ComputeJob", "metadata": {"name": "count"},
+                  "spec": {"python": {"source": "def main(rows):\n    return {'n': len(rows)}\n"},
+                           "inputs": [{"name": "rows", "fromJob": {"name": "download", "namespace": ns}}]}}
+        stack.apply(ns, download)
+        stack.apply(reader, report)
+        assert n_of(stack.wait(reader, "count", ready_with(lambda o: True))) == 1000
+        with recorded(stack, reader) as seen:
+            set_download(stack, ns, "/spec/inputs/0/value", 10)
+            stack.wait(reader, "count", ready_with(lambda o: n_of(o) == 10), timeout=120)
+        held = [o for o in seen if status(o).get("reason") == p.REASON_UPSTREAM_CHANGED]
+        assert held and f"upstream ComputeJob '{ns}/download' is being recomputed" in status(held[0])["message"]
+        assert not [o for o in seen if ready(o) and n_of(o) == 1000]
+    finally:
+        stack.kube.core.delete_namespace(reader)
