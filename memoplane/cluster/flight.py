@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from . import protocol as p
+from .propagate import held
 from .views import job
 
 
@@ -37,13 +38,13 @@ def resolved_for_current_generation(obj: Mapping[str, Any]) -> bool:
 def needs_resolution(obj: Mapping[str, Any]) -> bool:
     """The current generation has no cache key yet (or its status is of another generation),
     or the key was derived for a runtime the agents no longer run, or for a store its namespace may
-    no longer write (or now may): resolve it (again)."""
+    no longer write (or now may), or an upstream it used was recomputed (held): resolve it (again)."""
     view = job(obj)
     status = view.status
     resolved_now = view.resolved_for_current_generation and status.cache_key is not None \
         and status.raw.get("observedGeneration") == view.meta.raw.get("generation")
-    return not resolved_now or (status.phase == p.PENDING
-                                and status.reason in (p.REASON_RUNTIME_MISMATCH, p.REASON_STORE_CHANGED))
+    return not resolved_now or held(obj) or (status.phase == p.PENDING
+                                             and status.reason in (p.REASON_RUNTIME_MISMATCH, p.REASON_STORE_CHANGED))
 
 
 def started(obj: Mapping[str, Any]) -> bool:

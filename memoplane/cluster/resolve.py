@@ -29,6 +29,7 @@ from ..settings import MISSING_GRACE_SECONDS
 from . import protocol as p
 from . import seeds
 from .lineage import upstream_runs
+from .propagate import from_job_inputs
 from .views import job, section
 
 MAX_CHAIN = 64  # fromJob edges followed when looking for a cycle
@@ -179,9 +180,7 @@ def upstream_state(obj: Mapping[str, Any]) -> tuple[str | None, bool]:
 
 def upstream_refs(obj: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The (namespace, name) of the jobs named by the spec's fromJob inputs."""
-    view = job(obj)
-    return [(str(i["fromJob"].get("namespace") or view.meta.namespace), str(i["fromJob"]["name"]))
-            for i in view.spec.inputs if isinstance(i.get("fromJob"), Mapping)]
+    return [upstream for _, upstream in from_job_inputs(obj)]
 
 
 def _get_job(lookups: Lookups, namespace: str, ref: tuple[str, str]) -> Mapping[str, Any] | None:

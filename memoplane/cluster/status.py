@@ -14,6 +14,7 @@ from typing import Any
 
 from ..api.computejob import format_duration, short_key
 from ..api.conditions import (
+    READY,
     RECONCILING,
     mark_ready,
     mark_reconciling,
@@ -91,6 +92,28 @@ def already_waiting(status: Mapping[str, Any], generation: int, reason: str, mes
     """The status already says this: writing `waiting` again would change nothing."""
     return (status.get("phase"), status.get("reason"), status.get("message"), status.get("observedGeneration")) \
         == (p.WAITING, reason, message, generation)
+
+
+def upstream_changed(status: Mapping[str, Any], generation: int, reason: str, message: str, now: datetime) -> Patch:
+    """A settled result held back while an upstream it used is recomputed (memoplane.cluster.propagate):
+    Waiting, Ready=False and Reconciling=True; the result stays in status, never under Ready=True."""
+    message = _clip(message)
+    conds = mark_reconciling(_conds(status), reason, message, generation, now)
+    return {
+        "phase": p.WAITING, "reason": reason, "message": message,
+        "conditions": set_condition(conds, READY, "False", reason, message, generation, now),
+        "observedGeneration": generation,
+    }
+
+
+def early_cutoff(status: Mapping[str, Any], generation: int, message: str, now: datetime) -> Patch:
+    """A held job's upstreams came back with the same results: Ready again with the result it had."""
+    message = _clip(message)
+    return {
+        "phase": p.SUCCEEDED, "reason": p.REASON_EARLY_CUTOFF, "message": message,
+        "conditions": mark_ready(_conds(status), p.REASON_EARLY_CUTOFF, message, generation, now),
+        "observedGeneration": generation,
+    }
 
 
 def pending(status: Mapping[str, Any], generation: int, reason: str, message: str, now: datetime) -> Patch:

@@ -24,6 +24,7 @@ from memoplane.cluster.decide import Fail, Wait
 from memoplane.cluster.index import JobIndex, Topic
 from memoplane.cluster.kube import Kube
 from memoplane.cluster.metrics import OperatorMetrics
+from memoplane.cluster.propagate import EdgeIndex, held
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import job
 from memoplane.settings import ObjectGrant, OperatorSettings
@@ -76,6 +77,7 @@ class Context:
     fleet: Fleet = field(default_factory=Fleet)
     memo: Pass | None = None      # set during a resync pass
     streaks: Streaks = field(default_factory=Streaks)  # trust.reexecute's agreement streaks, per store
+    edges: EdgeIndex = field(default_factory=EdgeIndex)  # fromJob edges of every watched job (guarded by `lock`)
 
     def lookups(self, namespace: str, store: Store) -> Lookups:
         """What resolving a job of `namespace` whose results go to `store` reads."""
@@ -93,6 +95,7 @@ class Context:
             raise
         with self.lock:
             self.index.wrote(out)
+            self.edges.observe(out)
         return out
 
     def patch_meta(self, obj: Mapping[str, Any], *, labels: Mapping[str, str | None] | None = None,
@@ -119,8 +122,11 @@ class Context:
     # -- decisions ---------------------------------------------------------------------------
 
     def wait(self, obj: Mapping[str, Any], decision: Wait) -> None:
-        """Waiting with the decision's reason (unless the status says so already)."""
+        """Waiting with the decision's reason (unless the status says so already). A held job
+        keeps its hold (memoplane.cluster.propagate) until it resolves: only the wait is registered."""
         self.wait_on(obj, decision.topics)
+        if held(obj):
+            return
         view = job(obj)
         status, generation = view.status.raw, view.meta.generation
         if st.already_waiting(status, generation, decision.reason, decision.message):

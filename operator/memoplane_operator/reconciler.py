@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
-from memoplane.cluster import flight, mapping, objectinputs, schedule
+from memoplane.cluster import flight, mapping, objectinputs, propagate, schedule
 from memoplane.cluster import protocol as p
 from memoplane.cluster.index import JobIndex, Ref, ref_of, settled
 from memoplane.cluster.kube import Kube
@@ -57,7 +57,7 @@ from .caches import ResultCaches
 from .context import Conflict, Context, Pass
 from .job_manifests import JobManifests
 from .replicas import reconcile_replicated
-from .resolution import Admissible, resolve_job
+from .resolution import Admissible, check_inputs, hold_job, resolve_job
 from .retention import RetentionWorker, UsageRecorder
 from .spotchecks import judge_check
 from .workqueue import Lane, WorkQueue
@@ -100,6 +100,7 @@ class Reconciler:
         self._resolvers = ThreadPoolExecutor(settings.resolvers, thread_name_prefix="resolve") \
             if settings.resolvers > 0 else None
         self._carried: dict[Ref, Admissible] = {}   # job -> what resolving it found, for admission
+        self._checks: set[Ref] = set()   # settled jobs whose fromJob inputs are to be checked (propagate.needs_check)
 
     @property
     def healthy_at(self) -> float:
@@ -119,19 +120,31 @@ class Reconciler:
                 verdict = self.index.observe(body)
                 if verdict == "skip":
                     return
+                self._propagate(body)
                 if verdict == "settled":  # nothing to decide; what waited for it may proceed
                     self._jobs.forget((namespace, name))
                     self._wake(body)
-                    if not awaiting_verdict(body):
-                        return  # a settled spot check is judged on the worker (spotchecks.py)
+                    if propagate.needs_check(body):
+                        self._checks.add((namespace, name))
+                    elif not awaiting_verdict(body) and self.ctx.edges.hold(body) is None:
+                        return  # a settled spot check is judged on the worker (spotchecks.py), a held job held there
             self._jobs.put((namespace, name), body)
             self._cond.notify()
+
+    def _propagate(self, body: dict[str, Any]) -> None:
+        """Remember the job's edges and state; if it is not Ready, the Ready jobs that use
+        its result are held on the worker, at once (memoplane.cluster.propagate). Caller holds _cond."""
+        self.ctx.edges.observe(body)
+        for ref in self.ctx.edges.to_hold(ref_of(body)):
+            self._jobs.put(ref, None)  # read afresh: settled bodies are not kept
 
     def deleted(self, body: dict[str, Any]) -> None:
         with self._cond:
             self.index.forget(ref_of(body))
+            self.ctx.edges.forget(ref_of(body))  # its downstream jobs keep what they have: results outlive jobs
             self._jobs.remove(ref_of(body))
             self._carried.pop(ref_of(body), None)
+            self._checks.discard(ref_of(body))
             self._wake(body)
 
     def _wake(self, body: Mapping[str, Any]) -> None:
@@ -197,7 +210,11 @@ class Reconciler:
             self.caches.forget_policies()  # a Secret or ConfigMap of trusted keys may have changed
             listed, _ = self.kube.list(p.COMPUTEJOBS)
             with self._cond:
-                self.index.replace_open([o for o in listed if self.watched(job(o).meta.namespace)])
+                mine = [o for o in listed if self.watched(job(o).meta.namespace)]
+                self.index.replace_open(mine)
+                self.ctx.edges.replace(mine)
+                for ref in sorted({d for o in mine for d in self.ctx.edges.to_hold(ref_of(o))}):
+                    self._jobs.put(ref, None)
         with self._cond:
             items = list(self.index.open.values())
         self.ctx.fleet.load = defaultdict(int, schedule.assigned_load(items))
@@ -241,9 +258,11 @@ class Reconciler:
         if obj is None:
             with self._cond:
                 self.index.forget((namespace, name))
+                self.ctx.edges.forget((namespace, name))
             return
         with self._cond:
             self.index.observe(obj)
+            self.ctx.edges.observe(obj)
         self.reconcile(obj)
 
     def reconcile(self, obj: dict[str, Any]) -> None:
@@ -260,6 +279,14 @@ class Reconciler:
         if view.settled:
             if awaiting_verdict(obj):
                 judge_check(self.ctx, obj)
+            with self._cond:
+                hold = self.ctx.edges.hold(obj)
+                check = view.ref in self._checks
+                self._checks.discard(view.ref)
+            if hold is not None:  # an upstream it used is being recomputed: not Ready until it resolves again
+                hold_job(self.ctx, obj, hold)
+            elif check:  # it just settled: were its fromJob inputs recomputed meanwhile?
+                check_inputs(self.ctx, obj)
             return
         self.refresh_nodes()
         if mapping.is_map(obj):  # a parent of sub-tasks: see mapper.py

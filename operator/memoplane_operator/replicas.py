@@ -27,6 +27,7 @@ from memoplane.cluster import replicas as rp
 from memoplane.cluster import spotcheck as sc
 from memoplane.cluster import status as st
 from memoplane.cluster.index import job_topic
+from memoplane.cluster.propagate import held
 from memoplane.cluster.views import job
 from memoplane.errors import MemoplaneError, NotFound, StoreCorrupted
 from memoplane.history import build as history
@@ -105,7 +106,8 @@ def _replicas_open(ctx: Context, obj: Mapping[str, Any]) -> bool:
 
 def _resolved(obj: Mapping[str, Any]) -> bool:
     status = job(obj).status
-    return status.cache_key is not None and status.observed_generation == job(obj).meta.generation
+    return status.cache_key is not None and status.observed_generation == job(obj).meta.generation \
+        and not held(obj)  # held: an upstream was recomputed, the key is derived again
 
 
 def _resolve(ctx: Context, obj: dict[str, Any], target: Target) -> dict[str, Any] | None:

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from memoplane.api.specs import SpecError, parse_computejob
 from memoplane.canonical import canonical_json
-from memoplane.cluster import decide, resolve, schedule
+from memoplane.cluster import decide, propagate, resolve, schedule
 from memoplane.cluster import protocol as p
 from memoplane.cluster import status as st
 from memoplane.cluster.views import job
@@ -65,7 +66,54 @@ def resolve_job(ctx: Context, obj: dict[str, Any]) -> Admissible | None:
     if isinstance(decision, decide.Fail):
         ctx.fail(obj, decision)
         return None
-    return _keyed(ctx, obj, decision, found)
+    changed = None
+    if propagate.held(obj):
+        step = propagate.release(obj, decision.job.key, decision.input_digests)
+        if isinstance(step, propagate.EarlyCutoff):
+            done = ctx.patch(obj, st.early_cutoff(view.status.raw, view.meta.generation, step.message,
+                                                  datetime.now(UTC)))
+            ctx.event(done, p.REASON_EARLY_CUTOFF, step.message)
+            return None
+        changed = step.message
+    carried = _keyed(ctx, obj, decision, found)
+    if changed is not None:
+        ctx.event(carried.body if carried is not None else obj, p.REASON_UPSTREAM_CHANGED, changed)
+    return carried
+
+
+def check_inputs(ctx: Context, obj: dict[str, Any]) -> None:
+    """A job that settled Ready: hold it if a fromJob input's value is no longer the one its
+    key used (an upstream recomputed while it ran). Only fromJob inputs are read again: a
+    settled job is final for everything else (a new runtime recomputes nothing settled)."""
+    view = job(obj)
+    try:
+        found = ctx.caches.store_for(obj)
+        if isinstance(found, decide.Wait):
+            return
+        spec = parse_computejob(obj).spec
+        lookups = ctx.lookups(view.meta.namespace, found.store)
+        created, now = resolve.parse_time(view.meta.creation_timestamp or None), datetime.now(UTC)
+        digests = {}
+        for item in spec.inputs:
+            if item.from_job is None:
+                continue
+            got = resolve.resolve_input(item, view.meta.name, lookups, created, now, ctx.settings.missing_grace_seconds)
+            if isinstance(got, resolve.Waiting | resolve.Failed):
+                return  # an upstream not Ready holds it (propagate.hold), a missing one leaves it as it is
+            digests[item.name] = got.digest
+    except (MemoplaneError, SpecError):
+        return  # checked again when it next settles; nothing here makes it Ready
+    hold = propagate.stale_inputs(obj, digests)
+    if hold is not None:
+        hold_job(ctx, obj, hold)
+
+
+def hold_job(ctx: Context, obj: dict[str, Any], hold: propagate.Hold) -> None:
+    """Hold a settled job back while an upstream it used is recomputed: not Ready, its result kept."""
+    view = job(obj)
+    done = ctx.patch(obj, st.upstream_changed(view.status.raw, view.meta.generation, hold.reason, hold.message,
+                                              datetime.now(UTC)))
+    ctx.event(done, hold.reason, hold.message)
 
 
 def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, target: Target) -> Admissible | None:
