@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..cas import Store
 from ..settings import history_index_path
@@ -84,9 +85,9 @@ class SyncReport:
 _ROW = "r.run_id, r.label, r.key, r.result, r.cached, r.ended, r.node"
 
 
-def _row(raw: Sequence[object]) -> RunRow:
+def _row(raw: Sequence[Any]) -> RunRow:
     return RunRow(str(raw[0]), str(raw[1]), str(raw[2]), None if raw[3] is None else str(raw[3]), bool(raw[4]),
-                  float(raw[5]), str(raw[6]))  # type: ignore[arg-type]
+                  float(raw[5]), str(raw[6]))
 
 
 class HistoryIndex:
@@ -168,7 +169,8 @@ class HistoryIndex:
 
     def add(self, records: Iterable[RunRecord], *, skipped: Iterable[tuple[str, str]] = ()) -> None:
         """Index `records` (already indexed ones are left as they are: records never change)."""
-        runs, inputs = [], []
+        runs: list[tuple[Any, ...]] = []
+        inputs: list[tuple[Any, ...]] = []
         for r in records:
             runs.append((r.run_id, r.job.namespace, r.job.name, r.job.label, r.job.uid, r.job.generation, r.key,
                          r.result, r.result_size, int(r.cached), r.started, r.ended, r.node, r.signer,
@@ -193,18 +195,18 @@ class HistoryIndex:
 
     # -- reading it ------------------------------------------------------------------------
 
-    def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+    def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             return list(self._db.execute(sql, params))
 
     def record(self, run_id: str) -> RunRecord | None:
         rows = self._query("SELECT record FROM runs WHERE run_id = ?", (run_id,))
-        return RunRecord.from_json(bytes(rows[0][0])) if rows else None  # type: ignore[arg-type]
+        return RunRecord.from_json(bytes(rows[0][0])) if rows else None
 
     def runs_of(self, label: str) -> list[RunRecord]:
         """Every run of the job, oldest first."""
         rows = self._query("SELECT record FROM runs WHERE label = ? ORDER BY run_id", (label,))
-        return [RunRecord.from_json(bytes(row[0])) for row in rows]  # type: ignore[arg-type]
+        return [RunRecord.from_json(bytes(row[0])) for row in rows]
 
     def latest_of(self, label: str, before: str | None = None) -> RunRow | None:
         """The job's newest run (older than run id `before`, if given)."""
@@ -290,7 +292,7 @@ class HistoryIndex:
             "SELECT run_id FROM runs WHERE run_id < ? UNION SELECT run_id FROM skipped WHERE run_id < ? "
             "ORDER BY 1", (bound, bound))]
 
-    def table_rows(self) -> dict[str, list[tuple[object, ...]]]:
+    def table_rows(self) -> dict[str, list[tuple[Any, ...]]]:
         """Every row of every table, sorted (what a rebuilt index must equal)."""
         return {table: sorted(self._query(f"SELECT * FROM {table}"), key=repr)
                 for table in ("runs", "inputs", "skipped")}

@@ -189,10 +189,12 @@ def stale(index: HistoryIndex, name: str, digest: str, job: str | None = None,
     run downstream of them: what would change if `name` had that content."""
     direct = [row for row, seen in index.latest_taking(name) if seen != digest and (job is None or row.job == job)]
     out = {row.run_id: StaleRun(row.job, row.run_id, row.result, f"input {name} differs") for row in direct}
-    found = lineage(index, direct, "down", depth)
+    # Downstream of their results: a served run's result was taken from the run that computed it.
+    producers = {r.run_id: r for row in direct for r in (row, *index.rows_with_result(row.result or ""))}
+    found = lineage(index, list(producers.values()), "down", depth)
     producer_job = {n.run.run_id: n.run.job for n in found.nodes}
     for node in found.nodes:
-        if node.run.run_id in out or not index.is_latest(node.run):
+        if node.run.run_id in out or node.run.run_id in producers or not index.is_latest(node.run):
             continue
         upstream = next((producer_job.get(e.producer, "?") for e in found.edges if e.consumer == node.run.run_id), "?")
         out[node.run.run_id] = StaleRun(node.run.job, node.run.run_id, node.run.result, f"downstream of {upstream}")
@@ -286,7 +288,7 @@ def _runtime_changes(store: Store, a: RunRecord, b: RunRecord, notes: list[str])
     raw = [_blob(store, r.runtime_blob, f"runtime of {r.run_id}", notes) for r in (a, b)]
     if raw[0] is None or raw[1] is None:
         return [Change("runtime", a.runtime, b.runtime)]
-    before, after = (json.loads(x) for x in raw)
+    before, after = json.loads(raw[0]), json.loads(raw[1])
     changes = [Change(k, before.get(k), after.get(k)) for k in ("profile", "python", "implementation", "machine")
                if before.get(k) != after.get(k)]
     dists = _mapping_changes(before.get("distributions") or {}, after.get("distributions") or {})
