@@ -14,6 +14,7 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ log = logging.getLogger("memoplane.history")
 
 SCHEMA_VERSION = 1
 BATCH = 500   # records per transaction while syncing
+READERS = 8   # records read at once while syncing
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -149,10 +151,12 @@ class HistoryIndex:
             self._db.commit()
         return self.sync(store)
 
-    def _add_from_store(self, store: Store, run_ids: Iterable[str]) -> tuple[int, int]:
-        records, bad = [], []
-        for run_id in run_ids:
-            data = store.run_record(run_id)
+    def _add_from_store(self, store: Store, run_ids: Sequence[str]) -> tuple[int, int]:
+        records: list[tuple[RunRecord, bytes]] = []
+        bad = []
+        with ThreadPoolExecutor(READERS) as pool:   # an object store answers each read in a round trip
+            fetched = list(pool.map(store.run_record, run_ids))
+        for run_id, data in zip(run_ids, fetched, strict=True):
             if data is None:     # pruned or deleted since it was listed
                 continue
             try:
@@ -163,25 +167,28 @@ class HistoryIndex:
                 log.warning("run record %s skipped: %s", run_id, exc)
                 bad.append((run_id, str(exc)[:200]))
                 continue
-            records.append(record)
-        self.add(records, skipped=bad)
+            records.append((record, data))
+        self._insert(records, bad)
         return len(records), len(bad)
 
-    def add(self, records: Iterable[RunRecord], *, skipped: Iterable[tuple[str, str]] = ()) -> None:
+    def add(self, records: Iterable[RunRecord]) -> None:
         """Index `records` (already indexed ones are left as they are: records never change)."""
+        self._insert([(r, r.to_json()) for r in records], [])
+
+    def _insert(self, records: Iterable[tuple[RunRecord, bytes]], skipped: list[tuple[str, str]]) -> None:
         runs: list[tuple[Any, ...]] = []
         inputs: list[tuple[Any, ...]] = []
-        for r in records:
+        for r, data in records:
             runs.append((r.run_id, r.job.namespace, r.job.name, r.job.label, r.job.uid, r.job.generation, r.key,
                          r.result, r.result_size, int(r.cached), r.started, r.ended, r.node, r.signer,
-                         r.compute_seconds, r.failure, r.cache, r.code_blob, r.runtime_blob, r.to_json()))
+                         r.compute_seconds, r.failure, r.cache, r.code_blob, r.runtime_blob, data))
             inputs.extend((r.run_id, i.name, i.digest, i.size, i.source, i.upstream_job, i.upstream_result,
                            i.upstream_run) for i in r.inputs)
         with self._lock:
             self._db.executemany(f"INSERT OR IGNORE INTO runs VALUES ({','.join('?' * len(RUN_COLUMNS))})", runs)
             self._db.executemany(f"INSERT OR IGNORE INTO inputs VALUES ({','.join('?' * len(INPUT_COLUMNS))})",
                                  inputs)
-            self._db.executemany("INSERT OR IGNORE INTO skipped VALUES (?, ?)", list(skipped))
+            self._db.executemany("INSERT OR IGNORE INTO skipped VALUES (?, ?)", skipped)
             self._db.commit()
 
     def forget(self, run_ids: Sequence[str]) -> None:
@@ -248,7 +255,7 @@ class HistoryIndex:
                 out.append((_row(raw), Edge(str(raw[8]), str(raw[0]), str(raw[7]))))
         for chunk in _chunks(list(by_result)):
             for raw in self._query(f"SELECT {_ROW}, i.name, i.upstream_result FROM inputs i JOIN runs r "
-                                   f"ON r.run_id = i.run_id WHERE i.upstream_run IS NULL "
+                                   f"ON r.run_id = i.run_id WHERE +i.upstream_run IS NULL "
                                    f"AND i.upstream_result IN ({_marks(chunk)})", chunk):
                 out.extend((_row(raw), Edge(p.run_id, str(raw[0]), str(raw[7]))) for p in by_result[str(raw[8])])
         return out
@@ -263,7 +270,7 @@ class HistoryIndex:
                                    f"ON r.run_id = i.upstream_run WHERE i.run_id IN ({_marks(chunk)})", chunk):
                 out.append((_row(raw), Edge(str(raw[0]), str(raw[8]), str(raw[7]))))
             for raw in self._query(f"SELECT {_ROW}, i.name, i.run_id FROM inputs i JOIN runs r "
-                                   f"ON r.result = i.upstream_result WHERE i.upstream_run IS NULL "
+                                   f"ON r.result = i.upstream_result WHERE +i.upstream_run IS NULL "
                                    f"AND i.run_id IN ({_marks(chunk)})", chunk):
                 if raw[0] != raw[8]:
                     out.append((_row(raw), Edge(str(raw[0]), str(raw[8]), str(raw[7]))))
@@ -272,8 +279,9 @@ class HistoryIndex:
     def latest_taking(self, name: str) -> list[tuple[RunRow, str]]:
         """The newest run of each job that took an input `name`, with that input's digest."""
         rows = self._query(
-            f"SELECT {_ROW}, i.digest FROM runs r JOIN inputs i ON i.run_id = r.run_id AND i.name = ? "
-            "WHERE r.run_id = (SELECT MAX(run_id) FROM runs WHERE label = r.label) ORDER BY r.label", (name,))
+            f"WITH latest AS (SELECT MAX(run_id) AS run_id FROM runs GROUP BY label) SELECT {_ROW}, i.digest "
+            "FROM latest l JOIN runs r ON r.run_id = l.run_id JOIN inputs i ON i.run_id = r.run_id AND i.name = ? "
+            "ORDER BY r.label", (name,))
         return [(_row(raw), str(raw[7])) for raw in rows]
 
     # -- retention ---------------------------------------------------------------------------
