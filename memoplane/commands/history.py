@@ -95,6 +95,8 @@ def _opened(args: argparse.Namespace, job: str | None = None) -> Iterator[tuple[
 
 def _cluster_store(args: argparse.Namespace, job: str | None) -> tuple[Any, str]:
     from ..cas import open_store
+    from ..cluster.decide import default_cache
+    from ..cluster.protocol import DEFAULT_RESULT_CACHE
     from ..cluster.views import cache
     from ..errors import NotFound
     from .kube import GROUP, VERSION, api_call, current_namespace, custom_objects, get_job
@@ -107,8 +109,14 @@ def _cluster_store(args: argparse.Namespace, job: str | None) -> tuple[Any, str]
             cache_name = ((get_job(api, namespace, name).get("spec") or {}).get("cache") or {}).get("resultCache")
         except NotFound:   # deleted jobs keep their history: their namespace's default cache
             cache_name = None
-    rc = api_call(f"resultcache {namespace}/{cache_name or 'default'}", api.get_namespaced_custom_object,
-                  GROUP, VERSION, namespace, "resultcaches", cache_name or "default")
+    try:
+        rc = api_call(f"resultcache {namespace}/{cache_name or DEFAULT_RESULT_CACHE}",
+                      api.get_namespaced_custom_object, GROUP, VERSION, namespace, "resultcaches",
+                      cache_name or DEFAULT_RESULT_CACHE)
+    except NotFound:
+        if cache_name not in (None, DEFAULT_RESULT_CACHE):
+            raise
+        rc = default_cache(namespace)   # not made yet: where the operator will put it
     return open_store(cache(rc).store_url), namespace
 
 
