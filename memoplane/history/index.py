@@ -316,8 +316,28 @@ def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:
 
 
 def open_index(store: Store) -> HistoryIndex:
-    """The store's index where settings.history_index_path puts it, synced with its records."""
-    index = HistoryIndex(history_index_path(store.local_root, store.describe()))
+    """The store's index where settings.history_index_path puts it, synced with its records. It is
+    a cache: a damaged file is started afresh; where it cannot be written (a read-only store
+    directory), the user's cache directory is used, else memory."""
+    places = [history_index_path(store.local_root, store.describe())]
+    if store.local_root is not None:
+        places.append(history_index_path(None, store.describe()))
+    for path in places:
+        for _attempt in range(2):
+            try:
+                index = HistoryIndex(path)
+                index.sync(store)
+                return index
+            except sqlite3.DatabaseError as exc:
+                log.warning("history index %s unusable: %s", path, exc)
+                if "not a database" not in str(exc) and "malformed" not in str(exc):
+                    break
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{path}{suffix}").unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("history index %s unusable: %s", path, exc)
+                break
+    index = HistoryIndex(":memory:")
     index.sync(store)
     return index
 

@@ -75,3 +75,12 @@ def test_an_index_of_another_schema_is_started_afresh(tmp_path: Path) -> None:
         index._db.commit()
     with HistoryIndex(path) as index:
         assert index.table_rows()["runs"] == []
+
+
+def test_a_damaged_index_file_is_started_afresh(tmp_path: Path) -> None:
+    record = history_record("a", S, "b3:r")
+    with open_store(tmp_path / "store") as store:
+        store.put_run_record(record.run_id, record.to_json())
+        (tmp_path / "store" / "history-index.sqlite").write_bytes(b"not a database at all" * 100)
+        with open_index(store) as index:
+            assert [r.run_id for r in index.runs_of("a")] == [record.run_id]
