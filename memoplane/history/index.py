@@ -49,6 +49,7 @@ CREATE INDEX IF NOT EXISTS inputs_by_upstream_result ON inputs (upstream_result)
 CREATE INDEX IF NOT EXISTS inputs_by_digest ON inputs (digest, name);
 """
 
+_SECONDARY = [line.split()[5] for line in _SCHEMA.splitlines() if line.startswith("CREATE INDEX")]
 RUN_COLUMNS = ("run_id", "namespace", "name", "label", "uid", "generation", "key", "result", "result_size",
                "cached", "started", "ended", "node", "signer", "compute_seconds", "failure", "cache", "code_blob",
                "runtime_blob", "record")
@@ -145,17 +146,25 @@ class HistoryIndex:
 
     def rebuild(self, store: Store) -> SyncReport:
         """Forget everything and index the store's records from scratch."""
-        with self._lock:
+        with self._lock:   # filled without its secondary indexes, made once at the end: faster
             for table in ("runs", "inputs", "skipped"):
                 self._db.execute(f"DELETE FROM {table}")
+            for name in _SECONDARY:
+                self._db.execute(f"DROP INDEX IF EXISTS {name}")
             self._db.commit()
-        return self.sync(store)
+            try:
+                return self.sync(store)
+            finally:
+                self._db.executescript(_SCHEMA)
 
     def _add_from_store(self, store: Store, run_ids: Sequence[str]) -> tuple[int, int]:
         records: list[tuple[RunRecord, bytes]] = []
         bad = []
-        with ThreadPoolExecutor(READERS) as pool:   # an object store answers each read in a round trip
-            fetched = list(pool.map(store.run_record, run_ids))
+        if store.local_root is not None:
+            fetched = [store.run_record(run_id) for run_id in run_ids]
+        else:
+            with ThreadPoolExecutor(READERS) as pool:   # an object store answers each read in a round trip
+                fetched = list(pool.map(store.run_record, run_ids))
         for run_id, data in zip(run_ids, fetched, strict=True):
             if data is None:     # pruned or deleted since it was listed
                 continue
