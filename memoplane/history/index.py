@@ -134,15 +134,20 @@ class HistoryIndex:
     # -- filling it ------------------------------------------------------------------------
 
     def sync(self, store: Store) -> SyncReport:
-        """Add every record of `store` not indexed yet (late arrivals included)."""
+        """Add every record of `store` not indexed yet (late arrivals included), and forget those
+        no longer in it (pruned by another process), so the roots never hold what history dropped."""
         with self._lock:
             known = {row[0] for row in self._db.execute("SELECT run_id FROM runs UNION ALL SELECT run_id FROM skipped")}
-        new = [run_id for run_id in store.run_record_ids() if run_id not in known]
+        listed = set(store.run_record_ids())
+        new = sorted(listed - known)
+        gone = sorted(known - listed)
+        if gone:
+            self.forget(gone)
         added = skipped = 0
         for start in range(0, len(new), BATCH):
             a, s = self._add_from_store(store, new[start:start + BATCH])
             added, skipped = added + a, skipped + s
-        return SyncReport(added, skipped, len(known) + added + skipped)
+        return SyncReport(added, skipped, len(known) - len(gone) + added + skipped)
 
     def rebuild(self, store: Store) -> SyncReport:
         """Forget everything and index the store's records from scratch."""

@@ -55,10 +55,14 @@ def test_history_diff_lineage_stale_and_prune_after_real_runs(tmp_path: Path) ->
     by_file = json.loads(memoplane(store, "stale", "-i", f"rows=@{tmp_path / 'new.json'}", "--json").stdout)
     assert len(by_file["runs"]) == 1   # a file's bytes digest differently from the JSON value
 
+    memoplane(store, "gc", "--grace", "0", "--max-age", "0.001s")   # every ref evicted: the records keep the results
+    assert json.loads(memoplane(store, "result", first["result"], "--json").stdout)["result"] == {"n": 3, "total": 6}
     pruned = json.loads(memoplane(store, "history", "prune", "--older-than", "0s", "--json").stdout)
     assert pruned["dropped"] == 3
     gone = memoplane(store, "history", str(script), check=False)
     assert gone.returncode != 0 and "no recorded run" in gone.stderr
+    memoplane(store, "gc", "--grace", "0")
+    assert memoplane(store, "result", first["result"], check=False).returncode != 0
 
 
 def test_bad_queries_are_one_line_errors(tmp_path: Path) -> None:

@@ -38,6 +38,8 @@ def test_a_live_index_synced_step_by_step_equals_a_rebuilt_one(tmp_path: Path) -
         assert live.table_rows() == rebuilt.table_rows()
         assert [r.run_id for r in live.runs_of("ml/up")] == [late.run_id, up.run_id]
         assert live.record(down.run_id) == down
+        store.delete_run_record(late.run_id)                      # pruned by another process
+        assert live.sync(store).total == 3 and [r.run_id for r in live.runs_of("ml/up")] == [up.run_id]
 
 
 def test_roots_are_the_results_and_blobs_records_name_and_pruning_drops_them(tmp_path: Path) -> None:
