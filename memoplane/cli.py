@@ -58,7 +58,17 @@ def _add_explain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--version", dest="salt", default="")
     p.add_argument("--json", action="store_true")
     _store_flag(p)
-    p.set_defaults(handler=_lazy("memoplane.commands.run", "explain_command"))
+    from .commands.history import add_explain_flags
+
+    add_explain_flags(p)
+    p.set_defaults(handler=_explain_handler)
+
+
+def _explain_handler(args: argparse.Namespace) -> int:
+    """Embedded: a script against its last run; --cluster: a ComputeJob's newest run against the one before."""
+    if args.cluster:
+        return _lazy("memoplane.commands.history", "explain_cluster_command")(args)
+    return _lazy("memoplane.commands.run", "explain_command")(args)
 
 
 def _add_result(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -197,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands.audit import add_parser as add_audit
 
     add_audit(sub, _lazy, _store_flag)
+    from .commands.history import add_parser as add_history
+
+    add_history(sub, _lazy, _store_flag)
     return parser
 
 

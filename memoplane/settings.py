@@ -215,6 +215,24 @@ def keys_dir(env: Mapping[str, str] | None = None) -> Path:
     return Path(env.get("XDG_CONFIG_HOME") or "~/.config").expanduser() / "memoplane" / "keys"
 
 
+# -- history: where the index of a store's run records lives (memoplane.history.index) ------------
+
+HISTORY_INDEX_FILE = "history-index.sqlite"
+
+
+def history_index_path(store_root: Path | None, store_description: str, env: Mapping[str, str] | None = None) -> Path:
+    """Next to a local store (its directory); for an object store, under the user's cache
+    directory ($XDG_CACHE_HOME/memoplane/history, ~/.cache/...) by the store's description.
+    A cache: deleting it costs one rebuild from the store's records."""
+    if store_root is not None:
+        return store_root / HISTORY_INDEX_FILE
+    import hashlib
+
+    env = os.environ if env is None else env
+    name = hashlib.sha256(store_description.encode()).hexdigest()[:24]
+    return Path(env.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "memoplane" / "history" / f"{name}.sqlite"
+
+
 # -- the operator and the agents --------------------------------------------------------------
 
 WATCH_DOC = 'namespace patterns, space separated (empty: every namespace), e.g. "ml research" or "*,!kube-*"'

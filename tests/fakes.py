@@ -199,3 +199,14 @@ def computed_result(store: Store, key: str, value: Any, node: str, started: floa
     empty = store.put_bytes(b"")
     prov = Provenance(key, {}, runtime, node, started, started + 1, 1.0)
     return ResultManifest(store.put_value(value), empty, empty, prov, meta={"exit_code": 0, "isolation": {node: 1}})
+
+
+def history_record(job: str, at: int, result: str | None, inputs: tuple[Any, ...] = (), *, key: str = "",
+                   components: dict[str, Any] | None = None, cached: bool = False, **extra: Any) -> Any:
+    """A run record of job "ns/name" (or an unnamespaced name) made at `at` ns, for history tests."""
+    from memoplane.history import JobIdentity, RunRecord, new_run_id
+
+    namespace, _, name = job.rpartition("/")
+    return RunRecord(new_run_id(at), JobIdentity(namespace, name), key or f"b3:key-{job}-{at}", result, inputs,
+                     extra.pop("code", "b3:code"), extra.pop("runtime", "b3:rt"), extra.pop("env", {}), "node-a",
+                     None, at / 1e9, at / 1e9, cached, 1.0, components=components or {}, **extra)

@@ -302,6 +302,10 @@ class Store:
         except NotFound:
             return None
 
+    def delete_run_record(self, run_id: str) -> None:
+        """Drop a run's record (history retention: `memoplane history prune`, a ResultCache's maxAge)."""
+        self.backend.delete(RUN_RECORDS + run_id)
+
     def run_record_ids(self, after: str = "") -> Iterator[str]:
         """Every kept run id, oldest first (ids sort by time), those after `after` only."""
         ids = sorted(info.name[len(RUN_RECORDS):] for info in self.backend.list(RUN_RECORDS))

@@ -16,7 +16,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from memoplane.api.common import duration_seconds, parse_quantity
+from memoplane.cas import Store
 from memoplane.cas.usage import WRITE, Entry, UsageIndex, Use
+from memoplane.history.index import HistoryIndex, prune
 
 from . import protocol as p
 from .resolve import parse_time
@@ -86,10 +88,17 @@ def seed_blobs(seeds: Iterable[Mapping[str, Any]], store_url: str) -> set[str]:
     return out
 
 
-def kept_history_roots(store_url: str) -> set[str]:
-    """Cache keys referenced by kept history (issue 13, not built yet): none so far. Retention
-    asks here, so that history, once kept, is a root without another change to it."""
-    return set()
+def kept_history_roots(store: Store, index: HistoryIndex) -> tuple[set[str], set[str]]:
+    """(result digests, blob digests) the store's run records name: roots of the sweep, so an old
+    version stays readable while its record is kept. Read from `index`, synced first: a pass reads
+    only the records it has not seen (and lists their ids), never every record again."""
+    index.sync(store)
+    return index.roots()
+
+
+def prune_history(store: Store, index: HistoryIndex, retention: Retention, now: float) -> list[str]:
+    """Drop the run records older than maxAge (none without one), so the results only they kept can go."""
+    return prune(store, index, retention.max_age, now) if retention.max_age is not None else []
 
 
 def stats_fields(index: UsageIndex, status: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,9 @@ only hands uses to the UsageRecorder (an in-memory list) and pokes the worker wh
 ResultCache changes. Work per pass is bounded: at most `evictions_per_pass` evictions and
 `index_reads_per_pass` ref reads per cache (plus a listing of the refs while the index is checked
 against them, every `reindex_seconds`); the sweep (gc: a full mark of the store) runs on this
-thread too, for caches with retention, after a pass that evicted or every `gc_seconds`.
+thread too, for caches with retention, after a pass that evicted or every `gc_seconds`. Before
+it, the store's run records older than `maxAge` are dropped; the results and blobs the others name
+are roots (an in-memory index of the records per store: each sweep reads only new records).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from memoplane.cluster.sharing import Access
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import cache
 from memoplane.errors import MemoplaneError
+from memoplane.history.index import HistoryIndex
 from memoplane.settings import OperatorSettings
 
 log = logging.getLogger("memoplane.operator")
@@ -104,6 +107,7 @@ class RetentionWorker:
         self._saved: dict[str, tuple[tuple[Any, ...], float]] = {}  # store URL -> (_signature, when) last saved
         self._reindexed: dict[str, float] = {}      # store URL -> monotonic time its refs were last checked
         self._unindexed: dict[str, dict[str, float]] = {}  # store URL -> refs its index lacks, left to read
+        self._histories: dict[str, HistoryIndex] = {}      # store URL -> the index of its run records (rebuilt at start)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -161,10 +165,10 @@ class RetentionWorker:
         index = self._current_index(store, url)
         # Only the owner's retention evicts: a namespace granted another's location never removes its entries.
         retention = None if access.guest else rt.retention_of(rc)
-        evicted = self._evict(store, index, retention, rt.job_roots(jobs, url) | rt.kept_history_roots(url)) \
+        evicted = self._evict(store, index, retention, rt.job_roots(jobs, url)) \
             if retention is not None else []
         if retention is not None and (evicted or self._sweep_due(url)):
-            self._sweep(store, index, url)
+            self._sweep(store, index, url, retention)
         self._save(store, index, url, force=bool(evicted))
         fields = rt.stats_fields(index, view.status)
         if fields:
@@ -219,11 +223,17 @@ class RetentionWorker:
             store.save_usage(index)
             self._saved[url] = (signature, time.monotonic())
 
-    def _sweep(self, store: Store, index: UsageIndex, url: str) -> None:
-        """Delete what no ref reaches; roots listed now (a job served since the pass began is one)."""
+    def _sweep(self, store: Store, index: UsageIndex, url: str, retention: rt.Retention) -> None:
+        """Delete what no ref reaches; roots listed now (a job served since the pass began is one),
+        and what the run records kept within maxAge name (older records are dropped first)."""
         self._swept[url] = time.monotonic()
-        results = rt.job_results(self.kube.list(p.COMPUTEJOBS)[0], url)
-        blobs = rt.seed_blobs(self.kube.list(p.GMEMSEEDS)[0], url)
+        history = self._histories.setdefault(url, HistoryIndex(":memory:"))
+        dropped = rt.prune_history(store, history, retention, time.time())
+        kept_results, kept_blobs = rt.kept_history_roots(store, history)
+        results = rt.job_results(self.kube.list(p.COMPUTEJOBS)[0], url) | kept_results
+        blobs = rt.seed_blobs(self.kube.list(p.GMEMSEEDS)[0], url) | kept_blobs
+        if dropped:
+            log.info("%s: %d run records older than maxAge dropped", url, len(dropped))
         log.info("sweeping %s (%d results and %d blobs of jobs and seeds as roots)", url, len(results), len(blobs))
         report = store.gc(self.cfg.gc_grace_seconds, results=results, blobs=blobs)
         self._measure(index, report.kept_bytes)

@@ -95,4 +95,3 @@ def test_roots_are_the_jobs_and_seeds_of_the_store() -> None:
     seeds = [{"status": {"store": "s3://memoplane/ml", "overlayBlob": {"digest": "b3:blob", "size": 3}}},
              {"status": {"store": "s3://memoplane/ml", "overlayBlob": None}}]
     assert rt.seed_blobs(seeds, "s3://memoplane/ml") == {"b3:blob"}
-    assert rt.kept_history_roots("s3://memoplane/ml") == set()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import FakeKube, computed_result
+from fakes import FakeKube, computed_result, history_record
 from memoplane_operator.retention import RetentionWorker, UsageRecorder
 
 from memoplane.cas import Store, b3
@@ -21,6 +21,8 @@ from memoplane.cluster import protocol as p
 from memoplane.cluster.decide import default_cache
 from memoplane.cluster.sharing import Access
 from memoplane.cluster.stores import Stores, StoreSettings
+from memoplane.errors import NotFound
+from memoplane.history import RunRecord
 from memoplane.settings import OperatorSettings
 
 RUNTIME = "b3:" + "11" * 32
@@ -168,3 +170,22 @@ def test_only_the_owner_of_a_location_evicts_there_and_only_a_reader_is_told_its
     worker.access = lambda _rc: OWNED
     worker.run_pass()
     assert all(store.read_ref(k) is None for k in keys), "the owner's retention evicts them"
+
+
+def test_records_within_max_age_keep_their_results_and_older_ones_are_dropped_so_theirs_go(
+        world: tuple[RetentionWorker, FakeKube, Store]) -> None:
+    worker, kube, store = world
+    kept_key, gone_key = write(worker, kube, store, "kept", 10), write(worker, kube, store, "gone", 10)
+    kept, gone = (store.read_ref(k) for k in (kept_key, gone_key))
+    assert kept is not None and gone is not None
+    now_ns = time.time_ns()
+    for result, at in ((kept, now_ns), (gone, now_ns - 48 * 3600 * 10**9)):
+        record = history_record("ml/job", at, result)
+        store.put_run_record(record.run_id, record.to_json())
+    set_retention(kube, {"maxAge": "24h"})   # both refs were last used 2026-01-02: evicted
+    worker.run_pass()
+    assert store.read_ref(kept_key) is None and store.read_ref(gone_key) is None
+    assert store.get_result(kept).value.inline == "x" * 10, "a kept record's result stays readable"
+    with pytest.raises(NotFound):
+        store.get_result(gone)
+    assert [RunRecord.from_json(store.run_record(i) or b"").result for i in store.run_record_ids()] == [kept]
