@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands.audit import add_parser as add_audit
 
     add_audit(sub, _lazy, _store_flag)
+    from .commands.apply import add_parser as add_apply
+
+    add_apply(sub, _lazy, _store_flag)
     return parser
 
 
