@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,5 @@ def _fresh_seed(obj: dict[str, Any], what: str) -> dict[str, Any]:
     params = seeds.parse_seed(obj)
     if isinstance(params, str):
         raise InputError(f"{what}: {params}", "fix the fields named")
-    status = {"digest": seed_digest(params), "version": 0, "overlayEntries": 0, "overlayBlob": None,
-              "store": "embedded", "conditions": [{"type": "Ready", "status": "True", "reason": seeds.REASON_READY}]}
-    return {**obj, "status": status}
+    state = seeds.SeedState(seed_digest(params), 0, 0, "embedded", None)
+    return {**obj, "status": seeds.ready({}, 1, state, datetime.now(UTC))}
