@@ -18,7 +18,7 @@ from ..trust.local import Keyring
 from . import manifests as mf
 from .pipeline import Context, Outcome, apply, label
 
-PREVIEW_CHARS = 120   # a JSON value longer than this is shown by size
+PREVIEW_CHARS = 120   # a JSON value up to this long is shown in the text output
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], lazy: Callable[[str, str], Any],
@@ -141,18 +141,14 @@ def outcome_lines(o: Outcome) -> list[str]:
         lines.append(f"  map: {o.map['total']} elements, {o.map['computed']} sub-tasks computed, "
                      f"{o.map['cached']} cached")
     lines += [f"  why: {why}" for why in o.why if o.state == "computed"]
-    lines.append(f"  value: {_preview(o.value)}")
+    preview = json.dumps(_jsonable(o.value), sort_keys=True)
+    if len(preview) <= PREVIEW_CHARS:   # a longer value: --json or `memoplane result` shows it
+        lines.append(f"  value: {preview}")
     return lines
 
 
 def _short(digest: str | None) -> str:
     return (digest or "-")[:15]
-
-
-def _preview(value: Any) -> str:
-    shown = _jsonable(value)
-    text = json.dumps(shown, sort_keys=True)
-    return text if len(text) <= PREVIEW_CHARS else f"({len(text)} characters of JSON; --json shows it)"
 
 
 def summary(outcomes: list[Outcome], where: str) -> str:
