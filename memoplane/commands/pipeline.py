@@ -56,6 +56,7 @@ class Outcome:
     result: str | None = None                # the result manifest's digest
     value_digest: str | None = None          # what a downstream's input digest is (the value's)
     value: Any = None
+    value_kind: str = "json"                 # memoplane.cas.records.VALUE_KINDS
     run_id: str = ""
     changed: list[str] = field(default_factory=list)      # upstreams whose value differs from the last run's
     early_cutoff: list[str] = field(default_factory=list)  # upstreams recomputed here to the value this
@@ -275,7 +276,8 @@ def _run(ctx: Context, doc: JobDoc, job: Job, ref: Ref, inputs: list[SpecInput])
 def _succeeded(ctx: Context, ref: Ref, job: Job, inputs: list[SpecInput], report: RunReport,
                previous: Mapping[str, Any] | None, attempts: int) -> Outcome:
     outcome = Outcome(ref, "cached" if report.cached else "computed", key=report.cache_key,
-                      result=report.result_digest, value=report.value, run_id=report.run_id,
+                      result=report.result_digest, value=report.value, value_kind=report.value_kind,
+                      run_id=report.run_id,
                       why=report.explain, attempts=attempts,
                       value_digest=ctx.lookups(ref[0]).result_input(report.result_digest, None).digest)
     before = (previous or {}).get("inputs") or {}
@@ -329,6 +331,9 @@ def _apply_map(ctx: Context, doc: JobDoc) -> Outcome:
         child = children[mp.child_name(doc.ref[1], element)]
         if not child.ok:
             return Outcome(doc.ref, "failed", message=f"spec.map: element {index} ({child.ref[1]}): {child.message}")
+        if child.value_kind != "json":   # as the operator's mapper says
+            return Outcome(doc.ref, "failed", message=f"spec.map: element {index}: ComputeJob '{child.ref[1]}' "
+                                                      f"returned {child.value_kind}, not JSON: a map's values must be JSON")
     names = [mp.child_name(doc.ref[1], e) for e in items]
     outcome = _map_result(ctx, doc, names, children)
     computed = sum(c.state == "computed" for c in children.values())

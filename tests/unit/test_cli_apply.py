@@ -252,3 +252,18 @@ def test_a_failed_job_is_retried_up_to_its_backoff_limit_and_its_downstream_skip
     assert outcomes["after"].state == "skipped" and outcomes["after"].message == "upstream boom did not succeed"
     assert len(failed_runs) == 2 and all(r.failure and r.result is None for r in failed_runs)
     assert JsonInput(1).digest == failed_runs[0].inputs[0].digest
+
+
+def test_a_missing_upstream_and_a_map_of_bytes_fail_clearly(tmp_path: Path) -> None:
+    orphan = {"python": {"source": "def main(y):\n    return y\n"}, "inputs": [{"name": "y", "fromJob": {"name": "nope"}}]}
+    raw = {"python": {"source": "def main(x):\n    return bytes([x])\n"}, "inputs": [{"name": "x", "value": [1, 2]}],
+           "map": {"over": "x"}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump_all([_manifest("orphan", orphan), _manifest("raw", raw)]))
+    proc = memoplane(tmp_path / "store", "apply", "--json", "-f", str(path))
+    assert proc.returncode == 1
+    jobs = by_name(json.loads(proc.stdout))
+    assert jobs["orphan"]["state"] == "failed"
+    assert jobs["orphan"]["message"] == "input 'y': ComputeJob 'nope' does not exist: create it, or fix the name"
+    assert jobs["raw"]["state"] == "failed" and jobs["raw"]["message"].startswith("spec.map: element 0: ComputeJob 'raw-")
+    assert jobs["raw"]["message"].endswith("returned bytes, not JSON: a map's values must be JSON")
