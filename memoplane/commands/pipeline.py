@@ -146,10 +146,6 @@ def label(ref: Ref, namespace: str = "") -> str:
     return ref[1] if ref[0] == namespace else f"{ref[0]}/{ref[1]}"
 
 
-def upstreams(doc: JobDoc) -> list[Ref]:
-    return [(ns, name) for ns, name in rs.upstream_refs(doc.obj)]
-
-
 def order(manifests: Manifests) -> list[Ref]:
     """The jobs, each after its fromJob upstreams (document order otherwise); a cycle is refused
     with its path."""
@@ -167,7 +163,7 @@ def _visit(manifests: Manifests, ref: Ref, path: list[Ref], done: dict[Ref, None
         cycle = [*path[path.index(ref):], ref]
         raise _cycle_error(cycle)
     path.append(ref)
-    for up in upstreams(manifests.jobs[ref]):
+    for up in rs.upstream_refs(manifests.jobs[ref].obj):
         _visit(manifests, up, path, done)
     path.pop()
     done[ref] = None
@@ -205,7 +201,7 @@ def apply(ctx: Context, on_done: Callable[[Outcome], None] = lambda _: None) -> 
 
 
 def _apply_one(ctx: Context, doc: JobDoc) -> Outcome:
-    failed = [up for up in upstreams(doc) if up in ctx.outcomes and not ctx.outcomes[up].ok]
+    failed = [up for up in rs.upstream_refs(doc.obj) if up in ctx.outcomes and not ctx.outcomes[up].ok]
     if failed:
         names = ", ".join(label(up, doc.ref[0]) for up in failed)
         return Outcome(doc.ref, "skipped", message=f"upstream {names} did not succeed")
