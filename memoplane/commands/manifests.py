@@ -63,7 +63,10 @@ def documents(source: str) -> Iterator[tuple[str, Any]]:
         try:
             docs = list(yaml.safe_load_all(text))
         except yaml.YAMLError as exc:
-            raise InputError(f"{name}: not valid YAML ({str(exc).splitlines()[0]})", "fix the YAML syntax") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise InputError(f"{name}: not valid YAML{where} ({problem})", "fix the YAML syntax") from None
         for index, doc in enumerate(docs, 1):
             if doc is not None:
                 yield f"{name}, document {index}", doc

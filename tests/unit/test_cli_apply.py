@@ -267,3 +267,10 @@ def test_a_missing_upstream_and_a_map_of_bytes_fail_clearly(tmp_path: Path) -> N
     assert jobs["orphan"]["message"] == "input 'y': ComputeJob 'nope' does not exist: create it, or fix the name"
     assert jobs["raw"]["state"] == "failed" and jobs["raw"]["message"].startswith("spec.map: element 0: ComputeJob 'raw-")
     assert jobs["raw"]["message"].endswith("returned bytes, not JSON: a map's values must be JSON")
+
+
+def test_bad_yaml_names_the_line(tmp_path: Path) -> None:
+    proc = memoplane(tmp_path / "store", "apply", "-f", "-", stdin="a: b\n  c: d\n")
+    assert proc.returncode == 2
+    assert proc.stderr == "memoplane: <stdin>: not valid YAML at line 2, column 4 (mapping values are not allowed " \
+                          "here) — fix the YAML syntax\n"
