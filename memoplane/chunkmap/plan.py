@@ -1,0 +1,116 @@
+"""The jobs of an over-chunks map and their evaluation, bottom-up.
+
+A leaf is the user's job with the `over` input replaced by one chunk (a blob: the entrypoint
+receives the chunk's bytes, whole rows). A combine node is the same source with a small fold
+appended, called with the children's results in order: combine(combine(a, b), c)... So the
+key of every node covers the code and its inputs by content, and a subtree whose chunks did
+not change is a cache hit; a leaf whose result did not change keeps its parents' keys too
+(early cutoff). Partial results travel as JSON values (the combine node's `parts` input).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..errors import InputError
+from ..jobs import BlobInput, Job, JsonInput, PythonCode
+from ..settings import CHUNK_TASK_BYTES
+from .split import record_chunks
+from .tree import Node, build_tree
+
+Role = Literal["leaf", "combine"]
+# Runs one node's job: returns its result value and whether it was served from the cache.
+RunNode = Callable[[Job, Role], tuple[Any, bool]]
+# Stores one chunk; returns its blob (digest, size).
+PutChunk = Callable[[bytes], BlobInput]
+
+FOLD_ENTRYPOINT = "memoplane_fold"
+FOLD_SOURCE = f'''
+
+def {FOLD_ENTRYPOINT}(parts, combine):
+    # appended by memoplane: a combine node folds its children's results, in order
+    fn = globals()[combine]
+    acc = parts[0]
+    for part in parts[1:]:
+        acc = fn(acc, part)
+    return acc
+'''
+
+
+@dataclass
+class ChunkMapReport:
+    value: Any
+    root: str                 # the tree's root id (a chunk digest when there is one chunk)
+    chunks: int
+    leaves: int               # distinct leaf jobs (equal chunks share one)
+    leaf_runs: int            # of those, computed (not served from the cache)
+    combines: int             # distinct combine jobs
+    combine_runs: int
+    depth: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "value"}
+
+
+def python_code(job: Job) -> PythonCode:
+    if not isinstance(job.code, PythonCode):
+        raise InputError("--over-chunks needs a Python script, not a command", "run a SCRIPT.py with a combine function")
+    return job.code
+
+
+def over_blob(job: Job, over: str) -> BlobInput:
+    value = job.inputs.get(over)
+    if not isinstance(value, BlobInput):
+        raise InputError(f"over-chunks input '{over}' is not a file input",
+                         f"pass it as --input {over}=@FILE (one large table)")
+    return value
+
+
+def leaf_job(job: Job, over: str, chunk: BlobInput) -> Job:
+    return dataclasses.replace(job, inputs={**job.inputs, over: chunk})
+
+
+def combine_job(job: Job, combine: str, parts: list[Any]) -> Job:
+    code = python_code(job)
+    fold = PythonCode(source=code.source.rstrip("\n") + "\n" + FOLD_SOURCE, entrypoint=FOLD_ENTRYPOINT,
+                      filename=code.filename)
+    return dataclasses.replace(job, code=fold, inputs={"parts": JsonInput(parts), "combine": JsonInput(combine)})
+
+
+def run_over_chunks(job: Job, over: str, combine: str, data: bytes, put: PutChunk, run: RunNode,
+                    target: int = CHUNK_TASK_BYTES) -> ChunkMapReport:
+    """Split `data` (the `over` input's content), run a leaf per distinct chunk and a combine per tree node."""
+    if not combine.isidentifier():
+        raise InputError(f"combine {combine!r} is not a Python function name", "name a top-level function")
+    python_code(job)
+    chunks: dict[str, BlobInput] = {}
+    order: list[str] = []
+    for offset, length in record_chunks(data, target):
+        blob = put(data[offset:offset + length])
+        chunks[blob.digest] = blob
+        order.append(blob.digest)
+    root = build_tree(order)
+    return _evaluate(job, over, combine, root, chunks, run, len(order))
+
+
+def _evaluate(job: Job, over: str, combine: str, root: Node, chunks: dict[str, BlobInput], run: RunNode,
+              count: int) -> ChunkMapReport:
+    values: dict[str, Any] = {}
+    report = ChunkMapReport(None, root.id, count, 0, 0, 0, 0, root.level)
+    for node in root.walk():
+        if node.id in values:
+            continue
+        if not node.children:
+            value, cached = run(leaf_job(job, over, chunks[node.id]), "leaf")
+            report.leaves += 1
+            report.leaf_runs += not cached
+        else:
+            value, cached = run(combine_job(job, combine, [values[c.id] for c in node.children]), "combine")
+            report.combines += 1
+            report.combine_runs += not cached
+        values[node.id] = value
+    report.value = values[root.id]
+    return report
