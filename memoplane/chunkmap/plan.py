@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..canonical import canonical_json
 from ..errors import InputError
 from ..jobs import BlobInput, Job, JsonInput, PythonCode
 from ..settings import CHUNK_TASK_BYTES
@@ -75,6 +76,11 @@ def leaf_job(job: Job, over: str, chunk: BlobInput) -> Job:
 
 def combine_job(job: Job, combine: str, parts: list[Any]) -> Job:
     code = python_code(job)
+    try:
+        canonical_json(parts)
+    except InputError:
+        raise InputError("a partial result of an over-chunks map is not a JSON value",
+                         "return JSON (a number, list or dict) from the entrypoint and from combine") from None
     fold = PythonCode(source=code.source.rstrip("\n") + "\n" + FOLD_SOURCE, entrypoint=FOLD_ENTRYPOINT,
                       filename=code.filename)
     return dataclasses.replace(job, code=fold, inputs={"parts": JsonInput(parts), "combine": JsonInput(combine)})
