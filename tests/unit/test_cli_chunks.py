@@ -1,0 +1,89 @@
+"""`memoplane run SCRIPT --over-chunks NAME --combine FUNC`: every leaf and combine node runs in the
+real sandbox; an edit reruns the chunks it touches and a path of combines, the rest are hits."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from test_cli import memoplane
+
+from memoplane.cas import open_store
+
+SCRIPT = """
+def main(rows, column):
+    total = count = 0
+    for line in rows.decode().splitlines():
+        if line and line[0].isdigit():
+            total += int(line.split(",")[column])
+            count += 1
+    return {"sum": total, "count": count}
+
+
+def combine(a, b):
+    return {"sum": a["sum"] + b["sum"], "count": a["count"] + b["count"]}
+"""
+CHUNK = "4Ki"
+
+
+def table(rows: int) -> list[str]:
+    rnd = random.Random(3)
+    return [f"{i},{rnd.randrange(1000)},{'y' * rnd.randrange(30)}\n" for i in range(rows)]
+
+
+def expected(lines: list[str]) -> dict[str, int]:
+    values = [int(line.split(",")[1]) for line in lines]
+    return {"sum": sum(values), "count": len(values)}
+
+
+def run_chunks(tmp_path: Path, lines: list[str]) -> dict[str, Any]:
+    script, data = tmp_path / "sum.py", tmp_path / "table.csv"
+    script.write_text(SCRIPT)
+    data.write_text("id,value,label\n" + "".join(lines))
+    proc = memoplane(tmp_path / "store", "run", "--json", str(script), "--over-chunks", "rows", "--combine",
+                     "combine", "--input", f"rows=@{data}", "--input", "column=1", "--chunk-bytes", CHUNK)
+    out: dict[str, Any] = json.loads(proc.stdout)
+    return out
+
+
+def test_a_cold_run_equals_the_unsplit_sum_and_an_edit_reruns_a_leaf_and_a_path(tmp_path: Path) -> None:
+    lines = table(20000)
+    cold = run_chunks(tmp_path, lines)
+    assert cold["result"] == expected(lines)
+    stats = cold["chunks"]
+    assert stats["leaf_runs"] == stats["leaves"] == stats["chunks"] >= 16
+    assert stats["combine_runs"] == stats["combines"] >= 2
+    with open_store(tmp_path / "store") as store:  # one run record per node
+        assert len(list(store.run_record_ids())) == stats["leaves"] + stats["combines"]
+
+    again = run_chunks(tmp_path, lines)["chunks"]
+    assert (again["leaf_runs"], again["combine_runs"], again["root"]) == (0, 0, stats["root"])
+
+    lines[10000] = "10000,999999,edited\n"
+    edited = run_chunks(tmp_path, lines)
+    assert edited["result"] == expected(lines)
+    assert 1 <= edited["chunks"]["leaf_runs"] <= 2
+    assert 1 <= edited["chunks"]["combine_runs"] <= 2 * edited["chunks"]["depth"] < stats["combines"] / 2
+
+
+def test_an_append_reruns_only_the_tail(tmp_path: Path) -> None:
+    lines = table(20000)
+    cold = run_chunks(tmp_path, lines)["chunks"]
+    appended = run_chunks(tmp_path, lines + table(50))
+    assert appended["result"] == expected(lines + table(50))
+    assert appended["chunks"]["leaf_runs"] <= 2
+    assert appended["chunks"]["combine_runs"] <= 2 * appended["chunks"]["depth"] < cold["combines"] / 2
+
+
+def test_flags_that_do_not_fit_are_refused_in_one_line(tmp_path: Path) -> None:
+    script = tmp_path / "sum.py"
+    script.write_text(SCRIPT)
+    store = tmp_path / "store"
+    no_combine = memoplane(store, "run", str(script), "--over-chunks", "rows", "--input", "rows=[1]", check=False)
+    assert no_combine.returncode == 2 and "--over-chunks needs --combine" in no_combine.stderr
+    not_a_file = memoplane(store, "run", str(script), "--over-chunks", "rows", "--combine", "combine",
+                           "--input", "rows=[1]", "--input", "column=1", check=False)
+    assert not_a_file.returncode == 2 and "--input rows=@FILE" in not_a_file.stderr
+    assert len(not_a_file.stderr.strip().splitlines()) == 1
