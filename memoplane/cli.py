@@ -49,7 +49,7 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "combine the results with --combine; an edit reruns only the chunks it touches")
     p.add_argument("--combine", metavar="FUNC", help="with --over-chunks: the script's associative combine(a, b)")
     p.add_argument("--chunk-bytes", metavar="QUANTITY",
-                   help="with --over-chunks: the target chunk size (default $MEMOPLANE_CHUNK_TASK_BYTES or 512Ki)")
+                   help="with --over-chunks: the target chunk size (default $MEMOPLANE_CHUNK_TASK_BYTES or 256Ki)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     _store_flag(p)
     p.set_defaults(handler=_lazy("memoplane.commands.run", "run_command"))

@@ -17,7 +17,7 @@ from ..history.records import JobIdentity
 from ..jobs import BlobInput, Job, Policy
 from ..settings import CHUNK_TASK_BYTES
 from ..trust import SigningKey, TrustPolicy
-from .plan import ChunkMapReport, Role, over_blob, run_over_chunks
+from .plan import ChunkMapReport, PutChunk, Role, RunNode, over_blob, run_over_chunks
 
 
 def run_chunk_map(job: Job, over: str, combine: str, store: Store, sandbox: Callable[[], SandboxRunner], *,
@@ -25,6 +25,13 @@ def run_chunk_map(job: Job, over: str, combine: str, store: Store, sandbox: Call
                   target: int = CHUNK_TASK_BYTES) -> ChunkMapReport:
     """Run `job` over the content-defined chunks of its blob input `over`, combined with `combine`."""
     data = store.get_bytes(over_blob(job, over).digest)
+    put, run = node_runner(store, sandbox, policy=policy, identity=identity, trust=trust, signer=signer)
+    return run_over_chunks(job, over, combine, data, put, run, target)
+
+
+def node_runner(store: Store, sandbox: Callable[[], SandboxRunner], *, policy: Policy, identity: str,
+                trust: TrustPolicy, signer: SigningKey) -> tuple[PutChunk, RunNode]:
+    """How chunks are stored and nodes run in embedded mode."""
 
     def put(chunk: bytes) -> BlobInput:
         blob = store.put_bytes(chunk)
@@ -36,4 +43,4 @@ def run_chunk_map(job: Job, over: str, combine: str, store: Store, sandbox: Call
                          job_identity=JobIdentity("", name))
         return report.value, report.cached
 
-    return run_over_chunks(job, over, combine, data, put, run, target)
+    return put, run

@@ -27,6 +27,8 @@ Role = Literal["leaf", "combine"]
 RunNode = Callable[[Job, Role], tuple[Any, bool]]
 # Stores one chunk; returns its blob (digest, size).
 PutChunk = Callable[[bytes], BlobInput]
+# The combine tree over the leaves' ids, in order.
+Shape = Callable[[list[str]], Node]
 
 FOLD_ENTRYPOINT = "memoplane_fold"
 FOLD_SOURCE = f'''
@@ -87,18 +89,20 @@ def combine_job(job: Job, combine: str, parts: list[Any]) -> Job:
 
 
 def run_over_chunks(job: Job, over: str, combine: str, data: bytes, put: PutChunk, run: RunNode,
-                    target: int = CHUNK_TASK_BYTES) -> ChunkMapReport:
-    """Split `data` (the `over` input's content), run a leaf per distinct chunk and a combine per tree node."""
+                    target: int = CHUNK_TASK_BYTES, *, spans: list[tuple[int, int]] | None = None,
+                    shape: Shape = build_tree) -> ChunkMapReport:
+    """Split `data` (the `over` input's content), run a leaf per distinct chunk and a combine per tree node.
+    `spans` and `shape` replace the content-defined split and tree (the benchmark's position-based baseline)."""
     if not combine.isidentifier():
         raise InputError(f"combine {combine!r} is not a Python function name", "name a top-level function")
     python_code(job)
     chunks: dict[str, BlobInput] = {}
     order: list[str] = []
-    for offset, length in record_chunks(data, target):
+    for offset, length in record_chunks(data, target) if spans is None else spans:
         blob = put(data[offset:offset + length])
         chunks[blob.digest] = blob
         order.append(blob.digest)
-    root = build_tree(order)
+    root = shape(order)
     return _evaluate(job, over, combine, root, chunks, run, len(order))
 
 
