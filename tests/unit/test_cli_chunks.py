@@ -12,19 +12,8 @@ from test_cli import memoplane
 
 from memoplane.cas import open_store
 
-SCRIPT = """
-def main(rows, column):
-    total = count = 0
-    for line in rows.decode().splitlines():
-        if line and line[0].isdigit():
-            total += int(line.split(",")[column])
-            count += 1
-    return {"sum": total, "count": count}
-
-
-def combine(a, b):
-    return {"sum": a["sum"] + b["sum"], "count": a["count"] + b["count"]}
-"""
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sum_column.py"  # the README's example
+SCRIPT = EXAMPLE.read_text()
 CHUNK = "4Ki"
 
 
