@@ -13,9 +13,9 @@ from ..cas import Store
 from ..chunkmap.embedded import run_chunk_map
 from ..errors import InputError
 from ..inputs import parse_bytes
+from ..jobs import Job
 from ..settings import CHUNK_TASK_BYTES, CHUNK_TASK_BYTES_ENV
 from ..trust.local import Keyring
-from .run import build_job
 
 
 def chunk_flags_problem(args: argparse.Namespace) -> InputError | None:
@@ -45,8 +45,8 @@ def _once(start: Callable[[], Any]) -> Callable[[], Any]:
     return get
 
 
-def run_chunks_command(args: argparse.Namespace, store: Store, sandbox: Callable[[], Any]) -> int:
-    job, identity = build_job(args, store)
+def run_chunks_command(args: argparse.Namespace, store: Store, job: Job, identity: str,
+                       sandbox: Callable[[], Any]) -> int:
     keyring = Keyring()
     report = run_chunk_map(job, args.over_chunks, args.combine, store, _once(sandbox), policy=args.policy,
                            identity=identity, trust=keyring.policy(), signer=keyring.signer(),
