@@ -4,8 +4,10 @@ A leaf is the user's job with the `over` input replaced by one chunk (a blob: th
 receives the chunk's bytes, whole rows). A combine node is the same source with a small fold
 appended, called with the children's results in order: combine(combine(a, b), c)... So the
 key of every node covers the code and its inputs by content, and a subtree whose chunks did
-not change is a cache hit; a leaf whose result did not change keeps its parents' keys too
-(early cutoff). Partial results travel as JSON values (the combine node's `parts` input).
+not change is a cache hit. A combine node whose children's results are all unchanged is a hit
+too (early cutoff), though an edited chunk's new digest may move a group boundary of the tree
+(the shape follows the chunks' content, not the results), and then the groups around it
+recombine. Partial results travel as JSON values (the combine node's `parts` input).
 """
 
 from __future__ import annotations

@@ -164,3 +164,4 @@ def test_a_command_or_a_json_over_input_is_refused_with_the_fix() -> None:
     job = Job(code=PythonCode(SOURCE), inputs={"rows": JsonInput([1]), "scale": JsonInput(1)})
     with pytest.raises(InputError, match="--input rows=@FILE"):
         over_blob(job, "rows")
+
