@@ -11,7 +11,8 @@ newline likewise, and a position-based tree of the same fan-out.
 
     python bench/incremental_chunks.py [--mib 64] [--quick]
 
-`chunks_section(...)` returns the section's metrics for bench/incremental.py.
+`chunks_section(...)` returns the section's metrics for bench/incremental.py, which lists it as
+SECTION ("chunks", chunks_section).
 """
 
 from __future__ import annotations
@@ -196,6 +197,9 @@ def chunks_section(mib: int = 64, fractions: tuple[float, ...] = FRACTIONS,
                          "baseline_leaf_fraction": headline["position_based"]["leaf_fraction"]}}
 
 
+SECTION = ("chunks", chunks_section)  # bench/incremental.py's entry for this section
+
+
 def show(p: dict[str, Any]) -> None:
     c, f = p["content_defined"], p["position_based"]
     print(f"{p['edit']:>10} {p['rows_changed'] * 100:5.2f}% rows: content-defined leaves {c['leaf_runs']:4}/"
@@ -213,6 +217,9 @@ def main() -> None:
     headline = section["headline"]
     print(f"{section['table_bytes'] >> 20} MiB, {section['chunks']} chunks, {section['combines']} combines, "
           f"depth {section['depth']}, cold {section['cold_seconds']:.1f} s (embedded mode)")
+    met = "met" if headline["leaf_fraction"] <= HEADLINE_LIMIT else "NOT met"
+    print(f"1% of rows edited in one block: {headline['leaf_fraction']:.1%} of the leaf tasks re-ran "
+          f"(target <= {HEADLINE_LIMIT:.0%}: {met}); position-based split: {headline['baseline_leaf_fraction']:.1%}")
     metrics: dict[str, Any] = {
         "chunks_1pct_block_leaf_fraction": metric(headline["leaf_fraction"], "fraction of leaf tasks",
                                                   "position_based_split", headline["baseline_leaf_fraction"]),
