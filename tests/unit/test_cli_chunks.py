@@ -3,14 +3,21 @@ real sandbox; an edit reruns the chunks it touches and a path of combines, the r
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
 from typing import Any
 
+import pytest
 from test_cli import memoplane
 
 from memoplane.cas import open_store
+from memoplane.chunkmap import record_chunks
+from memoplane.commands.chunks import task_bytes
+from memoplane.errors import InputError
+from memoplane.inputs import parse_bytes
+from memoplane.settings import CHUNK_TASK_BYTES, CHUNK_TASK_BYTES_ENV
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sum_column.py"  # the README's example
 SCRIPT = EXAMPLE.read_text()
@@ -47,6 +54,14 @@ def test_a_cold_run_equals_the_unsplit_sum_and_an_edit_reruns_a_leaf_and_a_path(
     with open_store(tmp_path / "store") as store:  # one run record per node
         assert len(list(store.run_record_ids())) == stats["leaves"] + stats["combines"]
 
+    # A leaf is an ordinary job: the plain run of its chunk as a file is a hit.
+    data = (tmp_path / "table.csv").read_bytes()
+    offset, length = record_chunks(data, parse_bytes(CHUNK, "chunk"))[1]
+    (tmp_path / "chunk.csv").write_bytes(data[offset:offset + length])
+    plain = json.loads(memoplane(tmp_path / "store", "run", "--json", str(tmp_path / "sum.py"), "--input",
+                                 f"rows=@{tmp_path / 'chunk.csv'}", "--input", "column=1").stdout)
+    assert plain["cached"] is True
+
     again = run_chunks(tmp_path, lines)["chunks"]
     assert (again["leaf_runs"], again["combine_runs"], again["root"]) == (0, 0, stats["root"])
 
@@ -76,3 +91,13 @@ def test_flags_that_do_not_fit_are_refused_in_one_line(tmp_path: Path) -> None:
                            "--input", "rows=[1]", "--input", "column=1", check=False)
     assert not_a_file.returncode == 2 and "--input rows=@FILE" in not_a_file.stderr
     assert len(not_a_file.stderr.strip().splitlines()) == 1
+
+
+def test_the_chunk_size_comes_from_the_flag_then_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CHUNK_TASK_BYTES_ENV, raising=False)
+    assert task_bytes(argparse.Namespace(chunk_bytes=None)) == CHUNK_TASK_BYTES
+    monkeypatch.setenv(CHUNK_TASK_BYTES_ENV, "1Mi")
+    assert task_bytes(argparse.Namespace(chunk_bytes=None)) == 1 << 20
+    assert task_bytes(argparse.Namespace(chunk_bytes="64Ki")) == 64 << 10
+    with pytest.raises(InputError, match="--chunk-bytes"):
+        task_bytes(argparse.Namespace(chunk_bytes="lots"))
