@@ -12,6 +12,7 @@ recombine. Partial results travel as JSON values (the combine node's `parts` inp
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,6 +67,25 @@ def python_code(job: Job) -> PythonCode:
     return job.code
 
 
+def top_level_names(source: str) -> set[str] | None:
+    """Names a module binds at its top level (defs, classes, assignments, imports); None if it does not parse
+    (the first leaf then reports the syntax error as any job would)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
 def over_blob(job: Job, over: str) -> BlobInput:
     value = job.inputs.get(over)
     if not isinstance(value, BlobInput):
@@ -97,7 +117,10 @@ def run_over_chunks(job: Job, over: str, combine: str, data: bytes, put: PutChun
     `spans` and `shape` replace the content-defined split and tree (the benchmark's position-based baseline)."""
     if not combine.isidentifier():
         raise InputError(f"combine {combine!r} is not a Python function name", "name a top-level function")
-    python_code(job)
+    names = top_level_names(python_code(job).source)
+    if names is not None and combine not in names:
+        raise InputError(f"combine function {combine!r} is not defined at the top level of the script",
+                         f"define `def {combine}(a, b)` there, or pass the name of the one that is")
     chunks: dict[str, BlobInput] = {}
     order: list[str] = []
     for offset, length in record_chunks(data, target) if spans is None else spans:

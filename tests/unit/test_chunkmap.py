@@ -161,6 +161,8 @@ def test_a_command_or_a_json_over_input_is_refused_with_the_fix() -> None:
     runner = InProcess()
     with pytest.raises(InputError, match="combine"):
         run_over_chunks(job_over(b"1,2\n", runner), "rows", "not a name", b"1,2\n", runner.put, runner.run)
+    with pytest.raises(InputError, match="'merge' is not defined at the top level"):
+        run_over_chunks(job_over(b"1,2\n", runner), "rows", "merge", b"1,2\n", runner.put, runner.run)
     job = Job(code=PythonCode(SOURCE), inputs={"rows": JsonInput([1]), "scale": JsonInput(1)})
     with pytest.raises(InputError, match="--input rows=@FILE"):
         over_blob(job, "rows")
