@@ -22,11 +22,12 @@ from .plan import ChunkMapReport, PutChunk, Role, RunNode, over_blob, run_over_c
 
 def run_chunk_map(job: Job, over: str, combine: str, store: Store, sandbox: Callable[[], SandboxRunner], *,
                   policy: Policy = "Use", identity: str, trust: TrustPolicy, signer: SigningKey,
-                  target: int = CHUNK_TASK_BYTES) -> ChunkMapReport:
-    """Run `job` over the content-defined chunks of its blob input `over`, combined with `combine`."""
+                  target: int = CHUNK_TASK_BYTES, workers: int = 1) -> ChunkMapReport:
+    """Run `job` over the content-defined chunks of its blob input `over`, combined with `combine`;
+    up to `workers` nodes at once (one sandbox pool serves them all)."""
     data = store.get_bytes(over_blob(job, over).digest)
     put, run = node_runner(store, sandbox, policy=policy, identity=identity, trust=trust, signer=signer)
-    return run_over_chunks(job, over, combine, data, put, run, target)
+    return run_over_chunks(job, over, combine, data, put, run, target, workers=workers)
 
 
 def node_runner(store: Store, sandbox: Callable[[], SandboxRunner], *, policy: Policy, identity: str,

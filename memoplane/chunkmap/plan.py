@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -112,9 +113,10 @@ def combine_job(job: Job, combine: str, parts: list[Any]) -> Job:
 
 def run_over_chunks(job: Job, over: str, combine: str, data: bytes, put: PutChunk, run: RunNode,
                     target: int = CHUNK_TASK_BYTES, *, spans: list[tuple[int, int]] | None = None,
-                    shape: Shape = build_tree) -> ChunkMapReport:
+                    shape: Shape = build_tree, workers: int = 1) -> ChunkMapReport:
     """Split `data` (the `over` input's content), run a leaf per distinct chunk and a combine per tree node.
-    `spans` and `shape` replace the content-defined split and tree (the benchmark's position-based baseline)."""
+    `spans` and `shape` replace the content-defined split and tree (the benchmark's position-based baseline);
+    `workers` nodes of one layer of the tree run at once (`run` is then called from that many threads)."""
     if not combine.isidentifier():
         raise InputError(f"combine {combine!r} is not a Python function name", "name a top-level function")
     names = top_level_names(python_code(job).source)
@@ -128,24 +130,41 @@ def run_over_chunks(job: Job, over: str, combine: str, data: bytes, put: PutChun
         chunks[blob.digest] = blob
         order.append(blob.digest)
     root = shape(order)
-    return _evaluate(job, over, combine, root, chunks, run, len(order))
+    return _evaluate(job, over, combine, root, chunks, run, len(order), workers)
 
 
 def _evaluate(job: Job, over: str, combine: str, root: Node, chunks: dict[str, BlobInput], run: RunNode,
-              count: int) -> ChunkMapReport:
+              count: int, workers: int) -> ChunkMapReport:
+    """Layer by layer from the leaves up: the nodes of a layer are independent, so up to `workers` run at once."""
     values: dict[str, Any] = {}
     report = ChunkMapReport(None, root.id, count, 0, 0, 0, 0, root.level)
-    for node in root.walk():
-        if node.id in values:
-            continue
-        if not node.children:
-            value, cached = run(leaf_job(job, over, chunks[node.id]), "leaf")
-            report.leaves += 1
-            report.leaf_runs += not cached
-        else:
-            value, cached = run(combine_job(job, combine, [values[c.id] for c in node.children]), "combine")
-            report.combines += 1
-            report.combine_runs += not cached
-        values[node.id] = value
+    with ThreadPoolExecutor(max(workers, 1), thread_name_prefix="memoplane-chunks") as pool:
+        for layer in layers(root):
+            tasks: list[tuple[Job, Role]] = [
+                (combine_job(job, combine, [values[c.id] for c in n.children]), "combine") if n.children else
+                (leaf_job(job, over, chunks[n.id]), "leaf") for n in layer]
+            outcomes = list(pool.map(lambda task: run(*task), tasks)) if workers > 1 else [run(*t) for t in tasks]
+            for node, (value, cached) in zip(layer, outcomes, strict=True):
+                values[node.id] = value
+                if node.children:
+                    report.combines += 1
+                    report.combine_runs += not cached
+                else:
+                    report.leaves += 1
+                    report.leaf_runs += not cached
     report.value = values[root.id]
     return report
+
+
+def layers(root: Node) -> list[list[Node]]:
+    """The distinct nodes by height (leaves first); every node's children are in earlier layers."""
+    height: dict[str, int] = {}
+    by_height: list[list[Node]] = []
+    for node in root.walk():
+        if node.id in height:
+            continue
+        h = height[node.id] = 1 + max((height[c.id] for c in node.children), default=-1)
+        if h == len(by_height):
+            by_height.append([])
+        by_height[h].append(node)
+    return by_height

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -34,14 +35,25 @@ def task_bytes(args: argparse.Namespace) -> int:
     return parse_bytes(text, CHUNK_TASK_BYTES_ENV) if text else CHUNK_TASK_BYTES
 
 
+def workers(args: argparse.Namespace) -> int:
+    count: int | None = getattr(args, "workers", None)
+    if count is None:
+        return min(4, os.cpu_count() or 1)
+    if count < 1:
+        raise InputError(f"--workers {count} is not positive", "give --workers a number of tasks of 1 or more")
+    return count
+
+
 def _once(start: Callable[[], Any]) -> Callable[[], Any]:
-    """One sandbox pool for every node of the map, started at the first miss."""
+    """One sandbox pool for every node of the map, started at the first miss (by whichever thread gets there)."""
     started: list[Any] = []
+    lock = threading.Lock()
 
     def get() -> Any:
-        if not started:
-            started.append(start())
-        return started[0]
+        with lock:
+            if not started:
+                started.append(start())
+            return started[0]
     return get
 
 
@@ -50,7 +62,7 @@ def run_chunks_command(args: argparse.Namespace, store: Store, job: Job, identit
     keyring = Keyring()
     report = run_chunk_map(job, args.over_chunks, args.combine, store, _once(sandbox), policy=args.policy,
                            identity=identity, trust=keyring.policy(), signer=keyring.signer(),
-                           target=task_bytes(args))
+                           target=task_bytes(args), workers=workers(args))
     value = report.value
     if args.json:
         print(json.dumps({"result": value, "chunks": report.to_json()}, sort_keys=True))

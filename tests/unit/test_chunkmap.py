@@ -167,3 +167,13 @@ def test_a_command_or_a_json_over_input_is_refused_with_the_fix() -> None:
     with pytest.raises(InputError, match="--input rows=@FILE"):
         over_blob(job, "rows")
 
+
+
+def test_layers_run_in_parallel_give_the_same_result_and_counts() -> None:
+    data = table(8000)
+    sequential, parallel = InProcess(), InProcess()
+    one = run_over_chunks(job_over(data, sequential), "rows", "combine", data, sequential.put, sequential.run,
+                          TARGET)
+    four = run_over_chunks(job_over(data, parallel), "rows", "combine", data, parallel.put, parallel.run,
+                           TARGET, workers=4)
+    assert one == four and sequential.runs == parallel.runs
