@@ -44,6 +44,14 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--max-output", default="1Gi", metavar="QUANTITY", help="cap on output files (default 1Gi)")
     p.add_argument("--allow-unisolated", action="store_true",
                    help="run even if this host lacks a sandbox primitive (recorded in the result)")
+    p.add_argument("--over-chunks", metavar="NAME",
+                   help="run the script once per content-defined chunk (whole rows) of the file input NAME and "
+                        "combine the results with --combine; an edit reruns only the chunks it touches")
+    p.add_argument("--combine", metavar="FUNC", help="with --over-chunks: the script's associative combine(a, b)")
+    p.add_argument("--chunk-bytes", metavar="QUANTITY",
+                   help="with --over-chunks: the target chunk size (default $MEMOPLANE_CHUNK_TASK_BYTES or 256Ki)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="with --over-chunks: chunk and combine tasks run at once (default: the cores, at most 4)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     _store_flag(p)
     p.set_defaults(handler=_lazy("memoplane.commands.run", "run_command"))

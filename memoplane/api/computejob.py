@@ -58,6 +58,9 @@ class PythonSpec(K8sModel):
 
     source: str = Field(min_length=1, description="Python source defining the entrypoint.")
     entrypoint: Identifier = Field(default="main", description="Function to call (default: main).")
+    combine: Identifier | None = Field(default=None, description=(
+        "With spec.map.overChunks: an associative function of the source, combine(a, b), that merges two "
+        "partial results."))
 
 
 class JobRef(K8sModel):
@@ -130,10 +133,33 @@ class Input(K8sModel):
         return self
 
 
-class MapSpec(K8sModel):
-    """Run one cached sub-task per element of a list input."""
+OVER_CHUNKS_MESSAGE = (
+    "overChunks is not supported yet on a cluster: run it embedded with "
+    "`memoplane run SCRIPT --over-chunks NAME --combine FUNC --input NAME=@FILE`, or map over a list with over")
+MAP_ONE_OF_MESSAGE = "set exactly one of over or overChunks"
+COMBINE_NEEDED_MESSAGE = "spec.map.overChunks needs a combine function: set spec.python.combine to its name"
+COMBINE_UNUSED_MESSAGE = "combine is used only with spec.map.overChunks: remove it, or map with overChunks"
 
-    over: Identifier = Field(description="Name of a list input.")
+
+class MapSpec(K8sModel):
+    """Run one cached sub-task per element of a list input (over), or per content-defined chunk of one large
+    input combined by a memoized tree of spec.python.combine (overChunks)."""
+
+    model_config = ConfigDict(json_schema_extra=validations(
+        cel("has(self.over) != has(self.overChunks)", MAP_ONE_OF_MESSAGE),
+        cel("!has(self.overChunks)", OVER_CHUNKS_MESSAGE, field_path=".overChunks"),
+    ))
+
+    over: Identifier | None = Field(default=None, description="Name of a list input.")
+    over_chunks: Identifier | None = Field(default=None, description=(
+        "Name of a large file input (fromObject or fromJob): one sub-task per record-aligned content-defined "
+        "chunk. Not supported on a cluster yet."))
+
+    @model_validator(mode="after")
+    def _one_of(self) -> MapSpec:
+        if (self.over is None) == (self.over_chunks is None):
+            raise ValueError(MAP_ONE_OF_MESSAGE)
+        return self
 
 
 MAX_REPLICAS = 5
@@ -203,7 +229,18 @@ class ComputeJobSpec(K8sModel):
                 field_path=".verify",
             ),
             cel(
-                "!has(self.map) || (has(self.inputs) && self.inputs.exists(i, i.name == self.map.over))",
+                "!has(self.map) || !has(self.map.overChunks) || (has(self.python) && has(self.python.combine))",
+                COMBINE_NEEDED_MESSAGE,
+                field_path=".python.combine",
+            ),
+            cel(
+                "!has(self.python) || !has(self.python.combine) || (has(self.map) && has(self.map.overChunks))",
+                COMBINE_UNUSED_MESSAGE,
+                field_path=".python.combine",
+            ),
+            cel(
+                "!has(self.map) || !has(self.map.over) || "
+                "(has(self.inputs) && self.inputs.exists(i, i.name == self.map.over))",
                 "must be the name of an input in spec.inputs",
                 message_expression=(
                     "\"'\" + self.map.over + \"' is not the name of an input: use one of the names in spec.inputs\""
@@ -245,11 +282,22 @@ class ComputeJobSpec(K8sModel):
             raise ValueError(BOTH_PROGRAMS)
         if self.python is None and self.command is None:
             raise ValueError(NO_PROGRAM)
-        if self.map is not None and self.map.over not in {i.name for i in self.inputs}:
+        if self.map is not None and self.map.over is not None and self.map.over not in {i.name for i in self.inputs}:
             raise ValueError("spec.map.over: " + map_over_message(self.map.over))
+        self._combine_fits()
         if self.map is not None and self.verify is not None and self.verify.replicas > 1:
             raise ValueError("spec.verify: " + VERIFY_WITH_MAP)
         return self
+
+    def _combine_fits(self) -> None:
+        chunked = self.map is not None and self.map.over_chunks is not None
+        combine = self.python is not None and self.python.combine is not None
+        if chunked and not combine:
+            raise ValueError("spec.python.combine: " + COMBINE_NEEDED_MESSAGE)
+        if combine and not chunked:
+            raise ValueError("spec.python.combine: " + COMBINE_UNUSED_MESSAGE)
+        if chunked:  # named so that its rules exist; refused until the operator expands it (a field is enforced)
+            raise ValueError("spec.map.overChunks: " + OVER_CHUNKS_MESSAGE)
 
 
 Phase = Literal["Pending", "Waiting", "Scheduled", "Running", "Succeeded", "Failed"]

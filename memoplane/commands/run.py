@@ -95,8 +95,20 @@ def _lazy_pool(allow_unisolated: bool) -> Iterator[Any]:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from .chunks import chunk_flags_problem, run_chunks_command
+
+    problem = chunk_flags_problem(args)
+    if problem is not None:
+        raise problem
     with open_store(args.store) as store:
         job, identity = build_job(args, store)
+        if getattr(args, "over_chunks", None):
+            try:
+                with _lazy_pool(args.allow_unisolated) as sandbox:
+                    return run_chunks_command(args, store, job, identity, sandbox)
+            except JobFailed as failed:
+                _print_failure(failed, as_json=args.json)
+                return failed.exit_code
         keyring = Keyring()
         try:
             with _lazy_pool(args.allow_unisolated) as sandbox:

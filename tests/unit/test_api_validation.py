@@ -16,7 +16,14 @@ import pytest
 from openapi_schema_validator import OAS30Validator
 
 from memoplane.api import crd, examples
-from memoplane.api.computejob import COMPUTEJOB, ComputeJobSpec
+from memoplane.api.computejob import (
+    COMBINE_NEEDED_MESSAGE,
+    COMBINE_UNUSED_MESSAGE,
+    COMPUTEJOB,
+    MAP_ONE_OF_MESSAGE,
+    OVER_CHUNKS_MESSAGE,
+    ComputeJobSpec,
+)
 from memoplane.api.gmemseed import GMEMSEED, GMemSeedSpec
 from memoplane.api.resultcache import (
     KEY_SOURCE_MESSAGE,
@@ -164,6 +171,15 @@ CASES: list[tuple[str, crd.KindInfo, type[Any], Spec, str, str]] = [
      "spec.resources.maxOutputBytes", ""),
     ("map-over-unknown-input", COMPUTEJOB, ComputeJobSpec, _with(["map", "over"], "nope"),
      "spec.map.over", "spec.map.over: 'nope' is not the name of an input: use one of the names in spec.inputs"),
+    ("map-over-chunks-not-on-a-cluster", COMPUTEJOB, ComputeJobSpec,
+     _with(["map"], {"overChunks": "rows"}, lambda: _with(["python", "combine"], "combine")), "spec.map.overChunks",
+     f"spec.map.overChunks: {OVER_CHUNKS_MESSAGE}"),
+    ("map-neither-over-nor-chunks", COMPUTEJOB, ComputeJobSpec, _with(["map"], {}), "spec.map",
+     f"spec.map: {MAP_ONE_OF_MESSAGE}"),
+    ("map-over-chunks-without-combine", COMPUTEJOB, ComputeJobSpec, _with(["map"], {"overChunks": "rows"}),
+     "spec.python.combine", f"spec.python.combine: {COMBINE_NEEDED_MESSAGE}"),
+    ("combine-without-over-chunks", COMPUTEJOB, ComputeJobSpec, _with(["python", "combine"], "combine"),
+     "spec.python.combine", f"spec.python.combine: {COMBINE_UNUSED_MESSAGE}"),
     ("verify-zero-replicas", COMPUTEJOB, ComputeJobSpec, _with(["verify", "replicas"], 0), "spec.verify.replicas",
      ""),
     ("verify-six-replicas", COMPUTEJOB, ComputeJobSpec, _with(["verify", "replicas"], 6), "spec.verify.replicas",
@@ -268,6 +284,7 @@ def test_crd_schema_rejects_with_field_named(
 # The cross-field rules the CRD states in CEL (the input-source rule is a oneOf: CEL cannot
 # see the untyped `value`), whose messages must equal the Python ones.
 CEL_IDS = {"python-and-command", "neither-python-nor-command", "map-over-unknown-input", "verify-with-map",
+           "map-over-chunks-not-on-a-cluster", "map-neither-over-nor-chunks", "combine-without-over-chunks",
            "sharing-names-and-selector", "sharing-writers-empty", "signing-replaced-by-trust",
            "quota-empty", "tiers-not-supported",
            "trusted-key-two-sources", "trusted-key-no-source", "trusts-no-key", "env-name-with-equals", "env-name-empty", "env-name-digit-first",
