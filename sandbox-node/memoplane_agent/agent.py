@@ -27,7 +27,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from memoplane.cas import Store
+from memoplane.cas import ResultManifest, Store
 from memoplane.cluster import lineage
 from memoplane.cluster import protocol as p
 from memoplane.cluster import status as st
@@ -313,21 +313,25 @@ class Agent:
         self.metrics.runs.labels("succeeded").inc()
         self.metrics.bytes_stored.inc(result.logical_size)
         ms = int(execution.outcome.duration_s * 1000)
-        kept = None if is_replica(obj) else self._record(obj, job, store, execution, run_id, result=(digest, result))
+        attested = a.policy != "Bypass" and a.cache_result
+        kept = None if is_replica(obj) else self._record(obj, job, store, execution, run_id, result=(digest, result),
+                                                         signer=self.signer.keyid if attested else None)
         done = self._report(obj, a, lambda s: st.succeeded(s, a.generation, node, digest, result, a.store, ms,
                                                            datetime.now(UTC), kept))
         self.kube.event(done, p.REASON_COMPUTED, f"computed on {node} in {ms} ms, result {digest[:15]}",
                         component=p.AGENT_COMPONENT, host=node)
 
     def _record(self, obj: Mapping[str, Any], job: Job, store: Store, execution: Execution, run_id: str, *,
-                result: tuple[str, Any] | None = None, failure: str | None = None) -> str | None:
+                result: tuple[str, ResultManifest] | None = None, signer: str | None = None,
+                failure: str | None = None) -> str | None:
         """Append this run's record to the job's store before the status write that names its run id
         (a crash in between leaves a record no status names; never a status naming no record), and
-        announce it settled. The run id, None when the record was not kept."""
+        announce it settled. `signer`: this node's key id when it attested the result. The run id,
+        None when the record was not kept."""
         provenance = result[1].provenance if result is not None else None
         record = lineage.job_record(
             obj, job, run_id=run_id, result=result[0] if result else None,
-            result_size=result[1].logical_size if result else None, node=self.cfg.node, signer=self.signer.keyid,
+            result_size=result[1].logical_size if result else None, node=self.cfg.node, signer=signer,
             started=provenance.started_at if provenance else time.time() - execution.outcome.duration_s,
             ended=provenance.ended_at if provenance else time.time(), cached=False,
             compute_seconds=execution.outcome.duration_s, failure=failure, store=store)

@@ -134,6 +134,7 @@ def test_a_failed_job_has_a_record_with_its_failure(stack: Stack, ns: str) -> No
     assert failed["phase"] == "Failed" and failed["runId"]
     record = records(stack.store(ns), ns, "broken")[failed["runId"]]
     assert record.result is None and record.cached is False and "no such row" in (record.failure or "")
+    assert record.signer is None and record.node in ("node-a", "node-b")   # nothing attested
     assert record.key == failed["cacheKey"]
     got = lineage_events(stack, failed["runId"], 2)
     assert [e["eventType"] for e in got] == ["START", "FAIL"]
