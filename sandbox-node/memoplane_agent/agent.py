@@ -27,7 +27,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from memoplane.cas import Store
+from memoplane.cas import ResultManifest, Store
 from memoplane.cluster import lineage
 from memoplane.cluster import protocol as p
 from memoplane.cluster import status as st
@@ -289,7 +289,9 @@ class Agent:
         try:
             execution = execute(job, store, pool, node=node)
         except MemoplaneError as exc:
-            self._attempt_failed(obj, a, p.REASON_STORE, str(exc), "")
+            why = str(exc)
+            self._attempt_failed(obj, a, p.REASON_STORE, why, "", lambda: self._record(
+                obj, job, store, None, run_id, failure=f"{p.REASON_STORE}: {why}"))
             return
         if execution.result is None or execution.digest is None:
             failure = execution.failure
@@ -313,24 +315,31 @@ class Agent:
         self.metrics.runs.labels("succeeded").inc()
         self.metrics.bytes_stored.inc(result.logical_size)
         ms = int(execution.outcome.duration_s * 1000)
-        kept = None if is_replica(obj) else self._record(obj, job, store, execution, run_id, result=(digest, result))
+        attested = a.policy != "Bypass" and a.cache_result
+        kept = self._record(obj, job, store, execution, run_id, result=(digest, result),
+                            signer=self.signer.keyid if attested else None)
         done = self._report(obj, a, lambda s: st.succeeded(s, a.generation, node, digest, result, a.store, ms,
                                                            datetime.now(UTC), kept))
         self.kube.event(done, p.REASON_COMPUTED, f"computed on {node} in {ms} ms, result {digest[:15]}",
                         component=p.AGENT_COMPONENT, host=node)
 
-    def _record(self, obj: Mapping[str, Any], job: Job, store: Store, execution: Execution, run_id: str, *,
-                result: tuple[str, Any] | None = None, failure: str | None = None) -> str | None:
+    def _record(self, obj: Mapping[str, Any], job: Job, store: Store, execution: Execution | None, run_id: str, *,
+                result: tuple[str, ResultManifest] | None = None, signer: str | None = None,
+                failure: str | None = None) -> str | None:
         """Append this run's record to the job's store before the status write that names its run id
         (a crash in between leaves a record no status names; never a status naming no record), and
-        announce it settled. The run id, None when the record was not kept."""
+        announce it settled. `signer`: this node's key id when it attested the result. The run id,
+        None when the record was not kept (a replica's: its parent's record stands for it)."""
+        if is_replica(obj):
+            return None
         provenance = result[1].provenance if result is not None else None
+        seconds = execution.outcome.duration_s if execution is not None else 0.0
         record = lineage.job_record(
             obj, job, run_id=run_id, result=result[0] if result else None,
-            result_size=result[1].logical_size if result else None, node=self.cfg.node, signer=self.signer.keyid,
-            started=provenance.started_at if provenance else time.time() - execution.outcome.duration_s,
+            result_size=result[1].logical_size if result else None, node=self.cfg.node, signer=signer,
+            started=provenance.started_at if provenance else time.time() - seconds,
             ended=provenance.ended_at if provenance else time.time(), cached=False,
-            compute_seconds=execution.outcome.duration_s, failure=failure, store=store)
+            compute_seconds=seconds, failure=failure, store=store)
         kept = history.append(store, record)
         events.run_settled(record)
         return run_id if kept else None

@@ -8,13 +8,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from test_cluster_resolve import FakeLookups
+
 from memoplane import memoize
 from memoplane.cas import open_store
 from memoplane.cluster import lineage, resolve
 from memoplane.cluster import status as st
 from memoplane.history import RunRecord
 from memoplane.history.deferred import DEFERRED
-from memoplane.jobs import BlobInput, Input, JsonInput
+from memoplane.jobs import JsonInput
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 RUNTIME = "b3:" + "0" * 64
@@ -30,40 +32,6 @@ def cjob(name: str, inputs: list[dict[str, Any]], status: dict[str, Any] | None 
             "status": status or {}}
 
 
-class Lookups:
-    """resolve.Lookups over dicts: jobs by name, results' values by digest."""
-
-    def __init__(self, jobs: dict[str, dict[str, Any]], values: dict[str, Any]) -> None:
-        self.jobs, self.values = jobs, values
-
-    def get_job(self, name: str) -> dict[str, Any] | None:
-        return self.jobs.get(name)
-
-    def foreign_job(self, namespace: str, name: str) -> tuple[dict[str, Any] | None, str]:
-        return None, ""
-
-    def get_config_map(self, name: str) -> dict[str, Any] | None:
-        return None
-
-    def result_input(self, result_digest: str, store_url: str | None) -> Input:
-        return JsonInput(self.values[result_digest])
-
-    def object_refusal(self, bucket: str, key: str) -> str | None:
-        return None
-
-    def object_input(self, bucket: str, key: str) -> BlobInput | None:
-        return None
-
-    def put_bytes(self, data: bytes) -> BlobInput:
-        raise AssertionError("not used")
-
-    def get_seed(self, name: str) -> dict[str, Any] | None:
-        return None
-
-    def seed_overlay(self, digest: str, store_url: str) -> BlobInput:
-        raise AssertionError("not used")
-
-
 def succeeded(name: str, digest: str, run_id: str) -> dict[str, Any]:
     return cjob(name, [{"name": "n", "value": 1}], {"phase": "Succeeded", "observedGeneration": 1,
                                                     "result": {"digest": digest}, "runId": run_id})
@@ -71,7 +39,8 @@ def succeeded(name: str, digest: str, run_id: str) -> dict[str, Any]:
 
 def test_resolution_names_each_upstreams_result_and_run_as_read() -> None:
     down = cjob("down", [{"name": "a", "fromJob": {"name": "up"}}, {"name": "k", "value": 3}])
-    lookups = Lookups({"up": succeeded("up", "b3:r1", "r00000000000000000001-aaaaaaaa")}, {"b3:r1": [1, 2]})
+    lookups = FakeLookups(jobs={"up": succeeded("up", "b3:r1", "r00000000000000000001-aaaaaaaa")},
+                          results={"b3:r1": JsonInput([1, 2])})
     outcome = resolve.resolve(down, RUNTIME, lookups, NOW)
     assert isinstance(outcome, resolve.Resolved)
     assert outcome.upstreams == [{"input": "a", "job": "ml/up", "result": "b3:r1",
@@ -81,7 +50,7 @@ def test_resolution_names_each_upstreams_result_and_run_as_read() -> None:
 
 
 def test_a_job_without_upstreams_writes_none() -> None:
-    outcome = resolve.resolve(cjob("solo", [{"name": "k", "value": 3}]), RUNTIME, Lookups({}, {}), NOW)
+    outcome = resolve.resolve(cjob("solo", [{"name": "k", "value": 3}]), RUNTIME, FakeLookups(), NOW)
     assert isinstance(outcome, resolve.Resolved) and outcome.upstreams == []
     assert st.resolved({}, 1, outcome.job.key, {}, NOW, outcome.upstreams)["upstreams"] is None
 
@@ -89,7 +58,8 @@ def test_a_job_without_upstreams_writes_none() -> None:
 def test_a_cluster_record_names_the_job_its_sources_and_the_upstream_run(tmp_path: Path) -> None:
     up_run = "r00000000000000000001-aaaaaaaa"
     down = cjob("down", [{"name": "a", "fromJob": {"name": "up"}}, {"name": "k", "value": 3}], generation=4)
-    outcome = resolve.resolve(down, RUNTIME, Lookups({"up": succeeded("up", "b3:r1", up_run)}, {"b3:r1": 7}), NOW)
+    lookups = FakeLookups(jobs={"up": succeeded("up", "b3:r1", up_run)}, results={"b3:r1": JsonInput(7)})
+    outcome = resolve.resolve(down, RUNTIME, lookups, NOW)
     assert isinstance(outcome, resolve.Resolved)
     down["status"] = {"upstreams": outcome.upstreams}
     with open_store(str(tmp_path / "store")) as store:

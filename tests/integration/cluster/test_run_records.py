@@ -134,6 +134,7 @@ def test_a_failed_job_has_a_record_with_its_failure(stack: Stack, ns: str) -> No
     assert failed["phase"] == "Failed" and failed["runId"]
     record = records(stack.store(ns), ns, "broken")[failed["runId"]]
     assert record.result is None and record.cached is False and "no such row" in (record.failure or "")
+    assert record.signer is None and record.node in ("node-a", "node-b")   # nothing attested
     assert record.key == failed["cacheKey"]
     got = lineage_events(stack, failed["runId"], 2)
     assert [e["eventType"] for e in got] == ["START", "FAIL"]
@@ -169,3 +170,21 @@ def test_an_agreed_verify_parent_records_the_replicas_nodes_and_keys(stack: Stac
     assert record.result == done["result"]["digest"] and record.cached is False
     assert sorted(record.node.split(",")) == ["node-a", "node-b"]
     assert len((record.signer or "").split(",")) == 2
+
+
+def test_a_restarted_operator_writes_no_second_record_for_a_settled_run(stack: Stack, ns: str) -> None:
+    up, down = dag(uuid.uuid4().hex[:12])
+    stack.apply(ns, down, up)
+    first = stack.wait_all(ns, ["up", "down"])
+    assert rerun(stack, ns, "up")["status"]["cached"] is True   # a hit: the operator's record
+    store = stack.store(ns)
+    before = {n: set(records(store, ns, n)) for n in ("up", "down")}
+    stack.kill_operator()
+    stack.start_operator()
+    # A job applied after the restart settles once the new operator is at work (it lists every job as it starts).
+    stack.apply(ns, computejob_manifest("after", None, {"python": {"source": UP}, "inputs": [{"name": "n", "value": 2}],
+                                                        "cache": {"version": uuid.uuid4().hex[:12]}}))
+    assert status(stack.wait(ns, "after"))["phase"] == "Succeeded"
+    assert {n: set(records(store, ns, n)) for n in ("up", "down")} == before
+    assert len(before["up"]) == 2 and len(before["down"]) == 1
+    assert status(stack.get(ns, "down"))["runId"] == status(first["down"])["runId"]
