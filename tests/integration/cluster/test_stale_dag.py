@@ -256,3 +256,25 @@ def test_a_downstream_in_another_namespace_is_held_and_recomputed(stack: Stack, 
         assert not [o for o in seen if ready(o) and n_of(o) == 1000]
     finally:
         stack.kube.core.delete_namespace(reader)
+
+
+def test_an_upstream_deleted_while_recomputed_leaves_its_downstream_as_it_was(stack: Stack, ns: str) -> None:
+    before = applied(stack, ns)
+    source = before["download"]["spec"]["python"]["source"]
+    runs = stack.total_runs()
+    set_download(stack, ns, "/spec/python/source", "import time\ntime.sleep(10)\n" + source)
+    stack.wait(ns, "report", lambda o: status(o).get("reason") == p.REASON_UPSTREAM_CHANGED)
+    stack.wait(ns, "download", lambda o: status(o).get("phase") == p.RUNNING)
+    assert stack.kube.delete(p.COMPUTEJOBS, ns, "download")
+    # Results outlive jobs: once the missing upstream's grace (60s after creation) is over,
+    # each held job is Ready again with the result it had.
+    for name in ("normalize", "report"):
+        obj = stack.wait(ns, name, ready_with(lambda o: status(o).get("reason") == p.REASON_UPSTREAM_GONE),
+                         timeout=150)
+        assert status(obj)["result"] == status(before[name])["result"]
+        assert "ComputeJob 'download' does not exist" in status(obj)["message"]
+    # The deleted job's sandbox ran to its end: no run of ours is left to move another test's counters.
+    deadline = time.monotonic() + 60
+    while stack.total_runs() < runs + 1:
+        assert time.monotonic() < deadline, "download's last run never ended"
+        time.sleep(0.5)
