@@ -103,9 +103,11 @@ def hold(obj: Mapping[str, Any], states: Mapping[Ref, JobState]) -> Hold | None:
 
 @dataclass(frozen=True)
 class EarlyCutoff:
-    """The held job resolved to the key it had: Succeeded again with its result."""
+    """The held job resolved to the key it had (or cannot be resolved, its upstream gone):
+    Succeeded again with its result."""
 
     message: str
+    reason: str = p.REASON_EARLY_CUTOFF
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,14 @@ def _changes(obj: Mapping[str, Any], input_digests: Mapping[str, str], only_know
         source = f" (upstream '{_label(view.meta.namespace, upstreams[name])}')" if name in upstreams else ""
         changes.append(f"input '{name}'{source} changed {_short(before.get(name))} -> {_short(digest)}")
     return changes
+
+
+def kept(obj: Mapping[str, Any], reason: str, message: str) -> EarlyCutoff | None:
+    """A held job that fails to resolve because an input no longer exists (its upstream was
+    deleted while being recomputed) keeps the result it had: results outlive jobs."""
+    if held(obj) and reason == p.REASON_NOT_FOUND and job(obj).status.result_digest:
+        return EarlyCutoff(f"{message}; it keeps its previous result", p.REASON_UPSTREAM_GONE)
+    return None
 
 
 def stale_inputs(obj: Mapping[str, Any], from_job_digests: Mapping[str, str]) -> Hold | None:

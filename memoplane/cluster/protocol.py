@@ -94,6 +94,7 @@ REASON_UPSTREAM = "WaitingForUpstream"
 REASON_UPSTREAM_FAILED = "UpstreamFailed"
 REASON_UPSTREAM_CHANGED = "UpstreamChanged"  # a settled job held back: an upstream it used is recomputed
 REASON_EARLY_CUTOFF = "EarlyCutoff"   # a held job's upstreams recomputed to the same results: nothing re-ran
+REASON_UPSTREAM_GONE = "UpstreamDeleted"  # a held job's upstream deleted: it keeps the result it had
 REASON_NOT_FOUND = "InputNotFound"
 REASON_NO_AGENT = "NoAgentForProfile"
 REASON_NO_NODE = "NoNodeAvailable"

@@ -106,12 +106,13 @@ def upstream_changed(status: Mapping[str, Any], generation: int, reason: str, me
     }
 
 
-def early_cutoff(status: Mapping[str, Any], generation: int, message: str, now: datetime) -> Patch:
+def early_cutoff(status: Mapping[str, Any], generation: int, message: str, now: datetime,
+                 reason: str = p.REASON_EARLY_CUTOFF) -> Patch:
     """A held job's upstreams came back with the same results: Ready again with the result it had."""
     message = _clip(message)
     return {
-        "phase": p.SUCCEEDED, "reason": p.REASON_EARLY_CUTOFF, "message": message,
-        "conditions": mark_ready(_conds(status), p.REASON_EARLY_CUTOFF, message, generation, now),
+        "phase": p.SUCCEEDED, "reason": reason, "message": message,
+        "conditions": mark_ready(_conds(status), reason, message, generation, now),
         "observedGeneration": generation,
     }
 

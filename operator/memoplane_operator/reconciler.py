@@ -4,8 +4,9 @@ kopf watches ComputeJobs and ResultCaches and enqueues what changed, with the bo
 watch delivered (the latest state known: no re-read); a resync every `resync_seconds`
 revisits every unfinished job, refreshes the agents' leases and, less often, lists every
 job and refreshes the ResultCaches' stats. A job that waits for another (same key, or an
-upstream) is woken when that one settles (memoplane.cluster.index). One worker makes every
-decision in turn, single-flight decisions list the key's jobs afresh, so single flight is
+upstream) is woken when that one settles (memoplane.cluster.index); a Ready job whose
+upstream is recomputed is held, not Ready, until it resolves again (memoplane.cluster.propagate).
+One worker makes every decision in turn, single-flight decisions list the key's jobs afresh, so single flight is
 sound (see memoplane.cluster.flight), and nothing lives only in memory: a restarted
 operator picks up where the API server says things are.
 

@@ -64,21 +64,31 @@ def resolve_job(ctx: Context, obj: dict[str, Any]) -> Admissible | None:
         ctx.wait(obj, decision)
         return None
     if isinstance(decision, decide.Fail):
-        ctx.fail(obj, decision)
+        keep = propagate.kept(obj, decision.reason, decision.message)
+        if keep is not None:
+            _unchanged(ctx, obj, keep)
+        else:
+            ctx.fail(obj, decision)
         return None
     changed = None
     if propagate.held(obj):
         step = propagate.release(obj, decision.job.key, decision.input_digests)
         if isinstance(step, propagate.EarlyCutoff):
-            done = ctx.patch(obj, st.early_cutoff(view.status.raw, view.meta.generation, step.message,
-                                                  datetime.now(UTC)))
-            ctx.event(done, p.REASON_EARLY_CUTOFF, step.message)
+            _unchanged(ctx, obj, step)
             return None
         changed = step.message
     carried = _keyed(ctx, obj, decision, found)
     if changed is not None:
         ctx.event(carried.body if carried is not None else obj, p.REASON_UPSTREAM_CHANGED, changed)
     return carried
+
+
+def _unchanged(ctx: Context, obj: dict[str, Any], step: propagate.EarlyCutoff) -> None:
+    """A held job Ready again with the result it had: nothing runs."""
+    view = job(obj)
+    done = ctx.patch(obj, st.early_cutoff(view.status.raw, view.meta.generation, step.message, datetime.now(UTC),
+                                          step.reason))
+    ctx.event(done, step.reason, step.message)
 
 
 def check_inputs(ctx: Context, obj: dict[str, Any]) -> None:

@@ -152,3 +152,11 @@ def test_only_ready_jobs_with_recorded_fromjob_digests_are_checked() -> None:
     mapped["spec"]["map"] = {"over": "in_download"}
     assert not propagate.needs_check(mapped)
     assert propagate.stale_inputs(cj("normalize", "download", inputDigests={}), {"in_download": D2}) is None
+
+
+def test_a_held_job_whose_upstream_is_gone_keeps_its_result() -> None:
+    held = cj("normalize", "download", phase=p.WAITING, reason=p.REASON_UPSTREAM_CHANGED)
+    assert propagate.kept(held, p.REASON_NOT_FOUND, "m") == propagate.EarlyCutoff(
+        "m; it keeps its previous result", p.REASON_UPSTREAM_GONE)
+    assert propagate.kept(held, p.REASON_UPSTREAM_FAILED, "m") is None   # a failed upstream fails it
+    assert propagate.kept(cj("normalize", "download", phase=p.WAITING), p.REASON_NOT_FOUND, "m") is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from fakes import FakeKube
 from memoplane_operator.context import Conflict
 from memoplane_operator.reconciler import Reconciler
 
+from memoplane.api.conditions import kstatus, mark_ready
 from memoplane.cas import BlobRef, Hit, Provenance, ResultManifest, Store
 from memoplane.cas import audit as audit_log
 from memoplane.cluster import protocol as p
@@ -374,3 +376,69 @@ def test_from_object_reads_the_allowlist_only_and_never_a_caches_bucket(
     refused = read("results", "team-cache", "ml/refs/x")
     assert (refused["phase"], refused["reason"]) == ("Failed", p.REASON_OBJECT_NOT_ALLOWED)
     assert refused["message"].startswith("spec.inputs[0].fromObject: bucket 'team-cache' holds memoplane's results")
+
+
+def _succeeded_from(kube: FakeKube, name: str, served: dict[str, Any]) -> dict[str, Any]:
+    """What an agent writes after computing `name`: the result `served` (a hit of the same key) has."""
+    current = kube.get(p.COMPUTEJOBS, "ml", name)
+    assert current is not None
+    generation = current["metadata"]["generation"]
+    conditions = mark_ready(current["status"].get("conditions"), p.REASON_COMPUTED, "computed", generation,
+                            datetime.now(UTC))
+    return kube.patch_status(p.COMPUTEJOBS, "ml", name, {
+        "phase": p.SUCCEEDED, "reason": p.REASON_COMPUTED, "result": served["status"]["result"], "cached": False,
+        "conditions": conditions, "observedGeneration": generation})
+
+
+def _edit(kube: FakeKube, name: str, source: str) -> dict[str, Any]:
+    """A user's edit of the job's source: a new generation."""
+    obj = kube.objects[(p.COMPUTEJOBS, "ml", name)]
+    obj["spec"]["python"]["source"] = source
+    obj["metadata"]["generation"] += 1
+    return kube._stamp(obj)
+
+
+def test_a_ready_downstream_is_held_while_its_upstream_recomputes_then_cut_off(
+        world: tuple[Reconciler, FakeKube, list[str]]) -> None:
+    r, kube, _ = world
+    store_result(r, submit(r, kube, "seed"), 2)
+    up = submit(r, kube, "up")                                     # served from the cache: Ready, 2
+    uses_up = {"python": {"source": "def main(rows):\n    return rows + 1\n"},
+               "inputs": [{"name": "rows", "fromJob": {"name": "up"}}]}
+    for name in ("down-seed", "down"):
+        created = kube.create(p.COMPUTEJOBS, "ml", {"apiVersion": p.API_VERSION, "kind": "ComputeJob",
+                                                    "metadata": {"name": name}, "spec": uses_up})
+        assert created is not None
+        r.reconcile(created)
+        if name == "down-seed":
+            store_result(r, kube.get(p.COMPUTEJOBS, "ml", name) or {}, 3)
+    down = kube.get(p.COMPUTEJOBS, "ml", "down")
+    assert down is not None and down["status"]["phase"] == p.SUCCEEDED
+    r.enqueue("ml", "up", up)
+    r.enqueue("ml", "down", down)
+    # A comment-only edit of up: down is queued at once, and held (not Ready, its result kept).
+    r.enqueue("ml", "up", _edit(kube, "up", "# the same rows\n" + SOURCE))
+    assert r._jobs.queued(("ml", "down"))
+    r.reconcile_named("ml", "down")
+    held = kube.get(p.COMPUTEJOBS, "ml", "down")
+    assert held is not None
+    assert (held["status"]["phase"], held["status"]["reason"]) == (p.WAITING, p.REASON_UPSTREAM_CHANGED)
+    assert kstatus(1, held["status"]["observedGeneration"], held["status"]["conditions"]) == "InProgress"
+    assert held["status"]["result"] == down["status"]["result"]
+    # up recomputes (a new key) to the same value: down resolves to its key again, nothing runs.
+    r.reconcile_named("ml", "up")
+    store_result(r, kube.get(p.COMPUTEJOBS, "ml", "up") or {}, 2)
+    twin = kube.create(p.COMPUTEJOBS, "ml", {**kube.objects[(p.COMPUTEJOBS, "ml", "up")], "status": {},
+                                             "metadata": {"name": "up-twin"}})
+    assert twin is not None
+    r.reconcile(twin)
+    r.enqueue("ml", "up", _succeeded_from(kube, "up", kube.get(p.COMPUTEJOBS, "ml", "up-twin") or {}))
+    kube.writes.clear()
+    r.reconcile_named("ml", "down")
+    done = kube.get(p.COMPUTEJOBS, "ml", "down")
+    assert done is not None
+    assert (done["status"]["phase"], done["status"]["reason"]) == (p.SUCCEEDED, p.REASON_EARLY_CUTOFF)
+    assert done["status"]["cacheKey"] == down["status"]["cacheKey"]
+    assert done["status"]["result"] == down["status"]["result"]
+    assert kube.writes == [("status", p.COMPUTEJOBS, "down")]     # no assignment, no schedule
+    assert ("down", p.REASON_EARLY_CUTOFF) in {(e.name, e.reason) for e in kube.events}

@@ -115,6 +115,19 @@ class Stack:
             body = {**manifest, "metadata": {**manifest["metadata"], "namespace": namespace}}
             assert self.kube.create(p.COMPUTEJOBS, namespace, body) is not None, f"{body['metadata']} exists"
 
+    def events(self, namespace: str, name: str, reason: str) -> list[str]:
+        """The messages of the Events with `reason` posted about the object `name`."""
+        items = self.kube.core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}").items
+        return [e.message for e in items if e.reason == reason]
+
+    def eventually_events(self, namespace: str, name: str, reason: str, timeout: float = 30.0) -> list[str]:
+        """Events are posted in the background: wait (with a deadline) for the first ones."""
+        deadline = time.monotonic() + timeout
+        while not (found := self.events(namespace, name, reason)):
+            assert time.monotonic() < deadline, f"no {reason} Event on {namespace}/{name}"
+            time.sleep(0.25)
+        return found
+
     def logs(self, lines: int = 15) -> str:
         out = []
         for name in processes.names(self.cfg.directory):

@@ -86,19 +86,6 @@ def ready(stack: Stack, namespace: str, name: str) -> dict[str, Any]:
     return condition(stack, namespace, name, lambda c: c.get("status") == "True")
 
 
-def events(stack: Stack, namespace: str, job: str, reason: str) -> list[str]:
-    return [e.message for e in stack.kube.core.list_namespaced_event(namespace).items
-            if e.involved_object.name == job and e.reason == reason]
-
-
-def eventually_events(stack: Stack, namespace: str, job: str, reason: str, timeout: float = 20.0) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while not (found := events(stack, namespace, job, reason)):
-        assert time.monotonic() < deadline, f"no {reason} Event on {namespace}/{job}"
-        time.sleep(0.25)
-    return found
-
-
 def run(stack: Stack, namespace: str, manifest: dict[str, Any]) -> tuple[dict[str, Any], float]:
     """The job's final status and how many sandbox runs the agents made meanwhile."""
     before = stack.total_runs()
@@ -128,10 +115,10 @@ def test_a_foreign_location_is_not_served_until_granted_and_not_after_revoked(
     assert (denied["cached"], runs) == (False, 1), "computed by an agent, not served"
     assert denied["result"]["value"]["token"] != secret["result"]["value"]["token"]
     assert denied["result"]["store"] == home_url(team_b)
-    [why] = eventually_events(stack, team_b, "try", p.REASON_SHARING_DENIED)
+    [why] = stack.eventually_events(team_b, "try", p.REASON_SHARING_DENIED)
     assert owner in why and f"list {team_b} in {owner} spec.sharing.readers" in why
     # the status message said so while the job waited for its node (the Scheduled Event repeats it)
-    assert any(owner in m for m in events(stack, team_b, "try", p.REASON_SCHEDULED))
+    assert any(owner in m for m in stack.events(team_b, "try", p.REASON_SCHEDULED))
     assert stack.store(team_a).read_ref(secret["cacheKey"]) == secret["result"]["digest"], "team-a's ref untouched"
 
     # b) team-a lists team-b as a reader: a hit, no agent run
@@ -162,7 +149,7 @@ def test_a_reader_that_is_not_a_writer_computes_into_its_own_home(stack: Stack, 
     assert fresh["result"]["store"] == home_url(team_b)
     assert stack.store(team_a).read_ref(fresh["cacheKey"]) is None, "nothing written into team-a's location"
     assert stack.store(team_b).read_ref(fresh["cacheKey"]) == fresh["result"]["digest"]
-    assert any("may not write" in m for m in eventually_events(stack, team_b, "fresh", p.REASON_SHARING_DENIED))
+    assert any("may not write" in m for m in stack.eventually_events(team_b, "fresh", p.REASON_SHARING_DENIED))
 
     # policy Refresh through the non-writer's cache leaves team-a's entry as it was
     owned, _ = run(stack, team_a, token_job("owned", salt))
@@ -186,7 +173,7 @@ def test_a_writer_stores_in_the_owners_location_and_the_owner_is_served(stack: S
     assert (written["cached"], runs) == (False, 1)
     assert written["result"]["store"] == home_url(team_a)
     assert stack.store(team_a).read_ref(written["cacheKey"]) == written["result"]["digest"]
-    assert not events(stack, team_b, "write", p.REASON_SHARING_DENIED)
+    assert not stack.events(team_b, "write", p.REASON_SHARING_DENIED)
     served, runs = run(stack, team_a, token_job("read", salt))
     assert (served["cached"], runs, served["result"]["value"]) == (True, 0, written["result"]["value"])
 

@@ -88,19 +88,6 @@ def recorded(stack: Stack, ns: str) -> Iterator[list[dict[str, Any]]]:
         thread.join(timeout=10)
 
 
-def events(stack: Stack, ns: str, name: str, reason: str) -> list[str]:
-    items = stack.kube.core.list_namespaced_event(ns, field_selector=f"involvedObject.name={name}").items
-    return [e.message for e in items if e.reason == reason]
-
-
-def wait_event(stack: Stack, ns: str, name: str, reason: str, timeout: float = 30.0) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while not (found := events(stack, ns, name, reason)):
-        assert time.monotonic() < deadline, f"no {reason} Event on {name}: {events(stack, ns, name, '')}"
-        time.sleep(0.25)
-    return found
-
-
 def set_download(stack: Stack, ns: str, path: str, value: Any, name: str = "download") -> None:
     stack.kube.json_patch(p.COMPUTEJOBS, ns, name, [{"op": "replace", "path": path, "value": value}])
 
@@ -145,7 +132,7 @@ def test_a_changed_upstream_never_leaves_a_stale_result_ready(stack: Stack, ns: 
     assert "upstream ComputeJob 'download' is being recomputed (generation 2)" in \
         next(status(o)["message"] for _, o in of("normalize") if status(o).get("reason") == p.REASON_UPSTREAM_CHANGED)
     # Which upstream changed: an Event on the recomputed job.
-    said = wait_event(stack, ns, "report", p.REASON_UPSTREAM_CHANGED)
+    said = stack.eventually_events(ns, "report", p.REASON_UPSTREAM_CHANGED)
     assert any("input 'rows' (upstream 'download') changed" in m for m in said), said
     assert n_of(stack.get(ns, "report")) == 10
 
@@ -167,7 +154,7 @@ def test_a_same_result_upstream_runs_nothing_below_it(stack: Stack, ns: str) -> 
         rows = status(obj)["inputDigests"]["rows"]
         assert f"input 'rows': upstream 'download' recomputed to the same value {rows[:15]}" in status(obj)["message"]
         assert "nothing re-ran" in status(obj)["message"]
-        assert wait_event(stack, ns, name, p.REASON_EARLY_CUTOFF)
+        assert stack.eventually_events(ns, name, p.REASON_EARLY_CUTOFF)
     assert stack.total_runs() == runs + 1, "only download ran in a sandbox"
 
 
@@ -200,7 +187,7 @@ def test_an_upstream_recomputed_while_its_downstream_ran_is_caught_when_it_settl
     assert not ready(stack.get(ns, "slow")), "the scenario needs slow still running when rows is recomputed"
     final = stack.wait(ns, "slow", ready_with(lambda o: status(o)["result"]["value"] == 10), timeout=120)
     assert status(final)["cached"] is False
-    said = wait_event(stack, ns, "slow", p.REASON_UPSTREAM_CHANGED)
+    said = stack.eventually_events(ns, "slow", p.REASON_UPSTREAM_CHANGED)
     assert any("since it was resolved" in m for m in said), said
 
 
@@ -256,3 +243,25 @@ def test_a_downstream_in_another_namespace_is_held_and_recomputed(stack: Stack, 
         assert not [o for o in seen if ready(o) and n_of(o) == 1000]
     finally:
         stack.kube.core.delete_namespace(reader)
+
+
+def test_an_upstream_deleted_while_recomputed_leaves_its_downstream_as_it_was(stack: Stack, ns: str) -> None:
+    before = applied(stack, ns)
+    source = before["download"]["spec"]["python"]["source"]
+    runs = stack.total_runs()
+    set_download(stack, ns, "/spec/python/source", "import time\ntime.sleep(10)\n" + source)
+    stack.wait(ns, "report", lambda o: status(o).get("reason") == p.REASON_UPSTREAM_CHANGED)
+    stack.wait(ns, "download", lambda o: status(o).get("phase") == p.RUNNING)
+    assert stack.kube.delete(p.COMPUTEJOBS, ns, "download")
+    # Results outlive jobs: once the missing upstream's grace (60s after creation) is over,
+    # each held job is Ready again with the result it had.
+    for name in ("normalize", "report"):
+        obj = stack.wait(ns, name, ready_with(lambda o: status(o).get("reason") == p.REASON_UPSTREAM_GONE),
+                         timeout=150)
+        assert status(obj)["result"] == status(before[name])["result"]
+        assert "ComputeJob 'download' does not exist" in status(obj)["message"]
+    # The deleted job's sandbox ran to its end: no run of ours is left to move another test's counters.
+    deadline = time.monotonic() + 60
+    while stack.total_runs() < runs + 1:
+        assert time.monotonic() < deadline, "download's last run never ended"
+        time.sleep(0.5)
