@@ -133,6 +133,7 @@ class Reconciler:
             self._jobs.remove(ref_of(body))
             self._carried.pop(ref_of(body), None)
             self._wake(body)
+        self.ctx.maps.pop(job(body).meta.uid, None)   # a map parent's memory (mapper.py)
 
     def _wake(self, body: Mapping[str, Any]) -> None:
         for ref in self.index.wake(body):  # caller holds _cond
