@@ -1,5 +1,6 @@
-"""spec.map end to end: one cached sub-task (a child ComputeJob) per element, incremental
-when the list grows, results in element order. Outcomes are asserted, never timings."""
+"""spec.map end to end: one cached sub-task per element, hits served with no object, misses
+run in batches (a few child ComputeJobs), incremental when the list grows, results in
+element order. Outcomes are asserted, never timings."""
 
 from __future__ import annotations
 
@@ -35,7 +36,13 @@ def children(stack: Stack, ns: str, parent: dict[str, Any]) -> list[dict[str, An
     return items
 
 
-def test_map_runs_one_subtask_per_element_and_only_the_new_one_after_an_append(stack: Stack, ns: str) -> None:
+def counts(total: int, cached: int, computed: int, batches: int, distinct: int | None = None) -> dict[str, int]:
+    return {"total": total, "distinct": total if distinct is None else distinct, "succeeded": cached + computed,
+            "cached": cached, "computed": computed, "running": 0, "failed": 0, "batches": batches}
+
+
+def test_map_runs_one_subtask_per_element_in_a_batch_and_only_the_new_one_after_an_append(stack: Stack,
+                                                                                          ns: str) -> None:
     salt = uuid.uuid4().hex[:12]
     runs = stack.total_runs()
     stack.apply(ns, map_job("times", TIMES, [1, 2, 3], salt, scale=10))
@@ -43,11 +50,17 @@ def test_map_runs_one_subtask_per_element_and_only_the_new_one_after_an_append(s
     s = status(one)
     assert s["phase"] == "Succeeded", s
     assert s["result"]["value"] == [10, 20, 30]
-    assert s["map"] == {"total": 3, "succeeded": 3, "cached": 0, "failed": 0}
-    assert stack.total_runs() - runs == 3
+    assert s["map"] == counts(3, cached=0, computed=3, batches=1)
+    assert stack.total_runs() - runs == 3                 # one sandbox run per element
     kids = children(stack, ns, one)
-    assert len(kids) == 3 and all(k["metadata"]["ownerReferences"][0]["uid"] == one["metadata"]["uid"] for k in kids)
-    assert sorted(status(k)["result"]["value"] for k in kids) == [10, 20, 30]
+    assert len(kids) == 1 and kids[0]["metadata"]["ownerReferences"][0]["uid"] == one["metadata"]["uid"]
+    batch = kids[0]
+    keys = mp.batch_keys(batch)
+    assert status(batch)["phase"] == "Succeeded" and len(status(batch)["map"]["results"]) == 3
+    # Each element's result is its own, under its own key, as a plain job would store it.
+    store = stack.store(ns)
+    assert [store.read_ref(k) for k in keys] == status(batch)["map"]["results"]
+    assert [store.load_value(store.get_result(d).value) for d in status(batch)["map"]["results"]] == [10, 20, 30]
     # A sub-task's key is derived as if the input were that element: a plain job with x=2 is a hit.
     runs = stack.total_runs()
     stack.apply(ns, computejob_manifest("solo", None, {
@@ -55,8 +68,17 @@ def test_map_runs_one_subtask_per_element_and_only_the_new_one_after_an_append(s
         "inputs": [{"name": "x", "value": 2}, {"name": "scale", "value": 10}]}))
     solo = status(stack.wait(ns, "solo"))
     assert solo["cached"] is True and solo["result"]["value"] == 20
-    assert solo["cacheKey"] in {status(k)["cacheKey"] for k in kids}
+    assert solo["cacheKey"] in keys
+    # Another map over known and new elements: the known ones are served with no object.
+    stack.apply(ns, map_job("again", TIMES, [3, 5, 2], salt, scale=10))
+    again = stack.wait(ns, "again")
+    assert status(again)["result"]["value"] == [30, 50, 20]
+    assert status(again)["map"] == counts(3, cached=2, computed=1, batches=1)
+    new_batch = children(stack, ns, again)
+    assert len(new_batch) == 1 and len(mp.batch_keys(new_batch[0])) == 1 and mp.batch_keys(new_batch[0])[0] not in keys
+    assert stack.total_runs() - runs == 1
     # Append one element: exactly one new sub-task runs; the result has 4 values in order.
+    runs = stack.total_runs()
     stack.kube.custom.patch_namespaced_custom_object(p.GROUP, p.VERSION, ns, p.COMPUTEJOBS, "times", {
         "spec": {"inputs": [{"name": "x", "value": [1, 2, 3, 4]}, {"name": "scale", "value": 10}]}})
     two = stack.wait(ns, "times", lambda o: o["metadata"]["generation"] == 2 and status(o).get("phase") in p.TERMINAL
@@ -64,14 +86,15 @@ def test_map_runs_one_subtask_per_element_and_only_the_new_one_after_an_append(s
     s2 = status(two)
     assert s2["phase"] == "Succeeded", s2
     assert s2["result"]["value"] == [10, 20, 30, 40]
-    assert s2["map"] == {"total": 4, "succeeded": 4, "cached": 0, "failed": 0}
+    assert s2["map"] == counts(4, cached=0, computed=4, batches=2)
     assert stack.total_runs() - runs == 1
-    assert len(children(stack, ns, two)) == 4
+    assert len(children(stack, ns, two)) == 2
     assert s2["cacheKey"] != s["cacheKey"]
-    # The parent's result is stored under its key, like any result.
-    store = stack.store(ns)
+    # The parent's result is stored under its key, like any result; its key is the digest
+    # of its elements' keys in order.
     assert store.read_ref(s2["cacheKey"]) == s2["result"]["digest"]
     assert store.load_value(store.get_result(s2["result"]["digest"]).value) == [10, 20, 30, 40]
+    assert s["cacheKey"] == mp.map_key("x", keys)
 
 
 def test_map_over_an_upstream_result_large_result_and_equal_elements(stack: Stack, ns: str) -> None:
@@ -85,8 +108,9 @@ def test_map_over_an_upstream_result_large_result_and_equal_elements(stack: Stac
     obj = stack.wait(ns, "pad", timeout=300)
     s = status(obj)
     assert s["phase"] == "Succeeded", s
-    assert s["map"] == {"total": 60, "succeeded": 60, "cached": 0, "failed": 0}
-    assert len(children(stack, ns, obj)) == 30           # equal elements share a sub-task
+    assert s["map"] == counts(60, cached=0, computed=60, batches=1, distinct=30)
+    kids = children(stack, ns, obj)                      # equal elements share a sub-task
+    assert len(kids) == 1 and len(mp.batch_keys(kids[0])) == 30
     assert stack.total_runs() - runs == 1 + 30           # the upstream, then each distinct element once
     assert "value" not in s["result"]                    # 60 x 102 bytes: stored as a JSON blob
     store = stack.store(ns)
