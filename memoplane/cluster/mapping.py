@@ -219,12 +219,14 @@ class Plan:
 
 def plan(wanted: Mapping[str, Any], known: Mapping[str, Known], batches: Iterable[Batch], size: int) -> Plan:
     """`wanted`: element key -> element, in element order (distinct keys); `known`: the keys
-    whose result is known (hits, and the results of succeeded batches); `batches`: the
-    parent's children. The keys neither known nor in an unfinished or failed batch go to new
-    batches of up to `size`, in element order."""
+    whose result is known (hits, and the results batches reported); `batches`: the parent's
+    children. The keys neither known nor in an unfinished or failed batch go to new batches
+    of up to `size`, in element order. A failed batch stays (and fails the parent) while the
+    element it failed on is wanted: the same key fails the same way."""
     out = Plan()
     for batch in batches:
-        if not any(k in wanted for k in batch.keys):
+        if not any(k in wanted for k in batch.keys) or (batch.failed_key and batch.failed_key not in wanted):
+            # Nothing wanted in it, or it failed on an element no longer wanted: the others go to new batches.
             out.delete.append(batch.name)
         elif batch.phase is None:
             out.running.update({k: batch.name for k in batch.keys if k not in known})

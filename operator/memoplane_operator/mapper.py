@@ -99,21 +99,14 @@ def reconcile_map(ctx: Context, obj: dict[str, Any]) -> None:
     if not isinstance(keyer, mp.ElementKeys):
         _stop(ctx, obj, keyer)
         return
-    over = mp.over_of(obj)
     keys = [keyer.key(e) for e in items]
     wanted = dict(zip(keys, items, strict=True))   # distinct keys, first element of each, in element order
-    memory = ctx.maps.get(view.meta.uid)
-    if memory is None or memory.source != (found.lookup_url, found.policy):  # what was trusted may not be now
-        memory = ctx.maps[view.meta.uid] = MapMemory((found.lookup_url, found.policy))
+    memory = _memory(ctx, obj, found)
     memory.keep_only(wanted)
     listed, _ = ctx.kube.list(p.COMPUTEJOBS, namespace, f"{mp.PARENT_LABEL}={view.meta.uid}")
     children = {job(c).meta.name: c for c in listed if mp.is_batch(c)}
-    batches = [mp.batch_view(c, over) for c in children.values()]
-    known: dict[str, mp.Known] = dict(memory.known)
-    for batch, child in zip(batches, children.values(), strict=True):
-        known.update(mp.batch_results(batch, job(child).assigned.store_url or found.url))
-    in_batches = {k for b in batches if b.phase != p.SUCCEEDED for k in b.keys}
-    _look_up(ctx, obj, found, [k for k in wanted if k not in known and k not in in_batches], memory, known)
+    batches = [mp.batch_view(c, mp.over_of(obj)) for c in children.values()]
+    known = _known(ctx, obj, found, wanted, batches, children, memory)
     todo = mp.plan(wanted, known, batches, min(ctx.settings.map_batch_size, MAX_MAP_BATCH))
     made = [mp.batch_manifest(obj, elems, ks) for elems, ks in todo.create]
     # Registered before the writes: a batch that settles at once wakes the parent.
@@ -136,6 +129,27 @@ def reconcile_map(ctx: Context, obj: dict[str, Any]) -> None:
             ctx.patch(obj, st.map_progress(view.status.raw, view.meta.generation, prog.counts(), datetime.now(UTC)))
     else:
         finish(ctx, obj, found, items, keys, known, memory, prog, sorted(children))
+
+
+def _memory(ctx: Context, obj: Mapping[str, Any], target: Target) -> MapMemory:
+    """This parent's memory, forgotten when its hits would be judged by another store or policy."""
+    uid, source = job(obj).meta.uid, (target.lookup_url, target.policy)
+    memory = ctx.maps.get(uid)
+    if memory is None or memory.source != source:
+        memory = ctx.maps[uid] = MapMemory(source)
+    return memory
+
+
+def _known(ctx: Context, obj: dict[str, Any], target: Target, wanted: Mapping[str, Any], batches: list[mp.Batch],
+           children: Mapping[str, Mapping[str, Any]], memory: MapMemory) -> dict[str, mp.Known]:
+    """The wanted keys whose result is known: remembered, reported by a batch, or a hit found
+    now (the keys in no unfinished or failed batch are looked up)."""
+    known: dict[str, mp.Known] = dict(memory.known)
+    for batch in batches:
+        known.update(mp.batch_results(batch, job(children[batch.name]).assigned.store_url or target.url))
+    in_batches = {k for b in batches if b.phase != p.SUCCEEDED for k in b.keys}
+    _look_up(ctx, obj, target, [k for k in wanted if k not in known and k not in in_batches], memory, known)
+    return known
 
 
 def _look_up(ctx: Context, obj: dict[str, Any], target: Target, keys: list[str], memory: MapMemory,
@@ -177,18 +191,23 @@ def _create(ctx: Context, obj: Mapping[str, Any], made: list[dict[str, Any]],
 
 
 def _values(ctx: Context, keys: list[str], known: Mapping[str, mp.Known], memory: MapMemory) -> list[Any]:
-    """Each element's JSON value, from its (verified) result manifest."""
+    """Each element's JSON value, from its (verified) result manifest; the manifests not in
+    memory are read in parallel."""
+    distinct = {k: known[k] for k in dict.fromkeys(keys)}
+    unread = sorted({(r.digest, r.store) for r in distinct.values() if r.digest not in memory.manifests})
+
+    def read(item: tuple[str, str]) -> ResultManifest:
+        return ctx.stores.by_url(item[1]).get_result(item[0])
+
+    with ThreadPoolExecutor(max_workers=max(1, ctx.settings.map_lookup_threads), thread_name_prefix="map") as pool:
+        memory.manifests.update(zip((d for d, _ in unread), pool.map(read, unread), strict=True))
     values: dict[str, Any] = {}
-    for key in dict.fromkeys(keys):
-        result = known[key]
-        manifest = memory.manifests.get(result.digest)
-        store = ctx.stores.by_url(result.store)
-        if manifest is None:
-            manifest = memory.manifests[result.digest] = store.get_result(result.digest)
+    for key, result in distinct.items():
+        manifest = memory.manifests[result.digest]
         if manifest.value.kind != "json":
             raise resolve.LookupError_(p.REASON_INVALID, f"the sub-task of key {key[:15]}… returned "
                                                          f"{manifest.value.kind}, not JSON: a map's values must be JSON")
-        values[key] = store.load_value(manifest.value)
+        values[key] = ctx.stores.by_url(result.store).load_value(manifest.value)
         memory.known[key] = result
     return [values[k] for k in keys]
 

@@ -90,6 +90,11 @@ def test_plan_batches_only_the_unknown_keys_and_deletes_batches_no_key_needs() -
     assert todo.delete == ["sq-old"] and todo.running == {"k1": "sq-run", "k2": "sq-run"} and not todo.failed
     # Everything known or under way: nothing to make.
     assert mp.plan({"k0": 0, "k1": 1}, known, [running], 3).create == []
+    # A batch that failed on an element no longer in the list goes; its other elements are batched again.
+    failed = mp.Batch("sq-bad", ("k1", "k2"), p.FAILED, ("b3:r1",), failed_key="k2")
+    assert mp.plan({"k1": 1, "k2": 2}, {}, [failed], 3).failed == {"k1": "sq-bad", "k2": "sq-bad"}
+    again = mp.plan({"k1": 1, "k5": 5}, {}, [failed], 3)
+    assert again.delete == ["sq-bad"] and again.create == [([1, 5], ["k1", "k5"])] and not again.failed
 
 
 def test_batch_view_reads_results_and_refuses_a_batch_that_ran_other_keys() -> None:
