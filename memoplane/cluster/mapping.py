@@ -217,11 +217,19 @@ class Plan:
     culprits: set[str] = field(default_factory=set)        # keys whose own run failed
 
 
-def plan(wanted: Mapping[str, Any], known: Mapping[str, Known], batches: Iterable[Batch], size: int) -> Plan:
+def batch_size(missing: int, slots: int, most: int) -> int:
+    """Up to `most` elements a batch, yet spread over the `slots` the live agents run at once:
+    a batch runs its elements one after another, so a few misses go to as many batches as
+    there are slots rather than to one."""
+    return max(1, min(most, -(-missing // max(1, slots))))
+
+
+def plan(wanted: Mapping[str, Any], known: Mapping[str, Known], batches: Iterable[Batch], size: int,
+         slots: int = 1) -> Plan:
     """`wanted`: element key -> element, in element order (distinct keys); `known`: the keys
     whose result is known (hits, and the results batches reported); `batches`: the parent's
     children. The keys neither known nor in an unfinished or failed batch go to new batches
-    of up to `size`, in element order. A failed batch stays (and fails the parent) while the
+    of up to `size` (fewer when `slots` agents' slots would otherwise idle), in element order. A failed batch stays (and fails the parent) while the
     element it failed on is wanted: the same key fails the same way."""
     out = Plan()
     for batch in batches:
@@ -234,7 +242,8 @@ def plan(wanted: Mapping[str, Any], known: Mapping[str, Known], batches: Iterabl
             out.failed.update({k: batch.name for k in batch.keys if k not in known})
             out.culprits.update([batch.failed_key] if batch.failed_key else ())
     todo = [k for k in wanted if k not in known and k not in out.running and k not in out.failed]
-    for start in range(0, len(todo), max(1, size)):
+    size = batch_size(len(todo), slots, size)
+    for start in range(0, len(todo), size):
         keys = todo[start:start + size]
         out.create.append(([wanted[k] for k in keys], keys))
     return out

@@ -107,7 +107,8 @@ def reconcile_map(ctx: Context, obj: dict[str, Any]) -> None:
     children = {job(c).meta.name: c for c in listed if mp.is_batch(c)}
     batches = [mp.batch_view(c, mp.over_of(obj)) for c in children.values()]
     known = _known(ctx, obj, found, wanted, batches, children, memory)
-    todo = mp.plan(wanted, known, batches, min(ctx.settings.map_batch_size, MAX_MAP_BATCH))
+    slots = sum(n.capacity for n in schedule.live_nodes(ctx.fleet.nodes) if view.spec.profile in n.profiles)
+    todo = mp.plan(wanted, known, batches, min(ctx.settings.map_batch_size, MAX_MAP_BATCH), slots)
     made = [mp.batch_manifest(obj, elems, ks) for elems, ks in todo.create]
     # Registered before the writes: a batch that settles at once wakes the parent.
     running = sorted({*todo.running.values(), *(m["metadata"]["name"] for m in made)})

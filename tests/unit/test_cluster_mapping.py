@@ -88,6 +88,11 @@ def test_plan_batches_only_the_unknown_keys_and_deletes_batches_no_key_needs() -
     todo = mp.plan(wanted, known, [running, gone], 3)
     assert todo.create == [([4, 5, 6], ["k4", "k5", "k6"]), ([7, 8, 9], ["k7", "k8", "k9"])]
     assert todo.delete == ["sq-old"] and todo.running == {"k1": "sq-run", "k2": "sq-run"} and not todo.failed
+    # A few misses are spread over the agents' slots (a batch runs its elements in turn); many fill batches.
+    hundred = {f"m{i}": i for i in range(100)}
+    assert [len(ks) for _, ks in mp.plan(hundred, {}, [], 64, slots=4).create] == [25, 25, 25, 25]
+    assert [len(ks) for _, ks in mp.plan(hundred, {}, [], 64, slots=1).create] == [64, 36]
+    assert [len(ks) for _, ks in mp.plan(hundred, {}, [], 10, slots=4).create] == [10] * 10
     # Everything known or under way: nothing to make.
     assert mp.plan({"k0": 0, "k1": 1}, known, [running], 3).create == []
     # A batch that failed on an element no longer in the list goes; its other elements are batched again.
