@@ -106,6 +106,10 @@ def map_section(b: Bench, n: int) -> dict[str, dict[str, Any]]:
     print(f"map: 1% changed as a new job (every key looked up): {fresh:.2f}s, {fresh_runs:.0f} sandbox runs")
     batches, _ = b.kube.list(p.COMPUTEJOBS, b.ns, f"{mp.PARENT_LABEL}={big['metadata']['uid']}")
     print(f"map: {len(batches)} child ComputeJobs for {n} elements (was {n} before batching)")
+    log = b.cfg.directory / "logs" / f"{processes.OPERATOR}.log"
+    for line in log.read_text().splitlines() if log.exists() else ():
+        if "element keys in" in line or "map of" in line:
+            print("map: operator:", line.split(" ", 2)[-1])
     changed_n = sum(1 for a, e in zip(elements, edit, strict=True) if a != e)
     return {
         "map_changed_sandbox_runs": metric(warm_runs / n, "fraction of elements", "fraction changed", changed_n / n),

@@ -158,7 +158,7 @@ def _look_up(ctx: Context, obj: dict[str, Any], target: Target, keys: list[str],
     """Look `keys` up in the cache under its trust policy (in parallel); remember the hits."""
     if not keys or target.lookup is None or not decide.looks_up(job(obj).spec.policy, missed=False):
         return
-    lookup = target.lookup
+    lookup, started = target.lookup, time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, ctx.settings.map_lookup_threads), thread_name_prefix="map") as pool:
         found = list(pool.map(lambda k: look_up(ctx, obj, lookup, k, target.policy)[0], keys))
     view = job(obj)
@@ -171,7 +171,8 @@ def _look_up(ctx: Context, obj: dict[str, Any], target: Target, keys: list[str],
         ctx.metrics.cache_hits.inc()
         ctx.metrics.seconds_saved.inc(saved)
         ctx.caches.count_hit(view.meta.namespace, view.spec.result_cache, saved)
-    log.info("%s/%s: looked up %d element keys, %d hits", *view.ref, len(keys), sum(h is not None for h in found))
+    log.info("%s/%s: looked up %d element keys in %.2fs, %d hits", *view.ref, len(keys), time.monotonic() - started,
+             sum(h is not None for h in found))
 
 
 def _create(ctx: Context, obj: Mapping[str, Any], made: list[dict[str, Any]],
