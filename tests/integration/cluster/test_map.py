@@ -139,3 +139,26 @@ def test_map_fails_clearly(stack: Stack, ns: str) -> None:
     stack.apply(ns, map_job("scalar", TIMES, 5, salt, scale=1))
     s = status(stack.wait(ns, "scalar"))
     assert s["phase"] == "Failed" and s["reason"] == p.REASON_INVALID and "not a list" in s["message"], s
+
+
+def test_a_restarted_operator_continues_a_map_from_its_batches(stack: Stack, ns: str) -> None:
+    """The operator's memory of a map is a shortcut: killed while batches run, a new operator
+    finds them by label, makes no second batch and runs no element twice."""
+    salt = uuid.uuid4().hex[:12]
+    slow = "import time\n\ndef main(x):\n    time.sleep(1.5)\n    return -x\n"
+    runs = stack.total_runs()
+    stack.apply(ns, map_job("slow", slow, list(range(8)), salt))
+
+    def batches_made(obj: dict[str, Any]) -> bool:
+        return bool(status(obj).get("map", {}).get("batches"))
+    parent = stack.wait(ns, "slow", batches_made, timeout=60)
+    stack.kill_operator()
+    made = children(stack, ns, parent)
+    assert made and status(stack.get(ns, "slow"))["phase"] == "Running", "killed before the map finished"
+    stack.start_operator()
+    s = status(stack.wait(ns, "slow", timeout=180))
+    assert s["phase"] == "Succeeded" and s["result"]["value"] == [-x for x in range(8)], s
+    assert sorted(k["metadata"]["name"] for k in children(stack, ns, parent)) == \
+        sorted(k["metadata"]["name"] for k in made), "no batch was made again"
+    assert without_batches(s) == counts(8, cached=0, computed=8)
+    assert stack.total_runs() - runs == 8
