@@ -46,6 +46,7 @@ REASON_MAPPING = "Mapping"
 REASON_NAME_TAKEN = "SubTaskNameTaken"
 NAME_MAX = 253
 DIGEST_CHARS = 10                                # hex digits of the batch digest in a child's name
+BATCH_BYTES = 256 << 10                          # a batch's elements, canonical JSON, at most (one larger goes alone)
 
 
 def is_map(obj: Mapping[str, Any]) -> bool:
@@ -242,11 +243,25 @@ def plan(wanted: Mapping[str, Any], known: Mapping[str, Known], batches: Iterabl
             out.failed.update({k: batch.name for k in batch.keys if k not in known})
             out.culprits.update([batch.failed_key] if batch.failed_key else ())
     todo = [k for k in wanted if k not in known and k not in out.running and k not in out.failed]
-    size = batch_size(len(todo), slots, size)
-    for start in range(0, len(todo), size):
-        keys = todo[start:start + size]
+    for keys in _groups(todo, wanted, batch_size(len(todo), slots, size)):
         out.create.append(([wanted[k] for k in keys], keys))
     return out
+
+
+def _groups(todo: list[str], wanted: Mapping[str, Any], size: int) -> Iterable[list[str]]:
+    """`todo` in order, cut into batches of up to `size` keys whose elements take up to
+    BATCH_BYTES in the batch's spec (an API object must stay well under etcd's limit)."""
+    group: list[str] = []
+    used = 0
+    for key in todo:
+        length = len(canonical_json(wanted[key]))
+        if group and (len(group) == size or used + length > BATCH_BYTES):
+            yield group
+            group, used = [], 0
+        group.append(key)
+        used += length
+    if group:
+        yield group
 
 
 def batch_results(batch: Batch, url: str) -> dict[str, Known]:

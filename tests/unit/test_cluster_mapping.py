@@ -93,6 +93,9 @@ def test_plan_batches_only_the_unknown_keys_and_deletes_batches_no_key_needs() -
     assert [len(ks) for _, ks in mp.plan(hundred, {}, [], 64, slots=4).create] == [25, 25, 25, 25]
     assert [len(ks) for _, ks in mp.plan(hundred, {}, [], 64, slots=1).create] == [64, 36]
     assert [len(ks) for _, ks in mp.plan(hundred, {}, [], 10, slots=4).create] == [10] * 10
+    # Large elements: a batch's spec stays small (an element larger than the bound goes alone).
+    big = {f"b{i}": "x" * (100 << 10) for i in range(5)} | {"huge": "y" * (300 << 10)}
+    assert [len(ks) for _, ks in mp.plan(big, {}, [], 64).create] == [2, 2, 1, 1]
     # Everything known or under way: nothing to make.
     assert mp.plan({"k0": 0, "k1": 1}, known, [running], 3).create == []
     # A batch that failed on an element no longer in the list goes; its other elements are batched again.
