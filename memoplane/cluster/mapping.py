@@ -230,8 +230,9 @@ def plan(wanted: Mapping[str, Any], known: Mapping[str, Known], batches: Iterabl
     """`wanted`: element key -> element, in element order (distinct keys); `known`: the keys
     whose result is known (hits, and the results batches reported); `batches`: the parent's
     children. The keys neither known nor in an unfinished or failed batch go to new batches
-    of up to `size` (fewer when `slots` agents' slots would otherwise idle), in element order. A failed batch stays (and fails the parent) while the
-    element it failed on is wanted: the same key fails the same way."""
+    of up to `size` (fewer when the agents' `slots` would otherwise idle), in element order.
+    A failed batch stays (and fails the parent) while the element it failed on is wanted:
+    the same key fails the same way."""
     out = Plan()
     for batch in batches:
         if not any(k in wanted for k in batch.keys) or (batch.failed_key and batch.failed_key not in wanted):

@@ -208,7 +208,7 @@ def _values(ctx: Context, keys: list[str], known: Mapping[str, mp.Known], memory
         manifest = memory.manifests[result.digest]
         if manifest.value.kind != "json":
             raise resolve.LookupError_(p.REASON_INVALID, f"the sub-task of key {key[:15]}… returned "
-                                                         f"{manifest.value.kind}, not JSON: a map's values must be JSON")
+                                       f"{manifest.value.kind}, not JSON: a map's values must be JSON")
         values[key] = ctx.stores.by_url(result.store).load_value(manifest.value)
         memory.known[key] = result
     return [values[k] for k in keys]

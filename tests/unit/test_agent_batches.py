@@ -50,7 +50,8 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Age
             stores.close()
 
 
-def batch(kube: FakeKube, store: Store, elements: list[Any], key: str | None = None) -> tuple[dict[str, Any], list[str]]:
+def batch(kube: FakeKube, store: Store, elements: list[Any], key: str | None = None
+          ) -> tuple[dict[str, Any], list[str]]:
     """A batch ComputeJob as the operator leaves it for the agent, and its elements' keys."""
     job = Job(PythonCode(SOURCE, "main"), inputs={"x": JsonInput(elements), "k": JsonInput(10)},
               runtime=runtime_identity("python").digest)
