@@ -332,6 +332,9 @@ class OperatorSettings:
     evictions_per_pass: int = setting(None, 1000, "refs a ResultCache evicts at most per retention pass")
     index_reads_per_pass: int = setting(None, 2000, "refs a ResultCache without a usage index reads per pass")
     openlineage_url: str = setting(OPENLINEAGE_URL_ENV, "", OPENLINEAGE_DOC)
+    map_batch_size: int = setting("MEMOPLANE_MAP_BATCH_SIZE", 64, "missed elements of a spec.map job one child "
+                                  "ComputeJob (a batch run by one agent) holds, at most 1024")
+    map_lookup_threads: int = setting(None, 16, "threads looking a spec.map job's element keys up in the cache")
 
 
 @dataclass(frozen=True)

@@ -163,6 +163,7 @@ class MapSpec(K8sModel):
 
 
 MAX_REPLICAS = 5
+MAX_MAP_BATCH = 1024   # elements a spec.map batch (one child ComputeJob) runs at most
 VERIFY_WITH_MAP = "replicas > 1 with spec.map is not supported yet: verify a job without map"
 
 
@@ -324,12 +325,21 @@ class Failure(StatusModel):
 
 
 class MapStatus(StatusModel):
-    """Progress of a spec.map job: one sub-task (a child ComputeJob) per distinct element."""
+    """Progress of a spec.map job (counts per element; equal elements count once each), and
+    of a map's batch (a child ComputeJob running several elements): their results."""
 
     total: int = Field(default=0, ge=0, description="Elements in the list.")
+    distinct: int | None = Field(default=None, ge=0, description="Distinct elements (one sub-task each).")
     succeeded: int = Field(default=0, ge=0, description="Elements whose sub-task succeeded.")
     cached: int = Field(default=0, ge=0, description="Of those, served from the cache.")
+    computed: int | None = Field(default=None, ge=0, description="Of those, computed by this map's batches.")
+    running: int | None = Field(default=None, ge=0, description="Elements not finished yet.")
     failed: int = Field(default=0, ge=0, description="Elements whose sub-task failed.")
+    batches: int | None = Field(default=None, ge=0, description="Child ComputeJobs (batches of missed elements).")
+    results: list[Digest] | None = Field(default=None, max_length=MAX_MAP_BATCH,
+                                         description="A batch: its elements' result digests, in order.")
+    failed_element: int | None = Field(default=None, ge=0, description="A batch: the index of the element that "
+                                                                        "failed.")
 
 
 class ReplicaOutcome(StatusModel):

@@ -183,18 +183,20 @@ def name_taken(parent: str, taken: Sequence[str]) -> Fail | None:
                                    "rename one of them")
 
 
-def map_step(obj: Mapping[str, Any], prog: Progress, children: Mapping[str, Mapping[str, Any]]
-             ) -> Fail | Progressing | Finish:
-    """What a map parent does with its children's progress."""
+def map_step(obj: Mapping[str, Any], prog: Progress, children: Mapping[str, Mapping[str, Any]],
+             running: Sequence[str] = ()) -> Fail | Progressing | Finish:
+    """What a map parent does with its sub-tasks' progress (`children`: its batches by
+    name; `running`: the unfinished ones, whose settling wakes it)."""
     view = job(obj)
     if prog.failed:
         index, child_name = prog.first_failure or (0, "")
-        why, detail = job(children[child_name]).status.failure_summary()
-        return Fail(REASON_SUBTASK_FAILED, f"element {index} (ComputeJob '{child_name}') failed ({why})"
+        child = children.get(child_name)
+        why, detail = job(child).status.failure_summary() if child is not None else ("failed", "")
+        return Fail(REASON_SUBTASK_FAILED, f"element {index} (batch ComputeJob '{child_name}') failed ({why})"
                     + (f": {detail}" if detail else ""), {"map": prog.counts()})
     if not prog.done:
         status = view.status
         changed = status.map != prog.counts() or status.phase != p.RUNNING or \
             status.observed_generation != view.meta.generation
-        return Progressing(changed, tuple(job_topic(view.meta.namespace, c) for c in prog.waiting_on))
+        return Progressing(changed, tuple(job_topic(view.meta.namespace, c) for c in running))
     return Finish()

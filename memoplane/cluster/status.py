@@ -252,6 +252,30 @@ def map_succeeded(status: Mapping[str, Any], generation: int, key: str, digest: 
     }
 
 
+def batch_succeeded(status: Mapping[str, Any], generation: int, node: str, results: list[str],
+                    duration_ms: int, now: datetime) -> Patch:
+    """A map's batch ran every element: their result digests, in order, in status.map.results
+    (each element's result is its own, under its own key: the batch has none)."""
+    n = len(results)
+    message = f"{n} elements computed on node {node} in {format_duration(duration_ms)}"
+    return {
+        "phase": p.SUCCEEDED, "reason": p.REASON_COMPUTED, "message": message,
+        "cached": False, "node": node, "result": None,
+        "map": {"total": n, "succeeded": n, "cached": 0, "failed": 0, "results": results, "failedElement": None},
+        "durationMs": duration_ms, "duration": format_duration(duration_ms),
+        "computeSecondsSaved": 0.0, "completionTime": rfc3339(now), "failure": None,
+        "conditions": mark_ready(_conds(status), p.REASON_COMPUTED, message, generation, now),
+        "observedGeneration": generation,
+    }
+
+
+def batch_failure(total: int, results: list[str], index: int) -> Patch:
+    """What a failed attempt of a map's batch adds to its status: the results before the
+    element that failed, and that element's index."""
+    return {"map": {"total": total, "succeeded": len(results), "cached": 0, "failed": 1, "results": results,
+                    "failedElement": index}}
+
+
 # -- spec.verify parents (memoplane.cluster.replicas) ------------------------------------------
 
 

@@ -36,7 +36,7 @@ from ..execute import SandboxRunner
 from ..history import build as records
 from ..history.records import InputRecord, JobIdentity, RunRecord, new_run_id
 from ..jobs import BlobInput, Input, Job, JsonInput
-from ..keys import runtime_identity
+from ..keys import digest_value, runtime_identity
 from ..sandbox.profiles import PROFILES
 from ..trust import SigningKey, TrustPolicy, trusted_hit
 from ..trust.local import commit_signed
@@ -319,23 +319,36 @@ def _apply_map(ctx: Context, doc: JobDoc) -> Outcome:
         return Outcome(doc.ref, "failed", message=items)
     children: dict[str, Outcome] = {}
     for element in items:
-        manifest = mp.child_manifest(doc.obj, element)
+        manifest = _element_manifest(doc, element)
         name = manifest["metadata"]["name"]
         if name not in children:
             children[name] = _resolve_and_run(ctx, doc, manifest, (doc.ref[0], name))
     for index, element in enumerate(items):
-        child = children[mp.child_name(doc.ref[1], element)]
+        child = children[_element_name(doc, element)]
         if not child.ok:
             return Outcome(doc.ref, "failed", message=f"spec.map: element {index} ({child.ref[1]}): {child.message}")
         if child.value_kind != "json":   # as the operator's mapper says
             return Outcome(doc.ref, "failed", message=f"spec.map: element {index}: ComputeJob '{child.ref[1]}' "
                                                       f"returned {child.value_kind}, not JSON: a map's values must be JSON")
-    names = [mp.child_name(doc.ref[1], e) for e in items]
+    names = [_element_name(doc, e) for e in items]
     outcome = _map_result(ctx, doc, names, children)
     computed = sum(c.state == "computed" for c in children.values())
     outcome.map = {"total": len(items), "computed": computed, "cached": len(children) - computed}
     outcome.run_id = _map_record(ctx, doc, outcome, names, children, started)
     return outcome
+
+
+def _element_name(doc: JobDoc, element: Any) -> str:
+    """A sub-task's name in this apply's output and history: the parent's and the element's digest."""
+    return f"{doc.ref[1]}-{digest_value(element)[3:13]}"
+
+
+def _element_manifest(doc: JobDoc, element: Any) -> dict[str, Any]:
+    """The sub-task of one element as a plain job (memoplane.cluster.mapping.child_spec: the key is
+    the one the operator derives for that element)."""
+    return {"apiVersion": doc.obj.get("apiVersion"), "kind": "ComputeJob",
+            "metadata": {"name": _element_name(doc, element), "namespace": doc.ref[0]},
+            "spec": mp.child_spec(doc.obj, element)}
 
 
 def _map_result(ctx: Context, doc: JobDoc, names: list[str], children: Mapping[str, Outcome]) -> Outcome:

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from memoplane.cluster import decide
+from memoplane.cluster import mapping as mp
 from memoplane.cluster import protocol as p
 from memoplane.cluster import status as st
 from memoplane.cluster.views import job
@@ -44,7 +45,7 @@ def admit(ctx: Context, obj: dict[str, Any], carried: Admissible | None = None) 
                                   f"its results now go to {target.url}: resolving again", datetime.now(UTC)))
         return
     missed, memo = carried is not None and carried.missed, ctx.memo
-    if target.lookup is not None and decide.looks_up(
+    if target.lookup is not None and not mp.is_batch(obj) and decide.looks_up(   # a batch's key has no ref
             view.spec.policy, missed or bool(memo and (target.lookup_url, key) in memo.misses)):
         # A stored result is served whoever else computes the key: no flight to consult.
         if _serve(ctx, obj, key, target, carried.job if carried is not None else None):

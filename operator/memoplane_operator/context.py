@@ -16,19 +16,20 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from memoplane.cas import Store
+from memoplane.cas import ResultManifest, Store
 from memoplane.cluster import protocol as p
 from memoplane.cluster import schedule
 from memoplane.cluster import status as st
 from memoplane.cluster.decide import Fail, Wait
 from memoplane.cluster.index import JobIndex, Topic
 from memoplane.cluster.kube import Kube
+from memoplane.cluster.mapping import Known
 from memoplane.cluster.metrics import OperatorMetrics
 from memoplane.cluster.propagate import EdgeIndex, held
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import job
 from memoplane.settings import ObjectGrant, OperatorSettings
-from memoplane.trust import SigningKey
+from memoplane.trust import SigningKey, TrustPolicy
 
 from .caches import ResultCaches
 from .job_manifests import JobManifests
@@ -62,6 +63,22 @@ class Pass:
 
 
 @dataclass
+class MapMemory:
+    """What a spec.map parent found out about its element keys (mapper.py), kept across its
+    passes and generations so that a pass looks up only keys it has not seen: a key's result
+    never changes, and a result that can no longer be read is forgotten and looked up again."""
+
+    source: tuple[str, TrustPolicy] | None = None   # (lookup store URL, trust policy) the hits were judged by
+    known: dict[str, Known] = field(default_factory=dict)               # element key -> its result
+    manifests: dict[str, ResultManifest] = field(default_factory=dict)  # result digest -> manifest read
+
+    def keep_only(self, keys: Mapping[str, Any]) -> None:
+        self.known = {k: v for k, v in self.known.items() if k in keys}
+        wanted = {v.digest for v in self.known.values()}
+        self.manifests = {d: m for d, m in self.manifests.items() if d in wanted}
+
+
+@dataclass
 class Context:
     settings: OperatorSettings
     kube: Kube
@@ -78,6 +95,7 @@ class Context:
     memo: Pass | None = None      # set during a resync pass
     streaks: Streaks = field(default_factory=Streaks)  # trust.reexecute's agreement streaks, per store
     edges: EdgeIndex = field(default_factory=EdgeIndex)  # fromJob edges of every watched job (guarded by `lock`)
+    maps: dict[str, MapMemory] = field(default_factory=dict)  # spec.map parents' memory, by uid (worker only)
 
     def lookups(self, namespace: str, store: Store) -> Lookups:
         """What resolving a job of `namespace` whose results go to `store` reads."""

@@ -147,6 +147,7 @@ class Reconciler:
             self._carried.pop(ref_of(body), None)
             self._checks.discard(ref_of(body))
             self._wake(body)
+        self.ctx.maps.pop(job(body).meta.uid, None)   # a map parent's memory (mapper.py)
 
     def _wake(self, body: Mapping[str, Any]) -> None:
         for ref in self.index.wake(body):  # caller holds _cond

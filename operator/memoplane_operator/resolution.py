@@ -15,6 +15,7 @@ from typing import Any
 from memoplane.api.specs import SpecError, parse_computejob
 from memoplane.canonical import canonical_json
 from memoplane.cluster import decide, propagate, resolve, schedule
+from memoplane.cluster import mapping as mp
 from memoplane.cluster import protocol as p
 from memoplane.cluster import status as st
 from memoplane.cluster.views import job
@@ -126,25 +127,40 @@ def hold_job(ctx: Context, obj: dict[str, Any], hold: propagate.Hold) -> None:
     ctx.event(done, hold.reason, hold.message)
 
 
+def _key_of(obj: dict[str, Any], job_: Job) -> str:
+    """A job's key; a spec.map batch's is the digest of its elements' keys (memoplane.cluster.mapping),
+    which names its flight and is never looked up: what is cached is each element's result."""
+    if not mp.is_batch(obj):
+        return job_.key
+    over = job(obj).meta.annotations[mp.BATCH_ANNOTATION]
+    return mp.batch_key(over, [j.key for j in mp.batch_jobs(job_, over)])
+
+
 def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, target: Target) -> Admissible | None:
     """Write the key (serving a hit in the same write) and hand a miss to admission."""
     view, job_ = job(obj), outcome.job
     generation, now = view.meta.generation, datetime.now(UTC)
+    try:
+        key = _key_of(obj, job_)
+    except ValueError as exc:
+        ctx.fail(obj, decide.Fail(p.REASON_INVALID, str(exc)))
+        return None
     manifest = canonical_json(job_to_dict(job_))
     digest = digest_bytes(manifest)  # the manifest's blob digest, whether or not it is stored yet
     ctx.manifests.remember(digest, job_)
-    looked_up = decide.looks_up(view.spec.policy, missed=False)
+    batch = mp.is_batch(obj)
+    looked_up = decide.looks_up(view.spec.policy, missed=False) and not batch
     store, url = target.store, target.url
     uncached = target.quota_reached if view.spec.policy != "Bypass" else None   # Bypass caches nothing anyway
     started = time.time()
-    hit, ms, signers = look_up(ctx, obj, target.lookup, job_.key, target.policy) \
+    hit, ms, signers = look_up(ctx, obj, target.lookup, key, target.policy) \
         if looked_up and target.lookup is not None else (None, 0, ())
     status = view.status.raw
     if hit is not None:  # one status write; the result's store is in status.result
         unassigned = _unassigned(ctx, obj)
         run_id = record_hit(ctx, {**unassigned, "status": {**status, "upstreams": outcome.upstreams}}, job_, hit,
                             target, signers, started)
-        done = ctx.patch(unassigned, st.resolved_hit(status, generation, job_.key, outcome.input_digests,
+        done = ctx.patch(unassigned, st.resolved_hit(status, generation, key, outcome.input_digests,
                                                      hit.digest, hit.result, target.lookup_url, ms, now,
                                                      outcome.upstreams, run_id))
         served(ctx, done, hit, target)
@@ -159,20 +175,20 @@ def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, target:
     # leaves a job whose status is of an older generation, which the next pass resolves
     # again (same digest, same key); the node label is removed, so no agent acts on it.
     updated = ctx.patch_meta(
-        obj, labels={p.KEY_LABEL: p.key_label(job_.key), p.NODE_LABEL: None},
+        obj, labels={p.KEY_LABEL: p.key_label(key), p.NODE_LABEL: None},
         annotations={p.JOB_DIGEST_ANNOTATION: digest, p.STORE_ANNOTATION: url,
                      p.JOB_GENERATION_ANNOTATION: str(generation),
                      p.CACHE_RESULT_ANNOTATION: None if uncached is None else "false"})
-    updated = ctx.patch(updated, st.resolved(status, generation, job_.key, outcome.input_digests, now,
+    updated = ctx.patch(updated, st.resolved(status, generation, key, outcome.input_digests, now,
                                              outcome.upstreams))
-    ctx.event(updated, p.REASON_RESOLVED, f"cache key {job_.key[:15]}… (generation {generation})")
+    ctx.event(updated, p.REASON_RESOLVED, f"cache key {key[:15]}… (generation {generation})")
     if uncached is not None:
         ctx.event(updated, p.REASON_QUOTA_EXCEEDED, f"ResultCache '{view.spec.result_cache}': {uncached}",
                   warning=True)
     if target.access.why:
         ctx.event(updated, p.REASON_SHARING_DENIED, f"ResultCache '{view.spec.result_cache}': {target.access.why}",
                   warning=True)
-    return Admissible(updated, job_, target, missed=looked_up or target.lookup is None)
+    return Admissible(updated, job_, target, missed=looked_up or batch or target.lookup is None)
 
 
 def _unassigned(ctx: Context, obj: dict[str, Any]) -> dict[str, Any]:

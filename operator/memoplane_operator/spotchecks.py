@@ -153,6 +153,7 @@ def _disputed(ctx: Context, c: _Checked, other: str) -> None:
         target = ctx.patch(target, st.disputed(view.status.raw, view.meta.generation, c.key, outcomes,
                                                "; ".join(lines), message, datetime.now(UTC), rp.REASON_DISPUTED))
     c.store.withdraw_ref(c.key, c.digest, f"disputed by a spot check on {c.checker}")
+    ctx.maps.clear()   # map parents remember element results (mapper.py): they look their keys up again
     c.store.audit(audit_log.DISPUTE, namespace=job(c.check).meta.namespace, job=served, key=c.key,
                   result=c.digest, nodes=c.original, checker=c.checker, other=other, difference="; ".join(lines))
     ctx.streaks.update(c.store, c.pairs, sc.disputed)

@@ -29,6 +29,7 @@ from kubernetes.client.exceptions import ApiException
 
 from memoplane.cas import ResultManifest, Store
 from memoplane.cluster import lineage
+from memoplane.cluster import mapping as mp
 from memoplane.cluster import protocol as p
 from memoplane.cluster import status as st
 from memoplane.cluster.agentkeys import key_annotation
@@ -72,6 +73,22 @@ class AgentConfig:
 
 class _Stale(Exception):
     """The assignment changed under us: drop the job silently."""
+
+
+@dataclass(frozen=True)
+class _Done:
+    digest: str
+    result: ResultManifest
+    ms: int
+    execution: Execution
+
+
+@dataclass(frozen=True)
+class _Failed:
+    reason: str
+    message: str
+    detail: str
+    execution: Execution | None   # None: the store failed before the run had an outcome
 
 
 class Agent:
@@ -272,27 +289,76 @@ class Agent:
             self.kube.event(obj, p.REASON_RUNTIME_MISMATCH, why, warning=True, component=p.AGENT_COMPONENT,
                             host=node)
             return
-        if job.key != a.cache_key:
-            message = f"the job manifest {a.job_digest} derives key {job.key}, status says {a.cache_key}"
+        over = meta_of(obj).annotations.get(mp.BATCH_ANNOTATION)   # a spec.map batch: one run per element
+        why = ""
+        try:
+            jobs = mp.batch_jobs(job, over) if over else [job]
+        except ValueError as exc:
+            jobs, why = [], str(exc)
+        key = (mp.batch_key(over, [j.key for j in jobs]) if over else job.key) if jobs else ""
+        if key != a.cache_key:
+            message = why if not jobs else \
+                f"the job manifest {a.job_digest} derives key {key}, status says {a.cache_key}"
             self._report(obj, a, lambda s: st.failed(s, a.generation, p.REASON_INVALID, message,
                                                      datetime.now(UTC)))
             return
         # No lookup here: the operator looked the key up under the cache's trust policy before it
         # assigned the job, and this node's own signature must not stand in for what that policy
         # refused (a cache with minSignatures: 2 would be served one node's result).
-        self._compute(obj, a, job, store, pool)
+        if over:
+            self._compute_batch(obj, a, jobs, store, pool)
+        else:
+            self._compute(obj, a, job, store, pool)
 
     def _compute(self, obj: dict[str, Any], a: Assignment, job: Job, store: Store, pool: SandboxPool) -> None:
         node, run_id = self.cfg.node, new_run_id()
         if not is_replica(obj):
             events.run_started(lineage.identity(obj), run_id, a.cache_key, lineage.cache_label(obj))
+        out = self._execute(obj, a, job, store, pool)
+        if isinstance(out, _Failed):
+            self._attempt_failed(obj, a, out.reason, out.message, out.detail, record=lambda: self._record(
+                obj, job, store, out.execution, run_id, failure=f"{out.reason}: {out.message}"))
+            return
+        attested = a.policy != "Bypass" and a.cache_result
+        kept = self._record(obj, job, store, out.execution, run_id, result=(out.digest, out.result),
+                            signer=self.signer.keyid if attested else None)
+        done = self._report(obj, a, lambda s: st.succeeded(s, a.generation, node, out.digest, out.result, a.store,
+                                                           out.ms, datetime.now(UTC), kept))
+        self.kube.event(done, p.REASON_COMPUTED, f"computed on {node} in {out.ms} ms, result {out.digest[:15]}",
+                        component=p.AGENT_COMPONENT, host=node)
+
+    def _compute_batch(self, obj: dict[str, Any], a: Assignment, jobs: list[Job], store: Store,
+                       pool: SandboxPool) -> None:
+        """Each element of a map's batch as its own run (own key, result, attestation, ref and run
+        record), in order; the first that fails fails this attempt, naming it (a retry runs the
+        batch again)."""
+        node, started, digests = self.cfg.node, time.monotonic(), list[str]()
+        attested = a.policy != "Bypass" and a.cache_result
+        for index, element in enumerate(jobs):
+            run_id = new_run_id()
+            out = self._execute(obj, a, element, store, pool)
+            if isinstance(out, _Failed):
+                self._record(obj, element, store, out.execution, run_id, failure=f"{out.reason}: {out.message}")
+                self._attempt_failed(obj, a, out.reason, f"element {index} of the batch: {out.message}", out.detail,
+                                     extra=st.batch_failure(len(jobs), digests, index))
+                return
+            self._record(obj, element, store, out.execution, run_id, result=(out.digest, out.result),
+                         signer=self.signer.keyid if attested else None)
+            digests.append(out.digest)
+        ms = int((time.monotonic() - started) * 1000)
+        done = self._report(obj, a, lambda s: st.batch_succeeded(s, a.generation, node, digests, ms,
+                                                                 datetime.now(UTC)))
+        self.kube.event(done, p.REASON_COMPUTED, f"computed {len(jobs)} elements on {node} in {ms} ms",
+                        component=p.AGENT_COMPONENT, host=node)
+
+    def _execute(self, obj: dict[str, Any], a: Assignment, job: Job, store: Store, pool: SandboxPool
+                 ) -> _Done | _Failed:
+        """Run `job` and keep its result (attested, under its key, unless not cached)."""
+        node = self.cfg.node
         try:
             execution = execute(job, store, pool, node=node)
         except MemoplaneError as exc:
-            why = str(exc)
-            self._attempt_failed(obj, a, p.REASON_STORE, why, "", lambda: self._record(
-                obj, job, store, None, run_id, failure=f"{p.REASON_STORE}: {why}"))
-            return
+            return _Failed(p.REASON_STORE, str(exc), "", None)
         if execution.result is None or execution.digest is None:
             failure = execution.failure
             reason = failure.reason if failure else "sandbox"
@@ -300,9 +366,7 @@ class Agent:
             detail = (failure.detail if failure and failure.detail else "") or \
                 execution.outcome.stderr.decode("utf-8", "replace")
             self.metrics.runs.labels("failed").inc()
-            self._attempt_failed(obj, a, reason, message, detail, lambda: self._record(
-                obj, job, store, execution, run_id, failure=f"{reason}: {message}"))
-            return
+            return _Failed(reason, message, detail, execution)
         result, digest = execution.result, execution.digest
         if is_replica(obj):  # stored and attested, not believed on its own: the parent compares (no ref)
             result, digest = store_replica(store, job, result, self.signer, node, checked_digest(obj))
@@ -314,14 +378,7 @@ class Agent:
                           [store.put_attestation(execution.key, execution.digest, envelope)])
         self.metrics.runs.labels("succeeded").inc()
         self.metrics.bytes_stored.inc(result.logical_size)
-        ms = int(execution.outcome.duration_s * 1000)
-        attested = a.policy != "Bypass" and a.cache_result
-        kept = self._record(obj, job, store, execution, run_id, result=(digest, result),
-                            signer=self.signer.keyid if attested else None)
-        done = self._report(obj, a, lambda s: st.succeeded(s, a.generation, node, digest, result, a.store, ms,
-                                                           datetime.now(UTC), kept))
-        self.kube.event(done, p.REASON_COMPUTED, f"computed on {node} in {ms} ms, result {digest[:15]}",
-                        component=p.AGENT_COMPONENT, host=node)
+        return _Done(digest, result, int(execution.outcome.duration_s * 1000), execution)
 
     def _record(self, obj: Mapping[str, Any], job: Job, store: Store, execution: Execution | None, run_id: str, *,
                 result: tuple[str, ResultManifest] | None = None, signer: str | None = None,
@@ -345,21 +402,23 @@ class Agent:
         return run_id if kept else None
 
     def _attempt_failed(self, obj: dict[str, Any], a: Assignment, reason: str, message: str, detail: str,
-                        record: Callable[[], str | None] | None = None) -> None:
+                        record: Callable[[], str | None] | None = None,
+                        extra: Mapping[str, Any] | None = None) -> None:
         """`record`: appends the failed run's record (every attempt is a run; the final one's id goes
-        into the status)."""
+        into the status). `extra`: more status fields (a batch's results so far)."""
         decision = after_failure(a.attempts, a.backoff_limit, reason, base=self.cfg.backoff_base)
         run_id = record() if record is not None else None
         now = datetime.now(UTC)
+        more = dict(extra or {})
         if decision.retry:
-            self._report(obj, a, lambda s: st.retrying(s, a.generation, a.attempts, reason, message,
-                                                       decision.delay_s, now, stderr_tail=detail or None))
+            self._report(obj, a, lambda s: {**st.retrying(s, a.generation, a.attempts, reason, message,
+                                                          decision.delay_s, now, stderr_tail=detail or None), **more})
             self.kube.event(obj, p.REASON_BACKOFF, f"attempt {a.attempts} failed ({reason}): {message[:200]}",
                             warning=True, component=p.AGENT_COMPONENT, host=self.cfg.node)
             return
         text = message if a.attempts <= 1 else f"{message} (after {a.attempts} attempts)"
-        self._report(obj, a, lambda s: st.failed(s, a.generation, reason, text, now, stderr_tail=detail or None,
-                                                 attempts=a.attempts, run_id=run_id))
+        self._report(obj, a, lambda s: {**st.failed(s, a.generation, reason, text, now, stderr_tail=detail or None,
+                                                    attempts=a.attempts, run_id=run_id), **more})
         self.kube.event(obj, "Failed", f"{reason}: {message[:300]}", warning=True, component=p.AGENT_COMPONENT,
                         host=self.cfg.node)
 

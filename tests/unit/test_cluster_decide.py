@@ -106,17 +106,18 @@ def parent(**status: Any) -> dict[str, Any]:
 
 
 def test_map_steps() -> None:
-    counts = {"total": 2, "succeeded": 1, "cached": 0, "failed": 0}
-    under_way = mapping.Progress(2, 1, 0, 0, None, ["m-2"])
-    assert decide.map_step(parent(), under_way, {}) == decide.Progressing(True, (job_topic("ml", "m-2"),))
-    same = parent(map=counts, phase=p.RUNNING, observedGeneration=2)
-    assert decide.map_step(same, under_way, {}) == decide.Progressing(False, (job_topic("ml", "m-2"),))
-    assert decide.map_step(parent(), mapping.Progress(2, 2, 1, 0, None, []), {}) == decide.Finish()
-    failed = mapping.Progress(2, 1, 0, 1, (1, "m-2"), [])
+    # Progress(total, distinct, cached, computed, running, failed, batches, first_failure)
+    under_way = mapping.Progress(2, 2, 0, 1, 1, 0, 1, None)
+    assert decide.map_step(parent(), under_way, {}, ["m-2"]) == decide.Progressing(True, (job_topic("ml", "m-2"),))
+    same = parent(map=under_way.counts(), phase=p.RUNNING, observedGeneration=2)
+    assert decide.map_step(same, under_way, {}, ["m-2"]) == decide.Progressing(False, (job_topic("ml", "m-2"),))
+    assert decide.map_step(parent(), mapping.Progress(2, 2, 1, 1, 0, 0, 1, None), {}) == decide.Finish()
+    failed = mapping.Progress(2, 2, 0, 1, 0, 1, 1, (1, "m-2"))
     child = {"status": {"phase": p.FAILED, "failure": {"reason": "oom", "message": "killed"}}}
     assert decide.map_step(parent(), failed, {"m-2": child}) == decide.Fail(
-        mapping.REASON_SUBTASK_FAILED, "element 1 (ComputeJob 'm-2') failed (oom): killed",
-        {"map": {"total": 2, "succeeded": 1, "cached": 0, "failed": 1}})
+        mapping.REASON_SUBTASK_FAILED, "element 1 (batch ComputeJob 'm-2') failed (oom): killed",
+        {"map": {"total": 2, "distinct": 2, "succeeded": 1, "cached": 0, "computed": 1, "running": 0, "failed": 1,
+                 "batches": 1}})
     assert decide.name_taken("m", []) is None
     assert decide.name_taken("m", ["m-1"]) == decide.Fail(
         mapping.REASON_NAME_TAKEN, "ComputeJob 'm-1' exists and is not a sub-task of 'm': rename one of them")

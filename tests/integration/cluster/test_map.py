@@ -1,5 +1,6 @@
-"""spec.map end to end: one cached sub-task (a child ComputeJob) per element, incremental
-when the list grows, results in element order. Outcomes are asserted, never timings."""
+"""spec.map end to end: one cached sub-task per element, hits served with no object, misses
+run in batches (a few child ComputeJobs), incremental when the list grows, results in
+element order. Outcomes are asserted, never timings."""
 
 from __future__ import annotations
 
@@ -35,7 +36,23 @@ def children(stack: Stack, ns: str, parent: dict[str, Any]) -> list[dict[str, An
     return items
 
 
-def test_map_runs_one_subtask_per_element_and_only_the_new_one_after_an_append(stack: Stack, ns: str) -> None:
+def counts(total: int, cached: int, computed: int, distinct: int | None = None) -> dict[str, int]:
+    return {"total": total, "distinct": total if distinct is None else distinct, "succeeded": cached + computed,
+            "cached": cached, "computed": computed, "running": 0, "failed": 0}
+
+
+def without_batches(s: dict[str, Any]) -> dict[str, int]:
+    """status.map less the number of batches (it follows the agents' free slots)."""
+    return {k: v for k, v in s["map"].items() if k != "batches"}
+
+
+def batch_results(kids: list[dict[str, Any]]) -> dict[str, str]:
+    """Element key -> result digest, as the batches report them."""
+    return {k: d for kid in kids for k, d in zip(mp.batch_keys(kid), status(kid)["map"]["results"], strict=True)}
+
+
+def test_map_runs_one_subtask_per_element_in_a_batch_and_only_the_new_one_after_an_append(stack: Stack,
+                                                                                          ns: str) -> None:
     salt = uuid.uuid4().hex[:12]
     runs = stack.total_runs()
     stack.apply(ns, map_job("times", TIMES, [1, 2, 3], salt, scale=10))
@@ -43,11 +60,21 @@ def test_map_runs_one_subtask_per_element_and_only_the_new_one_after_an_append(s
     s = status(one)
     assert s["phase"] == "Succeeded", s
     assert s["result"]["value"] == [10, 20, 30]
-    assert s["map"] == {"total": 3, "succeeded": 3, "cached": 0, "failed": 0}
-    assert stack.total_runs() - runs == 3
+    assert without_batches(s) == counts(3, cached=0, computed=3)
+    assert stack.total_runs() - runs == 3                 # one sandbox run per element
     kids = children(stack, ns, one)
-    assert len(kids) == 3 and all(k["metadata"]["ownerReferences"][0]["uid"] == one["metadata"]["uid"] for k in kids)
-    assert sorted(status(k)["result"]["value"] for k in kids) == [10, 20, 30]
+    assert len(kids) == s["map"]["batches"] and all(
+        k["metadata"]["ownerReferences"][0]["uid"] == one["metadata"]["uid"] for k in kids)
+    assert all(status(k)["phase"] == "Succeeded" for k in kids)
+    results = batch_results(kids)
+    # Each element's result is its own, under its own key, as a plain job would store it.
+    store = stack.store(ns)
+    assert len(results) == 3 and all(store.read_ref(k) == d for k, d in results.items())
+    assert sorted(store.load_value(store.get_result(d).value) for d in results.values()) == [10, 20, 30]
+    # The parent's key is the digest of its elements' keys in element order.
+    inputs = store.get_result(s["result"]["digest"]).provenance.inputs
+    keys = [inputs[f"x[{i}]"] for i in range(3)]
+    assert set(keys) == set(results) and s["cacheKey"] == mp.map_key("x", keys)
     # A sub-task's key is derived as if the input were that element: a plain job with x=2 is a hit.
     runs = stack.total_runs()
     stack.apply(ns, computejob_manifest("solo", None, {
@@ -55,8 +82,17 @@ def test_map_runs_one_subtask_per_element_and_only_the_new_one_after_an_append(s
         "inputs": [{"name": "x", "value": 2}, {"name": "scale", "value": 10}]}))
     solo = status(stack.wait(ns, "solo"))
     assert solo["cached"] is True and solo["result"]["value"] == 20
-    assert solo["cacheKey"] in {status(k)["cacheKey"] for k in kids}
+    assert solo["cacheKey"] in keys
+    # Another map over known and new elements: the known ones are served with no object.
+    stack.apply(ns, map_job("again", TIMES, [3, 5, 2], salt, scale=10))
+    again = stack.wait(ns, "again")
+    assert status(again)["result"]["value"] == [30, 50, 20]
+    assert status(again)["map"] == {**counts(3, cached=2, computed=1), "batches": 1}
+    new_batch = children(stack, ns, again)
+    assert len(new_batch) == 1 and len(mp.batch_keys(new_batch[0])) == 1 and mp.batch_keys(new_batch[0])[0] not in keys
+    assert stack.total_runs() - runs == 1
     # Append one element: exactly one new sub-task runs; the result has 4 values in order.
+    runs = stack.total_runs()
     stack.kube.custom.patch_namespaced_custom_object(p.GROUP, p.VERSION, ns, p.COMPUTEJOBS, "times", {
         "spec": {"inputs": [{"name": "x", "value": [1, 2, 3, 4]}, {"name": "scale", "value": 10}]}})
     two = stack.wait(ns, "times", lambda o: o["metadata"]["generation"] == 2 and status(o).get("phase") in p.TERMINAL
@@ -64,12 +100,11 @@ def test_map_runs_one_subtask_per_element_and_only_the_new_one_after_an_append(s
     s2 = status(two)
     assert s2["phase"] == "Succeeded", s2
     assert s2["result"]["value"] == [10, 20, 30, 40]
-    assert s2["map"] == {"total": 4, "succeeded": 4, "cached": 0, "failed": 0}
+    assert s2["map"] == {**counts(4, cached=0, computed=4), "batches": len(kids) + 1}
     assert stack.total_runs() - runs == 1
-    assert len(children(stack, ns, two)) == 4
+    assert len(children(stack, ns, two)) == len(kids) + 1     # the earlier batches stay: their elements still are
     assert s2["cacheKey"] != s["cacheKey"]
     # The parent's result is stored under its key, like any result.
-    store = stack.store(ns)
     assert store.read_ref(s2["cacheKey"]) == s2["result"]["digest"]
     assert store.load_value(store.get_result(s2["result"]["digest"]).value) == [10, 20, 30, 40]
 
@@ -85,8 +120,9 @@ def test_map_over_an_upstream_result_large_result_and_equal_elements(stack: Stac
     obj = stack.wait(ns, "pad", timeout=300)
     s = status(obj)
     assert s["phase"] == "Succeeded", s
-    assert s["map"] == {"total": 60, "succeeded": 60, "cached": 0, "failed": 0}
-    assert len(children(stack, ns, obj)) == 30           # equal elements share a sub-task
+    assert without_batches(s) == counts(60, cached=0, computed=60, distinct=30)
+    kids = children(stack, ns, obj)                      # equal elements share a sub-task
+    assert len(kids) == s["map"]["batches"] and len(batch_results(kids)) == 30
     assert stack.total_runs() - runs == 1 + 30           # the upstream, then each distinct element once
     assert "value" not in s["result"]                    # 60 x 102 bytes: stored as a JSON blob
     store = stack.store(ns)
@@ -103,3 +139,26 @@ def test_map_fails_clearly(stack: Stack, ns: str) -> None:
     stack.apply(ns, map_job("scalar", TIMES, 5, salt, scale=1))
     s = status(stack.wait(ns, "scalar"))
     assert s["phase"] == "Failed" and s["reason"] == p.REASON_INVALID and "not a list" in s["message"], s
+
+
+def test_a_restarted_operator_continues_a_map_from_its_batches(stack: Stack, ns: str) -> None:
+    """The operator's memory of a map is a shortcut: killed while batches run, a new operator
+    finds them by label, makes no second batch and runs no element twice."""
+    salt = uuid.uuid4().hex[:12]
+    slow = "import time\n\ndef main(x):\n    time.sleep(1.5)\n    return -x\n"
+    runs = stack.total_runs()
+    stack.apply(ns, map_job("slow", slow, list(range(8)), salt))
+
+    def batches_made(obj: dict[str, Any]) -> bool:
+        return bool(status(obj).get("map", {}).get("batches"))
+    parent = stack.wait(ns, "slow", batches_made, timeout=60)
+    stack.kill_operator()
+    made = children(stack, ns, parent)
+    assert made and status(stack.get(ns, "slow"))["phase"] == "Running", "killed before the map finished"
+    stack.start_operator()
+    s = status(stack.wait(ns, "slow", timeout=180))
+    assert s["phase"] == "Succeeded" and s["result"]["value"] == [-x for x in range(8)], s
+    assert sorted(k["metadata"]["name"] for k in children(stack, ns, parent)) == \
+        sorted(k["metadata"]["name"] for k in made), "no batch was made again"
+    assert without_batches(s) == counts(8, cached=0, computed=8)
+    assert stack.total_runs() - runs == 8
