@@ -122,6 +122,8 @@ class Reconciler:
                 if verdict == "skip":
                     return
                 self._propagate(body)
+                if verdict == "open":
+                    self._checks.discard((namespace, name))  # checked when it settles again
                 if verdict == "settled":  # nothing to decide; what waited for it may proceed
                     self._jobs.forget((namespace, name))
                     self._wake(body)

@@ -9,15 +9,18 @@ ResultCache changes. Work per pass is bounded: at most `evictions_per_pass` evic
 against them, every `reindex_seconds`); the sweep (gc: a full mark of the store) runs on this
 thread too, for caches with retention, after a pass that evicted or every `gc_seconds`. Before
 it, the store's run records older than `maxAge` are dropped; the results and blobs the others name
-are roots (an in-memory index of the records per store: each sweep reads only new records).
+are roots (an SQLite index of the records per store in the temp directory: each sweep reads only
+the records it has not seen).
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -32,7 +35,7 @@ from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import cache
 from memoplane.errors import MemoplaneError
 from memoplane.history.index import HistoryIndex
-from memoplane.settings import OperatorSettings
+from memoplane.settings import OperatorSettings, history_index_path
 
 log = logging.getLogger("memoplane.operator")
 
@@ -107,7 +110,7 @@ class RetentionWorker:
         self._saved: dict[str, tuple[tuple[Any, ...], float]] = {}  # store URL -> (_signature, when) last saved
         self._reindexed: dict[str, float] = {}      # store URL -> monotonic time its refs were last checked
         self._unindexed: dict[str, dict[str, float]] = {}  # store URL -> refs its index lacks, left to read
-        self._histories: dict[str, HistoryIndex] = {}      # store URL -> the index of its run records (rebuilt at start)
+        self._histories: dict[str, HistoryIndex] = {}      # store URL -> the index of its run records
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -227,7 +230,7 @@ class RetentionWorker:
         """Delete what no ref reaches; roots listed now (a job served since the pass began is one),
         and what the run records kept within maxAge name (older records are dropped first)."""
         self._swept[url] = time.monotonic()
-        history = self._histories.setdefault(url, HistoryIndex(":memory:"))
+        history = self._histories.get(url) or self._histories.setdefault(url, _history_index(store))
         dropped = rt.prune_history(store, history, retention, time.time())
         kept_results, kept_blobs = rt.kept_history_roots(store, history)
         results = rt.job_results(self.kube.list(p.COMPUTEJOBS)[0], url) | kept_results
@@ -251,6 +254,13 @@ class RetentionWorker:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+
+def _history_index(store: Store) -> HistoryIndex:
+    """A store's run records indexed in the temp directory (the chart's emptyDir): a cache, kept
+    across restarts of the container, synced with the store before each use."""
+    name = history_index_path(None, store.describe()).name
+    return HistoryIndex(Path(tempfile.gettempdir()) / "memoplane-history" / name)
 
 
 def _signature(index: UsageIndex) -> tuple[Any, ...]:
