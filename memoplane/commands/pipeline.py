@@ -338,9 +338,13 @@ def _apply_map(ctx: Context, doc: JobDoc) -> Outcome:
     return outcome
 
 
-def _element_name(doc: JobDoc, element: Any) -> str:
+def element_job_name(parent: str, element: Any) -> str:
     """A sub-task's name in this apply's output and history: the parent's and the element's digest."""
-    return f"{doc.ref[1]}-{digest_value(element)[3:13]}"
+    return f"{parent}-{digest_value(element)[3:13]}"
+
+
+def _element_name(doc: JobDoc, element: Any) -> str:
+    return element_job_name(doc.ref[1], element)
 
 
 def _element_manifest(doc: JobDoc, element: Any) -> dict[str, Any]:

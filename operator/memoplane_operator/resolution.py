@@ -7,6 +7,7 @@ A miss is handed to admission in memory (`Admissible`): its key is not looked up
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,6 +15,7 @@ from typing import Any
 
 from memoplane.api.specs import SpecError, parse_computejob
 from memoplane.canonical import canonical_json
+from memoplane.cas import Hit
 from memoplane.cluster import decide, propagate, resolve, schedule
 from memoplane.cluster import mapping as mp
 from memoplane.cluster import protocol as p
@@ -27,6 +29,8 @@ from .caches import Target
 from .context import Context
 from .hits import look_up, record_hit, served
 from .spotchecks import spot_check
+
+log = logging.getLogger("memoplane.operator")
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ def resolve_job(ctx: Context, obj: dict[str, Any]) -> Admissible | None:
     if propagate.held(obj):
         step = propagate.release(obj, decision.job.key, decision.input_digests)
         if isinstance(step, propagate.EarlyCutoff):
-            _unchanged(ctx, obj, step)
+            _unchanged(ctx, obj, step, _cutoff_run(ctx, obj, decision))
             return None
         changed = step.message
     carried = _keyed(ctx, obj, decision, found)
@@ -84,12 +88,32 @@ def resolve_job(ctx: Context, obj: dict[str, Any]) -> Admissible | None:
     return carried
 
 
-def _unchanged(ctx: Context, obj: dict[str, Any], step: propagate.EarlyCutoff) -> None:
-    """A held job Ready again with the result it had: nothing runs."""
+def _unchanged(ctx: Context, obj: dict[str, Any], step: propagate.EarlyCutoff,
+               run: dict[str, Any] | None = None) -> None:
+    """A held job Ready again with the result it had: nothing runs. `run`: the status fields of
+    the cut-off run (its record's id, the upstream runs it now stands on)."""
     view = job(obj)
-    done = ctx.patch(obj, st.early_cutoff(view.status.raw, view.meta.generation, step.message, datetime.now(UTC),
-                                          step.reason))
+    done = ctx.patch(obj, {**st.early_cutoff(view.status.raw, view.meta.generation, step.message, datetime.now(UTC),
+                                             step.reason), **(run or {})})
     ctx.event(done, step.reason, step.message)
+
+
+def _cutoff_run(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved) -> dict[str, Any] | None:
+    """An early cutoff is a run served from the cache: the job's own result again, now standing on
+    the upstreams' new runs. Its record is appended before the status write that names it."""
+    view = job(obj)
+    digest, url = view.status.result_digest, view.result_store_url
+    found = ctx.caches.store_for(obj)
+    if not digest or not url or isinstance(found, decide.Wait):
+        return None
+    try:
+        hit = Hit(outcome.job.key, digest, ctx.stores.by_url(url).get_result(digest))
+    except MemoplaneError as exc:
+        log.warning("%s/%s: no run record for the early cutoff: %s", *view.ref, exc)
+        return None
+    status = {**view.status.raw, "upstreams": outcome.upstreams}
+    run_id = record_hit(ctx, {**obj, "status": status}, outcome.job, hit, found, (), time.time())
+    return {"upstreams": outcome.upstreams, "runId": run_id} if run_id else None
 
 
 def check_inputs(ctx: Context, obj: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ import yaml
 from memoplane.cas import open_store
 from memoplane.cluster import mapping as mp
 from memoplane.commands import manifests as mf
-from memoplane.commands.pipeline import Context, apply
+from memoplane.commands.pipeline import Context, apply, element_job_name
 from memoplane.history import RunRecord
 from memoplane.jobs import JsonInput
 from memoplane.sandbox import SandboxPool
@@ -145,7 +145,7 @@ def test_map_runs_one_task_per_distinct_element_with_the_clusters_parent_key(tmp
     with open_store(str(store)) as opened:
         record = RunRecord.from_json(opened.run_record(squares["runId"]) or b"")
         children = [RunRecord.from_json(opened.run_record(i.upstream_run or "") or b"") for i in record.inputs]
-    assert [c.job.name for c in children] == [mp.child_name("squares", x) for x in (3, 1, 3, 2)]
+    assert [c.job.name for c in children] == [element_job_name("squares", x) for x in (3, 1, 3, 2)]
     assert squares["cacheKey"] == mp.map_key("x", [c.key for c in children])
     total_input = RunRecord.from_json(opened.run_record(first["total"]["runId"]) or b"").inputs[0]
     assert total_input.upstream_run == squares["runId"]

@@ -155,6 +155,10 @@ def test_a_same_result_upstream_runs_nothing_below_it(stack: Stack, ns: str) -> 
         assert f"input 'rows': upstream 'download' recomputed to the same value {rows[:15]}" in status(obj)["message"]
         assert "nothing re-ran" in status(obj)["message"]
         assert stack.eventually_events(ns, name, p.REASON_EARLY_CUTOFF)
+        # The cut-off is a run of its own (served, not computed), standing on download's new run.
+        assert status(obj)["runId"] != status(before[name])["runId"]
+        rows_from = {u["input"]: u for u in status(obj)["upstreams"]}["rows"]
+        assert rows_from["runId"] == status(download)["runId"]
     assert stack.total_runs() == runs + 1, "only download ran in a sandbox"
 
 
