@@ -98,22 +98,22 @@ def _unchanged(ctx: Context, obj: dict[str, Any], step: propagate.EarlyCutoff,
     ctx.event(done, step.reason, step.message)
 
 
-def _cutoff_run(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved) -> dict[str, Any] | None:
+def _cutoff_run(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved) -> dict[str, Any]:
     """An early cutoff is a run served from the cache: the job's own result again, now standing on
     the upstreams' new runs. Its record is appended before the status write that names it."""
     view = job(obj)
     digest, url = view.status.result_digest, view.result_store_url
     found = ctx.caches.store_for(obj)
     if not digest or not url or isinstance(found, decide.Wait):
-        return None
+        return {"cached": True}
     try:
         hit = Hit(outcome.job.key, digest, ctx.stores.by_url(url).get_result(digest))
     except MemoplaneError as exc:
         log.warning("%s/%s: no run record for the early cutoff: %s", *view.ref, exc)
-        return None
+        return {"cached": True}
     status = {**view.status.raw, "upstreams": outcome.upstreams}
     run_id = record_hit(ctx, {**obj, "status": status}, outcome.job, hit, found, (), time.time())
-    return {"upstreams": outcome.upstreams, "runId": run_id} if run_id else None
+    return {"upstreams": outcome.upstreams, "runId": run_id, "cached": True}   # nothing ran: served
 
 
 def check_inputs(ctx: Context, obj: dict[str, Any]) -> None:

@@ -14,7 +14,6 @@ from openlineage_check import valid
 
 from memoplane.api.specs import computejob_manifest
 from memoplane.cas import Store
-from memoplane.cluster import mapping
 from memoplane.cluster import protocol as p
 from memoplane.history import RunRecord
 
@@ -80,13 +79,19 @@ def test_two_job_dag_computed_then_served_has_a_record_per_run_naming_the_exact_
     assert status(first["down"])["cached"] is False
     runs = stack.total_runs()
     again_up = rerun(stack, ns, "up")
+    # down was held while up ran again, then cut off (up's value is the same): a served run of its own.
+    cutoff = stack.wait(ns, "down", lambda o: status(o).get("reason") == p.REASON_EARLY_CUTOFF)
     again_down = rerun(stack, ns, "down")
     assert status(again_up)["cached"] is True and status(again_down)["cached"] is True
+    assert status(cutoff)["cached"] is True
     assert stack.total_runs() == runs   # served: no sandbox ran
 
     store = stack.store(ns)
     ups, downs = records(store, ns, "up"), records(store, ns, "down")
-    assert len(ups) == 2 and len(downs) == 2
+    assert len(ups) == 2 and len(downs) == 3
+    cut = downs[status(cutoff)["runId"]]
+    assert cut.cached is True and cut.result == status(first["down"])["result"]["digest"]
+    assert cut.inputs[0].upstream_run == status(again_up)["runId"]
     for first_obj, second_obj, kept in ((first["up"], again_up, ups), (first["down"], again_down, downs)):
         computed, served = kept[status(first_obj)["runId"]], kept[status(second_obj)["runId"]]
         assert (computed.cached, served.cached) == (False, True)
@@ -151,11 +156,13 @@ def test_a_map_parent_records_its_list_with_each_sub_tasks_run(stack: Stack, ns:
     record = records(stack.store(ns), ns, "squares")[done["runId"]]
     assert record.result == done["result"]["digest"] and record.key == done["cacheKey"]
     assert [i.name for i in record.inputs] == ["x[0]", "x[1]", "x[2]"]
-    for item, element in zip(record.inputs, (1, 2, 3), strict=True):
-        child = status(stack.get(ns, mapping.child_name("squares", element)))
-        assert (item.source, item.upstream_job) == ("mapElement", f"{ns}/{mapping.child_name('squares', element)}")
-        assert (item.digest, item.upstream_result, item.upstream_run) == \
-            (child["cacheKey"], child["result"]["digest"], child["runId"])
+    # Each element ran in a batch as its own run, with its own record: found by its result.
+    store = stack.store(ns)
+    every = [RunRecord.from_json(store.run_record(i) or b"") for i in store.run_record_ids()]
+    for item in record.inputs:
+        assert item.source == "mapElement" and item.upstream_result
+        (element_run,) = [r for r in every if r.result == item.upstream_result]
+        assert element_run.key == item.digest and element_run.cached is False and element_run.signer
     got = lineage_events(stack, done["runId"], 2)
     assert [e["eventType"] for e in got] == ["START", "COMPLETE"]
 
@@ -177,6 +184,8 @@ def test_a_restarted_operator_writes_no_second_record_for_a_settled_run(stack: S
     stack.apply(ns, down, up)
     first = stack.wait_all(ns, ["up", "down"])
     assert rerun(stack, ns, "up")["status"]["cached"] is True   # a hit: the operator's record
+    # down is held while up runs again, then cut off: a served run, recorded by the operator.
+    cutoff = stack.wait(ns, "down", lambda o: status(o).get("reason") == p.REASON_EARLY_CUTOFF)
     store = stack.store(ns)
     before = {n: set(records(store, ns, n)) for n in ("up", "down")}
     stack.kill_operator()
@@ -186,5 +195,6 @@ def test_a_restarted_operator_writes_no_second_record_for_a_settled_run(stack: S
                                                         "cache": {"version": uuid.uuid4().hex[:12]}}))
     assert status(stack.wait(ns, "after"))["phase"] == "Succeeded"
     assert {n: set(records(store, ns, n)) for n in ("up", "down")} == before
-    assert len(before["up"]) == 2 and len(before["down"]) == 1
-    assert status(stack.get(ns, "down"))["runId"] == status(first["down"])["runId"]
+    assert len(before["up"]) == 2 and len(before["down"]) == 2
+    assert status(first["down"])["runId"] in before["down"]
+    assert status(stack.get(ns, "down"))["runId"] == status(cutoff)["runId"]
