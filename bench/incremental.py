@@ -124,7 +124,14 @@ def map_section(b: Bench, n: int) -> dict[str, dict[str, Any]]:
     }
 
 
-SECTIONS: dict[str, Callable[[Bench, int], dict[str, dict[str, Any]]]] = {"map": map_section}
+def chunks(_: Bench, n: int) -> dict[str, Any]:
+    """spec.map.overChunks' curve, embedded (bench/incremental_chunks.py): a 64 MiB table, 8 MiB with --quick."""
+    from incremental_chunks import chunks_section, section_metrics
+
+    return section_metrics(chunks_section(64 if n >= 10_000 else 8))
+
+
+SECTIONS: dict[str, Callable[[Bench, int], dict[str, Any]]] = {"map": map_section, "chunks": chunks}
 
 
 def main() -> None:

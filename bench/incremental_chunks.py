@@ -11,8 +11,8 @@ newline likewise, and a position-based tree of the same fan-out.
 
     python bench/incremental_chunks.py [--mib 64] [--quick]
 
-`chunks_section(...)` returns the section's metrics for bench/incremental.py, which lists it as
-SECTION ("chunks", chunks_section).
+bench/incremental.py runs it as its section "chunks" (`--section chunks`), through
+`chunks_section` and `section_metrics`.
 """
 
 from __future__ import annotations
@@ -197,7 +197,6 @@ def chunks_section(mib: int = 64, fractions: tuple[float, ...] = FRACTIONS,
                          "baseline_leaf_fraction": headline["position_based"]["leaf_fraction"]}}
 
 
-SECTION = ("chunks", chunks_section)  # bench/incremental.py's entry for this section
 
 
 def show(p: dict[str, Any]) -> None:
@@ -222,11 +221,15 @@ def main() -> None:
         met = "set for a 64 MiB table: with fewer chunks one chunk is a larger share"
     print(f"1% of rows edited in one block: {headline['leaf_fraction']:.1%} of the leaf tasks re-ran "
           f"(target <= {HEADLINE_LIMIT:.0%}: {met}); position-based split: {headline['baseline_leaf_fraction']:.1%}")
-    metrics: dict[str, Any] = {
-        "chunks_1pct_block_leaf_fraction": metric(headline["leaf_fraction"], "fraction of leaf tasks",
-                                                  "position_based_split", headline["baseline_leaf_fraction"]),
-    }
-    emit("incremental_chunks", {**metrics, "chunks_section": section})
+    emit("incremental_chunks", section_metrics(section))
+
+
+def section_metrics(section: dict[str, Any]) -> dict[str, Any]:
+    """The headline against its same-run baseline, and the whole curve beside it."""
+    headline = section["headline"]
+    return {"chunks_1pct_block_leaf_fraction": metric(headline["leaf_fraction"], "fraction of leaf tasks",
+                                                      "position_based_split", headline["baseline_leaf_fraction"]),
+            "chunks_section": section}
 
 
 if __name__ == "__main__":
