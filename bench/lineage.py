@@ -102,10 +102,10 @@ class Generated:
         value = {"layer": layer, "job": j, "stats": {"n": 1000 + v, "mean": 0.5 + v / 100,
                                                      "hist": [k * (v + 1) % 13 for k in range(20)]}}
         empty = store.put_bytes(b"")
-        tree_dir = Path(tempfile.mkdtemp(prefix="lineage-tree-"))
-        for k in range(5):
-            (tree_dir / f"part-{k}.csv").write_text(f"{layer},{j},{k},{v if k == 2 else 0}\n")
-        tree = store.put_tree(tree_dir)
+        with tempfile.TemporaryDirectory(prefix="lineage-tree-") as tmp:
+            for k in range(5):
+                (Path(tmp) / f"part-{k}.csv").write_text(f"{layer},{j},{k},{v if k == 2 else 0}\n")
+            tree = store.put_tree(tmp)
         now = time.time()
         key = digest_bytes(f"key-{layer}-{j}-{v}".encode())
         result = ResultManifest(store.put_value(value), empty, empty,
