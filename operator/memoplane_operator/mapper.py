@@ -1,6 +1,6 @@
 """spec.map parents on the reconciler's worker (memoplane.cluster.mapping decides): derive
 every element's key from the parent's spec resolved once, serve the cached ones with no
-object, send the missed ones to the agents in batches (a few child ComputeJobs), report
+object (each drawn for a spot check as a plain hit is: spotchecks.py), send the missed ones to the agents in batches (a few child ComputeJobs), report
 the counts, and when every element has a result store the list of their values as the
 parent's result.
 

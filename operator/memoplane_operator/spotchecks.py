@@ -8,6 +8,10 @@ longer served), marks the served job Disputed with what differs, posts an Event 
 nodes, appends an audit record of kind dispute, and sends every other plain job still showing
 the result back to resolution (the next resync pass recomputes it). A check that failed changes
 nothing. The verdict is written on the check (an annotation), so each is judged once.
+
+A spec.map element served from the cache (mapper.py) is drawn the same way; its check is the
+element's job (`<map>-<key digest>-check`, owned by the map). A dispute marks the map Disputed if
+its result lists the element, and sends every other map listing it back to resolution.
 """
 
 from __future__ import annotations
