@@ -1,8 +1,8 @@
 """spec.map parents on the reconciler's worker (memoplane.cluster.mapping decides): derive
 every element's key from the parent's spec resolved once, serve the cached ones with no
-object (each drawn for a spot check as a plain hit is: spotchecks.py), send the missed ones to the agents in batches (a few child ComputeJobs), report
-the counts, and when every element has a result store the list of their values as the
-parent's result.
+object (each drawn for a spot check as a plain hit is: spotchecks.py), send the missed ones
+to the agents in batches (a few child ComputeJobs), report the counts, and when every element
+has a result store the list of their values as the parent's result.
 
 A pass lists the parent's batches by label (n / batch size objects) and looks up only the
 keys it has not seen before (MapMemory, by parent uid); a restarted operator looks them up
