@@ -176,16 +176,18 @@ def _disputed(ctx: Context, c: _Checked, other: str) -> None:
     _resolve_again(ctx, c)
 
 
-def _map_shows(store: Store, served: Mapping[str, Any], key: str) -> bool:
+def _map_shows(store: Store, served: Mapping[str, Any], key: str, unreadable: bool = True) -> bool:
     """`served` is a map parent whose result lists the element of `key` (provenance.inputs: each
-    element's key); one whose result cannot be read counts as showing it (never Ready unverified)."""
+    element's key). The map the check was made for counts as showing it when its result cannot be
+    read (never Ready unverified); another map (`unreadable` False) whose result is not in this
+    store does not (it was assembled from another cache)."""
     view = job(served)
     if not mapping.is_map(served) or not view.settled or view.status.phase != p.SUCCEEDED:
         return False
     try:
         return key in store.get_result(str(view.status.result_digest)).provenance.inputs.values()
     except (MemoplaneError, ValueError):
-        return True
+        return unreadable
 
 
 def dispute_message(c: _Checked, other: str, lines: Sequence[str]) -> str:
@@ -213,7 +215,8 @@ def _resolve_again(ctx: Context, c: _Checked) -> None:
     served = job(c.served).meta.name if c.served is not None else None
     for other in listed:
         view = job(other)
-        shows = _map_shows(c.store, other, c.key) if mapping.is_map(other) else sc.still_served(other, c.digest)
+        shows = _map_shows(c.store, other, c.key, unreadable=False) if mapping.is_map(other) \
+            else sc.still_served(other, c.digest)
         if view.meta.name == served or not shows or rp.is_replica(other) or rp.is_replicated(other):
             continue
         try:

@@ -177,7 +177,7 @@ def test_map_elements_served_from_the_cache_are_rechecked_and_a_lie_disputes_the
     batches, _ = s.kube.list(p.COMPUTEJOBS, ns, f"{mp.PARENT_LABEL}={first['metadata']['uid']}")
     origin = {k: (d, status(b)["node"]) for b in batches
               for k, d in zip(mp.batch_keys(b), status(b)["map"]["results"], strict=True)}
-    assert len(origin) == ELEMENTS
+    assert len(origin) == ELEMENTS and status(first)["runId"], status(first)
     s.apply(ns, map_job("hit", salt, elements))
     hit = s.wait(ns, "hit", timeout=300)
     assert status(hit)["map"]["cached"] == ELEMENTS, status(hit)   # every element served from the cache
@@ -199,3 +199,8 @@ def test_map_elements_served_from_the_cache_are_rechecked_and_a_lie_disputes_the
     assert disputed, "no element involved the liar on a key it lies about"
     assert st["reason"] == rp.REASON_DISPUTED and LIAR in st["message"] and "element key" in st["message"], st
     assert kstatus(now["metadata"]["generation"], st["observedGeneration"], st["conditions"]) == "Failed"
+    # "first" lists the disputed elements too: it is sent back to resolution and assembles its list again
+    # (the disputed elements recomputed), or is disputed itself by the checks of its own element hits.
+    again = s.wait(ns, "first", until=lambda o: status(o).get("runId") not in (None, status(first)["runId"]) or
+                   status(o).get("reason") == rp.REASON_DISPUTED, timeout=600)
+    assert status(again)["phase"] in ("Succeeded", "Failed"), status(again)
