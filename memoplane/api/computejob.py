@@ -340,6 +340,9 @@ class MapStatus(StatusModel):
                                          description="A batch: its elements' result digests, in order.")
     failed_element: int | None = Field(default=None, ge=0, description="A batch: the index of the element that "
                                                                         "failed.")
+    sizes: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None, max_length=MAX_MAP_BATCH,
+        description="A batch: its elements' result sizes (logical bytes), in order, for the usage index.")
 
 
 class ReplicaOutcome(StatusModel):

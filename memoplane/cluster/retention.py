@@ -21,6 +21,7 @@ from memoplane.cas.usage import WRITE, Entry, UsageIndex, Use
 from memoplane.history.index import HistoryIndex, prune
 
 from . import protocol as p
+from .mapping import batch_keys, is_batch
 from .resolve import parse_time
 from .views import job
 
@@ -137,3 +138,26 @@ def written_use(obj: Mapping[str, Any]) -> tuple[str, Use] | None:
     done = parse_time(status.raw.get("completionTime"))
     at = done.timestamp() if done is not None else time.time()
     return url, Use(key, WRITE, at, int(size or 0))
+
+
+def written_uses(obj: Mapping[str, Any]) -> tuple[str, list[Use]] | None:
+    """What a settled job wrote (written_use); a settled map batch (mapping.py): each element it
+    computed, under the element's key, sized as its agent reported (status.map.sizes), dated by the
+    batch's completion. A failed batch wrote the elements before the one that failed."""
+    if not is_batch(obj):
+        found = written_use(obj)
+        return (found[0], [found[1]]) if found is not None else None
+    view = job(obj)
+    status = view.status
+    reported = status.raw.get("map") or {}
+    results, sizes = list(reported.get("results") or ()), list(reported.get("sizes") or ())
+    url = view.assigned.store_url
+    if status.phase not in (p.SUCCEEDED, p.FAILED) or not (url and results):
+        return None
+    if view.spec.policy == "Bypass" or not view.assigned.cache_result:
+        return None
+    done = parse_time(status.raw.get("completionTime"))
+    at = done.timestamp() if done is not None else time.time()
+    sizes += [0] * (len(results) - len(sizes))   # an agent that reports no sizes: the reindex measures them
+    return url, [Use(key, WRITE, at, int(size or 0))
+                 for key, _, size in zip(batch_keys(obj), results, sizes, strict=False)]

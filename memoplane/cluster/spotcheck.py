@@ -151,13 +151,20 @@ def check_name(served: str) -> str:
     return served[: NAME_MAX - len(SUFFIX)].rstrip("-.") + SUFFIX
 
 
-def check_manifest(served: Mapping[str, Any], digest: str, avoid: Iterable[str]) -> dict[str, Any]:
-    """The spot check of `served`'s result `digest`: a replica of it, away from the nodes `avoid`."""
+def element_check_name(parent: str, key: str) -> str:
+    """The spot check of a spec.map element served from the cache: one per element key."""
+    return check_name(parent[: NAME_MAX - len(SUFFIX) - 11].rstrip("-.") + "-" + key.removeprefix("b3:")[:10])
+
+
+def check_manifest(served: Mapping[str, Any], digest: str, avoid: Iterable[str], name: str | None = None
+                   ) -> dict[str, Any]:
+    """The spot check of `served`'s result `digest`: a replica of it, away from the nodes `avoid`
+    (`name`: a map element's check, `element_check_name`)."""
     meta = meta_of(served)
     return {
         "apiVersion": p.API_VERSION, "kind": "ComputeJob",
         "metadata": {
-            "name": check_name(meta.name), "namespace": meta.namespace,
+            "name": name or check_name(meta.name), "namespace": meta.namespace,
             "labels": {PARENT_LABEL: meta.uid, INDEX_LABEL: "check"},
             "annotations": {CHECK_OF_ANNOTATION: digest, AVOID_ANNOTATION: ",".join(sorted(set(avoid)))},
             "ownerReferences": [{"apiVersion": p.API_VERSION, "kind": "ComputeJob", "name": meta.name,

@@ -253,7 +253,7 @@ def map_succeeded(status: Mapping[str, Any], generation: int, key: str, digest: 
 
 
 def batch_succeeded(status: Mapping[str, Any], generation: int, node: str, results: list[str],
-                    duration_ms: int, now: datetime) -> Patch:
+                    duration_ms: int, now: datetime, sizes: list[int] | None = None) -> Patch:
     """A map's batch ran every element: their result digests, in order, in status.map.results
     (each element's result is its own, under its own key: the batch has none)."""
     n = len(results)
@@ -261,7 +261,8 @@ def batch_succeeded(status: Mapping[str, Any], generation: int, node: str, resul
     return {
         "phase": p.SUCCEEDED, "reason": p.REASON_COMPUTED, "message": message,
         "cached": False, "node": node, "result": None,
-        "map": {"total": n, "succeeded": n, "cached": 0, "failed": 0, "results": results, "failedElement": None},
+        "map": {"total": n, "succeeded": n, "cached": 0, "failed": 0, "results": results, "failedElement": None,
+                "sizes": sizes},
         "durationMs": duration_ms, "duration": format_duration(duration_ms),
         "computeSecondsSaved": 0.0, "completionTime": rfc3339(now), "failure": None,
         "conditions": mark_ready(_conds(status), p.REASON_COMPUTED, message, generation, now),
@@ -269,11 +270,11 @@ def batch_succeeded(status: Mapping[str, Any], generation: int, node: str, resul
     }
 
 
-def batch_failure(total: int, results: list[str], index: int) -> Patch:
+def batch_failure(total: int, results: list[str], index: int, sizes: list[int] | None = None) -> Patch:
     """What a failed attempt of a map's batch adds to its status: the results before the
     element that failed, and that element's index."""
     return {"map": {"total": total, "succeeded": len(results), "cached": 0, "failed": 1, "results": results,
-                    "failedElement": index}}
+                    "failedElement": index, "sizes": sizes}}
 
 
 # -- spec.verify parents (memoplane.cluster.replicas) ------------------------------------------

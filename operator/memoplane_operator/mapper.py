@@ -1,8 +1,8 @@
 """spec.map parents on the reconciler's worker (memoplane.cluster.mapping decides): derive
 every element's key from the parent's spec resolved once, serve the cached ones with no
-object, send the missed ones to the agents in batches (a few child ComputeJobs), report
-the counts, and when every element has a result store the list of their values as the
-parent's result.
+object (each drawn for a spot check as a plain hit is: spotchecks.py), send the missed ones
+to the agents in batches (a few child ComputeJobs), report the counts, and when every element
+has a result store the list of their values as the parent's result.
 
 A pass lists the parent's batches by label (n / batch size objects) and looks up only the
 keys it has not seen before (MapMemory, by parent uid); a restarted operator looks them up
@@ -21,7 +21,7 @@ from typing import Any
 
 from memoplane.api.computejob import MAX_MAP_BATCH
 from memoplane.api.computejob import Input as SpecInput
-from memoplane.cas import BlobRef, Provenance, ResultManifest, Store
+from memoplane.cas import BlobRef, Hit, Provenance, ResultManifest, Store
 from memoplane.cluster import decide, lineage, resolve, schedule
 from memoplane.cluster import mapping as mp
 from memoplane.cluster import protocol as p
@@ -37,6 +37,7 @@ from memoplane.trust.attestation import attest
 from .caches import Target
 from .context import Context, MapMemory
 from .hits import look_up
+from .spotchecks import spot_check_element
 
 log = logging.getLogger("memoplane.operator.map")
 
@@ -151,18 +152,28 @@ def _known(ctx: Context, obj: dict[str, Any], target: Target, wanted: Mapping[st
     for batch in batches:
         known.update(mp.batch_results(batch, job(children[batch.name]).assigned.store_url or target.url))
     in_batches = {k for b in batches if b.phase != p.SUCCEEDED for k in b.keys}
-    _look_up(ctx, obj, target, [k for k in wanted if k not in known and k not in in_batches], memory, known)
+    _look_up(ctx, obj, target, {k: e for k, e in wanted.items() if k not in known and k not in in_batches}, memory,
+             known)
     return known
 
 
-def _look_up(ctx: Context, obj: dict[str, Any], target: Target, keys: list[str], memory: MapMemory,
+def _look_up(ctx: Context, obj: dict[str, Any], target: Target, todo: Mapping[str, Any], memory: MapMemory,
              known: dict[str, mp.Known]) -> None:
-    """Look `keys` up in the cache under its trust policy (in parallel); remember the hits."""
-    if not keys or target.lookup is None or not decide.looks_up(job(obj).spec.policy, missed=False):
+    """Look `todo`'s keys up in the cache under its trust policy (in parallel); remember the hits
+    (each drawn for a spot check as a plain hit is)."""
+    if not todo or target.lookup is None or not decide.looks_up(job(obj).spec.policy, missed=False):
         return
     lookup, started = target.lookup, time.monotonic()
+
+    def served(key: str) -> Hit | None:
+        hit = look_up(ctx, obj, lookup, key, target.policy)[0]
+        if hit is not None:
+            spot_check_element(ctx, obj, todo[key], hit, target)
+        return hit
+
+    keys = list(todo)
     with ThreadPoolExecutor(max_workers=max(1, ctx.settings.map_lookup_threads), thread_name_prefix="map") as pool:
-        found = list(pool.map(lambda k: look_up(ctx, obj, lookup, k, target.policy)[0], keys))
+        found = list(pool.map(served, keys))
     view = job(obj)
     for hit in found:
         if hit is None:

@@ -57,20 +57,20 @@ class UsageRecorder:
         self._add(store, Use(key, HIT, time.time(), size))
 
     def written(self, body: Mapping[str, Any]) -> None:
-        """A settled job's write, if it computed a result."""
-        found = rt.written_use(body)
-        if found is None:
+        """A settled job's write, if it computed a result; a map batch's, one per element it computed."""
+        found = rt.written_uses(body)
+        if found is None or not found[1]:
             return
         try:
             store = self.stores.by_url(found[0])
         except (MemoplaneError, ValueError) as exc:  # a status naming no store we can open: nothing to keep
-            log.warning("write of key %s not recorded: %s", found[1].key[:15], exc)
+            log.warning("write of key %s not recorded: %s", found[1][0].key[:15], exc)
             return
-        self._add(store, found[1])
+        self._add(store, *found[1])
 
-    def _add(self, store: Store, use: Use) -> None:
+    def _add(self, store: Store, *uses: Use) -> None:
         with self._lock:
-            self._pending.setdefault(id(store), (store, []))[1].append(use)
+            self._pending.setdefault(id(store), (store, []))[1].extend(uses)
 
     def flush(self) -> None:
         with self._flushing:

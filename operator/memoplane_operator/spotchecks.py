@@ -8,6 +8,10 @@ longer served), marks the served job Disputed with what differs, posts an Event 
 nodes, appends an audit record of kind dispute, and sends every other plain job still showing
 the result back to resolution (the next resync pass recomputes it). A check that failed changes
 nothing. The verdict is written on the check (an annotation), so each is judged once.
+
+A spec.map element served from the cache (mapper.py) is drawn the same way; its check is the
+element's job (`<map>-<key digest>-check`, owned by the map). A dispute marks the map Disputed if
+its result lists the element, and sends every other map listing it back to resolution.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from .replicas import outputs_of
 log = logging.getLogger("memoplane.operator.spotchecks")
 
 
-def spot_check(ctx: Context, served: Mapping[str, Any], hit: Hit, target: Target) -> None:
+def spot_check(ctx: Context, served: Mapping[str, Any], hit: Hit, target: Target, name: str | None = None) -> None:
     """`served` was just answered with `hit`: re-execute it elsewhere if its cache asks and the draw says so
     (not a hit from another location than the job writes to: the check is judged where it writes)."""
     wanted = ctx.caches.reexecute_for(served)
@@ -47,13 +51,21 @@ def spot_check(ctx: Context, served: Mapping[str, Any], hit: Hit, target: Target
         return
     store, policy = target.store, target.policy
     try:
-        _maybe_start(ctx, served, hit, store, policy, wanted)
+        _maybe_start(ctx, served, hit, store, policy, wanted, name)
     except (MemoplaneError, ApiException) as exc:  # the hit stands: it is attested under the policy
         log.warning("%s: spot check of %s not started: %s", job(served).meta.name, hit.digest[:15], exc)
 
 
+def spot_check_element(ctx: Context, parent: Mapping[str, Any], element: Any, hit: Hit, target: Target) -> None:
+    """A map parent (mapper.py) was served `hit` for `element`: drawn and checked as a plain hit is,
+    by a check of its own (the element's spec, owned by the parent, one per element key). A dispute
+    withdraws the element's result and the parent is not Ready on it (`_disputed`)."""
+    served = {**parent, "spec": mapping.child_spec(parent, element)}
+    spot_check(ctx, served, hit, target, sc.element_check_name(job(parent).meta.name, hit.key))
+
+
 def _maybe_start(ctx: Context, served: Mapping[str, Any], hit: Hit, store: Store, policy: TrustPolicy,
-                 wanted: sc.Reexecute) -> None:
+                 wanted: sc.Reexecute, name: str | None) -> None:
     view, runtime = job(served), hit.result.provenance.runtime
     nodes = rp.attesting_nodes(policy, hit.key, hit.digest, store.attestations(hit.key, hit.digest))
     if not set(rp.capable_nodes(ctx.fleet.nodes, view.spec.profile, runtime)) - nodes:
@@ -61,7 +73,7 @@ def _maybe_start(ctx: Context, served: Mapping[str, Any], hit: Hit, store: Store
     pairs = [sc.pair(node, runtime) for node in nodes]
     if not sc.should_check(wanted, ctx.streaks.of(store), pairs, sc.seed_of(served, hit.key)):
         return
-    manifest = sc.check_manifest(served, hit.digest, nodes)
+    manifest = sc.check_manifest(served, hit.digest, nodes, name)
     if ctx.kube.create(p.COMPUTEJOBS, view.meta.namespace, manifest) is None:
         return  # a check of this job exists (an earlier generation's): one at a time
     ctx.metrics.spot_checks.labels("started").inc()
@@ -147,10 +159,12 @@ def _disputed(ctx: Context, c: _Checked, other: str) -> None:
     served = job(c.served).meta.name if c.served is not None else None
     outcomes: list[dict[str, Any]] = [{"job": served, "node": ", ".join(c.original) or None, "digest": c.digest},
                                       {"job": job(c.check).meta.name, "node": c.checker, "digest": other}]
-    target = c.served if c.served is not None and sc.still_served(c.served, c.digest) else None
+    target = c.served if c.served is not None and (sc.still_served(c.served, c.digest) or
+                                                   _map_shows(c.store, c.served, c.key)) else None
     if target is not None:
         view = job(target)
-        target = ctx.patch(target, st.disputed(view.status.raw, view.meta.generation, c.key, outcomes,
+        key = str(view.status.cache_key) if mapping.is_map(target) else c.key   # a map keeps its own key
+        target = ctx.patch(target, st.disputed(view.status.raw, view.meta.generation, key, outcomes,
                                                "; ".join(lines), message, datetime.now(UTC), rp.REASON_DISPUTED))
     c.store.withdraw_ref(c.key, c.digest, f"disputed by a spot check on {c.checker}")
     ctx.maps.clear()   # map parents remember element results (mapper.py): they look their keys up again
@@ -162,9 +176,24 @@ def _disputed(ctx: Context, c: _Checked, other: str) -> None:
     _resolve_again(ctx, c)
 
 
+def _map_shows(store: Store, served: Mapping[str, Any], key: str, unreadable: bool = True) -> bool:
+    """`served` is a map parent whose result lists the element of `key` (provenance.inputs: each
+    element's key). The map the check was made for counts as showing it when its result cannot be
+    read (never Ready unverified); another map (`unreadable` False) whose result is not in this
+    store does not (it was assembled from another cache)."""
+    view = job(served)
+    if not mapping.is_map(served) or not view.settled or view.status.phase != p.SUCCEEDED:
+        return False
+    try:
+        return key in store.get_result(str(view.status.result_digest)).provenance.inputs.values()
+    except (MemoplaneError, ValueError):
+        return unreadable
+
+
 def dispute_message(c: _Checked, other: str, lines: Sequence[str]) -> str:
     what = "; ".join(lines) if lines else "the results differ"
-    return (f"spot check: {c.checker} ({job(c.check).meta.name}) re-executed the result served from "
+    element = f"element key {c.key[:15]}…: " if c.served is not None and mapping.is_map(c.served) else ""
+    return (f"spot check: {element}{c.checker} ({job(c.check).meta.name}) re-executed the result served from "
             f"{', '.join(c.original) or 'the cache'} and got another: {what}; digests {c.digest} (served) and "
             f"{other} ({c.checker}); the result is no longer served")
 
@@ -179,14 +208,16 @@ def _difference(store: Store, served: str, other: str, names: tuple[str, str]) -
 
 
 def _resolve_again(ctx: Context, c: _Checked) -> None:
-    """Every other plain job still showing the disputed result resolves again (the next resync pass)."""
+    """Every other plain job still showing the disputed result, and every other map parent whose
+    result lists it, resolves again (the next resync pass; a map looks its elements up again)."""
     namespace = job(c.check).meta.namespace
     listed, _ = ctx.kube.list(p.COMPUTEJOBS, namespace)
     served = job(c.served).meta.name if c.served is not None else None
     for other in listed:
         view = job(other)
-        if view.meta.name == served or not sc.still_served(other, c.digest) or rp.is_replica(other) \
-                or rp.is_replicated(other) or mapping.is_map(other):
+        shows = _map_shows(c.store, other, c.key, unreadable=False) if mapping.is_map(other) \
+            else sc.still_served(other, c.digest)
+        if view.meta.name == served or not shows or rp.is_replica(other) or rp.is_replicated(other):
             continue
         try:
             ctx.patch(other, st.pending(view.status.raw, view.meta.generation, rp.REASON_DISPUTED,

@@ -332,7 +332,7 @@ class Agent:
         """Each element of a map's batch as its own run (own key, result, attestation, ref and run
         record), in order; the first that fails fails this attempt, naming it (a retry runs the
         batch again)."""
-        node, started, digests = self.cfg.node, time.monotonic(), list[str]()
+        node, started, digests, sizes = self.cfg.node, time.monotonic(), list[str](), list[int]()
         attested = a.policy != "Bypass" and a.cache_result
         for index, element in enumerate(jobs):
             run_id = new_run_id()
@@ -340,14 +340,15 @@ class Agent:
             if isinstance(out, _Failed):
                 self._record(obj, element, store, out.execution, run_id, failure=f"{out.reason}: {out.message}")
                 self._attempt_failed(obj, a, out.reason, f"element {index} of the batch: {out.message}", out.detail,
-                                     extra=st.batch_failure(len(jobs), digests, index))
+                                     extra=st.batch_failure(len(jobs), digests, index, sizes))
                 return
             self._record(obj, element, store, out.execution, run_id, result=(out.digest, out.result),
                          signer=self.signer.keyid if attested else None)
             digests.append(out.digest)
+            sizes.append(out.result.logical_size)   # the operator's usage index records each element's write
         ms = int((time.monotonic() - started) * 1000)
         done = self._report(obj, a, lambda s: st.batch_succeeded(s, a.generation, node, digests, ms,
-                                                                 datetime.now(UTC)))
+                                                                 datetime.now(UTC), sizes))
         self.kube.event(done, p.REASON_COMPUTED, f"computed {len(jobs)} elements on {node} in {ms} ms",
                         component=p.AGENT_COMPONENT, host=node)
 

@@ -3,7 +3,10 @@ use, the grace period, roots never chosen; the status figures counted from the u
 
 from __future__ import annotations
 
+import json
+
 from memoplane.cas.usage import Entry, UsageIndex
+from memoplane.cluster import mapping as mp
 from memoplane.cluster import protocol as p
 from memoplane.cluster import retention as rt
 
@@ -95,3 +98,38 @@ def test_roots_are_the_jobs_and_seeds_of_the_store() -> None:
     seeds = [{"status": {"store": "s3://memoplane/ml", "overlayBlob": {"digest": "b3:blob", "size": 3}}},
              {"status": {"store": "s3://memoplane/ml", "overlayBlob": None}}]
     assert rt.seed_blobs(seeds, "s3://memoplane/ml") == {"b3:blob"}
+
+
+def batch(phase: str = p.SUCCEEDED, *, sizes: list[int] | None = None, results: int = 2,
+          policy: str | None = None) -> dict[str, object]:
+    """A settled spec.map batch of two elements (keys b3:e0, b3:e1) that computed `results` of them."""
+    keys = ["b3:e0", "b3:e1"]
+    return {"metadata": {"name": "m-0123456789", "namespace": "ml",
+                         "annotations": {mp.BATCH_ANNOTATION: "x", mp.KEYS_ANNOTATION: json.dumps(keys),
+                                         p.STORE_ANNOTATION: "s3://memoplane/ml"}},
+            "spec": {"cache": {"policy": policy}} if policy else {},
+            "status": {"phase": phase, "cacheKey": mp.batch_key("x", keys), "completionTime": "2026-01-02T03:04:05Z",
+                       "result": None, "map": {"results": ["b3:" + f"{n}" * 64 for n in range(results)],
+                                               "sizes": sizes}}}
+
+
+def test_a_batch_wrote_each_element_it_computed_under_the_elements_key_with_its_size() -> None:
+    found = rt.written_uses(batch(sizes=[5, 9]))
+    assert found is not None
+    url, uses = found
+    assert url == "s3://memoplane/ml"
+    assert [(u.key, u.kind, u.size, u.at) for u in uses] == [("b3:e0", "write", 5, 1767323045.0),
+                                                            ("b3:e1", "write", 9, 1767323045.0)]
+    failed = rt.written_uses(batch(p.FAILED, sizes=[5], results=1))   # the element before the failure
+    assert failed is not None and [(u.key, u.size) for u in failed[1]] == [("b3:e0", 5)]
+    unsized = rt.written_uses(batch(sizes=None))
+    assert unsized is not None and [u.size for u in unsized[1]] == [0, 0]   # measured by the next reindex
+
+
+def test_a_batch_not_settled_or_not_cached_wrote_nothing_and_a_plain_job_writes_as_before() -> None:
+    assert rt.written_uses(batch(p.RUNNING, sizes=[5, 9])) is None
+    assert rt.written_uses(batch(sizes=[5, 9], policy="Bypass")) is None
+    assert rt.written_uses(batch(p.FAILED, results=0)) is None
+    plain = rt.written_uses(job("b3:k"))
+    assert plain is not None and [(u.key, u.size) for u in plain[1]] == [("b3:k", 7)]
+    assert rt.written_uses(job("b3:k", cached=True)) is None

@@ -11,6 +11,7 @@ from fakes import computed_result
 from memoplane_agent.replica import store_replica
 
 from memoplane.cas import FilesystemBackend, ResultManifest, Store
+from memoplane.cluster import mapping
 from memoplane.cluster import protocol as p
 from memoplane.cluster import replicas as rp
 from memoplane.cluster import spotcheck as sc
@@ -118,6 +119,21 @@ def test_a_check_is_a_replica_of_the_served_job_away_from_the_attesting_nodes() 
     assert made["metadata"]["ownerReferences"][0]["uid"] == "u-sum" and sc.served_name(made) == "sum"
     assert rp.sibling_names(made) == []                     # no replica siblings to keep away from
     assert len(sc.check_name("x" * 300)) <= 253
+
+
+def test_a_map_elements_check_is_the_elements_job_owned_by_the_parent_one_name_per_element_key() -> None:
+    parent = {**served(), "spec": {**served()["spec"], "inputs": [{"name": "x", "value": [1, 2]}],
+                                   "map": {"over": "x"}}}
+    element = {**parent, "spec": mapping.child_spec(parent, 2)}
+    name = sc.element_check_name("sum", KEY)
+    made = sc.check_manifest(element, D1, ["node-a"], name)
+    assert made["metadata"]["name"] == name == "sum-aaaaaaaaaa-check"
+    assert made["spec"]["inputs"] == [{"name": "x", "value": 2}] and "map" not in made["spec"]
+    assert made["spec"]["cache"]["policy"] == "Bypass" and sc.checked_digest(made) == D1
+    assert sc.served_name(made) == "sum" and sc.avoided(made) == {"node-a"}
+    assert sc.element_check_name("sum", "b3:" + "bb" * 32) != name                 # one per element key
+    assert name != mapping.batch_name("sum", [KEY]) and name != sc.check_name("sum")
+    assert len(sc.element_check_name("x" * 300, KEY)) <= 253
 
 
 @pytest.mark.parametrize(("obj", "expected", "want"), [

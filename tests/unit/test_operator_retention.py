@@ -5,6 +5,7 @@ is indexed from its refs."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -17,6 +18,7 @@ from memoplane_operator.retention import RetentionWorker, UsageRecorder
 
 from memoplane.cas import Store, b3
 from memoplane.cas.usage import LOG
+from memoplane.cluster import mapping as mp
 from memoplane.cluster import protocol as p
 from memoplane.cluster.decide import default_cache
 from memoplane.cluster.sharing import Access
@@ -189,3 +191,23 @@ def test_records_within_max_age_keep_their_results_and_older_ones_are_dropped_so
     with pytest.raises(NotFound):
         store.get_result(gone)
     assert [RunRecord.from_json(store.run_record(i) or b"").result for i in store.run_record_ids()] == [kept]
+
+
+def test_a_map_batch_records_each_element_it_computed(
+        world: tuple[RetentionWorker, FakeKube, Store]) -> None:
+    worker, _kube, store = world
+    keys = [b3(f"element{n}".encode()) for n in range(3)]
+    digests = [store.commit(computed_result(store, k, "x" * (10 * n + 1), "node-a", 1.0, RUNTIME))
+               for n, k in enumerate(keys)]
+    sizes = [store.get_result(d).logical_size for d in digests]
+    body = {"metadata": {"name": "m-batch", "namespace": NS,
+                         "annotations": {mp.BATCH_ANNOTATION: "x", mp.KEYS_ANNOTATION: json.dumps(keys),
+                                         p.STORE_ANNOTATION: p.store_url(p.DEFAULT_BUCKET,
+                                                                         p.default_store_prefix(NS))}},
+            "status": {"phase": p.SUCCEEDED, "cacheKey": mp.batch_key("x", keys),
+                       "completionTime": "2026-01-02T03:04:05Z", "map": {"results": digests, "sizes": sizes}}}
+    worker.recorder.written(body)
+    worker.recorder.flush()
+    entries = store.usage().entries   # no pass, no reindex: the log alone
+    assert {k: (e.size, e.written) for k, e in entries.items()} == {k: (s, 1767323045.0)
+                                                                      for k, s in zip(keys, sizes, strict=True)}

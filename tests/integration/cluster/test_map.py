@@ -4,6 +4,7 @@ element order. Outcomes are asserted, never timings."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from memoplane.api.specs import computejob_manifest
 from memoplane.cluster import mapping as mp
 from memoplane.cluster import protocol as p
+from memoplane.cluster.decide import default_cache
 
 pytestmark = pytest.mark.integration
 Stack = Any  # conftest.Stack (fixture `stack`)
@@ -162,3 +164,38 @@ def test_a_restarted_operator_continues_a_map_from_its_batches(stack: Stack, ns:
         sorted(k["metadata"]["name"] for k in made), "no batch was made again"
     assert without_batches(s) == counts(8, cached=0, computed=8)
     assert stack.total_runs() - runs == 8
+
+
+def cache_status(stack: Stack, ns: str, until: Any, timeout: float = 90.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = status(stack.kube.get(p.RESULTCACHES, ns, p.DEFAULT_RESULT_CACHE) or {})
+        if until(found):
+            return found
+        assert time.monotonic() < deadline, f"ResultCache {ns}/default: {found}\n{stack.logs()}"
+        time.sleep(0.25)
+
+
+def test_the_caches_stats_count_a_maps_elements_as_soon_as_it_finishes_and_element_hits_are_uses(
+        stack: Stack, ns: str) -> None:
+    assert stack.kube.create(p.RESULTCACHES, ns, default_cache(ns)) is not None
+    cache_status(stack, ns, lambda s: s.get("entries") == 0)   # indexed from its (no) refs: the next reindex is far
+    salt = uuid.uuid4().hex[:12]
+    stack.apply(ns, map_job("sized", TIMES, [1, 2, 3], salt, scale=10))
+    one = stack.wait(ns, "sized")
+    assert status(one)["phase"] == "Succeeded", status(one)
+    store = stack.store(ns)
+    results = batch_results(children(stack, ns, one))
+    sizes = {k: store.get_result(d).logical_size for k, d in results.items()}
+    listed = status(one)["result"]["size"]
+    # The three elements the batches wrote and the parent's list, by the operator's own records.
+    stats = cache_status(stack, ns, lambda s: s.get("entries") == 4)
+    assert stats["logicalBytes"] == sum(sizes.values()) + listed, (stats, sizes, listed)
+    written = {k: store.usage().entries[k].last_used for k in sizes}
+    stack.apply(ns, map_job("again", TIMES, [3, 2, 1], salt, scale=10))   # every element a hit
+    again = status(stack.wait(ns, "again"))
+    assert again["phase"] == "Succeeded" and again["map"]["cached"] == 3, again
+    deadline = time.monotonic() + 60
+    while not all(store.usage().entries[k].last_used > at for k, at in written.items()):   # the hits are uses
+        assert time.monotonic() < deadline, {k: store.usage().entries[k] for k in written}
+        time.sleep(0.25)

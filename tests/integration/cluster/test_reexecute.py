@@ -6,6 +6,8 @@ asserted, never timings.
   stored (or a check the liar ran) is disputed, naming it; no other hit is ever disputed; an
   agreement adds the checking node's attestation to the ref.
 - adaptive: hits of (node, runtime) pairs that keep agreeing are re-checked less and less.
+- spec.map: every element served from the cache is re-checked on a node that did not compute it;
+  a lie disputes the element and the map is not Ready on it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from lying_agent import LIAR, lies, with_a_liar  # this directory is on the path
 from memoplane.api.conditions import kstatus
 from memoplane.api.specs import computejob_manifest
 from memoplane.cas import audit as audit_log
+from memoplane.cluster import mapping as mp
 from memoplane.cluster import protocol as p
 from memoplane.cluster import replicas as rp
 from memoplane.cluster import spotcheck as sc
@@ -36,6 +39,7 @@ PREFIX = f"mpx-{uuid.uuid4().hex[:6]}-"
 SEED = "reexecute-1"
 RATE = 0.2
 HITS = int(os.environ.get("MEMOPLANE_REEXECUTE_HITS", "100"))
+ELEMENTS = 60  # a map's element hits: P(none involves a lie) = (1 - 2/3 * RATE) ** 60 < 0.1%
 SQUARE = "def main(n):\n    return n * n\n"
 
 
@@ -152,3 +156,51 @@ def test_adaptive_rechecks_agreeing_pairs_less_often(xstack: tuple[Stack, TrustP
     assert checked[0] == hit[0]                       # new pairs: every hit (fraction 1.0)
     assert sum(checked[-2:]) < sum(hit[-2:])          # agreeing pairs: fewer
     assert streaks and all(v.streak > 0 and v.disputes == 0 for v in streaks.values())
+
+
+def map_job(name: str, salt: str, elements: list[int]) -> dict[str, Any]:
+    return computejob_manifest(name, None, {"python": {"source": SQUARE}, "inputs": [{"name": "n", "value": elements}],
+                                            "map": {"over": "n"}, "cache": {"version": salt}})
+
+
+def test_map_elements_served_from_the_cache_are_rechecked_and_a_lie_disputes_the_map(
+        xstack: tuple[Stack, TrustPolicy]) -> None:
+    """A map whose every element is a hit: each element is re-executed on a node that did not
+    compute it (a check per element key, owned by the map); the liar's lies are disputed, never an
+    honest element, and the map is not Ready on a disputed element."""
+    s, _ = xstack
+    ns, salt = namespace_with_cache(s, {"fraction": 1.0, "adaptive": False}), uuid.uuid4().hex[:12]
+    elements = list(range(ELEMENTS))
+    s.apply(ns, map_job("first", salt, elements))
+    first = s.wait(ns, "first", timeout=900)
+    assert status(first)["phase"] == "Succeeded", status(first)
+    batches, _ = s.kube.list(p.COMPUTEJOBS, ns, f"{mp.PARENT_LABEL}={first['metadata']['uid']}")
+    origin = {k: (d, status(b)["node"]) for b in batches
+              for k, d in zip(mp.batch_keys(b), status(b)["map"]["results"], strict=True)}
+    assert len(origin) == ELEMENTS and status(first)["runId"], status(first)
+    s.apply(ns, map_job("hit", salt, elements))
+    hit = s.wait(ns, "hit", timeout=300)
+    assert status(hit)["map"]["cached"] == ELEMENTS, status(hit)   # every element served from the cache
+    checks = judged(s, ns, [sc.element_check_name("hit", k) for k in origin])   # every element re-checked
+    store, disputed = s.store(ns), []
+    for key, (digest, node) in origin.items():
+        check = checks[sc.element_check_name("hit", key)]
+        checker = status(check)["node"]
+        assert checker != node and check["metadata"]["ownerReferences"][0]["name"] == "hit", (node, check)
+        liar_lied = LIAR in (node, checker) and lies(key, SEED, RATE)
+        verdict = check["metadata"]["annotations"][sc.JUDGED_ANNOTATION]
+        assert verdict == (sc.DISPUTED if liar_lied else sc.AGREED), (key, node, checker, verdict)
+        if liar_lied:
+            disputed.append(key)
+            assert store.read_ref(key) != digest                                  # no longer served
+    now = s.get(ns, "hit")
+    st = status(now)
+    print(f"\nreexecute map: {ELEMENTS} element hits, all re-checked on another node: {len(disputed)} disputed")
+    assert disputed, "no element involved the liar on a key it lies about"
+    assert st["reason"] == rp.REASON_DISPUTED and LIAR in st["message"] and "element key" in st["message"], st
+    assert kstatus(now["metadata"]["generation"], st["observedGeneration"], st["conditions"]) == "Failed"
+    # "first" lists the disputed elements too: it is sent back to resolution and assembles its list again
+    # (the disputed elements recomputed), or is disputed itself by the checks of its own element hits.
+    again = s.wait(ns, "first", until=lambda o: status(o).get("runId") not in (None, status(first)["runId"]) or
+                   status(o).get("reason") == rp.REASON_DISPUTED, timeout=600)
+    assert status(again)["phase"] in ("Succeeded", "Failed"), status(again)
