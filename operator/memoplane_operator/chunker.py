@@ -50,8 +50,9 @@ def template(ctx: Context, obj: dict[str, Any], target: Target) -> Job | resolve
     return got.job if isinstance(got, resolve.Resolved) else got
 
 
-def _tree(ctx: Context, target: Target, whole: Job, over: str, combine: str
+def _tree(ctx: Context, obj: dict[str, Any], target: Target, whole: Job, over: str, combine: str
           ) -> tuple[Node, dict[str, BlobInput]] | resolve.Failed:
+    """The combine tree over the chunks of the `over` blob (stored in the job's store), and the chunks by digest."""
     blob = whole.inputs.get(over)
     if not isinstance(blob, BlobInput):
         return resolve.Failed(p.REASON_INVALID, f"spec.map.overChunks: input '{over}' is not a blob: use a "
@@ -60,14 +61,17 @@ def _tree(ctx: Context, target: Target, whole: Job, over: str, combine: str
         check_combine(whole, combine)
     except InputError as exc:
         return resolve.Failed(p.REASON_INVALID, f"spec.python.combine: {exc.cause}: {exc.fix}")
-    store = target.store
+    store, size = target.store, ctx.settings.chunk_task_bytes
+    memory = _memory(ctx, obj, target)
+    if (blob.digest, size) not in memory.chunked:   # a pass per settled batch: read and split the input once
 
-    def put(chunk: bytes) -> BlobInput:
-        stored = store.put_bytes(chunk)
-        return BlobInput(stored.digest, stored.size)
+        def put(chunk: bytes) -> BlobInput:
+            stored = store.put_bytes(chunk)
+            return BlobInput(stored.digest, stored.size)
 
-    chunks, order = split_chunks(store.get_bytes(blob.digest), put, ctx.settings.chunk_task_bytes)
-    return build_tree(order), chunks
+        chunks, order = split_chunks(store.get_bytes(blob.digest), put, size)
+        memory.chunked = {(blob.digest, size): (build_tree(order), chunks)}   # only the current input's
+    return memory.chunked[(blob.digest, size)]
 
 
 def reconcile_chunks(ctx: Context, obj: dict[str, Any]) -> None:
@@ -82,7 +86,7 @@ def reconcile_chunks(ctx: Context, obj: dict[str, Any]) -> None:
     if not isinstance(whole, Job):
         _stop(ctx, obj, whole)
         return
-    shaped = _tree(ctx, found, whole, over, combine)
+    shaped = _tree(ctx, obj, found, whole, over, combine)
     if not isinstance(shaped, tuple):
         _stop(ctx, obj, shaped)
         return
