@@ -17,20 +17,24 @@ agree on both.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from memoplane.api.computejob import MAX_MAP_BATCH
+from memoplane.cas import ResultManifest
 from memoplane.chunkmap.plan import Role, check_combine, layer_jobs, layers, split_chunks
 from memoplane.chunkmap.tree import Node, build_tree
-from memoplane.cluster import decide, resolve, schedule
+from memoplane.cluster import decide, lineage, resolve, schedule
 from memoplane.cluster import mapping as mp
 from memoplane.cluster import protocol as p
 from memoplane.cluster import status as st
 from memoplane.cluster.index import job_topic
 from memoplane.cluster.views import job, section
 from memoplane.errors import InputError, MemoplaneError
+from memoplane.history import InputRecord, RunRecord, events, new_run_id
+from memoplane.history import build as history
 from memoplane.jobs import BlobInput, Job, job_to_dict
 
 from .caches import Target
@@ -177,12 +181,28 @@ def _finish(ctx: Context, obj: dict[str, Any], keys: list[str], known: Mapping[s
     total = {"total": len(distinct), "distinct": len(distinct), "succeeded": len(distinct), "cached": cached,
              "computed": len(distinct) - cached, "running": 0, "failed": 0, "batches": len(batches)}
     saved = sum(known[k].seconds for k in distinct)
-    done = ctx.patch(obj, st.map_succeeded(view.status.raw, view.meta.generation, root, result.digest,
-                                           memory.manifests[result.digest], result.store, {**total, **tally}, saved,
-                                           datetime.now(UTC)))
+    manifest = memory.manifests[result.digest]
+    run_id = _record(ctx, obj, root, result, manifest, cached == len(distinct), saved)
+    done = ctx.patch(obj, st.map_succeeded(view.status.raw, view.meta.generation, root, result.digest, manifest,
+                                           result.store, {**total, **tally}, saved, datetime.now(UTC), run_id))
     ctx.metrics.jobs.labels("computed").inc()
     leaves, combines = tally["leaves"], tally["combines"]
     ctx.event(done, p.REASON_COMPUTED,
               f"{tally['chunks']} chunks: {leaves['total']} leaves ({leaves['computed']} computed), "
               f"{combines['total']} combine nodes ({combines['computed']} computed), result {result.digest[:15]}…")
     log.info("%s/%s: over-chunks map done, root key %s", *view.ref, root[3:15])
+
+
+def _record(ctx: Context, obj: Mapping[str, Any], key: str, root: mp.Known, result: ResultManifest, cached: bool,
+            saved: float) -> str | None:
+    """The parent's run: served the tree's root (its key and result; the nodes' own runs are the agents'
+    records). Appended to the store that holds the root's result, before the status names its run id."""
+    now, run_id = time.time(), new_run_id()
+    record = RunRecord(run_id=run_id, job=lineage.identity(obj), key=key, result=root.digest,
+                       inputs=(InputRecord("root", key, None, "mapElement", None, root.digest, None),), code="",
+                       runtime="", env={}, node=p.OPERATOR_COMPONENT, signer=ctx.signer.keyid, started=now, ended=now,
+                       cached=cached, compute_seconds=saved, cache=lineage.cache_label(obj), policy=job(obj).spec.policy,
+                       result_size=result.logical_size, components={"overChunks": str(mp.chunks_over(obj))})
+    kept = history.append(ctx.stores.by_url(root.store), record)
+    events.run_settled(record, start=True)
+    return run_id if kept else None

@@ -20,6 +20,7 @@ from conftest import CHUNK_TASK_BYTES
 from memoplane.api.specs import computejob_manifest
 from memoplane.cluster import mapping as mp
 from memoplane.cluster import protocol as p
+from memoplane.history import RunRecord
 
 pytestmark = pytest.mark.integration
 Stack = Any  # conftest.Stack (fixture `stack`)
@@ -86,6 +87,8 @@ def test_over_chunks_runs_the_tree_on_agents_and_an_edit_reruns_a_leaf_and_a_pat
     assert combines["total"] == combines["computed"] >= 2
     # One sandbox run per distinct node, none twice.
     assert stack.total_runs() - runs == leaves["total"] + combines["total"]
+    record = stack.store(ns).run_record(s["runId"])   # the parent's run: the root it served
+    assert record is not None and RunRecord.from_dict(json.loads(record)).key == s["cacheKey"]
     kids, _ = stack.kube.list(p.COMPUTEJOBS, ns, f"{mp.PARENT_LABEL}={cold['metadata']['uid']}")
     assert kids and all(k["metadata"]["annotations"][mp.FORM_ANNOTATION] == mp.JOBS_FORM for k in kids)
 
@@ -111,3 +114,14 @@ def test_over_chunks_runs_the_tree_on_agents_and_an_edit_reruns_a_leaf_and_a_pat
     assert 1 <= combines2["computed"] <= 2 * depth + 2 < combines["total"] + 2 * depth + 2
     assert stack.total_runs() - runs == leaves2["computed"] + combines2["computed"]
     assert embedded(tmp_path / "edited", csv(edited))["chunks"]["root_key"] == s2["cacheKey"]
+
+
+def test_a_failing_leaf_fails_the_parent_naming_its_batch(stack: Stack, ns: str) -> None:
+    lines = table(ROWS)
+    lines[ROWS // 3] = f"{ROWS // 3},not-a-number,bad\n"
+    put_table(stack, ns, "bad", csv(lines))
+    stack.apply(ns, chunk_job("bad", "bad"))
+    s = stack.wait(ns, "bad", timeout=300)["status"]
+    assert s["phase"] == "Failed", s
+    assert s["reason"] == mp.REASON_SUBTASK_FAILED and "chunk-map node" in s["message"], s
+    assert "ValueError" in s["message"] and s["map"]["failed"] >= 1, s
