@@ -125,3 +125,17 @@ def test_a_failing_leaf_fails_the_parent_naming_its_batch(stack: Stack, ns: str)
     assert s["phase"] == "Failed", s
     assert s["reason"] == mp.REASON_SUBTASK_FAILED and "chunk-map node" in s["message"], s
     assert "ValueError" in s["message"] and s["map"]["failed"] >= 1, s
+
+
+def test_submit_over_chunks_from_the_command_line(stack: Stack, ns: str, tmp_path: Path) -> None:
+    lines = table(ROWS // 2)
+    (tmp_path / "sum.py").write_text(SCRIPT)
+    (tmp_path / "t.csv").write_text(csv(lines))
+    proc = subprocess.run([sys.executable, "-m", "memoplane.cli", "submit", str(tmp_path / "sum.py"), "-n", ns,
+                           "--input", f"rows=@{tmp_path / 't.csv'}", "--input", "column=1", "--over-chunks", "rows",
+                           "--combine", "combine", "--name", "cli", "--wait", "--json"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **stack.cfg.env})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["phase"] == "Succeeded" and got["result"]["value"] == expected(lines), got
+    assert got["cacheKey"] == embedded(tmp_path / "embedded", csv(lines))["chunks"]["root_key"]
