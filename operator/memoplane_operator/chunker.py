@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -74,6 +75,8 @@ def _tree(ctx: Context, obj: dict[str, Any], target: Target, whole: Job, over: s
             return BlobInput(stored.digest, stored.size)
 
         chunks, order = split_chunks(store.get_bytes(blob.digest), put, size)
+        if memory.chunked:   # a new input: what earlier inputs computed is served from the cache now
+            memory.known = {k: replace(v, cached=True) for k, v in memory.known.items()}
         memory.chunked = {(blob.digest, size): (build_tree(order), chunks)}   # only the current input's
     return memory.chunked[(blob.digest, size)]
 
@@ -109,6 +112,11 @@ def _walk(ctx: Context, obj: dict[str, Any], target: Target, whole: Job, over: s
     listed, _ = ctx.kube.list(p.COMPUTEJOBS, namespace, f"{mp.PARENT_LABEL}={view.meta.uid}")
     children = {job(c).meta.name: c for c in listed if mp.is_batch(c)}
     batches = [mp.batch_view(c, over) for c in children.values()]
+    for done in [b for b in batches if b.phase == p.SUCCEEDED and all(k in memory.known for k in b.keys)]:
+        # Its results are remembered (as hits once the input changed): it need not be listed again.
+        ctx.kube.delete(p.COMPUTEJOBS, namespace, done.name)
+        children.pop(done.name, None)
+        batches.remove(done)
     values: dict[str, Any] = {}
     roles: dict[str, Role] = {}
     keys: list[str] = []     # every node's key so far, layer by layer

@@ -139,3 +139,29 @@ def test_submit_over_chunks_from_the_command_line(stack: Stack, ns: str, tmp_pat
     got = json.loads(proc.stdout)
     assert got["phase"] == "Succeeded" and got["result"]["value"] == expected(lines), got
     assert got["cacheKey"] == embedded(tmp_path / "embedded", csv(lines))["chunks"]["root_key"]
+
+
+MAKE_TABLE = ("def main(n):\n"
+              "    return ''.join(f'{i},{i % 97},x\\n' for i in range(n)).encode()\n")
+
+
+def test_over_chunks_of_an_upstream_file_follows_the_upstream(stack: Stack, ns: str) -> None:
+    upstream = computejob_manifest("table", None, {"python": {"source": MAKE_TABLE, "entrypoint": "main"},
+                                                   "inputs": [{"name": "n", "value": 2000}]})
+    parent = computejob_manifest("total", None, {
+        "python": {"source": SCRIPT, "entrypoint": "main", "combine": "combine"},
+        "inputs": [{"name": "rows", "fromJob": {"name": "table"}}, {"name": "column", "value": 1}],
+        "map": {"overChunks": "rows"}})
+    stack.apply(ns, upstream, parent)
+    first = stack.wait_all(ns, ["table", "total"], timeout=300)["total"]["status"]
+    assert first["phase"] == "Succeeded", first
+    assert first["result"]["value"] == {"sum": sum(i % 97 for i in range(2000)), "count": 2000}
+
+    # Rows appended upstream: the parent is recomputed over the new file; the old chunks are hits.
+    stack.kube.json_patch(p.COMPUTEJOBS, ns, "table", [{"op": "replace", "path": "/spec/inputs/0/value",
+                                                        "value": 2100}])
+    want = {"sum": sum(i % 97 for i in range(2100)), "count": 2100}
+    again = stack.wait(ns, "total", lambda o: (o.get("status") or {}).get("phase") == "Succeeded"
+                       and o["status"]["result"]["value"] == want, timeout=300)["status"]
+    leaves = again["map"]["leaves"]
+    assert leaves["cached"] >= 1 and 1 <= leaves["computed"] <= 2, again["map"]
