@@ -99,6 +99,9 @@ def reconcile_chunks(ctx: Context, obj: dict[str, Any]) -> None:
         return
     try:
         _walk(ctx, obj, found, whole, over, combine, *shaped)
+    except resolve.LookupError_ as exc:   # e.g. a leaf returned bytes: partial results must be JSON
+        ctx.maps.pop(view.meta.uid, None)
+        ctx.fail(obj, decide.Fail(exc.reason, f"spec.map.overChunks: {exc.message}"))
     except (MemoplaneError, ValueError) as exc:  # e.g. a result evicted since: look everything up again
         ctx.maps.pop(view.meta.uid, None)
         ctx.wait(obj, decide.Wait(p.REASON_STORE, f"{namespace}: reading a chunk or a node's result: {exc}"))

@@ -165,3 +165,13 @@ def test_over_chunks_of_an_upstream_file_follows_the_upstream(stack: Stack, ns: 
                        and o["status"]["result"]["value"] == want, timeout=300)["status"]
     leaves = again["map"]["leaves"]
     assert leaves["cached"] >= 1 and 1 <= leaves["computed"] <= 2, again["map"]
+
+
+def test_a_leaf_that_returns_bytes_fails_the_parent_clearly(stack: Stack, ns: str) -> None:
+    put_table(stack, ns, "raw", csv(table(ROWS // 3)))
+    raw = chunk_job("raw", "raw")
+    raw["spec"]["python"]["source"] = "def main(rows, column):\n    return rows[:4]\n\ndef combine(a, b):\n    return a\n"
+    stack.apply(ns, raw)
+    s = stack.wait(ns, "raw", timeout=300)["status"]
+    assert s["phase"] == "Failed" and s["message"].startswith("spec.map.overChunks: the sub-task of key"), s
+    assert "not JSON" in s["message"], s
