@@ -113,6 +113,9 @@ def _add_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("-n", "--namespace", help="default: the kubeconfig context's namespace")
     p.add_argument("--wait", action="store_true", help="wait until it succeeds or fails, and print the result")
     p.add_argument("--wait-timeout", type=float, default=600.0, metavar="SECONDS")
+    p.add_argument("--over-chunks", metavar="NAME", help="spec.map.overChunks: one task per record-aligned chunk "
+                   "of the @FILE input NAME, combined by --combine")
+    p.add_argument("--combine", metavar="FUNC", help="with --over-chunks: the script's associative combine(a, b)")
     p.add_argument("--dry-run", action="store_true", help="print the manifest instead of creating it")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_lazy("memoplane.commands.cluster", "submit_command"))

@@ -335,6 +335,8 @@ class OperatorSettings:
     map_batch_size: int = setting("MEMOPLANE_MAP_BATCH_SIZE", 64, "missed elements of a spec.map job one child "
                                   "ComputeJob (a batch run by one agent) holds, at most 1024")
     map_lookup_threads: int = setting(None, 16, "threads looking a spec.map job's element keys up in the cache")
+    chunk_task_bytes: int = setting(CHUNK_TASK_BYTES_ENV, CHUNK_TASK_BYTES, "the target size of a spec.map.overChunks "
+                                    "chunk (one leaf task), bytes")
 
 
 @dataclass(frozen=True)

@@ -133,9 +133,6 @@ class Input(K8sModel):
         return self
 
 
-OVER_CHUNKS_MESSAGE = (
-    "overChunks is not supported yet on a cluster: run it embedded with "
-    "`memoplane run SCRIPT --over-chunks NAME --combine FUNC --input NAME=@FILE`, or map over a list with over")
 MAP_ONE_OF_MESSAGE = "set exactly one of over or overChunks"
 COMBINE_NEEDED_MESSAGE = "spec.map.overChunks needs a combine function: set spec.python.combine to its name"
 COMBINE_UNUSED_MESSAGE = "combine is used only with spec.map.overChunks: remove it, or map with overChunks"
@@ -147,13 +144,13 @@ class MapSpec(K8sModel):
 
     model_config = ConfigDict(json_schema_extra=validations(
         cel("has(self.over) != has(self.overChunks)", MAP_ONE_OF_MESSAGE),
-        cel("!has(self.overChunks)", OVER_CHUNKS_MESSAGE, field_path=".overChunks"),
     ))
 
     over: Identifier | None = Field(default=None, description="Name of a list input.")
     over_chunks: Identifier | None = Field(default=None, description=(
-        "Name of a large file input (fromObject or fromJob): one sub-task per record-aligned content-defined "
-        "chunk. Not supported on a cluster yet."))
+        "Name of a large file input (fromObject, fromConfigMap or fromJob): one sub-task per record-aligned "
+        "content-defined "
+        "chunk, combined by a memoized tree of spec.python.combine."))
 
     @model_validator(mode="after")
     def _one_of(self) -> MapSpec:
@@ -248,6 +245,16 @@ class ComputeJobSpec(K8sModel):
                 ),
                 field_path=".map.over",
             ),
+            cel(
+                "!has(self.map) || !has(self.map.overChunks) || "
+                "(has(self.inputs) && self.inputs.exists(i, i.name == self.map.overChunks))",
+                "must be the name of an input in spec.inputs",
+                message_expression=(
+                    "\"'\" + self.map.overChunks + \"' is not the name of an input: use one of the names in "
+                    "spec.inputs\""
+                ),
+                field_path=".map.overChunks",
+            ),
         )
     )
 
@@ -285,6 +292,9 @@ class ComputeJobSpec(K8sModel):
             raise ValueError(NO_PROGRAM)
         if self.map is not None and self.map.over is not None and self.map.over not in {i.name for i in self.inputs}:
             raise ValueError("spec.map.over: " + map_over_message(self.map.over))
+        chunks_over = self.map.over_chunks if self.map is not None else None
+        if chunks_over is not None and chunks_over not in {i.name for i in self.inputs}:
+            raise ValueError("spec.map.overChunks: " + map_over_message(chunks_over))
         self._combine_fits()
         if self.map is not None and self.verify is not None and self.verify.replicas > 1:
             raise ValueError("spec.verify: " + VERIFY_WITH_MAP)
@@ -297,8 +307,6 @@ class ComputeJobSpec(K8sModel):
             raise ValueError("spec.python.combine: " + COMBINE_NEEDED_MESSAGE)
         if combine and not chunked:
             raise ValueError("spec.python.combine: " + COMBINE_UNUSED_MESSAGE)
-        if chunked:  # named so that its rules exist; refused until the operator expands it (a field is enforced)
-            raise ValueError("spec.map.overChunks: " + OVER_CHUNKS_MESSAGE)
 
 
 Phase = Literal["Pending", "Waiting", "Scheduled", "Running", "Succeeded", "Failed"]
@@ -324,6 +332,14 @@ class Failure(StatusModel):
     stderr_tail: str | None = Field(default=None, max_length=16384)
 
 
+class ChunkNodeCounts(StatusModel):
+    """spec.map.overChunks: the distinct leaves (or combine nodes) of the tree walked so far."""
+
+    total: int = Field(default=0, ge=0)
+    cached: int = Field(default=0, ge=0, description="Served from the cache.")
+    computed: int = Field(default=0, ge=0, description="Run by this map's batches.")
+
+
 class MapStatus(StatusModel):
     """Progress of a spec.map job (counts per element; equal elements count once each), and
     of a map's batch (a child ComputeJob running several elements): their results."""
@@ -343,6 +359,10 @@ class MapStatus(StatusModel):
     sizes: list[Annotated[int, Field(ge=0)]] | None = Field(
         default=None, max_length=MAX_MAP_BATCH,
         description="A batch: its elements' result sizes (logical bytes), in order, for the usage index.")
+    chunks: int | None = Field(default=None, ge=0, description="spec.map.overChunks: chunks of the input.")
+    leaves: ChunkNodeCounts | None = Field(default=None, description="spec.map.overChunks: leaf tasks (one per "
+                                                                     "distinct chunk).")
+    combines: ChunkNodeCounts | None = Field(default=None, description="spec.map.overChunks: combine nodes.")
 
 
 class ReplicaOutcome(StatusModel):

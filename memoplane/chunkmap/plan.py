@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -57,6 +57,7 @@ class ChunkMapReport:
     combines: int             # distinct combine jobs
     combine_runs: int
     depth: int
+    root_key: str = ""        # the root node's job key (a cluster run's status.cacheKey for the same file and script)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "value"}
@@ -117,18 +118,8 @@ def run_over_chunks(job: Job, over: str, combine: str, data: bytes, put: PutChun
     """Split `data` (the `over` input's content), run a leaf per distinct chunk and a combine per tree node.
     `spans` and `shape` replace the content-defined split and tree (the benchmark's position-based baseline);
     `workers` nodes of one layer of the tree run at once (`run` is then called from that many threads)."""
-    if not combine.isidentifier():
-        raise InputError(f"combine {combine!r} is not a Python function name", "name a top-level function")
-    names = top_level_names(python_code(job).source)
-    if names is not None and combine not in names:
-        raise InputError(f"combine function {combine!r} is not defined at the top level of the script",
-                         f"define `def {combine}(a, b)` there, or pass the name of the one that is")
-    chunks: dict[str, BlobInput] = {}
-    order: list[str] = []
-    for offset, length in record_chunks(data, target) if spans is None else spans:
-        blob = put(data[offset:offset + length])
-        chunks[blob.digest] = blob
-        order.append(blob.digest)
+    check_combine(job, combine)
+    chunks, order = split_chunks(data, put, target, spans)
     root = shape(order)
     return _evaluate(job, over, combine, root, chunks, run, len(order), workers)
 
@@ -140,10 +131,9 @@ def _evaluate(job: Job, over: str, combine: str, root: Node, chunks: dict[str, B
     report = ChunkMapReport(None, root.id, count, 0, 0, 0, 0, root.level)
     with ThreadPoolExecutor(max(workers, 1), thread_name_prefix="memoplane-chunks") as pool:
         for layer in layers(root):
-            tasks: list[tuple[Job, Role]] = [
-                (combine_job(job, combine, [values[c.id] for c in n.children]), "combine") if n.children else
-                (leaf_job(job, over, chunks[n.id]), "leaf") for n in layer]
+            tasks = layer_jobs(job, over, combine, layer, chunks, values)
             outcomes = list(pool.map(lambda task: run(*task), tasks)) if workers > 1 else [run(*t) for t in tasks]
+            report.root_key = tasks[-1][0].key
             for node, (value, cached) in zip(layer, outcomes, strict=True):
                 values[node.id] = value
                 if node.children:
@@ -154,6 +144,36 @@ def _evaluate(job: Job, over: str, combine: str, root: Node, chunks: dict[str, B
                     report.leaf_runs += not cached
     report.value = values[root.id]
     return report
+
+
+def layer_jobs(job: Job, over: str, combine: str, layer: list[Node], chunks: Mapping[str, BlobInput],
+               values: Mapping[str, Any]) -> list[tuple[Job, Role]]:
+    """The job of each node of a layer: a leaf over its chunk, a combine over its children's `values`
+    (by node id). Embedded and cluster runs derive the same jobs, so the same keys."""
+    return [(combine_job(job, combine, [values[c.id] for c in n.children]), "combine") if n.children else
+            (leaf_job(job, over, chunks[n.id]), "leaf") for n in layer]
+
+
+def split_chunks(data: bytes, put: PutChunk, target: int = CHUNK_TASK_BYTES,
+                 spans: list[tuple[int, int]] | None = None) -> tuple[dict[str, BlobInput], list[str]]:
+    """Store each chunk of `data`: the chunks by digest, and their digests in order."""
+    chunks: dict[str, BlobInput] = {}
+    order: list[str] = []
+    for offset, length in record_chunks(data, target) if spans is None else spans:
+        blob = put(data[offset:offset + length])
+        chunks[blob.digest] = blob
+        order.append(blob.digest)
+    return chunks, order
+
+
+def check_combine(job: Job, combine: str) -> None:
+    """`combine` names a top-level function of the job's Python source (InputError if not)."""
+    if not combine.isidentifier():
+        raise InputError(f"combine {combine!r} is not a Python function name", "name a top-level function")
+    names = top_level_names(python_code(job).source)
+    if names is not None and combine not in names:
+        raise InputError(f"combine function {combine!r} is not defined at the top level of the script",
+                         f"define `def {combine}(a, b)` there, or pass the name of the one that is")
 
 
 def layers(root: Node) -> list[list[Node]]:

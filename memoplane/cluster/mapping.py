@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..canonical import canonical_json
-from ..jobs import Job, JsonInput
+from ..jobs import Job, JsonInput, job_from_dict
 from ..keys import KeyTemplate, digest_bytes, digest_value
 from . import protocol as p
 from .views import job, meta_of, section
@@ -41,6 +41,10 @@ from .views import job, meta_of, section
 PARENT_LABEL = f"{p.GROUP}/map-parent"            # value: the parent's uid
 BATCH_ANNOTATION = f"{p.GROUP}/map-batch"         # value: the `over` input's name: this child is a batch
 KEYS_ANNOTATION = f"{p.GROUP}/map-keys"           # the batch's element keys, JSON list, in its elements' order
+# "jobs": a batch whose `over` input lists whole job manifests (spec.map.overChunks: leaves and combine nodes
+# differ in code and inputs), not elements of one template.
+FORM_ANNOTATION = f"{p.GROUP}/map-batch-form"
+JOBS_FORM = "jobs"
 REASON_SUBTASK_FAILED = "SubTaskFailed"
 REASON_MAPPING = "Mapping"
 REASON_NAME_TAKEN = "SubTaskNameTaken"
@@ -120,6 +124,24 @@ def batch_jobs(batch: Job, over: str) -> list[Job]:
     return [element_job(batch, over, element) for element in value.value]
 
 
+def manifest_jobs(batch: Job, over: str) -> list[Job]:
+    """A "jobs" batch's resolved job (its `over` input holds job manifests) as those jobs, in order."""
+    value = batch.inputs.get(over)
+    if not isinstance(value, JsonInput) or not isinstance(value.value, list):
+        raise ValueError(f"a map batch's input '{over}' must be the JSON list of its jobs")
+    try:
+        return [job_from_dict(item) for item in value.value]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"a map batch's input '{over}' holds a malformed job manifest: {exc}") from None
+
+
+def jobs_of_batch(obj: Mapping[str, Any], batch: Job) -> list[Job]:
+    """The jobs a batch ComputeJob (`obj`, resolved to `batch`) runs, one after another."""
+    annotations = meta_of(obj).annotations
+    over = annotations[BATCH_ANNOTATION]
+    return manifest_jobs(batch, over) if annotations.get(FORM_ANNOTATION) == JOBS_FORM else batch_jobs(batch, over)
+
+
 def batch_key(over: str, keys: Sequence[str]) -> str:
     """A batch's key: its single-flight name (never a ref), distinct from any element's key."""
     return digest_bytes(canonical_json({"v": 1, "batch": over, "keys": list(keys)}))
@@ -143,8 +165,42 @@ def batch_name(parent: str, keys: Sequence[str]) -> str:
 
 
 def batch_manifest(parent: Mapping[str, Any], elements: list[Any], keys: list[str]) -> dict[str, Any]:
+    return _batch_object(parent, over_of(parent), child_spec(parent, elements), keys)
+
+
+def chunks_over(obj: Mapping[str, Any]) -> str | None:
+    """spec.map.overChunks: the large input an over-chunks map splits."""
+    over = section(section(obj, "spec"), "map").get("overChunks")
+    return str(over) if over else None
+
+
+def is_chunk_map(obj: Mapping[str, Any]) -> bool:
+    return chunks_over(obj) is not None
+
+
+def chunk_spec(parent: Mapping[str, Any], value: Any = None, *, keep_over: bool = False) -> dict[str, Any]:
+    """An over-chunks parent's spec as a plain job (no map, no python.combine), its `overChunks`
+    input kept (`keep_over`: what the leaves' template resolves from) or replaced by `value`."""
+    spec = {k: v for k, v in section(parent, "spec").items() if k != "map"}
+    spec["python"] = {k: v for k, v in section(spec, "python").items() if k != "combine"}
+    over = chunks_over(parent)
+    if not keep_over:
+        spec["inputs"] = [({"name": over, "value": value} if item.get("name") == over else item)
+                          for item in spec.get("inputs") or ()]
+    return spec
+
+
+def jobs_batch_manifest(parent: Mapping[str, Any], manifests: list[Any], keys: list[str]) -> dict[str, Any]:
+    """A batch of whole jobs (an over-chunks map's leaves or combine nodes): its `overChunks`
+    input lists their manifests (memoplane.jobs.job_to_dict), in the order of `keys`."""
+    over = str(chunks_over(parent))
+    made = _batch_object(parent, over, chunk_spec(parent, manifests), keys)
+    made["metadata"]["annotations"][FORM_ANNOTATION] = JOBS_FORM
+    return made
+
+
+def _batch_object(parent: Mapping[str, Any], over: str, spec: dict[str, Any], keys: list[str]) -> dict[str, Any]:
     meta = meta_of(parent)
-    over = over_of(parent)
     return {
         "apiVersion": p.API_VERSION, "kind": "ComputeJob",
         "metadata": {
@@ -154,7 +210,7 @@ def batch_manifest(parent: Mapping[str, Any], elements: list[Any], keys: list[st
             "ownerReferences": [{"apiVersion": p.API_VERSION, "kind": "ComputeJob", "name": meta.name,
                                  "uid": meta.uid, "controller": True, "blockOwnerDeletion": False}],
         },
-        "spec": child_spec(parent, elements),
+        "spec": spec,
     }
 
 

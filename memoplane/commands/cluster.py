@@ -71,6 +71,19 @@ def _spec(args: argparse.Namespace, namespace: str) -> dict[str, Any]:
     env = parse_env(args.env)
     if env:
         spec["env"] = env
+    return _over_chunks(args, spec)
+
+
+def _over_chunks(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
+    """--over-chunks NAME --combine FUNC: spec.map.overChunks and spec.python.combine."""
+    from .chunks import chunk_flags_problem
+
+    problem = chunk_flags_problem(args)
+    if problem is not None:
+        raise problem
+    if args.over_chunks:
+        spec["map"] = {"overChunks": args.over_chunks}
+        spec["python"]["combine"] = args.combine
     return spec
 
 

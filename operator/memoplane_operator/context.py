@@ -17,6 +17,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from memoplane.cas import ResultManifest, Store
+from memoplane.chunkmap.tree import Node
 from memoplane.cluster import protocol as p
 from memoplane.cluster import schedule
 from memoplane.cluster import status as st
@@ -28,6 +29,7 @@ from memoplane.cluster.metrics import OperatorMetrics
 from memoplane.cluster.propagate import EdgeIndex, held
 from memoplane.cluster.stores import Stores
 from memoplane.cluster.views import job
+from memoplane.jobs import BlobInput
 from memoplane.settings import ObjectGrant, OperatorSettings
 from memoplane.trust import SigningKey, TrustPolicy
 
@@ -71,6 +73,8 @@ class MapMemory:
     source: tuple[str, TrustPolicy] | None = None   # (lookup store URL, trust policy) the hits were judged by
     known: dict[str, Known] = field(default_factory=dict)               # element key -> its result
     manifests: dict[str, ResultManifest] = field(default_factory=dict)  # result digest -> manifest read
+    # spec.map.overChunks (chunker.py): (blob digest, chunk target) -> the combine tree and its chunks, split once
+    chunked: dict[tuple[str, int], tuple[Node, dict[str, BlobInput]]] = field(default_factory=dict)
 
     def keep_only(self, keys: Mapping[str, Any]) -> None:
         self.known = {k: v for k, v in self.known.items() if k in keys}

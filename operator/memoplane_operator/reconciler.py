@@ -50,7 +50,7 @@ from memoplane.settings import OperatorSettings
 from memoplane.trust import SigningKey
 from memoplane.trust.audit import sign_head
 
-from . import mapper
+from . import chunker, mapper
 from .admission import admit, check_node
 from .agent_keys import AgentKeys
 from .caches import LANE as CACHE_LANE
@@ -295,6 +295,9 @@ class Reconciler:
         self.refresh_nodes()
         if mapping.is_map(obj):  # a parent of sub-tasks: see mapper.py
             mapper.reconcile_map(self.ctx, obj)
+            return
+        if mapping.is_chunk_map(obj):  # a tree of leaf and combine sub-tasks: see chunker.py
+            chunker.reconcile_chunks(self.ctx, obj)
             return
         if is_replicated(obj):  # a parent of replicas: see replicas.py
             reconcile_replicated(self.ctx, obj)

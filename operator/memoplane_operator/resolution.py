@@ -157,7 +157,7 @@ def _key_of(obj: dict[str, Any], job_: Job) -> str:
     if not mp.is_batch(obj):
         return job_.key
     over = job(obj).meta.annotations[mp.BATCH_ANNOTATION]
-    return mp.batch_key(over, [j.key for j in mp.batch_jobs(job_, over)])
+    return mp.batch_key(over, [j.key for j in mp.jobs_of_batch(obj, job_)])
 
 
 def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, target: Target) -> Admissible | None:

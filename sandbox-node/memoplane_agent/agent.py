@@ -292,7 +292,7 @@ class Agent:
         over = meta_of(obj).annotations.get(mp.BATCH_ANNOTATION)   # a spec.map batch: one run per element
         why = ""
         try:
-            jobs = mp.batch_jobs(job, over) if over else [job]
+            jobs = mp.jobs_of_batch(obj, job) if over else [job]
         except ValueError as exc:
             jobs, why = [], str(exc)
         key = (mp.batch_key(over, [j.key for j in jobs]) if over else job.key) if jobs else ""

@@ -21,7 +21,6 @@ from memoplane.api.computejob import (
     COMBINE_UNUSED_MESSAGE,
     COMPUTEJOB,
     MAP_ONE_OF_MESSAGE,
-    OVER_CHUNKS_MESSAGE,
     ComputeJobSpec,
 )
 from memoplane.api.gmemseed import GMEMSEED, GMemSeedSpec
@@ -171,9 +170,9 @@ CASES: list[tuple[str, crd.KindInfo, type[Any], Spec, str, str]] = [
      "spec.resources.maxOutputBytes", ""),
     ("map-over-unknown-input", COMPUTEJOB, ComputeJobSpec, _with(["map", "over"], "nope"),
      "spec.map.over", "spec.map.over: 'nope' is not the name of an input: use one of the names in spec.inputs"),
-    ("map-over-chunks-not-on-a-cluster", COMPUTEJOB, ComputeJobSpec,
-     _with(["map"], {"overChunks": "rows"}, lambda: _with(["python", "combine"], "combine")), "spec.map.overChunks",
-     f"spec.map.overChunks: {OVER_CHUNKS_MESSAGE}"),
+    ("map-over-chunks-unknown-input", COMPUTEJOB, ComputeJobSpec,
+     _with(["map"], {"overChunks": "nope"}, lambda: _with(["python", "combine"], "combine")), "spec.map.overChunks",
+     "spec.map.overChunks: 'nope' is not the name of an input: use one of the names in spec.inputs"),
     ("map-neither-over-nor-chunks", COMPUTEJOB, ComputeJobSpec, _with(["map"], {}), "spec.map",
      f"spec.map: {MAP_ONE_OF_MESSAGE}"),
     ("map-over-chunks-without-combine", COMPUTEJOB, ComputeJobSpec, _with(["map"], {"overChunks": "rows"}),

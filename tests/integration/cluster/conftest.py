@@ -22,7 +22,7 @@ from memoplane.cas import Store
 from memoplane.cluster import protocol as p
 from memoplane.cluster.kube import Kube, load_config
 from memoplane.cluster.stores import Stores, StoreSettings
-from memoplane.settings import OBJECT_INPUTS_ENV, OPENLINEAGE_URL_ENV
+from memoplane.settings import CHUNK_TASK_BYTES_ENV, OBJECT_INPUTS_ENV, OPENLINEAGE_URL_ENV
 from memoplane.testing import cluster, processes
 
 SESSION = uuid.uuid4().hex[:6]
@@ -137,6 +137,9 @@ class Stack:
         return "\n".join(out)
 
 
+CHUNK_TASK_BYTES = 4096   # spec.map.overChunks: small chunks, so a table of a few thousand rows has many
+
+
 @pytest.fixture(scope="session")
 def stack(control_plane: cluster.ClusterInfo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     directory = Path(tmp_path_factory.mktemp("memoplane-stack"))
@@ -148,7 +151,8 @@ def stack(control_plane: cluster.ClusterInfo, tmp_path_factory: pytest.TempPathF
                    "MEMOPLANE_RESYNC_SECONDS": "1", "MEMOPLANE_RETENTION_SECONDS": "1",
                    # retention and sweeps only touch caches with spec.retention: test_retention.py's
                    "MEMOPLANE_RETENTION_GRACE_SECONDS": "2", "MEMOPLANE_GC_GRACE_SECONDS": "2", OBJECT_INPUTS_ENV: OBJECT_INPUTS,
-                   OPENLINEAGE_URL_ENV: lineage.url})
+                   OPENLINEAGE_URL_ENV: lineage.url,
+                   CHUNK_TASK_BYTES_ENV: str(CHUNK_TASK_BYTES)})
     stores = Stores(StoreSettings.from_env(control_plane.env()))
     stack = Stack(cfg, Kube(load_config(control_plane.kubeconfig)), stores, lineage)
     try:
