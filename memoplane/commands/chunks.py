@@ -31,6 +31,11 @@ def chunk_flags_problem(args: argparse.Namespace) -> InputError | None:
 def task_bytes(args: argparse.Namespace) -> int:
     if args.chunk_bytes:
         return parse_bytes(args.chunk_bytes, "--chunk-bytes")
+    return configured_task_bytes()
+
+
+def configured_task_bytes() -> int:
+    """The chunk target from MEMOPLANE_CHUNK_TASK_BYTES, else the default (as the operator reads it)."""
     text = os.environ.get(CHUNK_TASK_BYTES_ENV)
     return parse_bytes(text, CHUNK_TASK_BYTES_ENV) if text else CHUNK_TASK_BYTES
 

@@ -135,10 +135,6 @@ def _computejob(obj: dict[str, Any], what: str) -> ComputeJob:
     if spec.verify is not None and spec.verify.replicas > 1:
         raise InputError(f"{what}: spec.verify.replicas {spec.verify.replicas}: not supported embedded: "
                          "needs distinct nodes", "use replicas 1 here, or apply the manifest to a cluster")
-    if spec.map is not None and spec.map.over_chunks is not None:
-        raise InputError(f"{what}: spec.map.overChunks: not supported by memoplane apply yet",
-                         "run it with `memoplane run SCRIPT --over-chunks NAME --combine FUNC --input NAME=@FILE` "
-                         "(the same keys), or apply the manifest to a cluster")
     if spec.cache.result_cache != "default":
         raise InputError(f"{what}: spec.cache.resultCache '{spec.cache.result_cache}': not supported embedded "
                          "(one store: --store)", "remove spec.cache.resultCache, or apply the manifest to a cluster")

@@ -26,6 +26,7 @@ from typing import Any
 
 from ..api.computejob import Input as SpecInput
 from ..cas import BlobRef, Provenance, ResultManifest, Store
+from ..chunkmap.embedded import run_chunk_map
 from ..cluster import mapping as mp
 from ..cluster import protocol as p
 from ..cluster import resolve as rs
@@ -40,6 +41,7 @@ from ..keys import digest_value, runtime_identity
 from ..sandbox.profiles import PROFILES
 from ..trust import SigningKey, TrustPolicy, trusted_hit
 from ..trust.local import commit_signed
+from .chunks import configured_task_bytes
 from .manifests import JobDoc, Manifests, Ref
 
 NODE = "local"
@@ -205,9 +207,39 @@ def _apply_one(ctx: Context, doc: JobDoc) -> Outcome:
     if failed:
         names = ", ".join(label(up, doc.ref[0]) for up in failed)
         return Outcome(doc.ref, "skipped", message=f"upstream {names} did not succeed")
+    if mp.is_chunk_map(doc.obj):
+        return _apply_chunks(ctx, doc)
     if doc.job.spec.map is not None:
         return _apply_map(ctx, doc)
     return _resolve_and_run(ctx, doc, doc.obj, doc.ref)
+
+
+def _apply_chunks(ctx: Context, doc: JobDoc) -> Outcome:
+    """spec.map.overChunks: the parent resolved as a plain job (its overChunks input the whole blob),
+    then its chunk tree run as the operator's chunker runs it (memoplane.chunkmap: the same node
+    jobs, so the cluster's keys); the root node's result is the parent's."""
+    spec = doc.job.spec
+    runtime = _runtime(spec.runtime.profile)
+    if runtime is None:
+        return Outcome(doc.ref, "failed", message=f"spec.runtime.profile '{spec.runtime.profile}': no local runtime")
+    plain = {**doc.obj, "spec": mp.chunk_spec(doc.obj, keep_over=True)}
+    got = rs.resolve(plain, runtime, ctx.lookups(doc.ref[0]), datetime.now(UTC), grace=0.0)
+    if not isinstance(got, rs.Resolved):
+        return Outcome(doc.ref, "failed", message=got.message)
+    over, combine = str(mp.chunks_over(doc.obj)), str(spec.python.combine if spec.python else "")
+    try:
+        report = run_chunk_map(got.job, over, combine, ctx.store, ctx.sandbox(spec.runtime.profile),
+                               policy=spec.cache.policy, identity=f"apply:{doc.ref[0]}/{doc.ref[1]}",
+                               trust=ctx.trust, signer=ctx.signer, target=configured_task_bytes())
+    except (JobFailed, InputError) as exc:
+        return Outcome(doc.ref, "failed", message=str(exc))
+    result = ctx.store.read_ref(report.root_key)
+    computed = report.leaf_runs + report.combine_runs
+    outcome = Outcome(doc.ref, "computed" if computed else "cached", key=report.root_key, result=result,
+                      value=report.value, value_digest=JsonInput(report.value).digest)
+    outcome.map = {"total": report.leaves + report.combines, "computed": computed,
+                   "cached": report.leaves + report.combines - computed}
+    return outcome
 
 
 def _spec_inputs(doc: JobDoc, obj: Mapping[str, Any]) -> list[SpecInput]:

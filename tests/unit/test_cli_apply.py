@@ -197,6 +197,43 @@ spec:
     assert [i.source for i in record.inputs] == ["fromConfigMap", "fromObject", "fromSeed"]
 
 
+SUM = """
+def main(rows):
+    return {"sum": sum(int(line) for line in rows.split(b"\\n") if line), "rows": rows.count(b"\\n")}
+
+
+def combine(a, b):
+    return {"sum": a["sum"] + b["sum"], "rows": a["rows"] + b["rows"]}
+"""
+
+
+def test_over_chunks_runs_the_chunk_tree_with_the_keys_of_memoplane_run(tmp_path: Path) -> None:
+    numbers = "".join(f"{i}\n" for i in range(20000))
+    (tmp_path / "rows.txt").write_text(numbers)
+    (tmp_path / "sum.py").write_text(SUM)
+    path = tmp_path / "chunks.yaml"
+    path.write_text(yaml.safe_dump_all([
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "table"}, "data": {"rows": numbers}},
+        _manifest("total", {"python": {"source": SUM, "combine": "combine"},
+                            "inputs": [{"name": "rows", "fromConfigMap": {"name": "table", "key": "rows"}}],
+                            "map": {"overChunks": "rows"}})]))
+    store = tmp_path / "store"
+    env = ("--chunk-bytes", "4096")
+    os.environ["MEMOPLANE_CHUNK_TASK_BYTES"] = "4096"
+    try:
+        first = by_name(apply_json(store, path))["total"]
+        again = by_name(apply_json(store, path))["total"]
+        run = memoplane(store, "run", str(tmp_path / "sum.py"), "--over-chunks", "rows", "--combine", "combine",
+                        "--input", f"rows=@{tmp_path / 'rows.txt'}", *env, "--json")
+    finally:
+        del os.environ["MEMOPLANE_CHUNK_TASK_BYTES"]
+    assert first["state"] == "computed" and first["value"] == {"sum": sum(range(20000)), "rows": 20000}
+    assert first["map"]["total"] > 3, first["map"]     # a tree, not one node
+    assert again["state"] == "cached" and again["cacheKey"] == first["cacheKey"]
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["chunks"]["root_key"] == first["cacheKey"]
+
+
 def _manifest(name: str, spec: dict[str, Any], kind: str = "ComputeJob") -> dict[str, Any]:
     return {"apiVersion": "memoplane.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec}
 
@@ -209,9 +246,6 @@ PY = {"python": {"source": "def main(x):\n    return x\n"}, "inputs": [{"name": 
      "document 1 (ComputeJob 'a'): "),
     ([_manifest("a", PY), _manifest("b", {**PY, "verify": {"replicas": 2}})],
      "document 2 (ComputeJob 'b'): spec.verify.replicas 2: not supported embedded: needs distinct nodes"),
-    ([_manifest("d", {"python": {"source": "def main(x):\n    return 1\n", "combine": "main"},
-                      "inputs": [{"name": "x", "value": "a,b\n"}], "map": {"overChunks": "x"}})],
-     "document 1 (ComputeJob 'd'): spec.map.overChunks: not supported by memoplane apply yet"),
     ([_manifest("c", {**PY, "cache": {"resultCache": "fast"}})],
      "spec.cache.resultCache 'fast': not supported embedded"),
     ([_manifest("default", {"store": {"bucket": "memoplane"}}, kind="ResultCache"), _manifest("a", PY)],
