@@ -201,6 +201,8 @@ def test_map_elements_served_from_the_cache_are_rechecked_and_a_lie_disputes_the
     assert kstatus(now["metadata"]["generation"], st["observedGeneration"], st["conditions"]) == "Failed"
     # "first" lists the disputed elements too: it is sent back to resolution and assembles its list again
     # (the disputed elements recomputed), or is disputed itself by the checks of its own element hits.
-    again = s.wait(ns, "first", until=lambda o: status(o).get("runId") not in (None, status(first)["runId"]) or
-                   status(o).get("reason") == rp.REASON_DISPUTED, timeout=600)
+    # (Sent back, it is Pending with reason Disputed for a moment: wait for where it settles.)
+    again = s.wait(ns, "first", until=lambda o: status(o).get("phase") in ("Succeeded", "Failed") and (
+        status(o).get("runId") not in (None, status(first)["runId"]) or status(o).get("reason") == rp.REASON_DISPUTED),
+                   timeout=600)
     assert status(again)["phase"] in ("Succeeded", "Failed"), status(again)
