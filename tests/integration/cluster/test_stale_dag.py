@@ -6,6 +6,10 @@ Real API server, MinIO, operator and agents, with examples/dag.yaml as a user ap
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -135,6 +139,37 @@ def test_a_changed_upstream_never_leaves_a_stale_result_ready(stack: Stack, ns: 
     said = stack.eventually_events(ns, "report", p.REASON_UPSTREAM_CHANGED)
     assert any("input 'rows' (upstream 'download') changed" in m for m in said), said
     assert n_of(stack.get(ns, "report")) == 10
+
+
+def memoplane_cli(stack: Stack, tmp_path: Path, *args: str) -> Any:
+    env = {**os.environ, **stack.cfg.env, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "memoplane.cli", *args, "--json"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_history_and_lineage_name_the_exact_versions_after_a_change(stack: Stack, ns: str, tmp_path: Path) -> None:
+    before = applied(stack, ns)
+    set_download(stack, ns, "/spec/inputs/0/value", 10)
+    stack.wait(ns, "report", ready_with(lambda o: n_of(o) == 10), timeout=120)
+    after = {name: stack.get(ns, name) for name in NAMES}
+    runs = {name: (status(before[name])["runId"], status(after[name])["runId"]) for name in NAMES}
+    assert all(old != new for old, new in runs.values()), runs
+    # history lists both versions of download, newest first, with why the second changed.
+    log = memoplane_cli(stack, tmp_path, "history", "download", "-n", ns, "--cluster")
+    assert [e["run_id"] for e in log["entries"]] == [runs["download"][1], runs["download"][0]]
+    assert log["entries"][0]["why"][0].startswith("inputs.count changed"), log["entries"][0]
+    # lineage down from download's first result: the first normalize and report runs, never the new ones.
+    first = status(before["download"])["result"]["digest"]
+    down = memoplane_cli(stack, tmp_path, "lineage", "down", first, "-n", ns, "--cluster")
+    reached = {node["run"]["run_id"] for node in down["nodes"]}
+    assert {runs["normalize"][0], runs["report"][0]} <= reached, down
+    assert not {runs["normalize"][1], runs["report"][1]} & reached, down
+    # lineage up from report's new run: download's and normalize's new runs, exactly.
+    up = memoplane_cli(stack, tmp_path, "lineage", "up", runs["report"][1], "-n", ns, "--cluster")
+    assert {node["run"]["run_id"] for node in up["nodes"]} == \
+        {runs["report"][1], runs["normalize"][1], runs["download"][1]}, up
 
 
 def test_a_same_result_upstream_runs_nothing_below_it(stack: Stack, ns: str) -> None:
