@@ -23,7 +23,6 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from memoplane.api.computejob import MAX_MAP_BATCH
 from memoplane.cas import ResultManifest
 from memoplane.chunkmap.plan import Role, check_combine, layer_jobs, layers, split_chunks
 from memoplane.chunkmap.tree import Node, build_tree
@@ -31,7 +30,6 @@ from memoplane.cluster import decide, lineage, resolve, schedule
 from memoplane.cluster import mapping as mp
 from memoplane.cluster import protocol as p
 from memoplane.cluster import status as st
-from memoplane.cluster.index import job_topic
 from memoplane.cluster.views import job, section
 from memoplane.errors import InputError, MemoplaneError
 from memoplane.history import InputRecord, RunRecord, events, new_run_id
@@ -40,7 +38,7 @@ from memoplane.jobs import BlobInput, Job, job_to_dict
 
 from .caches import Target
 from .context import Context, MapMemory
-from .mapper import _create, _known, _memory, _stop, _values
+from .mapper import _known, _memory, _stop, _values, dispatch
 
 log = logging.getLogger("memoplane.operator.chunks")
 
@@ -144,19 +142,10 @@ def _wait_for_layer(ctx: Context, obj: dict[str, Any], wanted: Mapping[str, Any]
                     tally: dict[str, Any]) -> None:
     """Batches for the layer's missing nodes; fail on a failed one, else report the counts and wait."""
     view = job(obj)
-    namespace, name = view.ref
-    slots = sum(n.capacity for n in schedule.live_nodes(ctx.fleet.nodes) if view.spec.profile in n.profiles)
-    todo = mp.plan(wanted, known, batches, min(ctx.settings.map_batch_size, MAX_MAP_BATCH), slots)
-    made = [mp.jobs_batch_manifest(obj, manifests, ks) for manifests, ks in todo.create]
-    running = sorted({*todo.running.values(), *(m["metadata"]["name"] for m in made)})
-    ctx.wait_on(obj, [job_topic(namespace, n) for n in running])   # before the writes: a quick batch wakes us
-    taken = decide.name_taken(name, _create(ctx, obj, made, children))
-    if taken is not None:
-        ctx.fail(obj, taken)
+    dispatched = dispatch(ctx, obj, wanted, known, batches, children, mp.jobs_batch_manifest)
+    if dispatched is None:
         return
-    for gone in todo.delete:
-        ctx.kube.delete(p.COMPUTEJOBS, namespace, gone)
-        children.pop(gone, None)
+    todo, running = dispatched
     prog = mp.progress(keys, known, todo, len(children))
     step = decide.map_step(obj, prog, children, running)
     if isinstance(step, decide.Fail):

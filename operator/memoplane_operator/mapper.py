@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -89,7 +89,7 @@ def _stop(ctx: Context, obj: dict[str, Any], outcome: resolve.Waiting | resolve.
 
 def reconcile_map(ctx: Context, obj: dict[str, Any]) -> None:
     view = job(obj)
-    namespace, name = view.ref
+    namespace = view.meta.namespace
     found = ctx.caches.store_for(obj)
     if isinstance(found, decide.Wait):
         ctx.wait(obj, found)
@@ -110,19 +110,10 @@ def reconcile_map(ctx: Context, obj: dict[str, Any]) -> None:
     children = {job(c).meta.name: c for c in listed if mp.is_batch(c)}
     batches = [mp.batch_view(c, mp.over_of(obj)) for c in children.values()]
     known = _known(ctx, obj, found, wanted, batches, children, memory)
-    slots = sum(n.capacity for n in schedule.live_nodes(ctx.fleet.nodes) if view.spec.profile in n.profiles)
-    todo = mp.plan(wanted, known, batches, min(ctx.settings.map_batch_size, MAX_MAP_BATCH), slots)
-    made = [mp.batch_manifest(obj, elems, ks) for elems, ks in todo.create]
-    # Registered before the writes: a batch that settles at once wakes the parent.
-    running = sorted({*todo.running.values(), *(m["metadata"]["name"] for m in made)})
-    ctx.wait_on(obj, [job_topic(namespace, n) for n in running])
-    taken = decide.name_taken(name, _create(ctx, obj, made, children))
-    if taken is not None:
-        ctx.fail(obj, taken)
+    dispatched = dispatch(ctx, obj, wanted, known, batches, children, mp.batch_manifest)
+    if dispatched is None:
         return
-    for gone in todo.delete:  # no element needs it any more (the results it made stay in the cache)
-        ctx.kube.delete(p.COMPUTEJOBS, namespace, gone)
-        children.pop(gone, None)
+    todo, running = dispatched
     prog = mp.progress(keys, known, todo, len(children))
     step = decide.map_step(obj, prog, children, running)
     if isinstance(step, decide.Fail):
@@ -133,6 +124,31 @@ def reconcile_map(ctx: Context, obj: dict[str, Any]) -> None:
             ctx.patch(obj, st.map_progress(view.status.raw, view.meta.generation, prog.counts(), datetime.now(UTC)))
     else:
         finish(ctx, obj, found, items, keys, known, memory, prog, sorted(children))
+
+
+def dispatch(ctx: Context, obj: dict[str, Any], wanted: Mapping[str, Any], known: Mapping[str, mp.Known],
+             batches: list[mp.Batch], children: dict[str, dict[str, Any]],
+             manifest: Callable[[Mapping[str, Any], list[Any], list[str]], dict[str, Any]]
+             ) -> tuple[mp.Plan, list[str]] | None:
+    """Plan the parent's batches for what is not known yet, create the new ones (`manifest` makes
+    each) and delete those no wanted key needs; the plan and the unfinished batches' names, None if
+    the parent failed (a batch name held by a job that is not its own)."""
+    view = job(obj)
+    namespace, name = view.ref
+    slots = sum(n.capacity for n in schedule.live_nodes(ctx.fleet.nodes) if view.spec.profile in n.profiles)
+    todo = mp.plan(wanted, known, batches, min(ctx.settings.map_batch_size, MAX_MAP_BATCH), slots)
+    made = [manifest(obj, elems, ks) for elems, ks in todo.create]
+    # Registered before the writes: a batch that settles at once wakes the parent.
+    running = sorted({*todo.running.values(), *(m["metadata"]["name"] for m in made)})
+    ctx.wait_on(obj, [job_topic(namespace, n) for n in running])
+    taken = decide.name_taken(name, _create(ctx, obj, made, children))
+    if taken is not None:
+        ctx.fail(obj, taken)
+        return None
+    for gone in todo.delete:  # no element needs it any more (the results it made stay in the cache)
+        ctx.kube.delete(p.COMPUTEJOBS, namespace, gone)
+        children.pop(gone, None)
+    return todo, running
 
 
 def _memory(ctx: Context, obj: Mapping[str, Any], target: Target) -> MapMemory:
