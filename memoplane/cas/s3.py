@@ -6,8 +6,9 @@ Semantics (see Backend):
   writers PUT identical bytes: harmless, and cheaper than a conditional write that would
   have to compress and upload every deduplicated chunk first.
 - create: one PUT with `If-None-Match: *`: the server refuses it (412 PreconditionFailed) when
-  the name exists, atomically (MinIO and S3 both), so of racing creators exactly one wins. A retried
-  PUT whose first attempt succeeded is refused too: the caller compares what is there with its bytes.
+  the name exists, atomically (S3, MinIO and versitygw, the last two tested), so of racing creators
+  exactly one wins. A retried PUT whose first attempt succeeded is refused too: the caller compares
+  what is there with its bytes.
 - Age refresh for GC grace: an existing object is copied onto itself with REPLACE
   metadata, which moves its LastModified (what list() reports as mtime) to now. Measured
   on the local MinIO: HEAD ~1 ms, self-copy ~3 ms (the client HEADs the source once more).
