@@ -1,8 +1,9 @@
 """Benchmark the store on MinIO (S3Backend) against the local filesystem store.
 
-    python bench/store_s3.py [--quick]
+    python bench/store_s3.py [--quick] [--server minio|versitygw]
 
-Uses the local control plane's MinIO (memoplane.testing.cluster): reuses a running one,
+Uses the local control plane's MinIO, or with --server its other S3 server
+(memoplane.testing.cluster.S3_SERVERS; results then go under store_s3_<server>): reuses a running one,
 or starts it and stops it again at the end (only if this run started it). Works in its
 own bucket, removed afterwards.
 
@@ -63,12 +64,13 @@ def hit_read(store: Store, size: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--server", choices=cluster.S3_SERVERS, default="minio")
     args = ap.parse_args()
     size = (16 if args.quick else 64) * MiB
     data = text(size)
     up = cluster.up(owner="bench")
     info = up.info
-    client = make_client(info.s3_endpoint, info.s3_access_key, info.s3_secret_key)
+    client = make_client(info.env(args.server)["MEMOPLANE_S3_ENDPOINT"], info.s3_access_key, info.s3_secret_key)
     bucket = f"mp-bench-{secrets.token_hex(6)}"
     S3Backend(client, bucket).ensure_bucket()
     tmp = Path(tempfile.mkdtemp(prefix="memoplane-bench-s3-"))
@@ -106,7 +108,7 @@ def main() -> None:
         return mib / t[name]
 
     fs_name = "filesystem store (durability none)"
-    emit("store_s3", {
+    emit("store_s3" if args.server == "minio" else f"store_s3_{args.server}", {
         "s3_ingest": metric(rate(ingest, "s3"), "MiB/s", fs_name, rate(ingest, "fs")),
         "s3_dedup_put": metric(rate(dedup, "s3"), "MiB/s", fs_name, rate(dedup, "fs")),
         "s3_hit_read": metric(rate(read, "s3"), "MiB/s", fs_name, rate(read, "fs")),

@@ -6,17 +6,21 @@ Semantics (see Backend):
   writers PUT identical bytes: harmless, and cheaper than a conditional write that would
   have to compress and upload every deduplicated chunk first.
 - create: one PUT with `If-None-Match: *`: the server refuses it (412 PreconditionFailed) when
-  the name exists, atomically (MinIO and S3 both), so of racing creators exactly one wins. A retried
-  PUT whose first attempt succeeded is refused too: the caller compares what is there with its bytes.
+  the name exists, atomically (S3, MinIO and versitygw, the last two tested), so of racing creators
+  exactly one wins. A retried PUT whose first attempt succeeded is refused too: the caller compares
+  what is there with its bytes.
 - Age refresh for GC grace: an existing object is copied onto itself with REPLACE
   metadata, which moves its LastModified (what list() reports as mtime) to now. Measured
   on the local MinIO: HEAD ~1 ms, self-copy ~3 ms (the client HEADs the source once more).
   Chunks average 16 KiB, so a deduplicated 64 MiB blob is ~4000 objects: refreshing each
   one on every write would triple the cost of the common case. So an object is refreshed
   only when the HEAD shows it is older than `refresh_after` (default 60 s, measured on
-  the server's own clock: Date minus Last-Modified, immune to client skew). A deduplicated
-  object is therefore protected for at least `grace - refresh_after` seconds, and GC's
-  grace period (default 1 h) must exceed `refresh_after` plus the longest write.
+  the server's own clock: Date minus Last-Modified, immune to client skew). Both are whole
+  seconds, and a server may send a cached Date (versitygw's HTTP server refreshes it once a
+  second), so Date can trail Last-Modified: the age is read `DATE_SLACK` seconds older than it
+  looks, erring towards a refresh. A deduplicated object is therefore protected for at least
+  `grace - refresh_after` seconds, and GC's grace period (default 1 h) must exceed
+  `refresh_after` plus the longest write.
   A "touched" marker object was the alternative: it doubles the object count and GC
   would have to learn it, for no gain over a server-side copy.
   The bucket must not be versioned: each refresh would then keep another version.
@@ -47,10 +51,12 @@ from ..errors import InputError, MemoplaneError, NotFound
 from .backend import ObjectInfo
 
 REFRESH_AFTER = 60.0  # seconds; see the module docstring
+DATE_SLACK = 2.0  # seconds: HTTP dates are whole seconds and a Date header may be a second stale
 DEFAULT_MAX_CONNECTIONS = 32
 _MISSING = ("NoSuchKey", "NoSuchObject")
+# XAdminUserNotFound: versitygw's answer (a 404) to an access key it does not know.
 _CREDENTIALS = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
-                "ExpiredToken")
+                "ExpiredToken", "XAdminUserNotFound")
 
 
 class StoreUnavailable(MemoplaneError):
@@ -209,12 +215,12 @@ class S3Backend:
 
     @staticmethod
     def _age(head: Any) -> float:
-        """Seconds since the object was last written, on the server's clock."""
+        """Seconds since the object was last written, on the server's clock, never under-estimated."""
         if head.last_modified is None:
             return float("inf")
         date = head.metadata.get("Date") if head.metadata is not None else None
         now = parsedate_to_datetime(date).timestamp() if date else time.time()
-        return float(now - head.last_modified.timestamp())
+        return float(now - head.last_modified.timestamp()) + DATE_SLACK
 
     def _refresh(self, key: str) -> None:
         """Move LastModified to now: a server-side copy onto itself (S3 requires a

@@ -4,7 +4,8 @@ kube-apiserver and etcd cannot be `go install`ed: their go.mod files replace the
 sibling modules with local directories (k8s.io/api => ./staging/src/k8s.io/api). So for each
 we generate a small wrapper module that requires the release, replaces every such module with
 its published version (the list is read from the release's own go.mod, never typed in), copies
-the upstream `package main` file and builds it. MinIO and helm install with `go install`.
+the upstream `package main` file and builds it. MinIO, Versity's S3 gateway and helm install with
+`go install`.
 
 Binaries land in `<cache>/bin/<name>-<version>`; they are written under a temporary name and
 renamed, so a binary that exists is complete and later runs reuse it.
@@ -28,7 +29,7 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VERSIONS_FILE = REPO_ROOT / "hack" / "versions.env"
-COMPONENTS = ("etcd", "kube-apiserver", "minio", "helm")
+COMPONENTS = ("etcd", "kube-apiserver", "minio", "versitygw", "helm")
 _PROGRESS_EVERY_S = 15.0
 
 
@@ -45,6 +46,7 @@ class Versions:
     kubernetes: str
     etcd: str
     minio: str
+    versitygw: str
     helm: str
 
     def of(self, component: str) -> str:
@@ -52,6 +54,7 @@ class Versions:
             "etcd": self.etcd,
             "kube-apiserver": self.kubernetes,
             "minio": self.minio,
+            "versitygw": self.versitygw,
             "helm": self.helm,
         }[component]
 
@@ -69,6 +72,7 @@ def load_versions(path: Path | None = None) -> Versions:
         kubernetes=values["KUBERNETES_VERSION"],
         etcd=values["ETCD_VERSION"],
         minio=values["MINIO_VERSION"],
+        versitygw=values["VERSITYGW_VERSION"],
         helm=values["HELM_VERSION"],
     )
 
@@ -251,6 +255,13 @@ def _build_minio(v: Versions, out: Path, log: Path) -> None:
     _go_install("minio", f"github.com/minio/minio@{v.minio}", "-s -w", out, log)
 
 
+def _build_versitygw(v: Versions, out: Path, log: Path) -> None:
+    # Its go.mod has no local replaces, so a plain install works (the posix backend is built in).
+    # Stamp the version as its release build does (the default says "git").
+    _go_install("versitygw", f"github.com/versity/versitygw/cmd/versitygw@{v.versitygw}",
+                f"-s -w -X main.Version={v.versitygw}", out, log)
+
+
 def _build_helm(v: Versions, out: Path, log: Path) -> None:
     # Stamp the full version, as helm's release build does (the default says only v3.<minor>).
     ldflags = f"-s -w -X helm.sh/helm/v3/internal/version.version={v.helm}"
@@ -261,10 +272,11 @@ _BUILDERS: dict[str, Callable[[Versions, Path, Path], None]] = {
     "etcd": _build_etcd,
     "kube-apiserver": _build_kube_apiserver,
     "minio": _build_minio,
+    "versitygw": _build_versitygw,
     "helm": _build_helm,
 }
 _VERSION_ARGS = {"etcd": ["--version"], "kube-apiserver": ["--version"],
-                 "minio": ["--version"], "helm": ["version", "--short"]}
+                 "minio": ["--version"], "versitygw": ["--version"], "helm": ["version", "--short"]}
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""A local control plane from real components: etcd, kube-apiserver and MinIO on loopback.
+"""A local control plane from real components: etcd, kube-apiserver, MinIO and a second S3
+server (Versity's gateway, so the store is tested against two S3 implementations) on loopback.
 
 This is controller-runtime's envtest pattern, done in Python so that the test suite, the
 `hack/cluster` script and CI share one implementation. `up` is idempotent: a healthy running
@@ -30,11 +31,13 @@ from typing import NamedTuple
 from memoplane.testing import build, pki
 
 _PORT_RANGE = (21000, 29000)  # below the usual ephemeral range (32768+), above well-known ones
-_PORT_STRIDE = 10
+_PORT_STRIDE = 16  # a set takes 6 ports (Ports); the rest of a slot holds a second set in tests
 _READY_TIMEOUT_S = 90.0
 _STOP_TIMEOUT_S = 10.0
 # Start order; `down` stops in reverse (apiserver before the etcd it depends on).
-_SERVERS = ("etcd", "minio", "kube-apiserver")
+_SERVERS = ("etcd", "minio", "versitygw", "kube-apiserver")
+# The S3 servers of a set, all with the same credentials; MinIO is the default (s3_endpoint).
+S3_SERVERS = ("minio", "versitygw")
 
 
 class ClusterError(RuntimeError):
@@ -48,10 +51,11 @@ class Ports:
     apiserver: int
     minio: int
     minio_console: int
+    versitygw: int
 
     @classmethod
     def from_base(cls, base: int) -> Ports:
-        return cls(base, base + 1, base + 2, base + 3, base + 4)
+        return cls(base, base + 1, base + 2, base + 3, base + 4, base + 5)
 
     def all(self) -> list[int]:
         return list(asdict(self).values())
@@ -72,12 +76,14 @@ class ClusterInfo:
     ports: Ports
     pids: dict[str, int]
     owner: str = "cli"  # "cli", or "pytest:<pid>" for a set a test session started
-    servers: tuple[str, ...] = _SERVERS  # what this set runs (no MinIO: it uses another set's)
+    servers: tuple[str, ...] = _SERVERS  # what this set runs (no S3 servers: it uses another set's)
+    s3_endpoints: dict[str, str] | None = None  # every S3 server of S3_SERVERS by name
 
-    def env(self) -> dict[str, str]:
+    def env(self, s3_server: str = "minio") -> dict[str, str]:
+        """What a client needs, with MEMOPLANE_S3_ENDPOINT naming `s3_server` (one of S3_SERVERS)."""
         return {
             "KUBECONFIG": self.kubeconfig,
-            "MEMOPLANE_S3_ENDPOINT": self.s3_endpoint,
+            "MEMOPLANE_S3_ENDPOINT": (self.s3_endpoints or {"minio": self.s3_endpoint})[s3_server],
             "MEMOPLANE_S3_ACCESS_KEY": self.s3_access_key,
             "MEMOPLANE_S3_SECRET_KEY": self.s3_secret_key,
         }
@@ -264,6 +270,7 @@ def _health_checks(info: ClusterInfo) -> dict[str, _Check]:
         "etcd": _Check(f"http://127.0.0.1:{info.ports.etcd_client}/health"),
         "kube-apiserver": _Check(f"{info.apiserver_url}/readyz", info.token, info.ca_file),
         "minio": _Check(f"{info.s3_endpoint}/minio/health/live"),
+        "versitygw": _Check(f"{(info.s3_endpoints or {}).get('versitygw')}{_VERSITYGW_HEALTH}"),
     }
 
 
@@ -329,7 +336,7 @@ def _check_ports_free(ports: Ports, patience: float = 0.0) -> None:
                 f"port 127.0.0.1:{port} is in use (a process listens on it); ports "
                 f"{ports.all()} were derived from this checkout's state directory. Another "
                 "process holds it: stop it, or choose other ports with "
-                "MEMOPLANE_CLUSTER_PORT_BASE=<n> (uses n..n+4).")
+                f"MEMOPLANE_CLUSTER_PORT_BASE=<n> (uses n..n+{len(ports.all()) - 1}).")
 
 
 def _listening_ports() -> set[int]:
@@ -416,6 +423,16 @@ def _minio_argv(binary: Path, directory: Path, ports: Ports) -> list[str]:
             f"--console-address=127.0.0.1:{ports.minio_console}", str(directory / "data" / "minio")]
 
 
+_VERSITYGW_HEALTH = "/memoplane-health"
+
+
+def _versitygw_argv(binary: Path, directory: Path, ports: Ports) -> list[str]:
+    # Metadata in a sidecar directory rather than xattrs: works on any filesystem (tmpfs, overlay).
+    data = directory / "data" / "versitygw"
+    return [str(binary), "--quiet", f"--port=127.0.0.1:{ports.versitygw}", f"--health={_VERSITYGW_HEALTH}",
+            "posix", f"--sidecar={data / 'meta'}", str(data / "buckets")]
+
+
 def _prepare(directory: Path, ports: Ports, store: ClusterInfo | None = None) -> tuple[ClusterInfo, dict[str, Path]]:
     """A fresh data dir, keys, token and kubeconfig; returns the cluster's description (with
     `store`: that set's MinIO, not one of its own)."""
@@ -423,7 +440,7 @@ def _prepare(directory: Path, ports: Ports, store: ClusterInfo | None = None) ->
         shutil.rmtree(directory / sub, ignore_errors=True)
     for stale in ("state.json", "env"):  # written again only once the new set is ready
         (directory / stale).unlink(missing_ok=True)
-    for sub in ("data/etcd", "data/minio", "pids", "logs"):
+    for sub in ("data/etcd", "data/minio", "data/versitygw/meta", "data/versitygw/buckets", "pids", "logs"):
         (directory / sub).mkdir(parents=True, exist_ok=True)
     (directory / "data" / "etcd").chmod(0o700)  # etcd warns about anything wider
     for log in (directory / "logs").glob("*.log"):
@@ -440,11 +457,14 @@ def _prepare(directory: Path, ports: Ports, store: ClusterInfo | None = None) ->
         state_dir=str(directory), kubeconfig=str(kubeconfig), apiserver_url=server,
         token=token, ca_file=str(keys["ca.crt"]),
         s3_endpoint=f"http://127.0.0.1:{ports.minio}", s3_access_key="memoplane",
-        s3_secret_key=secrets.token_hex(20), ports=ports, pids={})
+        s3_secret_key=secrets.token_hex(20), ports=ports, pids={},
+        s3_endpoints={"minio": f"http://127.0.0.1:{ports.minio}",
+                      "versitygw": f"http://127.0.0.1:{ports.versitygw}"})
     if store is not None:
         info = ClusterInfo(**{**asdict(info), "ports": ports, "s3_endpoint": store.s3_endpoint,
+                              "s3_endpoints": store.s3_endpoints,
                               "s3_access_key": store.s3_access_key, "s3_secret_key": store.s3_secret_key,
-                              "servers": tuple(n for n in _SERVERS if n != "minio")})
+                              "servers": tuple(n for n in _SERVERS if n not in S3_SERVERS)})
     return info, keys
 
 
@@ -500,8 +520,10 @@ def up(directory: Path | None = None, owner: str = "cli", store: ClusterInfo | N
         minio_env = {"MINIO_ROOT_USER": info.s3_access_key,
                      "MINIO_ROOT_PASSWORD": info.s3_secret_key,
                      "MINIO_BROWSER": "off", "MINIO_UPDATE": "off"}
+        versitygw_env = {"ROOT_ACCESS_KEY_ID": info.s3_access_key, "ROOT_SECRET_ACCESS_KEY": info.s3_secret_key}
         argvs = {"etcd": (_etcd_argv(binaries["etcd"], directory, ports), None),
                  "minio": (_minio_argv(binaries["minio"], directory, ports), minio_env),
+                 "versitygw": (_versitygw_argv(binaries["versitygw"], directory, ports), versitygw_env),
                  "kube-apiserver": (_apiserver_argv(binaries["kube-apiserver"], directory, ports, keys), None)}
         # The apiserver retries etcd until it answers, so all start at once.
         procs = {name: _spawn(directory, name, *argvs[name]) for name in info.servers}

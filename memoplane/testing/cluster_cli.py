@@ -27,7 +27,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     how = "already running, reused" if result.already_running else "started"
     cache = f"built {', '.join(result.built)}" if result.built else "binaries reused from cache"
     _say(f"control plane {how} in {result.seconds_to_ready:.1f}s ({cache})")
-    _say(f"kube-apiserver {info.apiserver_url}  MinIO {info.s3_endpoint}  state {info.state_dir}")
+    _say(f"kube-apiserver {info.apiserver_url}  MinIO {info.s3_endpoint}  "
+         f"versitygw {(info.s3_endpoints or {}).get('versitygw')}  state {info.state_dir}")
     if getattr(args, "with_memoplane", False):
         cfg = processes.StackConfig(directory=cluster.state_dir(), env=info.env(),
                                     watch_namespaces=processes.dev_watch_namespaces())
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, text in [
         ("build", cmd_build, "build the pinned binaries into the cache, or reuse them"),
-        ("up", cmd_up, "start etcd, kube-apiserver and MinIO on loopback (idempotent)"),
+        ("up", cmd_up, "start etcd, kube-apiserver, MinIO and versitygw on loopback (idempotent)"),
         ("down", cmd_down, "stop what `up` started and remove its data"),
         ("status", cmd_status, "show processes, health and memory; exit 1 unless all healthy"),
         ("env", cmd_env, "print the shell exports for the running control plane"),

@@ -125,6 +125,13 @@ def test_helm_binary_runs() -> None:
     assert out.startswith(build.load_versions().helm)
 
 
+def test_versitygw_binary_runs_the_pinned_release() -> None:
+    """The second S3 server (cluster.S3_SERVERS) is the release hack/versions.env names."""
+    out = subprocess.run([str(build.binary_path("versitygw")), "--version"],
+                         capture_output=True, text=True, check=True, timeout=30).stdout
+    assert f"Version  : {build.load_versions().versitygw}" in out
+
+
 def _hack_cluster(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([HACK_CLUSTER, *args], capture_output=True, text=True, env=env,
                           timeout=600)
@@ -134,9 +141,9 @@ def test_cli_lifecycle_reuses_build_recovers_from_crash_and_cleans_up(
         control_plane: cluster.ClusterInfo, tmp_path: Path) -> None:
     """A second, independent set through the CLI: up, up again, crash, up, down."""
     state = tmp_path / "cluster"
-    # The session cluster uses base..base+4 of its 10-port slot; this one takes the rest.
+    # The session cluster uses the first ports of its slot (cluster._PORT_STRIDE); this one the next.
     env = {**os.environ, "MEMOPLANE_CLUSTER_DIR": str(state),
-           "MEMOPLANE_CLUSTER_PORT_BASE": str(control_plane.ports.etcd_client + 5)}
+           "MEMOPLANE_CLUSTER_PORT_BASE": str(control_plane.ports.etcd_client + len(control_plane.ports.all()))}
     try:
         first = _hack_cluster(env, "up")
         assert first.returncode == 0, first.stderr

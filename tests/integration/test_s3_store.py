@@ -1,4 +1,5 @@
-"""The store over a real MinIO (S3Backend, CachingBackend, open_store("s3://...")).
+"""The store over real S3 servers (S3Backend, CachingBackend, open_store("s3://...")): every test
+runs against each of cluster.S3_SERVERS (MinIO and Versity's gateway), so "any S3" is tested.
 
 Each test works in its own bucket with a random name and removes it afterwards: other
 sessions may share the running control plane.
@@ -83,9 +84,9 @@ class S3:
         self.client.put_object(self.bucket, self.prefix + name, io.BytesIO(data), len(data))
 
 
-@pytest.fixture
-def s3(control_plane: cluster.ClusterInfo) -> Iterator[S3]:
-    env = control_plane.env()
+@pytest.fixture(params=cluster.S3_SERVERS)
+def s3(control_plane: cluster.ClusterInfo, request: pytest.FixtureRequest) -> Iterator[S3]:
+    env = control_plane.env(request.param)
     client = make_client(env["MEMOPLANE_S3_ENDPOINT"], env["MEMOPLANE_S3_ACCESS_KEY"],
                          env["MEMOPLANE_S3_SECRET_KEY"])
     bucket = f"mp-test-{secrets.token_hex(6)}"
@@ -339,7 +340,7 @@ def test_cache_serves_second_read_locally_and_heals_local_damage(s3: S3, tmp_pat
     hit = store.get_ref(key(6))
     assert hit is not None and store.load_value(hit.result.value) == data
     assert remote.gets - first == Counter({"refs": 1})  # content came from the local cache
-    # Damage one local chunk: it is dropped, fetched again from MinIO, served correctly.
+    # Damage one local chunk: it is dropped, fetched again from the server, served correctly.
     assert hit.result.value.blob is not None
     chunk = object_name("chunks", store.blob_manifest(hit.result.value.blob.digest).chunks[3][0])
     remote_before = s3.raw(chunk)
@@ -347,7 +348,7 @@ def test_cache_serves_second_read_locally_and_heals_local_damage(s3: S3, tmp_pat
     before = remote.gets.copy()
     assert store.load_value(hit.result.value) == data
     assert remote.gets - before == Counter({"chunks": 1})
-    assert s3.raw(chunk) == remote_before  # MinIO's copy untouched
+    assert s3.raw(chunk) == remote_before  # the server's copy untouched
     assert not any(k.startswith(s3.prefix + "quarantine/") for k in s3.keys())
     assert local.get(chunk) == remote_before and cache.counters.dropped_damaged == 1
     assert store.get_ref(key(6), deep=True) is not None
@@ -368,7 +369,7 @@ def test_cache_with_store_from_settings(s3: S3, tmp_path: Path) -> None:
 
 
 def test_memoize_on_s3_signs_and_never_serves_a_forged_ref(s3: S3) -> None:
-    """Trust does not depend on the backend: on MinIO a forged ref is refused, recomputed, and
+    """Trust does not depend on the backend: on S3 a forged ref is refused, recomputed, and
     `verify`'s scan (a listing of refs/) names it."""
     import dataclasses
 
