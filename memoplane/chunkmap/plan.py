@@ -97,7 +97,9 @@ def over_blob(job: Job, over: str) -> BlobInput:
 
 
 def leaf_job(job: Job, over: str, chunk: BlobInput) -> Job:
-    return dataclasses.replace(job, inputs={**job.inputs, over: chunk})
+    """The job on one chunk, which reaches the code as the whole input was declared (bytes, path or file)."""
+    delivery = over_blob(job, over).delivery
+    return dataclasses.replace(job, inputs={**job.inputs, over: dataclasses.replace(chunk, delivery=delivery)})
 
 
 def combine_job(job: Job, combine: str, parts: list[Any]) -> Job:
