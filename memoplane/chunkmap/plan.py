@@ -98,7 +98,8 @@ def over_blob(job: Job, over: str) -> BlobInput:
 
 def leaf_job(job: Job, over: str, chunk: BlobInput) -> Job:
     """The job on one chunk, which reaches the code as the whole input was declared (bytes, path or file)."""
-    delivery = over_blob(job, over).delivery
+    whole = job.inputs.get(over)
+    delivery = whole.delivery if isinstance(whole, BlobInput) else chunk.delivery
     return dataclasses.replace(job, inputs={**job.inputs, over: dataclasses.replace(chunk, delivery=delivery)})
 
 

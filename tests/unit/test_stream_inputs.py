@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from memoplane.cas import FilesystemBackend, Store
+from memoplane.chunkmap import leaf_job
 from memoplane.execute import execute
 from memoplane.jobs import BlobInput, Delivery, Job, PythonCode, job_from_dict, job_to_dict
 from memoplane.sandbox import Limits, SandboxPool
@@ -156,3 +157,20 @@ def test_cli_as_path(tmp_path: Path) -> None:
     assert json.loads(proc.stdout)["result"] == ["str", hashlib.sha256(b"hello").hexdigest()]
     refused = _cli(store, "run", str(script), "--input", "data=[1]", "--as", "data=path")
     assert refused.returncode != 0 and "there is no file input 'data'" in refused.stderr
+
+
+def test_each_chunk_of_an_over_chunks_map_arrives_as_the_whole_input_was_declared() -> None:
+    whole = _job(HASH_PATH, BlobInput("b3:" + "ab" * 32, 3), "path")
+    leaf = leaf_job(whole, "data", BlobInput("b3:" + "cd" * 32, 1))
+    assert leaf.inputs["data"] == BlobInput("b3:" + "cd" * 32, 1, "path")
+
+
+def test_submit_puts_as_on_the_file_input(tmp_path: Path) -> None:
+    script, data = tmp_path / "job.py", tmp_path / "data.bin"
+    script.write_text(HASH_FILE)
+    data.write_bytes(b"hello")
+    proc = _cli(tmp_path / "store", "submit", str(script), "--input", f"data=@{data}", "--as", "data=file",
+                "--dry-run", "-n", "ml")
+    assert proc.returncode == 0, proc.stderr
+    (item,) = json.loads(proc.stdout)["spec"]["inputs"]
+    assert item["as"] == "file" and set(item) == {"name", "fromConfigMap", "as"}
