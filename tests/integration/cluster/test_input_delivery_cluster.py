@@ -4,6 +4,7 @@ Real API server, MinIO, operator and agents."""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from typing import Any
 
@@ -50,3 +51,36 @@ def test_each_delivery_reaches_the_code_on_an_agent_under_its_own_key(stack: Sta
     keys = {name: s.get("cacheKey") for name, s in status.items()}
     assert keys["as-bytes"] == keys["as-default"]
     assert len({keys["as-bytes"], keys["as-path"], keys["as-file"]}) == 3
+
+
+HASH_PATH = """
+import hashlib
+def main(t):
+    digest = hashlib.sha256()
+    with open(t, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+"""
+
+
+def big_job(name: str, key: str, source: str, delivery: str) -> dict[str, Any]:
+    return computejob_manifest(name, None, {
+        "python": {"source": source, "entrypoint": "main"},
+        "inputs": [{"name": "t", "fromObject": {"bucket": INPUTS_BUCKET, "key": key}, "as": delivery}],
+        "resources": {"memory": "150Mi"}, "cache": {"version": uuid.uuid4().hex}, "backoffLimit": 0})
+
+
+def test_a_200_mb_object_streams_as_path_under_150_mib_on_an_agent_and_fails_as_bytes(stack: Stack, ns: str) -> None:
+    data = b"".join(hashlib.shake_256(i.to_bytes(4, "big")).digest(1 << 20) for i in range(191))  # 200.3 MB
+    key = OPEN_PREFIX + f"big-{uuid.uuid4().hex}.bin"
+    put_object(stack, key, data)
+    stack.apply(ns, big_job("big-path", key, HASH_PATH, "path"),
+                big_job("big-bytes", key, "def main(t):\n    return len(t)\n", "bytes"))
+    done = stack.wait_all(ns, ["big-path", "big-bytes"], timeout=400)
+    status = done["big-path"].get("status") or {}
+    assert status.get("phase") == p.SUCCEEDED, status
+    assert status["result"]["value"] == hashlib.sha256(data).hexdigest()
+    failed = done["big-bytes"].get("status") or {}
+    assert failed.get("phase") == p.FAILED, failed
+    assert "loaded whole as bytes" in str(failed.get("failure")), failed
