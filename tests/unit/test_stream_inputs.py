@@ -19,6 +19,7 @@ from memoplane.cas import FilesystemBackend, Store
 from memoplane.chunkmap import leaf_job
 from memoplane.execute import execute
 from memoplane.jobs import BlobInput, Delivery, Job, PythonCode, job_from_dict, job_to_dict
+from memoplane.keys import explain_change
 from memoplane.sandbox import Limits, SandboxPool
 from memoplane.sandbox.types import MiB
 
@@ -127,6 +128,12 @@ def test_the_delivery_is_part_of_the_key_and_bytes_keeps_the_old_key() -> None:
     keys = {d: _job(HASH_PATH, blob, d).key for d in ("bytes", "path", "file")}
     assert len(set(keys.values())) == 3
     assert _job(HASH_PATH, blob, "bytes").key_parts().inputs == {"data": "blob:" + blob.digest}
+
+
+def test_explain_names_a_changed_delivery() -> None:
+    blob = BlobInput("b3:" + "ab" * 32, 3)
+    before, after = (_job(HASH_PATH, blob, d).key_parts().components() for d in ("bytes", "path"))
+    assert explain_change(before, after) == ["inputs.data changed: blob:b3:abababababab -> blob-path:b3:abababababab"]
 
 
 def test_the_job_manifest_carries_the_delivery() -> None:
