@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,6 +54,8 @@ def materialize_inputs(job: Job, store: Store, in_dir: Path) -> None:
             target.write_bytes(json_input_file(value.value))
         elif isinstance(value, BlobInput):
             store.write_blob(value.digest, target)
+            if value.delivery != "bytes":
+                target.chmod(0o444)  # handed to the code by name: read-only even without the sandbox's view
         elif isinstance(value, SeedInput):
             _materialize_seed(job, name, value, store, in_dir)
 
@@ -88,7 +90,7 @@ def execute(job: Job, store: Store, sandbox: SandboxRunner, *, node: str = "loca
         ))
         ended = time.time()
         if not outcome.ok:
-            return Execution(key, outcome)
+            return Execution(key, _name_loaded_input(job, outcome))
         result = ResultManifest(
             value=_stored_value(outcome, out_dir, store),
             stdout=store.put_bytes(outcome.stdout),
@@ -106,6 +108,21 @@ def execute(job: Job, store: Store, sandbox: SandboxRunner, *, node: str = "loca
             meta=_meta(job, outcome),
         )
         return Execution(key, outcome, result, store.put_result(result))
+
+
+def _name_loaded_input(job: Job, outcome: SandboxOutcome) -> SandboxOutcome:
+    """A Python job out of memory with a file input loaded as bytes that takes half its limit or
+    more: say which input, and that declaring it as a path or a file streams it."""
+    failure = outcome.failure
+    if failure is None or failure.reason != "memory" or isinstance(job.code, CommandCode):
+        return outcome
+    loaded = [(v.size, n) for n, v in job.inputs.items() if isinstance(v, BlobInput) and v.delivery == "bytes"]
+    if not loaded or max(loaded)[0] * 2 < job.limits.memory_bytes:
+        return outcome
+    size, name = max(loaded)
+    hint = (f"; file input {name!r} ({size} bytes) is loaded whole as bytes: declare it as: path or as: file "
+            f"(--as {name}=path) to stream it")
+    return replace(outcome, failure=replace(failure, message=failure.message + hint))
 
 
 def _stored_value(outcome: SandboxOutcome, out_dir: Path, store: Store) -> StoredValue:

@@ -128,6 +128,22 @@ def parse_inputs(texts: list[str]) -> dict[str, Any | FileArg]:
     return found
 
 
+def parse_deliveries(texts: list[str], inputs: dict[str, Any | FileArg]) -> dict[str, str]:
+    """`--as NAME=bytes|path|file` for @FILE inputs: name -> delivery."""
+    found: dict[str, str] = {}
+    for text in texts:
+        name, sep, how = text.partition("=")
+        if not sep or how not in ("bytes", "path", "file"):
+            raise InputError(f"--as {text!r} is not NAME=bytes|path|file", "write e.g. --as table=path")
+        if name in found:
+            raise InputError(f"--as {name} is given twice", "give each input's delivery once")
+        if not isinstance(inputs.get(name), FileArg):
+            raise InputError(f"--as {name}: there is no file input {name!r}",
+                             f"give the file with --input {name}=@FILE, or remove --as {name}")
+        found[name] = how
+    return found
+
+
 def parse_env(texts: list[str]) -> dict[str, str]:
     env: dict[str, str] = {}
     for text in texts:

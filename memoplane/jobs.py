@@ -18,6 +18,11 @@ from .keys import KeyParts, code_digest, command_digest, digest_value, runtime_i
 from .sandbox.types import CommandTask, Limits, PythonTask
 
 Policy = Literal["Use", "Refresh", "Bypass"]
+# How a Python entrypoint receives a file input: its bytes (a numpy array for .npy), the path of
+# the read-only file under $MEMOPLANE_IN, or that file opened for binary reading. Path and file
+# let a job stream an input larger than its memory limit. Commands always get the file.
+Delivery = Literal["bytes", "path", "file"]
+DELIVERIES: tuple[Delivery, ...] = ("bytes", "path", "file")
 POLICIES: tuple[Policy, ...] = ("Use", "Refresh", "Bypass")
 
 
@@ -38,17 +43,22 @@ class JsonInput:
 
 @dataclass(frozen=True)
 class BlobInput:
-    """Bytes held in the store under `digest`; the entrypoint receives `bytes`
-    (a numpy array when `name` ends in .npy) and commands a file."""
+    """Bytes held in the store under `digest`; a Python entrypoint receives them as
+    `delivery` says and commands a file."""
 
     digest: str
     size: int
+    delivery: Delivery = "bytes"
 
     @property
     def key_entry(self) -> str:
         # The kind is part of the entry: a file holding the text "[1,2]" and the
         # JSON value [1,2] have one digest but reach the code as different types.
-        return "blob:" + self.digest
+        # So is the delivery (bytes, a path or an open file are different values);
+        # "bytes" keeps the entry it always had, so existing keys stay valid.
+        if self.delivery == "bytes":
+            return "blob:" + self.digest
+        return f"blob-{self.delivery}:{self.digest}"
 
 
 @dataclass(frozen=True)
@@ -146,6 +156,8 @@ def sandbox_task(job: Job) -> PythonTask | CommandTask:
         filename=job.code.filename,
         inputs={n: v.value for n, v in job.inputs.items() if isinstance(v, JsonInput)},
         file_inputs={n: input_file_name(n) for n, v in job.inputs.items() if isinstance(v, BlobInput)},
+        file_deliveries={n: v.delivery for n, v in job.inputs.items()
+                         if isinstance(v, BlobInput) and v.delivery != "bytes"},
         seed_inputs={n: {"params": dict(v.params), "offset": v.offset, "count": v.count,
                          "overlay": seed_overlay_file_name(n) if v.overlay is not None else None}
                      for n, v in job.inputs.items() if isinstance(v, SeedInput)},
@@ -183,7 +195,8 @@ def _input_to_dict(value: Input) -> dict[str, Any]:
     if isinstance(value, JsonInput):
         return {"json": value.value}
     if isinstance(value, BlobInput):
-        return {"blob": {"digest": value.digest, "size": value.size}}
+        delivery = {} if value.delivery == "bytes" else {"as": value.delivery}  # added within v1
+        return {"blob": {"digest": value.digest, "size": value.size, **delivery}}
     overlay = None if value.overlay is None else {"digest": value.overlay.digest, "size": value.overlay.size}
     return {"seed": {"params": dict(value.params), "digest": value.seed_digest, "offset": value.offset,
                      "count": value.count, "overlay": overlay}}
@@ -199,7 +212,11 @@ def _input_from_dict(name: str, value: dict[str, Any]) -> Input:
         overlay = seed.get("overlay")
         return SeedInput(dict(seed["params"]), str(seed["digest"]), int(seed["offset"]), int(seed["count"]),
                          BlobInput(overlay["digest"], int(overlay["size"])) if overlay else None)
-    return BlobInput(value["blob"]["digest"], int(value["blob"]["size"]))
+    blob = value["blob"]
+    delivery = blob.get("as", "bytes")
+    if delivery not in DELIVERIES:
+        raise ValueError(f"job manifest: input {name!r} has delivery {delivery!r}, not one of {', '.join(DELIVERIES)}")
+    return BlobInput(blob["digest"], int(blob["size"]), delivery)
 
 
 def job_from_dict(data: dict[str, Any]) -> Job:

@@ -189,7 +189,7 @@ def _mapping_changes(part: str, before: Mapping[str, Any], after: Mapping[str, A
 def _short(value: Any) -> str:
     text = str(value)
     kind, _, rest = text.partition(":")
-    if kind in ("json", "blob") and rest.startswith(DIGEST_PREFIX):
+    if (kind == "json" or kind.startswith("blob")) and rest.startswith(DIGEST_PREFIX):  # blob-path: ...
         return f"{kind}:{rest[:15]}"
     if text.startswith(DIGEST_PREFIX):
         return text[:15]

@@ -45,6 +45,12 @@ BOTH_PROGRAMS = "spec.python and spec.command are both set: keep exactly one"
 NO_PROGRAM = "spec.python or spec.command is required: set exactly one"
 
 
+FILE_SOURCES = ("fromJob", "fromObject", "fromConfigMap")
+AS_WITH_COMMAND = ("as applies to Python jobs: a command reads every input as a file under $MEMOPLANE_IN; "
+                   "remove as from spec.inputs")
+AS_NEEDS_FILE = "as applies to file inputs (fromJob, fromObject, fromConfigMap): remove it from this input"
+
+
 def sources_message(name: str, count: int) -> str:
     return f"input '{name}' has {count} sources: set exactly one of {', '.join(SOURCES)}"
 
@@ -100,7 +106,12 @@ class Input(K8sModel):
     # Enforced with oneOf/required, not CEL: CEL cannot see `value` (a field with
     # preserve-unknown-fields and no type is invisible to CEL; kube-apiserver refuses
     # `has(self.value)` at CRD creation).
-    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": [s]} for s in SOURCES]})
+    # `as` is a CEL keyword: the API server names the field __as__ in rules.
+    model_config = ConfigDict(json_schema_extra={
+        "oneOf": [{"required": [s]} for s in SOURCES],
+        **validations(cel("!has(self.__as__) || " + " || ".join(f"has(self.{s})" for s in FILE_SOURCES),
+                          AS_NEEDS_FILE)),
+    })
     _keep_null: ClassVar[tuple[str, ...]] = ("value",)
 
     name: Identifier = Field(description="Keyword argument / file name under $MEMOPLANE_IN.")
@@ -109,6 +120,11 @@ class Input(K8sModel):
     from_seed: SeedRef | None = None
     from_object: ObjectRef | None = None
     from_config_map: ConfigMapKeyRef | None = None
+    as_: Literal["bytes", "path", "file"] | None = Field(default=None, alias="as", description=(
+        "How a Python entrypoint receives this file input: bytes (the default; a numpy array for a .npy "
+        "input), path (the path of the read-only file under $MEMOPLANE_IN, a str) or file (that file opened "
+        "for binary reading). path and file never load the input into memory. Part of the cache key. "
+        "Commands always read the file under $MEMOPLANE_IN."))
 
     def sources(self) -> list[str]:
         """The wire names of the sources this input sets (an explicit `value: null` counts)."""
@@ -130,6 +146,8 @@ class Input(K8sModel):
         count = len(self.sources())
         if count != 1:
             raise ValueError(sources_message(self.name, count))
+        if self.as_ is not None and not any(s in FILE_SOURCES for s in self.sources()):
+            raise ValueError(AS_NEEDS_FILE)
         return self
 
 
@@ -255,6 +273,11 @@ class ComputeJobSpec(K8sModel):
                 ),
                 field_path=".map.overChunks",
             ),
+            cel(
+                "!has(self.command) || !has(self.inputs) || self.inputs.all(i, !has(i.__as__))",
+                AS_WITH_COMMAND,
+                field_path=".inputs",
+            ),
         )
     )
 
@@ -296,6 +319,8 @@ class ComputeJobSpec(K8sModel):
         if chunks_over is not None and chunks_over not in {i.name for i in self.inputs}:
             raise ValueError("spec.map.overChunks: " + map_over_message(chunks_over))
         self._combine_fits()
+        if self.command is not None and any(i.as_ is not None for i in self.inputs):
+            raise ValueError("spec.inputs: " + AS_WITH_COMMAND)
         if self.map is not None and self.verify is not None and self.verify.replicas > 1:
             raise ValueError("spec.verify: " + VERIFY_WITH_MAP)
         return self

@@ -97,7 +97,10 @@ def over_blob(job: Job, over: str) -> BlobInput:
 
 
 def leaf_job(job: Job, over: str, chunk: BlobInput) -> Job:
-    return dataclasses.replace(job, inputs={**job.inputs, over: chunk})
+    """The job on one chunk, which reaches the code as the whole input was declared (bytes, path or file)."""
+    whole = job.inputs.get(over)
+    delivery = whole.delivery if isinstance(whole, BlobInput) else chunk.delivery
+    return dataclasses.replace(job, inputs={**job.inputs, over: dataclasses.replace(chunk, delivery=delivery)})
 
 
 def combine_job(job: Job, combine: str, parts: list[Any]) -> Job:

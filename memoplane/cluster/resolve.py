@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -215,6 +215,18 @@ def find_cycle(obj: Mapping[str, Any], lookups: Lookups) -> list[str] | None:
 def resolve_input(item: SpecInput, name: str, lookups: Lookups, created: datetime | None,
                    now: datetime, grace: float, field: str = "") -> Input | Waiting | Failed:
     """`field`: where the input is in the spec (spec.inputs[i]), for messages that name a field."""
+    got = _resolve_source(item, name, lookups, created, now, grace, field)
+    if item.as_ is None or isinstance(got, (Waiting, Failed)):
+        return got
+    if not isinstance(got, BlobInput):
+        # An upstream that returned JSON: its value has no file to hand over by path.
+        return Failed(p.REASON_INVALID, f"{field or repr(item.name)}.as: {item.as_} for an input that resolved to a "
+                      "JSON value is not supported yet: remove as, or have the upstream return bytes or a file")
+    return replace(got, delivery=item.as_)
+
+
+def _resolve_source(item: SpecInput, name: str, lookups: Lookups, created: datetime | None,
+                    now: datetime, grace: float, field: str) -> Input | Waiting | Failed:
     label = f"input '{item.name}'"
     if "value" in item.sources():
         return JsonInput(item.value)

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..api import computejob_manifest
 from ..errors import InputError, JobFailed, NotFound
-from ..inputs import FileArg, SeedArg, parse_env, parse_inputs
+from ..inputs import FileArg, SeedArg, parse_deliveries, parse_env, parse_inputs
 from ..keys import digest_bytes
 from .kube import GROUP, PLURAL, VERSION, api_call, current_namespace, custom_objects, get_job
 
@@ -54,9 +54,13 @@ def _spec(args: argparse.Namespace, namespace: str) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"script {args.script!r} does not exist", "check the path")
     inputs = []
-    for name, value in parse_inputs(args.input).items():
+    parsed = parse_inputs(args.input)
+    deliveries = parse_deliveries(args.as_, parsed)
+    for name, value in parsed.items():
         if isinstance(value, FileArg):
-            inputs.append({"name": name, "fromConfigMap": _upload_configmap(namespace, value.path, args.dry_run)})
+            delivery = {"as": deliveries[name]} if name in deliveries else {}
+            inputs.append({"name": name, "fromConfigMap": _upload_configmap(namespace, value.path, args.dry_run),
+                           **delivery})
         elif isinstance(value, SeedArg):
             inputs.append({"name": name, "fromSeed": {"name": value.name, "offset": value.offset,
                                                       "count": value.count}})

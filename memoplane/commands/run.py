@@ -8,13 +8,13 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..cas import Store, open_store
 from ..embedded import RunHistory, RunReport, run_job
 from ..errors import InputError, JobFailed
-from ..inputs import FileArg, SeedArg, parse_bytes, parse_env, parse_inputs
-from ..jobs import BlobInput, CommandCode, Input, Job, JsonInput, PythonCode
+from ..inputs import FileArg, SeedArg, parse_bytes, parse_deliveries, parse_env, parse_inputs
+from ..jobs import BlobInput, CommandCode, Delivery, Input, Job, JsonInput, PythonCode
 from ..keys import explain_change
 from ..sandbox.types import Limits
 from ..trust import trusted_hit
@@ -30,7 +30,9 @@ def build_job(args: argparse.Namespace, store: Store) -> tuple[Job, str]:
         memory_bytes=parse_bytes(getattr(args, "memory", "2Gi"), "--memory"),
         max_output_bytes=parse_bytes(getattr(args, "max_output", "1Gi"), "--max-output"),
     )
-    job = Job(code=code, inputs=_inputs(parse_inputs(args.input), store),
+    parsed = parse_inputs(args.input)
+    deliveries = parse_deliveries(getattr(args, "as_", []), parsed)
+    job = Job(code=code, inputs=_inputs(parsed, deliveries, store),
               env=parse_env(args.env), salt=args.salt, limits=limits)
     return job, identity
 
@@ -54,12 +56,12 @@ def _code(args: argparse.Namespace) -> tuple[PythonCode | CommandCode, str]:
     return PythonCode(source=source, entrypoint=args.entrypoint, filename=str(path)), identity
 
 
-def _inputs(parsed: dict[str, Any], store: Store) -> dict[str, Input]:
+def _inputs(parsed: dict[str, Any], deliveries: dict[str, str], store: Store) -> dict[str, Input]:
     inputs: dict[str, Input] = {}
     for name, value in parsed.items():
         if isinstance(value, FileArg):
             blob = store.put_file(value.path)
-            inputs[name] = BlobInput(blob.digest, blob.size)
+            inputs[name] = BlobInput(blob.digest, blob.size, cast(Delivery, deliveries.get(name, "bytes")))
         elif isinstance(value, SeedArg):
             from .gmem import seed_input
 

@@ -192,9 +192,10 @@ def _syntax_failure(e: Exception, filename: str) -> Result:
 
 def _inputs(task: dict[str, Any], fn: Any, in_dir: str) -> tuple[dict[str, Any], Result | None]:
     inputs = dict(task.get("inputs") or {})
+    deliveries = task.get("file_deliveries") or {}
     for name, rel in (task.get("file_inputs") or {}).items():
         try:
-            inputs[name] = _read_file_input(in_dir, rel)
+            inputs[name] = _file_input(in_dir, rel, deliveries.get(name, "bytes"))
         except (OSError, ValueError) as e:
             return {}, failure("bad-input", f"file input {name!r} ({rel}) cannot be read: {e} — "
                                "put the file under the job's in_dir", "")
@@ -277,8 +278,17 @@ def _input_path(in_dir: str, rel: str) -> str:
     return path
 
 
-def _read_file_input(in_dir: str, rel: str) -> Any:
+def _file_input(in_dir: str, rel: str, delivery: str) -> Any:
+    """The input as the job declared it: its path or an open file never loads
+    the content, so an input may be larger than the job's memory limit."""
     path = _input_path(in_dir, rel)
+    if delivery == "path":
+        os.stat(path)  # a missing file is a bad input here, not a puzzle in user code
+        return path
+    if delivery == "file":
+        return open(path, "rb")  # the job owns it; a child runs one job and exits
+    if delivery != "bytes":
+        raise ValueError(f"unknown delivery {delivery!r}")
     if path.endswith(".npy"):
         import numpy as np
         return np.load(path, allow_pickle=False)

@@ -30,6 +30,9 @@ class PythonTask:
     # Inputs that are files under $MEMOPLANE_IN, passed as keyword args of type
     # bytes (name -> relative path under in_dir), or numpy arrays for .npy files.
     file_inputs: dict[str, str] = field(default_factory=dict)
+    # Of those, the ones passed otherwise: name -> "path" (the file's path, a str) or
+    # "file" (the file opened for binary reading). Absent: bytes.
+    file_deliveries: dict[str, str] = field(default_factory=dict)
     # Inputs generated in the child from a GMemSeed (the values never travel): name ->
     # {"params": GMemParams JSON, "offset": int, "count": int, "overlay": path under
     # in_dir of the overlay .npy, or None}; passed as numpy arrays.

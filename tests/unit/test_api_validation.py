@@ -17,6 +17,8 @@ from openapi_schema_validator import OAS30Validator
 
 from memoplane.api import crd, examples
 from memoplane.api.computejob import (
+    AS_NEEDS_FILE,
+    AS_WITH_COMMAND,
     COMBINE_NEEDED_MESSAGE,
     COMBINE_UNUSED_MESSAGE,
     COMPUTEJOB,
@@ -50,9 +52,22 @@ def _spec_schema(info: crd.KindInfo) -> dict[str, Any]:
 _CEL = celpy.Environment()
 
 
+# CEL keywords a property may be named; the API server shows such a property to rules as __NAME__.
+_CEL_RESERVED = {"as", "break", "const", "continue", "else", "for", "function", "if", "import", "let", "loop",
+                 "package", "namespace", "return", "var", "void", "while"}
+
+
+def _escaped(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {(f"__{k}__" if k in _CEL_RESERVED else k): _escaped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escaped(v) for v in value]
+    return value
+
+
 def _cel(expr: str, value: Any) -> Any:
     program = _CEL.program(_CEL.compile(expr))
-    return program.evaluate({"self": celpy.json_to_cel(value)})
+    return program.evaluate({"self": celpy.json_to_cel(_escaped(value))})
 
 
 def _cel_failures(schema: dict[str, Any], value: Any, path: str) -> list[str]:
@@ -249,6 +264,18 @@ CASES: list[tuple[str, crd.KindInfo, type[Any], Spec, str, str]] = [
     ("env-name-reserved", COMPUTEJOB, ComputeJobSpec, _job(env={"MEMOPLANE_OUT": "/etc"}), "spec.env",
      f"spec.env: 'MEMOPLANE_OUT' is not a valid variable name: {ENV_NAME_FIX}"),
     ("env-value-with-nul", COMPUTEJOB, ComputeJobSpec, _job(env={"MODE": "a\u0000b"}), "spec.env", ""),
+    ("as-on-a-value", COMPUTEJOB, ComputeJobSpec, _with_input(0, {"name": "rows", "value": [1], "as": "path"}),
+     "spec.inputs[0]", f"spec.inputs[0]: {AS_NEEDS_FILE}"),
+    ("as-on-a-seed", COMPUTEJOB, ComputeJobSpec,
+     _with_input(3, {"name": "noise", "fromSeed": {"name": "field", "count": 10}, "as": "bytes"}),
+     "spec.inputs[3]", f"spec.inputs[3]: {AS_NEEDS_FILE}"),
+    ("as-unknown", COMPUTEJOB, ComputeJobSpec,
+     _with_input(4, {"name": "table", "fromObject": {"bucket": "data", "key": "t"}, "as": "mmap"}),
+     "spec.inputs[4].as", ""),
+    ("as-with-command", COMPUTEJOB, ComputeJobSpec,
+     _job(python=None, map=None, command=["wc", "-c"], inputs=[{"name": "t", "fromConfigMap": {"name": "c", "key": "k"},
+                                                       "as": "path"}]),
+     "spec.inputs", f"spec.inputs: {AS_WITH_COMMAND}"),
     ("bad-dtype", GMEMSEED, GMemSeedSpec, _with(["dtype"], "int8", examples.gmemseed_spec), "spec.dtype", ""),
     ("negative-seed", GMEMSEED, GMemSeedSpec, _with(["seed"], -1, examples.gmemseed_spec), "spec.seed", ""),
 ]
@@ -287,7 +314,7 @@ CEL_IDS = {"python-and-command", "neither-python-nor-command", "map-over-unknown
            "sharing-names-and-selector", "sharing-writers-empty", "signing-replaced-by-trust",
            "quota-empty", "tiers-not-supported",
            "trusted-key-two-sources", "trusted-key-no-source", "trusts-no-key", "env-name-with-equals", "env-name-empty", "env-name-digit-first",
-           "env-name-with-nul", "env-name-reserved"}
+           "env-name-with-nul", "env-name-reserved", "as-on-a-value", "as-on-a-seed", "as-with-command"}
 CEL_CASES = [c for c in CASES if c[0] in CEL_IDS]
 
 
@@ -313,6 +340,10 @@ def test_python_and_cel_give_the_same_message(
         (COMPUTEJOB, ComputeJobSpec, _with(["resources"], {"cpu": 2, "memory": "1.5Gi", "maxOutputBytes": "1e6"})),
         (COMPUTEJOB, ComputeJobSpec, _job(env={"MODE": "a=b c", "_x": "", "a.b-C_9": "ü", ".dot": "-"})),
         (COMPUTEJOB, ComputeJobSpec, _with_input(0, {"name": "rows", "value": _nested(100)})),
+        (COMPUTEJOB, ComputeJobSpec, _job(map=None, inputs=[
+            {"name": "raw", "fromJob": {"name": "download"}, "as": "file"},
+            {"name": "table", "fromObject": {"bucket": "data", "key": "t.parquet"}, "as": "path"},
+            {"name": "settings", "fromConfigMap": {"name": "featurize", "key": "s.json"}, "as": "bytes"}])),
         (RESULTCACHE, ResultCacheSpec, {"store": {"bucket": "memoplane"}}),
         (RESULTCACHE, ResultCacheSpec, {"store": {"bucket": "memoplane"},
                                         "trust": {"clusterAgents": False,
@@ -330,7 +361,8 @@ def test_python_and_cel_give_the_same_message(
                                         "quota": {"maxBytes": "50Gi", "maxEntries": 1}}),
     ],
     ids=["computejob-design", "resultcache-design", "gmemseed-design", "command", "null-value",
-         "quantities", "env-names", "deep-100", "no-trust", "own-keys-only", "reexecute", "reexecute-all",
+         "quantities", "env-names", "deep-100", "file-deliveries", "no-trust", "own-keys-only", "reexecute",
+         "reexecute-all",
          "sharing-and-read-only", "quota-entries", "quota-both"],
 )
 def test_valid_specs_pass_both(info: crd.KindInfo, model: type[Any], spec: Spec) -> None:
