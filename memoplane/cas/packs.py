@@ -54,7 +54,9 @@ import logging
 import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import partial
 
 from ..errors import NotFound
 from .backend import Backend
@@ -64,6 +66,9 @@ from .digests import PREFIX, b3, digest_of_name, object_name
 log = logging.getLogger("memoplane.cas")
 
 PACK_TARGET = 16 << 20  # a pack is sealed once its chunks reach this many bytes
+MAX_GAP = 1 << 20  # unwanted bytes a coalesced read may span between two wanted chunks
+MAX_SPAN = 8 << 20  # bytes per coalesced read: several MiB, so a few requests run concurrently
+AMPLIFICATION = 1.25  # bytes read / bytes wanted, at most, for every coalesced read
 PACK_MAGIC = b"MPPACK01"
 SEGMENT_MAGIC = b"MPIDX001"
 PACKS, INDEX = "packs/", "index/"
@@ -309,3 +314,89 @@ def read_chunk(backend: Backend, index: PackIndex, digest: str) -> bytes:
         except (PackDamaged, NotFound) as e:
             problems.append(str(e))
     raise PackDamaged("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Span:
+    """One ranged read of a pack covering several wanted chunks."""
+
+    pack: str
+    offset: int
+    length: int
+    chunks: tuple[tuple[str, Location], ...]  # (digest, where) of the chunks inside it
+
+    def wanted(self) -> int:
+        return sum(loc.length for _, loc in self.chunks)
+
+
+def plan_reads(wanted: Iterable[tuple[str, Location]], *, max_gap: int = MAX_GAP, max_span: int = MAX_SPAN,
+               amplification: float = AMPLIFICATION) -> list[Span]:
+    """Coalesce chunk locations into spans: sorted by (pack, offset), neighbours merged while
+    the gap is at most `max_gap`, the span at most `max_span` bytes (or one chunk) and the bytes
+    read at most `amplification` times the bytes wanted, so no plan reads more than that."""
+    spans: list[Span] = []
+    current: list[tuple[str, Location]] = []
+    for digest, loc in sorted(set(wanted), key=lambda r: (r[1].pack, r[1].offset, r[0])):
+        if current and not _extends(current, loc, max_gap, max_span, amplification):
+            spans.append(_span(current))
+            current = []
+        current.append((digest, loc))
+    if current:
+        spans.append(_span(current))
+    return spans
+
+
+def _extends(current: list[tuple[str, Location]], loc: Location, max_gap: int, max_span: int,
+             amplification: float) -> bool:
+    first, end = current[0][1], max(c.offset + c.length for _, c in current)
+    if loc.pack != first.pack or loc.offset - end > max_gap:
+        return False
+    length = max(end, loc.offset + loc.length) - first.offset
+    wanted = sum(c.length for _, c in current) + loc.length
+    return length <= max_span and length <= amplification * wanted
+
+
+def _span(chunks: list[tuple[str, Location]]) -> Span:
+    start = chunks[0][1].offset
+    end = max(loc.offset + loc.length for _, loc in chunks)
+    return Span(chunks[0][1].pack, start, end - start, tuple(chunks))
+
+
+def read_chunks(backend: Backend, index: PackIndex, digests: Iterable[str], *,
+                executor: Executor | None = None) -> dict[str, bytes]:
+    """The plain bytes of every chunk in `digests`, each verified, fetched by coalesced ranged
+    reads (on `executor` if given, concurrently). A chunk whose span was damaged or missing is
+    re-read alone from its other locations (read_chunk), so one bad copy costs one chunk's
+    fallback, not the read. NotFound if the index does not know a chunk."""
+    wanted = []
+    for digest in dict.fromkeys(digests):
+        locations = index.locations(digest)
+        if not locations:
+            raise NotFound(f"chunk {digest} is in no pack the index knows")
+        wanted.append((digest, locations[0]))
+    spans = plan_reads(wanted)
+    results = executor.map(partial(_read_span, backend), spans) if executor else map(partial(_read_span, backend), spans)
+    out: dict[str, bytes] = {}
+    for found in results:
+        out.update(found)
+    for digest, _ in wanted:
+        if digest not in out:
+            out[digest] = read_chunk(backend, index, digest)
+    return out
+
+
+def _read_span(backend: Backend, span: Span) -> dict[str, bytes]:
+    """The verified chunks of one span; damaged or missing ones are left out."""
+    try:
+        data = read_range(backend, object_name("packs", span.pack), span.offset, span.length)
+    except NotFound:
+        return {}
+    out = {}
+    for digest, loc in span.chunks:
+        stored = data[loc.offset - span.offset:loc.offset - span.offset + loc.length]
+        try:
+            if len(stored) == loc.length:
+                out[digest] = verified_chunk(digest, stored, loc.plain)
+        except PackDamaged as e:
+            log.warning("%s; re-reading it from its other locations", e)
+    return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -16,14 +17,18 @@ from memoplane.cas.backend import Backend, ObjectInfo
 from memoplane.cas.chunking import encode_chunk
 from memoplane.cas.digests import object_name
 from memoplane.cas.packs import (
+    AMPLIFICATION,
     INDEX,
     PACKS,
+    Location,
     PackDamaged,
     PackIndex,
     PackWriter,
     build_segment,
     parse_pack,
+    plan_reads,
     read_chunk,
+    read_chunks,
 )
 from memoplane.errors import NotFound
 
@@ -202,6 +207,69 @@ def test_concurrent_writers_lose_nothing(backend: FilesystemBackend) -> None:
     # others keep a duplicate, which the index lists as a second location and GC's repack drops.
 
 
+def test_plans_merge_neighbours_and_bound_amplification() -> None:
+    rng = random.Random(3)
+    wanted = []
+    for p in range(3):
+        offset = 0
+        for _ in range(200):
+            length = rng.randrange(1, 40 * KiB)
+            if rng.random() < 0.6:
+                wanted.append((f"b3:{p}-{offset}", Location(f"pack{p}", offset, length, length)))
+            offset += length
+    spans = plan_reads(wanted, max_gap=64 * KiB, max_span=1 << 20)
+    assert sorted(c for s in spans for c in s.chunks) == sorted(wanted)  # each chunk in exactly one span
+    assert len(spans) < len(wanted) / 4  # neighbours were merged
+    for s in spans:
+        assert {loc.pack for _, loc in s.chunks} == {s.pack}
+        assert len(s.chunks) == 1 or (s.length <= AMPLIFICATION * s.wanted() and s.length <= 1 << 20)
+        assert all(s.offset <= loc.offset and loc.offset + loc.length <= s.offset + s.length for _, loc in s.chunks)
+
+
+def test_a_far_chunk_is_a_read_of_its_own() -> None:
+    near = [("b3:a", Location("p", 0, 100, 100)), ("b3:b", Location("p", 100, 100, 100))]
+    far = ("b3:c", Location("p", 10_000, 100, 100))
+    assert [len(s.chunks) for s in plan_reads([*near, far])] == [2, 1]
+
+
+def test_coalesced_reads_cost_one_request_per_pack(backend: FilesystemBackend) -> None:
+    plains = chunks(40)
+    writer = PackWriter(backend, PackIndex(), target=256 * KiB)
+    add_all(writer, plains)
+    writer.flush()
+    index = loaded(backend)
+    counting = _CountingBackend(backend)
+    with ThreadPoolExecutor(2) as pool:
+        got = read_chunks(counting, index, [b3(p) for p in plains], executor=pool)
+    assert [got[b3(p)] for p in plains] == plains
+    assert counting.requests == len(names(backend, PACKS))
+
+
+def test_a_damaged_copy_falls_back_to_another_location(backend: FilesystemBackend) -> None:
+    plains = chunks(4)
+    for order in (plains, plains[::-1]):  # two packs holding every chunk, at different offsets
+        writer = PackWriter(backend, PackIndex())
+        add_all(writer, order)
+        writer.flush()
+    index = loaded(backend)
+    assert len(index.locations(b3(plains[1]))) == 2
+    first = index.locations(b3(plains[1]))[0]
+    path = backend.root / object_name("packs", first.pack)
+    data = bytearray(path.read_bytes())
+    data[first.offset + 1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    got = read_chunks(backend, index, [b3(p) for p in plains])
+    assert [got[b3(p)] for p in plains] == plains
+    for loc in index.locations(b3(plains[1]))[1:]:  # with every copy damaged, nothing is served
+        path = backend.root / object_name("packs", loc.pack)
+        data = bytearray(path.read_bytes())
+        data[loc.offset + 1] ^= 0xFF
+        path.write_bytes(bytes(data))
+    with pytest.raises(PackDamaged):
+        read_chunks(backend, index, [b3(p) for p in plains])
+
+
 class _CountingBackend:
     """The filesystem backend, counting every request a writer makes."""
 
@@ -227,6 +295,10 @@ class _CountingBackend:
     def get(self, name: str) -> bytes:
         self._count()
         return self.inner.get(name)
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        self._count()
+        return self.inner.get_range(name, offset, length)
 
     def exists(self, name: str) -> bool:
         self._count()
