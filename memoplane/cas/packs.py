@@ -222,8 +222,7 @@ class PackIndex:
 class PackWriter:
     """Appends chunks to an open pack; `flush()` makes everything added so far visible.
 
-    `add` is chunking.ChunkPut plus the chunk's plain length (which ChunkPut will have to
-    pass on when the Store switches to packs). Thread-safe. A pack
+    `add` is a chunking.ChunkPut, so an Ingest writes through it. Thread-safe. A pack
     is PUT when it reaches `target` bytes (under the lock: simple, and one pack is in flight per
     writer; an upload thread is a later step)."""
 

@@ -14,7 +14,7 @@ import pytest
 
 from memoplane.cas import FilesystemBackend, b3
 from memoplane.cas.backend import Backend, ObjectInfo
-from memoplane.cas.chunking import encode_chunk
+from memoplane.cas.chunking import ChunkParams, Pools, encode_chunk, ingest_buffer
 from memoplane.cas.digests import object_name
 from memoplane.cas.packs import (
     AMPLIFICATION,
@@ -205,6 +205,27 @@ def test_concurrent_writers_lose_nothing(backend: FilesystemBackend) -> None:
         assert read_chunk(backend, index, b3(plain)) == plain
     # Writers that packed the same chunks in the same order wrote the same pack (same name);
     # others keep a duplicate, which the index lists as a second location and GC's repack drops.
+
+
+def test_an_ingest_writes_through_packs_in_few_requests(backend: FilesystemBackend) -> None:
+    MiB = 1 << 20
+    data = random.Random(5).randbytes(8 * MiB)
+    counting = _CountingBackend(backend)
+    writer = PackWriter(counting, PackIndex(), target=2 * MiB)
+    pools = Pools(2)
+    try:
+        ingested = ingest_buffer(data, ChunkParams(), pools, writer.add)
+    finally:
+        pools.close()
+    writer.flush()
+    packs = names(backend, PACKS)
+    assert len(packs) == 4 and counting.requests == len(packs) + 1  # a PUT per pack, one per segment
+    assert ingested.new_chunks == len(ingested.chunks) > 300  # ~24 KiB chunks, not ~300 requests
+
+    counting.requests = 0
+    got = read_chunks(counting, loaded(backend), [d for d, _ in ingested.chunks])
+    assert b"".join(got[d] for d, _ in ingested.chunks) == data
+    assert counting.requests == len(packs)
 
 
 def test_plans_merge_neighbours_and_bound_amplification() -> None:
