@@ -21,7 +21,7 @@ Crash safety: a chunk is visible only once an index segment names its pack, and 
 that segment only after the pack's PUT returned and `backend.flush()` made it durable. A writer
 killed before or during a pack's PUT leaves at most a temp file (filesystem) or nothing (S3); one
 killed between a pack and its segment leaves an unindexed pack that no reader sees (GC deletes it
-after its grace period; a repair could index it from its trailer). The Store flushes the writer
+after its grace period, or `index_pack` indexes it from its trailer). The Store flushes the writer
 (pack, then segment) before it writes a blob manifest's ref, so a ref never names a chunk that
 the index cannot find after a crash.
 
@@ -282,6 +282,28 @@ class PackWriter:
             self.backend.flush()
             self.index._add(name, records)
             self._unindexed.clear()
+
+
+def index_pack(backend: Backend, index: PackIndex, name: str) -> int:
+    """Write an index segment for pack `name` from its own trailer (a pack left unindexed by a
+    writer killed before its segment; GC's repack reads packs the same way). The pack must hash
+    to its name and every chunk must verify; else PackDamaged and nothing is written. Returns
+    how many chunks the segment names."""
+    data = backend.get(name)
+    pack = digest_of_name(name)
+    if b3(data) != pack:
+        raise PackDamaged(f"pack {name}: its bytes do not hash to its name")
+    records = []
+    for digest, offset, length, plain in parse_pack(data):
+        verified_chunk(digest, data[offset:offset + length], plain)
+        records.append((digest, Location(pack, offset, length, plain)))
+    segment = build_segment(records)
+    segment_name = object_name("index", b3(segment))
+    backend.flush()
+    backend.put_if_absent(segment_name, segment)
+    backend.flush()
+    index._add(segment_name, records)
+    return len(records)
 
 
 # -- reading -------------------------------------------------------------------------

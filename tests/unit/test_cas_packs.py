@@ -25,6 +25,7 @@ from memoplane.cas.packs import (
     PackIndex,
     PackWriter,
     build_segment,
+    index_pack,
     parse_pack,
     plan_reads,
     read_chunk,
@@ -168,6 +169,27 @@ def test_a_writer_killed_before_its_segment_leaves_nothing_visible(backend: File
         read_chunk(backend, index, b3(plains[0]))
     # and a later writer packs those chunks again rather than trusting the orphaned packs
     assert all(add_all(PackWriter(backend, index), plains))
+
+
+def test_an_unindexed_pack_is_indexed_from_its_trailer_only_when_it_verifies(backend: FilesystemBackend) -> None:
+    plains = chunks(6)
+    writer = PackWriter(backend, PackIndex(), target=1)  # every chunk a pack of its own
+    add_all(writer, plains)  # and the writer dies before its segment
+    packs = names(backend, PACKS)
+    damaged, *good = packs
+    path = backend.root / damaged
+    data = bytearray(path.read_bytes())
+    data[3] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    index = PackIndex()
+    with pytest.raises(PackDamaged):
+        index_pack(backend, index, damaged)
+    assert sum(index_pack(backend, index, pack) for pack in good) == len(good)
+    fresh = loaded(backend)
+    readable = [p for p in plains if b3(p) in fresh]
+    assert len(readable) == len(good) and len(fresh) == len(good)
+    assert [read_chunk(backend, fresh, b3(p)) for p in readable] == readable
 
 
 def test_a_pack_missing_behind_its_segment_is_reported(backend: FilesystemBackend) -> None:
