@@ -14,6 +14,7 @@ import pytest
 
 from memoplane.cas import FilesystemBackend, b3
 from memoplane.cas.backend import Backend, ObjectInfo
+from memoplane.cas.cached import CachingBackend
 from memoplane.cas.chunking import ChunkParams, Pools, encode_chunk, ingest_buffer
 from memoplane.cas.digests import object_name
 from memoplane.cas.packs import (
@@ -248,6 +249,22 @@ def test_an_ingest_writes_through_packs_in_few_requests(backend: FilesystemBacke
     got = read_chunks(counting, loaded(backend), [d for d, _ in ingested.chunks])
     assert b"".join(got[d] for d, _ in ingested.chunks) == data
     assert counting.requests == len(packs)
+
+
+def test_a_node_cache_reads_packs_by_range(backend: FilesystemBackend, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    plains = chunks(8)
+    writer = PackWriter(backend, PackIndex())
+    add_all(writer, plains)
+    writer.flush()
+    index = loaded(backend)
+
+    def whole(name: str) -> bytes:
+        raise AssertionError(f"{name} was read whole")
+
+    monkeypatch.setattr(backend, "get", whole)
+    cache = CachingBackend(backend, FilesystemBackend(tmp_path / "cache", durability="none"))
+    assert [read_chunk(cache, index, b3(p)) for p in plains] == plains
 
 
 def test_plans_merge_neighbours_and_bound_amplification() -> None:
