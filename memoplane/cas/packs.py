@@ -357,30 +357,21 @@ def plan_reads(wanted: Iterable[tuple[str, Location]], *, max_gap: int = MAX_GAP
     read at most `amplification` times the bytes wanted, so no plan reads more than that."""
     spans: list[Span] = []
     current: list[tuple[str, Location]] = []
+    end = useful = 0  # of `current`: where it ends, and the wanted bytes in it
     for digest, loc in sorted(set(wanted), key=lambda r: (r[1].pack, r[1].offset, r[0])):
-        if current and not _extends(current, loc, max_gap, max_span, amplification):
-            spans.append(_span(current))
-            current = []
+        if current:
+            first = current[0][1]
+            length = max(end, loc.offset + loc.length) - first.offset
+            if (loc.pack != first.pack or loc.offset - end > max_gap or length > max_span
+                    or length > amplification * (useful + loc.length)):
+                spans.append(Span(first.pack, first.offset, end - first.offset, tuple(current)))
+                current, end, useful = [], 0, 0
         current.append((digest, loc))
+        end, useful = max(end, loc.offset + loc.length), useful + loc.length
     if current:
-        spans.append(_span(current))
+        first = current[0][1]
+        spans.append(Span(first.pack, first.offset, end - first.offset, tuple(current)))
     return spans
-
-
-def _extends(current: list[tuple[str, Location]], loc: Location, max_gap: int, max_span: int,
-             amplification: float) -> bool:
-    first, end = current[0][1], max(c.offset + c.length for _, c in current)
-    if loc.pack != first.pack or loc.offset - end > max_gap:
-        return False
-    length = max(end, loc.offset + loc.length) - first.offset
-    wanted = sum(c.length for _, c in current) + loc.length
-    return length <= max_span and length <= amplification * wanted
-
-
-def _span(chunks: list[tuple[str, Location]]) -> Span:
-    start = chunks[0][1].offset
-    end = max(loc.offset + loc.length for _, loc in chunks)
-    return Span(chunks[0][1].pack, start, end - start, tuple(chunks))
 
 
 def read_chunks(backend: Backend, index: PackIndex, digests: Iterable[str], *,
