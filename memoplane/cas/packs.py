@@ -21,14 +21,19 @@ Crash safety: a chunk is visible only once an index segment names its pack, and 
 that segment only after the pack's PUT returned and `backend.flush()` made it durable. A writer
 killed before or during a pack's PUT leaves at most a temp file (filesystem) or nothing (S3); one
 killed between a pack and its segment leaves an unindexed pack that no reader sees (GC deletes it
-after its grace period, or `index_pack` indexes it from its trailer). The Store flushes the writer
-(pack, then segment) before it writes a blob manifest's ref, so a ref never names a chunk that
-the index cannot find after a crash.
+after its grace period, or `index_pack` indexes it from its trailer). The Store (not switched to
+packs yet) must flush its writer before any digest leaves it (a ref, a blob handed to a caller),
+so nothing names a chunk that the index cannot find after a crash.
 
 Concurrent writers (threads or processes, one PackWriter each per process) never share a mutable
 object: packs and segments are content-addressed, so every name is new or holds the same bytes.
 Two writers that have not yet seen each other's segments may both pack a chunk; the index then
 knows two locations (any is good: reads verify) and GC's repack drops the duplicate.
+
+Reads: a chunk is a byte range of a pack (a ranged GET on S3, pread on a filesystem).
+`read_chunks` plans all the chunks a read needs (plan_reads: sorted by pack and offset, neighbours
+merged while gaps stay under MAX_GAP, spans under MAX_SPAN and bytes read under AMPLIFICATION times
+the bytes wanted) and fetches the spans, concurrently on an executor; every chunk is verified.
 
 Trust: whoever can write the store is not trusted. Every chunk read is verified: its stored bytes
 decode, its plain length matches the index, blake3 of its plain bytes is its digest; otherwise
