@@ -157,7 +157,7 @@ def throughput(data: bytes, params: ChunkParams, repeat: int) -> dict[str, dict[
     secs = best_seconds({
         "blake3": lambda: blake3.blake3(data).digest(),
         "chunk_hash": lambda: ingest_buffer(data, params, pools, None),
-        "chunk_hash_compress": lambda: ingest_buffer(data, params, pools, lambda d, enc: bool(enc())),
+        "chunk_hash_compress": lambda: ingest_buffer(data, params, pools, lambda d, enc, n: bool(enc())),
         "store_put": store_put,
     }, repeat)
     pools.close()

@@ -103,8 +103,9 @@ def decode_chunk(stored: bytes) -> bytes:
     raise ChunkDecodeError(f"unknown chunk flag {flag!r}")
 
 
-# put(digest, encode) -> True if newly stored; `encode` is called only if needed.
-ChunkPut = Callable[[str, Callable[[], bytes]], bool]
+# put(digest, encode, plain length) -> True if newly stored; `encode` is called only if needed.
+# (The plain length is what a pack's index records: packs.PackWriter.add has this shape.)
+ChunkPut = Callable[[str, Callable[[], bytes], int], bool]
 
 
 @dataclass
@@ -143,7 +144,7 @@ def _process(views: list[memoryview], put: ChunkPut | None) -> list[tuple[str, i
     out = []
     for v in views:
         d = PREFIX + blake3.blake3(v).hexdigest()
-        new = put(d, partial(encode_chunk, v)) if put is not None else False
+        new = put(d, partial(encode_chunk, v), len(v)) if put is not None else False
         out.append((d, len(v), new))
     return out
 

@@ -162,6 +162,15 @@ class FilesystemBackend:
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"object {name} is not in the store at {self.root}") from None
 
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        """Up to `length` bytes of the object from `offset` (fewer at its end); NotFound if absent.
+        Packs are read this way (packs.read_range), a chunk at a time."""
+        try:
+            with open(self._path(name), "rb") as f:
+                return os.pread(f.fileno(), length, offset)
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"object {name} is not in the store at {self.root}") from None
+
     def exists(self, name: str) -> bool:
         return self._path(name).is_file()
 

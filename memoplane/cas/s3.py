@@ -248,6 +248,22 @@ class S3Backend:
                 response.close()
                 response.release_conn()
 
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        """Up to `length` bytes of the object from `offset`: one ranged GET (packs.read_range)."""
+        key = self._key(name)
+        with self._errors("get", name):
+            try:
+                response = self.client.get_object(self.bucket, key, offset=offset, length=length)
+            except S3Error as e:
+                if e.code in _MISSING:
+                    raise NotFound(f"object {name} is not in the store at {self.describe()}") from None
+                raise
+            try:
+                return bytes(response.read())
+            finally:
+                response.close()
+                response.release_conn()
+
     def exists(self, name: str) -> bool:
         key = self._key(name)
         with self._errors("stat", name):

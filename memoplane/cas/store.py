@@ -152,7 +152,7 @@ class Store:
 
     # -- blobs ---------------------------------------------------------------
 
-    def _put_chunk(self, digest: str, encode: Any) -> bool:
+    def _put_chunk(self, digest: str, encode: Callable[[], bytes], plain_length: int) -> bool:
         return self.backend.put_if_absent(object_name("chunks", digest), encode)
 
     def _finish_blob(self, ing: Ingested) -> BlobRef:

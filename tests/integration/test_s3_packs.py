@@ -1,0 +1,89 @@
+"""Packs on the S3 backend (local MinIO): an ingest is one PUT per pack plus one index segment,
+and a read is one ranged GET per pack, every chunk verified."""
+
+from __future__ import annotations
+
+import random
+import secrets
+from collections.abc import Iterator
+
+import pytest
+
+from memoplane.cas import S3Backend
+from memoplane.cas.chunking import ChunkParams, Pools, ingest_buffer
+from memoplane.cas.digests import object_name
+from memoplane.cas.packs import INDEX, PACKS, PackDamaged, PackIndex, PackWriter, read_chunk, read_chunks
+from memoplane.cas.s3 import make_client
+from memoplane.testing import cluster
+
+MiB = 1 << 20
+
+
+class _Counted(S3Backend):
+    """Counts the requests packs make: PUTs (put_if_absent) and ranged GETs."""
+
+    puts = ranged = 0
+
+    def put_if_absent(self, name: str, data: object) -> bool:  # type: ignore[override]
+        self.puts += 1
+        return super().put_if_absent(name, data)  # type: ignore[arg-type]
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        self.ranged += 1
+        return super().get_range(name, offset, length)
+
+
+@pytest.fixture
+def backend(control_plane: cluster.ClusterInfo) -> Iterator[_Counted]:
+    env = control_plane.env()
+    client = make_client(env["MEMOPLANE_S3_ENDPOINT"], env["MEMOPLANE_S3_ACCESS_KEY"],
+                         env["MEMOPLANE_S3_SECRET_KEY"])
+    bucket = f"mp-packs-{secrets.token_hex(6)}"
+    b = _Counted(client, bucket, "team/")
+    b.ensure_bucket()
+    yield b
+    for obj in client.list_objects(bucket, recursive=True):
+        if obj.object_name:
+            client.remove_object(bucket, obj.object_name)
+    client.remove_bucket(bucket)
+
+
+def test_packs_on_s3_cost_a_request_per_pack(backend: _Counted) -> None:
+    data = random.Random(7).randbytes(8 * MiB)
+    writer = PackWriter(backend, PackIndex(), target=2 * MiB)
+    pools = Pools(2)
+    try:
+        ingested = ingest_buffer(data, ChunkParams(), pools, writer.add)
+    finally:
+        pools.close()
+    writer.flush()
+    packs = [info.name for info in backend.list(PACKS)]
+    assert len(packs) == 4 and backend.puts == len(packs) + 1
+    assert len(list(backend.list(INDEX))) == 1
+
+    index = PackIndex()
+    index.refresh(backend)
+    got = read_chunks(backend, index, [d for d, _ in ingested.chunks])
+    assert b"".join(got[d] for d, _ in ingested.chunks) == data
+    assert backend.ranged == len(packs)
+
+
+def test_a_chunk_damaged_on_s3_is_not_served(backend: _Counted) -> None:
+    plain = random.Random(8).randbytes(64 << 10)
+    writer = PackWriter(backend, PackIndex())
+    pools = Pools(1)
+    try:
+        (digest, _), = ingest_buffer(plain, ChunkParams(min_size=64 << 10, avg_size=64 << 10, max_size=128 << 10),
+                                     pools, writer.add).chunks
+    finally:
+        pools.close()
+    writer.flush()
+    index = PackIndex()
+    index.refresh(backend)
+    loc = index.locations(digest)[0]
+    name = object_name("packs", loc.pack)
+    damaged = bytearray(backend.get(name))
+    damaged[loc.offset + 10] ^= 0x01
+    backend.put(name, bytes(damaged))
+    with pytest.raises(PackDamaged):
+        read_chunk(backend, index, digest)
