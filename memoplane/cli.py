@@ -230,7 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands.apply import add_parser as add_apply
 
     add_apply(sub, _lazy, _store_flag)
+    _add_serve(sub)
     return parser
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .settings import SERVE_FLAGS, ServeSettings, add_flags, describe
+
+    p = sub.add_parser("serve", help="the agent API: E2B-compatible sandboxes and memoized /v1/run over HTTP",
+                       epilog="environment:\n" + describe(ServeSettings),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(p, ServeSettings, SERVE_FLAGS)
+    _store_flag(p)
+    p.set_defaults(handler=_lazy("memoplane.server.serve", "serve_command"))
+
 
 
 def split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -356,3 +356,24 @@ class AgentSettings:
     key_dir: str | None = setting(NODE_KEY_DIR_ENV, None, "the directory (kept on the node, made 0700) of the "
                                   "agent's own signing key, <node>-<epoch>.key: made on first start (required)")
     openlineage_url: str = setting(OPENLINEAGE_URL_ENV, "", OPENLINEAGE_DOC)
+
+
+# -- the agent API (memoplane serve) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    host: str = setting("MEMOPLANE_SERVE_HOST", "127.0.0.1", "the address `memoplane serve` listens on "
+                        "(loopback: no API keys yet, so nothing else should reach it)")
+    port: int = setting("MEMOPLANE_SERVE_PORT", 3000, "the port it listens on (0: any free port, printed)")
+    warm: int = setting("MEMOPLANE_SERVE_WARM", 2, "warm sandbox children kept per runtime profile")
+    default_timeout: int = setting(None, 300, "a sandbox's lifetime in seconds when create gives none (E2B's default)")
+    max_timeout: int = setting("MEMOPLANE_SERVE_MAX_TIMEOUT", 3600, "the longest lifetime, seconds, a sandbox may "
+                               "be given (create or set_timeout)")
+    max_sandboxes: int = setting("MEMOPLANE_SERVE_MAX_SANDBOXES", 32, "sandboxes alive at once")
+    require_isolation: bool = setting("MEMOPLANE_REQUIRE_ISOLATION", True, "refuse to start without full "
+                                      "sandbox isolation")
+    log_level: str = setting("MEMOPLANE_LOG_LEVEL", "INFO", "the log level")
+
+
+SERVE_FLAGS = ("host", "port", "warm", "max_timeout", "max_sandboxes")  # `memoplane serve`'s flags

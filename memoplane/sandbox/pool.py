@@ -274,14 +274,16 @@ class SandboxPool:
 
     # -- running -----------------------------------------------------------------------
 
-    def run(self, request: SandboxRequest) -> SandboxOutcome:
-        """Run one job in a fresh isolated child and report how it went."""
+    def run(self, request: SandboxRequest, stop_fd: int | None = None) -> SandboxOutcome:
+        """Run one job in a fresh isolated child and report how it went. When `stop_fd`
+        (e.g. a pipe's read end) turns readable, the job is killed as if it timed out: how a
+        long-lived job (an API session) is ended by its owner."""
         if self._closed:
             raise RuntimeError("the sandbox pool is closed")
         t0 = time.monotonic()
         slot = self._take()
         try:
-            return _Job(self, slot, request, t0).run()
+            return _Job(self, slot, request, t0, stop_fd).run()
         finally:
             self._want.set()  # normally set once the job started (see _Job._frames)
             self._retire(slot)
@@ -324,8 +326,9 @@ def _task_message(task: PythonTask | CommandTask) -> dict[str, Any]:
 class _Job:
     """One request on one slot: send, watch channel and pipes, decide the outcome."""
 
-    def __init__(self, pool: SandboxPool, slot: _Slot, req: SandboxRequest, t0: float) -> None:
-        self.pool, self.slot, self.req, self.t0 = pool, slot, req, t0
+    def __init__(self, pool: SandboxPool, slot: _Slot, req: SandboxRequest, t0: float,
+                 stop_fd: int | None = None) -> None:
+        self.pool, self.slot, self.req, self.t0, self.stop_fd = pool, slot, req, t0, stop_fd
         self.limits = req.limits
         self.out, self.err = bytearray(), bytearray()
         self.frames = protocol.FrameReader()
@@ -400,6 +403,8 @@ class _Job:
         """Wait for the result; returns why watching stopped."""
         poller = select.poll()
         fds = {self.slot.sock.fileno(): "sock", self.slot.out_r: "out", self.slot.err_r: "err"}
+        if self.stop_fd is not None:
+            fds[self.stop_fd] = "stop"
         for fd in fds:
             poller.register(fd, select.POLLIN)
         deadline = self.t0 + self.limits.timeout_s
@@ -408,6 +413,8 @@ class _Job:
             if left <= 0:
                 return "timeout"
             for fd, _ev in poller.poll(left * 1000):
+                if fds[fd] == "stop":
+                    return "stopped"
                 data = os.read(fd, 1 << 16)
                 if fds[fd] == "sock":
                     if not data:
@@ -462,6 +469,8 @@ class _Job:
             header, payload = self.result
             code = header.get("exit_code")
             ok, value, kind, failure = self._result(header, payload, oom, pids_hit, scratch)
+        elif ended == "stopped":
+            failure = Failure("timeout", "the job was stopped by its owner (a session killed or past its timeout)")
         elif ended == "timeout":
             failure = Failure("timeout", f"the job ran past its wall-clock limit of "
                               f"{self.limits.timeout_s}s and was killed — raise "

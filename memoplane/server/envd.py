@@ -1,0 +1,166 @@
+"""E2B's in-sandbox API (envd), served for every session by the API process itself.
+
+The SDK reaches it at its sandbox URL with the headers E2b-Sandbox-Id / E2b-Sandbox-Port: the
+process and filesystem services speak Connect RPC (protobuf or JSON, unary and server
+streaming), served here by the `connectrpc` runtime over the service definitions E2B's own SDK
+ships (e2b.envd.*: generated from envd's .proto files by protoc-gen-connectrpc-py, so client and
+server share one schema); files go over plain HTTP (files.py). Only the subset the SDK's
+commands and files use is implemented; the rest answers `unimplemented` with what to use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from connectrpc.request import RequestContext
+from e2b.envd.filesystem import filesystem_pb
+from e2b.envd.filesystem.filesystem_connect import Filesystem, FilesystemASGIApplication
+from e2b.envd.process import process_pb
+from e2b.envd.process.process_connect import Process, ProcessASGIApplication
+from protobuf import Oneof
+from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
+
+from .errors import ApiError
+from .sessions import Caller, Session, SessionManager, decode
+
+SANDBOX_HEADER = "e2b-sandbox-id"
+_CODES = {400: Code.INVALID_ARGUMENT, 403: Code.PERMISSION_DENIED, 404: Code.NOT_FOUND,
+          409: Code.ALREADY_EXISTS, 429: Code.RESOURCE_EXHAUSTED, 502: Code.UNAVAILABLE}
+CallerOf = Callable[[Mapping[str, str]], Caller]
+
+
+def session_of(sessions: SessionManager, caller: Caller, headers: Mapping[str, str]) -> Session:
+    sandbox_id = headers.get(SANDBOX_HEADER)
+    if not sandbox_id:
+        raise ApiError(400, "the E2b-Sandbox-Id header is missing",
+                       "set the SDK's sandbox_url to this server: it sends the header itself")
+    return sessions.get(caller, sandbox_id)
+
+
+def connect_error(e: ApiError) -> ConnectError:
+    return ConnectError(_CODES.get(e.status, Code.INTERNAL), e.message)
+
+
+class _Service:
+    def __init__(self, sessions: SessionManager, caller_of: CallerOf) -> None:
+        self.sessions, self.caller_of = sessions, caller_of
+
+    def session(self, ctx: RequestContext[Any, Any]) -> Session:
+        headers = {k.lower(): v for k, v in ctx.request_headers.items()}
+        try:
+            return session_of(self.sessions, self.caller_of(headers), headers)
+        except ApiError as e:
+            raise connect_error(e) from None
+
+    async def call(self, ctx: RequestContext[Any, Any], op: str, **fields: Any) -> dict[str, Any]:
+        try:
+            return await self.session(ctx).call(op, **fields)
+        except ApiError as e:
+            raise connect_error(e) from None
+
+
+class ProcessService(_Service, Process):  # the rest: Process's own `unimplemented`
+    """process.Process: Start (streamed output and exit code) and SendSignal (commands.kill)."""
+
+    async def start(self, request: process_pb.StartRequest,
+                    ctx: RequestContext[process_pb.StartRequest, process_pb.StartResponse]
+                    ) -> AsyncIterator[process_pb.StartResponse]:
+        if request.has_field("pty"):
+            raise ConnectError(Code.UNIMPLEMENTED, "a PTY is not supported yet: use commands.run")
+        if request.has_field("stdin") and request.stdin:
+            raise ConnectError(Code.UNIMPLEMENTED, "stdin for commands is not supported yet: "
+                               "run with stdin=False (the default) and pass input in the command or a file")
+        config = request.process or process_pb.ProcessConfig()
+        fields = {"cmd": config.cmd, "args": list(config.args), "envs": dict(config.envs),
+                  "cwd": config.cwd if config.has_field("cwd") else None}
+        session = self.session(ctx)
+        try:
+            async for reply in session.request("exec", **fields):
+                yield process_pb.StartResponse(event=_process_event(reply))
+        except ApiError as e:
+            raise connect_error(e) from None
+
+    async def send_signal(self, request: process_pb.SendSignalRequest,
+                          ctx: RequestContext[process_pb.SendSignalRequest, process_pb.SendSignalResponse]
+                          ) -> process_pb.SendSignalResponse:
+        selector = request.process.selector if request.process is not None else None
+        if not isinstance(selector, Oneof) or selector.field != "pid":
+            raise ConnectError(Code.UNIMPLEMENTED, "only a process selected by pid can be signalled")
+        signals = {process_pb.Signal.SIGKILL: 9, process_pb.Signal.SIGTERM: 15}
+        number = signals.get(request.signal)
+        if number is None:
+            raise ConnectError(Code.INVALID_ARGUMENT, f"signal {request.signal} is not supported: send SIGKILL "
+                               "or SIGTERM")
+        await self.call(ctx, "signal", pid=selector.value, signal=number)
+        return process_pb.SendSignalResponse()
+
+
+def _process_event(reply: dict[str, Any]) -> process_pb.ProcessEvent:
+    event = process_pb.ProcessEvent
+    if "start" in reply:
+        return event(event=Oneof("start", event.StartEvent(pid=reply["start"])))
+    for stream in ("stdout", "stderr"):
+        if stream in reply:
+            return event(event=Oneof("data", event.DataEvent(output=Oneof(stream, decode(reply, stream)))))
+    end = reply["end"]
+    return event(event=Oneof("end", event.EndEvent(exit_code=end["exit_code"], exited=end["exited"],
+                                                   status=end["status"])))
+
+
+class FilesystemService(_Service, Filesystem):
+    """filesystem.Filesystem: Stat, ListDir, MakeDir, Move, Remove (files.list, exists, ...)."""
+
+    async def stat(self, request: filesystem_pb.StatRequest,
+                   ctx: RequestContext[filesystem_pb.StatRequest, filesystem_pb.StatResponse]
+                   ) -> filesystem_pb.StatResponse:
+        reply = await self.call(ctx, "stat", path=request.path)
+        return filesystem_pb.StatResponse(entry=entry_info(reply["entry"]))
+
+    async def list_dir(self, request: filesystem_pb.ListDirRequest,
+                       ctx: RequestContext[filesystem_pb.ListDirRequest, filesystem_pb.ListDirResponse]
+                       ) -> filesystem_pb.ListDirResponse:
+        reply = await self.call(ctx, "list", path=request.path, depth=request.depth or 1)
+        return filesystem_pb.ListDirResponse(entries=[entry_info(e) for e in reply["entries"]])
+
+    async def make_dir(self, request: filesystem_pb.MakeDirRequest,
+                       ctx: RequestContext[filesystem_pb.MakeDirRequest, filesystem_pb.MakeDirResponse]
+                       ) -> filesystem_pb.MakeDirResponse:
+        reply = await self.call(ctx, "mkdir", path=request.path)
+        return filesystem_pb.MakeDirResponse(entry=entry_info(reply["entry"]))
+
+    async def move(self, request: filesystem_pb.MoveRequest,
+                   ctx: RequestContext[filesystem_pb.MoveRequest, filesystem_pb.MoveResponse]
+                   ) -> filesystem_pb.MoveResponse:
+        reply = await self.call(ctx, "move", source=request.source, destination=request.destination)
+        return filesystem_pb.MoveResponse(entry=entry_info(reply["entry"]))
+
+    async def remove(self, request: filesystem_pb.RemoveRequest,
+                     ctx: RequestContext[filesystem_pb.RemoveRequest, filesystem_pb.RemoveResponse]
+                     ) -> filesystem_pb.RemoveResponse:
+        await self.call(ctx, "remove", path=request.path)
+        return filesystem_pb.RemoveResponse()
+
+
+def entry_info(entry: dict[str, Any]) -> filesystem_pb.EntryInfo:
+    kinds = {"file": filesystem_pb.FileType.FILE, "dir": filesystem_pb.FileType.DIRECTORY,
+             "symlink": filesystem_pb.FileType.SYMLINK}
+    seconds = float(entry["mtime"])
+    info = filesystem_pb.EntryInfo(
+        name=entry["name"], type=kinds[entry["type"]], path=entry["path"], size=entry["size"],
+        mode=entry["mode"], permissions=entry["permissions"], owner="user", group="user",
+        modified_time=Timestamp(seconds=int(seconds), nanos=int((seconds % 1) * 1e9)),
+        is_symlink=entry["type"] == "symlink")
+    if entry.get("symlink_target") is not None:
+        info.symlink_target = entry["symlink_target"]
+    return info
+
+
+def connect_apps(sessions: SessionManager, caller_of: CallerOf) -> dict[str, Any]:
+    """The ASGI apps of the two Connect services, by their path prefix."""
+    return {
+        "/process.Process/": ProcessASGIApplication(ProcessService(sessions, caller_of)),
+        "/filesystem.Filesystem/": FilesystemASGIApplication(FilesystemService(sessions, caller_of)),
+    }

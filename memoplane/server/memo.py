@@ -1,0 +1,90 @@
+"""POST /v1/run: memoized runs with the key of a ComputeJob and `memoplane run`.
+
+The same path as `memoplane run` (memoplane.embedded.run_job, the keyring's trust and signer,
+the report's JSON): an agent's run and a person's identical `memoplane run` share one result.
+A miss runs in the server's warm pool for the job's runtime profile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..cas import open_store
+from ..commands.run import report_json
+from ..embedded import run_job
+from ..errors import InputError, JobFailed
+from ..inputs import check_input_name, env_problem
+from ..jobs import CommandCode, Input, Job, JsonInput, PythonCode
+from ..keys import code_digest
+from ..sandbox.types import Limits
+from ..trust.local import Keyring
+from .errors import ApiError
+from .sessions import Caller, SessionManager
+
+
+class RunRequest(BaseModel):
+    """A Python function (code + entrypoint) or a command, called with JSON inputs."""
+
+    model_config = ConfigDict(extra="forbid")
+    code: str | None = Field(None, description="Python source defining the entrypoint")
+    entrypoint: str = "main"
+    command: list[str] | None = Field(None, description="argv of a command (instead of code)")
+    inputs: dict[str, Any] = Field(default_factory=dict, description="name -> JSON value, keyword arguments")
+    env: dict[str, str] = Field(default_factory=dict)
+    salt: str = Field("", description="a cache version: change it to force a new result")
+    policy: str = Field("Use", pattern="^(Use|Refresh|Bypass)$")
+    timeout: float = Field(600.0, gt=0, description="wall-clock limit of a computation, seconds")
+
+    def job(self) -> tuple[Job, str]:
+        """The job and its identity (what `explain` compares against), as `memoplane run` builds them."""
+        if (self.code is None) == (self.command is None):
+            raise ApiError(400, "give exactly one of code and command", 'send {"code": "def main(): ..."} '
+                           'or {"command": ["echo", "hi"]}')
+        for name, value in self.env.items():
+            problem = env_problem(name, value)
+            if problem:
+                raise ApiError(400, f"env {problem[0]}", problem[1])
+        inputs: dict[str, Input] = {}
+        for name, value in self.inputs.items():
+            try:
+                inputs[check_input_name(name, "inputs")] = JsonInput(value)
+            except InputError as e:
+                raise ApiError(400, str(e)) from None
+        limits = Limits(timeout_s=self.timeout)
+        if self.command is not None:
+            if not self.command:
+                raise ApiError(400, "command is empty", 'give argv, e.g. ["echo", "hi"]')
+            code: PythonCode | CommandCode = CommandCode(tuple(self.command))
+            identity = "command:" + self.command[0]
+        else:
+            code = PythonCode(source=str(self.code), entrypoint=self.entrypoint, filename="<api>")
+            identity = f"api:{code_digest(str(self.code))}:{self.entrypoint}"
+        return Job(code=code, inputs=inputs, env=self.env, salt=self.salt, limits=limits), identity
+
+
+def routes(api: FastAPI, sessions: SessionManager, store: str | None,
+           caller: Callable[[Request], Caller]) -> None:
+
+    @api.post("/v1/run", tags=["memory"])
+    async def run(body: RunRequest, who: Caller = Depends(caller)) -> dict[str, Any]:
+        """Run once; an identical later call (here, or `memoplane run`) answers `cached: true`
+        with the seconds of compute the stored result saved."""
+        job, identity = body.job()
+        return await asyncio.to_thread(_run, job, identity, body.policy, sessions, store)
+
+
+def _run(job: Job, identity: str, policy: str, sessions: SessionManager, store: str | None) -> dict[str, Any]:
+    keyring = Keyring()
+    with open_store(store) as opened:
+        try:
+            report = run_job(job, opened, lambda: sessions.pool(job.profile), policy=policy,  # type: ignore[arg-type]
+                             identity=identity, trust=keyring.policy(), signer=keyring.signer())
+        except JobFailed as failed:
+            failure = getattr(failed, "failure", None)
+            raise ApiError(422, str(failed), getattr(failure, "message", "")) from None
+        return report_json(report, opened)

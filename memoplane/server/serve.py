@@ -1,0 +1,31 @@
+"""`memoplane serve`: the agent API on uvicorn (loopback by default)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import socket
+
+import uvicorn
+
+from ..settings import SERVE_FLAGS, ServeSettings, flag_values, from_env
+from .app import build_app
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    settings = from_env(ServeSettings, **flag_values(args, SERVE_FLAGS))
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(serve(settings, args.store))
+    return 0
+
+
+async def serve(settings: ServeSettings, store: str | None, sock: socket.socket | None = None) -> None:
+    """Serve until interrupted; prints the address it listens on (the port may be 0: any free one)."""
+    if sock is None:
+        sock = socket.create_server((settings.host, settings.port))
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(build_app(settings, store), log_level=settings.log_level.lower(),
+                            timeout_graceful_shutdown=5)
+    print(f"memoplane serve: listening on http://{host}:{port} (OpenAPI at /openapi.json)", flush=True)
+    await uvicorn.Server(config).serve(sockets=[sock])

@@ -1,0 +1,205 @@
+"""The agent inside a session sandbox: its source is the PythonTask a session's child runs.
+
+Standard library only, and self-contained: it runs in the sandbox child (its view holds the
+runtime, not memoplane). It dials the host's unix socket under $MEMOPLANE_IN and serves
+requests until told to exit or the host goes away. Every path it opens is opened inside the
+child's isolation, so the files API reaches exactly what a command in the sandbox could.
+
+Wire: one JSON object per line each way. A request carries "id" and "op"; every reply
+carries the request's "id", and the last reply of a request has "done": true. Bytes travel
+base64-encoded. Host -> agent ops: exec, signal, read, write, list, stat, mkdir, remove,
+move, code, exit.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import traceback
+from typing import Any
+
+SOCKET_NAME = "session.sock"
+
+
+class Agent:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.send_lock = threading.Lock()
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.namespace: dict[str, Any] = {"__name__": "__main__"}
+        self.code_lock = threading.Lock()  # one cell at a time: they share a namespace
+
+    def send(self, message: dict[str, Any]) -> None:
+        line = (json.dumps(message) + "\n").encode()
+        with self.send_lock:
+            self.sock.sendall(line)
+
+    def serve(self) -> None:
+        for line in self.sock.makefile("rb"):
+            request = json.loads(line)
+            if request.get("op") == "exit":
+                os._exit(0)  # pid 1 of the sandbox: everything in it ends with us
+            threading.Thread(target=self.handle, args=(request,), daemon=True).start()
+        os._exit(0)  # the host went away
+
+    def handle(self, request: dict[str, Any]) -> None:
+        rid = request["id"]
+        try:
+            reply = getattr(self, "op_" + request["op"])(rid, request)
+        except OSError as e:
+            reply = {"error": {"kind": _os_error_kind(e), "message": f"{e.strerror}: {e.filename or ''}".strip()}}
+        except Exception as e:  # noqa: BLE001 - any failure of a request is reported to the host
+            reply = {"error": {"kind": "internal", "message": f"{type(e).__name__}: {e}"}}
+        reply.update(id=rid, done=True)
+        self.send(reply)
+
+    # -- processes ------------------------------------------------------------------
+
+    def op_exec(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        env = dict(os.environ)
+        env.update(req.get("envs") or {})
+        cwd = resolve(req.get("cwd") or os.environ.get("HOME", "/tmp"))
+        proc = subprocess.Popen([req["cmd"], *req.get("args", [])], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        self.procs[proc.pid] = proc
+        self.send({"id": rid, "start": proc.pid})
+        pumps = [threading.Thread(target=self.pump, args=(rid, stream, name), daemon=True)
+                 for stream, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))]
+        for pump in pumps:
+            pump.start()
+        code = proc.wait()
+        for pump in pumps:
+            pump.join()
+        self.procs.pop(proc.pid, None)
+        if code < 0:
+            return {"end": {"exit_code": -1, "status": f"signal: {signal.Signals(-code).name.lower()}",
+                            "exited": False}}
+        return {"end": {"exit_code": code, "status": f"exit status {code}", "exited": True}}
+
+    def pump(self, rid: int, stream: Any, name: str) -> None:
+        while chunk := stream.read1(1 << 16):
+            self.send({"id": rid, name: base64.b64encode(chunk).decode()})
+
+    def op_signal(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        proc = self.procs.get(req["pid"])
+        if proc is None:
+            return {"error": {"kind": "not_found", "message": f"process {req['pid']} not found"}}
+        os.killpg(proc.pid, req.get("signal", signal.SIGKILL))
+        return {}
+
+    # -- files ----------------------------------------------------------------------
+
+    def op_read(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        with open(resolve(req["path"]), "rb") as f:
+            return {"data": base64.b64encode(f.read()).decode()}
+
+    def op_write(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        path = resolve(req["path"])
+        os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(req["data"]))
+        return {"entry": entry(path)}
+
+    def op_list(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        root = resolve(req["path"])
+        if not stat.S_ISDIR(os.stat(root).st_mode):
+            raise NotADirectoryError(20, "Not a directory", root)
+        found: list[dict[str, Any]] = []
+        level = [root]
+        for _ in range(max(int(req.get("depth") or 1), 1)):
+            deeper = []
+            for directory in level:
+                for name in sorted(os.listdir(directory)):
+                    path = os.path.join(directory, name)
+                    found.append(entry(path))
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        deeper.append(path)
+            level = deeper
+        return {"entries": found}
+
+    def op_stat(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        return {"entry": entry(resolve(req["path"]))}
+
+    def op_mkdir(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        path = resolve(req["path"])
+        os.makedirs(path)
+        return {"entry": entry(path)}
+
+    def op_remove(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        path = resolve(req["path"])
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+        return {}
+
+    def op_move(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        destination = resolve(req["destination"])
+        os.rename(resolve(req["source"]), destination)
+        return {"entry": entry(destination)}
+
+    # -- code cells (state kept between them) -------------------------------------------
+
+    def op_code(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        with self.code_lock:
+            return self.run_cell(req["code"])
+
+    def run_cell(self, source: str) -> dict[str, Any]:
+        import ast
+
+        out, err = io.StringIO(), io.StringIO()
+        result: Any = None
+        try:
+            tree = ast.parse(source, "<cell>", "exec")
+            last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                exec(compile(tree, "<cell>", "exec"), self.namespace)  # noqa: S102 - the sandbox's own code, in it
+                if last is not None:
+                    expression = ast.Expression(last.value)
+                    result = eval(compile(expression, "<cell>", "eval"), self.namespace)  # noqa: S307 - likewise
+        except BaseException as e:  # noqa: BLE001 - a cell's failure (SystemExit too) is its result
+            return {"stdout": out.getvalue(), "stderr": err.getvalue(),
+                    "exception": {"name": type(e).__name__, "value": str(e),
+                              "traceback": "".join(traceback.format_exception(e))}}
+        return {"stdout": out.getvalue(), "stderr": err.getvalue(),
+                "result": None if result is None else repr(result)}
+
+
+def resolve(path: str) -> str:
+    """A path as envd resolves it: relative to the user's home."""
+    return path if path.startswith("/") else os.path.join(os.environ.get("HOME", "/tmp"), path)
+
+
+def entry(path: str) -> dict[str, Any]:
+    info = os.lstat(path)
+    kind = "dir" if stat.S_ISDIR(info.st_mode) else "symlink" if stat.S_ISLNK(info.st_mode) else "file"
+    return {"name": os.path.basename(path) or path, "path": path, "type": kind, "size": info.st_size,
+            "mode": stat.S_IMODE(info.st_mode), "permissions": stat.filemode(info.st_mode),
+            "mtime": info.st_mtime, "symlink_target": os.readlink(path) if kind == "symlink" else None}
+
+
+def _os_error_kind(e: OSError) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "not_found"
+    if isinstance(e, FileExistsError):
+        return "exists"
+    if isinstance(e, PermissionError) or e.errno == 30:  # EROFS: outside the writable tree
+        return "permission"
+    return "invalid"
+
+
+def main() -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(os.path.join(os.environ["MEMOPLANE_IN"], SOCKET_NAME))
+    sys.stdin.close()
+    Agent(sock).serve()

@@ -1,0 +1,294 @@
+"""Sessions: memoplane fork sandboxes that stay alive between API calls.
+
+A session is one job of a SandboxPool whose task is the session agent (session_agent.py):
+the child enters its isolation like any job, dials back over a unix socket placed in its
+read-only /in, and serves commands, files and code cells until it is killed, its timeout
+passes (the reaper), or its hard limit (ServeSettings.max_timeout) does (the pool).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import logging
+import os
+import secrets
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..sandbox import PythonTask, SandboxOutcome, SandboxPool, SandboxRequest
+from ..sandbox.types import Limits
+from ..settings import ServeSettings
+from . import session_agent
+from .errors import ApiError
+
+log = logging.getLogger("memoplane.server")
+
+# E2B's default templates, served by memoplane's runtime profiles of the same purpose.
+TEMPLATE_ALIASES = {"base": "python", "code-interpreter-v1": "python"}
+_CONNECT_TIMEOUT = 30.0   # seconds a new child has to dial back before its creation fails
+_REAP_EVERY = 1.0         # seconds between two looks for sandboxes past their timeout
+_AGENT_SOURCE = Path(session_agent.__file__).read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who makes a request. One team today ("local"); API keys (a later round) fill it in,
+    and every lookup of a sandbox already goes through its owner."""
+
+    team: str = "local"
+    key_id: str = "anonymous"
+
+
+class SandboxGone(ApiError):
+    def __init__(self, sandbox_id: str) -> None:
+        super().__init__(404, f"sandbox {sandbox_id} not found (killed, past its timeout, or never created)",
+                         "create a new sandbox")
+
+
+@dataclass
+class Session:
+    id: str
+    template: str
+    profile: str
+    owner: str
+    metadata: dict[str, str]
+    started_at: float                      # wall clock, for the API
+    end_at: float                          # wall clock: when the reaper kills it
+    hard_end_at: float                     # wall clock: the pool's own limit for the child
+    directory: Path
+    _stop_w: int = -1
+    _stop_r: int = -1
+    _writer: asyncio.StreamWriter | None = None
+    _pending: dict[int, asyncio.Queue[dict[str, Any]]] = field(default_factory=dict)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    connected: asyncio.Future[None] | None = None
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    outcome: SandboxOutcome | None = None
+
+    async def request(self, op: str, **fields: Any) -> AsyncIterator[dict[str, Any]]:
+        """The agent's replies to one request, the last one (done) included; raises ApiError
+        for an error reply."""
+        if self._writer is None or self.ended.is_set():
+            raise SandboxGone(self.id)
+        rid = next(self._ids)
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._pending[rid] = queue
+        try:
+            self._writer.write((json.dumps({"id": rid, "op": op, **fields}) + "\n").encode())
+            await self._writer.drain()
+            while True:
+                reply = await queue.get()
+                if "error" in reply:
+                    raise agent_error(reply["error"])
+                yield reply
+                if reply.get("done"):
+                    return
+        finally:
+            self._pending.pop(rid, None)
+
+    async def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        """One request whose only reply is its last."""
+        last: dict[str, Any] = {}
+        async for reply in self.request(op, **fields):
+            last = reply
+        return last
+
+    async def serve_agent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The agent dialled back: route its replies until it goes away."""
+        if self._writer is not None:  # one agent per session: anything else is refused
+            writer.close()
+            return
+        self._writer = writer
+        if self.connected is not None and not self.connected.done():
+            self.connected.set_result(None)
+        try:
+            while line := await reader.readline():
+                reply = json.loads(line)
+                queue = self._pending.get(reply.get("id"))
+                if queue is not None:
+                    queue.put_nowait(reply)
+        finally:
+            self.gone()
+
+    def gone(self) -> None:
+        """The agent or the child ended: every waiting request learns it."""
+        for queue in self._pending.values():
+            queue.put_nowait({"error": {"kind": "gone", "message": f"sandbox {self.id} ended"}})
+
+    def stop(self) -> None:
+        """Kill the child (and all in it) now; the pool reports it as stopped."""
+        with contextlib.suppress(OSError):
+            os.write(self._stop_w, b"x")
+
+
+def agent_error(error: dict[str, Any]) -> ApiError:
+    status = {"not_found": 404, "exists": 409, "permission": 403, "invalid": 400, "gone": 502}
+    return ApiError(status.get(error.get("kind", ""), 500), str(error.get("message", "the sandbox failed")))
+
+
+def decode(reply: dict[str, Any], name: str) -> bytes:
+    return base64.b64decode(reply[name])
+
+
+class SessionManager:
+    """Every live session, the warm pool per runtime profile, and the reaper."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.sessions: dict[str, Session] = {}
+        self._pools: dict[str, SandboxPool] = {}
+        self._pool_lock = threading.Lock()
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- pools ------------------------------------------------------------------------
+
+    def pool(self, profile: str) -> SandboxPool:
+        """The warm pool of a runtime profile, started on first use (blocking: call in a thread)."""
+        with self._pool_lock:
+            if profile not in self._pools:
+                self._pools[profile] = SandboxPool(profile=profile, size=self.settings.warm,
+                                                   require_isolation=self.settings.require_isolation)
+            return self._pools[profile]
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        await asyncio.gather(*(self.kill(s) for s in list(self.sessions.values())), return_exceptions=True)
+        for pool in self._pools.values():
+            await asyncio.to_thread(pool.close)
+
+    async def create(self, caller: Caller, template: str, timeout: int | None, env: dict[str, str],
+                     metadata: dict[str, str]) -> Session:
+        profile = resolve_template(template)
+        seconds = self.check_timeout(timeout if timeout is not None else self.settings.default_timeout)
+        if len(self.sessions) >= self.settings.max_sandboxes:
+            raise ApiError(429, f"{len(self.sessions)} sandboxes are alive, the most this server runs at once",
+                           "kill one, or raise MEMOPLANE_SERVE_MAX_SANDBOXES")
+        pool = await asyncio.to_thread(self.pool, profile)
+        now = time.time()
+        session = Session(id="mp" + secrets.token_hex(10), template=template, profile=profile, owner=caller.team,
+                          metadata=dict(metadata), started_at=now, end_at=now + seconds,
+                          hard_end_at=now + self.settings.max_timeout,
+                          directory=Path(tempfile.mkdtemp(prefix="memoplane-session-")))
+        self.sessions[session.id] = session
+        try:
+            await self._launch(session, pool, env)
+        except BaseException:
+            await self.kill(session)
+            raise
+        return session
+
+    async def _launch(self, session: Session, pool: SandboxPool, env: dict[str, str]) -> None:
+        loop = asyncio.get_running_loop()
+        inbox, outbox = session.directory / "in", session.directory / "out"
+        inbox.mkdir()
+        outbox.mkdir()
+        # The child runs as another host uid: it may enter the directory and connect, nothing else.
+        os.chmod(session.directory, 0o755)
+        os.chmod(inbox, 0o755)
+        socket_path = inbox / session_agent.SOCKET_NAME
+        server = await asyncio.start_unix_server(session.serve_agent, path=str(socket_path))
+        os.chmod(socket_path, 0o777)
+        session.connected = loop.create_future()
+        session._stop_r, session._stop_w = os.pipe()
+        request = SandboxRequest(PythonTask(_AGENT_SOURCE, "main", filename="<memoplane session agent>"),
+                                 inbox, outbox, env=env,
+                                 limits=Limits(timeout_s=float(self.settings.max_timeout)))
+
+        def run() -> None:
+            try:
+                outcome = pool.run(request, stop_fd=session._stop_r)
+            except Exception as e:  # noqa: BLE001 - reported as the session's end, never lost
+                log.warning("sandbox %s could not run: %s", session.id, e)
+                outcome = None
+            loop.call_soon_threadsafe(self._ended, session, outcome, server)
+
+        threading.Thread(target=run, name=f"memoplane-session-{session.id}", daemon=True).start()
+        done, _ = await asyncio.wait([session.connected, loop.create_task(session.ended.wait())],
+                                     timeout=_CONNECT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        if not session.connected.done():
+            reason = session.outcome.failure.message if session.outcome and session.outcome.failure else \
+                f"its agent did not start within {_CONNECT_TIMEOUT:.0f}s"
+            raise ApiError(500, f"sandbox {session.id} could not start: {reason}",
+                           "see the server's log; check `memoplane serve` runs with sandbox isolation")
+
+    def _ended(self, session: Session, outcome: SandboxOutcome | None, server: asyncio.Server) -> None:
+        session.outcome = outcome
+        session.ended.set()
+        session.gone()
+        server.close()
+        if session._writer is not None:
+            session._writer.close()
+        os.close(session._stop_r)
+        os.close(session._stop_w)
+        self.sessions.pop(session.id, None)
+        from ..sandbox.removal import remove_tree
+
+        with contextlib.suppress(OSError):
+            remove_tree(session.directory)
+
+    def get(self, caller: Caller, sandbox_id: str) -> Session:
+        session = self.sessions.get(sandbox_id)
+        if session is None or session.owner != caller.team or session.ended.is_set():
+            raise SandboxGone(sandbox_id)
+        return session
+
+    def list(self, caller: Caller) -> list[Session]:
+        return [s for s in self.sessions.values() if s.owner == caller.team and not s.ended.is_set()]
+
+    async def kill(self, session: Session) -> None:
+        if session._stop_w < 0:   # never launched
+            self.sessions.pop(session.id, None)
+            return
+        session.stop()
+        await session.ended.wait()
+
+    def set_timeout(self, session: Session, timeout: int) -> None:
+        seconds = self.check_timeout(timeout)
+        end_at = time.time() + seconds
+        if end_at > session.hard_end_at:
+            left = int(session.hard_end_at - time.time())
+            raise ApiError(400, f"timeout {seconds} would outlive the sandbox's limit of "
+                           f"{self.settings.max_timeout}s from its start ({left}s left)",
+                           f"give a timeout of at most {left}, or raise MEMOPLANE_SERVE_MAX_TIMEOUT")
+        session.end_at = end_at
+
+    def check_timeout(self, seconds: int) -> int:
+        if not 0 < seconds <= self.settings.max_timeout:
+            raise ApiError(400, f"timeout {seconds} is out of range",
+                           f"give 1..{self.settings.max_timeout} seconds (MEMOPLANE_SERVE_MAX_TIMEOUT)")
+        return seconds
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_REAP_EVERY)
+            now = time.time()
+            for session in [s for s in self.sessions.values() if s.end_at <= now]:
+                log.info("sandbox %s reached its timeout: killed", session.id)
+                await self.kill(session)
+
+
+def resolve_template(template: str) -> str:
+    """The runtime profile a template names (a profile's own name, or an E2B default's alias)."""
+    from ..sandbox import PROFILES
+
+    profile = TEMPLATE_ALIASES.get(template, template)
+    if profile not in PROFILES:
+        known = sorted({*PROFILES, *TEMPLATE_ALIASES})
+        raise ApiError(404, f"template {template!r} is not a runtime profile of this server",
+                       f"use one of {', '.join(known)}")
+    return profile
