@@ -11,21 +11,22 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
 from ..settings import ServeSettings
 from . import memo
+from .auth import SCOPE_KEY, Authenticate, Caller, Who, local_caller
 from .envd import connect_apps, session_of
 from .errors import ApiError
 from .files import read_file, write_files
-from .sessions import Caller, Session, SessionManager
+from .sessions import Session, SessionManager
 
 # The envd version this server speaks for: what the SDK gates its features on (octet-stream
 # uploads from 0.5.7; per-file metadata, 0.6.2, is not served).
@@ -37,12 +38,6 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-Authenticate = Callable[[Mapping[str, str]], Caller]
-
-
-def local_caller(headers: Mapping[str, str]) -> Caller:
-    """This round's authentication: none (loopback only); every caller is the local team."""
-    return Caller()
 
 
 class NewSandbox(BaseModel):
@@ -99,19 +94,16 @@ def build_app(settings: ServeSettings, store: str | None = None,
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
 
-    def caller(request: Request) -> Caller:
-        return request.scope["memoplane.caller"]  # type: ignore[no-any-return]
-
-    _control_plane(api, sessions, caller)
-    _envd_http(api, sessions, caller)
-    memo.routes(api, sessions, store, caller)
-    apps = connect_apps(sessions, lambda headers: authenticate(headers))
+    _control_plane(api, sessions)
+    _envd_http(api, sessions)
+    memo.routes(api, sessions, store)
+    apps = connect_apps(sessions, authenticate)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             try:
-                scope["memoplane.caller"] = authenticate(headers)
+                scope[SCOPE_KEY] = authenticate(headers)
             except ApiError as e:
                 await JSONResponse(e.body(), status_code=e.status)(scope, receive, send)
                 return
@@ -140,19 +132,19 @@ def _listed(session: Session) -> dict[str, Any]:
             "metadata": session.metadata}
 
 
-def _control_plane(api: FastAPI, sessions: SessionManager, caller: Callable[[Request], Caller]) -> None:
+def _control_plane(api: FastAPI, sessions: SessionManager) -> None:
     """E2B's REST API for sandboxes: create, list, get, kill, set the timeout."""
 
     @api.post("/sandboxes", status_code=201, tags=["sandboxes"])
     @api.post("/v2/sandboxes", status_code=201, tags=["sandboxes"])
-    async def create(body: NewSandbox, who: Caller = Depends(caller)) -> dict[str, Any]:
+    async def create(body: NewSandbox, who: Who) -> dict[str, Any]:
         body.refuse_unsupported()
         session = await sessions.create(who, body.template_id, body.timeout, body.env_vars, body.metadata)
         return _created(session)
 
     @api.get("/sandboxes", tags=["sandboxes"])
     @api.get("/v2/sandboxes", tags=["sandboxes"])
-    async def list_sandboxes(request: Request, who: Caller = Depends(caller)) -> list[dict[str, Any]]:
+    async def list_sandboxes(request: Request, who: Who) -> list[dict[str, Any]]:
         query = request.query_params
         states = set(query.get("state", "running").split(","))
         wanted = _metadata_filter(query.get("metadata"))
@@ -160,16 +152,16 @@ def _control_plane(api: FastAPI, sessions: SessionManager, caller: Callable[[Req
                 if "running" in states and all(s.metadata.get(k) == v for k, v in wanted.items())]
 
     @api.get("/sandboxes/{sandbox_id}", tags=["sandboxes"])
-    async def get(sandbox_id: str, who: Caller = Depends(caller)) -> dict[str, Any]:
+    async def get(sandbox_id: str, who: Who) -> dict[str, Any]:
         return _listed(sessions.get(who, sandbox_id))
 
     @api.delete("/sandboxes/{sandbox_id}", status_code=204, tags=["sandboxes"])
-    async def kill(sandbox_id: str, who: Caller = Depends(caller)) -> Response:
+    async def kill(sandbox_id: str, who: Who) -> Response:
         await sessions.kill(sessions.get(who, sandbox_id))
         return Response(status_code=204)
 
     @api.post("/sandboxes/{sandbox_id}/timeout", status_code=204, tags=["sandboxes"])
-    async def set_timeout(sandbox_id: str, body: Timeout, who: Caller = Depends(caller)) -> Response:
+    async def set_timeout(sandbox_id: str, body: Timeout, who: Who) -> Response:
         sessions.set_timeout(sessions.get(who, sandbox_id), body.timeout)
         return Response(status_code=204)
 
@@ -181,7 +173,7 @@ def _metadata_filter(text: str | None) -> dict[str, str]:
     return dict(parse_qsl(text or ""))
 
 
-def _envd_http(api: FastAPI, sessions: SessionManager, caller: Callable[[Request], Caller]) -> None:
+def _envd_http(api: FastAPI, sessions: SessionManager) -> None:
     """envd's plain HTTP routes: health, file download and upload, and code cells (the
     code interpreter's /execute: one JSON object per line)."""
 
@@ -189,7 +181,7 @@ def _envd_http(api: FastAPI, sessions: SessionManager, caller: Callable[[Request
         return session_of(sessions, who, {k.lower(): v for k, v in request.headers.items()})
 
     @api.get("/health", status_code=204, tags=["envd"])
-    async def health(request: Request, who: Caller = Depends(caller)) -> Response:
+    async def health(request: Request, who: Who) -> Response:
         if "e2b-sandbox-id" in request.headers:
             try:
                 session(request, who)
@@ -198,15 +190,15 @@ def _envd_http(api: FastAPI, sessions: SessionManager, caller: Callable[[Request
         return Response(status_code=204)
 
     @api.get("/files", tags=["envd"])
-    async def download(request: Request, path: str, who: Caller = Depends(caller)) -> Response:
+    async def download(request: Request, path: str, who: Who) -> Response:
         return Response(await read_file(session(request, who), path), media_type="application/octet-stream")
 
     @api.post("/files", tags=["envd"])
-    async def upload(request: Request, who: Caller = Depends(caller)) -> list[dict[str, Any]]:
+    async def upload(request: Request, who: Who) -> list[dict[str, Any]]:
         return await write_files(session(request, who), request)
 
     @api.post("/execute", tags=["envd"])
-    async def execute(request: Request, who: Caller = Depends(caller)) -> StreamingResponse:
+    async def execute(request: Request, who: Who) -> StreamingResponse:
         target = session(request, who)
         body = await request.json()
         if body.get("language") not in (None, "python"):

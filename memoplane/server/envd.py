@@ -11,7 +11,7 @@ commands and files use is implemented; the rest answers `unimplemented` with wha
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
@@ -23,8 +23,9 @@ from e2b.envd.process.process_connect import Process, ProcessASGIApplication
 from protobuf import Oneof
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
+from .auth import Caller
 from .errors import ApiError
-from .sessions import Caller, Session, SessionManager, decode
+from .sessions import Session, SessionManager, decode
 
 SANDBOX_HEADER = "e2b-sandbox-id"
 _CODES = {400: Code.INVALID_ARGUMENT, 403: Code.PERMISSION_DENIED, 404: Code.NOT_FOUND,
@@ -101,13 +102,16 @@ class ProcessService(_Service, Process):  # the rest: Process's own `unimplement
 def _process_event(reply: dict[str, Any]) -> process_pb.ProcessEvent:
     event = process_pb.ProcessEvent
     if "start" in reply:
-        return event(event=Oneof("start", event.StartEvent(pid=reply["start"])))
-    for stream in ("stdout", "stderr"):
-        if stream in reply:
-            return event(event=Oneof("data", event.DataEvent(output=Oneof(stream, decode(reply, stream)))))
-    end = reply["end"]
-    return event(event=Oneof("end", event.EndEvent(exit_code=end["exit_code"], exited=end["exited"],
-                                                   status=end["status"])))
+        return event(event=Oneof[Literal["start"], process_pb.ProcessEvent.StartEvent]("start", event.StartEvent(pid=reply["start"])))
+    if "stdout" in reply:
+        data = event.DataEvent(output=Oneof[Literal["stdout"], bytes]("stdout", decode(reply, "stdout")))
+    elif "stderr" in reply:
+        data = event.DataEvent(output=Oneof[Literal["stderr"], bytes]("stderr", decode(reply, "stderr")))
+    else:
+        end = reply["end"]
+        finished = event.EndEvent(exit_code=end["exit_code"], exited=end["exited"], status=end["status"])
+        return event(event=Oneof[Literal["end"], process_pb.ProcessEvent.EndEvent]("end", finished))
+    return event(event=Oneof[Literal["data"], process_pb.ProcessEvent.DataEvent]("data", data))
 
 
 class FilesystemService(_Service, Filesystem):

@@ -8,10 +8,9 @@ A miss runs in the server's warm pool for the job's runtime profile.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..cas import open_store
@@ -23,8 +22,9 @@ from ..jobs import CommandCode, Input, Job, JsonInput, PythonCode
 from ..keys import code_digest
 from ..sandbox.types import Limits
 from ..trust.local import Keyring
+from .auth import Who
 from .errors import ApiError
-from .sessions import Caller, SessionManager
+from .sessions import SessionManager
 
 
 class RunRequest(BaseModel):
@@ -67,11 +67,10 @@ class RunRequest(BaseModel):
         return Job(code=code, inputs=inputs, env=self.env, salt=self.salt, limits=limits), identity
 
 
-def routes(api: FastAPI, sessions: SessionManager, store: str | None,
-           caller: Callable[[Request], Caller]) -> None:
+def routes(api: FastAPI, sessions: SessionManager, store: str | None) -> None:
 
     @api.post("/v1/run", tags=["memory"])
-    async def run(body: RunRequest, who: Caller = Depends(caller)) -> dict[str, Any]:
+    async def run(body: RunRequest, who: Who) -> dict[str, Any]:
         """Run once; an identical later call (here, or `memoplane run`) answers `cached: true`
         with the seconds of compute the stored result saved."""
         job, identity = body.job()
@@ -85,6 +84,5 @@ def _run(job: Job, identity: str, policy: str, sessions: SessionManager, store: 
             report = run_job(job, opened, lambda: sessions.pool(job.profile), policy=policy,  # type: ignore[arg-type]
                              identity=identity, trust=keyring.policy(), signer=keyring.signer())
         except JobFailed as failed:
-            failure = getattr(failed, "failure", None)
-            raise ApiError(422, str(failed), getattr(failure, "message", "")) from None
+            raise ApiError(422, str(failed)) from None
         return report_json(report, opened)

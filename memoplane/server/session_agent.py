@@ -161,10 +161,12 @@ class Agent:
         result: Any = None
         try:
             tree = ast.parse(source, "<cell>", "exec")
-            last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+            last = tree.body[-1] if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+            if last is not None:
+                tree.body.pop()
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 exec(compile(tree, "<cell>", "exec"), self.namespace)  # noqa: S102 - the sandbox's own code, in it
-                if last is not None:
+                if isinstance(last, ast.Expr):
                     expression = ast.Expression(last.value)
                     result = eval(compile(expression, "<cell>", "eval"), self.namespace)  # noqa: S307 - likewise
         except BaseException as e:  # noqa: BLE001 - a cell's failure (SystemExit too) is its result

@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..sandbox import PythonTask, SandboxOutcome, SandboxPool, SandboxRequest
+from ..sandbox import PROFILES, PythonTask, SandboxOutcome, SandboxPool, SandboxRequest
+from ..sandbox.removal import remove_tree
 from ..sandbox.types import Limits
 from ..settings import ServeSettings
 from . import session_agent
+from .auth import Caller
 from .errors import ApiError
 
 log = logging.getLogger("memoplane.server")
@@ -37,15 +39,6 @@ TEMPLATE_ALIASES = {"base": "python", "code-interpreter-v1": "python"}
 _CONNECT_TIMEOUT = 30.0   # seconds a new child has to dial back before its creation fails
 _REAP_EVERY = 1.0         # seconds between two looks for sandboxes past their timeout
 _AGENT_SOURCE = Path(session_agent.__file__).read_text(encoding="utf-8")
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who makes a request. One team today ("local"); API keys (a later round) fill it in,
-    and every lookup of a sandbox already goes through its owner."""
-
-    team: str = "local"
-    key_id: str = "anonymous"
 
 
 class SandboxGone(ApiError):
@@ -218,7 +211,8 @@ class SessionManager:
             loop.call_soon_threadsafe(self._ended, session, outcome, server)
 
         threading.Thread(target=run, name=f"memoplane-session-{session.id}", daemon=True).start()
-        done, _ = await asyncio.wait([session.connected, loop.create_task(session.ended.wait())],
+        waiters: list[asyncio.Future[Any]] = [session.connected, loop.create_task(session.ended.wait())]
+        await asyncio.wait(waiters,
                                      timeout=_CONNECT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
         if not session.connected.done():
             reason = session.outcome.failure.message if session.outcome and session.outcome.failure else \
@@ -236,8 +230,6 @@ class SessionManager:
         os.close(session._stop_r)
         os.close(session._stop_w)
         self.sessions.pop(session.id, None)
-        from ..sandbox.removal import remove_tree
-
         with contextlib.suppress(OSError):
             remove_tree(session.directory)
 
@@ -284,8 +276,6 @@ class SessionManager:
 
 def resolve_template(template: str) -> str:
     """The runtime profile a template names (a profile's own name, or an E2B default's alias)."""
-    from ..sandbox import PROFILES
-
     profile = TEMPLATE_ALIASES.get(template, template)
     if profile not in PROFILES:
         known = sorted({*PROFILES, *TEMPLATE_ALIASES})

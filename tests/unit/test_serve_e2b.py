@@ -1,0 +1,167 @@
+"""`memoplane serve` driven by the official E2B SDKs (e2b, e2b-code-interpreter) and plain HTTP.
+
+One real server process on a free loopback port for the module; the SDKs are pointed at it
+through their own self-hosted configuration (api_url and sandbox_url), as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from e2b import CommandExitException, NotFoundException, Sandbox
+from e2b_code_interpreter import Sandbox as CodeSandbox
+
+_START_DEADLINE = 60.0
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    home = tmp_path_factory.mktemp("serve")
+    env = {**os.environ, "MEMOPLANE_STORE": str(home / "store"), "MEMOPLANE_KEYS_DIR": str(home / "keys"),
+           "MEMOPLANE_SERVE_WARM": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "memoplane.cli", "serve", "--port", "0"], env=env,
+                            stdout=subprocess.PIPE, stderr=open(home / "serve.log", "wb"), text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "listening on http://127.0.0.1:" in line, (line, (home / "serve.log").read_text())
+        url = line.split("listening on ")[1].split()[0]
+        _wait_ready(url)
+        yield {"url": url, "env": env, "home": home,
+               "opts": {"api_url": url, "sandbox_url": url, "api_key": "e2b_local"}}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def _wait_ready(url: str) -> None:
+    deadline = time.monotonic() + _START_DEADLINE
+    while True:
+        try:
+            if httpx.get(url + "/health").status_code == 204:
+                return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
+
+
+def test_openapi_document_lists_the_routes(server: dict[str, Any]) -> None:
+    doc = httpx.get(server["url"] + "/openapi.json").json()
+    assert {"/v2/sandboxes", "/sandboxes/{sandbox_id}", "/sandboxes/{sandbox_id}/timeout", "/files",
+            "/v1/run"} <= set(doc["paths"])
+
+
+def test_commands_stream_output_and_exit_codes(server: dict[str, Any]) -> None:
+    sandbox = Sandbox.create(timeout=120, **server["opts"])
+    try:
+        seen: list[str] = []
+        result = sandbox.commands.run("echo one; echo two >&2; echo three", on_stdout=seen.append)
+        assert (result.stdout, result.stderr, result.exit_code) == ("one\nthree\n", "two\n", 0)
+        assert "".join(seen) == "one\nthree\n"
+        with pytest.raises(CommandExitException) as failed:
+            sandbox.commands.run("echo bad >&2; exit 7")
+        assert failed.value.exit_code == 7 and failed.value.stderr == "bad\n"
+        env = sandbox.commands.run("echo $GREETING", envs={"GREETING": "hi"})
+        assert env.stdout == "hi\n"
+        isolated = sandbox.commands.run("id -u; ls /")
+        assert isolated.stdout.split()[0] == "0"    # root of its own one-id user namespace
+        assert "home" not in isolated.stdout.split()  # the sandbox's view, not the host's /
+    finally:
+        sandbox.kill()
+
+
+def test_files_write_read_list_and_state_between_calls(server: dict[str, Any]) -> None:
+    sandbox = Sandbox.create(**server["opts"])
+    try:
+        sandbox.files.write("/tmp/work/notes.txt", "first")
+        sandbox.files.write("relative.bin", b"\x00\x01")   # relative to the user's home (/tmp)
+        assert sandbox.files.read("/tmp/work/notes.txt") == "first"
+        assert bytes(sandbox.files.read("/tmp/relative.bin", format="bytes")) == b"\x00\x01"
+        names = {e.name for e in sandbox.files.list("/tmp")}
+        assert {"work", "relative.bin"} <= names
+        # A command sees what the files API wrote, and the files API what a command wrote.
+        assert sandbox.commands.run("cat /tmp/work/notes.txt").stdout == "first"
+        sandbox.commands.run("echo made > /tmp/work/by-command")
+        assert sandbox.files.read("/tmp/work/by-command") == "made\n"
+        assert sandbox.files.exists("/tmp/work/by-command") and not sandbox.files.exists("/tmp/nope")
+        with pytest.raises(NotFoundException):
+            sandbox.files.read("/tmp/missing")
+        with pytest.raises(Exception, match=r"(?i)read-only|permission"):
+            sandbox.files.write("/usr/evil", "x")       # the runtime's view is read-only
+    finally:
+        sandbox.kill()
+
+
+def test_list_kill_and_timeout(server: dict[str, Any]) -> None:
+    first = Sandbox.create(metadata={"test": "list"}, **server["opts"])
+    second = Sandbox.create(metadata={"test": "list"}, **server["opts"])
+    listed = {s.sandbox_id for s in Sandbox.list(**server["opts"]).next_items()}
+    assert {first.sandbox_id, second.sandbox_id} <= listed
+    first.kill()
+    listed = {s.sandbox_id for s in Sandbox.list(**server["opts"]).next_items()}
+    assert first.sandbox_id not in listed and second.sandbox_id in listed
+    assert not first.is_running()
+    second.set_timeout(1)   # reaped once its timeout has passed
+    deadline = time.monotonic() + 30
+    while second.sandbox_id in {s.sandbox_id for s in Sandbox.list(**server["opts"]).next_items()}:
+        assert time.monotonic() < deadline, "a sandbox past its timeout was not reaped"
+        time.sleep(0.2)
+    assert not second.is_running()
+
+
+def test_bad_requests_name_the_field(server: dict[str, Any]) -> None:
+    create = server["url"] + "/v2/sandboxes"
+    unknown = httpx.post(create, json={"templateID": "no-such-template"})
+    assert unknown.status_code == 404 and "no-such-template" in unknown.json()["message"]
+    online = httpx.post(create, json={"templateID": "base", "allow_internet_access": True})
+    assert online.status_code == 400 and "allow_internet_access" in online.json()["message"]
+    too_long = httpx.post(create, json={"templateID": "base", "timeout": 10 ** 7})
+    assert too_long.status_code == 400 and "timeout" in too_long.json()["message"]
+
+
+def test_run_code_keeps_state_between_cells(server: dict[str, Any]) -> None:
+    sandbox = CodeSandbox.create(**server["opts"])
+    try:
+        first = sandbox.run_code("x = 41\nprint('side effect')\nx + 1")
+        assert first.text == "42" and first.logs.stdout == ["side effect\n"]
+        assert sandbox.run_code("x * 2").text == "82"
+        failed = sandbox.run_code("1 / 0")
+        assert failed.error is not None and failed.error.name == "ZeroDivisionError"
+    finally:
+        sandbox.kill()
+
+
+def test_v1_run_misses_then_hits_with_the_key_of_memoplane_run(server: dict[str, Any], tmp_path: Path) -> None:
+    source = "import time\n\ndef main(n):\n    time.sleep(0.2)\n    return n * 2\n"
+    body = {"code": source, "inputs": {"n": 21}}
+    miss = httpx.post(server["url"] + "/v1/run", json=body, timeout=120).json()
+    assert (miss["cached"], miss["result"]) == (False, 42)
+    hit = httpx.post(server["url"] + "/v1/run", json=body, timeout=120).json()
+    assert (hit["cached"], hit["result"], hit["cache_key"]) == (True, 42, miss["cache_key"])
+    assert hit["compute_seconds_saved"] >= 0.2
+    # The same job from the command line is the same computation: a hit.
+    script = tmp_path / "job.py"
+    script.write_text(source)
+    cli = subprocess.run([sys.executable, "-m", "memoplane.cli", "run", str(script), "-i", "n=21", "--json"],
+                         env=server["env"], capture_output=True, text=True, timeout=120)
+    report = json.loads(cli.stdout)
+    assert (report["cached"], report["cache_key"]) == (True, miss["cache_key"])
+
+
+def test_v1_run_rejects_bad_requests(server: dict[str, Any]) -> None:
+    run = server["url"] + "/v1/run"
+    both = httpx.post(run, json={"code": "def main(): pass", "command": ["true"]})
+    assert both.status_code == 400 and "exactly one of code and command" in both.json()["message"]
+    bad_name = httpx.post(run, json={"code": "def main(**k): pass", "inputs": {"not a name": 1}})
+    assert bad_name.status_code == 400 and "not a name" in bad_name.json()["message"]
+    failing = httpx.post(run, json={"code": "def main():\n    raise ValueError('no')\n"}, timeout=120)
+    assert failing.status_code == 422 and "ValueError" in failing.json()["message"]
