@@ -110,6 +110,8 @@ def _process_event(reply: dict[str, Any]) -> process_pb.ProcessEvent:
     else:
         end = reply["end"]
         finished = event.EndEvent(exit_code=end["exit_code"], exited=end["exited"], status=end["status"])
+        if not end["exited"]:
+            finished.error = end["status"]  # what the SDK reports for a killed command
         return event(event=Oneof[Literal["end"], process_pb.ProcessEvent.EndEvent]("end", finished))
     return event(event=Oneof[Literal["data"], process_pb.ProcessEvent.DataEvent]("data", data))
 

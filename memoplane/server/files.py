@@ -9,14 +9,11 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 
 from .errors import ApiError
-from .sessions import Session, decode
-
-# A file travels through the session's channel in one message: bounded, like the child's work dir.
-MAX_FILE_BYTES = 64 << 20
+from .sessions import MAX_FILE_BYTES, Session, decode
 
 
 async def read_file(session: Session, path: str) -> bytes:
-    return decode(await session.call("read", path=path), "data")
+    return decode(await session.call("read", path=path, max_bytes=MAX_FILE_BYTES), "data")
 
 
 async def write_files(session: Session, request: Request) -> list[dict[str, Any]]:

@@ -101,7 +101,11 @@ class Agent:
 
     def op_read(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
         with open(resolve(req["path"]), "rb") as f:
-            return {"data": base64.b64encode(f.read()).decode()}
+            data = f.read(req["max_bytes"] + 1)
+        if len(data) > req["max_bytes"]:
+            return {"error": {"kind": "too_large", "message": f"{req['path']} is larger than {req['max_bytes']} "
+                              "bytes: read it in parts with a command"}}
+        return {"data": base64.b64encode(data).decode()}
 
     def op_write(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
         path = resolve(req["path"])

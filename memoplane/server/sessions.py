@@ -38,6 +38,10 @@ log = logging.getLogger("memoplane.server")
 TEMPLATE_ALIASES = {"base": "python", "code-interpreter-v1": "python"}
 _CONNECT_TIMEOUT = 30.0   # seconds a new child has to dial back before its creation fails
 _REAP_EVERY = 1.0         # seconds between two looks for sandboxes past their timeout
+# A file travels through a session's channel in one message, base64-encoded: bounded, so that a
+# line from the agent (untrusted: it runs in the sandbox) is bounded too.
+MAX_FILE_BYTES = 64 << 20
+_MAX_LINE = MAX_FILE_BYTES * 4 // 3 + (1 << 20)
 _AGENT_SOURCE = Path(session_agent.__file__).read_text(encoding="utf-8")
 
 
@@ -106,9 +110,12 @@ class Session:
         try:
             while line := await reader.readline():
                 reply = json.loads(line)
-                queue = self._pending.get(reply.get("id"))
+                queue = self._pending.get(reply.get("id")) if isinstance(reply, dict) else None
                 if queue is not None:
                     queue.put_nowait(reply)
+        except ValueError as e:  # not JSON, or a line past _MAX_LINE: the agent is broken or hostile
+            log.warning("sandbox %s: its agent sent a bad message (%s): killed", self.id, e)
+            self.stop()
         finally:
             self.gone()
 
@@ -124,7 +131,7 @@ class Session:
 
 
 def agent_error(error: dict[str, Any]) -> ApiError:
-    status = {"not_found": 404, "exists": 409, "permission": 403, "invalid": 400, "gone": 502}
+    status = {"not_found": 404, "exists": 409, "permission": 403, "invalid": 400, "too_large": 413, "gone": 502}
     return ApiError(status.get(error.get("kind", ""), 500), str(error.get("message", "the sandbox failed")))
 
 
@@ -194,7 +201,7 @@ class SessionManager:
         os.chmod(session.directory, 0o755)
         os.chmod(inbox, 0o755)
         socket_path = inbox / session_agent.SOCKET_NAME
-        server = await asyncio.start_unix_server(session.serve_agent, path=str(socket_path))
+        server = await asyncio.start_unix_server(session.serve_agent, path=str(socket_path), limit=_MAX_LINE)
         os.chmod(socket_path, 0o777)
         session.connected = loop.create_future()
         session._stop_r, session._stop_w = os.pipe()

@@ -127,6 +127,21 @@ def test_timeout(pool: SandboxPool, tmp_path: Path) -> None:
     assert out.failure is not None and out.failure.reason == "timeout"
 
 
+def test_a_job_is_stopped_when_its_stop_fd_turns_readable(pool: SandboxPool, tmp_path: Path) -> None:
+    """How a long-lived job (an API session) is ended by its owner before its timeout."""
+    i, o = _dirs(tmp_path)
+    stop_r, stop_w = os.pipe()
+    try:
+        threading.Timer(0.5, os.write, (stop_w, b"x")).start()
+        task = PythonTask("import time\ndef main():\n    time.sleep(600)\n")
+        out = pool.run(SandboxRequest(task, i, o, limits=Limits(timeout_s=600)), stop_fd=stop_r)
+    finally:
+        os.close(stop_r)
+        os.close(stop_w)
+    assert out.failure is not None and out.failure.reason == "timeout"
+    assert "stopped by its owner" in out.failure.message
+
+
 def test_env_is_clean_and_has_in_out(pool: SandboxPool, tmp_path: Path) -> None:
     i, o = _dirs(tmp_path)
     src = "import os\ndef main():\n    return dict(os.environ)\n"

@@ -5,6 +5,7 @@ through their own self-hosted configuration (api_url and sandbox_url), as a user
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -97,6 +98,32 @@ def test_files_write_read_list_and_state_between_calls(server: dict[str, Any]) -
             sandbox.files.read("/tmp/missing")
         with pytest.raises(Exception, match=r"(?i)read-only|permission"):
             sandbox.files.write("/usr/evil", "x")       # the runtime's view is read-only
+    finally:
+        sandbox.kill()
+
+
+def test_large_files_and_output_cross_the_channel(server: dict[str, Any]) -> None:
+    sandbox = Sandbox.create(**server["opts"])
+    try:
+        blob = os.urandom(3 << 20)
+        sandbox.files.write("/tmp/blob", blob)
+        assert bytes(sandbox.files.read("/tmp/blob", format="bytes")) == blob
+        assert sandbox.commands.run("sha256sum /tmp/blob").stdout.split()[0] == hashlib.sha256(blob).hexdigest()
+        big = sandbox.commands.run("head -c 2000000 /dev/zero | tr '\\0' x")
+        assert big.stdout == "x" * 2_000_000
+    finally:
+        sandbox.kill()
+
+
+def test_background_command_is_killed(server: dict[str, Any]) -> None:
+    sandbox = Sandbox.create(**server["opts"])
+    try:
+        handle = sandbox.commands.run("echo started; sleep 600", background=True)
+        assert handle.kill()
+        with pytest.raises(CommandExitException) as ended:
+            handle.wait()
+        assert ended.value.exit_code == -1 and ended.value.error == "signal: sigkill"
+        assert sandbox.commands.run("echo still here").stdout == "still here\n"
     finally:
         sandbox.kill()
 
