@@ -110,7 +110,8 @@ class Session:
         try:
             while line := await reader.readline():
                 reply = json.loads(line)
-                queue = self._pending.get(reply.get("id")) if isinstance(reply, dict) else None
+                rid = reply.get("id") if isinstance(reply, dict) else None
+                queue = self._pending.get(rid) if isinstance(rid, int) else None
                 if queue is not None:
                     queue.put_nowait(reply)
         except ValueError as e:  # not JSON, or a line past _MAX_LINE: the agent is broken or hostile
