@@ -24,6 +24,10 @@ async def serve(settings: ServeSettings, store: str | None, sock: socket.socket 
     """Serve until interrupted; prints the address it listens on (the port may be 0: any free one)."""
     if sock is None:
         sock = socket.create_server((settings.host, settings.port))
+    # Connections accepted from a socket handed to uvicorn lack TCP_NODELAY (asyncio sets it only on
+    # sockets it makes): every response with a body then waited ~40 ms for a delayed ACK. Accepted
+    # sockets inherit it from the listening one.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(build_app(settings, store), log_level=settings.log_level.lower(),
                             timeout_graceful_shutdown=5)
