@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
+from ..inputs import env_problem
 from ..settings import ServeSettings
 from . import memo
 from .auth import SCOPE_KEY, Authenticate, Caller, Who, local_caller
@@ -71,6 +72,15 @@ class NewSandbox(BaseModel):
 
 class Timeout(BaseModel):
     timeout: int
+
+
+class Reconnect(BaseModel):
+    """E2B's ConnectSandbox. `memory` says how a paused sandbox resumes: a no-op for a running
+    one (E2B's own rule), and sandboxes here are never paused."""
+
+    model_config = ConfigDict(extra="forbid")
+    timeout: int | None = None
+    memory: Any = None
 
 
 def build_app(settings: ServeSettings, store: str | None = None,
@@ -139,6 +149,10 @@ def _control_plane(api: FastAPI, sessions: SessionManager) -> None:
     @api.post("/v2/sandboxes", status_code=201, tags=["sandboxes"])
     async def create(body: NewSandbox, who: Who) -> dict[str, Any]:
         body.refuse_unsupported()
+        for name, value in body.env_vars.items():
+            problem = env_problem(name, value)
+            if problem:
+                raise ApiError(400, f"envVars: {problem[0]}", problem[1])
         session = await sessions.create(who, body.template_id, body.timeout, body.env_vars, body.metadata)
         return _created(session)
 
@@ -159,6 +173,15 @@ def _control_plane(api: FastAPI, sessions: SessionManager) -> None:
     async def kill(sandbox_id: str, who: Who) -> Response:
         await sessions.kill(sessions.get(who, sandbox_id))
         return Response(status_code=204)
+
+    @api.post("/sandboxes/{sandbox_id}/connect", tags=["sandboxes"])
+    @api.post("/v2/sandboxes/{sandbox_id}/connect", tags=["sandboxes"])
+    async def connect(sandbox_id: str, body: Reconnect, who: Who) -> dict[str, Any]:
+        """Connect to a running sandbox; a longer timeout than it has extends it (never shortens)."""
+        session = sessions.get(who, sandbox_id)
+        if body.timeout is not None and time.time() + body.timeout > session.end_at:
+            sessions.set_timeout(session, body.timeout)
+        return _created(session)
 
     @api.post("/sandboxes/{sandbox_id}/timeout", status_code=204, tags=["sandboxes"])
     async def set_timeout(sandbox_id: str, body: Timeout, who: Who) -> Response:

@@ -94,6 +94,11 @@ def test_files_write_read_list_and_state_between_calls(server: dict[str, Any]) -
         sandbox.commands.run("echo made > /tmp/work/by-command")
         assert sandbox.files.read("/tmp/work/by-command") == "made\n"
         assert sandbox.files.exists("/tmp/work/by-command") and not sandbox.files.exists("/tmp/nope")
+        sandbox.files.make_dir("/tmp/made")
+        sandbox.files.rename("/tmp/work/notes.txt", "/tmp/made/moved.txt")
+        assert sandbox.files.read("/tmp/made/moved.txt") == "first"
+        sandbox.files.remove("/tmp/work")
+        assert not sandbox.files.exists("/tmp/work")
         with pytest.raises(NotFoundException):
             sandbox.files.read("/tmp/missing")
         with pytest.raises(Exception, match=r"(?i)read-only|permission"):
@@ -133,7 +138,12 @@ def test_list_kill_and_timeout(server: dict[str, Any]) -> None:
     second = Sandbox.create(metadata={"test": "list"}, **server["opts"])
     listed = {s.sandbox_id for s in Sandbox.list(**server["opts"]).next_items()}
     assert {first.sandbox_id, second.sandbox_id} <= listed
+    again = Sandbox.connect(first.sandbox_id, **server["opts"])
+    assert again.commands.run("echo same").stdout == "same\n"
+    assert again.get_info().metadata == {"test": "list"}
     first.kill()
+    with pytest.raises(Exception, match="not found"):
+        Sandbox.connect(first.sandbox_id, **server["opts"])
     listed = {s.sandbox_id for s in Sandbox.list(**server["opts"]).next_items()}
     assert first.sandbox_id not in listed and second.sandbox_id in listed
     assert not first.is_running()
@@ -151,6 +161,8 @@ def test_bad_requests_name_the_field(server: dict[str, Any]) -> None:
     assert unknown.status_code == 404 and "no-such-template" in unknown.json()["message"]
     online = httpx.post(create, json={"templateID": "base", "allow_internet_access": True})
     assert online.status_code == 400 and "allow_internet_access" in online.json()["message"]
+    bad_env = httpx.post(create, json={"templateID": "base", "envVars": {"MEMOPLANE_X": "1"}})
+    assert bad_env.status_code == 400 and "envVars" in bad_env.json()["message"]
     too_long = httpx.post(create, json={"templateID": "base", "timeout": 10 ** 7})
     assert too_long.status_code == 400 and "timeout" in too_long.json()["message"]
 
