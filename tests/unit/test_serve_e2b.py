@@ -155,6 +155,28 @@ def test_list_kill_and_timeout(server: dict[str, Any]) -> None:
     assert not second.is_running()
 
 
+def test_a_sandbox_that_ends_its_own_agent_is_gone_and_the_server_is_not(server: dict[str, Any]) -> None:
+    sandbox = CodeSandbox.create(**server["opts"])
+    neighbour = Sandbox.create(**server["opts"])
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - the connection drops: any SDK error will do
+            sandbox.run_code("import os\nos._exit(3)")
+        deadline = time.monotonic() + 30
+        while sandbox.is_running():
+            assert time.monotonic() < deadline, "a sandbox whose agent exited is still listed as running"
+            time.sleep(0.1)
+        assert sandbox.sandbox_id not in {s.sandbox_id for s in Sandbox.list(**server["opts"]).next_items()}
+        assert neighbour.commands.run("echo fine").stdout == "fine\n"
+        outside = neighbour.commands.run(
+            "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 1), timeout=2)'", timeout=30)
+    except CommandExitException as refused:
+        assert "Network is unreachable" in refused.stderr  # its own network namespace: a down loopback only
+    else:
+        pytest.fail(f"a sandbox reached the host's network: {outside}")
+    finally:
+        neighbour.kill()
+
+
 def test_bad_requests_name_the_field(server: dict[str, Any]) -> None:
     create = server["url"] + "/v2/sandboxes"
     unknown = httpx.post(create, json={"templateID": "no-such-template"})
