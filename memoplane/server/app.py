@@ -228,20 +228,21 @@ def _envd_http(api: FastAPI, sessions: SessionManager) -> None:
             raise ApiError(400, f"language {body.get('language')!r} is not supported", "run Python cells")
         if body.get("context_id") is not None:
             raise ApiError(400, "code contexts are not supported yet", "run in the default context")
-        reply = await target.call("code", code=str(body.get("code", "")))
-        return StreamingResponse(_cell_lines(reply), media_type="application/x-ndjson")
+        replies = target.request("code", code=str(body.get("code", "")))
+        return StreamingResponse(_cell_lines(replies), media_type="application/x-ndjson")
 
 
-async def _cell_lines(reply: dict[str, Any]) -> AsyncIterator[bytes]:
-    """A finished cell as the code interpreter's stream of outputs."""
-    now = time.time()
-    lines: list[dict[str, Any]] = []
-    for stream in ("stdout", "stderr"):
-        if reply.get(stream):
-            lines.append({"type": stream, "text": reply[stream], "timestamp": now})
-    if reply.get("exception"):
-        lines.append({"type": "error", **reply["exception"]})
-    elif reply.get("result") is not None:
-        lines.append({"type": "result", "text": reply["result"], "is_main_result": True})
-    for line in lines:
-        yield (json.dumps(line) + "\n").encode()
+async def _cell_lines(replies: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """A cell's replies as the code interpreter's stream: outputs as they come, then its error or result."""
+    async for reply in replies:
+        for stream in ("stdout", "stderr"):
+            if "cell_" + stream in reply:
+                yield _line({"type": stream, "text": reply["cell_" + stream], "timestamp": time.time()})
+        if reply.get("exception"):
+            yield _line({"type": "error", **reply["exception"]})
+        elif reply.get("done") and reply.get("result") is not None:
+            yield _line({"type": "result", "text": reply["result"], "is_main_result": True})
+
+
+def _line(message: dict[str, Any]) -> bytes:
+    return (json.dumps(message) + "\n").encode()

@@ -156,13 +156,15 @@ class Agent:
 
     def op_code(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
         with self.code_lock:
-            return self.run_cell(req["code"])
+            return self.run_cell(rid, req["code"])
 
-    def run_cell(self, source: str) -> dict[str, Any]:
+    def run_cell(self, rid: int, source: str) -> dict[str, Any]:
+        """Run a cell in the session's namespace; its prints reach the host as they happen, and
+        a last expression is its result (as in a notebook)."""
         import ast
 
-        out, err = io.StringIO(), io.StringIO()
         result: Any = None
+        out, err = CellStream(self, rid, "cell_stdout"), CellStream(self, rid, "cell_stderr")
         try:
             tree = ast.parse(source, "<cell>", "exec")
             last = tree.body[-1] if tree.body and isinstance(tree.body[-1], ast.Expr) else None
@@ -174,11 +176,42 @@ class Agent:
                     expression = ast.Expression(last.value)
                     result = eval(compile(expression, "<cell>", "eval"), self.namespace)  # noqa: S307 - likewise
         except BaseException as e:  # noqa: BLE001 - a cell's failure (SystemExit too) is its result
-            return {"stdout": out.getvalue(), "stderr": err.getvalue(),
-                    "exception": {"name": type(e).__name__, "value": str(e),
-                              "traceback": "".join(traceback.format_exception(e))}}
-        return {"stdout": out.getvalue(), "stderr": err.getvalue(),
-                "result": None if result is None else repr(result)}
+            return {"exception": {"name": type(e).__name__, "value": str(e),
+                                  "traceback": "".join(traceback.format_exception(e))}}
+        finally:
+            out.end()
+            err.end()
+        return {"result": None if result is None else repr(result)}
+
+
+class CellStream(io.TextIOBase):
+    """A cell's stdout or stderr: sent to the host line by line as the cell runs, the rest when
+    it ends; nothing after (a thread the cell left behind prints nowhere)."""
+
+    def __init__(self, agent: Agent, rid: int, name: str) -> None:
+        self.agent, self.rid, self.name = agent, rid, name
+        self.pending = ""
+        self.ended = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not self.ended:
+            self.pending += text
+            if "\n" in self.pending:
+                cut = self.pending.rindex("\n") + 1
+                self.send(self.pending[:cut])
+                self.pending = self.pending[cut:]
+        return len(text)
+
+    def end(self) -> None:
+        self.send(self.pending)
+        self.ended = True
+
+    def send(self, text: str) -> None:
+        if text:
+            self.agent.send({"id": self.rid, self.name: text})
 
 
 def resolve(path: str) -> str:

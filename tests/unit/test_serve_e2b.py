@@ -195,6 +195,11 @@ def test_run_code_keeps_state_between_cells(server: dict[str, Any]) -> None:
         first = sandbox.run_code("x = 41\nprint('side effect')\nx + 1")
         assert first.text == "42" and first.logs.stdout == ["side effect\n"]
         assert sandbox.run_code("x * 2").text == "82"
+        seen: list[str] = []
+        streamed = sandbox.run_code("import sys\nfor i in range(3):\n    print(i)\nsys.stderr.write('no newline')",
+                                    on_stdout=lambda m: seen.append(m.line))
+        assert seen == ["0\n", "1\n", "2\n"] and streamed.logs.stderr == ["no newline"]
+        assert streamed.text == "10"   # the last expression's value: write() returned 10
         failed = sandbox.run_code("1 / 0")
         assert failed.error is not None and failed.error.name == "ZeroDivisionError"
     finally:
