@@ -116,9 +116,9 @@ class Session:
                     queue.put_nowait(reply)
         except ValueError as e:  # not JSON, or a line past _MAX_LINE: the agent is broken or hostile
             log.warning("sandbox %s: its agent sent a bad message (%s): killed", self.id, e)
-            self.stop()
         finally:
             self.gone()
+            self.stop()  # without its agent a sandbox can do nothing more: end it
 
     def gone(self) -> None:
         """The agent or the child ended: every waiting request learns it."""
@@ -127,17 +127,24 @@ class Session:
 
     def stop(self) -> None:
         """Kill the child (and all in it) now; the pool reports it as stopped."""
-        with contextlib.suppress(OSError):
-            os.write(self._stop_w, b"x")
+        if self._stop_w >= 0 and not self.ended.is_set():  # once ended, the fd is closed (and its number reused)
+            with contextlib.suppress(OSError):
+                os.write(self._stop_w, b"x")
 
 
-def agent_error(error: dict[str, Any]) -> ApiError:
+def agent_error(error: Any) -> ApiError:
+    """An error the agent reported. The agent runs in the sandbox: its replies are untrusted data."""
     status = {"not_found": 404, "exists": 409, "permission": 403, "invalid": 400, "too_large": 413, "gone": 502}
-    return ApiError(status.get(error.get("kind", ""), 500), str(error.get("message", "the sandbox failed")))
+    if not isinstance(error, dict):
+        return ApiError(502, "the sandbox sent a malformed error")
+    return ApiError(status.get(str(error.get("kind")), 500), str(error.get("message", "the sandbox failed"))[:2000])
 
 
 def decode(reply: dict[str, Any], name: str) -> bytes:
-    return base64.b64decode(reply[name])
+    try:
+        return base64.b64decode(reply[name], validate=True)
+    except (KeyError, TypeError, ValueError):
+        raise ApiError(502, f"the sandbox sent a malformed reply (no base64 {name!r})") from None
 
 
 class SessionManager:
@@ -219,9 +226,10 @@ class SessionManager:
             loop.call_soon_threadsafe(self._ended, session, outcome, server)
 
         threading.Thread(target=run, name=f"memoplane-session-{session.id}", daemon=True).start()
-        waiters: list[asyncio.Future[Any]] = [session.connected, loop.create_task(session.ended.wait())]
-        await asyncio.wait(waiters,
-                                     timeout=_CONNECT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        ended = loop.create_task(session.ended.wait())
+        waiters: list[asyncio.Future[Any]] = [session.connected, ended]
+        await asyncio.wait(waiters, timeout=_CONNECT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        ended.cancel()
         if not session.connected.done():
             reason = session.outcome.failure.message if session.outcome and session.outcome.failure else \
                 f"its agent did not start within {_CONNECT_TIMEOUT:.0f}s"
@@ -237,6 +245,7 @@ class SessionManager:
             session._writer.close()
         os.close(session._stop_r)
         os.close(session._stop_w)
+        session._stop_r = session._stop_w = -1
         self.sessions.pop(session.id, None)
         with contextlib.suppress(OSError):
             remove_tree(session.directory)
@@ -251,11 +260,13 @@ class SessionManager:
         return [s for s in self.sessions.values() if s.owner == caller.team and not s.ended.is_set()]
 
     async def kill(self, session: Session) -> None:
-        if session._stop_w < 0:   # never launched
+        if session._stop_w < 0 and not session.ended.is_set():   # never launched
             self.sessions.pop(session.id, None)
+            with contextlib.suppress(OSError):
+                remove_tree(session.directory)
             return
         session.stop()
-        await session.ended.wait()
+        await session.ended.wait()   # the pool has seen every process of it gone
 
     def set_timeout(self, session: Session, timeout: int) -> None:
         seconds = self.check_timeout(timeout)
