@@ -10,6 +10,7 @@ commands and files use is implemented; the rest answers `unimplemented` with wha
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Literal
 
@@ -64,19 +65,20 @@ class _Service:
 
 
 class ProcessService(_Service, Process):  # the rest: Process's own `unimplemented`
-    """process.Process: Start (streamed output and exit code) and SendSignal (commands.kill)."""
+    """process.Process: Start (streamed output and exit code), List, SendInput, CloseStdin and
+    SendSignal (commands.run/list/send_stdin/close_stdin/kill); Connect (re-attach), Update,
+    StreamInput and PTYs are not served yet."""
 
     async def start(self, request: process_pb.StartRequest,
                     ctx: RequestContext[process_pb.StartRequest, process_pb.StartResponse]
                     ) -> AsyncIterator[process_pb.StartResponse]:
         if request.has_field("pty"):
             raise ConnectError(Code.UNIMPLEMENTED, "a PTY is not supported yet: use commands.run")
-        if request.has_field("stdin") and request.stdin:
-            raise ConnectError(Code.UNIMPLEMENTED, "stdin for commands is not supported yet: "
-                               "run with stdin=False (the default) and pass input in the command or a file")
         config = request.process or process_pb.ProcessConfig()
+        # envd's default for an old client that does not say: stdin open.
+        stdin = request.stdin if request.has_field("stdin") else True
         fields = {"cmd": config.cmd, "args": list(config.args), "envs": dict(config.envs),
-                  "cwd": config.cwd if config.has_field("cwd") else None}
+                  "cwd": config.cwd if config.has_field("cwd") else None, "stdin": stdin}
         session = self.session(ctx)
         try:
             async for reply in session.request("exec", **fields):
@@ -84,19 +86,47 @@ class ProcessService(_Service, Process):  # the rest: Process's own `unimplement
         except ApiError as e:
             raise connect_error(e) from None
 
+    async def list(self, request: process_pb.ListRequest,
+                   ctx: RequestContext[process_pb.ListRequest, process_pb.ListResponse]) -> process_pb.ListResponse:
+        reply = await self.call(ctx, "ps")
+        return process_pb.ListResponse(processes=[
+            process_pb.ProcessInfo(pid=p["pid"], config=process_pb.ProcessConfig(
+                cmd=p["cmd"], args=list(p["args"]), envs=dict(p["envs"]), cwd=p["cwd"]))
+            for p in reply["processes"]])
+
+    async def send_input(self, request: process_pb.SendInputRequest,
+                         ctx: RequestContext[process_pb.SendInputRequest, process_pb.SendInputResponse]
+                         ) -> process_pb.SendInputResponse:
+        data = request.input.input if request.input is not None else None
+        if not isinstance(data, Oneof) or data.field != "stdin":
+            raise ConnectError(Code.UNIMPLEMENTED, "only stdin input is supported (no PTY yet)")
+        await self.call(ctx, "input", pid=_pid(request.process), data=base64.b64encode(data.value).decode())
+        return process_pb.SendInputResponse()
+
+    async def close_stdin(self, request: process_pb.CloseStdinRequest,
+                          ctx: RequestContext[process_pb.CloseStdinRequest, process_pb.CloseStdinResponse]
+                          ) -> process_pb.CloseStdinResponse:
+        await self.call(ctx, "close_stdin", pid=_pid(request.process))
+        return process_pb.CloseStdinResponse()
+
     async def send_signal(self, request: process_pb.SendSignalRequest,
                           ctx: RequestContext[process_pb.SendSignalRequest, process_pb.SendSignalResponse]
                           ) -> process_pb.SendSignalResponse:
-        selector = request.process.selector if request.process is not None else None
-        if not isinstance(selector, Oneof) or selector.field != "pid":
-            raise ConnectError(Code.UNIMPLEMENTED, "only a process selected by pid can be signalled")
+        pid = _pid(request.process)
         signals = {process_pb.Signal.SIGKILL: 9, process_pb.Signal.SIGTERM: 15}
         number = signals.get(request.signal)
         if number is None:
             raise ConnectError(Code.INVALID_ARGUMENT, f"signal {request.signal} is not supported: send SIGKILL "
                                "or SIGTERM")
-        await self.call(ctx, "signal", pid=selector.value, signal=number)
+        await self.call(ctx, "signal", pid=pid, signal=number)
         return process_pb.SendSignalResponse()
+
+
+def _pid(selector: process_pb.ProcessSelector | None) -> int:
+    chosen = selector.selector if selector is not None else None
+    if not isinstance(chosen, Oneof) or chosen.field != "pid":
+        raise ConnectError(Code.UNIMPLEMENTED, "only a process selected by pid is supported (not by tag)")
+    return int(chosen.value)
 
 
 def _process_event(reply: dict[str, Any]) -> process_pb.ProcessEvent:

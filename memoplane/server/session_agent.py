@@ -7,8 +7,8 @@ child's isolation, so the files API reaches exactly what a command in the sandbo
 
 Wire: one JSON object per line each way. A request carries "id" and "op"; every reply
 carries the request's "id", and the last reply of a request has "done": true. Bytes travel
-base64-encoded. Host -> agent ops: exec, signal, read, write, list, stat, mkdir, remove,
-move, code, exit.
+base64-encoded. Host -> agent ops: exec, signal, input, close_stdin, ps, read, write, list,
+stat, mkdir, remove, move, code, exit.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class Agent:
         self.sock = sock
         self.send_lock = threading.Lock()
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.configs: dict[int, dict[str, Any]] = {}   # how each running command was started
         self.namespace: dict[str, Any] = {"__name__": "__main__"}
         self.code_lock = threading.Lock()  # one cell at a time: they share a namespace
 
@@ -69,9 +70,12 @@ class Agent:
         env = dict(os.environ)
         env.update(req.get("envs") or {})
         cwd = resolve(req.get("cwd") or os.environ.get("HOME", "/tmp"))
-        proc = subprocess.Popen([req["cmd"], *req.get("args", [])], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+        stdin = subprocess.PIPE if req.get("stdin") else subprocess.DEVNULL
+        proc = subprocess.Popen([req["cmd"], *req.get("args", [])], cwd=cwd, env=env, stdin=stdin,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         self.procs[proc.pid] = proc
+        self.configs[proc.pid] = {"cmd": req["cmd"], "args": req.get("args", []), "envs": req.get("envs") or {},
+                                  "cwd": cwd}
         self.send({"id": rid, "start": proc.pid})
         pumps = [threading.Thread(target=self.pump, args=(rid, stream, name), daemon=True)
                  for stream, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))]
@@ -81,6 +85,7 @@ class Agent:
         for pump in pumps:
             pump.join()
         self.procs.pop(proc.pid, None)
+        self.configs.pop(proc.pid, None)
         if code < 0:
             return {"end": {"exit_code": -1, "status": f"signal: {signal.Signals(-code).name.lower()}",
                             "exited": False}}
@@ -90,12 +95,32 @@ class Agent:
         while chunk := stream.read1(1 << 16):
             self.send({"id": rid, name: base64.b64encode(chunk).decode()})
 
-    def op_signal(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
-        proc = self.procs.get(req["pid"])
+    def process(self, pid: int) -> subprocess.Popen[bytes]:
+        proc = self.procs.get(pid)
         if proc is None:
-            return {"error": {"kind": "not_found", "message": f"process {req['pid']} not found"}}
-        os.killpg(proc.pid, req.get("signal", signal.SIGKILL))
+            raise ProcessLookupError(3, "No such process", str(pid))
+        return proc
+
+    def op_signal(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        os.killpg(self.process(req["pid"]).pid, req.get("signal", signal.SIGKILL))
         return {}
+
+    def op_input(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        stdin = self.process(req["pid"]).stdin
+        if stdin is None:
+            return {"error": {"kind": "invalid", "message": f"process {req['pid']} was started without stdin"}}
+        stdin.write(base64.b64decode(req["data"]))
+        stdin.flush()
+        return {}
+
+    def op_close_stdin(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        stdin = self.process(req["pid"]).stdin
+        if stdin is not None:
+            stdin.close()
+        return {}
+
+    def op_ps(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        return {"processes": [{"pid": pid, **config} for pid, config in list(self.configs.items())]}
 
     # -- files ----------------------------------------------------------------------
 
@@ -228,7 +253,7 @@ def entry(path: str) -> dict[str, Any]:
 
 
 def _os_error_kind(e: OSError) -> str:
-    if isinstance(e, FileNotFoundError):
+    if isinstance(e, (FileNotFoundError, ProcessLookupError)):
         return "not_found"
     if isinstance(e, FileExistsError):
         return "exists"

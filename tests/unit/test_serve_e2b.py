@@ -133,6 +133,20 @@ def test_background_command_is_killed(server: dict[str, Any]) -> None:
         sandbox.kill()
 
 
+def test_stdin_and_the_list_of_running_commands(server: dict[str, Any]) -> None:
+    sandbox = Sandbox.create(**server["opts"])
+    try:
+        handle = sandbox.commands.run("tr a-z A-Z", background=True, stdin=True)
+        assert [(p.pid, p.cmd, p.args) for p in sandbox.commands.list()] == \
+            [(handle.pid, "/bin/bash", ["-l", "-c", "tr a-z A-Z"])]
+        sandbox.commands.send_stdin(handle.pid, "shout\n")
+        sandbox.commands.close_stdin(handle.pid)
+        assert handle.wait().stdout == "SHOUT\n"
+        assert sandbox.commands.list() == []
+    finally:
+        sandbox.kill()
+
+
 def test_list_kill_and_timeout(server: dict[str, Any]) -> None:
     first = Sandbox.create(metadata={"test": "list"}, **server["opts"])
     second = Sandbox.create(metadata={"test": "list"}, **server["opts"])
