@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import socket
 
 import uvicorn
 
+from ..errors import InputError
 from ..settings import SERVE_FLAGS, ServeSettings, flag_values, from_env
 from .app import build_app
 
 
 def serve_command(args: argparse.Namespace) -> int:
     settings = from_env(ServeSettings, **flag_values(args, SERVE_FLAGS))
+    require_loopback(settings.host)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     asyncio.run(serve(settings, args.store))
     return 0
@@ -33,3 +36,14 @@ async def serve(settings: ServeSettings, store: str | None, sock: socket.socket 
                             timeout_graceful_shutdown=5)
     print(f"memoplane serve: listening on http://{host}:{port} (OpenAPI at /openapi.json)", flush=True)
     await uvicorn.Server(config).serve(sockets=[sock])
+
+
+def require_loopback(host: str) -> None:
+    """Without API keys (a later round) anyone who reaches the port runs code: loopback only."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror:
+        raise InputError(f"--host {host!r} does not resolve", "give a loopback address, e.g. 127.0.0.1") from None
+    if not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        raise InputError(f"--host {host} is not a loopback address: this server has no API keys yet, so anyone "
+                         "reaching it could run code", "listen on 127.0.0.1 (the default) or ::1")

@@ -245,3 +245,10 @@ def test_v1_run_rejects_bad_requests(server: dict[str, Any]) -> None:
     assert bad_name.status_code == 400 and "not a name" in bad_name.json()["message"]
     failing = httpx.post(run, json={"code": "def main():\n    raise ValueError('no')\n"}, timeout=120)
     assert failing.status_code == 422 and "ValueError" in failing.json()["message"]
+
+
+def test_serve_refuses_a_non_loopback_address() -> None:
+    proc = subprocess.run([sys.executable, "-m", "memoplane.cli", "serve", "--host", "0.0.0.0", "--port", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "not a loopback address" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr   # one line, no traceback
