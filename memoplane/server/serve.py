@@ -41,7 +41,7 @@ async def serve(settings: ServeSettings, store: str | None, sock: socket.socket 
 def require_loopback(host: str) -> None:
     """Without API keys (a later round) anyone who reaches the port runs code: loopback only."""
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
     except socket.gaierror:
         raise InputError(f"--host {host!r} does not resolve", "give a loopback address, e.g. 127.0.0.1") from None
     if not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
