@@ -17,6 +17,7 @@ from memoplane.settings import (
     LOCAL_CACHE_BYTES,
     AgentSettings,
     OperatorSettings,
+    ServeSettings,
     StoreSettings,
     add_flags,
     flag_values,
@@ -47,7 +48,7 @@ def test_one_node_cache_default_and_one_name_per_concept() -> None:
     assert StoreSettings().local_cache_bytes == cached.DEFAULT_MAX_BYTES == LOCAL_CACHE_BYTES
     settings = StoreSettings.from_env({"MEMOPLANE_LOCAL_CACHE": "/c", "MEMOPLANE_LOCAL_CACHE_BYTES": "5"})
     assert (settings.local_cache, settings.local_cache_bytes) == ("/c", 5)
-    for cls in (StoreSettings, OperatorSettings, AgentSettings):
+    for cls in (StoreSettings, OperatorSettings, AgentSettings, ServeSettings):
         names = [f.metadata["env"] for f in dataclasses.fields(cls) if f.metadata.get("env")]
         assert len(names) == len(set(names)), cls
         assert all(f.metadata["doc"] for f in dataclasses.fields(cls)), cls
