@@ -28,8 +28,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     home = tmp_path_factory.mktemp("serve")
     env = {**os.environ, "MEMOPLANE_STORE": str(home / "store"), "MEMOPLANE_KEYS_DIR": str(home / "keys"),
            "MEMOPLANE_SERVE_WARM": "1"}
+    log = open(home / "serve.log", "wb")  # the server's stderr, for its whole life
     proc = subprocess.Popen([sys.executable, "-m", "memoplane.cli", "serve", "--port", "0"], env=env,
-                            stdout=subprocess.PIPE, stderr=open(home / "serve.log", "wb"), text=True)
+                            stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -41,6 +42,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+        log.close()
 
 
 def _wait_ready(url: str) -> None:
