@@ -5,6 +5,7 @@ through their own self-hosted configuration (api_url and sandbox_url), as a user
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -17,7 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
-from e2b import CommandExitException, NotFoundException, Sandbox
+from e2b import AsyncSandbox, CommandExitException, NotFoundException, Sandbox
+from e2b_code_interpreter import AsyncSandbox as AsyncCodeSandbox
 from e2b_code_interpreter import Sandbox as CodeSandbox
 
 _START_DEADLINE = 60.0
@@ -220,6 +222,26 @@ def test_run_code_keeps_state_between_cells(server: dict[str, Any]) -> None:
         assert failed.error is not None and failed.error.name == "ZeroDivisionError"
     finally:
         sandbox.kill()
+
+
+def test_the_async_sdks_work_too(server: dict[str, Any]) -> None:
+    async def session() -> tuple[str, str, str]:
+        sandbox = await AsyncSandbox.create(**server["opts"])
+        try:
+            ran = await sandbox.commands.run("echo async")
+            await sandbox.files.write("/tmp/f", "v")
+            read = await sandbox.files.read("/tmp/f")
+        finally:
+            await sandbox.kill()
+        interpreter = await AsyncCodeSandbox.create(**server["opts"])
+        try:
+            await interpreter.run_code("y = 2")
+            cell = await interpreter.run_code("y * 21")
+        finally:
+            await interpreter.kill()
+        return ran.stdout, read, str(cell.text)
+
+    assert asyncio.run(session()) == ("async\n", "v", "42")
 
 
 def test_v1_run_misses_then_hits_with_the_key_of_memoplane_run(server: dict[str, Any], tmp_path: Path) -> None:
