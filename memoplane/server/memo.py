@@ -18,7 +18,7 @@ from ..commands.run import report_json
 from ..embedded import run_job
 from ..errors import InputError, JobFailed
 from ..inputs import check_input_name, env_problem
-from ..jobs import CommandCode, Input, Job, JsonInput, PythonCode
+from ..jobs import CommandCode, Input, Job, JsonInput, Policy, PythonCode
 from ..keys import code_digest
 from ..sandbox.types import Limits
 from ..trust.local import Keyring
@@ -37,7 +37,7 @@ class RunRequest(BaseModel):
     inputs: dict[str, Any] = Field(default_factory=dict, description="name -> JSON value, keyword arguments")
     env: dict[str, str] = Field(default_factory=dict)
     salt: str = Field("", description="a cache version: change it to force a new result")
-    policy: str = Field("Use", pattern="^(Use|Refresh|Bypass)$")
+    policy: Policy = Field("Use", description="Use the cache, Refresh (recompute and replace) or Bypass it")
     timeout: float = Field(600.0, gt=0, description="wall-clock limit of a computation, seconds")
 
     def job(self) -> tuple[Job, str]:
@@ -77,11 +77,11 @@ def routes(api: FastAPI, sessions: SessionManager, store: str | None) -> None:
         return await asyncio.to_thread(_run, job, identity, body.policy, sessions, store)
 
 
-def _run(job: Job, identity: str, policy: str, sessions: SessionManager, store: str | None) -> dict[str, Any]:
+def _run(job: Job, identity: str, policy: Policy, sessions: SessionManager, store: str | None) -> dict[str, Any]:
     keyring = Keyring()
     with open_store(store) as opened:
         try:
-            report = run_job(job, opened, lambda: sessions.pool(job.profile), policy=policy,  # type: ignore[arg-type]
+            report = run_job(job, opened, lambda: sessions.pool(job.profile), policy=policy,
                              identity=identity, trust=keyring.policy(), signer=keyring.signer())
         except JobFailed as failed:
             raise ApiError(422, str(failed)) from None

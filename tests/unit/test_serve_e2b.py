@@ -267,6 +267,8 @@ def test_v1_run_rejects_bad_requests(server: dict[str, Any]) -> None:
     assert both.status_code == 400 and "exactly one of code and command" in both.json()["message"]
     bad_name = httpx.post(run, json={"code": "def main(**k): pass", "inputs": {"not a name": 1}})
     assert bad_name.status_code == 400 and "not a name" in bad_name.json()["message"]
+    policy = httpx.post(run, json={"code": "def main(): pass", "policy": "Sometimes"})
+    assert policy.status_code == 422 and "policy" in policy.text
     failing = httpx.post(run, json={"code": "def main():\n    raise ValueError('no')\n"}, timeout=120)
     assert failing.status_code == 422 and "ValueError" in failing.json()["message"]
 
