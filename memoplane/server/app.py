@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -104,6 +105,10 @@ def build_app(settings: ServeSettings, store: str | None = None,
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
 
+    @api.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        return await api_error(_, invalid_request(e))
+
     _control_plane(api, sessions)
     _envd_http(api, sessions)
     memo.routes(api, sessions, store)
@@ -125,6 +130,14 @@ def build_app(settings: ServeSettings, store: str | None = None,
 
     app.fastapi = api  # type: ignore[attr-defined]
     return app
+
+
+def invalid_request(e: RequestValidationError) -> ApiError:
+    """A body or query that does not fit the schema, as one line naming the first bad field (400, in
+    E2B's error shape: FastAPI's own 422 list is not what the SDKs read)."""
+    first = e.errors()[0] if e.errors() else {}
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "the request"
+    return ApiError(400, f"{where}: {first.get('msg', 'invalid')}", "see /openapi.json for the fields")
 
 
 def _iso(seconds: float) -> str:
