@@ -42,6 +42,10 @@ _REAP_EVERY = 1.0         # seconds between two looks for sandboxes past their t
 # line from the agent (untrusted: it runs in the sandbox) is bounded too.
 MAX_FILE_BYTES = 64 << 20
 _MAX_LINE = MAX_FILE_BYTES * 4 // 3 + (1 << 20)
+# Replies a request may have waiting: a command whose output no one reads (a background command
+# never waited for) would otherwise grow the server's memory without bound. Past it the request
+# is dropped (it ends with an error) and the rest of its output is discarded.
+_QUEUED_REPLIES = 256
 _AGENT_SOURCE = Path(session_agent.__file__).read_text(encoding="utf-8")
 
 
@@ -77,7 +81,7 @@ class Session:
         if self._writer is None or self.ended.is_set():
             raise SandboxGone(self.id)
         rid = next(self._ids)
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=_QUEUED_REPLIES + 1)  # +1: room for the error
         self._pending[rid] = queue
         try:
             self._writer.write((json.dumps({"id": rid, "op": op, **fields}) + "\n").encode())
@@ -113,16 +117,27 @@ class Session:
                 rid = reply.get("id") if isinstance(reply, dict) else None
                 queue = self._pending.get(rid) if isinstance(rid, int) else None
                 if queue is not None:
-                    queue.put_nowait(reply)
+                    self._deliver(rid, queue, reply)
         except ValueError as e:  # not JSON, or a line past _MAX_LINE: the agent is broken or hostile
             log.warning("sandbox %s: its agent sent a bad message (%s): killed", self.id, e)
         finally:
             self.gone()
             self.stop()  # without its agent a sandbox can do nothing more: end it
 
+    def _deliver(self, rid: int, queue: asyncio.Queue[dict[str, Any]], reply: dict[str, Any]) -> None:
+        if queue.qsize() < _QUEUED_REPLIES:
+            queue.put_nowait(reply)
+            return
+        del self._pending[rid]   # what the agent sends for it from now on is dropped
+        queue.put_nowait({"error": {"kind": "too_large", "message": f"more than {_QUEUED_REPLIES} replies were "
+                                    "waiting to be read: the rest of this output was discarded — read a "
+                                    "command's output as it runs, or write it to a file"}})
+
     def gone(self) -> None:
         """The agent or the child ended: every waiting request learns it."""
         for queue in self._pending.values():
+            if queue.full():
+                queue.get_nowait()  # make room: that it ended matters more than one more chunk
             queue.put_nowait({"error": {"kind": "gone", "message": f"sandbox {self.id} ended"}})
 
     def stop(self) -> None:

@@ -137,6 +137,19 @@ def test_background_command_is_killed(server: dict[str, Any]) -> None:
         sandbox.kill()
 
 
+def test_output_no_one_reads_is_bounded_and_the_sandbox_stays_usable(server: dict[str, Any]) -> None:
+    sandbox = Sandbox.create(**server["opts"])
+    try:
+        flood = sandbox.commands.run("yes flood", background=True)   # never read while it runs
+        for _ in range(5):
+            sandbox.files.write("/tmp/still", "usable")
+            assert sandbox.files.read("/tmp/still") == "usable"
+            assert sandbox.commands.run("echo ok").stdout == "ok\n"
+        flood.kill()
+    finally:
+        sandbox.kill()
+
+
 def test_stdin_and_the_list_of_running_commands(server: dict[str, Any]) -> None:
     sandbox = Sandbox.create(**server["opts"])
     try:
