@@ -115,9 +115,8 @@ class Session:
             while line := await reader.readline():
                 reply = json.loads(line)
                 rid = reply.get("id") if isinstance(reply, dict) else None
-                queue = self._pending.get(rid) if isinstance(rid, int) else None
-                if queue is not None:
-                    self._deliver(rid, queue, reply)
+                if isinstance(rid, int) and rid in self._pending:
+                    self._deliver(rid, self._pending[rid], reply)
         except ValueError as e:  # not JSON, or a line past _MAX_LINE: the agent is broken or hostile
             log.warning("sandbox %s: its agent sent a bad message (%s): killed", self.id, e)
         finally:
