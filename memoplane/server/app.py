@@ -24,7 +24,7 @@ from .. import __version__
 from ..inputs import env_problem
 from ..settings import ServeSettings
 from . import memo
-from .auth import SCOPE_KEY, Authenticate, Caller, Who, local_caller
+from .auth import SCOPE_KEY, Authenticate, Caller, Who, current_caller, local_caller
 from .envd import connect_apps, session_of
 from .errors import ApiError
 from .files import read_file, write_files
@@ -112,7 +112,7 @@ def build_app(settings: ServeSettings, store: str | None = None,
     _control_plane(api, sessions)
     _envd_http(api, sessions)
     memo.routes(api, sessions, store)
-    apps = connect_apps(sessions, authenticate)
+    apps = connect_apps(sessions)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -122,13 +122,13 @@ def build_app(settings: ServeSettings, store: str | None = None,
             except ApiError as e:
                 await JSONResponse(e.body(), status_code=e.status)(scope, receive, send)
                 return
+            current_caller.set(scope[SCOPE_KEY])
             for prefix, connect in apps.items():
                 if scope["path"].startswith(prefix):
                     await connect(scope, receive, send)
                     return
         await api(scope, receive, send)
 
-    app.fastapi = api  # type: ignore[attr-defined]
     return app
 
 

@@ -11,7 +11,7 @@ commands and files use is implemented; the rest answers `unimplemented` with wha
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
 from connectrpc.code import Code
@@ -24,14 +24,13 @@ from e2b.envd.process.process_connect import Process, ProcessASGIApplication
 from protobuf import Oneof
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
-from .auth import Caller
+from .auth import Caller, current_caller
 from .errors import ApiError
 from .sessions import Session, SessionManager, decode
 
 SANDBOX_HEADER = "e2b-sandbox-id"
 _CODES = {400: Code.INVALID_ARGUMENT, 403: Code.PERMISSION_DENIED, 404: Code.NOT_FOUND,
           409: Code.ALREADY_EXISTS, 429: Code.RESOURCE_EXHAUSTED, 502: Code.UNAVAILABLE}
-CallerOf = Callable[[Mapping[str, str]], Caller]
 
 
 def session_of(sessions: SessionManager, caller: Caller, headers: Mapping[str, str]) -> Session:
@@ -47,13 +46,13 @@ def connect_error(e: ApiError) -> ConnectError:
 
 
 class _Service:
-    def __init__(self, sessions: SessionManager, caller_of: CallerOf) -> None:
-        self.sessions, self.caller_of = sessions, caller_of
+    def __init__(self, sessions: SessionManager) -> None:
+        self.sessions = sessions
 
     def session(self, ctx: RequestContext[Any, Any]) -> Session:
         headers = {k.lower(): v for k, v in ctx.request_headers.items()}
         try:
-            return session_of(self.sessions, self.caller_of(headers), headers)
+            return session_of(self.sessions, current_caller.get(), headers)
         except ApiError as e:
             raise connect_error(e) from None
 
@@ -194,9 +193,9 @@ def entry_info(entry: dict[str, Any]) -> filesystem_pb.EntryInfo:
     return info
 
 
-def connect_apps(sessions: SessionManager, caller_of: CallerOf) -> dict[str, Any]:
+def connect_apps(sessions: SessionManager) -> dict[str, Any]:
     """The ASGI apps of the two Connect services, by their path prefix."""
     return {
-        "/process.Process/": ProcessASGIApplication(ProcessService(sessions, caller_of)),
-        "/filesystem.Filesystem/": FilesystemASGIApplication(FilesystemService(sessions, caller_of)),
+        "/process.Process/": ProcessASGIApplication(ProcessService(sessions)),
+        "/filesystem.Filesystem/": FilesystemASGIApplication(FilesystemService(sessions)),
     }

@@ -18,8 +18,11 @@ from memoplane.server.auth import Caller
 from memoplane.server.errors import ApiError
 from memoplane.settings import ServeSettings
 
+CALLS: list[str] = []   # the paths the hook was asked about, in order
+
 
 def team_from_header(headers: Mapping[str, str]) -> Caller:
+    CALLS.append(headers.get("x-test-path", ""))
     team = headers.get("x-test-team")
     if not team:
         raise ApiError(401, "no team", "send X-Test-Team")
@@ -73,3 +76,22 @@ def test_one_teams_sandbox_is_invisible_to_another(url: str) -> None:
         assert other.status_code == 404 and other.json()["code"] == "not_found"
     finally:
         assert httpx.delete(f"{url}/sandboxes/{sandbox_id}", headers=a).status_code == 204
+
+
+def test_each_request_is_authenticated_exactly_once(url: str) -> None:
+    """A signed request's replay check (a later round) must see each request once, Connect ones too."""
+    a = {"x-test-team": "a"}
+    created = httpx.post(url + "/v2/sandboxes", json={"templateID": "base"}, headers=a, timeout=60).json()
+    envd = {**a, "e2b-sandbox-id": created["sandboxID"], "content-type": "application/json"}
+    try:
+        CALLS.clear()
+        for path in ("stat", "list", "files"):
+            if path == "files":
+                httpx.get(url + "/files", params={"path": "/tmp"}, headers={**envd, "x-test-path": path})
+            else:
+                method = "Stat" if path == "stat" else "ListDir"
+                httpx.post(f"{url}/filesystem.Filesystem/{method}", json={"path": "/tmp"},
+                           headers={**envd, "x-test-path": path})
+        assert CALLS == ["stat", "list", "files"]
+    finally:
+        httpx.delete(f"{url}/sandboxes/{created['sandboxID']}", headers=a)
