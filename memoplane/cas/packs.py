@@ -56,10 +56,12 @@ locations of a chunk and then to an index refresh.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
@@ -76,6 +78,7 @@ MAX_SPAN = 8 << 20  # bytes per coalesced read: several MiB, so a few requests r
 AMPLIFICATION = 1.25  # bytes read / bytes wanted, at most, for every coalesced read
 PACK_MAGIC = b"MPPACK01"
 SEGMENT_MAGIC = b"MPIDX001"
+UPLOADS_IN_FLIGHT = 2  # sealed packs a writer holds while they wait or upload (each about PACK_TARGET bytes)
 PACKS, INDEX = "packs/", "index/"
 _TRAILER = struct.Struct("<32sQII")  # chunk digest, offset, stored length, plain length
 _RECORD = struct.Struct("<32s32sQII")  # chunk digest, pack digest, offset, stored length, plain length
@@ -110,15 +113,16 @@ def _digest(raw: bytes) -> str:
 def build_pack(chunks: Iterable[tuple[str, bytes, int]]) -> tuple[bytes, list[tuple[str, int, int, int]]]:
     """Pack bytes for (digest, stored bytes, plain length) chunks, and each chunk's
     (digest, offset, stored length, plain length)."""
-    body = bytearray()
+    parts: list[bytes] = []
     entries: list[tuple[str, int, int, int]] = []
+    offset = 0
     for digest, stored, plain in chunks:
-        entries.append((digest, len(body), len(stored), plain))
-        body += stored
-    for digest, offset, length, plain in entries:
-        body += _TRAILER.pack(_raw(digest), offset, length, plain)
-    body += _COUNT.pack(len(entries)) + PACK_MAGIC
-    return bytes(body), entries
+        entries.append((digest, offset, len(stored), plain))
+        parts.append(stored)
+        offset += len(stored)
+    parts += [_TRAILER.pack(_raw(digest), at, length, plain) for digest, at, length, plain in entries]
+    parts.append(_COUNT.pack(len(entries)) + PACK_MAGIC)
+    return b"".join(parts), entries  # one copy of the chunks, however many
 
 
 def parse_pack(data: bytes) -> list[tuple[str, int, int, int]]:
@@ -140,7 +144,7 @@ def parse_pack(data: bytes) -> list[tuple[str, int, int, int]]:
     return entries
 
 
-def verified_chunk(digest: str, stored: bytes, plain_length: int) -> bytes:
+def verified_chunk(digest: str, stored: bytes | memoryview, plain_length: int) -> bytes:
     """The plain bytes of a chunk read from a pack, or PackDamaged."""
     try:
         plain = decode_chunk(stored)
@@ -227,9 +231,12 @@ class PackIndex:
 class PackWriter:
     """Appends chunks to an open pack; `flush()` makes everything added so far visible.
 
-    `add` is a chunking.ChunkPut, so an Ingest writes through it. Thread-safe. A pack
-    is PUT when it reaches `target` bytes (under the lock: simple, and one pack is in flight per
-    writer; an upload thread is a later step)."""
+    `add` is a chunking.ChunkPut, so an Ingest writes through it. Thread-safe. A pack is sealed
+    when it reaches `target` bytes and handed to the writer's upload thread, which builds, hashes
+    and PUTs it while the ingest goes on filling the next one (a PUT under the lock stalled every
+    ingest thread for its duration). At most UPLOADS_IN_FLIGHT sealed packs wait or upload: the
+    sealer waits beyond that, which bounds memory. A failed upload puts its chunks back in the
+    open pack (nothing added is ever dropped) and raises from the next `add` or `flush`."""
 
     def __init__(self, backend: Backend, index: PackIndex, *, target: int = PACK_TARGET) -> None:
         self.backend = backend
@@ -238,7 +245,10 @@ class PackWriter:
         self._lock = threading.Lock()
         self._open: dict[str, tuple[bytes, int]] = {}  # digest -> (stored bytes, plain length)
         self._open_bytes = 0
+        self._uploads: deque[tuple[dict[str, tuple[bytes, int]], Future[list[tuple[str, Location]]]]] = deque()
         self._unindexed: dict[str, Location] = {}  # in packs already PUT, not yet in a segment
+        self._uploader: ThreadPoolExecutor | None = None
+        self._uploader_pid = -1
 
     def add(self, digest: str, encode: Callable[[], bytes], plain_length: int) -> bool:
         """Queue a chunk unless the index or this writer has it; True if queued. `encode`
@@ -247,36 +257,68 @@ class PackWriter:
             return False
         stored = encode()
         with self._lock:
-            if digest in self._open or digest in self._unindexed:
+            if self._holds(digest):
                 return False  # another thread queued it meanwhile
             self._open[digest] = (stored, plain_length)
             self._open_bytes += len(stored)
             if self._open_bytes >= self.target:
                 self._seal()
+            self._collect(keep=UPLOADS_IN_FLIGHT)
         return True
 
     def _known(self, digest: str) -> bool:
         if digest in self.index:
             return True
         with self._lock:
-            return digest in self._open or digest in self._unindexed
+            return self._holds(digest)
+
+    def _holds(self, digest: str) -> bool:
+        """Whether this writer has the chunk, open, uploading or unindexed (lock held)."""
+        return (digest in self._open or digest in self._unindexed
+                or any(digest in chunks for chunks, _ in self._uploads))
 
     def _seal(self) -> None:
-        """PUT the open pack (lock held). Its chunks stay invisible until flush()."""
+        """Hand the open pack to the upload thread (lock held). Its chunks stay invisible until flush()."""
         if not self._open:
             return
-        data, entries = build_pack((d, stored, plain) for d, (stored, plain) in self._open.items())
+        chunks, self._open, self._open_bytes = self._open, {}, 0
+        self._uploads.append((chunks, self._upload_thread().submit(self._upload, chunks)))
+
+    def _upload(self, chunks: dict[str, tuple[bytes, int]]) -> list[tuple[str, Location]]:
+        """Build, name and PUT one pack (on the upload thread); its chunks' locations."""
+        data, entries = build_pack((d, stored, plain) for d, (stored, plain) in chunks.items())
         pack = b3(data)
         self.backend.put_if_absent(object_name("packs", pack), data)
-        for digest, offset, length, plain in entries:
-            self._unindexed[digest] = Location(pack, offset, length, plain)
-        self._open.clear()
-        self._open_bytes = 0
+        return [(digest, Location(pack, offset, length, plain)) for digest, offset, length, plain in entries]
+
+    def _collect(self, *, keep: int) -> None:
+        """Move finished uploads' locations to the unindexed ones, oldest first, waiting while more
+        than `keep` are pending (lock held). A failed upload's chunks go back to the open pack,
+        then its error is raised."""
+        while self._uploads and (len(self._uploads) > keep or self._uploads[0][1].done()):
+            chunks, upload = self._uploads.popleft()
+            try:
+                self._unindexed.update(upload.result())
+            except BaseException:
+                for digest, (stored, plain) in chunks.items():
+                    if digest not in self._open:
+                        self._open[digest] = (stored, plain)
+                        self._open_bytes += len(stored)
+                raise
+
+    def _upload_thread(self) -> ThreadPoolExecutor:
+        """The writer's upload thread, started on first use (and anew in a forked child)."""
+        if self._uploader is None or self._uploader_pid != os.getpid():
+            self._uploader = ThreadPoolExecutor(1, thread_name_prefix="memoplane-pack-upload")
+            self._uploader_pid = os.getpid()
+        return self._uploader
 
     def flush(self) -> None:
-        """Seal the open pack, make the packs durable, then write their index segment."""
+        """Seal the open pack, wait for every upload, make the packs durable, then write their
+        index segment."""
         with self._lock:
             self._seal()
+            self._collect(keep=0)
             if not self._unindexed:
                 return
             self.backend.flush()  # the segment must never outlive the packs it names
@@ -403,17 +445,39 @@ def read_chunks(backend: Backend, index: PackIndex, digests: Iterable[str], *,
 
 
 def _read_span(backend: Backend, span: Span) -> dict[str, bytes]:
-    """The verified chunks of one span; damaged or missing ones are left out."""
+    """The verified chunks of one span, each decoded and verified as soon as its bytes have
+    arrived (the rest of the span is still on the wire meanwhile); damaged or missing ones are
+    left out."""
+    out: dict[str, bytes] = {}
+    data = memoryview(bytearray(span.length))
+    filled = 0
+    todo = iter(span.chunks)  # in offset order (plan_reads)
+    chunk = next(todo, None)
     try:
-        data = read_range(backend, object_name("packs", span.pack), span.offset, span.length)
+        for piece in _range_pieces(backend, object_name("packs", span.pack), span.offset, span.length):
+            piece = piece[:span.length - filled]  # a server that sends more than asked gains nothing
+            data[filled:filled + len(piece)] = piece
+            filled += len(piece)
+            while chunk is not None and chunk[1].offset + chunk[1].length - span.offset <= filled:
+                _verify_into(out, chunk, data[chunk[1].offset - span.offset:])
+                chunk = next(todo, None)
     except NotFound:
-        return {}
-    out = {}
-    for digest, loc in span.chunks:
-        stored = data[loc.offset - span.offset:loc.offset - span.offset + loc.length]
-        try:
-            if len(stored) == loc.length:
-                out[digest] = verified_chunk(digest, stored, loc.plain)
-        except PackDamaged as e:
-            log.warning("%s; re-reading it from its other locations", e)
+        pass  # the pack is gone: what arrived is kept, the rest is re-read elsewhere
     return out
+
+
+def _range_pieces(backend: Backend, name: str, offset: int, length: int) -> Iterable[bytes]:
+    """A ranged read's bytes as they arrive: in pieces where the backend streams them
+    (`iter_range`, S3), else at once (read_range)."""
+    pieces: Callable[[str, int, int], Iterable[bytes]] | None = getattr(backend, "iter_range", None)
+    return pieces(name, offset, length) if pieces is not None else (read_range(backend, name, offset, length),)
+
+
+def _verify_into(out: dict[str, bytes], chunk: tuple[str, Location], stored: memoryview) -> None:
+    """out[digest] = the chunk's verified plain bytes, from `stored` (starting at the chunk);
+    logged and left out if damaged."""
+    digest, loc = chunk
+    try:
+        out[digest] = verified_chunk(digest, stored[:loc.length], loc.plain)
+    except PackDamaged as e:
+        log.warning("%s; re-reading it from its other locations", e)

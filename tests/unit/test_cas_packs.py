@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -50,6 +51,15 @@ def add_all(writer: PackWriter, plains: list[bytes]) -> list[bool]:
 @pytest.fixture
 def backend(tmp_path: Path) -> FilesystemBackend:
     return FilesystemBackend(tmp_path / "store", durability="none")
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Wait (up to `timeout` seconds) until `condition()` holds: a writer's upload thread PUTs
+    sealed packs in the background."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.01)
 
 
 def loaded(backend: Backend) -> PackIndex:
@@ -161,8 +171,8 @@ def test_a_damaged_segment_adds_nothing(backend: FilesystemBackend) -> None:
 def test_a_writer_killed_before_its_segment_leaves_nothing_visible(backend: FilesystemBackend) -> None:
     plains = chunks(30)
     writer = PackWriter(backend, PackIndex(), target=128 * KiB)
-    add_all(writer, plains)  # packs were PUT as they filled; the writer dies without flush()
-    assert names(backend, PACKS)
+    add_all(writer, plains)  # packs are PUT as they fill; the writer dies without flush()
+    eventually(lambda: bool(names(backend, PACKS)))
 
     index = loaded(backend)
     assert len(index) == 0 and names(backend, INDEX) == []
@@ -176,6 +186,7 @@ def test_an_unindexed_pack_is_indexed_from_its_trailer_only_when_it_verifies(bac
     plains = chunks(6)
     writer = PackWriter(backend, PackIndex(), target=1)  # every chunk a pack of its own
     add_all(writer, plains)  # and the writer dies before its segment
+    eventually(lambda: len(names(backend, PACKS)) == len(plains))
     packs = names(backend, PACKS)
     damaged, *good = packs
     path = backend.root / damaged
@@ -328,6 +339,103 @@ def test_a_damaged_copy_falls_back_to_another_location(backend: FilesystemBacken
         path.write_bytes(bytes(data))
     with pytest.raises(PackDamaged):
         read_chunks(backend, index, [b3(p) for p in plains])
+
+
+class _Streaming(FilesystemBackend):
+    """A filesystem backend that also streams ranges (as S3Backend.iter_range does) in small
+    pieces, so chunks straddle them; `short` ends every stream halfway, `extra` appends bytes
+    nobody asked for."""
+
+    piece = 1000
+    short = extra = False
+    streams = 0
+
+    def iter_range(self, name: str, offset: int, length: int) -> Iterator[bytes]:
+        self.streams += 1
+        data = self.get_range(name, offset, length // 2 if self.short else length)
+        data += b"\xff" * 5000 if self.extra else b""
+        for i in range(0, len(data), self.piece):
+            yield data[i:i + self.piece]
+
+
+@pytest.mark.parametrize("shape", ["whole", "short", "extra"])
+def test_streamed_spans_are_decoded_as_pieces_arrive(tmp_path: Path, shape: str) -> None:
+    streaming = _Streaming(tmp_path / "store", durability="none")
+    streaming.short, streaming.extra = shape == "short", shape == "extra"
+    plains = chunks(40)
+    writer = PackWriter(streaming, PackIndex(), target=256 * KiB)
+    add_all(writer, plains)
+    writer.flush()
+    with ThreadPoolExecutor(2) as pool:
+        got = read_chunks(streaming, loaded(streaming), [b3(p) for p in plains], executor=pool)
+    assert [got[b3(p)] for p in plains] == plains  # a short stream's missing chunks are read alone
+    assert streaming.streams == len(names(streaming, PACKS))
+
+
+def test_a_damaged_chunk_in_a_stream_is_not_served(tmp_path: Path) -> None:
+    streaming = _Streaming(tmp_path / "store", durability="none")
+    plains = chunks(6)
+    writer = PackWriter(streaming, PackIndex())
+    add_all(writer, plains)
+    writer.flush()
+    index = loaded(streaming)
+    loc = index.locations(b3(plains[2]))[0]
+    path = streaming.root / object_name("packs", loc.pack)
+    data = bytearray(path.read_bytes())
+    data[loc.offset + loc.length - 1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(PackDamaged):
+        read_chunks(streaming, index, [b3(p) for p in plains])
+    assert read_chunks(streaming, index, [b3(plains[3])]) == {b3(plains[3]): plains[3]}
+
+
+class _HeldPuts(FilesystemBackend):
+    """Pack PUTs wait for `release`; the first `failures` of them fail instead."""
+
+    def __init__(self, root: Path, failures: int = 0) -> None:
+        super().__init__(root, durability="none")
+        self.release = threading.Event()
+        self.failures = failures
+
+    def put_if_absent(self, name: str, data: bytes | Callable[[], bytes]) -> bool:
+        if name.startswith(PACKS):
+            self.release.wait()
+            if self.failures:
+                self.failures -= 1
+                raise OSError("the object store went away")
+        return super().put_if_absent(name, data)
+
+
+def test_packs_upload_while_chunks_keep_coming(tmp_path: Path) -> None:
+    held = _HeldPuts(tmp_path / "store")
+    plains = chunks(40)
+    writer = PackWriter(held, PackIndex(), target=256 * KiB)  # a pack sealed, its PUT held
+    adding = threading.Thread(target=add_all, args=(writer, plains))
+    adding.start()
+    adding.join(timeout=30)
+    assert not adding.is_alive()  # every add returned while no pack PUT could finish
+    assert names(held, PACKS) == []
+    held.release.set()
+    writer.flush()
+    index = loaded(held)
+    assert [read_chunk(held, index, b3(p)) for p in plains] == plains
+
+
+def test_a_failed_pack_upload_loses_no_chunk(tmp_path: Path) -> None:
+    held = _HeldPuts(tmp_path / "store", failures=1)
+    held.release.set()
+    plains = chunks(40)
+    writer = PackWriter(held, PackIndex(), target=256 * KiB)
+    added = 0
+    with pytest.raises(OSError, match="went away"):  # from the add after the failure, or from flush
+        for plain in plains:
+            added += 1
+            add_all(writer, [plain])
+        writer.flush()
+    assert names(held, INDEX) == []  # nothing names the chunks of the pack that failed
+    writer.flush()  # the writer kept them: this flush packs them again
+    index = loaded(held)
+    assert [read_chunk(held, index, b3(p)) for p in plains[:added]] == plains[:added]
 
 
 class _CountingBackend:
