@@ -5,24 +5,39 @@ from __future__ import annotations
 
 import random
 import secrets
+from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from minio import Minio
 
 from memoplane.cas import S3Backend
 from memoplane.cas.chunking import ChunkParams, Pools, ingest_buffer
 from memoplane.cas.digests import object_name
 from memoplane.cas.packs import INDEX, PACKS, PackDamaged, PackIndex, PackWriter, read_chunk, read_chunks
-from memoplane.cas.s3 import make_client
+from memoplane.cas.s3 import RANGE_PIECE, make_client
 from memoplane.testing import cluster
 
 MiB = 1 << 20
 
 
 class _Counted(S3Backend):
-    """Counts the requests packs make: PUTs (put_if_absent) and ranged GETs."""
+    """Counts the requests packs make: PUTs (put_if_absent) and ranged GETs (whole or streamed),
+    and every HTTP request the client sends, by method."""
 
     puts = ranged = 0
+
+    def __init__(self, client: Minio, bucket: str, prefix: str) -> None:
+        super().__init__(client, bucket, prefix)
+        self.http: Counter[str] = Counter()
+        send = client._http.urlopen
+
+        def counted(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+            self.http[method] += 1
+            return send(method, url, *args, **kwargs)
+
+        client._http.urlopen = counted  # type: ignore[method-assign]
 
     def put_if_absent(self, name: str, data: object) -> bool:  # type: ignore[override]
         self.puts += 1
@@ -31,6 +46,10 @@ class _Counted(S3Backend):
     def get_range(self, name: str, offset: int, length: int) -> bytes:
         self.ranged += 1
         return super().get_range(name, offset, length)
+
+    def iter_range(self, name: str, offset: int, length: int, piece: int = RANGE_PIECE) -> Iterator[bytes]:
+        self.ranged += 1
+        return super().iter_range(name, offset, length, piece)
 
 
 @pytest.fixture
@@ -66,6 +85,29 @@ def test_packs_on_s3_cost_a_request_per_pack(backend: _Counted) -> None:
     got = read_chunks(backend, index, [d for d, _ in ingested.chunks])
     assert b"".join(got[d] for d, _ in ingested.chunks) == data
     assert backend.ranged == len(packs)
+
+
+def test_a_big_pack_is_one_put_request_and_one_streamed_get(backend: _Counted) -> None:
+    data = random.Random(9).randbytes(16 * MiB)
+    backend.http.clear()  # the bucket's creation
+    writer = PackWriter(backend, PackIndex(), target=6 * MiB)  # over the client's 5 MiB multipart size
+    pools = Pools(2)
+    try:
+        ingested = ingest_buffer(data, ChunkParams(), pools, writer.add)
+    finally:
+        pools.close()
+    writer.flush()
+    packs = [info.name for info in backend.list(PACKS)]
+    assert len(packs) == 3
+    assert backend.http["PUT"] == len(packs) + 1 and backend.http["POST"] == 0  # one request per pack
+    backend.http.clear()
+
+    index = PackIndex()
+    index.refresh(backend)
+    backend.http.clear()
+    got = read_chunks(backend, index, [d for d, _ in ingested.chunks])
+    assert b"".join(got[d] for d, _ in ingested.chunks) == data
+    assert backend.http == Counter({"GET": len(packs)})
 
 
 def test_a_chunk_damaged_on_s3_is_not_served(backend: _Counted) -> None:

@@ -412,10 +412,12 @@ def test_packs_upload_while_chunks_keep_coming(tmp_path: Path) -> None:
     writer = PackWriter(held, PackIndex(), target=256 * KiB)  # a pack sealed, its PUT held
     adding = threading.Thread(target=add_all, args=(writer, plains))
     adding.start()
-    adding.join(timeout=30)
-    assert not adding.is_alive()  # every add returned while no pack PUT could finish
-    assert names(held, PACKS) == []
-    held.release.set()
+    try:
+        adding.join(timeout=30)
+        assert not adding.is_alive()  # every add returned while no pack PUT could finish
+        assert names(held, PACKS) == []
+    finally:
+        held.release.set()
     writer.flush()
     index = loaded(held)
     assert [read_chunk(held, index, b3(p)) for p in plains] == plains
