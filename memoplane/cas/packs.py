@@ -445,39 +445,18 @@ def read_chunks(backend: Backend, index: PackIndex, digests: Iterable[str], *,
 
 
 def _read_span(backend: Backend, span: Span) -> dict[str, bytes]:
-    """The verified chunks of one span, each decoded and verified as soon as its bytes have
-    arrived (the rest of the span is still on the wire meanwhile); damaged or missing ones are
-    left out."""
-    out: dict[str, bytes] = {}
-    data = memoryview(bytearray(span.length))
-    filled = 0
-    todo = iter(span.chunks)  # in offset order (plan_reads)
-    chunk = next(todo, None)
+    """The verified chunks of one span; damaged or missing ones are left out. Chunks are decoded
+    from views of the span's bytes, not copies."""
     try:
-        for piece in _range_pieces(backend, object_name("packs", span.pack), span.offset, span.length):
-            piece = piece[:span.length - filled]  # a server that sends more than asked gains nothing
-            data[filled:filled + len(piece)] = piece
-            filled += len(piece)
-            while chunk is not None and chunk[1].offset + chunk[1].length - span.offset <= filled:
-                _verify_into(out, chunk, data[chunk[1].offset - span.offset:])
-                chunk = next(todo, None)
+        data = memoryview(read_range(backend, object_name("packs", span.pack), span.offset, span.length))
     except NotFound:
-        pass  # the pack is gone: what arrived is kept, the rest is re-read elsewhere
+        return {}
+    out = {}
+    for digest, loc in span.chunks:
+        stored = data[loc.offset - span.offset:loc.offset - span.offset + loc.length]
+        try:
+            if len(stored) == loc.length:
+                out[digest] = verified_chunk(digest, stored, loc.plain)
+        except PackDamaged as e:
+            log.warning("%s; re-reading it from its other locations", e)
     return out
-
-
-def _range_pieces(backend: Backend, name: str, offset: int, length: int) -> Iterable[bytes]:
-    """A ranged read's bytes as they arrive: in pieces where the backend streams them
-    (`iter_range`, S3), else at once (read_range)."""
-    pieces: Callable[[str, int, int], Iterable[bytes]] | None = getattr(backend, "iter_range", None)
-    return pieces(name, offset, length) if pieces is not None else (read_range(backend, name, offset, length),)
-
-
-def _verify_into(out: dict[str, bytes], chunk: tuple[str, Location], stored: memoryview) -> None:
-    """out[digest] = the chunk's verified plain bytes, from `stored` (starting at the chunk);
-    logged and left out if damaged."""
-    digest, loc = chunk
-    try:
-        out[digest] = verified_chunk(digest, stored[:loc.length], loc.plain)
-    except PackDamaged as e:
-        log.warning("%s; re-reading it from its other locations", e)

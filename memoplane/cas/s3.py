@@ -54,7 +54,6 @@ REFRESH_AFTER = 60.0  # seconds; see the module docstring
 DATE_SLACK = 2.0  # seconds: HTTP dates are whole seconds and a Date header may be a second stale
 DEFAULT_MAX_CONNECTIONS = 32
 SINGLE_PUT_MAX = 1 << 30  # bytes sent in one PUT request (S3 allows 5 GiB; a pack is ~16 MiB)
-RANGE_PIECE = 512 << 10  # bytes iter_range hands over at a time: a few dozen chunks, soon after they arrive
 _MISSING = ("NoSuchKey", "NoSuchObject")
 # XAdminUserNotFound: versitygw's answer (a 404) to an access key it does not know.
 _CREDENTIALS = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
@@ -252,35 +251,19 @@ class S3Backend:
         return self._read(name, offset, length)
 
     def _read(self, name: str, offset: int = 0, length: int = 0) -> bytes:
+        """One GET of the object, or of `length` bytes from `offset` if `length`; NotFound if absent."""
         with self._errors("get", name):
-            response = self._open(name, offset, length)
+            try:
+                response = self.client.get_object(self.bucket, self._key(name), offset=offset, length=length)
+            except S3Error as e:
+                if e.code in _MISSING:
+                    raise NotFound(f"object {name} is not in the store at {self.describe()}") from None
+                raise
             try:
                 return bytes(response.read())
             finally:
                 response.close()
                 response.release_conn()
-
-    def iter_range(self, name: str, offset: int, length: int, piece: int = RANGE_PIECE) -> Iterator[bytes]:
-        """get_range's bytes in pieces of `piece` bytes (the last may be shorter), each yielded as
-        soon as it has arrived, so a reader decodes the first chunks of a span while the rest are
-        still on the wire (packs.read_chunks). One ranged GET."""
-        with self._errors("get", name):
-            response = self._open(name, offset, length)
-            try:
-                while data := response.read(piece, decode_content=False):
-                    yield data
-            finally:
-                response.close()
-                response.release_conn()
-
-    def _open(self, name: str, offset: int = 0, length: int = 0) -> Any:
-        """The streaming response of a GET (ranged if `length`); NotFound if absent."""
-        try:
-            return self.client.get_object(self.bucket, self._key(name), offset=offset, length=length)
-        except S3Error as e:
-            if e.code in _MISSING:
-                raise NotFound(f"object {name} is not in the store at {self.describe()}") from None
-            raise
 
     def exists(self, name: str) -> bool:
         key = self._key(name)

@@ -341,54 +341,6 @@ def test_a_damaged_copy_falls_back_to_another_location(backend: FilesystemBacken
         read_chunks(backend, index, [b3(p) for p in plains])
 
 
-class _Streaming(FilesystemBackend):
-    """A filesystem backend that also streams ranges (as S3Backend.iter_range does) in small
-    pieces, so chunks straddle them; `short` ends every stream halfway, `extra` appends bytes
-    nobody asked for."""
-
-    piece = 1000
-    short = extra = False
-    streams = 0
-
-    def iter_range(self, name: str, offset: int, length: int) -> Iterator[bytes]:
-        self.streams += 1
-        data = self.get_range(name, offset, length // 2 if self.short else length)
-        data += b"\xff" * 5000 if self.extra else b""
-        for i in range(0, len(data), self.piece):
-            yield data[i:i + self.piece]
-
-
-@pytest.mark.parametrize("shape", ["whole", "short", "extra"])
-def test_streamed_spans_are_decoded_as_pieces_arrive(tmp_path: Path, shape: str) -> None:
-    streaming = _Streaming(tmp_path / "store", durability="none")
-    streaming.short, streaming.extra = shape == "short", shape == "extra"
-    plains = chunks(40)
-    writer = PackWriter(streaming, PackIndex(), target=256 * KiB)
-    add_all(writer, plains)
-    writer.flush()
-    with ThreadPoolExecutor(2) as pool:
-        got = read_chunks(streaming, loaded(streaming), [b3(p) for p in plains], executor=pool)
-    assert [got[b3(p)] for p in plains] == plains  # a short stream's missing chunks are read alone
-    assert streaming.streams == len(names(streaming, PACKS))
-
-
-def test_a_damaged_chunk_in_a_stream_is_not_served(tmp_path: Path) -> None:
-    streaming = _Streaming(tmp_path / "store", durability="none")
-    plains = chunks(6)
-    writer = PackWriter(streaming, PackIndex())
-    add_all(writer, plains)
-    writer.flush()
-    index = loaded(streaming)
-    loc = index.locations(b3(plains[2]))[0]
-    path = streaming.root / object_name("packs", loc.pack)
-    data = bytearray(path.read_bytes())
-    data[loc.offset + loc.length - 1] ^= 0x01
-    path.write_bytes(bytes(data))
-    with pytest.raises(PackDamaged):
-        read_chunks(streaming, index, [b3(p) for p in plains])
-    assert read_chunks(streaming, index, [b3(plains[3])]) == {b3(plains[3]): plains[3]}
-
-
 class _HeldPuts(FilesystemBackend):
     """Pack PUTs wait for `release`; the first `failures` of them fail instead."""
 
