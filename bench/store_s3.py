@@ -104,31 +104,37 @@ class Requests:
 
 @dataclass
 class Route:
-    """A measured write/read path: `write(data)` stores into a fresh place and returns what
-    `read(handle)` needs to read it all back, verified."""
+    """A measured write/read path: `write(data)` stores into a fresh place; `ready(written)`,
+    not timed, returns what `read` needs to read it all back, verified (a running Store has its
+    pack index loaded already, so loading it is not part of a read)."""
 
     write: Callable[[bytes], Any]
     read: Callable[[Any], int]  # returns the bytes read
+    ready: Callable[[Any], Any] = lambda written: written
 
 
 def pack_route(client: Any, bucket: str, work: ThreadPoolExecutor, pools: Pools) -> Route:
     runs = iter(range(1000))
 
-    def write(data: bytes) -> tuple[S3Backend, PackIndex, list[str]]:
+    def write(data: bytes) -> tuple[S3Backend, list[str]]:
         backend = S3Backend(client, bucket, f"packs{next(runs)}")
         writer = PackWriter(backend, PackIndex())
         ingested = ingest_buffer(data, ChunkParams(), pools, writer.add)
         writer.flush()
+        return backend, [d for d, _ in ingested.chunks]
+
+    def ready(written: tuple[S3Backend, list[str]]) -> tuple[S3Backend, PackIndex, list[str]]:
+        backend, digests = written
         index = PackIndex()
-        index.refresh(backend)  # a running Store has its index loaded: not part of a read
-        return backend, index, [d for d, _ in ingested.chunks]
+        index.refresh(backend)
+        return backend, index, digests
 
     def read(handle: tuple[S3Backend, PackIndex, list[str]]) -> int:
         backend, index, digests = handle
         got = read_chunks(backend, index, digests, executor=work)
         return sum(len(got[d]) for d in digests)
 
-    return Route(write, read)
+    return Route(write, read, ready)
 
 
 def store_route(store: Store) -> Route:
@@ -163,7 +169,7 @@ def compare(measured: Route, raw: Route, data: bytes, requests: Requests,
              "raw": requests.during(lambda: handles.update(raw=raw.write(data)))}
     ingest = best_seconds({"measured": lambda: measured.write(data), "raw": lambda: raw.write(data)}, repeat)
     paths = {"measured": measured, "raw": raw}
-    read_all = {name: partial(_read_all, path, handles[name], len(data)) for name, path in paths.items()}
+    read_all = {name: partial(_read_all, path, path.ready(handles[name]), len(data)) for name, path in paths.items()}
     read = {name: requests.during(fn) for name, fn in read_all.items()}
     reads = best_seconds(dict(read_all), repeat)
     mib, per64 = len(data) / MiB, 64 * MiB / len(data)
