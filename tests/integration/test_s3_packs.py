@@ -1,5 +1,5 @@
-"""Packs on the S3 backend (local MinIO): an ingest is one PUT per pack plus one index segment,
-and a read is one ranged GET per pack, every chunk verified."""
+"""Packs on the S3 backend (local MinIO and Versity's gateway): an ingest is one PUT request per
+pack plus one index segment, and a read is one ranged GET per pack, every chunk verified."""
 
 from __future__ import annotations
 
@@ -48,9 +48,9 @@ class _Counted(S3Backend):
         return super().get_range(name, offset, length)
 
 
-@pytest.fixture
-def backend(control_plane: cluster.ClusterInfo) -> Iterator[_Counted]:
-    env = control_plane.env()
+@pytest.fixture(params=cluster.S3_SERVERS)
+def backend(control_plane: cluster.ClusterInfo, request: pytest.FixtureRequest) -> Iterator[_Counted]:
+    env = control_plane.env(request.param)
     client = make_client(env["MEMOPLANE_S3_ENDPOINT"], env["MEMOPLANE_S3_ACCESS_KEY"],
                          env["MEMOPLANE_S3_SECRET_KEY"])
     bucket = f"mp-packs-{secrets.token_hex(6)}"
