@@ -25,7 +25,8 @@ the same WORKERS threads, interleaved with the measured path, same server, same 
   Target >= 0.5x.
 - pack_gets / pack_puts: HTTP requests of one read / one ingest, per 64 MiB (counted on the
   client's connection pool, by method), against the raw objects' 16. Target <= 20 GETs, <= 8 PUTs.
-The measured path is a `Path` (write, read): pointing it at a Store is `store_route`.
+The measured path is a Route (write, read); `--route store` points it at a Store (store_route), and
+the metrics are then named store_* instead of pack_*.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -96,10 +98,11 @@ class Requests:
 
         client._http.urlopen = counted
 
-    def during(self, fn: Callable[[], object]) -> Counter[str]:
-        before = Counter(self.counts)
+    def during(self, fn: Callable[[], object]) -> tuple[Counter[str], float]:
+        """The requests `fn()` sent, and this process's CPU seconds meanwhile."""
+        before, cpu = Counter(self.counts), time.process_time()
         fn()
-        return self.counts - before
+        return self.counts - before, time.process_time() - cpu
 
 
 @dataclass
@@ -137,10 +140,24 @@ def pack_route(client: Any, bucket: str, work: ThreadPoolExecutor, pools: Pools)
     return Route(write, read, ready)
 
 
-def store_route(store: Store) -> Route:
-    """The Store's own write and read (put_bytes, get_bytes): the pack section's path once the
-    Store writes packs."""
-    return Route(store.put_bytes, lambda blob: len(store.get_bytes(blob.digest)))
+def store_route(client: Any, bucket: str) -> Route:
+    """A Store's own write and read (put_bytes into a fresh Store, get_bytes from another one):
+    `--route store`, the pack section's path once the Store writes packs."""
+    runs = iter(range(1000))
+
+    def write(data: bytes) -> tuple[str, str]:
+        prefix = f"store{next(runs)}"
+        return prefix, Store(S3Backend(client, bucket, prefix)).put_bytes(data).digest
+
+    def ready(written: tuple[str, str]) -> tuple[Store, str]:
+        prefix, digest = written
+        return Store(S3Backend(client, bucket, prefix)), digest
+
+    def read(handle: tuple[Store, str]) -> int:
+        store, digest = handle
+        return len(store.get_bytes(digest))
+
+    return Route(write, read, ready)
 
 
 def raw_route(client: Any, bucket: str, work: ThreadPoolExecutor) -> Route:
@@ -160,29 +177,30 @@ def raw_route(client: Any, bucket: str, work: ThreadPoolExecutor) -> Route:
     return Route(write, read)
 
 
-def compare(measured: Route, raw: Route, data: bytes, requests: Requests,
-            repeat: int) -> dict[str, dict[str, Any]]:
+def compare(measured: Route, raw: Route, data: bytes, requests: Requests, repeat: int,
+            prefix: str = "pack") -> dict[str, dict[str, Any]]:
     """Ingest and read rates of `measured` against `raw` (interleaved, best of `repeat`), and the
     HTTP requests of one ingest and one read of each, per 64 MiB."""
     handles: dict[str, Any] = {}
-    wrote = {"measured": requests.during(lambda: handles.update(measured=measured.write(data))),
-             "raw": requests.during(lambda: handles.update(raw=raw.write(data)))}
-    ingest = best_seconds({"measured": lambda: measured.write(data), "raw": lambda: raw.write(data)}, repeat)
     paths = {"measured": measured, "raw": raw}
+    wrote = {name: requests.during(lambda p=path, n=name: handles.update({n: p.write(data)}))  # type: ignore[misc]
+             for name, path in paths.items()}
+    ingest = best_seconds({"measured": lambda: measured.write(data), "raw": lambda: raw.write(data)}, repeat)
     read_all = {name: partial(_read_all, path, path.ready(handles[name]), len(data)) for name, path in paths.items()}
     read = {name: requests.during(fn) for name, fn in read_all.items()}
     reads = best_seconds(dict(read_all), repeat)
     mib, per64 = len(data) / MiB, 64 * MiB / len(data)
-    print(f"requests of one ingest: packs {dict(wrote['measured'])}, raw {dict(wrote['raw'])}; "
-          f"of one read: packs {dict(read['measured'])}, raw {dict(read['raw'])}", flush=True)
+    for what, done in (("ingest", wrote), ("read", read)):
+        print(f"one {what}: measured {dict(done['measured'][0])}, client CPU {done['measured'][1] * 1e3:.0f} ms; "
+              f"raw {dict(done['raw'][0])}, client CPU {done['raw'][1] * 1e3:.0f} ms", flush=True)
     raw_name = f"the same bytes as {RAW_OBJECT // MiB} MiB objects, {WORKERS} threads"
     return {
-        "pack_ingest": metric(mib / ingest["measured"], "MiB/s", "raw PUT of " + raw_name, mib / ingest["raw"]),
-        "pack_read": metric(mib / reads["measured"], "MiB/s", "raw GET of " + raw_name, mib / reads["raw"]),
-        "pack_gets": metric(read["measured"]["GET"] * per64, "GETs per 64 MiB", "raw GET of " + raw_name,
-                            read["raw"]["GET"] * per64),
-        "pack_puts": metric(wrote["measured"]["PUT"] * per64, "PUTs per 64 MiB", "raw PUT of " + raw_name,
-                            wrote["raw"]["PUT"] * per64),
+        f"{prefix}_ingest": metric(mib / ingest["measured"], "MiB/s", "raw PUT of " + raw_name, mib / ingest["raw"]),
+        f"{prefix}_read": metric(mib / reads["measured"], "MiB/s", "raw GET of " + raw_name, mib / reads["raw"]),
+        f"{prefix}_gets": metric(read["measured"][0]["GET"] * per64, "GETs per 64 MiB", "raw GET of " + raw_name,
+                            read["raw"][0]["GET"] * per64),
+        f"{prefix}_puts": metric(wrote["measured"][0]["PUT"] * per64, "PUTs per 64 MiB", "raw PUT of " + raw_name,
+                            wrote["raw"][0]["PUT"] * per64),
     }
 
 
@@ -196,6 +214,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--server", choices=cluster.S3_SERVERS, default="minio")
     ap.add_argument("--only", choices=("store", "packs"), help="run one section")
+    ap.add_argument("--route", choices=("packs", "store"), default="packs",
+                    help="what the pack section measures: PackWriter + read_chunks, or a Store's put_bytes + get_bytes")
     args = ap.parse_args()
     size = (16 if args.quick else 64) * MiB
     data = text(size)
@@ -214,8 +234,10 @@ def main() -> None:
             pools = Pools(os.cpu_count() or 2)  # as a Store's ingest threads
             with ThreadPoolExecutor(WORKERS) as work:
                 try:
-                    metrics.update(compare(pack_route(client, bucket, work, pools), raw_route(client, bucket, work),
-                                           data, requests, repeat=3 if args.quick else 5))
+                    route = pack_route(client, bucket, work, pools) if args.route == "packs" else \
+                        store_route(client, bucket)
+                    metrics.update(compare(route, raw_route(client, bucket, work), data, requests,
+                                           repeat=3 if args.quick else 5, prefix=args.route.rstrip("s")))
                 finally:
                     pools.close()
     finally:
