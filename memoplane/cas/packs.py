@@ -281,8 +281,9 @@ class PackWriter:
         """Hand the open pack to the upload thread (lock held). Its chunks stay invisible until flush()."""
         if not self._open:
             return
+        uploader = self._upload_thread()  # first: in a forked child, it reopens the parent's uploads
         chunks, self._open, self._open_bytes = self._open, {}, 0
-        self._uploads.append((chunks, self._upload_thread().submit(self._upload, chunks)))
+        self._uploads.append((chunks, uploader.submit(self._upload, chunks)))
 
     def _upload(self, chunks: dict[str, tuple[bytes, int]]) -> list[tuple[str, Location]]:
         """Build, name and PUT one pack (on the upload thread); its chunks' locations."""
@@ -295,28 +296,43 @@ class PackWriter:
         """Move finished uploads' locations to the unindexed ones, oldest first, waiting while more
         than `keep` are pending (lock held). A failed upload's chunks go back to the open pack,
         then its error is raised."""
+        self._check_fork()
         while self._uploads and (len(self._uploads) > keep or self._uploads[0][1].done()):
             chunks, upload = self._uploads.popleft()
             try:
                 self._unindexed.update(upload.result())
             except BaseException:
-                for digest, (stored, plain) in chunks.items():
-                    if digest not in self._open:
-                        self._open[digest] = (stored, plain)
-                        self._open_bytes += len(stored)
+                self._reopen(chunks)
                 raise
+
+    def _reopen(self, chunks: dict[str, tuple[bytes, int]]) -> None:
+        """Put chunks of an upload that did not happen back in the open pack (lock held)."""
+        for digest, (stored, plain) in chunks.items():
+            if digest not in self._open:
+                self._open[digest] = (stored, plain)
+                self._open_bytes += len(stored)
 
     def _upload_thread(self) -> ThreadPoolExecutor:
         """The writer's upload thread, started on first use (and anew in a forked child)."""
-        if self._uploader is None or self._uploader_pid != os.getpid():
+        self._check_fork()
+        if self._uploader is None:
             self._uploader = ThreadPoolExecutor(1, thread_name_prefix="memoplane-pack-upload")
             self._uploader_pid = os.getpid()
         return self._uploader
+
+    def _check_fork(self) -> None:
+        """In a forked child the parent's upload thread is gone and its uploads never finish
+        there: their chunks go back to the open pack, and a new thread starts on demand."""
+        if self._uploader is not None and self._uploader_pid != os.getpid():
+            while self._uploads:
+                self._reopen(self._uploads.popleft()[0])
+            self._uploader = None
 
     def flush(self) -> None:
         """Seal the open pack, wait for every upload, make the packs durable, then write their
         index segment."""
         with self._lock:
+            self._check_fork()
             self._seal()
             self._collect(keep=0)
             if not self._unindexed:

@@ -3,7 +3,9 @@ detected on every read, and nothing visible before a writer's index segment."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -390,6 +392,30 @@ def test_a_failed_pack_upload_loses_no_chunk(tmp_path: Path) -> None:
     writer.flush()  # the writer kept them: this flush packs them again
     index = loaded(held)
     assert [read_chunk(held, index, b3(p)) for p in plains[:added]] == plains[:added]
+def test_a_forked_child_writes_what_its_parent_had_in_flight(tmp_path: Path) -> None:
+    held = _HeldPuts(tmp_path / "store")
+    plains = chunks(40)
+    writer = PackWriter(held, PackIndex(), target=256 * KiB)
+    add_all(writer, plains)  # a pack sealed, its PUT held in the parent's upload thread
+    try:
+        child = os.fork()
+        if child == 0:  # the parent's upload thread does not exist here
+            held.release.set()
+            try:
+                writer.flush()
+            finally:
+                os._exit(0 if names(held, INDEX) else 1)
+        deadline = time.monotonic() + 30
+        while (status := os.waitpid(child, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if status[0] == 0:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+        assert status[0] == child and os.waitstatus_to_exitcode(status[1]) == 0
+    finally:
+        held.release.set()
+    index = loaded(held)
+    assert [read_chunk(held, index, b3(p)) for p in plains] == plains
 
 
 class _CountingBackend:
