@@ -34,6 +34,10 @@ Reads: a chunk is a byte range of a pack (a ranged GET on S3, pread on a filesys
 `read_chunks` plans all the chunks a read needs (plan_reads: sorted by pack and offset, neighbours
 merged while gaps stay under MAX_GAP, spans under MAX_SPAN and bytes read under AMPLIFICATION times
 the bytes wanted) and fetches the spans, concurrently on an executor; every chunk is verified.
+Where a read's time goes (bench/store_s3.py, 64 MiB of text on this project's 2-core machine): the
+client spends ~130 ms of CPU (a raw GET of the same bytes ~30 ms), 90-100 ms of it decompressing
+and hashing, which every verified read must do; streaming spans, smaller spans and batched
+decompression were tried and measured no faster, so spans are read whole.
 
 Trust: whoever can write the store is not trusted. Every chunk read is verified: its stored bytes
 decode, its plain length matches the index, blake3 of its plain bytes is its digest; otherwise
