@@ -351,12 +351,19 @@ class _HeldPuts(FilesystemBackend):
         self.release = threading.Event()
         self.failures = failures
 
-    def put_if_absent(self, name: str, data: bytes | Callable[[], bytes]) -> bool:
+    def _hold(self, name: str) -> None:
         if name.startswith(PACKS):
             self.release.wait()
             if self.failures:
                 self.failures -= 1
                 raise OSError("the object store went away")
+
+    def put(self, name: str, data: bytes) -> None:
+        self._hold(name)
+        super().put(name, data)
+
+    def put_if_absent(self, name: str, data: bytes | Callable[[], bytes]) -> bool:
+        self._hold(name)
         return super().put_if_absent(name, data)
 
 
