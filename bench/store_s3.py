@@ -1,14 +1,16 @@
 """Benchmark the store on MinIO (S3Backend) against the local filesystem store, and packs
 against raw 4 MiB objects on the same server.
 
-    python bench/store_s3.py [--quick] [--server minio|versitygw] [--only store|packs]
+    python bench/store_s3.py [--quick] [--server minio|versitygw] [--only store|packs] [--route packs|store]
 
 Uses the local control plane's MinIO, or with --server its other S3 server
 (memoplane.testing.cluster.S3_SERVERS; results then go under store_s3_<server>): reuses a running one,
 or starts it and stops it again at the end (only if this run started it). Works in its
 own bucket, removed afterwards.
 
-Data: 64 MiB (16 MiB with --quick) of word-like text (zstd ~3x), deterministic.
+Data: 64 MiB (16 MiB with --quick) of word-like text, deterministic (its chunks are stored in 33 MiB:
+zstd level 1 on ~24 KiB chunks). With --quick, requests per 64 MiB are 4x those of 16 MiB, so a
+partly filled pack counts four times.
 Metrics (MiB/s; each baseline is the filesystem store, durability "none", in $TMPDIR,
 measured in the same run, interleaved; ratio = S3 / filesystem):
 - s3_ingest: Store.put_bytes into an empty store (every chunk uploaded).
