@@ -91,8 +91,8 @@ class ChunkDecodeError(ValueError):
     pass
 
 
-def decode_chunk(stored: bytes) -> bytes:
-    flag, body = stored[:1], memoryview(stored)[1:]
+def decode_chunk(stored: bytes | memoryview) -> bytes:
+    flag, body = bytes(stored[:1]), memoryview(stored)[1:]
     if flag == RAW:
         return bytes(body)
     if flag == ZSTD:

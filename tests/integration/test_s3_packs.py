@@ -1,13 +1,16 @@
-"""Packs on the S3 backend (local MinIO): an ingest is one PUT per pack plus one index segment,
-and a read is one ranged GET per pack, every chunk verified."""
+"""Packs on the S3 backend (local MinIO and Versity's gateway): an ingest is one PUT request per
+pack plus one index segment, and a read is one ranged GET per pack, every chunk verified."""
 
 from __future__ import annotations
 
 import random
 import secrets
+from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from minio import Minio
 
 from memoplane.cas import S3Backend
 from memoplane.cas.chunking import ChunkParams, Pools, ingest_buffer
@@ -20,9 +23,21 @@ MiB = 1 << 20
 
 
 class _Counted(S3Backend):
-    """Counts the requests packs make: PUTs (put_if_absent) and ranged GETs."""
+    """Counts the requests packs make: PUTs (put_if_absent) and ranged GETs, and every HTTP
+    request the client sends, by method."""
 
     puts = ranged = 0
+
+    def __init__(self, client: Minio, bucket: str, prefix: str) -> None:
+        super().__init__(client, bucket, prefix)
+        self.http: Counter[str] = Counter()
+        send = client._http.urlopen
+
+        def counted(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+            self.http[method] += 1
+            return send(method, url, *args, **kwargs)
+
+        client._http.urlopen = counted  # type: ignore[method-assign]
 
     def put_if_absent(self, name: str, data: object) -> bool:  # type: ignore[override]
         self.puts += 1
@@ -33,9 +48,9 @@ class _Counted(S3Backend):
         return super().get_range(name, offset, length)
 
 
-@pytest.fixture
-def backend(control_plane: cluster.ClusterInfo) -> Iterator[_Counted]:
-    env = control_plane.env()
+@pytest.fixture(params=cluster.S3_SERVERS)
+def backend(control_plane: cluster.ClusterInfo, request: pytest.FixtureRequest) -> Iterator[_Counted]:
+    env = control_plane.env(request.param)
     client = make_client(env["MEMOPLANE_S3_ENDPOINT"], env["MEMOPLANE_S3_ACCESS_KEY"],
                          env["MEMOPLANE_S3_SECRET_KEY"])
     bucket = f"mp-packs-{secrets.token_hex(6)}"
@@ -66,6 +81,29 @@ def test_packs_on_s3_cost_a_request_per_pack(backend: _Counted) -> None:
     got = read_chunks(backend, index, [d for d, _ in ingested.chunks])
     assert b"".join(got[d] for d, _ in ingested.chunks) == data
     assert backend.ranged == len(packs)
+
+
+def test_a_big_pack_is_one_put_request_and_one_get(backend: _Counted) -> None:
+    data = random.Random(9).randbytes(16 * MiB)
+    backend.http.clear()  # the bucket's creation
+    writer = PackWriter(backend, PackIndex(), target=6 * MiB)  # over the client's 5 MiB multipart size
+    pools = Pools(2)
+    try:
+        ingested = ingest_buffer(data, ChunkParams(), pools, writer.add)
+    finally:
+        pools.close()
+    writer.flush()
+    packs = [info.name for info in backend.list(PACKS)]
+    assert len(packs) == 3
+    assert backend.http["PUT"] == len(packs) + 1 and backend.http["POST"] == 0  # one request per pack
+    backend.http.clear()
+
+    index = PackIndex()
+    index.refresh(backend)
+    backend.http.clear()
+    got = read_chunks(backend, index, [d for d, _ in ingested.chunks])
+    assert b"".join(got[d] for d, _ in ingested.chunks) == data
+    assert backend.http == Counter({"GET": len(packs)})
 
 
 def test_a_chunk_damaged_on_s3_is_not_served(backend: _Counted) -> None:

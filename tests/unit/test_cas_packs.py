@@ -3,8 +3,11 @@ detected on every read, and nothing visible before a writer's index segment."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -50,6 +53,15 @@ def add_all(writer: PackWriter, plains: list[bytes]) -> list[bool]:
 @pytest.fixture
 def backend(tmp_path: Path) -> FilesystemBackend:
     return FilesystemBackend(tmp_path / "store", durability="none")
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Wait (up to `timeout` seconds) until `condition()` holds: a writer's upload thread PUTs
+    sealed packs in the background."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.01)
 
 
 def loaded(backend: Backend) -> PackIndex:
@@ -161,8 +173,8 @@ def test_a_damaged_segment_adds_nothing(backend: FilesystemBackend) -> None:
 def test_a_writer_killed_before_its_segment_leaves_nothing_visible(backend: FilesystemBackend) -> None:
     plains = chunks(30)
     writer = PackWriter(backend, PackIndex(), target=128 * KiB)
-    add_all(writer, plains)  # packs were PUT as they filled; the writer dies without flush()
-    assert names(backend, PACKS)
+    add_all(writer, plains)  # packs are PUT as they fill; the writer dies without flush()
+    eventually(lambda: bool(names(backend, PACKS)))
 
     index = loaded(backend)
     assert len(index) == 0 and names(backend, INDEX) == []
@@ -176,6 +188,7 @@ def test_an_unindexed_pack_is_indexed_from_its_trailer_only_when_it_verifies(bac
     plains = chunks(6)
     writer = PackWriter(backend, PackIndex(), target=1)  # every chunk a pack of its own
     add_all(writer, plains)  # and the writer dies before its segment
+    eventually(lambda: len(names(backend, PACKS)) == len(plains))
     packs = names(backend, PACKS)
     damaged, *good = packs
     path = backend.root / damaged
@@ -328,6 +341,88 @@ def test_a_damaged_copy_falls_back_to_another_location(backend: FilesystemBacken
         path.write_bytes(bytes(data))
     with pytest.raises(PackDamaged):
         read_chunks(backend, index, [b3(p) for p in plains])
+
+
+class _HeldPuts(FilesystemBackend):
+    """Pack PUTs wait for `release`; the first `failures` of them fail instead."""
+
+    def __init__(self, root: Path, failures: int = 0) -> None:
+        super().__init__(root, durability="none")
+        self.release = threading.Event()
+        self.failures = failures
+
+    def _hold(self, name: str) -> None:
+        if name.startswith(PACKS):
+            self.release.wait()
+            if self.failures:
+                self.failures -= 1
+                raise OSError("the object store went away")
+
+    def put(self, name: str, data: bytes) -> None:
+        self._hold(name)
+        super().put(name, data)
+
+    def put_if_absent(self, name: str, data: bytes | Callable[[], bytes]) -> bool:
+        self._hold(name)
+        return super().put_if_absent(name, data)
+
+
+def test_packs_upload_while_chunks_keep_coming(tmp_path: Path) -> None:
+    held = _HeldPuts(tmp_path / "store")
+    plains = chunks(40)
+    writer = PackWriter(held, PackIndex(), target=256 * KiB)  # a pack sealed, its PUT held
+    adding = threading.Thread(target=add_all, args=(writer, plains))
+    adding.start()
+    try:
+        adding.join(timeout=30)
+        assert not adding.is_alive()  # every add returned while no pack PUT could finish
+        assert names(held, PACKS) == []
+    finally:
+        held.release.set()
+    writer.flush()
+    index = loaded(held)
+    assert [read_chunk(held, index, b3(p)) for p in plains] == plains
+
+
+def test_a_failed_pack_upload_loses_no_chunk(tmp_path: Path) -> None:
+    held = _HeldPuts(tmp_path / "store", failures=1)
+    held.release.set()
+    plains = chunks(40)
+    writer = PackWriter(held, PackIndex(), target=256 * KiB)
+    added = 0
+    with pytest.raises(OSError, match="went away"):  # from the add after the failure, or from flush
+        for plain in plains:
+            added += 1
+            add_all(writer, [plain])
+        writer.flush()
+    assert names(held, INDEX) == []  # nothing names the chunks of the pack that failed
+    writer.flush()  # the writer kept them: this flush packs them again
+    index = loaded(held)
+    assert [read_chunk(held, index, b3(p)) for p in plains[:added]] == plains[:added]
+def test_a_forked_child_writes_what_its_parent_had_in_flight(tmp_path: Path) -> None:
+    held = _HeldPuts(tmp_path / "store")
+    plains = chunks(40)
+    writer = PackWriter(held, PackIndex(), target=256 * KiB)
+    add_all(writer, plains)  # a pack sealed, its PUT held in the parent's upload thread
+    try:
+        child = os.fork()
+        if child == 0:  # the parent's upload thread does not exist here
+            held.release.set()
+            try:
+                writer.flush()
+            finally:
+                os._exit(0 if names(held, INDEX) else 1)
+        deadline = time.monotonic() + 30
+        while (status := os.waitpid(child, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if status[0] == 0:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+        assert status[0] == child and os.waitstatus_to_exitcode(status[1]) == 0
+    finally:
+        held.release.set()
+    index = loaded(held)
+    assert [read_chunk(held, index, b3(p)) for p in plains] == plains
 
 
 class _CountingBackend:
