@@ -229,9 +229,13 @@ class PackIndex:
                     self._segments.add(info.name)
                     self.damaged.append(info.name)
                 continue
-            self._add(info.name, segment.records, segment.condemned)
+            self.add(info.name, segment)
             loaded += 1
         return loaded
+
+    def add(self, name: str, segment: Segment) -> None:
+        """Add index object `name`, loaded and checked elsewhere (load_segment; GC reads them all)."""
+        self._add(name, segment.records, segment.condemned)
 
     def _add(self, segment: str, records: Iterable[tuple[str, Location]], condemned: Iterable[str] = ()) -> None:
         parsed = list(records)  # parse fully first: a damaged segment adds nothing
