@@ -60,7 +60,7 @@ from .packs import (
     load_segment,
     parse_pack,
     read_chunk,
-    read_chunks,
+    verified_chunk,
 )
 
 log = logging.getLogger("memoplane.cas")
@@ -264,12 +264,12 @@ def collect(backend: Backend, live: Iterable[str], policy: Policy, now: float, *
 
 def execute(backend: Backend, layout: Layout, decisions: Decisions, *, target: int = PACK_TARGET) -> RepackReport:
     report = RepackReport()
-    written, keep = _repack(backend, layout, decisions.repack, report, target)
+    written, unreadable = _repack(backend, layout, decisions.repack, report, target)
     condemn = decisions.condemn - written
     if condemn:
         _put_index(backend, build_tombstone(condemn))
         report.packs_condemned = len(condemn)
-    _delete_condemned(backend, layout, decisions, decisions.delete - keep, keep, report)
+    _delete_condemned(backend, layout, decisions, decisions.delete - written - unreadable, unreadable, report)
     _settle_unindexed(backend, layout, decisions, report)
     return report
 
@@ -283,9 +283,10 @@ def _index_of(layout: Layout) -> PackIndex:
 
 def _repack(backend: Backend, layout: Layout, digests: frozenset[str], report: RepackReport,
             target: int) -> tuple[frozenset[str], frozenset[str]]:
-    """Copy `digests` into new packs and a durable segment, one source pack at a time (coalesced,
-    verified reads). Returns the packs written and the packs to keep: those written, and every
-    pack holding a copy of a chunk no copy of which verified."""
+    """Copy `digests` into new packs and a durable segment, one source pack at a time (one GET
+    of the whole pack: a pack worth repacking is mostly read anyway, and S3 charges by request;
+    every chunk verified, its stored bytes copied as they are). Returns the packs written and the packs holding a copy of a chunk no copy
+    of which verified (kept, and still condemned)."""
     if not digests:
         return frozenset(), frozenset()
     index = _index_of(layout)
@@ -295,32 +296,43 @@ def _repack(backend: Backend, layout: Layout, digests: frozenset[str], report: R
         by_source[index.locations(digest)[0].pack].append(digest)
     unreadable: set[str] = set()
     for source in sorted(by_source):
-        for digest, plain in _read_verified(backend, index, by_source[source], unreadable).items():
-            stored = encode_chunk(plain)
-            writer.add(digest, _returning(stored), len(plain))
+        for digest, (stored, plain_length) in _read_verified(backend, index, source, by_source[source],
+                                                             unreadable).items():
+            writer.add(digest, _returning(stored), plain_length)
             report.bytes_repacked += len(stored)
             report.chunks_repacked += 1
     writer.flush()
     written = frozenset(loc.pack for d in digests - unreadable for loc in writer.index.locations(d))
     report.packs_written = len(written)
     report.unreadable = len(unreadable)
-    return written, written | frozenset(loc.pack for d in unreadable for loc in index.locations(d))
+    return written, frozenset(loc.pack for d in unreadable for loc in index.locations(d))
 
 
 def _returning(data: bytes) -> Callable[[], bytes]:
     return lambda: data
 
 
-def _read_verified(backend: Backend, index: PackIndex, digests: list[str], unreadable: set[str]) -> dict[str, bytes]:
-    """The chunks that verify from some copy; the others are added to `unreadable`."""
+def _read_verified(backend: Backend, index: PackIndex, source: str, digests: list[str],
+                   unreadable: set[str]) -> dict[str, tuple[bytes, int]]:
+    """(stored bytes, plain length) of each chunk of `digests` in pack `source` that verifies
+    there, else from another copy (read_chunk, re-encoded); the others go to `unreadable`."""
     try:
-        return read_chunks(backend, index, digests)
-    except (PackDamaged, NotFound):
-        pass
+        data = backend.get(object_name("packs", source))
+    except NotFound:
+        data = b""
     out = {}
     for digest in digests:
+        loc = next(loc for loc in index.locations(digest) if loc.pack == source)
+        stored = data[loc.offset:loc.offset + loc.length]
         try:
-            out[digest] = read_chunk(backend, index, digest)
+            verified_chunk(digest, stored, loc.plain)
+            out[digest] = (stored, loc.plain)
+            continue
+        except PackDamaged:
+            pass
+        try:
+            plain = read_chunk(backend, index, digest)
+            out[digest] = (encode_chunk(plain), len(plain))
         except (PackDamaged, NotFound) as e:
             log.warning("GC keeps the packs of live chunk %s: no copy verifies (%s)", digest, e)
             unreadable.add(digest)
@@ -336,7 +348,9 @@ def _put_index(backend: Backend, data: bytes) -> None:
 
 def _delete_condemned(backend: Backend, layout: Layout, decisions: Decisions, delete: frozenset[str],
                       keep: frozenset[str], report: RepackReport) -> None:
-    """Pass 2: consolidated segment, then the segments it replaces, the packs, the tombstones."""
+    """Pass 2: consolidated segment, then the segments it replaces, the packs, the tombstones
+    (but one naming a `keep` pack). A condemned pack the repack rewrote byte for byte is not
+    deleted, and its retired tombstone no longer condemns it."""
     segments = layout.segments()
     survivors = [(d, loc) for name in sorted(decisions.replace) for d, loc in segments[name].records
                  if loc.pack not in delete and loc.pack in layout.packs]

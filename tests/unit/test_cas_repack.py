@@ -220,3 +220,22 @@ def test_store_gc_runs_the_repack_and_reports_it(backend: FilesystemBackend) -> 
     report = gc(backend, 0.0, blobs=[kept.digest], clock=later)
     assert report.packs.packs_deleted > 0 and report.to_dict()["packs"]["bytes_reclaimed"] > 0
     assert s.pack_infos() == [] and live_chunks(backend, blobs=[kept.digest])
+
+
+def test_a_live_chunk_no_copy_of_which_verifies_keeps_its_pack(backend: FilesystemBackend) -> None:
+    s = seeded(backend)
+    index = loaded(backend)
+    condemned = decide(load_layout(backend), s.mark(), POLICY, later()).condemn
+    victim = next(d for d in sorted(s.mark()) if index.locations(d)[0].pack in condemned)
+    loc = index.locations(victim)[0]
+    path = backend.root / f"{PACKS}{loc.pack[3:5]}/{loc.pack[3:]}"
+    data = bytearray(path.read_bytes())
+    data[loc.offset + loc.length // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    assert s.gc(later()).unreadable == 1
+    second = s.gc(later())
+    assert second.unreadable == 1 and second.packs_deleted == len(condemned) - 1
+    assert path.exists() and s.tombstones() == 1  # kept, and still condemned
+    s.live.discard(victim)
+    s.check_live()
