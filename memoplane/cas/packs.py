@@ -16,6 +16,9 @@ Layout (this module is the only code that knows it):
   sorted by chunk digest. A writer writes one segment per flush, covering every pack it sealed
   since the last one. PackIndex loads all segments (at start, then only new names on refresh)
   and answers in memory: deduplication costs no request.
+- `index/<2 hex>/<64 hex>` may also be a tombstone (GC, repack.py), named the same way. Body:
+      TOMBSTONE_MAGIC ‖ pack digests (32 B each), sorted
+  A loaded tombstone makes its packs absent for deduplication and the last locations tried.
 
 Crash safety: a chunk is visible only once an index segment names its pack, and a writer writes
 that segment only after the pack's PUT returned and `backend.flush()` made it durable. A writer
@@ -41,16 +44,9 @@ PackDamaged. A segment whose bytes do not hash to its name is skipped (`PackInde
 forged segment can make a writer skip a chunk it should have written (the same reach as a forged
 `chunks/` object today): the reader then finds the damage and the job recomputes.
 
-GC (next; not built here). Mark live chunk digests from refs as today; per pack, live bytes from
-the index. A pack whose chunks are all dead and a pack worth repacking (dead share above a
-threshold) are handled in two passes at least a grace period apart (kopia's safety rules):
-pass 1 writes a tombstone segment naming the condemned packs, which loaded indexes treat as
-absent for deduplication (so a writer re-packs a chunk it needs instead of reusing a condemned
-copy); live chunks of a condemned pack are re-packed first, in a new pack and segment. Pass 2,
-after longer than the writers' index refresh interval plus the longest write, re-marks, deletes
-the condemned packs and replaces their segments by a consolidated one (which also bounds the
-number of segments loaded at start). Readers holding an older index fall back to the other
-locations of a chunk and then to an index refresh.
+GC: repack.py (two passes a grace period apart, tombstones). Writers must refresh their index
+more often than that grace period minus their longest write. Readers holding an older index
+fall back to the other locations of a chunk and then to one index refresh (_read_anywhere).
 """
 
 from __future__ import annotations
