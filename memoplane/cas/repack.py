@@ -339,11 +339,13 @@ def _read_verified(backend: Backend, index: PackIndex, source: str, digests: lis
     return out
 
 
-def _put_index(backend: Backend, data: bytes) -> None:
-    """Write an index object after everything before it is durable, and make it durable."""
+def _put_index(backend: Backend, data: bytes) -> str:
+    """Write an index object after everything before it is durable, and make it durable; its name."""
+    name = object_name("index", b3(data))
     backend.flush()
-    backend.put_if_absent(object_name("index", b3(data)), data)
+    backend.put_if_absent(name, data)
     backend.flush()
+    return name
 
 
 def _delete_condemned(backend: Backend, layout: Layout, decisions: Decisions, delete: frozenset[str],
@@ -352,11 +354,12 @@ def _delete_condemned(backend: Backend, layout: Layout, decisions: Decisions, de
     (but one naming a `keep` pack). A condemned pack the repack rewrote byte for byte is not
     deleted, and its retired tombstone no longer condemns it."""
     segments = layout.segments()
-    survivors = [(d, loc) for name in sorted(decisions.replace) for d, loc in segments[name].records
+    replace = sorted(n for n in decisions.replace if any(loc.pack in delete for _, loc in segments[n].records))
+    survivors = [(d, loc) for name in replace for d, loc in segments[name].records
                  if loc.pack not in delete and loc.pack in layout.packs]
-    if survivors:
+    if survivors:  # never one of `replace` byte for byte: each of those names a deleted pack
         _put_index(backend, build_segment(dict.fromkeys(survivors)))
-    for name in sorted(decisions.replace):
+    for name in replace:
         _delete(backend, name, layout.index[name][0].size, report)
         report.segments_replaced += 1
     for pack in sorted(delete):
