@@ -339,13 +339,11 @@ def _read_verified(backend: Backend, index: PackIndex, source: str, digests: lis
     return out
 
 
-def _put_index(backend: Backend, data: bytes) -> str:
-    """Write an index object after everything before it is durable, and make it durable; its name."""
-    name = object_name("index", b3(data))
+def _put_index(backend: Backend, data: bytes) -> None:
+    """Write an index object after everything before it is durable, and make it durable."""
     backend.flush()
-    backend.put_if_absent(name, data)
+    backend.put_if_absent(object_name("index", b3(data)), data)
     backend.flush()
-    return name
 
 
 def _delete_condemned(backend: Backend, layout: Layout, decisions: Decisions, delete: frozenset[str],
