@@ -78,6 +78,8 @@ def test_two_passes_reclaim_dead_bytes_and_keep_every_live_chunk(backend: Filesy
     fresh = loaded(backend)
     assert not any(d in fresh for d in dead)  # condemned copies are absent for deduplication
     s.check_live()
+    early = s.gc(time.time() + GRACE - 60)  # the tombstone is not a grace period old yet
+    assert early.packs_deleted == early.packs_condemned == 0 and s.tombstones() == 1
 
     second = s.gc(later())
     assert second.packs_deleted == first.packs_condemned and s.tombstones() == 0
