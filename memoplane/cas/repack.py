@@ -13,7 +13,9 @@ Two passes at least `grace` seconds apart, as kopia does (packs.py's docstring):
 - pass 2, in a later run once the tombstone is `grace` old at mark time: the mark is fresh, so a
   chunk that became live since pass 1 (a writer that deduplicated against a condemned pack before
   it saw the tombstone) is copied out too; then a consolidated segment replaces every segment
-  naming a deleted pack, those segments go, the packs go, and the tombstone goes last.
+  naming a deleted pack, those segments go, the packs go, and the tombstone goes last. Past
+  MAX_SEGMENTS segments, the small old ones are merged into that consolidated segment too, so a
+  PackIndex loads a bounded number of objects at start (a writer writes one per flush).
   Safe when `grace` exceeds the writers' index refresh interval plus their longest write: by then
   every writer has seen the tombstone, and every write that deduplicated against a condemned copy
   before has written its ref, which the fresh mark sees.
@@ -66,6 +68,8 @@ from .packs import (
 log = logging.getLogger("memoplane.cas")
 
 DEAD_SHARE = 0.2  # condemn a pack once this share of its bytes is dead: at most 4 live bytes rewritten per 1 freed
+MAX_SEGMENTS = 32  # more index segments than this: the small old ones are merged (each costs a GET at index load)
+SMALL_SEGMENT = 8 << 20  # bytes (about 80,000 chunk records): a segment below this may be merged
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,7 @@ class Decisions:
     delete: frozenset[str] = frozenset()  # condemned packs past the grace period (pass 2)
     repack: frozenset[str] = frozenset()  # live chunks every stored copy of which is condemned
     replace: frozenset[str] = frozenset()  # segments naming a deleted pack: one consolidated segment replaces them
+    merge: frozenset[str] = frozenset()  # small old segments the consolidated segment also replaces
     retire: frozenset[str] = frozenset()  # tombstones past the grace period
     unindexed: frozenset[str] = frozenset()  # unindexed packs past the grace period
     missing: frozenset[str] = frozenset()  # live chunks in no indexed pack (an unindexed pack may hold them)
@@ -216,6 +221,17 @@ def unindexed(layout: Layout, policy: Policy, now: float) -> frozenset[str]:
     return frozenset(p for p, info in layout.packs.items() if p not in named and now - info.mtime >= policy.grace)
 
 
+def to_merge(layout: Layout, policy: Policy, now: float) -> frozenset[str]:
+    """Small segments at least `min_pack_age` old, once there are more than MAX_SEGMENTS: merged
+    into the consolidated segment, so a PackIndex loads few objects at start."""
+    segments = layout.segments()
+    if len(segments) <= MAX_SEGMENTS:
+        return frozenset()
+    small = frozenset(name for name in segments if layout.index[name][0].size < SMALL_SEGMENT
+                      and now - layout.index[name][0].mtime >= policy.min_pack_age)
+    return small if len(small) > 1 else frozenset()
+
+
 def decide(layout: Layout, live: Iterable[str], policy: Policy, now: float) -> Decisions:
     """Both passes' decisions for one run; `now` is when the mark of `live` began."""
     live_set = set(live)
@@ -227,8 +243,8 @@ def decide(layout: Layout, live: Iterable[str], policy: Policy, now: float) -> D
     retire = frozenset(name for name, (mtime, _) in layout.tombstones().items() if now - mtime >= policy.grace)
     orphans = frozenset() if layout.incomplete else unindexed(layout, policy, now) - prior
     indexed = {d for chunks in contents(layout).values() for d in chunks}
-    return Decisions(condemn, delete, to_repack(layout, live_set, prior | condemn), replace, retire, orphans,
-                     frozenset(live_set - indexed))
+    return Decisions(condemn, delete, to_repack(layout, live_set, prior | condemn), replace,
+                     to_merge(layout, policy, now), retire, orphans, frozenset(live_set - indexed))
 
 
 # -- execution -----------------------------------------------------------------------
@@ -339,11 +355,13 @@ def _read_verified(backend: Backend, index: PackIndex, source: str, digests: lis
     return out
 
 
-def _put_index(backend: Backend, data: bytes) -> None:
-    """Write an index object after everything before it is durable, and make it durable."""
+def _put_index(backend: Backend, data: bytes) -> str:
+    """Write an index object after everything before it is durable, and make it durable; its name."""
+    name = object_name("index", b3(data))
     backend.flush()
-    backend.put_if_absent(object_name("index", b3(data)), data)
+    backend.put_if_absent(name, data)
     backend.flush()
+    return name
 
 
 def _delete_condemned(backend: Backend, layout: Layout, decisions: Decisions, delete: frozenset[str],
@@ -352,13 +370,14 @@ def _delete_condemned(backend: Backend, layout: Layout, decisions: Decisions, de
     (but one naming a `keep` pack). A condemned pack the repack rewrote byte for byte is not
     deleted, and its retired tombstone no longer condemns it."""
     segments = layout.segments()
-    replace = sorted(n for n in decisions.replace if any(loc.pack in delete for _, loc in segments[n].records))
+    replace = sorted({n for n in decisions.replace if any(loc.pack in delete for _, loc in segments[n].records)}
+                     | decisions.merge)
     survivors = [(d, loc) for name in replace for d, loc in segments[name].records
                  if loc.pack not in delete and loc.pack in layout.packs]
-    if survivors:  # never one of `replace` byte for byte: each of those names a deleted pack
-        _put_index(backend, build_segment(dict.fromkeys(survivors)))
+    consolidated = _put_index(backend, build_segment(dict.fromkeys(survivors))) if survivors else ""
     for name in replace:
-        _delete(backend, name, layout.index[name][0].size, report)
+        if name != consolidated:  # merging a lone segment rewrites the same bytes
+            _delete(backend, name, layout.index[name][0].size, report)
         report.segments_replaced += 1
     for pack in sorted(delete):
         _delete(backend, object_name("packs", pack), layout.packs[pack].size, report)

@@ -30,7 +30,7 @@ from repack_scenarios import (
 from memoplane.cas import FilesystemBackend, Store, b3
 from memoplane.cas.gc import gc, live_chunks
 from memoplane.cas.packs import INDEX, PACKS, PackIndex
-from memoplane.cas.repack import Policy, decide, load_layout, usage, worth_repacking
+from memoplane.cas.repack import MAX_SEGMENTS, Policy, decide, load_layout, usage, worth_repacking
 from memoplane.errors import InputError
 
 
@@ -241,3 +241,17 @@ def test_a_live_chunk_no_copy_of_which_verifies_keeps_its_pack(backend: Filesyst
     assert path.exists() and s.tombstones() == 1  # kept, and still condemned
     s.live.discard(victim)
     s.check_live()
+
+
+def test_many_small_segments_are_merged_into_one(backend: FilesystemBackend) -> None:
+    s = Scenario(backend)
+    for i in range(MAX_SEGMENTS + 8):
+        s.write([i])  # one segment per flush
+    stale = loaded(backend)
+    assert len(s.segments()) == MAX_SEGMENTS + 8
+    assert s.gc(time.time()).segments_replaced == 0  # too young to merge
+    report = s.gc(later())
+    assert report.segments_replaced == MAX_SEGMENTS + 8 and len(s.segments()) == 1
+    assert report.packs_deleted == report.packs_condemned == 0
+    s.check_live()
+    s.check_live(stale)
