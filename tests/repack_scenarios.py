@@ -33,7 +33,7 @@ from fakes import DelegatingBackend
 from memoplane.cas import FilesystemBackend, S3Backend, b3
 from memoplane.cas.backend import Backend
 from memoplane.cas.chunking import encode_chunk
-from memoplane.cas.packs import INDEX, PACKS, PackIndex, PackWriter, load_segment, read_chunks
+from memoplane.cas.packs import INDEX, PACKS, TOMBSTONES, PackIndex, PackWriter, load_segment, read_chunks
 from memoplane.cas.repack import Policy, RepackReport, collect
 from memoplane.cas.s3 import make_client
 
@@ -132,7 +132,7 @@ class Scenario:
         return [load_segment(self.backend, i.name) for i in self.backend.list(INDEX)]
 
     def tombstones(self) -> int:
-        return sum(1 for seg in self.segments() if seg.condemned)
+        return sum(1 for _ in self.backend.list(TOMBSTONES))
 
     def unindexed(self) -> set[str]:
         named = {loc.pack for seg in self.segments() for _, loc in seg.records}

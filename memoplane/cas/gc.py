@@ -22,7 +22,7 @@ from ..errors import InputError, NotFound, StoreCorrupted
 from . import repack
 from .backend import Backend, ObjectInfo
 from .digests import attestation_name, digest_of_name, object_name
-from .packs import INDEX, PACKS
+from .packs import INDEX, PACKS, TOMBSTONES
 from .records import BlobManifest, ResultManifest, SealError, TreeManifest, unseal
 
 CONTENT = ("chunks/", "blobs/", "trees/", "results/", "attestations/")
@@ -270,7 +270,7 @@ def gc(backend: Backend, grace_seconds: float, *, results: Iterable[str] = (), b
             deleted += 1
             deleted_bytes += info.size
     packs = repack.collect(backend, chunk_digests(live), repack.Policy.from_grace(grace_seconds), marked_at)
-    kept += sum(i.size for prefix in ("refs/", PACKS, INDEX) for i in backend.list(prefix))
+    kept += sum(i.size for prefix in ("refs/", PACKS, INDEX, TOMBSTONES) for i in backend.list(prefix))
     sweep = getattr(backend, "sweep_temp", None)
     temps = sweep(max(grace_seconds, 60.0)) if sweep else 0
     return GcReport(len(live), deleted, deleted_bytes, young, temps, kept, packs)

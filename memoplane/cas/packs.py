@@ -16,9 +16,12 @@ Layout (this module is the only code that knows it):
   sorted by chunk digest. A writer writes one segment per flush, covering every pack it sealed
   since the last one. PackIndex loads all segments (at start, then only new names on refresh)
   and answers in memory: deduplication costs no request.
-- `index/<2 hex>/<64 hex>` may also be a tombstone (GC, repack.py), named the same way. Body:
+- `tombstones/<2 hex>/<64 hex>`: a tombstone (GC, repack.py), named by blake3 of its bytes. Body:
       TOMBSTONE_MAGIC ‖ pack digests (32 B each), sorted
   A loaded tombstone makes its packs absent for deduplication and the last locations tried.
+  PackIndex.refresh loads tombstones before segments, and GC deletes a condemned pack's
+  segments before its tombstone: a refresh that still reads such a segment reads the tombstone
+  too, so it never deduplicates against a pack being deleted.
 
 Crash safety: a chunk is visible only once an index segment names its pack, and a writer writes
 that segment only after the pack's PUT returned and `backend.flush()` made it durable. A writer
@@ -58,6 +61,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
+from itertools import chain
 
 from ..errors import NotFound
 from .backend import Backend
@@ -72,8 +76,8 @@ MAX_SPAN = 8 << 20  # bytes per coalesced read: several MiB, so a few requests r
 AMPLIFICATION = 1.25  # bytes read / bytes wanted, at most, for every coalesced read
 PACK_MAGIC = b"MPPACK01"
 SEGMENT_MAGIC = b"MPIDX001"
-TOMBSTONE_MAGIC = b"MPTOMB01"  # an index/ object naming packs GC condemned (repack.py)
-PACKS, INDEX = "packs/", "index/"
+TOMBSTONE_MAGIC = b"MPTOMB01"  # a tombstones/ object naming packs GC condemned (repack.py)
+PACKS, INDEX, TOMBSTONES = "packs/", "index/", "tombstones/"
 _TRAILER = struct.Struct("<32sQII")  # chunk digest, offset, stored length, plain length
 _RECORD = struct.Struct("<32s32sQII")  # chunk digest, pack digest, offset, stored length, plain length
 _COUNT = struct.Struct("<I")
@@ -166,7 +170,7 @@ def parse_segment(data: bytes) -> Iterator[tuple[str, Location]]:
 
 
 def build_tombstone(packs: Iterable[str]) -> bytes:
-    """An index object condemning `packs` (digests): TOMBSTONE_MAGIC ‖ 32-byte pack digests, sorted."""
+    """A tombstone condemning `packs` (digests): TOMBSTONE_MAGIC ‖ 32-byte pack digests, sorted."""
     return TOMBSTONE_MAGIC + b"".join(_raw(p) for p in sorted(set(packs)))
 
 
@@ -179,14 +183,14 @@ def parse_tombstone(data: bytes) -> frozenset[str]:
 
 @dataclass(frozen=True)
 class Segment:
-    """One index/ object, parsed: chunk locations (a segment) or condemned packs (a tombstone)."""
+    """An index/ or tombstones/ object, parsed: chunk locations (a segment) or condemned packs."""
 
     records: tuple[tuple[str, Location], ...] = ()
     condemned: frozenset[str] = frozenset()
 
 
 def load_segment(backend: Backend, name: str) -> Segment:
-    """Index object `name`, checked against its name; PackDamaged if it does not hash to it
+    """Index object or tombstone `name`, checked against its name; PackDamaged if it does not hash to it
     or is not framed as a segment or a tombstone; NotFound if it is gone."""
     data = backend.get(name)
     if b3(data) != digest_of_name(name):
@@ -210,9 +214,9 @@ class PackIndex:
         self._lock = threading.Lock()
 
     def refresh(self, backend: Backend) -> int:
-        """Load the segments not loaded yet; returns how many were loaded."""
+        """Load the tombstones, then the segments, not loaded yet; returns how many were loaded."""
         loaded = 0
-        for info in backend.list(INDEX):
+        for info in chain(backend.list(TOMBSTONES), backend.list(INDEX)):
             if info.name in self._segments:
                 continue
             try:

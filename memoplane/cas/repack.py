@@ -2,18 +2,20 @@
 
 Inputs: the live chunk digests (gc.py marks them from refs and roots), the backend, and the time
 the mark began (`now`, injected: tests move it past grace periods). One `collect` call reads what
-packs/ and index/ hold (`load_layout`), decides (pure functions, `decide`) and applies (`execute`).
+packs/, index/ and tombstones/ hold (`load_layout`), decides (pure functions, `decide`) and applies (`execute`).
 
 Two passes at least `grace` seconds apart, as kopia does (packs.py's docstring):
 - pass 1: a pack older than `min_pack_age` whose dead share (stored bytes of chunks no live digest
   needs from it, over all its chunk bytes) is at least `dead_share` is condemned. Its live chunks
-  are first copied into new packs and a segment (durable), then one tombstone (an index/ object,
+  are first copied into new packs and a segment (durable), then one tombstone (a tombstones/ object,
   packs.build_tombstone) names the condemned packs. A PackIndex that loaded the tombstone no longer
   deduplicates against them: a writer packs such a chunk again rather than reuse a doomed copy.
 - pass 2, in a later run once the tombstone is `grace` old at mark time: the mark is fresh, so a
   chunk that became live since pass 1 (a writer that deduplicated against a condemned pack before
   it saw the tombstone) is copied out too; then a consolidated segment replaces every segment
-  naming a deleted pack, those segments go, the packs go, and the tombstone goes last. Past
+  naming a deleted pack, those segments go, the packs go, and the tombstone goes last (a
+  PackIndex refresh reads tombstones before segments: one that still reads a replaced segment
+  reads its tombstone too, and does not deduplicate against the packs being deleted). Past
   MAX_SEGMENTS segments, the small old ones are merged into that consolidated segment too, so a
   PackIndex loads a bounded number of objects at start (a writer writes one per flush).
   Safe when `grace` exceeds the writers' index refresh interval plus their longest write: by then
@@ -41,6 +43,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
+from itertools import chain
 from typing import Any
 
 from ..errors import InputError, NotFound
@@ -51,6 +54,7 @@ from .packs import (
     INDEX,
     PACK_TARGET,
     PACKS,
+    TOMBSTONES,
     Location,
     PackDamaged,
     PackIndex,
@@ -93,7 +97,7 @@ class Policy:
 
 @dataclass(frozen=True)
 class Layout:
-    """What packs/ and index/ held when GC read them."""
+    """What packs/, index/ and tombstones/ held when GC read them."""
 
     packs: Mapping[str, ObjectInfo]  # pack digest -> its listing (size, mtime)
     index: Mapping[str, tuple[ObjectInfo, Segment]]  # index object name -> listing, parsed (segment or tombstone)
@@ -111,7 +115,7 @@ def load_layout(backend: Backend) -> Layout:
     look unindexed), then the packs: a pack a listed segment names is listed too."""
     index: dict[str, tuple[ObjectInfo, Segment]] = {}
     incomplete = False
-    for info in backend.list(INDEX):
+    for info in chain(backend.list(TOMBSTONES), backend.list(INDEX)):
         try:
             index[info.name] = (info, load_segment(backend, info.name))
         except NotFound:
@@ -283,7 +287,7 @@ def execute(backend: Backend, layout: Layout, decisions: Decisions, *, target: i
     written, unreadable = _repack(backend, layout, decisions.repack, report, target)
     condemn = decisions.condemn - written
     if condemn:
-        _put_index(backend, build_tombstone(condemn))
+        _put_index(backend, "tombstones", build_tombstone(condemn))
         report.packs_condemned = len(condemn)
     _delete_condemned(backend, layout, decisions, decisions.delete - written - unreadable, unreadable, report)
     _settle_unindexed(backend, layout, decisions, report)
@@ -355,9 +359,10 @@ def _read_verified(backend: Backend, index: PackIndex, source: str, digests: lis
     return out
 
 
-def _put_index(backend: Backend, data: bytes) -> str:
-    """Write an index object after everything before it is durable, and make it durable; its name."""
-    name = object_name("index", b3(data))
+def _put_index(backend: Backend, kind: str, data: bytes) -> str:
+    """Write an index object or tombstone after everything before it is durable, and make it
+    durable; its name."""
+    name = object_name(kind, b3(data))
     backend.flush()
     backend.put_if_absent(name, data)
     backend.flush()
@@ -374,7 +379,7 @@ def _delete_condemned(backend: Backend, layout: Layout, decisions: Decisions, de
                      | decisions.merge)
     survivors = [(d, loc) for name in replace for d, loc in segments[name].records
                  if loc.pack not in delete and loc.pack in layout.packs]
-    consolidated = _put_index(backend, build_segment(dict.fromkeys(survivors))) if survivors else ""
+    consolidated = _put_index(backend, "index", build_segment(dict.fromkeys(survivors))) if survivors else ""
     for name in replace:
         if name != consolidated:  # merging a lone segment rewrites the same bytes
             _delete(backend, name, layout.index[name][0].size, report)

@@ -29,7 +29,7 @@ from repack_scenarios import (
 
 from memoplane.cas import FilesystemBackend, Store, b3
 from memoplane.cas.gc import gc, live_chunks
-from memoplane.cas.packs import INDEX, PACKS, PackIndex
+from memoplane.cas.packs import INDEX, PACKS, TOMBSTONES, PackIndex
 from memoplane.cas.repack import MAX_SEGMENTS, Policy, decide, load_layout, usage, worth_repacking
 from memoplane.errors import InputError
 
@@ -175,7 +175,7 @@ def test_an_unindexed_pack_holding_a_live_chunk_is_indexed_not_deleted(backend: 
 KILL_POINTS = [  # (pass, op, prefix, nth): the GC stops before that backend call
     (1, "put_if_absent", PACKS, 2),  # mid-repack: one new pack written
     (1, "put_if_absent", INDEX, 1),  # repacked packs written, their segment not
-    (1, "put_if_absent", INDEX, 2),  # repack segment written, the tombstone not
+    (1, "put_if_absent", TOMBSTONES, 1),  # repack segment written, the tombstone not
     (2, "put_if_absent", INDEX, 1),  # pass 2 before its consolidated segment
     (2, "delete", INDEX, 1),  # consolidated segment written, nothing deleted
     (2, "delete", PACKS, 2),  # one condemned pack deleted
