@@ -34,7 +34,7 @@ from memoplane.cas import FilesystemBackend, S3Backend, b3
 from memoplane.cas.backend import Backend
 from memoplane.cas.chunking import encode_chunk
 from memoplane.cas.packs import INDEX, PACKS, TOMBSTONES, PackIndex, PackWriter, load_segment, read_chunks
-from memoplane.cas.repack import Policy, RepackReport, collect
+from memoplane.cas.repack import Policy, RepackReport, collect, load_layout, usage, worth_repacking
 from memoplane.cas.s3 import make_client
 
 KiB = 1 << 10
@@ -121,6 +121,11 @@ class Scenario:
         stored = {d for d, _ in self.pack_infos()}
         held = {d for seg in self.segments() for d, loc in seg.records if loc.pack in stored}
         return held - self.mark()
+
+    def worth_repacking(self) -> frozenset[str]:
+        """Packs whose dead share is still at the policy's threshold or above (writers that
+        deduplicate at random leave some packs a little dead: below it, they stay)."""
+        return worth_repacking(usage(load_layout(self.backend), self.mark()), POLICY)
 
     def pack_infos(self) -> list[tuple[str, int]]:
         return [("b3:" + i.name.rsplit("/", 1)[-1], i.size) for i in self.backend.list(PACKS)]

@@ -72,7 +72,7 @@ def test_concurrent_writers_lose_nothing_across_both_passes_on_s3(backend: S3Bac
     s.check_live()
     s.gc(later())
     s.gc(later())
-    assert s.dead_in_packs() == set() and s.unindexed() == set() and s.tombstones() == 0
+    assert s.worth_repacking() == set() and s.unindexed() == set() and s.tombstones() == 0
     s.check_live()
 
 

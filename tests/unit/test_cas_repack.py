@@ -144,7 +144,7 @@ def test_concurrent_writers_lose_nothing_across_both_passes(backend: FilesystemB
     s.check_live()
     s.gc(later())
     s.gc(later())
-    assert s.dead_in_packs() == set() and s.unindexed() == set()
+    assert s.worth_repacking() == set() and s.unindexed() == set() and s.tombstones() == 0
     s.check_live()
 
 
