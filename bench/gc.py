@@ -165,8 +165,8 @@ def pack_section(quick: bool) -> dict[str, dict[str, Any]]:
             index.refresh(backend)
             assert len(read_chunks(backend, index, live)) == len(live)  # every live chunk, verified
             left = sum(i.size for i in backend.list(PACKS))
-    print(f"packs: {mib} MiB, a third dead: both repack passes {repack_s:.2f} s, copying the live bytes "
-          f"{copy_s:.2f} s; {left} pack bytes left for {live_bytes} live stored bytes", flush=True)
+    print(f"packs: {mib} MiB of chunks (plain), a third dead: both repack passes {repack_s:.2f} s, copying the live "
+          f"bytes {copy_s:.2f} s; {left} pack bytes left for {live_bytes} live stored bytes", flush=True)
     return {"repack_both_passes_seconds": metric(round(repack_s, 3), "s", "copy_live_bytes_seconds", round(copy_s, 3)),
             "pack_bytes_left": metric(left, "B", "live_stored_bytes", live_bytes)}
 

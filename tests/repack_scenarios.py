@@ -181,7 +181,7 @@ def spec_of(backend: Backend) -> dict[str, Any]:
     if isinstance(backend, FilesystemBackend):
         return {"fs": str(backend.root)}
     if isinstance(backend, S3Backend):
-        return {"s3": {"endpoint": os.environ["MEMOPLANE_S3_ENDPOINT"], "access_key": os.environ["MEMOPLANE_S3_ACCESS_KEY"],
+        return {"s3": {"endpoint": backend.endpoint, "access_key": os.environ["MEMOPLANE_S3_ACCESS_KEY"],
                        "secret_key": os.environ["MEMOPLANE_S3_SECRET_KEY"], "bucket": backend.bucket,
                        "prefix": backend.prefix}}
     raise TypeError(f"no spec for {backend!r}")

@@ -305,8 +305,8 @@ def _repack(backend: Backend, layout: Layout, digests: frozenset[str], report: R
             target: int) -> tuple[frozenset[str], frozenset[str]]:
     """Copy `digests` into new packs and a durable segment, one source pack at a time (one GET
     of the whole pack: a pack worth repacking is mostly read anyway, and S3 charges by request;
-    every chunk verified, its stored bytes copied as they are). Returns the packs written and the packs holding a copy of a chunk no copy
-    of which verified (kept, and still condemned)."""
+    every chunk verified, its stored bytes copied as they are). Returns the packs written and
+    the packs holding a copy of a chunk no copy of which verified (kept, and still condemned)."""
     if not digests:
         return frozenset(), frozenset()
     index = _index_of(layout)
