@@ -4,7 +4,7 @@ Inputs: the live chunk digests (gc.py marks them from refs and roots), the backe
 the mark began (`now`, injected: tests move it past grace periods). One `collect` call reads what
 packs/, index/ and tombstones/ hold (`load_layout`), decides (pure functions, `decide`) and applies (`execute`).
 
-Two passes at least `grace` seconds apart, as kopia does (packs.py's docstring):
+Two passes at least `grace` seconds apart (kopia's maintenance safety rules):
 - pass 1: a pack older than `min_pack_age` whose dead share (stored bytes of chunks no live digest
   needs from it, over all its chunk bytes) is at least `dead_share` is condemned. Its live chunks
   are first copied into new packs and a segment (durable), then one tombstone (a tombstones/ object,
