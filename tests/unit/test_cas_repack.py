@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -255,3 +257,17 @@ def test_many_small_segments_are_merged_into_one(backend: FilesystemBackend) -> 
     assert report.packs_deleted == report.packs_condemned == 0
     s.check_live()
     s.check_live(stale)
+
+
+def test_memoplane_gc_runs_both_passes_and_prints_them(backend: FilesystemBackend) -> None:
+    seeded(backend)  # no ref names any of it: every pack is dead to `memoplane gc`
+
+    def memoplane_gc(*flags: str) -> str:
+        return subprocess.run([sys.executable, "-m", "memoplane.cli", "gc", "--grace", "0", "--store",
+                               str(backend.root), *flags], capture_output=True, text=True, check=True,
+                              timeout=300).stdout
+
+    first = json.loads(memoplane_gc("--json"))["gc"]["packs"]
+    assert first["packs_condemned"] > 0 and first["packs_deleted"] == 0
+    assert f"packs: {first['packs_condemned']} deleted, 0 condemned" in memoplane_gc()
+    assert list(backend.list(PACKS)) == [] and list(backend.list(TOMBSTONES)) == []
