@@ -1,4 +1,4 @@
-"""Store maintenance: verify (scrub), gc (mark and sweep), stats, evict (retention).
+"""Store maintenance: verify (scrub), gc (mark and sweep, then repack.py over packs), stats, evict (retention).
 
 gc, stats and evict work on the store's backend; verify re-runs the store's checked
 reads on every object. The Store's methods of the same names call them.
@@ -19,8 +19,10 @@ from functools import partial
 from typing import Any, Protocol
 
 from ..errors import InputError, NotFound, StoreCorrupted
+from . import repack
 from .backend import Backend, ObjectInfo
 from .digests import attestation_name, digest_of_name, object_name
+from .packs import INDEX, PACKS, TOMBSTONES
 from .records import BlobManifest, ResultManifest, SealError, TreeManifest, unseal
 
 CONTENT = ("chunks/", "blobs/", "trees/", "results/", "attestations/")
@@ -105,6 +107,17 @@ def _mark_roots(backend: Backend, g: _Graph, results: Iterable[str], blobs: Iter
         with contextlib.suppress(InputError):
             out |= _blob_reach(backend, g, digest)
     return out
+
+
+def chunk_digests(live: Iterable[str]) -> set[str]:
+    """The chunk digests among marked object names (what repack.py takes as live)."""
+    return {digest_of_name(name) for name in live if name.startswith("chunks/")}
+
+
+def live_chunks(backend: Backend, *, results: Iterable[str] = (), blobs: Iterable[str] = ()) -> set[str]:
+    """Digests of the chunks the refs and the root `results` and `blobs` reach."""
+    g = mark(backend)
+    return chunk_digests(g.live() | _mark_roots(backend, g, results, blobs))
 
 
 def mark(backend: Backend) -> _Graph:
@@ -222,26 +235,30 @@ class GcReport:
     deleted_bytes: int
     kept_young: int  # unreferenced but within the grace period
     temp_removed: int
-    kept_bytes: int = 0  # bytes of the content objects and refs left on the backend
+    kept_bytes: int = 0  # bytes of the content objects, packs, index objects and refs left on the backend
+    packs: repack.RepackReport = field(default_factory=repack.RepackReport)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "packs": self.packs.to_dict()}
 
 
-def gc(backend: Backend, grace_seconds: float, *, results: Iterable[str] = (), blobs: Iterable[str] = ()
-       ) -> GcReport:
+def gc(backend: Backend, grace_seconds: float, *, results: Iterable[str] = (), blobs: Iterable[str] = (),
+       clock: Callable[[], float] = time.time) -> GcReport:
     """Delete objects no ref (nor any of the root `results` and `blobs`) reaches and older than
-    the grace period.
+    the grace period, then repack packs (repack.collect: the same grace between its two passes,
+    and as the minimum age of a pack it condemns).
 
     Marks first, then lists: anything written after marking began is young, and
     writers refresh the mtime of objects they deduplicate against, so an
-    in-flight write is never swept.
+    in-flight write is never swept. Packs are deduplicated against without a request,
+    so repack.py's tombstones and two passes protect them instead.
     """
     if grace_seconds < 0:
         raise InputError(f"grace_seconds={grace_seconds} is negative", "use 0 or more seconds")
+    marked_at = clock()  # repack's grace periods count from the start of the mark
     g = mark(backend)
     live = g.live() | _mark_roots(backend, g, results, blobs)
-    now = time.time()
+    now = clock()
     deleted = deleted_bytes = young = kept = 0
     for prefix in CONTENT:
         for info in backend.list(prefix):
@@ -252,10 +269,11 @@ def gc(backend: Backend, grace_seconds: float, *, results: Iterable[str] = (), b
             backend.delete(info.name)
             deleted += 1
             deleted_bytes += info.size
-    kept += sum(i.size for i in backend.list("refs/"))
+    packs = repack.collect(backend, chunk_digests(live), repack.Policy.from_grace(grace_seconds), marked_at)
+    kept += sum(i.size for prefix in ("refs/", PACKS, INDEX, TOMBSTONES) for i in backend.list(prefix))
     sweep = getattr(backend, "sweep_temp", None)
     temps = sweep(max(grace_seconds, 60.0)) if sweep else 0
-    return GcReport(len(live), deleted, deleted_bytes, young, temps, kept)
+    return GcReport(len(live), deleted, deleted_bytes, young, temps, kept, packs)
 
 
 # -- stats ---------------------------------------------------------------------------

@@ -16,6 +16,12 @@ Layout (this module is the only code that knows it):
   sorted by chunk digest. A writer writes one segment per flush, covering every pack it sealed
   since the last one. PackIndex loads all segments (at start, then only new names on refresh)
   and answers in memory: deduplication costs no request.
+- `tombstones/<2 hex>/<64 hex>`: a tombstone (GC, repack.py), named by blake3 of its bytes. Body:
+      TOMBSTONE_MAGIC ‖ pack digests (32 B each), sorted
+  A loaded tombstone makes its packs absent for deduplication and the last locations tried.
+  PackIndex.refresh loads tombstones before segments, and GC deletes a condemned pack's
+  segments before its tombstone: a refresh that still reads such a segment reads the tombstone
+  too, so it never deduplicates against a pack being deleted.
 
 Crash safety: a chunk is visible only once an index segment names its pack, and a writer writes
 that segment only after the pack's PUT returned and `backend.flush()` made it durable. A writer
@@ -45,16 +51,9 @@ PackDamaged. A segment whose bytes do not hash to its name is skipped (`PackInde
 forged segment can make a writer skip a chunk it should have written (the same reach as a forged
 `chunks/` object today): the reader then finds the damage and the job recomputes.
 
-GC (next; not built here). Mark live chunk digests from refs as today; per pack, live bytes from
-the index. A pack whose chunks are all dead and a pack worth repacking (dead share above a
-threshold) are handled in two passes at least a grace period apart (kopia's safety rules):
-pass 1 writes a tombstone segment naming the condemned packs, which loaded indexes treat as
-absent for deduplication (so a writer re-packs a chunk it needs instead of reusing a condemned
-copy); live chunks of a condemned pack are re-packed first, in a new pack and segment. Pass 2,
-after longer than the writers' index refresh interval plus the longest write, re-marks, deletes
-the condemned packs and replaces their segments by a consolidated one (which also bounds the
-number of segments loaded at start). Readers holding an older index fall back to the other
-locations of a chunk and then to an index refresh.
+GC: repack.py (two passes a grace period apart, tombstones). Writers must refresh their index
+more often than that grace period minus their longest write. Readers holding an older index
+fall back to the other locations of a chunk and then to one index refresh (_read_anywhere).
 """
 
 from __future__ import annotations
@@ -68,6 +67,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from itertools import chain
 
 from ..errors import NotFound
 from .backend import Backend
@@ -83,7 +83,8 @@ AMPLIFICATION = 1.25  # bytes read / bytes wanted, at most, for every coalesced 
 PACK_MAGIC = b"MPPACK01"
 SEGMENT_MAGIC = b"MPIDX001"
 UPLOADS_IN_FLIGHT = 2  # sealed packs a writer holds while they wait or upload (each about PACK_TARGET bytes)
-PACKS, INDEX = "packs/", "index/"
+TOMBSTONE_MAGIC = b"MPTOMB01"  # a tombstones/ object naming packs GC condemned (repack.py)
+PACKS, INDEX, TOMBSTONES = "packs/", "index/", "tombstones/"
 _TRAILER = struct.Struct("<32sQII")  # chunk digest, offset, stored length, plain length
 _RECORD = struct.Struct("<32s32sQII")  # chunk digest, pack digest, offset, stored length, plain length
 _COUNT = struct.Struct("<I")
@@ -176,53 +177,95 @@ def parse_segment(data: bytes) -> Iterator[tuple[str, Location]]:
         yield _digest(raw), Location(_digest(pack), offset, length, plain)
 
 
+def build_tombstone(packs: Iterable[str]) -> bytes:
+    """A tombstone condemning `packs` (digests): TOMBSTONE_MAGIC ‖ 32-byte pack digests, sorted."""
+    return TOMBSTONE_MAGIC + b"".join(_raw(p) for p in sorted(set(packs)))
+
+
+def parse_tombstone(data: bytes) -> frozenset[str]:
+    if not data.startswith(TOMBSTONE_MAGIC) or (len(data) - len(TOMBSTONE_MAGIC)) % 32:
+        raise PackDamaged("the tombstone is not framed as one")
+    body = data[len(TOMBSTONE_MAGIC):]
+    return frozenset(_digest(body[i:i + 32]) for i in range(0, len(body), 32))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """An index/ or tombstones/ object, parsed: chunk locations (a segment) or condemned packs."""
+
+    records: tuple[tuple[str, Location], ...] = ()
+    condemned: frozenset[str] = frozenset()
+
+
+def load_segment(backend: Backend, name: str) -> Segment:
+    """Index object or tombstone `name`, checked against its name; PackDamaged if it does not hash to it
+    or is not framed as a segment or a tombstone; NotFound if it is gone."""
+    data = backend.get(name)
+    if b3(data) != digest_of_name(name):
+        raise PackDamaged("its bytes do not hash to its name")
+    if data.startswith(TOMBSTONE_MAGIC):
+        return Segment(condemned=parse_tombstone(data))
+    return Segment(records=tuple(parse_segment(data)))
+
+
 class PackIndex:
-    """Every chunk location named by the store's index segments, in memory. Thread-safe."""
+    """Every chunk location named by the store's index segments, in memory. Thread-safe.
+
+    A chunk only in packs that a tombstone condemned is absent for deduplication (writers pack it
+    again), and a condemned location is the last one a read tries."""
 
     def __init__(self) -> None:
         self._where: dict[str, list[Location]] = {}
+        self._condemned: set[str] = set()  # pack digests named by a loaded tombstone
         self._segments: set[str] = set()  # names loaded (or found damaged)
         self.damaged: list[str] = []  # segment names whose bytes do not hash to their name
         self._lock = threading.Lock()
 
     def refresh(self, backend: Backend) -> int:
-        """Load the segments not loaded yet; returns how many were loaded."""
+        """Load the tombstones, then the segments, not loaded yet; returns how many were loaded."""
         loaded = 0
-        for info in backend.list(INDEX):
+        for info in chain(backend.list(TOMBSTONES), backend.list(INDEX)):
             if info.name in self._segments:
                 continue
             try:
-                data = backend.get(info.name)
-            except NotFound:  # replaced by a consolidated segment meanwhile (GC, later)
+                segment = load_segment(backend, info.name)
+            except NotFound:  # replaced by a consolidated segment meanwhile (GC)
                 continue
-            try:
-                if b3(data) != digest_of_name(info.name):
-                    raise PackDamaged("its bytes do not hash to its name")
-                self._add(info.name, parse_segment(data))
-                loaded += 1
             except PackDamaged as e:
                 log.warning("index segment %s is damaged (%s); its chunks are treated as absent", info.name, e)
                 with self._lock:
                     self._segments.add(info.name)
                     self.damaged.append(info.name)
+                continue
+            self.add(info.name, segment)
+            loaded += 1
         return loaded
 
-    def _add(self, segment: str, records: Iterable[tuple[str, Location]]) -> None:
+    def add(self, name: str, segment: Segment) -> None:
+        """Add index object `name`, loaded and checked elsewhere (load_segment; GC reads them all)."""
+        self._add(name, segment.records, segment.condemned)
+
+    def _add(self, segment: str, records: Iterable[tuple[str, Location]], condemned: Iterable[str] = ()) -> None:
         parsed = list(records)  # parse fully first: a damaged segment adds nothing
         with self._lock:
             for digest, loc in parsed:
                 locations = self._where.setdefault(digest, [])
                 if loc not in locations:
                     locations.append(loc)
+            self._condemned.update(condemned)
             self._segments.add(segment)
 
     def locations(self, digest: str) -> list[Location]:
+        """Where the chunk is, locations in condemned packs last."""
         with self._lock:
-            return list(self._where.get(digest, ()))
+            return sorted(self._where.get(digest, ()), key=lambda loc: loc.pack in self._condemned)
 
     def __contains__(self, digest: object) -> bool:
+        """Whether a writer may skip this chunk: a pack that no tombstone condemned holds it."""
+        if not isinstance(digest, str):
+            return False
         with self._lock:
-            return digest in self._where
+            return any(loc.pack not in self._condemned for loc in self._where.get(digest, ()))
 
     def __len__(self) -> int:
         with self._lock:
@@ -387,21 +430,46 @@ def read_range(backend: Backend, name: str, offset: int, length: int) -> bytes:
 
 
 def read_chunk(backend: Backend, index: PackIndex, digest: str) -> bytes:
-    """A chunk's plain bytes, verified. Tries every known location; NotFound if the index
-    knows none, PackDamaged if every location was damaged or missing."""
-    locations = index.locations(digest)
-    if not locations:
-        raise NotFound(f"chunk {digest} is in no pack the index knows")
-    problems = []
-    for loc in locations:
-        try:
-            stored = read_range(backend, object_name("packs", loc.pack), loc.offset, loc.length)
-            if len(stored) != loc.length:
-                raise PackDamaged(f"pack {loc.pack} is shorter than its index says")
-            return verified_chunk(digest, stored, loc.plain)
-        except (PackDamaged, NotFound) as e:
-            problems.append(str(e))
-    raise PackDamaged("; ".join(problems))
+    """A chunk's plain bytes, verified. Tries every known location, then (GC may have repacked
+    it since this index was loaded) refreshes the index and tries the new ones. NotFound if the
+    index knows none, PackDamaged if every location was damaged or missing."""
+    return _read_anywhere(backend, index, [digest])[digest]
+
+
+def _read_anywhere(backend: Backend, index: PackIndex, digests: list[str]) -> dict[str, bytes]:
+    """Each chunk from the first of its locations that verifies; for the chunks none served,
+    one index refresh (for all of them) and their new locations."""
+    out: dict[str, bytes] = {}
+    tried: dict[str, list[Location]] = {}
+    problems: dict[str, list[str]] = {}
+    for refreshed in (False, True):
+        if refreshed:
+            index.refresh(backend)
+        for digest in digests:
+            if digest in out:
+                continue
+            seen = tried.setdefault(digest, [])
+            fresh = [loc for loc in index.locations(digest) if loc not in seen]
+            seen += fresh
+            for loc in fresh:
+                try:
+                    out[digest] = _read_located(backend, digest, loc)
+                    break
+                except (PackDamaged, NotFound) as e:
+                    problems.setdefault(digest, []).append(str(e))
+        if len(out) == len(digests):
+            return out
+    lost = next(d for d in digests if d not in out)
+    if lost not in problems:
+        raise NotFound(f"chunk {lost} is in no pack the index knows")
+    raise PackDamaged("; ".join(problems[lost]))
+
+
+def _read_located(backend: Backend, digest: str, loc: Location) -> bytes:
+    stored = read_range(backend, object_name("packs", loc.pack), loc.offset, loc.length)
+    if len(stored) != loc.length:
+        raise PackDamaged(f"pack {loc.pack} is shorter than its index says")
+    return verified_chunk(digest, stored, loc.plain)
 
 
 @dataclass(frozen=True)
@@ -444,24 +512,31 @@ def plan_reads(wanted: Iterable[tuple[str, Location]], *, max_gap: int = MAX_GAP
 def read_chunks(backend: Backend, index: PackIndex, digests: Iterable[str], *,
                 executor: Executor | None = None) -> dict[str, bytes]:
     """The plain bytes of every chunk in `digests`, each verified, fetched by coalesced ranged
-    reads (on `executor` if given, concurrently). A chunk whose span was damaged or missing is
-    re-read alone from its other locations (read_chunk), so one bad copy costs one chunk's
-    fallback, not the read. NotFound if the index does not know a chunk."""
+    reads (on `executor` if given, concurrently). A chunk whose span was damaged or missing (a
+    pack GC deleted) is re-read alone from its other locations, then after one index refresh
+    (_read_anywhere), so one bad copy costs one chunk's fallback, not the read. NotFound if the
+    index does not know a chunk, even refreshed."""
     wanted = []
     for digest in dict.fromkeys(digests):
-        locations = index.locations(digest)
-        if not locations:
-            raise NotFound(f"chunk {digest} is in no pack the index knows")
+        locations = index.locations(digest) or _refreshed(backend, index, digest)
         wanted.append((digest, locations[0]))
     spans = plan_reads(wanted)
     results = executor.map(partial(_read_span, backend), spans) if executor else map(partial(_read_span, backend), spans)
     out: dict[str, bytes] = {}
     for found in results:
         out.update(found)
-    for digest, _ in wanted:
-        if digest not in out:
-            out[digest] = read_chunk(backend, index, digest)
+    failed = [digest for digest, _ in wanted if digest not in out]
+    if failed:
+        out.update(_read_anywhere(backend, index, failed))
     return out
+
+
+def _refreshed(backend: Backend, index: PackIndex, digest: str) -> list[Location]:
+    """The locations of a chunk this index did not know, after a refresh; NotFound if none."""
+    index.refresh(backend)
+    if locations := index.locations(digest):
+        return locations
+    raise NotFound(f"chunk {digest} is in no pack the index knows")
 
 
 def _read_span(backend: Backend, span: Span) -> dict[str, bytes]:

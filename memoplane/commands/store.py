@@ -154,6 +154,9 @@ def gc_command(args: argparse.Namespace) -> int:
                 print(f"evicted {len(evicted.evicted)} ref(s); {evicted.remaining} remain")
             print(f"deleted {report.deleted} object(s), {report.deleted_bytes} bytes; "
                   f"kept {report.live} live and {report.kept_young} younger than {args.grace:.0f} s")
+            packs = report.packs
+            print(f"packs: {packs.packs_deleted} deleted, {packs.packs_condemned} condemned, "
+                  f"{packs.chunks_repacked} chunk(s) repacked; {packs.bytes_reclaimed} bytes reclaimed")
     return 0
 
 

@@ -240,8 +240,10 @@ class RetentionWorker:
         log.info("sweeping %s (%d results and %d blobs of jobs and seeds as roots)", url, len(results), len(blobs))
         report = store.gc(self.cfg.gc_grace_seconds, results=results, blobs=blobs)
         self._measure(index, report.kept_bytes)
-        log.info("swept %s: %d objects (%d bytes) deleted, %d young kept", url, report.deleted,
-                 report.deleted_bytes, report.kept_young)
+        log.info("swept %s: %d objects (%d bytes) deleted, %d young kept; packs: %d deleted, %d condemned, "
+                 "%d chunks repacked, %d bytes reclaimed", url, report.deleted, report.deleted_bytes,
+                 report.kept_young, report.packs.packs_deleted, report.packs.packs_condemned,
+                 report.packs.chunks_repacked, report.packs.bytes_reclaimed)
 
     @staticmethod
     def _measure(index: UsageIndex, stored: int) -> None:
