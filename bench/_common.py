@@ -14,15 +14,22 @@ def metric(value: float, unit: str, baseline_name: str, baseline_value: float) -
             "ratio": value / baseline_value if baseline_value else float("nan")}
 
 
-def best_seconds(fns: dict[str, Callable[[], object]], repeat: int = 3) -> dict[str, float]:
+def best_seconds(fns: dict[str, Callable[[], object]], repeat: int = 3,
+                 cpu: dict[str, float] | None = None) -> dict[str, float]:
     """Fastest of `repeat` runs of each function, run interleaved (a, b, a, b, ...)
-    so that load from others on a shared machine hits a variant and its baseline alike."""
+    so that load from others on a shared machine hits a variant and its baseline alike.
+    `cpu`, if given, receives the least CPU time (all threads of this process) per function:
+    the work done, which load from others hardly changes (cores used = cpu / seconds)."""
     best = {name: float("inf") for name in fns}
+    least_cpu = {name: float("inf") for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
-            t = time.perf_counter()
+            c, t = time.process_time(), time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t)
+            least_cpu[name] = min(least_cpu[name], time.process_time() - c)
+    if cpu is not None:
+        cpu.update(least_cpu)
     return best
 
 
