@@ -48,6 +48,9 @@ ZSTD_LEVEL = 1
 WINDOW = 8 << 20  # bytes read and cut at a time when streaming
 BATCH = 1 << 20  # chunk bytes per pool task: amortises task overhead, keeps both cores fed
 MAX_INFLIGHT_WINDOWS = 3  # bounds a stream's memory to ~(3 + 1) windows
+# No chunk we write decodes to more; a forged frame declaring more is refused before zstd
+# allocates what it declares (whoever can write the store must not make readers allocate at will).
+MAX_CHUNK_PLAIN = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,9 @@ def decode_chunk(stored: bytes | memoryview) -> bytes:
         return bytes(body)
     if flag == ZSTD:
         try:
+            declared = zstandard.frame_content_size(body)
+            if not 0 <= declared <= MAX_CHUNK_PLAIN:
+                raise ChunkDecodeError(f"zstd frame declares {declared} bytes (ours declare 0..{MAX_CHUNK_PLAIN})")
             return _decompressor().decompress(body)
         except zstandard.ZstdError as e:
             raise ChunkDecodeError(f"zstd frame is damaged: {e}") from None

@@ -115,3 +115,15 @@ def test_concurrent_ingests_share_the_pools(pools: Pools) -> None:
         t.join()
     for i, data in enumerate(blobs):
         check(results[i], data)
+
+
+def test_a_frame_declaring_more_than_any_chunk_is_refused_before_it_is_decompressed() -> None:
+    import zstandard
+
+    from memoplane.cas.chunking import MAX_CHUNK_PLAIN, ZSTD, ChunkDecodeError
+
+    bomb = ZSTD + zstandard.ZstdCompressor().compress(bytes(MAX_CHUNK_PLAIN + 1))  # ~1 KiB declaring 16 MiB + 1
+    with pytest.raises(ChunkDecodeError, match="declares"):
+        decode_chunk(bomb)
+    fine = ZSTD + zstandard.ZstdCompressor().compress(bytes(1000))
+    assert decode_chunk(fine) == bytes(1000)
