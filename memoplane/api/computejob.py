@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ..canonical import json_depth_exceeds, too_deep
+from ..sandbox.types import Delivery
 from .common import (
     AGE_COLUMN,
     API_VERSION,
@@ -120,11 +121,13 @@ class Input(K8sModel):
     from_seed: SeedRef | None = None
     from_object: ObjectRef | None = None
     from_config_map: ConfigMapKeyRef | None = None
-    as_: Literal["bytes", "path", "file"] | None = Field(default=None, alias="as", description=(
+    as_: Delivery | None = Field(default=None, alias="as", description=(
         "How a Python entrypoint receives this file input: bytes (the default; a numpy array for a .npy "
-        "input), path (the path of the read-only file under $MEMOPLANE_IN, a str) or file (that file opened "
-        "for binary reading). path and file never load the input into memory. Part of the cache key. "
-        "Commands always read the file under $MEMOPLANE_IN."))
+        "input), path (the path of the read-only file under $MEMOPLANE_IN, a str), file (that file opened "
+        "for binary reading) or mmap (the file mapped read-only: a numpy array for a .npy input, else an "
+        "mmap.mmap; the mapping does not count against resources.memory). path, file and mmap never load "
+        "the input into the job's memory. Part of the cache key. Commands always read the file under "
+        "$MEMOPLANE_IN."))
 
     def sources(self) -> list[str]:
         """The wire names of the sources this input sets (an explicit `value: null` counts)."""

@@ -270,7 +270,7 @@ CASES: list[tuple[str, crd.KindInfo, type[Any], Spec, str, str]] = [
      _with_input(3, {"name": "noise", "fromSeed": {"name": "field", "count": 10}, "as": "bytes"}),
      "spec.inputs[3]", f"spec.inputs[3]: {AS_NEEDS_FILE}"),
     ("as-unknown", COMPUTEJOB, ComputeJobSpec,
-     _with_input(4, {"name": "table", "fromObject": {"bucket": "data", "key": "t"}, "as": "mmap"}),
+     _with_input(4, {"name": "table", "fromObject": {"bucket": "data", "key": "t"}, "as": "copy"}),
      "spec.inputs[4].as", ""),
     ("as-with-command", COMPUTEJOB, ComputeJobSpec,
      _job(python=None, map=None, command=["wc", "-c"], inputs=[{"name": "t", "fromConfigMap": {"name": "c", "key": "k"},
