@@ -36,11 +36,10 @@ from typing import Any
 import blake3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from _common import emit, metric
 
+ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 GiB = 1 << 30
 LIMIT_MIB = 256
