@@ -39,7 +39,7 @@ from memoplane.api.resultcache import (
 from memoplane.api.specs import SpecError, parse
 from memoplane.inputs import ENV_NAME_FIX
 
-SOURCES = "set exactly one of value, fromJob, fromSeed, fromObject, fromConfigMap"
+SOURCES = "set exactly one of value, fromJob, fromSeed, fromObject, fromConfigMap, fromBlob"
 Spec = dict[str, Any]
 
 
@@ -272,6 +272,9 @@ CASES: list[tuple[str, crd.KindInfo, type[Any], Spec, str, str]] = [
     ("as-unknown", COMPUTEJOB, ComputeJobSpec,
      _with_input(4, {"name": "table", "fromObject": {"bucket": "data", "key": "t"}, "as": "copy"}),
      "spec.inputs[4].as", ""),
+    ("from-blob-bad-digest", COMPUTEJOB, ComputeJobSpec,
+     _with_input(4, {"name": "table", "fromBlob": {"digest": "sha256:" + "ab" * 32}}), "spec.inputs[4].fromBlob.digest",
+     ""),
     ("as-with-command", COMPUTEJOB, ComputeJobSpec,
      _job(python=None, map=None, command=["wc", "-c"], inputs=[{"name": "t", "fromConfigMap": {"name": "c", "key": "k"},
                                                        "as": "path"}]),
