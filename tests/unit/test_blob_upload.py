@@ -10,12 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from memoplane_operator.lookups import Lookups
+
 from memoplane.cluster import protocol as p
 from memoplane.cluster.stores import Stores, StoreSettings
 from memoplane.commands.cluster import CONFIGMAP_LIMIT
 from memoplane.jobs import BlobInput
 from memoplane.keys import digest_bytes
-from memoplane_operator.lookups import Lookups
 
 DATA = os.urandom(3 * 10**6)
 
