@@ -109,7 +109,8 @@ def _add_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p = sub.add_parser("submit", help="create a ComputeJob from a Python file on the current cluster")
     p.add_argument("script", help="a Python file whose entrypoint is called with the inputs")
     p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=JSON|NAME=@FILE",
-                   help="an input: a JSON value, @FILE (sent as an immutable ConfigMap, < 1 MiB), or "
+                   help="an input: a JSON value, @FILE (up to 900 KiB an immutable ConfigMap; larger, uploaded "
+                        "to the namespace's store and named by digest: fromBlob), or "
                         "@seed:NAME:OFFSET:COUNT (fromSeed: a range of the GMemSeed NAME)")
     p.add_argument("--as", dest="as_", action="append", default=[], metavar=AS_METAVAR, help=AS_HELP)
     p.add_argument("--entrypoint", "-e", default="main")

@@ -179,7 +179,7 @@ class MapSpec(K8sModel):
 
     over: Identifier | None = Field(default=None, description="Name of a list input.")
     over_chunks: Identifier | None = Field(default=None, description=(
-        "Name of a large file input (fromObject, fromConfigMap or fromJob): one sub-task per record-aligned "
+        "Name of a large file input (fromObject, fromConfigMap, fromBlob or fromJob): one sub-task per record-aligned "
         "content-defined "
         "chunk, combined by a memoized tree of spec.python.combine."))
 
