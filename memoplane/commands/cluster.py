@@ -117,6 +117,7 @@ def open_cluster_store(url: str) -> Store:
 
 
 def _upload_configmap(namespace: str, path: Path, dry_run: bool) -> dict[str, str]:
+    """The file as an immutable, content-named ConfigMap (created unless `dry_run`)."""
     import base64
 
     data = path.read_bytes()

@@ -44,7 +44,8 @@ def _params(obj: dict[str, Any]) -> GMemParams:
 
 
 def _store(obj: dict[str, Any]) -> Store:
-    return open_cluster_store((obj.get("status") or {}).get("store") or p.store_url(*sd.location(obj["metadata"]["namespace"])))
+    url = (obj.get("status") or {}).get("store") or p.store_url(*sd.location(obj["metadata"]["namespace"]))
+    return open_cluster_store(url)
 
 
 def _summary(obj: dict[str, Any]) -> dict[str, Any]:
