@@ -5,9 +5,11 @@ Real API server, MinIO, operator and agents."""
 from __future__ import annotations
 
 import hashlib
+import io
 import uuid
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import OPEN_PREFIX
 from test_object_inputs_cluster import INPUTS_BUCKET, put_object
@@ -84,3 +86,20 @@ def test_a_200_mb_object_streams_as_path_under_150_mib_on_an_agent_and_fails_as_
     failed = done["big-bytes"].get("status") or {}
     assert failed.get("phase") == p.FAILED, failed
     assert "loaded whole as bytes" in str(failed.get("failure")), failed
+
+
+MAPPED = """
+def main(t):
+    return [type(t).__name__, t.flags.writeable, float(t.sum())]
+"""
+
+
+def test_a_npy_object_as_mmap_is_a_read_only_array_on_an_agent(stack: Stack, ns: str) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, np.arange(1000, dtype=np.float64))
+    key = OPEN_PREFIX + f"mapped-{uuid.uuid4().hex}.npy"
+    put_object(stack, key, buffer.getvalue())
+    stack.apply(ns, big_job("as-mmap", key, MAPPED, "mmap"))
+    status = stack.wait(ns, "as-mmap").get("status") or {}
+    assert status.get("phase") == p.SUCCEEDED, status
+    assert status["result"]["value"] == ["memmap", False, 499500.0]
