@@ -9,9 +9,12 @@ from collections.abc import Callable, Sequence
 
 from . import __version__
 from .errors import MemoplaneError
+from .sandbox.types import DELIVERIES
 
 AS_HELP = ("how a Python job receives the @FILE input NAME: bytes (default; a numpy array for .npy), path "
-           "(the read-only file's path) or file (the file opened for reading); part of the key (repeatable)")
+           "(the read-only file's path), file (the file opened for reading) or mmap (mapped read-only: a numpy "
+           "array for .npy, else an mmap; not counted against --memory); part of the key (repeatable)")
+AS_METAVAR = "NAME=" + "|".join(DELIVERIES)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -34,7 +37,7 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=JSON|NAME=@FILE",
                    help="an input: a JSON value, @FILE for a file's bytes, or @seed:NAME:OFFSET:COUNT for "
                         "a range of a gmem seed, generated in the sandbox (repeatable)")
-    p.add_argument("--as", dest="as_", action="append", default=[], metavar="NAME=bytes|path|file", help=AS_HELP)
+    p.add_argument("--as", dest="as_", action="append", default=[], metavar=AS_METAVAR, help=AS_HELP)
     p.add_argument("--entrypoint", "-e", default="main", help="the function to call (default: main)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="an environment variable for the job; part of the key (repeatable). NAME: letters, "
@@ -65,7 +68,7 @@ def _add_explain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser("explain", help="show which part of the key changed since the last run of a script")
     p.add_argument("script", nargs="?")
     p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=JSON|NAME=@FILE")
-    p.add_argument("--as", dest="as_", action="append", default=[], metavar="NAME=bytes|path|file", help=AS_HELP)
+    p.add_argument("--as", dest="as_", action="append", default=[], metavar=AS_METAVAR, help=AS_HELP)
     p.add_argument("--entrypoint", "-e", default="main")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--version", dest="salt", default="")
@@ -106,9 +109,10 @@ def _add_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p = sub.add_parser("submit", help="create a ComputeJob from a Python file on the current cluster")
     p.add_argument("script", help="a Python file whose entrypoint is called with the inputs")
     p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=JSON|NAME=@FILE",
-                   help="an input: a JSON value, @FILE (sent as an immutable ConfigMap, < 1 MiB), or "
+                   help="an input: a JSON value, @FILE (up to 900 KiB an immutable ConfigMap; larger, uploaded "
+                        "to the namespace's store and named by digest: fromBlob), or "
                         "@seed:NAME:OFFSET:COUNT (fromSeed: a range of the GMemSeed NAME)")
-    p.add_argument("--as", dest="as_", action="append", default=[], metavar="NAME=bytes|path|file", help=AS_HELP)
+    p.add_argument("--as", dest="as_", action="append", default=[], metavar=AS_METAVAR, help=AS_HELP)
     p.add_argument("--entrypoint", "-e", default="main")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--version", dest="salt", default="", metavar="SALT")

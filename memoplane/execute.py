@@ -120,8 +120,8 @@ def _name_loaded_input(job: Job, outcome: SandboxOutcome) -> SandboxOutcome:
     if not loaded or max(loaded)[0] * 2 < job.limits.memory_bytes:
         return outcome
     size, name = max(loaded)
-    hint = (f"; file input {name!r} ({size} bytes) is loaded whole as bytes: declare it as: path or as: file "
-            f"(--as {name}=path) to stream it")
+    hint = (f"; file input {name!r} ({size} bytes) is loaded whole as bytes: declare it as: path, file or mmap "
+            f"(--as {name}=path; --as {name}=mmap maps it read-only, a .npy as an array) to stream it")
     return replace(outcome, failure=replace(failure, message=failure.message + hint))
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from .canonical import check_json_depth, too_deep
 from .errors import InputError
 from .quantity import parse_quantity  # the CRDs' grammar
+from .sandbox.types import DELIVERIES
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -129,12 +130,12 @@ def parse_inputs(texts: list[str]) -> dict[str, Any | FileArg]:
 
 
 def parse_deliveries(texts: list[str], inputs: dict[str, Any | FileArg]) -> dict[str, str]:
-    """`--as NAME=bytes|path|file` for @FILE inputs: name -> delivery."""
+    """`--as NAME=bytes|path|file|mmap` for @FILE inputs: name -> delivery."""
     found: dict[str, str] = {}
     for text in texts:
         name, sep, how = text.partition("=")
-        if not sep or how not in ("bytes", "path", "file"):
-            raise InputError(f"--as {text!r} is not NAME=bytes|path|file", "write e.g. --as table=path")
+        if not sep or how not in DELIVERIES:
+            raise InputError(f"--as {text!r} is not NAME={'|'.join(DELIVERIES)}", "write e.g. --as table=path")
         if name in found:
             raise InputError(f"--as {name} is given twice", "give each input's delivery once")
         if not isinstance(inputs.get(name), FileArg):

@@ -15,14 +15,9 @@ from typing import Any, Literal
 from .canonical import canonical_json, json_depth_exceeds, too_deep
 from .inputs import env_problem
 from .keys import KeyParts, code_digest, command_digest, digest_value, runtime_identity
-from .sandbox.types import CommandTask, Limits, PythonTask
+from .sandbox.types import DELIVERIES, CommandTask, Delivery, Limits, PythonTask
 
 Policy = Literal["Use", "Refresh", "Bypass"]
-# How a Python entrypoint receives a file input: its bytes (a numpy array for .npy), the path of
-# the read-only file under $MEMOPLANE_IN, or that file opened for binary reading. Path and file
-# let a job stream an input larger than its memory limit. Commands always get the file.
-Delivery = Literal["bytes", "path", "file"]
-DELIVERIES: tuple[Delivery, ...] = ("bytes", "path", "file")
 POLICIES: tuple[Policy, ...] = ("Use", "Refresh", "Bypass")
 
 

@@ -27,11 +27,17 @@ from .canonical import canonical_json
 
 KEY_VERSION = 1
 DIGEST_PREFIX = "b3:"
+DIGEST_PATTERN = r"^b3:[0-9a-f]{64}$"  # a digest string, as the store and the API check it
 
 
 def digest_bytes(data: bytes | memoryview) -> str:
     """The digest string of `data`: "b3:" + 64 hex digits."""
     return DIGEST_PREFIX + blake3.blake3(data).hexdigest()
+
+
+def digest_file(path: str | os.PathLike[str]) -> str:
+    """The digest string of a file's bytes (the store's blob digest), read through a mapping."""
+    return DIGEST_PREFIX + blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(path).hexdigest()
 
 
 def digest_value(value: Any) -> str:

@@ -13,6 +13,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ..canonical import json_depth_exceeds, too_deep
+from ..keys import DIGEST_PATTERN
+from ..sandbox.types import Delivery
 from .common import (
     AGE_COLUMN,
     API_VERSION,
@@ -39,16 +41,16 @@ from .common import (
 )
 
 MAX_INPUTS = 128
-SOURCES = ("value", "fromJob", "fromSeed", "fromObject", "fromConfigMap")
+SOURCES = ("value", "fromJob", "fromSeed", "fromObject", "fromConfigMap", "fromBlob")
 
 BOTH_PROGRAMS = "spec.python and spec.command are both set: keep exactly one"
 NO_PROGRAM = "spec.python or spec.command is required: set exactly one"
 
 
-FILE_SOURCES = ("fromJob", "fromObject", "fromConfigMap")
+FILE_SOURCES = ("fromJob", "fromObject", "fromConfigMap", "fromBlob")
 AS_WITH_COMMAND = ("as applies to Python jobs: a command reads every input as a file under $MEMOPLANE_IN; "
                    "remove as from spec.inputs")
-AS_NEEDS_FILE = "as applies to file inputs (fromJob, fromObject, fromConfigMap): remove it from this input"
+AS_NEEDS_FILE = "as applies to file inputs (fromJob, fromObject, fromConfigMap, fromBlob): remove it from this input"
 
 
 def sources_message(name: str, count: int) -> str:
@@ -93,6 +95,14 @@ class ObjectRef(K8sModel):
     key: str = Field(min_length=1, max_length=1024)
 
 
+class BlobRef(K8sModel):
+    """A blob uploaded to the namespace's store (`memoplane submit --input NAME=@FILE` over 900 KiB)."""
+
+    digest: str = Field(pattern=DIGEST_PATTERN, description=(
+        "The blob's digest (b3: and the blake3 of its bytes, 64 hex digits), in the job's ResultCache store or "
+        "the namespace's home store; every chunk is verified when it is read."))
+
+
 class ConfigMapKeyRef(K8sModel):
     """One key of a ConfigMap in the same namespace."""
 
@@ -101,7 +111,7 @@ class ConfigMapKeyRef(K8sModel):
 
 
 class Input(K8sModel):
-    """A named input: exactly one of value, fromJob, fromSeed, fromObject, fromConfigMap."""
+    """A named input: exactly one of value, fromJob, fromSeed, fromObject, fromConfigMap, fromBlob."""
 
     # Enforced with oneOf/required, not CEL: CEL cannot see `value` (a field with
     # preserve-unknown-fields and no type is invisible to CEL; kube-apiserver refuses
@@ -120,16 +130,19 @@ class Input(K8sModel):
     from_seed: SeedRef | None = None
     from_object: ObjectRef | None = None
     from_config_map: ConfigMapKeyRef | None = None
-    as_: Literal["bytes", "path", "file"] | None = Field(default=None, alias="as", description=(
+    from_blob: BlobRef | None = None
+    as_: Delivery | None = Field(default=None, alias="as", description=(
         "How a Python entrypoint receives this file input: bytes (the default; a numpy array for a .npy "
-        "input), path (the path of the read-only file under $MEMOPLANE_IN, a str) or file (that file opened "
-        "for binary reading). path and file never load the input into memory. Part of the cache key. "
-        "Commands always read the file under $MEMOPLANE_IN."))
+        "input), path (the path of the read-only file under $MEMOPLANE_IN, a str), file (that file opened "
+        "for binary reading) or mmap (the file mapped read-only: a numpy array for a .npy input, else an "
+        "mmap.mmap; the mapping does not count against resources.memory). path, file and mmap never load "
+        "the input into the job's memory. Part of the cache key. Commands always read the file under "
+        "$MEMOPLANE_IN."))
 
     def sources(self) -> list[str]:
         """The wire names of the sources this input sets (an explicit `value: null` counts)."""
         found = ["value"] if "value" in self.model_fields_set else []
-        refs = (self.from_job, self.from_seed, self.from_object, self.from_config_map)
+        refs = (self.from_job, self.from_seed, self.from_object, self.from_config_map, self.from_blob)
         return found + [s for s, ref in zip(SOURCES[1:], refs, strict=True) if ref is not None]
 
     @field_validator("value")
@@ -166,7 +179,7 @@ class MapSpec(K8sModel):
 
     over: Identifier | None = Field(default=None, description="Name of a list input.")
     over_chunks: Identifier | None = Field(default=None, description=(
-        "Name of a large file input (fromObject, fromConfigMap or fromJob): one sub-task per record-aligned "
+        "Name of a large file input (fromObject, fromConfigMap, fromBlob or fromJob): one sub-task per record-aligned "
         "content-defined "
         "chunk, combined by a memoized tree of spec.python.combine."))
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 
 from ..errors import InputError
+from ..keys import DIGEST_PATTERN
 from ..keys import DIGEST_PREFIX as PREFIX
 from ..keys import digest_bytes as b3  # one digest function for keys and store
 
 __all__ = ["PREFIX", "attestation_name", "b3", "check_digest", "digest_of_name", "object_name", "ref_name"]
 
-_DIGEST = re.compile(r"^b3:[0-9a-f]{64}$")
+_DIGEST = re.compile(DIGEST_PATTERN)
 
 
 def check_digest(value: object, field: str = "digest") -> str:

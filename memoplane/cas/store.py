@@ -21,6 +21,7 @@ a reader trusts a ref only as far as the attestations its trust policy accepts.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -204,6 +205,13 @@ class Store:
     def get_bytes(self, digest: str) -> bytes:
         """The whole blob, verified."""
         return b"".join(self.iter_blob(digest))
+
+    def copy_blob(self, source: Store, digest: str) -> BlobRef:
+        """`source`'s blob `digest` stored here, streamed chunk by chunk (never whole in memory);
+        every chunk is verified as it is read (StoreCorrupted then)."""
+        if source is self:
+            return BlobRef(digest, self.blob_manifest(digest).size)
+        return self.put_stream(io.BufferedReader(ChunkStream(source.iter_blob(digest))))
 
     def write_blob(self, digest: str, path: str | os.PathLike[str], *, executable: bool = False) -> None:
         """Write the blob to `path` (replacing it); the file appears only once fully verified."""
@@ -684,6 +692,28 @@ class Store:
             self.audit(audit_log.EVICTION, key=key, result=result)
 
         return maintenance.evict(self.backend, max_age=max_age, max_bytes=max_bytes, on_evict=evicted)
+
+
+class ChunkStream(io.RawIOBase):
+    """A readable binary stream over an iterator of byte strings (a blob's chunks)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        super().__init__()
+        self._chunks, self._pending = chunks, memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._pending = memoryview(chunk)
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
 
 
 def _decode_json_value(data: bytes, digest: str) -> Any:

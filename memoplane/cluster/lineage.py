@@ -13,13 +13,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..api.computejob import SOURCES
 from ..cas import Store
 from ..history import build
 from ..history.records import InputRecord, JobIdentity, RunRecord
 from ..jobs import Job
 from .views import job
-
-SOURCES = ("value", "fromJob", "fromSeed", "fromObject", "fromConfigMap")
 
 
 def upstream_runs(obj: Mapping[str, Any], seen: Mapping[tuple[str, str], Mapping[str, Any]]) -> list[dict[str, Any]]:

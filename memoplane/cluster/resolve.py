@@ -95,6 +95,11 @@ class Lookups(Protocol):
 
     def put_bytes(self, data: bytes) -> BlobInput: ...
 
+    def stored_blob(self, digest: str) -> BlobInput | None:
+        """A blob already stored for the job's namespace (fromBlob), as a blob in the job's store;
+        None if it is not there. Raises LookupError_ when it cannot be read."""
+        ...
+
     def get_seed(self, name: str) -> Mapping[str, Any] | None: ...
 
     def seed_overlay(self, digest: str, store_url: str) -> BlobInput:
@@ -136,6 +141,9 @@ class SeenJobs:
 
     def put_bytes(self, data: bytes) -> BlobInput:
         return self.lookups.put_bytes(data)
+
+    def stored_blob(self, digest: str) -> BlobInput | None:
+        return self.lookups.stored_blob(digest)
 
     def get_seed(self, name: str) -> Mapping[str, Any] | None:
         return self.lookups.get_seed(name)
@@ -265,9 +273,25 @@ def _resolve_source(item: SpecInput, name: str, lookups: Lookups, created: datet
         if blob is None:
             return _missing(f"{label}: object s3://{ref_o.bucket}/{ref_o.key}", created, now, grace)
         return blob
+    if item.from_blob is not None:
+        return _stored_blob(item, label, lookups, created, now, grace)
     if item.from_seed is not None:
         return _seed_input(item.from_seed, label, lookups, created, now, grace)
     return Failed(p.REASON_INVALID, f"{label} has no source")
+
+
+def _stored_blob(item: SpecInput, label: str, lookups: Lookups, created: datetime | None, now: datetime,
+                 grace: float) -> Input | Waiting | Failed:
+    assert item.from_blob is not None
+    digest = item.from_blob.digest
+    try:
+        blob = lookups.stored_blob(digest)
+    except LookupError_ as exc:
+        return Waiting(exc.reason, f"{label}: blob {digest}: {exc.message}")
+    if blob is None:
+        return _missing(f"{label}: blob {digest} (upload it with `memoplane submit --input {item.name}=@FILE`)",
+                        created, now, grace)
+    return blob
 
 
 def _foreign_upstream(item: SpecInput, lookups: Lookups, created: datetime | None, now: datetime, grace: float,
@@ -326,6 +350,12 @@ def _seed_input(ref: SeedRef, label: str, lookups: Lookups, created: datetime | 
     return SeedInput(view.params, view.digest, ref.offset, ref.count, overlay)
 
 
+def _reads_data(item: SpecInput) -> bool:
+    """An input whose resolution may read and store a whole file (an object, an uploaded blob
+    in the namespace's home): resolved last, and not while the job waits for something else."""
+    return item.from_object is not None or item.from_blob is not None
+
+
 def resolve(obj: Mapping[str, Any], runtime: str | None, lookups: Lookups, now: datetime,
             grace: float = MISSING_GRACE_SECONDS) -> Resolution:
     """Resolve a ComputeJob object (as the API server returns it).
@@ -346,9 +376,9 @@ def resolve(obj: Mapping[str, Any], runtime: str | None, lookups: Lookups, now: 
     created = parse_time(job.metadata.creation_timestamp)
     lookups = seen = SeenJobs(lookups, job.metadata.namespace or "")
     inputs: dict[str, Input] = {}
-    # Objects are read and hashed last, and only when nothing else is awaited: a job
+    # Objects and uploaded blobs are read last, and only when nothing else is awaited: a job
     # waiting for its upstream is revisited often and must not re-hash its objects each time.
-    ordered = sorted(spec.inputs, key=lambda i: i.from_object is not None)
+    ordered = sorted(spec.inputs, key=_reads_data)
     fields = {item.name: f"spec.inputs[{index}]" for index, item in enumerate(spec.inputs)}
     for item in ordered:
         got = resolve_input(item, name, lookups, created, now, grace, fields[item.name])
@@ -361,7 +391,7 @@ def resolve(obj: Mapping[str, Any], runtime: str | None, lookups: Lookups, now: 
                     return Failed(p.REASON_INVALID, "fromJob inputs form a cycle: " + " -> ".join(cycle))
             # Keep checking the other inputs for a failure, but read no objects.
             for rest in ordered:
-                if rest.from_object is None and rest.name not in inputs and rest is not item:
+                if not _reads_data(rest) and rest.name not in inputs and rest is not item:
                     other = resolve_input(rest, name, lookups, created, now, grace, fields[rest.name])
                     if isinstance(other, Failed):
                         return other

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from ..api import computejob_manifest
-from ..errors import InputError, JobFailed, NotFound
+from ..cas import Store
+from ..cluster import protocol as p
+from ..errors import InputError, JobFailed, MemoplaneError, NotFound
 from ..inputs import FileArg, SeedArg, parse_deliveries, parse_env, parse_inputs
-from ..keys import digest_bytes
+from ..keys import digest_bytes, digest_file
 from .kube import GROUP, PLURAL, VERSION, api_call, current_namespace, custom_objects, get_job
 
 CONFIGMAP_LIMIT = 900 << 10  # a ConfigMap holds at most 1 MiB in all
@@ -59,8 +61,7 @@ def _spec(args: argparse.Namespace, namespace: str) -> dict[str, Any]:
     for name, value in parsed.items():
         if isinstance(value, FileArg):
             delivery = {"as": deliveries[name]} if name in deliveries else {}
-            inputs.append({"name": name, "fromConfigMap": _upload_configmap(namespace, value.path, args.dry_run),
-                           **delivery})
+            inputs.append({"name": name, **_file_source(namespace, value.path, args.dry_run), **delivery})
         elif isinstance(value, SeedArg):
             inputs.append({"name": name, "fromSeed": {"name": value.name, "offset": value.offset,
                                                       "count": value.count}})
@@ -91,15 +92,35 @@ def _over_chunks(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, An
     return spec
 
 
+def _file_source(namespace: str, path: Path, dry_run: bool) -> dict[str, Any]:
+    """A small file travels as an immutable, content-named ConfigMap (no store credentials
+    needed); a larger one is uploaded to the namespace's home store, chunk by chunk, and the
+    job names its digest (fromBlob)."""
+    if path.stat().st_size <= CONFIGMAP_LIMIT:
+        return {"fromConfigMap": _upload_configmap(namespace, path, dry_run)}
+    if dry_run:
+        return {"fromBlob": {"digest": digest_file(path)}}
+    with open_cluster_store(p.store_url(p.DEFAULT_BUCKET, p.default_store_prefix(namespace))) as store:
+        return {"fromBlob": {"digest": store.put_file(path).digest}}
+
+
+def open_cluster_store(url: str) -> Store:
+    """A store of the cluster's (credentials from MEMOPLANE_S3_*), or a one-line error saying how."""
+    from ..cas import open_store
+
+    try:
+        return open_store(url)
+    except MemoplaneError as exc:
+        raise MemoplaneError(f"cannot open the store {url}: {exc}",
+                             "set MEMOPLANE_S3_ENDPOINT, MEMOPLANE_S3_ACCESS_KEY and MEMOPLANE_S3_SECRET_KEY "
+                             "(eval \"$(hack/cluster env)\" for the local control plane)") from None
+
+
 def _upload_configmap(namespace: str, path: Path, dry_run: bool) -> dict[str, str]:
-    """A file input travels as an immutable, content-named ConfigMap."""
+    """The file as an immutable, content-named ConfigMap (created unless `dry_run`)."""
     import base64
 
     data = path.read_bytes()
-    if len(data) > CONFIGMAP_LIMIT:
-        raise InputError(f"--input file {path} is {len(data)} bytes; a ConfigMap holds under 1 MiB",
-                         "put it in the object store where the cluster's objectInputs allowlist lets your namespace "
-                         "read, and use `fromObject` in a ComputeJob manifest")
     name = "memoplane-input-" + digest_bytes(data)[3:23]
     if not dry_run:
         from kubernetes import client

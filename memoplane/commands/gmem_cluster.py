@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 
 from ..api import gmemseed_manifest
-from ..cas import Store, open_store
+from ..cas import Store
 from ..cluster import protocol as p
 from ..cluster import seeds as sd
 from ..errors import InputError, MemoplaneError, NotFound
 from ..gmem import GMem, GMemParams, GMemStore
 from ..gmem.transfer import params_from_json, verified_overlay
+from .cluster import open_cluster_store
 from .kube import GROUP, VERSION, api_call, current_namespace, custom_objects
 
 POLL_SECONDS = 0.2
@@ -44,12 +45,7 @@ def _params(obj: dict[str, Any]) -> GMemParams:
 
 def _store(obj: dict[str, Any]) -> Store:
     url = (obj.get("status") or {}).get("store") or p.store_url(*sd.location(obj["metadata"]["namespace"]))
-    try:
-        return open_store(url)
-    except MemoplaneError as exc:
-        raise MemoplaneError(f"cannot open the seed's store {url}: {exc}",
-                             "set MEMOPLANE_S3_ENDPOINT, MEMOPLANE_S3_ACCESS_KEY and MEMOPLANE_S3_SECRET_KEY "
-                             "(eval \"$(hack/cluster env)\" for the local control plane)") from None
+    return open_cluster_store(url)
 
 
 def _summary(obj: dict[str, Any]) -> dict[str, Any]:

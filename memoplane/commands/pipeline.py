@@ -136,6 +136,14 @@ class ApplyLookups:
         ref = self.store.put_bytes(data)
         return BlobInput(ref.digest, ref.size)
 
+    def stored_blob(self, digest: str) -> BlobInput | None:
+        try:
+            return BlobInput(digest, self.store.blob_manifest(digest).size)  # in the local store: present, sealed
+        except NotFound:
+            return None
+        except MemoplaneError as exc:
+            raise rs.LookupError_(p.REASON_STORE, str(exc)) from None
+
     def get_seed(self, name: str) -> Mapping[str, Any] | None:
         return self.manifests.seeds.get((self.namespace, name))
 

@@ -14,9 +14,9 @@ from ..cas import Store, open_store
 from ..embedded import RunHistory, RunReport, run_job
 from ..errors import InputError, JobFailed
 from ..inputs import FileArg, SeedArg, parse_bytes, parse_deliveries, parse_env, parse_inputs
-from ..jobs import BlobInput, CommandCode, Delivery, Input, Job, JsonInput, PythonCode
+from ..jobs import BlobInput, CommandCode, Input, Job, JsonInput, PythonCode
 from ..keys import explain_change
-from ..sandbox.types import Limits
+from ..sandbox.types import Delivery, Limits
 from ..trust import trusted_hit
 from ..trust.local import Keyring
 from .render import render_value

@@ -58,7 +58,7 @@ class JobIdentity:
 @dataclass(frozen=True)
 class InputRecord:
     """One input as the run saw it. `digest` is the digest that went into the key;
-    `source` is value | fromJob | fromConfigMap | fromObject | fromSeed | file | arg | mapElement.
+    `source` is value | fromJob | fromConfigMap | fromObject | fromBlob | fromSeed | file | arg | mapElement.
     For fromJob: the upstream job ("ns/name"), its result digest and the run that produced it;
     for mapElement (a spec.map parent's list): the sub-task's job, result and run, its key as digest."""
 

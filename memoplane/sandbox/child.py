@@ -216,7 +216,7 @@ def _enter(cfg: ChildConfig, iso: dict[str, bool | str], req: dict[str, Any],
     # arenas, a few MiB at most); the job's allowance goes on top of the zygote's.
     iso.update(apply_rlimits(limits, cfg.vm_base or vm_size(),
                              effective_nproc=iso.get("unprivileged_uid") is True,
-                             hard=cfg.hard_limits))
+                             hard=cfg.hard_limits, mapped_bytes=runner.mapped_input_bytes(req["task"], in_dir)))
     isolate.drop_capabilities()  # the rest was done by warm_main
     iso["no_new_privs"] = iso["caps_dropped"] = True
     iso["closed_fds"] = True

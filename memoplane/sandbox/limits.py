@@ -37,15 +37,26 @@ def hard_limits() -> dict[int, int]:
 
 
 def apply_rlimits(limits: Limits, as_baseline: int, effective_nproc: bool,
-                  hard: dict[int, int] | None = None) -> dict[str, bool]:
+                  hard: dict[int, int] | None = None, mapped_bytes: int = 0) -> dict[str, bool]:
     """Lower the limits of this process (and everything it starts).
 
     RLIMIT_AS counts mappings inherited from the zygote (interpreter, numpy),
-    so the job's allowance is added to what is already mapped. `hard`: the
-    inherited hard limits, if known (saves reading them on the request path)."""
+    so the job's allowance is added to what is already mapped. It also counts
+    file mappings: `mapped_bytes`, the size of the inputs the runner maps
+    read-only for the job (as: mmap), is added too. What limits what:
+    - RLIMIT_AS (always): zygote baseline + memory_bytes + mapped inputs, so a
+      job's own allocations stay under memory_bytes. A job that drops or unmaps
+      a mapped input can reuse that address space for its own memory: the
+      inputs' size is the most it can gain.
+    - the memory cgroup (memory.max, v1 memory.limit_in_bytes; when the host
+      lets us write it, as on agents running as root): memory_bytes +
+      max_output_bytes (pool.py: /out is a tmpfs charged to it) for everything
+      charged to the job. Pages of a mapped input are clean file pages: the
+      kernel reclaims them under that limit rather than fail the job.
+    `hard`: the inherited hard limits, if known (saves reading them on the request path)."""
     cpu = limits.cpu_seconds or math.ceil(limits.timeout_s) + 1
     wanted = {
-        resource.RLIMIT_AS: as_baseline + limits.memory_bytes,
+        resource.RLIMIT_AS: as_baseline + limits.memory_bytes + mapped_bytes,
         resource.RLIMIT_CPU: cpu,
         resource.RLIMIT_FSIZE: max(limits.max_output_bytes, limits.workdir_bytes),
         resource.RLIMIT_NOFILE: 1024,

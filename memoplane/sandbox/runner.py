@@ -13,6 +13,7 @@ import inspect
 import json
 import json.encoder
 import linecache
+import mmap
 import os
 import random
 import signal
@@ -25,6 +26,7 @@ from memoplane.sandbox.protocol import MAX_PAYLOAD, _not_serialisable, _parse, d
 from memoplane.sandbox.types import RETURN_FILE, VALUE_FILE_NAMES, Limits
 
 Result = tuple[dict[str, Any], bytes]
+NPY_MAGIC = b"\x93NUMPY"  # how every .npy file starts (numpy.lib.format.MAGIC_PREFIX)
 
 
 def failure(reason: str, message: str, detail: str) -> Result:
@@ -197,6 +199,9 @@ def _inputs(task: dict[str, Any], fn: Any, in_dir: str) -> tuple[dict[str, Any],
         try:
             inputs[name] = _file_input(in_dir, rel, deliveries.get(name, "bytes"))
         except (OSError, ValueError) as e:
+            if isinstance(e, OSError) and e.errno == errno.ENOMEM:  # e.g. no address space left to map it
+                return {}, failure("memory", f"file input {name!r} does not fit in the job's memory limit "
+                                   f"({e.strerror}) — raise the memory limit or take it as a path or file", "")
             return {}, failure("bad-input", f"file input {name!r} ({rel}) cannot be read: {e} — "
                                "put the file under the job's in_dir", "")
     for name, seed in (task.get("seed_inputs") or {}).items():
@@ -287,6 +292,8 @@ def _file_input(in_dir: str, rel: str, delivery: str) -> Any:
         return path
     if delivery == "file":
         return open(path, "rb")  # the job owns it; a child runs one job and exits
+    if delivery == "mmap":
+        return _mapped(path)
     if delivery != "bytes":
         raise ValueError(f"unknown delivery {delivery!r}")
     if path.endswith(".npy"):
@@ -294,6 +301,36 @@ def _file_input(in_dir: str, rel: str, delivery: str) -> Any:
         return np.load(path, allow_pickle=False)
     with open(path, "rb") as f:
         return f.read()
+
+
+def _mapped(path: str) -> Any:
+    """The file mapped read-only: its pages come from the page cache as the job touches them,
+    are never copied into the job's own memory, and can be dropped again under pressure. A .npy
+    file (told by its magic: input names carry no extension) is a read-only numpy array."""
+    with open(path, "rb") as f:
+        if f.read(len(NPY_MAGIC)) == NPY_MAGIC:
+            import numpy as np
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        if os.fstat(f.fileno()).st_size == 0:
+            return b""  # nothing to map (mmap refuses an empty file); an empty input reads the same
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def mapped_input_bytes(task: dict[str, Any], in_dir: str) -> int:
+    """The address space the job's mmap inputs take (page-rounded): added to RLIMIT_AS, which
+    counts file mappings, so a mapped input does not eat the job's allowance for its own memory."""
+    page = mmap.PAGESIZE
+    total = 0
+    deliveries = task.get("file_deliveries") or {}
+    for name, rel in (task.get("file_inputs") or {}).items():
+        if deliveries.get(name) != "mmap":
+            continue
+        try:
+            size = os.stat(_input_path(in_dir, rel)).st_size
+        except (OSError, ValueError):
+            continue  # reported as a bad input when the runner opens it
+        total += -(-size // page) * page + page  # numpy maps from a page boundary below the data
+    return total
 
 
 def _user_tb(e: BaseException, filename: str) -> Any:

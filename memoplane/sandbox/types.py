@@ -5,9 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 MiB = 1 << 20
+
+# How a Python entrypoint receives a file input: its bytes (a numpy array for .npy), the path of
+# the read-only file under $MEMOPLANE_IN, that file opened for binary reading, or the file mapped
+# read-only (a numpy array for a .npy file, else an mmap.mmap): no copy in the job's memory, and the
+# mapping's size does not count against its memory limit (limits.py). Path, file and mmap let a
+# job take an input larger than its memory limit. Commands always get the file.
+Delivery = Literal["bytes", "path", "file", "mmap"]
+DELIVERIES: tuple[Delivery, ...] = get_args(Delivery)
 
 
 @dataclass(frozen=True)
@@ -30,8 +38,8 @@ class PythonTask:
     # Inputs that are files under $MEMOPLANE_IN, passed as keyword args of type
     # bytes (name -> relative path under in_dir), or numpy arrays for .npy files.
     file_inputs: dict[str, str] = field(default_factory=dict)
-    # Of those, the ones passed otherwise: name -> "path" (the file's path, a str) or
-    # "file" (the file opened for binary reading). Absent: bytes.
+    # Of those, the ones passed otherwise: name -> "path" (the file's path, a str), "file"
+    # (the file opened for binary reading) or "mmap" (mapped read-only). Absent: bytes.
     file_deliveries: dict[str, str] = field(default_factory=dict)
     # Inputs generated in the child from a GMemSeed (the values never travel): name ->
     # {"params": GMemParams JSON, "offset": int, "count": int, "overlay": path under

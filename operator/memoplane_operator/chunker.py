@@ -59,7 +59,7 @@ def _tree(ctx: Context, obj: dict[str, Any], target: Target, whole: Job, over: s
     blob = whole.inputs.get(over)
     if not isinstance(blob, BlobInput):
         return resolve.Failed(p.REASON_INVALID, f"spec.map.overChunks: input '{over}' is not a blob: use a "
-                                                "fromObject, fromJob (a file result) or fromConfigMap input")
+                                                "fromObject, fromJob (a file result), fromConfigMap or fromBlob input")
     try:
         check_combine(whole, combine)
     except InputError as exc:

@@ -43,11 +43,7 @@ class Lookups:
                 return JsonInput(value.inline)
             if value.kind == "json":
                 return JsonInput(json.loads(source.get_bytes(value.blob.digest)))
-            if source is not self.store:
-                ref = self.store.put_bytes(source.get_bytes(value.blob.digest))
-            else:
-                source.blob_manifest(value.blob.digest)  # present and sealed
-                ref = value.blob
+            ref = self.store.copy_blob(source, value.blob.digest)  # streamed; the job's own store: present, sealed
             return BlobInput(ref.digest, ref.size)
         except (NotFound, StoreCorrupted) as exc:
             raise resolve.LookupError_("UpstreamResultUnavailable", str(exc)) from None
@@ -72,17 +68,31 @@ class Lookups:
         ref = self.store.put_bytes(data)
         return BlobInput(ref.digest, ref.size)
 
+    def stored_blob(self, digest: str) -> BlobInput | None:
+        """A blob uploaded for this namespace (fromBlob): in the job's store, or in the namespace's
+        home (where `memoplane submit` uploads), copied into the job's store chunk by chunk."""
+        home = self.stores.get(p.DEFAULT_BUCKET, p.default_store_prefix(self.namespace))
+        try:
+            for source in dict.fromkeys((self.store, home)):
+                try:
+                    source.blob_manifest(digest)
+                except NotFound:
+                    continue
+                ref = self.store.copy_blob(source, digest)
+                return BlobInput(ref.digest, ref.size)
+            return None
+        except StoreCorrupted as exc:
+            raise resolve.LookupError_("BlobUnavailable", str(exc)) from None
+        except MemoplaneError as exc:
+            raise resolve.LookupError_(p.REASON_STORE, str(exc)) from None
+
     def get_seed(self, name: str) -> Mapping[str, Any] | None:
         return self.kube.get(p.GMEMSEEDS, self.namespace, name)
 
     def seed_overlay(self, digest: str, store_url: str) -> BlobInput:
         """A seed's overlay blob as a blob in the job's store (copied when the stores differ)."""
         try:
-            source = self.stores.by_url(store_url)
-            if source is self.store:
-                manifest = self.store.blob_manifest(digest)  # present and sealed
-                return BlobInput(digest, manifest.size)
-            ref = self.store.put_bytes(source.get_bytes(digest))
+            ref = self.store.copy_blob(self.stores.by_url(store_url), digest)
             return BlobInput(ref.digest, ref.size)
         except (NotFound, StoreCorrupted) as exc:
             raise resolve.LookupError_("SeedOverlayUnavailable", str(exc)) from None

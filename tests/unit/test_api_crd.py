@@ -173,7 +173,7 @@ def test_inputs_are_a_list_map_keyed_by_name() -> None:
     inputs = spec["properties"]["inputs"]
     assert inputs["x-kubernetes-list-type"] == "map"
     assert inputs["x-kubernetes-list-map-keys"] == ["name"]
-    sources = ["value", "fromJob", "fromSeed", "fromObject", "fromConfigMap"]
+    sources = ["value", "fromJob", "fromSeed", "fromObject", "fromConfigMap", "fromBlob"]
     assert inputs["items"]["oneOf"] == [{"required": [s]} for s in sources]
     value = inputs["items"]["properties"]["value"]
     assert value["x-kubernetes-preserve-unknown-fields"] is True and "type" not in value

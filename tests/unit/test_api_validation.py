@@ -39,7 +39,7 @@ from memoplane.api.resultcache import (
 from memoplane.api.specs import SpecError, parse
 from memoplane.inputs import ENV_NAME_FIX
 
-SOURCES = "set exactly one of value, fromJob, fromSeed, fromObject, fromConfigMap"
+SOURCES = "set exactly one of value, fromJob, fromSeed, fromObject, fromConfigMap, fromBlob"
 Spec = dict[str, Any]
 
 
@@ -270,8 +270,11 @@ CASES: list[tuple[str, crd.KindInfo, type[Any], Spec, str, str]] = [
      _with_input(3, {"name": "noise", "fromSeed": {"name": "field", "count": 10}, "as": "bytes"}),
      "spec.inputs[3]", f"spec.inputs[3]: {AS_NEEDS_FILE}"),
     ("as-unknown", COMPUTEJOB, ComputeJobSpec,
-     _with_input(4, {"name": "table", "fromObject": {"bucket": "data", "key": "t"}, "as": "mmap"}),
+     _with_input(4, {"name": "table", "fromObject": {"bucket": "data", "key": "t"}, "as": "copy"}),
      "spec.inputs[4].as", ""),
+    ("from-blob-bad-digest", COMPUTEJOB, ComputeJobSpec,
+     _with_input(4, {"name": "table", "fromBlob": {"digest": "sha256:" + "ab" * 32}}), "spec.inputs[4].fromBlob.digest",
+     ""),
     ("as-with-command", COMPUTEJOB, ComputeJobSpec,
      _job(python=None, map=None, command=["wc", "-c"], inputs=[{"name": "t", "fromConfigMap": {"name": "c", "key": "k"},
                                                        "as": "path"}]),

@@ -40,7 +40,8 @@ class FakeLookups:
     def __init__(self, jobs: Mapping[str, dict[str, Any]] = (), config_maps: Mapping[str, dict[str, Any]] = (),
                  results: Mapping[str, Input] = (), objects: Mapping[tuple[str, str], bytes] = (),
                  seeds: Mapping[str, dict[str, Any]] = (), foreign: Mapping[tuple[str, str], dict[str, Any]] = (),
-                 readers: frozenset[str] = frozenset(), refused: Mapping[tuple[str, str], str] = ()) -> None:
+                 readers: frozenset[str] = frozenset(), refused: Mapping[tuple[str, str], str] = (),
+                 blobs: Mapping[str, int] = ()) -> None:
         self.jobs = dict(jobs)
         self.foreign = dict(foreign)   # (namespace, name) -> job of another namespace
         self.readers = readers         # the namespaces whose jobs' caches let this one ("ml") read
@@ -49,7 +50,9 @@ class FakeLookups:
         self.config_maps = dict(config_maps)
         self.results = dict(results)
         self.objects = dict(objects)
+        self.blobs = dict(blobs)       # digest -> size of the blobs uploaded for the namespace
         self.stored: list[bytes] = []
+        self.blob_reads: list[str] = []
 
     def get_job(self, name: str) -> Mapping[str, Any] | None:
         return self.jobs.get(name)
@@ -76,6 +79,12 @@ class FakeLookups:
     def put_bytes(self, data: bytes) -> BlobInput:
         self.stored.append(data)
         return BlobInput(digest_bytes(data), len(data))
+
+    def stored_blob(self, digest: str) -> BlobInput | None:
+        self.blob_reads.append(digest)
+        if digest == "b3:" + "dd" * 32:
+            raise LookupError_(p.REASON_STORE, "the store is unreachable")
+        return BlobInput(digest, self.blobs[digest]) if digest in self.blobs else None
 
     def get_seed(self, name: str) -> Mapping[str, Any] | None:
         return self.seeds.get(name)
@@ -271,3 +280,34 @@ def test_a_failed_input_wins_over_a_wait() -> None:
                       {"name": "n", "fromSeed": {"name": "s", "offset": 2**63, "count": 2**63 + 1}}])
     got = resolve(obj, RUNTIME, FakeLookups(jobs={"up": job("up")}), T0)
     assert isinstance(got, Failed) and got.reason == p.REASON_INVALID and "2^64" in got.message
+
+
+def test_an_uploaded_blob_is_the_input_with_its_digest_in_the_key() -> None:
+    digest = "b3:" + "cc" * 32
+    obj = job(inputs=[{"name": "table", "fromBlob": {"digest": digest}, "as": "mmap"}])
+    got = resolve(obj, RUNTIME, FakeLookups(blobs={digest: 300}), T0)
+    assert isinstance(got, Resolved)
+    assert got.job.inputs["table"] == BlobInput(digest, 300, "mmap")
+    assert got.job.key_parts().inputs == {"table": "blob-mmap:" + digest}
+
+
+def test_a_missing_blob_waits_during_grace_then_fails_naming_the_upload() -> None:
+    digest = "b3:" + "cc" * 32
+    obj = job(inputs=[{"name": "table", "fromBlob": {"digest": digest}}])
+    early = resolve(obj, RUNTIME, FakeLookups(), T0)
+    assert isinstance(early, Waiting) and early.reason == p.REASON_NOT_FOUND
+    late = resolve(obj, RUNTIME, FakeLookups(), T0 + timedelta(hours=1))
+    assert isinstance(late, Failed) and late.reason == p.REASON_NOT_FOUND
+    assert f"blob {digest}" in late.message and "memoplane submit --input table=@FILE" in late.message
+    unreachable = job(inputs=[{"name": "table", "fromBlob": {"digest": "b3:" + "dd" * 32}}])
+    got = resolve(unreachable, RUNTIME, FakeLookups(), T0)
+    assert isinstance(got, Waiting) and got.reason == p.REASON_STORE and "unreachable" in got.message
+
+
+def test_blobs_are_not_read_while_another_input_is_awaited() -> None:
+    digest = "b3:" + "cc" * 32
+    obj = job(inputs=[{"name": "t", "fromBlob": {"digest": digest}}, {"name": "raw", "fromJob": {"name": "up"}}])
+    running = job("up")
+    running["status"] = {"phase": "Running", "observedGeneration": 1}
+    lookups = FakeLookups(jobs={"up": running}, blobs={digest: 3})
+    assert isinstance(resolve(obj, RUNTIME, lookups, T0), Waiting) and lookups.blob_reads == []

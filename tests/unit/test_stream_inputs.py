@@ -18,10 +18,10 @@ import pytest
 from memoplane.cas import FilesystemBackend, Store
 from memoplane.chunkmap import leaf_job
 from memoplane.execute import execute
-from memoplane.jobs import BlobInput, Delivery, Job, PythonCode, job_from_dict, job_to_dict
+from memoplane.jobs import BlobInput, Job, PythonCode, job_from_dict, job_to_dict
 from memoplane.keys import explain_change
 from memoplane.sandbox import Limits, SandboxPool
-from memoplane.sandbox.types import MiB
+from memoplane.sandbox.types import Delivery, MiB
 
 BIG = 200 * 10**6   # bytes: more than the 150 MiB the job may use
 LIMITS = Limits(timeout_s=120, memory_bytes=150 * MiB)
@@ -143,8 +143,8 @@ def test_the_job_manifest_carries_the_delivery() -> None:
     assert job_from_dict(json.loads(json.dumps(data))).key == job.key
     legacy = _job(HASH_PATH, BlobInput("b3:" + "ab" * 32, 3), "bytes")
     assert "as" not in job_to_dict(legacy)["inputs"]["data"]["blob"]   # manifests of old agents read the same
-    data["inputs"]["data"]["blob"]["as"] = "mmap"
-    with pytest.raises(ValueError, match="delivery 'mmap'"):
+    data["inputs"]["data"]["blob"]["as"] = "copy"
+    with pytest.raises(ValueError, match="delivery 'copy'"):
         job_from_dict(data)
 
 

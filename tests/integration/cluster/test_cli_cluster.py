@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from memoplane.keys import digest_bytes
 
 Stack = Any  # the `stack` fixture of this folder's conftest
 
@@ -48,6 +51,36 @@ def test_submit_wait_get_logs_result(stack: Stack, ns: str, tmp_path: Path) -> N
     result = cli("result", "first", "-n", ns, "-o", str(out), env=env)
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "return.json").read_text()) == {"blob": 1000, "total": 6}
+
+
+HASH_PATH = """
+import hashlib
+def main(table):
+    digest = hashlib.sha256()
+    with open(table, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return [type(table).__name__, digest.hexdigest()]
+"""
+
+
+def test_submit_uploads_a_file_over_the_config_map_limit_and_names_it_by_digest(
+        stack: Stack, ns: str, tmp_path: Path) -> None:
+    env = stack.cfg.env
+    script, data = tmp_path / "job.py", tmp_path / "table.bin"
+    script.write_text(HASH_PATH)
+    content = b"".join(hashlib.shake_256(i.to_bytes(4, "big")).digest(1 << 20) for i in range(20))  # 20 MiB
+    data.write_bytes(content)
+    args = ["submit", str(script), "-n", ns, "--input", f"table=@{data}", "--as", "table=path", "--memory", "150Mi"]
+    done = cli(*args, "--name", "uploaded", "--wait", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert status["phase"] == "Succeeded", status
+    assert status["result"]["value"] == ["str", hashlib.sha256(content).hexdigest()]
+    job = json.loads(cli("get", "uploaded", "-n", ns, "--json", env=env).stdout)
+    assert job["cacheKey"] == status["cacheKey"]
+    (item,) = stack.get(ns, "uploaded")["spec"]["inputs"]
+    assert item == {"name": "table", "fromBlob": {"digest": digest_bytes(content)}, "as": "path"}
 
 
 def test_failure_and_missing_job(stack: Stack, ns: str, tmp_path: Path) -> None:

@@ -5,15 +5,18 @@ Real API server, MinIO, operator and agents."""
 from __future__ import annotations
 
 import hashlib
+import io
 import uuid
 from typing import Any
 
+import numpy as np
 import pytest
-from conftest import OPEN_PREFIX
+from conftest import NODES, OPEN_PREFIX
 from test_object_inputs_cluster import INPUTS_BUCKET, put_object
 
 from memoplane.api.specs import computejob_manifest
 from memoplane.cluster import protocol as p
+from memoplane.testing import processes
 
 pytestmark = pytest.mark.integration
 Stack = Any  # conftest.Stack (fixture `stack`)
@@ -84,3 +87,30 @@ def test_a_200_mb_object_streams_as_path_under_150_mib_on_an_agent_and_fails_as_
     failed = done["big-bytes"].get("status") or {}
     assert failed.get("phase") == p.FAILED, failed
     assert "loaded whole as bytes" in str(failed.get("failure")), failed
+    # The agent wrote the input into the job's $MEMOPLANE_IN chunk by chunk: no agent ever held it.
+    peaks = {node: agent_peak_rss(stack, node) for node in NODES}
+    assert all(peak < len(data) for peak in peaks.values()), peaks
+
+
+def agent_peak_rss(stack: Stack, node: str) -> int:
+    """The agent process's peak resident memory since it started (VmHWM), in bytes."""
+    with open(f"/proc/{stack.proc(processes.AGENT_PREFIX + node).pid}/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+MAPPED = """
+def main(t):
+    return [type(t).__name__, t.flags.writeable, float(t.sum())]
+"""
+
+
+def test_a_npy_object_as_mmap_is_a_read_only_array_on_an_agent(stack: Stack, ns: str) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, np.arange(1000, dtype=np.float64))
+    key = OPEN_PREFIX + f"mapped-{uuid.uuid4().hex}.npy"
+    put_object(stack, key, buffer.getvalue())
+    stack.apply(ns, big_job("as-mmap", key, MAPPED, "mmap"))
+    status = stack.wait(ns, "as-mmap").get("status") or {}
+    assert status.get("phase") == p.SUCCEEDED, status
+    assert status["result"]["value"] == ["memmap", False, 499500.0]
