@@ -105,9 +105,11 @@ class UsageRecorder:
 
 class RetentionWorker:
     def __init__(self, settings: OperatorSettings, kube: Kube, stores: Stores, recorder: UsageRecorder,
-                 watched: Callable[[str], bool], access: Callable[[dict[str, Any]], Access]) -> None:
+                 watched: Callable[[str], bool], access: Callable[[dict[str, Any]], Access],
+                 clock: Callable[[], float] = time.time) -> None:
         self.cfg, self.kube, self.stores, self.recorder, self.watched = settings, kube, stores, recorder, watched
         self.access = access   # what the cache's namespace may do in its location (sharing)
+        self.clock = clock     # wall time for demotion (tests move it instead of waiting)
         self._indexes: dict[str, UsageIndex] = {}   # store URL -> its index as of the last pass
         self._swept: dict[str, float] = {}          # store URL -> monotonic time of its last sweep
         self._demoted: dict[str, float] = {}        # store URL -> monotonic time of its last demotion
@@ -230,7 +232,7 @@ class RetentionWorker:
         if not isinstance(store.backend, TieredBackend):
             return
         self._demoted[url] = time.monotonic()
-        report = demote(store.backend)
+        report = demote(store.backend, now=self.clock())
         log.info("%s: %d objects (%d bytes) moved to its cold tier, %d kept hot, %d failed", url, report.moved,
                  report.bytes_moved, report.kept_hot, report.failed)
         if report.moved or report.failed:
