@@ -18,11 +18,11 @@ from memoplane_operator.reconciler import Reconciler
 from memoplane.api.conditions import kstatus, mark_ready
 from memoplane.cas import BlobRef, Hit, Provenance, ResultManifest, Store
 from memoplane.cas import audit as audit_log
+from memoplane.cas.tiers import TieredBackend
 from memoplane.cluster import protocol as p
 from memoplane.cluster.stores import Stores, StoreSettings
 from memoplane.cluster.views import job
 from memoplane.settings import OperatorSettings
-from memoplane.cas.tiers import TieredBackend
 from memoplane.trust import SigningKey
 from memoplane.trust.attestation import attest
 from memoplane.trust.audit import verify as verify_audit
