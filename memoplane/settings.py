@@ -87,6 +87,11 @@ def describe(cls: type[Any]) -> str:
 CREDENTIALS_ENV = "MEMOPLANE_S3_CREDENTIALS_DIR"
 LOCAL_CACHE_ENV = "MEMOPLANE_LOCAL_CACHE"               # also read by memoplane.cas.open_store
 LOCAL_CACHE_BYTES_ENV = "MEMOPLANE_LOCAL_CACHE_BYTES"
+# The embedded store's cold tier (memoplane.cas.open_store): a location as for MEMOPLANE_STORE, and how long
+# content goes unread before `memoplane gc` moves it there. A cluster's comes from ResultCache spec.tiers.
+COLD_STORE_ENV = "MEMOPLANE_COLD_STORE"
+COLD_AFTER_ENV = "MEMOPLANE_COLD_AFTER_SECONDS"
+COLD_AFTER_SECONDS = 30 * 86400.0
 CREDENTIAL_FILES = ("accessKey", "secretKey")   # the keys of the chart's store Secret
 KEY_ENVS = ("MEMOPLANE_S3_ACCESS_KEY", "MEMOPLANE_S3_SECRET_KEY")
 

@@ -41,6 +41,7 @@ from ..errors import InputError, NotFound, StoreCorrupted
 from ..tree_limits import MAX_TREE_DEPTH, MAX_TREE_ENTRIES
 from . import audit as audit_log
 from . import gc as maintenance
+from . import tiers
 from . import usage as usage_log
 from .audit import AuditLog, Record
 from .backend import Backend
@@ -61,6 +62,7 @@ from .records import (
     tree_path_problem,
     unseal,
 )
+from .tiers import TieredBackend, TierReport
 from .usage import Entry, UsageIndex, Use
 
 log = logging.getLogger("memoplane.cas")
@@ -617,6 +619,13 @@ class Store:
 
     def stats(self) -> Stats:
         return maintenance.stats(self.backend)
+
+    def demote(self, now: float | None = None) -> TierReport | None:
+        """Move content not read for the cold tier's `after` there (tiers.py); None: no cold tier.
+        `now`: the time to judge by (default the tier's clock)."""
+        if not isinstance(self.backend, TieredBackend):
+            return None
+        return tiers.demote(self.backend, now)
 
     def evict_ref(self, key: str) -> str | None:
         """Retention removes `key`'s ref (its data goes at the next gc); the audit log says so.

@@ -76,8 +76,10 @@ class TierReport:
     kept_hot: int  # demotable objects read or written within `after`
     failed: int  # copies that did not read back equal (left hot)
     marks_dropped: int
+    after: float  # the tier's delay, seconds
+    cold: str  # where the tier is (describe())
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | float | str]:
         return asdict(self)
 
 
@@ -288,7 +290,7 @@ def demote(tiered: TieredBackend, now: float | None = None) -> TierReport:
         if at <= cutoff:
             tiered.hot.delete(name)
             dropped += 1
-    return TierReport(moved, size, kept, failed, dropped)
+    return TierReport(moved, size, kept, failed, dropped, tiered.after, tiered.cold.describe())
 
 
 def _move(tiered: TieredBackend, name: str) -> Literal["moved", "failed", "gone"]:

@@ -146,7 +146,9 @@ def gc_command(args: argparse.Namespace) -> int:
         evicted = store.evict(max_age=max_age, max_bytes=max_bytes) if (max_age or max_bytes) else None
         results, blobs = kept_roots(store)  # versions in history stay readable
         report = store.gc(grace_seconds=args.grace, results=results, blobs=blobs)
-        out = {"gc": report.to_dict(), "evict": evicted.to_dict() if evicted else None}
+        moved = store.demote()   # after the sweep: nothing dead is moved
+        out = {"gc": report.to_dict(), "evict": evicted.to_dict() if evicted else None,
+               "tier": moved.to_dict() if moved else None}
         if args.json:
             print(json.dumps(out, sort_keys=True))
         else:
@@ -154,6 +156,10 @@ def gc_command(args: argparse.Namespace) -> int:
                 print(f"evicted {len(evicted.evicted)} ref(s); {evicted.remaining} remain")
             print(f"deleted {report.deleted} object(s), {report.deleted_bytes} bytes; "
                   f"kept {report.live} live and {report.kept_young} younger than {args.grace:.0f} s")
+            if moved:
+                print(f"moved {moved.moved} object(s), {moved.bytes_moved} bytes, not read for "
+                      f"{moved.after:.0f} s to the cold tier {moved.cold}; {moved.kept_hot} kept hot"
+                      + (f"; {moved.failed} did not copy back equal and stayed" if moved.failed else ""))
     return 0
 
 

@@ -28,7 +28,6 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from memoplane.cas import Store
-from memoplane.cas.tiers import TieredBackend, demote
 from memoplane.cas.usage import EVICT, HIT, UsageIndex, Use
 from memoplane.cluster import protocol as p
 from memoplane.cluster import retention as rt
@@ -229,15 +228,15 @@ class RetentionWorker:
 
     def _demote(self, rc: dict[str, Any], store: Store, url: str) -> None:
         """Move what was not read for spec.tiers[0].after to the cache's cold tier (cas/tiers.py)."""
-        if not isinstance(store.backend, TieredBackend):
-            return
         self._demoted[url] = time.monotonic()
-        report = demote(store.backend, now=self.clock())
+        report = store.demote(now=self.clock())
+        if report is None:   # no cold tier
+            return
         log.info("%s: %d objects (%d bytes) moved to its cold tier, %d kept hot, %d failed", url, report.moved,
                  report.bytes_moved, report.kept_hot, report.failed)
         if report.moved or report.failed:
             self.kube.event(rc, p.REASON_DEMOTED, f"moved {report.moved} objects ({report.bytes_moved} bytes) "
-                            f"not read for {store.backend.after:.0f} s to {store.backend.cold.describe()}"
+                            f"not read for {report.after:.0f} s to {report.cold}"
                             + (f"; {report.failed} copies did not read back equal and stayed" if report.failed
                                else ""), warning=bool(report.failed))
 
