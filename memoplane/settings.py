@@ -329,6 +329,8 @@ class OperatorSettings:
                                      "is checked against its store's refs (what others wrote), in bounded batches")
     gc_seconds: float = setting("MEMOPLANE_GC_SECONDS", 3600.0, "how often a store with retention is swept of "
                                 "objects no ref reaches (also after each pass that evicted)")
+    demote_seconds: float = setting("MEMOPLANE_DEMOTE_SECONDS", 3600.0, "how often a ResultCache with a cold tier "
+                                    "(spec.tiers) has its content not read for tiers[0].after moved there")
     gc_grace_seconds: float = setting("MEMOPLANE_GC_GRACE_SECONDS", 3600.0, "unreferenced objects younger than this "
                                       "are kept by the sweep (in-flight writes)")
     usage_flush_seconds: float = setting(None, 2.0, "how often the hits and writes seen are appended to the usage log")

@@ -11,7 +11,7 @@ thread too, for caches with retention, after a pass that evicted or every `gc_se
 it, the store's run records older than `maxAge` are dropped; the results and blobs the others name
 are roots (an SQLite index of the records per store in the temp directory: each sweep reads only
 the records it has not seen). A cache that owns its location and has a cold tier (spec.tiers) has
-what was not read for tiers[0].after moved there every `gc_seconds` (cas.tiers.demote; an Event
+what was not read for tiers[0].after moved there every `demote_seconds` (cas.tiers.demote; an Event
 Demoted says how much).
 """
 
@@ -224,7 +224,7 @@ class RetentionWorker:
         return time.monotonic() - self._swept.get(url, float("-inf")) >= self.cfg.gc_seconds
 
     def _demotion_due(self, url: str) -> bool:
-        return time.monotonic() - self._demoted.get(url, float("-inf")) >= self.cfg.gc_seconds
+        return time.monotonic() - self._demoted.get(url, float("-inf")) >= self.cfg.demote_seconds
 
     def _demote(self, rc: dict[str, Any], store: Store, url: str) -> None:
         """Move what was not read for spec.tiers[0].after to the cache's cold tier (cas/tiers.py)."""

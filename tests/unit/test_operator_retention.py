@@ -216,7 +216,7 @@ def test_a_map_batch_records_each_element_it_computed(
 def test_a_cache_with_a_cold_tier_has_unread_content_moved_there_and_read_back(tmp_path: Path) -> None:
     kube, now = FakeKube(), [time.time()]
     stores = Stores(StoreSettings(root=str(tmp_path / "s3")))
-    settings = OperatorSettings(retention_grace_seconds=0.0, gc_grace_seconds=0.0)
+    settings = OperatorSettings(retention_grace_seconds=0.0, gc_grace_seconds=0.0, demote_seconds=0.0)
     worker = RetentionWorker(settings, kube, stores, UsageRecorder(stores, settings.usage_flush_seconds),
                              lambda _ns: True, lambda _rc: OWNED, clock=lambda: now[0])
     rc = default_cache(NS)
@@ -231,7 +231,6 @@ def test_a_cache_with_a_cold_tier_has_unread_content_moved_there_and_read_back(t
         worker.run_pass()   # within `after`: nothing moves
         assert not (cold / "chunks").exists() and not kube.events
         now[0] += 720 * 3600 + 60
-        worker._demoted.clear()   # the next demotion is due (gc_seconds is not waited for)
         worker.run_pass()
         assert {f.name for f in (cold / "chunks").rglob("*") if f.is_file()} == chunks
         assert not any(f.is_file() for f in (hot / "chunks").rglob("*"))
