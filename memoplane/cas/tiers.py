@@ -27,7 +27,8 @@ object, `tiers/marks/<time>-<node>-<pid>-<n>` (one name a line), at most every M
 seconds from a short-lived background thread, and at exit. A hit thus costs a lock and a set
 lookup. The demoter takes an object's last use as the newest of its hot copy's mtime (written or
 deduplicated against) and the marks naming it; marks older than `after` can no longer keep
-anything hot and are deleted. Marks are a hint: a forged or lost mark only moves an object
+anything hot and are deleted, and those older than a day are merged into one per day (naming only
+what is still hot), so a demotion reads about after/day marks plus the last day's. Marks are a hint: a forged or lost mark only moves an object
 early or late, and a read of a demoted object re-warms it.
 """
 
@@ -75,7 +76,8 @@ class TierReport:
     bytes_moved: int
     kept_hot: int  # demotable objects read or written within `after`
     failed: int  # copies that did not read back equal (left hot)
-    marks_dropped: int
+    marks_dropped: int  # older than `after`
+    marks_merged: int  # older than a day, merged into one per day
     after: float  # the tier's delay, seconds
     cold: str  # where the tier is (describe())
 
@@ -233,11 +235,14 @@ class TieredBackend:
                 self._last_flush = now = self.clock()
             if not names:
                 return 0
-            name = f"{MARKS}{int(now * 1000):015d}-{self.node}-{os.getpid()}-{next(_counter)}"
-            self.hot.create(name, "\n".join(names).encode())
+            self.hot.create(self.mark_name(now, self.node), "\n".join(names).encode())
             with self._lock:
                 self.counters.marks_written += 1
             return len(names)
+
+    @staticmethod
+    def mark_name(at: float, who: str) -> str:
+        return f"{MARKS}{int(at * 1000):015d}-{who}-{os.getpid()}-{next(_counter)}"
 
 
 # -- demotion --------------------------------------------------------------------------
@@ -248,20 +253,20 @@ def _mark_time(name: str) -> float | None:
     return int(stamp) / 1000 if stamp.isdigit() else None
 
 
-def last_reads(hot: Backend) -> tuple[dict[str, float], dict[str, float]]:
-    """(object name -> newest mark naming it, mark object name -> its time)."""
+def last_reads(hot: Backend) -> tuple[dict[str, float], dict[str, tuple[float, list[str]]]]:
+    """(object name -> newest mark naming it, mark object name -> (its time, the names in it))."""
     newest: dict[str, float] = {}
-    marks: dict[str, float] = {}
+    marks: dict[str, tuple[float, list[str]]] = {}
     for info in hot.list(MARKS):
         at = _mark_time(info.name)
         if at is None:
             continue
-        marks[info.name] = at
         try:
-            body = hot.get(info.name).decode("utf-8", "replace")
+            names = hot.get(info.name).decode("utf-8", "replace").splitlines()
         except NotFound:
             continue
-        for name in body.splitlines():
+        marks[info.name] = (at, names)
+        for name in names:
             if at > newest.get(name, 0.0):
                 newest[name] = at
     return newest, marks
@@ -274,23 +279,47 @@ def demote(tiered: TieredBackend, now: float | None = None) -> TierReport:
     now = tiered.clock() if now is None else now
     cutoff = now - tiered.after
     newest, marks = last_reads(tiered.hot)
-    moved = size = kept = failed = 0
+    moved = size = failed = 0
+    kept: set[str] = set()
     for prefix in DEMOTABLE:
         for info in list(tiered.hot.list(prefix)):
             if max(info.mtime, newest.get(info.name, 0.0)) > cutoff:
-                kept += 1
-            else:
-                outcome = _move(tiered, info.name)
-                if outcome == "moved":
-                    moved, size = moved + 1, size + info.size
-                elif outcome == "failed":
-                    failed += 1
-    dropped = 0
-    for name, at in marks.items():
+                kept.add(info.name)
+                continue
+            outcome = _move(tiered, info.name)
+            if outcome == "moved":
+                moved, size = moved + 1, size + info.size
+            elif outcome == "failed":
+                failed += 1
+    dropped, merged = _compact_marks(tiered, marks, kept, cutoff, now)
+    return TierReport(moved, size, len(kept), failed, dropped, merged, tiered.after, tiered.cold.describe())
+
+
+def _compact_marks(tiered: TieredBackend, marks: dict[str, tuple[float, list[str]]], hot: set[str],
+                   cutoff: float, now: float) -> tuple[int, int]:
+    """Delete marks older than `after` (they keep nothing hot any more), and merge those older than a
+    day into one per day, naming only objects still hot and stamped with the day's newest time (an
+    object may stay hot up to a day longer): a demotion then reads about after/MARK_EVERY marks plus
+    the last day's. The merged marks are written before the merged are deleted. Returns (dropped, merged)."""
+    dropped = merged = 0
+    days: dict[int, tuple[float, set[str]]] = {}
+    for name, (at, names) in marks.items():
         if at <= cutoff:
             tiered.hot.delete(name)
             dropped += 1
-    return TierReport(moved, size, kept, failed, dropped, tiered.after, tiered.cold.describe())
+        elif at <= now - MARK_EVERY:
+            newest, kept = days.get(int(at // MARK_EVERY), (0.0, set()))
+            days[int(at // MARK_EVERY)] = (max(newest, at), kept | (set(names) & hot))
+    old = [name for name, (at, _) in marks.items() if cutoff < at <= now - MARK_EVERY]
+    if len(old) <= len(days):
+        return dropped, merged
+    for at, still_hot in days.values():
+        if still_hot:
+            tiered.hot.create(tiered.mark_name(at, "merged"), "\n".join(sorted(still_hot)).encode())
+    for name in old:
+        tiered.hot.delete(name)
+        merged += 1
+    return dropped, merged
 
 
 def _move(tiered: TieredBackend, name: str) -> Literal["moved", "failed", "gone"]:

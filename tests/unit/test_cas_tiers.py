@@ -240,3 +240,27 @@ def test_not_demotable_names_never_go_to_cold(s: Setup) -> None:
         s.tiered.get("blobs/aa/" + "a" * 64)  # cold is asked only for demotable names
     with pytest.raises(InputError, match="after"):
         TieredBackend(s.hot_fs, s.cold_fs, after=0)
+
+
+def test_marks_older_than_a_day_are_merged_into_one_per_day_and_keep_what_they_kept(s: Setup) -> None:
+    blob = s.commit(data(200_000))
+    written_at = max(i.mtime for i in s.hot_fs.list("chunks/"))
+    read = s.chunks_of(blob)
+    for hour in range(0, 48, 6):   # two days of reads, each noted by a process of its own
+        s.clock.now = written_at + 20 * DAY + hour * 3600
+        reader = TieredBackend(s.hot_fs, s.cold_fs, after=AFTER, clock=s.clock, node=f"n{hour}")
+        with Store(reader, workers=1) as store:
+            store.get_bytes(blob)
+        reader.flush_marks()
+    assert len(list(s.hot_fs.list(MARKS))) == 8
+    newest_before = last_reads(s.hot_fs)[0]
+    report = demote(s.tiered, now=written_at + 22 * DAY + 3600)
+    merged_into = len(list(s.hot_fs.list(MARKS))) - (8 - report.marks_merged)
+    assert report.marks_merged >= 4 and 1 <= merged_into <= 2   # those older than a day: one per day
+    newest_after = last_reads(s.hot_fs)[0]
+    assert set(newest_after) == read
+    assert all(newest_before[n] <= newest_after[n] < newest_before[n] + DAY for n in read)
+    # the merged marks still keep the read chunks hot until `after` past their last read, then let them go
+    demote(s.tiered, now=written_at + 21 * DAY + AFTER)
+    assert s.names(s.hot_fs) == read   # the chunk never read (stdout's) went
+    assert demote(s.tiered, now=written_at + 23 * DAY + AFTER).moved == len(read)
