@@ -46,7 +46,7 @@ def assignment_of(obj: Mapping[str, Any]) -> Assignment | None:
     return Assignment(uid=meta.uid, namespace=meta.namespace, name=meta.name, job_digest=digest, store=store,
                       attempts=status.attempts, generation=meta.generation, policy=view.spec.policy,
                       backoff_limit=view.spec.backoff_limit, cache_key=key,
-                      cache_result=view.assigned.cache_result, cold_tier=view.assigned.cold_tier)
+                      cache_result=view.assigned.cache_result, cold_tier=status.cold_tier)
 
 
 def labelled_for(obj: Mapping[str, Any], node: str) -> bool:

@@ -75,11 +75,8 @@ JOB_GENERATION_ANNOTATION = f"{GROUP}/job-generation"
 STORE_ANNOTATION = f"{GROUP}/store"
 # "false" when the cache's spec.quota was reached at resolution: compute, but set no ref.
 CACHE_RESULT_ANNOTATION = f"{GROUP}/cache-result"
-# The store's cold tier (ColdTier.annotation()), when its cache has spec.tiers: the agent reads
-# content moved there through it. It only adds a place to read from (every read is verified).
-COLD_TIER_ANNOTATION = f"{GROUP}/cold-tier"
 ASSIGNMENT_ANNOTATIONS = (JOB_DIGEST_ANNOTATION, JOB_GENERATION_ANNOTATION, STORE_ANNOTATION,
-                          CACHE_RESULT_ANNOTATION, COLD_TIER_ANNOTATION)
+                          CACHE_RESULT_ANNOTATION)
 
 # Components named in Events and status.
 OPERATOR_COMPONENT = "memoplane-operator"
@@ -170,18 +167,20 @@ def parse_store_url(url: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class ColdTier:
-    """A ResultCache's spec.tiers[0]: the location content moves to after `after` seconds unread."""
+    """A ResultCache's spec.tiers[0]: the location content moves to after `after` seconds unread.
+    The operator names it to the agent in the job's status.coldTier (text()), not in the
+    metadata: whoever may edit a ComputeJob must not choose where an agent reads from and re-warms."""
 
     bucket: str
     prefix: str   # stripped of slashes, as parse_store_url gives it
     after: float
 
-    def annotation(self) -> str:
+    def text(self) -> str:
         return f"{self.after:g} {store_url(self.bucket, self.prefix)}"
 
     @classmethod
     def parse(cls, text: str) -> ColdTier:
-        """The inverse of annotation(); ValueError for anything else."""
+        """The inverse of text(); ValueError for anything else."""
         after, _, url = text.partition(" ")
         try:
             seconds = float(after)

@@ -163,6 +163,15 @@ class JobStatus:
         return str(key) if key else None
 
     @property
+    def cold_tier(self) -> p.ColdTier | None:
+        """The job's store's cold tier (None: none named, or a malformed one: reads stay hot)."""
+        text = self.raw.get("coldTier")
+        try:
+            return p.ColdTier.parse(str(text)) if text else None
+        except ValueError:
+            return None
+
+    @property
     def attempts(self) -> int:
         return _int(self.raw.get("attempts"))
 
@@ -225,15 +234,6 @@ class Assigned:
     def store_url(self) -> str | None:
         url = self.meta.annotations.get(p.STORE_ANNOTATION)
         return str(url) if url else None
-
-    @property
-    def cold_tier(self) -> p.ColdTier | None:
-        """The store's cold tier (None: none named, or a malformed annotation: reads stay hot)."""
-        text = self.meta.annotations.get(p.COLD_TIER_ANNOTATION)
-        try:
-            return p.ColdTier.parse(str(text)) if text else None
-        except ValueError:
-            return None
 
     @property
     def present(self) -> bool:

@@ -203,10 +203,9 @@ def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, target:
         obj, labels={p.KEY_LABEL: p.key_label(key), p.NODE_LABEL: None},
         annotations={p.JOB_DIGEST_ANNOTATION: digest, p.STORE_ANNOTATION: url,
                      p.JOB_GENERATION_ANNOTATION: str(generation),
-                     p.CACHE_RESULT_ANNOTATION: None if uncached is None else "false",
-                     p.COLD_TIER_ANNOTATION: tier.annotation() if tier is not None else None})
+                     p.CACHE_RESULT_ANNOTATION: None if uncached is None else "false"})
     updated = ctx.patch(updated, st.resolved(status, generation, key, outcome.input_digests, now,
-                                             outcome.upstreams))
+                                             outcome.upstreams, tier))
     ctx.event(updated, p.REASON_RESOLVED, f"cache key {key[:15]}… (generation {generation})")
     if uncached is not None:
         ctx.event(updated, p.REASON_QUOTA_EXCEEDED, f"ResultCache '{view.spec.result_cache}': {uncached}",

@@ -225,7 +225,7 @@ def test_the_agent_reads_a_job_manifest_moved_to_the_cold_tier_the_assignment_na
         (cold / chunk.relative_to(hot)).parent.mkdir(parents=True, exist_ok=True)
         chunk.rename(cold / chunk.relative_to(hot))
     if named:
-        obj["metadata"]["annotations"][p.COLD_TIER_ANNOTATION] = p.ColdTier("memoplane-cold", "ml", 3600.0).annotation()
+        obj["status"]["coldTier"] = p.ColdTier("memoplane-cold", "ml", 3600.0).text()
     run(agent, obj)
     assert runner.runs == (1 if named else 0)
     assert status(kube)["reason"] == (p.REASON_AGENT_ERROR if named else p.REASON_STORE)

@@ -456,13 +456,12 @@ def test_a_cache_with_a_tier_opens_its_location_tiered_and_names_the_tier_to_the
     put_cache(r, kube, "ml", "default", "ml/", tiers=[{"after": "720h", "store": {"bucket": "ml-cold"}}])
     job_ = submit(r, kube, "a")
     assert job_["status"]["phase"] == "Scheduled"
-    tier = job(job_).assigned.cold_tier
-    assert tier == p.ColdTier("ml-cold", "", 720 * 3600.0)
+    assert job(job_).status.cold_tier == p.ColdTier("ml-cold", "", 720 * 3600.0)
     backend = r.stores.get(p.DEFAULT_BUCKET, "ml").backend
     assert isinstance(backend, TieredBackend) and backend.after == 720 * 3600.0
     assert backend.cold.describe().endswith("ml-cold")
     put_cache(r, kube, "ml", "default", "ml/")   # the tier removed: the location is opened without it
-    assert submit(r, kube, "b", x=2)["metadata"]["annotations"].get(p.COLD_TIER_ANNOTATION) is None
+    assert "coldTier" not in submit(r, kube, "b", x=2)["status"]
     assert not isinstance(r.stores.get(p.DEFAULT_BUCKET, "ml").backend, TieredBackend)
 
 

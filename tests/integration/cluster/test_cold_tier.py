@@ -1,6 +1,6 @@
 """A ResultCache with a cold tier on the cluster: the operator's maintenance moves content not read
 for tiers[0].after to the tier's bucket (an Event Demoted says how much), and hits and downstream
-jobs still get the result, read back through the tier by the operator and by the agents (their node-local caches emptied). Both
+jobs still get the result, read back through the tier (the job's status.coldTier names it to the agent). Both
 locations are buckets of the stack's one object store (MinIO): a tier uses the chart's endpoint,
 as spec.store does. Real API server, MinIO, operator and agents; demotion runs every second
 (conftest)."""
@@ -63,6 +63,7 @@ def test_content_moves_to_the_cold_tier_and_is_still_served(stack: Stack, ns: st
     assert done["big-again"]["cached"] is True and done["big-again"]["result"] == first["result"]
     assert done["total"]["phase"] == p.SUCCEEDED and done["total"]["attempts"] == 1, (done["total"], stack.logs())
     assert done["total"]["result"]["value"] == {"sum": 255 * 128 * N, "n": 256 * N}
+    assert done["total"]["coldTier"] == p.ColdTier(cold_bucket, ns, 2.0).text()   # what the agent read through
     stack.stores.set_tier(p.DEFAULT_BUCKET, p.default_store_prefix(ns), p.ColdTier(cold_bucket, ns, 2.0))
     tiered = stack.store(ns)
     assert isinstance(tiered.backend, TieredBackend)
