@@ -196,7 +196,8 @@ class TieredBackend:
                 return data, True
             finally:
                 with self._lock:
-                    self._fetching.pop(name, None)
+                    if self._fetching.get(name) is fetching:
+                        del self._fetching[name]
 
     # -- last-read marks -----------------------------------------------------------
 
