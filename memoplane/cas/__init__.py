@@ -74,20 +74,22 @@ def default_store_path() -> Path:
     return Path(cache).expanduser() / "memoplane" / "store"
 
 
-def open_store(location: str | os.PathLike[str] | None = None, *, workers: int | None = None) -> Store:
+def open_store(location: str | os.PathLike[str] | None = None, *, workers: int | None = None,
+               cold: tuple[str, float] | None = None) -> Store:
     """A store at a path, file:// URL or s3://bucket/prefix (None: $MEMOPLANE_STORE, else
     the default directory). s3:// reads MEMOPLANE_S3_ENDPOINT (http://host:port or
     https://...), MEMOPLANE_S3_ACCESS_KEY, MEMOPLANE_S3_SECRET_KEY, and optionally
     MEMOPLANE_LOCAL_CACHE / MEMOPLANE_LOCAL_CACHE_BYTES for a node-local chunk cache.
-    MEMOPLANE_COLD_STORE adds a cold tier (see the module doc)."""
+    `cold`: a cold tier's (location, after seconds) (default: MEMOPLANE_COLD_STORE's, see the module doc)."""
     if location is None:
         env = os.environ.get(ENV)
         location = env if env and env.startswith(("s3://", "minio://")) else default_store_path()
     backend = open_backend(location, workers=workers)
-    cold = os.environ.get(COLD_STORE_ENV)
-    if cold:
+    if cold is None and os.environ.get(COLD_STORE_ENV):
+        cold = (os.environ[COLD_STORE_ENV], _cold_after())
+    if cold is not None:
         from .tiers import TieredBackend
-        backend = TieredBackend(backend, open_backend(cold, workers=workers), after=_cold_after())
+        backend = TieredBackend(backend, open_backend(cold[0], workers=workers), after=cold[1])
     return Store(backend, workers=workers)
 
 

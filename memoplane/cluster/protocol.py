@@ -175,6 +175,10 @@ class ColdTier:
     prefix: str   # stripped of slashes, as parse_store_url gives it
     after: float
 
+    @property
+    def url(self) -> str:
+        return store_url(self.bucket, self.prefix)
+
     def text(self) -> str:
         return f"{self.after:g} {store_url(self.bucket, self.prefix)}"
 

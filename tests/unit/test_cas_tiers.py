@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fakes import DelegatingBackend
 
-from memoplane.cas import FilesystemBackend, Provenance, ResultManifest, Store, StoredValue
+from memoplane.cas import FilesystemBackend, Provenance, ResultManifest, Store, StoredValue, open_store
 from memoplane.cas.backend import Backend
 from memoplane.cas.chunking import encode_chunk
 from memoplane.cas.digests import b3, object_name
@@ -264,3 +264,18 @@ def test_marks_older_than_a_day_are_merged_into_one_per_day_and_keep_what_they_k
     demote(s.tiered, now=written_at + 21 * DAY + AFTER)
     assert s.names(s.hot_fs) == read   # the chunk never read (stdout's) went
     assert demote(s.tiered, now=written_at + 23 * DAY + AFTER).moved == len(read)
+
+
+def test_open_store_builds_the_tier_from_an_argument_or_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MEMOPLANE_COLD_STORE", raising=False)
+    with open_store(tmp_path / "a") as plain:
+        assert not isinstance(plain.backend, TieredBackend)
+    with open_store(tmp_path / "a", cold=(str(tmp_path / "c"), 60.0)) as given:
+        assert isinstance(given.backend, TieredBackend) and given.backend.after == 60.0
+    monkeypatch.setenv("MEMOPLANE_COLD_STORE", str(tmp_path / "c"))
+    with open_store(tmp_path / "a") as from_env:
+        assert isinstance(from_env.backend, TieredBackend) and from_env.backend.after == 30 * DAY
+    monkeypatch.setenv("MEMOPLANE_COLD_AFTER_SECONDS", "-5")
+    with pytest.raises(InputError, match="MEMOPLANE_COLD_AFTER_SECONDS"):
+        open_store(tmp_path / "a")
