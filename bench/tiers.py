@@ -40,13 +40,14 @@ def main() -> None:
         hot = FilesystemBackend(Path(tmp) / "hot", durability="none")
         cold = FilesystemBackend(Path(tmp) / "cold", durability="none")
         tiered = TieredBackend(hot, cold, after=AFTER)
-        plain_store, tiered_store = Store(hot, workers=2), Store(tiered, workers=2)
-        payload = random.Random(7).randbytes(size)
-        value = StoredValue("bytes", blob=plain_store.put_bytes(payload))
-        assert value.blob is not None
-        digest = value.blob.digest
-        empty = plain_store.put_bytes(b"")
-        plain_store.commit(ResultManifest(value, empty, empty, Provenance(KEY, {}, KEY, "bench", 0.0, 1.0, 1.0)))
+        with Store(hot, workers=2) as writer:
+            payload = random.Random(7).randbytes(size)
+            value = StoredValue("bytes", blob=writer.put_bytes(payload))
+            assert value.blob is not None
+            digest = value.blob.digest
+            empty = writer.put_bytes(b"")
+            writer.commit(ResultManifest(value, empty, empty, Provenance(KEY, {}, KEY, "bench", 0.0, 1.0, 1.0)))
+        plain_store, tiered_store = Store(hot, workers=2), Store(tiered, workers=2)   # readers alike but for the tier
 
         reads = best_seconds({"plain": lambda: plain_store.get_bytes(digest),
                               "tiered": lambda: tiered_store.get_bytes(digest)}, repeat=5)
