@@ -609,8 +609,10 @@ class Store:
 
     def verify(self) -> VerifyReport:
         work, _ = self._pools.get()
-        return maintenance.verify(self, work, self._read_chunk,
-                                  lambda digest: self._check_complete(self.get_result(digest), deep=False))
+        scrub = self.backend.scrub() if isinstance(self.backend, TieredBackend) else contextlib.nullcontext()
+        with scrub:   # a scrub's reads are not uses: nothing re-warmed, nothing kept hot (tiers.py)
+            return maintenance.verify(self, work, self._read_chunk,
+                                      lambda digest: self._check_complete(self.get_result(digest), deep=False))
 
     def gc(self, grace_seconds: float = 3600.0, *, results: Iterable[str] = (),
            blobs: Iterable[str] = ()) -> GcReport:

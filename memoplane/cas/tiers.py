@@ -44,6 +44,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -106,6 +107,7 @@ class TieredBackend:
         self._last_flush = clock()
         self._flushing = False
         self._writing = threading.Lock()  # one mark write at a time: flush_marks returns once all are written
+        self._scrubbing = 0  # scrub() calls in progress: reads are neither noted nor re-warmed
         ref = weakref.ref(self)
         atexit.register(lambda: (b := ref()) is not None and b.flush_marks())
 
@@ -175,6 +177,20 @@ class TieredBackend:
         drop = getattr(self.hot, "drop_cached", None)
         return bool(drop(name, seen)) if drop is not None else False
 
+    @contextmanager
+    def scrub(self) -> Iterator[None]:
+        """Reads that are not uses (`memoplane verify` re-reads everything): while inside, nothing
+        read is noted and what comes from cold stays there, so a scrub neither keeps every object
+        hot for `after` nor warms the whole cold tier. (For the whole backend: hits meanwhile
+        are not noted either.)"""
+        with self._lock:
+            self._scrubbing += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._scrubbing -= 1
+
     # -- read-through ----------------------------------------------------------------
 
     def _from_cold(self, name: str, read_hot: Callable[[], bytes]) -> tuple[bytes, bool]:
@@ -189,6 +205,8 @@ class TieredBackend:
                 except NotFound:
                     pass
                 data = self.cold.get(name)
+                if self._scrubbing:
+                    return data, True
                 self.hot.put_if_absent(name, data)
                 with self._lock:
                     self.counters.cold_reads += 1
@@ -206,6 +224,8 @@ class TieredBackend:
             return
         now = self.clock()
         with self._lock:
+            if self._scrubbing:
+                return
             day = int(now // MARK_EVERY)
             if day != self._day:
                 self._day, self._noted = day, set()

@@ -279,3 +279,18 @@ def test_open_store_builds_the_tier_from_an_argument_or_the_environment(
     monkeypatch.setenv("MEMOPLANE_COLD_AFTER_SECONDS", "-5")
     with pytest.raises(InputError, match="MEMOPLANE_COLD_AFTER_SECONDS"):
         open_store(tmp_path / "a")
+
+
+def test_verify_reads_every_tier_without_rewarming_or_keeping_anything_hot(s: Setup) -> None:
+    blob = s.commit(data())
+    demote(s.tiered, now=s.later(AFTER) + 2e9)
+    cold = s.names(s.cold_fs)
+    assert s.store.verify().ok
+    assert not s.names(s.hot_fs) and s.names(s.cold_fs) == cold and s.tiered.counters.cold_reads == 0
+    victim = sorted(cold)[0]
+    s.cold_fs.put(victim, encode_chunk(b"forged" * 99))
+    report = s.store.verify()   # a forged cold copy is found (and quarantined from both tiers) all the same
+    assert not report.ok and victim in {d.name for d in report.damaged} and not s.cold_fs.exists(victim)
+    assert s.tiered.flush_marks() == 0 and not list(s.hot_fs.list(MARKS))   # nothing noted as read
+    with pytest.raises(StoreCorrupted):
+        s.store.get_bytes(blob)
