@@ -337,6 +337,8 @@ class OperatorSettings:
     compact_seconds: float = setting(None, 300.0, "how often a changed usage index is written as the snapshot "
                                      "(at once after evictions)")
     evictions_per_pass: int = setting(None, 1000, "refs a ResultCache evicts at most per retention pass")
+    demotions_per_pass: int = setting(None, 2000, "objects a ResultCache moves to its cold tier at most per pass "
+                                      "(more left: the next pass goes on)")
     index_reads_per_pass: int = setting(None, 2000, "refs a ResultCache without a usage index reads per pass")
     openlineage_url: str = setting(OPENLINEAGE_URL_ENV, "", OPENLINEAGE_DOC)
     map_batch_size: int = setting("MEMOPLANE_MAP_BATCH_SIZE", 64, "missed elements of a spec.map job one child "

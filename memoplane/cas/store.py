@@ -622,12 +622,12 @@ class Store:
     def stats(self) -> Stats:
         return maintenance.stats(self.backend)
 
-    def demote(self, now: float | None = None) -> TierReport | None:
+    def demote(self, now: float | None = None, limit: int | None = None) -> TierReport | None:
         """Move content not read for the cold tier's `after` there (tiers.py); None: no cold tier.
-        `now`: the time to judge by (default the tier's clock)."""
+        `now`: the time to judge by (default the tier's clock); `limit`: moves at most."""
         if not isinstance(self.backend, TieredBackend):
             return None
-        return tiers.demote(self.backend, now)
+        return tiers.demote(self.backend, now, limit)
 
     def evict_ref(self, key: str) -> str | None:
         """Retention removes `key`'s ref (its data goes at the next gc); the audit log says so.

@@ -77,6 +77,7 @@ class TierReport:
     bytes_moved: int
     kept_hot: int  # demotable objects read or written within `after`
     failed: int  # copies that did not read back equal (left hot)
+    left: int  # due but beyond the call's limit
     marks_dropped: int  # older than `after`
     marks_merged: int  # older than a day, merged into one per day
     after: float  # the tier's delay, seconds
@@ -293,19 +294,23 @@ def last_reads(hot: Backend) -> tuple[dict[str, float], dict[str, tuple[float, l
     return newest, marks
 
 
-def demote(tiered: TieredBackend, now: float | None = None) -> TierReport:
+def demote(tiered: TieredBackend, now: float | None = None, limit: int | None = None) -> TierReport:
     """Move demotable objects not read for `tiered.after` seconds to cold (see the module doc);
-    `now` defaults to the tier's clock."""
+    `now` defaults to the tier's clock. At most `limit` moves (the rest are counted as `left`, for
+    the next call), so a first demotion of a large store does not hold its caller for hours."""
     tiered.flush_marks()
     now = tiered.clock() if now is None else now
     cutoff = now - tiered.after
     newest, marks = last_reads(tiered.hot)
-    moved = size = failed = 0
+    moved = size = failed = left = 0
     kept: set[str] = set()
     for prefix in DEMOTABLE:
         for info in list(tiered.hot.list(prefix)):
             if max(info.mtime, newest.get(info.name, 0.0)) > cutoff:
                 kept.add(info.name)
+                continue
+            if limit is not None and moved + failed >= limit:
+                left += 1
                 continue
             outcome = _move(tiered, info.name)
             if outcome == "moved":
@@ -313,7 +318,7 @@ def demote(tiered: TieredBackend, now: float | None = None) -> TierReport:
             elif outcome == "failed":
                 failed += 1
     dropped, merged = _compact_marks(tiered, marks, kept, cutoff, now)
-    return TierReport(moved, size, len(kept), failed, dropped, merged, tiered.after, tiered.cold.describe())
+    return TierReport(moved, size, len(kept), failed, left, dropped, merged, tiered.after, tiered.cold.describe())
 
 
 def _compact_marks(tiered: TieredBackend, marks: dict[str, tuple[float, list[str]]], hot: set[str],

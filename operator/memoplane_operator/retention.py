@@ -228,12 +228,13 @@ class RetentionWorker:
 
     def _demote(self, rc: dict[str, Any], store: Store, url: str) -> None:
         """Move what was not read for spec.tiers[0].after to the cache's cold tier (cas/tiers.py)."""
-        self._demoted[url] = time.monotonic()
-        report = store.demote(now=self.clock())
+        report = store.demote(now=self.clock(), limit=self.cfg.demotions_per_pass)
         if report is None:   # no cold tier
             return
-        log.info("%s: %d objects (%d bytes) moved to its cold tier, %d kept hot, %d failed", url, report.moved,
-                 report.bytes_moved, report.kept_hot, report.failed)
+        if not report.left:   # else the next pass goes on
+            self._demoted[url] = time.monotonic()
+        log.info("%s: %d objects (%d bytes) moved to its cold tier, %d kept hot, %d failed, %d left", url,
+                 report.moved, report.bytes_moved, report.kept_hot, report.failed, report.left)
         if report.moved or report.failed:
             self.kube.event(rc, p.REASON_DEMOTED, f"moved {report.moved} objects ({report.bytes_moved} bytes) "
                             f"not read for {report.after:.0f} s to {report.cold}"

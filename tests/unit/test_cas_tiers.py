@@ -294,3 +294,12 @@ def test_verify_reads_every_tier_without_rewarming_or_keeping_anything_hot(s: Se
     assert s.tiered.flush_marks() == 0 and not list(s.hot_fs.list(MARKS))   # nothing noted as read
     with pytest.raises(StoreCorrupted):
         s.store.get_bytes(blob)
+
+
+def test_a_limited_demotion_leaves_the_rest_for_the_next_call(s: Setup) -> None:
+    s.commit(data())
+    total = len(s.names(s.hot_fs))
+    first = demote(s.tiered, now=s.later(AFTER) + 2e9, limit=5)
+    assert (first.moved, first.left) == (5, total - 5) and len(s.names(s.cold_fs)) == 5
+    rest = demote(s.tiered, now=s.clock.now + 2e9)
+    assert (rest.moved, rest.left) == (total - 5, 0) and not s.names(s.hot_fs)
