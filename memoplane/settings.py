@@ -87,6 +87,11 @@ def describe(cls: type[Any]) -> str:
 CREDENTIALS_ENV = "MEMOPLANE_S3_CREDENTIALS_DIR"
 LOCAL_CACHE_ENV = "MEMOPLANE_LOCAL_CACHE"               # also read by memoplane.cas.open_store
 LOCAL_CACHE_BYTES_ENV = "MEMOPLANE_LOCAL_CACHE_BYTES"
+# The embedded store's cold tier (memoplane.cas.open_store): a location as for MEMOPLANE_STORE, and how long
+# content goes unread before `memoplane gc` moves it there. A cluster's comes from ResultCache spec.tiers.
+COLD_STORE_ENV = "MEMOPLANE_COLD_STORE"
+COLD_AFTER_ENV = "MEMOPLANE_COLD_AFTER_SECONDS"
+COLD_AFTER_SECONDS = 30 * 86400.0
 CREDENTIAL_FILES = ("accessKey", "secretKey")   # the keys of the chart's store Secret
 KEY_ENVS = ("MEMOPLANE_S3_ACCESS_KEY", "MEMOPLANE_S3_SECRET_KEY")
 
@@ -324,12 +329,16 @@ class OperatorSettings:
                                      "is checked against its store's refs (what others wrote), in bounded batches")
     gc_seconds: float = setting("MEMOPLANE_GC_SECONDS", 3600.0, "how often a store with retention is swept of "
                                 "objects no ref reaches (also after each pass that evicted)")
+    demote_seconds: float = setting("MEMOPLANE_DEMOTE_SECONDS", 3600.0, "how often a ResultCache with a cold tier "
+                                    "(spec.tiers) has its content not read for tiers[0].after moved there")
     gc_grace_seconds: float = setting("MEMOPLANE_GC_GRACE_SECONDS", 3600.0, "unreferenced objects younger than this "
                                       "are kept by the sweep (in-flight writes)")
     usage_flush_seconds: float = setting(None, 2.0, "how often the hits and writes seen are appended to the usage log")
     compact_seconds: float = setting(None, 300.0, "how often a changed usage index is written as the snapshot "
                                      "(at once after evictions)")
     evictions_per_pass: int = setting(None, 1000, "refs a ResultCache evicts at most per retention pass")
+    demotions_per_pass: int = setting(None, 2000, "objects a ResultCache moves to its cold tier at most per pass "
+                                      "(more left: the next pass goes on)")
     index_reads_per_pass: int = setting(None, 2000, "refs a ResultCache without a usage index reads per pass")
     openlineage_url: str = setting(OPENLINEAGE_URL_ENV, "", OPENLINEAGE_DOC)
     map_batch_size: int = setting("MEMOPLANE_MAP_BATCH_SIZE", 64, "missed elements of a spec.map job one child "

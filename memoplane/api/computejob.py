@@ -441,6 +441,9 @@ class ComputeJobStatus(StatusModel):
     node: str | None = None
     result: ResultRef | None = None
     input_digests: dict[str, Digest] | None = Field(default=None, description="Input name -> content digest.")
+    cold_tier: str | None = Field(default=None, max_length=1024, description=(
+        "Where content moved out of the job's store is read back from, '<seconds> s3://bucket/prefix' (its "
+        "ResultCache's spec.tiers[0]); set when the job is resolved, for the node agent."))
     duration_ms: int | None = Field(default=None, ge=0)
     duration: str | None = Field(default=None, description="durationMs for humans, e.g. 1.2s.")
     compute_seconds_saved: float | None = Field(default=None, ge=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator, model_validator
 
 from ..trust.keys import KEYID_PATTERN
 from .common import (
@@ -140,7 +140,10 @@ MAX_REVOKED = 256
 MAX_MIN_SIGNATURES = 16
 KEY_SOURCE_MESSAGE = "set exactly one of publicKey, secretRef or configMapRef"
 NO_KEYS_MESSAGE = "trusts no key: add trust.keys or set trust.clusterAgents: true"
-TIERS_MESSAGE = "tiers is not supported yet: remove it (a cache keeps its results in spec.store only)"
+TIERS_MESSAGE = "more than one tier is not supported yet: keep one ({after, store})"
+TIER_READ_ONLY_MESSAGE = "a tier is written by demotion: remove store.readOnly"
+TIER_OVERLAP_MESSAGE = ("the tier's store overlaps spec.store (one location contains the other): "
+                        "give the tier another bucket or a prefix outside spec.store.prefix")
 SIGNING_MESSAGE = ("signing was replaced by trust: move the key to trust.keys (publicKey, secretRef or "
                    "configMapRef holding <keyid>.pub entries)")
 
@@ -149,8 +152,6 @@ KeyId = Annotated[str, Field(pattern=re.sub(r"\?P<\w+>", "", KEYID_PATTERN.patte
 # A field the API names only to refuse it with a message (kept in the schema, so that the
 # API server does not silently prune it).
 Refused = Annotated[Any, WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True})]
-RefusedList = Annotated[Any, WithJsonSchema({"type": "array", "items": {
-    "type": "object", "x-kubernetes-preserve-unknown-fields": True}})]
 
 
 class PublicKeySpec(K8sModel):
@@ -216,6 +217,36 @@ class TrustSpec(K8sModel):
         return self
 
 
+class TierSpec(K8sModel):
+    """A colder, cheaper location behind spec.store: content not read for `after` moves there (pack
+    files; manifests, results, refs and indexes stay in spec.store); a hit on moved content reads it
+    back through spec.store (verified as every read) and moves it back. The operator's maintenance
+    moves it. Endpoint and credentials are the chart's, as for spec.store."""
+
+    model_config = ConfigDict(json_schema_extra=validations(
+        cel("!has(self.store.readOnly) || !self.store.readOnly", TIER_READ_ONLY_MESSAGE, field_path=".store")))
+
+    after: Duration = Field(description="Move content not read (nor written) for this long: a Go duration, "
+                                        "e.g. 720h.")
+    store: StoreSpec = Field(description="The tier's bucket and prefix: outside spec.store's location.")
+
+    @field_validator("store")
+    @classmethod
+    def _written(cls, store: StoreSpec) -> StoreSpec:
+        if store.read_only:
+            raise ValueError(TIER_READ_ONLY_MESSAGE)
+        return store
+
+
+def locations_overlap(a: StoreSpec, b: StoreSpec) -> bool:
+    """One location contains the other (same bucket, one prefix a prefix of the other, by segments)."""
+    def segments(prefix: str) -> str:
+        return "".join(f"{part}/" for part in prefix.split("/") if part)
+
+    pa, pb = segments(a.prefix), segments(b.prefix)
+    return a.bucket == b.bucket and (pa.startswith(pb) or pb.startswith(pa))
+
+
 def _refused(value: Any, message: str) -> Any:
     if value is not None:
         raise ValueError(message)
@@ -226,7 +257,7 @@ class ResultCacheSpec(K8sModel):
     """A content-addressed result store shared by the jobs allowed to use it."""
 
     model_config = ConfigDict(json_schema_extra=validations(
-        cel("!has(self.tiers)", TIERS_MESSAGE, field_path=".tiers"),
+        cel("!has(self.tiers) || size(self.tiers) <= 1", TIERS_MESSAGE, field_path=".tiers"),
         cel("!has(self.signing)", SIGNING_MESSAGE, field_path=".signing")))
 
     store: StoreSpec
@@ -238,13 +269,20 @@ class ResultCacheSpec(K8sModel):
                                                                   "this cache's location.")
     quota: QuotaSpec | None = Field(default=None, description="A bound on the entries or logical bytes kept: at "
                                                               "the limit new results are computed but not cached.")
-    tiers: RefusedList = None   # named only to be refused (DESIGN §2 shows it): not enforced yet
+    tiers: list[TierSpec] | None = Field(default=None, description="A cold tier behind spec.store (one for "
+                                                                  "now): content not read for tiers[0].after "
+                                                                  "moves there and comes back when read.")
     signing: Refused = None
 
-    @field_validator("tiers", mode="before")
+    @field_validator("tiers")
     @classmethod
-    def _no_tiers(cls, value: Any) -> Any:
-        return _refused(value, TIERS_MESSAGE)
+    def _one_tier_apart(cls, value: list[TierSpec] | None, info: ValidationInfo) -> list[TierSpec] | None:
+        if value is not None and len(value) > 1:
+            raise ValueError(TIERS_MESSAGE)
+        store = info.data.get("store")
+        if store is not None and any(locations_overlap(t.store, store) for t in value or ()):
+            raise ValueError(TIER_OVERLAP_MESSAGE)
+        return value
 
     @field_validator("signing", mode="before")
     @classmethod

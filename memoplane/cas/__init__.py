@@ -6,6 +6,9 @@
     hit = store.get_ref(key)                    # None = miss: recompute
 
     store = open_store("s3://bucket/prefix")    # MinIO/S3: MEMOPLANE_S3_ENDPOINT, _ACCESS_KEY, _SECRET_KEY
+
+With MEMOPLANE_COLD_STORE set (a location as above), the store has a cold tier there (tiers.py):
+content not read for MEMOPLANE_COLD_AFTER_SECONDS moves there at `memoplane gc`, and is read back.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import InputError
-from ..settings import LOCAL_CACHE_BYTES_ENV, LOCAL_CACHE_ENV
+from ..settings import COLD_AFTER_ENV, COLD_AFTER_SECONDS, COLD_STORE_ENV, LOCAL_CACHE_BYTES_ENV, LOCAL_CACHE_ENV
 from .backend import Backend, ObjectInfo
 from .cached import DEFAULT_MAX_BYTES as DEFAULT_CACHE_BYTES
 from .cached import CachingBackend
@@ -40,7 +43,7 @@ __all__ = [
     "ChunkParams", "Damage", "EvictReport", "FilesystemBackend", "GcReport", "Hit", "ObjectInfo",
     "Provenance", "RefEntry", "ResultManifest", "S3Backend", "Stats", "Store",
     "StoreUnavailable", "StoredValue", "TreeEntry", "TreeManifest", "ValueKind", "VerifyReport",
-    "b3", "check_digest", "default_store_path", "open_store", "store_from_settings",
+    "b3", "check_digest", "default_store_path", "open_backend", "open_store", "s3_backend", "store_from_settings",
 ]
 
 ENV = "MEMOPLANE_STORE"
@@ -71,16 +74,39 @@ def default_store_path() -> Path:
     return Path(cache).expanduser() / "memoplane" / "store"
 
 
-def open_store(location: str | os.PathLike[str] | None = None, *, workers: int | None = None) -> Store:
+def open_store(location: str | os.PathLike[str] | None = None, *, workers: int | None = None,
+               cold: tuple[str, float] | None = None) -> Store:
     """A store at a path, file:// URL or s3://bucket/prefix (None: $MEMOPLANE_STORE, else
     the default directory). s3:// reads MEMOPLANE_S3_ENDPOINT (http://host:port or
     https://...), MEMOPLANE_S3_ACCESS_KEY, MEMOPLANE_S3_SECRET_KEY, and optionally
-    MEMOPLANE_LOCAL_CACHE / MEMOPLANE_LOCAL_CACHE_BYTES for a node-local chunk cache."""
+    MEMOPLANE_LOCAL_CACHE / MEMOPLANE_LOCAL_CACHE_BYTES for a node-local chunk cache.
+    `cold`: a cold tier's (location, after seconds) (default: MEMOPLANE_COLD_STORE's, see the module doc)."""
     if location is None:
         env = os.environ.get(ENV)
-        if not env or not env.startswith(("s3://", "minio://")):
-            return Store(FilesystemBackend(default_store_path()), workers=workers)
-        location = env
+        location = env if env and env.startswith(("s3://", "minio://")) else default_store_path()
+    backend = open_backend(location, workers=workers)
+    if cold is None and os.environ.get(COLD_STORE_ENV):
+        cold = (os.environ[COLD_STORE_ENV], _cold_after())
+    if cold is not None:
+        from .tiers import TieredBackend
+        backend = TieredBackend(backend, open_backend(cold[0], workers=workers), after=cold[1])
+    return Store(backend, workers=workers)
+
+
+def _cold_after() -> float:
+    text = os.environ.get(COLD_AFTER_ENV)
+    try:
+        after = float(text) if text else COLD_AFTER_SECONDS
+    except ValueError:
+        after = -1.0
+    if not after > 0:
+        raise InputError(f"{COLD_AFTER_ENV}={text!r} is not a positive number of seconds",
+                         f"set it to e.g. {COLD_AFTER_SECONDS:.0f} (30 days), or unset it")
+    return after
+
+
+def open_backend(location: str | os.PathLike[str], *, workers: int | None = None) -> Backend:
+    """The backend open_store puts a Store on (see there), without a cold tier."""
     text = os.fspath(location)
     url = urlparse(text)
     if url.scheme in ("s3", "minio"):
@@ -92,10 +118,10 @@ def open_store(location: str | os.PathLike[str] | None = None, *, workers: int |
         text = url.path
     elif url.scheme and len(url.scheme) > 1:
         raise InputError(f"store {text}: unknown scheme {url.scheme!r}", "use a directory path or file://")
-    return Store(FilesystemBackend(text), workers=workers)
+    return FilesystemBackend(text)
 
 
-def _open_s3(text: str, *, workers: int | None) -> Store:
+def _open_s3(text: str, *, workers: int | None) -> Backend:
     url = urlparse(text)
     if not url.netloc:
         raise InputError(f"store {text} names no bucket", "use s3://bucket/prefix")
@@ -109,9 +135,8 @@ def _open_s3(text: str, *, workers: int | None) -> Store:
         cache_max = int(max_bytes) if max_bytes else None
     except ValueError:
         raise InputError(f"{CACHE_MAX_ENV}={max_bytes!r} is not a number of bytes", "set it to an integer") from None
-    return store_from_settings(endpoint, access_key, secret_key, url.netloc, url.path,
-                               cache_dir=os.environ.get(CACHE_DIR_ENV) or None,
-                               cache_max_bytes=cache_max, workers=workers)
+    return s3_backend(endpoint, access_key, secret_key, url.netloc, url.path,
+                      cache_dir=os.environ.get(CACHE_DIR_ENV) or None, cache_max_bytes=cache_max, workers=workers)
 
 
 def store_from_settings(endpoint: str, access_key: str, secret_key: str, bucket: str, prefix: str = "", *,
@@ -125,6 +150,17 @@ def store_from_settings(endpoint: str, access_key: str, secret_key: str, bucket:
     True). `cache_dir`: a node-local read-through cache of content-addressed objects
     (bounded by `cache_max_bytes`, default memoplane.settings.LOCAL_CACHE_BYTES). `create_bucket`: create the bucket
     if missing (one request now instead of a failure on the first write)."""
+    workers = workers or os.cpu_count() or 2
+    return Store(s3_backend(endpoint, access_key, secret_key, bucket, prefix, secure=secure, cache_dir=cache_dir,
+                            cache_max_bytes=cache_max_bytes, workers=workers, region=region,
+                            create_bucket=create_bucket), workers=workers)
+
+
+def s3_backend(endpoint: str, access_key: str, secret_key: str, bucket: str, prefix: str = "", *,
+               secure: bool | None = None, cache_dir: str | os.PathLike[str] | None = None,
+               cache_max_bytes: int | None = None, workers: int | None = None, region: str | None = None,
+               create_bucket: bool = True) -> Backend:
+    """The backend store_from_settings puts a Store on (see there)."""
     from .s3 import S3Backend, make_client  # minio costs ~0.1 s to import: only when used
 
     workers = workers or os.cpu_count() or 2
@@ -138,4 +174,4 @@ def store_from_settings(endpoint: str, access_key: str, secret_key: str, bucket:
     if cache_dir is not None:
         backend = CachingBackend(s3, FilesystemBackend(cache_dir, durability="none"),
                                  max_bytes=DEFAULT_CACHE_BYTES if cache_max_bytes is None else cache_max_bytes)
-    return Store(backend, workers=workers)
+    return backend

@@ -42,6 +42,7 @@ from ..errors import InputError, NotFound, StoreCorrupted
 from ..tree_limits import MAX_TREE_DEPTH, MAX_TREE_ENTRIES
 from . import audit as audit_log
 from . import gc as maintenance
+from . import tiers
 from . import usage as usage_log
 from .audit import AuditLog, Record
 from .backend import Backend
@@ -62,6 +63,7 @@ from .records import (
     tree_path_problem,
     unseal,
 )
+from .tiers import TieredBackend, TierReport
 from .usage import Entry, UsageIndex, Use
 
 log = logging.getLogger("memoplane.cas")
@@ -615,8 +617,10 @@ class Store:
 
     def verify(self) -> VerifyReport:
         work, _ = self._pools.get()
-        return maintenance.verify(self, work, self._read_chunk,
-                                  lambda digest: self._check_complete(self.get_result(digest), deep=False))
+        scrub = self.backend.scrub() if isinstance(self.backend, TieredBackend) else contextlib.nullcontext()
+        with scrub:   # a scrub's reads are not uses: nothing re-warmed, nothing kept hot (tiers.py)
+            return maintenance.verify(self, work, self._read_chunk,
+                                      lambda digest: self._check_complete(self.get_result(digest), deep=False))
 
     def gc(self, grace_seconds: float = 3600.0, *, results: Iterable[str] = (),
            blobs: Iterable[str] = ()) -> GcReport:
@@ -625,6 +629,13 @@ class Store:
 
     def stats(self) -> Stats:
         return maintenance.stats(self.backend)
+
+    def demote(self, now: float | None = None, limit: int | None = None) -> TierReport | None:
+        """Move content not read for the cold tier's `after` there (tiers.py); None: no cold tier.
+        `now`: the time to judge by (default the tier's clock); `limit`: moves at most."""
+        if not isinstance(self.backend, TieredBackend):
+            return None
+        return tiers.demote(self.backend, now, limit)
 
     def evict_ref(self, key: str) -> str | None:
         """Retention removes `key`'s ref (its data goes at the next gc); the audit log says so.

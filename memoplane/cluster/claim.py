@@ -34,6 +34,7 @@ class Assignment:
     backoff_limit: int
     cache_key: str
     cache_result: bool = True   # false: the cache was at its quota when resolved: compute, set no ref
+    cold_tier: p.ColdTier | None = None   # the store's cold tier, if its cache has one
 
 
 def assignment_of(obj: Mapping[str, Any]) -> Assignment | None:
@@ -45,7 +46,7 @@ def assignment_of(obj: Mapping[str, Any]) -> Assignment | None:
     return Assignment(uid=meta.uid, namespace=meta.namespace, name=meta.name, job_digest=digest, store=store,
                       attempts=status.attempts, generation=meta.generation, policy=view.spec.policy,
                       backoff_limit=view.spec.backoff_limit, cache_key=key,
-                      cache_result=view.assigned.cache_result)
+                      cache_result=view.assigned.cache_result, cold_tier=status.cold_tier)
 
 
 def labelled_for(obj: Mapping[str, Any], node: str) -> bool:

@@ -12,6 +12,8 @@ in the agents' namespace, renewed every RENEW_SECONDS, annotated with what it ca
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..api.common import API_VERSION as API_VERSION  # one definition each, in the API models
 from ..api.common import GROUP as GROUP
 from ..api.common import VERSION as VERSION
@@ -116,6 +118,7 @@ REASON_QUOTA_EXCEEDED = "QuotaExceeded"  # a cache at its spec.quota: results co
 REASON_UNDER_QUOTA = "UnderQuota"
 CONDITION_QUOTA_EXCEEDED = "QuotaExceeded"  # a ResultCache's condition: True at its spec.quota
 REASON_EVICTED = "Evicted"            # a ResultCache pass of retention evicted entries (their data goes at GC)
+REASON_DEMOTED = "Demoted"            # a ResultCache pass moved content not read for tiers[0].after to the tier
 
 DEFAULT_RESULT_CACHE: str = CacheSpec.model_fields["result_cache"].default   # the model's, not typed again
 # The bucket of namespaces' homes (their default ResultCaches, GMemSeed overlays) and the
@@ -160,6 +163,36 @@ def parse_store_url(url: str) -> tuple[str, str]:
     if not bucket:
         raise ValueError(f"store URL {url!r} names no bucket")
     return bucket, prefix.strip("/")
+
+
+@dataclass(frozen=True)
+class ColdTier:
+    """A ResultCache's spec.tiers[0]: the location content moves to after `after` seconds unread.
+    The operator names it to the agent in the job's status.coldTier (text()), not in the
+    metadata: whoever may edit a ComputeJob must not choose where an agent reads from and re-warms."""
+
+    bucket: str
+    prefix: str   # stripped of slashes, as parse_store_url gives it
+    after: float
+
+    @property
+    def url(self) -> str:
+        return store_url(self.bucket, self.prefix)
+
+    def text(self) -> str:
+        return f"{self.after:g} {store_url(self.bucket, self.prefix)}"
+
+    @classmethod
+    def parse(cls, text: str) -> ColdTier:
+        """The inverse of text(); ValueError for anything else."""
+        after, _, url = text.partition(" ")
+        try:
+            seconds = float(after)
+        except ValueError:
+            raise ValueError(f"cold tier {text!r} is not '<seconds> s3://bucket/prefix'") from None
+        if not seconds > 0:
+            raise ValueError(f"cold tier {text!r}: the delay is not positive")
+        return cls(*parse_store_url(url), after=seconds)
 
 
 def runtime_annotation(profile: str) -> str:

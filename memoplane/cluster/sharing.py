@@ -118,9 +118,28 @@ class _Owners:
         return found
 
 
-def decide_access(caches: Iterable[Body], labels: Labels) -> dict[Ref, Access]:
-    """Every cache's access to its location (the decisions depend on one another)."""
-    ordered = sorted((_of(body) for body in caches), key=lambda c: c.age)
+TIER = "/tiers[0]"   # a cache's cold tier takes part in ownership as a cache named <name>/tiers[0]
+
+
+def _tier_of(body: Body) -> _Cache | None:
+    """The cache's cold tier as a cache of its own (same namespace and age, writing, sharing nothing)."""
+    view = cache(body)
+    tier = view.cold_tier
+    if tier is None:
+        return None
+    meta = view.meta
+    return _Cache((meta.namespace, meta.name + TIER), Location(tier.bucket, normalised(tier.prefix)), False, {},
+                  (meta.creation_timestamp, meta.namespace, meta.name + TIER))
+
+
+def decide_access(caches: Sequence[Body], labels: Labels) -> dict[Ref, Access]:
+    """Every cache's access to its location (the decisions depend on one another). A cache's cold
+    tier (spec.tiers[0].store) is owned as a location of its own: a cache whose tier overlaps its
+    store, or lies in a location its namespace does not own, can neither read nor write."""
+    own = [_of(body) for body in caches]
+    tiers = {c.ref: t for c, t in ((c, _tier_of(b)) for c, b in zip(own, caches, strict=True)) if t is not None}
+    locations = {c.ref: c.location for c in own}
+    ordered = sorted([*own, *tiers.values()], key=lambda c: c.age)
     by_namespace: dict[str, list[_Cache]] = {}
     for c in ordered:
         by_namespace.setdefault(c.namespace, []).append(c)
@@ -132,7 +151,25 @@ def decide_access(caches: Iterable[Body], labels: Labels) -> dict[Ref, Access]:
         if access.owner == c.namespace:
             established.add(c)
         decided[c.ref] = access
+    for ref, tier in tiers.items():
+        refused = _tier_refused(locations[ref], decided.pop(tier.ref), tier)
+        if refused and decided[ref].usable:
+            decided[ref] = Access(False, False, "", refused)
     return decided
+
+
+def _tier_refused(store: Location, access: Access, tier: _Cache) -> str:
+    """Why a cache's tier makes the cache unusable ("": it does not): it overlaps the cache's own
+    location (GC there would take its objects for the store's), or its namespace does not own it."""
+    if store.overlaps(tier.location):
+        return f"spec.tiers[0].store {tier.location} overlaps spec.store {store}: move the tier outside it"
+    if not access.owner:
+        return f"spec.tiers[0].store: {access.why.replace('spec.store', 'spec.tiers[0].store')}"
+    if access.owner != tier.namespace:
+        return (f"spec.tiers[0].store {tier.location} is owned by namespace {access.owner}: point the tier at a "
+                f"location namespace {tier.namespace} owns, e.g. under bucket {p.DEFAULT_BUCKET} prefix "
+                f"{p.default_store_prefix(tier.namespace)}")
+    return ""
 
 
 def _access(c: _Cache, by_namespace: Mapping[str, Sequence[_Cache]], owners: _Owners, labels: Labels) -> Access:
@@ -168,8 +205,8 @@ def basis(body: Body) -> tuple[str, str, str]:
     """What of a cache the decisions depend on: its store, its sharing and its age (a new
     object under the same name is another cache)."""
     spec = section(body, "spec")
-    return canonical_json(spec.get("store")).decode(), canonical_json(spec.get("sharing")).decode(), \
-        cache(body).meta.creation_timestamp
+    return canonical_json([spec.get("store"), spec.get("tiers")]).decode(), \
+        canonical_json(spec.get("sharing")).decode(), cache(body).meta.creation_timestamp
 
 
 def selects_by_labels(caches: Iterable[Body]) -> bool:

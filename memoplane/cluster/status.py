@@ -65,14 +65,16 @@ def result_ref(digest: str, result: ResultManifest, store: str) -> dict[str, Any
 
 
 def resolved(status: Mapping[str, Any], generation: int, key: str, input_digests: Mapping[str, str],
-             now: datetime, upstreams: Sequence[Mapping[str, Any]] = ()) -> Patch:
+             now: datetime, upstreams: Sequence[Mapping[str, Any]] = (), cold_tier: p.ColdTier | None = None) -> Patch:
     """A generation resolved to `key`: everything of an earlier generation is cleared.
-    `upstreams`: the fromJob inputs' exact upstream results and runs (status.upstreams)."""
+    `upstreams`: the fromJob inputs' exact upstream results and runs (status.upstreams).
+    `cold_tier`: the job's store's (status.coldTier, read by the agent: status is the controllers')."""
     message = f"cache key {short_key(key)}"
     return {
         "phase": p.PENDING, "reason": p.REASON_RESOLVED, "message": message,
         "cacheKey": key, "shortKey": short_key(key), "inputDigests": dict(input_digests),
         "upstreams": [dict(u) for u in upstreams] or None,
+        "coldTier": cold_tier.text() if cold_tier is not None else None,
         "attempts": 0, **{f: None for f in _OUTCOME},
         "conditions": mark_reconciling(_conds(status), p.REASON_RESOLVED, message, generation, now),
         "observedGeneration": generation,

@@ -10,6 +10,10 @@ object store (unit tests, one-machine demos).
 Agents put a node-local chunk cache (memoplane.cas.cached.CachingBackend) in front of the
 remote: content-addressed objects never change, so a local copy is as good as the remote
 one, and every read is verified either way.
+
+A location whose ResultCache has a cold tier (spec.tiers) gets a TieredBackend over it (the local
+cache stays in front of the hot remote, so a local hit counts as a read). Who knows the tier tells
+the Stores (`set_tier`): the operator from the owning cache, an agent from the job's assignment.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from ..settings import CREDENTIALS_ENV as CREDENTIALS_ENV  # the settings live i
 from ..settings import StoreSettings as StoreSettings
 from ..settings import read_credentials as read_credentials
 from . import protocol as p
+from .views import CacheView
 
 ROOT_ENV = "MEMOPLANE_STORE_ROOT"
 
@@ -39,6 +44,8 @@ class Stores:
         self.settings = settings
         self._lock = threading.Lock()
         self._stores: dict[tuple[str, str], Store] = {}
+        self._tiers: dict[tuple[str, str], p.ColdTier] = {}
+        self._retired: list[Store] = []   # replaced when a tier changed; closed with the others
         self._ensured: set[str] = set()
         self._client: Any = None
 
@@ -65,14 +72,46 @@ class Stores:
         with self._lock:
             store = self._stores.get(key)
             if store is None:
-                backend = self._remote(*key)
-                if self.settings.local_cache:
-                    from ..cas.cached import CachingBackend
-                    local = FilesystemBackend(Path(self.settings.local_cache) / key[0] / key[1])
-                    backend = CachingBackend(backend, local, max_bytes=self.settings.local_cache_bytes)
-                store = Store(backend, workers=self.settings.workers)
+                store = Store(self._backend(key), workers=self.settings.workers)
                 self._stores[key] = store
             return store
+
+    def _backend(self, key: tuple[str, str]) -> Backend:
+        backend = self._remote(*key)
+        if self.settings.local_cache:
+            from ..cas.cached import CachingBackend
+            local = FilesystemBackend(Path(self.settings.local_cache) / key[0] / key[1])
+            backend = CachingBackend(backend, local, max_bytes=self.settings.local_cache_bytes)
+        tier = self._tiers.get(key)
+        if tier is not None:
+            from ..cas.tiers import TieredBackend
+            backend = TieredBackend(backend, self._remote(tier.bucket, tier.prefix), after=tier.after)
+        return backend
+
+    def of_cache(self, view: CacheView, *, owner: bool) -> Store:
+        """A ResultCache's location. When the cache owns it (usable, not a guest there), its
+        spec.tiers decides the location's cold tier; a guest's view never does."""
+        if owner:
+            self.set_tier(view.bucket, view.prefix, view.cold_tier)
+        return self.get(view.bucket, view.prefix)
+
+    def set_tier(self, bucket: str, prefix: str, tier: p.ColdTier | None) -> None:
+        """The location's cold tier from now on (None: none); a store opened without it is reopened."""
+        key = (bucket, prefix.strip("/"))
+        with self._lock:
+            if self._tiers.get(key) == tier:
+                return
+            if tier is None:
+                del self._tiers[key]
+            else:
+                self._tiers[key] = tier
+            replaced = self._stores.pop(key, None)
+            if replaced is not None:
+                self._retired.append(replaced)   # a thread may still be using it
+
+    def tier_of(self, bucket: str, prefix: str) -> p.ColdTier | None:
+        with self._lock:
+            return self._tiers.get((bucket, prefix.strip("/")))
 
     def by_url(self, url: str) -> Store:
         return self.get(*p.parse_store_url(url))
@@ -103,9 +142,10 @@ class Stores:
 
     def close(self) -> None:
         with self._lock:
-            for store in self._stores.values():
+            for store in [*self._stores.values(), *self._retired]:
                 store.close()
             self._stores.clear()
+            self._retired.clear()
 
 
 class _Response(io.RawIOBase):

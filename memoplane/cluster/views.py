@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..api.common import duration_seconds
 from ..api.computejob import CacheSpec, ComputeJobSpec, RuntimeSpec, VerifySpec
 from . import protocol as p
 
@@ -160,6 +161,15 @@ class JobStatus:
     def cache_key(self) -> str | None:
         key = self.raw.get("cacheKey")
         return str(key) if key else None
+
+    @property
+    def cold_tier(self) -> p.ColdTier | None:
+        """The job's store's cold tier (None: none named, or a malformed one: reads stay hot)."""
+        text = self.raw.get("coldTier")
+        try:
+            return p.ColdTier.parse(str(text)) if text else None
+        except ValueError:
+            return None
 
     @property
     def attempts(self) -> int:
@@ -318,6 +328,16 @@ class CacheView:
     @property
     def store_url(self) -> str:
         return p.store_url(self.bucket, self.prefix)
+
+    @property
+    def cold_tier(self) -> p.ColdTier | None:
+        """spec.tiers[0] (None: no tier; the API refuses a malformed one)."""
+        tiers = section(self.body, "spec").get("tiers") or ()
+        if not tiers or not isinstance(tiers[0], Mapping):
+            return None
+        tier, store = tiers[0], section(tiers[0], "store")
+        return p.ColdTier(str(store.get("bucket") or ""), str(store.get("prefix") or "").strip("/"),
+                          duration_seconds(str(tier.get("after"))))
 
     @property
     def read_only(self) -> bool:

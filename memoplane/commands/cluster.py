@@ -187,14 +187,20 @@ def get_command(args: argparse.Namespace) -> int:
 
 def job_store(api: Any, job: dict[str, Any]) -> Any:
     """The store of the job's ResultCache (credentials from MEMOPLANE_S3_*)."""
-    from ..cas import open_store
-
     namespace = job["metadata"]["namespace"]
     cache_name = ((job.get("spec") or {}).get("cache") or {}).get("resultCache", "default")
-    cache = api_call(f"resultcache {namespace}/{cache_name}", api.get_namespaced_custom_object,
-                     GROUP, VERSION, namespace, "resultcaches", cache_name)
-    store = (cache.get("spec") or {}).get("store") or {}
-    return open_store(f"s3://{store.get('bucket', 'memoplane')}/{store.get('prefix', '')}")
+    return cache_store(api_call(f"resultcache {namespace}/{cache_name}", api.get_namespaced_custom_object,
+                                GROUP, VERSION, namespace, "resultcaches", cache_name))
+
+
+def cache_store(rc: dict[str, Any]) -> Any:
+    """A ResultCache's store, with its cold tier (spec.tiers) if it has one."""
+    from ..cas import open_store
+    from ..cluster.views import cache
+
+    view = cache(rc)
+    tier = view.cold_tier
+    return open_store(view.store_url, cold=(tier.url, tier.after) if tier is not None else None)
 
 
 def succeeded_result(job: dict[str, Any]) -> str:

@@ -94,11 +94,10 @@ def _opened(args: argparse.Namespace, job: str | None = None) -> Iterator[tuple[
 
 
 def _cluster_store(args: argparse.Namespace, job: str | None) -> tuple[Any, str]:
-    from ..cas import open_store
     from ..cluster.decide import default_cache
     from ..cluster.protocol import DEFAULT_RESULT_CACHE
-    from ..cluster.views import cache
     from ..errors import NotFound
+    from .cluster import cache_store
     from .kube import GROUP, VERSION, api_call, current_namespace, custom_objects, get_job
 
     api = custom_objects()
@@ -117,7 +116,7 @@ def _cluster_store(args: argparse.Namespace, job: str | None) -> tuple[Any, str]
         if cache_name not in (None, DEFAULT_RESULT_CACHE):
             raise
         rc = default_cache(namespace)   # not made yet: where the operator will put it
-    return open_store(cache(rc).store_url), namespace
+    return cache_store(rc), namespace
 
 
 def _split(job: str, namespace: str) -> tuple[str, str]:

@@ -146,7 +146,9 @@ def gc_command(args: argparse.Namespace) -> int:
         evicted = store.evict(max_age=max_age, max_bytes=max_bytes) if (max_age or max_bytes) else None
         results, blobs = kept_roots(store)  # versions in history stay readable
         report = store.gc(grace_seconds=args.grace, results=results, blobs=blobs)
-        out = {"gc": report.to_dict(), "evict": evicted.to_dict() if evicted else None}
+        moved = store.demote()   # after the sweep: nothing dead is moved
+        out = {"gc": report.to_dict(), "evict": evicted.to_dict() if evicted else None,
+               "tier": moved.to_dict() if moved else None}
         if args.json:
             print(json.dumps(out, sort_keys=True))
         else:
@@ -157,6 +159,11 @@ def gc_command(args: argparse.Namespace) -> int:
             packs = report.packs
             print(f"packs: {packs.packs_deleted} deleted, {packs.packs_condemned} condemned, "
                   f"{packs.chunks_repacked} chunk(s) repacked; {packs.bytes_reclaimed} bytes reclaimed")
+
+            if moved:
+                print(f"moved {moved.moved} object(s), {moved.bytes_moved} bytes, not read for "
+                      f"{moved.after:.0f} s to the cold tier {moved.cold}; {moved.kept_hot} kept hot"
+                      + (f"; {moved.failed} did not copy back equal and stayed" if moved.failed else ""))
     return 0
 
 

@@ -163,7 +163,7 @@ class ResultCaches:
         if isinstance(policy, Wait):
             return policy
         found, access = cache(rc), self.access_of(rc)
-        own = self.stores.get(found.bucket, found.prefix)
+        own = self.stores.of_cache(found, owner=access.usable and not access.guest)
         home = p.default_store_prefix(found.meta.namespace)
         store, url = (own, found.store_url) if access.write else \
             (self.stores.get(p.DEFAULT_BUCKET, home), p.store_url(p.DEFAULT_BUCKET, home))
@@ -252,7 +252,7 @@ class ResultCaches:
         patch: dict[str, Any] = {"observedGeneration": generation}
         access = self.access_of(rc)
         try:
-            store = self.stores.get(bucket, prefix)
+            store = self.stores.of_cache(view, owner=access.usable and not access.guest)
             if access.read and stats:  # the size figures are the retention worker's (retention.py)
                 with self.work.cond:
                     counters = self._counters.pop((namespace, name), rs.no_counts())

@@ -198,13 +198,14 @@ def _keyed(ctx: Context, obj: dict[str, Any], outcome: resolve.Resolved, target:
     # The assignment's metadata in one patch, then the status: a crash between them
     # leaves a job whose status is of an older generation, which the next pass resolves
     # again (same digest, same key); the node label is removed, so no agent acts on it.
+    tier = ctx.stores.tier_of(*p.parse_store_url(url))   # where the agent finds content moved out of `url`
     updated = ctx.patch_meta(
         obj, labels={p.KEY_LABEL: p.key_label(key), p.NODE_LABEL: None},
         annotations={p.JOB_DIGEST_ANNOTATION: digest, p.STORE_ANNOTATION: url,
                      p.JOB_GENERATION_ANNOTATION: str(generation),
                      p.CACHE_RESULT_ANNOTATION: None if uncached is None else "false"})
     updated = ctx.patch(updated, st.resolved(status, generation, key, outcome.input_digests, now,
-                                             outcome.upstreams))
+                                             outcome.upstreams, tier))
     ctx.event(updated, p.REASON_RESOLVED, f"cache key {key[:15]}… (generation {generation})")
     if uncached is not None:
         ctx.event(updated, p.REASON_QUOTA_EXCEEDED, f"ResultCache '{view.spec.result_cache}': {uncached}",

@@ -10,7 +10,9 @@ against them, every `reindex_seconds`); the sweep (gc: a full mark of the store)
 thread too, for caches with retention, after a pass that evicted or every `gc_seconds`. Before
 it, the store's run records older than `maxAge` are dropped; the results and blobs the others name
 are roots (an SQLite index of the records per store in the temp directory: each sweep reads only
-the records it has not seen).
+the records it has not seen). A cache that owns its location and has a cold tier (spec.tiers) has
+what was not read for tiers[0].after moved there every `demote_seconds` (cas.tiers.demote; an Event
+Demoted says how much).
 """
 
 from __future__ import annotations
@@ -102,11 +104,14 @@ class UsageRecorder:
 
 class RetentionWorker:
     def __init__(self, settings: OperatorSettings, kube: Kube, stores: Stores, recorder: UsageRecorder,
-                 watched: Callable[[str], bool], access: Callable[[dict[str, Any]], Access]) -> None:
+                 watched: Callable[[str], bool], access: Callable[[dict[str, Any]], Access],
+                 clock: Callable[[], float] = time.time) -> None:
         self.cfg, self.kube, self.stores, self.recorder, self.watched = settings, kube, stores, recorder, watched
         self.access = access   # what the cache's namespace may do in its location (sharing)
+        self.clock = clock     # wall time for demotion (tests move it instead of waiting)
         self._indexes: dict[str, UsageIndex] = {}   # store URL -> its index as of the last pass
         self._swept: dict[str, float] = {}          # store URL -> monotonic time of its last sweep
+        self._demoted: dict[str, float] = {}        # store URL -> monotonic time of its last demotion
         self._saved: dict[str, tuple[tuple[Any, ...], float]] = {}  # store URL -> (_signature, when) last saved
         self._reindexed: dict[str, float] = {}      # store URL -> monotonic time its refs were last checked
         self._unindexed: dict[str, dict[str, float]] = {}  # store URL -> refs its index lacks, left to read
@@ -164,7 +169,7 @@ class RetentionWorker:
             return
         view = cache(rc)
         url = view.store_url
-        store = self.stores.get(view.bucket, view.prefix)
+        store = self.stores.of_cache(view, owner=not access.guest)
         index = self._current_index(store, url)
         # Only the owner's retention evicts: a namespace granted another's location never removes its entries.
         retention = None if access.guest else rt.retention_of(rc)
@@ -172,6 +177,8 @@ class RetentionWorker:
             if retention is not None else []
         if retention is not None and (evicted or self._sweep_due(url)):
             self._sweep(store, index, url, retention)
+        if not access.guest and self._demotion_due(url):
+            self._demote(rc, store, url)
         self._save(store, index, url, force=bool(evicted))
         fields = rt.stats_fields(index, view.status)
         if fields:
@@ -215,6 +222,24 @@ class RetentionWorker:
 
     def _sweep_due(self, url: str) -> bool:
         return time.monotonic() - self._swept.get(url, float("-inf")) >= self.cfg.gc_seconds
+
+    def _demotion_due(self, url: str) -> bool:
+        return time.monotonic() - self._demoted.get(url, float("-inf")) >= self.cfg.demote_seconds
+
+    def _demote(self, rc: dict[str, Any], store: Store, url: str) -> None:
+        """Move what was not read for spec.tiers[0].after to the cache's cold tier (cas/tiers.py)."""
+        report = store.demote(now=self.clock(), limit=self.cfg.demotions_per_pass)
+        if report is None:   # no cold tier
+            return
+        if not report.left:   # else the next pass goes on
+            self._demoted[url] = time.monotonic()
+        log.info("%s: %d objects (%d bytes) moved to its cold tier, %d kept hot, %d failed, %d left", url,
+                 report.moved, report.bytes_moved, report.kept_hot, report.failed, report.left)
+        if report.moved or report.failed:
+            self.kube.event(rc, p.REASON_DEMOTED, f"moved {report.moved} objects ({report.bytes_moved} bytes) "
+                            f"not read for {report.after:.0f} s to {report.cold}"
+                            + (f"; {report.failed} copies did not read back equal and stayed" if report.failed
+                               else ""), warning=bool(report.failed))
 
     def _save(self, store: Store, index: UsageIndex, url: str, force: bool) -> None:
         """Compact the usage log into the snapshot: at once after evictions (they are only in

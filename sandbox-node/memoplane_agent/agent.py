@@ -274,6 +274,8 @@ class Agent:
         self.kube.event(obj, p.REASON_RUNNING, f"running on node {node} (attempt {a.attempts})",
                         component=p.AGENT_COMPONENT, host=node)
         try:
+            if a.cold_tier is not None:   # never unset here: a job resolved before the tier existed names none
+                self.stores.set_tier(*p.parse_store_url(a.store), a.cold_tier)
             store = self.stores.by_url(a.store)
             job = job_from_dict(json.loads(store.get_bytes(a.job_digest)))
         except (MemoplaneError, ValueError, KeyError) as exc:

@@ -211,3 +211,22 @@ def test_an_assigned_job_computes_even_when_its_node_signed_a_stored_result(setu
     run(agent, obj)
     assert runner.runs == 1, "the job was served from the store instead of computed"
     assert status(kube)["phase"] == p.FAILED and not status(kube).get("cached")
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["tier-named", "tier-not-named"])
+def test_the_agent_reads_a_job_manifest_moved_to_the_cold_tier_the_assignment_names(
+        setup: Any, tmp_path: Path, named: bool) -> None:
+    agent, kube, store = setup
+    runner = RaisingRunner(RuntimeError("reached the sandbox"))
+    agent.pools["python"] = runner
+    obj = scheduled_job(kube, store, backoff_limit=0)
+    hot, cold = tmp_path / "s3" / p.DEFAULT_BUCKET / "ml", tmp_path / "s3" / "memoplane-cold" / "ml"
+    for chunk in [f for f in (hot / "chunks").rglob("*") if f.is_file()]:   # as a demotion leaves them
+        (cold / chunk.relative_to(hot)).parent.mkdir(parents=True, exist_ok=True)
+        chunk.rename(cold / chunk.relative_to(hot))
+    if named:
+        obj["status"]["coldTier"] = p.ColdTier("memoplane-cold", "ml", 3600.0).text()
+    run(agent, obj)
+    assert runner.runs == (1 if named else 0)
+    assert status(kube)["reason"] == (p.REASON_AGENT_ERROR if named else p.REASON_STORE)
+    assert any(f.is_file() for f in (hot / "chunks").rglob("*")) == named   # re-warmed on the way

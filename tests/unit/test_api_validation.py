@@ -33,6 +33,8 @@ from memoplane.api.resultcache import (
     QUOTA_EMPTY_MESSAGE,
     RESULTCACHE,
     SIGNING_MESSAGE,
+    TIER_OVERLAP_MESSAGE,
+    TIER_READ_ONLY_MESSAGE,
     TIERS_MESSAGE,
     ResultCacheSpec,
 )
@@ -220,8 +222,17 @@ CASES: list[tuple[str, crd.KindInfo, type[Any], Spec, str, str]] = [
      _with(["quota"], {}, examples.resultcache_spec), "spec.quota", f"spec.quota: {QUOTA_EMPTY_MESSAGE}"),
     ("quota-max-entries-zero", RESULTCACHE, ResultCacheSpec,
      _with(["quota", "maxEntries"], 0, examples.resultcache_spec), "spec.quota.maxEntries", ""),
-    ("tiers-not-supported", RESULTCACHE, ResultCacheSpec,
-     _with(["tiers"], [{"after": "720h"}], examples.resultcache_spec), "spec.tiers", f"spec.tiers: {TIERS_MESSAGE}"),
+    ("two-tiers-not-supported", RESULTCACHE, ResultCacheSpec,
+     _with(["tiers"], [{"after": "720h", "store": {"bucket": "cold"}}, {"after": "8760h", "store": {"bucket": "ice"}}],
+           examples.resultcache_spec), "spec.tiers", f"spec.tiers: {TIERS_MESSAGE}"),
+    ("tier-read-only", RESULTCACHE, ResultCacheSpec,
+     _with(["tiers"], [{"after": "720h", "store": {"bucket": "cold", "readOnly": True}}], examples.resultcache_spec),
+     "spec.tiers[0].store", f"spec.tiers[0].store: {TIER_READ_ONLY_MESSAGE}"),
+    ("tier-after-not-a-duration", RESULTCACHE, ResultCacheSpec,
+     _with(["tiers"], [{"after": "30d", "store": {"bucket": "cold"}}], examples.resultcache_spec),
+     "spec.tiers[0].after", ""),
+    ("tier-without-store", RESULTCACHE, ResultCacheSpec,
+     _with(["tiers"], [{"after": "720h"}], examples.resultcache_spec), "spec.tiers[0]", ""),
     ("signing-replaced-by-trust", RESULTCACHE, ResultCacheSpec,
      _with(["signing"], {"secretRef": {"name": "k"}}, examples.resultcache_spec),
      "spec.signing", f"spec.signing: {SIGNING_MESSAGE}"),
@@ -315,7 +326,7 @@ def test_crd_schema_rejects_with_field_named(
 CEL_IDS = {"python-and-command", "neither-python-nor-command", "map-over-unknown-input", "verify-with-map",
            "map-over-chunks-not-on-a-cluster", "map-neither-over-nor-chunks", "combine-without-over-chunks",
            "sharing-names-and-selector", "sharing-writers-empty", "signing-replaced-by-trust",
-           "quota-empty", "tiers-not-supported",
+           "quota-empty", "two-tiers-not-supported", "tier-read-only",
            "trusted-key-two-sources", "trusted-key-no-source", "trusts-no-key", "env-name-with-equals", "env-name-empty", "env-name-digit-first",
            "env-name-with-nul", "env-name-reserved", "as-on-a-value", "as-on-a-seed", "as-with-command"}
 CEL_CASES = [c for c in CASES if c[0] in CEL_IDS]
@@ -362,11 +373,14 @@ def test_python_and_cel_give_the_same_message(
         (RESULTCACHE, ResultCacheSpec, {"store": {"bucket": "memoplane"}, "quota": {"maxEntries": 1000}}),
         (RESULTCACHE, ResultCacheSpec, {"store": {"bucket": "memoplane"},
                                         "quota": {"maxBytes": "50Gi", "maxEntries": 1}}),
+        (RESULTCACHE, ResultCacheSpec, {"store": {"bucket": "memoplane", "prefix": "ml/hot"},
+                                        "tiers": [{"after": "720h", "store": {"bucket": "memoplane",
+                                                                              "prefix": "ml/cold/"}}]}),
     ],
     ids=["computejob-design", "resultcache-design", "gmemseed-design", "command", "null-value",
          "quantities", "env-names", "deep-100", "file-deliveries", "no-trust", "own-keys-only", "reexecute",
          "reexecute-all",
-         "sharing-and-read-only", "quota-entries", "quota-both"],
+         "sharing-and-read-only", "quota-entries", "quota-both", "tier"],
 )
 def test_valid_specs_pass_both(info: crd.KindInfo, model: type[Any], spec: Spec) -> None:
     assert python_errors(model, spec) == []
@@ -390,3 +404,22 @@ def test_a_too_deep_input_value_is_refused_by_the_model() -> None:
 def test_fields_the_system_does_not_enforce_say_so() -> None:
     # A field the API accepts is a field the system enforces: the others are refused, saying why.
     assert "trust" in SIGNING_MESSAGE
+
+
+@pytest.mark.parametrize(("store", "tier"), [
+    ({"bucket": "memoplane", "prefix": "ml/"}, {"bucket": "memoplane", "prefix": "ml/cold"}),
+    ({"bucket": "memoplane", "prefix": "ml/cold/"}, {"bucket": "memoplane", "prefix": "/ml//"}),
+    ({"bucket": "memoplane", "prefix": "ml"}, {"bucket": "memoplane", "prefix": "ml/"}),
+    ({"bucket": "memoplane"}, {"bucket": "memoplane", "prefix": "x/"}),
+])
+def test_a_tier_overlapping_the_store_is_refused(store: Spec, tier: Spec) -> None:
+    """Python only (a CRD rule cannot normalise prefixes): the operator refuses it too (cluster.tiering)."""
+    errors = python_errors(ResultCacheSpec, {"store": store, "tiers": [{"after": "720h", "store": tier}]})
+    assert errors == [f"spec.tiers: {TIER_OVERLAP_MESSAGE}"]
+
+
+def test_a_tier_beside_the_store_is_accepted() -> None:
+    spec = {"store": {"bucket": "memoplane", "prefix": "ml/a"}, "tiers": [{"after": "1h", "store": {"bucket":
+                                                                                                "memoplane",
+                                                                                                "prefix": "ml/ab"}}]}
+    assert python_errors(ResultCacheSpec, spec) == []

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,10 @@ def main(rows, scale=1):
 """
 
 
-def memoplane(store: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def memoplane(store: Path, *args: str, check: bool = True, cold: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "MEMOPLANE_STORE": str(store)}
+    if cold is not None:
+        env["MEMOPLANE_COLD_STORE"] = str(cold)
     proc = subprocess.run([sys.executable, "-m", "memoplane.cli", *args], capture_output=True, text=True,
                           env=env, timeout=300)
     if check and proc.returncode != 0:
@@ -121,6 +124,28 @@ def test_stats_verify_gc(tmp_path: Path, script: Path) -> None:
     gc = json.loads(memoplane(store, "gc", "--grace", "0", "--json").stdout)
     assert gc["gc"]["deleted"] == 0
     assert run_json(store, str(script), "--input", "rows=[1]")["cached"] is True
+
+
+def test_gc_moves_content_unread_for_30_days_to_the_cold_tier_and_a_hit_reads_it_back(tmp_path: Path) -> None:
+    store, cold = tmp_path / "store", tmp_path / "cold"
+    script = tmp_path / "big.py"
+    script.write_text("def main():\n    return bytes(range(256)) * 4096\n")
+    first = json.loads(memoplane(store, "run", "--json", str(script), cold=cold).stdout)
+    fresh = json.loads(memoplane(store, "gc", "--json", cold=cold).stdout)
+    assert fresh["tier"]["moved"] == 0 and fresh["tier"]["kept_hot"] > 0   # just written
+    month_ago = time.time() - 31 * 86400
+    for path in (store / "chunks").rglob("*"):
+        os.utime(path, (month_ago, month_ago))   # as if written a month ago and not read since
+    text = memoplane(store, "gc", cold=cold).stdout
+    assert "to the cold tier" in text and "moved 0" not in text
+    assert not [f for f in (store / "chunks").rglob("*") if f.is_file()]
+    moved = {f.name for f in (cold / "chunks").rglob("*") if f.is_file()}
+    assert moved
+    again = json.loads(memoplane(store, "run", "--json", str(script), cold=cold).stdout)
+    assert again["cached"] is True and again["result_digest"] == first["result_digest"]
+    assert memoplane(store, "result", first["result_digest"], cold=cold).stdout   # the value, read through
+    rewarmed = {f.name for f in (store / "chunks").rglob("*") if f.is_file()}
+    assert rewarmed and rewarmed <= moved   # what the hit read (the value's chunks) is hot again
 
 
 def test_verify_reports_damage_and_the_job_recomputes(tmp_path: Path) -> None:

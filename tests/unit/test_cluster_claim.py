@@ -37,6 +37,19 @@ def test_the_assignment_says_whether_to_cache_the_result() -> None:
     assert a is not None and not a.cache_result
 
 
+def test_the_assignment_names_the_stores_cold_tier_from_the_status_only() -> None:
+    job = cj("Scheduled")
+    assert assignment_of(job).cold_tier is None  # type: ignore[union-attr]
+    job["status"]["coldTier"] = "2592000 s3://memoplane-cold/ml"
+    assert assignment_of(job).cold_tier == p.ColdTier("memoplane-cold", "ml", 2592000.0)  # type: ignore[union-attr]
+    for bad in ("soon s3://memoplane-cold/ml", "0 s3://memoplane-cold/ml", "60 /tmp/cold", "60"):
+        job["status"]["coldTier"] = bad
+        assert assignment_of(job).cold_tier is None, bad  # type: ignore[union-attr]
+    job["status"].pop("coldTier")
+    job["metadata"]["annotations"][f"{p.GROUP}/cold-tier"] = "60 s3://elsewhere/ml"   # metadata is not read
+    assert assignment_of(job).cold_tier is None  # type: ignore[union-attr]
+
+
 def test_claim_scheduled_jobs_for_this_node() -> None:
     assert agent_action(cj("Scheduled"), "node-a", running_here=False) == "claim"
     assert agent_action(cj("Scheduled"), "node-b", running_here=False) == "ignore"

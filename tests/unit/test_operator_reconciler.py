@@ -18,6 +18,7 @@ from memoplane_operator.reconciler import Reconciler
 from memoplane.api.conditions import kstatus, mark_ready
 from memoplane.cas import BlobRef, Hit, Provenance, ResultManifest, Store
 from memoplane.cas import audit as audit_log
+from memoplane.cas.tiers import TieredBackend
 from memoplane.cluster import protocol as p
 from memoplane.cluster.stores import Stores, StoreSettings
 from memoplane.cluster.views import job
@@ -229,11 +230,13 @@ def test_a_revocation_in_a_cache_is_recorded_once_in_its_store_audit_log(
 
 
 def put_cache(r: Reconciler, kube: FakeKube, namespace: str, name: str, prefix: str,
-              sharing: dict[str, Any] | None = None) -> None:
+              sharing: dict[str, Any] | None = None, tiers: list[dict[str, Any]] | None = None) -> None:
     """A ResultCache created (or changed) as the watch delivers it."""
     spec: dict[str, Any] = {"store": {"bucket": p.DEFAULT_BUCKET, "prefix": prefix}}
     if sharing is not None:
         spec["sharing"] = sharing
+    if tiers is not None:
+        spec["tiers"] = tiers
     existing = kube.objects.get((p.RESULTCACHES, namespace, name))
     if existing is None:
         body = kube.create(p.RESULTCACHES, namespace, {"apiVersion": p.API_VERSION, "kind": "ResultCache",
@@ -442,3 +445,35 @@ def test_a_ready_downstream_is_held_while_its_upstream_recomputes_then_cut_off(
     assert done["status"]["result"] == down["status"]["result"]
     assert kube.writes == [("status", p.COMPUTEJOBS, "down")]     # no assignment, no schedule
     assert ("down", p.REASON_EARLY_CUTOFF) in {(e.name, e.reason) for e in kube.events}
+
+
+# -- a cold tier (spec.tiers) ------------------------------------------------------------------------
+
+
+def test_a_cache_with_a_tier_opens_its_location_tiered_and_names_the_tier_to_the_agent(
+        world: tuple[Reconciler, FakeKube, list[str]]) -> None:
+    r, kube, _ = world
+    put_cache(r, kube, "ml", "default", "ml/", tiers=[{"after": "720h", "store": {"bucket": "ml-cold"}}])
+    job_ = submit(r, kube, "a")
+    assert job_["status"]["phase"] == "Scheduled"
+    assert job(job_).status.cold_tier == p.ColdTier("ml-cold", "", 720 * 3600.0)
+    backend = r.stores.get(p.DEFAULT_BUCKET, "ml").backend
+    assert isinstance(backend, TieredBackend) and backend.after == 720 * 3600.0
+    assert backend.cold.describe().endswith("ml-cold")
+    put_cache(r, kube, "ml", "default", "ml/")   # the tier removed: the location is opened without it
+    assert "coldTier" not in submit(r, kube, "b", x=2)["status"]
+    assert not isinstance(r.stores.get(p.DEFAULT_BUCKET, "ml").backend, TieredBackend)
+
+
+@pytest.mark.parametrize(("tier", "words"), [
+    ({"bucket": p.DEFAULT_BUCKET, "prefix": "ml/"}, "is owned by namespace ml"),
+    ({"bucket": p.DEFAULT_BUCKET, "prefix": "ops/cold"}, "overlaps spec.store"),
+], ids=["another-namespaces-home", "inside-its-own-store"])
+def test_a_cache_whose_tier_it_may_not_use_is_stalled(
+        world: tuple[Reconciler, FakeKube, list[str]], tier: dict[str, Any], words: str) -> None:
+    r, kube, _ = world
+    put_cache(r, kube, "ml", "default", "ml/")
+    put_cache(r, kube, "ops", "default", "ops/", tiers=[{"after": "1h", "store": tier}])
+    stalled = ready_condition(r, kube, "ops", "default")
+    assert stalled["status"] == "False" and "spec.tiers[0].store" in stalled["message"] and words in stalled["message"]
+    assert not isinstance(r.stores.get(p.DEFAULT_BUCKET, "ops").backend, TieredBackend)

@@ -211,3 +211,33 @@ def test_a_map_batch_records_each_element_it_computed(
     entries = store.usage().entries   # no pass, no reindex: the log alone
     assert {k: (e.size, e.written) for k, e in entries.items()} == {k: (s, 1767323045.0)
                                                                       for k, s in zip(keys, sizes, strict=True)}
+
+
+def test_a_cache_with_a_cold_tier_has_unread_content_moved_there_and_read_back(tmp_path: Path) -> None:
+    kube, now = FakeKube(), [time.time()]
+    stores = Stores(StoreSettings(root=str(tmp_path / "s3")))
+    settings = OperatorSettings(retention_grace_seconds=0.0, gc_grace_seconds=0.0, demote_seconds=0.0)
+    worker = RetentionWorker(settings, kube, stores, UsageRecorder(stores, settings.usage_flush_seconds),
+                             lambda _ns: True, lambda _rc: OWNED, clock=lambda: now[0])
+    rc = default_cache(NS)
+    rc["spec"]["tiers"] = [{"after": "720h", "store": {"bucket": "memoplane-cold", "prefix": NS}}]
+    kube.create(p.RESULTCACHES, NS, rc)
+    hot, cold = tmp_path / "s3" / p.DEFAULT_BUCKET / NS, tmp_path / "s3" / "memoplane-cold" / NS
+    try:
+        worker.run_pass()   # the owner's pass opens the location with its tier
+        store = stores.get(p.DEFAULT_BUCKET, p.default_store_prefix(NS))
+        key = write(worker, kube, store, "big", 200_000)
+        chunks = {f.name for f in (hot / "chunks").rglob("*") if f.is_file()}
+        worker.run_pass()   # within `after`: nothing moves
+        assert not (cold / "chunks").exists() and not kube.events
+        now[0] += 720 * 3600 + 60
+        worker.run_pass()
+        assert {f.name for f in (cold / "chunks").rglob("*") if f.is_file()} == chunks
+        assert not any(f.is_file() for f in (hot / "chunks").rglob("*"))
+        assert [e.reason for e in kube.events] == [p.REASON_DEMOTED]
+        assert f"moved {len(chunks)} objects" in kube.events[0].message
+        hit = store.get_ref(key)
+        assert hit is not None and len(store.load_value(hit.result.value)) == 200_000   # read through, verified
+        assert any(f.is_file() for f in (hot / "chunks").rglob("*"))   # and re-warmed
+    finally:
+        stores.close()

@@ -151,6 +151,8 @@ def stack(control_plane: cluster.ClusterInfo, tmp_path_factory: pytest.TempPathF
                    "MEMOPLANE_RESYNC_SECONDS": "1", "MEMOPLANE_RETENTION_SECONDS": "1",
                    # retention and sweeps only touch caches with spec.retention: test_retention.py's
                    "MEMOPLANE_RETENTION_GRACE_SECONDS": "2", "MEMOPLANE_GC_GRACE_SECONDS": "2", OBJECT_INPUTS_ENV: OBJECT_INPUTS,
+                   # demotion only touches caches with spec.tiers: test_cold_tier.py's
+                   "MEMOPLANE_DEMOTE_SECONDS": "1",
                    OPENLINEAGE_URL_ENV: lineage.url,
                    CHUNK_TASK_BYTES_ENV: str(CHUNK_TASK_BYTES)})
     stores = Stores(StoreSettings.from_env(control_plane.env()))

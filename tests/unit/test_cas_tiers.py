@@ -1,0 +1,305 @@
+"""The cold tier (cas/tiers.py) with two filesystem backends: demotion, read-through, marks, crashes."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fakes import DelegatingBackend
+
+from memoplane.cas import FilesystemBackend, Provenance, ResultManifest, Store, StoredValue, open_store
+from memoplane.cas.backend import Backend
+from memoplane.cas.chunking import encode_chunk
+from memoplane.cas.digests import b3, object_name
+from memoplane.cas.tiers import DEMOTABLE, MARKS, TieredBackend, demote, last_reads
+from memoplane.errors import InputError, NotFound, StoreCorrupted
+
+KEY = "b3:" + "7" * 64
+DAY = 86400.0
+AFTER = 30 * DAY
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Setup:
+    def __init__(self, tmp: Path, hot: Backend | None = None, cold: Backend | None = None) -> None:
+        self.hot_fs = FilesystemBackend(tmp / "hot", durability="none")
+        self.cold_fs = FilesystemBackend(tmp / "cold", durability="none")
+        self.clock = Clock(1_000_000.0)
+        self.tiered = TieredBackend(hot or self.hot_fs, cold or self.cold_fs, after=AFTER, clock=self.clock,
+                                    node="node-a")
+        self.store = Store(self.tiered, workers=2)
+
+    def commit(self, data: bytes) -> str:
+        """A result whose value is `data`; returns the value's blob digest."""
+        value = StoredValue("bytes", blob=self.store.put_bytes(data))
+        assert value.blob is not None
+        self.store.commit(ResultManifest(value=value, stdout=self.store.put_bytes(b"out"),
+                                         stderr=self.store.put_bytes(b""),
+                                         provenance=Provenance(KEY, {}, "b3:" + "2" * 64, "n", 0.0, 1.0, 1.0)))
+        return value.blob.digest
+
+    def names(self, backend: FilesystemBackend, prefix: str = "chunks/") -> set[str]:
+        return {i.name for i in backend.list(prefix)}
+
+    def chunks_of(self, blob: str) -> set[str]:
+        return {object_name("chunks", c) for c, _ in self.store.blob_manifest(blob).chunks}
+
+    def later(self, seconds: float) -> float:
+        """Move the clock on; returns the new now. Objects' mtimes stay real (long ago by then)."""
+        self.clock.now += seconds
+        return self.clock.now
+
+
+@pytest.fixture
+def s(tmp_path: Path) -> Iterator[Setup]:
+    setup = Setup(tmp_path)
+    yield setup
+    setup.store.close()
+
+
+def data(n: int = 300_000, seed: int = 1) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def test_demote_moves_unread_chunks_and_a_hit_reads_through_and_rewarms(s: Setup) -> None:
+    payload = data()
+    blob = s.commit(payload)
+    chunks = s.names(s.hot_fs)
+    assert len(chunks) > 1 and not s.names(s.cold_fs)
+
+    report = demote(s.tiered, now=s.later(AFTER + DAY) + 2e9)  # far past every mtime
+    assert report.moved == len(chunks) and report.bytes_moved == sum(i.size for i in s.hot_fs.list("chunks/")) + \
+        sum(i.size for i in s.cold_fs.list("chunks/"))
+    assert not s.names(s.hot_fs) and s.names(s.cold_fs) == chunks
+    # manifests, results and refs stay hot
+    assert s.names(s.hot_fs, "blobs/") and s.names(s.hot_fs, "results/") and s.names(s.hot_fs, "refs/")
+    assert not s.names(s.cold_fs, "blobs/") and not s.names(s.cold_fs, "refs/")
+
+    hit = s.store.get_ref(KEY)
+    assert hit is not None
+    assert s.store.get_bytes(blob) == payload
+    read = s.chunks_of(blob)
+    assert s.names(s.hot_fs) == read  # re-warmed: what was read, no more
+    assert s.tiered.counters.cold_reads == len(read)
+
+
+def test_objects_read_or_written_within_after_stay_hot(s: Setup) -> None:
+    blob = s.commit(data())
+    written_at = max(i.mtime for i in s.hot_fs.list("chunks/"))
+    s.clock.now = written_at
+    # Not read since the write: demoted once `after` has passed, not before.
+    assert demote(s.tiered, now=written_at + AFTER - 60).moved == 0
+    s.clock.now = written_at + AFTER - 30
+    s.store.get_bytes(blob)  # a read late in the period: noted, then written as one mark
+    read = s.chunks_of(blob)
+    s.tiered.flush_marks()
+    assert set(last_reads(s.hot_fs)[0]) == read
+    report = demote(s.tiered, now=written_at + AFTER + 60)
+    assert s.names(s.hot_fs) == read and report.kept_hot == len(read)  # the rest (stdout's chunk) moved
+    assert demote(s.tiered, now=written_at + 2 * AFTER).moved == len(read)
+
+
+def marked(s: Setup) -> list[str]:
+    """Every name in every mark object, once per mark (after flushing what this process noted)."""
+    s.tiered.flush_marks()
+    return sorted(n for i in s.hot_fs.list(MARKS) for n in s.hot_fs.get(i.name).decode().splitlines())
+
+
+def test_an_object_is_noted_once_a_day_and_old_marks_are_dropped(s: Setup) -> None:
+    blob = s.commit(data(50_000))
+    read = sorted(s.chunks_of(blob))
+    for _ in range(3):
+        s.store.get_bytes(blob)
+    assert marked(s) == read
+    s.store.get_bytes(blob)  # the same day: not noted again
+    assert marked(s) == read
+    s.later(DAY)
+    s.store.get_bytes(blob)  # the next day: noted again
+    assert marked(s) == sorted(read * 2)
+    marks = len(list(s.hot_fs.list(MARKS)))
+    report = demote(s.tiered, now=s.clock.now + AFTER + 1)
+    assert report.marks_dropped == marks >= 2 and not list(s.hot_fs.list(MARKS))
+
+
+def test_a_forged_object_in_the_cold_tier_is_never_served(s: Setup) -> None:
+    payload = data()
+    blob = s.commit(payload)
+    demote(s.tiered, now=s.later(AFTER) + 2e9)
+    victim = sorted(s.names(s.cold_fs))[0]
+    forged = encode_chunk(b"forged " * 100)
+    s.cold_fs.put(victim, forged)
+    with pytest.raises(StoreCorrupted):
+        s.store.get_bytes(blob)
+    # quarantined: gone from both tiers, kept aside for inspection
+    assert not s.hot_fs.exists(victim) and not s.cold_fs.exists(victim)
+    assert any(s.hot_fs.get(i.name) == forged for i in s.hot_fs.list("quarantine/"))
+    assert s.store.get_ref(KEY) is None  # the ref is not served with a chunk gone
+
+
+class Crashing(DelegatingBackend):
+    """Raises on the first call of `op` (a process killed at that point of a demotion)."""
+
+    def __init__(self, inner: Backend, op: str) -> None:
+        super().__init__(inner)
+        self.op, self.armed = op, True
+
+    def before(self, op: str, name: str) -> None:
+        if op == self.op and self.armed and name.startswith(DEMOTABLE):
+            self.armed = False
+            raise OSError(f"killed during {op} of {name}")
+
+
+@pytest.mark.parametrize(("side", "op"), [("cold", "put"), ("cold", "get"), ("hot", "delete")])
+def test_a_crash_at_any_point_of_a_demotion_loses_nothing(tmp_path: Path, side: str, op: str) -> None:
+    hot = FilesystemBackend(tmp_path / "hot", durability="none")
+    cold = FilesystemBackend(tmp_path / "cold", durability="none")
+    s = Setup(tmp_path, hot=Crashing(hot, op) if side == "hot" else hot,
+              cold=Crashing(cold, op) if side == "cold" else cold)
+    payload = data()
+    blob = s.commit(payload)
+    chunks = s.names(s.hot_fs)
+    with pytest.raises(OSError, match="killed"):
+        demote(s.tiered, now=s.later(AFTER) + 2e9)
+    # every chunk is somewhere, and the store still serves the whole result
+    assert all(s.hot_fs.exists(c) or s.cold_fs.exists(c) for c in chunks)
+    left_hot = {c for c in chunks if s.hot_fs.exists(c)}
+    fresh = Setup(tmp_path)  # the next process, no crash
+    assert fresh.store.get_ref(KEY) is not None
+    report = demote(fresh.tiered, now=fresh.later(AFTER) + 2e9)
+    assert fresh.names(fresh.cold_fs) == chunks and not fresh.names(fresh.hot_fs)
+    assert report.moved == len(left_hot)
+    assert fresh.store.get_bytes(blob) == payload
+    fresh.store.close()
+    s.store.close()
+
+
+def test_a_copy_that_does_not_read_back_equal_stays_hot(tmp_path: Path) -> None:
+    class Lossy(DelegatingBackend):
+        def put(self, name: str, data: bytes) -> None:
+            super().put(name, data[:-1])
+
+    s = Setup(tmp_path, cold=Lossy(FilesystemBackend(tmp_path / "cold", durability="none")))
+    s.commit(data())
+    chunks = s.names(s.hot_fs)
+    report = demote(s.tiered, now=s.later(AFTER) + 2e9)
+    assert report.failed == len(chunks) and report.moved == 0 and s.names(s.hot_fs) == chunks
+    s.store.close()
+
+
+def test_a_ranged_read_from_cold_rewarms_the_whole_object_once(s: Setup) -> None:
+    pack = bytes(range(256)) * 4096
+    name = object_name("packs", b3(pack))
+    s.cold_fs.put(name, pack)
+    got: list[bytes] = []
+    barrier = threading.Barrier(8)
+
+    def read(i: int) -> None:
+        barrier.wait()
+        got.append(s.tiered.get_range(name, i * 1000, 500))
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == sorted(pack[i * 1000:i * 1000 + 500] for i in range(8))
+    assert s.tiered.counters.cold_reads == 1 and s.hot_fs.get(name) == pack
+
+
+def test_list_is_the_union_and_gc_deletes_from_both_tiers(s: Setup) -> None:
+    s.commit(data())
+    demote(s.tiered, now=s.later(AFTER) + 2e9)
+    orphan = s.store.put_bytes(data(100_000, seed=9))  # no ref reaches it
+    hot_only = s.names(s.hot_fs)
+    listed = {i.name for i in s.tiered.list("chunks/")}
+    assert listed == hot_only | s.names(s.cold_fs) and len(listed) == len(list(s.tiered.list("chunks/")))
+    assert not list(s.tiered.list("refs/x"))  # names cold never holds are listed from hot only
+    report = s.store.gc(grace_seconds=0)
+    assert report.deleted > 0
+    assert not s.hot_fs.exists(object_name("blobs", orphan.digest))
+    assert not s.names(s.hot_fs) and s.names(s.cold_fs)  # the orphan's chunks went; the live ones stay cold
+    assert s.store.get_ref(KEY) is not None
+
+
+def test_not_demotable_names_never_go_to_cold(s: Setup) -> None:
+    s.hot_fs.put("refs/" + "a" * 64, b"x")
+    with pytest.raises(NotFound):
+        s.tiered.get("refs/" + "b" * 64)
+    s.cold_fs.put("blobs/aa/" + "a" * 64, b"x")
+    with pytest.raises(NotFound):
+        s.tiered.get("blobs/aa/" + "a" * 64)  # cold is asked only for demotable names
+    with pytest.raises(InputError, match="after"):
+        TieredBackend(s.hot_fs, s.cold_fs, after=0)
+
+
+def test_marks_older_than_a_day_are_merged_into_one_per_day_and_keep_what_they_kept(s: Setup) -> None:
+    blob = s.commit(data(200_000))
+    written_at = max(i.mtime for i in s.hot_fs.list("chunks/"))
+    read = s.chunks_of(blob)
+    for hour in range(0, 48, 6):   # two days of reads, each noted by a process of its own
+        s.clock.now = written_at + 20 * DAY + hour * 3600
+        reader = TieredBackend(s.hot_fs, s.cold_fs, after=AFTER, clock=s.clock, node=f"n{hour}")
+        with Store(reader, workers=1) as store:
+            store.get_bytes(blob)
+        reader.flush_marks()
+    assert len(list(s.hot_fs.list(MARKS))) == 8
+    newest_before = last_reads(s.hot_fs)[0]
+    report = demote(s.tiered, now=written_at + 22 * DAY + 3600)
+    merged_into = len(list(s.hot_fs.list(MARKS))) - (8 - report.marks_merged)
+    assert report.marks_merged >= 4 and 1 <= merged_into <= 2   # those older than a day: one per day
+    newest_after = last_reads(s.hot_fs)[0]
+    assert set(newest_after) == read
+    assert all(newest_before[n] <= newest_after[n] < newest_before[n] + DAY for n in read)
+    # the merged marks still keep the read chunks hot until `after` past their last read, then let them go
+    demote(s.tiered, now=written_at + 21 * DAY + AFTER)
+    assert s.names(s.hot_fs) == read   # the chunk never read (stdout's) went
+    assert demote(s.tiered, now=written_at + 23 * DAY + AFTER).moved == len(read)
+
+
+def test_open_store_builds_the_tier_from_an_argument_or_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MEMOPLANE_COLD_STORE", raising=False)
+    with open_store(tmp_path / "a") as plain:
+        assert not isinstance(plain.backend, TieredBackend)
+    with open_store(tmp_path / "a", cold=(str(tmp_path / "c"), 60.0)) as given:
+        assert isinstance(given.backend, TieredBackend) and given.backend.after == 60.0
+    monkeypatch.setenv("MEMOPLANE_COLD_STORE", str(tmp_path / "c"))
+    with open_store(tmp_path / "a") as from_env:
+        assert isinstance(from_env.backend, TieredBackend) and from_env.backend.after == 30 * DAY
+    monkeypatch.setenv("MEMOPLANE_COLD_AFTER_SECONDS", "-5")
+    with pytest.raises(InputError, match="MEMOPLANE_COLD_AFTER_SECONDS"):
+        open_store(tmp_path / "a")
+
+
+def test_verify_reads_every_tier_without_rewarming_or_keeping_anything_hot(s: Setup) -> None:
+    blob = s.commit(data())
+    demote(s.tiered, now=s.later(AFTER) + 2e9)
+    cold = s.names(s.cold_fs)
+    assert s.store.verify().ok
+    assert not s.names(s.hot_fs) and s.names(s.cold_fs) == cold and s.tiered.counters.cold_reads == 0
+    victim = sorted(cold)[0]
+    s.cold_fs.put(victim, encode_chunk(b"forged" * 99))
+    report = s.store.verify()   # a forged cold copy is found (and quarantined from both tiers) all the same
+    assert not report.ok and victim in {d.name for d in report.damaged} and not s.cold_fs.exists(victim)
+    assert s.tiered.flush_marks() == 0 and not list(s.hot_fs.list(MARKS))   # nothing noted as read
+    with pytest.raises(StoreCorrupted):
+        s.store.get_bytes(blob)
+
+
+def test_a_limited_demotion_leaves_the_rest_for_the_next_call(s: Setup) -> None:
+    s.commit(data())
+    total = len(s.names(s.hot_fs))
+    first = demote(s.tiered, now=s.later(AFTER) + 2e9, limit=5)
+    assert (first.moved, first.left) == (5, total - 5) and len(s.names(s.cold_fs)) == 5
+    rest = demote(s.tiered, now=s.clock.now + 2e9)
+    assert (rest.moved, rest.left) == (total - 5, 0) and not s.names(s.hot_fs)
