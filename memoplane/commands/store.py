@@ -159,7 +159,6 @@ def gc_command(args: argparse.Namespace) -> int:
             packs = report.packs
             print(f"packs: {packs.packs_deleted} deleted, {packs.packs_condemned} condemned, "
                   f"{packs.chunks_repacked} chunk(s) repacked; {packs.bytes_reclaimed} bytes reclaimed")
-
             if moved:
                 print(f"moved {moved.moved} object(s), {moved.bytes_moved} bytes, not read for "
                       f"{moved.after:.0f} s to the cold tier {moved.cold}; {moved.kept_hot} kept hot"
