@@ -16,7 +16,7 @@ from ..settings import SERVE_FLAGS, ServeSettings, api_keys_path, flag_values, f
 from .access import KeyAuthenticator
 from .apikeys import ApiKeys
 from .app import build_app
-from .auth import local_caller
+from .auth import Authenticate, local_caller
 from .calls import CallLog
 from .limits import Limiter
 
@@ -31,11 +31,7 @@ def serve_command(args: argparse.Namespace) -> int:
 async def serve(settings: ServeSettings, store: str | None, sock: socket.socket | None = None) -> None:
     """Serve until interrupted; prints the address it listens on (the port may be 0: any free one).
     With a key in the API keys file every request needs one; without, only loopback is served."""
-    keys = ApiKeys(api_keys_path(settings))
-    keyed = any(k.revoked is None for k in keys.load().keys.values())
-    if not keyed:
-        require_loopback(settings.host if sock is None else str(sock.getsockname()[0]))
-    authenticate = KeyAuthenticator(keys, settings.clock_window) if keyed else local_caller
+    authenticate = authenticator(settings, settings.host if sock is None else str(sock.getsockname()[0]))
     if sock is None:
         sock = socket.create_server((settings.host, settings.port))
     # Connections accepted from a socket handed to uvicorn lack TCP_NODELAY (asyncio sets it only on
@@ -46,9 +42,20 @@ async def serve(settings: ServeSettings, store: str | None, sock: socket.socket 
     with open_store(store) as opened:
         app = build_app(settings, store, authenticate, Limiter(serve_tiers(settings)), CallLog(opened))
         config = uvicorn.Config(app, log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
-        mode = f"API keys of {keys.path}" if keyed else "no API keys: loopback only"
+        mode = f"API keys of {authenticate.keys.path}" if isinstance(authenticate, KeyAuthenticator) else \
+            "no API keys: loopback only"
         print(f"memoplane serve: listening on http://{host}:{port} ({mode}; OpenAPI at /openapi.json)", flush=True)
         await uvicorn.Server(config).serve(sockets=[sock])
+
+
+def authenticator(settings: ServeSettings, host: str) -> Authenticate:
+    """API keys when the keys file has an active one (any address may then be served), else
+    everyone is the local team, on loopback only."""
+    keys = ApiKeys(api_keys_path(settings))
+    if any(k.revoked is None for k in keys.load().keys.values()):
+        return KeyAuthenticator(keys, settings.clock_window)
+    require_loopback(host)
+    return local_caller
 
 
 def require_loopback(host: str) -> None:

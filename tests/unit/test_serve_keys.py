@@ -20,12 +20,14 @@ import uvicorn
 
 from memoplane.cas import open_store
 from memoplane.cas.audit import API_CALL, parse_record
+from memoplane.errors import InputError
 from memoplane.server.access import KeyAuthenticator
 from memoplane.server.apikeys import ApiKeys, signing_key, split_token
 from memoplane.server.app import build_app
 from memoplane.server.calls import CallLog
 from memoplane.server.client import SignedAuth
 from memoplane.server.limits import Limiter
+from memoplane.server.serve import authenticator
 from memoplane.server.signing import SIGNATURE_HEADER, sign
 from memoplane.settings import DEFAULT_TIERS, ServeSettings, Tier, TierLimits
 
@@ -275,3 +277,14 @@ def test_over_the_tier_is_429_with_retry_after(server: Server) -> None:
             assert 1 <= int(second.headers["retry-after"]) <= 60
         finally:
             tiny.delete(f"/sandboxes/{first.json()['sandboxID']}")
+
+
+def test_with_an_active_key_any_address_may_be_served_without_none(tmp_path: Path) -> None:
+    settings = ServeSettings(api_keys=str(tmp_path / "apikeys.json"))
+    with pytest.raises(InputError, match="not a loopback address and there are no API keys"):
+        authenticator(settings, "0.0.0.0")
+    keyid = ApiKeys(tmp_path / "apikeys.json").create("team-a", ["run"])[0].keyid
+    assert isinstance(authenticator(settings, "0.0.0.0"), KeyAuthenticator)
+    ApiKeys(tmp_path / "apikeys.json").revoke(keyid)
+    with pytest.raises(InputError, match="no API keys"):
+        authenticator(settings, "0.0.0.0")

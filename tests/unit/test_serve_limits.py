@@ -64,5 +64,5 @@ def test_an_unlimited_caller_and_an_unknown_tier() -> None:
     limiter = Limiter({"t": TIER})
     for _ in range(1000):
         limiter.take(Caller(), EXECUTE, 0.0)    # the local caller (no keys): no tier
-    with pytest.raises(ApiError, match="tier .gold. is not configured"):
+    with pytest.raises(ApiError, match="tier 'gold' is not configured"):
         limiter.take(Caller("team", "k", tier="gold"), EXECUTE, 0.0)
