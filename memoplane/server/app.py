@@ -1,9 +1,10 @@
 """The ASGI application of `memoplane serve`: E2B's control plane (sandboxes), E2B's in-sandbox
 API (envd: Connect services, files, code cells) and memoplane's own /v1/run, in one process.
 
-Every request, whichever of the three it is for, first goes through one hook, `authenticate`
-(headers -> Caller): today every caller is the local team; API keys, HMAC signatures, rate
-tiers and the audit log (later rounds) go there, and sandboxes are already looked up per team.
+Every request, whichever of the three it is for, first goes through one gate (_Gate): who calls
+(`authenticate`: API keys, or the local team on loopback), whether the route's verb and sandbox
+are theirs (auth.authorize), and their rate tier (limits.py); then the route runs, and the call is
+recorded in the audit log (calls.py). Sandboxes are looked up per team.
 """
 
 from __future__ import annotations
