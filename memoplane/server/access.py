@@ -12,6 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from ..errors import InputError
 from .apikeys import ApiKey, ApiKeys, secret_hash
 from .auth import ACCESS_TOKEN_HEADER, SANDBOX_HEADER, Caller, Incoming, sandbox_token_key
 from .errors import ApiError
@@ -26,7 +27,7 @@ from .signing import (
 )
 
 _SIGN_FIX = "sign with memoplane.server.client.SignedAuth and the token `memoplane apikey create` printed"
-MAX_NONCES = 1_000_000   # nonces remembered at most: past it, new signed requests wait (503) for old ones to expire
+MAX_NONCES = 200_000   # nonces remembered at most: past it, new signed requests wait (503) for old ones to expire
 
 
 class NonceCache:
@@ -67,7 +68,10 @@ class KeyAuthenticator:
                        "the token `memoplane apikey create` printed")
 
     def _key(self, keyid: str) -> tuple[ApiKey, str]:
-        keys = self.keys.load()
+        try:
+            keys = self.keys.load()
+        except InputError as e:   # the server's own file is broken: no key can be checked
+            raise ApiError(500, str(e)) from None
         key = keys.keys.get(keyid)
         if key is None or key.revoked is not None:
             raise ApiError(401, f"API key {keyid[:40]!r} is unknown or revoked", "use a valid key")

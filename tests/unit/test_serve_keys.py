@@ -24,11 +24,13 @@ from memoplane.errors import InputError
 from memoplane.server.access import KeyAuthenticator
 from memoplane.server.apikeys import ApiKeys, signing_key, split_token
 from memoplane.server.app import build_app
+from memoplane.server.auth import Incoming
 from memoplane.server.calls import CallLog
 from memoplane.server.client import SignedAuth
+from memoplane.server.errors import ApiError
 from memoplane.server.limits import Limiter
 from memoplane.server.serve import authenticator
-from memoplane.server.signing import SIGNATURE_HEADER, sign
+from memoplane.server.signing import SIGNATURE_HEADER, body_digest, sign
 from memoplane.settings import DEFAULT_TIERS, ServeSettings, Tier, TierLimits
 
 WINDOW = 300
@@ -288,3 +290,27 @@ def test_with_an_active_key_any_address_may_be_served_without_none(tmp_path: Pat
     ApiKeys(tmp_path / "apikeys.json").revoke(keyid)
     with pytest.raises(InputError, match="no API keys"):
         authenticator(settings, "0.0.0.0")
+
+
+def test_replays_are_remembered_for_the_window_only_and_the_clock_is_bounded(tmp_path: Path) -> None:
+    keys = ApiKeys(tmp_path / "apikeys.json")
+    token = keys.create("team-a", ["run"])[1]
+    keyid, secret = split_token(token)
+    now = [1_000_000.0]
+    check = KeyAuthenticator(keys, WINDOW, clock=lambda: now[0])
+
+    def incoming(at: float, nonce: str) -> Incoming:
+        headers = sign(keyid, signing_key(secret), "POST", "/v1/run", b"{}", at, nonce)
+        return Incoming("POST", "/v1/run", "/v1/run", headers, body_digest(b"{}"))
+
+    assert check(incoming(now[0], "n1")).team == "team-a"
+    with pytest.raises(ApiError, match="replay"):
+        check(incoming(now[0], "n1"))
+    with pytest.raises(ApiError, match="from the server's clock"):
+        check(incoming(now[0] + WINDOW + 1, "n2"))
+    now[0] += 3 * WINDOW   # the first request has expired: its nonce may be forgotten
+    with pytest.raises(ApiError, match="from the server's clock"):
+        check(incoming(now[0] - 3 * WINDOW, "n1"))
+    assert len(check.nonces._seen) == 1
+    assert check(incoming(now[0], "n1")).key_id == keyid
+    assert len(check.nonces._seen) == 1   # the old entry was dropped when the new one came
