@@ -9,6 +9,7 @@ recorded in the audit log (calls.py). Sandboxes are looked up per team.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -119,6 +120,8 @@ def build_app(settings: ServeSettings, store: str | None = None, authenticate: A
             yield
         finally:
             await sessions.close()
+            if calls is not None:
+                await asyncio.to_thread(calls.close)
 
     api = FastAPI(title="memoplane", version=__version__, lifespan=lifespan,
                   description="memoplane's agent API: E2B-compatible sandboxes and memoized runs.")

@@ -2,18 +2,26 @@
 same append-only, hash-chained log as ref writes and attestations, so `memoplane audit verify`
 and signed checkpoints cover it too. A record names the key, team, verb, method, path (never its
 query: file paths are the caller's data), sandbox, status, sizes, the body's SHA-256 and the
-seconds taken: never a body, a header or a secret."""
+seconds taken: never a body, a header or a secret.
+
+Records are appended in call order by one writer thread: a call does not wait for the store's
+sync of its record (a keep-alive connection would wait with it), but a full queue holds new calls
+back, so no call goes unrecorded; `close` writes what is queued.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 from dataclasses import asdict, dataclass
 
 from ..cas import Store
 from ..cas.audit import API_CALL, START
 
 log = logging.getLogger("memoplane.server")
+QUEUED_CALLS = 10_000   # records waiting for the writer at most
 
 
 @dataclass(frozen=True)
@@ -38,9 +46,25 @@ class CallLog:
         self.log = store.audit_log
         if not self.log.started():
             self.log.append(START, {})
+        self._queue: queue.Queue[Call | None] = queue.Queue(QUEUED_CALLS)
+        self._writer = threading.Thread(target=self._write, name="memoplane-audit-writer", daemon=True)
+        self._writer.start()
 
     async def record(self, call: Call) -> None:
         try:
-            await asyncio.to_thread(self.log.append, API_CALL, asdict(call))
-        except Exception:  # the call is done: losing its record is logged, never silent
-            log.exception("could not record an API call in the audit log: %s", call)
+            self._queue.put_nowait(call)
+        except queue.Full:
+            await asyncio.to_thread(self._queue.put, call)
+
+    def close(self) -> None:
+        """Write every queued record, then stop the writer."""
+        if self._writer.is_alive():
+            self._queue.put(None)
+            self._writer.join()
+
+    def _write(self) -> None:
+        while (call := self._queue.get()) is not None:
+            try:
+                self.log.append(API_CALL, asdict(call))
+            except Exception:  # the call is done: losing its record is logged, never silent
+                log.exception("could not record an API call in the audit log: %s", call)
