@@ -146,7 +146,6 @@ def build_app(settings: ServeSettings, store: str | None = None, authenticate: A
             await api(scope, receive, send)
             return
         started, call = time.monotonic(), _CallTally(send)
-        caller: Caller | None = None
         route = route_of(scope["method"], scope["path"], _headers(scope))
         try:
             receive = await gate.readable_body(scope, call.counting(receive))
@@ -162,7 +161,7 @@ def build_app(settings: ServeSettings, store: str | None = None, authenticate: A
                 gate.done(caller, route)
         finally:
             if calls is not None:
-                await calls.record(call.finished(scope, route, caller, time.monotonic() - started))
+                await calls.record(call.finished(scope, route, time.monotonic() - started))
 
     return app
 
@@ -192,6 +191,7 @@ class _CallTally:
         self._send, self.status, self.request_bytes, self.response_bytes = send, 0, 0, 0
         self.digest = hashlib.sha256()
         self.claimed_key = ""
+        self.caller: Caller | None = None   # once authenticated (a call refused later is still theirs)
 
     def counting(self, receive: Receive) -> Receive:
         async def counted() -> Message:
@@ -209,7 +209,8 @@ class _CallTally:
             self.response_bytes += len(message.get("body", b""))
         await self._send(message)
 
-    def finished(self, scope: Scope, route: Route, caller: Caller | None, seconds: float) -> Call:
+    def finished(self, scope: Scope, route: Route, seconds: float) -> Call:
+        caller = self.caller
         return Call(key=caller.key_id if caller else self.claimed_key, team=caller.team if caller else "",
                     verb=route.verb or "", method=scope["method"], path=scope["path"], sandbox=route.sandbox or "",
                     status=self.status or 500, request_bytes=self.request_bytes,
@@ -254,7 +255,8 @@ class _Gate:
         call.claimed_key = (headers.get(KEY_HEADER) or headers.get("x-api-key", "").partition(".")[0])[:64]
         path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         target = f"{path}?{scope['query_string'].decode('latin-1')}" if scope["query_string"] else path
-        caller = self.authenticate(Incoming(scope["method"], scope["path"], target, headers, scope.get(_BODY_DIGEST)))
+        caller = call.caller = self.authenticate(Incoming(scope["method"], scope["path"], target, headers,
+                                                          scope.get(_BODY_DIGEST)))
         authorize(caller, route)
         if self.limiter is not None and route.counts_as is not None:
             if route.counts_as == CREATE:

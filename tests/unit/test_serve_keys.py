@@ -216,6 +216,8 @@ def test_generated_bad_requests_are_refused_and_run_nothing(server: Server, sand
     while len(refusals := [c for c in server.api_calls()[calls_before:] if c["status"] >= 400]) < BAD_REQUESTS:
         assert time.monotonic() < deadline, f"{len(refusals)} refusals recorded of {BAD_REQUESTS}"
         time.sleep(2)   # each look reads the whole log
+    narrow = split_token(server.tokens["files-only"])[0]
+    assert {(c["team"], c["status"]) for c in refusals if c["key"] == narrow} == {("team-a", 403)}
 
 
 def _replays(server: Server, client: httpx.Client, sandbox_a: str) -> list[str]:
