@@ -260,7 +260,7 @@ def _add_apikey(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         return p
 
     p = command("create", "make a key; its token is printed once")
-    p.add_argument("--team", required=True, help="the team it belongs to (its sandboxes and memory)")
+    p.add_argument("--team", required=True, help="the team it belongs to (it sees only the team's sandboxes)")
     p.add_argument("--verb", action="append", required=True,
                    help="what it may do: run, exec, files, snapshot or admin (repeatable)")
     p.add_argument("--sandbox", metavar="ID", help="the one sandbox it may reach")

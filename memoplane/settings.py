@@ -405,7 +405,7 @@ class ServeSettings:
     api_keys: str = setting(API_KEYS_ENV, "", "the API keys file (hashes only; default apikeys.json in the "
                             "keys directory): with a key in it every request needs one")
     clock_window: int = setting("MEMOPLANE_SERVE_CLOCK_WINDOW", 300, "seconds a signed request's timestamp may "
-                                "differ from the server's clock (replays are remembered that long)")
+                                "differ from the server's clock (nonces are remembered for twice that)")
     tiers: str = setting("MEMOPLANE_SERVE_TIERS", "", "rate tiers as JSON {tier: {key|team: {limit: n}}} "
                          "(limits: " + ", ".join(TIER_LIMITS) + "); unset: the built-in tiers")
 

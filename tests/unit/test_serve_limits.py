@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from memoplane.errors import InputError
 from memoplane.server.auth import CREATE, EXECUTE, Caller
 from memoplane.server.errors import ApiError
 from memoplane.server.limits import Limiter, RateLimited
-from memoplane.settings import Tier, TierLimits
+from memoplane.settings import DEFAULT_TIERS, ServeSettings, Tier, TierLimits, serve_tiers
 
 PER_MINUTE, BURST = 600, 50
 TIER = Tier(key=TierLimits(30, 5, 3, PER_MINUTE, BURST), team=TierLimits(30, 5, 4, 900, BURST))
@@ -66,3 +69,18 @@ def test_an_unlimited_caller_and_an_unknown_tier() -> None:
         limiter.take(Caller(), EXECUTE, 0.0)    # the local caller (no keys): no tier
     with pytest.raises(ApiError, match="tier 'gold' is not configured"):
         limiter.take(Caller("team", "k", tier="gold"), EXECUTE, 0.0)
+
+
+def test_tiers_come_from_the_settings_and_bad_ones_name_the_field() -> None:
+    limits = {"creations_per_minute": 1, "creation_burst": 1, "concurrent_sandboxes": 1,
+              "executions_per_minute": 6, "execution_burst": 2}
+    tiers = serve_tiers(ServeSettings(tiers=json.dumps({"gold": {"key": limits, "team": limits}})))
+    assert tiers == {"gold": Tier(TierLimits(1, 1, 1, 6, 2), TierLimits(1, 1, 1, 6, 2))}
+    assert serve_tiers(ServeSettings()) == DEFAULT_TIERS
+    with pytest.raises(InputError, match=r"gold\.team does not give exactly the limits"):
+        serve_tiers(ServeSettings(tiers=json.dumps({"gold": {"key": limits, "team": {"creation_burst": 1}}})))
+    with pytest.raises(InputError, match=r"gold\.key\.execution_burst = -1 is not a number >= 0"):
+        serve_tiers(ServeSettings(tiers=json.dumps({"gold": {"key": {**limits, "execution_burst": -1},
+                                                             "team": limits}})))
+    with pytest.raises(InputError, match="MEMOPLANE_SERVE_TIERS is not JSON"):
+        serve_tiers(ServeSettings(tiers="{"))
