@@ -235,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_apply(sub, _lazy, _store_flag)
     _add_serve(sub)
+    _add_apikey(sub)
     return parser
 
 
@@ -247,6 +248,34 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_flags(p, ServeSettings, SERVE_FLAGS)
     _store_flag(p)
     p.set_defaults(handler=_lazy("memoplane.server.serve", "serve_command"))
+
+
+def _add_apikey(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .settings import API_KEYS_ENV
+
+    apikey = sub.add_parser("apikey", help="API keys of `memoplane serve`: each of a team, with scopes")
+    commands = apikey.add_subparsers(dest="apikey_command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        p = commands.add_parser(name, help=text)
+        p.add_argument("--keys-file", metavar="PATH", help=f"the API keys file (default ${API_KEYS_ENV}, "
+                       "else apikeys.json in the keys directory)")
+        p.set_defaults(handler=_lazy("memoplane.server.apikey_command", f"{name}_command"))
+        return p
+
+    p = command("create", "make a key; its token is printed once")
+    p.add_argument("--team", required=True, help="the team it belongs to (it sees only the team's sandboxes)")
+    p.add_argument("--verb", action="append", required=True,
+                   help="what it may do: run, exec, files, snapshot or admin (repeatable)")
+    p.add_argument("--sandbox", metavar="ID", help="the one sandbox it may reach")
+    p.add_argument("--namespace", action="append", default=[], help="not supported yet (serve has no namespaces)")
+    p.add_argument("--tier", help="set the team's rate tier (settings: MEMOPLANE_SERVE_TIERS)")
+    p.add_argument("--json", action="store_true")
+    p = command("list", "the keys (never their secrets)")
+    p.add_argument("--team")
+    p.add_argument("--json", action="store_true")
+    p = command("revoke", "refuse a key from now on")
+    p.add_argument("keyid")
 
 
 

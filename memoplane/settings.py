@@ -214,6 +214,8 @@ class SigningSettings:
 # -- embedded mode: the keys this user signs with and the keys they trust (memoplane.trust.local) --------
 
 KEYS_DIR_ENV = "MEMOPLANE_KEYS_DIR"
+API_KEYS_ENV = "MEMOPLANE_SERVE_API_KEYS"
+API_KEYS_FILE = "apikeys.json"   # in the keys directory unless MEMOPLANE_SERVE_API_KEYS names another
 
 
 def keys_dir(env: Mapping[str, str] | None = None) -> Path:
@@ -371,9 +373,35 @@ class AgentSettings:
 
 
 @dataclass(frozen=True)
+class TierLimits:
+    """What one API key, or one team as a whole, may do. A rate is per minute; its bucket holds a
+    burst of up to `*_burst` at once and refills continuously."""
+
+    creations_per_minute: float
+    creation_burst: int
+    concurrent_sandboxes: int
+    executions_per_minute: float
+    execution_burst: int
+
+
+@dataclass(frozen=True)
+class Tier:
+    key: TierLimits
+    team: TierLimits
+
+
+TIER_LIMITS = tuple(f.name for f in dataclasses.fields(TierLimits))
+DEFAULT_TIER = "standard"   # a team's tier until `memoplane apikey create --tier` says otherwise
+DEFAULT_TIERS = {
+    "standard": Tier(key=TierLimits(60, 10, 10, 600, 50), team=TierLimits(120, 20, 20, 1200, 100)),
+    "large": Tier(key=TierLimits(600, 50, 50, 6000, 200), team=TierLimits(1200, 100, 100, 12000, 400)),
+}
+
+
+@dataclass(frozen=True)
 class ServeSettings:
     host: str = setting("MEMOPLANE_SERVE_HOST", "127.0.0.1", "the address `memoplane serve` listens on "
-                        "(loopback: no API keys yet, so nothing else should reach it)")
+                        "(beyond loopback only with API keys: `memoplane apikey create`)")
     port: int = setting("MEMOPLANE_SERVE_PORT", 3000, "the port it listens on (0: any free port, printed)")
     warm: int = setting("MEMOPLANE_SERVE_WARM", 2, "warm sandbox children kept per runtime profile")
     default_timeout: int = setting(None, 300, "a sandbox's lifetime in seconds when create gives none (E2B's default)")
@@ -383,6 +411,43 @@ class ServeSettings:
     require_isolation: bool = setting("MEMOPLANE_REQUIRE_ISOLATION", True, "refuse to start without full "
                                       "sandbox isolation")
     log_level: str = setting("MEMOPLANE_LOG_LEVEL", "INFO", "the log level")
+    api_keys: str = setting(API_KEYS_ENV, "", "the API keys file (hashes only; default apikeys.json in the "
+                            "keys directory): with a key in it every request needs one")
+    clock_window: int = setting("MEMOPLANE_SERVE_CLOCK_WINDOW", 300, "seconds a signed request's timestamp may "
+                                "differ from the server's clock (nonces are remembered for twice that)")
+    tiers: str = setting("MEMOPLANE_SERVE_TIERS", "", "rate tiers as JSON {tier: {key|team: {limit: n}}} "
+                         "(limits: " + ", ".join(TIER_LIMITS) + "); unset: the built-in tiers")
 
 
 SERVE_FLAGS = ("host", "port", "warm", "max_timeout", "max_sandboxes")  # `memoplane serve`'s flags
+
+
+def api_keys_path(settings: ServeSettings) -> Path:
+    return Path(settings.api_keys).expanduser() if settings.api_keys else keys_dir() / API_KEYS_FILE
+
+
+def serve_tiers(settings: ServeSettings) -> dict[str, Tier]:
+    """The tiers of MEMOPLANE_SERVE_TIERS (every limit given), else DEFAULT_TIERS."""
+    if not settings.tiers:
+        return dict(DEFAULT_TIERS)
+    fix = 'set MEMOPLANE_SERVE_TIERS to e.g. {"standard": {"key": {...}, "team": {...}}} with ' + \
+        ", ".join(TIER_LIMITS)
+    try:
+        body = json.loads(settings.tiers)
+    except ValueError:
+        raise InputError("MEMOPLANE_SERVE_TIERS is not JSON", fix) from None
+    if not isinstance(body, dict) or not body:
+        raise InputError("MEMOPLANE_SERVE_TIERS is not an object of tier name -> limits", fix)
+    return {str(name): Tier(*(_tier_limits(tier, scope, name, fix) for scope in ("key", "team")))
+            for name, tier in body.items()}
+
+
+def _tier_limits(tier: Any, scope: str, name: str, fix: str) -> TierLimits:
+    limits = tier.get(scope) if isinstance(tier, dict) else None
+    where = f"MEMOPLANE_SERVE_TIERS: {name}.{scope}"
+    if not isinstance(limits, dict) or set(limits) != set(TIER_LIMITS):
+        raise InputError(f"{where} does not give exactly the limits {', '.join(TIER_LIMITS)}", fix)
+    for limit, value in limits.items():
+        if type(value) not in (int, float) or value < 0:
+            raise InputError(f"{where}.{limit} = {value!r} is not a number >= 0", fix)
+    return TierLimits(**limits)

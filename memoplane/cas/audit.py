@@ -55,6 +55,7 @@ REVOCATION = "revocation"      # keyid: a signing key epoch stopped counting
 DISPUTE = "dispute"            # whatever shows what differed (job, key, digests, node)
 SHARED_READ = "shared-read"    # key, result, reader (namespace), cache: a hit served to another namespace
 START = "audit-start"          # record 1 when the log is started on purpose
+API_CALL = "api-call"          # key, team, verb, method, path, sandbox, status, sizes, digest, seconds: one API call
 RESERVED = ("v", "seq", "time", "kind", "by", "prev")
 _KIND = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 

@@ -31,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], lazy: A
     p = command("show", "show_command", "print the records")
     p.add_argument("--since", type=int, default=1, metavar="N", help="from record N on (default 1)")
     p.add_argument("--json", action="store_true", help="one JSON object per record")
+    p.add_argument("--team", metavar="T", help="only the API calls of team T (`memoplane serve`)")
     p = command("verify", "verify_command", "check the chain and its signed checkpoints; exit 3 on any problem")
     p.add_argument("--key", action="append", default=[], metavar="PUBFILE",
                    help="a public key whose checkpoints count, in a file named KEYID.pub (repeatable)")
@@ -73,7 +74,7 @@ def start_command(args: argparse.Namespace) -> int:
 
 def show_command(args: argparse.Namespace) -> int:
     from ..cas import open_store
-    from ..cas.audit import parse_record
+    from ..cas.audit import API_CALL, parse_record
     from ..cas.digests import b3
 
     with open_store(args.store) as store:
@@ -82,6 +83,8 @@ def show_command(args: argparse.Namespace) -> int:
                 body: dict[str, Any] = parse_record(data)
             except (ValueError, RecursionError):
                 body = {"seq": seq, "unreadable": data[:200].decode("utf-8", "replace")}
+            if args.team is not None and not (body.get("kind") == API_CALL and body.get("team") == args.team):
+                continue
             if args.json:
                 print(json.dumps({**body, "digest": b3(data)}, sort_keys=True))
             else:

@@ -1,16 +1,20 @@
 """The ASGI application of `memoplane serve`: E2B's control plane (sandboxes), E2B's in-sandbox
 API (envd: Connect services, files, code cells) and memoplane's own /v1/run, in one process.
 
-Every request, whichever of the three it is for, first goes through one hook, `authenticate`
-(headers -> Caller): today every caller is the local team; API keys, HMAC signatures, rate
-tiers and the audit log (later rounds) go there, and sandboxes are already looked up per team.
+Every request, whichever of the three it is for, first goes through one gate (_Gate): who calls
+(`authenticate`: API keys, or the local team on loopback), whether the route's verb and sandbox
+are theirs (auth.authorize), and their rate tier (limits.py); then the route runs, and the call is
+recorded in the audit log (calls.py). Sandboxes are looked up per team.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
@@ -24,17 +28,35 @@ from .. import __version__
 from ..inputs import env_problem
 from ..settings import ServeSettings
 from . import memo
-from .auth import SCOPE_KEY, Authenticate, Caller, Who, current_caller, local_caller
+from .auth import (
+    CREATE,
+    SCOPE_KEY,
+    Authenticate,
+    Caller,
+    Incoming,
+    Route,
+    Who,
+    authorize,
+    current_caller,
+    local_caller,
+    route_of,
+    sandbox_token,
+)
+from .calls import Call, CallLog
 from .envd import connect_apps, session_of
 from .errors import ApiError
 from .files import read_file, write_files
-from .sessions import Session, SessionManager
+from .limits import Limiter, RateLimited
+from .sessions import MAX_FILE_BYTES, Session, SessionManager
+from .signing import KEY_HEADER, SIGNATURE_HEADER
 
 # The envd version this server speaks for: what the SDK gates its features on (octet-stream
 # uploads from 0.5.7; per-file metadata, 0.6.2, is not served).
 ENVD_VERSION = "0.5.7"
 # Sandbox sizes reported to the SDK: a child's limits (memoplane.sandbox.types.Limits).
 _CPU_COUNT, _MEMORY_MB, _DISK_MB = 1, 512, 256
+MAX_SIGNED_BODY = MAX_FILE_BYTES + (1 << 20)   # a file upload, and its form's framing
+_BODY_DIGEST = "memoplane.body_sha256"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -84,9 +106,11 @@ class Reconnect(BaseModel):
     memory: Any = None
 
 
-def build_app(settings: ServeSettings, store: str | None = None,
-              authenticate: Authenticate = local_caller) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-    """The whole server as one ASGI callable."""
+def build_app(settings: ServeSettings, store: str | None = None, authenticate: Authenticate = local_caller,
+              limiter: Limiter | None = None, calls: CallLog | None = None,
+              clock: Callable[[], float] = time.time) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """The whole server as one ASGI callable: `authenticate` says who calls, `limiter` holds them to
+    their tier, `calls` records every call (None: not recorded)."""
     sessions = SessionManager(settings)
 
     @contextlib.asynccontextmanager
@@ -96,6 +120,8 @@ def build_app(settings: ServeSettings, store: str | None = None,
             yield
         finally:
             await sessions.close()
+            if calls is not None:
+                await asyncio.to_thread(calls.close)
 
     api = FastAPI(title="memoplane", version=__version__, lifespan=lifespan,
                   description="memoplane's agent API: E2B-compatible sandboxes and memoized runs.")
@@ -103,7 +129,7 @@ def build_app(settings: ServeSettings, store: str | None = None,
 
     @api.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return _error_response(e)
 
     @api.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -113,23 +139,139 @@ def build_app(settings: ServeSettings, store: str | None = None,
     _envd_http(api, sessions)
     memo.routes(api, sessions, store)
     apps = connect_apps(sessions)
+    gate = _Gate(authenticate, limiter, sessions, clock)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if scope["type"] != "http":
+            await api(scope, receive, send)
+            return
+        started, call = time.monotonic(), _CallTally(send)
+        route = route_of(scope["method"], scope["path"], _headers(scope))
+        try:
+            receive = await gate.readable_body(scope, call.counting(receive))
+            caller = gate.admit(scope, route, call)
+        except ApiError as e:
+            await _error_response(e)(scope, receive, call.send)
+        else:
+            scope[SCOPE_KEY] = caller
+            current_caller.set(caller)
             try:
-                scope[SCOPE_KEY] = authenticate(headers)
-            except ApiError as e:
-                await JSONResponse(e.body(), status_code=e.status)(scope, receive, send)
-                return
-            current_caller.set(scope[SCOPE_KEY])
-            for prefix, connect in apps.items():
-                if scope["path"].startswith(prefix):
-                    await connect(scope, receive, send)
-                    return
-        await api(scope, receive, send)
+                await _dispatch(scope, receive, call.send, apps, api)
+            finally:
+                gate.done(caller, route)
+        finally:
+            if calls is not None:
+                await calls.record(call.finished(scope, route, time.monotonic() - started))
 
     return app
+
+
+async def _dispatch(scope: Scope, receive: Receive, send: Send, apps: dict[str, Any],
+                    api: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+    for prefix, connect in apps.items():
+        if scope["path"].startswith(prefix):
+            await connect(scope, receive, send)
+            return
+    await api(scope, receive, send)
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def _error_response(e: ApiError) -> JSONResponse:
+    retry = {"Retry-After": str(e.retry_after)} if isinstance(e, RateLimited) else None
+    return JSONResponse(e.body(), status_code=e.status, headers=retry)
+
+
+class _CallTally:
+    """What the audit records of one call: sizes, the body's digest, the status sent."""
+
+    def __init__(self, send: Send) -> None:
+        self._send, self.status, self.request_bytes, self.response_bytes = send, 0, 0, 0
+        self.digest = hashlib.sha256()
+        self.claimed_key = ""
+        self.caller: Caller | None = None   # once authenticated (a call refused later is still theirs)
+
+    def counting(self, receive: Receive) -> Receive:
+        async def counted() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                self.request_bytes += len(message.get("body", b""))
+                self.digest.update(message.get("body", b""))
+            return message
+        return counted
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = int(message["status"])
+        elif message["type"] == "http.response.body":
+            self.response_bytes += len(message.get("body", b""))
+        await self._send(message)
+
+    def finished(self, scope: Scope, route: Route, seconds: float) -> Call:
+        caller = self.caller
+        return Call(key=caller.key_id if caller else self.claimed_key, team=caller.team if caller else "",
+                    verb=route.verb or "", method=scope["method"], path=scope["path"], sandbox=route.sandbox or "",
+                    status=self.status or 500, request_bytes=self.request_bytes,
+                    response_bytes=self.response_bytes, body_sha256=self.digest.hexdigest(),
+                    seconds=round(seconds, 6))
+
+
+class _Gate:
+    """Authentication, the route's verb and sandbox, and the rate tiers: before any route runs."""
+
+    def __init__(self, authenticate: Authenticate, limiter: Limiter | None, sessions: SessionManager,
+                 clock: Callable[[], float]) -> None:
+        self.authenticate, self.limiter, self.sessions, self.clock = authenticate, limiter, sessions, clock
+        self._creating: Counter[str] = Counter()   # creations under way, per key and per team
+
+    async def readable_body(self, scope: Scope, receive: Receive) -> Receive:
+        """A signed request's body is read whole first (its digest is signed), then replayed to the route."""
+        if SIGNATURE_HEADER not in _headers(scope):
+            return receive
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise ApiError(400, "the request ended before its body")
+            body += message.get("body", b"")
+            more = bool(message.get("more_body"))
+            if len(body) > MAX_SIGNED_BODY:
+                raise ApiError(413, f"a signed body is larger than {MAX_SIGNED_BODY} bytes", "send less at once")
+        scope[_BODY_DIGEST] = hashlib.sha256(body).hexdigest()
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()   # the disconnect, when it comes
+            sent = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+        return replay
+
+    def admit(self, scope: Scope, route: Route, call: _CallTally) -> Caller:
+        headers = _headers(scope)
+        call.claimed_key = (headers.get(KEY_HEADER) or headers.get("x-api-key", "").partition(".")[0])[:64]
+        path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        target = f"{path}?{scope['query_string'].decode('latin-1')}" if scope["query_string"] else path
+        caller = call.caller = self.authenticate(Incoming(scope["method"], scope["path"], target, headers,
+                                                          scope.get(_BODY_DIGEST)))
+        authorize(caller, route)
+        if self.limiter is not None and route.counts_as is not None:
+            if route.counts_as == CREATE:
+                alive = self.sessions.list(caller)
+                self.limiter.check_alive(caller, sum(s.creator == caller.key_id for s in alive)
+                                         + self._creating["key:" + caller.key_id],
+                                         len(alive) + self._creating["team:" + caller.team])
+            self.limiter.take(caller, route.counts_as, self.clock())
+        if route.counts_as == CREATE:
+            self._creating.update(("key:" + caller.key_id, "team:" + caller.team))
+        return caller
+
+    def done(self, caller: Caller, route: Route) -> None:
+        if route.counts_as == CREATE:
+            self._creating.subtract(("key:" + caller.key_id, "team:" + caller.team))
 
 
 def invalid_request(e: RequestValidationError) -> ApiError:
@@ -147,6 +289,11 @@ def _iso(seconds: float) -> str:
 def _created(session: Session) -> dict[str, Any]:
     return {"templateID": session.template, "sandboxID": session.id, "clientID": "memoplane",
             "envdVersion": ENVD_VERSION, "alias": session.template}
+
+
+def _reachable(session: Session, who: Caller) -> dict[str, Any]:
+    """A created or connected sandbox, with the token the SDK sends to its envd (X-Access-Token)."""
+    return {**_created(session), "envdAccessToken": sandbox_token(who, session.id)}
 
 
 def _listed(session: Session) -> dict[str, Any]:
@@ -167,7 +314,7 @@ def _control_plane(api: FastAPI, sessions: SessionManager) -> None:
             if problem:
                 raise ApiError(400, f"envVars: {problem[0]}", problem[1])
         session = await sessions.create(who, body.template_id, body.timeout, body.env_vars, body.metadata)
-        return _created(session)
+        return _reachable(session, who)
 
     @api.get("/sandboxes", tags=["sandboxes"])
     @api.get("/v2/sandboxes", tags=["sandboxes"])
@@ -194,7 +341,7 @@ def _control_plane(api: FastAPI, sessions: SessionManager) -> None:
         session = sessions.get(who, sandbox_id)
         if body.timeout is not None and time.time() + body.timeout > session.end_at:
             sessions.set_timeout(session, body.timeout)
-        return _created(session)
+        return _reachable(session, who)
 
     @api.post("/sandboxes/{sandbox_id}/timeout", status_code=204, tags=["sandboxes"])
     async def set_timeout(sandbox_id: str, body: Timeout, who: Who) -> Response:

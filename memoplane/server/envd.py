@@ -24,11 +24,10 @@ from e2b.envd.process.process_connect import Process, ProcessASGIApplication
 from protobuf import Oneof
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
-from .auth import Caller, current_caller
+from .auth import SANDBOX_HEADER, Caller, current_caller
 from .errors import ApiError
 from .sessions import Session, SessionManager, decode
 
-SANDBOX_HEADER = "e2b-sandbox-id"
 _CODES = {400: Code.INVALID_ARGUMENT, 403: Code.PERMISSION_DENIED, 404: Code.NOT_FOUND,
           409: Code.ALREADY_EXISTS, 429: Code.RESOURCE_EXHAUSTED, 502: Code.UNAVAILABLE}
 

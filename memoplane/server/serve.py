@@ -10,21 +10,28 @@ import socket
 
 import uvicorn
 
+from ..cas import open_store
 from ..errors import InputError
-from ..settings import SERVE_FLAGS, ServeSettings, flag_values, from_env
+from ..settings import SERVE_FLAGS, ServeSettings, api_keys_path, flag_values, from_env, serve_tiers
+from .access import KeyAuthenticator
+from .apikeys import ApiKeys
 from .app import build_app
+from .auth import Authenticate, local_caller
+from .calls import CallLog
+from .limits import Limiter
 
 
 def serve_command(args: argparse.Namespace) -> int:
     settings = from_env(ServeSettings, **flag_values(args, SERVE_FLAGS))
-    require_loopback(settings.host)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     asyncio.run(serve(settings, args.store))
     return 0
 
 
 async def serve(settings: ServeSettings, store: str | None, sock: socket.socket | None = None) -> None:
-    """Serve until interrupted; prints the address it listens on (the port may be 0: any free one)."""
+    """Serve until interrupted; prints the address it listens on (the port may be 0: any free one).
+    With a key in the API keys file every request needs one; without, only loopback is served."""
+    authenticate = authenticator(settings, settings.host if sock is None else str(sock.getsockname()[0]))
     if sock is None:
         sock = socket.create_server((settings.host, settings.port))
     # Connections accepted from a socket handed to uvicorn lack TCP_NODELAY (asyncio sets it only on
@@ -32,18 +39,32 @@ async def serve(settings: ServeSettings, store: str | None, sock: socket.socket 
     # sockets inherit it from the listening one.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(build_app(settings, store), log_level=settings.log_level.lower(),
-                            timeout_graceful_shutdown=5)
-    print(f"memoplane serve: listening on http://{host}:{port} (OpenAPI at /openapi.json)", flush=True)
-    await uvicorn.Server(config).serve(sockets=[sock])
+    with open_store(store) as opened:
+        app = build_app(settings, store, authenticate, Limiter(serve_tiers(settings)), CallLog(opened))
+        config = uvicorn.Config(app, log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+        mode = f"API keys of {authenticate.keys.path}" if isinstance(authenticate, KeyAuthenticator) else \
+            "no API keys: loopback only"
+        print(f"memoplane serve: listening on http://{host}:{port} ({mode}; OpenAPI at /openapi.json)", flush=True)
+        await uvicorn.Server(config).serve(sockets=[sock])
+
+
+def authenticator(settings: ServeSettings, host: str) -> Authenticate:
+    """API keys when the keys file has an active one (any address may then be served), else
+    everyone is the local team, on loopback only."""
+    keys = ApiKeys(api_keys_path(settings))
+    if any(k.revoked is None for k in keys.load().keys.values()):
+        return KeyAuthenticator(keys, settings.clock_window)
+    require_loopback(host)
+    return local_caller
 
 
 def require_loopback(host: str) -> None:
-    """Without API keys (a later round) anyone who reaches the port runs code: loopback only."""
+    """Without API keys anyone who reaches the port runs code: loopback only."""
     try:
         addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
     except socket.gaierror:
         raise InputError(f"--host {host!r} does not resolve", "give a loopback address, e.g. 127.0.0.1") from None
     if not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
-        raise InputError(f"--host {host} is not a loopback address: this server has no API keys yet, so anyone "
-                         "reaching it could run code", "listen on 127.0.0.1 (the default) or ::1")
+        raise InputError(f"--host {host} is not a loopback address and there are no API keys, so anyone "
+                         "reaching it could run code", "create one with `memoplane apikey create --team T`, "
+                         "or listen on 127.0.0.1 (the default) or ::1")

@@ -66,6 +66,7 @@ class Session:
     end_at: float                          # wall clock: when the reaper kills it
     hard_end_at: float                     # wall clock: the pool's own limit for the child
     directory: Path
+    creator: str = ""                      # the API key that created it (rate tiers count per key)
     _stop_w: int = -1
     _stop_r: int = -1
     _writer: asyncio.StreamWriter | None = None
@@ -205,7 +206,7 @@ class SessionManager:
         session = Session(id="mp" + secrets.token_hex(10), template=template, profile=profile, owner=caller.team,
                           metadata=dict(metadata), started_at=now, end_at=now + seconds,
                           hard_end_at=now + self.settings.max_timeout,
-                          directory=Path(tempfile.mkdtemp(prefix="memoplane-session-")))
+                          directory=Path(tempfile.mkdtemp(prefix="memoplane-session-")), creator=caller.key_id)
         self.sessions[session.id] = session
         try:
             await self._launch(session, pool, env)
@@ -271,7 +272,8 @@ class SessionManager:
         return session
 
     def list(self, caller: Caller) -> list[Session]:
-        return [s for s in self.sessions.values() if s.owner == caller.team and not s.ended.is_set()]
+        return [s for s in self.sessions.values() if s.owner == caller.team and not s.ended.is_set()
+                and caller.sandbox in (None, s.id)]
 
     async def kill(self, session: Session) -> None:
         if session._stop_w < 0 and not session.ended.is_set():   # never launched

@@ -38,6 +38,11 @@ _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 NAME_RULE = "lowercase letters, digits and '-', at most 63, e.g. alice-laptop"
 
 
+def is_name(text: str) -> bool:
+    """Whether `text` follows NAME_RULE (key names, API teams)."""
+    return bool(_NAME.match(text))
+
+
 @dataclass
 class TrustFile:
     """What trust.json says; an absent file is an empty one (the first use fills it)."""

@@ -289,7 +289,8 @@ def test_v1_run_rejects_bad_requests(server: dict[str, Any]) -> None:
 
 
 def test_serve_refuses_a_non_loopback_address() -> None:
+    no_keys = {**os.environ, "MEMOPLANE_SERVE_API_KEYS": "/nonexistent/apikeys.json"}
     proc = subprocess.run([sys.executable, "-m", "memoplane.cli", "serve", "--host", "0.0.0.0", "--port", "0"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=no_keys)
     assert proc.returncode != 0 and "not a loopback address" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr   # one line, no traceback

@@ -7,23 +7,23 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 
 import httpx
 import pytest
 import uvicorn
 
 from memoplane.server.app import build_app
-from memoplane.server.auth import Caller
+from memoplane.server.auth import Caller, Incoming
 from memoplane.server.errors import ApiError
 from memoplane.settings import ServeSettings
 
 CALLS: list[str] = []   # the paths the hook was asked about, in order
 
 
-def team_from_header(headers: Mapping[str, str]) -> Caller:
-    CALLS.append(headers.get("x-test-path", ""))
-    team = headers.get("x-test-team")
+def team_from_header(incoming: Incoming) -> Caller:
+    CALLS.append(incoming.headers.get("x-test-path", ""))
+    team = incoming.headers.get("x-test-team")
     if not team:
         raise ApiError(401, "no team", "send X-Test-Team")
     return Caller(team=team)

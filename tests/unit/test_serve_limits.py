@@ -1,0 +1,86 @@
+"""Rate tiers over injected time: a tier's rate holds within 5% over 60 s, per key and per team."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memoplane.errors import InputError
+from memoplane.server.auth import CREATE, EXECUTE, Caller
+from memoplane.server.errors import ApiError
+from memoplane.server.limits import Limiter, RateLimited
+from memoplane.settings import DEFAULT_TIERS, ServeSettings, Tier, TierLimits, serve_tiers
+
+PER_MINUTE, BURST = 600, 50
+TIER = Tier(key=TierLimits(30, 5, 3, PER_MINUTE, BURST), team=TierLimits(30, 5, 4, 900, BURST))
+
+
+def _admitted(limiter: Limiter, callers: list[Caller], kind: str, seconds: float, step: float) -> int:
+    """Offer one call per caller every `step` seconds of injected time; count those let through."""
+    admitted, ticks = 0, round(seconds / step)
+    for tick in range(ticks):
+        for caller in callers:
+            try:
+                limiter.take(caller, kind, 1000.0 + tick * step)
+                admitted += 1
+            except RateLimited as refused:
+                assert refused.status == 429 and refused.retry_after >= 1
+    return admitted
+
+
+def test_a_key_holds_its_tier_within_5_percent_over_60_seconds() -> None:
+    limiter = Limiter({"t": TIER})
+    admitted = _admitted(limiter, [Caller("team", "k1", tier="t")], EXECUTE, 60.0, 0.01)   # 6,000 offered
+    assert abs(admitted - (PER_MINUTE + BURST)) <= 0.05 * (PER_MINUTE + BURST)
+
+
+def test_a_team_holds_its_tier_across_its_keys() -> None:
+    limiter = Limiter({"t": TIER})
+    keys = [Caller("team", f"k{i}", tier="t") for i in range(3)]   # 3 x 600/min offered to a 900/min team
+    admitted = _admitted(limiter, keys, EXECUTE, 60.0, 0.01)
+    assert abs(admitted - (900 + BURST)) <= 0.05 * (900 + BURST)
+
+
+def test_creations_wait_for_their_bucket_and_say_how_long() -> None:
+    limiter = Limiter({"t": TIER})
+    caller = Caller("team", "k1", tier="t")
+    for _ in range(5):
+        limiter.take(caller, CREATE, 0.0)
+    with pytest.raises(RateLimited) as refused:
+        limiter.take(caller, CREATE, 0.0)
+    assert refused.value.retry_after == 2            # 30 a minute: one every 2 s
+    limiter.take(caller, CREATE, 2.0)
+
+
+def test_alive_sandboxes_are_bounded_per_key_and_team() -> None:
+    limiter = Limiter({"t": TIER})
+    caller = Caller("team", "k1", tier="t")
+    limiter.check_alive(caller, 2, 3)
+    with pytest.raises(RateLimited, match="API key k1 has 3"):
+        limiter.check_alive(caller, 3, 3)
+    with pytest.raises(RateLimited, match="team team has 4"):
+        limiter.check_alive(caller, 0, 4)
+
+
+def test_an_unlimited_caller_and_an_unknown_tier() -> None:
+    limiter = Limiter({"t": TIER})
+    for _ in range(1000):
+        limiter.take(Caller(), EXECUTE, 0.0)    # the local caller (no keys): no tier
+    with pytest.raises(ApiError, match="tier 'gold' is not configured"):
+        limiter.take(Caller("team", "k", tier="gold"), EXECUTE, 0.0)
+
+
+def test_tiers_come_from_the_settings_and_bad_ones_name_the_field() -> None:
+    limits = {"creations_per_minute": 1, "creation_burst": 1, "concurrent_sandboxes": 1,
+              "executions_per_minute": 6, "execution_burst": 2}
+    tiers = serve_tiers(ServeSettings(tiers=json.dumps({"gold": {"key": limits, "team": limits}})))
+    assert tiers == {"gold": Tier(TierLimits(1, 1, 1, 6, 2), TierLimits(1, 1, 1, 6, 2))}
+    assert serve_tiers(ServeSettings()) == DEFAULT_TIERS
+    with pytest.raises(InputError, match=r"gold\.team does not give exactly the limits"):
+        serve_tiers(ServeSettings(tiers=json.dumps({"gold": {"key": limits, "team": {"creation_burst": 1}}})))
+    with pytest.raises(InputError, match=r"gold\.key\.execution_burst = -1 is not a number >= 0"):
+        serve_tiers(ServeSettings(tiers=json.dumps({"gold": {"key": {**limits, "execution_burst": -1},
+                                                             "team": limits}})))
+    with pytest.raises(InputError, match="MEMOPLANE_SERVE_TIERS is not JSON"):
+        serve_tiers(ServeSettings(tiers="{"))
