@@ -208,6 +208,26 @@ class PackIndex:
                     locations.append(loc)
             self._segments.add(segment)
 
+    def forget(self, digest: str, pack: str, offset: int) -> bool:
+        """Stop answering with the copy of `digest` at (`pack`, `offset`) (found damaged: the
+        store quarantined it), so deduplication no longer counts on it. True if it was known."""
+        with self._lock:
+            locations = self._where.get(digest, [])
+            kept = [loc for loc in locations if (loc.pack, loc.offset) != (pack, offset)]
+            if len(kept) == len(locations):
+                return False
+            if kept:
+                self._where[digest] = kept
+            else:
+                del self._where[digest]
+            return True
+
+    def entries(self) -> list[tuple[str, Location]]:
+        """Every (chunk digest, location) known, sorted by pack and offset (a scrub's order)."""
+        with self._lock:
+            found = [(d, loc) for d, locations in self._where.items() for loc in locations]
+        return sorted(found, key=lambda r: (r[1].pack, r[1].offset))
+
     def locations(self, digest: str) -> list[Location]:
         with self._lock:
             return list(self._where.get(digest, ()))

@@ -1,0 +1,211 @@
+"""The store's chunks: written to packs, found through the in-memory pack index, read by coalesced
+verified reads (packs.py has the format; this is how the Store uses it).
+
+- Writes: one PackWriter per Store. Deduplication asks the in-memory index only (no request per
+  chunk). `flush()` (pack PUT, then index segment) runs before any digest leaves the Store, so a
+  name handed out always resolves through the index, even after a crash.
+- The index is loaded on first use and refreshed (new segment names only) when a read or a
+  completeness check meets a digest it does not know, and by writers once it is older than
+  INDEX_REFRESH_SECONDS (so a writer notices other writers' packs, quarantined copies and,
+  later, GC's tombstones within that time).
+- Reads: a blob's chunks are planned together and fetched by `packs.read_chunks` (coalesced
+  ranged reads, every chunk verified). Only when that fails does each chunk get read on its own,
+  copy by copy, to find out which copy is bad.
+- Damage: a chunk copy in a pack that does not verify is quarantined as a record
+  `quarantine/packs%<2 hex>%<pack hex>.<offset>.<chunk hex>.<ns>` holding the bytes that were
+  read. The pack itself stays (its other chunks are good); every Store excludes the recorded copy
+  from its index (loaded with the index), so the chunk is missing, the ref naming it is not
+  served, the job recomputes and its writer packs the chunk anew. A damaged copy read from a
+  node-local cache (cached.py `drop_cached_range`) is dropped and re-read from the remote first.
+- Stores written before packs (one `chunks/<2 hex>/<hex>` object per chunk) stay readable: a
+  digest the index does not know after a refresh is read from `chunks/` through `legacy`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
+from functools import partial
+
+from ..errors import NotFound, StoreCorrupted
+from .backend import Backend
+from .digests import PREFIX, object_name
+from .packs import Location, PackDamaged, PackIndex, PackWriter, read_chunks, read_range, verified_chunk
+
+log = logging.getLogger("memoplane.cas")
+
+INDEX_REFRESH_SECONDS = 60.0  # a writer reloads new index segments (and quarantine records) this often
+QUARANTINED = "quarantine/packs%"  # records of chunk copies found damaged in packs
+
+LegacyRead = Callable[[str, str], bytes]  # (chunk digest, blob digest) -> verified plain bytes
+Audit = Callable[[str, str, str], object]  # (object, quarantined as, reason)
+
+
+def location_label(loc: Location) -> str:
+    """How messages, `verify` and quarantine records name a chunk copy: `packs/<2 hex>/<hex>.<offset>`."""
+    return f"{object_name('packs', loc.pack)}.{loc.offset}"
+
+
+def _record_name(digest: str, loc: Location) -> str:
+    return f"quarantine/{location_label(loc).replace('/', '%')}.{digest[len(PREFIX):]}.{time.time_ns()}"
+
+
+def _parse_record(name: str) -> tuple[str, str, int] | None:
+    """(chunk digest, pack digest, offset) of a quarantine record; None if `name` is not one."""
+    parts = name[len(QUARANTINED):].split(".")
+    if len(parts) != 4 or not parts[1].isdigit():
+        return None
+    pack = parts[0].rsplit("%", 1)[-1]
+    return PREFIX + parts[2], PREFIX + pack, int(parts[1])
+
+
+class Chunks:
+    """The chunks of one Store (thread-safe)."""
+
+    def __init__(self, backend: Backend, legacy: LegacyRead, audit: Audit) -> None:
+        self.backend = backend
+        self.index = PackIndex()
+        self.writer = PackWriter(backend, self.index)
+        self._legacy = legacy
+        self._audit = audit
+        self._loaded_at: float | None = None  # time.monotonic() of the last refresh
+        self._refresh_lock = threading.Lock()
+
+    # -- the index ----------------------------------------------------------------
+
+    def ready(self, max_age: float | None = None) -> None:
+        """Load the index if it never was (or, with `max_age`, if it is older than that)."""
+        loaded = self._loaded_at
+        if loaded is None or (max_age is not None and time.monotonic() - loaded > max_age):
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Load new index segments, then drop every copy a quarantine record names."""
+        with self._refresh_lock:
+            self.index.refresh(self.backend)
+            for info in self.backend.list(QUARANTINED):
+                found = _parse_record(info.name)
+                if found is not None:
+                    self.index.forget(*found)
+            self._loaded_at = time.monotonic()
+
+    def _unknown(self, digests: Iterable[str]) -> list[str]:
+        """The digests the index does not know, after one refresh if there were any."""
+        self.ready()
+        unknown = [d for d in digests if d not in self.index]
+        if unknown:
+            self.refresh()
+            unknown = [d for d in unknown if d not in self.index]
+        return unknown
+
+    # -- writing ------------------------------------------------------------------
+
+    def put(self, digest: str, encode: Callable[[], bytes], plain_length: int) -> bool:
+        """chunking.ChunkPut: queue a chunk unless the index or the writer has it."""
+        return self.writer.add(digest, encode, plain_length)
+
+    def begin_write(self) -> None:
+        """Before an ingest: the index loaded, and not older than INDEX_REFRESH_SECONDS."""
+        self.ready(INDEX_REFRESH_SECONDS)
+
+    def flush(self) -> None:
+        """Make every chunk put so far findable through the index (packs, then a segment)."""
+        self.writer.flush()
+
+    # -- presence -------------------------------------------------------------------
+
+    def missing(self, digests: Iterable[str], work: Executor | None = None) -> list[str]:
+        """The digests neither the index nor the legacy `chunks/` objects hold."""
+        unknown = self._unknown(dict.fromkeys(digests))
+        names = [object_name("chunks", d) for d in unknown]
+        present = list(work.map(self.backend.exists, names)) if work and len(names) > 2 else \
+            [self.backend.exists(n) for n in names]
+        return [d for d, ok in zip(unknown, present, strict=True) if not ok]
+
+    # -- reading --------------------------------------------------------------------
+
+    def read(self, digests: list[str], blob: str, work: Executor | None = None) -> dict[str, bytes]:
+        """The verified plain bytes of every chunk in `digests` (of blob `blob`, for messages):
+        packed ones by coalesced reads on `work`, the rest from `chunks/`. StoreCorrupted if a
+        chunk is damaged everywhere (quarantined) or missing."""
+        unknown = set(self._unknown(digests))
+        packed = [d for d in dict.fromkeys(digests) if d not in unknown]
+        out: dict[str, bytes] = {}
+        if packed:
+            try:
+                out = read_chunks(self.backend, self.index, packed, executor=work)
+            except (PackDamaged, NotFound):
+                out = {d: self._read_alone(d, blob) for d in packed}
+        for d in unknown:
+            out[d] = self._legacy(d, blob)
+        return out
+
+    def _read_alone(self, digest: str, blob: str, *, refreshed: bool = False) -> bytes:
+        """One chunk, copy by copy; a damaged copy is quarantined, a vanished pack skipped."""
+        problems = []
+        for loc in self.index.locations(digest):
+            try:
+                return self._read_copy(digest, loc)
+            except NotFound:
+                continue  # the pack is gone (GC's repack); another copy, or the next refresh, has it
+            except PackDamaged as e:
+                problems.append(self._quarantine(digest, loc, str(e)))
+        if problems:
+            raise StoreCorrupted(f"chunk {digest} of blob {blob or '?'} is damaged: {'; '.join(problems)}",
+                                 "the result will be recomputed; run `memoplane verify` to check the rest")
+        if not refreshed:  # a repack may have moved it: look once more after a refresh
+            self.refresh()
+            if digest in self.index:
+                return self._read_alone(digest, blob, refreshed=True)
+        return self._legacy(digest, blob)
+
+    def _read_copy(self, digest: str, loc: Location) -> bytes:
+        """A chunk from one copy, verified; a damaged node-local cached range is dropped and
+        re-read from the remote once before the copy counts as damaged."""
+        name = object_name("packs", loc.pack)
+        try:
+            return verified_chunk(digest, self._stored(name, loc), loc.plain)
+        except PackDamaged as e:
+            drop = getattr(self.backend, "drop_cached_range", None)
+            if drop is None or not drop(name, loc.offset, loc.length):
+                raise
+            log.warning("%s: the cached copy was damaged (%s); re-reading it from the remote", name, e)
+        return verified_chunk(digest, self._stored(name, loc), loc.plain)
+
+    def _stored(self, name: str, loc: Location) -> bytes:
+        stored = read_range(self.backend, name, loc.offset, loc.length)
+        if len(stored) != loc.length:
+            raise PackDamaged(f"pack {loc.pack} is shorter than its index says")
+        return stored
+
+    def _quarantine(self, digest: str, loc: Location, reason: str) -> str:
+        """Record a damaged copy (with the bytes read) and stop using it; returns the problem."""
+        try:
+            seen = read_range(self.backend, object_name("packs", loc.pack), loc.offset, loc.length)
+        except NotFound:
+            seen = b""
+        record = _record_name(digest, loc)
+        self.backend.put(record, seen)
+        self.index.forget(digest, loc.pack, loc.offset)
+        label = location_label(loc)
+        log.warning("quarantined the copy of chunk %s at %s as %s: %s", digest, label, record, reason)
+        self._audit(label, record, reason)
+        return f"{label}: {reason}; it was quarantined"
+
+    # -- scrubbing (verify) ---------------------------------------------------------
+
+    def scrub_checks(self) -> list[tuple[str, Callable[[], object]]]:
+        """(label, check) for every chunk copy the index knows: a check reads and verifies the
+        copy, quarantining it (StoreCorrupted) when damaged; NotFound when its pack is gone."""
+        self.refresh()
+        return [(location_label(loc), partial(self._scrub, digest, loc)) for digest, loc in self.index.entries()]
+
+    def _scrub(self, digest: str, loc: Location) -> None:
+        try:
+            self._read_copy(digest, loc)
+        except PackDamaged as e:
+            raise StoreCorrupted(f"chunk {digest}: {self._quarantine(digest, loc, str(e))}",
+                                 "the results that need it will be recomputed") from None
