@@ -15,7 +15,10 @@ verified reads (packs.py has the format; this is how the Store uses it).
   `quarantine/packs%<2 hex>%<pack hex>.<offset>.<chunk hex>.<ns>` holding the bytes that were
   read. The pack itself stays (its other chunks are good); every Store excludes the recorded copy
   from its index (loaded with the index), so the chunk is missing, the ref naming it is not
-  served, the job recomputes and its writer packs the chunk anew. A damaged copy read from a
+  served, the job recomputes and its writer packs the chunk anew. Packs are named by their bytes,
+  so that writer may PUT a pack of the very same name: it heals the copy, and a record older than
+  its pack no longer excludes it. A pack that vanished (not through GC's index updates) is
+  forgotten by the Store that finds it gone. A damaged copy read from a
   node-local cache (cached.py `drop_cached_range`) is dropped and re-read from the remote first.
 - Stores written before packs (one `chunks/<2 hex>/<hex>` object per chunk) stay readable: a
   digest the index does not know after a refresh is read from `chunks/` through `legacy`.
@@ -62,6 +65,21 @@ def _parse_record(name: str) -> tuple[str, str, int] | None:
     return PREFIX + parts[2], PREFIX + pack, int(parts[1])
 
 
+class _BadCopy(Exception):
+    """A chunk copy that does not verify, with the bytes that were read."""
+
+    def __init__(self, reason: str, seen: bytes) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.seen = seen
+
+
+def _verified(digest: str, stored: bytes, loc: Location) -> bytes:
+    if len(stored) != loc.length:
+        raise PackDamaged(f"pack {loc.pack} is shorter than its index says")
+    return verified_chunk(digest, stored, loc.plain)
+
+
 class Chunks:
     """The chunks of one Store (thread-safe)."""
 
@@ -83,14 +101,20 @@ class Chunks:
             self.refresh()
 
     def refresh(self) -> None:
-        """Load new index segments, then drop every copy a quarantine record names."""
+        """Load new index segments, then drop every copy a quarantine record names, unless its
+        pack was written again since (a writer that re-packed the same chunks into a pack of the
+        same name healed it: packs are named by their bytes)."""
         with self._refresh_lock:
             self.index.refresh(self.backend)
             for info in self.backend.list(QUARANTINED):
                 found = _parse_record(info.name)
-                if found is not None:
+                if found is not None and not self._rewritten_since(found[1], info.mtime):
                     self.index.forget(*found)
             self._loaded_at = time.monotonic()
+
+    def _rewritten_since(self, pack: str, mtime: float) -> bool:
+        name = object_name("packs", pack)
+        return any(i.name == name and i.mtime > mtime for i in self.backend.list(name))
 
     def _unknown(self, digests: Iterable[str]) -> list[str]:
         """The digests the index does not know, after one refresh if there were any."""
@@ -149,10 +173,11 @@ class Chunks:
         for loc in self.index.locations(digest):
             try:
                 return self._read_copy(digest, loc)
-            except NotFound:
-                continue  # the pack is gone (GC's repack); another copy, or the next refresh, has it
-            except PackDamaged as e:
-                problems.append(self._quarantine(digest, loc, str(e)))
+            except NotFound:  # the pack is gone: another copy, or the next refresh (GC's repack), has it
+                self.index.forget(digest, loc.pack, loc.offset)
+                continue
+            except _BadCopy as e:
+                problems.append(self._quarantine(digest, loc, e.reason, e.seen))
         if problems:
             raise StoreCorrupted(f"chunk {digest} of blob {blob or '?'} is damaged: {'; '.join(problems)}",
                                  "the result will be recomputed; run `memoplane verify` to check the rest")
@@ -163,30 +188,27 @@ class Chunks:
         return self._legacy(digest, blob)
 
     def _read_copy(self, digest: str, loc: Location) -> bytes:
-        """A chunk from one copy, verified; a damaged node-local cached range is dropped and
-        re-read from the remote once before the copy counts as damaged."""
+        """A chunk from one copy, verified (else _BadCopy). Bytes that came from a node-local
+        cache are dropped there and re-read from the remote once before the copy counts as
+        damaged, and damaged bytes are never left in that cache."""
         name = object_name("packs", loc.pack)
-        try:
-            return verified_chunk(digest, self._stored(name, loc), loc.plain)
-        except PackDamaged as e:
-            drop = getattr(self.backend, "drop_cached_range", None)
-            if drop is None or not drop(name, loc.offset, loc.length):
-                raise
-            log.warning("%s: the cached copy was damaged (%s); re-reading it from the remote", name, e)
-        return verified_chunk(digest, self._stored(name, loc), loc.plain)
-
-    def _stored(self, name: str, loc: Location) -> bytes:
+        drop = getattr(self.backend, "drop_cached_range", None)
         stored = read_range(self.backend, name, loc.offset, loc.length)
-        if len(stored) != loc.length:
-            raise PackDamaged(f"pack {loc.pack} is shorter than its index says")
-        return stored
-
-    def _quarantine(self, digest: str, loc: Location, reason: str) -> str:
-        """Record a damaged copy (with the bytes read) and stop using it; returns the problem."""
         try:
-            seen = read_range(self.backend, object_name("packs", loc.pack), loc.offset, loc.length)
-        except NotFound:
-            seen = b""
+            return _verified(digest, stored, loc)
+        except PackDamaged as e:
+            if drop is None or not drop(name, loc.offset, loc.length):
+                raise _BadCopy(str(e), stored) from None
+            log.warning("%s: the cached copy was damaged (%s); re-reading it from the remote", name, e)
+        stored = read_range(self.backend, name, loc.offset, loc.length)
+        try:
+            return _verified(digest, stored, loc)
+        except PackDamaged as e:
+            drop(name, loc.offset, loc.length)
+            raise _BadCopy(str(e), stored) from None
+
+    def _quarantine(self, digest: str, loc: Location, reason: str, seen: bytes) -> str:
+        """Record a damaged copy (with the bytes read) and stop using it; returns the problem."""
         record = _record_name(digest, loc)
         self.backend.put(record, seen)
         self.index.forget(digest, loc.pack, loc.offset)
@@ -206,6 +228,6 @@ class Chunks:
     def _scrub(self, digest: str, loc: Location) -> None:
         try:
             self._read_copy(digest, loc)
-        except PackDamaged as e:
-            raise StoreCorrupted(f"chunk {digest}: {self._quarantine(digest, loc, str(e))}",
+        except _BadCopy as e:
+            raise StoreCorrupted(f"chunk {digest}: {self._quarantine(digest, loc, e.reason, e.seen)}",
                                  "the results that need it will be recomputed") from None

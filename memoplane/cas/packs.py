@@ -287,7 +287,8 @@ class PackWriter:
             return
         data, entries = build_pack((d, stored, plain) for d, (stored, plain) in self._open.items())
         pack = b3(data)
-        self.backend.put_if_absent(object_name("packs", pack), data)
+        # put, not put_if_absent: one PUT, and a same-named pack left damaged is healed.
+        self.backend.put(object_name("packs", pack), data)
         for digest, offset, length, plain in entries:
             self._unindexed[digest] = Location(pack, offset, length, plain)
         self._open.clear()
@@ -303,7 +304,7 @@ class PackWriter:
             records = list(self._unindexed.items())
             segment = build_segment(records)
             name = object_name("index", b3(segment))
-            self.backend.put_if_absent(name, segment)
+            self.backend.put(name, segment)
             self.backend.flush()
             self.index._add(name, records)
             self._unindexed.clear()
