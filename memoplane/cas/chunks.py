@@ -114,7 +114,9 @@ class Chunks:
 
     def _rewritten_since(self, pack: str, mtime: float) -> bool:
         name = object_name("packs", pack)
-        return any(i.name == name and i.mtime > mtime for i in self.backend.list(name))
+        # >=: object stores date in whole seconds. Erring towards "healed" is safe: a copy that is
+        # still damaged fails its verification at the next read and is quarantined again.
+        return any(i.name == name and i.mtime >= mtime for i in self.backend.list(name))
 
     def _unknown(self, digests: Iterable[str]) -> list[str]:
         """The digests the index does not know, after one refresh if there were any."""
