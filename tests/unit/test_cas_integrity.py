@@ -125,7 +125,7 @@ def test_truncated_manifest_is_caught(store: Store, root: Path) -> None:
 
 
 def test_missing_chunk_means_the_ref_is_not_served(store: Store, root: Path) -> None:
-    key, m = commit(store, b"job", rand(300_000, 2))
+    key, _ = commit(store, b"job", rand(300_000, 2))
     for segment in (root / "index").rglob("*"):  # no index names the chunks any more
         if segment.is_file():
             segment.unlink()
@@ -148,7 +148,7 @@ def test_a_vanished_pack_is_never_served_and_then_its_ref_is_not(store: Store, r
 
 def test_small_results_are_inlined_and_read_without_blobs(root: Path) -> None:
     with Store(FilesystemBackend(root, durability="none")) as writer:
-        key, m = commit(writer, b"job", b"a small output")
+        key, _ = commit(writer, b"job", b"a small output")
     for kind in ("blobs", "packs", "index"):  # only the result manifest can serve the hit now
         for p in (root / kind).rglob("*"):
             if p.is_file():
