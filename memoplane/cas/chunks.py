@@ -16,8 +16,8 @@ verified reads (packs.py has the format; this is how the Store uses it).
   read. The pack itself stays (its other chunks are good); every Store excludes the recorded copy
   from its index (loaded with the index), so the chunk is missing, the ref naming it is not
   served, the job recomputes and its writer packs the chunk anew. Packs are named by their bytes,
-  so that writer may PUT a pack of the very same name: it heals the copy, and a record older than
-  its pack no longer excludes it. A pack that vanished (not through GC's index updates) is
+  so that writer may PUT a pack of the very same name: that heals the copy, and the writer removes
+  the record (it knows the records its Store loaded or wrote). A pack that vanished (not through GC's index updates) is
   forgotten by the Store that finds it gone. A damaged copy read from a
   node-local cache (cached.py `drop_cached_range`) is dropped and re-read from the remote first.
 - Stores written before packs (one `chunks/<2 hex>/<hex>` object per chunk) stay readable: a
@@ -91,6 +91,8 @@ class Chunks:
         self._audit = audit
         self._loaded_at: float | None = None  # time.monotonic() of the last refresh
         self._refresh_lock = threading.Lock()
+        self._records: dict[tuple[str, str, int], str] = {}  # quarantined copy -> its record's name
+        self._records_lock = threading.Lock()
 
     # -- the index ----------------------------------------------------------------
 
@@ -101,22 +103,16 @@ class Chunks:
             self.refresh()
 
     def refresh(self) -> None:
-        """Load new index segments, then drop every copy a quarantine record names, unless its
-        pack was written again since (a writer that re-packed the same chunks into a pack of the
-        same name healed it: packs are named by their bytes)."""
+        """Load new index segments, then drop every copy a quarantine record names."""
         with self._refresh_lock:
             self.index.refresh(self.backend)
             for info in self.backend.list(QUARANTINED):
                 found = _parse_record(info.name)
-                if found is not None and not self._rewritten_since(found[1], info.mtime):
+                if found is not None:
                     self.index.forget(*found)
+                    with self._records_lock:
+                        self._records[found] = info.name
             self._loaded_at = time.monotonic()
-
-    def _rewritten_since(self, pack: str, mtime: float) -> bool:
-        name = object_name("packs", pack)
-        # >=: object stores date in whole seconds. Erring towards "healed" is safe: a copy that is
-        # still damaged fails its verification at the next read and is quarantined again.
-        return any(i.name == name and i.mtime >= mtime for i in self.backend.list(name))
 
     def _unknown(self, digests: Iterable[str]) -> list[str]:
         """The digests the index does not know, after one refresh if there were any."""
@@ -140,6 +136,20 @@ class Chunks:
     def flush(self) -> None:
         """Make every chunk put so far findable through the index (packs, then a segment)."""
         self.writer.flush()
+        self._heal()
+
+    def _heal(self) -> None:
+        """A quarantined copy this Store's writer just wrote again (it re-packed the same chunks
+        into a pack of the same name: packs are named by their bytes) is whole: its record goes,
+        so other Stores use the copy again."""
+        with self._records_lock:
+            records = list(self._records.items())
+        for (digest, pack, offset), name in records:
+            if any((loc.pack, loc.offset) == (pack, offset) for loc in self.index.locations(digest)):
+                self.backend.delete(name)
+                with self._records_lock:
+                    self._records.pop((digest, pack, offset), None)
+                log.info("the copy of chunk %s quarantined as %s was written again: record removed", digest, name)
 
     # -- presence -------------------------------------------------------------------
 
@@ -214,6 +224,8 @@ class Chunks:
         record = _record_name(digest, loc)
         self.backend.put(record, seen)
         self.index.forget(digest, loc.pack, loc.offset)
+        with self._records_lock:
+            self._records[(digest, loc.pack, loc.offset)] = record
         label = location_label(loc)
         log.warning("quarantined the copy of chunk %s at %s as %s: %s", digest, label, record, reason)
         self._audit(label, record, reason)

@@ -219,6 +219,11 @@ class Attack:
                 self.store.backend.delete(name)
             else:
                 self.store.backend.put(name, data)
+        # A pack put back whole: the record of its copy a reader quarantined goes too (as a repair would).
+        restored = [name.rsplit("/", 1)[-1] for name in self.saved if name.startswith("packs/")]
+        for info in list(self.store.backend.list("quarantine/packs%")):
+            if any(pack in info.name for pack in restored):
+                self.store.backend.delete(info.name)
 
 
 KINDS = ("chunk-flip", "manifest-flip", "envelope-flip", "ref-swap", "unsigned", "stranger", "revoked-epoch",
