@@ -21,9 +21,9 @@ Crash safety: a chunk is visible only once an index segment names its pack, and 
 that segment only after the pack's PUT returned and `backend.flush()` made it durable. A writer
 killed before or during a pack's PUT leaves at most a temp file (filesystem) or nothing (S3); one
 killed between a pack and its segment leaves an unindexed pack that no reader sees (GC deletes it
-after its grace period, or `index_pack` indexes it from its trailer). The Store (not switched to
-packs yet) must flush its writer before any digest leaves it (a ref, a blob handed to a caller),
-so nothing names a chunk that the index cannot find after a crash.
+after its grace period, or `index_pack` indexes it from its trailer). The Store (chunks.py)
+flushes its writer before any digest leaves it (a ref, a blob handed to a caller), so nothing
+names a chunk that the index cannot find after a crash.
 
 Concurrent writers (threads or processes, one PackWriter each per process) never share a mutable
 object: packs and segments are content-addressed, so every name is new or holds the same bytes.

@@ -1,6 +1,8 @@
 """The content-addressed store: blobs, trees, results and refs over a Backend.
 
-Object names: chunks/, blobs/, trees/, results/ (`<kind>/<2 hex>/<64 hex>`),
+Object names: packs/ and index/ (chunks in pack files and the index that finds them: chunks.py and
+packs.py), chunks/ (one object per chunk: stores written before packs, still read), blobs/, trees/,
+results/ (`<kind>/<2 hex>/<64 hex>`),
 refs/<64 hex of the cache key>, attestations/<64 hex of the key>/<64 hex of the result>/<64 hex
 of the envelope> (append-only: who vouches for a result, memoplane.trust), quarantine/<name
 with / as %>.<ns>, audit/ (the audit log, audit.py), spot-checks/streaks.json (how often re-executing
@@ -8,11 +10,17 @@ a hit agreed: memoplane.cluster.spotcheck).
 
 Reads are verified: a chunk is served only if blake3 of its plain bytes equals
 its address, a blob only if its content re-hashes to its digest, a manifest
-only if its seal and address match. Damaged objects are moved to quarantine/
-and StoreCorrupted is raised, so the caller recomputes.
+only if its seal and address match. Damaged objects are moved to quarantine/ (a damaged chunk
+copy in a pack is recorded there and no longer used: chunks.py) and StoreCorrupted is raised,
+so the caller recomputes.
 
-Writes go chunks -> blob manifests -> tree -> result -> attestation -> (flush) -> ref, each
-object atomic, so a reader never sees a ref whose data was not written first. A ref also
+Writes go chunks -> packs and their index segment -> blob manifests -> tree -> result ->
+attestation -> (flush) -> ref, each object atomic, so a reader never sees a ref whose data was
+not written first; the packs are flushed before any digest leaves the Store (a blob handed to
+the caller, a result, a ref). A result manifest also carries the small blobs it names inline
+(up to INLINE_RESULT_MAX bytes in all, outside its address, each checked against its digest on
+read), so a hit on a small result reads no blob manifest and no pack; those blobs are still
+stored as blobs too (GC, and readers that only hold their digest, need them). A ref also
 lists the attestations of its result that its writers knew of (a reader's fast path; a
 reader that needs more lists them all), and whoever can write the store can write a ref:
 a reader trusts a ref only as far as the attestations its trust policy accepts.
@@ -73,6 +81,7 @@ INLINE_MAX = 4096  # canonical JSON bytes a return value may have and still sit 
 READ_AHEAD = 16  # concurrent ranged reads a blob read may have in flight (sizes the S3 connection pool)
 INLINE_RESULT_MAX = 128 << 10  # bytes of small blobs a result manifest carries inline, in all
 INLINE_KEPT_BYTES = 16 << 20  # bytes of small blobs kept in memory, each of _recent and _inline
+TREES_KEPT = 8  # output trees remembered from put_tree until their result is put (to inline their files)
 READ_WINDOW = 32 << 20  # plain bytes of a blob planned and read together; the next window is read ahead
 EMPTY_BLOB = b3(b"")
 T = TypeVar("T")
@@ -149,10 +158,10 @@ class Store:
         self.chunks = Chunks(backend, self._read_legacy_chunk, self._audit_quarantine)
         self._recent = _SmallBlobs()  # small blobs put here, for _inline_for
         self._inline = _SmallBlobs()  # blobs verified result manifests carried
-        self._trees_put: OrderedDict[str, TreeManifest] = OrderedDict()
+        self._trees_put: OrderedDict[str, TreeManifest] = OrderedDict()  # the last TREES_KEPT put_tree made
         # Result manifests read by get_ref and attestations, by address: content-addressed,
-        # so a verified copy stays true; the ref and the presence of every chunk are still
-        # read for each hit.
+        # so a verified copy stays true; the ref is still read, and every chunk's presence
+        # checked in the pack index, for each hit.
         self._hit_results: OrderedDict[str, ResultManifest] = OrderedDict()
         self._envelopes: OrderedDict[str, bytes] = OrderedDict()
         self._small_lock = threading.Lock()
@@ -415,7 +424,9 @@ class Store:
                              for (rel, _, executable), blob in zip(files, blobs, strict=True)})
         self.backend.put_if_absent(object_name("trees", tree.digest), seal(tree.to_dict()))
         with self._small_lock:
-            _keep(self._trees_put, tree.digest, tree)
+            self._trees_put[tree.digest] = tree
+            while len(self._trees_put) > TREES_KEPT:
+                self._trees_put.popitem(last=False)
         return BlobRef(tree.digest, tree.size)
 
     def get_tree(self, digest: str) -> TreeManifest:
