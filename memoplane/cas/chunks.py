@@ -106,13 +106,17 @@ class Chunks:
         """Load new index segments, then drop every copy a quarantine record names."""
         with self._refresh_lock:
             self.index.refresh(self.backend)
-            for info in self.backend.list(QUARANTINED):
-                found = _parse_record(info.name)
-                if found is not None:
-                    self.index.forget(*found)
-                    with self._records_lock:
-                        self._records[found] = info.name
+            self._load_records()
             self._loaded_at = time.monotonic()
+
+    def _load_records(self) -> None:
+        """Drop every copy a quarantine record names from the index (one listing)."""
+        for info in self.backend.list(QUARANTINED):
+            found = _parse_record(info.name)
+            if found is not None:
+                self.index.forget(*found)
+                with self._records_lock:
+                    self._records[found] = info.name
 
     def _unknown(self, digests: Iterable[str]) -> list[str]:
         """The digests the index does not know, after one refresh if there were any."""
@@ -130,8 +134,14 @@ class Chunks:
         return self.writer.add(digest, encode, plain_length)
 
     def begin_write(self) -> None:
-        """Before an ingest: the index loaded, and not older than INDEX_REFRESH_SECONDS."""
+        """Before an ingest: the index loaded, and not older than INDEX_REFRESH_SECONDS; and the
+        quarantine records read again (one listing, nearly always empty), so a job recomputed
+        because a reader found a copy damaged packs that chunk anew instead of deduplicating
+        against the damaged copy."""
+        loaded = self._loaded_at
         self.ready(INDEX_REFRESH_SECONDS)
+        if loaded is not None and loaded == self._loaded_at:
+            self._load_records()
 
     def flush(self) -> None:
         """Make every chunk put so far findable through the index (packs, then a segment)."""
@@ -179,24 +189,24 @@ class Chunks:
             out[d] = self._legacy(d, blob)
         return out
 
-    def _read_alone(self, digest: str, blob: str, *, refreshed: bool = False) -> bytes:
-        """One chunk, copy by copy; a damaged copy is quarantined, a vanished pack skipped."""
+    def _read_alone(self, digest: str, blob: str) -> bytes:
+        """One chunk, copy by copy; a damaged copy is quarantined, a vanished pack forgotten.
+        When no known copy is good, the index is refreshed once: a repack may have moved the
+        chunk, or another writer packed it anew."""
         problems = []
-        for loc in self.index.locations(digest):
-            try:
-                return self._read_copy(digest, loc)
-            except NotFound:  # the pack is gone: another copy, or the next refresh (GC's repack), has it
-                self.index.forget(digest, loc.pack, loc.offset)
-                continue
-            except _BadCopy as e:
-                problems.append(self._quarantine(digest, loc, e.reason, e.seen))
+        for attempt in range(2):
+            if attempt:
+                self.refresh()
+            for loc in self.index.locations(digest):  # forgotten copies are not tried twice
+                try:
+                    return self._read_copy(digest, loc)
+                except NotFound:
+                    self.index.forget(digest, loc.pack, loc.offset)
+                except _BadCopy as e:
+                    problems.append(self._quarantine(digest, loc, e.reason, e.seen))
         if problems:
             raise StoreCorrupted(f"chunk {digest} of blob {blob or '?'} is damaged: {'; '.join(problems)}",
                                  "the result will be recomputed; run `memoplane verify` to check the rest")
-        if not refreshed:  # a repack may have moved it: look once more after a refresh
-            self.refresh()
-            if digest in self.index:
-                return self._read_alone(digest, blob, refreshed=True)
         return self._legacy(digest, blob)
 
     def _read_copy(self, digest: str, loc: Location) -> bytes:

@@ -295,3 +295,18 @@ def test_durable_policies_round_trip(tmp_path: Path, durability: str) -> None:
     hit = s.get_ref(key, deep=True)
     assert hit is not None and s.get_bytes(m.stdout.digest) == rand(2 * MiB, 20)
     s.close()
+
+
+def test_a_long_lived_writer_packs_a_chunk_anew_once_another_reader_quarantined_it(store: Store, root: Path) -> None:
+    data = rand(300_000, 8)
+    ref = store.put_bytes(data)  # the writer (an agent) has its index loaded from here on
+    chunk = store.blob_manifest(ref.digest).chunks[1][0]
+    pack, loc = packed_copy(store, root, chunk)
+    flip(pack, loc.offset + 5)
+    with Store(FilesystemBackend(root, durability="none")) as reader:  # the operator finds the damage
+        with pytest.raises(StoreCorrupted, match="quarantined"):
+            reader.get_bytes(ref.digest)
+        store.put_bytes(data)  # the job recomputed on the writer: the damaged copy is not deduplicated against
+        assert reader.get_bytes(ref.digest) == data  # a refresh finds the new copy
+    with Store(FilesystemBackend(root, durability="none")) as fresh:
+        assert fresh.get_bytes(ref.digest) == data and fresh.verify().ok
