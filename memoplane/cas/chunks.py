@@ -184,9 +184,23 @@ class Chunks:
             try:
                 out = read_chunks(self.backend, self.index, packed, executor=work)
             except (PackDamaged, NotFound):
-                out = {d: self._read_alone(d, blob) for d in packed}
+                out = self._read_each(packed, blob)
         for d in unknown:
             out[d] = self._legacy(d, blob)
+        return out
+
+    def _read_each(self, digests: list[str], blob: str) -> dict[str, bytes]:
+        """Every chunk on its own (after a coalesced read failed): all damaged copies among them
+        are quarantined before the first error is raised, so one recompute re-packs them all."""
+        out: dict[str, bytes] = {}
+        failed: StoreCorrupted | None = None
+        for digest in digests:
+            try:
+                out[digest] = self._read_alone(digest, blob)
+            except StoreCorrupted as e:
+                failed = failed or e
+        if failed is not None:
+            raise failed
         return out
 
     def _read_alone(self, digest: str, blob: str) -> bytes:

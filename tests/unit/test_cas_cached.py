@@ -185,13 +185,15 @@ def test_corrupt_everywhere_is_quarantined_everywhere(s: Setup) -> None:
     data = rand(300_000, 4)
     s.store.commit(result_for(s.store, data))
     chunk = _value_chunk(s.store, data)
-    name, _, _ = _corrupt_chunk(s.remote_fs, s.store, chunk)
+    name, loc, _ = _corrupt_chunk(s.remote_fs, s.store, chunk)
     _corrupt_chunk(s.local, s.store, chunk)
     hit = s.store.get_ref(KEY)
     assert hit is not None
     with pytest.raises(StoreCorrupted):
         s.store.load_value(hit.result.value)
-    assert not s.local.exists(name) and not s.names(s.local, "ranges/")  # nothing damaged is kept here
+    assert not s.local.exists(name)  # nothing damaged is kept here: not the pack, no range over the chunk
+    assert not any(start < loc.offset + loc.length and loc.offset < start + size
+                   for start, size in kept_ranges(s.local).get(loc.pack[3:], []))
     assert any(chunk[3:] in q for q in s.names(s.remote_fs, "quarantine/"))  # the remote copy is on record
     assert s.store.get_ref(KEY) is None and s.store2.get_ref(KEY) is None  # so no node serves it
 
