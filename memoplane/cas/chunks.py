@@ -15,11 +15,13 @@ verified reads (packs.py has the format; this is how the Store uses it).
   `quarantine/packs%<2 hex>%<pack hex>.<offset>.<chunk hex>.<ns>` holding the bytes that were
   read. The pack itself stays (its other chunks are good); every Store excludes the recorded copy
   from its index (loaded with the index), so the chunk is missing, the ref naming it is not
-  served, the job recomputes and its writer packs the chunk anew. Packs are named by their bytes,
-  so that writer may PUT a pack of the very same name: that heals the copy, and the writer removes
-  the record (it knows the records its Store loaded or wrote). A pack that vanished (not through GC's index updates) is
-  forgotten by the Store that finds it gone. A damaged copy read from a
-  node-local cache (cached.py `drop_cached_range`) is dropped and re-read from the remote first.
+  served, the job recomputes and its writer (which re-reads the records before every ingest) packs
+  the chunk anew. Packs are named by their bytes, so that writer may PUT a pack of the very same
+  name: that heals the copy, and the writer removes the record (it knows the records its Store
+  loaded or wrote). When a coalesced read fails, every chunk of it is read alone, so all its
+  damaged copies are quarantined at once. A pack that vanished (not through GC's index updates)
+  is forgotten by the Store that finds it gone. A damaged copy read from a node-local cache
+  (cached.py `drop_cached_range`) is dropped there and re-read from the remote first.
 - Stores written before packs (one `chunks/<2 hex>/<hex>` object per chunk) stay readable: a
   digest the index does not know after a refresh is read from `chunks/` through `legacy`.
 """
