@@ -168,14 +168,17 @@ class Attack:
         self.store.backend.put(name, bytes(data))
 
     def _flip_chunk(self, chunk: str) -> None:
-        """Flip a bit inside `chunk`'s stored bytes in the pack that holds it."""
+        """Flip a bit inside every stored copy of `chunk` (writers that had not seen each other's
+        packs may both have packed it: a read falls back to a good copy, rightly)."""
         self.store.chunks.refresh()
-        loc = self.store.chunks.index.locations(chunk)[0]
-        name = object_name("packs", loc.pack)
-        self._save(name)
-        data = bytearray(self.saved[name] or b"")
-        data[loc.offset + self.rng.randrange(loc.length)] ^= 1 << self.rng.randrange(8)
-        self.store.backend.put(name, bytes(data))
+        flipped: dict[str, bytearray] = {}
+        for loc in self.store.chunks.index.locations(chunk):
+            name = object_name("packs", loc.pack)
+            self._save(name)
+            data = flipped.setdefault(name, bytearray(self.saved[name] or b""))
+            data[loc.offset + self.rng.randrange(loc.length)] ^= 1 << self.rng.randrange(8)
+        for name, data in flipped.items():
+            self.store.backend.put(name, bytes(data))
 
     def _forge(self, sign: Callable[[ResultManifest], list[bytes]]) -> None:
         """A result of another value for the key, committed with the attestations `sign` makes."""
