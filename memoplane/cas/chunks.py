@@ -85,8 +85,11 @@ def _verified(digest: str, stored: bytes, loc: Location) -> bytes:
 class Chunks:
     """The chunks of one Store (thread-safe)."""
 
-    def __init__(self, backend: Backend, legacy: LegacyRead, audit: Audit) -> None:
+    def __init__(self, backend: Backend, legacy: LegacyRead, audit: Audit,
+                 work: Callable[[], Executor] | None = None) -> None:
+        """`work`: the Store's pool, for loading index segments concurrently (never called from it)."""
         self.backend = backend
+        self._work = work
         self.index = PackIndex()
         self.writer = PackWriter(backend, self.index)
         self._legacy = legacy
@@ -107,7 +110,7 @@ class Chunks:
     def refresh(self) -> None:
         """Load new index segments, then drop every copy a quarantine record names."""
         with self._refresh_lock:
-            self.index.refresh(self.backend)
+            self.index.refresh(self.backend, self._work() if self._work else None)
             self._load_records()
             self._loaded_at = time.monotonic()
 

@@ -177,26 +177,25 @@ class PackIndex:
         self.damaged: list[str] = []  # segment names whose bytes do not hash to their name
         self._lock = threading.Lock()
 
-    def refresh(self, backend: Backend) -> int:
-        """Load the segments not loaded yet; returns how many were loaded."""
+    def refresh(self, backend: Backend, executor: Executor | None = None) -> int:
+        """Load the segments not loaded yet (fetched concurrently on `executor` if given: a cold
+        start on an object store reads every segment); returns how many were loaded."""
+        names = [info.name for info in backend.list(INDEX) if info.name not in self._segments]
+        fetch = partial(_fetch_segment, backend)
         loaded = 0
-        for info in backend.list(INDEX):
-            if info.name in self._segments:
+        for name, data in zip(names, executor.map(fetch, names) if executor else map(fetch, names), strict=True):
+            if data is None:  # replaced by a consolidated segment meanwhile (GC, later)
                 continue
             try:
-                data = backend.get(info.name)
-            except NotFound:  # replaced by a consolidated segment meanwhile (GC, later)
-                continue
-            try:
-                if b3(data) != digest_of_name(info.name):
+                if b3(data) != digest_of_name(name):
                     raise PackDamaged("its bytes do not hash to its name")
-                self._add(info.name, parse_segment(data))
+                self._add(name, parse_segment(data))
                 loaded += 1
             except PackDamaged as e:
-                log.warning("index segment %s is damaged (%s); its chunks are treated as absent", info.name, e)
+                log.warning("index segment %s is damaged (%s); its chunks are treated as absent", name, e)
                 with self._lock:
-                    self._segments.add(info.name)
-                    self.damaged.append(info.name)
+                    self._segments.add(name)
+                    self.damaged.append(name)
         return loaded
 
     def _add(self, segment: str, records: Iterable[tuple[str, Location]]) -> None:
@@ -239,6 +238,13 @@ class PackIndex:
     def __len__(self) -> int:
         with self._lock:
             return len(self._where)
+
+
+def _fetch_segment(backend: Backend, name: str) -> bytes | None:
+    try:
+        return backend.get(name)
+    except NotFound:
+        return None
 
 
 # -- writing -------------------------------------------------------------------------

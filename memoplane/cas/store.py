@@ -155,7 +155,7 @@ class Store:
         self.params = params or ChunkParams()
         self._pools = Pools(workers or os.cpu_count() or 2)
         self._readers = Pools(2)  # threads that read a blob's next window ahead (its spans run on _pools)
-        self.chunks = Chunks(backend, self._read_legacy_chunk, self._audit_quarantine)
+        self.chunks = Chunks(backend, self._read_legacy_chunk, self._audit_quarantine, lambda: self._pools.get()[0])
         self._recent = _SmallBlobs()  # small blobs put here, for _inline_for
         self._inline = _SmallBlobs()  # blobs verified result manifests carried
         self._trees_put: OrderedDict[str, TreeManifest] = OrderedDict()  # the last TREES_KEPT put_tree made
