@@ -150,13 +150,15 @@ class Chunks:
 
     def flush(self) -> None:
         """Make every chunk put so far findable through the index (packs, then a segment)."""
-        self.writer.flush()
-        self._heal()
+        with self._refresh_lock:  # so a refresh's segments cannot pass for this writer's rewrite
+            self.writer.flush()
+            self._heal()
 
     def _heal(self) -> None:
         """A quarantined copy this Store's writer just wrote again (it re-packed the same chunks
         into a pack of the same name: packs are named by their bytes) is whole: its record goes,
-        so other Stores use the copy again."""
+        so other Stores use the copy again. Runs under the refresh lock, right after the flush:
+        only the writer's own segment can have put a forgotten copy back in the index."""
         with self._records_lock:
             records = list(self._records.items())
         for (digest, pack, offset), name in records:
