@@ -4,18 +4,22 @@
 - FakeKube: memoplane.cluster.kube.Kube over dicts in memory, with the API server's rules that
   the callers rely on (resourceVersion preconditions, merge patches, 404 and 409).
 - DelegatingBackend: a real Backend behind a hook that runs before every call naming an object.
+- damage_packed_chunks, packed_copy: where a filesystem store keeps a chunk, and damaging it.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from kubernetes.client.exceptions import ApiException
 
 from memoplane.cas import Provenance, ResultManifest, Store
 from memoplane.cas.backend import Backend, ObjectInfo
+from memoplane.cas.digests import object_name
+from memoplane.cas.packs import Location, parse_pack, read_range
 from memoplane.cluster import protocol as p
 from memoplane.cluster.kube import Kube
 
@@ -175,6 +179,10 @@ class DelegatingBackend:
         self.before("get", name)
         return self.inner.get(name)
 
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        self.before("get_range", name)
+        return read_range(self.inner, name, offset, length)
+
     def exists(self, name: str) -> bool:
         self.before("exists", name)
         return self.inner.exists(name)
@@ -210,3 +218,25 @@ def history_record(job: str, at: int, result: str | None, inputs: tuple[Any, ...
     return RunRecord(new_run_id(at), JobIdentity(namespace, name), key or f"b3:key-{job}-{at}", result, inputs,
                      extra.pop("code", "b3:code"), extra.pop("runtime", "b3:rt"), extra.pop("env", {}), "node-a",
                      None, at / 1e9, at / 1e9, cached, 1.0, components=components or {}, **extra)
+
+
+def packed_copy(store: Store, root: Path, chunk: str) -> tuple[Path, Location]:
+    """The pack file under a filesystem store's `root` holding `chunk`, and where in it."""
+    store.chunks.refresh()
+    loc = store.chunks.index.locations(chunk)[0]
+    return root / object_name("packs", loc.pack), loc
+
+
+def damage_packed_chunks(root: Path) -> int:
+    """Flip a byte in the middle of every chunk of every pack under a filesystem store's `root`
+    (the packs' own trailers say where the chunks are); returns how many were damaged."""
+    damaged = 0
+    for pack in (root / "packs").rglob("*"):
+        if not pack.is_file() or pack.name.startswith("."):
+            continue
+        data = bytearray(pack.read_bytes())
+        for _, offset, length, _ in parse_pack(bytes(data)):
+            data[offset + length // 2] ^= 0xFF
+            damaged += 1
+        pack.write_bytes(bytes(data))
+    return damaged

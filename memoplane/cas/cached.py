@@ -6,8 +6,17 @@ so a local copy is always as good as the remote one: reads try the local directo
 and fill it on a miss. Refs are mutable and always go to the remote. Writes go to the
 remote (which refreshes GC ages there) and populate the cache with what this node uploaded.
 
-Corruption: the Store verifies every read. When a damaged copy came from this cache, the
-Store calls `drop_cached(name, seen)`, which removes the local copy, and re-reads the object
+Packs (packs.py) are read in byte ranges: each range fetched from the remote is kept as a local
+object `ranges/<2 hex>/<pack hex>/<offset>-<length>`, and a later ranged read inside a kept range
+(or inside a whole pack this node wrote or fetched) is served locally. Ranges, not whole packs:
+a read plans the ranges it needs under a read-amplification budget (packs.plan_reads), and
+fetching the whole 16 MiB pack for one chunk of it would break that budget and fill the cache
+with chunks nobody asked for; a repeated read of the same blob plans the same ranges, so it hits.
+Index segments are not cached (they are read once per Store, and a damaged local copy would hide
+chunks).
+
+Corruption: the Store verifies every read, every chunk of a range included. When a damaged copy
+came from this cache, the Store calls `drop_cached(name, seen)` (`drop_cached_range` for a pack), which removes the local copy, and re-reads the object
 (now from the remote) before it gives up; only a damaged *remote* copy is quarantined. As a
 second line, `delete` of a cached name removes the remote object only when the remote bytes
 equal the local copy it dropped: a damaged local copy can never delete a good remote one.
@@ -35,11 +44,12 @@ from ..errors import InputError, NotFound
 from ..settings import LOCAL_CACHE_BYTES
 from .backend import Backend, ObjectInfo
 from .fs import FilesystemBackend
-from .packs import read_range
+from .packs import PACKS, read_range
 
 log = logging.getLogger("memoplane.cas")
 
-CACHE_PREFIXES = ("chunks/", "blobs/", "trees/", "results/")
+CACHE_PREFIXES = ("chunks/", "blobs/", "trees/", "results/", "packs/")
+RANGES = "ranges/"  # local only: byte ranges of packs, see the module docstring
 DEFAULT_MAX_BYTES = LOCAL_CACHE_BYTES  # one default for every node-local cache (memoplane.settings)
 LOW_WATER = 0.9  # an eviction frees down to this fraction of max_bytes, so it runs rarely
 
@@ -124,9 +134,65 @@ class CachingBackend:
         return data
 
     def get_range(self, name: str, offset: int, length: int) -> bytes:
-        """One ranged read of the remote (packs.read_range). Ranges are not cached yet: keeping
-        what coalesced reads fetched is issue 14's next step for this cache."""
-        return read_range(self.remote, name, offset, length)
+        """`length` bytes of `name` from `offset`: from a local whole copy or a kept range that
+        covers them, else one ranged read of the remote, kept locally (see the module docstring)."""
+        if not self._cached(name):
+            return read_range(self.remote, name, offset, length)
+        for local_name, start in self._covering(name, offset, length):
+            try:
+                data = self.local.get_range(local_name, offset - start, length)
+            except NotFound:  # evicted meanwhile
+                continue
+            with self._lock:
+                self.counters.hits += 1
+            self._touch(local_name)
+            return data
+        data = read_range(self.remote, name, offset, length)
+        with self._lock:
+            self.counters.misses += 1
+        self._fill(f"{_ranges_of(name)}/{offset}-{len(data)}", data)
+        return data
+
+    def _covering(self, name: str, offset: int, length: int) -> builtins.list[tuple[str, int]]:
+        """(local name, its offset in `name`) of the local copies holding all of the range."""
+        found = [(name, 0)] if self.local.exists(name) else []
+        for start, size in self._ranges(name):
+            if start <= offset and offset + length <= start + size:
+                found.append((f"{_ranges_of(name)}/{start}-{size}", start))
+        return found
+
+    def _ranges(self, name: str) -> builtins.list[tuple[int, int]]:
+        """(offset, length) of the kept ranges of pack `name`."""
+        try:
+            entries = os.listdir(self.local.root / _ranges_of(name))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        out = []
+        for entry in entries:
+            start, _, size = entry.partition("-")
+            if start.isdigit() and size.isdigit():
+                out.append((int(start), int(size)))
+        return out
+
+    def drop_cached_range(self, name: str, offset: int, length: int) -> bool:
+        """The Store found bytes of `name` in [offset, offset + length) damaged. Drop every local
+        copy overlapping them (the whole pack, kept ranges) and return True if there was one: the
+        caller re-reads, now from the remote. False: the damage is not local."""
+        if not self._cached(name):
+            return False
+        dropped = False
+        if self.local.exists(name):
+            self._drop(name)
+            dropped = True
+        for start, size in self._ranges(name):
+            if start < offset + length and offset < start + size:
+                self._drop(f"{_ranges_of(name)}/{start}-{size}", size)
+                dropped = True
+        if dropped:
+            with self._lock:
+                self.counters.dropped_damaged += 1
+            log.warning("dropped damaged local bytes of %s from %s", name, self.local.describe())
+        return dropped
 
     def exists(self, name: str) -> bool:
         return (self._cached(name) and self.local.exists(name)) or self.remote.exists(name)
@@ -147,6 +213,9 @@ class CachingBackend:
                     log.warning("kept %s in %s: only the local copy at %s differed", name,
                                 self.remote.describe(), self.local.describe())
                     return
+        if name.startswith(PACKS):
+            for start, size in self._ranges(name):
+                self._drop(f"{_ranges_of(name)}/{start}-{size}", size)
         self.remote.delete(name)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
@@ -226,7 +295,7 @@ class CachingBackend:
                 return
 
     def _scan(self) -> tuple[builtins.list[ObjectInfo], int]:
-        infos = [i for p in self.cache_prefixes for i in self.local.list(p)]
+        infos = [i for p in (*self.cache_prefixes, RANGES) for i in self.local.list(p)]
         return infos, sum(i.size for i in infos)
 
     def cached_bytes(self) -> int:
@@ -262,3 +331,8 @@ class CachingBackend:
             self._bytes = total + raced
             self.counters.evicted += removed
         return removed
+
+
+def _ranges_of(name: str) -> str:
+    """The local directory of a pack's kept ranges: `ranges/<2 hex>/<hex>`."""
+    return RANGES + name.split("/", 1)[1]

@@ -25,7 +25,9 @@ from .digests import attestation_name, digest_of_name, object_name
 from .packs import INDEX, PACKS, TOMBSTONES
 from .records import BlobManifest, ResultManifest, SealError, TreeManifest, unseal
 
-CONTENT = ("chunks/", "blobs/", "trees/", "results/", "attestations/")
+CONTENT = ("chunks/", "blobs/", "trees/", "results/", "attestations/")  # what the sweep may delete
+# packs/ and index/ (packs.py) are outside the sweep: only the repacking GC may delete them.
+STORED = (*CONTENT, "packs/", "index/", "refs/")  # what counts as stored bytes
 
 
 # -- marking ---------------------------------------------------------------------
@@ -177,7 +179,7 @@ class CheckedReads(Protocol):
     @property
     def backend(self) -> Backend: ...
 
-    def iter_blob(self, digest: str) -> Iterator[bytes]: ...
+    def iter_blob(self, digest: str, *, stored: bool = False) -> Iterator[bytes]: ...
 
     def get_tree(self, digest: str) -> TreeManifest: ...
 
@@ -185,7 +187,7 @@ class CheckedReads(Protocol):
 
 
 def _read_blob(store: CheckedReads, digest: str) -> None:
-    for _ in store.iter_blob(digest):
+    for _ in store.iter_blob(digest, stored=True):
         pass
 
 
@@ -199,14 +201,17 @@ def _check_ref(store: CheckedReads, info: ObjectInfo) -> None:
 
 
 def verify(store: CheckedReads, work: Executor, read_chunk: Callable[[str], object],
-           check_result: Callable[[str], object]) -> VerifyReport:
+           check_result: Callable[[str], object], packed: Iterable[tuple[str, Callable[[], object]]] = ()
+           ) -> VerifyReport:
     """Re-hash every object; damaged ones are quarantined (as reads do) and reported.
 
     `work` reads the chunks in parallel; `read_chunk` and `check_result` are the store's own
-    checks of one chunk and of one result with everything it names."""
+    checks of one chunk and of one result with everything it names; `packed` are (name, check)
+    of every chunk copy in a pack (counted as "packed")."""
     checks: list[tuple[str, str, Callable[[], object]]] = []
     for info in store.backend.list("chunks/"):
         checks.append(("chunks", info.name, partial(read_chunk, digest_of_name(info.name))))
+    checks += [("packed", name, check) for name, check in packed]
     damaged = [d for d in work.map(lambda c: _check(c[2], c[1]), checks) if d]
     checked = Counter(kind for kind, _, _ in checks)
     later: list[tuple[str, str, Callable[[], object]]] = []
@@ -285,7 +290,7 @@ class Stats:
     logical_bytes: int  # sum over refs of their results' sizes: what storing each in full would take
     unique_bytes: int  # plain bytes of the distinct chunks (and inline values) the refs reach
     stored_bytes: int  # bytes of every object on the backend (compressed chunks, manifests, refs)
-    chunks: int  # chunk objects on the backend
+    chunks: int  # chunks on the backend: chunk objects and chunk copies in packs
     objects: int
 
     @property
@@ -302,11 +307,12 @@ class Stats:
         return {**asdict(self), "dedup_ratio": self.dedup_ratio, "storage_ratio": self.storage_ratio}
 
 
-def stats(backend: Backend) -> Stats:
+def stats(backend: Backend, packed_chunks: int = 0) -> Stats:
+    """`packed_chunks`: chunk copies in packs (the store's index knows them), counted as chunks."""
     g = mark(backend)
     live_chunks = {n for reach in g.reach.values() for n in reach if n.startswith("chunks/")}
-    stored = chunks = objects = 0
-    for prefix in (*CONTENT, "refs/"):
+    stored, chunks, objects = 0, packed_chunks, 0
+    for prefix in STORED:
         for info in backend.list(prefix):
             stored += info.size
             objects += 1
@@ -330,15 +336,17 @@ class EvictReport:
 
 
 def evict(backend: Backend, *, max_age: float | None, max_bytes: int | None,
-          on_evict: Callable[[str, str], object] | None = None) -> EvictReport:
+          on_evict: Callable[[str, str], object] | None = None, chunk_bytes: dict[str, int] | None = None
+          ) -> EvictReport:
     """Delete refs older than max_age, then oldest first until what the remaining
     refs reach is at most max_bytes (as stored). Run gc() afterwards to free space.
-    `on_evict(key, result)` follows each deletion (the store's audit log)."""
+    `on_evict(key, result)` follows each deletion (the store's audit log). `chunk_bytes`: stored
+    bytes of packed chunks by their `chunks/` name (they are no objects of their own)."""
     for name, v in (("max_age", max_age), ("max_bytes", max_bytes)):
         if v is not None and v < 0:
             raise InputError(f"{name}={v} is negative", f"use a non-negative {name} or None")
     g = mark(backend)
-    sizes = {i.name: i.size for p in (*CONTENT, "refs/") for i in backend.list(p)}
+    sizes = {**(chunk_bytes or {}), **{i.name: i.size for p in (*CONTENT, "refs/") for i in backend.list(p)}}
     order = sorted(g.refs, key=lambda r: (g.refs[r][1], r))  # oldest first
     newest: dict[str, int] = {}  # object -> index of the newest ref reaching it
     for i, ref in enumerate(order):

@@ -27,9 +27,9 @@ Crash safety: a chunk is visible only once an index segment names its pack, and 
 that segment only after the pack's PUT returned and `backend.flush()` made it durable. A writer
 killed before or during a pack's PUT leaves at most a temp file (filesystem) or nothing (S3); one
 killed between a pack and its segment leaves an unindexed pack that no reader sees (GC deletes it
-after its grace period, or `index_pack` indexes it from its trailer). The Store (not switched to
-packs yet) must flush its writer before any digest leaves it (a ref, a blob handed to a caller),
-so nothing names a chunk that the index cannot find after a crash.
+after its grace period, or `index_pack` indexes it from its trailer). The Store (chunks.py)
+flushes its writer before any digest leaves it (a ref, a blob handed to a caller), so nothing
+names a chunk that the index cannot find after a crash.
 
 Concurrent writers (threads or processes, one PackWriter each per process) never share a mutable
 object: packs and segments are content-addressed, so every name is new or holds the same bytes.
@@ -67,7 +67,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from itertools import chain
 
 from ..errors import NotFound
 from .backend import Backend
@@ -221,24 +220,26 @@ class PackIndex:
         self.damaged: list[str] = []  # segment names whose bytes do not hash to their name
         self._lock = threading.Lock()
 
-    def refresh(self, backend: Backend) -> int:
-        """Load the tombstones, then the segments, not loaded yet; returns how many were loaded."""
+    def refresh(self, backend: Backend, executor: Executor | None = None) -> int:
+        """Load the tombstones, then the segments, not loaded yet (fetched concurrently on `executor`
+        if given: a cold start on an object store reads every segment); returns how many were loaded.
+        Tombstones first: a refresh racing GC's pass 2 that reads a segment about to be replaced
+        must also know the packs it condemns (repack.py)."""
         loaded = 0
-        for info in chain(backend.list(TOMBSTONES), backend.list(INDEX)):
-            if info.name in self._segments:
-                continue
-            try:
-                segment = load_segment(backend, info.name)
-            except NotFound:  # replaced by a consolidated segment meanwhile (GC)
-                continue
-            except PackDamaged as e:
-                log.warning("index segment %s is damaged (%s); its chunks are treated as absent", info.name, e)
-                with self._lock:
-                    self._segments.add(info.name)
-                    self.damaged.append(info.name)
-                continue
-            self.add(info.name, segment)
-            loaded += 1
+        for prefix in (TOMBSTONES, INDEX):
+            names = [info.name for info in backend.list(prefix) if info.name not in self._segments]
+            load = partial(_load_or_none, backend)
+            for name, got in zip(names, executor.map(load, names) if executor else map(load, names), strict=True):
+                if got is None:  # replaced by a consolidated segment meanwhile (GC)
+                    continue
+                if isinstance(got, PackDamaged):
+                    log.warning("index segment %s is damaged (%s); its chunks are treated as absent", name, got)
+                    with self._lock:
+                        self._segments.add(name)
+                        self.damaged.append(name)
+                    continue
+                self.add(name, got)
+                loaded += 1
         return loaded
 
     def add(self, name: str, segment: Segment) -> None:
@@ -255,6 +256,26 @@ class PackIndex:
             self._condemned.update(condemned)
             self._segments.add(segment)
 
+    def forget(self, digest: str, pack: str, offset: int) -> bool:
+        """Stop answering with the copy of `digest` at (`pack`, `offset`) (found damaged: the
+        store quarantined it), so deduplication no longer counts on it. True if it was known."""
+        with self._lock:
+            locations = self._where.get(digest, [])
+            kept = [loc for loc in locations if (loc.pack, loc.offset) != (pack, offset)]
+            if len(kept) == len(locations):
+                return False
+            if kept:
+                self._where[digest] = kept
+            else:
+                del self._where[digest]
+            return True
+
+    def entries(self) -> list[tuple[str, Location]]:
+        """Every (chunk digest, location) known, sorted by pack and offset (a scrub's order)."""
+        with self._lock:
+            found = [(d, loc) for d, locations in self._where.items() for loc in locations]
+        return sorted(found, key=lambda r: (r[1].pack, r[1].offset))
+
     def locations(self, digest: str) -> list[Location]:
         """Where the chunk is, locations in condemned packs last."""
         with self._lock:
@@ -270,6 +291,16 @@ class PackIndex:
     def __len__(self) -> int:
         with self._lock:
             return len(self._where)
+
+
+def _load_or_none(backend: Backend, name: str) -> Segment | PackDamaged | None:
+    """load_segment for a pool: None if the object is gone, the damage as a value."""
+    try:
+        return load_segment(backend, name)
+    except NotFound:
+        return None
+    except PackDamaged as e:
+        return e
 
 
 # -- writing -------------------------------------------------------------------------
@@ -336,7 +367,8 @@ class PackWriter:
         """Build, name and PUT one pack (on the upload thread); its chunks' locations."""
         data, entries = build_pack((d, stored, plain) for d, (stored, plain) in chunks.items())
         pack = b3(data)
-        self.backend.put_if_absent(object_name("packs", pack), data)
+        # put, not put_if_absent: one PUT, and a same-named pack left damaged is healed.
+        self.backend.put(object_name("packs", pack), data)
         return [(digest, Location(pack, offset, length, plain)) for digest, offset, length, plain in entries]
 
     def _collect(self, *, keep: int) -> None:
@@ -388,7 +420,7 @@ class PackWriter:
             records = list(self._unindexed.items())
             segment = build_segment(records)
             name = object_name("index", b3(segment))
-            self.backend.put_if_absent(name, segment)
+            self.backend.put(name, segment)
             self.backend.flush()
             self.index._add(name, records)
             self._unindexed.clear()

@@ -1,6 +1,8 @@
 """The content-addressed store: blobs, trees, results and refs over a Backend.
 
-Object names: chunks/, blobs/, trees/, results/ (`<kind>/<2 hex>/<64 hex>`),
+Object names: packs/ and index/ (chunks in pack files and the index that finds them: chunks.py and
+packs.py), chunks/ (one object per chunk: stores written before packs, still read), blobs/, trees/,
+results/ (`<kind>/<2 hex>/<64 hex>`),
 refs/<64 hex of the cache key>, attestations/<64 hex of the key>/<64 hex of the result>/<64 hex
 of the envelope> (append-only: who vouches for a result, memoplane.trust), quarantine/<name
 with / as %>.<ns>, audit/ (the audit log, audit.py), spot-checks/streaks.json (how often re-executing
@@ -8,11 +10,17 @@ a hit agreed: memoplane.cluster.spotcheck).
 
 Reads are verified: a chunk is served only if blake3 of its plain bytes equals
 its address, a blob only if its content re-hashes to its digest, a manifest
-only if its seal and address match. Damaged objects are moved to quarantine/
-and StoreCorrupted is raised, so the caller recomputes.
+only if its seal and address match. Damaged objects are moved to quarantine/ (a damaged chunk
+copy in a pack is recorded there and no longer used: chunks.py) and StoreCorrupted is raised,
+so the caller recomputes.
 
-Writes go chunks -> blob manifests -> tree -> result -> attestation -> (flush) -> ref, each
-object atomic, so a reader never sees a ref whose data was not written first. A ref also
+Writes go chunks -> packs and their index segment -> blob manifests -> tree -> result ->
+attestation -> (flush) -> ref, each object atomic, so a reader never sees a ref whose data was
+not written first; the packs are flushed before any digest leaves the Store (a blob handed to
+the caller, a result, a ref). A result manifest also carries the small blobs it names inline
+(up to INLINE_RESULT_MAX bytes in all, outside its address, each checked against its digest on
+read), so a hit on a small result reads no blob manifest and no pack; those blobs are still
+stored as blobs too (GC, and readers that only hold their digest, need them). A ref also
 lists the attestations of its result that its writers knew of (a reader's fast path; a
 reader that needs more lists them all), and whoever can write the store can write a ref:
 a reader trusts a ref only as far as the attestations its trust policy accepts.
@@ -20,6 +28,8 @@ a reader trusts a ref only as far as the attestations its trust policy accepts.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import io
 import json
@@ -33,7 +43,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
 import blake3
 
@@ -47,6 +57,7 @@ from . import usage as usage_log
 from .audit import AuditLog, Record
 from .backend import Backend
 from .chunking import ChunkDecodeError, ChunkParams, Ingested, Pools, decode_chunk, ingest_buffer, ingest_stream
+from .chunks import Chunks
 from .digests import attestation_name, b3, check_digest, digest_of_name, object_name, ref_name
 from .gc import EvictReport, GcReport, Stats, VerifyReport
 from .records import (
@@ -69,7 +80,11 @@ from .usage import Entry, UsageIndex, Use
 log = logging.getLogger("memoplane.cas")
 
 INLINE_MAX = 4096  # canonical JSON bytes a return value may have and still sit in the result manifest
-READ_AHEAD = 16  # chunks fetched and verified in parallel ahead of the reader
+READ_AHEAD = 16  # concurrent ranged reads a blob read may have in flight (sizes the S3 connection pool)
+INLINE_RESULT_MAX = 128 << 10  # bytes of small blobs a result manifest carries inline, in all
+INLINE_KEPT_BYTES = 16 << 20  # bytes of small blobs kept in memory, each of _recent and _inline
+TREES_KEPT = 8  # output trees remembered from put_tree until their result is put (to inline their files)
+READ_WINDOW = 32 << 20  # plain bytes of a blob planned and read together; the next window is read ahead
 EMPTY_BLOB = b3(b"")
 T = TypeVar("T")
 
@@ -101,6 +116,30 @@ def _keep(memo: OrderedDict[str, Any], name: str, value: Any) -> None:
         memo.popitem(last=False)
 
 
+class _SmallBlobs:
+    """Verified contents of small blobs by digest, the oldest dropped past INLINE_KEPT_BYTES.
+    Not thread-safe: the Store holds its _small_lock."""
+
+    def __init__(self) -> None:
+        self._data: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+
+    def keep(self, digest: str, data: bytes) -> None:
+        if digest in self._data:
+            self._data.move_to_end(digest)
+            return
+        self._data[digest] = data
+        self._bytes += len(data)
+        while self._bytes > INLINE_KEPT_BYTES:
+            self._bytes -= len(self._data.popitem(last=False)[1])
+
+    def get(self, digest: str) -> bytes | None:
+        return self._data.get(digest)
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._data
+
+
 class Store:
     """A content-addressed store. Thread-safe; one per process is plenty.
 
@@ -117,15 +156,21 @@ class Store:
         self._audit = audit
         self.params = params or ChunkParams()
         self._pools = Pools(workers or os.cpu_count() or 2)
+        self._readers = Pools(2)  # threads that read a blob's next window ahead (its spans run on _pools)
+        self.chunks = Chunks(backend, self._read_legacy_chunk, self._audit_quarantine, lambda: self._pools.get()[0])
+        self._recent = _SmallBlobs()  # small blobs put here, for _inline_for
+        self._inline = _SmallBlobs()  # blobs verified result manifests carried
+        self._trees_put: OrderedDict[str, TreeManifest] = OrderedDict()  # the last TREES_KEPT put_tree made
         # Result manifests read by get_ref and attestations, by address: content-addressed,
-        # so a verified copy stays true; the ref and the presence of every chunk are still
-        # read for each hit.
+        # so a verified copy stays true; the ref is still read, and every chunk's presence
+        # checked in the pack index, for each hit.
         self._hit_results: OrderedDict[str, ResultManifest] = OrderedDict()
         self._envelopes: OrderedDict[str, bytes] = OrderedDict()
         self._small_lock = threading.Lock()
 
     def close(self) -> None:
         self._pools.close()
+        self._readers.close()
 
     def __enter__(self) -> Store:
         return self
@@ -155,20 +200,38 @@ class Store:
 
     # -- blobs ---------------------------------------------------------------
 
-    def _put_chunk(self, digest: str, encode: Callable[[], bytes], plain_length: int) -> bool:
-        return self.backend.put_if_absent(object_name("chunks", digest), encode)
-
-    def _finish_blob(self, ing: Ingested) -> BlobRef:
-        manifest = BlobManifest(ing.size, tuple(ing.chunks))
-        self.backend.put_if_absent(object_name("blobs", ing.digest), seal(manifest.to_dict()))
-        return BlobRef(ing.digest, ing.size)
+    def _finish_blobs(self, ingested: Iterable[Ingested]) -> list[BlobRef]:
+        """Chunks -> packs -> blob manifests: the packs and their index segment are written
+        before any manifest names their chunks, and before a digest leaves the Store."""
+        self.chunks.flush()
+        refs = []
+        for ing in ingested:
+            manifest = BlobManifest(ing.size, tuple(ing.chunks))
+            self.backend.put_if_absent(object_name("blobs", ing.digest), seal(manifest.to_dict()))
+            refs.append(BlobRef(ing.digest, ing.size))
+        return refs
 
     def put_bytes(self, data: bytes | bytearray | memoryview) -> BlobRef:
-        return self._finish_blob(ingest_buffer(data, self.params, self._pools, self._put_chunk))
+        return self._finish_blobs([self._ingest_bytes(data)])[0]
 
     def put_stream(self, stream: BinaryIO) -> BlobRef:
         """Store a binary stream without holding it in memory (8 MiB windows)."""
-        return self._finish_blob(ingest_stream(stream, self.params, self._pools, self._put_chunk))
+        return self._finish_blobs([self._ingest_stream(stream)])[0]
+
+    def _ingest_bytes(self, data: bytes | bytearray | memoryview) -> Ingested:
+        self.chunks.begin_write()
+        ing = ingest_buffer(data, self.params, self._pools, self.chunks.put)
+        if ing.size <= INLINE_RESULT_MAX:
+            self._remember_small(ing.digest, bytes(data))
+        return ing
+
+    def _ingest_stream(self, stream: BinaryIO) -> Ingested:
+        """A small stream is read whole (so a result can inline it); a larger one streams."""
+        head = _read_up_to(stream, INLINE_RESULT_MAX + 1)
+        if len(head) <= INLINE_RESULT_MAX:
+            return self._ingest_bytes(head)
+        self.chunks.begin_write()
+        return ingest_stream(cast(BinaryIO, _Prefixed(head, stream)), self.params, self._pools, self.chunks.put)
 
     def put_file(self, path: str | os.PathLike[str]) -> BlobRef:
         try:
@@ -181,25 +244,32 @@ class Store:
         """The blob's chunk list (seal checked); NotFound if absent."""
         return self._load(object_name("blobs", digest), lambda data: _sealed(data, BlobManifest.from_dict))
 
-    def iter_blob(self, digest: str) -> Iterator[bytes]:
+    def iter_blob(self, digest: str, *, stored: bool = False) -> Iterator[bytes]:
         """The blob's content chunk by chunk. Each chunk is verified before it is
-        yielded; the whole digest is checked after the last one (StoreCorrupted then)."""
+        yielded; the whole digest is checked after the last one (StoreCorrupted then).
+
+        A blob a verified result manifest carried inline comes from memory, unless `stored`
+        (verify: the stored copy is what is checked). Otherwise the chunks are read a window
+        (READ_WINDOW plain bytes) at a time, each window planned as one coalesced read, the
+        next window read ahead while this one is consumed."""
+        if not stored:
+            with self._small_lock:
+                inline = self._inline.get(digest)
+            if inline is not None:
+                yield inline
+                return
         manifest = self.blob_manifest(digest)
         work, _ = self._pools.get()
+        readers, _ = self._readers.get()
+        windows = _windows(manifest.chunks, READ_WINDOW)
         hasher = blake3.blake3()
-        pending: list[Future[bytes]] = []
-        chunks = iter(manifest.chunks)
-        for c, _n in chunks:
-            pending.append(work.submit(self._read_chunk, c, digest))
-            if len(pending) >= READ_AHEAD:
-                break
-        while pending:
-            data = pending.pop(0).result()
-            nxt = next(chunks, None)
-            if nxt is not None:
-                pending.append(work.submit(self._read_chunk, nxt[0], digest))
-            hasher.update(data)
-            yield data
+        pending: Future[dict[str, bytes]] | None = None
+        for i, window in enumerate(windows):
+            got = pending.result() if pending is not None else self.chunks.read(window, digest, work)
+            pending = readers.submit(self.chunks.read, windows[i + 1], digest, work) if i + 1 < len(windows) else None
+            for c in window:
+                hasher.update(got[c])
+                yield got[c]
         if "b3:" + hasher.hexdigest() != digest:
             name = object_name("blobs", digest)
             raise self._quarantine(name, self.backend.get(name), "its chunks do not hash to the blob digest")
@@ -232,7 +302,8 @@ class Store:
         half-written by a failed read is removed."""
         write_new_file(dir_fd, name, self.iter_blob(digest), executable=executable)
 
-    def _read_chunk(self, digest: str, blob: str = "") -> bytes:
+    def _read_legacy_chunk(self, digest: str, blob: str = "") -> bytes:
+        """A chunk from its own `chunks/` object (stores written before packs), verified."""
         def check(stored: bytes) -> bytes:
             try:
                 plain = decode_chunk(stored)
@@ -271,6 +342,9 @@ class Store:
             raise self._quarantine(name, data, str(e)) from None
 
     # -- quarantine ------------------------------------------------------------
+
+    def _audit_quarantine(self, name: str, quarantined_as: str, reason: str) -> None:
+        self.audit(audit_log.QUARANTINE, object=name, quarantined_as=quarantined_as, reason=reason)
 
     def _quarantine(self, name: str, seen: bytes, reason: str) -> StoreCorrupted:
         """Move a damaged object aside (unless a writer replaced it meanwhile);
@@ -346,17 +420,22 @@ class Store:
         except OSError as e:
             raise InputError(f"output tree {root} is not a directory ({e.strerror})",
                              "pass an existing directory, not a link to one") from None
-        entries: dict[str, TreeEntry] = {}
+        files: list[tuple[str, Ingested, bool]] = []
         try:
             for rel, fd in _tree_files(root_fd):
                 with os.fdopen(fd, "rb", buffering=0) as f:
                     executable = bool(os.fstat(f.fileno()).st_mode & stat.S_IXUSR)
-                    blob = self.put_stream(f)
-                entries[rel] = TreeEntry(blob.digest, blob.size, executable)
+                    files.append((rel, self._ingest_stream(f), executable))
         finally:
             os.close(root_fd)
-        tree = TreeManifest(entries)
+        blobs = self._finish_blobs(ing for _, ing, _ in files)  # one pack flush for the whole tree
+        tree = TreeManifest({rel: TreeEntry(blob.digest, blob.size, executable)
+                             for (rel, _, executable), blob in zip(files, blobs, strict=True)})
         self.backend.put_if_absent(object_name("trees", tree.digest), seal(tree.to_dict()))
+        with self._small_lock:
+            self._trees_put[tree.digest] = tree
+            while len(self._trees_put) > TREES_KEPT:
+                self._trees_put.popitem(last=False)
         return BlobRef(tree.digest, tree.size)
 
     def get_tree(self, digest: str) -> TreeManifest:
@@ -423,18 +502,57 @@ class Store:
                 raise NotFound(f"blob {d} named by the result is not stored", "put the blob before the result")
         if result.output_tree and not self.backend.exists(object_name("trees", result.output_tree.digest)):
             raise NotFound(f"output tree {result.output_tree.digest} is not stored", "put_tree before the result")
-        self.backend.put_if_absent(object_name("results", result.digest), seal(result.to_dict()))
+        self.chunks.flush()
+        body = result.to_dict()
+        inline = self._inline_for(result)
+        if inline:
+            body["inline"] = {d: base64.b64encode(data).decode() for d, data in inline.items()}
+        self.backend.put_if_absent(object_name("results", result.digest), seal(body))
         return result.digest
+
+    def _inline_for(self, result: ResultManifest) -> dict[str, bytes]:
+        """The small blobs a result names (value, stdout, stderr, then its tree's files) that this
+        Store put and still remembers, up to INLINE_RESULT_MAX bytes in all: a hit then reads
+        them from the result manifest, not from packs."""
+        blobs = result.blobs()
+        if result.output_tree:
+            with self._small_lock:
+                tree = self._trees_put.get(result.output_tree.digest)
+            blobs += [e.digest for _, e in sorted(tree.entries.items())] if tree else []
+        inline: dict[str, bytes] = {}
+        room = INLINE_RESULT_MAX
+        for d in dict.fromkeys(blobs):
+            with self._small_lock:
+                data = self._recent.get(d)
+            if d != EMPTY_BLOB and data is not None and len(data) <= room:
+                inline[d] = data
+                room -= len(data)
+        return inline
 
     def get_result(self, digest: str) -> ResultManifest:
         """The result, its address checked."""
         def check(data: bytes) -> ResultManifest:
-            result = _sealed(data, ResultManifest.from_dict)
+            result, inline = _sealed(data, _result_and_inline)
             if result.digest != digest:
                 raise _Damaged("its content does not hash to its address")
+            for blob, content in inline.items():
+                if b3(content) != blob:
+                    raise _Damaged(f"its inline copy of blob {blob} does not hash to that digest")
+            self._remember_inline(inline)
             return result
 
         return self._load(object_name("results", digest), check)
+
+    def _remember_small(self, digest: str, data: bytes) -> None:
+        """A small blob this Store just put (hashed here): a result naming it may inline it."""
+        with self._small_lock:
+            self._recent.keep(digest, data)
+
+    def _remember_inline(self, inline: dict[str, bytes]) -> None:
+        """Blobs a verified result manifest carried: reads of them need no request."""
+        with self._small_lock:
+            for digest, data in inline.items():
+                self._inline.keep(digest, data)
 
     # -- attestations (what they say and whom to believe: memoplane.trust) ----------------
 
@@ -487,6 +605,7 @@ class Store:
         current = self.read_ref_entry(key)
         listed = current.attestations if current is not None and current.result == result_digest else ()
         names = sorted(set(listed) | {check_digest(a, "attestation") for a in attestations})
+        self.chunks.flush()
         self.backend.flush()
         body: dict[str, Any] = {"v": 1, "key": key, "result": result_digest}
         if names:
@@ -574,26 +693,27 @@ class Store:
             self._quarantine(name, data, f"it names {digest}, which is missing or damaged")
 
     def _check_complete(self, result: ResultManifest, deep: bool) -> None:
-        # The empty blob needs no check: its digest names its (empty) content.
-        blobs = [d for d in dict.fromkeys(result.blobs()) if d != EMPTY_BLOB]
+        # The empty blob needs no check: its digest names its (empty) content; nor does a blob
+        # the (verified) result manifest carried inline.
+        blobs = list(dict.fromkeys(result.blobs()))
         if result.output_tree:
             blobs = list(dict.fromkeys(blobs + self.get_tree(result.output_tree.digest).blobs()))
+        with self._small_lock:
+            blobs = [d for d in blobs if d != EMPTY_BLOB and d not in self._inline]
         if deep:
             for d in blobs:
                 for _ in self.iter_blob(d):
                     pass
             return
-        # On an object store each check is a round trip: fan them out over the
-        # pool (a hit with one small value stays a handful of sequential calls).
+        # On an object store a manifest read is a round trip: fan them out over the pool (a hit
+        # with one small value stays a handful of sequential calls). Chunks are checked against
+        # the in-memory pack index, not one by one.
         work, _ = self._pools.get() if len(blobs) > 2 else (None, None)
         manifests = list(work.map(self.blob_manifest, blobs)) if work else [self.blob_manifest(d) for d in blobs]
         owner = {c: d for d, m in zip(blobs, manifests, strict=True) for c, _n in m.chunks}
-        names = [object_name("chunks", c) for c in owner]
-        present = list(work.map(self.backend.exists, names)) if work and len(names) > 2 else \
-            [self.backend.exists(n) for n in names]
-        for (chunk, blob), ok in zip(owner.items(), present, strict=True):
-            if not ok:
-                raise NotFound(f"chunk {chunk} of blob {blob} is missing")
+        missing = self.chunks.missing(owner, self._pools.get()[0])
+        if missing:
+            raise NotFound(f"chunk {missing[0]} of blob {owner[missing[0]]} is missing")
 
     def withdraw_ref(self, key: str, result_digest: str, reason: str) -> bool:
         """Stop serving `key` (a dispute): its ref moves to quarantine/ with `reason`, if it still
@@ -619,8 +739,9 @@ class Store:
         work, _ = self._pools.get()
         scrub = self.backend.scrub() if isinstance(self.backend, TieredBackend) else contextlib.nullcontext()
         with scrub:   # a scrub's reads are not uses: nothing re-warmed, nothing kept hot (tiers.py)
-            return maintenance.verify(self, work, self._read_chunk,
-                                      lambda digest: self._check_complete(self.get_result(digest), deep=False))
+            return maintenance.verify(self, work, self._read_legacy_chunk,
+                                      lambda digest: self._check_complete(self.get_result(digest), deep=False),
+                                      packed=self.chunks.scrub_checks())
 
     def gc(self, grace_seconds: float = 3600.0, *, results: Iterable[str] = (),
            blobs: Iterable[str] = ()) -> GcReport:
@@ -628,7 +749,8 @@ class Store:
         return maintenance.gc(self.backend, grace_seconds, results=results, blobs=blobs)
 
     def stats(self) -> Stats:
-        return maintenance.stats(self.backend)
+        self.chunks.refresh()
+        return maintenance.stats(self.backend, packed_chunks=len(self.chunks.index))
 
     def demote(self, now: float | None = None, limit: int | None = None) -> TierReport | None:
         """Move content not read for the cold tier's `after` there (tiers.py); None: no cold tier.
@@ -695,14 +817,21 @@ class Store:
             return None
 
     def stored_bytes(self) -> int:
-        """Bytes of every content object and ref on the backend (a listing: nothing is read)."""
-        return sum(i.size for prefix in (*maintenance.CONTENT, "refs/") for i in self.backend.list(prefix))
+        """Bytes of every content object, pack, index segment and ref on the backend (a listing:
+        nothing is read)."""
+        return sum(i.size for prefix in maintenance.STORED for i in self.backend.list(prefix))
 
     def evict(self, max_age: float | None = None, max_bytes: int | None = None) -> EvictReport:
         def evicted(key: str, result: str) -> None:
             self.audit(audit_log.EVICTION, key=key, result=result)
 
-        return maintenance.evict(self.backend, max_age=max_age, max_bytes=max_bytes, on_evict=evicted)
+        self.chunks.refresh()
+        return maintenance.evict(self.backend, max_age=max_age, max_bytes=max_bytes, on_evict=evicted,
+                                 chunk_bytes=self._packed_bytes())
+
+    def _packed_bytes(self) -> dict[str, int]:
+        """Stored bytes of each packed chunk by its `chunks/` name (what gc's marking names)."""
+        return {object_name("chunks", d): loc.length for d, loc in self.chunks.index.entries()}
 
 
 class ChunkStream(io.RawIOBase):
@@ -746,6 +875,65 @@ RUN_RECORDS = "history/runs/"
 
 def _last_run_name(identity: str) -> str:
     return "runs/" + blake3.blake3(identity.encode()).hexdigest()
+
+
+def _result_and_inline(body: dict[str, Any]) -> tuple[ResultManifest, dict[str, bytes]]:
+    """A stored result and the blobs it carries inline (`inline`: digest -> base64; not part of
+    the result's address, which names content only: each copy is checked against its digest)."""
+    raw = body.pop("inline", None) or {}
+    if not isinstance(raw, dict):
+        raise InputError("result.inline is not an object", "recompute the result")
+    try:
+        inline = {check_digest(d, "result.inline"): base64.b64decode(v, validate=True) for d, v in raw.items()}
+    except (TypeError, binascii.Error):
+        raise InputError("result.inline holds a value that is not base64", "recompute the result") from None
+    return ResultManifest.from_dict(body), inline
+
+
+def _windows(chunks: Iterable[tuple[str, int]], size: int) -> list[list[str]]:
+    """Chunk digests in order, cut into runs of about `size` plain bytes."""
+    windows: list[list[str]] = [[]]
+    filled = 0
+    for digest, n in chunks:
+        if filled >= size:
+            windows.append([])
+            filled = 0
+        windows[-1].append(digest)
+        filled += n
+    return [w for w in windows if w]
+
+
+def _read_up_to(stream: BinaryIO, limit: int) -> bytes:
+    """Up to `limit` bytes of `stream` (fewer only at its end)."""
+    parts, got = [], 0
+    while got < limit:
+        data = stream.read(limit - got)
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
+
+
+class _Prefixed(io.RawIOBase):
+    """`head` followed by the rest of `stream`: a stream whose start was already read."""
+
+    def __init__(self, head: bytes, stream: BinaryIO) -> None:
+        self._head = memoryview(head)
+        self._stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, into: Any) -> int:
+        if self._head:
+            n = min(len(into), len(self._head))
+            into[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._stream.read(len(into))
+        into[:len(data)] = data
+        return len(data)
 
 
 def _sealed(data: bytes, parse: Callable[[dict[str, Any]], T]) -> T:

@@ -26,7 +26,7 @@ class PlantingBackend(DelegatingBackend):
     """A real filesystem backend that runs `plant` just before serving `trigger`: the
     attacker's move lands after materialize checked DIR and before it writes there."""
 
-    planted_on = "get"   # the call on `trigger` that plants
+    planted_on = "get_range"   # the call on `trigger` that plants (chunks are ranges of packs)
 
     def __init__(self, root: Path) -> None:
         super().__init__(FilesystemBackend(root, durability="none"))
@@ -78,7 +78,9 @@ def raw_tree(store: Store, entries: dict[str, bytes]) -> str:
 
 
 def chunk_of(store: Store, data: bytes) -> str:
-    return object_name("chunks", store.blob_manifest(store.put_bytes(data).digest).chunks[0][0])
+    """The pack holding `data`'s first chunk: materializing `data` reads a range of it."""
+    chunk = store.blob_manifest(store.put_bytes(data).digest).chunks[0][0]
+    return object_name("packs", store.chunks.index.locations(chunk)[0].pack)
 
 
 @pytest.mark.parametrize(("rel", "problem"), [
@@ -158,28 +160,32 @@ def test_result_value_file_never_goes_through_a_planted_link(
 # -- put_tree: a job's output directory changed while the host stores it -----------------------
 
 
-class PlantingOnWrite(PlantingBackend):
-    """Runs `plant` when the store writes `trigger` (a chunk: while a file is being stored)."""
+def plant_when_stored(store: Store, data: bytes, plant: Callable[[], None]) -> None:
+    """Run `plant` once, when the store takes the chunk of `data` (while its file is being stored)."""
+    put = store.chunks.put
 
-    planted_on = "put_if_absent"
+    def planting(digest: str, encode: Callable[[], bytes], plain_length: int) -> bool:
+        if digest == b3(data):
+            store.chunks.put = put  # type: ignore[method-assign]  # once
+            plant()
+        return put(digest, encode, plain_length)
+
+    store.chunks.put = planting  # type: ignore[method-assign]
 
 
 def test_put_tree_never_reads_through_a_link_swapped_in(tmp_path: Path, outside: Path) -> None:
     secret = outside / "victim"
-    store = Store(PlantingOnWrite(tmp_path / "store"))
+    store = Store(FilesystemBackend(tmp_path / "store", durability="none"))
     src = tmp_path / "out"
     (src / "sub").mkdir(parents=True)
     (src / "a.txt").write_bytes(b"first")
     (src / "sub" / "victim").write_bytes(b"job's own")
-    trigger = object_name("chunks", b3(b"first"))
-    assert isinstance(store.backend, PlantingOnWrite)
-    store.backend.trigger = trigger
 
     def swap() -> None:  # a.txt is being stored; sub/ has not been opened yet
         os.rename(src / "sub", tmp_path / "moved")
         (src / "sub").symlink_to(outside)
 
-    store.backend.plant = swap
+    plant_when_stored(store, b"first", swap)
     with pytest.raises(InputError) as caught:
         store.put_tree(src)
     assert str(caught.value) == ("output 'sub' is a symbolic link"
@@ -189,19 +195,17 @@ def test_put_tree_never_reads_through_a_link_swapped_in(tmp_path: Path, outside:
 
 
 def test_put_tree_keeps_reading_the_directory_it_opened(tmp_path: Path, outside: Path) -> None:
-    store = Store(PlantingOnWrite(tmp_path / "store"))
+    store = Store(FilesystemBackend(tmp_path / "store", durability="none"))
     src = tmp_path / "out"
     (src / "sub").mkdir(parents=True)
     (src / "sub" / "a.txt").write_bytes(b"first")
     (src / "sub" / "victim").write_bytes(b"job's own")
-    assert isinstance(store.backend, PlantingOnWrite)
-    store.backend.trigger = object_name("chunks", b3(b"first"))
 
     def swap() -> None:  # sub/ is open and half read: the rest still comes from it
         os.rename(src / "sub", tmp_path / "moved")
         (src / "sub").symlink_to(outside)
 
-    store.backend.plant = swap
+    plant_when_stored(store, b"first", swap)
     tree = store.get_tree(store.put_tree(src).digest)
     assert {rel: store.get_bytes(e.digest) for rel, e in tree.entries.items()} == \
         {"sub/a.txt": b"first", "sub/victim": b"job's own"}

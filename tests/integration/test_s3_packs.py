@@ -23,8 +23,8 @@ MiB = 1 << 20
 
 
 class _Counted(S3Backend):
-    """Counts the requests packs make: PUTs (put_if_absent) and ranged GETs, and every HTTP
-    request the client sends, by method."""
+    """Counts the requests packs make: PUTs (a pack and a segment are one plain PUT each, no HEAD)
+    and ranged GETs, and every HTTP request the client sends, by method."""
 
     puts = ranged = 0
 
@@ -39,8 +39,12 @@ class _Counted(S3Backend):
 
         client._http.urlopen = counted  # type: ignore[method-assign]
 
-    def put_if_absent(self, name: str, data: object) -> bool:  # type: ignore[override]
+    def put(self, name: str, data: bytes) -> None:
         self.puts += 1
+        super().put(name, data)
+
+    def put_if_absent(self, name: str, data: object) -> bool:  # type: ignore[override]
+        self.puts += 2  # a HEAD, then a PUT
         return super().put_if_absent(name, data)  # type: ignore[arg-type]
 
     def get_range(self, name: str, offset: int, length: int) -> bytes:

@@ -214,16 +214,20 @@ def test_round_trip(s3: S3, tmp_path: Path) -> None:
 def test_dedup_uploads_nothing_new(s3: S3) -> None:
     store = s3.store()
     data = rand(4 * MiB, 4)
-    store.put_bytes(data)
+    ref = store.put_bytes(data)
     before = s3.keys()
-    assert len([k for k in before if "/chunks/" in k]) > 100
+    assert len(store.blob_manifest(ref.digest).chunks) > 100
+    assert not any("/chunks/" in k for k in before)  # chunks are no objects of their own ...
+    assert len([k for k in before if "/packs/" in k]) == len([k for k in before if "/index/" in k]) == 1  # one pack
     edited = bytearray(data)
     edited[2 * MiB:2 * MiB + 10] = b"0123456789"
     store.put_bytes(data)
     assert s3.keys() == before  # the same bytes again: not one new object
     store.put_bytes(bytes(edited))
     new = s3.keys() - before
-    assert 1 <= len([k for k in new if "/chunks/" in k]) <= 4 and len(new) <= 5  # a small edit, few chunks
+    assert len(new) == 3  # a pack, its index segment and the blob manifest
+    (pack,) = (k.rsplit("/", 1)[-1] for k in new if "/packs/" in k)
+    assert 1 <= len([d for d, loc in store.chunks.index.entries() if loc.pack == "b3:" + pack]) <= 4  # few chunks
 
 
 def test_corrupt_chunk_is_detected_quarantined_and_never_served(s3: S3) -> None:
@@ -232,12 +236,17 @@ def test_corrupt_chunk_is_detected_quarantined_and_never_served(s3: S3) -> None:
     commit_bytes(store, key(3), data)
     hit = store.get_ref(key(3))
     assert hit is not None and hit.result.value.blob is not None
-    chunk = object_name("chunks", store.blob_manifest(hit.result.value.blob.digest).chunks[7][0])
-    s3.overwrite(chunk, b"\x00" * 100)
+    chunk = store.blob_manifest(hit.result.value.blob.digest).chunks[7][0]
+    (loc,) = store.chunks.index.locations(chunk)
+    pack = object_name("packs", loc.pack)
+    damaged = bytearray(s3.raw(pack))
+    damaged[loc.offset:loc.offset + 100] = bytes(100)
+    s3.overwrite(pack, bytes(damaged))
     with pytest.raises(StoreCorrupted, match="quarantined"):
         store.load_value(hit.result.value)
-    assert s3.prefix + chunk not in s3.keys()  # moved aside, not served again
-    assert any(k.startswith(s3.prefix + "quarantine/") for k in s3.keys())
+    assert chunk not in store.chunks.index  # set aside, not served again ...
+    assert any(k.startswith(s3.prefix + "quarantine/packs%") and chunk[3:] in k for k in s3.keys())  # ... on record
+    assert s3.store().chunks.missing([chunk]) == [chunk]  # for every other reader too
     assert store.get_ref(key(3)) is None  # the ref names a missing chunk: a miss, never a hit
     report = store.verify()  # the blob that lost its chunk and the result naming it; nothing else
     assert {d.name for d in report.damaged} == {object_name("blobs", hit.result.value.blob.digest),
@@ -325,6 +334,10 @@ class CountingS3(S3Backend):
         self.gets[name.split("/", 1)[0]] += 1
         return super().get(name)
 
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        self.gets[name.split("/", 1)[0]] += 1
+        return super().get_range(name, offset, length)
+
 
 def test_cache_serves_second_read_locally_and_heals_local_damage(s3: S3, tmp_path: Path) -> None:
     data = rand(2 * MiB, 8)
@@ -336,21 +349,28 @@ def test_cache_serves_second_read_locally_and_heals_local_damage(s3: S3, tmp_pat
     hit = store.get_ref(key(6))
     assert hit is not None and store.load_value(hit.result.value) == data
     first = remote.gets.copy()
-    assert first["chunks"] > 50
+    assert hit.result.value.blob is not None
+    chunks = store.blob_manifest(hit.result.value.blob.digest).chunks
+    assert len(chunks) > 50 and 1 <= first["packs"] <= 3  # a few ranged reads, not one per chunk
     hit = store.get_ref(key(6))
     assert hit is not None and store.load_value(hit.result.value) == data
     assert remote.gets - first == Counter({"refs": 1})  # content came from the local cache
-    # Damage one local chunk: it is dropped, fetched again from the server, served correctly.
-    assert hit.result.value.blob is not None
-    chunk = object_name("chunks", store.blob_manifest(hit.result.value.blob.digest).chunks[3][0])
-    remote_before = s3.raw(chunk)
-    (local.root / chunk).write_bytes(b"\xff" * 64)
+    # Damage one chunk in a kept range: the range is dropped, read again from the server, served correctly.
+    loc = store.chunks.index.locations(chunks[3][0])[0]
+    pack = object_name("packs", loc.pack)
+    remote_before = s3.raw(pack)
+    (kept,) = [p for p in (local.root / "ranges").rglob("*-*")
+               if int(p.name.split("-")[0]) <= loc.offset < sum(map(int, p.name.split("-")))]
+    damaged = bytearray(kept.read_bytes())
+    start = loc.offset - int(kept.name.split("-")[0])
+    damaged[start:start + 64] = b"\xff" * 64
+    kept.write_bytes(bytes(damaged))
     before = remote.gets.copy()
     assert store.load_value(hit.result.value) == data
-    assert remote.gets - before == Counter({"chunks": 1})
-    assert s3.raw(chunk) == remote_before  # the server's copy untouched
+    assert set(remote.gets - before) == {"packs"}  # ranges of the pack, nothing else
+    assert s3.raw(pack) == remote_before  # the server's copy untouched
     assert not any(k.startswith(s3.prefix + "quarantine/") for k in s3.keys())
-    assert local.get(chunk) == remote_before and cache.counters.dropped_damaged == 1
+    assert cache.counters.dropped_damaged == 1
     assert store.get_ref(key(6), deep=True) is not None
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from fakes import DelegatingBackend
 
-from memoplane.cas import CachingBackend, FilesystemBackend, Provenance, ResultManifest, Store, StoredValue
+from memoplane.cas import CachingBackend, FilesystemBackend, Provenance, ResultManifest, Store, StoredValue, b3
 from memoplane.cas.digests import object_name
+from memoplane.cas.packs import Location
 from memoplane.errors import InputError, NotFound, StoreCorrupted
 
 KEY = "b3:" + "1" * 64
@@ -70,33 +71,36 @@ def test_round_trip_and_second_read_is_local(s: Setup) -> None:
     hit = s.store2.get_ref(KEY)
     assert hit is not None and s.store2.load_value(hit.result.value) == data
     first = s.remote.calls.copy()
-    assert first[("get", "chunks")] > 0
-    # ... then entirely from the cache: no content object is fetched again.
+    assert first[("get_range", "packs")] > 0
+    # ... then entirely from the cache: no content object or range is fetched again.
     hit = s.store2.get_ref(KEY)
     assert hit is not None and s.store2.load_value(hit.result.value) == data
     new = s.remote.calls - first
-    assert {kind for (op, kind) in new if op == "get"} == {"refs"}  # refs are never cached
+    assert {kind for (op, kind) in new if op in ("get", "get_range")} == {"refs"}  # refs are never cached
     assert s.cache2.counters.hits > 0
     assert not s.names(s.local2, "refs/")
     blob = hit.result.value.blob
     assert blob is not None
-    value_chunks = {object_name("chunks", c) for c, _ in s.store2.blob_manifest(blob.digest).chunks}
-    assert value_chunks <= s.names(s.local2, "chunks/")
+    kept = kept_ranges(s.local2)
+    for chunk, _ in s.store2.blob_manifest(blob.digest).chunks:  # every chunk read is inside a kept range
+        loc = s.store2.chunks.index.locations(chunk)[0]
+        assert any(start <= loc.offset and loc.offset + loc.length <= start + size
+                   for start, size in kept[loc.pack[3:]])
 
 
 def test_writes_go_remote_and_populate_local(s: Setup) -> None:
     s.store.commit(result_for(s.store, rand(200_000)))
-    for prefix in ("chunks/", "blobs/", "results/"):
+    for prefix in ("packs/", "blobs/", "results/"):
         assert s.names(s.local, prefix) == s.names(s.remote_fs, prefix) != set()
     assert s.names(s.remote_fs, "refs/") and not s.names(s.local, "refs/")
 
 
 def test_put_if_absent_always_asks_the_remote(s: Setup) -> None:
     ref = s.store.put_bytes(rand(100_000))
-    for info in list(s.remote_fs.list("chunks/")):  # the remote lost them (gc) but this node has copies
+    for info in list(s.remote_fs.list("blobs/")):  # the remote lost them (gc) but this node has copies
         s.remote_fs.delete(info.name)
     s.store.put_bytes(rand(100_000))
-    assert s.names(s.remote_fs, "chunks/") == s.names(s.local, "chunks/")
+    assert s.names(s.remote_fs, "blobs/") == s.names(s.local, "blobs/") != set()
     assert s.store2.get_bytes(ref.digest) == rand(100_000)
 
 
@@ -112,17 +116,43 @@ def _corrupt(backend: FilesystemBackend, name: str) -> bytes:
     return good
 
 
+def kept_ranges(local: FilesystemBackend) -> dict[str, list[tuple[int, int]]]:
+    """Pack hex -> (offset, length) of the ranges a cache keeps."""
+    kept: dict[str, list[tuple[int, int]]] = {}
+    for info in local.list("ranges/"):
+        _, _, pack, span = info.name.split("/")
+        start, size = span.split("-")
+        kept.setdefault(pack, []).append((int(start), int(size)))
+    return kept
+
+
+def _corrupt_chunk(backend: FilesystemBackend, store: Store, chunk: str) -> tuple[str, Location, bytes]:
+    """Flip a byte inside `chunk`'s packed copy as `backend` holds it; (pack name, where, good bytes)."""
+    loc = store.chunks.index.locations(chunk)[0]
+    name = object_name("packs", loc.pack)
+    path = backend.root / name
+    good = path.read_bytes()
+    data = bytearray(good)
+    data[loc.offset + loc.length // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return name, loc, good
+
+
+def _value_chunk(store: Store, data: bytes) -> str:
+    return store.blob_manifest(b3(data)).chunks[0][0]
+
+
 def test_corrupt_local_chunk_is_refetched_and_remote_untouched(s: Setup) -> None:
     data = rand(300_000, 1)
     s.store.commit(result_for(s.store, data))
-    name = sorted(s.names(s.local, "chunks/"))[0]
-    good = _corrupt(s.local, name)
+    name, _, good = _corrupt_chunk(s.local, s.store, _value_chunk(s.store, data))  # the pack this node wrote
     hit = s.store.get_ref(KEY)
     assert hit is not None and s.store.load_value(hit.result.value) == data  # served, correctly
     assert s.remote_fs.get(name) == good  # the remote copy is untouched ...
     assert not s.names(s.remote_fs, "quarantine/")  # ... and nothing was quarantined
-    assert s.local.get(name) == good  # the local copy was replaced by the remote's
+    assert not s.local.exists(name) and s.names(s.local, "ranges/")  # the local copy gave way to remote ranges
     assert s.cache.counters.dropped_damaged == 1
+    assert s.store.load_value(hit.result.value) == data
 
 
 @pytest.mark.parametrize("kind", ["results", "blobs"])
@@ -139,28 +169,33 @@ def test_corrupt_local_manifest_is_refetched(s: Setup, kind: str) -> None:
 def test_corrupt_remote_chunk_is_quarantined_and_not_cached(s: Setup) -> None:
     data = rand(300_000, 3)
     s.store.commit(result_for(s.store, data))
-    name = sorted(s.names(s.remote_fs, "chunks/"))[0]
-    _corrupt(s.remote_fs, name)
+    chunk = _value_chunk(s.store, data)
+    _, loc, _ = _corrupt_chunk(s.remote_fs, s.store, chunk)
     hit = s.store2.get_ref(KEY)  # node 2 has no copies: it reads the damaged remote one
     assert hit is not None
     with pytest.raises(StoreCorrupted):
         s.store2.load_value(hit.result.value)
-    assert name not in s.names(s.remote_fs) and name not in s.names(s.local2)
-    assert s.names(s.remote_fs, "quarantine/")
+    assert not any(start < loc.offset + loc.length and loc.offset < start + size  # no damaged byte kept
+                   for start, size in kept_ranges(s.local2).get(loc.pack[3:], []))
+    assert any(chunk[3:] in name for name in s.names(s.remote_fs, "quarantine/"))
     assert s.store2.get_ref(KEY) is None  # a ref with a missing chunk is never served
 
 
 def test_corrupt_everywhere_is_quarantined_everywhere(s: Setup) -> None:
     data = rand(300_000, 4)
     s.store.commit(result_for(s.store, data))
-    name = sorted(s.names(s.remote_fs, "chunks/"))[0]
-    _corrupt(s.remote_fs, name)
-    _corrupt(s.local, name)
+    chunk = _value_chunk(s.store, data)
+    name, loc, _ = _corrupt_chunk(s.remote_fs, s.store, chunk)
+    _corrupt_chunk(s.local, s.store, chunk)
     hit = s.store.get_ref(KEY)
     assert hit is not None
     with pytest.raises(StoreCorrupted):
         s.store.load_value(hit.result.value)
-    assert name not in s.names(s.remote_fs) and name not in s.names(s.local)
+    assert not s.local.exists(name)  # nothing damaged is kept here: not the pack, no range over the chunk
+    assert not any(start < loc.offset + loc.length and loc.offset < start + size
+                   for start, size in kept_ranges(s.local).get(loc.pack[3:], []))
+    assert any(chunk[3:] in q for q in s.names(s.remote_fs, "quarantine/"))  # the remote copy is on record
+    assert s.store.get_ref(KEY) is None and s.store2.get_ref(KEY) is None  # so no node serves it
 
 
 def test_delete_keeps_a_remote_copy_that_differs_from_the_local_one(s: Setup) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import random
 import time
@@ -9,9 +10,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from fakes import packed_copy
 
 from memoplane.canonical import canonical_json
 from memoplane.cas import FilesystemBackend, Provenance, ResultManifest, Store, b3
+from memoplane.cas.chunks import location_label
 from memoplane.cas.digests import object_name, ref_name
 from memoplane.cas.records import seal
 from memoplane.errors import NotFound, StoreCorrupted
@@ -66,29 +69,53 @@ def test_flipped_chunk_byte_is_never_served_and_is_quarantined(store: Store, roo
     data = rand(1 * MiB, 1)
     ref = store.put_bytes(data)
     victim = store.blob_manifest(ref.digest).chunks[3][0]
-    flip(path_of(root, object_name("chunks", victim)), 100)
+    pack, loc = packed_copy(store, root, victim)
+    flip(pack, loc.offset + 100)
     with pytest.raises(StoreCorrupted, match="does not hash to its address"):
         store.get_bytes(ref.digest)
-    assert not store.backend.exists(object_name("chunks", victim))
-    assert any(victim[3:] in q for q in quarantined(root))
+    assert victim not in store.chunks.index  # the damaged copy is not used again ...
+    assert any(victim[3:] in q and loc.pack[3:] in q for q in quarantined(root))  # ... and is on record
     with pytest.raises(StoreCorrupted, match="missing"):  # still never served
         store.get_bytes(ref.digest)
+    with Store(FilesystemBackend(root, durability="none")) as other:  # another process reads the record
+        with pytest.raises(StoreCorrupted, match="missing"):
+            other.get_bytes(ref.digest)
     store.put_bytes(data)  # writing the content again heals the store
     assert store.get_bytes(ref.digest) == data
+    with Store(FilesystemBackend(root, durability="none")) as other:
+        assert other.get_bytes(ref.digest) == data
+
+
+def test_a_pack_rewritten_under_its_name_heals_its_quarantined_copy(store: Store, root: Path) -> None:
+    data = rand(3_000, 7)  # one chunk, alone in its pack
+    ref = store.put_bytes(data)
+    (chunk, _), = store.blob_manifest(ref.digest).chunks
+    pack, loc = packed_copy(store, root, chunk)
+    good = pack.read_bytes()
+    flip(pack, loc.offset + 10)
+    with pytest.raises(StoreCorrupted):
+        store.get_bytes(ref.digest)
+    with Store(FilesystemBackend(root, durability="none")) as fresh:
+        fresh.put_bytes(data)  # packs the same chunks again: the same pack name, the right bytes
+        assert pack.read_bytes() == good
+    with Store(FilesystemBackend(root, durability="none")) as later:
+        assert later.get_bytes(ref.digest) == data and later.verify().ok
 
 
 def test_damaged_zstd_chunk_is_caught(store: Store, root: Path) -> None:
     ref = store.put_bytes(b"compressible " * 10_000)
-    name = object_name("chunks", store.blob_manifest(ref.digest).chunks[0][0])
-    p = path_of(root, name)
-    p.write_bytes(p.read_bytes()[:-7])  # a torn write
-    with pytest.raises(StoreCorrupted):
+    chunk = store.blob_manifest(ref.digest).chunks[0][0]
+    pack, loc = packed_copy(store, root, chunk)
+    data = bytearray(pack.read_bytes())
+    data[loc.offset + loc.length - 7:loc.offset + loc.length] = bytes(7)  # a torn write
+    pack.write_bytes(bytes(data))
+    with pytest.raises(StoreCorrupted, match="zstd frame is damaged"):
         store.get_bytes(ref.digest)
-    assert not p.exists()
+    assert chunk not in store.chunks.index
 
 
 def test_truncated_manifest_is_caught(store: Store, root: Path) -> None:
-    key, m = commit(store, b"job", b"some output")
+    key, m = commit(store, b"job", rand(200_000, 4))  # too big to be carried inline by the result
     p = path_of(root, object_name("blobs", m.stdout.digest))
     p.write_bytes(p.read_bytes()[:20])
     with pytest.raises(StoreCorrupted, match="checksum"):
@@ -98,11 +125,50 @@ def test_truncated_manifest_is_caught(store: Store, root: Path) -> None:
 
 
 def test_missing_chunk_means_the_ref_is_not_served(store: Store, root: Path) -> None:
+    key, _ = commit(store, b"job", rand(300_000, 2))
+    for segment in (root / "index").rglob("*"):  # no index names the chunks any more
+        if segment.is_file():
+            segment.unlink()
+    with Store(FilesystemBackend(root, durability="none")) as other:
+        assert other.get_ref(key) is None
+        assert not other.backend.exists(ref_name(key))
+
+
+def test_a_vanished_pack_is_never_served_and_then_its_ref_is_not(store: Store, root: Path) -> None:
     key, m = commit(store, b"job", rand(300_000, 2))
-    chunk = store.blob_manifest(m.stdout.digest).chunks[-1][0]
-    os.unlink(path_of(root, object_name("chunks", chunk)))
+    pack, _ = packed_copy(store, root, store.blob_manifest(m.stdout.digest).chunks[-1][0])
+    os.unlink(pack)  # not through GC: the index still names it
+    hit = store.get_ref(key)
+    assert hit is not None
+    with pytest.raises(StoreCorrupted, match="missing"):
+        store.get_bytes(hit.result.stdout.digest)
     assert store.get_ref(key) is None
     assert not store.backend.exists(ref_name(key))
+
+
+def test_small_results_are_inlined_and_read_without_blobs(root: Path) -> None:
+    with Store(FilesystemBackend(root, durability="none")) as writer:
+        key, _ = commit(writer, b"job", b"a small output")
+    for kind in ("blobs", "packs", "index"):  # only the result manifest can serve the hit now
+        for p in (root / kind).rglob("*"):
+            if p.is_file():
+                p.unlink()
+    with Store(FilesystemBackend(root, durability="none")) as reader:
+        hit = reader.get_ref(key)
+        assert hit is not None and reader.get_bytes(hit.result.stdout.digest) == b"a small output"
+        assert reader.get_bytes(hit.result.stderr.digest) == b"warn"
+
+
+def test_a_forged_inline_copy_is_never_served(root: Path) -> None:
+    with Store(FilesystemBackend(root, durability="none")) as writer:
+        key, m = commit(writer, b"job", b"a small output")
+    digest = m.digest
+    body = {**m.to_dict(), "inline": {m.stdout.digest: base64.b64encode(b"forged output!").decode()}}
+    path_of(root, object_name("results", digest)).write_bytes(seal(body))  # same address: inline is no part of it
+    with Store(FilesystemBackend(root, durability="none")) as reader:
+        with pytest.raises(StoreCorrupted, match="inline copy"):
+            reader.get_result(digest)
+        assert reader.get_ref(key) is None
 
 
 def test_tampered_result_manifest_does_not_match_its_address(store: Store, root: Path) -> None:
@@ -120,11 +186,12 @@ def test_verify_reports_damage_and_is_clean_otherwise(store: Store, root: Path) 
     _key, m = commit(store, b"job", rand(500_000, 3))
     assert store.verify().ok
     chunk = store.blob_manifest(m.stdout.digest).chunks[0][0]
-    flip(path_of(root, object_name("chunks", chunk)), 50)
+    pack, loc = packed_copy(store, root, chunk)
+    flip(pack, loc.offset + 50)
     report = store.verify()
     assert not report.ok
     names = {d.name for d in report.damaged}
-    assert object_name("chunks", chunk) in names
+    assert location_label(loc) in names
     assert object_name("blobs", m.stdout.digest) in names  # the blob that needs the chunk
     assert report.to_dict()["ok"] is False
 
@@ -228,3 +295,18 @@ def test_durable_policies_round_trip(tmp_path: Path, durability: str) -> None:
     hit = s.get_ref(key, deep=True)
     assert hit is not None and s.get_bytes(m.stdout.digest) == rand(2 * MiB, 20)
     s.close()
+
+
+def test_a_long_lived_writer_packs_a_chunk_anew_once_another_reader_quarantined_it(store: Store, root: Path) -> None:
+    data = rand(300_000, 8)
+    ref = store.put_bytes(data)  # the writer (an agent) has its index loaded from here on
+    chunk = store.blob_manifest(ref.digest).chunks[1][0]
+    pack, loc = packed_copy(store, root, chunk)
+    flip(pack, loc.offset + 5)
+    with Store(FilesystemBackend(root, durability="none")) as reader:  # the operator finds the damage
+        with pytest.raises(StoreCorrupted, match="quarantined"):
+            reader.get_bytes(ref.digest)
+        store.put_bytes(data)  # the job recomputed on the writer: the damaged copy is not deduplicated against
+        assert reader.get_bytes(ref.digest) == data  # a refresh finds the new copy
+    with Store(FilesystemBackend(root, durability="none")) as fresh:
+        assert fresh.get_bytes(ref.digest) == data and fresh.verify().ok

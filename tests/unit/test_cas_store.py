@@ -6,10 +6,13 @@ import io
 import os
 import random
 import stat
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import blake3
 import pytest
+from fakes import DelegatingBackend
 
 from memoplane.cas import (
     INLINE_MAX,
@@ -23,7 +26,10 @@ from memoplane.cas import (
     default_store_path,
     open_store,
 )
-from memoplane.cas.chunking import RAW, ZSTD
+from memoplane.cas.chunking import RAW, ZSTD, ChunkParams, Pools, ingest_buffer
+from memoplane.cas.digests import object_name
+from memoplane.cas.packs import read_range
+from memoplane.cas.records import BlobManifest, seal
 from memoplane.errors import InputError, NotFound
 
 MiB = 1 << 20
@@ -51,8 +57,11 @@ def store(tmp_path: Path) -> Store:
     s.close()
 
 
-def chunk_files(store: Store) -> list[str]:
-    return [i.name for i in store.backend.list("chunks/")]
+def stored_chunks(store: Store) -> dict[str, bytes]:
+    """Every packed chunk's stored bytes (its flag byte first), by digest."""
+    store.chunks.refresh()
+    return {d: read_range(store.backend, object_name("packs", loc.pack), loc.offset, loc.length)
+            for d, loc in store.chunks.index.entries()}
 
 
 def prov(key: str) -> Provenance:
@@ -93,11 +102,11 @@ def test_big_blob_is_many_chunks_and_streams_identically(store: Store, tmp_path:
 
 def test_compressible_chunks_are_zstd_and_random_ones_raw(store: Store) -> None:
     store.put_bytes(text(1 * MiB, 3))
-    flags = {store.backend.get(n)[:1] for n in chunk_files(store)}
+    flags = {stored[:1] for stored in stored_chunks(store).values()}
     assert flags == {ZSTD}
     s2 = Store(FilesystemBackend(Path(store.backend.describe()) / "../other", durability="none"))
     s2.put_bytes(rand(1 * MiB, 3))
-    assert {s2.backend.get(n)[:1] for n in chunk_files(s2)} == {RAW}
+    assert {stored[:1] for stored in stored_chunks(s2).values()} == {RAW}
     s2.close()
 
 
@@ -211,10 +220,10 @@ def test_same_content_twice_is_stored_once(store: Store) -> None:
 def test_small_edit_to_a_large_blob_adds_few_chunks(store: Store) -> None:
     data = bytearray(text(8 * MiB, 6))
     first = store.put_bytes(bytes(data))
-    n_before = len(chunk_files(store))
+    n_before = len(stored_chunks(store))
     data[4 * MiB:4 * MiB] = b"an inserted sentence in the middle. "
     second = store.put_bytes(bytes(data))
-    added = len(chunk_files(store)) - n_before
+    added = len(stored_chunks(store)) - n_before
     assert first != second
     assert 1 <= added <= 3, added
     assert store.get_bytes(second.digest) == bytes(data)
@@ -232,11 +241,11 @@ def test_stats_on_a_known_input(store: Store) -> None:
     assert st.entries == 3
     assert st.logical_bytes == 3 * len(data)
     assert st.unique_bytes == len(data)
-    assert st.chunks == len(chunk_files(store)) == len(set(chunks))  # b"" has no chunks
+    assert st.chunks == len(stored_chunks(store)) == len(set(chunks))  # b"" has no chunks
     assert st.dedup_ratio == pytest.approx(3.0)
-    chunk_bytes = sum(i.size for i in store.backend.list("chunks/"))
+    chunk_bytes = sum(len(stored) for stored in stored_chunks(store).values())
     assert chunk_bytes == len(data) + len(set(chunks))
-    assert st.stored_bytes > chunk_bytes  # plus manifests and refs
+    assert st.stored_bytes > chunk_bytes  # plus pack trailers, index segments, manifests and refs
     assert st.storage_ratio == pytest.approx(3 * len(data) / st.stored_bytes)
 
 
@@ -255,7 +264,7 @@ def test_open_store_paths_and_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     s = open_store(f"file://{tmp_path}/u")
     assert s.describe() == str(tmp_path / "u")
     s.put_bytes(b"x")
-    assert (tmp_path / "u" / "chunks").is_dir()
+    assert (tmp_path / "u" / "packs").is_dir() and not (tmp_path / "u" / "chunks").exists()
     for var in ("MEMOPLANE_S3_ENDPOINT", "MEMOPLANE_S3_ACCESS_KEY", "MEMOPLANE_S3_SECRET_KEY"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(InputError, match="MEMOPLANE_S3_ENDPOINT is not set"):
@@ -277,3 +286,60 @@ def test_put_stream_with_short_reads_and_no_readinto(store: Store) -> None:
     ref = store.put_stream(ReadOnly(data))  # type: ignore[arg-type]
     assert ref == store.put_bytes(data)
     assert store.get_bytes(ref.digest) == data
+
+
+# -- packs -------------------------------------------------------------------------
+
+
+class CountingBackend(DelegatingBackend):
+    def __init__(self, inner: FilesystemBackend) -> None:
+        super().__init__(inner)
+        self.calls: Counter[tuple[str, str]] = Counter()
+
+    def before(self, op: str, name: str) -> None:
+        self.calls[(op, name.split("/", 1)[0])] += 1
+
+
+def test_a_blob_is_a_few_requests_whatever_its_chunk_count(tmp_path: Path) -> None:
+    backend = CountingBackend(FilesystemBackend(tmp_path / "s", durability="none"))
+    with Store(backend) as store:  # type: ignore[arg-type]
+        data = rand(5 * MiB, 11)
+        ref = store.put_bytes(data)
+        assert len(store.blob_manifest(ref.digest).chunks) > 100
+        assert backend.calls[("put", "packs")] == 1 and backend.calls[("put", "index")] == 1
+        assert not any(kind == "chunks" for _, kind in backend.calls)  # no object, no HEAD per chunk
+        before = backend.calls.copy()
+        store.put_bytes(data)  # deduplicated in memory: only the blob manifest is looked at
+        assert set(backend.calls - before) == {("put_if_absent", "blobs")}
+    with Store(backend) as reader:  # type: ignore[arg-type]
+        before = backend.calls.copy()
+        assert reader.get_bytes(ref.digest) == data
+        reads = backend.calls - before
+        assert reads[("get_range", "packs")] <= 2 and reads[("get", "index")] == 1
+
+
+def test_a_store_written_before_packs_stays_readable(tmp_path: Path) -> None:
+    backend = FilesystemBackend(tmp_path / "old", durability="none")
+    data = text(300_000, 12)
+
+    def old_put(digest: str, encode: Callable[[], bytes], plain_length: int) -> bool:
+        return backend.put_if_absent(object_name("chunks", digest), encode)  # the old layout: an object a chunk
+
+    pools = Pools(1)
+    ing = ingest_buffer(data, ChunkParams(), pools, old_put)
+    pools.close()
+    backend.put(object_name("blobs", ing.digest), seal(BlobManifest(ing.size, tuple(ing.chunks)).to_dict()))
+    with Store(backend) as store:
+        m = ResultManifest(value=StoredValue("bytes", blob=BlobRef(ing.digest, ing.size)),
+                           stdout=store.put_bytes(b""), stderr=store.put_bytes(b""), provenance=prov(b3(b"old")))
+        store.commit(m)
+        hit = store.get_ref(b3(b"old"))
+        assert hit is not None and store.load_value(hit.result.value) == data
+        before = {i.name for i in backend.list("chunks/")}
+        assert len(before) == len(ing.chunks) > 3
+        store.put_bytes(data)  # new writes go to packs only
+        assert {i.name for i in backend.list("chunks/")} == before
+        assert set(stored_chunks(store)) == {d for d, _ in ing.chunks}
+    backend.delete(sorted(before)[0])
+    with Store(backend) as store:  # the packed copies serve it now
+        assert store.get_bytes(ing.digest) == data

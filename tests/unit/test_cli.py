@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fakes import damage_packed_chunks
 
 SCRIPT = """
 def main(rows, scale=1):
@@ -153,11 +154,7 @@ def test_verify_reports_damage_and_the_job_recomputes(tmp_path: Path) -> None:
     script = tmp_path / "big.py"
     script.write_text("def main():\n    return bytes(range(256)) * 4096\n")
     first = run_json(store, str(script))
-    for chunk in (store / "chunks").rglob("*"):
-        if chunk.is_file():
-            data = bytearray(chunk.read_bytes())
-            data[-1] ^= 0xFF
-            chunk.write_bytes(bytes(data))
+    assert damage_packed_chunks(store) > 0
     proc = memoplane(store, "verify", check=False)
     assert proc.returncode == 3 and "DAMAGED" in proc.stdout
     again = run_json(store, str(script))

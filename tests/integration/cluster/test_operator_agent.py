@@ -164,17 +164,22 @@ def test_operator_restarted_with_50_jobs_in_flight_all_complete_none_twice(stack
 
 def test_corrupted_chunk_is_detected_recomputed_and_never_served(stack: Stack, ns: str) -> None:
     salt = uuid.uuid4().hex[:12]
-    source = "def main(n):\n    return [i * 3 for i in range(n)]\n"   # ~30 KB: stored as a chunked blob
-    stack.apply(ns, job("big", source, {"n": 6000}, salt=salt))
+    source = "def main(n):\n    return [i * 3 for i in range(n)]\n"   # ~200 KB: chunks in a pack, not inline
+    stack.apply(ns, job("big", source, {"n": 30000}, salt=salt))
     first = status(stack.wait(ns, "big"))
     assert first["phase"] == "Succeeded" and "value" not in first["result"]
     store = stack.store(ns)
     value = store.get_result(first["result"]["digest"]).value
     assert value.blob is not None
     chunk = store.blob_manifest(value.blob.digest).chunks[0][0]
-    store.backend.put(object_name("chunks", chunk), b"\x28\xb5\x2f\xfd garbage")
+    store.chunks.refresh()
+    loc = store.chunks.index.locations(chunk)[0]
+    pack = bytearray(store.backend.get(object_name("packs", loc.pack)))
+    garbage = b"\x28\xb5\x2f\xfd garbage"  # a zstd frame's magic, then nonsense
+    pack[loc.offset:loc.offset + len(garbage)] = garbage
+    store.backend.put(object_name("packs", loc.pack), bytes(pack))
     runs = stack.total_runs()
-    stack.apply(ns, job("big-again", source, {"n": 6000}, salt=salt))
+    stack.apply(ns, job("big-again", source, {"n": 30000}, salt=salt))
     again = status(stack.wait(ns, "big-again"))
     assert again["phase"] == "Succeeded", again
     assert again["cached"] is False  # the damaged entry was not served
@@ -182,7 +187,7 @@ def test_corrupted_chunk_is_detected_recomputed_and_never_served(stack: Stack, n
     assert any(o.name.startswith("quarantine/") for o in store.backend.list("quarantine/"))
     fresh = stack.stores.get(p.DEFAULT_BUCKET, f"{ns}/")
     result = fresh.get_result(again["result"]["digest"])
-    assert fresh.load_value(result.value) == [i * 3 for i in range(6000)]
+    assert fresh.load_value(result.value) == [i * 3 for i in range(30000)]
 
 
 def test_code_that_raises_fails_with_the_exception_in_status(stack: Stack, ns: str) -> None:

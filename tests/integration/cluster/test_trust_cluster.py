@@ -39,7 +39,11 @@ pytestmark = pytest.mark.integration
 Stack = Any  # conftest.Stack (fixture `stack`)
 
 ADD = 'def main(a, b):\n    return {"sum": a + b}\n'
-SPAN = "def main(start, n):\n    return list(range(start, start + n))\n"   # a value stored as a blob (chunks)
+SPAN = "def main(start, n):\n    return list(range(start * 10**6, start * 10**6 + n))\n"   # a blob value (chunks)
+# ~200 KB of JSON: above the result manifest's inline limit, so the value's chunks are read. Values of different
+# keys share no chunk: a flip left in place damages one key's data only (a chunk shared with a key recomputed
+# before anyone read the damaged one would be deduplicated against, with packs as with chunk objects).
+SPAN_N = 30_000
 SEED = 11
 ATTEMPTS = 1008
 SAMPLE = 30
@@ -143,7 +147,7 @@ class Target:
     digest: str                      # the honest result
     envelope: bytes                  # its attestation (by the agents' key)
     manifest: dict[str, Any]         # the key's canonical manifest (public: it is in the attestation)
-    chunks: list[str]                # the value blob's chunk objects (empty for an inline value)
+    chunks: list[str]                # the value blob's chunks (empty for an inline value)
 
 
 class Attack:
@@ -166,6 +170,19 @@ class Attack:
         data[self.rng.randrange(len(data))] ^= 1 << self.rng.randrange(8)
         self.store.backend.put(name, bytes(data))
 
+    def _flip_chunk(self, chunk: str) -> None:
+        """Flip a bit inside every stored copy of `chunk` (writers that had not seen each other's
+        packs may both have packed it: a read falls back to a good copy, rightly)."""
+        self.store.chunks.refresh()
+        flipped: dict[str, bytearray] = {}
+        for loc in self.store.chunks.index.locations(chunk):
+            name = object_name("packs", loc.pack)
+            self._save(name)
+            data = flipped.setdefault(name, bytearray(self.saved[name] or b""))
+            data[loc.offset + self.rng.randrange(loc.length)] ^= 1 << self.rng.randrange(8)
+        for name, data in flipped.items():
+            self.store.backend.put(name, bytes(data))
+
     def _forge(self, sign: Callable[[ResultManifest], list[bytes]]) -> None:
         """A result of another value for the key, committed with the attestations `sign` makes."""
         self._save(ref_name(self.target.key))
@@ -179,7 +196,7 @@ class Attack:
         t = self.target
         self._save(ref_name(t.key))  # a damaged result's ref is quarantined by the reader: put back too
         if kind == "chunk-flip":
-            self._flip(object_name("chunks", self.rng.choice(t.chunks)))
+            self._flip_chunk(self.rng.choice(t.chunks))
         elif kind == "manifest-flip":
             self._flip(object_name("results", t.digest))
         elif kind == "envelope-flip":
@@ -208,6 +225,11 @@ class Attack:
                 self.store.backend.delete(name)
             else:
                 self.store.backend.put(name, data)
+        # A pack put back whole: the record of its copy a reader quarantined goes too (as a repair would).
+        restored = [name.rsplit("/", 1)[-1] for name in self.saved if name.startswith("packs/")]
+        for info in list(self.store.backend.list("quarantine/packs%")):
+            if any(pack in info.name for pack in restored):
+                self.store.backend.delete(info.name)
 
 
 KINDS = ("chunk-flip", "manifest-flip", "envelope-flip", "ref-swap", "unsigned", "stranger", "revoked-epoch",
@@ -231,7 +253,7 @@ def targets(stack: Stack, ns: str, salt: str, count: int) -> list[Target]:
     """`count` honest results computed through ComputeJobs (every 5th one a blob value)."""
     names = []
     for i in range(count):
-        source, inputs = (SPAN, {"start": i, "n": 4000}) if i % 5 == 0 else (ADD, {"a": i, "b": 100 + i})
+        source, inputs = (SPAN, {"start": i, "n": SPAN_N}) if i % 5 == 0 else (ADD, {"a": i, "b": 100 + i})
         stack.apply(ns, job(f"honest-{i}", source, inputs, salt))
         names.append(f"honest-{i}")
     store, found = stack.store(ns), []
@@ -296,14 +318,14 @@ def test_poisoning_is_never_served(stack: Stack, ns: str) -> None:
             KINDS[i % len(KINDS)])
     names = []
     for i in range(SAMPLE):
-        source, inputs = (SPAN, {"start": i, "n": 4000}) if i % 5 == 0 else (ADD, {"a": i, "b": 100 + i})
+        source, inputs = (SPAN, {"start": i, "n": SPAN_N}) if i % 5 == 0 else (ADD, {"a": i, "b": 100 + i})
         stack.apply(ns, job(f"again-{i}", source, inputs, salt))
         names.append(f"again-{i}")
     done = stack.wait_all(ns, names, timeout=600)
     recomputed = 0
     for i, name in enumerate(names):
         s = status(done[name])
-        want = list(range(i, i + 4000)) if i % 5 == 0 else {"sum": 2 * i + 100}
+        want = list(range(i * 10**6, i * 10**6 + SPAN_N)) if i % 5 == 0 else {"sum": 2 * i + 100}
         assert s["phase"] == "Succeeded" and not s["cached"], (name, KINDS[i % len(KINDS)], s)
         value = s["result"].get("value")
         if value is None:
