@@ -127,9 +127,9 @@ def main() -> None:
         print(f"input {size / GiB:g} GiB; first run {first:.1f} s, hit {hit:.1f} s, cat {cat:.2f} s; "
               f"CLI peak RSS {cli_kib / 1024:.0f} MiB (hit run {hit_cli_kib / 1024:.0f} MiB), "
               f"job {job_kib / 1024:.0f} MiB, limit {LIMIT_MIB} MiB")
-        emit("stream", metrics)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)  # before the last line: GiBs of input must not outlive the run
+    emit("stream", metrics)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def test_manifest_builder_rejects_bad_spec_naming_the_field() -> None:
         computejob_manifest("j", "ml", spec)
     assert caught.value.problems == [(
         "spec.inputs[1]: input 'scale' has 0 sources: set exactly one of value, fromJob, fromSeed,"
-        " fromObject, fromConfigMap")]
+        " fromObject, fromConfigMap, fromBlob")]
     assert "spec.inputs[1]" in str(caught.value)
 
 
