@@ -57,6 +57,9 @@ ENVD_VERSION = "0.5.7"
 _CPU_COUNT, _MEMORY_MB, _DISK_MB = 1, 512, 256
 MAX_SIGNED_BODY = MAX_FILE_BYTES + (1 << 20)   # a file upload, and its form's framing
 _BODY_DIGEST = "memoplane.body_sha256"
+# The metadata key of a new sandbox that names the snapshot it starts from: how the e2b SDK asks for
+# one (Sandbox.create(metadata={SNAPSHOT_METADATA: digest})), its NewSandbox having no such field.
+SNAPSHOT_METADATA = "memoplane.snapshot"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -111,7 +114,7 @@ def build_app(settings: ServeSettings, store: str | None = None, authenticate: A
               clock: Callable[[], float] = time.time) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """The whole server as one ASGI callable: `authenticate` says who calls, `limiter` holds them to
     their tier, `calls` records every call (None: not recorded)."""
-    sessions = SessionManager(settings)
+    sessions = SessionManager(settings, store)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -313,8 +316,16 @@ def _control_plane(api: FastAPI, sessions: SessionManager) -> None:
             problem = env_problem(name, value)
             if problem:
                 raise ApiError(400, f"envVars: {problem[0]}", problem[1])
-        session = await sessions.create(who, body.template_id, body.timeout, body.env_vars, body.metadata)
+        session = await sessions.create(who, body.template_id, body.timeout, body.env_vars, body.metadata,
+                                        body.metadata.get(SNAPSHOT_METADATA))
         return _reachable(session, who)
+
+    @api.post("/v1/sandboxes/{sandbox_id}/snapshot", tags=["sandboxes"])
+    async def snapshot(sandbox_id: str, who: Who) -> dict[str, Any]:
+        """Store the sandbox's $HOME (/tmp) in the team's store; a new sandbox created with
+        metadata {"memoplane.snapshot": snapshotID} starts from it, also after a restart."""
+        digest, size = await sessions.snapshot(sessions.get(who, sandbox_id))
+        return {"snapshotID": digest, "sizeBytes": size, "metadataKey": SNAPSHOT_METADATA}
 
     @api.get("/sandboxes", tags=["sandboxes"])
     @api.get("/v2/sandboxes", tags=["sandboxes"])
