@@ -316,8 +316,10 @@ def _control_plane(api: FastAPI, sessions: SessionManager) -> None:
             problem = env_problem(name, value)
             if problem:
                 raise ApiError(400, f"envVars: {problem[0]}", problem[1])
-        session = await sessions.create(who, body.template_id, body.timeout, body.env_vars, body.metadata,
-                                        body.metadata.get(SNAPSHOT_METADATA))
+        snapshot = body.metadata.get(SNAPSHOT_METADATA)
+        if snapshot is not None:   # restoring reads the team's snapshots: the key needs their verb too
+            authorize(who, Route("snapshot", None, None))
+        session = await sessions.create(who, body.template_id, body.timeout, body.env_vars, body.metadata, snapshot)
         return _reachable(session, who)
 
     @api.post("/v1/sandboxes/{sandbox_id}/snapshot", tags=["sandboxes"])

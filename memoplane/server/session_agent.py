@@ -8,7 +8,7 @@ child's isolation, so the files API reaches exactly what a command in the sandbo
 Wire: one JSON object per line each way. A request carries "id" and "op"; every reply
 carries the request's "id", and the last reply of a request has "done": true. Bytes travel
 base64-encoded. Host -> agent ops: exec, signal, input, close_stdin, ps, read, write, list,
-stat, mkdir, remove, move, code, snapshot, restore, exit.
+stat, mkdir, remove, move, code, snapshot, snapshot_taken, restore, exit.
 """
 
 from __future__ import annotations
@@ -182,11 +182,16 @@ class Agent:
     def op_snapshot(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
         """Copy the writable tree ($HOME) into $MEMOPLANE_OUT, emptied first, for the host to
         collect as it collects a job's outputs (and refuse there what a job may not leave)."""
+        self.op_snapshot_taken(rid, req)
+        home = os.environ.get("HOME", "/tmp")
+        copy_tree(home, os.environ["MEMOPLANE_OUT"], os.lstat(home).st_dev)
+        return {}
+
+    def op_snapshot_taken(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        """Empty $MEMOPLANE_OUT: the host has the snapshot (its copy holds the sandbox's memory)."""
         out = os.environ["MEMOPLANE_OUT"]
         for name in os.listdir(out):
             remove_entry(os.path.join(out, name))
-        home = os.environ.get("HOME", "/tmp")
-        copy_tree(home, out, os.lstat(home).st_dev)
         return {}
 
     def op_restore(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:

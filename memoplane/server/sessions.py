@@ -291,7 +291,11 @@ class SessionManager:
             if session.ended.is_set() or session.out_fd < 0:
                 raise SandboxGone(session.id)
             out_fd = os.dup(session.out_fd)   # the session's own is closed when it ends, maybe meanwhile
-            return await asyncio.to_thread(self._store_tree, session, out_fd)
+            try:
+                return await asyncio.to_thread(self._store_tree, session, out_fd)
+            finally:
+                with contextlib.suppress(ApiError):   # it ended meanwhile: nothing to empty
+                    await session.call("snapshot_taken")
 
     def _store_tree(self, session: Session, out_fd: int) -> tuple[str, int]:
         with tempfile.TemporaryDirectory(prefix="memoplane-snapshot-") as copy:

@@ -24,7 +24,7 @@ from memoplane.canonical import canonical_json
 from memoplane.cas import b3, open_namespace, open_store
 from memoplane.cas.digests import object_name
 from memoplane.cas.records import seal
-from memoplane.errors import NotFound
+from memoplane.errors import InputError, NotFound
 from memoplane.server.apikeys import ApiKeys
 from memoplane.server.app import SNAPSHOT_METADATA
 
@@ -39,6 +39,7 @@ class Serve:
         self.home, self.store = home, home / "store"
         keys = ApiKeys(home / "apikeys.json")
         self.tokens = {team: keys.create(team, VERBS)[1] for team in ("alpha", "beta")}
+        self.tokens["alpha-exec"] = keys.create("alpha", ["exec"])[1]
         self.env = {**os.environ, "MEMOPLANE_STORE": str(self.store), "MEMOPLANE_KEYS_DIR": str(home / "keys"),
                     "MEMOPLANE_SERVE_API_KEYS": str(home / "apikeys.json"), "MEMOPLANE_SERVE_WARM": "1"}
         self.proc: subprocess.Popen[str] | None = None
@@ -103,6 +104,7 @@ def snapshot(serve: Serve) -> str:
         assert taken.status_code == 200, taken.text
         again = serve.snapshot("alpha", sandbox.sandbox_id)
         assert again.json()["snapshotID"] == taken.json()["snapshotID"]   # the same tree, the same digest
+        assert sandbox.commands.run('ls -A "$MEMOPLANE_OUT" | wc -l').stdout == "0\n"   # its copy is let go
         return str(taken.json()["snapshotID"])
     finally:
         sandbox.kill()
@@ -132,6 +134,8 @@ def test_another_teams_or_an_unknown_digest_is_not_found(serve: Serve, snapshot:
     assert refused.status_code == 404 and snapshot in refused.json()["message"], refused.text
     unknown = serve.create_from("alpha", "b3:" + "0" * 64)
     assert unknown.status_code == 404, unknown.text
+    unscoped = serve.create_from("alpha-exec", snapshot)   # its team's snapshot, but not its verb
+    assert unscoped.status_code == 403 and "'snapshot'" in unscoped.json()["message"], unscoped.text
     malformed = serve.create_from("alpha", "latest")
     assert malformed.status_code == 400 and "snapshot" in malformed.json()["message"], malformed.text
     assert serve.alive("beta") == before
@@ -226,6 +230,13 @@ def test_teams_do_not_share_results_but_each_team_remembers(serve: Serve) -> Non
         assert beta.post("/v1/run", json=RUN).json()["cached"] is True
     with open_store(serve.store) as shared:   # neither team's result is the local team's (the CLI's)
         assert not list(shared.cache_keys())
+
+
+def test_the_route_is_documented_and_no_key_belongs_to_the_local_team(serve: Serve, tmp_path: Path) -> None:
+    with serve.http("alpha") as alpha:
+        assert "/v1/sandboxes/{sandbox_id}/snapshot" in alpha.get("/openapi.json").json()["paths"]
+    with pytest.raises(InputError, match="'local' is the loopback caller's own"):
+        ApiKeys(tmp_path / "apikeys.json").create("local", ["run"])
 
 
 def test_a_namespace_is_a_store_of_its_own(tmp_path: Path) -> None:
