@@ -98,7 +98,7 @@ def route_of(method: str, path: str, headers: Mapping[str, str]) -> Route:
         return Route("exec", CREATE, None) if method == "POST" else Route("exec", None, None, filtered=True)
     named = _SANDBOX_PATH.match(path)
     if named:
-        return Route("snapshot" if path.endswith("/snapshot") else "exec", None, named.group(1))
+        return Route("snapshot" if path.endswith(("/snapshot", "/snapshots")) else "exec", None, named.group(1))
     if path == "/process.Process/Start" or path == "/execute":
         return Route("exec", EXECUTE, in_sandbox)
     if path.startswith("/process.Process/"):

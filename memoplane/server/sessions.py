@@ -40,6 +40,8 @@ log = logging.getLogger("memoplane.server")
 
 # E2B's default templates, served by memoplane's runtime profiles of the same purpose.
 TEMPLATE_ALIASES = {"base": "python", "code-interpreter-v1": "python"}
+# A snapshot's ID used as a template (E2B's Sandbox.create(snapshot_id)) starts this profile from it.
+_SNAPSHOT_PROFILE = "python"
 _CONNECT_TIMEOUT = 30.0   # seconds a new child has to dial back before its creation fails
 _REAP_EVERY = 1.0         # seconds between two looks for sandboxes past their timeout
 # A file travels through a session's channel in one message, base64-encoded: bounded, so that a
@@ -374,8 +376,15 @@ class SessionManager:
                 await self.kill(session)
 
 
+def snapshot_template(template: str) -> str | None:
+    """The snapshot a template names (E2B's way to start from one: its snapshotID as the template)."""
+    return template if template.startswith("b3:") else None
+
+
 def resolve_template(template: str) -> str:
-    """The runtime profile a template names (a profile's own name, or an E2B default's alias)."""
+    """The runtime profile a template names (a profile's own name, an E2B default's alias, or a snapshot)."""
+    if snapshot_template(template) is not None:
+        return _SNAPSHOT_PROFILE
     profile = TEMPLATE_ALIASES.get(template, template)
     if profile not in PROFILES:
         known = sorted({*PROFILES, *TEMPLATE_ALIASES})

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from e2b import Sandbox
+from e2b import Sandbox, SandboxException
 from e2b_code_interpreter import Sandbox as CodeSandbox
 
 from memoplane.canonical import canonical_json
@@ -128,6 +128,27 @@ def test_a_snapshot_restores_into_new_sandboxes_after_a_restart(serve: Serve, sn
         other.kill()
 
 
+def test_the_e2b_sdks_own_snapshots(serve: Serve) -> None:
+    """create_snapshot(mode="filesystem") and Sandbox.create(snapshot_id): E2B's way, served as is."""
+    source = Sandbox.create(**serve.sdk("alpha"))
+    try:
+        source.files.write("/tmp/state.json", '{"step": 3}')
+        info = source.create_snapshot(mode="filesystem")
+        assert info.snapshot_id.startswith("b3:") and source.create_snapshot().snapshot_id == info.snapshot_id
+        with pytest.raises(SandboxException, match="memory snapshots are not supported yet"):
+            source.create_snapshot(mode="full")
+    finally:
+        source.kill()
+    resumed = Sandbox.create(info.snapshot_id, **serve.sdk("alpha"))
+    try:
+        assert resumed.files.read("/tmp/state.json") == '{"step": 3}'
+        assert resumed.get_info().template_id == info.snapshot_id
+    finally:
+        resumed.kill()
+    with pytest.raises(SandboxException, match="not found"):
+        Sandbox.create(info.snapshot_id, **serve.sdk("beta"))
+
+
 def test_another_teams_or_an_unknown_digest_is_not_found(serve: Serve, snapshot: str) -> None:
     before = serve.alive("beta")
     refused = serve.create_from("beta", snapshot)
@@ -136,6 +157,9 @@ def test_another_teams_or_an_unknown_digest_is_not_found(serve: Serve, snapshot:
     assert unknown.status_code == 404, unknown.text
     unscoped = serve.create_from("alpha-exec", snapshot)   # its team's snapshot, but not its verb
     assert unscoped.status_code == 403 and "'snapshot'" in unscoped.json()["message"], unscoped.text
+    with serve.http("alpha-exec") as client:
+        as_template = client.post("/v2/sandboxes", json={"templateID": snapshot})
+    assert as_template.status_code == 403 and "'snapshot'" in as_template.json()["message"], as_template.text
     malformed = serve.create_from("alpha", "latest")
     assert malformed.status_code == 400 and "snapshot" in malformed.json()["message"], malformed.text
     assert serve.alive("beta") == before
@@ -234,7 +258,8 @@ def test_teams_do_not_share_results_but_each_team_remembers(serve: Serve) -> Non
 
 def test_the_route_is_documented_and_no_key_belongs_to_the_local_team(serve: Serve, tmp_path: Path) -> None:
     with serve.http("alpha") as alpha:
-        assert "/v1/sandboxes/{sandbox_id}/snapshot" in alpha.get("/openapi.json").json()["paths"]
+        paths = alpha.get("/openapi.json").json()["paths"]
+    assert {"/v1/sandboxes/{sandbox_id}/snapshot", "/sandboxes/{sandbox_id}/snapshots"} <= set(paths)
     with pytest.raises(InputError, match="'local' is the loopback caller's own"):
         ApiKeys(tmp_path / "apikeys.json").create("local", ["run"])
 
