@@ -332,6 +332,9 @@ def _control_plane(api: FastAPI, sessions: SessionManager) -> None:
             if problem:
                 raise ApiError(400, f"envVars: {problem[0]}", problem[1])
         snapshot = body.metadata.get(SNAPSHOT_METADATA) or snapshot_template(body.template_id)
+        if snapshot_template(body.template_id) not in (None, snapshot):
+            raise ApiError(400, f"templateID and metadata {SNAPSHOT_METADATA} name two different snapshots",
+                           "name the snapshot once")
         if snapshot is not None:   # restoring reads the team's snapshots: the key needs their verb too
             authorize(who, Route("snapshot", None, None))
         session = await sessions.create(who, body.template_id, body.timeout, body.env_vars, body.metadata, snapshot)

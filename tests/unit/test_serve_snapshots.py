@@ -121,8 +121,10 @@ def test_a_snapshot_restores_into_new_sandboxes_after_a_restart(serve: Serve, sn
         assert fork.commands.run("stat -c %s /tmp/empty").stdout == "0\n"
         fork.files.write("/tmp/work/notes.txt", "changed in the fork")
         assert other.files.read("/tmp/work/notes.txt") == "first"           # forks do not share writes
+        chunks_before = _chunks(serve)
         changed = serve.snapshot("alpha", fork.sandbox_id).json()["snapshotID"]
         assert changed != snapshot
+        assert _chunks(serve) - chunks_before == 1   # only the changed file's bytes are new: the rest deduplicated
     finally:
         fork.kill()
         other.kill()
@@ -149,8 +151,17 @@ def test_the_e2b_sdks_own_snapshots(serve: Serve) -> None:
         Sandbox.create(info.snapshot_id, **serve.sdk("beta"))
 
 
+def _chunks(serve: Serve) -> int:
+    with open_namespace(serve.store, "team-alpha") as store:
+        return sum(1 for _ in store.backend.list("chunks/"))
+
+
 def test_another_teams_or_an_unknown_digest_is_not_found(serve: Serve, snapshot: str) -> None:
     before = serve.alive("beta")
+    with serve.http("alpha") as client:
+        twice = client.post("/v2/sandboxes", json={"templateID": snapshot,
+                                                   "metadata": {SNAPSHOT_METADATA: "b3:" + "1" * 64}})
+    assert twice.status_code == 400 and "two different snapshots" in twice.json()["message"], twice.text
     refused = serve.create_from("beta", snapshot)
     assert refused.status_code == 404 and snapshot in refused.json()["message"], refused.text
     unknown = serve.create_from("alpha", "b3:" + "0" * 64)
