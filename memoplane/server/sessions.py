@@ -243,8 +243,7 @@ class SessionManager:
         session.connected = loop.create_future()
         session._stop_r, session._stop_w = os.pipe()
         request = SandboxRequest(PythonTask(_AGENT_SOURCE, "main", filename="<memoplane session agent>"),
-                                 inbox, outbox, env=env,
-                                 limits=Limits(timeout_s=float(self.settings.max_timeout)))
+                                 inbox, outbox, env=env, limits=self.limits())
 
         def run() -> None:
             try:
@@ -266,6 +265,11 @@ class SessionManager:
                            "see the server's log; check `memoplane serve` runs with sandbox isolation")
         if snapshot is not None:
             await session.call("restore", name=_RESTORED)
+            await asyncio.to_thread(remove_tree, inbox / _RESTORED)   # the sandbox has its copy
+
+    def limits(self) -> Limits:
+        """A session's: its output limits bound its snapshots too."""
+        return Limits(timeout_s=float(self.settings.max_timeout))
 
     def _materialize(self, team: str, snapshot: str, dest: Path) -> None:
         """The snapshot's tree under `dest`, every chunk verified; one the team's store does not hold
@@ -302,7 +306,7 @@ class SessionManager:
     def _store_tree(self, session: Session, out_fd: int) -> tuple[str, int]:
         with tempfile.TemporaryDirectory(prefix="memoplane-snapshot-") as copy:
             try:
-                collect(out_fd, copy, Limits(timeout_s=float(self.settings.max_timeout)), "none")
+                collect(out_fd, copy, self.limits(), "none")
             except Refused as e:
                 raise ApiError(422, f"sandbox {session.id} cannot be snapshotted: {e.failure.message}",
                                "keep only regular files and directories in $HOME") from None

@@ -119,6 +119,7 @@ def test_a_snapshot_restores_into_new_sandboxes_after_a_restart(serve: Serve, sn
         assert fork.files.read("/tmp/work/notes.txt") == "first"
         assert fork.commands.run("/tmp/bin/go.sh").stdout == "restored\n"   # the exec bit came back
         assert fork.commands.run("stat -c %s /tmp/empty").stdout == "0\n"
+        assert "snapshot" not in fork.commands.run('ls "$MEMOPLANE_IN"').stdout   # the host let its copy go
         fork.files.write("/tmp/work/notes.txt", "changed in the fork")
         assert other.files.read("/tmp/work/notes.txt") == "first"           # forks do not share writes
         chunks_before = _chunks(serve)
