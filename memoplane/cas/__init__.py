@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 from ..errors import InputError
 from ..settings import COLD_AFTER_ENV, COLD_AFTER_SECONDS, COLD_STORE_ENV, LOCAL_CACHE_BYTES_ENV, LOCAL_CACHE_ENV
-from .backend import Backend, ObjectInfo
+from .backend import Backend, ObjectInfo, PrefixedBackend
 from .cached import DEFAULT_MAX_BYTES as DEFAULT_CACHE_BYTES
 from .cached import CachingBackend
 from .chunking import ChunkParams
@@ -43,7 +43,8 @@ __all__ = [
     "ChunkParams", "Damage", "EvictReport", "FilesystemBackend", "GcReport", "Hit", "ObjectInfo",
     "Provenance", "RefEntry", "ResultManifest", "S3Backend", "Stats", "Store",
     "StoreUnavailable", "StoredValue", "TreeEntry", "TreeManifest", "ValueKind", "VerifyReport",
-    "b3", "check_digest", "default_store_path", "open_backend", "open_store", "s3_backend", "store_from_settings",
+    "b3", "check_digest", "default_store_path", "open_backend", "open_namespace", "open_store", "s3_backend",
+    "store_from_settings",
 ]
 
 ENV = "MEMOPLANE_STORE"
@@ -119,6 +120,18 @@ def open_backend(location: str | os.PathLike[str], *, workers: int | None = None
     elif url.scheme and len(url.scheme) > 1:
         raise InputError(f"store {text}: unknown scheme {url.scheme!r}", "use a directory path or file://")
     return FilesystemBackend(text)
+
+
+NAMESPACES = "namespaces/"   # where open_namespace keeps each namespace's objects
+
+
+def open_namespace(location: str | os.PathLike[str] | None, namespace: str, *, workers: int | None = None) -> Store:
+    """The store of one namespace (a team of `memoplane serve`) inside the store at `location`: its
+    objects live under their own prefix, so its results, trees and snapshots are never found through
+    another namespace or the store itself (and the chunks it shares with them are stored twice)."""
+    shared = open_store(location, workers=workers)
+    shared.close()   # only its backend is kept
+    return Store(PrefixedBackend(shared.backend, f"{NAMESPACES}{namespace}/"), workers=workers)
 
 
 def _open_s3(text: str, *, workers: int | None) -> Backend:

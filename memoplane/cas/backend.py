@@ -8,6 +8,7 @@ backend (issue 4) implements the same protocol, so the Store never changes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -66,3 +67,47 @@ class Backend(Protocol):
     def describe(self) -> str:
         """A human-readable location, e.g. a path or s3://bucket/prefix."""
         ...
+
+
+class PrefixedBackend:
+    """Another backend's objects under one name prefix: a namespace of its own (a team's store
+    inside a shared location). Nothing outside the prefix is reachable through it."""
+
+    def __init__(self, inner: Backend, prefix: str) -> None:
+        if not prefix.endswith("/") or prefix.startswith("/") or ".." in prefix.split("/"):
+            raise ValueError(f"prefix {prefix!r} must be relative, end with '/' and hold no '..'")
+        self.inner, self.prefix = inner, prefix
+
+    @property
+    def root(self) -> str | None:
+        """The directory of the namespace when the inner backend is a directory (Store.local_root)."""
+        inner_root = getattr(self.inner, "root", None)
+        return None if inner_root is None else os.path.join(inner_root, self.prefix)
+
+    def put(self, name: str, data: bytes) -> None:
+        self.inner.put(self.prefix + name, data)
+
+    def put_if_absent(self, name: str, data: bytes | Callable[[], bytes]) -> bool:
+        return self.inner.put_if_absent(self.prefix + name, data)
+
+    def create(self, name: str, data: bytes) -> bool:
+        return self.inner.create(self.prefix + name, data)
+
+    def get(self, name: str) -> bytes:
+        return self.inner.get(self.prefix + name)
+
+    def exists(self, name: str) -> bool:
+        return self.inner.exists(self.prefix + name)
+
+    def delete(self, name: str) -> None:
+        self.inner.delete(self.prefix + name)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        for info in self.inner.list(self.prefix + prefix):
+            yield ObjectInfo(info.name.removeprefix(self.prefix), info.size, info.mtime)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()} ({self.prefix.rstrip('/')})"

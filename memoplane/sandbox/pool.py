@@ -11,6 +11,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -274,16 +275,19 @@ class SandboxPool:
 
     # -- running -----------------------------------------------------------------------
 
-    def run(self, request: SandboxRequest, stop_fd: int | None = None) -> SandboxOutcome:
+    def run(self, request: SandboxRequest, stop_fd: int | None = None,
+            on_out: Callable[[int], None] | None = None) -> SandboxOutcome:
         """Run one job in a fresh isolated child and report how it went. When `stop_fd`
         (e.g. a pipe's read end) turns readable, the job is killed as if it timed out: how a
-        long-lived job (an API session) is ended by its owner."""
+        long-lived job (an API session) is ended by its owner. `on_out` is handed, before the
+        job starts, a descriptor of the job's $MEMOPLANE_OUT (its own to close), for reading
+        outputs while the job runs (an API session's snapshot) with collect.collect."""
         if self._closed:
             raise RuntimeError("the sandbox pool is closed")
         t0 = time.monotonic()
         slot = self._take()
         try:
-            return _Job(self, slot, request, t0, stop_fd).run()
+            return _Job(self, slot, request, t0, stop_fd, on_out).run()
         finally:
             self._want.set()  # normally set once the job started (see _Job._frames)
             self._retire(slot)
@@ -327,8 +331,9 @@ class _Job:
     """One request on one slot: send, watch channel and pipes, decide the outcome."""
 
     def __init__(self, pool: SandboxPool, slot: _Slot, req: SandboxRequest, t0: float,
-                 stop_fd: int | None = None) -> None:
+                 stop_fd: int | None = None, on_out: Callable[[int], None] | None = None) -> None:
         self.pool, self.slot, self.req, self.t0, self.stop_fd = pool, slot, req, t0, stop_fd
+        self.on_out = on_out
         self.limits = req.limits
         self.out, self.err = bytearray(), bytearray()
         self.frames = protocol.FrameReader()
@@ -348,6 +353,9 @@ class _Job:
         if self.slot.out_fd is None:  # no view: the job writes to a host directory of its own
             scratch = tempfile.mkdtemp(prefix="memoplane-out-", dir=Path(self.req.out_dir).parent)
         try:
+            if self.on_out is not None:
+                self.on_out(os.dup(self.slot.out_fd) if self.slot.out_fd is not None else
+                            os.open(scratch or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
             return self._run(scratch)
         finally:
             if scratch is not None:

@@ -32,6 +32,10 @@ from ..errors import InputError
 from ..settings import API_KEYS_ENV, DEFAULT_TIER
 from ..trust.local import NAME_RULE, is_name, write_atomically
 
+# The team of the loopback caller when serve runs without API keys: the machine's own user, whose
+# results are the CLI's (server/stores.py). No API key belongs to it.
+LOCAL_TEAM = "local"
+
 VERBS = ("run", "exec", "files", "snapshot", "admin")
 SIGNING_LABEL = b"memoplane api signing key v1"
 _FIELDS = {"team", "verbs", "sandbox", "secretHash", "signingKey", "created", "revoked"}
@@ -133,6 +137,9 @@ class ApiKeys:
         """A new key of `team` and its token (shown once; only its hashes are kept)."""
         if not is_name(team):
             raise InputError(f"team {team!r} is not valid", f"use {NAME_RULE}")
+        if team == LOCAL_TEAM:
+            raise InputError(f"team {team!r} is the loopback caller's own (it shares the CLI's store)",
+                             "give the key's team another name")
         unknown = sorted(set(verbs) - set(VERBS))
         if unknown or not verbs:
             raise InputError(f"verb {unknown[0]!r} is not a verb" if unknown else "a key needs at least one verb",

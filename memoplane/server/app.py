@@ -47,7 +47,7 @@ from .envd import connect_apps, session_of
 from .errors import ApiError
 from .files import read_file, write_files
 from .limits import Limiter, RateLimited
-from .sessions import MAX_FILE_BYTES, Session, SessionManager
+from .sessions import MAX_FILE_BYTES, Session, SessionManager, snapshot_template
 from .signing import KEY_HEADER, SIGNATURE_HEADER
 
 # The envd version this server speaks for: what the SDK gates its features on (octet-stream
@@ -57,6 +57,9 @@ ENVD_VERSION = "0.5.7"
 _CPU_COUNT, _MEMORY_MB, _DISK_MB = 1, 512, 256
 MAX_SIGNED_BODY = MAX_FILE_BYTES + (1 << 20)   # a file upload, and its form's framing
 _BODY_DIGEST = "memoplane.body_sha256"
+# The metadata key of a new sandbox that names the snapshot it starts from, for a client that keeps
+# templateID for the runtime profile; the e2b SDK's own way is the snapshot's ID as the template.
+SNAPSHOT_METADATA = "memoplane.snapshot"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -93,6 +96,21 @@ class NewSandbox(BaseModel):
                                "no volumes)", f"leave {name} unset")
 
 
+class SnapshotRequest(BaseModel):
+    """E2B's SandboxSnapshotRequest (the SDK's create_snapshot)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    memory: bool | None = None
+
+    def refuse_unsupported(self) -> None:
+        if self.memory:
+            raise ApiError(400, "memory snapshots are not supported yet: a snapshot keeps the sandbox's files "
+                           "($HOME), not its processes", 'take one with mode="filesystem"')
+        if self.name is not None:
+            raise ApiError(400, "named snapshots are not supported yet", "leave name unset: use the snapshotID")
+
+
 class Timeout(BaseModel):
     timeout: int
 
@@ -111,7 +129,7 @@ def build_app(settings: ServeSettings, store: str | None = None, authenticate: A
               clock: Callable[[], float] = time.time) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """The whole server as one ASGI callable: `authenticate` says who calls, `limiter` holds them to
     their tier, `calls` records every call (None: not recorded)."""
-    sessions = SessionManager(settings)
+    sessions = SessionManager(settings, store)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -313,8 +331,28 @@ def _control_plane(api: FastAPI, sessions: SessionManager) -> None:
             problem = env_problem(name, value)
             if problem:
                 raise ApiError(400, f"envVars: {problem[0]}", problem[1])
-        session = await sessions.create(who, body.template_id, body.timeout, body.env_vars, body.metadata)
+        snapshot = body.metadata.get(SNAPSHOT_METADATA) or snapshot_template(body.template_id)
+        if snapshot_template(body.template_id) not in (None, snapshot):
+            raise ApiError(400, f"templateID and metadata {SNAPSHOT_METADATA} name two different snapshots",
+                           "name the snapshot once")
+        if snapshot is not None:   # restoring reads the team's snapshots: the key needs their verb too
+            authorize(who, Route("snapshot", None, None))
+        session = await sessions.create(who, body.template_id, body.timeout, body.env_vars, body.metadata, snapshot)
         return _reachable(session, who)
+
+    @api.post("/v1/sandboxes/{sandbox_id}/snapshot", tags=["sandboxes"])
+    async def snapshot(sandbox_id: str, who: Who) -> dict[str, Any]:
+        """Store the sandbox's $HOME (/tmp) in the team's store; a new sandbox created with
+        metadata {"memoplane.snapshot": snapshotID} starts from it, also after a restart."""
+        digest, size = await sessions.snapshot(sessions.get(who, sandbox_id))
+        return {"snapshotID": digest, "sizeBytes": size, "metadataKey": SNAPSHOT_METADATA}
+
+    @api.post("/sandboxes/{sandbox_id}/snapshots", status_code=201, tags=["sandboxes"])
+    async def create_snapshot(sandbox_id: str, body: SnapshotRequest, who: Who) -> dict[str, Any]:
+        """E2B's create_snapshot (filesystem mode): the same snapshot; Sandbox.create(snapshotID) starts from it."""
+        body.refuse_unsupported()
+        digest, _ = await sessions.snapshot(sessions.get(who, sandbox_id))
+        return {"snapshotID": digest, "names": []}
 
     @api.get("/sandboxes", tags=["sandboxes"])
     @api.get("/v2/sandboxes", tags=["sandboxes"])

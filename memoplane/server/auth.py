@@ -20,7 +20,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from .apikeys import VERBS
+from .apikeys import LOCAL_TEAM, VERBS
 from .errors import ApiError
 
 SCOPE_KEY = "memoplane.caller"
@@ -30,7 +30,7 @@ ACCESS_TOKEN_HEADER = "x-access-token"   # what the e2b SDK sends to envd: a san
 
 @dataclass(frozen=True)
 class Caller:
-    team: str = "local"
+    team: str = LOCAL_TEAM
     key_id: str = "anonymous"
     verbs: frozenset[str] = frozenset(VERBS)
     sandbox: str | None = None     # the one sandbox this caller may reach (None: any of its team's)
@@ -75,7 +75,7 @@ Who = Annotated[Caller, Depends(request_caller)]
 # -- what a route needs ---------------------------------------------------------------------
 
 CREATE, EXECUTE = "create", "execute"   # what the rate tiers count (limits.py)
-_SANDBOX_PATH = re.compile(r"^(?:/v2)?/sandboxes/([^/]+)")
+_SANDBOX_PATH = re.compile(r"^(?:/v[12])?/sandboxes/([^/]+)")
 _OPEN = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/health"}   # any authenticated caller
 
 
@@ -98,7 +98,7 @@ def route_of(method: str, path: str, headers: Mapping[str, str]) -> Route:
         return Route("exec", CREATE, None) if method == "POST" else Route("exec", None, None, filtered=True)
     named = _SANDBOX_PATH.match(path)
     if named:
-        return Route("snapshot" if path.endswith("/snapshot") else "exec", None, named.group(1))
+        return Route("snapshot" if path.endswith(("/snapshot", "/snapshots")) else "exec", None, named.group(1))
     if path == "/process.Process/Start" or path == "/execute":
         return Route("exec", EXECUTE, in_sandbox)
     if path.startswith("/process.Process/"):

@@ -13,7 +13,6 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..cas import open_store
 from ..commands.run import report_json
 from ..embedded import run_job
 from ..errors import InputError, JobFailed
@@ -25,6 +24,7 @@ from ..trust.local import Keyring
 from .auth import Who
 from .errors import ApiError
 from .sessions import SessionManager
+from .stores import open_team_store
 
 
 class RunRequest(BaseModel):
@@ -71,15 +71,16 @@ def routes(api: FastAPI, sessions: SessionManager, store: str | None) -> None:
 
     @api.post("/v1/run", tags=["memory"])
     async def run(body: RunRequest, who: Who) -> dict[str, Any]:
-        """Run once; an identical later call (here, or `memoplane run`) answers `cached: true`
-        with the seconds of compute the stored result saved."""
+        """Run once; an identical later call of the same team (here, or `memoplane run` for the
+        local team) answers `cached: true` with the seconds of compute the stored result saved."""
         job, identity = body.job()
-        return await asyncio.to_thread(_run, job, identity, body.policy, sessions, store)
+        return await asyncio.to_thread(_run, job, identity, body.policy, sessions, store, who.team)
 
 
-def _run(job: Job, identity: str, policy: Policy, sessions: SessionManager, store: str | None) -> dict[str, Any]:
+def _run(job: Job, identity: str, policy: Policy, sessions: SessionManager, store: str | None,
+         team: str) -> dict[str, Any]:
     keyring = Keyring()
-    with open_store(store) as opened:
+    with open_team_store(store, team) as opened:
         try:
             report = run_job(job, opened, lambda: sessions.pool(job.profile), policy=policy,
                              identity=identity, trust=keyring.policy(), signer=keyring.signer())

@@ -8,7 +8,7 @@ child's isolation, so the files API reaches exactly what a command in the sandbo
 Wire: one JSON object per line each way. A request carries "id" and "op"; every reply
 carries the request's "id", and the last reply of a request has "done": true. Bytes travel
 base64-encoded. Host -> agent ops: exec, signal, input, close_stdin, ps, read, write, list,
-stat, mkdir, remove, move, code, exit.
+stat, mkdir, remove, move, code, snapshot, snapshot_taken, restore, exit.
 """
 
 from __future__ import annotations
@@ -177,6 +177,30 @@ class Agent:
         os.rename(resolve(req["source"]), destination)
         return {"entry": entry(destination)}
 
+    # -- snapshots ------------------------------------------------------------------------
+
+    def op_snapshot(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        """Copy the writable tree ($HOME) into $MEMOPLANE_OUT, emptied first, for the host to
+        collect as it collects a job's outputs (and refuse there what a job may not leave)."""
+        self.op_snapshot_taken(rid, req)
+        home = os.environ.get("HOME", "/tmp")
+        copy_tree(home, os.environ["MEMOPLANE_OUT"], os.lstat(home).st_dev)
+        return {}
+
+    def op_snapshot_taken(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        """Empty $MEMOPLANE_OUT: the host has the snapshot (its copy holds the sandbox's memory)."""
+        out = os.environ["MEMOPLANE_OUT"]
+        for name in os.listdir(out):
+            remove_entry(os.path.join(out, name))
+        return {}
+
+    def op_restore(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        """Copy a snapshot the host restored under $MEMOPLANE_IN into $HOME."""
+        src = os.path.join(os.environ["MEMOPLANE_IN"], str(req["name"]))
+        home = os.environ.get("HOME", "/tmp")
+        copy_tree(src, home, os.lstat(src).st_dev)
+        return {}
+
     # -- code cells (state kept between them) -------------------------------------------
 
     def op_code(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
@@ -237,6 +261,33 @@ class CellStream(io.TextIOBase):
     def send(self, text: str) -> None:
         if text:
             self.agent.send({"id": self.rid, self.name: text})
+
+
+def copy_tree(src: str, dst: str, device: int) -> None:
+    """Copy src's entries into dst: files with their exec bit, links as links; what another
+    mount laid over the tree (the runtime's read-only view) is not the sandbox's and is skipped."""
+    for name in sorted(os.listdir(src)):
+        source, target = os.path.join(src, name), os.path.join(dst, name)
+        info = os.lstat(source)
+        if info.st_dev != device:
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            os.makedirs(target, exist_ok=True)
+            copy_tree(source, target, device)
+        elif stat.S_ISLNK(info.st_mode):
+            os.symlink(os.readlink(source), target)
+        elif stat.S_ISREG(info.st_mode):
+            shutil.copyfile(source, target, follow_symlinks=False)
+            os.chmod(target, 0o755 if info.st_mode & stat.S_IXUSR else 0o644)
+        else:
+            raise OSError(22, "not a regular file, directory or link: a snapshot cannot keep it", source)
+
+
+def remove_entry(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
 
 
 def resolve(path: str) -> str:

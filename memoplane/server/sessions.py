@@ -24,18 +24,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..cas import check_digest
+from ..errors import InputError, NotFound, StoreCorrupted
 from ..sandbox import PROFILES, PythonTask, SandboxOutcome, SandboxPool, SandboxRequest
+from ..sandbox.collect import Refused, collect
 from ..sandbox.removal import remove_tree
 from ..sandbox.types import Limits
 from ..settings import ServeSettings
 from . import session_agent
 from .auth import Caller
 from .errors import ApiError
+from .stores import open_team_store
 
 log = logging.getLogger("memoplane.server")
 
 # E2B's default templates, served by memoplane's runtime profiles of the same purpose.
 TEMPLATE_ALIASES = {"base": "python", "code-interpreter-v1": "python"}
+# A snapshot's ID used as a template (E2B's Sandbox.create(snapshot_id)) starts this profile from it.
+_SNAPSHOT_PROFILE = "python"
 _CONNECT_TIMEOUT = 30.0   # seconds a new child has to dial back before its creation fails
 _REAP_EVERY = 1.0         # seconds between two looks for sandboxes past their timeout
 # A file travels through a session's channel in one message, base64-encoded: bounded, so that a
@@ -47,6 +53,7 @@ _MAX_LINE = MAX_FILE_BYTES * 4 // 3 + (1 << 20)
 # is dropped (it ends with an error) and the rest of its output is discarded.
 _QUEUED_REPLIES = 256
 _AGENT_SOURCE = Path(session_agent.__file__).read_text(encoding="utf-8")
+_RESTORED = "snapshot"   # where a sandbox's snapshot is restored under its /in, for its agent to copy to $HOME
 
 
 class SandboxGone(ApiError):
@@ -75,6 +82,8 @@ class Session:
     connected: asyncio.Future[None] | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     outcome: SandboxOutcome | None = None
+    out_fd: int = -1                       # the child's $MEMOPLANE_OUT, where its agent copies a snapshot
+    snapshotting: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def request(self, op: str, **fields: Any) -> AsyncIterator[dict[str, Any]]:
         """The agent's replies to one request, the last one (done) included; raises ApiError
@@ -165,8 +174,9 @@ def decode(reply: dict[str, Any], name: str) -> bytes:
 class SessionManager:
     """Every live session, the warm pool per runtime profile, and the reaper."""
 
-    def __init__(self, settings: ServeSettings) -> None:
+    def __init__(self, settings: ServeSettings, store: str | None = None) -> None:
         self.settings = settings
+        self.store = store   # where snapshots go: the caller's team's namespace of it (stores.py)
         self.sessions: dict[str, Session] = {}
         self._pools: dict[str, SandboxPool] = {}
         self._pool_lock = threading.Lock()
@@ -195,7 +205,9 @@ class SessionManager:
             await asyncio.to_thread(pool.close)
 
     async def create(self, caller: Caller, template: str, timeout: int | None, env: dict[str, str],
-                     metadata: dict[str, str]) -> Session:
+                     metadata: dict[str, str], snapshot: str | None = None) -> Session:
+        """A new sandbox; with `snapshot` (a digest SessionManager.snapshot answered the caller's
+        team) its $HOME starts as the snapshot's tree."""
         profile = resolve_template(template)
         seconds = self.check_timeout(timeout if timeout is not None else self.settings.default_timeout)
         if len(self.sessions) >= self.settings.max_sandboxes:
@@ -209,17 +221,19 @@ class SessionManager:
                           directory=Path(tempfile.mkdtemp(prefix="memoplane-session-")), creator=caller.key_id)
         self.sessions[session.id] = session
         try:
-            await self._launch(session, pool, env)
+            await self._launch(session, pool, env, snapshot)
         except BaseException:
             await self.kill(session)
             raise
         return session
 
-    async def _launch(self, session: Session, pool: SandboxPool, env: dict[str, str]) -> None:
+    async def _launch(self, session: Session, pool: SandboxPool, env: dict[str, str], snapshot: str | None) -> None:
         loop = asyncio.get_running_loop()
         inbox, outbox = session.directory / "in", session.directory / "out"
         inbox.mkdir()
         outbox.mkdir()
+        if snapshot is not None:
+            await asyncio.to_thread(self._materialize, session.owner, snapshot, inbox / _RESTORED)
         # The child runs as another host uid: it may enter the directory and connect, nothing else.
         os.chmod(session.directory, 0o755)
         os.chmod(inbox, 0o755)
@@ -229,12 +243,11 @@ class SessionManager:
         session.connected = loop.create_future()
         session._stop_r, session._stop_w = os.pipe()
         request = SandboxRequest(PythonTask(_AGENT_SOURCE, "main", filename="<memoplane session agent>"),
-                                 inbox, outbox, env=env,
-                                 limits=Limits(timeout_s=float(self.settings.max_timeout)))
+                                 inbox, outbox, env=env, limits=self.limits())
 
         def run() -> None:
             try:
-                outcome = pool.run(request, stop_fd=session._stop_r)
+                outcome = pool.run(request, stop_fd=session._stop_r, on_out=lambda fd: setattr(session, "out_fd", fd))
             except Exception as e:  # noqa: BLE001 - reported as the session's end, never lost
                 log.warning("sandbox %s could not run: %s", session.id, e)
                 outcome = None
@@ -250,6 +263,61 @@ class SessionManager:
                 f"its agent did not start within {_CONNECT_TIMEOUT:.0f}s"
             raise ApiError(500, f"sandbox {session.id} could not start: {reason}",
                            "see the server's log; check `memoplane serve` runs with sandbox isolation")
+        if snapshot is not None:
+            await session.call("restore", name=_RESTORED)
+            await asyncio.to_thread(remove_tree, inbox / _RESTORED)   # the sandbox has its copy
+
+    def limits(self) -> Limits:
+        """A session's: its output limits bound its snapshots too."""
+        return Limits(timeout_s=float(self.settings.max_timeout))
+
+    def _materialize(self, team: str, snapshot: str, dest: Path) -> None:
+        """The snapshot's tree under `dest`, every chunk verified; one the team's store does not hold
+        is not found (another team's digest included)."""
+        try:
+            check_digest(snapshot, "snapshot")
+            with open_team_store(self.store, team) as store:
+                store.materialize(snapshot, dest)
+        except NotFound:
+            raise ApiError(404, f"snapshot {snapshot} not found", "give a snapshotID your team's sandbox answered "
+                           "POST /v1/sandboxes/{id}/snapshot") from None
+        except StoreCorrupted as e:
+            raise ApiError(422, f"snapshot {snapshot} is damaged and was not restored: {e}",
+                           "take a new snapshot") from None
+        except InputError as e:
+            raise ApiError(400, str(e)) from None
+
+    async def snapshot(self, session: Session) -> tuple[str, int]:
+        """Store the sandbox's $HOME as a tree in its team's store: (digest, bytes of its files). The
+        agent copies it into its $MEMOPLANE_OUT; the host reads it there as it reads a job's
+        outputs (collect.collect: regular files and directories only, beneath that mount, within
+        the output limits), so a link, a device or a FIFO is refused, never followed."""
+        async with session.snapshotting:
+            await session.call("snapshot")
+            if session.ended.is_set() or session.out_fd < 0:
+                raise SandboxGone(session.id)
+            out_fd = os.dup(session.out_fd)   # the session's own is closed when it ends, maybe meanwhile
+            try:
+                return await asyncio.to_thread(self._store_tree, session, out_fd)
+            finally:
+                with contextlib.suppress(ApiError):   # it ended meanwhile: nothing to empty
+                    await session.call("snapshot_taken")
+
+    def _store_tree(self, session: Session, out_fd: int) -> tuple[str, int]:
+        with tempfile.TemporaryDirectory(prefix="memoplane-snapshot-") as copy:
+            try:
+                collect(out_fd, copy, self.limits(), "none")
+            except Refused as e:
+                raise ApiError(422, f"sandbox {session.id} cannot be snapshotted: {e.failure.message}",
+                               "keep only regular files and directories in $HOME") from None
+            except OSError as e:   # the tree changed under the copy (a FIFO swapped in, ...)
+                raise ApiError(409, f"sandbox {session.id} could not be snapshotted: {e}",
+                               "retry once its commands stopped writing to $HOME") from None
+            finally:
+                os.close(out_fd)
+            with open_team_store(self.store, session.owner) as store:
+                tree = store.put_tree(copy)
+                return tree.digest, tree.size
 
     def _ended(self, session: Session, outcome: SandboxOutcome | None, server: asyncio.Server) -> None:
         session.outcome = outcome
@@ -261,6 +329,9 @@ class SessionManager:
         os.close(session._stop_r)
         os.close(session._stop_w)
         session._stop_r = session._stop_w = -1
+        if session.out_fd >= 0:
+            os.close(session.out_fd)
+            session.out_fd = -1
         self.sessions.pop(session.id, None)
         with contextlib.suppress(OSError):
             remove_tree(session.directory)
@@ -309,8 +380,15 @@ class SessionManager:
                 await self.kill(session)
 
 
+def snapshot_template(template: str) -> str | None:
+    """The snapshot a template names (E2B's way to start from one: its snapshotID as the template)."""
+    return template if template.startswith("b3:") else None
+
+
 def resolve_template(template: str) -> str:
-    """The runtime profile a template names (a profile's own name, or an E2B default's alias)."""
+    """The runtime profile a template names (a profile's own name, an E2B default's alias, or a snapshot)."""
+    if snapshot_template(template) is not None:
+        return _SNAPSHOT_PROFILE
     profile = TEMPLATE_ALIASES.get(template, template)
     if profile not in PROFILES:
         known = sorted({*PROFILES, *TEMPLATE_ALIASES})
