@@ -57,6 +57,9 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--workers", type=int, metavar="N",
                    help="with --over-chunks: chunk and combine tasks run at once (default: the cores, at most 4)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    from .settings import DAEMON_HELP, DAEMON_MODES
+
+    p.add_argument("--daemon", choices=DAEMON_MODES, help=DAEMON_HELP)
     _store_flag(p)
     p.set_defaults(handler=_lazy("memoplane.commands.run", "run_command"))
 

@@ -111,11 +111,8 @@ def run_command(args: argparse.Namespace) -> int:
             except JobFailed as failed:
                 _print_failure(failed, as_json=args.json)
                 return failed.exit_code
-        keyring = Keyring()
         try:
-            with _lazy_pool(args.allow_unisolated) as sandbox:
-                report = run_job(job, store, sandbox, policy=args.policy, identity=identity,
-                                 trust=keyring.policy(), signer=keyring.signer())
+            report = _run(args, job, store, identity)
         except JobFailed as failed:
             _print_failure(failed, as_json=args.json)
             return failed.exit_code
@@ -124,6 +121,23 @@ def run_command(args: argparse.Namespace) -> int:
         else:
             _print_text(report, store)
     return 0
+
+
+def _run(args: argparse.Namespace, job: Job, store: Store, identity: str) -> RunReport:
+    """In a running `memoplane serve` of this store when there is one (its warm pool; see
+    memoplane.server.daemon), else in this process."""
+    from ..server.daemon import daemon_mode, run_via_daemon
+
+    mode = daemon_mode(getattr(args, "daemon", None))
+    if mode != "never":
+        report = run_via_daemon(job, store, identity=identity, policy=args.policy,
+                                require_isolation=not args.allow_unisolated, required=mode == "always")
+        if report is not None:
+            return report
+    keyring = Keyring()
+    with _lazy_pool(args.allow_unisolated) as sandbox:
+        return run_job(job, store, sandbox, policy=args.policy, identity=identity,
+                       trust=keyring.policy(), signer=keyring.signer())
 
 
 def report_json(report: RunReport, store: Store) -> dict[str, Any]:
