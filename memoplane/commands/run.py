@@ -125,8 +125,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, job: Job, store: Store, identity: str) -> RunReport:
     """In a running `memoplane serve` of this store when there is one (its warm pool; see
-    memoplane.server.daemon), else in this process."""
-    from ..server.daemon import daemon_mode, run_via_daemon
+    memoplane.commands.daemon), else in this process."""
+    from .daemon import daemon_mode, run_via_daemon
 
     mode = daemon_mode(getattr(args, "daemon", None))
     if mode != "never":

@@ -1,21 +1,5 @@
-"""The local daemon: `memoplane run` hands its job to a running `memoplane serve` of the same store,
-so concurrent CLI processes share the server's warm pool (no cold sandbox per process) and its
-single flight, and answer exactly as in-process runs do.
-
-Discovery: serve listens on a unix socket named after its store and keyring (so a CLI reaches only
-a daemon that reads and signs as it would) in `settings.daemon_dir()`, and removes it on exit; a
-socket nobody answers on (a crashed serve) is stale: the CLI runs in-process, the next serve
-replaces it.
-
-Who may use it: only the same user. The socket's directory is made 0700 and both sides refuse it
-unless it is owned by this user and closed to others; the kernel then checks every connect. A unix
-socket rather than a key on a TCP port: nothing to store, leak or pass to a child process, and no
-other user of the machine can even reach it (root can, as it can read the store).
-
-Protocol: one JSON line each way per connection. The CLI builds the job (file inputs are already
-in the store), the server runs it with `embedded.run_job` in its pool and answers the report's
-fields; the CLI loads the result from the store and prints it with its own code.
-"""
+"""The server side of the local daemon (memoplane.commands.daemon says what it is and why a unix
+socket): `memoplane serve` answers this user's `memoplane run` of its store from its warm pool."""
 
 from __future__ import annotations
 
@@ -26,24 +10,24 @@ import json
 import logging
 import os
 import socket
-import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from ..cas import Store, open_store
-from ..embedded import RunReport, run_job
+from ..cas import open_store
+from ..commands.daemon import PROTOCOL, private_dir_problem, socket_path
+from ..embedded import run_job
 from ..errors import InputError, JobFailed, MemoplaneError
-from ..jobs import Job, Policy, job_from_dict, job_to_dict
+from ..jobs import Job, Policy, job_from_dict
 from ..keys import runtime_identity
-from ..sandbox.types import Failure
-from ..settings import DAEMON_ENV, daemon_dir, keys_dir
 from ..trust.local import Keyring
+from .auth import Caller
+from .calls import Call, CallLog
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = 1
+LOCAL_KEY, LOCAL_PATH = "local-user", "unix:/v1/run"   # how the audit log names the daemon's runs
 _MAX_LINE = 64 << 20   # a request carries the script's source and JSON inputs inline
 
 
@@ -51,42 +35,19 @@ class Refused(Exception):
     """The daemon cannot run this job as this process would (another runtime, weaker isolation)."""
 
 
-# -- where ----------------------------------------------------------------------------------------
-
-def socket_path(store: Store) -> Path:
-    """The socket of the daemon serving `store` with this user's keyring."""
-    identity = f"{store.describe()}\n{keys_dir().resolve()}"
-    return daemon_dir() / f"serve-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.sock"
-
-
-def private_dir_problem(directory: Path) -> str | None:
-    """Why `directory` may not hold the daemon's socket (None: it may)."""
-    try:
-        info = directory.lstat()
-    except FileNotFoundError:
-        return f"{directory} does not exist"
-    if not stat.S_ISDIR(info.st_mode):
-        return f"{directory} is not a directory"
-    if info.st_uid != os.getuid():
-        return f"{directory} is owned by uid {info.st_uid}, not this user ({os.getuid()})"
-    if info.st_mode & 0o077:
-        return f"{directory} is open to other users (mode {stat.S_IMODE(info.st_mode):o}, needs 700)"
-    return None
-
-
-# -- the server side (in `memoplane serve`) -----------------------------------------------------
-
 @contextlib.asynccontextmanager
-async def listening(store: str | None, pool: Callable[[str], Any], require_isolation: bool) -> AsyncIterator[None]:
+async def listening(store: str | None, pool: Callable[[str], Any], require_isolation: bool,
+                    calls: CallLog | None = None) -> AsyncIterator[None]:
     """Serve this user's `memoplane run` on the store's socket while inside; `pool(profile)` is the
-    server's warm pool. Another live serve of the same store keeps its socket (logged)."""
+    server's warm pool; each run is recorded in `calls` as the local team's (path LOCAL_PATH).
+    Another live serve of the same store keeps its socket (logged)."""
     with open_store(store) as opened:
         path = socket_path(opened)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     problem = private_dir_problem(path.parent)
     if problem:
         raise InputError(f"the local daemon's directory: {problem}",
-                         f"chmod 700 it (or set XDG_RUNTIME_DIR to a directory of yours), or remove it")
+                         "chmod 700 it (or set XDG_RUNTIME_DIR to a directory of yours), or remove it")
     if _answers(path):
         log.warning("another memoplane serve already serves `memoplane run` on %s: leaving it", path)
         yield
@@ -98,9 +59,14 @@ async def listening(store: str | None, pool: Callable[[str], Any], require_isola
         task = asyncio.current_task()
         assert task is not None
         handlers.add(task)
+        started = time.monotonic()
         try:
-            answer = await _answer(await reader.readline(), store, pool, require_isolation)
-            writer.write(json.dumps(answer).encode() + b"\n")
+            line = await reader.readline()
+            answer = await _answer(line, store, pool, require_isolation)
+            reply = json.dumps(answer).encode() + b"\n"
+            if calls is not None:
+                await calls.record(_call(line, reply, answer, time.monotonic() - started))
+            writer.write(reply)
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass   # the CLI went away (interrupted): nothing to tell it
@@ -120,6 +86,13 @@ async def listening(store: str | None, pool: Callable[[str], Any], require_isola
         with contextlib.suppress(FileNotFoundError):
             if path.stat().st_ino == inode:   # still ours, not a later serve's
                 path.unlink()
+
+
+def _call(line: bytes, reply: bytes, answer: dict[str, Any], seconds: float) -> Call:
+    status = 200 if "report" in answer else 422 if "failed" in answer else 409 if "refused" in answer else 500
+    return Call(key=LOCAL_KEY, team=Caller().team, verb="run", method="POST", path=LOCAL_PATH, sandbox="",
+                status=status, request_bytes=len(line), response_bytes=len(reply),
+                body_sha256=hashlib.sha256(line).hexdigest(), seconds=round(seconds, 6))
 
 
 def _answers(path: Path) -> bool:
@@ -166,89 +139,3 @@ def _run(job: Job, identity: str, policy: Policy, store: str | None, pool: Calla
     return {"report": {"cache_key": report.cache_key, "cached": report.cached, "result_digest": report.result_digest,
                        "compute_seconds_saved": report.compute_seconds_saved, "explain": report.explain,
                        "notes": report.notes, "run_id": report.run_id}}
-
-
-# -- the CLI side -------------------------------------------------------------------------------
-
-class DaemonError(MemoplaneError):
-    """What the daemon's run raised (store damage, a bad input), with the exit code it has in-process."""
-
-    def __init__(self, cause: str, fix: str, exit_code: int) -> None:
-        super().__init__(cause, fix)
-        self.exit_code = exit_code
-
-
-def daemon_mode(flag: str | None) -> str:
-    from ..settings import DAEMON_MODES
-
-    mode = flag or os.environ.get(DAEMON_ENV) or "auto"
-    if mode not in DAEMON_MODES:
-        raise InputError(f"{DAEMON_ENV}={mode!r} is not one of {', '.join(DAEMON_MODES)}",
-                         f"set {DAEMON_ENV} to auto, always or never (or unset it)")
-    return mode
-
-
-def run_via_daemon(job: Job, store: Store, *, identity: str, policy: Policy, require_isolation: bool,
-                   required: bool) -> RunReport | None:
-    """The report of `job` run by this store's daemon; None when there is none to ask (or it cannot
-    run this job as this process would) and not `required`."""
-    started = time.perf_counter()
-    path = socket_path(store)
-    request = {"v": PROTOCOL, "job": job_to_dict(job), "identity": identity, "policy": policy,
-               "require_isolation": require_isolation}
-    try:
-        answer = _ask(path, request)
-    except _Unavailable as why:
-        if required:
-            raise InputError(f"no memoplane serve answers for this store ({why})",
-                             "start `memoplane serve` with the same --store, or use --daemon auto") from None
-        return None
-    if "refused" in answer:
-        if required:
-            raise InputError(f"the daemon at {path} refused the run: {answer['refused']}",
-                             "restart `memoplane serve` with this memoplane, or use --daemon never")
-        return None
-    return _report(answer, store, started)
-
-
-class _Unavailable(Exception):
-    pass
-
-
-def _ask(path: Path, request: dict[str, Any]) -> dict[str, Any]:
-    problem = private_dir_problem(path.parent)
-    if problem:
-        raise _Unavailable(problem)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        try:
-            conn.connect(str(path))
-            conn.sendall(json.dumps(request).encode() + b"\n")
-            with conn.makefile("rb") as replies:
-                line = replies.readline()
-        except OSError as e:
-            raise _Unavailable(f"{path}: {e.strerror or e}") from None
-    if not line.endswith(b"\n"):
-        raise _Unavailable(f"{path}: the daemon closed the connection without an answer")
-    answer = json.loads(line)
-    assert isinstance(answer, dict)
-    return answer
-
-
-def _report(answer: dict[str, Any], store: Store, started: float) -> RunReport:
-    if "failed" in answer:
-        failed = answer["failed"]
-        error = JobFailed(failed["message"])
-        error.detail = failed["detail"]  # type: ignore[attr-defined]
-        if failed["reason"] is not None:
-            error.failure = Failure(failed["reason"], failed["failure_message"], failed["detail"])  # type: ignore[attr-defined]
-        raise error
-    if "error" in answer:
-        raised = answer["error"]
-        raise DaemonError(raised["cause"], raised["fix"], int(raised["exit_code"]))
-    fields = answer["report"]
-    result = store.get_result(fields["result_digest"])   # verified, as every read
-    return RunReport(cache_key=fields["cache_key"], cached=fields["cached"], result_digest=fields["result_digest"],
-                     result=result, value=store.load_value(result.value),
-                     duration_ms=(time.perf_counter() - started) * 1000.0,
-                     compute_seconds_saved=fields["compute_seconds_saved"], explain=fields["explain"],
-                     notes=fields["notes"], run_id=fields["run_id"])

@@ -42,8 +42,9 @@ async def serve(settings: ServeSettings, store: str | None, sock: socket.socket 
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     host, port = sock.getsockname()[:2]
     with open_store(store) as opened:
-        app = build_app(settings, store, authenticate, Limiter(serve_tiers(settings)), CallLog(opened),
-                        local=lambda sessions: listening(store, sessions.pool, settings.require_isolation))
+        calls = CallLog(opened)
+        app = build_app(settings, store, authenticate, Limiter(serve_tiers(settings)), calls,
+                        local=lambda sessions: listening(store, sessions.pool, settings.require_isolation, calls))
         config = uvicorn.Config(app, log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
         mode = f"API keys of {authenticate.keys.path}" if isinstance(authenticate, KeyAuthenticator) else \
             "no API keys: loopback only"
