@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands.history import add_parser as add_history
 
     add_history(sub, _lazy, _store_flag)
-    from .commands.apply import add_parser as add_apply
+    from .commands.apply_args import add_parser as add_apply
 
     add_apply(sub, _lazy, _store_flag)
     _add_serve(sub)
