@@ -153,3 +153,29 @@ def test_the_socket_and_its_directory_are_closed_to_others_and_removed_at_exit(d
     daemon["proc"].terminate()
     daemon["proc"].wait(timeout=60)
     assert not path.exists()
+
+
+def test_a_daemon_that_isolates_less_than_the_run_asks_refuses_it(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir(mode=0o700)
+    env = {**os.environ, "MEMOPLANE_KEYS_DIR": str(tmp_path / "keys"), "XDG_RUNTIME_DIR": str(tmp_path / "run"),
+           "MEMOPLANE_SERVE_WARM": "1", "MEMOPLANE_REQUIRE_ISOLATION": "false"}
+    store = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, "-m", "memoplane.cli", "serve", "--port", "0"],
+                            env={**env, "MEMOPLANE_STORE": str(store)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None and "listening on" in proc.stdout.readline()
+        deadline = time.monotonic() + _START_DEADLINE
+        while not list((tmp_path / "run" / "memoplane").glob("serve-*.sock")):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        refused = memoplane(env, store, "run", "--daemon", "always", "--", "echo", "hi")
+        assert refused.returncode == 2, refused.stderr
+        assert "refused the run: the daemon runs without requiring isolation and this run requires it" in refused.stderr
+        fallback = memoplane(env, store, "run", "--", "echo", "hi")   # auto: in-process, isolated
+        assert (fallback.returncode, fallback.stdout) == (0, "hi\n"), fallback.stderr
+        allowed = memoplane(env, store, "run", "--daemon", "always", "--allow-unisolated", "--", "echo", "ho")
+        assert (allowed.returncode, allowed.stdout) == (0, "ho\n"), allowed.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
