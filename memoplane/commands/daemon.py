@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from ..cas import Store
-from ..embedded import RunReport
 from ..errors import InputError, JobFailed, MemoplaneError
 from ..jobs import Job, Policy, job_to_dict
+from ..run_report import RunReport
 from ..sandbox.types import Failure
 from ..settings import DAEMON_ENV, DAEMON_MODES, daemon_dir, keys_dir
 

@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..cas import Store, open_store
-from ..embedded import RunHistory, RunReport, run_job
 from ..errors import InputError, JobFailed
 from ..inputs import FileArg, SeedArg, parse_bytes, parse_deliveries, parse_env, parse_inputs
 from ..jobs import BlobInput, CommandCode, Delivery, Input, Job, JsonInput, PythonCode
 from ..keys import explain_change
+from ..run_report import RunReport
 from ..sandbox.types import Limits
-from ..trust import trusted_hit
-from ..trust.local import Keyring
 from .render import render_value
 
 
@@ -97,14 +95,17 @@ def _lazy_pool(allow_unisolated: bool) -> Iterator[Any]:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from .chunks import chunk_flags_problem, run_chunks_command
+    if getattr(args, "over_chunks", None) or getattr(args, "combine", None):
+        from .chunks import chunk_flags_problem  # not imported by the other runs (a daemon's client)
 
-    problem = chunk_flags_problem(args)
-    if problem is not None:
-        raise problem
+        problem = chunk_flags_problem(args)
+        if problem is not None:
+            raise problem
     with open_store(args.store) as store:
         job, identity = build_job(args, store)
         if getattr(args, "over_chunks", None):
+            from .chunks import run_chunks_command
+
             try:
                 with _lazy_pool(args.allow_unisolated) as sandbox:
                     return run_chunks_command(args, store, job, identity, sandbox)
@@ -134,6 +135,9 @@ def _run(args: argparse.Namespace, job: Job, store: Store, identity: str) -> Run
                                 require_isolation=not args.allow_unisolated, required=mode == "always")
         if report is not None:
             return report
+    from ..embedded import run_job  # its machinery (sandbox, trust): not needed when a daemon runs the job
+    from ..trust.local import Keyring
+
     keyring = Keyring()
     with _lazy_pool(args.allow_unisolated) as sandbox:
         return run_job(job, store, sandbox, policy=args.policy, identity=identity,
@@ -195,6 +199,10 @@ def _print_failure(failed: JobFailed, *, as_json: bool) -> None:
 
 
 def explain_command(args: argparse.Namespace) -> int:
+    from ..embedded import RunHistory
+    from ..trust import trusted_hit
+    from ..trust.local import Keyring
+
     with open_store(args.store) as store:
         job, identity = build_job(args, store)
         parts = job.key_parts()
