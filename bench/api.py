@@ -60,8 +60,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def cli(env: dict[str, str], *args: str) -> tuple[float, dict[str, Any]]:
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "memoplane.cli", "run", "--json", *args], env=env,
-                          capture_output=True, text=True, check=True)
+    # --daemon never: the baseline is a process that starts its own sandbox, even with serve running
+    proc = subprocess.run([sys.executable, "-m", "memoplane.cli", "run", "--json", "--daemon", "never", *args],
+                          env=env, capture_output=True, text=True, check=True)
     return time.perf_counter() - t, json.loads(proc.stdout)
 
 

@@ -60,6 +60,9 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--workers", type=int, metavar="N",
                    help="with --over-chunks: chunk and combine tasks run at once (default: the cores, at most 4)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    from .settings import DAEMON_HELP, DAEMON_MODES
+
+    p.add_argument("--daemon", choices=DAEMON_MODES, help=DAEMON_HELP)
     _store_flag(p)
     p.set_defaults(handler=_lazy("memoplane.commands.run", "run_command"))
 
@@ -231,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .commands.history import add_parser as add_history
 
     add_history(sub, _lazy, _store_flag)
-    from .commands.apply import add_parser as add_apply
+    from .commands.apply_args import add_parser as add_apply
 
     add_apply(sub, _lazy, _store_flag)
     _add_serve(sub)

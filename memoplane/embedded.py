@@ -14,11 +14,10 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cas import Hit, ResultManifest, Store
+from .cas import Hit, Store
 from .errors import JobFailed, NotFound, StoreCorrupted
 from .execute import Execution, SandboxRunner, execute
 from .history import build as records
@@ -27,27 +26,10 @@ from .history.records import InputRecord, JobIdentity, RunRecord
 from .jobs import Job, Policy
 from .keys import explain_change
 from .leftovers import sweep
+from .run_report import RunReport
 from .sandbox.types import Failure
 from .trust import SigningKey, TrustPolicy, trusted_hit
 from .trust.local import commit_signed, refused_note
-
-
-@dataclass
-class RunReport:
-    cache_key: str
-    cached: bool
-    result_digest: str
-    result: ResultManifest
-    value: Any                      # the return value (bytes for bytes/array results)
-    duration_ms: float              # this invocation, wall clock
-    compute_seconds_saved: float    # on a hit: the compute time the stored result stood for
-    explain: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)   # e.g. "a damaged entry was quarantined"
-    run_id: str = ""                # this run's record in the store's history
-
-    @property
-    def value_kind(self) -> str:
-        return self.result.value.kind
 
 
 def run_job(

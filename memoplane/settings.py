@@ -227,6 +227,24 @@ def keys_dir(env: Mapping[str, str] | None = None) -> Path:
     return Path(env.get("XDG_CONFIG_HOME") or "~/.config").expanduser() / "memoplane" / "keys"
 
 
+# -- the local daemon: where `memoplane serve` listens for this user's `memoplane run` ----------
+
+DAEMON_ENV = "MEMOPLANE_DAEMON"
+DAEMON_MODES = ("auto", "always", "never")   # auto: the daemon when one runs, else in this process
+DAEMON_HELP = ("whether `memoplane run` hands its job to a running `memoplane serve` of this store: auto "
+               "(default: when one runs), always (fail if none), never (run in this process); "
+               f"default ${DAEMON_ENV} or auto")
+
+
+def daemon_dir(env: Mapping[str, str] | None = None) -> Path:
+    """$XDG_RUNTIME_DIR/memoplane, else ~/.cache/memoplane/run: the daemon's sockets, in a directory
+    only its user may enter (memoplane.server.daemon checks its owner and mode)."""
+    env = os.environ if env is None else env
+    if env.get("XDG_RUNTIME_DIR"):
+        return Path(env["XDG_RUNTIME_DIR"]) / "memoplane"
+    return Path(env.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "memoplane" / "run"
+
+
 # -- history: where the index of a store's run records lives (memoplane.history.index) ------------
 
 HISTORY_INDEX_FILE = "history-index.sqlite"

@@ -31,13 +31,14 @@ from ..cluster import mapping as mp
 from ..cluster import protocol as p
 from ..cluster import resolve as rs
 from ..cluster import retry
-from ..embedded import RunHistory, RunReport, run_job
+from ..embedded import RunHistory, run_job
 from ..errors import InputError, JobFailed, MemoplaneError, NotFound, StoreCorrupted
 from ..execute import SandboxRunner
 from ..history import build as records
 from ..history.records import InputRecord, JobIdentity, RunRecord, new_run_id
 from ..jobs import BlobInput, Input, Job, JsonInput
 from ..keys import digest_value, runtime_identity
+from ..run_report import RunReport
 from ..sandbox.profiles import PROFILES
 from ..trust import SigningKey, TrustPolicy, trusted_hit
 from ..trust.local import commit_signed

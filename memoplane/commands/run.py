@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..cas import Store, open_store
-from ..embedded import RunHistory, RunReport, run_job
 from ..errors import InputError, JobFailed
 from ..inputs import FileArg, SeedArg, parse_bytes, parse_deliveries, parse_env, parse_inputs
 from ..jobs import BlobInput, CommandCode, Input, Job, JsonInput, PythonCode
 from ..keys import explain_change
+from ..run_report import RunReport
 from ..sandbox.types import Delivery, Limits
-from ..trust import trusted_hit
-from ..trust.local import Keyring
 from .render import render_value
 
 
@@ -97,25 +95,25 @@ def _lazy_pool(allow_unisolated: bool) -> Iterator[Any]:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from .chunks import chunk_flags_problem, run_chunks_command
+    if getattr(args, "over_chunks", None) or getattr(args, "combine", None):
+        from .chunks import chunk_flags_problem  # not imported by the other runs (a daemon's client)
 
-    problem = chunk_flags_problem(args)
-    if problem is not None:
-        raise problem
+        problem = chunk_flags_problem(args)
+        if problem is not None:
+            raise problem
     with open_store(args.store) as store:
         job, identity = build_job(args, store)
         if getattr(args, "over_chunks", None):
+            from .chunks import run_chunks_command
+
             try:
                 with _lazy_pool(args.allow_unisolated) as sandbox:
                     return run_chunks_command(args, store, job, identity, sandbox)
             except JobFailed as failed:
                 _print_failure(failed, as_json=args.json)
                 return failed.exit_code
-        keyring = Keyring()
         try:
-            with _lazy_pool(args.allow_unisolated) as sandbox:
-                report = run_job(job, store, sandbox, policy=args.policy, identity=identity,
-                                 trust=keyring.policy(), signer=keyring.signer())
+            report = _run(args, job, store, identity)
         except JobFailed as failed:
             _print_failure(failed, as_json=args.json)
             return failed.exit_code
@@ -124,6 +122,26 @@ def run_command(args: argparse.Namespace) -> int:
         else:
             _print_text(report, store)
     return 0
+
+
+def _run(args: argparse.Namespace, job: Job, store: Store, identity: str) -> RunReport:
+    """In a running `memoplane serve` of this store when there is one (its warm pool; see
+    memoplane.commands.daemon), else in this process."""
+    from .daemon import daemon_mode, run_via_daemon
+
+    mode = daemon_mode(getattr(args, "daemon", None))
+    if mode != "never":
+        report = run_via_daemon(job, store, identity=identity, policy=args.policy,
+                                require_isolation=not args.allow_unisolated, required=mode == "always")
+        if report is not None:
+            return report
+    from ..embedded import run_job  # its machinery (sandbox, trust): not needed when a daemon runs the job
+    from ..trust.local import Keyring
+
+    keyring = Keyring()
+    with _lazy_pool(args.allow_unisolated) as sandbox:
+        return run_job(job, store, sandbox, policy=args.policy, identity=identity,
+                       trust=keyring.policy(), signer=keyring.signer())
 
 
 def report_json(report: RunReport, store: Store) -> dict[str, Any]:
@@ -181,6 +199,10 @@ def _print_failure(failed: JobFailed, *, as_json: bool) -> None:
 
 
 def explain_command(args: argparse.Namespace) -> int:
+    from ..embedded import RunHistory
+    from ..trust import trusted_hit
+    from ..trust.local import Keyring
+
     with open_store(args.store) as store:
         job, identity = build_job(args, store)
         parts = job.key_parts()

@@ -126,16 +126,20 @@ class Reconnect(BaseModel):
 
 def build_app(settings: ServeSettings, store: str | None = None, authenticate: Authenticate = local_caller,
               limiter: Limiter | None = None, calls: CallLog | None = None,
-              clock: Callable[[], float] = time.time) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+              clock: Callable[[], float] = time.time,
+              local: Callable[[SessionManager], contextlib.AbstractAsyncContextManager[None]] | None = None,
+              ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """The whole server as one ASGI callable: `authenticate` says who calls, `limiter` holds them to
-    their tier, `calls` records every call (None: not recorded)."""
+    their tier, `calls` records every call (None: not recorded); `local(sessions)` is held open while
+    the sessions live (the CLI's daemon socket, daemon.py)."""
     sessions = SessionManager(settings, store)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         sessions.start()
         try:
-            yield
+            async with local(sessions) if local is not None else contextlib.nullcontext():
+                yield
         finally:
             await sessions.close()
             if calls is not None:

@@ -18,6 +18,7 @@ from .apikeys import ApiKeys
 from .app import build_app
 from .auth import Authenticate, local_caller
 from .calls import CallLog
+from .daemon import listening
 from .limits import Limiter
 
 
@@ -30,7 +31,8 @@ def serve_command(args: argparse.Namespace) -> int:
 
 async def serve(settings: ServeSettings, store: str | None, sock: socket.socket | None = None) -> None:
     """Serve until interrupted; prints the address it listens on (the port may be 0: any free one).
-    With a key in the API keys file every request needs one; without, only loopback is served."""
+    With a key in the API keys file every request needs one; without, only loopback is served.
+    This user's `memoplane run` of the same store also runs here, through a unix socket (daemon.py)."""
     authenticate = authenticator(settings, settings.host if sock is None else str(sock.getsockname()[0]))
     if sock is None:
         sock = socket.create_server((settings.host, settings.port))
@@ -40,7 +42,9 @@ async def serve(settings: ServeSettings, store: str | None, sock: socket.socket 
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     host, port = sock.getsockname()[:2]
     with open_store(store) as opened:
-        app = build_app(settings, store, authenticate, Limiter(serve_tiers(settings)), CallLog(opened))
+        calls = CallLog(opened)
+        app = build_app(settings, store, authenticate, Limiter(serve_tiers(settings)), calls,
+                        local=lambda sessions: listening(store, sessions.pool, settings.require_isolation, calls))
         config = uvicorn.Config(app, log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
         mode = f"API keys of {authenticate.keys.path}" if isinstance(authenticate, KeyAuthenticator) else \
             "no API keys: loopback only"
