@@ -16,6 +16,7 @@ import pytest
 from repack_scenarios import (
     GRACE,
     POLICY,
+    WRITE,
     Crash,
     Dying,
     Scenario,
@@ -175,10 +176,10 @@ def test_an_unindexed_pack_holding_a_live_chunk_is_indexed_not_deleted(backend: 
 
 
 KILL_POINTS = [  # (pass, op, prefix, nth): the GC stops before that backend call
-    (1, "put_if_absent", PACKS, 2),  # mid-repack: one new pack written
-    (1, "put_if_absent", INDEX, 1),  # repacked packs written, their segment not
-    (1, "put_if_absent", TOMBSTONES, 1),  # repack segment written, the tombstone not
-    (2, "put_if_absent", INDEX, 1),  # pass 2 before its consolidated segment
+    (1, WRITE, PACKS, 2),  # mid-repack: one new pack written
+    (1, WRITE, INDEX, 1),  # repacked packs written, their segment not
+    (1, WRITE, TOMBSTONES, 1),  # repack segment written, the tombstone not
+    (2, WRITE, INDEX, 1),  # pass 2 before its consolidated segment
     (2, "delete", INDEX, 1),  # consolidated segment written, nothing deleted
     (2, "delete", PACKS, 2),  # one condemned pack deleted
 ]
@@ -205,7 +206,7 @@ def test_a_gc_process_killed_mid_repack_is_finished_by_the_next(backend: Filesys
     s = seeded(backend)
     live = tmp_path / "live.json"
     live.write_text(json.dumps(sorted(s.mark())))
-    run_killed("gc", json.dumps(spec_of(backend)), str(live), "put_if_absent", PACKS, "2", str(later()))
+    run_killed("gc", json.dumps(spec_of(backend)), str(live), WRITE, PACKS, "2", str(later()))
     assert s.unindexed()  # the repacked pack it wrote, without a segment
     s.check_live()
     s.gc(later())
@@ -216,14 +217,17 @@ def test_a_gc_process_killed_mid_repack_is_finished_by_the_next(backend: Filesys
 
 def test_store_gc_runs_the_repack_and_reports_it(backend: FilesystemBackend) -> None:
     store = Store(backend)
-    kept = store.put_bytes(b"kept " * 5000)
+    kept = store.put_bytes(b"kept " * 5000)  # the Store packs it too: its pack is all live
     s = Scenario(backend)
-    s.write(range(20), commit=False)
+    dead = s.write(range(20), commit=False)
     report = gc(backend, 0.0, blobs=[kept.digest], clock=later)
     assert report.packs.packs_condemned > 0 and report.to_dict()["packs"]["bytes_reclaimed"] <= 0
     report = gc(backend, 0.0, blobs=[kept.digest], clock=later)
     assert report.packs.packs_deleted > 0 and report.to_dict()["packs"]["bytes_reclaimed"] > 0
-    assert s.pack_infos() == [] and live_chunks(backend, blobs=[kept.digest])
+    live, index = live_chunks(backend, blobs=[kept.digest]), loaded(backend)
+    assert live and not any(d in index for d in dead)
+    assert {p for p, _ in s.pack_infos()} == {loc.pack for d in live for loc in index.locations(d)}
+    assert Store(backend).get_bytes(kept.digest) == b"kept " * 5000
 
 
 def test_a_live_chunk_no_copy_of_which_verifies_keeps_its_pack(backend: FilesystemBackend) -> None:
