@@ -157,8 +157,15 @@ class Crash(BaseException):
     """A GC stopped at an injected point (BaseException: nothing on the way catches it)."""
 
 
+WRITE = "write"  # an `op` for Dying: any call that writes an object (put, put_if_absent, create)
+WRITES = ("put", "put_if_absent", "create")
+
+
 class Dying(DelegatingBackend):
-    """Stops the process (SIGKILL) or the call (Crash) before the `nth` `op` on a name under `prefix`."""
+    """Stops the process (SIGKILL) or the call (Crash) before the `nth` `op` on a name under `prefix`
+    (op WRITE: whichever call writes it; a PackWriter PUTs packs and segments on its upload thread
+    with `put`, GC writes its own index objects with `put_if_absent`: the kill point names the step,
+    not the call)."""
 
     def __init__(self, inner: Backend, op: str, prefix: str, nth: int, *, kill: bool = False) -> None:
         super().__init__(inner)
@@ -166,7 +173,7 @@ class Dying(DelegatingBackend):
         self.seen = 0
 
     def before(self, op: str, name: str) -> None:
-        if op == self.op and name.startswith(self.prefix):
+        if (op == self.op or (self.op == WRITE and op in WRITES)) and name.startswith(self.prefix):
             self.seen += 1
             if self.seen == self.nth:
                 if self.kill:
@@ -204,7 +211,7 @@ def run_killed(*args: str) -> None:
 def _main(argv: list[str]) -> None:
     backend = open_spec(json.loads(argv[1]))
     if argv[0] == "write":  # pack N chunks, die before writing the segment
-        Scenario(Dying(backend, "put_if_absent", INDEX, 1, kill=True)).write(
+        Scenario(Dying(backend, WRITE, INDEX, 1, kill=True)).write(
             (f"w{argv[2]}-{i}" for i in range(int(argv[3]))), index=PackIndex())
     elif argv[0] == "gc":
         live = set(json.loads(Path(argv[2]).read_text()))

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from repack_scenarios import GRACE, Crash, Dying, later, next_second, run_killed, seeded, spec_of, wait_for
+from repack_scenarios import GRACE, WRITE, Crash, Dying, later, next_second, run_killed, seeded, spec_of, wait_for
 
 from memoplane.cas import S3Backend
 from memoplane.cas.packs import INDEX, PACKS
@@ -93,7 +93,7 @@ def test_a_gc_killed_mid_repack_and_stopped_in_pass_2_on_s3(backend: S3Backend, 
     before = s.pack_bytes()
     live = tmp_path / "live.json"
     live.write_text(json.dumps(sorted(s.mark())))
-    run_killed("gc", json.dumps(spec_of(backend)), str(live), "put_if_absent", PACKS, "2", str(later()))
+    run_killed("gc", json.dumps(spec_of(backend)), str(live), WRITE, PACKS, "2", str(later()))
     assert s.unindexed()
     s.check_live()
     s.gc(later())  # pass 1, and the killed run's pack deleted

@@ -16,6 +16,7 @@ import pytest
 from repack_scenarios import (
     GRACE,
     POLICY,
+    WRITE,
     Crash,
     Dying,
     Scenario,
@@ -29,11 +30,11 @@ from repack_scenarios import (
     wait_for,
 )
 
-from memoplane.cas import FilesystemBackend, Store, b3
+from memoplane.cas import BlobRef, FilesystemBackend, Provenance, ResultManifest, Store, b3
 from memoplane.cas.gc import gc, live_chunks
 from memoplane.cas.packs import INDEX, PACKS, TOMBSTONES, PackIndex
 from memoplane.cas.repack import MAX_SEGMENTS, Policy, decide, load_layout, usage, worth_repacking
-from memoplane.errors import InputError
+from memoplane.errors import InputError, NotFound
 
 
 @pytest.fixture
@@ -175,10 +176,10 @@ def test_an_unindexed_pack_holding_a_live_chunk_is_indexed_not_deleted(backend: 
 
 
 KILL_POINTS = [  # (pass, op, prefix, nth): the GC stops before that backend call
-    (1, "put_if_absent", PACKS, 2),  # mid-repack: one new pack written
-    (1, "put_if_absent", INDEX, 1),  # repacked packs written, their segment not
-    (1, "put_if_absent", TOMBSTONES, 1),  # repack segment written, the tombstone not
-    (2, "put_if_absent", INDEX, 1),  # pass 2 before its consolidated segment
+    (1, WRITE, PACKS, 2),  # mid-repack: one new pack written
+    (1, WRITE, INDEX, 1),  # repacked packs written, their segment not
+    (1, WRITE, TOMBSTONES, 1),  # repack segment written, the tombstone not
+    (2, WRITE, INDEX, 1),  # pass 2 before its consolidated segment
     (2, "delete", INDEX, 1),  # consolidated segment written, nothing deleted
     (2, "delete", PACKS, 2),  # one condemned pack deleted
 ]
@@ -205,7 +206,7 @@ def test_a_gc_process_killed_mid_repack_is_finished_by_the_next(backend: Filesys
     s = seeded(backend)
     live = tmp_path / "live.json"
     live.write_text(json.dumps(sorted(s.mark())))
-    run_killed("gc", json.dumps(spec_of(backend)), str(live), "put_if_absent", PACKS, "2", str(later()))
+    run_killed("gc", json.dumps(spec_of(backend)), str(live), WRITE, PACKS, "2", str(later()))
     assert s.unindexed()  # the repacked pack it wrote, without a segment
     s.check_live()
     s.gc(later())
@@ -216,14 +217,61 @@ def test_a_gc_process_killed_mid_repack_is_finished_by_the_next(backend: Filesys
 
 def test_store_gc_runs_the_repack_and_reports_it(backend: FilesystemBackend) -> None:
     store = Store(backend)
-    kept = store.put_bytes(b"kept " * 5000)
+    kept = store.put_bytes(b"kept " * 5000)  # the Store packs it too: its pack is all live
     s = Scenario(backend)
-    s.write(range(20), commit=False)
+    dead = s.write(range(20), commit=False)
     report = gc(backend, 0.0, blobs=[kept.digest], clock=later)
     assert report.packs.packs_condemned > 0 and report.to_dict()["packs"]["bytes_reclaimed"] <= 0
     report = gc(backend, 0.0, blobs=[kept.digest], clock=later)
     assert report.packs.packs_deleted > 0 and report.to_dict()["packs"]["bytes_reclaimed"] > 0
-    assert s.pack_infos() == [] and live_chunks(backend, blobs=[kept.digest])
+    live, index = live_chunks(backend, blobs=[kept.digest]), loaded(backend)
+    assert live and not any(d in index for d in dead)
+    assert {p for p, _ in s.pack_infos()} == {loc.pack for d in live for loc in index.locations(d)}
+    assert Store(backend).get_bytes(kept.digest) == b"kept " * 5000
+
+
+def committed(store: Store, name: str, stdout: BlobRef, stderr: BlobRef) -> str:
+    """Commit a result naming `stdout` and `stderr` under key b3(`name`); the key."""
+    key = b3(name.encode())
+    store.commit(ResultManifest(value=store.put_value({"name": name}), stdout=stdout, stderr=stderr,
+                                provenance=Provenance(key, {}, b3(b"rt"), "n1", 1.0, 2.0, 1.0)))
+    return key
+
+
+def test_store_refs_survive_both_gc_passes_and_read_back_verified(backend: FilesystemBackend, tmp_path: Path) -> None:
+    """End to end with the Store writing packs: one pack (a tree's) holds live and dead blobs,
+    others are all live or all dead; gc() runs both passes (injected clock) and every blob a
+    ref reaches reads back verified, from a fresh Store and from the writer's stale index."""
+    store = Store(backend)
+    data = {f"f{i}": random.Random(i).randbytes(300 * 1024) for i in range(6)}  # above INLINE_RESULT_MAX
+    tree = tmp_path / "out"
+    tree.mkdir()
+    for name in ("f0", "f1", "f2", "f3"):
+        (tree / name).write_bytes(data[name])
+    store.put_tree(tree)  # one pack for the four files; no result names the tree: f2, f3 are dead
+    blob = {name: BlobRef(b3(d), len(d)) for name, d in data.items()}
+    live = {committed(store, "mixed", blob["f0"], blob["f1"]): ("f0", "f1"),
+            committed(store, "own", store.put_bytes(data["f4"]), blob["f0"]): ("f4", "f0")}
+    gone = committed(store, "gone", store.put_bytes(data["f5"]), blob["f2"])
+    store.delete_ref(gone)
+
+    first = gc(backend, GRACE, clock=later)
+    assert first.packs.packs_condemned >= 2 and first.packs.chunks_repacked > 0 and first.packs.packs_deleted == 0
+    second = gc(backend, GRACE, clock=later)
+    assert second.packs.packs_deleted == first.packs.packs_condemned and second.packs.bytes_reclaimed > 0
+
+    s = Scenario(backend)
+    s.commit(live_chunks(backend))
+    assert s.dead_in_packs() == set() and s.unindexed() == set() and s.tombstones() == 0
+    for reader in (Store(backend), store):
+        for key, names in live.items():
+            assert reader.get_ref(key, deep=True) is not None
+            assert all(reader.get_bytes(blob[n].digest) == data[n] for n in names)
+    fresh = Store(backend)
+    for name in ("f2", "f3", "f5"):
+        with pytest.raises(NotFound):
+            fresh.get_bytes(blob[name].digest)
+    assert fresh.verify().ok
 
 
 def test_a_live_chunk_no_copy_of_which_verifies_keeps_its_pack(backend: FilesystemBackend) -> None:
