@@ -5,8 +5,11 @@ then cold: an object found only in cold is copied back into hot (re-warmed) befo
 returned, so the next read is hot again; a ranged read (packs are read by byte ranges) that
 misses hot fetches the whole object from cold once, re-warms it, and serves the range from it
 (concurrent misses of one object wait for that one fetch). Nothing the tier returns is
-trusted: the Store verifies every chunk it reads (blake3) whichever tier it came from, and a
-damaged object is quarantined through `delete`, which removes it from both tiers.
+trusted: the Store verifies every chunk it reads (blake3) whichever tier it came from. A pack
+from cold that does not hash to its name is not re-warmed (it is served for that verification,
+which quarantines its damaged chunk copies, so a forged pack never enters hot); a damaged legacy
+chunks/ object is quarantined through `delete`, which removes it from both tiers. A scrub
+(`memoplane verify`) reads cold packs by byte range, not whole.
 
 Which objects move: names under DEMOTABLE only (pack files, and the per-chunk objects of
 stores written before packs). Blob and tree manifests, results, index segments, refs,
@@ -50,6 +53,7 @@ from typing import Literal
 
 from ..errors import InputError, NotFound
 from .backend import Backend, ObjectInfo
+from .digests import b3, digest_of_name
 from .packs import PACKS, read_range
 
 log = logging.getLogger("memoplane.cas")
@@ -140,6 +144,8 @@ class TieredBackend:
         except NotFound:
             if not demotable(name):
                 raise
+            if self._scrubbing:  # a scrub reads every chunk copy: one ranged read each, never whole packs
+                return read_range(self.cold, name, offset, length)
             data, whole = self._from_cold(name, lambda: read_range(self.hot, name, offset, length))
             if whole:
                 data = data[offset:offset + length]
@@ -206,7 +212,7 @@ class TieredBackend:
                 except NotFound:
                     pass
                 data = self.cold.get(name)
-                if self._scrubbing:
+                if self._scrubbing or not _intact(name, data):
                     return data, True
                 self.hot.put_if_absent(name, data)
                 with self._lock:
@@ -265,6 +271,17 @@ class TieredBackend:
     @staticmethod
     def mark_name(at: float, who: str) -> str:
         return f"{MARKS}{int(at * 1000):015d}-{who}-{os.getpid()}-{next(_counter)}"
+
+
+def _intact(name: str, data: bytes) -> bool:
+    """Whether a demotable object fetched from cold may be re-warmed: a pack must hash to its name
+    (packs are named by blake3 of their bytes). One that does not is served once, not copied hot,
+    so the Store's per-chunk verification quarantines its damaged copies without a forged pack
+    ever entering hot. (A legacy chunks/ object is named by its plain bytes: the Store checks it.)"""
+    if not name.startswith(PACKS) or digest_of_name(name) == b3(data):
+        return True
+    log.warning("%s read from the cold tier does not hash to its name: served for verification, not re-warmed", name)
+    return False
 
 
 # -- demotion --------------------------------------------------------------------------
