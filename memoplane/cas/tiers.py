@@ -184,6 +184,12 @@ class TieredBackend:
         drop = getattr(self.hot, "drop_cached", None)
         return bool(drop(name, seen)) if drop is not None else False
 
+    def drop_cached_range(self, name: str, offset: int, length: int) -> bool:
+        """The same for a pack's byte range (chunks.py `_read_copy`): without it, a damaged range in
+        the node cache would be taken for a damaged remote copy and quarantined."""
+        drop = getattr(self.hot, "drop_cached_range", None)
+        return bool(drop(name, offset, length)) if drop is not None else False
+
     @contextmanager
     def scrub(self) -> Iterator[None]:
         """Reads that are not uses (`memoplane verify` re-reads everything): while inside, nothing

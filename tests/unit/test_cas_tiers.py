@@ -12,6 +12,7 @@ from fakes import DelegatingBackend
 
 from memoplane.cas import FilesystemBackend, Provenance, ResultManifest, Store, StoredValue, open_store
 from memoplane.cas.backend import Backend
+from memoplane.cas.cached import CachingBackend
 from memoplane.cas.chunking import encode_chunk
 from memoplane.cas.digests import b3, object_name
 from memoplane.cas.packs import PACKS, parse_pack
@@ -199,6 +200,27 @@ def test_a_crash_at_any_point_of_a_demotion_loses_nothing(tmp_path: Path, side: 
     assert report.moved == len(left_hot)
     assert fresh.store.get_bytes(blob) == payload
     fresh.store.close()
+    s.store.close()
+
+
+def test_a_damaged_range_in_the_node_cache_under_the_tier_is_dropped_and_read_again(tmp_path: Path) -> None:
+    """An agent's stack (cluster/stores.py): the tier over a node cache over the hot remote."""
+    local = FilesystemBackend(tmp_path / "node", durability="none")
+    cache = CachingBackend(FilesystemBackend(tmp_path / "hot", durability="none"), local)
+    s = Setup(tmp_path, hot=cache)
+    payload = data()
+    blob = s.commit(payload)
+    for info in list(local.list(PACKS)):   # a node that did not write the packs: it keeps ranges
+        local.delete(info.name)
+    with Store(s.tiered, workers=2) as reader:
+        assert reader.get_bytes(blob) == payload
+    kept = sorted(local.list("ranges/"), key=lambda i: i.size)[-1].name
+    body = bytearray(local.get(kept))
+    body[len(body) // 2] ^= 0xFF
+    local.put(kept, bytes(body))
+    with Store(s.tiered, workers=2) as again:
+        assert again.get_bytes(blob) == payload   # re-read from the remote, not taken for remote damage
+    assert cache.counters.dropped_damaged >= 1 and not list(s.hot_fs.list("quarantine/"))
     s.store.close()
 
 
