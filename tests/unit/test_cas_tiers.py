@@ -277,6 +277,21 @@ def test_list_is_the_union_and_gc_deletes_from_both_tiers(s: Setup) -> None:
     assert s.store.get_ref(KEY) is not None
 
 
+def test_a_repack_of_a_cold_pack_neither_rewarms_it_nor_keeps_it_hot(s: Setup) -> None:
+    live = data(200_000)
+    s.store.put_bytes(live + data(400_000, seed=5))   # no ref reaches it; its pack holds most of `live` too
+    blob = s.commit(live)
+    demote(s.tiered, now=s.later(AFTER) + 2e9)
+    cold = s.names(s.cold_fs)
+    first = s.store.gc(grace_seconds=0)   # pass 1 copies the live chunks out of the mostly dead pack
+    assert first.packs.packs_condemned == 1 and first.packs.chunks_repacked > 0
+    assert s.tiered.counters.cold_reads == 0 and s.names(s.hot_fs).isdisjoint(cold)   # read from cold in place
+    assert s.tiered.flush_marks() == 0   # and not noted as a use
+    assert s.store.gc(grace_seconds=0).packs.packs_deleted == 1 and len(s.names(s.cold_fs)) == len(cold) - 1
+    with Store(s.tiered, workers=1) as reader:
+        assert reader.get_bytes(blob) == live
+
+
 def test_not_demotable_names_never_go_to_cold(s: Setup) -> None:
     s.hot_fs.put("refs/" + "a" * 64, b"x")
     with pytest.raises(NotFound):
