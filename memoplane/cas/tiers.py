@@ -53,6 +53,7 @@ from typing import Literal
 
 from ..errors import InputError, NotFound
 from .backend import Backend, ObjectInfo
+from .cached import CachingBackend
 from .digests import b3, digest_of_name
 from .packs import PACKS, read_range
 
@@ -371,11 +372,18 @@ def _compact_marks(tiered: TieredBackend, marks: dict[str, tuple[float, list[str
     return dropped, merged
 
 
+def _behind_cache(hot: Backend) -> Backend:
+    """What a node-local cache (cached.py) is in front of: demotion reads what it moves from there,
+    so it neither fills the cache with packs about to leave nor downloads each twice (a cached
+    object's delete first compares the local copy with the remote's)."""
+    return hot.remote if isinstance(hot, CachingBackend) else hot
+
+
 def _move(tiered: TieredBackend, name: str) -> Literal["moved", "failed", "gone"]:
     """Copy `name` to cold, read it back, then delete it from hot; "failed" (left hot) if the
     copy differs, "gone" if hot no longer has it (GC deleted it meanwhile)."""
     try:
-        data = tiered.hot.get(name)
+        data = _behind_cache(tiered.hot).get(name)
     except NotFound:
         return "gone"
     tiered.cold.put(name, data)

@@ -224,6 +224,21 @@ def test_a_damaged_range_in_the_node_cache_under_the_tier_is_dropped_and_read_ag
     s.store.close()
 
 
+def test_a_demotion_through_a_node_cache_reads_each_pack_once_and_caches_none(tmp_path: Path) -> None:
+    remote = Recording(FilesystemBackend(tmp_path / "hot", durability="none"))
+    local = FilesystemBackend(tmp_path / "node", durability="none")
+    s = Setup(tmp_path, hot=CachingBackend(remote, local))
+    s.commit(data())
+    for info in list(local.list(PACKS)):   # as on a node that did not write them
+        local.delete(info.name)
+    packs = s.names(s.hot_fs)
+    remote.calls.clear()
+    assert demote(s.tiered, now=s.later(AFTER) + 2e9).moved == len(packs)
+    assert sorted(n for op, n in remote.calls if op == "get") == sorted(packs)
+    assert not list(local.list(PACKS)) and not list(local.list("ranges/"))
+    s.store.close()
+
+
 def test_a_copy_that_does_not_read_back_equal_stays_hot(tmp_path: Path) -> None:
     class Lossy(DelegatingBackend):
         def put(self, name: str, data: bytes) -> None:
