@@ -737,8 +737,7 @@ class Store:
 
     def verify(self) -> VerifyReport:
         work, _ = self._pools.get()
-        scrub = self.backend.scrub() if isinstance(self.backend, TieredBackend) else contextlib.nullcontext()
-        with scrub:   # a scrub's reads are not uses: nothing re-warmed, nothing kept hot (tiers.py)
+        with self._not_uses():
             return maintenance.verify(self, work, self._read_legacy_chunk,
                                       lambda digest: self._check_complete(self.get_result(digest), deep=False),
                                       packed=self.chunks.scrub_checks())
@@ -746,7 +745,13 @@ class Store:
     def gc(self, grace_seconds: float = 3600.0, *, results: Iterable[str] = (),
            blobs: Iterable[str] = ()) -> GcReport:
         """Sweep what no ref reaches; `results` and `blobs` (digests) are roots too."""
-        return maintenance.gc(self.backend, grace_seconds, results=results, blobs=blobs)
+        with self._not_uses():   # a repack copying live chunks out of a cold pack does not re-warm it
+            return maintenance.gc(self.backend, grace_seconds, results=results, blobs=blobs)
+
+    def _not_uses(self) -> contextlib.AbstractContextManager[None]:
+        """Maintenance reads are not uses: under a cold tier nothing they read is re-warmed or
+        kept hot (tiers.py `scrub`)."""
+        return self.backend.scrub() if isinstance(self.backend, TieredBackend) else contextlib.nullcontext()
 
     def stats(self) -> Stats:
         self.chunks.refresh()

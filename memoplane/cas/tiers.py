@@ -5,8 +5,11 @@ then cold: an object found only in cold is copied back into hot (re-warmed) befo
 returned, so the next read is hot again; a ranged read (packs are read by byte ranges) that
 misses hot fetches the whole object from cold once, re-warms it, and serves the range from it
 (concurrent misses of one object wait for that one fetch). Nothing the tier returns is
-trusted: the Store verifies every chunk it reads (blake3) whichever tier it came from, and a
-damaged object is quarantined through `delete`, which removes it from both tiers.
+trusted: the Store verifies every chunk it reads (blake3) whichever tier it came from. A pack
+from cold that does not hash to its name is not re-warmed (it is served for that verification,
+which quarantines its damaged chunk copies, so a forged pack never enters hot); a damaged legacy
+chunks/ object is quarantined through `delete`, which removes it from both tiers. A scrub
+(`memoplane verify`) reads cold packs by byte range, not whole.
 
 Which objects move: names under DEMOTABLE only (pack files, and the per-chunk objects of
 stores written before packs). Blob and tree manifests, results, index segments, refs,
@@ -50,6 +53,8 @@ from typing import Literal
 
 from ..errors import InputError, NotFound
 from .backend import Backend, ObjectInfo
+from .cached import CachingBackend
+from .digests import b3, digest_of_name
 from .packs import PACKS, read_range
 
 log = logging.getLogger("memoplane.cas")
@@ -140,6 +145,8 @@ class TieredBackend:
         except NotFound:
             if not demotable(name):
                 raise
+            if self._scrubbing:  # a scrub reads every chunk copy: one ranged read each, never whole packs
+                return read_range(self.cold, name, offset, length)
             data, whole = self._from_cold(name, lambda: read_range(self.hot, name, offset, length))
             if whole:
                 data = data[offset:offset + length]
@@ -178,6 +185,12 @@ class TieredBackend:
         drop = getattr(self.hot, "drop_cached", None)
         return bool(drop(name, seen)) if drop is not None else False
 
+    def drop_cached_range(self, name: str, offset: int, length: int) -> bool:
+        """The same for a pack's byte range (chunks.py `_read_copy`): without it, a damaged range in
+        the node cache would be taken for a damaged remote copy and quarantined."""
+        drop = getattr(self.hot, "drop_cached_range", None)
+        return bool(drop(name, offset, length)) if drop is not None else False
+
     @contextmanager
     def scrub(self) -> Iterator[None]:
         """Reads that are not uses (`memoplane verify` re-reads everything): while inside, nothing
@@ -206,7 +219,7 @@ class TieredBackend:
                 except NotFound:
                     pass
                 data = self.cold.get(name)
-                if self._scrubbing:
+                if self._scrubbing or not _intact(name, data):
                     return data, True
                 self.hot.put_if_absent(name, data)
                 with self._lock:
@@ -265,6 +278,17 @@ class TieredBackend:
     @staticmethod
     def mark_name(at: float, who: str) -> str:
         return f"{MARKS}{int(at * 1000):015d}-{who}-{os.getpid()}-{next(_counter)}"
+
+
+def _intact(name: str, data: bytes) -> bool:
+    """Whether a demotable object fetched from cold may be re-warmed: a pack must hash to its name
+    (packs are named by blake3 of their bytes). One that does not is served once, not copied hot,
+    so the Store's per-chunk verification quarantines its damaged copies without a forged pack
+    ever entering hot. (A legacy chunks/ object is named by its plain bytes: the Store checks it.)"""
+    if not name.startswith(PACKS) or digest_of_name(name) == b3(data):
+        return True
+    log.warning("%s read from the cold tier does not hash to its name: served for verification, not re-warmed", name)
+    return False
 
 
 # -- demotion --------------------------------------------------------------------------
@@ -348,11 +372,18 @@ def _compact_marks(tiered: TieredBackend, marks: dict[str, tuple[float, list[str
     return dropped, merged
 
 
+def _behind_cache(hot: Backend) -> Backend:
+    """What a node-local cache (cached.py) is in front of: demotion reads what it moves from there,
+    so it neither fills the cache with packs about to leave nor downloads each twice (a cached
+    object's delete first compares the local copy with the remote's)."""
+    return hot.remote if isinstance(hot, CachingBackend) else hot
+
+
 def _move(tiered: TieredBackend, name: str) -> Literal["moved", "failed", "gone"]:
     """Copy `name` to cold, read it back, then delete it from hot; "failed" (left hot) if the
     copy differs, "gone" if hot no longer has it (GC deleted it meanwhile)."""
     try:
-        data = tiered.hot.get(name)
+        data = _behind_cache(tiered.hot).get(name)
     except NotFound:
         return "gone"
     tiered.cold.put(name, data)

@@ -1,7 +1,7 @@
 """The cold tier over two independent S3 servers: hot in MinIO, cold in Versity's gateway
 (cas/tiers.py). Demotion moves content there, a hit reads it back through the hot store,
-verified, and re-warms it; a crash mid-demotion loses nothing; a forged cold object is never
-served. Each test works in its own random buckets and removes them afterwards."""
+verified, and re-warms it; a crash mid-demotion loses nothing; a forged cold pack is never
+served nor re-warmed. Each test works in its own random buckets and removes them afterwards."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import pytest
 from memoplane.cas import Provenance, ResultManifest, S3Backend, Store, StoredValue
 from memoplane.cas.chunking import encode_chunk
 from memoplane.cas.digests import b3, object_name
+from memoplane.cas.packs import PACKS, parse_pack
 from memoplane.cas.s3 import make_client
 from memoplane.cas.tiers import TieredBackend, demote
 from memoplane.errors import StoreCorrupted
@@ -74,21 +75,30 @@ def commit(store: Store, data: bytes) -> str:
     return value.blob.digest
 
 
+def packs_of(store: Store, blob: str) -> set[str]:
+    """The packs holding the chunks of `blob` (what reading it reads)."""
+    return {object_name("packs", loc.pack) for c, _ in store.blob_manifest(blob).chunks
+            for loc in store.chunks.index.locations(c)}
+
+
 def test_demoted_content_is_read_through_from_the_second_server_and_rewarmed(hot: Bucket, cold: Bucket) -> None:
     tiered = TieredBackend(hot.backend(), cold.backend(), after=AFTER)
     payload = random.Random(3).randbytes(2 << 20)
     with Store(tiered, workers=4) as store:
         blob = commit(store, payload)
-        chunks = hot.keys("chunks/")
+        packs = hot.keys(PACKS)
         report = demote(tiered, now=LATER)
-        assert report.moved == len(chunks) > 10 and report.bytes_moved > 0
-        assert not hot.keys("chunks/") and cold.keys("chunks/") == chunks
+        assert report.moved == len(packs) > 0 and report.bytes_moved > 0
+        assert not hot.keys(PACKS) and cold.keys(PACKS) == packs
         assert hot.keys("refs/") and hot.keys("blobs/") and not cold.keys("refs/")
-    with Store(TieredBackend(hot.backend(), cold.backend(), after=AFTER), workers=4) as reader:  # another node
+        assert hot.keys("index/") and not cold.keys("index/")   # index segments stay hot
+    second = TieredBackend(hot.backend(), cold.backend(), after=AFTER)
+    with Store(second, workers=4) as reader:  # another node
         assert reader.get_ref(KEY) is not None
         assert reader.get_bytes(blob) == payload
-        read = {object_name("chunks", c) for c, _ in reader.blob_manifest(blob).chunks}
-        assert hot.keys("chunks/") == read   # re-warmed into MinIO
+        read = packs_of(reader, blob)
+        assert hot.keys(PACKS) == read   # re-warmed into MinIO, each pack fetched once
+        assert second.counters.cold_reads == len(read)
 
 
 def test_a_crash_between_copy_and_delete_loses_nothing(hot: Bucket, cold: Bucket) -> None:
@@ -102,24 +112,31 @@ def test_a_crash_between_copy_and_delete_loses_nothing(hot: Bucket, cold: Bucket
         blob = commit(store, payload)
         with pytest.raises(OSError, match="killed"):
             demote(tiered, now=LATER)
-    assert cold.keys("chunks/") and hot.keys("chunks/") >= cold.keys("chunks/")  # copied, nothing deleted yet
+    assert cold.keys(PACKS) and hot.keys(PACKS) >= cold.keys(PACKS)  # copied, nothing deleted yet
     again = TieredBackend(hot.backend(), cold.backend(), after=AFTER)
     assert demote(again, now=LATER).failed == 0
     with Store(again, workers=4) as store:
-        assert not hot.keys("chunks/") and store.get_bytes(blob) == payload
+        assert not hot.keys(PACKS) and store.get_bytes(blob) == payload
 
 
-def test_a_forged_object_in_the_cold_server_is_never_served(hot: Bucket, cold: Bucket) -> None:
+def test_a_forged_pack_in_the_cold_server_is_never_served_nor_rewarmed(hot: Bucket, cold: Bucket) -> None:
     tiered = TieredBackend(hot.backend(), cold.backend(), after=AFTER)
     with Store(tiered, workers=4) as store:
         blob = commit(store, random.Random(5).randbytes(1 << 20))
         demote(tiered, now=LATER)
-        victim = sorted(cold.keys("chunks/"))[0]
-        cold.overwrite(victim, encode_chunk(b"forged" * 1000))
+        (victim,) = packs_of(store, blob)
+    body = cold.backend().get(victim)
+    _, offset, length, _ = parse_pack(body)[0]
+    forged = encode_chunk(random.Random(7).randbytes(length * 2))[:length]   # its first chunk, same length
+    cold.overwrite(victim, body[:offset] + forged + body[offset + length:])
+    reading = TieredBackend(hot.backend(), cold.backend(), after=AFTER)
+    with Store(reading, workers=4) as reader:  # another node
         with pytest.raises(StoreCorrupted):
-            store.get_bytes(blob)
-        assert victim not in hot.keys("chunks/") and victim not in cold.keys("chunks/")  # quarantined
-        assert any(k.startswith("quarantine/") for k in hot.keys("quarantine/"))
+            reader.get_bytes(blob)
+        assert reader.get_ref(KEY) is None   # not served with a chunk gone
+    assert victim not in hot.keys(PACKS) and reading.counters.cold_reads == 0   # never re-warmed
+    records = [k for k in hot.keys("quarantine/") if k.startswith("quarantine/" + victim.replace("/", "%"))]
+    assert records and all(hot.backend().get(k) == forged for k in records)   # the bytes read, kept aside
 
 
 def test_ranged_reads_of_a_cold_pack_fetch_it_once(hot: Bucket, cold: Bucket) -> None:

@@ -221,12 +221,14 @@ def test_the_agent_reads_a_job_manifest_moved_to_the_cold_tier_the_assignment_na
     agent.pools["python"] = runner
     obj = scheduled_job(kube, store, backoff_limit=0)
     hot, cold = tmp_path / "s3" / p.DEFAULT_BUCKET / "ml", tmp_path / "s3" / "memoplane-cold" / "ml"
-    for chunk in [f for f in (hot / "chunks").rglob("*") if f.is_file()]:   # as a demotion leaves them
-        (cold / chunk.relative_to(hot)).parent.mkdir(parents=True, exist_ok=True)
-        chunk.rename(cold / chunk.relative_to(hot))
+    packs = [f for f in (hot / "packs").rglob("*") if f.is_file()]
+    assert packs
+    for pack in packs:   # as a demotion leaves them (index/ segments stay hot)
+        (cold / pack.relative_to(hot)).parent.mkdir(parents=True, exist_ok=True)
+        pack.rename(cold / pack.relative_to(hot))
     if named:
         obj["status"]["coldTier"] = p.ColdTier("memoplane-cold", "ml", 3600.0).text()
     run(agent, obj)
     assert runner.runs == (1 if named else 0)
     assert status(kube)["reason"] == (p.REASON_AGENT_ERROR if named else p.REASON_STORE)
-    assert any(f.is_file() for f in (hot / "chunks").rglob("*")) == named   # re-warmed on the way
+    assert any(f.is_file() for f in (hot / "packs").rglob("*")) == named   # re-warmed on the way

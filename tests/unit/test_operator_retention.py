@@ -227,17 +227,18 @@ def test_a_cache_with_a_cold_tier_has_unread_content_moved_there_and_read_back(t
         worker.run_pass()   # the owner's pass opens the location with its tier
         store = stores.get(p.DEFAULT_BUCKET, p.default_store_prefix(NS))
         key = write(worker, kube, store, "big", 200_000)
-        chunks = {f.name for f in (hot / "chunks").rglob("*") if f.is_file()}
+        packs = {f.name for f in (hot / "packs").rglob("*") if f.is_file()}
         worker.run_pass()   # within `after`: nothing moves
-        assert not (cold / "chunks").exists() and not kube.events
+        assert not (cold / "packs").exists() and not kube.events
         now[0] += 720 * 3600 + 60
         worker.run_pass()
-        assert {f.name for f in (cold / "chunks").rglob("*") if f.is_file()} == chunks
-        assert not any(f.is_file() for f in (hot / "chunks").rglob("*"))
+        assert {f.name for f in (cold / "packs").rglob("*") if f.is_file()} == packs and packs
+        assert not any(f.is_file() for f in (hot / "packs").rglob("*"))
+        assert any(f.is_file() for f in (hot / "index").rglob("*"))   # index segments stay hot
         assert [e.reason for e in kube.events] == [p.REASON_DEMOTED]
-        assert f"moved {len(chunks)} objects" in kube.events[0].message
+        assert f"moved {len(packs)} objects" in kube.events[0].message
         hit = store.get_ref(key)
         assert hit is not None and len(store.load_value(hit.result.value)) == 200_000   # read through, verified
-        assert any(f.is_file() for f in (hot / "chunks").rglob("*"))   # and re-warmed
+        assert any(f.is_file() for f in (hot / "packs").rglob("*"))   # and re-warmed
     finally:
         stores.close()

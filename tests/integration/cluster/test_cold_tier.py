@@ -15,6 +15,7 @@ import pytest
 from conftest import NODES
 
 from memoplane.api.specs import computejob_manifest
+from memoplane.cas.packs import PACKS
 from memoplane.cas.tiers import TieredBackend
 from memoplane.cluster import protocol as p
 from memoplane.cluster.decide import default_cache
@@ -24,15 +25,15 @@ Stack = Any  # conftest.Stack (fixture `stack`)
 
 BIG = "def main(n):\n    return bytes(range(256)) * n\n"
 TOTAL = 'def main(xs):\n    return {"sum": sum(xs), "n": len(xs)}\n'
-N = 2000  # 512 KB of bytes: a blob of several chunks, handed to a downstream job as a file the agent writes
+N = 2000  # 512 KB of bytes: a blob of several chunks (in a pack), handed to a downstream job as a file the agent writes
 
 
 def job(name: str, source: str, inputs: list[dict[str, Any]]) -> dict[str, Any]:
     return computejob_manifest(name, None, {"python": {"source": source, "entrypoint": "main"}, "inputs": inputs})
 
 
-def chunks(backend: Any) -> set[str]:
-    return {i.name for i in backend.list("chunks/")}
+def packs(backend: Any) -> set[str]:
+    return {i.name for i in backend.list(PACKS)}
 
 
 def test_content_moves_to_the_cold_tier_and_is_still_served(stack: Stack, ns: str) -> None:
@@ -49,9 +50,10 @@ def test_content_moves_to_the_cold_tier_and_is_still_served(stack: Stack, ns: st
     hot = stack.store(ns).backend   # the test's own view: the hot location only
     cold = stack.stores.get(cold_bucket, ns).backend
     deadline = time.monotonic() + 60
-    while chunks(hot) or not chunks(cold):
-        assert time.monotonic() < deadline, f"hot {len(chunks(hot))} chunks, cold {len(chunks(cold))}"
+    while packs(hot) or not packs(cold):
+        assert time.monotonic() < deadline, f"hot {len(packs(hot))} packs, cold {len(packs(cold))}"
         time.sleep(0.5)
+    assert list(hot.list("index/")) and not list(cold.list("index/"))   # index segments stay hot
 
     for node in NODES:   # the agents' node-local caches forget the location's files, as fresh nodes' would
         cached = stack.cfg.directory / "node-cache" / node / p.DEFAULT_BUCKET / p.default_store_prefix(ns).strip("/")
