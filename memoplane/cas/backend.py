@@ -25,7 +25,7 @@ class ObjectInfo:
 class Backend(Protocol):
     """Byte objects by name. Every `put` is atomic: readers see all or nothing."""
 
-    def put(self, name: str, data: bytes) -> None: ...
+    def put(self, name: str, data: bytes | bytearray) -> None: ...
 
     def put_if_absent(self, name: str, data: bytes | Callable[[], bytes]) -> bool:
         """Write unless present; True if this call wrote it (two racing writers of

@@ -87,7 +87,7 @@ class CachingBackend:
 
     # -- the Backend protocol ---------------------------------------------------
 
-    def put(self, name: str, data: bytes) -> None:
+    def put(self, name: str, data: bytes | bytearray) -> None:
         self.remote.put(name, data)
         if self._cached(name):
             if self.populate_on_write:
@@ -266,7 +266,7 @@ class CachingBackend:
             if self._bytes is not None:
                 self._bytes = max(0, self._bytes - size)
 
-    def _fill(self, name: str, data: bytes) -> None:
+    def _fill(self, name: str, data: bytes | bytearray) -> None:
         if len(data) > self.max_bytes:
             return
         self.local.put(name, data)

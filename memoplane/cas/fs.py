@@ -73,7 +73,7 @@ class FilesystemBackend:
             d.mkdir(parents=True, exist_ok=True)
             self._dirs.add(d)
 
-    def _write_temp(self, path: Path, data: bytes | memoryview) -> Path:
+    def _write_temp(self, path: Path, data: bytes | bytearray | memoryview) -> Path:
         self._ensure_dir(path.parent)
         tmp = path.parent / f"{TEMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{next(_counter)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -99,7 +99,7 @@ class FilesystemBackend:
 
     # -- the Backend protocol -------------------------------------------------
 
-    def put(self, name: str, data: bytes) -> None:
+    def put(self, name: str, data: bytes | bytearray) -> None:
         path = self._path(name)
         tmp = self._write_temp(path, data)
         if self.durability == "flush" and name.startswith("refs/"):

@@ -77,7 +77,8 @@ log = logging.getLogger("memoplane.cas")
 
 PACK_TARGET = 16 << 20  # a pack is sealed once its chunks reach this many bytes
 MAX_GAP = 1 << 20  # unwanted bytes a coalesced read may span between two wanted chunks
-MAX_SPAN = 8 << 20  # bytes per coalesced read: several MiB, so a few requests run concurrently
+MAX_SPAN = 4 << 20  # bytes per coalesced read: a few MiB, so a few requests run concurrently; a span is
+# held twice while it is decoded, per concurrent read (8 MiB: an agent reading a 200 MB input peaked ~20 MB higher)
 AMPLIFICATION = 1.25  # bytes read / bytes wanted, at most, for every coalesced read
 PACK_MAGIC = b"MPPACK01"
 SEGMENT_MAGIC = b"MPIDX001"
@@ -124,9 +125,14 @@ def build_pack(chunks: Iterable[tuple[str, bytes, int]]) -> tuple[bytes, list[tu
         entries.append((digest, offset, len(stored), plain))
         parts.append(stored)
         offset += len(stored)
-    parts += [_TRAILER.pack(_raw(digest), at, length, plain) for digest, at, length, plain in entries]
-    parts.append(_COUNT.pack(len(entries)) + PACK_MAGIC)
+    parts.append(pack_trailer(entries))
     return b"".join(parts), entries  # one copy of the chunks, however many
+
+
+def pack_trailer(entries: Iterable[tuple[str, int, int, int]]) -> bytes:
+    """What follows a pack's chunks: a record per (digest, offset, stored length, plain length), their count, the magic."""
+    records = [_TRAILER.pack(_raw(digest), at, length, plain) for digest, at, length, plain in entries]
+    return b"".join(records) + _COUNT.pack(len(records)) + PACK_MAGIC
 
 
 def parse_pack(data: bytes) -> list[tuple[str, int, int, int]]:
@@ -306,24 +312,41 @@ def _load_or_none(backend: Backend, name: str) -> Segment | PackDamaged | None:
 # -- writing -------------------------------------------------------------------------
 
 
+class _OpenPack:
+    """A pack being filled: its chunks' stored bytes back to back in one buffer, and where each is."""
+
+    def __init__(self) -> None:
+        self.body = bytearray()
+        self.entries: dict[str, tuple[int, int, int]] = {}  # digest -> (offset, stored length, plain length)
+
+    def append(self, digest: str, stored: bytes | bytearray, plain_length: int) -> None:
+        self.entries[digest] = (len(self.body), len(stored), plain_length)
+        self.body += stored
+
+
 class PackWriter:
     """Appends chunks to an open pack; `flush()` makes everything added so far visible.
 
     `add` is a chunking.ChunkPut, so an Ingest writes through it. Thread-safe. A pack is sealed
-    when it reaches `target` bytes and handed to the writer's upload thread, which builds, hashes
-    and PUTs it while the ingest goes on filling the next one (a PUT under the lock stalled every
+    when it reaches `target` bytes and handed to the writer's upload thread, which hashes and
+    PUTs it while the ingest goes on filling the next one (a PUT under the lock stalled every
     ingest thread for its duration). At most UPLOADS_IN_FLIGHT sealed packs wait or upload: the
     sealer waits beyond that, which bounds memory. A failed upload puts its chunks back in the
-    open pack (nothing added is ever dropped) and raises from the next `add` or `flush`."""
+    open pack (nothing added is ever dropped) and raises from the next `add` or `flush`.
+
+    Memory: a pack's chunks are appended to one buffer as they come, and that buffer (its trailer
+    appended) is what is PUT, so a writer holds about (UPLOADS_IN_FLIGHT + 1) * target bytes. (A
+    pack kept as one bytes object per chunk and joined for its PUT held each pack twice, and its
+    freed chunks stayed in the ingest threads' malloc arenas: the CLI storing a 300 MB output
+    peaked near 190 MiB, issue 14.)"""
 
     def __init__(self, backend: Backend, index: PackIndex, *, target: int = PACK_TARGET) -> None:
         self.backend = backend
         self.index = index
         self.target = target
         self._lock = threading.Lock()
-        self._open: dict[str, tuple[bytes, int]] = {}  # digest -> (stored bytes, plain length)
-        self._open_bytes = 0
-        self._uploads: deque[tuple[dict[str, tuple[bytes, int]], Future[list[tuple[str, Location]]]]] = deque()
+        self._open = _OpenPack()
+        self._uploads: deque[tuple[_OpenPack, Future[list[tuple[str, Location]]]]] = deque()
         self._unindexed: dict[str, Location] = {}  # in packs already PUT, not yet in a segment
         self._uploader: ThreadPoolExecutor | None = None
         self._uploader_pid = -1
@@ -337,9 +360,8 @@ class PackWriter:
         with self._lock:
             if self._holds(digest):
                 return False  # another thread queued it meanwhile
-            self._open[digest] = (stored, plain_length)
-            self._open_bytes += len(stored)
-            if self._open_bytes >= self.target:
+            self._open.append(digest, stored, plain_length)
+            if len(self._open.body) >= self.target:
                 self._seal()
             self._collect(keep=UPLOADS_IN_FLIGHT)
         return True
@@ -352,24 +374,25 @@ class PackWriter:
 
     def _holds(self, digest: str) -> bool:
         """Whether this writer has the chunk, open, uploading or unindexed (lock held)."""
-        return (digest in self._open or digest in self._unindexed
-                or any(digest in chunks for chunks, _ in self._uploads))
+        return (digest in self._open.entries or digest in self._unindexed
+                or any(digest in pack.entries for pack, _ in self._uploads))
 
     def _seal(self) -> None:
         """Hand the open pack to the upload thread (lock held). Its chunks stay invisible until flush()."""
-        if not self._open:
+        if not self._open.entries:
             return
         uploader = self._upload_thread()  # first: in a forked child, it reopens the parent's uploads
-        chunks, self._open, self._open_bytes = self._open, {}, 0
-        self._uploads.append((chunks, uploader.submit(self._upload, chunks)))
+        pack, self._open = self._open, _OpenPack()
+        self._uploads.append((pack, uploader.submit(self._upload, pack)))
 
-    def _upload(self, chunks: dict[str, tuple[bytes, int]]) -> list[tuple[str, Location]]:
-        """Build, name and PUT one pack (on the upload thread); its chunks' locations."""
-        data, entries = build_pack((d, stored, plain) for d, (stored, plain) in chunks.items())
-        pack = b3(data)
+    def _upload(self, pack: _OpenPack) -> list[tuple[str, Location]]:
+        """Finish, name and PUT one pack (on the upload thread); its chunks' locations."""
+        entries = [(digest, offset, length, plain) for digest, (offset, length, plain) in pack.entries.items()]
+        pack.body += pack_trailer(entries)  # in place: the pack's bytes are never copied
+        name = b3(memoryview(pack.body))
         # put, not put_if_absent: one PUT, and a same-named pack left damaged is healed.
-        self.backend.put(object_name("packs", pack), data)
-        return [(digest, Location(pack, offset, length, plain)) for digest, offset, length, plain in entries]
+        self.backend.put(object_name("packs", name), pack.body)
+        return [(digest, Location(name, offset, length, plain)) for digest, offset, length, plain in entries]
 
     def _collect(self, *, keep: int) -> None:
         """Move finished uploads' locations to the unindexed ones, oldest first, waiting while more
@@ -377,19 +400,18 @@ class PackWriter:
         then its error is raised."""
         self._check_fork()
         while self._uploads and (len(self._uploads) > keep or self._uploads[0][1].done()):
-            chunks, upload = self._uploads.popleft()
+            pack, upload = self._uploads.popleft()
             try:
                 self._unindexed.update(upload.result())
             except BaseException:
-                self._reopen(chunks)
+                self._reopen(pack)
                 raise
 
-    def _reopen(self, chunks: dict[str, tuple[bytes, int]]) -> None:
+    def _reopen(self, pack: _OpenPack) -> None:
         """Put chunks of an upload that did not happen back in the open pack (lock held)."""
-        for digest, (stored, plain) in chunks.items():
-            if digest not in self._open:
-                self._open[digest] = (stored, plain)
-                self._open_bytes += len(stored)
+        for digest, (offset, length, plain) in pack.entries.items():
+            if digest not in self._open.entries:
+                self._open.append(digest, pack.body[offset:offset + length], plain)
 
     def _upload_thread(self) -> ThreadPoolExecutor:
         """The writer's upload thread, started on first use (and anew in a forked child)."""

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import certifi
@@ -174,7 +174,7 @@ class S3Backend:
 
     # -- the Backend protocol -------------------------------------------------------
 
-    def put(self, name: str, data: bytes) -> None:
+    def put(self, name: str, data: bytes | bytearray) -> None:
         key = self._key(name)
         with self._errors("put", name):
             self._put(key, data)
@@ -190,14 +190,17 @@ class S3Backend:
             self._put(key, data() if callable(data) else data)
             return True
 
-    def _put(self, key: str, data: bytes) -> None:
+    def _put(self, key: str, data: bytes | bytearray) -> None:
         """One PUT request up to SINGLE_PUT_MAX bytes. (The client's put_object makes anything over
         5 MiB a multipart upload: two more requests plus one per 5 MiB, and a copy of each part;
         a 16 MiB pack cost six requests.)"""
         if len(data) > SINGLE_PUT_MAX:
             self.client.put_object(self.bucket, key, io.BytesIO(data), len(data))
         else:
-            self.client._put_object(bucket_name=self.bucket, object_name=key, data=data,
+            # A pack arrives as a bytearray (packs.PackWriter fills it in place): the client only
+            # hashes the body and hands it to urllib3, which sends any buffer; copying it to bytes
+            # would hold the pack twice.
+            self.client._put_object(bucket_name=self.bucket, object_name=key, data=cast(bytes, data),
                                     headers={"Content-Type": "application/octet-stream"})
 
     def create(self, name: str, data: bytes) -> bool:

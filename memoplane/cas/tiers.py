@@ -119,7 +119,7 @@ class TieredBackend:
 
     # -- the Backend protocol ------------------------------------------------------
 
-    def put(self, name: str, data: bytes) -> None:
+    def put(self, name: str, data: bytes | bytearray) -> None:
         self.hot.put(name, data)
 
     def put_if_absent(self, name: str, data: bytes | Callable[[], bytes]) -> bool:
