@@ -84,7 +84,7 @@ class PrefixedBackend:
         inner_root = getattr(self.inner, "root", None)
         return None if inner_root is None else os.path.join(inner_root, self.prefix)
 
-    def put(self, name: str, data: bytes) -> None:
+    def put(self, name: str, data: bytes | bytearray) -> None:
         self.inner.put(self.prefix + name, data)
 
     def put_if_absent(self, name: str, data: bytes | Callable[[], bytes]) -> bool:
