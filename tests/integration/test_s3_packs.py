@@ -15,7 +15,17 @@ from minio import Minio
 from memoplane.cas import S3Backend
 from memoplane.cas.chunking import ChunkParams, Pools, ingest_buffer
 from memoplane.cas.digests import object_name
-from memoplane.cas.packs import INDEX, PACKS, PackDamaged, PackIndex, PackWriter, read_chunk, read_chunks
+from memoplane.cas.packs import (
+    INDEX,
+    MAX_SPAN,
+    PACKS,
+    PackDamaged,
+    PackIndex,
+    PackWriter,
+    plan_reads,
+    read_chunk,
+    read_chunks,
+)
 from memoplane.cas.s3 import make_client
 from memoplane.testing import cluster
 
@@ -87,7 +97,7 @@ def test_packs_on_s3_cost_a_request_per_pack(backend: _Counted) -> None:
     assert backend.ranged == len(packs)
 
 
-def test_a_big_pack_is_one_put_request_and_one_get(backend: _Counted) -> None:
+def test_a_big_pack_is_one_put_request_and_a_span_one_get(backend: _Counted) -> None:
     data = random.Random(9).randbytes(16 * MiB)
     backend.http.clear()  # the bucket's creation
     writer = PackWriter(backend, PackIndex(), target=6 * MiB)  # over the client's 5 MiB multipart size
@@ -107,7 +117,9 @@ def test_a_big_pack_is_one_put_request_and_one_get(backend: _Counted) -> None:
     backend.http.clear()
     got = read_chunks(backend, index, [d for d, _ in ingested.chunks])
     assert b"".join(got[d] for d, _ in ingested.chunks) == data
-    assert backend.http == Counter({"GET": len(packs)})
+    spans = plan_reads((d, index.locations(d)[0]) for d, _ in ingested.chunks)
+    assert len(packs) <= len(spans) <= 16 * MiB // MAX_SPAN + len(packs)   # spans of MAX_SPAN, not chunks
+    assert backend.http == Counter({"GET": len(spans)})   # one request per span: no client-side splitting
 
 
 def test_a_chunk_damaged_on_s3_is_not_served(backend: _Counted) -> None:
