@@ -36,14 +36,15 @@ from .records import (
     TreeManifest,
     ValueKind,
 )
-from .store import INLINE_MAX, READ_AHEAD, Hit, RefEntry, Store
+from .store import INLINE_MAX, READ_AHEAD, Hit, RefEntry, SnapshotEntry, Store
 
 __all__ = [
     "INLINE_MAX", "Backend", "BlobManifest", "BlobRef", "CachingBackend",
     "ChunkParams", "Damage", "EvictReport", "FilesystemBackend", "GcReport", "Hit", "ObjectInfo",
-    "Provenance", "RefEntry", "ResultManifest", "S3Backend", "Stats", "Store",
+    "Provenance", "RefEntry", "ResultManifest", "S3Backend", "SnapshotEntry", "Stats", "Store",
     "StoreUnavailable", "StoredValue", "TreeEntry", "TreeManifest", "ValueKind", "VerifyReport",
-    "b3", "check_digest", "default_store_path", "open_backend", "open_namespace", "open_store", "s3_backend",
+    "b3", "check_digest", "default_store_path", "namespaces", "open_backend", "open_namespace", "open_store",
+    "s3_backend",
     "store_from_settings",
 ]
 
@@ -132,6 +133,12 @@ def open_namespace(location: str | os.PathLike[str] | None, namespace: str, *, w
     shared = open_store(location, workers=workers)
     shared.close()   # only its backend is kept
     return Store(PrefixedBackend(shared.backend, f"{NAMESPACES}{namespace}/"), workers=workers)
+
+
+def namespaces(store: Store) -> list[str]:
+    """The namespaces open_namespace made inside `store` (each is collected like a store of its own:
+    the store's own GC never looks inside them)."""
+    return sorted({info.name[len(NAMESPACES):].partition("/")[0] for info in store.backend.list(NAMESPACES)})
 
 
 def _open_s3(text: str, *, workers: int | None) -> Backend:

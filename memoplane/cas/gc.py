@@ -27,7 +27,8 @@ from .records import BlobManifest, ResultManifest, SealError, TreeManifest, unse
 
 CONTENT = ("chunks/", "blobs/", "trees/", "results/", "attestations/")  # what the sweep may delete
 # packs/ and index/ (packs.py) are outside the sweep: only the repacking GC may delete them.
-STORED = (*CONTENT, "packs/", "index/", "refs/")  # what counts as stored bytes
+SNAPSHOTS = "snapshots"  # kept snapshots (Store.keep_snapshot): roots like refs, outside the sweep
+STORED = (*CONTENT, "packs/", "index/", "refs/", SNAPSHOTS + "/")  # what counts as stored bytes
 
 
 # -- marking ---------------------------------------------------------------------
@@ -86,17 +87,21 @@ def _result_reach(backend: Backend, g: _Graph, digest: str) -> tuple[set[str], i
         g.inline[name] = result.value.size
     blobs = result.blobs()
     if result.output_tree:
-        tname = object_name("trees", result.output_tree.digest)
-        out.add(tname)
-        tbody = _read(backend, tname)
-        if tbody is not None:
-            try:
-                blobs += TreeManifest.from_dict(tbody).blobs()
-            except InputError:
-                pass
+        out |= _tree_reach(backend, g, result.output_tree.digest)
     for b in blobs:
         out |= _blob_reach(backend, g, b)
     return out, result.logical_size
+
+
+def _tree_reach(backend: Backend, g: _Graph, digest: str) -> set[str]:
+    name = object_name("trees", digest)
+    out = {name}
+    body = _read(backend, name)
+    if body is not None:
+        with contextlib.suppress(InputError):
+            for b in TreeManifest.from_dict(body).blobs():
+                out |= _blob_reach(backend, g, b)
+    return out
 
 
 def _mark_roots(backend: Backend, g: _Graph, results: Iterable[str], blobs: Iterable[str]) -> set[str]:
@@ -137,6 +142,11 @@ def mark(backend: Backend) -> _Graph:
         except InputError:  # a malformed digest in the ref
             continue
         g.refs[info.name] = (result, info.mtime)
+    for info in backend.list(SNAPSHOTS + "/"):   # a kept snapshot keeps its tree (unsigned: never judged here)
+        body = _read(backend, info.name)
+        with contextlib.suppress(InputError):
+            if body is not None and body.get("tree") == digest_of_name(info.name):
+                g.reach[info.name] = _tree_reach(backend, g, digest_of_name(info.name))
     return g
 
 
@@ -352,9 +362,10 @@ def evict(backend: Backend, *, max_age: float | None, max_bytes: int | None,
     for i, ref in enumerate(order):
         for obj in g.reach[ref] | {ref}:
             newest[obj] = i
+    kept = set().union(*(reach for name, reach in g.reach.items() if name not in g.refs))  # by snapshots
     freed_by = Counter[int]()
     for obj, i in newest.items():
-        freed_by[i] += sizes.get(obj, 0)
+        freed_by[i] += 0 if obj in kept else sizes.get(obj, 0)
     live = before = sum(freed_by.values())
     now = time.time()
     evicted: list[str] = []

@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -59,7 +60,7 @@ from .backend import Backend
 from .chunking import ChunkDecodeError, ChunkParams, Ingested, Pools, decode_chunk, ingest_buffer, ingest_stream
 from .chunks import Chunks
 from .digests import attestation_name, b3, check_digest, digest_of_name, object_name, ref_name
-from .gc import EvictReport, GcReport, Stats, VerifyReport
+from .gc import SNAPSHOTS, EvictReport, GcReport, Stats, VerifyReport
 from .records import (
     BlobManifest,
     BlobRef,
@@ -106,6 +107,16 @@ class Hit:
 class RefEntry:
     result: str                     # the result manifest's digest
     attestations: tuple[str, ...]   # digests of attestations of it (not necessarily all)
+
+
+@dataclass(frozen=True)
+class SnapshotEntry:
+    """A kept snapshot (a sandbox's $HOME as a tree): a GC root until it is dropped."""
+
+    tree: str       # the tree's digest: the snapshot's ID
+    size: int       # bytes of its files
+    sandbox: str    # the sandbox it was taken of
+    created: float  # Unix seconds
 
 
 SMALL_KEPT = 1024  # verified result manifests and attestations kept in memory, each (small: big values are blobs)
@@ -597,6 +608,38 @@ class Store:
             _keep(self._envelopes, name, data)
         return data
 
+    # -- snapshots: trees kept by name, GC roots until dropped (gc.mark) -------------------
+
+    def keep_snapshot(self, tree: BlobRef, sandbox: str, now: float | None = None) -> SnapshotEntry:
+        """Name a stored tree as a snapshot (after making its data durable, as set_ref does)."""
+        entry = SnapshotEntry(check_digest(tree.digest, "snapshot"), tree.size, sandbox,
+                              time.time() if now is None else now)
+        self.chunks.flush()
+        self.backend.flush()
+        self.backend.put(object_name(SNAPSHOTS, entry.tree), seal({"v": 1, **dataclasses.asdict(entry)}))
+        return entry
+
+    def snapshot(self, digest: str) -> SnapshotEntry | None:
+        """The kept snapshot of that tree; None if it is not kept (never taken here, or dropped)."""
+        try:
+            return _snapshot_entry(self.backend.get(object_name(SNAPSHOTS, digest)), digest)
+        except (NotFound, SealError, InputError, KeyError, TypeError, ValueError):
+            return None
+
+    def snapshots(self) -> list[SnapshotEntry]:
+        """Every kept snapshot, oldest first (a damaged record is left out: its tree is not kept)."""
+        kept = (self.snapshot(digest_of_name(info.name)) for info in self.backend.list(SNAPSHOTS + "/"))
+        return sorted((e for e in kept if e is not None), key=lambda e: (e.created, e.tree))
+
+    def drop_snapshot(self, digest: str) -> bool:
+        """Stop keeping a snapshot: GC deletes its tree after the grace period unless something else
+        reaches it. False if it was not kept."""
+        name = object_name(SNAPSHOTS, check_digest(digest, "snapshot"))
+        if not self.backend.exists(name):
+            return False
+        self.backend.delete(name)
+        return True
+
     # -- refs ------------------------------------------------------------------------
 
     def set_ref(self, key: str, result_digest: str, attestations: Iterable[str] = ()) -> None:
@@ -942,6 +985,15 @@ class _Prefixed(io.RawIOBase):
         data = self._stream.read(len(into))
         into[:len(data)] = data
         return len(data)
+
+
+def _snapshot_entry(data: bytes, digest: str) -> SnapshotEntry:
+    body = unseal(data)
+    entry = SnapshotEntry(check_digest(body["tree"], "snapshot.tree"), int(body["size"]), str(body["sandbox"]),
+                          float(body["created"]))
+    if entry.tree != digest:
+        raise SealError("it names another tree")
+    return entry
 
 
 def _sealed(data: bytes, parse: Callable[[dict[str, Any]], T]) -> T:

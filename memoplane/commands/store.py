@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..cas import Hit, Store, check_digest, open_store
+from ..cas import Hit, Store, check_digest, namespaces, open_namespace, open_store
 from ..cas.store import output_directory, write_new_file
 from ..errors import InputError, NotFound, StoreCorrupted, Untrusted
 from ..history.roots import kept_roots
@@ -140,30 +140,48 @@ def verify_command(args: argparse.Namespace) -> int:
 def gc_command(args: argparse.Namespace) -> int:
     from ..inputs import parse_bytes
 
+    max_age = parse_duration(args.max_age, "--max-age") if args.max_age else None
+    max_bytes = parse_bytes(args.max_bytes, "--max-bytes") if args.max_bytes else None
     with open_store(args.store) as store:
-        max_age = parse_duration(args.max_age, "--max-age") if args.max_age else None
-        max_bytes = parse_bytes(args.max_bytes, "--max-bytes") if args.max_bytes else None
-        evicted = store.evict(max_age=max_age, max_bytes=max_bytes) if (max_age or max_bytes) else None
-        results, blobs = kept_roots(store)  # versions in history stay readable
-        report = store.gc(grace_seconds=args.grace, results=results, blobs=blobs)
-        moved = store.demote()   # after the sweep: nothing dead is moved
-        out = {"gc": report.to_dict(), "evict": evicted.to_dict() if evicted else None,
-               "tier": moved.to_dict() if moved else None}
-        if args.json:
-            print(json.dumps(out, sort_keys=True))
-        else:
-            if evicted:
-                print(f"evicted {len(evicted.evicted)} ref(s); {evicted.remaining} remain")
-            print(f"deleted {report.deleted} object(s), {report.deleted_bytes} bytes; "
-                  f"kept {report.live} live and {report.kept_young} younger than {args.grace:.0f} s")
-            packs = report.packs
-            print(f"packs: {packs.packs_deleted} deleted, {packs.packs_condemned} condemned, "
-                  f"{packs.chunks_repacked} chunk(s) repacked; {packs.bytes_reclaimed} bytes reclaimed")
-            if moved:
-                print(f"moved {moved.moved} object(s), {moved.bytes_moved} bytes, not read for "
-                      f"{moved.after:.0f} s to the cold tier {moved.cold}; {moved.kept_hot} kept hot"
-                      + (f"; {moved.failed} did not copy back equal and stayed" if moved.failed else ""))
+        out = _collect(store, args.grace, max_age, max_bytes)
+        teams = namespaces(store)
+    # Each namespace (a team of `memoplane serve`) is a store of its own: the store's sweep never
+    # looks inside one, so each is collected in turn, its kept snapshots and history its roots.
+    out["namespaces"] = {}
+    for name in teams:
+        with open_namespace(args.store, name) as namespace:
+            out["namespaces"][name] = _collect(namespace, args.grace, max_age, max_bytes)
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+        return 0
+    _print_collected(out, args.grace)
+    for name, collected in out["namespaces"].items():
+        print(f"namespace {name}:")
+        _print_collected(collected, args.grace)
     return 0
+
+
+def _collect(store: Store, grace: float, max_age: float | None, max_bytes: int | None) -> dict[str, Any]:
+    evicted = store.evict(max_age=max_age, max_bytes=max_bytes) if (max_age or max_bytes) else None
+    results, blobs = kept_roots(store)  # versions in history stay readable
+    report = store.gc(grace_seconds=grace, results=results, blobs=blobs)
+    moved = store.demote()   # after the sweep: nothing dead is moved
+    return {"gc": report.to_dict(), "evict": evicted.to_dict() if evicted else None,
+            "tier": moved.to_dict() if moved else None}
+
+
+def _print_collected(out: dict[str, Any], grace: float) -> None:
+    evicted, report, packs, moved = out["evict"], out["gc"], out["gc"]["packs"], out["tier"]
+    if evicted:
+        print(f"evicted {len(evicted['evicted'])} ref(s); {evicted['remaining']} remain")
+    print(f"deleted {report['deleted']} object(s), {report['deleted_bytes']} bytes; "
+          f"kept {report['live']} live and {report['kept_young']} younger than {grace:.0f} s")
+    print(f"packs: {packs['packs_deleted']} deleted, {packs['packs_condemned']} condemned, "
+          f"{packs['chunks_repacked']} chunk(s) repacked; {packs['bytes_reclaimed']} bytes reclaimed")
+    if moved:
+        print(f"moved {moved['moved']} object(s), {moved['bytes_moved']} bytes, not read for "
+              f"{moved['after']:.0f} s to the cold tier {moved['cold']}; {moved['kept_hot']} kept hot"
+              + (f"; {moved['failed']} did not copy back equal and stayed" if moved['failed'] else ""))
 
 
 def stats_command(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,6 +55,7 @@ from .signing import KEY_HEADER, SIGNATURE_HEADER
 ENVD_VERSION = "0.5.7"
 # Sandbox sizes reported to the SDK: a child's limits (memoplane.sandbox.types.Limits).
 _CPU_COUNT, _MEMORY_MB, _DISK_MB = 1, 512, 256
+SNAPSHOTS_PAGE = 100   # snapshots listed per page at most
 MAX_SIGNED_BODY = MAX_FILE_BYTES + (1 << 20)   # a file upload, and its form's framing
 _BODY_DIGEST = "memoplane.body_sha256"
 # The metadata key of a new sandbox that names the snapshot it starts from, for a client that keeps
@@ -357,6 +358,31 @@ def _control_plane(api: FastAPI, sessions: SessionManager) -> None:
         body.refuse_unsupported()
         digest, _ = await sessions.snapshot(sessions.get(who, sandbox_id))
         return {"snapshotID": digest, "names": []}
+
+    @api.get("/snapshots", tags=["snapshots"])
+    @api.get("/v1/snapshots", tags=["snapshots"])
+    async def list_snapshots(response: Response, who: Who, sandbox_id: str | None = Query(None, alias="sandboxID"),
+                             limit: int = Query(SNAPSHOTS_PAGE, ge=1, le=SNAPSHOTS_PAGE),
+                             next_token: str | None = Query(None, alias="nextToken")) -> list[dict[str, Any]]:
+        """The team's kept snapshots, oldest first (E2B's list_snapshots): `limit` a page, the next
+        page's token in X-Next-Token. A kept snapshot outlives its sandbox until it is deleted."""
+        kept = [e for e in await asyncio.to_thread(sessions.snapshots, who) if sandbox_id in (None, e.sandbox)]
+        start = next((i + 1 for i, e in enumerate(kept) if e.tree == next_token), 0) if next_token else 0
+        page = kept[start:start + limit]
+        if start + limit < len(kept):
+            response.headers["X-Next-Token"] = page[-1].tree
+        return [{"snapshotID": e.tree, "names": [], "sandboxID": e.sandbox, "sizeBytes": e.size,
+                 "createdAt": _iso(e.created)} for e in page]
+
+    @api.delete("/templates/{snapshot_id}", status_code=204, tags=["snapshots"])
+    @api.delete("/v1/snapshots/{snapshot_id}", status_code=204, tags=["snapshots"])
+    async def delete_snapshot(snapshot_id: str, who: Who) -> Response:
+        """Delete one of the team's snapshots (E2B's delete_snapshot): it can no longer start a sandbox,
+        and its files go at the team's next `memoplane gc` past the grace period (unless shared with
+        a kept snapshot or result). Templates (runtime profiles) are not deleted here: 404."""
+        if not await asyncio.to_thread(sessions.delete_snapshot, who, snapshot_id):
+            raise ApiError(404, f"snapshot {snapshot_id[:80]} not found", "GET /snapshots lists your team's")
+        return Response(status_code=204)
 
     @api.get("/sandboxes", tags=["sandboxes"])
     @api.get("/v2/sandboxes", tags=["sandboxes"])

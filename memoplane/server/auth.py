@@ -96,6 +96,10 @@ def route_of(method: str, path: str, headers: Mapping[str, str]) -> Route:
         return Route("run", EXECUTE, None)
     if path in ("/sandboxes", "/v2/sandboxes"):
         return Route("exec", CREATE, None) if method == "POST" else Route("exec", None, None, filtered=True)
+    if path in ("/snapshots", "/v1/snapshots"):
+        return Route("snapshot", None, None, filtered=True)
+    if path.startswith(("/templates/", "/v1/snapshots/")):
+        return Route("snapshot", None, None)
     named = _SANDBOX_PATH.match(path)
     if named:
         return Route("snapshot" if path.endswith(("/snapshot", "/snapshots")) else "exec", None, named.group(1))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..cas import check_digest
+from ..cas import SnapshotEntry, check_digest
 from ..errors import InputError, NotFound, StoreCorrupted
 from ..sandbox import PROFILES, PythonTask, SandboxOutcome, SandboxPool, SandboxRequest
 from ..sandbox.collect import Refused, collect
@@ -277,10 +277,12 @@ class SessionManager:
         try:
             check_digest(snapshot, "snapshot")
             with open_team_store(self.store, team) as store:
+                if store.snapshot(snapshot) is None:   # never taken by the team, or deleted
+                    raise NotFound(snapshot)
                 store.materialize(snapshot, dest)
         except NotFound:
-            raise ApiError(404, f"snapshot {snapshot} not found", "give a snapshotID your team's sandbox answered "
-                           "POST /v1/sandboxes/{id}/snapshot") from None
+            raise ApiError(404, f"snapshot {snapshot} not found", "give a snapshotID of your team's that "
+                           "GET /snapshots lists") from None
         except StoreCorrupted as e:
             raise ApiError(422, f"snapshot {snapshot} is damaged and was not restored: {e}",
                            "take a new snapshot") from None
@@ -317,7 +319,24 @@ class SessionManager:
                 os.close(out_fd)
             with open_team_store(self.store, session.owner) as store:
                 tree = store.put_tree(copy)
+                store.keep_snapshot(tree, session.id)
                 return tree.digest, tree.size
+
+    def snapshots(self, caller: Caller) -> list[SnapshotEntry]:
+        """The caller's team's kept snapshots (blocking: call in a thread); a key scoped to one sandbox
+        sees that sandbox's only."""
+        with open_team_store(self.store, caller.team) as store:
+            return [e for e in store.snapshots() if caller.sandbox in (None, e.sandbox)]
+
+    def delete_snapshot(self, caller: Caller, digest: str) -> bool:
+        """Stop keeping one of the team's snapshots (blocking); its data goes at the team's next GC
+        past the grace period. False: the team keeps no such snapshot."""
+        try:
+            check_digest(digest, "snapshotID")
+        except InputError:
+            return False
+        with open_team_store(self.store, caller.team) as store:
+            return store.drop_snapshot(digest)
 
     def _ended(self, session: Session, outcome: SandboxOutcome | None, server: asyncio.Server) -> None:
         session.outcome = outcome

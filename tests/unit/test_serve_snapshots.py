@@ -24,7 +24,7 @@ from fakes import packed_copy
 from memoplane.canonical import canonical_json
 from memoplane.cas import NAMESPACES, b3, open_namespace, open_store
 from memoplane.cas.digests import object_name
-from memoplane.cas.records import seal
+from memoplane.cas.records import BlobRef, seal
 from memoplane.errors import InputError, NotFound
 from memoplane.server.apikeys import ApiKeys
 from memoplane.server.app import SNAPSHOT_METADATA
@@ -39,7 +39,8 @@ class Serve:
     def __init__(self, home: Path) -> None:
         self.home, self.store = home, home / "store"
         keys = ApiKeys(home / "apikeys.json")
-        self.tokens = {team: keys.create(team, VERBS)[1] for team in ("alpha", "beta")}
+        # the large tier: this module creates more sandboxes than the standard tier's burst
+        self.tokens = {team: keys.create(team, VERBS, tier="large")[1] for team in ("alpha", "beta")}
         self.tokens["alpha-exec"] = keys.create("alpha", ["exec"])[1]
         self.env = {**os.environ, "MEMOPLANE_STORE": str(self.store), "MEMOPLANE_KEYS_DIR": str(home / "keys"),
                     "MEMOPLANE_SERVE_API_KEYS": str(home / "apikeys.json"), "MEMOPLANE_SERVE_WARM": "1"}
@@ -66,6 +67,10 @@ class Serve:
 
     def sdk(self, team: str) -> dict[str, Any]:
         return {"api_key": self.tokens[team], "api_url": self.url, "sandbox_url": self.url, "timeout": 120}
+
+    def api(self, team: str) -> dict[str, Any]:
+        """What the SDK's class methods besides create take (no sandbox timeout)."""
+        return {"api_key": self.tokens[team], "api_url": self.url}
 
     def http(self, team: str) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"X-API-KEY": self.tokens[team]}, timeout=120)
@@ -153,6 +158,47 @@ def test_the_e2b_sdks_own_snapshots(serve: Serve) -> None:
         Sandbox.create(info.snapshot_id, **serve.sdk("beta"))
 
 
+def test_snapshots_are_listed_and_deleted_through_the_e2b_sdk(serve: Serve) -> None:
+    """list_snapshots (all the team's, or one sandbox's, by pages) and delete_snapshot: a deleted
+    snapshot starts nothing, though its tree is still in the store until GC."""
+    source = Sandbox.create(**serve.sdk("alpha"))
+    try:
+        taken = []
+        for step in range(3):
+            source.files.write("/tmp/step.txt", str(step))
+            taken.append(source.create_snapshot().snapshot_id)
+        mine = [s.snapshot_id for s in source.list_snapshots().next_items()]
+        assert mine == taken
+        pages = Sandbox.list_snapshots(limit=2, **serve.api("alpha"))
+        listed = []
+        while pages.has_next:
+            listed += [s.snapshot_id for s in pages.next_items()]
+        assert set(taken) <= set(listed) and len(listed) == len(set(listed))
+        assert not set(taken) & {s.snapshot_id for s in Sandbox.list_snapshots(**serve.api("beta")).next_items()}
+        assert Sandbox.delete_snapshot(taken[0], **serve.api("beta")) is False   # not beta's to delete
+        assert Sandbox.delete_snapshot(taken[0], **serve.api("alpha")) is True
+        assert Sandbox.delete_snapshot(taken[0], **serve.api("alpha")) is False
+    finally:
+        source.kill()
+    assert [s.snapshot_id for s in Sandbox.list_snapshots(sandbox_id=source.sandbox_id,
+                                                          **serve.api("alpha")).next_items()] == taken[1:]
+    gone = serve.create_from("alpha", taken[0])
+    assert gone.status_code == 404 and "not found" in gone.json()["message"], gone.text
+    with open_namespace(serve.store, "team-alpha") as store:
+        assert store.backend.exists(object_name("trees", taken[0]))   # until GC, past the grace period
+    resumed = Sandbox.create(taken[2], **serve.sdk("alpha"))
+    try:
+        assert resumed.files.read("/tmp/step.txt") == "2"
+    finally:
+        resumed.kill()
+    with serve.http("alpha-exec") as client:   # listing and deleting need the snapshot verb
+        assert client.get("/v1/snapshots").status_code == 403
+        assert client.delete(f"/v1/snapshots/{taken[1]}").status_code == 403
+    with serve.http("alpha") as client:
+        assert client.delete("/v1/snapshots/latest").status_code == 404
+        assert client.get("/v1/snapshots", params={"limit": 0}).status_code == 400
+
+
 def _chunks(serve: Serve) -> int:
     with open_namespace(serve.store, "team-alpha") as store:
         store.chunks.refresh()
@@ -208,6 +254,7 @@ def test_a_forged_tree_with_a_link_or_a_way_out_is_never_restored(serve: Serve) 
             body = {"v": 1, "entries": entries}
             digest = b3(canonical_json(body))
             store.backend.put(object_name("trees", digest), seal(body))
+            store.keep_snapshot(BlobRef(digest, 0), "planted")   # whoever writes the store can name it too
             forged.append(digest)
     for digest in forged:
         refused = serve.create_from("alpha", digest)
