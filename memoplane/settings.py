@@ -400,6 +400,7 @@ class TierLimits:
     concurrent_sandboxes: int
     executions_per_minute: float
     execution_burst: int
+    concurrent_executions: int   # commands, code cells and /v1/run calls running at once
 
 
 @dataclass(frozen=True)
@@ -411,8 +412,8 @@ class Tier:
 TIER_LIMITS = tuple(f.name for f in dataclasses.fields(TierLimits))
 DEFAULT_TIER = "standard"   # a team's tier until `memoplane apikey create --tier` says otherwise
 DEFAULT_TIERS = {
-    "standard": Tier(key=TierLimits(60, 10, 10, 600, 50), team=TierLimits(120, 20, 20, 1200, 100)),
-    "large": Tier(key=TierLimits(600, 50, 50, 6000, 200), team=TierLimits(1200, 100, 100, 12000, 400)),
+    "standard": Tier(key=TierLimits(60, 10, 10, 600, 50, 20), team=TierLimits(120, 20, 20, 1200, 100, 40)),
+    "large": Tier(key=TierLimits(600, 50, 50, 6000, 200, 100), team=TierLimits(1200, 100, 100, 12000, 400, 200)),
 }
 
 

@@ -295,6 +295,8 @@ class _Gate:
     def done(self, caller: Caller, route: Route) -> None:
         if route.counts_as == CREATE:
             self._creating.subtract(("key:" + caller.key_id, "team:" + caller.team))
+        if self.limiter is not None and route.counts_as is not None:
+            self.limiter.finished(caller, route.counts_as)
 
 
 def invalid_request(e: RequestValidationError) -> ApiError:

@@ -1,14 +1,16 @@
 """Rate tiers (settings.Tier): token buckets per API key and per team on sandbox creations and
-executions, and a bound on the sandboxes each has alive. Time is injected (`now`) for tests."""
+executions, and bounds on the sandboxes each has alive and the executions each has running.
+Time is injected (`now`) for tests."""
 
 from __future__ import annotations
 
 import math
 import threading
+from collections import Counter
 from dataclasses import dataclass
 
 from ..settings import Tier, TierLimits
-from .auth import CREATE, Caller
+from .auth import CREATE, EXECUTE, Caller
 from .errors import ApiError
 
 
@@ -38,6 +40,7 @@ class Limiter:
     def __init__(self, tiers: dict[str, Tier]) -> None:
         self.tiers = tiers
         self._buckets: dict[tuple[str, str, str], TokenBucket] = {}
+        self._running: Counter[tuple[str, str]] = Counter()   # executions under way, per key and per team
         self._lock = threading.Lock()
 
     def tier(self, caller: Caller) -> Tier | None:
@@ -49,11 +52,14 @@ class Limiter:
         return self.tiers[caller.tier]
 
     def take(self, caller: Caller, kind: str, now: float) -> None:
-        """One creation or execution for the caller's key and team, or RateLimited (neither is charged)."""
+        """One creation or execution for the caller's key and team, or RateLimited (neither is charged).
+        An execution taken runs until `finished` says so: at most the tier's concurrent_executions."""
         tier = self.tier(caller)
         if tier is None:
             return
         with self._lock:
+            if kind == EXECUTE:
+                self._check_running(caller, tier)
             buckets = [self._bucket(("key", caller.key_id, kind), tier.key, kind, now),
                        self._bucket(("team", caller.team, kind), tier.team, kind, now)]
             waits = [b.wait(now) for b in buckets]
@@ -64,6 +70,30 @@ class Limiter:
                                   "or ask for a larger tier", max(waits))
             for bucket in buckets:
                 bucket.tokens -= 1
+            if kind == EXECUTE:
+                self._running.update(_running_names(caller))
+
+    def finished(self, caller: Caller, kind: str) -> None:
+        """An execution `take` let through has ended (a creation needs no word)."""
+        if kind != EXECUTE or self.tier(caller) is None:
+            return
+        with self._lock:
+            self._running.subtract(_running_names(caller))
+            self._running += Counter()   # drop the zeros: keys come and go
+
+    def running(self, caller: Caller) -> tuple[int, int]:
+        """Executions under way of the caller's key, and of its team."""
+        key, team = _running_names(caller)
+        with self._lock:
+            return self._running[key], self._running[team]
+
+    def _check_running(self, caller: Caller, tier: Tier) -> None:
+        key, team = _running_names(caller)
+        for who, running, bound in ((f"API key {caller.key_id}", self._running[key], tier.key.concurrent_executions),
+                                    (f"team {caller.team}", self._running[team], tier.team.concurrent_executions)):
+            if running >= bound:
+                raise RateLimited(f"{who} has {running} executions running, its tier's most",
+                                  "retry after Retry-After seconds, once one ended; or ask for a larger tier", 1)
 
     def check_alive(self, caller: Caller, of_key: int, of_team: int) -> None:
         """Refuse a creation while the key or the team has its tier's sandboxes alive."""
@@ -82,3 +112,7 @@ class Limiter:
                 (limits.executions_per_minute, limits.execution_burst)
             bucket = self._buckets[name] = TokenBucket(per_minute / 60, burst, burst, now)
         return bucket
+
+
+def _running_names(caller: Caller) -> tuple[tuple[str, str], tuple[str, str]]:
+    return ("key", caller.key_id), ("team", caller.team)
