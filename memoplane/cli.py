@@ -279,6 +279,12 @@ def _add_apikey(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--json", action="store_true")
     p = command("revoke", "refuse a key from now on")
     p.add_argument("keyid")
+    for name, text in (("grant", "let another team's /v1/run be served this team's results (never its "
+                                 "sandboxes, files or snapshots)"),
+                       ("ungrant", "stop serving this team's results to another team")):
+        p = command(name, text)
+        p.add_argument("--team", required=True, help="the team whose results are shared")
+        p.add_argument("--reader", required=True, help="the team that may read them")
 
 
 

@@ -14,10 +14,12 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .cas import Hit, Store
+from .cas import audit as audit_log
 from .errors import JobFailed, NotFound, StoreCorrupted
 from .execute import Execution, SandboxRunner, execute
 from .history import build as records
@@ -44,11 +46,14 @@ def run_job(
     node: str = "local",
     job_identity: JobIdentity | None = None,
     sources: Mapping[str, InputRecord] | None = None,
+    shared: Shared | None = None,
 ) -> RunReport:
     """Run `job` once; `sandbox` is called only on a miss (starting one costs). A stored result is
     served only if `trust` accepts its attestations; what is computed is signed by `signer`.
     Every run, served or computed or failed, appends a run record to the store's history, as
-    `job_identity` (default: `identity`, unnamespaced); `sources` says where inputs came from."""
+    `job_identity` (default: `identity`, unnamespaced); `sources` says where inputs came from.
+    `shared`: stores whose results the reader may read too, looked up (judged by the same `trust`)
+    after a miss in its own and before computing; a hit there is audited (Shared.log)."""
     run = _Run(job, store, policy, job_identity or JobIdentity("", identity), sources, node)
     parts = job.key_parts()
     key = parts.key
@@ -57,14 +62,41 @@ def run_job(
     notes: list[str] = []
     if policy == "Use":
         hit, vouched = _lookup(store, key, trust, notes)
+        source, shared_by = store, ""
+        if hit is None and shared is not None:
+            shared_by, source, hit, vouched = _shared_lookup(shared, key, trust, notes) or ("", store, None, None)
         if hit is None:
             with key_lock(store, key):
                 hit, vouched = _lookup(store, key, trust, notes)  # another process may have finished it
                 if hit is None:
                     return _compute(job, store, sandbox, policy, signer, identity, run, explanation, notes)
         history.record(identity, key, parts.components())
-        return run.done(_report(store, hit, run.started, cached=True, explain=[], notes=notes), vouched)
+        report = _report(source, hit, run.started, cached=True, explain=[], notes=notes)
+        report.shared_by = shared_by
+        return run.done(report, vouched)
     return _compute(job, store, sandbox, policy, signer, identity, run, explanation, notes)
+
+
+@dataclass(frozen=True)
+class Shared:
+    """Stores shared with a reader (their owners' names -> store), the reader's name, and the store
+    whose audit log records each read across them."""
+
+    stores: Mapping[str, Store]
+    reader: str
+    log: Store
+
+
+def _shared_lookup(shared: Shared, key: str, trust: TrustPolicy,
+                   notes: list[str]) -> tuple[str, Store, Hit, str | None] | None:
+    """The first trusted hit among the shared stores (in name order), audited."""
+    for name, other in sorted(shared.stores.items()):
+        hit, vouched = _lookup(other, key, trust, notes)
+        if hit is not None:
+            shared.log.audit_log.append(audit_log.SHARED_READ, {"key": hit.key, "result": hit.digest,
+                                                                "reader": shared.reader, "cache": name})
+            return name, other, hit, vouched
+    return None
 
 
 class _Run:

@@ -21,6 +21,7 @@ class RunReport:
     explain: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)   # e.g. "a damaged entry was quarantined"
     run_id: str = ""                # this run's record in the store's history
+    shared_by: str = ""             # a hit read from a store shared with the reader (its name), else ""
 
     @property
     def value_kind(self) -> str:

@@ -11,9 +11,10 @@ import hmac
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 
 from ..errors import InputError
-from .apikeys import ApiKey, ApiKeys, secret_hash
+from .apikeys import ApiKey, ApiKeys, KeysFile, secret_hash
 from .auth import ACCESS_TOKEN_HEADER, SANDBOX_HEADER, Caller, Incoming, sandbox_token_key
 from .errors import ApiError
 from .signing import (
@@ -67,7 +68,7 @@ class KeyAuthenticator:
         raise ApiError(401, "this server needs an API key", "send X-Memoplane-Signature (signed) or X-API-KEY: "
                        "the token `memoplane apikey create` printed")
 
-    def _key(self, keyid: str) -> tuple[ApiKey, str]:
+    def _key(self, keyid: str) -> tuple[ApiKey, KeysFile]:
         try:
             keys = self.keys.load()
         except InputError as e:   # the server's own file is broken: no key can be checked
@@ -75,14 +76,14 @@ class KeyAuthenticator:
         key = keys.keys.get(keyid)
         if key is None or key.revoked is not None:
             raise ApiError(401, f"API key {keyid[:40]!r} is unknown or revoked", "use a valid key")
-        return key, keys.tier_of(key.team)
+        return key, keys
 
     def _signed(self, incoming: Incoming) -> Caller:
         h = incoming.headers
         missing = [n for n in (KEY_HEADER, TIMESTAMP_HEADER, NONCE_HEADER, BODY_HEADER) if not h.get(n)]
         if missing:
             raise ApiError(401, f"a signed request needs the header {missing[0]}", _SIGN_FIX)
-        key, tier = self._key(h[KEY_HEADER])
+        key, keys = self._key(h[KEY_HEADER])
         message = string_to_sign(key.keyid, h[TIMESTAMP_HEADER], h[NONCE_HEADER], incoming.method,
                                  incoming.target, h[BODY_HEADER])
         if not hmac.compare_digest(signature(bytes.fromhex(key.signing_key), message), h[SIGNATURE_HEADER]):
@@ -99,24 +100,24 @@ class KeyAuthenticator:
                            f"{self.window:.0f}s)", "sync the client's clock; sign each request when it is sent")
         if not self.nonces.first_use(f"{key.keyid}:{h[NONCE_HEADER]}", now):
             raise ApiError(401, "the request was already received (a replay)", "sign each request with a new nonce")
-        return _caller(key, tier)
+        return _caller(key, keys)
 
     def _bearer(self, token: str) -> Caller:
         keyid, _, secret = token.strip().partition(".")
-        key, tier = self._key(keyid)
+        key, keys = self._key(keyid)
         if not hmac.compare_digest(secret_hash(secret), key.secret_hash):
             raise ApiError(401, f"the secret of API key {keyid} does not match", "use the whole token KEYID.SECRET")
-        return _caller(key, tier)
+        return _caller(key, keys)
 
     def _sandbox_token(self, token: str, sandbox_id: str) -> Caller:
         keyid = sandbox_token_key(token, sandbox_id)
         if keyid is None:
             raise ApiError(401, f"the access token is not one of sandbox {sandbox_id[:40]}",
                            "use the envdAccessToken its create or connect returned")
-        key, tier = self._key(keyid)
+        key, keys = self._key(keyid)
         if key.sandbox not in (None, sandbox_id):
             raise ApiError(403, f"API key {keyid} is scoped to sandbox {key.sandbox}", "use that sandbox")
-        return Caller(key.team, key.keyid, frozenset(key.verbs), sandbox_id, tier)
+        return replace(_caller(key, keys), sandbox=sandbox_id)
 
 
 def _bearer(authorization: str) -> str:
@@ -124,5 +125,8 @@ def _bearer(authorization: str) -> str:
     return token if scheme.lower() == "bearer" else ""
 
 
-def _caller(key: ApiKey, tier: str) -> Caller:
-    return Caller(key.team, key.keyid, frozenset(key.verbs), key.sandbox, tier)
+def _caller(key: ApiKey, keys: KeysFile) -> Caller:
+    """Who the key is, with its team's tier and the teams that granted it their results, as the keys
+    file says now: a grant or its withdrawal counts from the next request."""
+    return Caller(key.team, key.keyid, frozenset(key.verbs), key.sandbox, keys.tier_of(key.team),
+                  keys.readable_by(key.team))

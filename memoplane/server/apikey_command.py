@@ -44,6 +44,26 @@ def list_command(args: argparse.Namespace) -> int:
         state = "revoked " + _when(key.revoked) if key.revoked is not None else "active"
         print(f"{key.keyid}  team={key.team}  tier={keys.tier_of(key.team)}  verbs={','.join(key.verbs)}"
               f"{'  sandbox=' + key.sandbox if key.sandbox else ''}  created {_when(key.created)}  {state}")
+    for team, readers in sorted(keys.grants.items()):
+        if readers and (not args.team or args.team in (team, *readers)):
+            if args.json:
+                print(json.dumps({"grant": team, "readers": sorted(readers)}, sort_keys=True))
+            else:
+                print(f"grant  team={team}  results read by {','.join(sorted(readers))}")
+    return 0
+
+
+def grant_command(args: argparse.Namespace) -> int:
+    new = _keys(args).grant(args.team, args.reader)
+    print(f"team {args.reader} {'may now read' if new else 'already read'} team {args.team}'s results "
+          "(/v1/run hits, judged by the server's trust policy; never sandboxes, files or snapshots)")
+    return 0
+
+
+def ungrant_command(args: argparse.Namespace) -> int:
+    gone = _keys(args).ungrant(args.team, args.reader)
+    print(f"team {args.reader} {'no longer reads' if gone else 'did not read'} team {args.team}'s results"
+          + (": a running server stops serving them from its next request" if gone else ""))
     return 0
 
 

@@ -2,7 +2,9 @@
 
 The keys file (settings.api_keys_path: apikeys.json in the keys directory by default, mode 0600):
     {"v": 1, "keys": {keyid: {team, verbs, sandbox, secretHash, signingKey, created, revoked}},
-     "teams": {team: tier}}
+     "teams": {team: tier}, "grants": {team: [reader team, ...]}}
+A grant lets the reader teams' /v1/run be served the granting team's results (server/memo.py);
+sandboxes, files and snapshots are never shared.
 It lives beside the server, not in the store: whoever can write the store is not trusted, and a
 key planted there would let them run code in the server's sandboxes.
 
@@ -83,13 +85,19 @@ class ApiKey:
 class KeysFile:
     keys: dict[str, ApiKey] = field(default_factory=dict)
     teams: dict[str, str] = field(default_factory=dict)   # team -> tier
+    grants: dict[str, list[str]] = field(default_factory=dict)   # team -> teams that may read its results
 
     def tier_of(self, team: str) -> str:
         return self.teams.get(team, DEFAULT_TIER)
 
+    def readable_by(self, team: str) -> tuple[str, ...]:
+        """The teams whose results `team` may read besides its own (they granted it)."""
+        return tuple(sorted(owner for owner, readers in self.grants.items() if team in readers))
+
     def to_bytes(self) -> bytes:
         body = {"v": 1, "keys": {k: key.to_json() for k, key in sorted(self.keys.items())},
-                "teams": dict(sorted(self.teams.items()))}
+                "teams": dict(sorted(self.teams.items())),
+                "grants": {t: sorted(r) for t, r in sorted(self.grants.items()) if r}}
         return (json.dumps(body, indent=2) + "\n").encode()
 
     @classmethod
@@ -99,9 +107,10 @@ class KeysFile:
             body = json.loads(data)
             keys = {keyid: _key(keyid, entry) for keyid, entry in body["keys"].items()}
             teams = {str(team): str(tier) for team, tier in body.get("teams", {}).items()}
+            grants = {str(team): [str(r) for r in readers] for team, readers in body.get("grants", {}).items()}
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise InputError(f"{where} is not an API keys file ({e})", fix) from None
-        return cls(keys, teams)
+        return cls(keys, teams, grants)
 
 
 def _key(keyid: str, entry: dict[str, Any]) -> ApiKey:
@@ -161,6 +170,29 @@ class ApiKeys:
             if key.revoked is None:
                 key.revoked = time.time() if now is None else now
             return key
+
+    def grant(self, team: str, reader: str) -> bool:
+        """Let team `reader` be served `team`'s results; False if it already was."""
+        for name, what in ((team, "--team"), (reader, "--reader")):
+            if not is_name(name) or name == LOCAL_TEAM:
+                raise InputError(f"{what} {name!r} is not a team of API keys", f"use {NAME_RULE}, not {LOCAL_TEAM!r}")
+        if team == reader:
+            raise InputError(f"team {team} already reads its own results", "give --reader another team")
+        with self._changing() as keys:
+            readers = keys.grants.setdefault(team, [])
+            if reader in readers:
+                return False
+            readers.append(reader)
+            return True
+
+    def ungrant(self, team: str, reader: str) -> bool:
+        """Stop serving `team`'s results to `reader` (from its next request); False if it was not."""
+        with self._changing() as keys:
+            readers = keys.grants.get(team, [])
+            if reader not in readers:
+                return False
+            readers.remove(reader)
+            return True
 
     @contextlib.contextmanager
     def _changing(self) -> Iterator[KeysFile]:

@@ -35,6 +35,7 @@ class Caller:
     verbs: frozenset[str] = frozenset(VERBS)
     sandbox: str | None = None     # the one sandbox this caller may reach (None: any of its team's)
     tier: str | None = None        # its team's rate tier (None: not limited)
+    reads_from: tuple[str, ...] = ()   # teams whose results its /v1/run may be served (they granted it)
 
 
 @dataclass(frozen=True)

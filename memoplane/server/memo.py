@@ -8,20 +8,22 @@ A miss runs in the server's warm pool for the job's runtime profile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..cas import open_store
 from ..commands.run import report_json
-from ..embedded import run_job
+from ..embedded import Shared, run_job
 from ..errors import InputError, JobFailed
 from ..inputs import check_input_name, env_problem
 from ..jobs import CommandCode, Input, Job, JsonInput, Policy, PythonCode
 from ..keys import code_digest
 from ..sandbox.types import Limits
 from ..trust.local import Keyring
-from .auth import Who
+from .auth import Caller, Who
 from .errors import ApiError
 from .sessions import SessionManager
 from .stores import open_team_store
@@ -74,16 +76,21 @@ def routes(api: FastAPI, sessions: SessionManager, store: str | None) -> None:
         """Run once; an identical later call of the same team (here, or `memoplane run` for the
         local team) answers `cached: true` with the seconds of compute the stored result saved."""
         job, identity = body.job()
-        return await asyncio.to_thread(_run, job, identity, body.policy, sessions, store, who.team)
+        return await asyncio.to_thread(_run, job, identity, body.policy, sessions, store, who)
 
 
 def _run(job: Job, identity: str, policy: Policy, sessions: SessionManager, store: str | None,
-         team: str) -> dict[str, Any]:
+         who: Caller) -> dict[str, Any]:
     keyring = Keyring()
-    with open_team_store(store, team) as opened:
+    with open_team_store(store, who.team) as opened, contextlib.ExitStack() as granted:
+        # The teams that granted the caller's team their results, as the keys file says now; a hit
+        # there is judged by the same trust policy and recorded in the server's audit log.
+        shared = Shared({t: granted.enter_context(open_team_store(store, t)) for t in who.reads_from}, who.team,
+                        granted.enter_context(open_store(store))) if who.reads_from else None
         try:
-            report = run_job(job, opened, lambda: sessions.pool(job.profile), policy=policy,
-                             identity=identity, trust=keyring.policy(), signer=keyring.signer())
+            report = run_job(job, opened, lambda: sessions.pool(job.profile), policy=policy, identity=identity,
+                             trust=keyring.policy(), signer=keyring.signer(), shared=shared)
         except JobFailed as failed:
             raise ApiError(422, str(failed)) from None
-        return report_json(report, opened)
+        source = shared.stores[report.shared_by] if shared is not None and report.shared_by else opened
+        return {**report_json(report, source), "shared_by": report.shared_by or None}
