@@ -173,11 +173,12 @@ class ApiKeys:
 
     def grant(self, team: str, reader: str) -> bool:
         """Let team `reader` be served `team`'s results; False if it already was."""
-        for name, what in ((team, "--team"), (reader, "--reader")):
+        for name, what in ((team, "team"), (reader, "reader team")):
             if not is_name(name) or name == LOCAL_TEAM:
-                raise InputError(f"{what} {name!r} is not a team of API keys", f"use {NAME_RULE}, not {LOCAL_TEAM!r}")
+                raise InputError(f"{what} {name[:80]!r} is not a team of API keys", f"use {NAME_RULE}, not "
+                                 f"{LOCAL_TEAM!r}")
         if team == reader:
-            raise InputError(f"team {team} already reads its own results", "give --reader another team")
+            raise InputError(f"team {team} already reads its own results", "name another reader team")
         with self._changing() as keys:
             readers = keys.grants.setdefault(team, [])
             if reader in readers:

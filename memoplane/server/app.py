@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import __version__
 from ..inputs import env_problem
 from ..settings import ServeSettings
-from . import memo
+from . import grants, memo
+from .access import KeyAuthenticator
 from .auth import (
     CREATE,
     SCOPE_KEY,
@@ -161,6 +162,7 @@ def build_app(settings: ServeSettings, store: str | None = None, authenticate: A
     _control_plane(api, sessions)
     _envd_http(api, sessions)
     memo.routes(api, sessions, store)
+    grants.routes(api, authenticate.keys if isinstance(authenticate, KeyAuthenticator) else None)
     apps = connect_apps(sessions)
     gate = _Gate(authenticate, limiter, sessions, clock)
 

@@ -5,8 +5,8 @@ of the server's store (cas.open_namespace), so a digest or a cache key learnt fr
 finds nothing. The local team (the loopback caller when serve runs without API keys) is the
 machine's own user and uses the store itself, shared with `memoplane run`.
 
-Sharing by policy: a team may grant another team read on its results (`memoplane apikey grant`,
-kept in the keys file; Caller.reads_from): the reader's /v1/run is then served a hit from the
+Sharing by policy: a team may grant another team read on its results (`memoplane apikey grant`
+or an admin key's PUT /v1/grants/{reader}, kept in the keys file; Caller.reads_from): the reader's /v1/run is then served a hit from the
 granting team's namespace when its own has none (server/memo.py). Sandboxes, files and
 snapshots are never shared.
 """

@@ -101,6 +101,28 @@ def test_a_grant_serves_the_owners_hits_to_the_reader_only_while_it_stands(serve
     assert len(server.shared_reads()) == 1
 
 
+def test_an_admin_key_grants_its_own_teams_results_through_the_api(server: Server) -> None:
+    admin = server.keys.create("owner", ["admin"])[1]
+    with httpx.Client(base_url=server.url, headers={"X-API-KEY": admin}, timeout=60) as owner_admin, \
+            server.client("owner") as owner_runner:
+        assert owner_runner.put("/v1/grants/reader").status_code == 403   # a key without admin
+        granted = owner_admin.put("/v1/grants/reader")
+        assert granted.status_code == 200 and granted.json()["granted"] is True, granted.text
+        assert owner_admin.get("/v1/grants").json() == {"team": "owner", "readers": ["reader"], "readsFrom": []}
+        with server.client("reader") as reader:
+            assert reader.get("/v1/grants").status_code == 403   # reading grants is admin's too
+        assert server.keys.load().readable_by("reader") == ("owner",)
+        owned = server.run("owner", _code(5))
+        served = server.run("reader", _code(5))
+        assert (served["cached"], served["shared_by"], served["result_digest"]) == \
+            (True, "owner", owned["result_digest"])
+        bad = owner_admin.put("/v1/grants/owner")
+        assert bad.status_code == 400 and "already reads its own" in bad.json()["message"], bad.text
+        assert owner_admin.delete("/v1/grants/reader").status_code == 204
+        assert owner_admin.delete("/v1/grants/reader").status_code == 404
+    assert server.keys.load().readable_by("reader") == ()
+
+
 def test_sandboxes_and_snapshots_are_never_shared(server: Server) -> None:
     server.keys.grant("owner", "reader")
     try:
@@ -147,8 +169,8 @@ def test_a_shared_hit_is_judged_by_the_readers_trust_policy(tmp_path: Path) -> N
 
 @pytest.mark.parametrize(("team", "reader", "message"), [
     ("owner", "owner", "already reads its own"),
-    ("local", "reader", "--team 'local' is not a team of API keys"),
-    ("owner", "bad name!", "--reader 'bad name!'"),
+    ("local", "reader", "team 'local' is not a team of API keys"),
+    ("owner", "bad name!", "reader team 'bad name!' is not a team"),
 ])
 def test_bad_grants_name_the_flag(tmp_path: Path, team: str, reader: str, message: str) -> None:
     with pytest.raises(InputError, match=message):
