@@ -370,11 +370,12 @@ def _control_plane(api: FastAPI, sessions: SessionManager) -> None:
                              next_token: str | None = Query(None, alias="nextToken")) -> list[dict[str, Any]]:
         """The team's kept snapshots, oldest first (E2B's list_snapshots): `limit` a page, the next
         page's token in X-Next-Token. A kept snapshot outlives its sandbox until it is deleted."""
-        kept = [e for e in await asyncio.to_thread(sessions.snapshots, who) if sandbox_id in (None, e.sandbox)]
-        start = next((i + 1 for i, e in enumerate(kept) if e.tree == next_token), 0) if next_token else 0
-        page = kept[start:start + limit]
-        if start + limit < len(kept):
-            response.headers["X-Next-Token"] = page[-1].tree
+        after = _snapshot_token(next_token) if next_token else None
+        kept = [e for e in await asyncio.to_thread(sessions.snapshots, who) if sandbox_id in (None, e.sandbox)
+                and (after is None or (e.created, e.tree) > after)]
+        page = kept[:limit]
+        if len(kept) > limit:   # the token is the last one's place: deleting it meanwhile skips nothing
+            response.headers["X-Next-Token"] = f"{page[-1].created!r}_{page[-1].tree}"
         return [{"snapshotID": e.tree, "names": [], "sandboxID": e.sandbox, "sizeBytes": e.size,
                  "createdAt": _iso(e.created)} for e in page]
 
@@ -419,6 +420,15 @@ def _control_plane(api: FastAPI, sessions: SessionManager) -> None:
     async def set_timeout(sandbox_id: str, body: Timeout, who: Who) -> Response:
         sessions.set_timeout(sessions.get(who, sandbox_id), body.timeout)
         return Response(status_code=204)
+
+
+def _snapshot_token(token: str) -> tuple[float, str]:
+    created, _, tree = token.partition("_")
+    try:
+        return float(created), tree
+    except ValueError:
+        raise ApiError(400, f"nextToken {token[:80]!r} is not one this server sent",
+                       "pass the X-Next-Token of the previous page, or none") from None
 
 
 def _metadata_filter(text: str | None) -> dict[str, str]:

@@ -197,6 +197,15 @@ def test_snapshots_are_listed_and_deleted_through_the_e2b_sdk(serve: Serve) -> N
     with serve.http("alpha") as client:
         assert client.delete("/v1/snapshots/latest").status_code == 404
         assert client.get("/v1/snapshots", params={"limit": 0}).status_code == 400
+        bad_token = client.get("/v1/snapshots", params={"nextToken": "b3:abc"})
+        assert bad_token.status_code == 400 and "nextToken" in bad_token.json()["message"], bad_token.text
+        mine = {"sandboxID": source.sandbox_id}
+        first = client.get("/v1/snapshots", params={**mine, "limit": 1})
+        assert [s["snapshotID"] for s in first.json()] == [taken[1]]   # taken[0] was deleted
+        assert client.delete(f"/v1/snapshots/{taken[1]}").status_code == 204
+        rest = client.get("/v1/snapshots", params={**mine, "nextToken": first.headers["x-next-token"]})
+        assert [s["snapshotID"] for s in rest.json()] == [taken[2]]   # the page after it, though it is gone
+        assert "x-next-token" not in rest.headers
 
 
 def _chunks(serve: Serve) -> int:
