@@ -7,7 +7,7 @@ child's isolation, so the files API reaches exactly what a command in the sandbo
 
 Wire: one JSON object per line each way. A request carries "id" and "op"; every reply
 carries the request's "id", and the last reply of a request has "done": true. Bytes travel
-base64-encoded. Host -> agent ops: exec, signal, input, close_stdin, ps, read, write, list,
+base64-encoded. Host -> agent ops: env, exec, signal, input, close_stdin, ps, read, write, list,
 stat, mkdir, remove, move, code, snapshot, snapshot_taken, restore, exit.
 """
 
@@ -121,6 +121,11 @@ class Agent:
 
     def op_ps(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
         return {"processes": [{"pid": pid, **config} for pid, config in list(self.configs.items())]}
+
+    def op_env(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        """The sandbox's envVars, given when it was handed out: every command started from now has them."""
+        os.environ.update({str(k): str(v) for k, v in req["envs"].items()})
+        return {}
 
     # -- files ----------------------------------------------------------------------
 
