@@ -439,6 +439,11 @@ class ServeSettings:
     tiers: str = setting("MEMOPLANE_SERVE_TIERS", "", "rate tiers as JSON {tier: {key|team: {limit: n}}} "
                          "(limits: " + ", ".join(TIER_LIMITS) + "); unset: the built-in tiers")
 
+    def __post_init__(self) -> None:
+        if self.warm_sessions < 0:
+            raise InputError(f"MEMOPLANE_SERVE_WARM_SESSIONS (--warm-sessions) is {self.warm_sessions}",
+                             "give 0 or more warm sandboxes per runtime profile")
+
 
 SERVE_FLAGS = ("host", "port", "warm", "warm_sessions", "max_timeout", "max_sandboxes")  # `memoplane serve`'s flags
 

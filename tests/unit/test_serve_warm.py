@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from memoplane.errors import InputError
 from memoplane.server import sessions as sessions_module
 from memoplane.server.auth import Caller
 from memoplane.server.sessions import Session, SessionManager
@@ -114,3 +115,8 @@ def test_closing_ends_the_warm_sessions_and_none_is_kept_with_zero() -> None:
         second = await manager.create(ALPHA, "base", 60, {}, {})
         assert second.launched_at > first.launched_at   # started by its create
     managed(none, warm_sessions=0)
+
+
+def test_a_negative_count_of_warm_sessions_is_refused_naming_the_setting() -> None:
+    with pytest.raises(InputError, match=r"MEMOPLANE_SERVE_WARM_SESSIONS \(--warm-sessions\) is -1"):
+        ServeSettings(warm_sessions=-1)
