@@ -423,6 +423,9 @@ class ServeSettings:
                         "(beyond loopback only with API keys: `memoplane apikey create`)")
     port: int = setting("MEMOPLANE_SERVE_PORT", 3000, "the port it listens on (0: any free port, printed)")
     warm: int = setting("MEMOPLANE_SERVE_WARM", 2, "warm sandbox children kept per runtime profile")
+    warm_sessions: int = setting("MEMOPLANE_SERVE_WARM_SESSIONS", 2, "sandboxes kept started per runtime profile "
+                                 "once it was used, their agent dialled back, so that a create only hands one "
+                                 "out (0: every create starts its own)")
     default_timeout: int = setting(None, 300, "a sandbox's lifetime in seconds when create gives none (E2B's default)")
     max_timeout: int = setting("MEMOPLANE_SERVE_MAX_TIMEOUT", 3600, "the longest lifetime, seconds, a sandbox may "
                                "be given (create or set_timeout)")
@@ -437,8 +440,13 @@ class ServeSettings:
     tiers: str = setting("MEMOPLANE_SERVE_TIERS", "", "rate tiers as JSON {tier: {key|team: {limit: n}}} "
                          "(limits: " + ", ".join(TIER_LIMITS) + "); unset: the built-in tiers")
 
+    def __post_init__(self) -> None:
+        if self.warm_sessions < 0:
+            raise InputError(f"MEMOPLANE_SERVE_WARM_SESSIONS (--warm-sessions) is {self.warm_sessions}",
+                             "give 0 or more warm sandboxes per runtime profile")
 
-SERVE_FLAGS = ("host", "port", "warm", "max_timeout", "max_sandboxes")  # `memoplane serve`'s flags
+
+SERVE_FLAGS = ("host", "port", "warm", "warm_sessions", "max_timeout", "max_sandboxes")  # `memoplane serve`'s flags
 
 
 def api_keys_path(settings: ServeSettings) -> Path:

@@ -170,8 +170,13 @@ def build_app(settings: ServeSettings, store: str | None = None, authenticate: A
         if scope["type"] != "http":
             await api(scope, receive, send)
             return
-        started, call = time.monotonic(), _CallTally(send)
+        started = time.monotonic()
         route = route_of(scope["method"], scope["path"], _headers(scope))
+
+        async def record() -> None:
+            if calls is not None:
+                await calls.record(call.finished(scope, route, time.monotonic() - started))
+        call = _CallTally(send, record)
         try:
             receive = await gate.readable_body(scope, call.counting(receive))
             caller = gate.admit(scope, route, call)
@@ -185,8 +190,8 @@ def build_app(settings: ServeSettings, store: str | None = None, authenticate: A
             finally:
                 gate.done(caller, route)
         finally:
-            if calls is not None:
-                await calls.record(call.finished(scope, route, time.monotonic() - started))
+            if not call.recorded:   # never answered whole (the client went away): recorded all the same
+                await record()
 
     return app
 
@@ -210,10 +215,12 @@ def _error_response(e: ApiError) -> JSONResponse:
 
 
 class _CallTally:
-    """What the audit records of one call: sizes, the body's digest, the status sent."""
+    """What the audit records of one call: sizes, the body's digest, the status sent. The response's
+    last message waits for `record`: the call is in the audit log before its caller hears its end."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, record: Callable[[], Awaitable[None]]) -> None:
         self._send, self.status, self.request_bytes, self.response_bytes = send, 0, 0, 0
+        self._record, self.recorded = record, False
         self.digest = hashlib.sha256()
         self.claimed_key = ""
         self.caller: Caller | None = None   # once authenticated (a call refused later is still theirs)
@@ -232,6 +239,9 @@ class _CallTally:
             self.status = int(message["status"])
         elif message["type"] == "http.response.body":
             self.response_bytes += len(message.get("body", b""))
+            if not message.get("more_body"):
+                self.recorded = True
+                await self._record()
         await self._send(message)
 
     def finished(self, scope: Scope, route: Route, seconds: float) -> Call:

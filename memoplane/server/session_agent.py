@@ -7,14 +7,16 @@ child's isolation, so the files API reaches exactly what a command in the sandbo
 
 Wire: one JSON object per line each way. A request carries "id" and "op"; every reply
 carries the request's "id", and the last reply of a request has "done": true. Bytes travel
-base64-encoded. Host -> agent ops: exec, signal, input, close_stdin, ps, read, write, list,
-stat, mkdir, remove, move, code, snapshot, snapshot_taken, restore, exit.
+base64-encoded. Host -> agent ops: env, exec, signal, input, close_stdin, ps, read, write, list,
+stat, mkdir, remove, move, code, snapshot, snapshot_taken, restore, exit. An exec is started
+as soon as it is read; every other request, and the rest of an exec, runs in a thread of its own.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import io
 import json
 import os
@@ -26,7 +28,10 @@ import subprocess
 import sys
 import threading
 import traceback
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 SOCKET_NAME = "session.sock"
 
@@ -50,23 +55,39 @@ class Agent:
             request = json.loads(line)
             if request.get("op") == "exit":
                 os._exit(0)  # pid 1 of the sandbox: everything in it ends with us
+            if request.get("op") == "exec":
+                # Started here, not after a thread of its own started: on the way to its first output.
+                started = self.replying(request, self.start_process)
+                if started is not None:
+                    rest = functools.partial(self.finish_process, *started)
+                    threading.Thread(target=self.handle, args=(request, rest), daemon=True).start()
+                continue
             threading.Thread(target=self.handle, args=(request,), daemon=True).start()
         os._exit(0)  # the host went away
 
-    def handle(self, request: dict[str, Any]) -> None:
-        rid = request["id"]
+    def handle(self, request: dict[str, Any], op: Callable[[int, dict[str, Any]], dict[str, Any]] | None = None
+               ) -> None:
+        """Run `op` (default: the request's op_ method) and send its reply, the request's last."""
+        reply = self.replying(request, op or getattr(self, "op_" + request["op"]))
+        if reply is not None:
+            self.send({**reply, "id": request["id"], "done": True})
+
+    def replying(self, request: dict[str, Any], op: Callable[[int, dict[str, Any]], T]) -> T | None:
+        """op's answer to the request; None once its failure was sent as the request's last reply."""
         try:
-            reply = getattr(self, "op_" + request["op"])(rid, request)
+            return op(request["id"], request)
         except OSError as e:
-            reply = {"error": {"kind": _os_error_kind(e), "message": f"{e.strerror}: {e.filename or ''}".strip()}}
+            error = {"kind": _os_error_kind(e), "message": f"{e.strerror}: {e.filename or ''}".strip()}
         except Exception as e:  # noqa: BLE001 - any failure of a request is reported to the host
-            reply = {"error": {"kind": "internal", "message": f"{type(e).__name__}: {e}"}}
-        reply.update(id=rid, done=True)
-        self.send(reply)
+            error = {"kind": "internal", "message": f"{type(e).__name__}: {e}"}
+        self.send({"error": error, "id": request["id"], "done": True})
+        return None
 
     # -- processes ------------------------------------------------------------------
 
-    def op_exec(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+    def start_process(self, rid: int, req: dict[str, Any]
+                      ) -> tuple[subprocess.Popen[bytes], list[threading.Thread]]:
+        """exec, up to its output flowing: the process and its output's pumps."""
         env = dict(os.environ)
         env.update(req.get("envs") or {})
         cwd = resolve(req.get("cwd") or os.environ.get("HOME", "/tmp"))
@@ -81,6 +102,11 @@ class Agent:
                  for stream, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))]
         for pump in pumps:
             pump.start()
+        return proc, pumps
+
+    def finish_process(self, proc: subprocess.Popen[bytes], pumps: list[threading.Thread], rid: int,
+                       req: dict[str, Any]) -> dict[str, Any]:
+        """exec, the rest: its end, once all its output was sent."""
         code = proc.wait()
         for pump in pumps:
             pump.join()
@@ -121,6 +147,11 @@ class Agent:
 
     def op_ps(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
         return {"processes": [{"pid": pid, **config} for pid, config in list(self.configs.items())]}
+
+    def op_env(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        """The sandbox's envVars, given when it was handed out: every command started from now has them."""
+        os.environ.update({str(k): str(v) for k, v in req["envs"].items()})
+        return {}
 
     # -- files ----------------------------------------------------------------------
 

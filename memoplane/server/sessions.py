@@ -4,6 +4,10 @@ A session is one job of a SandboxPool whose task is the session agent (session_a
 the child enters its isolation like any job, dials back over a unix socket placed in its
 read-only /in, and serves commands, files and code cells until it is killed, its timeout
 passes (the reaper), or its hard limit (ServeSettings.max_timeout) does (the pool).
+
+Once a profile was used, ServeSettings.warm_sessions of its sessions are kept started, their
+agent dialled back and owned by no one: a create hands one out (its envVars sent to the agent),
+so it pays neither the child's setup nor the agent's start. A create from a snapshot starts its own.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import secrets
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,11 @@ TEMPLATE_ALIASES = {"base": "python", "code-interpreter-v1": "python"}
 _SNAPSHOT_PROFILE = "python"
 _CONNECT_TIMEOUT = 30.0   # seconds a new child has to dial back before its creation fails
 _REAP_EVERY = 1.0         # seconds between two looks for sandboxes past their timeout
+# A warm session older than this is replaced, never handed out: its child's own time limit is
+# max_timeout plus this, so a session handed out before then still has the whole max_timeout.
+_WARM_MAX_AGE = 600.0
+_WARM_REFILL_DELAY = 0.2  # seconds after a create before its profile's warm sessions are topped up
+_WARM_RETRY = 30.0        # seconds before a profile whose warm session failed to start is warmed again
 # A file travels through a session's channel in one message, base64-encoded: bounded, so that a
 # line from the agent (untrusted: it runs in the sandbox) is bounded too.
 MAX_FILE_BYTES = 64 << 20
@@ -53,6 +63,10 @@ _MAX_LINE = MAX_FILE_BYTES * 4 // 3 + (1 << 20)
 # is dropped (it ends with an error) and the rest of its output is discarded.
 _QUEUED_REPLIES = 256
 _AGENT_SOURCE = Path(session_agent.__file__).read_text(encoding="utf-8")
+# Preloaded by the sessions' zygotes: a child then runs this import (a lookup in sys.modules)
+# instead of compiling the agent's source (~3 ms per sandbox).
+_AGENT_MODULE = session_agent.__name__
+_AGENT_IMPORT = f"from {_AGENT_MODULE} import main\n"
 _RESTORED = "snapshot"   # where a sandbox's snapshot is restored under its /in, for its agent to copy to $HOME
 
 
@@ -62,7 +76,7 @@ class SandboxGone(ApiError):
                          "create a new sandbox")
 
 
-@dataclass
+@dataclass(eq=False)   # one session is equal to itself only
 class Session:
     id: str
     template: str
@@ -82,6 +96,7 @@ class Session:
     connected: asyncio.Future[None] | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     outcome: SandboxOutcome | None = None
+    launched_at: float = 0.0               # monotonic: a warm session's age
     out_fd: int = -1                       # the child's $MEMOPLANE_OUT, where its agent copies a snapshot
     snapshotting: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -181,6 +196,11 @@ class SessionManager:
         self._pools: dict[str, SandboxPool] = {}
         self._pool_lock = threading.Lock()
         self._reaper: asyncio.Task[None] | None = None
+        self._warm: dict[str, list[Session]] = {}          # per profile: started, owned by no one
+        self._warming: Counter[str] = Counter()           # per profile: warm sessions being started
+        self._warm_failed_at: dict[str, float] = {}       # per profile: monotonic
+        self._warm_tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     # -- pools ------------------------------------------------------------------------
 
@@ -189,6 +209,7 @@ class SessionManager:
         with self._pool_lock:
             if profile not in self._pools:
                 self._pools[profile] = SandboxPool(profile=profile, size=self.settings.warm,
+                                                   preload=(*PROFILES[profile].preload, _AGENT_MODULE),
                                                    require_isolation=self.settings.require_isolation)
             return self._pools[profile]
 
@@ -198,9 +219,12 @@ class SessionManager:
         self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
 
     async def close(self) -> None:
+        self._closing = True
         if self._reaper is not None:
             self._reaper.cancel()
-        await asyncio.gather(*(self.kill(s) for s in list(self.sessions.values())), return_exceptions=True)
+        await asyncio.gather(*self._warm_tasks, return_exceptions=True)
+        warm = [s for sessions in self._warm.values() for s in sessions]
+        await asyncio.gather(*(self.kill(s) for s in [*self.sessions.values(), *warm]), return_exceptions=True)
         for pool in self._pools.values():
             await asyncio.to_thread(pool.close)
 
@@ -213,22 +237,84 @@ class SessionManager:
         if len(self.sessions) >= self.settings.max_sandboxes:
             raise ApiError(429, f"{len(self.sessions)} sandboxes are alive, the most this server runs at once",
                            "kill one, or raise MEMOPLANE_SERVE_MAX_SANDBOXES")
-        pool = await asyncio.to_thread(self.pool, profile)
+        warm = self._take_warm(profile) if snapshot is None else None
+        session = warm or new_session(profile)
+        pool = None if warm else await asyncio.to_thread(self.pool, profile)
         now = time.time()
-        session = Session(id="mp" + secrets.token_hex(10), template=template, profile=profile, owner=caller.team,
-                          metadata=dict(metadata), started_at=now, end_at=now + seconds,
-                          hard_end_at=now + self.settings.max_timeout,
-                          directory=Path(tempfile.mkdtemp(prefix="memoplane-session-")), creator=caller.key_id)
+        session.template, session.owner, session.creator = template, caller.team, caller.key_id
+        session.metadata, session.started_at, session.end_at = dict(metadata), now, now + seconds
+        session.hard_end_at = now + self.settings.max_timeout
         self.sessions[session.id] = session
         try:
-            await self._launch(session, pool, env, snapshot)
+            if pool is not None:
+                await self._launch(session, pool, env, snapshot, self.limits())
+            elif env:
+                await session.call("env", envs=env)
         except BaseException:
             await self.kill(session)
             raise
+        # Not now: starting the next one would compete for the CPU with this one's first command.
+        asyncio.get_running_loop().call_later(_WARM_REFILL_DELAY, self._keep_warm, profile)
         return session
 
-    async def _launch(self, session: Session, pool: SandboxPool, env: dict[str, str], snapshot: str | None) -> None:
+    # -- warm sessions ------------------------------------------------------------------
+
+    def _take_warm(self, profile: str) -> Session | None:
+        """A started session of `profile` no one owns yet, the oldest young enough; None if none."""
+        self._retire_old_warm()
+        ready = self._warm.get(profile, [])
+        while ready:
+            session = ready.pop(0)
+            if not session.ended.is_set():
+                return session
+        return None
+
+    def _retire_old_warm(self) -> None:
+        """Warm sessions past their age are killed (and replaced): see _WARM_MAX_AGE."""
+        for profile, ready in self._warm.items():
+            old = [s for s in ready if time.monotonic() - s.launched_at >= _WARM_MAX_AGE]
+            self._warm[profile] = [s for s in ready if s not in old]
+            for session in old:
+                self._spawn(self.kill(session))
+
+    def _keep_warm(self, profile: str) -> None:
+        """Start what `profile` lacks of its warm sessions (none before its pool exists)."""
+        if self._closing or profile not in self._pools:
+            return
+        if time.monotonic() - self._warm_failed_at.get(profile, -_WARM_RETRY) < _WARM_RETRY:
+            return
+        ready = [s for s in self._warm.get(profile, []) if not s.ended.is_set()]
+        for _ in range(self.settings.warm_sessions - len(ready) - self._warming[profile]):
+            self._warming[profile] += 1
+            self._spawn(self._start_warm(profile))
+
+    async def _start_warm(self, profile: str) -> None:
+        session = new_session(profile)
+        try:
+            # Its child's limit runs from now: longer by the most it may wait to be handed out.
+            limits = Limits(timeout_s=float(self.settings.max_timeout) + _WARM_MAX_AGE)
+            await self._launch(session, self._pools[profile], {}, None, limits)
+        except Exception as e:  # noqa: BLE001 - a create then starts its own sandbox, and says why
+            log.warning("a warm %s sandbox could not start (%s): retried in %.0fs", profile, e, _WARM_RETRY)
+            self._warm_failed_at[profile] = time.monotonic()
+            await self.kill(session)
+            return
+        finally:
+            self._warming[profile] -= 1
+        if self._closing:
+            await self.kill(session)
+        else:
+            self._warm.setdefault(profile, []).append(session)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._warm_tasks.add(task)
+        task.add_done_callback(self._warm_tasks.discard)
+
+    async def _launch(self, session: Session, pool: SandboxPool, env: dict[str, str], snapshot: str | None,
+                      limits: Limits) -> None:
         loop = asyncio.get_running_loop()
+        session.launched_at = time.monotonic()
         inbox, outbox = session.directory / "in", session.directory / "out"
         inbox.mkdir()
         outbox.mkdir()
@@ -242,8 +328,9 @@ class SessionManager:
         os.chmod(socket_path, 0o777)
         session.connected = loop.create_future()
         session._stop_r, session._stop_w = os.pipe()
-        request = SandboxRequest(PythonTask(_AGENT_SOURCE, "main", filename="<memoplane session agent>"),
-                                 inbox, outbox, env=env, limits=self.limits())
+        source = _AGENT_IMPORT if _AGENT_MODULE in pool.preloaded else _AGENT_SOURCE
+        request = SandboxRequest(PythonTask(source, "main", filename="<memoplane session agent>"),
+                                 inbox, outbox, env=env, limits=limits)
 
         def run() -> None:
             try:
@@ -352,6 +439,8 @@ class SessionManager:
             os.close(session.out_fd)
             session.out_fd = -1
         self.sessions.pop(session.id, None)
+        if session.profile in self._warm:
+            self._warm[session.profile] = [s for s in self._warm[session.profile] if s is not session]
         with contextlib.suppress(OSError):
             remove_tree(session.directory)
 
@@ -397,6 +486,16 @@ class SessionManager:
             for session in [s for s in self.sessions.values() if s.end_at <= now]:
                 log.info("sandbox %s reached its timeout: killed", session.id)
                 await self.kill(session)
+            self._retire_old_warm()
+            for profile in list(self._pools):
+                self._keep_warm(profile)
+
+
+def new_session(profile: str) -> Session:
+    """A session not yet handed out: SessionManager.create says whose it is and for how long."""
+    return Session(id="mp" + secrets.token_hex(10), template="", profile=profile, owner="", metadata={},
+                   started_at=0.0, end_at=0.0, hard_end_at=0.0,
+                   directory=Path(tempfile.mkdtemp(prefix="memoplane-session-")))
 
 
 def snapshot_template(template: str) -> str | None:
