@@ -268,6 +268,12 @@ def history_index_path(store_root: Path | None, store_description: str, env: Map
 WATCH_DOC = 'namespace patterns, space separated (empty: every namespace), e.g. "ml research" or "*,!kube-*"'
 
 
+# The secret the agent API and the node agents share: an agent starts a sandbox in its warm pool only for a
+# caller that proves it holds it (memoplane.server.placement). A file, as the chart mounts its Secret.
+SESSION_SECRET_FILE_ENV = "MEMOPLANE_SESSION_SECRET_FILE"
+SESSION_SECRET_DOC = ("the secret the agent API and the agents share (a file, mode 0400; the chart's "
+                      "api-sessions Secret): the agents' session endpoint serves only its holders; unset: "
+                      "no such endpoint (agents) / sandboxes run in this process (the API)")
 OPENLINEAGE_URL_ENV = "MEMOPLANE_OPENLINEAGE_URL"   # read by memoplane.history.openlineage (embedded runs too)
 OPENLINEAGE_DOC = ("an OpenLineage HTTP endpoint (events go to <url>/api/v1/lineage): every run's START and "
                    "COMPLETE/FAIL; empty: none are sent")
@@ -385,6 +391,13 @@ class AgentSettings:
     key_dir: str | None = setting(NODE_KEY_DIR_ENV, None, "the directory (kept on the node, made 0700) of the "
                                   "agent's own signing key, <node>-<epoch>.key: made on first start (required)")
     openlineage_url: str = setting(OPENLINEAGE_URL_ENV, "", OPENLINEAGE_DOC)
+    session_secret_file: str = setting(SESSION_SECRET_FILE_ENV, "", SESSION_SECRET_DOC)
+    session_host: str = setting("MEMOPLANE_SESSION_HOST", "0.0.0.0", "address of the session endpoint (sandboxes "
+                                "the agent API starts in this node's warm pool)")
+    session_port: int = setting("MEMOPLANE_SESSION_PORT", 8091, "port of the session endpoint (0: any free port)")
+    session_address: str = setting("POD_IP", "", "the address the API reaches the session endpoint at, announced "
+                                   "in the node's Lease (the chart: the pod's IP); empty: session_host")
+    session_warm: int = setting("MEMOPLANE_SESSION_WARM", 2, "warm sandbox children kept for API sessions")
 
 
 # -- the agent API (memoplane serve) ---------------------------------------------------------
@@ -435,6 +448,10 @@ class ServeSettings:
                                 "differ from the server's clock (nonces are remembered for twice that)")
     tiers: str = setting("MEMOPLANE_SERVE_TIERS", "", "rate tiers as JSON {tier: {key|team: {limit: n}}} "
                          "(limits: " + ", ".join(TIER_LIMITS) + "); unset: the built-in tiers")
+    namespace: str = setting("MEMOPLANE_SERVE_NAMESPACE", "", "on Kubernetes: the namespace of the node agents' "
+                             "Leases, where sandboxes run in the agents' warm pools and are shown as Sandbox "
+                             "objects (needs the session secret); empty: sandboxes run in this process")
+    session_secret_file: str = setting(SESSION_SECRET_FILE_ENV, "", SESSION_SECRET_DOC)
 
 
 SERVE_FLAGS = ("host", "port", "warm", "max_timeout", "max_sandboxes")  # `memoplane serve`'s flags

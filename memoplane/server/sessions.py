@@ -34,6 +34,8 @@ from ..settings import ServeSettings
 from . import session_agent
 from .auth import Caller
 from .errors import ApiError
+from .objects import SandboxObjects
+from .placement import Placed, Placement, open_remote
 from .stores import open_team_store
 
 log = logging.getLogger("memoplane.server")
@@ -155,6 +157,24 @@ class Session:
             with contextlib.suppress(OSError):
                 os.write(self._stop_w, b"x")
 
+    def launched(self) -> bool:
+        return self._stop_w >= 0
+
+
+@dataclass
+class RemoteSession(Session):
+    """A session whose child lives in a node agent's warm pool (placement.py): its agent's lines come
+    over the agent's connection; closing it ends the sandbox there."""
+
+    node: str = ""
+
+    def stop(self) -> None:
+        if self._writer is not None and not self.ended.is_set():
+            self._writer.close()
+
+    def launched(self) -> bool:
+        return True   # the manager lists it only once its agent started it
+
 
 def agent_error(error: Any) -> ApiError:
     """An error the agent reported. The agent runs in the sandbox: its replies are untrusted data."""
@@ -174,13 +194,21 @@ def decode(reply: dict[str, Any], name: str) -> bytes:
 class SessionManager:
     """Every live session, the warm pool per runtime profile, and the reaper."""
 
-    def __init__(self, settings: ServeSettings, store: str | None = None) -> None:
+    def __init__(self, settings: ServeSettings, store: str | None = None, placement: Placement | None = None,
+                 objects: SandboxObjects | None = None) -> None:
         self.settings = settings
         self.store = store   # where snapshots go: the caller's team's namespace of it (stores.py)
+        self.placement = placement   # on Kubernetes: sandboxes go to the node agents, else to our pools
+        self.objects = objects       # on Kubernetes: each remote sandbox shown as a Sandbox object
         self.sessions: dict[str, Session] = {}
         self._pools: dict[str, SandboxPool] = {}
         self._pool_lock = threading.Lock()
         self._reaper: asyncio.Task[None] | None = None
+        self._remote: set[asyncio.Task[None]] = set()   # each remote session's connection, served
+
+    def session_type(self) -> type[Session]:
+        """What a local session is (the node agents' endpoint pipes theirs to the API)."""
+        return Session
 
     # -- pools ------------------------------------------------------------------------
 
@@ -213,12 +241,12 @@ class SessionManager:
         if len(self.sessions) >= self.settings.max_sandboxes:
             raise ApiError(429, f"{len(self.sessions)} sandboxes are alive, the most this server runs at once",
                            "kill one, or raise MEMOPLANE_SERVE_MAX_SANDBOXES")
+        if self.placement is not None:
+            return await self._create_remote(self.placement, caller, template, profile, seconds, env, metadata,
+                                             snapshot)
         pool = await asyncio.to_thread(self.pool, profile)
-        now = time.time()
-        session = Session(id="mp" + secrets.token_hex(10), template=template, profile=profile, owner=caller.team,
-                          metadata=dict(metadata), started_at=now, end_at=now + seconds,
-                          hard_end_at=now + self.settings.max_timeout,
-                          directory=Path(tempfile.mkdtemp(prefix="memoplane-session-")), creator=caller.key_id)
+        session = self.session_type()(**self._new(caller, template, profile, seconds, metadata),
+                          directory=Path(tempfile.mkdtemp(prefix="memoplane-session-")))
         self.sessions[session.id] = session
         try:
             await self._launch(session, pool, env, snapshot)
@@ -226,6 +254,49 @@ class SessionManager:
             await self.kill(session)
             raise
         return session
+
+    def _new(self, caller: Caller, template: str, profile: str, seconds: int,
+             metadata: dict[str, str]) -> dict[str, Any]:
+        now = time.time()
+        return {"id": "mp" + secrets.token_hex(10), "template": template, "profile": profile, "owner": caller.team,
+                "metadata": dict(metadata), "started_at": now, "end_at": now + seconds,
+                "hard_end_at": now + self.settings.max_timeout, "creator": caller.key_id}
+
+    # -- sandboxes on the node agents (Kubernetes) -----------------------------------------
+
+    async def _create_remote(self, placement: Placement, caller: Caller, template: str, profile: str, seconds: int,
+                             env: dict[str, str], metadata: dict[str, str], snapshot: str | None) -> Session:
+        if snapshot is not None:
+            raise ApiError(400, "starting a sandbox from a snapshot is not supported yet on Kubernetes (sandboxes "
+                           "run on the node agents)", "create it without a snapshot")
+        node, endpoint = await asyncio.to_thread(placement.pick, profile)
+        session = RemoteSession(**self._new(caller, template, profile, seconds, metadata), directory=Path(),
+                                node=node)   # no directory here: the agent has the child's
+        request = {"id": session.id, "team": caller.team, "profile": profile, "env": env,
+                   "seconds": int(session.hard_end_at - session.started_at)}
+        try:
+            placed = await open_remote(node, endpoint, placement.secret, request, _MAX_LINE)
+        except BaseException:
+            placement.release(node)
+            raise
+        self.sessions[session.id] = session
+        task = asyncio.get_running_loop().create_task(self._serve_remote(placement, session, placed))
+        self._remote.add(task)
+        task.add_done_callback(self._remote.discard)
+        if self.objects is not None:
+            await asyncio.to_thread(self.objects.show, session.id, node, session.owner, template,
+                                    session.started_at, session.end_at)
+        return session
+
+    async def _serve_remote(self, placement: Placement, session: RemoteSession, placed: Placed) -> None:
+        try:
+            await session.serve_agent(placed.reader, placed.writer)
+        finally:
+            placement.release(session.node)
+            if self.objects is not None:   # gone before kill() returns: the sandbox ended
+                await asyncio.to_thread(self.objects.remove, session.id)
+            self.sessions.pop(session.id, None)
+            session.ended.set()
 
     async def _launch(self, session: Session, pool: SandboxPool, env: dict[str, str], snapshot: str | None) -> None:
         loop = asyncio.get_running_loop()
@@ -292,6 +363,9 @@ class SessionManager:
         agent copies it into its $MEMOPLANE_OUT; the host reads it there as it reads a job's
         outputs (collect.collect: regular files and directories only, beneath that mount, within
         the output limits), so a link, a device or a FIFO is refused, never followed."""
+        if isinstance(session, RemoteSession):
+            raise ApiError(400, f"sandbox {session.id} runs on node {session.node}: snapshots of sandboxes on "
+                           "the node agents are not supported yet", "copy its files out with the files API")
         async with session.snapshotting:
             await session.call("snapshot")
             if session.ended.is_set() or session.out_fd < 0:
@@ -347,7 +421,7 @@ class SessionManager:
                 and caller.sandbox in (None, s.id)]
 
     async def kill(self, session: Session) -> None:
-        if session._stop_w < 0 and not session.ended.is_set():   # never launched
+        if not session.launched() and not session.ended.is_set():
             self.sessions.pop(session.id, None)
             with contextlib.suppress(OSError):
                 remove_tree(session.directory)
@@ -364,6 +438,8 @@ class SessionManager:
                            f"{self.settings.max_timeout}s from its start ({left}s left)",
                            f"give a timeout of at most {left}, or raise MEMOPLANE_SERVE_MAX_TIMEOUT")
         session.end_at = end_at
+        if self.objects is not None and isinstance(session, RemoteSession):
+            asyncio.get_running_loop().create_task(asyncio.to_thread(self.objects.expires, session.id, end_at))
 
     def check_timeout(self, seconds: int) -> int:
         if not 0 < seconds <= self.settings.max_timeout:

@@ -1,0 +1,60 @@
+"""The Sandbox objects of the API's sandboxes on Kubernetes (memoplane.api.sandbox says why this
+kind and group): one per live sandbox, in the API's namespace, labelled with its team and node."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
+
+from ..api.common import API_VERSION
+from ..cluster import protocol as p
+from ..cluster.kube import Kube
+
+log = logging.getLogger("memoplane.server")
+
+TEAM_LABEL = f"{p.GROUP}/team"
+
+
+def rfc3339(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class SandboxObjects:
+    """Blocking (the Kubernetes client): call in a thread. A failed write is logged, never fatal:
+    the object shows a sandbox, it does not run it."""
+
+    def __init__(self, kube: Kube, namespace: str) -> None:
+        self.kube, self.namespace = kube, namespace
+
+    def show(self, sandbox_id: str, node: str, team: str, template: str, created: float, expires: float) -> None:
+        labels = {TEAM_LABEL: _label(team), p.NODE_LABEL: _label(node)}
+        body = {"apiVersion": API_VERSION, "kind": "Sandbox", "spec": {},
+                "metadata": {"name": sandbox_id, "namespace": self.namespace, "labels": labels}}
+        status = {"node": node, "team": team, "template": template, "created": rfc3339(created),
+                  "expires": rfc3339(expires)}
+        try:
+            self.kube.create(p.SANDBOXES, self.namespace, body)
+            self.kube.patch_status(p.SANDBOXES, self.namespace, sandbox_id, status)
+        except (ApiException, HTTPError, OSError) as e:
+            log.warning("Sandbox object %s/%s not written: %s", self.namespace, sandbox_id, e)
+
+    def expires(self, sandbox_id: str, expires: float) -> None:
+        try:
+            self.kube.patch_status(p.SANDBOXES, self.namespace, sandbox_id, {"expires": rfc3339(expires)})
+        except (ApiException, HTTPError, OSError) as e:
+            log.warning("Sandbox object %s/%s: expires not updated: %s", self.namespace, sandbox_id, e)
+
+    def remove(self, sandbox_id: str) -> None:
+        try:
+            self.kube.delete(p.SANDBOXES, self.namespace, sandbox_id)
+        except (ApiException, HTTPError, OSError) as e:
+            log.warning("Sandbox object %s/%s not deleted: %s", self.namespace, sandbox_id, e)
+
+
+def _label(value: str) -> str:
+    """A label value: at most 63 characters of [A-Za-z0-9_.-], alphanumeric at both ends."""
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "-" for c in value)[:63]
+    return cleaned.strip("-_.")
