@@ -58,7 +58,7 @@ SANDBOX = KindInfo(
         PrinterColumn("Node", ".status.node", "string"),
         PrinterColumn("Team", ".status.team", "string"),
         PrinterColumn("Template", ".status.template", "string"),
-        PrinterColumn("Expires", ".status.expires", "date"),
+        PrinterColumn("Expires", ".status.expires", "string"),
         AGE_COLUMN,
     ),
 )
