@@ -140,6 +140,14 @@ def read_credentials(directory: Path) -> tuple[str, str]:
     return access_key, secret_key
 
 
+def open_to_others(info: os.stat_result) -> bool:
+    """Whether a secret's file is readable or writable by others than its owner. Group-readable is
+    fine when the group is this process's own (not root's): the pod's fsGroup, which is how a
+    non-root container reads a Secret volume."""
+    own_group = info.st_gid == os.getegid() != 0
+    return bool(info.st_mode & 0o037 or (info.st_mode & 0o040 and not own_group))
+
+
 def read_private_file(path: Path, env: str, what: str, alternative: str = "") -> str:
     """A secret's text from `path` (a trailing newline is ignored): it must exist, be readable
     by its owner only (or also by this process's own non-root group) and not be empty;
@@ -151,10 +159,7 @@ def read_private_file(path: Path, env: str, what: str, alternative: str = "") ->
         raise InputError(f"{env}: cannot read {path} ({exc.strerror})",
                          f"put {what} there (mode 0400)" + (f", {alternative}" if alternative else "")) from None
     mode = stat.st_mode
-    # Group-readable is fine when the group is this process's own (not root's): the pod's
-    # fsGroup, which is how a non-root container reads a Secret volume.
-    own_group = stat.st_gid == os.getegid() != 0
-    if mode & 0o037 or (mode & 0o040 and not own_group):
+    if open_to_others(stat):
         raise InputError(f"{env}: {path} is readable or writable by group or others "
                          f"(mode {mode & 0o777:04o})", f"chmod 0400 {path} (a Secret volume: defaultMode 0400)")
     if not text.strip():

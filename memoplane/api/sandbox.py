@@ -18,7 +18,16 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field
 
-from .common import AGE_COLUMN, API_VERSION, K8sModel, KindInfo, ObjectMetaLite, PrinterColumn, StatusModel
+from .common import (
+    AGE_COLUMN,
+    API_VERSION,
+    Conditions,
+    K8sModel,
+    KindInfo,
+    ObjectMetaLite,
+    PrinterColumn,
+    StatusModel,
+)
 
 
 class SandboxSpec(K8sModel):
@@ -35,6 +44,9 @@ class SandboxStatus(StatusModel):
     created: str | None = Field(default=None, description="When it started (RFC 3339).")
     expires: str | None = Field(default=None, description="When its timeout ends it (RFC 3339); moves with "
                                 "the API's set_timeout.")
+    conditions: Conditions = Field(default_factory=list, description="Ready=True while it runs (the object "
+                                   "is deleted when it ends).")
+    observed_generation: int | None = Field(default=None, ge=0)
 
 
 class Sandbox(K8sModel):

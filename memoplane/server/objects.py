@@ -10,6 +10,7 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from ..api.common import API_VERSION
+from ..api.conditions import mark_ready
 from ..cluster import protocol as p
 from ..cluster.kube import Kube
 
@@ -33,10 +34,12 @@ class SandboxObjects:
         labels = {TEAM_LABEL: _label(team), p.NODE_LABEL: _label(node)}
         body = {"apiVersion": API_VERSION, "kind": "Sandbox", "spec": {},
                 "metadata": {"name": sandbox_id, "namespace": self.namespace, "labels": labels}}
-        status = {"node": node, "team": team, "template": template, "created": rfc3339(created),
-                  "expires": rfc3339(expires)}
         try:
-            self.kube.create(p.SANDBOXES, self.namespace, body)
+            made = self.kube.create(p.SANDBOXES, self.namespace, body) or {}
+            generation = (made.get("metadata") or {}).get("generation")
+            ready = mark_ready([], "Running", f"running on node {node}", generation, datetime.now(UTC))
+            status = {"node": node, "team": team, "template": template, "created": rfc3339(created),
+                      "expires": rfc3339(expires), "conditions": ready, "observedGeneration": generation}
             self.kube.patch_status(p.SANDBOXES, self.namespace, sandbox_id, status)
         except (ApiException, HTTPError, OSError) as e:
             log.warning("Sandbox object %s/%s not written: %s", self.namespace, sandbox_id, e)
