@@ -66,7 +66,8 @@ def _convert(node: Mapping[str, Any], defs: Mapping[str, Any]) -> dict[str, Any]
         if key in _DROP or (key == "additionalProperties" and value is False):
             continue
         if key == "properties":
-            out[key] = {name: _convert(sub, defs) for name, sub in value.items()}
+            if value:   # the API server drops an empty `properties` (an upgrade would see a difference)
+                out[key] = {name: _convert(sub, defs) for name, sub in value.items()}
         elif key in ("items", "additionalProperties") and isinstance(value, Mapping):
             out[key] = _convert(value, defs)
         elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
