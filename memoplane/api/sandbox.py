@@ -8,7 +8,8 @@ profile (no pod template), the warm pool is each agent's (no SandboxWarmPool to 
 sandbox is claimed through the API (E2B's create), not by a SandboxClaim.
 
 The object is a view, written by the API only (its RBAC; users get read access): created once a
-sandbox runs, its status kept to the sandbox's (the timeout moves `expires`), deleted when it ends.
+sandbox runs, its status kept to the sandbox's (the timeout moves `expires`), deleted when it ends;
+deleting it ends the sandbox.
 It has no spec: a sandbox is created through the API, so a field here would be one nothing acts on.
 """
 

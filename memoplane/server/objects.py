@@ -1,11 +1,15 @@
 """The Sandbox objects of the API's sandboxes on Kubernetes (memoplane.api.sandbox says why this
-kind and group): one per live sandbox, in the API's namespace, labelled with its team and node."""
+kind and group): one per live sandbox, in the API's namespace, labelled with its team and node.
+Deleting one (`kubectl delete sandboxes.memoplane.io ID`) ends its sandbox: an operator's kill."""
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 
+from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
@@ -17,6 +21,8 @@ from ..cluster.kube import Kube
 log = logging.getLogger("memoplane.server")
 
 TEAM_LABEL = f"{p.GROUP}/team"
+_WATCH_SECONDS = 30   # a watch is renewed this often (and a stop seen at the latest then)
+_RETRY_SECONDS = 2.0
 
 
 def rfc3339(seconds: float) -> str:
@@ -49,6 +55,33 @@ class SandboxObjects:
             self.kube.patch_status(p.SANDBOXES, self.namespace, sandbox_id, {"expires": rfc3339(expires)})
         except (ApiException, HTTPError, OSError) as e:
             log.warning("Sandbox object %s/%s: expires not updated: %s", self.namespace, sandbox_id, e)
+
+    def watch_deleted(self, deleted: Callable[[str], None], stop: threading.Event) -> None:
+        """Call `deleted(name)` for each Sandbox object deleted, until `stop` (blocking: a thread).
+        What was deleted while the watch was down is found by the next listing."""
+        known: set[str] = set()
+        while not stop.is_set():
+            try:
+                items, version = self.kube.list(p.SANDBOXES, self.namespace)
+                listed = {str(item["metadata"]["name"]) for item in items}
+                for name in known - listed:
+                    deleted(name)
+                known = listed
+                stream = watch.Watch().stream(self.kube.custom.list_namespaced_custom_object, p.GROUP, p.VERSION,
+                                              self.namespace, p.SANDBOXES, resource_version=version,
+                                              timeout_seconds=_WATCH_SECONDS)
+                for event in stream:
+                    name = str(((event.get("object") or {}).get("metadata") or {}).get("name", ""))
+                    if event.get("type") == "DELETED":
+                        known.discard(name)
+                        deleted(name)
+                    elif event.get("type") == "ADDED":
+                        known.add(name)
+                    if stop.is_set():
+                        return
+            except (ApiException, HTTPError, OSError, ValueError) as e:
+                log.warning("watching Sandbox objects in %s: %s (again in %ss)", self.namespace, e, _RETRY_SECONDS)
+                stop.wait(_RETRY_SECONDS)
 
     def remove(self, sandbox_id: str) -> None:
         try:

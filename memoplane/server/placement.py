@@ -39,6 +39,10 @@ class Refused(Exception):
     """The peer failed the handshake (a wrong proof, a malformed message)."""
 
 
+class Unreachable(ApiError):
+    """No connection to an agent's endpoint: another agent may take the sandbox."""
+
+
 def read_secret(path: str) -> bytes:
     """The shared session secret from its file (owner-only, not empty); InputError (one line) otherwise."""
     return read_private_file(Path(path), SESSION_SECRET_FILE_ENV, "the session secret").encode()
@@ -90,8 +94,7 @@ async def open_remote(node: str, endpoint: str, secret: bytes, request: dict[str
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port), limit=limit),
                                                 HANDSHAKE_TIMEOUT)
     except (OSError, ValueError, TimeoutError) as e:
-        raise ApiError(503, f"node {node}'s agent is unreachable at {endpoint} ({e})",
-                       "retry: the next create goes to another node if there is one") from None
+        raise Unreachable(503, f"node {node}'s agent is unreachable at {endpoint} ({e})", "retry") from None
     try:
         async with asyncio.timeout(HANDSHAKE_TIMEOUT):
             nonce = str((await receive(reader)).get("challenge", ""))
@@ -121,15 +124,17 @@ class Placement:
         self._tracker = LeaseTracker()
         self._lock = threading.Lock()
 
-    def pick(self, profile: str) -> tuple[str, str]:
-        """(node, its session endpoint), counted as placed; blocking (reads the Leases): call in a thread."""
+    def pick(self, profile: str, exclude: frozenset[str] = frozenset()) -> tuple[str, str]:
+        """(node, its session endpoint), counted as placed, never one of `exclude`; blocking (reads the
+        Leases): call in a thread."""
         leases = self.kube.list_leases(self.namespace)
         with self._lock:
             nodes = [n for n in live_nodes(self._tracker.observe(leases, time.monotonic(), datetime.now(UTC)))
-                     if n.sessions and profile in n.profiles]
+                     if n.sessions and profile in n.profiles and n.name not in exclude]
             if not nodes:
+                tried = f" (unreachable: {', '.join(sorted(exclude))})" if exclude else ""
                 raise ApiError(503, f"no live node agent in namespace {self.namespace} serves {profile!r} "
-                               "sandboxes", "check the agents run with the session secret "
+                               f"sandboxes{tried}", "check the agents run with the session secret "
                                f"({SESSION_SECRET_FILE_ENV}) and are ready; retry")
             chosen = min(nodes, key=lambda n: (self.placed[n.name], n.name))
             self.placed[chosen.name] += 1

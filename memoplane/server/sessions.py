@@ -19,7 +19,7 @@ import secrets
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from . import session_agent
 from .auth import Caller
 from .errors import ApiError
 from .objects import SandboxObjects
-from .placement import Placed, Placement, open_remote
+from .placement import Placed, Placement, Unreachable, open_remote
 from .stores import open_team_store
 
 log = logging.getLogger("memoplane.server")
@@ -205,6 +205,7 @@ class SessionManager:
         self._pool_lock = threading.Lock()
         self._reaper: asyncio.Task[None] | None = None
         self._remote: set[asyncio.Task[None]] = set()   # each remote session's connection, served
+        self._stopping = threading.Event()
 
     def session_type(self) -> type[Session]:
         """What a local session is (the node agents' endpoint pipes theirs to the API)."""
@@ -227,9 +228,27 @@ class SessionManager:
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
+        loop = asyncio.get_running_loop()
+        self._reaper = loop.create_task(self._reap_loop())
+        if self.objects is not None:
+            threading.Thread(target=self.objects.watch_deleted, args=(self._object_deleted(loop), self._stopping),
+                             name="memoplane-sandbox-objects", daemon=True).start()
+
+    def _object_deleted(self, loop: asyncio.AbstractEventLoop) -> Callable[[str], None]:
+        """A Sandbox object deleted (by an operator; ours go once the sandbox ended): its sandbox ends."""
+        def deleted(name: str) -> None:
+            def kill() -> None:
+                session = self.sessions.get(name)
+                if session is not None and not session.ended.is_set():
+                    log.info("sandbox %s: its Sandbox object was deleted: killed", name)
+                    task = loop.create_task(self.kill(session))
+                    self._remote.add(task)
+                    task.add_done_callback(self._remote.discard)
+            loop.call_soon_threadsafe(kill)
+        return deleted
 
     async def close(self) -> None:
+        self._stopping.set()
         if self._reaper is not None:
             self._reaper.cancel()
         await asyncio.gather(*(self.kill(s) for s in list(self.sessions.values())), return_exceptions=True)
@@ -250,7 +269,7 @@ class SessionManager:
                                              snapshot)
         pool = await asyncio.to_thread(self.pool, profile)
         session = self.session_type()(**self._new(caller, template, profile, seconds, metadata),
-                          directory=Path(tempfile.mkdtemp(prefix="memoplane-session-")))
+                                      directory=Path(tempfile.mkdtemp(prefix="memoplane-session-")))
         self.sessions[session.id] = session
         try:
             await self._launch(session, pool, env, snapshot)
@@ -273,16 +292,24 @@ class SessionManager:
         if snapshot is not None:
             raise ApiError(400, "starting a sandbox from a snapshot is not supported yet on Kubernetes (sandboxes "
                            "run on the node agents)", "create it without a snapshot")
-        node, endpoint = await asyncio.to_thread(placement.pick, profile)
-        session = RemoteSession(**self._new(caller, template, profile, seconds, metadata), directory=Path(),
-                                node=node)   # no directory here: the agent has the child's
+        session = RemoteSession(**self._new(caller, template, profile, seconds, metadata),
+                                directory=Path())   # no directory here: the agent has the child's
         request = {"id": session.id, "team": caller.team, "profile": profile, "env": env,
                    "seconds": int(session.hard_end_at - session.started_at)}
-        try:
-            placed = await open_remote(node, endpoint, placement.secret, request, _MAX_LINE)
-        except BaseException:
-            placement.release(node)
-            raise
+        unreachable: set[str] = set()
+        while True:   # each live agent once, until one answers (pick: 503 when none is left)
+            node, endpoint = await asyncio.to_thread(placement.pick, profile, frozenset(unreachable))
+            try:
+                placed = await open_remote(node, endpoint, placement.secret, request, _MAX_LINE)
+                break
+            except Unreachable as e:
+                placement.release(node)
+                log.warning("sandbox %s: %s", session.id, e.message)
+                unreachable.add(node)
+            except BaseException:
+                placement.release(node)
+                raise
+        session.node = node
         self.sessions[session.id] = session
         task = asyncio.get_running_loop().create_task(self._serve_remote(placement, session, placed))
         self._remote.add(task)

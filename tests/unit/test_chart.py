@@ -522,7 +522,8 @@ def test_api_rbac_is_leases_list_and_its_sandbox_objects_only(helm: Path) -> Non
     role = find(docs, "Role", "-api")
     assert role["metadata"]["namespace"] == NAMESPACE
     assert _rules(role) == {("coordination.k8s.io", "leases", "list"), ("memoplane.io", "sandboxes", "create"),
-                            ("memoplane.io", "sandboxes", "delete"), ("memoplane.io", "sandboxes/status", "patch")}
+                            ("memoplane.io", "sandboxes", "delete"), ("memoplane.io", "sandboxes", "list"),
+                            ("memoplane.io", "sandboxes", "watch"), ("memoplane.io", "sandboxes/status", "patch")}
     assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding") and d["metadata"]["name"].endswith("-api")]
     edit, view = _rules(find(docs, "ClusterRole", "-edit")), _rules(find(docs, "ClusterRole", "-view"))
     assert not any(r.startswith("sandboxes") for _, r, _ in edit), "Sandbox objects are the API's to write"

@@ -12,6 +12,7 @@ import pytest
 
 from memoplane.cluster import protocol as p
 from memoplane.errors import InputError
+from memoplane.server.auth import Caller
 from memoplane.server.errors import ApiError
 from memoplane.server.placement import Placement, Refused, challenge, open_remote, read_secret, send
 from memoplane.server.sessions import SessionManager
@@ -118,3 +119,30 @@ def test_a_run_miss_is_not_computed_by_the_api_on_kubernetes() -> None:
     with pytest.raises(ApiError, match="not supported yet") as e:
         SessionManager(ServeSettings(), placement=placement).pool("python")
     assert e.value.status == 501
+
+
+def test_excluded_agents_are_not_picked() -> None:
+    leases = [_lease("node-a", "10.0.0.1:8091"), _lease("node-b", "10.0.0.2:8091")]
+    placement = Placement(_Leases(leases), "ns1", SECRET)  # type: ignore[arg-type]
+    assert placement.pick("python", frozenset({"node-a"})) == ("node-b", "10.0.0.2:8091")
+    with pytest.raises(ApiError, match=r"unreachable: node-a, node-b"):
+        placement.pick("python", frozenset({"node-a", "node-b"}))
+
+
+def test_a_create_skips_an_unreachable_agent_and_ends_when_the_agent_closes() -> None:
+    """SessionManager against a stand-in agent endpoint (this module's): node-a's announced endpoint
+    refuses connections, node-b takes the sandbox; the agent closing the connection ends it."""
+    async def go() -> None:
+        seen: list[Any] = []
+        server = await _endpoint(SECRET, seen)
+        port = server.sockets[0].getsockname()[1]
+        leases = [_lease("node-a", "127.0.0.1:1"), _lease("node-b", f"127.0.0.1:{port}")]
+        placement = Placement(_Leases(leases), "ns1", SECRET)  # type: ignore[arg-type]
+        manager = SessionManager(ServeSettings(), placement=placement)
+        session = await manager.create(Caller(team="t"), "base", 60, {"A": "1"}, {})
+        assert session.node == "node-b"  # type: ignore[attr-defined]
+        assert seen[0]["team"] == "t" and seen[0]["profile"] == "python" and seen[0]["env"] == {"A": "1"}
+        await asyncio.wait_for(session.ended.wait(), 10)   # the stand-in closes after `created`
+        assert manager.sessions == {} and placement.placed == {}
+        server.close()
+    asyncio.run(go())

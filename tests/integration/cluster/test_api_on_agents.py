@@ -107,3 +107,16 @@ def test_a_sandbox_whose_agent_dies_ends(stack: Stack, api: dict[str, Any]) -> N
             time.sleep(0.2)
     finally:
         stack.ensure()
+
+
+def test_deleting_a_sandbox_object_ends_its_sandbox(stack: Stack, api: dict[str, Any]) -> None:
+    sandbox = Sandbox.create(timeout=120, **api["opts"])
+    try:
+        assert stack.kube.delete(p.SANDBOXES, stack.cfg.lease_namespace, sandbox.sandbox_id)
+        deadline = time.monotonic() + 30
+        while sandbox.is_running():
+            assert time.monotonic() < deadline, "the sandbox outlived its deleted object"
+            time.sleep(0.2)
+        assert sandbox.sandbox_id not in [s.sandbox_id for s in Sandbox.list(**api["opts"]).next_items()]
+    finally:
+        sandbox.kill()
