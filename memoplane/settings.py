@@ -402,7 +402,8 @@ class AgentSettings:
     session_port: int = setting("MEMOPLANE_SESSION_PORT", 8091, "port of the session endpoint (0: any free port)")
     session_address: str = setting("POD_IP", "", "the address the API reaches the session endpoint at, announced "
                                    "in the node's Lease (the chart: the pod's IP); empty: session_host")
-    session_warm: int = setting("MEMOPLANE_SESSION_WARM", 2, "warm sandbox children kept for API sessions")
+    session_warm: int = setting("MEMOPLANE_SESSION_WARM", 2, "warm sandbox children kept for API sessions, "
+                                "started with the agent (0: none kept warm; the pool starts with the first sandbox)")
 
 
 # -- the agent API (memoplane serve) ---------------------------------------------------------

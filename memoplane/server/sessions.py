@@ -322,6 +322,8 @@ class SessionManager:
     async def _serve_remote(self, placement: Placement, session: RemoteSession, placed: Placed) -> None:
         try:
             await session.serve_agent(placed.reader, placed.writer)
+        except (ConnectionError, OSError) as e:   # the agent's connection broke: the sandbox is gone
+            log.info("sandbox %s: node %s's connection ended: %s", session.id, session.node, e)
         finally:
             placement.release(session.node)
             if self.objects is not None:   # gone before kill() returns: the sandbox ended

@@ -260,7 +260,7 @@ def start_agent(cfg: StackConfig, node: str, wait: bool = True, argv: list[str] 
            "MEMOPLANE_LOCAL_CACHE": str(cfg.directory / "node-cache" / node), **agent_credentials(cfg),
            NODE_KEY_DIR_ENV: str(node_key_dir(cfg.directory, node)),
            SESSION_SECRET_FILE_ENV: str(session_secret(cfg.directory)), "MEMOPLANE_SESSION_HOST": "127.0.0.1",
-           "MEMOPLANE_SESSION_PORT": "0"}
+           "MEMOPLANE_SESSION_PORT": "0", "MEMOPLANE_SESSION_WARM": "1"}   # one warm child: tests share the machine
     proc = _spawn(cfg, AGENT_PREFIX + node, argv or [sys.executable, "-m", "memoplane_agent"], env, ports)
     if wait:
         wait_ready(cfg.directory, proc, proc.url("http", "/readyz"))

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                "agent's own signing key (the chart mounts one)")
         kube = Kube(load_config())
         signer = node_key(Path(settings.key_dir), settings.node, lambda: next_epoch(kube, config))
-        endpoint = session_endpoint(settings)
+        endpoint = session_endpoint(settings, config.profiles)
     except MemoplaneError as exc:
         parser.exit(2, f"memoplane-agent: {exc}\n")
     logging.getLogger("memoplane.agent").info("signing as %s", signer.keyid)
@@ -109,13 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def session_endpoint(settings: AgentSettings) -> SessionEndpoint | None:
+def session_endpoint(settings: AgentSettings, profiles: list[str]) -> SessionEndpoint | None:
     """The endpoint the agent API starts sandboxes through, when this agent has the session secret."""
     if not settings.session_secret_file:
         return None
     serve_settings = from_env(ServeSettings, warm=settings.session_warm, require_isolation=settings.require_isolation)
     return SessionEndpoint(settings.session_host, settings.session_port, read_secret(settings.session_secret_file),
-                           serve_settings)
+                           serve_settings, profiles)
 
 
 def next_epoch(kube: Kube, config: AgentConfig) -> int:

@@ -47,10 +47,14 @@ class PipedSession(Session):
         self._writer = writer
         if self.connected is not None and not self.connected.done():
             self.connected.set_result(None)
-        try:
-            api_reader, api_writer = await self.streams()
-            await _pipe(reader, writer, api_reader, api_writer)
+        streams, ended = self.streams(), asyncio.ensure_future(self.ended.wait())
+        try:   # the API's connection, unless the sandbox ended first (its `created` was not sent)
+            waiting: list[asyncio.Future[Any]] = [streams, ended]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if streams.done():
+                await _pipe(reader, writer, *streams.result())
         finally:
+            ended.cancel()
             self.stop()   # either side gone: the sandbox ends
 
 
@@ -83,11 +87,12 @@ class PipedSessions(SessionManager):
 class SessionEndpoint:
     """The endpoint and its sessions, on an event loop of their own (a thread)."""
 
-    def __init__(self, host: str, port: int, secret: bytes, settings: ServeSettings) -> None:
-        self.host, self.port, self.secret = host, port, secret
+    def __init__(self, host: str, port: int, secret: bytes, settings: ServeSettings, profiles: list[str]) -> None:
+        self.host, self.port, self.secret, self.profiles = host, port, secret, profiles
         self.manager = PipedSessions(settings)
         self.loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
+        self._warming: asyncio.Task[None] | None = None
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="memoplane-sessions", daemon=True)
 
@@ -122,6 +127,16 @@ class SessionEndpoint:
     async def _listen(self) -> None:
         self.manager.start()
         self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=HANDSHAKE_LINE)
+        if self.manager.settings.warm > 0:
+            self._warming = self.loop.create_task(self._warm())
+
+    async def _warm(self) -> None:
+        """Each profile's pool, started now: the first sandbox on this node does not wait for it."""
+        for profile in self.profiles:
+            try:
+                await asyncio.to_thread(self.manager.pool, profile)
+            except Exception as e:  # noqa: BLE001 - a create says why again, to its caller
+                log.error("session pool of profile %s did not start: %s", profile, e)
 
     async def _close(self) -> None:
         if self._server is not None:
