@@ -56,10 +56,12 @@ class SandboxObjects:
         except (ApiException, HTTPError, OSError) as e:
             log.warning("Sandbox object %s/%s: expires not updated: %s", self.namespace, sandbox_id, e)
 
-    def watch_deleted(self, deleted: Callable[[str], None], stop: threading.Event) -> None:
+    def watch_deleted(self, deleted: Callable[[str], None], live: Callable[[str], bool], stop: threading.Event) -> None:
         """Call `deleted(name)` for each Sandbox object deleted, until `stop` (blocking: a thread).
-        What was deleted while the watch was down is found by the next listing."""
+        What was deleted while the watch was down is found by the next listing. First, the objects an
+        earlier API process left (it ended without deleting them; its sandboxes ended with it) go."""
         known: set[str] = set()
+        self._clear(live, stop)
         while not stop.is_set():
             try:
                 items, version = self.kube.list(p.SANDBOXES, self.namespace)
@@ -81,6 +83,20 @@ class SandboxObjects:
                         return
             except (ApiException, HTTPError, OSError, ValueError) as e:
                 log.warning("watching Sandbox objects in %s: %s (again in %ss)", self.namespace, e, _RETRY_SECONDS)
+                stop.wait(_RETRY_SECONDS)
+
+    def _clear(self, live: Callable[[str], bool], stop: threading.Event) -> None:
+        """Delete the namespace's Sandbox objects of no live sandbox of ours (one API per namespace)."""
+        while not stop.is_set():
+            try:
+                items, _ = self.kube.list(p.SANDBOXES, self.namespace)
+                for item in (i for i in items if not live(str(i["metadata"]["name"]))):
+                    log.info("Sandbox object %s/%s: left by an earlier API, deleted", self.namespace,
+                             item["metadata"]["name"])
+                    self.kube.delete(p.SANDBOXES, self.namespace, str(item["metadata"]["name"]))
+                return
+            except (ApiException, HTTPError, OSError) as e:
+                log.warning("clearing Sandbox objects in %s: %s (again in %ss)", self.namespace, e, _RETRY_SECONDS)
                 stop.wait(_RETRY_SECONDS)
 
     def remove(self, sandbox_id: str) -> None:

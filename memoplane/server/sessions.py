@@ -231,7 +231,8 @@ class SessionManager:
         loop = asyncio.get_running_loop()
         self._reaper = loop.create_task(self._reap_loop())
         if self.objects is not None:
-            threading.Thread(target=self.objects.watch_deleted, args=(self._object_deleted(loop), self._stopping),
+            threading.Thread(target=self.objects.watch_deleted,
+                             args=(self._object_deleted(loop), self.sessions.__contains__, self._stopping),
                              name="memoplane-sandbox-objects", daemon=True).start()
 
     def _object_deleted(self, loop: asyncio.AbstractEventLoop) -> Callable[[str], None]:

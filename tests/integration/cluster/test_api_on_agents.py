@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from conftest import Stack
 from e2b import CommandExitException, Sandbox
+from e2b_code_interpreter import Sandbox as CodeSandbox
 
 from memoplane.cluster import protocol as p
 from memoplane.testing import processes
@@ -120,3 +121,30 @@ def test_deleting_a_sandbox_object_ends_its_sandbox(stack: Stack, api: dict[str,
         assert sandbox.sandbox_id not in [s.sandbox_id for s in Sandbox.list(**api["opts"]).next_items()]
     finally:
         sandbox.kill()
+
+
+def test_code_cells_keep_their_state_in_a_sandbox_on_an_agent(api: dict[str, Any]) -> None:
+    sandbox = CodeSandbox.create(timeout=60, **api["opts"])
+    try:
+        sandbox.run_code("x = 20")
+        assert sandbox.run_code("x + 22").text == "42"
+    finally:
+        sandbox.kill()
+
+
+def test_objects_an_earlier_api_left_are_deleted_when_it_starts(stack: Stack, api: dict[str, Any]) -> None:
+    namespace = stack.cfg.lease_namespace
+    left = {"apiVersion": "memoplane.io/v1alpha1", "kind": "Sandbox", "spec": {},
+            "metadata": {"name": "mpleftbehind", "namespace": namespace}}
+    assert stack.kube.create(p.SANDBOXES, namespace, left) is not None
+    processes.stop(stack.cfg.directory, processes.API)   # as a crashed API would, it left one
+    try:
+        api["proc"] = processes.start_api(stack.cfg)   # on another port: the tests after this one use it
+    except processes.ProcessError as exc:
+        pytest.fail(f"the agent API cannot restart: {exc}", pytrace=False)
+    url = api["proc"].url("http", "")
+    api["opts"] = {**api["opts"], "api_url": url, "sandbox_url": url}
+    deadline = time.monotonic() + 30
+    while "mpleftbehind" in _sandboxes(stack):
+        assert time.monotonic() < deadline, "a Sandbox object of no sandbox outlived the API's restart"
+        time.sleep(0.2)
