@@ -19,7 +19,7 @@ import secrets
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,10 +167,11 @@ class RemoteSession(Session):
     over the agent's connection; closing it ends the sandbox there."""
 
     node: str = ""
+    connection: asyncio.StreamWriter | None = None   # to its agent: closing it ends the sandbox there
 
     def stop(self) -> None:
-        if self._writer is not None and not self.ended.is_set():
-            self._writer.close()
+        if self.connection is not None and not self.ended.is_set():
+            self.connection.close()
 
     def launched(self) -> bool:
         return True   # the manager lists it only once its agent started it
@@ -204,7 +205,7 @@ class SessionManager:
         self._pools: dict[str, SandboxPool] = {}
         self._pool_lock = threading.Lock()
         self._reaper: asyncio.Task[None] | None = None
-        self._remote: set[asyncio.Task[None]] = set()   # each remote session's connection, served
+        self._remote: set[asyncio.Task[None]] = set()   # remote sessions' connections served, object writes
         self._stopping = threading.Event()
 
     def session_type(self) -> type[Session]:
@@ -242,9 +243,7 @@ class SessionManager:
                 session = self.sessions.get(name)
                 if session is not None and not session.ended.is_set():
                     log.info("sandbox %s: its Sandbox object was deleted: killed", name)
-                    task = loop.create_task(self.kill(session))
-                    self._remote.add(task)
-                    task.add_done_callback(self._remote.discard)
+                    self._background(self.kill(session))
             loop.call_soon_threadsafe(kill)
         return deleted
 
@@ -310,15 +309,18 @@ class SessionManager:
             except BaseException:
                 placement.release(node)
                 raise
-        session.node = node
+        session.node, session.connection = node, placed.writer
         self.sessions[session.id] = session
-        task = asyncio.get_running_loop().create_task(self._serve_remote(placement, session, placed))
-        self._remote.add(task)
-        task.add_done_callback(self._remote.discard)
-        if self.objects is not None:
+        if self.objects is not None:   # before its lines are read: its end (which removes it) comes after
             await asyncio.to_thread(self.objects.show, session.id, node, session.owner, template,
                                     session.started_at, session.end_at)
+        self._background(self._serve_remote(placement, session, placed))
         return session
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._remote.add(task)
+        task.add_done_callback(self._remote.discard)
 
     async def _serve_remote(self, placement: Placement, session: RemoteSession, placed: Placed) -> None:
         try:
@@ -473,7 +475,7 @@ class SessionManager:
                            f"give a timeout of at most {left}, or raise MEMOPLANE_SERVE_MAX_TIMEOUT")
         session.end_at = end_at
         if self.objects is not None and isinstance(session, RemoteSession):
-            asyncio.get_running_loop().create_task(asyncio.to_thread(self.objects.expires, session.id, end_at))
+            self._background(asyncio.to_thread(self.objects.expires, session.id, end_at))
 
     def check_timeout(self, seconds: int) -> int:
         if not 0 < seconds <= self.settings.max_timeout:
