@@ -154,10 +154,11 @@ class SessionEndpoint:
             log.warning("session endpoint: refused %s: %s", peer, e)
             writer.close()
             return
-        except ApiError as e:
-            log.info("session endpoint: sandbox not started for %s: %s", peer, e.message)
+        except Exception as e:  # noqa: BLE001 - the API hears why (a pool that cannot start, a bad request)
+            error = e if isinstance(e, ApiError) else ApiError(500, f"the sandbox could not start: {e}")
+            log.info("session endpoint: sandbox not started for %s: %s", peer, error.message)
             with contextlib.suppress(OSError):
-                await send(writer, {"error": {"status": e.status, "message": e.message}})
+                await send(writer, {"error": {"status": error.status, "message": error.message}})
             writer.close()
             return
         log.info("sandbox %s (the API's %s, team %s) started for %s", session.id, request.get("id"),
