@@ -140,6 +140,14 @@ def read_credentials(directory: Path) -> tuple[str, str]:
     return access_key, secret_key
 
 
+def open_to_others(info: os.stat_result) -> bool:
+    """Whether a secret's file is readable or writable by others than its owner. Group-readable is
+    fine when the group is this process's own (not root's): the pod's fsGroup, which is how a
+    non-root container reads a Secret volume."""
+    own_group = info.st_gid == os.getegid() != 0
+    return bool(info.st_mode & 0o037 or (info.st_mode & 0o040 and not own_group))
+
+
 def read_private_file(path: Path, env: str, what: str, alternative: str = "") -> str:
     """A secret's text from `path` (a trailing newline is ignored): it must exist, be readable
     by its owner only (or also by this process's own non-root group) and not be empty;
@@ -151,10 +159,7 @@ def read_private_file(path: Path, env: str, what: str, alternative: str = "") ->
         raise InputError(f"{env}: cannot read {path} ({exc.strerror})",
                          f"put {what} there (mode 0400)" + (f", {alternative}" if alternative else "")) from None
     mode = stat.st_mode
-    # Group-readable is fine when the group is this process's own (not root's): the pod's
-    # fsGroup, which is how a non-root container reads a Secret volume.
-    own_group = stat.st_gid == os.getegid() != 0
-    if mode & 0o037 or (mode & 0o040 and not own_group):
+    if open_to_others(stat):
         raise InputError(f"{env}: {path} is readable or writable by group or others "
                          f"(mode {mode & 0o777:04o})", f"chmod 0400 {path} (a Secret volume: defaultMode 0400)")
     if not text.strip():
@@ -268,6 +273,12 @@ def history_index_path(store_root: Path | None, store_description: str, env: Map
 WATCH_DOC = 'namespace patterns, space separated (empty: every namespace), e.g. "ml research" or "*,!kube-*"'
 
 
+# The secret the agent API and the node agents share: an agent starts a sandbox in its warm pool only for a
+# caller that proves it holds it (memoplane.server.placement). A file, as the chart mounts its Secret.
+SESSION_SECRET_FILE_ENV = "MEMOPLANE_SESSION_SECRET_FILE"
+SESSION_SECRET_DOC = ("the secret the agent API and the agents share (a file, mode 0400; the chart's "
+                      "api-sessions Secret): the agents' session endpoint serves only its holders; unset: "
+                      "no such endpoint (agents) / sandboxes run in this process (the API)")
 OPENLINEAGE_URL_ENV = "MEMOPLANE_OPENLINEAGE_URL"   # read by memoplane.history.openlineage (embedded runs too)
 OPENLINEAGE_DOC = ("an OpenLineage HTTP endpoint (events go to <url>/api/v1/lineage): every run's START and "
                    "COMPLETE/FAIL; empty: none are sent")
@@ -385,6 +396,14 @@ class AgentSettings:
     key_dir: str | None = setting(NODE_KEY_DIR_ENV, None, "the directory (kept on the node, made 0700) of the "
                                   "agent's own signing key, <node>-<epoch>.key: made on first start (required)")
     openlineage_url: str = setting(OPENLINEAGE_URL_ENV, "", OPENLINEAGE_DOC)
+    session_secret_file: str = setting(SESSION_SECRET_FILE_ENV, "", SESSION_SECRET_DOC)
+    session_host: str = setting("MEMOPLANE_SESSION_HOST", "0.0.0.0", "address of the session endpoint (sandboxes "
+                                "the agent API starts in this node's warm pool)")
+    session_port: int = setting("MEMOPLANE_SESSION_PORT", 8091, "port of the session endpoint (0: any free port)")
+    session_address: str = setting("POD_IP", "", "the address the API reaches the session endpoint at, announced "
+                                   "in the node's Lease (the chart: the pod's IP); empty: session_host")
+    session_warm: int = setting("MEMOPLANE_SESSION_WARM", 2, "warm sandbox children kept for API sessions, "
+                                "started with the agent (0: none kept warm; the pool starts with the first sandbox)")
 
 
 # -- the agent API (memoplane serve) ---------------------------------------------------------
@@ -439,6 +458,10 @@ class ServeSettings:
                                 "differ from the server's clock (nonces are remembered for twice that)")
     tiers: str = setting("MEMOPLANE_SERVE_TIERS", "", "rate tiers as JSON {tier: {key|team: {limit: n}}} "
                          "(limits: " + ", ".join(TIER_LIMITS) + "); unset: the built-in tiers")
+    namespace: str = setting("MEMOPLANE_SERVE_NAMESPACE", "", "on Kubernetes: the namespace of the node agents' "
+                             "Leases, where sandboxes run in the agents' warm pools and are shown as Sandbox "
+                             "objects (needs the session secret); empty: sandboxes run in this process")
+    session_secret_file: str = setting(SESSION_SECRET_FILE_ENV, "", SESSION_SECRET_DOC)
 
     def __post_init__(self) -> None:
         if self.warm_sessions < 0:

@@ -3,7 +3,7 @@ version v1alpha1), the CRDs generated from them (`python -m memoplane.api.crd`),
 manifest builders and status-condition helpers.
 
 Short names (checked against the built-in ones, e.g. cj=CronJob, rc=ReplicationController):
-ComputeJob `cjob`, ResultCache `rcache`, GMemSeed `gseed`; all three are in the category
+ComputeJob `cjob`, ResultCache `rcache`, GMemSeed `gseed`, Sandbox `mpsbx`; all are in the category
 `memoplane` (`kubectl get memoplane`).
 """
 

@@ -20,11 +20,13 @@ from ..api.common import VERSION as VERSION
 from ..api.computejob import COMPUTEJOB, CacheSpec
 from ..api.gmemseed import GMEMSEED
 from ..api.resultcache import RESULTCACHE
+from ..api.sandbox import SANDBOX
 from ..errors import InputError
 from ..settings import home_location
 
 COMPUTEJOBS = COMPUTEJOB.plural       # the plurals the CRDs are served under (memoplane.api)
 RESULTCACHES = RESULTCACHE.plural
+SANDBOXES = SANDBOX.plural
 GMEMSEEDS = GMEMSEED.plural
 
 # Labels (values at most 63 characters).
@@ -41,6 +43,7 @@ RUNNING_ANNOTATION = f"{GROUP}/running"       # int: jobs running now
 PROFILES_ANNOTATION = f"{GROUP}/profiles"     # comma-separated runtime profiles
 RUNTIME_ANNOTATION_PREFIX = f"{GROUP}/runtime-"  # + profile: that profile's runtime identity digest
 SIGNING_KEY_ANNOTATION = f"{GROUP}/signing-key"  # <keyid>:<base64 raw Ed25519 key>: the agent's own key
+SESSIONS_ANNOTATION = f"{GROUP}/sessions"     # host:port of its session endpoint (memoplane.server.placement)
 
 # The agents' public keys the operator has seen in Leases, kept when a node is gone (its
 # results stay hits): a ConfigMap in the agents' namespace, `<keyid>.pub` entries holding PEM,

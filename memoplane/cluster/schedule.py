@@ -27,6 +27,7 @@ class NodeView:
     profiles: Mapping[str, str]  # profile -> runtime identity digest
     age_s: float                 # seconds since the lease was last seen renewed
     duration_s: float = float(p.LEASE_DURATION_SECONDS)
+    sessions: str = ""           # host:port of its session endpoint ("": it serves none)
 
     @property
     def live(self) -> bool:
@@ -62,6 +63,7 @@ def lease_fields(lease: Mapping[str, Any]) -> dict[str, Any] | None:
         "capacity": max(0, _int(ann.get(p.CAPACITY_ANNOTATION), 1)),
         "running": max(0, _int(ann.get(p.RUNNING_ANNOTATION), 0)),
         "profiles": profiles,
+        "sessions": str(ann.get(p.SESSIONS_ANNOTATION, "")),
     }
 
 
@@ -90,7 +92,8 @@ class LeaseTracker:
             elif previous[0] != f["resource_version"]:
                 self._seen[node] = (f["resource_version"], now_mono)
             age = now_mono - self._seen[node][1]
-            views.append(NodeView(node, f["capacity"], f["running"], f["profiles"], age, f["duration_s"]))
+            views.append(NodeView(node, f["capacity"], f["running"], f["profiles"], age, f["duration_s"],
+                                  f["sessions"]))
         for gone in set(self._seen) - present:
             del self._seen[gone]
         return sorted(views, key=lambda v: v.name)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..settings import API_KEYS_ENV, DEFAULT_TIER
+from ..settings import API_KEYS_ENV, DEFAULT_TIER, open_to_others
 from ..trust.local import NAME_RULE, is_name, write_atomically
 
 # The team of the loopback caller when serve runs without API keys: the machine's own user, whose
@@ -135,7 +135,7 @@ class ApiKeys:
             return KeysFile()
         version = (info.st_ino, info.st_mtime_ns, info.st_size)
         if version != self._seen:
-            if info.st_mode & 0o077:
+            if open_to_others(info):   # group-readable by our own group: a Secret volume with fsGroup
                 raise InputError(f"the API keys file {self.path} is open to group or others "
                                  f"(mode {stat.S_IMODE(info.st_mode):04o})", f"chmod 600 {self.path}")
             self._cached, self._seen = KeysFile.parse(self.path.read_bytes(), str(self.path)), version

@@ -130,11 +130,13 @@ def build_app(settings: ServeSettings, store: str | None = None, authenticate: A
               limiter: Limiter | None = None, calls: CallLog | None = None,
               clock: Callable[[], float] = time.time,
               local: Callable[[SessionManager], contextlib.AbstractAsyncContextManager[None]] | None = None,
+              sessions: SessionManager | None = None,
               ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """The whole server as one ASGI callable: `authenticate` says who calls, `limiter` holds them to
     their tier, `calls` records every call (None: not recorded); `local(sessions)` is held open while
-    the sessions live (the CLI's daemon socket, daemon.py)."""
-    sessions = SessionManager(settings, store)
+    the sessions live (the CLI's daemon socket, daemon.py); `sessions`: where sandboxes run (default:
+    this process's own warm pools)."""
+    sessions = sessions if sessions is not None else SessionManager(settings, store)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -12,8 +12,17 @@ import socket
 import uvicorn
 
 from ..cas import open_store
+from ..cluster.kube import Kube, load_config
 from ..errors import InputError
-from ..settings import SERVE_FLAGS, ServeSettings, api_keys_path, flag_values, from_env, serve_tiers
+from ..settings import (
+    SERVE_FLAGS,
+    SESSION_SECRET_FILE_ENV,
+    ServeSettings,
+    api_keys_path,
+    flag_values,
+    from_env,
+    serve_tiers,
+)
 from .access import KeyAuthenticator
 from .apikeys import ApiKeys
 from .app import build_app
@@ -21,6 +30,9 @@ from .auth import Authenticate, local_caller
 from .calls import CallLog
 from .daemon import listening
 from .limits import Limiter
+from .objects import SandboxObjects
+from .placement import Placement, read_secret
+from .sessions import SessionManager
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -42,19 +54,38 @@ async def serve(settings: ServeSettings, store: str | None, sock: socket.socket 
     # sockets inherit it from the listening one.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     host, port = sock.getsockname()[:2]
+    remote = kubernetes_sessions(settings, store)
     with open_store(store) as opened:
         calls = CallLog(opened)
-        app = build_app(settings, store, authenticate, Limiter(serve_tiers(settings)), calls,
-                        local=lambda sessions: listening(store, sessions.pool, settings.require_isolation, calls))
+        local = None if remote is not None else \
+            (lambda sessions: listening(store, sessions.pool, settings.require_isolation, calls))
+        app = build_app(settings, store, authenticate, Limiter(serve_tiers(settings)), calls, local=local,
+                        sessions=remote)
         config = uvicorn.Config(app, log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
         mode = f"API keys of {authenticate.keys.path}" if isinstance(authenticate, KeyAuthenticator) else \
             "no API keys: loopback only"
+        if remote is not None:
+            mode += f"; sandboxes on the node agents of namespace {settings.namespace}"
         # The startup heap (FastAPI, pydantic, the SDK's schemas: ~100k objects) is kept for good: out
         # of the collector's sight, a full collection no longer pauses a request for 60-150 ms.
         gc.collect()
         gc.freeze()
         print(f"memoplane serve: listening on http://{host}:{port} ({mode}; OpenAPI at /openapi.json)", flush=True)
         await uvicorn.Server(config).serve(sockets=[sock])
+
+
+def kubernetes_sessions(settings: ServeSettings, store: str | None) -> SessionManager | None:
+    """With MEMOPLANE_SERVE_NAMESPACE: sandboxes on the node agents of that namespace, each shown as a
+    Sandbox object there (KUBECONFIG, else in-cluster); None: in this process's own pools."""
+    if not settings.namespace:
+        return None
+    if not settings.session_secret_file:
+        raise InputError(f"MEMOPLANE_SERVE_NAMESPACE is set but {SESSION_SECRET_FILE_ENV} is not: the node agents "
+                         "start sandboxes only for a holder of the session secret",
+                         f"set {SESSION_SECRET_FILE_ENV} to the file the agents have too (the chart does)")
+    kube = Kube(load_config())
+    return SessionManager(settings, store, Placement(kube, settings.namespace, read_secret(settings.session_secret_file)),
+                          SandboxObjects(kube, settings.namespace))
 
 
 def authenticator(settings: ServeSettings, host: str) -> Authenticate:

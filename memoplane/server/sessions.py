@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,8 @@ from ..settings import ServeSettings
 from . import session_agent
 from .auth import Caller
 from .errors import ApiError
+from .objects import SandboxObjects
+from .placement import Placed, Placement, Unreachable, open_remote
 from .stores import open_team_store
 
 log = logging.getLogger("memoplane.server")
@@ -170,6 +172,25 @@ class Session:
             with contextlib.suppress(OSError):
                 os.write(self._stop_w, b"x")
 
+    def launched(self) -> bool:
+        return self._stop_w >= 0
+
+
+@dataclass
+class RemoteSession(Session):
+    """A session whose child lives in a node agent's warm pool (placement.py): its agent's lines come
+    over the agent's connection; closing it ends the sandbox there."""
+
+    node: str = ""
+    connection: asyncio.StreamWriter | None = None   # to its agent: closing it ends the sandbox there
+
+    def stop(self) -> None:
+        if self.connection is not None and not self.ended.is_set():
+            self.connection.close()
+
+    def launched(self) -> bool:
+        return True   # the manager lists it only once its agent started it
+
 
 def agent_error(error: Any) -> ApiError:
     """An error the agent reported. The agent runs in the sandbox: its replies are untrusted data."""
@@ -189,9 +210,12 @@ def decode(reply: dict[str, Any], name: str) -> bytes:
 class SessionManager:
     """Every live session, the warm pool per runtime profile, and the reaper."""
 
-    def __init__(self, settings: ServeSettings, store: str | None = None) -> None:
+    def __init__(self, settings: ServeSettings, store: str | None = None, placement: Placement | None = None,
+                 objects: SandboxObjects | None = None) -> None:
         self.settings = settings
         self.store = store   # where snapshots go: the caller's team's namespace of it (stores.py)
+        self.placement = placement   # on Kubernetes: sandboxes go to the node agents, else to our pools
+        self.objects = objects       # on Kubernetes: each remote sandbox shown as a Sandbox object
         self.sessions: dict[str, Session] = {}
         self._pools: dict[str, SandboxPool] = {}
         self._pool_lock = threading.Lock()
@@ -200,12 +224,27 @@ class SessionManager:
         self._warming: Counter[str] = Counter()           # per profile: warm sessions being started
         self._warm_failed_at: dict[str, float] = {}       # per profile: monotonic
         self._warm_tasks: set[asyncio.Task[None]] = set()
-        self._closing = False
+        self._remote: set[asyncio.Task[None]] = set()   # remote sessions' connections served, object writes
+        self._stopping = threading.Event()
+
+    def session_type(self) -> type[Session]:
+        """What a local session is (the node agents' endpoint pipes theirs to the API)."""
+        return Session
+
+    def new_session(self, profile: str) -> Session:
+        """A local session not yet handed out: create() says whose it is and for how long."""
+        return self.session_type()(id=new_sandbox_id(), template="", profile=profile, owner="", metadata={},
+                                   started_at=0.0, end_at=0.0, hard_end_at=0.0,
+                                   directory=Path(tempfile.mkdtemp(prefix="memoplane-session-")))
 
     # -- pools ------------------------------------------------------------------------
 
     def pool(self, profile: str) -> SandboxPool:
         """The warm pool of a runtime profile, started on first use (blocking: call in a thread)."""
+        if self.placement is not None:   # /v1/run's misses; a sandbox goes to an agent (_create_remote)
+            raise ApiError(501, "computing a /v1/run miss in the API on Kubernetes is not supported yet (only "
+                           "cached results are served here)", "run it as a ComputeJob, or with `memoplane serve` "
+                           "outside the cluster")
         with self._pool_lock:
             if profile not in self._pools:
                 self._pools[profile] = SandboxPool(profile=profile, size=self.settings.warm,
@@ -216,10 +255,26 @@ class SessionManager:
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
+        loop = asyncio.get_running_loop()
+        self._reaper = loop.create_task(self._reap_loop())
+        if self.objects is not None:
+            threading.Thread(target=self.objects.watch_deleted,
+                             args=(self._object_deleted(loop), self.sessions.__contains__, self._stopping),
+                             name="memoplane-sandbox-objects", daemon=True).start()
+
+    def _object_deleted(self, loop: asyncio.AbstractEventLoop) -> Callable[[str], None]:
+        """A Sandbox object deleted (by an operator; ours go once the sandbox ended): its sandbox ends."""
+        def deleted(name: str) -> None:
+            def kill() -> None:
+                session = self.sessions.get(name)
+                if session is not None and not session.ended.is_set():
+                    log.info("sandbox %s: its Sandbox object was deleted: killed", name)
+                    self._background(self.kill(session))
+            loop.call_soon_threadsafe(kill)
+        return deleted
 
     async def close(self) -> None:
-        self._closing = True
+        self._stopping.set()
         if self._reaper is not None:
             self._reaper.cancel()
         await asyncio.gather(*self._warm_tasks, return_exceptions=True)
@@ -237,13 +292,13 @@ class SessionManager:
         if len(self.sessions) >= self.settings.max_sandboxes:
             raise ApiError(429, f"{len(self.sessions)} sandboxes are alive, the most this server runs at once",
                            "kill one, or raise MEMOPLANE_SERVE_MAX_SANDBOXES")
+        if self.placement is not None:
+            return await self._create_remote(self.placement, caller, template, profile, seconds, env, metadata,
+                                             snapshot)
         warm = self._take_warm(profile) if snapshot is None else None
-        session = warm or new_session(profile)
+        session = warm or self.new_session(profile)
         pool = None if warm else await asyncio.to_thread(self.pool, profile)
-        now = time.time()
-        session.template, session.owner, session.creator = template, caller.team, caller.key_id
-        session.metadata, session.started_at, session.end_at = dict(metadata), now, now + seconds
-        session.hard_end_at = now + self.settings.max_timeout
+        self._hand_out(session, caller, template, seconds, metadata)
         self.sessions[session.id] = session
         try:
             if pool is not None:
@@ -256,6 +311,14 @@ class SessionManager:
         # Not now: starting the next one would compete for the CPU with this one's first command.
         asyncio.get_running_loop().call_later(_WARM_REFILL_DELAY, self._keep_warm, profile)
         return session
+
+    def _hand_out(self, session: Session, caller: Caller, template: str, seconds: int,
+                  metadata: dict[str, str]) -> None:
+        """The session is the caller's team's from now, for `seconds` (the server's most at the latest)."""
+        now = time.time()
+        session.template, session.owner, session.creator = template, caller.team, caller.key_id
+        session.metadata, session.started_at, session.end_at = dict(metadata), now, now + seconds
+        session.hard_end_at = now + self.settings.max_timeout
 
     # -- warm sessions ------------------------------------------------------------------
 
@@ -279,7 +342,7 @@ class SessionManager:
 
     def _keep_warm(self, profile: str) -> None:
         """Start what `profile` lacks of its warm sessions (none before its pool exists)."""
-        if self._closing or profile not in self._pools:
+        if self._stopping.is_set() or profile not in self._pools:
             return
         if time.monotonic() - self._warm_failed_at.get(profile, -_WARM_RETRY) < _WARM_RETRY:
             return
@@ -289,7 +352,7 @@ class SessionManager:
             self._spawn(self._start_warm(profile))
 
     async def _start_warm(self, profile: str) -> None:
-        session = new_session(profile)
+        session = self.new_session(profile)
         try:
             # Its child's limit runs from now: longer by the most it may wait to be handed out.
             limits = Limits(timeout_s=float(self.settings.max_timeout) + _WARM_MAX_AGE)
@@ -301,7 +364,7 @@ class SessionManager:
             return
         finally:
             self._warming[profile] -= 1
-        if self._closing:
+        if self._stopping.is_set():
             await self.kill(session)
         else:
             self._warm.setdefault(profile, []).append(session)
@@ -310,6 +373,57 @@ class SessionManager:
         task = asyncio.get_running_loop().create_task(work)
         self._warm_tasks.add(task)
         task.add_done_callback(self._warm_tasks.discard)
+
+    # -- sandboxes on the node agents (Kubernetes) -----------------------------------------
+
+    async def _create_remote(self, placement: Placement, caller: Caller, template: str, profile: str, seconds: int,
+                             env: dict[str, str], metadata: dict[str, str], snapshot: str | None) -> Session:
+        if snapshot is not None:
+            raise ApiError(400, "starting a sandbox from a snapshot is not supported yet on Kubernetes (sandboxes "
+                           "run on the node agents)", "create it without a snapshot")
+        session = RemoteSession(id=new_sandbox_id(), template="", profile=profile, owner="", metadata={},
+                                started_at=0.0, end_at=0.0, hard_end_at=0.0,
+                                directory=Path())   # no directory here: the agent has the child's
+        self._hand_out(session, caller, template, seconds, metadata)
+        request = {"id": session.id, "team": caller.team, "profile": profile, "env": env,
+                   "seconds": int(session.hard_end_at - session.started_at)}
+        unreachable: set[str] = set()
+        while True:   # each live agent once, until one answers (pick: 503 when none is left)
+            node, endpoint = await asyncio.to_thread(placement.pick, profile, frozenset(unreachable))
+            try:
+                placed = await open_remote(node, endpoint, placement.secret, request, _MAX_LINE)
+                break
+            except Unreachable as e:
+                placement.release(node)
+                log.warning("sandbox %s: %s", session.id, e.message)
+                unreachable.add(node)
+            except BaseException:
+                placement.release(node)
+                raise
+        session.node, session.connection = node, placed.writer
+        self.sessions[session.id] = session
+        if self.objects is not None:   # before its lines are read: its end (which removes it) comes after
+            await asyncio.to_thread(self.objects.show, session.id, node, session.owner, template,
+                                    session.started_at, session.end_at)
+        self._background(self._serve_remote(placement, session, placed))
+        return session
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._remote.add(task)
+        task.add_done_callback(self._remote.discard)
+
+    async def _serve_remote(self, placement: Placement, session: RemoteSession, placed: Placed) -> None:
+        try:
+            await session.serve_agent(placed.reader, placed.writer)
+        except (ConnectionError, OSError) as e:   # the agent's connection broke: the sandbox is gone
+            log.info("sandbox %s: node %s's connection ended: %s", session.id, session.node, e)
+        finally:
+            placement.release(session.node)
+            if self.objects is not None:   # gone before kill() returns: the sandbox ended
+                await asyncio.to_thread(self.objects.remove, session.id)
+            self.sessions.pop(session.id, None)
+            session.ended.set()
 
     async def _launch(self, session: Session, pool: SandboxPool, env: dict[str, str], snapshot: str | None,
                       limits: Limits) -> None:
@@ -381,6 +495,9 @@ class SessionManager:
         agent copies it into its $MEMOPLANE_OUT; the host reads it there as it reads a job's
         outputs (collect.collect: regular files and directories only, beneath that mount, within
         the output limits), so a link, a device or a FIFO is refused, never followed."""
+        if isinstance(session, RemoteSession):
+            raise ApiError(400, f"sandbox {session.id} runs on node {session.node}: snapshots of sandboxes on "
+                           "the node agents are not supported yet", "copy its files out with the files API")
         async with session.snapshotting:
             await session.call("snapshot")
             if session.ended.is_set() or session.out_fd < 0:
@@ -455,7 +572,7 @@ class SessionManager:
                 and caller.sandbox in (None, s.id)]
 
     async def kill(self, session: Session) -> None:
-        if session._stop_w < 0 and not session.ended.is_set():   # never launched
+        if not session.launched() and not session.ended.is_set():
             self.sessions.pop(session.id, None)
             with contextlib.suppress(OSError):
                 remove_tree(session.directory)
@@ -472,6 +589,8 @@ class SessionManager:
                            f"{self.settings.max_timeout}s from its start ({left}s left)",
                            f"give a timeout of at most {left}, or raise MEMOPLANE_SERVE_MAX_TIMEOUT")
         session.end_at = end_at
+        if self.objects is not None and isinstance(session, RemoteSession):
+            self._background(asyncio.to_thread(self.objects.expires, session.id, end_at))
 
     def check_timeout(self, seconds: int) -> int:
         if not 0 < seconds <= self.settings.max_timeout:
@@ -491,12 +610,8 @@ class SessionManager:
                 self._keep_warm(profile)
 
 
-def new_session(profile: str) -> Session:
-    """A session not yet handed out: SessionManager.create says whose it is and for how long."""
-    return Session(id="mp" + secrets.token_hex(10), template="", profile=profile, owner="", metadata={},
-                   started_at=0.0, end_at=0.0, hard_end_at=0.0,
-                   directory=Path(tempfile.mkdtemp(prefix="memoplane-session-")))
-
+def new_sandbox_id() -> str:
+    return "mp" + secrets.token_hex(10)
 
 def snapshot_template(template: str) -> str | None:
     """The snapshot a template names (E2B's way to start from one: its snapshotID as the template)."""

@@ -32,9 +32,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     if getattr(args, "with_memoplane", False):
         cfg = processes.StackConfig(directory=cluster.state_dir(), env=info.env(),
                                     watch_namespaces=processes.dev_watch_namespaces())
-        started = processes.up(cfg)
+        started = processes.up(cfg, api=True)
         _say(f"memoplane: {', '.join(p.name for p in started) or 'already running'} "
              f"(logs in {cfg.directory / 'logs'}); try: kubectl apply -f examples/job.yaml")
+        api = processes.load(cfg.directory, processes.API)
+        if api is not None:
+            _say(f"agent API: {api.url('http', '')} (E2B's api_url and sandbox_url; sandboxes on the agents, "
+                 f"`kubectl get sandboxes.memoplane.io -n {cfg.lease_namespace}`)")
     _say('use it: eval "$(hack/cluster env)"')
     return 0
 
@@ -107,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             command.add_argument("prefix", help="the prefix it writes under, e.g. cluster-a/")
         if name == "up":
             command.add_argument("--with-memoplane", action="store_true",
-                                 help="also start the operator and agents for nodes node-a and node-b")
+                                 help="also start the operator, agents for nodes node-a and node-b, and the "
+                                      "agent API (memoplane serve, sandboxes on those agents)")
     args = parser.parse_args(argv)
     try:
         code: int = args.fn(args)

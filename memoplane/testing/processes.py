@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from memoplane.settings import (
     CREDENTIALS_ENV,
     KEY_ENVS,
     NODE_KEY_DIR_ENV,
+    SESSION_SECRET_FILE_ENV,
     SIGNING_KEY_FILE_ENV,
     SIGNING_KEYID_ENV,
 )
@@ -36,6 +38,7 @@ from memoplane.trust.nodekey import node_key
 
 OPERATOR = "memoplane-operator"
 AGENT_PREFIX = "memoplane-agent-"
+API = "memoplane-api"
 READY_TIMEOUT_S = 90.0
 CRDS_DIR = cluster.checkout_root() / "crds"
 
@@ -191,6 +194,34 @@ def cluster_keys(directory: Path) -> ClusterKeys:
     return ClusterKeys(operator_key(directory).public, tuple(agent_key(directory, node) for node in nodes))
 
 
+def session_secret(directory: Path) -> Path:
+    """The stack's session secret (the API's and the agents', as the chart's Secret): made on first
+    use into a 0600 file under `directory` and kept."""
+    path = directory / "sessions" / "secret"
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, secrets.token_hex(32).encode())
+        finally:
+            os.close(fd)
+    return path
+
+
+def start_api(cfg: StackConfig, wait: bool = True) -> Proc:
+    """`memoplane serve` as the chart's api Deployment runs it: sandboxes on the stack's agents, shown as
+    Sandbox objects in the agents' namespace; no API keys, so on loopback only (its own keys directory)."""
+    ports = {"http": free_port()}
+    env = {**cfg.process_env(), "MEMOPLANE_SERVE_NAMESPACE": cfg.lease_namespace,
+           SESSION_SECRET_FILE_ENV: str(session_secret(cfg.directory)),
+           "MEMOPLANE_STORE": str(cfg.directory / "api" / "store"), "MEMOPLANE_KEYS_DIR": str(cfg.directory / "api" / "keys")}
+    argv = [sys.executable, "-m", "memoplane.cli", "serve", "--host", "127.0.0.1", "--port", str(ports["http"])]
+    proc = _spawn(cfg, API, argv, env, ports)
+    if wait:
+        wait_ready(cfg.directory, proc, proc.url("http", "/openapi.json"))
+    return proc
+
+
 def start_operator(cfg: StackConfig, wait: bool = True) -> Proc:
     ports = {"metrics": free_port(), "health": free_port()}
     env = {**cfg.process_env(), "MEMOPLANE_METRICS_PORT": str(ports["metrics"]),
@@ -227,7 +258,9 @@ def start_agent(cfg: StackConfig, node: str, wait: bool = True, argv: list[str] 
     env = {**cfg.process_env(), "NODE_NAME": node, "MEMOPLANE_HTTP_HOST": "127.0.0.1",
            "MEMOPLANE_HTTP_PORT": str(ports["http"]), "MEMOPLANE_CAPACITY": str(cfg.capacity),
            "MEMOPLANE_LOCAL_CACHE": str(cfg.directory / "node-cache" / node), **agent_credentials(cfg),
-           NODE_KEY_DIR_ENV: str(node_key_dir(cfg.directory, node))}
+           NODE_KEY_DIR_ENV: str(node_key_dir(cfg.directory, node)),
+           SESSION_SECRET_FILE_ENV: str(session_secret(cfg.directory)), "MEMOPLANE_SESSION_HOST": "127.0.0.1",
+           "MEMOPLANE_SESSION_PORT": "0", "MEMOPLANE_SESSION_WARM": "1"}   # one warm child: tests share the machine
     proc = _spawn(cfg, AGENT_PREFIX + node, argv or [sys.executable, "-m", "memoplane_agent"], env, ports)
     if wait:
         wait_ready(cfg.directory, proc, proc.url("http", "/readyz"))
@@ -278,8 +311,9 @@ def apply_crds(env: Mapping[str, str]) -> None:
             raise ProcessError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
 
 
-def up(cfg: StackConfig, nodes: tuple[str, ...] = ("node-a", "node-b")) -> list[Proc]:
-    """CRDs applied, then the operator and one agent per node, each waited for (idempotent)."""
+def up(cfg: StackConfig, nodes: tuple[str, ...] = ("node-a", "node-b"), api: bool = False) -> list[Proc]:
+    """CRDs applied, then the operator, one agent per node and (`api`) the agent API, each waited for
+    (idempotent)."""
     apply_crds(cfg.env)
     started = []
     if not alive(cfg.directory, OPERATOR):
@@ -287,10 +321,13 @@ def up(cfg: StackConfig, nodes: tuple[str, ...] = ("node-a", "node-b")) -> list[
     for node in nodes:
         if not alive(cfg.directory, AGENT_PREFIX + node):
             started.append(start_agent(cfg, node, wait=False))
+    if api and not alive(cfg.directory, API):
+        started.append(start_api(cfg, wait=False))
+    ready = {OPERATOR: ("health", "/healthz"), API: ("http", "/openapi.json")}
     try:
         for proc in started:
-            path = "/healthz" if proc.name == OPERATOR else "/readyz"
-            wait_ready(cfg.directory, proc, proc.url("health" if proc.name == OPERATOR else "http", path))
+            port, path = ready.get(proc.name, ("http", "/readyz"))
+            wait_ready(cfg.directory, proc, proc.url(port, path))
     except ProcessError:
         down(cfg.directory)
         raise
@@ -298,7 +335,7 @@ def up(cfg: StackConfig, nodes: tuple[str, ...] = ("node-a", "node-b")) -> list[
 
 
 def down(directory: Path) -> list[str]:
-    """Stop every memoplane process recorded under `directory` (agents first)."""
+    """Stop every memoplane process recorded under `directory` (the operator last)."""
     stopped = []
     for name in sorted(names(directory), key=lambda n: n == OPERATOR):
         if alive(directory, name):

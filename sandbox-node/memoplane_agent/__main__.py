@@ -32,9 +32,11 @@ from memoplane.cluster.metrics import AgentMetrics
 from memoplane.cluster.stores import Stores
 from memoplane.errors import InputError, MemoplaneError
 from memoplane.history import events
+from memoplane.server.placement import read_secret
 from memoplane.settings import (
     NODE_KEY_DIR_ENV,
     AgentSettings,
+    ServeSettings,
     StoreSettings,
     add_flags,
     describe,
@@ -46,6 +48,7 @@ from memoplane.trust.nodekey import node_key
 
 from .agent import Agent, AgentConfig
 from .http import serve
+from .sessions import SessionEndpoint
 
 FLAGS = ("node", "lease_namespace", "watch_namespaces", "capacity", "profiles", "http_host", "http_port",
          "backoff_base")
@@ -80,11 +83,18 @@ def main(argv: list[str] | None = None) -> int:
                                                                "agent's own signing key (the chart mounts one)")
         kube = Kube(load_config())
         signer = node_key(Path(settings.key_dir), settings.node, lambda: next_epoch(kube, config))
+        endpoint = session_endpoint(settings, config.profiles)
     except MemoplaneError as exc:
         parser.exit(2, f"memoplane-agent: {exc}\n")
     logging.getLogger("memoplane.agent").info("signing as %s", signer.keyid)
+    if endpoint is not None:
+        port = endpoint.start()
+        config.sessions = f"{settings.session_address or settings.session_host}:{port}"
+        logging.getLogger("memoplane.agent").info("sessions on %s:%d, announced as %s", settings.session_host,
+                                                  port, config.sessions)
     agent = Agent(config, kube, stores, signer, metrics)
-    server = serve(settings.http_host, settings.http_port, metrics.registry, agent.live, agent.ready)
+    server = serve(settings.http_host, settings.http_port, metrics.registry,
+                   lambda: agent.live() and (endpoint is None or endpoint.live()), agent.ready)
     logging.getLogger("memoplane.agent").info("http on %s:%d", settings.http_host, server.server_address[1])
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -92,9 +102,20 @@ def main(argv: list[str] | None = None) -> int:
     agent.start()
     stop.wait()
     agent.stop()
+    if endpoint is not None:
+        endpoint.stop()
     server.shutdown()
     stores.close()
     return 0
+
+
+def session_endpoint(settings: AgentSettings, profiles: list[str]) -> SessionEndpoint | None:
+    """The endpoint the agent API starts sandboxes through, when this agent has the session secret."""
+    if not settings.session_secret_file:
+        return None
+    serve_settings = from_env(ServeSettings, warm=settings.session_warm, require_isolation=settings.require_isolation)
+    return SessionEndpoint(settings.session_host, settings.session_port, read_secret(settings.session_secret_file),
+                           serve_settings, profiles)
 
 
 def next_epoch(kube: Kube, config: AgentConfig) -> int:

@@ -69,6 +69,7 @@ class AgentConfig:
     lease_duration: int = p.LEASE_DURATION_SECONDS
     backoff_base: float = 1.0
     watch_timeout: int = 30
+    sessions: str = ""   # host:port of the session endpoint, announced in the Lease ("": none)
 
 
 class _Stale(Exception):
@@ -163,6 +164,8 @@ class Agent:
                        p.PROFILES_ANNOTATION: ",".join(self.cfg.profiles),
                        p.SIGNING_KEY_ANNOTATION: key_annotation(self.signer.public)}
         annotations.update({p.runtime_annotation(k): v for k, v in self.runtimes.items()})
+        if self.cfg.sessions:
+            annotations[p.SESSIONS_ANNOTATION] = self.cfg.sessions
         self.kube.renew_lease(self.cfg.lease_namespace, self.cfg.node, self.holder, annotations,
                               self.cfg.lease_duration)
         self.last_renew = time.monotonic()

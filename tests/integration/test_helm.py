@@ -14,6 +14,7 @@ The tests run in order and share one release.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import uuid
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "memoplane"
 CRD_NAMES = sorted(yaml.safe_load(p.read_text())["metadata"]["name"] for p in (ROOT / "crds").glob("*.yaml"))
 OLD_DESCRIPTION_MARK = " (chart revision 1)"
+API_KEYS = "mp-api-keys"
 
 
 @dataclass
@@ -93,7 +95,9 @@ def release(control_plane: cluster.ClusterInfo, kubectl: Any, tmp_path_factory: 
     _adopt_existing_crds(kubectl, rel.name, rel.namespace)
     rel.install_stdout = rel.run("install", rel.name, str(old), "--create-namespace",
                                  "--set", f"defaultResultCache.namespaces={{{rel.jobs}}}",
-                                 "--set", f"watchNamespaces={rel.jobs}").stdout
+                                 "--set", f"watchNamespaces={rel.jobs}",
+                                 # No pod runs here: the keys Secret need not exist for the objects.
+                                 "--set", "api.enabled=true", "--set", f"api.apiKeys.existingSecret={API_KEYS}").stdout
     try:
         yield rel
     finally:
@@ -117,7 +121,9 @@ def test_install_creates_the_expected_objects(release: Release, kubectl: Any) ->
     for kind, name in (("service", f"{full}-operator-metrics"), ("service", f"{full}-agent-metrics"),
                        ("service", f"{full}-minio"), ("secret", f"{full}-minio-credentials"),
                        ("serviceaccount", f"{full}-operator"), ("serviceaccount", f"{full}-agent"),
-                       ("role", f"{full}-operator"), ("rolebinding", f"{full}-agent")):
+                       ("role", f"{full}-operator"), ("rolebinding", f"{full}-agent"),
+                       ("deployment", f"{full}-api"), ("service", f"{full}-api"), ("serviceaccount", f"{full}-api"),
+                       ("role", f"{full}-api"), ("rolebinding", f"{full}-api"), ("secret", f"{full}-api-sessions")):
         kubectl("-n", ns, "get", kind, name)
     for name in (f"{full}-operator", f"{full}-agent", f"{full}-edit", f"{full}-view"):
         kubectl("get", "clusterrole", name)
@@ -201,6 +207,58 @@ def test_operator_and_agent_work_with_exactly_the_charts_rbac(release: Release, 
             processes.stop(op_cfg.directory, name)
 
 
+def test_the_api_runs_sandboxes_on_an_agent_with_exactly_the_charts_rbac(release: Release, kubectl: Any,
+                                                                        tmp_path: Path) -> None:
+    """`memoplane serve` as the chart's api ServiceAccount, an agent as the agent's, sharing the chart's
+    generated session secret: an e2b sandbox runs on the agent and is shown as a Sandbox object."""
+    import base64
+
+    from e2b import Sandbox
+
+    full, ns = f"{release.name}-memoplane", release.namespace
+    for verb, resource, allowed in (("list", "leases", "yes"), ("create", "sandboxes.memoplane.io", "yes"),
+                                    ("patch", "sandboxes.memoplane.io --subresource=status", "yes"),
+                                    ("delete", "sandboxes.memoplane.io", "yes"), ("update", "leases", "no"),
+                                    ("get", "secrets", "no"), ("list", "computejobs.memoplane.io", "no")):
+        got = kubectl("auth", "can-i", verb, *resource.split(), "-n", ns,
+                      f"--as=system:serviceaccount:{ns}:{full}-api", check=False)
+        assert got.stdout.strip() == allowed, (verb, resource, got.stdout, got.stderr)
+    secret = base64.b64decode(_json(kubectl, "-n", ns, "get", "secret", f"{full}-api-sessions")["data"]["secret"])
+    directory = tmp_path / "stack"
+    processes.session_secret(directory).unlink()
+    fd = os.open(directory / "sessions" / "secret", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, secret)
+    os.close(fd)
+    configs = {account: processes.StackConfig(directory=directory, lease_namespace=ns, env={
+        **release.info.env(), "KUBECONFIG": str(_token_kubeconfig(release, kubectl, f"{full}-{account}",
+                                                                   tmp_path / f"{account}.kubeconfig"))})
+        for account in ("api", "agent")}
+    started: list[str] = []
+    try:
+        try:
+            started.append(processes.start_agent(configs["agent"], "helm-api-node").name)
+            api = processes.start_api(configs["api"])
+            started.append(api.name)
+        except processes.ProcessError as exc:
+            pytest.fail(f"a process could not start with the chart's RBAC: {exc}", pytrace=False)
+        url = api.url("http", "")
+        sandbox = Sandbox.create(timeout=60, api_url=url, sandbox_url=url, api_key="e2b_local")
+        try:
+            assert sandbox.commands.run("echo on-the-agent").stdout == "on-the-agent\n"
+            shown = _json(kubectl, "-n", ns, "get", "sandboxes.memoplane.io", sandbox.sandbox_id)
+            assert shown["status"]["node"] == "helm-api-node"
+            assert shown["status"]["conditions"][0]["type"] == "Ready"
+        finally:
+            sandbox.kill()
+        assert _json(kubectl, "-n", ns, "get", "sandboxes.memoplane.io")["items"] == []
+        logs = "\n".join(processes.log_tail(p, 60) for p in
+                         (processes.load(directory, n) for n in started) if p is not None)
+        assert "Forbidden" not in logs and " 403" not in logs and "not written" not in logs, logs
+    finally:
+        for name in reversed(started):
+            processes.stop(directory, name)
+
+
 def test_upgrade_updates_crds_and_values_and_keeps_the_keys(release: Release, kubectl: Any) -> None:
     ns, full = release.namespace, f"{release.name}-memoplane"
     secret_before = _json(kubectl, "-n", ns, "get", "secret", f"{full}-minio-credentials")["data"]
@@ -234,7 +292,8 @@ def test_uninstall_keeps_crds_and_user_objects_without_finalizers(release: Relea
     release.run("uninstall", release.name)
     for kind, name in (("deployment", f"{full}-operator"), ("daemonset", f"{full}-agent"),
                        ("statefulset", f"{full}-minio"), ("serviceaccount", f"{full}-agent"),
-                       ("service", f"{full}-operator-metrics"), ("role", f"{full}-agent")):
+                       ("service", f"{full}-operator-metrics"), ("role", f"{full}-agent"),
+                       ("deployment", f"{full}-api"), ("role", f"{full}-api"), ("secret", f"{full}-api-sessions")):
         assert kubectl("-n", ns, "get", kind, name, check=False).returncode != 0, f"{kind}/{name} left behind"
     for name in (f"{full}-operator", f"{full}-agent", f"{full}-edit"):
         assert kubectl("get", "clusterrole", name, check=False).returncode != 0, name

@@ -140,7 +140,8 @@ def test_names_subresource_and_category(info: crd.KindInfo) -> None:
 
 def test_short_names_are_distinct_and_chosen() -> None:
     short = {info.kind: info.short_names for info in KINDS}
-    assert short == {"ComputeJob": ("cjob",), "ResultCache": ("rcache",), "GMemSeed": ("gseed",)}
+    assert short == {"ComputeJob": ("cjob",), "ResultCache": ("rcache",), "GMemSeed": ("gseed",),
+                     "Sandbox": ("mpsbx",)}
 
 
 @pytest.mark.parametrize(
@@ -149,6 +150,7 @@ def test_short_names_are_distinct_and_chosen() -> None:
         ("ComputeJob", ["Phase", "Cached", "Key", "Node", "Duration", "Age"]),
         ("ResultCache", ["Entries", "Dedup", "Hits", "Misses", "Age"]),
         ("GMemSeed", ["Seed", "Dtype", "Version", "Entries", "Age"]),
+        ("Sandbox", ["Node", "Team", "Template", "Expires", "Age"]),
     ],
 )
 def test_printer_columns(kind: str, columns: list[str]) -> None:

@@ -32,6 +32,8 @@ KUBE_VERSION = "1.36"   # hack/versions.env's kube-apiserver; kubernetes-validat
 NAMESPACE = "memoplane-system"
 AGENT_CAPS = {"SYS_ADMIN", "SYS_PTRACE", "SETUID", "SETGID", "MKNOD"}
 
+_LIMITS = ('{"creations_per_minute": 6, "creation_burst": 2, "concurrent_sandboxes": 3, "executions_per_minute": 60,'
+           ' "execution_burst": 5}')
 VARIANTS: dict[str, list[str]] = {
     "defaults": [],
     "external-s3": ["--set", "objectStore.minio.enabled=false",
@@ -47,6 +49,8 @@ VARIANTS: dict[str, list[str]] = {
                                "--set", "defaultResultCache.namespaces={ml,research}",
                                "--set", "image.digest=sha256:" + "a" * 64],
     "privileged-agent": ["--set", "agent.privileged=true", "--set", "rbac.aggregateToDefaultRoles=false"],
+    "api": ["--set", "api.enabled=true", "--set", "api.apiKeys.existingSecret=memoplane-api-keys",
+            "--set-json", 'api.tiers={"gold": {"key": ' + _LIMITS + ', "team": ' + _LIMITS + '}}'],
     "object-inputs": ["--set-json", 'objectInputs=[{"namespaces":["ml"],"bucket":"datasets","prefix":"tables/"},'
                                     '{"namespaces":"*","bucket":"public-data","prefix":""}]'],
 }
@@ -123,7 +127,7 @@ def test_rendered_objects_validate_offline(helm: Path, variant: str) -> None:
 def test_default_objects(helm: Path) -> None:
     docs = render(helm)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds.count("CustomResourceDefinition") == 3
+    assert kinds.count("CustomResourceDefinition") == 4
     for kind in ("Deployment", "DaemonSet", "StatefulSet", "ResultCache"):
         assert kinds.count(kind) == 1, kind
     assert kinds.count("Secret") == 2  # the store keys and the agents' signing key
@@ -254,7 +258,7 @@ def test_env_the_chart_sets_is_read_by_the_processes(helm: Path) -> None:
         "-operator": _env_names_read(ROOT / "operator" / "memoplane_operator" / "__main__.py", *common)
         | _settings_env(s.OperatorSettings) | store,
         "-agent": _env_names_read(ROOT / "sandbox-node" / "memoplane_agent" / "__main__.py", *common)
-        | _settings_env(s.AgentSettings) | store,
+        | _settings_env(s.AgentSettings) | _settings_env(s.ServeSettings) | store,   # its sessions' ServeSettings
     }
     for kind, suffix in (("Deployment", "-operator"), ("DaemonSet", "-agent")):
         (c,) = find(docs, kind, suffix)["spec"]["template"]["spec"]["containers"]
@@ -347,6 +351,11 @@ def test_external_s3_uses_the_given_endpoint_and_secret(helm: Path) -> None:
      "the result bucket (objectStore.bucket), which is never readable"),
     (["--set-json", 'objectInputs=[{"namespaces":"*","bucket":"data","prefix":"tables"}]'], "objectInputs/0/prefix"),
     (["--set-json", 'objectInputs=[{"bucket":"data","prefix":""}]'], "namespaces"),
+    (["--set", "api.enabled=true"], "api.enabled needs api.apiKeys.existingSecret"),
+    (["--set", "api.enabled=true", "--set", "api.apiKeys.existingSecret=k", "--set", "api.replicas=2"],
+     "additional properties 'replicas' not allowed"),
+    (["--set", "api.enabled=true", "--set", "api.apiKeys.existingSecret=k", "--set-json",
+      'api.tiers={"gold": {"key": {"creation_burst": 1}, "team": {}}}'], "api/tiers/gold/key"),
 ])
 def test_bad_values_are_refused(helm: Path, args: list[str], message: str) -> None:
     proc = run_helm(helm, "template", "mp", str(CHART), *args, check=False)
@@ -446,3 +455,86 @@ def test_the_operators_signing_key_is_generated_kept_and_mounted_read_only(helm:
     moved = find(render(helm, "--set", "agent.nodeKey.hostPath=/srv/mp-key"), "DaemonSet", "-agent")
     assert [v["hostPath"]["path"] for v in moved["spec"]["template"]["spec"]["volumes"]
             if v["name"] == mount["name"]] == ["/srv/mp-key"]
+
+
+def test_api_is_off_by_default_and_then_leaves_the_agents_without_a_session_endpoint(helm: Path) -> None:
+    docs = render(helm)
+    assert not [d for d in docs if d["metadata"]["name"].endswith(("-api", "-api-sessions"))]
+    (c,) = find(docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]["containers"]
+    assert not {"MEMOPLANE_SESSION_SECRET_FILE", "MEMOPLANE_SESSION_PORT"} & {e["name"] for e in c["env"]}
+
+
+def test_api_deployment_runs_serve_with_its_settings_restricted(helm: Path) -> None:
+    from memoplane import settings as s
+
+    docs = render(helm, *VARIANTS["api"])
+    dep = find(docs, "Deployment", "-api")
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    pod = dep["spec"]["template"]["spec"]
+    assert_restricted(pod)
+    assert pod["serviceAccountName"] == "mp-memoplane-api"
+    (c,) = pod["containers"]
+    assert c["args"] == ["memoplane", "serve"]
+    env = {e["name"]: e for e in c["env"]}
+    read = _settings_env(s.ServeSettings, s.StoreSettings) | {"MEMOPLANE_STORE", s.KEYS_DIR_ENV, "XDG_CACHE_HOME"}
+    assert set(env) <= read, f"the chart sets {sorted(set(env) - read)}, which serve does not read"
+    settings = s.from_env(s.ServeSettings, {k: e["value"] for k, e in env.items() if "value" in e})
+    assert (settings.host, settings.port, settings.clock_window) == ("0.0.0.0", 3000, 300)
+    assert settings.max_timeout == 3600 and settings.max_sandboxes == 32
+    assert s.serve_tiers(settings)["gold"].key.concurrent_sandboxes == 3
+    assert env["MEMOPLANE_SERVE_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["MEMOPLANE_STORE"]["value"] == "s3://memoplane/_api"
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 3000}
+    assert c["livenessProbe"]["tcpSocket"] == c["readinessProbe"]["tcpSocket"] == {"port": "http"}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for variable, secret in (("MEMOPLANE_SERVE_API_KEYS", "memoplane-api-keys"),
+                             ("MEMOPLANE_SESSION_SECRET_FILE", "mp-memoplane-api-sessions")):
+        path = Path(env[variable]["value"])
+        mount = mounts[str(path.parent)]
+        assert mount["readOnly"] is True
+        volume = volumes[mount["name"]]["secret"]
+        assert volume["secretName"] == secret and volume["defaultMode"] == 0o400
+        assert [item["path"] for item in volume["items"]] == [path.name]
+    service = find(docs, "Service", "-api")
+    assert service["spec"]["ports"] == [{"name": "http", "port": 3000, "targetPort": "http"}]
+
+
+def test_agents_serve_sessions_to_the_api_with_the_same_generated_secret(helm: Path) -> None:
+    docs = render(helm, *VARIANTS["api"])
+    secret = find(docs, "Secret", "-api-sessions")
+    assert len(base64.b64decode(secret["data"]["secret"])) == 48
+    pod = find(docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    path = Path(env["MEMOPLANE_SESSION_SECRET_FILE"]["value"])
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"] and volume["secret"]["defaultMode"] == 0o400
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["sessions"] == int(env["MEMOPLANE_SESSION_PORT"]["value"]) == 8091
+    assert env["MEMOPLANE_SERVE_MAX_TIMEOUT"]["value"] == "3600"   # the agents' sessions live as long as the API's
+
+
+def test_api_rbac_is_leases_list_and_its_sandbox_objects_only(helm: Path) -> None:
+    docs = render(helm, *VARIANTS["api"])
+    role = find(docs, "Role", "-api")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert _rules(role) == {("coordination.k8s.io", "leases", "list"), ("memoplane.io", "sandboxes", "create"),
+                            ("memoplane.io", "sandboxes", "delete"), ("memoplane.io", "sandboxes", "list"),
+                            ("memoplane.io", "sandboxes", "watch"), ("memoplane.io", "sandboxes/status", "patch")}
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding") and d["metadata"]["name"].endswith("-api")]
+    edit, view = _rules(find(docs, "ClusterRole", "-edit")), _rules(find(docs, "ClusterRole", "-view"))
+    assert not any(r.startswith("sandboxes") for _, r, _ in edit), "Sandbox objects are the API's to write"
+    assert ("memoplane.io", "sandboxes", "list") in view
+
+
+def test_tier_limits_in_the_schema_are_the_settings(helm: Path) -> None:
+    import json
+
+    from memoplane.settings import TIER_LIMITS
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    tier = schema["properties"]["api"]["properties"]["tiers"]["additionalProperties"]["properties"]["key"]
+    assert set(tier["properties"]) == set(tier["required"]) == set(TIER_LIMITS)

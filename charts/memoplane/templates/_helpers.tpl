@@ -153,3 +153,26 @@ might read through /proc, get them as files (agent.yaml, MEMOPLANE_S3_CREDENTIAL
 {{- define "memoplane.homeUrl" -}}
 s3://{{ .Values.objectStore.bucket }}{{ with trimAll "/" .Values.objectStore.homePrefix }}/{{ . }}{{ end }}
 {{- end }}
+
+{{- define "memoplane.apiServiceAccount" -}}
+{{- if .Values.api.serviceAccount.create -}}
+{{ default (printf "%s-api" (include "memoplane.fullname" .)) .Values.api.serviceAccount.name }}
+{{- else -}}
+{{ default "default" .Values.api.serviceAccount.name }}
+{{- end -}}
+{{- end -}}
+
+{{/* The secret the API and the agents share for the agents' session endpoint (sessions.yaml). */}}
+{{- define "memoplane.sessionSecretName" -}}
+{{ printf "%s-api-sessions" (include "memoplane.fullname" .) }}
+{{- end -}}
+
+{{- define "memoplane.sessionSecretPath" -}}
+/var/run/secrets/memoplane/sessions/secret
+{{- end -}}
+
+{{/* Where the API keeps /v1/run results and its audit log: under the home prefix, beside the
+namespaces' homes (no namespace can be named `_api`). */}}
+{{- define "memoplane.apiStore" -}}
+s3://{{ .Values.objectStore.bucket }}/{{ with trimAll "/" .Values.objectStore.homePrefix }}{{ . }}/{{ end }}_api
+{{- end -}}
