@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from memoplane.testing import build, pki
+from memoplane.testing import build, node, pki
 
 _PORT_RANGE = (21000, 29000)  # below the usual ephemeral range (32768+), above well-known ones
 _PORT_STRIDE = 16  # a set takes 6 ports (Ports); the rest of a slot holds a second set in tests
@@ -78,6 +78,7 @@ class ClusterInfo:
     owner: str = "cli"  # "cli", or "pytest:<pid>" for a set a test session started
     servers: tuple[str, ...] = _SERVERS  # what this set runs (no S3 servers: it uses another set's)
     s3_endpoints: dict[str, str] | None = None  # every S3 server of S3_SERVERS by name
+    with_node: bool = False  # a kubelet node runs too (node.SERVERS are in `servers`)
 
     def env(self, s3_server: str = "minio") -> dict[str, str]:
         """What a client needs, with MEMOPLANE_S3_ENDPOINT naming `s3_server` (one of S3_SERVERS)."""
@@ -220,7 +221,7 @@ def _reap(pid: int) -> None:
 def _running(directory: Path) -> dict[str, bool]:
     """For each server with a pid file: is the recorded process still alive?"""
     result = {}
-    for name in _SERVERS:
+    for name in (*_SERVERS, *node.SERVERS):
         record = _read_pid_record(directory, name)
         if record is not None:
             _reap(int(record["pid"]))  # type: ignore[call-overload]
@@ -286,7 +287,10 @@ def _unhealthy_after_grace(info: ClusterInfo, grace_s: float = 10.0) -> list[str
 
 
 def healthy(info: ClusterInfo) -> dict[str, bool]:
-    return {name: _http_ok(check) for name, check in _health_checks(info).items()}
+    result = {name: _http_ok(check) for name, check in _health_checks(info).items()}
+    if info.with_node:
+        result.update(node.healthy(Path(info.state_dir), info))
+    return result
 
 
 def _log_tail(directory: Path, name: str, lines: int = 30) -> str:
@@ -374,7 +378,7 @@ def _write_kubeconfig(path: Path, server: str, ca_file: str, token: str) -> None
 
 
 def _apiserver_argv(binary: Path, directory: Path, ports: Ports,
-                    keys: dict[str, Path]) -> list[str]:
+                    keys: dict[str, Path], with_node: bool) -> list[str]:
     return [
         str(binary),
         "--bind-address=127.0.0.1",
@@ -392,12 +396,15 @@ def _apiserver_argv(binary: Path, directory: Path, ports: Ports,
         f"--service-account-signing-key-file={keys['sa.key']}",
         f"--service-account-issuer=https://127.0.0.1:{ports.apiserver}",
         f"--token-auth-file={directory / 'tokens.csv'}",
-        "--authorization-mode=RBAC",
+        # Node: kubelets (group system:nodes) get exactly what their own pods need.
+        "--authorization-mode=Node,RBAC",
         "--service-cluster-ip-range=10.0.0.0/24",
         "--allow-privileged=true",
-        # No controller-manager runs, so nothing would create the tokens this plugin demands.
-        "--disable-admission-plugins=ServiceAccount",
-        # No nodes or kube-proxy: don't maintain the `kubernetes` Service's endpoints.
+        # Without a node no controller-manager runs, so nothing would create the service accounts
+        # this plugin demands; with one, it mounts each pod's projected token.
+        *(node.apiserver_flags(directory) if with_node else ["--disable-admission-plugins=ServiceAccount"]),
+        # No kube-proxy: don't maintain the `kubernetes` Service's endpoints (its ClusterIP does not
+        # route; pods on the node reach the API server on 127.0.0.1, see node.py).
         "--endpoint-reconciler-type=none",
         "--enable-priority-and-fairness=false",
         "--profiling=false",
@@ -436,7 +443,8 @@ def _versitygw_argv(binary: Path, directory: Path, ports: Ports) -> list[str]:
 def _prepare(directory: Path, ports: Ports, store: ClusterInfo | None = None) -> tuple[ClusterInfo, dict[str, Path]]:
     """A fresh data dir, keys, token and kubeconfig; returns the cluster's description (with
     `store`: that set's MinIO, not one of its own)."""
-    for sub in ("data", "pki", "pids"):
+    node.ensure_unmounted(directory)
+    for sub in ("data", "pki", "pids", "node"):
         shutil.rmtree(directory / sub, ignore_errors=True)
     for stale in ("state.json", "env"):  # written again only once the new set is ready
         (directory / stale).unlink(missing_ok=True)
@@ -481,6 +489,7 @@ def load_info(directory: Path | None = None) -> ClusterInfo | None:
         return None
     raw["ports"] = Ports(**raw["ports"])
     raw["servers"] = tuple(raw.get("servers", _SERVERS))
+    raw["with_node"] = bool(raw.get("with_node", False))
     return ClusterInfo(**raw)
 
 
@@ -488,24 +497,28 @@ def load_info(directory: Path | None = None) -> ClusterInfo | None:
 
 
 def _stop_all(directory: Path) -> None:
+    node.stop(directory)
     for name in reversed(_SERVERS):
         _stop(directory, name)
 
 
-def up(directory: Path | None = None, owner: str = "cli", store: ClusterInfo | None = None) -> UpResult:
+def up(directory: Path | None = None, owner: str = "cli", store: ClusterInfo | None = None,
+       with_node: bool = False) -> UpResult:
     """Bring the control plane up, or return the healthy one already running here. `store`:
     another set whose MinIO this one uses (a second cluster sharing an object store) instead of
-    starting its own."""
+    starting its own. `with_node`: a kubelet node too (node.py); a running set without one is
+    replaced."""
     directory = directory or state_dir()
     started = time.monotonic()
     versions = build.load_versions()
     # helm is built by `build` for charts, but the servers are all that `up` needs.
-    missing = [c for c in _SERVERS if not build.binary_path(c, versions).exists()]
-    binaries = build.ensure_all(_SERVERS)
+    needed = (*_SERVERS, *build.NODE_COMPONENTS) if with_node else _SERVERS
+    missing = [c for c in needed if not build.binary_path(c, versions).exists()]
+    binaries = build.ensure_all(needed)
     with _locked(directory):
         running = _running(directory)
         info = load_info(directory)
-        if info and running and all(running.get(n) for n in info.servers):
+        if info and running and all(running.get(n) for n in info.servers) and info.with_node >= with_node:
             sick = _unhealthy_after_grace(info)
             if not sick:
                 return UpResult(info, True, missing, time.monotonic() - started)
@@ -524,13 +537,18 @@ def up(directory: Path | None = None, owner: str = "cli", store: ClusterInfo | N
         argvs = {"etcd": (_etcd_argv(binaries["etcd"], directory, ports), None),
                  "minio": (_minio_argv(binaries["minio"], directory, ports), minio_env),
                  "versitygw": (_versitygw_argv(binaries["versitygw"], directory, ports), versitygw_env),
-                 "kube-apiserver": (_apiserver_argv(binaries["kube-apiserver"], directory, ports, keys), None)}
+                 "kube-apiserver": (_apiserver_argv(binaries["kube-apiserver"], directory, ports, keys, with_node),
+                                    None)}
         # The apiserver retries etcd until it answers, so all start at once.
         procs = {name: _spawn(directory, name, *argvs[name]) for name in info.servers}
         info = ClusterInfo(**{**asdict(info), "ports": ports, "owner": owner,
                               "pids": {n: p.pid for n, p in procs.items()}})
         try:
             _wait_ready(directory, info, procs)
+            if with_node:
+                pids = node.start(directory, info)
+                info = ClusterInfo(**{**asdict(info), "with_node": True, "servers": (*info.servers, *node.SERVERS),
+                                      "pids": {**info.pids, **pids}})
         except BaseException:
             _stop_all(directory)
             raise
@@ -547,6 +565,7 @@ def down(directory: Path | None = None) -> list[str]:
     with _locked(directory):
         stopped = [n for n, alive in _running(directory).items() if alive]
         _stop_all(directory)
+        node.ensure_unmounted(directory)
         shutil.rmtree(directory, ignore_errors=True)
     (directory.parent / f"{directory.name}.lock").unlink(missing_ok=True)
     return stopped

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from memoplane.testing import build, cluster, processes
+from memoplane.testing import build, cluster, node, processes
 
 
 def _say(msg: str) -> None:
@@ -19,10 +19,15 @@ def cmd_build(_: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    with_node = getattr(args, "with_node", False)
+    if with_node and getattr(args, "with_memoplane", False):
+        _say("--with-node --with-memoplane (the chart installed onto the node) is not supported yet: "
+             "use --with-node, or --with-memoplane for the operator and agents as host processes")
+        return 2
     before = cluster.load_info()
     if before is None or not all(cluster.healthy(before).values()):
         processes.down(cluster.state_dir())  # memoplane processes of a control plane that is gone
-    result = cluster.up()
+    result = cluster.up(with_node=with_node)
     info = result.info
     how = "already running, reused" if result.already_running else "started"
     cache = f"built {', '.join(result.built)}" if result.built else "binaries reused from cache"
@@ -35,6 +40,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         started = processes.up(cfg)
         _say(f"memoplane: {', '.join(p.name for p in started) or 'already running'} "
              f"(logs in {cfg.directory / 'logs'}); try: kubectl apply -f examples/job.yaml")
+    if info.with_node:
+        _say(f"node {node.NODE_NAME} Ready (containerd socket {node.paths(cluster.state_dir()).socket}); pods use "
+             f"hostNetwork, imagePullPolicy: Never and KUBERNETES_SERVICE_HOST=127.0.0.1 "
+             f"KUBERNETES_SERVICE_PORT={info.ports.apiserver}")
     _say('use it: eval "$(hack/cluster env)"')
     return 0
 
@@ -108,13 +117,16 @@ def main(argv: list[str] | None = None) -> int:
         if name == "up":
             command.add_argument("--with-memoplane", action="store_true",
                                  help="also start the operator and agents for nodes node-a and node-b")
+            command.add_argument("--with-node", action="store_true",
+                                 help=f"also a real node ({node.NODE_NAME}): controller-manager, scheduler, "
+                                      "containerd + runc and a kubelet")
     args = parser.parse_args(argv)
     try:
         code: int = args.fn(args)
     except build.BuildError as exc:
         _say(f"FAILED: {exc}")
         return 2
-    except (cluster.ClusterError, processes.ProcessError) as exc:
+    except (cluster.ClusterError, processes.ProcessError, node.NodeError) as exc:
         _say(f"FAILED: {exc}")
         return 3
     return code
