@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -547,8 +547,8 @@ def up(directory: Path | None = None, owner: str = "cli", store: ClusterInfo | N
             _wait_ready(directory, info, procs)
             if with_node:
                 pids = node.start(directory, info)
-                info = ClusterInfo(**{**asdict(info), "with_node": True, "servers": (*info.servers, *node.SERVERS),
-                                      "pids": {**info.pids, **pids}})
+                info = replace(info, with_node=True, servers=(*info.servers, *node.SERVERS),
+                               pids={**info.pids, **pids})
         except BaseException:
             _stop_all(directory)
             raise

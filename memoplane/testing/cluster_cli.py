@@ -64,6 +64,10 @@ def cmd_status(_: argparse.Namespace) -> int:
               f"healthy {st['healthy']!s:5}{mem}")
     if rss:
         print(f"{'total rss':15} {sum(rss.values()) / 1024:.0f} MiB")
+    if info and info.with_node:
+        conditions = node.node_conditions(info)
+        print(f"node {node.NODE_NAME}: " + (", ".join(f"{k}={v}" for k, v in sorted(conditions.items()))
+                                             or "not registered"))
     for name in processes.names(cluster.state_dir()):
         print(f"{name:15} running {processes.alive(cluster.state_dir(), name)}")
     if info:

@@ -181,6 +181,10 @@ disabled_plugins = ["io.containerd.nri.v1.nri", "io.containerd.internal.v1.traci
 
 [plugins."io.containerd.cri.v1.runtime"]
   netns_mounts_under_state_dir = true
+  # We run without CAP_SYS_RESOURCE, so runc may not lower a process's oom_score_adj (the kubelet
+  # asks -998 for sandboxes: "failed to update /proc/self/oom_score_adj: Permission denied");
+  # this clamps what pods ask for to containerd's own score.
+  restrict_oom_score_adj = true
   cdi_spec_dirs = ["{p.containerd / 'cdi'}"]
   [plugins."io.containerd.cri.v1.runtime".containerd]
     default_runtime_name = "runc"
@@ -199,7 +203,7 @@ disabled_plugins = ["io.containerd.nri.v1.nri", "io.containerd.internal.v1.traci
 _CNI_CONF = {"cniVersion": "1.0.0", "name": "memoplane-loopback", "plugins": [{"type": "loopback"}]}
 
 
-def _kubelet_config(p: NodePaths, ports: NodePorts, cgroup: str) -> dict[str, object]:
+def _kubelet_config(p: NodePaths, ports: NodePorts, cgroup: str, serving: tuple[Path, Path]) -> dict[str, object]:
     return {
         "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
         # This host has cgroup v1 only (see the module docstring); kubelet 1.35+ needs the opt-in.
@@ -209,8 +213,7 @@ def _kubelet_config(p: NodePaths, ports: NodePorts, cgroup: str) -> dict[str, ob
         "containerRuntimeEndpoint": f"unix://{p.socket}",
         "address": "127.0.0.1", "port": ports.kubelet, "readOnlyPort": 0,
         "healthzBindAddress": "127.0.0.1", "healthzPort": ports.kubelet_healthz,
-        "tlsCertFile": str(p.pki / "kubelet-serving.crt"),
-        "tlsPrivateKeyFile": str(p.pki / "kubelet-serving.key"),
+        "tlsCertFile": str(serving[0]), "tlsPrivateKeyFile": str(serving[1]),
         # The API server's own client cert (logs, exec) and bearer tokens (webhook) are accepted;
         # every request is authorized by the API server (SubjectAccessReview).
         "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": True},
@@ -266,16 +269,13 @@ def _argvs(directory: Path, info: ClusterInfo, ports: NodePorts) -> dict[str, tu
                               ("kubelet", f"system:node:{NODE_NAME}", "system:nodes")):
         cert, key = pki.issue(cluster_pki, name, user, group=group)
         kubeconfigs[name] = _kubeconfig(p.root / f"{name}.kubeconfig", server, ca, cert, key)
-    serving_cert, serving_key = pki.issue(cluster_pki, "kubelet-serving", NODE_NAME, serving_ips=["127.0.0.1"])
-    for src, dst in ((serving_cert, p.pki / "kubelet-serving.crt"), (serving_key, p.pki / "kubelet-serving.key")):
-        dst.write_bytes(src.read_bytes())
-        dst.chmod(0o600)
+    serving = pki.issue(cluster_pki, "kubelet-serving", NODE_NAME, serving_ips=["127.0.0.1"])
     cgroup = cgroup_name(directory)
     _make_cgroup_root(cgroup)
     (p.containerd / "config.toml").write_text(_containerd_config(p))
     (p.cni_conf / "10-loopback.conflist").write_text(json.dumps(_CNI_CONF))
     kubelet_config = p.root / "kubelet-config.json"  # JSON is valid YAML for the kubelet
-    kubelet_config.write_text(json.dumps(_kubelet_config(p, ports, cgroup), indent=2))
+    kubelet_config.write_text(json.dumps(_kubelet_config(p, ports, cgroup, serving), indent=2))
     path_env = {"PATH": f"{p.bin}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
     common = ["--bind-address=127.0.0.1", "--leader-elect=false", f"--cert-dir={p.pki}"]
     return {
@@ -396,6 +396,20 @@ def _kubectl(info: ClusterInfo, *args: str) -> subprocess.CompletedProcess[str]:
                           timeout=60)
 
 
+def _set_loopback_address(info: ClusterInfo) -> None:
+    """Give the node the address 127.0.0.1, where its kubelet listens (logs, exec, port-forward).
+
+    The kubelet refuses to report a loopback node IP ("failed to validate nodeIP: nodeIP can't be
+    loopback address", logged at each status update) and so leaves the addresses alone; without
+    --node-ip it would report the host's own address, where nothing of ours listens. So we set
+    them once, and the kubelet's status patches never touch them again."""
+    addresses = [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": NODE_NAME}]
+    out = _kubectl(info, "patch", "node", NODE_NAME, "--subresource=status", "--type=merge",
+                   "-p", json.dumps({"status": {"addresses": addresses}}))
+    if out.returncode != 0:
+        raise NodeError(f"cannot set node {NODE_NAME}'s address: {out.stderr.strip()}")
+
+
 def node_conditions(info: ClusterInfo) -> dict[str, str]:
     """The node's conditions (type -> status), {} while it is not registered."""
     out = _kubectl(info, "get", "node", NODE_NAME, "-o", "json")
@@ -442,6 +456,8 @@ def start(directory: Path, info: ClusterInfo) -> dict[str, int]:
             procs[name] = cluster._spawn(directory, name, *argvs[name])
         for name in SERVERS[1:]:
             _wait(directory, f"{name} /healthz", lambda n=name: _server_healthy(directory, n, ports), procs)  # type: ignore[misc]
+        _wait(directory, f"node {NODE_NAME} registered", lambda: bool(node_conditions(info)), procs)
+        _set_loopback_address(info)
         _wait(directory, f"node {NODE_NAME} Ready", lambda: node_conditions(info).get("Ready") == "True", procs)
     except BaseException:
         stop(directory)

@@ -23,6 +23,7 @@ from pathlib import Path
 from memoplane.testing import build
 
 PAUSE_SOURCE = build.REPO_ROOT / "hack" / "node" / "pause.c"
+WHOAMI_SOURCE = build.REPO_ROOT / "hack" / "node" / "whoami"  # a minimal in-cluster client (Go)
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
 PAUSE_IMAGE = "memoplane.local/pause:1"
 TOOLBOX_IMAGE = "memoplane.local/toolbox:1"
@@ -106,6 +107,13 @@ def _compile_pause(out: Path) -> bytes:
     return out.read_bytes()
 
 
+def _build_whoami(out: Path) -> bytes:
+    """Static, with the machine's Go (build.py's environment: CGO off, no toolchain download)."""
+    subprocess.run(["go", "build", "-trimpath", "-ldflags=-s -w", "-o", str(out), "."], cwd=WHOAMI_SOURCE,
+                   check=True, capture_output=True, env=build._go_env())
+    return out.read_bytes()
+
+
 def pause_archive(directory: Path) -> Path:
     """The sandbox image: /pause and nothing else."""
     path = directory / "pause.oci.tar"
@@ -115,12 +123,14 @@ def pause_archive(directory: Path) -> Path:
 
 
 def toolbox_archive(directory: Path) -> Path:
-    """The tests' image: a static busybox as /bin/sh and friends, /pause, and an empty /tmp."""
+    """The tests' image: a static busybox as /bin/sh and friends, /bin/whoami (hack/node/whoami),
+    /pause, and an empty /tmp."""
     if not BUSYBOX.is_file():
         raise ImageError(f"{BUSYBOX} is missing: the toolbox image is Debian's static busybox "
                          "(apt-get install busybox-static)")
     binary = _compile_pause(directory / "pause")
     files = [_File("bin/"), _File("bin/busybox", BUSYBOX.read_bytes()), _File("pause", binary),
+             _File("bin/whoami", _build_whoami(directory / "whoami")),
              _File("tmp/", mode=0o1777), _File("etc/"), _File("proc/"), _File("sys/"), _File("dev/")]
     files += [_File(f"bin/{tool}", link_to="busybox")
               for tool in ("sh", "cat", "ls", "sleep", "test", "wget", "mount", "touch", "true")]
