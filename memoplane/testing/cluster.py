@@ -16,7 +16,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import ssl
 import subprocess
 import time
@@ -28,20 +27,18 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
-from memoplane.testing import build, node, pki
+from memoplane.testing import build, node, pidfiles, pki
+
+# Raised here too; callers catch cluster.ClusterError.
+from memoplane.testing.pidfiles import ClusterError as ClusterError
 
 _PORT_RANGE = (21000, 29000)  # below the usual ephemeral range (32768+), above well-known ones
 _PORT_STRIDE = 16  # a set takes 6 ports (Ports); the rest of a slot holds a second set in tests
 _READY_TIMEOUT_S = 90.0
-_STOP_TIMEOUT_S = 10.0
 # Start order; `down` stops in reverse (apiserver before the etcd it depends on).
 _SERVERS = ("etcd", "minio", "versitygw", "kube-apiserver")
 # The S3 servers of a set, all with the same credentials; MinIO is the default (s3_endpoint).
 S3_SERVERS = ("minio", "versitygw")
-
-
-class ClusterError(RuntimeError):
-    """The control plane cannot be brought up; the message names the failing component."""
 
 
 @dataclass(frozen=True)
@@ -124,108 +121,15 @@ def port_base(directory: Path) -> int:
 # --- processes -------------------------------------------------------------------------
 
 
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of `pid` (field 22 of /proc/pid/stat), or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    # The command name (field 2) may contain spaces; fields after it follow the last ')'.
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _is_ours(record: dict[str, object]) -> bool:
-    """True if the pid in `record` is still the process we started (not a reused pid)."""
-    pid = int(record["pid"])  # type: ignore[call-overload]
-    if _start_time(pid) != record["start_time"]:
-        return False
-    try:
-        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0].decode()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    # A zombie has an empty cmdline; it is ours but already dead.
-    return argv0 == record["binary"]
-
-
-def _pid_file(directory: Path, name: str) -> Path:
-    return directory / "pids" / f"{name}.json"
-
-
-def _read_pid_record(directory: Path, name: str) -> dict[str, object] | None:
-    try:
-        data: dict[str, object] = json.loads(_pid_file(directory, name).read_text())
-        return data
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _spawn(directory: Path, name: str, argv: list[str], env: dict[str, str] | None = None
-           ) -> subprocess.Popen[bytes]:
-    log = directory / "logs" / f"{name}.log"
-    with log.open("ab") as out:
-        # A new session: the servers outlive `hack/cluster up` and ignore the shell's ^C.
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})}, cwd=directory)
-    record = {"pid": proc.pid, "binary": argv[0], "start_time": _start_time(proc.pid)}
-    _pid_file(directory, name).write_text(json.dumps(record))
-    return proc
-
-
-def _stop(directory: Path, name: str) -> None:
-    """SIGTERM, then SIGKILL, exactly the process recorded in `name`'s pid file."""
-    record = _read_pid_record(directory, name)
-    if record is None:
-        return
-    pid = int(record["pid"])  # type: ignore[call-overload]
-    for sig, patience in ((signal.SIGTERM, _STOP_TIMEOUT_S), (signal.SIGKILL, 5.0)):
-        if not _is_ours(record):
-            break
-        os.kill(pid, sig)
-        # Wait for the exit, so that its ports are free when `down` or `up` go on.
-        deadline = time.monotonic() + patience
-        while _is_ours(record) and time.monotonic() < deadline:
-            _reap(pid)
-            time.sleep(0.05)
-    if _is_ours(record):
-        raise ClusterError(f"{name} (pid {pid}) did not exit after SIGKILL")
-    _wait_exited(pid, record)
-    _pid_file(directory, name).unlink(missing_ok=True)
-
-
-def _wait_exited(pid: int, record: dict[str, object], patience: float = 10.0) -> None:
-    """Wait until the process is a zombie or gone. Its cmdline empties when the kernel
-    frees its memory, which is before it closes its files: a listening port may still
-    be held for a moment after `_is_ours` turns False."""
-    deadline = time.monotonic() + patience
-    while time.monotonic() < deadline:
-        _reap(pid)
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            return
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[19] != record["start_time"] or fields[0] in ("Z", "X"):
-            return
-        time.sleep(0.02)
-
-
-def _reap(pid: int) -> None:
-    """Collect the exit status if the process is our child (pytest's fixture case)."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-
 
 def _running(directory: Path) -> dict[str, bool]:
     """For each server with a pid file: is the recorded process still alive?"""
     result = {}
     for name in (*_SERVERS, *node.SERVERS):
-        record = _read_pid_record(directory, name)
+        record = pidfiles.read_record(directory, name)
         if record is not None:
-            _reap(int(record["pid"]))  # type: ignore[call-overload]
-            result[name] = _is_ours(record)
+            pidfiles.reap(int(record["pid"]))  # type: ignore[call-overload]
+            result[name] = pidfiles.is_ours(record)
     return result
 
 
@@ -293,13 +197,6 @@ def healthy(info: ClusterInfo) -> dict[str, bool]:
     return result
 
 
-def _log_tail(directory: Path, name: str, lines: int = 30) -> str:
-    try:
-        text = (directory / "logs" / f"{name}.log").read_text(errors="replace")
-    except FileNotFoundError:
-        return "(no log)"
-    return "".join(text.splitlines(keepends=True)[-lines:])
-
 
 def _wait_ready(directory: Path, info: ClusterInfo,
                 procs: dict[str, subprocess.Popen[bytes]]) -> None:
@@ -311,14 +208,14 @@ def _wait_ready(directory: Path, info: ClusterInfo,
             if code is not None:
                 raise ClusterError(f"{name} exited with code {code} during startup; last lines "
                                    f"of {directory / 'logs' / (name + '.log')}:\n"
-                                   f"{_log_tail(directory, name)}")
+                                   f"{pidfiles.log_tail(directory, name)}")
             if _http_ok(pending[name], timeout=1.0):
                 del pending[name]
         if not pending:
             return
         if time.monotonic() > deadline:
             names = ", ".join(sorted(pending))
-            tails = "\n".join(f"--- {n}:\n{_log_tail(directory, n)}" for n in pending)
+            tails = "\n".join(f"--- {n}:\n{pidfiles.log_tail(directory, n)}" for n in pending)
             raise ClusterError(f"{names} not ready after {_READY_TIMEOUT_S:.0f}s\n{tails}")
         time.sleep(0.1)
 
@@ -499,7 +396,7 @@ def load_info(directory: Path | None = None) -> ClusterInfo | None:
 def _stop_all(directory: Path) -> None:
     node.stop(directory)
     for name in reversed(_SERVERS):
-        _stop(directory, name)
+        pidfiles.stop(directory, name)
 
 
 def up(directory: Path | None = None, owner: str = "cli", store: ClusterInfo | None = None,
@@ -540,7 +437,7 @@ def up(directory: Path | None = None, owner: str = "cli", store: ClusterInfo | N
                  "kube-apiserver": (_apiserver_argv(binaries["kube-apiserver"], directory, ports, keys, with_node),
                                     None)}
         # The apiserver retries etcd until it answers, so all start at once.
-        procs = {name: _spawn(directory, name, *argvs[name]) for name in info.servers}
+        procs = {name: pidfiles.spawn(directory, name, *argvs[name]) for name in info.servers}
         info = ClusterInfo(**{**asdict(info), "ports": ports, "owner": owner,
                               "pids": {n: p.pid for n, p in procs.items()}})
         try:

@@ -36,12 +36,9 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from memoplane.testing import build, node_images, pki
-
-if TYPE_CHECKING:
-    from memoplane.testing.cluster import ClusterInfo
+from memoplane.testing import build, node_images, pidfiles, pki
 
 NODE_NAME = "memoplane-node"
 # Start order; `stop` goes in reverse, but kills the pods first (see stop()).
@@ -52,8 +49,24 @@ _CGROUP_ROOT = Path("/sys/fs/cgroup")
 _MNT_DETACH = 2
 
 
-class NodeError(RuntimeError):
+class NodeError(pidfiles.ClusterError):
     """The node cannot start or stop cleanly; the message names the component and its log."""
+
+
+class _Ports(Protocol):
+    @property
+    def etcd_client(self) -> int: ...
+
+
+class ClusterInfo(Protocol):
+    """What the node needs of the control plane (cluster.ClusterInfo, which imports this module)."""
+
+    @property
+    def kubeconfig(self) -> str: ...
+    @property
+    def apiserver_url(self) -> str: ...
+    @property
+    def ports(self) -> _Ports: ...
 
 
 @dataclass(frozen=True)
@@ -420,19 +433,17 @@ def node_conditions(info: ClusterInfo) -> dict[str, str]:
 
 def _wait(directory: Path, what: str, ready: Callable[[], bool], procs: dict[str, subprocess.Popen[bytes]],
           timeout: float = _READY_TIMEOUT_S) -> None:
-    from memoplane.testing import cluster
-
     deadline = time.monotonic() + timeout
     while True:
         for name, proc in procs.items():
             code = proc.poll()
             if code is not None:
                 raise NodeError(f"{name} exited with code {code} while waiting for {what}; last lines of "
-                                f"{directory / 'logs' / (name + '.log')}:\n{cluster._log_tail(directory, name)}")
+                                f"{directory / 'logs' / (name + '.log')}:\n{pidfiles.log_tail(directory, name)}")
         if ready():
             return
         if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {n}:\n{cluster._log_tail(directory, n, 15)}" for n in procs)
+            tails = "\n".join(f"--- {n}:\n{pidfiles.log_tail(directory, n, 15)}" for n in procs)
             raise NodeError(f"{what} not within {timeout:.0f}s\n{tails}")
         time.sleep(0.5)
 
@@ -440,20 +451,18 @@ def _wait(directory: Path, what: str, ready: Callable[[], bool], procs: dict[str
 def start(directory: Path, info: ClusterInfo) -> dict[str, int]:
     """Start the node on the running control plane `info`; returns the pids. The caller owns
     the state directory's lock; on failure everything started here is stopped again."""
-    from memoplane.testing import cluster
-
     build.ensure_all(build.NODE_COMPONENTS)
     ports = NodePorts.from_base(info.ports.etcd_client)
     argvs = _argvs(directory, info, ports)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        procs["containerd"] = cluster._spawn(directory, "containerd", *argvs["containerd"])
+        procs["containerd"] = pidfiles.spawn(directory, "containerd", *argvs["containerd"])
         _wait(directory, "containerd's socket", lambda: _server_healthy(directory, "containerd", ports), procs)
         for archive in (node_images.pause_archive(paths(directory).images),
                         node_images.toolbox_archive(paths(directory).images)):
             import_image(directory, archive)
         for name in SERVERS[1:]:
-            procs[name] = cluster._spawn(directory, name, *argvs[name])
+            procs[name] = pidfiles.spawn(directory, name, *argvs[name])
         for name in SERVERS[1:]:
             _wait(directory, f"{name} /healthz", lambda n=name: _server_healthy(directory, n, ports), procs)  # type: ignore[misc]
         _wait(directory, f"node {NODE_NAME} registered", lambda: bool(node_conditions(info)), procs)
@@ -483,14 +492,12 @@ def ensure_unmounted(directory: Path) -> None:
 
 
 def running(directory: Path) -> dict[str, bool]:
-    from memoplane.testing import cluster
-
     result = {}
     for name in SERVERS:
-        record = cluster._read_pid_record(directory, name)
+        record = pidfiles.read_record(directory, name)
         if record is not None:
-            cluster._reap(int(record["pid"]))  # type: ignore[call-overload]
-            result[name] = cluster._is_ours(record)
+            pidfiles.reap(int(record["pid"]))  # type: ignore[call-overload]
+            result[name] = pidfiles.is_ours(record)
     return result
 
 
@@ -582,14 +589,12 @@ def stop(directory: Path) -> list[str]:
     """Stop the node: the kubelet first (so it restarts nothing), then every pod through containerd,
     then the servers; then kill whatever is left in the node's cgroups and unmount everything
     under the state directory (overlay rootfs, tmpfs of secret/projected volumes, shm, netns)."""
-    from memoplane.testing import cluster
-
     alive = [n for n, ok in running(directory).items() if ok]
-    cluster._stop(directory, "kubelet")
+    pidfiles.stop(directory, "kubelet")
     if running(directory).get("containerd"):
         _remove_pods(directory)
     for name in reversed(SERVERS[:-1]):
-        cluster._stop(directory, name)
+        pidfiles.stop(directory, name)
     _kill_leftovers(directory)
     _unmount_all(directory)
     return alive
