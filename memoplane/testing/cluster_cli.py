@@ -60,10 +60,10 @@ def cmd_status(_: argparse.Namespace) -> int:
     report = cluster.status()
     for name, st in report.items():
         mem = f"  rss {rss[name] / 1024:.0f} MiB" if st["running"] and name in rss else ""
-        print(f"{name:15} pid {st['pid'] or '-':>8}  running {st['running']!s:5}  "
+        print(f"{name:23} pid {st['pid'] or '-':>8}  running {st['running']!s:5}  "
               f"healthy {st['healthy']!s:5}{mem}")
     if rss:
-        print(f"{'total rss':15} {sum(rss.values()) / 1024:.0f} MiB")
+        print(f"{'total rss':23} {sum(rss.values()) / 1024:.0f} MiB")
     if info and info.with_node:
         conditions = node.node_conditions(info)
         print(f"node {node.NODE_NAME}: " + (", ".join(f"{k}={v}" for k, v in sorted(conditions.items()))

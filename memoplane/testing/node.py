@@ -47,6 +47,8 @@ _READY_TIMEOUT_S = 180.0
 _NODE_PORT_OFFSET = 12  # after the control plane's Ports and a second set's (cluster._PORT_STRIDE)
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 _MNT_DETACH = 2
+# The kubelet links each container's log here whatever podLogsDir says (a constant in its code).
+_CONTAINER_LOG_LINKS = Path("/var/log/containers")
 
 
 class NodeError(pidfiles.ClusterError):
@@ -238,6 +240,7 @@ def _kubelet_config(p: NodePaths, ports: NodePorts, cgroup: str, serving: tuple[
                          "nodefs.inodesFree": "1%"},
         "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
         "podLogsDir": str(p.kubelet / "pod-logs"),
+        "volumePluginDir": str(p.kubelet / "volume-plugins"),  # default: /usr/libexec/kubernetes/...
         "registerNode": True,
         "serializeImagePulls": False,
         "nodeStatusUpdateFrequency": "5s",
@@ -590,6 +593,7 @@ def stop(directory: Path) -> list[str]:
     then the servers; then kill whatever is left in the node's cgroups and unmount everything
     under the state directory (overlay rootfs, tmpfs of secret/projected volumes, shm, netns)."""
     alive = [n for n, ok in running(directory).items() if ok]
+    sockets = shim_sockets(directory)
     pidfiles.stop(directory, "kubelet")
     if running(directory).get("containerd"):
         _remove_pods(directory)
@@ -597,4 +601,32 @@ def stop(directory: Path) -> list[str]:
         pidfiles.stop(directory, name)
     _kill_leftovers(directory)
     _unmount_all(directory)
+    _remove_log_links(directory)
+    for socket in sockets:  # a shim killed rather than shut down leaves its socket behind
+        socket.unlink(missing_ok=True)
     return alive
+
+
+def shim_sockets(directory: Path) -> set[Path]:
+    """The sockets of our shims. containerd puts them in /run/containerd/s whatever its state dir
+    (a constant of the shim protocol); each task's bootstrap.json names its shim's."""
+    tasks = paths(directory).containerd / "state" / "io.containerd.runtime.v2.task"
+    found = set()
+    for bootstrap in tasks.glob("*/*/bootstrap.json"):
+        try:
+            address = str(json.loads(bootstrap.read_text())["address"])
+        except (OSError, ValueError, KeyError):
+            continue
+        if address.startswith("unix://"):
+            found.add(Path(address.removeprefix("unix://")))
+    return found
+
+
+def _remove_log_links(directory: Path) -> None:
+    """The kubelet's links to our pods' logs (it removes them itself only with the pods)."""
+    if not _CONTAINER_LOG_LINKS.is_dir():
+        return
+    ours = str(paths(directory).kubelet) + "/"
+    for link in _CONTAINER_LOG_LINKS.iterdir():
+        if link.is_symlink() and os.readlink(link).startswith(ours):
+            link.unlink()

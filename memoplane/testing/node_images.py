@@ -98,6 +98,20 @@ def write_oci_archive(path: Path, name: str, files: list[_File], entrypoint: lis
     return str(entry["digest"])
 
 
+def _is_static(binary: Path) -> bool:
+    """True for an ELF64 executable without a PT_INTERP program header (no dynamic loader)."""
+    with binary.open("rb") as f:
+        header = f.read(64)
+        if header[:5] != b"\x7fELF\x02":
+            return False
+        phoff = int.from_bytes(header[0x20:0x28], "little")
+        entry_size = int.from_bytes(header[0x36:0x38], "little")
+        count = int.from_bytes(header[0x38:0x3A], "little")
+        f.seek(phoff)
+        table = f.read(entry_size * count)
+    return all(int.from_bytes(table[i * entry_size:i * entry_size + 4], "little") != 3 for i in range(count))
+
+
 def _compile_pause(out: Path) -> bytes:
     if shutil.which("gcc") is None:
         raise ImageError("gcc is not on PATH: the pause image is compiled from hack/node/pause.c "
@@ -125,9 +139,9 @@ def pause_archive(directory: Path) -> Path:
 def toolbox_archive(directory: Path) -> Path:
     """The tests' image: a static busybox as /bin/sh and friends, /bin/whoami (hack/node/whoami),
     /pause, and an empty /tmp."""
-    if not BUSYBOX.is_file():
-        raise ImageError(f"{BUSYBOX} is missing: the toolbox image is Debian's static busybox "
-                         "(apt-get install busybox-static)")
+    if not BUSYBOX.is_file() or not _is_static(BUSYBOX):
+        raise ImageError(f"{BUSYBOX} is missing or dynamically linked: the toolbox image is Debian's static "
+                         "busybox (apt-get install busybox-static)")
     binary = _compile_pause(directory / "pause")
     files = [_File("bin/"), _File("bin/busybox", BUSYBOX.read_bytes()), _File("pause", binary),
              _File("bin/whoami", _build_whoami(directory / "whoami")),

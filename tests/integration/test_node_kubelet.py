@@ -202,10 +202,16 @@ def test_down_stops_every_process_and_unmounts_everything(node_set: cluster.Clus
     assert node.mounts_under(directory), "pods are running: their rootfs and volumes are mounted"
     assert node.leftover_pids(directory), "pods are running: their processes are in the node's cgroups"
     pids = list(node_set.pids.values())
+    sockets = node.shim_sockets(directory)
+    assert sockets, "pods are running: their shims listen"
     cluster.down(directory)
+    assert [s for s in sockets if s.exists()] == []
     assert node.mounts_under(directory) == []
     assert node.leftover_pids(directory) == set()
     assert {pid: _process_state(pid) for pid in pids if _process_state(pid) not in ("gone", "Z")} == {}
     assert not any((Path("/sys/fs/cgroup") / h / node.cgroup_name(directory)).exists()
                    for h in os.listdir("/sys/fs/cgroup"))
     assert not directory.exists()
+    log_links = Path("/var/log/containers")
+    assert [link for link in (log_links.iterdir() if log_links.is_dir() else [])
+            if os.readlink(link).startswith(str(directory) + "/")] == []
