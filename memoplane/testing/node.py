@@ -355,21 +355,27 @@ def images(directory: Path) -> dict[str, str]:
     return result
 
 
+def _check_image_name(name: str) -> str:
+    """The repository part of `name`, which must be a full name with a tag."""
+    repository, _, tag = name.rpartition(":")
+    if not repository or not tag or "/" in tag:
+        raise NodeError(f"image name {name!r}: give a full name with a tag, e.g. memoplane.local/memoplane:dev")
+    return repository
+
+
 def import_image(directory: Path, archive: Path, name: str | None = None) -> str:
     """Import an OCI archive (`*.oci.tar`, an OCI image layout as a tar) into the node's
     containerd, for the kubelet (namespace k8s.io), and return the image's name. Idempotent by
     digest: an image of that name with the archive's digest is left alone. `name`: the image's
     full name when the archive's index names only a tag (umoci writes the tag as
     org.opencontainers.image.ref.name); without it the archive's io.containerd.image.name is used."""
+    repository = _check_image_name(name) if name is not None else None
     digests = _archive_digests(archive)
     if len(digests) != 1:
         raise NodeError(f"{archive}: expected one manifest in index.json, found {len(digests)}")
     have = images(directory)
     args = ["images", "import", "--platform=linux/amd64"]
     if name is not None:
-        repository, _, tag = name.rpartition(":")
-        if not repository or "/" in tag:
-            raise NodeError(f"image name {name!r}: give a full name with a tag, e.g. memoplane.local/memoplane:dev")
         if have.get(name) == digests[0]:
             return name
         args.append(f"--base-name={repository}")

@@ -116,16 +116,21 @@ def _compile_pause(out: Path) -> bytes:
     if shutil.which("gcc") is None:
         raise ImageError("gcc is not on PATH: the pause image is compiled from hack/node/pause.c "
                          "(Debian: apt-get install gcc libc6-dev)")
-    subprocess.run(["gcc", "-static", "-Os", "-s", "-o", str(out), str(PAUSE_SOURCE)], check=True,
-                   capture_output=True)
+    return _compile(["gcc", "-static", "-Os", "-s", "-o", str(out), str(PAUSE_SOURCE)], out)
+
+
+def _compile(argv: list[str], out: Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> bytes:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ImageError(f"`{' '.join(argv)}` exited {proc.returncode}: {proc.stderr.strip()}")
     return out.read_bytes()
 
 
 def _build_whoami(out: Path) -> bytes:
     """Static, with the machine's Go (build.py's environment: CGO off, no toolchain download)."""
-    subprocess.run(["go", "build", "-trimpath", "-ldflags=-s -w", "-o", str(out), "."], cwd=WHOAMI_SOURCE,
-                   check=True, capture_output=True, env=build._go_env())
-    return out.read_bytes()
+    return _compile(["go", "build", "-trimpath", "-ldflags=-s -w", "-o", str(out), "."], out, cwd=WHOAMI_SOURCE,
+                    env=build._go_env())
 
 
 def pause_archive(directory: Path) -> Path:
