@@ -64,15 +64,17 @@ def cmd_status(_: argparse.Namespace) -> int:
               f"healthy {st['healthy']!s:5}{mem}")
     if rss:
         print(f"{'total rss':23} {sum(rss.values()) / 1024:.0f} MiB")
+    node_ready = True
     if info and info.with_node:
         conditions = node.node_conditions(info)
+        node_ready = conditions.get("Ready") == "True"
         print(f"node {node.NODE_NAME}: " + (", ".join(f"{k}={v}" for k, v in sorted(conditions.items()))
                                              or "not registered"))
     for name in processes.names(cluster.state_dir()):
         print(f"{name:15} running {processes.alive(cluster.state_dir(), name)}")
     if info:
         print(f"state {info.state_dir}  apiserver {info.apiserver_url}  s3 {info.s3_endpoint}")
-    return 0 if all(st["healthy"] for st in report.values()) else 1
+    return 0 if node_ready and all(st["healthy"] for st in report.values()) else 1
 
 
 def cmd_env(_: argparse.Namespace) -> int:
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         ("build", cmd_build, "build the pinned binaries into the cache, or reuse them"),
         ("up", cmd_up, "start etcd, kube-apiserver, MinIO and versitygw on loopback (idempotent)"),
         ("down", cmd_down, "stop what `up` started and remove its data"),
-        ("status", cmd_status, "show processes, health and memory; exit 1 unless all healthy"),
+        ("status", cmd_status, "show processes, health, memory and the node's conditions; exit 1 unless all "
+                               "healthy (and the node Ready)"),
         ("env", cmd_env, "print the shell exports for the running control plane"),
         ("user", cmd_user, "make a MinIO user that writes only under a prefix of a bucket (an install's keys)"),
     ]:
