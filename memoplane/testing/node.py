@@ -269,9 +269,9 @@ def _make_cgroup_root(name: str) -> None:
                 (group / setting).write_text((hierarchy / setting).read_text())
 
 
-def _argvs(directory: Path, info: ClusterInfo, ports: NodePorts) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """Write the node's configuration and return each server's argv and extra environment."""
-    versions = build.load_versions()
+def _write_files(directory: Path, info: ClusterInfo, ports: NodePorts, versions: build.Versions) -> dict[str, Path]:
+    """Certificates, kubeconfigs, cgroup root and configuration files; returns the kubeconfig of
+    each server and the kubelet's configuration file ("kubelet-config")."""
     p = paths(directory)
     for sub in (p.pki, p.containerd, p.cni_conf, p.kubelet, p.images):
         sub.mkdir(parents=True, exist_ok=True)
@@ -292,6 +292,15 @@ def _argvs(directory: Path, info: ClusterInfo, ports: NodePorts) -> dict[str, tu
     (p.cni_conf / "10-loopback.conflist").write_text(json.dumps(_CNI_CONF))
     kubelet_config = p.root / "kubelet-config.json"  # JSON is valid YAML for the kubelet
     kubelet_config.write_text(json.dumps(_kubelet_config(p, ports, cgroup, serving), indent=2))
+    return {**kubeconfigs, "kubelet-config": kubelet_config}
+
+
+def _argvs(directory: Path, info: ClusterInfo, ports: NodePorts) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """Write the node's files and return each server's argv and extra environment."""
+    versions = build.load_versions()
+    p = paths(directory)
+    files = _write_files(directory, info, ports, versions)
+    kubeconfigs, kubelet_config, ca = files, files["kubelet-config"], directory / "pki" / "ca.crt"
     path_env = {"PATH": f"{p.bin}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
     common = ["--bind-address=127.0.0.1", "--leader-elect=false", f"--cert-dir={p.pki}"]
     return {
@@ -304,7 +313,7 @@ def _argvs(directory: Path, info: ClusterInfo, ports: NodePorts) -> dict[str, tu
             f"--authorization-kubeconfig={kubeconfigs['kube-controller-manager']}",
             f"--secure-port={ports.controller_manager}", *common,
             # Token controller signs with the API server's key; root-ca publisher -> kube-root-ca.crt.
-            f"--service-account-private-key-file={cluster_pki / 'sa.key'}", f"--root-ca-file={ca}",
+            f"--service-account-private-key-file={directory / 'pki' / 'sa.key'}", f"--root-ca-file={ca}",
             "--use-service-account-credentials=true", "--controllers=*",
         ], {}),
         "kube-scheduler": ([
