@@ -37,7 +37,8 @@ CONTAINERD_COMMANDS = ("containerd", "containerd-shim-runc-v2", "ctr")
 # What `hack/cluster up --with-node` adds: the rest of a control plane, a kubelet and its runtime.
 NODE_COMPONENTS = ("kube-controller-manager", "kube-scheduler", "kubelet", *CONTAINERD_COMMANDS,
                    "runc", "cni-loopback")
-COMPONENTS = ("etcd", "kube-apiserver", "minio", "versitygw", "helm", *NODE_COMPONENTS)
+CONTROL_PLANE_COMPONENTS = ("etcd", "kube-apiserver", "minio", "versitygw", "helm")
+COMPONENTS = (*CONTROL_PLANE_COMPONENTS, *NODE_COMPONENTS)
 _PROGRESS_EVERY_S = 15.0
 
 

@@ -27,7 +27,7 @@ _SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 @pytest.fixture(scope="module")
-def node_set(control_plane: cluster.ClusterInfo) -> Iterator[cluster.ClusterInfo]:
+def node_set(control_plane: cluster.ClusterInfo, node_binaries: None) -> Iterator[cluster.ClusterInfo]:
     directory = Path(f"{cluster.state_dir()}-node")
     try:
         result = cluster.up(directory, owner=f"pytest:{os.getpid()}", store=control_plane, with_node=True)
