@@ -1,10 +1,13 @@
 """Build the control plane's binaries from the Go module proxy, once, into a cache.
 
-kube-apiserver and etcd cannot be `go install`ed: their go.mod files replace their own
+Kubernetes' commands and etcd cannot be `go install`ed: their go.mod files replace their own
 sibling modules with local directories (k8s.io/api => ./staging/src/k8s.io/api). So for each
-we generate a small wrapper module that requires the release, replaces every such module with
+release we generate a small wrapper module that requires it, replaces every such module with
 its published version (the list is read from the release's own go.mod, never typed in), copies
-the upstream `package main` file and builds it. MinIO, Versity's S3 gateway and helm install with
+the upstream `package main` files and builds them. All of Kubernetes' commands (kube-apiserver,
+kube-controller-manager, kube-scheduler, kubelet) live in ONE wrapper module, one directory per
+command, so they resolve the same dependency versions and share Go's build cache. MinIO, Versity's
+S3 gateway, helm and the node's runtime (containerd, runc, the CNI loopback plugin) install with
 `go install`.
 
 Binaries land in `<cache>/bin/<name>-<version>`; they are written under a temporary name and
@@ -29,7 +32,13 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VERSIONS_FILE = REPO_ROOT / "hack" / "versions.env"
-COMPONENTS = ("etcd", "kube-apiserver", "minio", "versitygw", "helm")
+KUBERNETES_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet")
+CONTAINERD_COMMANDS = ("containerd", "containerd-shim-runc-v2", "ctr")
+# What `hack/cluster up --with-node` adds: the rest of a control plane, a kubelet and its runtime.
+NODE_COMPONENTS = ("kube-controller-manager", "kube-scheduler", "kubelet", *CONTAINERD_COMMANDS,
+                   "runc", "cni-loopback")
+CONTROL_PLANE_COMPONENTS = ("etcd", "kube-apiserver", "minio", "versitygw", "helm")
+COMPONENTS = (*CONTROL_PLANE_COMPONENTS, *NODE_COMPONENTS)
 _PROGRESS_EVERY_S = 15.0
 
 
@@ -48,14 +57,22 @@ class Versions:
     minio: str
     versitygw: str
     helm: str
+    containerd: str
+    runc: str
+    cni_plugins: str
 
     def of(self, component: str) -> str:
+        if component in KUBERNETES_COMMANDS:
+            return self.kubernetes
+        if component in CONTAINERD_COMMANDS:
+            return self.containerd
         return {
             "etcd": self.etcd,
-            "kube-apiserver": self.kubernetes,
             "minio": self.minio,
             "versitygw": self.versitygw,
             "helm": self.helm,
+            "runc": self.runc,
+            "cni-loopback": self.cni_plugins,
         }[component]
 
 
@@ -74,6 +91,9 @@ def load_versions(path: Path | None = None) -> Versions:
         minio=values["MINIO_VERSION"],
         versitygw=values["VERSITYGW_VERSION"],
         helm=values["HELM_VERSION"],
+        containerd=values["CONTAINERD_VERSION"],
+        runc=values["RUNC_VERSION"],
+        cni_plugins=values["CNI_PLUGINS_VERSION"],
     )
 
 
@@ -185,8 +205,9 @@ def published_replaces(upstream: dict[str, Any],
 
 def _write_wrapper(src: Path, name: str, module: str, version: str,
                    upstream: dict[str, Any], replaces: list[tuple[str, str]],
-                   main_dir: Path) -> None:
-    """A module that requires `module@version`, with published replaces and upstream's main."""
+                   mains: dict[str, Path]) -> None:
+    """A module that requires `module@version`, with published replaces and upstream's mains
+    (`mains`: directory in the wrapper -> upstream directory of a `package main`)."""
     if src.exists():
         shutil.rmtree(src)
     src.mkdir(parents=True)
@@ -199,50 +220,61 @@ def _write_wrapper(src: Path, name: str, module: str, version: str,
     lines += [f"\t{old} => {old} {ver}" for old, ver in replaces]
     lines += [")", ""]
     (src / "go.mod").write_text("\n".join(lines))
-    for f in sorted(main_dir.glob("*.go")):
-        if not f.name.endswith("_test.go"):
-            (src / f.name).write_text(f.read_text())
+    for target, main_dir in mains.items():
+        (src / target).mkdir(parents=True, exist_ok=True)
+        for f in sorted(main_dir.glob("*.go")):
+            if not f.name.endswith("_test.go"):
+                (src / target / f.name).write_text(f.read_text())
 
 
-def _build_wrapped(name: str, module: str, version: str, main_subdir: str,
+def _build_wrapped(name: str, wrapper: str, module: str, version: str, mains: dict[str, str], target: str,
                    published: Callable[[str], str], ldflags: str, out: Path, log: Path) -> None:
+    """Build the `package main` at `target` (a key of `mains`) of the wrapper module `wrapper`
+    around `module@version`."""
     info = _download(name, module, version, log)
     upstream = _go_mod_json(Path(info["GoMod"]))
     replaces = published_replaces(upstream, published)
     if not replaces:
         raise BuildError(name, f"found no local replaces in {module}@{version}'s go.mod")
     _log(f"  {name}: wrapper replaces {len(replaces)} modules with published versions")
-    src = cache_dir() / "src" / f"{name}-{version}"
-    _write_wrapper(src, name, module, version, upstream, replaces,
-                   Path(info["Dir"]) / main_subdir)
+    src = cache_dir() / "src" / f"{wrapper}-{version}"
+    _write_wrapper(src, wrapper, module, version, upstream, replaces,
+                   {t: Path(info["Dir"]) / d for t, d in mains.items()})
     # -mod=mod lets go add the wrapper's missing requirements and sums from the proxy.
     _run_logged(name, ["go", "build", "-mod=mod", "-v", "-ldflags", ldflags, "-o", str(out),
-                       "."], src, log)
+                       f"./{target}"], src, log)
 
 
-def _build_kube_apiserver(v: Versions, out: Path, log: Path) -> None:
-    major, minor, patch = v.kubernetes.lstrip("v").split(".")[:3]
-    staging = f"v0.{minor}.{patch}"  # staging modules are published as v0.<minor>.<patch>
-    pkg = "k8s.io/component-base/version"
-    ldflags = " ".join(["-s", "-w",
-                        f"-X {pkg}.gitVersion={v.kubernetes}", f"-X {pkg}.gitMajor={major}",
-                        f"-X {pkg}.gitMinor={minor}", f"-X {pkg}.gitTreeState=clean"])
-    _build_wrapped("kube-apiserver", "k8s.io/kubernetes", v.kubernetes, "cmd/kube-apiserver",
-                   lambda _m: staging, ldflags, out, log)
+def _kubernetes_builder(command: str) -> Callable[[Versions, Path, Path], None]:
+    """Build `cmd/<command>` of the pinned Kubernetes release from the shared wrapper module."""
+
+    def build_command(v: Versions, out: Path, log: Path) -> None:
+        major, minor, patch = v.kubernetes.lstrip("v").split(".")[:3]
+        staging = f"v0.{minor}.{patch}"  # staging modules are published as v0.<minor>.<patch>
+        pkg = "k8s.io/component-base/version"
+        ldflags = " ".join(["-s", "-w",
+                            f"-X {pkg}.gitVersion={v.kubernetes}", f"-X {pkg}.gitMajor={major}",
+                            f"-X {pkg}.gitMinor={minor}", f"-X {pkg}.gitTreeState=clean"])
+        mains = {f"cmd/{c}": f"cmd/{c}" for c in KUBERNETES_COMMANDS}
+        _build_wrapped(command, "kubernetes", "k8s.io/kubernetes", v.kubernetes, mains, f"cmd/{command}",
+                       lambda _m: staging, ldflags, out, log)
+
+    return build_command
 
 
 def _build_etcd(v: Versions, out: Path, log: Path) -> None:
     # All of etcd's modules are released together under the same tag.
-    _build_wrapped("etcd", "go.etcd.io/etcd/server/v3", v.etcd, ".",
+    _build_wrapped("etcd", "etcd", "go.etcd.io/etcd/server/v3", v.etcd, {".": "."}, ".",
                    lambda _m: v.etcd, "-s -w", out, log)
 
 
-def _go_install(name: str, target: str, ldflags: str, out: Path, log: Path) -> None:
+def _go_install(name: str, target: str, ldflags: str, out: Path, log: Path,
+                extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
     gobin = out.parent / f".gobin-{name}"
     shutil.rmtree(gobin, ignore_errors=True)
     gobin.mkdir(parents=True)
-    _run_logged(name, ["go", "install", "-v", "-ldflags", ldflags, target], cache_dir(), log,
-                env=_go_env({"GOBIN": str(gobin)}))
+    _run_logged(name, ["go", "install", "-v", *extra_args, "-ldflags", ldflags, target], cache_dir(), log,
+                env=_go_env({"GOBIN": str(gobin), **(env or {})}))
     built = list(gobin.iterdir())
     if len(built) != 1:
         raise BuildError(name, f"go install produced {built}")
@@ -268,15 +300,51 @@ def _build_helm(v: Versions, out: Path, log: Path) -> None:
     _go_install("helm", f"helm.sh/helm/v3/cmd/helm@{v.helm}", ldflags, out, log)
 
 
+def _containerd_builder(command: str) -> Callable[[Versions, Path, Path], None]:
+    """containerd's go.mod has no local replaces: each command is a plain `go install`. Static
+    (CGO off): the btrfs snapshotter, the only part needing cgo, is left out; overlayfs is used."""
+
+    def build_command(v: Versions, out: Path, log: Path) -> None:
+        module = "github.com/containerd/containerd/v2"
+        _go_install(command, f"{module}/cmd/{command}@{v.containerd}",
+                    f"-s -w -X {module}/version.Version={v.containerd}", out, log)
+
+    return build_command
+
+
+def _build_runc(v: Versions, out: Path, log: Path) -> None:
+    # cgo and libseccomp (Debian: libseccomp-dev to build, libseccomp2 to run): seccomp profiles
+    # of pods are applied by runc; its release build uses the same `seccomp` tag.
+    _go_install("runc", f"github.com/opencontainers/runc@{v.runc}",
+                f"-s -w -X main.version={v.runc.lstrip('v')}", out, log,
+                extra_args=("-tags", "seccomp urfave_cli_no_docs"), env={"CGO_ENABLED": "1"})
+
+
+def _build_cni_loopback(v: Versions, out: Path, log: Path) -> None:
+    pkg = "github.com/containernetworking/plugins"
+    _go_install("cni-loopback", f"{pkg}/plugins/main/loopback@{v.cni_plugins}",
+                f"-s -w -X {pkg}/pkg/utils/buildversion.BuildVersion={v.cni_plugins}", out, log)
+
+
 _BUILDERS: dict[str, Callable[[Versions, Path, Path], None]] = {
     "etcd": _build_etcd,
-    "kube-apiserver": _build_kube_apiserver,
+    **{c: _kubernetes_builder(c) for c in KUBERNETES_COMMANDS},
     "minio": _build_minio,
     "versitygw": _build_versitygw,
     "helm": _build_helm,
+    **{c: _containerd_builder(c) for c in CONTAINERD_COMMANDS},
+    "runc": _build_runc,
+    "cni-loopback": _build_cni_loopback,
 }
-_VERSION_ARGS = {"etcd": ["--version"], "kube-apiserver": ["--version"],
-                 "minio": ["--version"], "versitygw": ["--version"], "helm": ["version", "--short"]}
+# How each built binary is checked to run: (argv after the binary, extra environment).
+_VERSION_CHECKS: dict[str, tuple[list[str], dict[str, str]]] = {
+    **{c: (["--version"], {}) for c in ("etcd", *KUBERNETES_COMMANDS, "minio", "versitygw", "runc")},
+    "helm": (["version", "--short"], {}),
+    "containerd": (["--version"], {}),
+    "containerd-shim-runc-v2": (["-v"], {}),
+    "ctr": (["--version"], {}),
+    "cni-loopback": ([], {"CNI_COMMAND": "VERSION"}),
+}
 
 
 @contextmanager
@@ -312,8 +380,9 @@ def ensure_binary(component: str, versions: Versions | None = None) -> Path:
         _log(f"building {component} {versions.of(component)} (log: {log})")
         started = time.monotonic()
         _BUILDERS[component](versions, tmp, log)
-        check = subprocess.run([str(tmp), *_VERSION_ARGS[component]], capture_output=True,
-                               text=True, timeout=60)
+        args, env = _VERSION_CHECKS[component]
+        check = subprocess.run([str(tmp), *args], capture_output=True, text=True, timeout=60,
+                               env={**os.environ, **env})
         if check.returncode != 0:
             raise BuildError(component, f"built binary does not run: {check.stderr.strip()}")
         tmp.rename(out)

@@ -16,7 +16,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import ssl
 import subprocess
 import time
@@ -24,24 +23,22 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
-from memoplane.testing import build, pki
+from memoplane.testing import build, node, pidfiles, pki
+
+# Raised here too; callers catch cluster.ClusterError.
+from memoplane.testing.pidfiles import ClusterError as ClusterError
 
 _PORT_RANGE = (21000, 29000)  # below the usual ephemeral range (32768+), above well-known ones
 _PORT_STRIDE = 16  # a set takes 6 ports (Ports); the rest of a slot holds a second set in tests
 _READY_TIMEOUT_S = 90.0
-_STOP_TIMEOUT_S = 10.0
 # Start order; `down` stops in reverse (apiserver before the etcd it depends on).
 _SERVERS = ("etcd", "minio", "versitygw", "kube-apiserver")
 # The S3 servers of a set, all with the same credentials; MinIO is the default (s3_endpoint).
 S3_SERVERS = ("minio", "versitygw")
-
-
-class ClusterError(RuntimeError):
-    """The control plane cannot be brought up; the message names the failing component."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +75,7 @@ class ClusterInfo:
     owner: str = "cli"  # "cli", or "pytest:<pid>" for a set a test session started
     servers: tuple[str, ...] = _SERVERS  # what this set runs (no S3 servers: it uses another set's)
     s3_endpoints: dict[str, str] | None = None  # every S3 server of S3_SERVERS by name
+    with_node: bool = False  # a kubelet node runs too (node.SERVERS are in `servers`)
 
     def env(self, s3_server: str = "minio") -> dict[str, str]:
         """What a client needs, with MEMOPLANE_S3_ENDPOINT naming `s3_server` (one of S3_SERVERS)."""
@@ -123,108 +121,15 @@ def port_base(directory: Path) -> int:
 # --- processes -------------------------------------------------------------------------
 
 
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of `pid` (field 22 of /proc/pid/stat), or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    # The command name (field 2) may contain spaces; fields after it follow the last ')'.
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _is_ours(record: dict[str, object]) -> bool:
-    """True if the pid in `record` is still the process we started (not a reused pid)."""
-    pid = int(record["pid"])  # type: ignore[call-overload]
-    if _start_time(pid) != record["start_time"]:
-        return False
-    try:
-        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0].decode()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    # A zombie has an empty cmdline; it is ours but already dead.
-    return argv0 == record["binary"]
-
-
-def _pid_file(directory: Path, name: str) -> Path:
-    return directory / "pids" / f"{name}.json"
-
-
-def _read_pid_record(directory: Path, name: str) -> dict[str, object] | None:
-    try:
-        data: dict[str, object] = json.loads(_pid_file(directory, name).read_text())
-        return data
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _spawn(directory: Path, name: str, argv: list[str], env: dict[str, str] | None = None
-           ) -> subprocess.Popen[bytes]:
-    log = directory / "logs" / f"{name}.log"
-    with log.open("ab") as out:
-        # A new session: the servers outlive `hack/cluster up` and ignore the shell's ^C.
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})}, cwd=directory)
-    record = {"pid": proc.pid, "binary": argv[0], "start_time": _start_time(proc.pid)}
-    _pid_file(directory, name).write_text(json.dumps(record))
-    return proc
-
-
-def _stop(directory: Path, name: str) -> None:
-    """SIGTERM, then SIGKILL, exactly the process recorded in `name`'s pid file."""
-    record = _read_pid_record(directory, name)
-    if record is None:
-        return
-    pid = int(record["pid"])  # type: ignore[call-overload]
-    for sig, patience in ((signal.SIGTERM, _STOP_TIMEOUT_S), (signal.SIGKILL, 5.0)):
-        if not _is_ours(record):
-            break
-        os.kill(pid, sig)
-        # Wait for the exit, so that its ports are free when `down` or `up` go on.
-        deadline = time.monotonic() + patience
-        while _is_ours(record) and time.monotonic() < deadline:
-            _reap(pid)
-            time.sleep(0.05)
-    if _is_ours(record):
-        raise ClusterError(f"{name} (pid {pid}) did not exit after SIGKILL")
-    _wait_exited(pid, record)
-    _pid_file(directory, name).unlink(missing_ok=True)
-
-
-def _wait_exited(pid: int, record: dict[str, object], patience: float = 10.0) -> None:
-    """Wait until the process is a zombie or gone. Its cmdline empties when the kernel
-    frees its memory, which is before it closes its files: a listening port may still
-    be held for a moment after `_is_ours` turns False."""
-    deadline = time.monotonic() + patience
-    while time.monotonic() < deadline:
-        _reap(pid)
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            return
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[19] != record["start_time"] or fields[0] in ("Z", "X"):
-            return
-        time.sleep(0.02)
-
-
-def _reap(pid: int) -> None:
-    """Collect the exit status if the process is our child (pytest's fixture case)."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-
 
 def _running(directory: Path) -> dict[str, bool]:
     """For each server with a pid file: is the recorded process still alive?"""
     result = {}
-    for name in _SERVERS:
-        record = _read_pid_record(directory, name)
+    for name in (*_SERVERS, *node.SERVERS):
+        record = pidfiles.read_record(directory, name)
         if record is not None:
-            _reap(int(record["pid"]))  # type: ignore[call-overload]
-            result[name] = _is_ours(record)
+            pidfiles.reap(int(record["pid"]))  # type: ignore[call-overload]
+            result[name] = pidfiles.is_ours(record)
     return result
 
 
@@ -286,15 +191,11 @@ def _unhealthy_after_grace(info: ClusterInfo, grace_s: float = 10.0) -> list[str
 
 
 def healthy(info: ClusterInfo) -> dict[str, bool]:
-    return {name: _http_ok(check) for name, check in _health_checks(info).items()}
+    result = {name: _http_ok(check) for name, check in _health_checks(info).items()}
+    if info.with_node:
+        result.update(node.healthy(Path(info.state_dir), info))
+    return result
 
-
-def _log_tail(directory: Path, name: str, lines: int = 30) -> str:
-    try:
-        text = (directory / "logs" / f"{name}.log").read_text(errors="replace")
-    except FileNotFoundError:
-        return "(no log)"
-    return "".join(text.splitlines(keepends=True)[-lines:])
 
 
 def _wait_ready(directory: Path, info: ClusterInfo,
@@ -307,14 +208,14 @@ def _wait_ready(directory: Path, info: ClusterInfo,
             if code is not None:
                 raise ClusterError(f"{name} exited with code {code} during startup; last lines "
                                    f"of {directory / 'logs' / (name + '.log')}:\n"
-                                   f"{_log_tail(directory, name)}")
+                                   f"{pidfiles.log_tail(directory, name)}")
             if _http_ok(pending[name], timeout=1.0):
                 del pending[name]
         if not pending:
             return
         if time.monotonic() > deadline:
             names = ", ".join(sorted(pending))
-            tails = "\n".join(f"--- {n}:\n{_log_tail(directory, n)}" for n in pending)
+            tails = "\n".join(f"--- {n}:\n{pidfiles.log_tail(directory, n)}" for n in pending)
             raise ClusterError(f"{names} not ready after {_READY_TIMEOUT_S:.0f}s\n{tails}")
         time.sleep(0.1)
 
@@ -374,7 +275,7 @@ def _write_kubeconfig(path: Path, server: str, ca_file: str, token: str) -> None
 
 
 def _apiserver_argv(binary: Path, directory: Path, ports: Ports,
-                    keys: dict[str, Path]) -> list[str]:
+                    keys: dict[str, Path], with_node: bool) -> list[str]:
     return [
         str(binary),
         "--bind-address=127.0.0.1",
@@ -392,12 +293,15 @@ def _apiserver_argv(binary: Path, directory: Path, ports: Ports,
         f"--service-account-signing-key-file={keys['sa.key']}",
         f"--service-account-issuer=https://127.0.0.1:{ports.apiserver}",
         f"--token-auth-file={directory / 'tokens.csv'}",
-        "--authorization-mode=RBAC",
+        # Node: kubelets (group system:nodes) get exactly what their own pods need.
+        "--authorization-mode=Node,RBAC",
         "--service-cluster-ip-range=10.0.0.0/24",
         "--allow-privileged=true",
-        # No controller-manager runs, so nothing would create the tokens this plugin demands.
-        "--disable-admission-plugins=ServiceAccount",
-        # No nodes or kube-proxy: don't maintain the `kubernetes` Service's endpoints.
+        # Without a node no controller-manager runs, so nothing would create the service accounts
+        # this plugin demands; with one, it mounts each pod's projected token.
+        *(node.apiserver_flags(directory) if with_node else ["--disable-admission-plugins=ServiceAccount"]),
+        # No kube-proxy: don't maintain the `kubernetes` Service's endpoints (its ClusterIP does not
+        # route; pods on the node reach the API server on 127.0.0.1, see node.py).
         "--endpoint-reconciler-type=none",
         "--enable-priority-and-fairness=false",
         "--profiling=false",
@@ -436,7 +340,8 @@ def _versitygw_argv(binary: Path, directory: Path, ports: Ports) -> list[str]:
 def _prepare(directory: Path, ports: Ports, store: ClusterInfo | None = None) -> tuple[ClusterInfo, dict[str, Path]]:
     """A fresh data dir, keys, token and kubeconfig; returns the cluster's description (with
     `store`: that set's MinIO, not one of its own)."""
-    for sub in ("data", "pki", "pids"):
+    node.ensure_unmounted(directory)
+    for sub in ("data", "pki", "pids", "node"):
         shutil.rmtree(directory / sub, ignore_errors=True)
     for stale in ("state.json", "env"):  # written again only once the new set is ready
         (directory / stale).unlink(missing_ok=True)
@@ -481,6 +386,7 @@ def load_info(directory: Path | None = None) -> ClusterInfo | None:
         return None
     raw["ports"] = Ports(**raw["ports"])
     raw["servers"] = tuple(raw.get("servers", _SERVERS))
+    raw["with_node"] = bool(raw.get("with_node", False))
     return ClusterInfo(**raw)
 
 
@@ -488,24 +394,28 @@ def load_info(directory: Path | None = None) -> ClusterInfo | None:
 
 
 def _stop_all(directory: Path) -> None:
+    node.stop(directory)
     for name in reversed(_SERVERS):
-        _stop(directory, name)
+        pidfiles.stop(directory, name)
 
 
-def up(directory: Path | None = None, owner: str = "cli", store: ClusterInfo | None = None) -> UpResult:
+def up(directory: Path | None = None, owner: str = "cli", store: ClusterInfo | None = None,
+       with_node: bool = False) -> UpResult:
     """Bring the control plane up, or return the healthy one already running here. `store`:
     another set whose MinIO this one uses (a second cluster sharing an object store) instead of
-    starting its own."""
+    starting its own. `with_node`: a kubelet node too (node.py); a running set without one is
+    replaced."""
     directory = directory or state_dir()
     started = time.monotonic()
     versions = build.load_versions()
     # helm is built by `build` for charts, but the servers are all that `up` needs.
-    missing = [c for c in _SERVERS if not build.binary_path(c, versions).exists()]
-    binaries = build.ensure_all(_SERVERS)
+    needed = (*_SERVERS, *build.NODE_COMPONENTS) if with_node else _SERVERS
+    missing = [c for c in needed if not build.binary_path(c, versions).exists()]
+    binaries = build.ensure_all(needed)
     with _locked(directory):
         running = _running(directory)
         info = load_info(directory)
-        if info and running and all(running.get(n) for n in info.servers):
+        if info and running and all(running.get(n) for n in info.servers) and info.with_node >= with_node:
             sick = _unhealthy_after_grace(info)
             if not sick:
                 return UpResult(info, True, missing, time.monotonic() - started)
@@ -524,13 +434,18 @@ def up(directory: Path | None = None, owner: str = "cli", store: ClusterInfo | N
         argvs = {"etcd": (_etcd_argv(binaries["etcd"], directory, ports), None),
                  "minio": (_minio_argv(binaries["minio"], directory, ports), minio_env),
                  "versitygw": (_versitygw_argv(binaries["versitygw"], directory, ports), versitygw_env),
-                 "kube-apiserver": (_apiserver_argv(binaries["kube-apiserver"], directory, ports, keys), None)}
+                 "kube-apiserver": (_apiserver_argv(binaries["kube-apiserver"], directory, ports, keys, with_node),
+                                    None)}
         # The apiserver retries etcd until it answers, so all start at once.
-        procs = {name: _spawn(directory, name, *argvs[name]) for name in info.servers}
+        procs = {name: pidfiles.spawn(directory, name, *argvs[name]) for name in info.servers}
         info = ClusterInfo(**{**asdict(info), "ports": ports, "owner": owner,
                               "pids": {n: p.pid for n, p in procs.items()}})
         try:
             _wait_ready(directory, info, procs)
+            if with_node:
+                pids = node.start(directory, info)
+                info = replace(info, with_node=True, servers=(*info.servers, *node.SERVERS),
+                               pids={**info.pids, **pids})
         except BaseException:
             _stop_all(directory)
             raise
@@ -547,6 +462,7 @@ def down(directory: Path | None = None) -> list[str]:
     with _locked(directory):
         stopped = [n for n, alive in _running(directory).items() if alive]
         _stop_all(directory)
+        node.ensure_unmounted(directory)
         shutil.rmtree(directory, ignore_errors=True)
     (directory.parent / f"{directory.name}.lock").unlink(missing_ok=True)
     return stopped

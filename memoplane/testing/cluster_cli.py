@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from memoplane.testing import build, cluster, processes
+from memoplane.testing import build, cluster, node, processes
 
 
 def _say(msg: str) -> None:
@@ -19,10 +19,15 @@ def cmd_build(_: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    with_node = getattr(args, "with_node", False)
+    if with_node and getattr(args, "with_memoplane", False):
+        _say("--with-node --with-memoplane (the chart installed onto the node) is not supported yet: "
+             "use --with-node, or --with-memoplane for the operator and agents as host processes")
+        return 2
     before = cluster.load_info()
     if before is None or not all(cluster.healthy(before).values()):
         processes.down(cluster.state_dir())  # memoplane processes of a control plane that is gone
-    result = cluster.up()
+    result = cluster.up(with_node=with_node)
     info = result.info
     how = "already running, reused" if result.already_running else "started"
     cache = f"built {', '.join(result.built)}" if result.built else "binaries reused from cache"
@@ -39,6 +44,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         if api is not None:
             _say(f"agent API: {api.url('http', '')} (E2B's api_url and sandbox_url; sandboxes on the agents, "
                  f"`kubectl get sandboxes.memoplane.io -n {cfg.lease_namespace}`)")
+    if info.with_node:
+        _say(f"node {node.NODE_NAME} Ready (containerd socket {node.paths(cluster.state_dir()).socket}); pods use "
+             f"hostNetwork, imagePullPolicy: Never and KUBERNETES_SERVICE_HOST=127.0.0.1 "
+             f"KUBERNETES_SERVICE_PORT={info.ports.apiserver}")
     _say('use it: eval "$(hack/cluster env)"')
     return 0
 
@@ -55,15 +64,21 @@ def cmd_status(_: argparse.Namespace) -> int:
     report = cluster.status()
     for name, st in report.items():
         mem = f"  rss {rss[name] / 1024:.0f} MiB" if st["running"] and name in rss else ""
-        print(f"{name:15} pid {st['pid'] or '-':>8}  running {st['running']!s:5}  "
+        print(f"{name:23} pid {st['pid'] or '-':>8}  running {st['running']!s:5}  "
               f"healthy {st['healthy']!s:5}{mem}")
     if rss:
-        print(f"{'total rss':15} {sum(rss.values()) / 1024:.0f} MiB")
+        print(f"{'total rss':23} {sum(rss.values()) / 1024:.0f} MiB")
+    node_ready = True
+    if info and info.with_node:
+        conditions = node.node_conditions(info)
+        node_ready = conditions.get("Ready") == "True"
+        print(f"node {node.NODE_NAME}: " + (", ".join(f"{k}={v}" for k, v in sorted(conditions.items()))
+                                             or "not registered"))
     for name in processes.names(cluster.state_dir()):
         print(f"{name:15} running {processes.alive(cluster.state_dir(), name)}")
     if info:
         print(f"state {info.state_dir}  apiserver {info.apiserver_url}  s3 {info.s3_endpoint}")
-    return 0 if all(st["healthy"] for st in report.values()) else 1
+    return 0 if node_ready and all(st["healthy"] for st in report.values()) else 1
 
 
 def cmd_env(_: argparse.Namespace) -> int:
@@ -99,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         ("build", cmd_build, "build the pinned binaries into the cache, or reuse them"),
         ("up", cmd_up, "start etcd, kube-apiserver, MinIO and versitygw on loopback (idempotent)"),
         ("down", cmd_down, "stop what `up` started and remove its data"),
-        ("status", cmd_status, "show processes, health and memory; exit 1 unless all healthy"),
+        ("status", cmd_status, "show processes, health, memory and the node's conditions; exit 1 unless all "
+                               "healthy (and the node Ready)"),
         ("env", cmd_env, "print the shell exports for the running control plane"),
         ("user", cmd_user, "make a MinIO user that writes only under a prefix of a bucket (an install's keys)"),
     ]:
@@ -113,13 +129,16 @@ def main(argv: list[str] | None = None) -> int:
             command.add_argument("--with-memoplane", action="store_true",
                                  help="also start the operator, agents for nodes node-a and node-b, and the "
                                       "agent API (memoplane serve, sandboxes on those agents)")
+            command.add_argument("--with-node", action="store_true",
+                                 help=f"also a real node ({node.NODE_NAME}): controller-manager, scheduler, "
+                                      "containerd + runc and a kubelet")
     args = parser.parse_args(argv)
     try:
         code: int = args.fn(args)
     except build.BuildError as exc:
         _say(f"FAILED: {exc}")
         return 2
-    except (cluster.ClusterError, processes.ProcessError) as exc:
+    except (cluster.ClusterError, processes.ProcessError, node.NodeError) as exc:
         _say(f"FAILED: {exc}")
         return 3
     return code

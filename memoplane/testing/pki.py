@@ -30,9 +30,15 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
 
 
 def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
-          issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool) -> x509.Certificate:
+          issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool, client_of: str | None = None,
+          dns: list[str] = _DNS_NAMES, ips: list[str] = _IPS) -> x509.Certificate:
+    """A CA, a serving certificate for `dns` and `ips`, or (with `client_of`: the organization,
+    Kubernetes' group, "" for none) a client certificate for user `subject`."""
     now = dt.datetime.now(dt.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, subject)]
+    if client_of:
+        attributes.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, client_of))
+    name = x509.Name(attributes)
     builder = (x509.CertificateBuilder()
                .subject_name(name)
                .issuer_name(issuer.subject if issuer else name)
@@ -47,9 +53,12 @@ def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificat
                           content_commitment=False, key_encipherment=False,
                           data_encipherment=False, key_agreement=False,
                           encipher_only=False, decipher_only=False), critical=True)
+    elif client_of is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                                        critical=False)
     else:
-        sans: list[x509.GeneralName] = [x509.DNSName(n) for n in _DNS_NAMES]
-        sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in _IPS]
+        sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns]
+        sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
         builder = (builder
                    .add_extension(x509.SubjectAlternativeName(sans), critical=False)
                    .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
@@ -73,3 +82,28 @@ def write_pki(directory: Path) -> dict[str, Path]:
     paths["sa.pub"].write_bytes(sa_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     return paths
+
+
+def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    ca = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+    key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise TypeError(f"{directory / 'ca.key'} is not the EC key write_pki makes")
+    return ca, key
+
+
+def issue(directory: Path, name: str, subject: str, *, group: str | None = None,
+          serving_ips: list[str] | None = None) -> tuple[Path, Path]:
+    """A certificate signed by the CA in `directory` (from write_pki), as <name>.crt/.key:
+    a client certificate for user `subject` in `group` (Kubernetes reads the organization as the
+    group), or with `serving_ips` a serving certificate for those addresses and `subject`."""
+    ca, ca_key = _load_ca(directory)
+    key = _key()
+    if serving_ips is None:
+        cert = _cert(subject, key, ca, ca_key, ca=False, client_of=group or "")
+    else:
+        cert = _cert(subject, key, ca, ca_key, ca=False, dns=[subject], ips=serving_ips)
+    crt_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    crt_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(key, key_path)
+    return crt_path, key_path

@@ -32,7 +32,7 @@ from memoplane.settings import (
     SIGNING_KEY_FILE_ENV,
     SIGNING_KEYID_ENV,
 )
-from memoplane.testing import cluster
+from memoplane.testing import cluster, pidfiles
 from memoplane.trust import PublicKey, SigningKey
 from memoplane.trust.nodekey import node_key
 
@@ -105,7 +105,7 @@ def _save(directory: Path, proc: Proc) -> None:
 def _spawn(cfg: StackConfig, name: str, argv: list[str], env: dict[str, str], ports: dict[str, int]) -> Proc:
     for sub in ("pids", "logs"):
         (cfg.directory / sub).mkdir(parents=True, exist_ok=True)
-    popen = cluster._spawn(cfg.directory, name, argv, env)
+    popen = pidfiles.spawn(cfg.directory, name, argv, env)
     proc = Proc(name, popen.pid, ports, cfg.directory / "logs" / f"{name}.log", popen)
     _save(cfg.directory, proc)
     return proc
@@ -119,11 +119,11 @@ def log_tail(proc: Proc, lines: int = 40) -> str:
 
 
 def alive(directory: Path, name: str) -> bool:
-    record = cluster._read_pid_record(directory, name)
+    record = pidfiles.read_record(directory, name)
     if record is None:
         return False
-    cluster._reap(int(record["pid"]))  # type: ignore[call-overload]
-    return cluster._is_ours(record)
+    pidfiles.reap(int(record["pid"]))  # type: ignore[call-overload]
+    return pidfiles.is_ours(record)
 
 
 def _get(url: str, timeout: float = 2.0) -> tuple[int, str]:
@@ -269,19 +269,19 @@ def start_agent(cfg: StackConfig, node: str, wait: bool = True, argv: list[str] 
 
 def stop(directory: Path, name: str) -> None:
     """SIGTERM (the process drains), then SIGKILL; only the recorded process."""
-    cluster._stop(directory, name)
+    pidfiles.stop(directory, name)
 
 
 def kill(directory: Path, name: str) -> None:
     """SIGKILL at once (a crash): the process gets no chance to clean up."""
-    record = cluster._read_pid_record(directory, name)
-    if record is None or not cluster._is_ours(record):
+    record = pidfiles.read_record(directory, name)
+    if record is None or not pidfiles.is_ours(record):
         return
     pid = int(record["pid"])  # type: ignore[call-overload]
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while cluster._is_ours(record) and time.monotonic() < deadline:
-        cluster._reap(pid)
+    while pidfiles.is_ours(record) and time.monotonic() < deadline:
+        pidfiles.reap(pid)
         time.sleep(0.05)
     _record_path(directory, name).unlink(missing_ok=True)
 
@@ -294,7 +294,7 @@ def names(directory: Path) -> list[str]:
 
 
 def load(directory: Path, name: str) -> Proc | None:
-    record = cluster._read_pid_record(directory, name)
+    record = pidfiles.read_record(directory, name)
     if record is None:
         return None
     return Proc(name, int(record["pid"]), dict(record.get("ports") or {}),  # type: ignore[call-overload]

@@ -32,6 +32,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 _build_error: list[build.BuildError] = []
+_node_build_error: list[build.BuildError] = []  # only the node's tests need these binaries
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -46,9 +47,13 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     # Let the build's progress lines through: a cold build is minutes of otherwise silence.
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         try:
-            build.ensure_all()
+            build.ensure_all(build.CONTROL_PLANE_COMPONENTS)
         except build.BuildError as exc:
             _build_error.append(exc)
+        try:
+            build.ensure_all(build.NODE_COMPONENTS)
+        except build.BuildError as exc:
+            _node_build_error.append(exc)
 
 
 @pytest.fixture(scope="session")
@@ -75,6 +80,13 @@ def control_plane() -> Iterator[cluster.ClusterInfo]:
                 os.environ[key] = value
         if owned:
             cluster.down(directory)
+
+
+@pytest.fixture(scope="session")
+def node_binaries() -> None:
+    """The node's binaries were built at collection; fails (never skips) with the build's error."""
+    if _node_build_error:
+        pytest.fail(f"the node's binaries cannot be built: {_node_build_error[0]}", pytrace=False)
 
 
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]

@@ -110,7 +110,7 @@ def test_minio_put_get(control_plane: cluster.ClusterInfo) -> None:
 
 def test_second_up_reuses_running_set_and_cached_build(
         control_plane: cluster.ClusterInfo) -> None:
-    binaries = [build.binary_path(c) for c in build.COMPONENTS]
+    binaries = [build.binary_path(c) for c in build.CONTROL_PLANE_COMPONENTS]
     mtimes = [b.stat().st_mtime_ns for b in binaries]
     again = cluster.up(Path(control_plane.state_dir))
     assert again.already_running

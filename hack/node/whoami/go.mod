@@ -1,0 +1,3 @@
+module memoplane.local/node/whoami
+
+go 1.22
