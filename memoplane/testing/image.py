@@ -42,6 +42,9 @@ from memoplane.testing.build import REPO_ROOT, cache_dir
 
 RECIPE_DIR = REPO_ROOT / "image"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
+# The Debian packages of each stage (the Dockerfile's stages install the same files: its unit test checks).
+BUILD_PACKAGES = RECIPE_DIR / "apt-build.txt"
+RUNTIME_PACKAGES = RECIPE_DIR / "apt-runtime.txt"
 IMAGE_NAME = "memoplane.local/memoplane"
 # The Debian base image's own PATH, which the Dockerfile's `ENV PATH=...:$PATH` extends.
 DEBIAN_BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -267,7 +270,8 @@ def content_key(wheel: Path) -> str:
 
 def _fetch_wheels(wheel: Path, wheelhouse: Path, log: Path) -> None:
     """The dependencies' wheels, pinned by requirements.lock, by the host's pip and its configured index."""
-    _run("dependency wheels", [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheelhouse), "--find-links", str(wheelhouse),
+    _run("dependency wheels", [sys.executable, "-m", "pip", "wheel", "--quiet",
+                               "--wheel-dir", str(wheelhouse), "--find-links", str(wheelhouse),
                                "-c", str(RECIPE_DIR / "requirements.lock"), str(wheel)], log)
 
 
@@ -294,7 +298,7 @@ def _with_recipe(rootfs: Path) -> Path:
 
 def _build_venv(release: str, work: Path, wheel: Path, wheelhouse: Path, log: Path) -> Path:
     build_root = work / "build-rootfs"
-    _bootstrap(release, RECIPE_DIR / "apt-build.txt", build_root, log)
+    _bootstrap(release, BUILD_PACKAGES, build_root, log)
     _with_recipe(build_root)
     shutil.copytree(wheelhouse, build_root / "wheels")
     shutil.copy2(wheel, build_root / "wheels" / wheel.name)
@@ -313,13 +317,13 @@ def relock(rootfs: Path) -> None:
     (RECIPE_DIR / "dpkg-packages.txt").write_text("".join(f"{name}\n" for name in dpkg))
     freeze = sorted(inside("/opt/memoplane/bin/pip", "freeze", "--all", "--disable-pip-version-check",
                            "--exclude", "memoplane").split())
-    header = "# The Python distributions of /opt/memoplane (pip freeze --all). Regenerate: hack/cluster image --relock\n"
+    header = "# The Python distributions of /opt/memoplane (pip freeze --all). Rewrite: hack/cluster image --relock\n"
     (RECIPE_DIR / "requirements.lock").write_text(header + "".join(f"{line}\n" for line in freeze))
     _log(f"relocked: {len(dpkg)} Debian packages, {len(freeze)} Python distributions")
 
 
 def _runtime_rootfs(release: str, rootfs: Path, venv: Path, log: Path, *, relocking: bool) -> None:
-    _bootstrap(release, RECIPE_DIR / "apt-runtime.txt", rootfs, log)
+    _bootstrap(release, RUNTIME_PACKAGES, rootfs, log)
     _with_recipe(rootfs)
     _chroot("user", rootfs, ["sh", "/recipe/runtime.sh"], log)
     _run("copy venv", ["cp", "-a", str(venv), str(rootfs / "opt" / "memoplane")], log)
