@@ -260,9 +260,9 @@ def _digest(path: Path) -> str:
 
 
 def content_key(wheel: Path) -> str:
-    """The recipe files, the Dockerfile and the wheel: what the image is made of."""
+    """The recipe files, the Dockerfile, this builder and the wheel: what the image is made of."""
     h = hashlib.sha256()
-    for path in [*sorted(p for p in RECIPE_DIR.iterdir() if p.is_file()), DOCKERFILE]:
+    for path in [*sorted(p for p in RECIPE_DIR.iterdir() if p.is_file()), DOCKERFILE, Path(__file__)]:
         h.update(f"{path.name}\0{_digest(path)}\0".encode())
     h.update(f"wheel\0{_digest(wheel)}".encode())
     return h.hexdigest()
@@ -335,6 +335,8 @@ def _runtime_rootfs(release: str, rootfs: Path, venv: Path, log: Path, *, relock
         _with_recipe(rootfs)
     _chroot("check", rootfs, ["sh", "/recipe/check.sh"], log)
     shutil.rmtree(rootfs / "recipe")
+    # mmdebstrap copied the builder's own apt sources in; they are this machine's, not the image's.
+    (rootfs / "etc" / "apt" / "sources.list").write_text("# hack/cluster image keeps no apt sources\n")
     # An image's /dev is empty (the runtime makes it); mmdebstrap's root mode leaves device nodes.
     for entry in (rootfs / "dev").iterdir():
         shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
@@ -369,7 +371,9 @@ def _pack(rootfs_parent: Path, layout: Path, config: ImageConfig, version: str, 
     _run("umoci gc", ["umoci", "gc", "--layout", str(layout)], log)
     _name_in_index(layout, reference, version)
     partial = archive.with_name(archive.name + ".partial")
-    _run("tar", ["tar", "--sort=name", "-C", str(layout), "-cf", str(partial), "."], log)
+    # Members named without "./" (`index.json`, `blobs/sha256/...`), as readers look them up.
+    _run("tar", ["tar", "--sort=name", "-C", str(layout), "-cf", str(partial), "oci-layout", "index.json", "blobs"],
+         log)
     partial.rename(archive)
 
 

@@ -69,16 +69,16 @@ def test_entrypoint_runs_as_the_image_user(built: image.BuiltImage) -> None:
 
 
 def _blob(archive: tarfile.TarFile, digest: str) -> Any:
-    member = archive.extractfile(f"./blobs/sha256/{digest.split(':', 1)[1]}")
+    member = archive.extractfile(f"blobs/sha256/{digest.split(':', 1)[1]}")
     assert member is not None, digest
     return json.load(member)
 
 
 def test_archive_is_an_oci_layout_named_for_import(built: image.BuiltImage) -> None:
     with tarfile.open(built.archive) as archive:
-        layout = archive.extractfile("./oci-layout")
+        layout = archive.extractfile("oci-layout")
         assert layout is not None and json.load(layout) == {"imageLayoutVersion": "1.0.0"}
-        index_file = archive.extractfile("./index.json")
+        index_file = archive.extractfile("index.json")
         assert index_file is not None
         (entry,) = json.load(index_file)["manifests"]
         assert entry["annotations"] == {"org.opencontainers.image.ref.name": image.project_version(),
@@ -86,7 +86,7 @@ def test_archive_is_an_oci_layout_named_for_import(built: image.BuiltImage) -> N
         manifest = _blob(archive, entry["digest"])
         config = _blob(archive, manifest["config"]["digest"])
         (layer,) = manifest["layers"]
-        layer_file = archive.extractfile(f"./blobs/sha256/{layer['digest'].split(':', 1)[1]}")
+        layer_file = archive.extractfile(f"blobs/sha256/{layer['digest'].split(':', 1)[1]}")
         assert layer_file is not None
         with tarfile.open(fileobj=gzip.GzipFile(fileobj=layer_file), mode="r|") as rootfs:
             modes = {m.name.removeprefix("./"): m.mode for m in rootfs if m.isfile()}
@@ -100,3 +100,11 @@ def test_archive_is_an_oci_layout_named_for_import(built: image.BuiltImage) -> N
     assert modes["usr/local/bin/memoplane-entrypoint"] & 0o777 == 0o755
     assert "opt/memoplane/bin/memoplane-agent" in modes
     assert not any(name.startswith(("dev/", "recipe/", "wheels/")) for name in modes)
+
+
+def test_keeps_none_of_the_builders_apt_sources(built: image.BuiltImage) -> None:
+    sources = [built.rootfs / "etc" / "apt" / "sources.list",
+               *sorted((built.rootfs / "etc" / "apt" / "sources.list.d").iterdir())]
+    kept = [f"{path}: {line}" for path in sources for line in path.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+    assert not kept, kept

@@ -278,3 +278,20 @@ def test_wheel_installs_and_runs_like_in_the_image(tmp_path: Path) -> None:
     shown = subprocess.run([str(env_dir / "bin" / "memoplane"), "--version"], capture_output=True, text=True,
                            timeout=60, cwd=tmp_path, env=env).stdout
     assert PYPROJECT["project"]["version"] in shown
+
+
+def test_debian_builder_reads_the_runtime_stage() -> None:
+    """`hack/cluster image` takes the release and the process settings from the Dockerfile itself."""
+    from memoplane.testing.image import DEBIAN_BASE_PATH, ImageError, debian_release, runtime_config
+
+    config = runtime_config(STAGES)
+    last = {st.op: st.args for st in FINAL.steps}
+    assert config.user == last["USER"] and config.workdir == last["WORKDIR"]
+    assert config.entrypoint == json.loads(last["ENTRYPOINT"]) and config.cmd == json.loads(last["CMD"])
+    assert config.exposed_ports == [f"{port}/tcp" for port in last["EXPOSE"].split()]
+    assert config.env["PATH"] == f"/opt/memoplane/bin:{DEBIAN_BASE_PATH}"
+    assert config.env["PYTHONUNBUFFERED"] == "1"
+    assert debian_release(FINAL.base) == "bookworm"
+    assert debian_release("debian:trixie-slim@sha256:" + "a" * 64) == "trixie"
+    with pytest.raises(ImageError, match="python:3.11-slim"):
+        debian_release("python:3.11-slim")
