@@ -269,10 +269,15 @@ def content_key(wheel: Path) -> str:
 
 
 def _fetch_wheels(wheel: Path, wheelhouse: Path, log: Path) -> None:
-    """The dependencies' wheels, pinned by requirements.lock, by the host's pip and its configured index."""
-    _run("dependency wheels", [sys.executable, "-m", "pip", "wheel", "--quiet",
-                               "--wheel-dir", str(wheelhouse), "--find-links", str(wheelhouse),
-                               "-c", str(RECIPE_DIR / "requirements.lock"), str(wheel)], log)
+    """The dependencies' wheels, pinned by requirements.lock: from the wheelhouse alone when it has them all,
+    else by the host's pip from its configured index."""
+    argv = [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheelhouse),
+            "--find-links", str(wheelhouse), "-c", str(RECIPE_DIR / "requirements.lock"), str(wheel)]
+    try:
+        _run("dependency wheels, cached", [*argv, "--no-index"], log)
+    except ImageError:
+        _log("  the wheelhouse lacks some: fetching them with pip")
+        _run("dependency wheels", argv, log)
 
 
 def _bootstrap(release: str, packages_file: Path, target: Path, log: Path) -> None:
