@@ -280,11 +280,27 @@ def _fetch_wheels(wheel: Path, wheelhouse: Path, log: Path) -> None:
         _run("dependency wheels", argv, log)
 
 
-def _bootstrap(release: str, packages_file: Path, target: Path, log: Path) -> None:
-    """Debian's minbase of `release` plus the listed packages, from the host's apt sources."""
-    _run(f"mmdebstrap {target.name}", [
-        "mmdebstrap", "--mode=root", "--variant=minbase", f"--hook-dir={MERGED_USR_HOOKS}",
-        f"--include={','.join(package_list(packages_file))}", release, str(target)], log)
+def _bootstrap(release: str, packages_file: Path, target: Path, log: Path, *, fresh: bool) -> None:
+    """Debian's minbase of `release` plus the listed packages, from the host's apt sources, into `target`.
+
+    Kept as a tar per release and package list, like a Docker layer cache: a change of the project
+    only reinstalls the venv. `fresh` (a relock) bootstraps again, with the packages' current versions.
+    """
+    names = package_list(packages_file)
+    key = hashlib.sha256(f"{release}\0{' '.join(names)}".encode()).hexdigest()[:16]
+    base = images_dir() / "bases" / f"{release}-{packages_file.stem}-{key}.tar"
+    if fresh or not base.exists():
+        base.parent.mkdir(parents=True, exist_ok=True)
+        partial = base.with_name(base.name + ".partial")
+        _run(f"mmdebstrap {packages_file.stem}", [
+            "mmdebstrap", "--mode=root", "--variant=minbase", "--format=tar", f"--hook-dir={MERGED_USR_HOOKS}",
+            f"--include={','.join(names)}", release, str(partial)], log)
+        partial.rename(base)
+    else:
+        _log(f"  {packages_file.stem}: the bootstrapped base {base.name} (hack/cluster image --relock renews it)")
+    target.mkdir(parents=True, exist_ok=True)
+    _run(f"unpack {base.name}", ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf", str(base),
+                                 "-C", str(target)], log)
 
 
 def _chroot(step: str, rootfs: Path, argv: list[str], log: Path) -> None:
@@ -301,9 +317,9 @@ def _with_recipe(rootfs: Path) -> Path:
     return inside
 
 
-def _build_venv(release: str, work: Path, wheel: Path, wheelhouse: Path, log: Path) -> Path:
+def _build_venv(release: str, work: Path, wheel: Path, wheelhouse: Path, log: Path, *, relocking: bool) -> Path:
     build_root = work / "build-rootfs"
-    _bootstrap(release, BUILD_PACKAGES, build_root, log)
+    _bootstrap(release, BUILD_PACKAGES, build_root, log, fresh=relocking)
     _with_recipe(build_root)
     shutil.copytree(wheelhouse, build_root / "wheels")
     shutil.copy2(wheel, build_root / "wheels" / wheel.name)
@@ -328,7 +344,7 @@ def relock(rootfs: Path) -> None:
 
 
 def _runtime_rootfs(release: str, rootfs: Path, venv: Path, log: Path, *, relocking: bool) -> None:
-    _bootstrap(release, RUNTIME_PACKAGES, rootfs, log)
+    _bootstrap(release, RUNTIME_PACKAGES, rootfs, log, fresh=relocking)
     _with_recipe(rootfs)
     _chroot("user", rootfs, ["sh", "/recipe/runtime.sh"], log)
     _run("copy venv", ["cp", "-a", str(venv), str(rootfs / "opt" / "memoplane")], log)
@@ -414,7 +430,7 @@ def build_image(*, relocking: bool = False) -> BuiltImage:
         _log("1/4 the dependencies' wheels (requirements.lock)")
         _fetch_wheels(wheel, wheelhouse, log)
         _log("2/4 the build stage: minbase + image/apt-build.txt, then image/venv.sh")
-        venv = _build_venv(release, work, wheel, wheelhouse, log)
+        venv = _build_venv(release, work, wheel, wheelhouse, log, relocking=relocking)
         layout = work / "oci"
         _run("umoci init", ["umoci", "init", "--layout", str(layout)], log)
         _run("umoci new", ["umoci", "new", "--image", f"{layout}:{_UMOCI_TAG}"], log)
