@@ -5,20 +5,19 @@
 #   docker run --rm memoplane:0.1.0 agent [flags]        # memoplane-agent (needs privileges: see the chart)
 #   docker run --rm memoplane:0.1.0 memoplane --help     # any other command runs as given
 #
-# The base is pinned to an exact Python and Debian release. Pin it by digest too when you
-# build with registry access:  --build-arg PYTHON_IMAGE=python:3.11.13-slim-bookworm@sha256:...
-# (the digest cannot be looked up where this file was written; tests/unit/test_dockerfile.py
-# checks that the tag is an exact release and that a digest, if given, is a full sha256).
-ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
+# The recipe is image/: the Debian package lists, the pinned Python distributions and the scripts.
+# `hack/cluster image` builds the same image from Debian's packages without a registry (mmdebstrap +
+# umoci) from the same files; image/check.sh, run last by both, fails the build if the installed set
+# differs from the recipe's. The base is Debian's minbase of an exact release with Debian's python3.
+# Pin it by digest too when you build with registry access:
+#   --build-arg DEBIAN_IMAGE=debian:bookworm-slim@sha256:...
+# (tests/unit/test_dockerfile.py checks the release and that a digest, if given, is a full sha256).
+ARG DEBIAN_IMAGE=debian:bookworm-slim
 
 # ---- build: the package and its dependencies into a virtualenv --------------------------
-FROM ${PYTHON_IMAGE} AS build
+FROM ${DEBIAN_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# A compiler, in case a dependency has no wheel for the platform (build stage only).
-RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc libc6-dev \
- && rm -rf /var/lib/apt/lists/*
-RUN python -m venv /opt/memoplane
+RUN --mount=type=bind,source=image,target=/recipe sh /recipe/apt-install.sh /recipe/apt-build.txt
 WORKDIR /src
 # What setuptools needs to build the package (pyproject.toml's packages.find and readme).
 COPY pyproject.toml README.md ./
@@ -26,30 +25,15 @@ COPY memoplane/ memoplane/
 COPY operator/ operator/
 COPY sandbox-node/ sandbox-node/
 # A regular (non-editable) install from the project root, as the package metadata says.
-RUN /opt/memoplane/bin/pip install . \
- && /opt/memoplane/bin/memoplane --version \
- && /opt/memoplane/bin/python -c "import memoplane_operator, memoplane_agent, memoplane.sandbox.seccomp_filter"
+RUN --mount=type=bind,source=image,target=/recipe sh /recipe/venv.sh .
 
 # ---- runtime -------------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE}
-# libseccomp2: the sandbox compiles its per-job seccomp filter with it (pyseccomp loads it).
-RUN apt-get update \
- && apt-get install -y --no-install-recommends libseccomp2 \
- && rm -rf /var/lib/apt/lists/* \
- && groupadd --system --gid 65532 memoplane \
- && useradd --system --uid 65532 --gid 65532 --home-dir /nonexistent --shell /usr/sbin/nologin memoplane
+FROM ${DEBIAN_IMAGE}
+RUN --mount=type=bind,source=image,target=/recipe sh /recipe/apt-install.sh /recipe/apt-runtime.txt \
+ && sh /recipe/runtime.sh
 COPY --from=build /opt/memoplane /opt/memoplane
-COPY --chmod=0755 <<'EOF' /usr/local/bin/memoplane-entrypoint
-#!/bin/sh
-# operator | agent | any command
-set -e
-case "$1" in
-  operator) shift; exec memoplane-operator "$@" ;;
-  agent) shift; exec memoplane-agent "$@" ;;
-  ""|-h|--help) echo "usage: IMAGE operator|agent [flags]  |  IMAGE COMMAND [ARGS]"; exec memoplane --help ;;
-  *) exec "$@" ;;
-esac
-EOF
+COPY --chmod=0755 image/memoplane-entrypoint /usr/local/bin/memoplane-entrypoint
+RUN --mount=type=bind,source=image,target=/recipe sh /recipe/check.sh
 ENV PATH=/opt/memoplane/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1

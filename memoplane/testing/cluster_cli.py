@@ -1,11 +1,11 @@
-"""`hack/cluster build|up|down|status|env`: the local control plane from the command line."""
+"""`hack/cluster build|up|down|status|env|image`: the local control plane from the command line."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from memoplane.testing import build, cluster, node, processes
+from memoplane.testing import build, cluster, image, node, processes
 
 
 def _say(msg: str) -> None:
@@ -15,6 +15,14 @@ def _say(msg: str) -> None:
 def cmd_build(_: argparse.Namespace) -> int:
     for name, path in build.ensure_all().items():
         _say(f"{name}: {path}")
+    return 0
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    built = image.build_image(relocking=args.relock)
+    how = "reused from cache" if built.cached else "built"
+    _say(f"image {built.reference} {how} in {built.seconds:.1f}s: {built.archive} "
+         f"({built.size_bytes / 2**20:.0f} MiB; import: ctr images import {built.archive})")
     return 0
 
 
@@ -117,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         ("status", cmd_status, "show processes, health, memory and the node's conditions; exit 1 unless all "
                                "healthy (and the node Ready)"),
         ("env", cmd_env, "print the shell exports for the running control plane"),
+        ("image", cmd_image, "build the project's image from Debian's packages into an OCI archive, or reuse it"),
         ("user", cmd_user, "make a MinIO user that writes only under a prefix of a bucket (an install's keys)"),
     ]:
         command = sub.add_parser(name, help=text)
@@ -125,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             command.add_argument("name", help="the user (its access key)")
             command.add_argument("bucket", help="the bucket it reads (created if missing)")
             command.add_argument("prefix", help="the prefix it writes under, e.g. cluster-a/")
+        if name == "image":
+            command.add_argument("--relock", action="store_true",
+                                 help="rebuild and rewrite image/dpkg-packages.txt and image/requirements.lock")
         if name == "up":
             command.add_argument("--with-memoplane", action="store_true",
                                  help="also start the operator, agents for nodes node-a and node-b, and the "
@@ -135,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.fn(args)
-    except build.BuildError as exc:
+    except (build.BuildError, image.ImageError) as exc:
         _say(f"FAILED: {exc}")
         return 2
     except (cluster.ClusterError, processes.ProcessError, node.NodeError) as exc:

@@ -22,75 +22,23 @@ import subprocess
 import sys
 import tomllib
 import venv
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
 
+from memoplane.testing.image import BUILD_PACKAGES, RECIPE_DIR, RUNTIME_PACKAGES, Stage, package_list, parse_dockerfile
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
-@dataclass
-class Instruction:
-    op: str
-    args: str
-    heredoc: str = ""
-
-
-@dataclass
-class Stage:
-    base: str
-    name: str | None
-    steps: list[Instruction] = field(default_factory=list)
-
-
-def parse(text: str) -> tuple[dict[str, str], list[Stage]]:
-    """Global ARG defaults and the stages (continuation lines joined, heredocs kept)."""
-    lines = text.splitlines()
-    args: dict[str, str] = {}
-    stages: list[Stage] = []
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        i += 1
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        while line.rstrip().endswith("\\") and i < len(lines):
-            nxt = lines[i]
-            i += 1
-            if nxt.lstrip().startswith("#"):
-                continue
-            line = line.rstrip()[:-1] + " " + nxt.strip()
-        op, _, rest = line.strip().partition(" ")
-        heredoc = ""
-        marker = re.search(r"<<-?'?\"?(\w+)'?\"?", rest)
-        if marker:
-            body = []
-            while i < len(lines) and lines[i].strip() != marker.group(1):
-                body.append(lines[i])
-                i += 1
-            i += 1
-            heredoc = "\n".join(body)
-        ins = Instruction(op.upper(), rest.strip(), heredoc)
-        if ins.op == "ARG" and not stages:
-            name, _, default = ins.args.partition("=")
-            args[name] = default
-        elif ins.op == "FROM":
-            words = ins.args.split()
-            base = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args[m.group(1) or m.group(2)], words[0])
-            stages.append(Stage(base, words[2] if len(words) > 2 and words[1].upper() == "AS" else None))
-        elif stages:
-            stages[-1].steps.append(ins)
-    return args, stages
-
-
-ARGS, STAGES = parse(DOCKERFILE.read_text())
+ARGS, STAGES = parse_dockerfile(DOCKERFILE.read_text())
 FINAL = STAGES[-1]
-BUILDER = next(s for s in STAGES if any("pip install" in st.args for st in s.steps if st.op == "RUN"))
+BUILDER = next(s for s in STAGES if any("/recipe/venv.sh" in st.args for st in s.steps if st.op == "RUN"))
+ENTRYPOINT_SCRIPT = (RECIPE_DIR / "memoplane-entrypoint").read_text()
 
 
 def _copied(stage: Stage) -> dict[str, str]:
@@ -106,13 +54,71 @@ def _copied(stage: Stage) -> dict[str, str]:
     return out
 
 
-def test_base_is_pinned_and_its_python_satisfies_requires_python() -> None:
-    m = re.fullmatch(r"python:(\d+)\.(\d+)\.(\d+)-slim-(bookworm|trixie)(@sha256:[0-9a-f]{64})?", STAGES[0].base)
-    assert m, f"base image {STAGES[0].base!r} is not pinned to an exact Python and Debian release"
+# Debian's python3 in each release the base may name (the venv links to it).
+DEBIAN_PYTHON = {"bookworm": "3.11.2", "trixie": "3.13.5"}
+
+
+def _runs(stage: Stage) -> list[str]:
+    return [" ".join(st.args.split()) for st in stage.steps if st.op == "RUN"]
+
+
+def test_base_is_pinned_debian_and_its_python_satisfies_requires_python() -> None:
+    m = re.fullmatch(r"debian:(bookworm|trixie)-slim(@sha256:[0-9a-f]{64})?", STAGES[0].base)
+    assert m, f"base image {STAGES[0].base!r} is not Debian's slim image of a named release"
     assert {s.base for s in STAGES} == {STAGES[0].base}, "every stage uses the same base (the venv's python)"
-    version = ".".join(m.groups()[:3])
     spec = SpecifierSet(PYPROJECT["project"]["requires-python"])
-    assert version in spec, f"Python {version} of the base does not satisfy requires-python {spec}"
+    assert DEBIAN_PYTHON[m.group(1)] in spec, f"Debian {m.group(1)}'s python3 does not satisfy requires-python {spec}"
+    assert "python3" in package_list(RUNTIME_PACKAGES), "the runtime stage lacks the venv's python3"
+    assert "python3-venv" in package_list(BUILD_PACKAGES), "the build stage cannot make a venv"
+
+
+def test_both_stages_install_from_the_recipe_lists() -> None:
+    """The Dockerfile installs exactly what image/ lists, through the script the Debian builder also runs."""
+    mount = "--mount=type=bind,source=image,target=/recipe"
+    build_runs, final_runs = _runs(BUILDER), _runs(FINAL)
+    assert build_runs[0] == f"{mount} sh /recipe/apt-install.sh /recipe/{BUILD_PACKAGES.name}", build_runs[0]
+    assert final_runs[0] == (f"{mount} sh /recipe/apt-install.sh /recipe/{RUNTIME_PACKAGES.name} && "
+                             "sh /recipe/runtime.sh"), final_runs[0]
+    # No apt-get or pip of its own: what is installed is only what the shared scripts install.
+    assert not any(re.search(r"\b(apt-get|pip)\b", run) for run in build_runs + final_runs)
+    # The check comes after everything is in place: the venv copied and the entrypoint installed.
+    last_copy = max(i for i, st in enumerate(FINAL.steps) if st.op == "COPY")
+    runs = [(i, " ".join(st.args.split())) for i, st in enumerate(FINAL.steps) if st.op == "RUN"]
+    checks = [i for i, run in runs if run == f"{mount} sh /recipe/check.sh"]
+    assert checks and checks[-1] > last_copy, "image/check.sh does not run after the last COPY of the runtime stage"
+
+
+def test_apt_install_reads_the_lists_as_the_debian_builder_does() -> None:
+    """apt-install.sh's `sed` and package_list (mmdebstrap's --include) see the same names in every list."""
+    for path in (BUILD_PACKAGES, RUNTIME_PACKAGES):
+        name = path.name
+        words = subprocess.run(["sh", "-c", f"echo $(sed 's/#.*//' {shlex.quote(str(path))})"], capture_output=True,
+                               text=True, check=True, timeout=30).stdout.split()
+        assert words == package_list(path) and words, name
+    script = (RECIPE_DIR / "apt-install.sh").read_text()
+    assert "$(sed 's/#.*//' \"$1\")" in script and "--no-install-recommends" in script
+
+
+def test_pinned_sets_cover_the_dependencies() -> None:
+    """requirements.lock pins every dependency of the project with ==; dpkg-packages.txt holds both lists' runtime."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (RECIPE_DIR / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            req = Requirement(line)
+            assert [s.operator for s in req.specifier] == ["=="], f"requirements.lock: {line} is not an exact pin"
+            pins[canonicalize_name(req.name)] = req
+    for dep in map(Requirement, PYPROJECT["project"]["dependencies"]):
+        pinned = pins.get(canonicalize_name(dep.name))
+        assert pinned, f"{dep.name} is not in image/requirements.lock (hack/cluster image --relock)"
+        assert next(iter(pinned.specifier)).version in dep.specifier, f"{pinned} does not satisfy {dep}"
+    assert "memoplane" not in pins, "the project itself is installed from its source, not pinned"
+    installed = set((RECIPE_DIR / "dpkg-packages.txt").read_text().split())
+    runtime = set(package_list(RUNTIME_PACKAGES))
+    assert runtime <= installed, f"{runtime - installed} missing from image/dpkg-packages.txt"
+    assert not set(package_list(BUILD_PACKAGES)) & installed, "a build-only package is in the runtime"
 
 
 def test_copies_everything_setuptools_needs() -> None:
@@ -139,20 +145,20 @@ def test_copies_everything_setuptools_needs() -> None:
 
 
 def test_pip_installs_the_project_root_not_editable() -> None:
-    runs = [st.args for st in BUILDER.steps if st.op == "RUN" and "pip install" in st.args]
+    runs = [run for run in _runs(BUILDER) if "/recipe/venv.sh" in run]
     assert len(runs) == 1
-    install = re.search(r"pip install ([^&;]*)", runs[0])
-    assert install, runs[0]
-    words = install.group(1).split()
-    assert words == ["."], f"expected `pip install .` (the project root, non-editable), got {words}"
+    words = runs[0].split("/recipe/venv.sh", 1)[1].split()
+    assert words == ["."], f"expected `venv.sh .` (the project root, non-editable), got {words}"
+    script = (RECIPE_DIR / "venv.sh").read_text()
+    (install,) = re.findall(r"^[^#]*/pip install .*$", script, re.M)
+    assert install.rstrip().endswith('-c "$recipe/requirements.lock" "$@"'), install
+    assert " -e " not in install and "--editable" not in install
 
 
 def test_entrypoint_runs_declared_console_scripts() -> None:
     scripts = PYPROJECT["project"]["scripts"]
-    entry = next(st for st in FINAL.steps if st.op == "COPY" and "memoplane-entrypoint" in st.args)
-    body = entry.heredoc
     for name in ("memoplane-operator", "memoplane-agent"):
-        assert f"exec {name} " in body, name
+        assert f"exec {name} " in ENTRYPOINT_SCRIPT, name
         assert name in scripts, f"{name} is not in [project.scripts]"
     assert "memoplane" in scripts
     # The module each script points at exists in the checkout.
@@ -163,13 +169,13 @@ def test_entrypoint_runs_declared_console_scripts() -> None:
         assert any((r / top).is_dir() for r in roots), target
     entrypoint = next(st for st in FINAL.steps if st.op == "ENTRYPOINT")
     assert json.loads(entrypoint.args) == ["/usr/local/bin/memoplane-entrypoint"]
-    assert "--chmod=0755" in entry.args
+    copy = next(st for st in FINAL.steps if st.op == "COPY" and "memoplane-entrypoint" in st.args)
+    assert copy.args == "--chmod=0755 image/memoplane-entrypoint /usr/local/bin/memoplane-entrypoint", copy.args
 
 
 def test_chart_args_select_the_processes() -> None:
     """The chart runs the image with args [operator] and [agent]; the entrypoint maps them."""
-    entry = next(st for st in FINAL.steps if st.op == "COPY" and "memoplane-entrypoint" in st.args).heredoc
-    labels = set(re.findall(r"^\s*([\w|\-\"]+)\)", entry, re.M))
+    labels = set(re.findall(r"^\s*([\w|\-\"]+)\)", ENTRYPOINT_SCRIPT, re.M))
     templates = ROOT / "charts" / "memoplane" / "templates"
     for name, process in (("operator.yaml", "operator"), ("agent.yaml", "agent")):
         text = (templates / name).read_text()
@@ -178,14 +184,15 @@ def test_chart_args_select_the_processes() -> None:
 
 
 def test_runtime_stage_has_libseccomp_and_runs_as_non_root() -> None:
-    runs = " ".join(st.args for st in FINAL.steps if st.op == "RUN")
-    assert re.search(r"apt-get install [^&]*\blibseccomp2\b", runs), "libseccomp2 is not installed"
-    assert "rm -rf /var/lib/apt/lists/*" in runs
-    assert not any("gcc" in st.args for st in FINAL.steps), "no compiler in the runtime image"
+    assert "libseccomp2" in package_list(RUNTIME_PACKAGES), "libseccomp2 is not installed"
+    assert "rm -rf /var/lib/apt/lists/*" in (RECIPE_DIR / "apt-install.sh").read_text()
+    for path in (BUILD_PACKAGES, RUNTIME_PACKAGES):
+        assert not {"gcc", "build-essential"} & set(package_list(path)), f"a compiler in {path.name}"
     users = [st.args for st in FINAL.steps if st.op == "USER"]
     assert users, "no USER: the image would run as root"
     uid = users[-1].split(":")[0]
     assert uid not in ("0", "root"), users[-1]
+    assert f"--uid {uid} " in (RECIPE_DIR / "runtime.sh").read_text(), "runtime.sh does not make the USER"
     assert any(st.op == "COPY" and "--from=build" in st.args and "/opt/memoplane" in st.args for st in FINAL.steps)
     env = " ".join(st.args for st in FINAL.steps if st.op == "ENV")
     assert "PATH=/opt/memoplane/bin:" in env
@@ -196,7 +203,7 @@ def test_dockerignore_keeps_what_the_build_copies() -> None:
                 if p.strip() and not p.startswith("#")]
     for must in (".git", "**/__pycache__", ".pytest_cache", ".venv", "tests"):
         assert must in patterns, f".dockerignore does not exclude {must}"
-    for src in _copied(BUILDER):
+    for src in [*_copied(BUILDER), *_copied(FINAL), "image"]:  # image/: the recipe, bind-mounted
         for pat in patterns:
             assert not fnmatch.fnmatch(src, pat) and not src.startswith(pat.rstrip("/") + "/"), (
                 f".dockerignore pattern {pat!r} excludes {src}, which the Dockerfile COPYs")
@@ -271,3 +278,20 @@ def test_wheel_installs_and_runs_like_in_the_image(tmp_path: Path) -> None:
     shown = subprocess.run([str(env_dir / "bin" / "memoplane"), "--version"], capture_output=True, text=True,
                            timeout=60, cwd=tmp_path, env=env).stdout
     assert PYPROJECT["project"]["version"] in shown
+
+
+def test_debian_builder_reads_the_runtime_stage() -> None:
+    """`hack/cluster image` takes the release and the process settings from the Dockerfile itself."""
+    from memoplane.testing.image import DEBIAN_BASE_PATH, ImageError, debian_release, runtime_config
+
+    config = runtime_config(STAGES)
+    last = {st.op: st.args for st in FINAL.steps}
+    assert config.user == last["USER"] and config.workdir == last["WORKDIR"]
+    assert config.entrypoint == json.loads(last["ENTRYPOINT"]) and config.cmd == json.loads(last["CMD"])
+    assert config.exposed_ports == [f"{port}/tcp" for port in last["EXPOSE"].split()]
+    assert config.env["PATH"] == f"/opt/memoplane/bin:{DEBIAN_BASE_PATH}"
+    assert config.env["PYTHONUNBUFFERED"] == "1"
+    assert debian_release(FINAL.base) == "bookworm"
+    assert debian_release("debian:trixie-slim@sha256:" + "a" * 64) == "trixie"
+    with pytest.raises(ImageError, match=re.escape("python:3.11-slim")):
+        debian_release("python:3.11-slim")
