@@ -33,7 +33,7 @@ NAMESPACE = "memoplane-system"
 AGENT_CAPS = {"SYS_ADMIN", "SYS_PTRACE", "SETUID", "SETGID", "MKNOD"}
 
 _LIMITS = ('{"creations_per_minute": 6, "creation_burst": 2, "concurrent_sandboxes": 3, "executions_per_minute": 60,'
-           ' "execution_burst": 5}')
+           ' "execution_burst": 5, "concurrent_executions": 4}')
 VARIANTS: dict[str, list[str]] = {
     "defaults": [],
     "external-s3": ["--set", "objectStore.minio.enabled=false",
