@@ -24,6 +24,7 @@ from pathlib import Path
 
 from memoplane.cluster.agentkeys import ClusterKeys
 from memoplane.settings import (
+    API_KEYS_ENV,
     CREDENTIAL_FILES,
     CREDENTIALS_ENV,
     KEY_ENVS,
@@ -208,13 +209,16 @@ def session_secret(directory: Path) -> Path:
     return path
 
 
-def start_api(cfg: StackConfig, wait: bool = True) -> Proc:
+def start_api(cfg: StackConfig, wait: bool = True, api_keys: Path | None = None) -> Proc:
     """`memoplane serve` as the chart's api Deployment runs it: sandboxes on the stack's agents, shown as
-    Sandbox objects in the agents' namespace; no API keys, so on loopback only (its own keys directory)."""
+    Sandbox objects in the agents' namespace; no API keys, so on loopback only (its own keys directory),
+    unless `api_keys` names a keys file."""
     ports = {"http": free_port()}
     env = {**cfg.process_env(), "MEMOPLANE_SERVE_NAMESPACE": cfg.lease_namespace,
            SESSION_SECRET_FILE_ENV: str(session_secret(cfg.directory)),
            "MEMOPLANE_STORE": str(cfg.directory / "api" / "store"), "MEMOPLANE_KEYS_DIR": str(cfg.directory / "api" / "keys")}
+    if api_keys is not None:
+        env[API_KEYS_ENV] = str(api_keys)
     argv = [sys.executable, "-m", "memoplane.cli", "serve", "--host", "127.0.0.1", "--port", str(ports["http"])]
     proc = _spawn(cfg, API, argv, env, ports)
     if wait:
