@@ -137,7 +137,9 @@ def _get(url: str, timeout: float = 2.0) -> tuple[int, str]:
         return 0, str(exc)
 
 
-def wait_ready(directory: Path, proc: Proc, url: str, timeout: float = READY_TIMEOUT_S) -> None:
+def wait_ready(directory: Path, proc: Proc, url: str, timeout: float = READY_TIMEOUT_S,
+               ready: int = 200) -> None:
+    """Until `url` answers `ready` (an API with keys answers 401 to anyone without one)."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
@@ -146,7 +148,7 @@ def wait_ready(directory: Path, proc: Proc, url: str, timeout: float = READY_TIM
         if exited:
             raise ProcessError(f"{proc.name} exited during startup; last lines of {proc.log}:\n{log_tail(proc)}")
         code, body = _get(url)
-        if code == 200:
+        if code == ready:
             return
         last = body.strip()
         time.sleep(0.2)
@@ -222,7 +224,7 @@ def start_api(cfg: StackConfig, wait: bool = True, api_keys: Path | None = None)
     argv = [sys.executable, "-m", "memoplane.cli", "serve", "--host", "127.0.0.1", "--port", str(ports["http"])]
     proc = _spawn(cfg, API, argv, env, ports)
     if wait:
-        wait_ready(cfg.directory, proc, proc.url("http", "/openapi.json"))
+        wait_ready(cfg.directory, proc, proc.url("http", "/openapi.json"), ready=200 if api_keys is None else 401)
     return proc
 
 
