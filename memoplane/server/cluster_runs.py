@@ -13,6 +13,7 @@ server's team store namespaces are not involved: on Kubernetes a namespace share
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import time
@@ -50,36 +51,38 @@ class ClusterRuns:
     def __init__(self, placement: Placement) -> None:
         self.kube, self.placement = placement.kube, placement
 
-    def run(self, job: Job, policy: Policy, caller: Caller, asked: str | None) -> dict[str, Any]:
-        """/v1/run's answer: a trusted hit of the namespace's cache, else its ComputeJob's result."""
+    async def run(self, job: Job, policy: Policy, caller: Caller, asked: str | None) -> dict[str, Any]:
+        """/v1/run's answer: a trusted hit of the namespace's cache, else its ComputeJob's result. Calls to
+        the API server and the store go to threads; the wait for the job does not hold one."""
         namespace = namespace_for(caller, asked)
         if policy == "Bypass":
             raise ApiError(400, "policy Bypass is not supported yet for /v1/run on Kubernetes: an agent does not "
                            "attest a Bypass result, so the API cannot verify what it would answer",
                            'use "Refresh" to recompute and replace the stored result')
         started = time.perf_counter()
-        runtime = self.placement.runtime(job.profile)
-        if runtime is not None and policy == "Use":
-            hit = self._hit(namespace, dataclasses.replace(job, runtime=runtime))
+        if policy == "Use":
+            hit = await asyncio.to_thread(self._hit, namespace, job)
             if hit is not None:
-                return _answer(*hit, started, cached=True, computejob=None)
-        name, status = self._compute(job, policy, caller, namespace)
-        store, found = self._verified(namespace, name, status)
-        return _answer(store, found, started, cached=bool(status.get("cached")), computejob=f"{namespace}/{name}")
+                return await asyncio.to_thread(_answer, *hit, started, cached=True, computejob=None)
+        name = await asyncio.to_thread(self._create, job, policy, caller, namespace)
+        status = await self._settled(namespace, name, job.limits.timeout_s + SCHEDULING_SLACK_S)
+        return await asyncio.to_thread(self._computed, namespace, name, status, started)
 
     def _hit(self, namespace: str, job: Job) -> tuple[Store, Hit] | None:
+        """A trusted hit of the job's key (with the runtime the live agents advertise) in the namespace's cache."""
+        runtime = self.placement.runtime(job.profile)
         rc = self.kube.get(p.RESULTCACHES, namespace, RESULT_CACHE)
-        if rc is None:   # the operator makes it at the namespace's first job
+        if runtime is None or rc is None:   # no agent (the job will wait); the operator makes the cache
             return None
         store = cache_store(rc)
-        found = trusted_hit(store, job.key, self._policy(rc))
+        found = trusted_hit(store, dataclasses.replace(job, runtime=runtime).key, self._policy(rc))
         if found.hit is None:
             store.close()
             return None
         return store, found.hit
 
-    def _compute(self, job: Job, policy: Policy, caller: Caller, namespace: str) -> tuple[str, dict[str, Any]]:
-        """The settled status of a new ComputeJob of `job` (ApiError when it failed or is not done in time)."""
+    def _create(self, job: Job, policy: Policy, caller: Caller, namespace: str) -> str:
+        """A new ComputeJob of `job` in `namespace`, made by the caller's team and key: its name."""
         try:
             manifest = computejob_manifest("placeholder", namespace, job_spec(job, policy),
                                            labels={**MANAGED_BY, TEAM_LABEL: label_value(caller.team)})
@@ -91,18 +94,13 @@ class ClusterRuns:
         meta["annotations"] = {KEY_ANNOTATION: caller.key_id}
         created = self.kube.create(p.COMPUTEJOBS, namespace, manifest)
         assert created is not None   # a generated name never exists
-        name = str(created["metadata"]["name"])
-        status = self._settled(namespace, name, job.limits.timeout_s + SCHEDULING_SLACK_S)
-        if status.get("phase") == p.FAILED:
-            failure = status.get("failure") or {}
-            raise ApiError(422, f"ComputeJob {namespace}/{name} failed ({failure.get('reason', 'Failed')}): "
-                           f"{failure.get('message') or status.get('message', '')} (nothing was cached)")
-        return name, status
+        return str(created["metadata"]["name"])
 
-    def _settled(self, namespace: str, name: str, seconds: float) -> dict[str, Any]:
+    async def _settled(self, namespace: str, name: str, seconds: float) -> dict[str, Any]:
+        """The job's status once it settled for its current spec (504 after `seconds`: it keeps running)."""
         deadline = time.monotonic() + seconds
         while True:
-            obj = self.kube.get(p.COMPUTEJOBS, namespace, name)
+            obj = await asyncio.to_thread(self.kube.get, p.COMPUTEJOBS, namespace, name)
             if obj is None:
                 raise ApiError(409, f"ComputeJob {namespace}/{name} was deleted before it settled", "call again")
             status = obj.get("status") or {}
@@ -113,7 +111,15 @@ class ClusterRuns:
                 raise ApiError(504, f"ComputeJob {namespace}/{name} is still {status.get('phase') or 'Pending'} "
                                f"after {seconds:.0f}s", f"call /v1/run again later (a hit once it succeeds); "
                                f"kubectl describe cjob {name} -n {namespace} says why it waits")
-            time.sleep(POLL_S)
+            await asyncio.sleep(POLL_S)
+
+    def _computed(self, namespace: str, name: str, status: Mapping[str, Any], started: float) -> dict[str, Any]:
+        if status.get("phase") == p.FAILED:
+            failure = status.get("failure") or {}
+            raise ApiError(422, f"ComputeJob {namespace}/{name} failed ({failure.get('reason', 'Failed')}): "
+                           f"{failure.get('message') or status.get('message', '')} (nothing was cached)")
+        store, found = self._verified(namespace, name, status)
+        return _answer(store, found, started, cached=bool(status.get("cached")), computejob=f"{namespace}/{name}")
 
     def _verified(self, namespace: str, name: str, status: Mapping[str, Any]) -> tuple[Store, Hit]:
         """The job's result as its status names it, read from the store and judged by the cache's policy."""
@@ -153,7 +159,8 @@ class ClusterRuns:
 def namespace_for(caller: Caller, asked: str | None) -> str:
     """The namespace the caller's job goes to: the one asked for, among its key's; refused otherwise."""
     if not caller.namespaces:
-        raise ApiError(403, f"API key {caller.key_id} has no namespace: on Kubernetes /v1/run computes as a "
+        who = "a caller without an API key" if caller.key_id == Caller().key_id else f"API key {caller.key_id}"
+        raise ApiError(403, f"{who} has no namespace: on Kubernetes /v1/run computes as a "
                        "ComputeJob in a namespace the key is scoped to",
                        "use a key made with `memoplane apikey create --verb run --namespace NS`")
     if asked is None:

@@ -83,7 +83,7 @@ def routes(api: FastAPI, sessions: SessionManager, store: str | None) -> None:
         On Kubernetes: of the same namespace, or a ComputeJob of the same key there."""
         job, identity = body.job()
         if cluster is not None:
-            return await asyncio.to_thread(cluster.run, job, body.policy, who, body.namespace)
+            return await cluster.run(job, body.policy, who, body.namespace)
         if body.namespace is not None:
             raise ApiError(400, "namespace is for /v1/run on Kubernetes (MEMOPLANE_SERVE_NAMESPACE set): this "
                            "server computes in its own pools", "leave namespace out")

@@ -53,7 +53,10 @@ def test_a_key_with_one_namespace_computes_there_and_nowhere_else() -> None:
 def test_a_key_without_namespaces_is_refused_and_one_with_several_must_say_which() -> None:
     with pytest.raises(ApiError) as none:
         namespace_for(Caller(key_id="mk2"), None)
-    assert none.value.status == 403 and "has no namespace" in str(none.value)
+    assert none.value.status == 403 and "API key mk2 has no namespace" in str(none.value)
+    with pytest.raises(ApiError) as anonymous:   # serve without keys, on loopback
+        namespace_for(Caller(), None)
+    assert "a caller without an API key has no namespace" in str(anonymous.value)
     several = Caller(key_id="mk3", namespaces=("a", "b"))
     with pytest.raises(ApiError) as ambiguous:
         namespace_for(several, None)
