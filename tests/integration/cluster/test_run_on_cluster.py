@@ -4,6 +4,7 @@ hit of that namespace's ResultCache, and a key reaches no other namespace."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import PREFIX, Stack
+from test_trust_cluster import forged
 
 from memoplane.api import computejob_manifest
 from memoplane.cluster import protocol as p
@@ -88,6 +90,24 @@ def test_a_miss_is_a_computejob_of_the_keys_namespace_and_the_next_call_a_hit(
     stack.apply(ns, computejob_manifest("applied", ns, job_spec(job_obj, "Use")))
     applied = stack.wait(ns, "applied")["status"]
     assert (applied["phase"], applied["cached"], applied["cacheKey"]) == ("Succeeded", True, first["cache_key"])
+
+
+def test_a_forged_result_in_the_namespaces_store_is_not_served_but_recomputed(
+        stack: Stack, api: dict[str, Any], namespaces: tuple[str, str]) -> None:
+    ns = namespaces[0]
+    body = {"code": SOURCE, "inputs": {"n": 5}, "salt": uuid.uuid4().hex[:8]}
+    first = _run(api, api["scoped"], body).json()
+    assert (first["cached"], first["result"]) == (False, 10)
+    store = stack.store(ns)
+    # Whoever can write the store re-points the key at a valid result manifest of 11, unattested.
+    store.commit(forged(store, first["cache_key"], 11, at_time=time.time()), [])
+    assert store.read_ref(first["cache_key"]) != first["result_digest"]
+    again = _run(api, api["scoped"], body)
+    assert again.status_code == 200, again.text
+    answer = again.json()
+    # Refused by the cache's trust policy: computed again as a ComputeJob (the operator refuses it too).
+    assert (answer["result"], answer["cached"]) == (10, False) and answer["computejob"] is not None
+    assert _run(api, api["scoped"], body).json()["cached"] is True   # the recomputed result is attested
 
 
 def test_a_failing_computation_answers_422_with_the_jobs_reason(api: dict[str, Any],
