@@ -14,6 +14,7 @@ server's team store namespaces are not involved: on Kubernetes a namespace share
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import time
@@ -74,12 +75,14 @@ class ClusterRuns:
         rc = self.kube.get(p.RESULTCACHES, namespace, RESULT_CACHE)
         if runtime is None or rc is None:   # no agent (the job will wait); the operator makes the cache
             return None
-        store = cache_store(rc)
-        found = trusted_hit(store, dataclasses.replace(job, runtime=runtime).key, self._policy(rc))
-        if found.hit is None:
-            store.close()
-            return None
-        return store, found.hit
+        policy = self._policy(rc)
+        with contextlib.ExitStack() as unless_kept:
+            store = unless_kept.enter_context(cache_store(rc))
+            found = trusted_hit(store, dataclasses.replace(job, runtime=runtime).key, policy)
+            if found.hit is None:
+                return None
+            unless_kept.pop_all()   # the answer reads the value from it, then closes it
+            return store, found.hit
 
     def _create(self, job: Job, policy: Policy, caller: Caller, namespace: str) -> str:
         """A new ComputeJob of `job` in `namespace`, made by the caller's team and key: its name."""
@@ -130,14 +133,17 @@ class ClusterRuns:
         rc = self.kube.get(p.RESULTCACHES, namespace, RESULT_CACHE)
         if rc is None:
             raise ApiError(502, f"ComputeJob {namespace}/{name}'s ResultCache is gone", "call again")
-        # A hit the operator served from a cache shared with this namespace is in that cache's store.
-        store = cache_store(rc) if url == cache(rc).store_url else open_store(url)
-        verdict = judge_stored(store, self._policy(rc), key, digest, ())
-        if not verdict.trusted:
-            store.close()
-            raise ApiError(502, f"ComputeJob {namespace}/{name}'s result {digest[:19]} is not trusted by "
-                           f"ResultCache {namespace}/{cache(rc).meta.name}: {refused_note(verdict)}")
-        return store, Hit(key, digest, store.get_result(digest))
+        policy = self._policy(rc)
+        with contextlib.ExitStack() as unless_kept:
+            # A hit the operator served from a cache shared with this namespace is in that cache's store.
+            store = unless_kept.enter_context(cache_store(rc) if url == cache(rc).store_url else open_store(url))
+            verdict = judge_stored(store, policy, key, digest, ())
+            if not verdict.trusted:
+                raise ApiError(502, f"ComputeJob {namespace}/{name}'s result {digest[:19]} is not trusted by "
+                               f"ResultCache {namespace}/{cache(rc).meta.name}: {refused_note(verdict)}")
+            found = Hit(key, digest, store.get_result(digest))
+            unless_kept.pop_all()
+            return store, found
 
     def _policy(self, rc: Mapping[str, Any]) -> TrustPolicy:
         """The cache's trust policy as the operator builds it, with the agents' keys it remembered."""
