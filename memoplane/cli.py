@@ -271,7 +271,8 @@ def _add_apikey(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--verb", action="append", required=True,
                    help="what it may do: run, exec, files, snapshot or admin (repeatable)")
     p.add_argument("--sandbox", metavar="ID", help="the one sandbox it may reach")
-    p.add_argument("--namespace", action="append", default=[], help="not supported yet (serve has no namespaces)")
+    p.add_argument("--namespace", action="append", default=[], help="a Kubernetes namespace its /v1/run may make ComputeJobs in "
+                   "(repeatable; needed for /v1/run on Kubernetes)")
     p.add_argument("--tier", help="set the team's rate tier (settings: MEMOPLANE_SERVE_TIERS)")
     p.add_argument("--json", action="store_true")
     p = command("list", "the keys (never their secrets)")

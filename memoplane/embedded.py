@@ -71,7 +71,7 @@ def run_job(
                 if hit is None:
                     return _compute(job, store, sandbox, policy, signer, identity, run, explanation, notes)
         history.record(identity, key, parts.components())
-        report = _report(source, hit, run.started, cached=True, explain=[], notes=notes)
+        report = hit_report(source, hit, run.started, cached=True, explain=[], notes=notes)
         report.shared_by = shared_by
         return run.done(report, vouched)
     return _compute(job, store, sandbox, policy, signer, identity, run, explanation, notes)
@@ -163,12 +163,13 @@ def _compute(job: Job, store: Store, sandbox: Callable[[], SandboxRunner], polic
         commit_signed(store, job.key_parts().components(), execution.result, execution.digest, signer)
     history.record(identity, execution.key, job.key_parts().components())
     hit = Hit(execution.key, execution.digest, execution.result)
-    report = _report(store, hit, run.started, cached=False, explain=explanation, notes=notes)
+    report = hit_report(store, hit, run.started, cached=False, explain=explanation, notes=notes)
     return run.done(report, signer.keyid if policy != "Bypass" else None)
 
 
-def _report(store: Store, hit: Hit, started: float, *, cached: bool,
-            explain: list[str], notes: list[str]) -> RunReport:
+def hit_report(store: Store, hit: Hit, started: float, *, cached: bool,
+               explain: list[str], notes: list[str]) -> RunReport:
+    """What a run answers for `hit` (its value read and verified from `store`)."""
     try:
         value = store.load_value(hit.result.value)
     except (StoreCorrupted, NotFound) as exc:

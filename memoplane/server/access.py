@@ -129,4 +129,4 @@ def _caller(key: ApiKey, keys: KeysFile) -> Caller:
     """Who the key is, with its team's tier and the teams that granted it their results, as the keys
     file says now: a grant or its withdrawal counts from the next request."""
     return Caller(key.team, key.keyid, frozenset(key.verbs), key.sandbox, keys.tier_of(key.team),
-                  keys.readable_by(key.team))
+                  keys.readable_by(key.team), tuple(key.namespaces))

@@ -16,20 +16,18 @@ def _keys(args: argparse.Namespace) -> ApiKeys:
 
 
 def create_command(args: argparse.Namespace) -> int:
-    if args.namespace:
-        raise InputError("--namespace is not supported yet: `memoplane serve` has no namespaces (one team, one "
-                         "memory)", "leave --namespace out; scope the key with --verb and --sandbox")
     tiers = serve_tiers(from_env(ServeSettings))
     if args.tier is not None and args.tier not in tiers:
         raise InputError(f"--tier {args.tier!r} is not a configured tier", f"use one of {', '.join(sorted(tiers))} "
                          "(MEMOPLANE_SERVE_TIERS)")
-    key, token = _keys(args).create(args.team, args.verb, args.sandbox, args.tier)
+    key, token = _keys(args).create(args.team, args.verb, args.sandbox, args.tier, namespaces=args.namespace)
     if args.json:
         print(json.dumps({**key.public(), "token": token}, sort_keys=True))
     else:
         print(token)
         print(f"API key {key.keyid} of team {key.team} ({', '.join(key.verbs)}"
-              f"{', sandbox ' + key.sandbox if key.sandbox else ''}): the token above is shown only now")
+              f"{', sandbox ' + key.sandbox if key.sandbox else ''}"
+              f"{', namespaces ' + ','.join(key.namespaces) if key.namespaces else ''}): the token above is shown only now")
     return 0
 
 
@@ -43,7 +41,8 @@ def list_command(args: argparse.Namespace) -> int:
             continue
         state = "revoked " + _when(key.revoked) if key.revoked is not None else "active"
         print(f"{key.keyid}  team={key.team}  tier={keys.tier_of(key.team)}  verbs={','.join(key.verbs)}"
-              f"{'  sandbox=' + key.sandbox if key.sandbox else ''}  created {_when(key.created)}  {state}")
+              f"{'  sandbox=' + key.sandbox if key.sandbox else ''}"
+              f"{'  namespaces=' + ','.join(key.namespaces) if key.namespaces else ''}  created {_when(key.created)}  {state}")
     for team, readers in sorted(keys.grants.items()):
         if readers and (not args.team or args.team in (team, *readers)):
             if args.json:

@@ -1,9 +1,10 @@
 """API keys of `memoplane serve`: each belongs to a team, carries scopes, and is stored only as hashes.
 
 The keys file (settings.api_keys_path: apikeys.json in the keys directory by default, mode 0600):
-    {"v": 1, "keys": {keyid: {team, verbs, sandbox, secretHash, signingKey, created, revoked}},
+    {"v": 1, "keys": {keyid: {team, verbs, sandbox, namespaces, secretHash, signingKey, created, revoked}},
      "teams": {team: tier}, "grants": {team: [reader team, ...]}}
-A grant lets the reader teams' /v1/run be served the granting team's results (server/memo.py);
+`namespaces`: the Kubernetes namespaces the key's /v1/run may make ComputeJobs in (server/cluster_runs.py;
+absent in files written before it: none). A grant lets the reader teams' /v1/run be served the granting team's results (server/memo.py);
 sandboxes, files and snapshots are never shared.
 It lives beside the server, not in the store: whoever can write the store is not trusted, and a
 key planted there would let them run code in the server's sandboxes.
@@ -22,6 +23,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import stat
 import time
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..api.common import DNS_LABEL_PATTERN
 from ..errors import InputError
 from ..settings import API_KEYS_ENV, DEFAULT_TIER, open_to_others
 from ..trust.local import NAME_RULE, is_name, write_atomically
@@ -41,6 +44,8 @@ LOCAL_TEAM = "local"
 VERBS = ("run", "exec", "files", "snapshot", "admin")
 SIGNING_LABEL = b"memoplane api signing key v1"
 _FIELDS = {"team", "verbs", "sandbox", "secretHash", "signingKey", "created", "revoked"}
+_OPTIONAL = {"namespaces"}
+_NAMESPACE = re.compile(DNS_LABEL_PATTERN)
 
 
 def split_token(token: str) -> tuple[str, str]:
@@ -69,16 +74,17 @@ class ApiKey:
     signing_key: str        # hex
     created: float
     revoked: float | None = None
+    namespaces: list[str] = field(default_factory=list)   # where its /v1/run makes ComputeJobs
 
     def to_json(self) -> dict[str, Any]:
         return {"team": self.team, "verbs": sorted(self.verbs), "sandbox": self.sandbox,
-                "secretHash": self.secret_hash, "signingKey": self.signing_key, "created": self.created,
+                "namespaces": sorted(self.namespaces), "secretHash": self.secret_hash, "signingKey": self.signing_key, "created": self.created,
                 "revoked": self.revoked}
 
     def public(self) -> dict[str, Any]:
         """What `apikey list` shows: never a hash."""
         return {"keyid": self.keyid, "team": self.team, "verbs": sorted(self.verbs), "sandbox": self.sandbox,
-                "created": self.created, "revoked": self.revoked}
+                "namespaces": sorted(self.namespaces), "created": self.created, "revoked": self.revoked}
 
 
 @dataclass
@@ -114,10 +120,11 @@ class KeysFile:
 
 
 def _key(keyid: str, entry: dict[str, Any]) -> ApiKey:
-    if set(entry) != _FIELDS or not set(entry["verbs"]) <= set(VERBS):
+    if not _FIELDS <= set(entry) <= _FIELDS | _OPTIONAL or not set(entry["verbs"]) <= set(VERBS):
         raise ValueError(f"key {keyid} has other fields or verbs than this version writes")
     return ApiKey(keyid, str(entry["team"]), list(entry["verbs"]), entry["sandbox"], str(entry["secretHash"]),
-                  str(entry["signingKey"]), float(entry["created"]), entry["revoked"])
+                  str(entry["signingKey"]), float(entry["created"]), entry["revoked"],
+                  [str(n) for n in entry.get("namespaces", [])])
 
 
 class ApiKeys:
@@ -142,8 +149,12 @@ class ApiKeys:
         return self._cached
 
     def create(self, team: str, verbs: list[str], sandbox: str | None = None, tier: str | None = None,
-               now: float | None = None) -> tuple[ApiKey, str]:
+               now: float | None = None, namespaces: list[str] | None = None) -> tuple[ApiKey, str]:
         """A new key of `team` and its token (shown once; only its hashes are kept)."""
+        for namespace in namespaces or []:
+            if len(namespace) > 63 or not _NAMESPACE.match(namespace):
+                raise InputError(f"--namespace {namespace[:80]!r} is not a Kubernetes namespace name",
+                                 "give a DNS label: lowercase letters, digits and '-', at most 63")
         if not is_name(team):
             raise InputError(f"team {team!r} is not valid", f"use {NAME_RULE}")
         if team == LOCAL_TEAM:
@@ -155,7 +166,7 @@ class ApiKeys:
                              f"give --verb among {', '.join(VERBS)}")
         keyid, secret = "mk" + secrets.token_hex(8), secrets.token_urlsafe(32)
         key = ApiKey(keyid, team, sorted(set(verbs)), sandbox, secret_hash(secret), signing_key(secret).hex(),
-                     time.time() if now is None else now)
+                     time.time() if now is None else now, namespaces=sorted(set(namespaces or [])))
         with self._changing() as keys:
             keys.keys[keyid] = key
             if tier is not None:

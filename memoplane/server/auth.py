@@ -36,6 +36,7 @@ class Caller:
     sandbox: str | None = None     # the one sandbox this caller may reach (None: any of its team's)
     tier: str | None = None        # its team's rate tier (None: not limited)
     reads_from: tuple[str, ...] = ()   # teams whose results its /v1/run may be served (they granted it)
+    namespaces: tuple[str, ...] = ()   # on Kubernetes: where its /v1/run may make ComputeJobs
 
 
 @dataclass(frozen=True)

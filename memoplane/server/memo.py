@@ -2,7 +2,8 @@
 
 The same path as `memoplane run` (memoplane.embedded.run_job, the keyring's trust and signer,
 the report's JSON): an agent's run and a person's identical `memoplane run` share one result.
-A miss runs in the server's warm pool for the job's runtime profile.
+A miss runs in the server's warm pool for the job's runtime profile; on Kubernetes the caller's
+namespace's ResultCache is the memory and a miss is a ComputeJob there (cluster_runs.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..keys import code_digest
 from ..sandbox.types import Limits
 from ..trust.local import Keyring
 from .auth import Caller, Who
+from .cluster_runs import ClusterRuns
 from .errors import ApiError
 from .sessions import SessionManager
 from .stores import open_team_store
@@ -41,6 +43,8 @@ class RunRequest(BaseModel):
     salt: str = Field("", description="a cache version: change it to force a new result")
     policy: Policy = Field("Use", description="Use the cache, Refresh (recompute and replace) or Bypass it")
     timeout: float = Field(600.0, gt=0, description="wall-clock limit of a computation, seconds")
+    namespace: str | None = Field(None, description="on Kubernetes: the namespace (one of the API key's) whose "
+                                  "ResultCache serves the run and where a miss runs as a ComputeJob")
 
     def job(self) -> tuple[Job, str]:
         """The job and its identity (what `explain` compares against), as `memoplane run` builds them."""
@@ -70,12 +74,19 @@ class RunRequest(BaseModel):
 
 
 def routes(api: FastAPI, sessions: SessionManager, store: str | None) -> None:
+    cluster = ClusterRuns(sessions.placement) if sessions.placement is not None else None
 
     @api.post("/v1/run", tags=["memory"])
     async def run(body: RunRequest, who: Who) -> dict[str, Any]:
         """Run once; an identical later call of the same team (here, or `memoplane run` for the
-        local team) answers `cached: true` with the seconds of compute the stored result saved."""
+        local team) answers `cached: true` with the seconds of compute the stored result saved.
+        On Kubernetes: of the same namespace, or a ComputeJob of the same key there."""
         job, identity = body.job()
+        if cluster is not None:
+            return await cluster.run(job, body.policy, who, body.namespace)
+        if body.namespace is not None:
+            raise ApiError(400, "namespace is for /v1/run on Kubernetes (MEMOPLANE_SERVE_NAMESPACE set): this "
+                           "server computes in its own pools", "leave namespace out")
         return await asyncio.to_thread(_run, job, identity, body.policy, sessions, store, who)
 
 

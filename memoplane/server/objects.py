@@ -37,7 +37,7 @@ class SandboxObjects:
         self.kube, self.namespace = kube, namespace
 
     def show(self, sandbox_id: str, node: str, team: str, template: str, created: float, expires: float) -> None:
-        labels = {TEAM_LABEL: _label(team), p.NODE_LABEL: _label(node)}
+        labels = {TEAM_LABEL: label_value(team), p.NODE_LABEL: label_value(node)}
         body = {"apiVersion": API_VERSION, "kind": "Sandbox", "spec": {},
                 "metadata": {"name": sandbox_id, "namespace": self.namespace, "labels": labels}}
         try:
@@ -106,7 +106,7 @@ class SandboxObjects:
             log.warning("Sandbox object %s/%s not deleted: %s", self.namespace, sandbox_id, e)
 
 
-def _label(value: str) -> str:
+def label_value(value: str) -> str:
     """A label value: at most 63 characters of [A-Za-z0-9_.-], alphanumeric at both ends."""
     cleaned = "".join(c if c.isalnum() or c in "-_." else "-" for c in value)[:63]
     return cleaned.strip("-_.")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cluster.kube import Kube
-from ..cluster.schedule import LeaseTracker, live_nodes
+from ..cluster.schedule import LeaseTracker, NodeView, live_nodes, runtime_for
 from ..settings import SESSION_SECRET_FILE_ENV, read_private_file
 from .errors import ApiError
 
@@ -129,7 +129,7 @@ class Placement:
         Leases): call in a thread."""
         leases = self.kube.list_leases(self.namespace)
         with self._lock:
-            nodes = [n for n in live_nodes(self._tracker.observe(leases, time.monotonic(), datetime.now(UTC)))
+            nodes = [n for n in live_nodes(self._observe(leases))
                      if n.sessions and profile in n.profiles and n.name not in exclude]
             if not nodes:
                 tried = f" (unreachable: {', '.join(sorted(exclude))})" if exclude else ""
@@ -139,6 +139,16 @@ class Placement:
             chosen = min(nodes, key=lambda n: (self.placed[n.name], n.name))
             self.placed[chosen.name] += 1
             return chosen.name, chosen.sessions
+
+    def runtime(self, profile: str) -> str | None:
+        """The runtime digest the live agents advertise for `profile` (what the operator keys jobs with)."""
+        leases = self.kube.list_leases(self.namespace)
+        with self._lock:
+            return runtime_for(self._observe(leases), profile)
+
+    def _observe(self, leases: list[dict[str, Any]]) -> list[NodeView]:
+        """The agents as `leases` say (called under the lock: the tracker is shared)."""
+        return self._tracker.observe(leases, time.monotonic(), datetime.now(UTC))
 
     def release(self, node: str) -> None:
         with self._lock:

@@ -65,7 +65,8 @@ async def serve(settings: ServeSettings, store: str | None, sock: socket.socket 
         mode = f"API keys of {authenticate.keys.path}" if isinstance(authenticate, KeyAuthenticator) else \
             "no API keys: loopback only"
         if remote is not None:
-            mode += f"; sandboxes on the node agents of namespace {settings.namespace}"
+            mode += f"; sandboxes on the node agents of namespace {settings.namespace}, /v1/run as ComputeJobs " \
+                "in the namespaces of the caller's key"
         # The startup heap (FastAPI, pydantic, the SDK's schemas: ~100k objects) is kept for good: out
         # of the collector's sight, a full collection no longer pauses a request for 60-150 ms.
         gc.collect()

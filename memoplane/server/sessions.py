@@ -241,10 +241,8 @@ class SessionManager:
 
     def pool(self, profile: str) -> SandboxPool:
         """The warm pool of a runtime profile, started on first use (blocking: call in a thread)."""
-        if self.placement is not None:   # /v1/run's misses; a sandbox goes to an agent (_create_remote)
-            raise ApiError(501, "computing a /v1/run miss in the API on Kubernetes is not supported yet (only "
-                           "cached results are served here)", "run it as a ComputeJob, or with `memoplane serve` "
-                           "outside the cluster")
+        if self.placement is not None:   # sandboxes go to agents (_create_remote), /v1/run to ComputeJobs
+            raise ApiError(500, "the API on Kubernetes has no sandbox pools of its own")
         with self._pool_lock:
             if profile not in self._pools:
                 self._pools[profile] = SandboxPool(profile=profile, size=self.settings.warm,

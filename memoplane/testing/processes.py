@@ -24,6 +24,7 @@ from pathlib import Path
 
 from memoplane.cluster.agentkeys import ClusterKeys
 from memoplane.settings import (
+    API_KEYS_ENV,
     CREDENTIAL_FILES,
     CREDENTIALS_ENV,
     KEY_ENVS,
@@ -136,7 +137,9 @@ def _get(url: str, timeout: float = 2.0) -> tuple[int, str]:
         return 0, str(exc)
 
 
-def wait_ready(directory: Path, proc: Proc, url: str, timeout: float = READY_TIMEOUT_S) -> None:
+def wait_ready(directory: Path, proc: Proc, url: str, timeout: float = READY_TIMEOUT_S,
+               ready: int = 200) -> None:
+    """Until `url` answers `ready` (an API with keys answers 401 to anyone without one)."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
@@ -145,7 +148,7 @@ def wait_ready(directory: Path, proc: Proc, url: str, timeout: float = READY_TIM
         if exited:
             raise ProcessError(f"{proc.name} exited during startup; last lines of {proc.log}:\n{log_tail(proc)}")
         code, body = _get(url)
-        if code == 200:
+        if code == ready:
             return
         last = body.strip()
         time.sleep(0.2)
@@ -208,17 +211,20 @@ def session_secret(directory: Path) -> Path:
     return path
 
 
-def start_api(cfg: StackConfig, wait: bool = True) -> Proc:
+def start_api(cfg: StackConfig, wait: bool = True, api_keys: Path | None = None) -> Proc:
     """`memoplane serve` as the chart's api Deployment runs it: sandboxes on the stack's agents, shown as
-    Sandbox objects in the agents' namespace; no API keys, so on loopback only (its own keys directory)."""
+    Sandbox objects in the agents' namespace; no API keys, so on loopback only (its own keys directory),
+    unless `api_keys` names a keys file."""
     ports = {"http": free_port()}
     env = {**cfg.process_env(), "MEMOPLANE_SERVE_NAMESPACE": cfg.lease_namespace,
            SESSION_SECRET_FILE_ENV: str(session_secret(cfg.directory)),
            "MEMOPLANE_STORE": str(cfg.directory / "api" / "store"), "MEMOPLANE_KEYS_DIR": str(cfg.directory / "api" / "keys")}
+    if api_keys is not None:
+        env[API_KEYS_ENV] = str(api_keys)
     argv = [sys.executable, "-m", "memoplane.cli", "serve", "--host", "127.0.0.1", "--port", str(ports["http"])]
     proc = _spawn(cfg, API, argv, env, ports)
     if wait:
-        wait_ready(cfg.directory, proc, proc.url("http", "/openapi.json"))
+        wait_ready(cfg.directory, proc, proc.url("http", "/openapi.json"), ready=200 if api_keys is None else 401)
     return proc
 
 

@@ -34,7 +34,7 @@ def test_create_prints_the_token_once_list_never_shows_it_revoke_refuses_it(
 @pytest.mark.parametrize(("flags", "message"), [
     (["--team", "Team A", "--verb", "exec"], "team 'Team A' is not valid"),
     (["--team", "a", "--verb", "fly"], "verb 'fly' is not a verb"),
-    (["--team", "a", "--verb", "exec", "--namespace", "ns"], "--namespace is not supported yet"),
+    (["--team", "a", "--verb", "run", "--namespace", "Team_NS"], "--namespace 'Team_NS' is not a Kubernetes namespace"),
     (["--team", "a", "--verb", "exec", "--tier", "gold"], "--tier 'gold' is not a configured tier"),
 ])
 def test_bad_keys_are_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str],
@@ -43,6 +43,21 @@ def test_bad_keys_are_refused_in_one_line(tmp_path: Path, capsys: pytest.Capture
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "k.json").exists()
+
+
+def test_a_keys_namespaces_are_kept_and_listed_and_an_older_file_without_them_still_loads(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keys_file = tmp_path / "apikeys.json"
+    assert main(["apikey", "create", "--keys-file", str(keys_file), "--team", "team-a", "--verb", "run",
+                 "--namespace", "ns-b", "--namespace", "ns-a", "--json"]) == 0
+    keyid = json.loads(capsys.readouterr().out)["keyid"]
+    assert ApiKeys(keys_file).load().keys[keyid].namespaces == ["ns-a", "ns-b"]
+    assert main(["apikey", "list", "--keys-file", str(keys_file)]) == 0
+    assert "namespaces=ns-a,ns-b" in capsys.readouterr().out
+    body = json.loads(keys_file.read_text())
+    del body["keys"][keyid]["namespaces"]   # as a file written before keys had namespaces
+    keys_file.write_text(json.dumps(body))
+    assert ApiKeys(keys_file).load().keys[keyid].namespaces == []
 
 
 def test_audit_show_team_prints_only_that_teams_calls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -50,6 +50,7 @@ VARIANTS: dict[str, list[str]] = {
                                "--set", "image.digest=sha256:" + "a" * 64],
     "privileged-agent": ["--set", "agent.privileged=true", "--set", "rbac.aggregateToDefaultRoles=false"],
     "api": ["--set", "api.enabled=true", "--set", "api.apiKeys.existingSecret=memoplane-api-keys",
+            "--set", "api.runNamespaces={ml,research}",
             "--set-json", 'api.tiers={"gold": {"key": ' + _LIMITS + ', "team": ' + _LIMITS + '}}'],
     "object-inputs": ["--set-json", 'objectInputs=[{"namespaces":["ml"],"bucket":"datasets","prefix":"tables/"},'
                                     '{"namespaces":"*","bucket":"public-data","prefix":""}]'],
@@ -517,13 +518,24 @@ def test_agents_serve_sessions_to_the_api_with_the_same_generated_secret(helm: P
     assert env["MEMOPLANE_SERVE_MAX_TIMEOUT"]["value"] == "3600"   # the agents' sessions live as long as the API's
 
 
-def test_api_rbac_is_leases_list_and_its_sandbox_objects_only(helm: Path) -> None:
+def test_api_rbac_is_leases_list_its_sandbox_objects_and_the_run_namespaces_jobs_only(helm: Path) -> None:
     docs = render(helm, *VARIANTS["api"])
     role = find(docs, "Role", "-api")
     assert role["metadata"]["namespace"] == NAMESPACE
     assert _rules(role) == {("coordination.k8s.io", "leases", "list"), ("memoplane.io", "sandboxes", "create"),
                             ("memoplane.io", "sandboxes", "delete"), ("memoplane.io", "sandboxes", "list"),
-                            ("memoplane.io", "sandboxes", "watch"), ("memoplane.io", "sandboxes/status", "patch")}
+                            ("memoplane.io", "sandboxes", "watch"), ("memoplane.io", "sandboxes/status", "patch"),
+                            ("", "configmaps", "get")}
+    assert [r.get("resourceNames") for r in role["rules"] if r["resources"] == ["configmaps"]] == [["memoplane-agent-keys"]]
+    runs = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"].endswith("-api-runs")]
+    assert sorted(d["metadata"]["namespace"] for d in runs) == ["ml", "research"]
+    for run_role in runs:
+        assert _rules(run_role) == {("memoplane.io", "computejobs", "create"), ("memoplane.io", "computejobs", "get"),
+                                    ("memoplane.io", "resultcaches", "get"), ("", "configmaps", "get"),
+                                    ("", "secrets", "get")}
+    bindings = [d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["name"].endswith("-api-runs")]
+    assert sorted((b["metadata"]["namespace"], b["subjects"][0]["name"], b["subjects"][0]["namespace"])
+                  for b in bindings) == [("ml", "mp-memoplane-api", NAMESPACE), ("research", "mp-memoplane-api", NAMESPACE)]
     assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding") and d["metadata"]["name"].endswith("-api")]
     edit, view = _rules(find(docs, "ClusterRole", "-edit")), _rules(find(docs, "ClusterRole", "-view"))
     assert not any(r.startswith("sandboxes") for _, r, _ in edit), "Sandbox objects are the API's to write"

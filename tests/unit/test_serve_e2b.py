@@ -284,6 +284,8 @@ def test_v1_run_rejects_bad_requests(server: dict[str, Any]) -> None:
     assert bad_name.status_code == 400 and "not a name" in bad_name.json()["message"]
     policy = httpx.post(run, json={"code": "def main(): pass", "policy": "Sometimes"})
     assert policy.status_code == 400 and policy.json()["message"].startswith("policy: Input should be")
+    namespace = httpx.post(run, json={"code": "def main(): pass", "namespace": "team-a"})
+    assert namespace.status_code == 400 and "namespace is for /v1/run on Kubernetes" in namespace.json()["message"]
     failing = httpx.post(run, json={"code": "def main():\n    raise ValueError('no')\n"}, timeout=120)
     assert failing.status_code == 422 and "ValueError" in failing.json()["message"]
 

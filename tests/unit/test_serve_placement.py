@@ -114,11 +114,19 @@ def test_no_agent_for_the_profile_is_a_503_naming_the_namespace() -> None:
     assert e.value.status == 503
 
 
-def test_a_run_miss_is_not_computed_by_the_api_on_kubernetes() -> None:
+def test_the_api_on_kubernetes_starts_no_sandbox_pool_of_its_own() -> None:
     placement = Placement(_Leases([]), "ns1", SECRET)  # type: ignore[arg-type]
-    with pytest.raises(ApiError, match="not supported yet") as e:
+    with pytest.raises(ApiError, match="no sandbox pools of its own") as e:
         SessionManager(ServeSettings(), placement=placement).pool("python")
-    assert e.value.status == 501
+    assert e.value.status == 500
+
+
+def test_the_runtime_of_a_profile_is_the_one_the_live_agents_advertise() -> None:
+    """What /v1/run keys a job with on Kubernetes (server/cluster_runs.py), as the operator does."""
+    placement = Placement(_Leases([_lease("node-a", ""), _lease("node-b", "10.0.0.2:8091")]), "ns1",  # type: ignore[arg-type]
+                          SECRET)
+    assert placement.runtime("python") == "b3:" + "1" * 64
+    assert placement.runtime("gpu") is None
 
 
 def test_excluded_agents_are_not_picked() -> None:

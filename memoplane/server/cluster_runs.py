@@ -1,0 +1,205 @@
+"""/v1/run on Kubernetes: the namespace's ResultCache is the memory, and a miss is a ComputeJob.
+
+The caller's API key names the namespaces it may compute in (`apikey create --namespace`); the
+request's `namespace` picks one when it names several. A call looks the job's key up in that
+namespace's ResultCache store first (the key of a ComputeJob: the runtime digest is the one the
+live agents advertise, as the operator takes it), so a hit costs no object; a miss creates a
+ComputeJob there (as the API's ServiceAccount), waits for it up to the request's deadline, and
+answers with its result. Every result, hit or computed, is read from the store and judged by the
+cache's own trust policy (its spec.trust and the agents' keys the operator remembered): whoever
+can write the store is not trusted, and neither is a status that points at a result. The embedded
+server's team store namespaces are not involved: on Kubernetes a namespace shares its cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from ..api.specs import SpecError, computejob_manifest
+from ..cas import Hit, Store, open_store
+from ..cluster import agentkeys as ak
+from ..cluster import protocol as p
+from ..cluster import trust as tr
+from ..cluster.views import cache
+from ..commands.cluster import cache_store
+from ..commands.run import report_json
+from ..embedded import hit_report
+from ..jobs import CommandCode, Job, JsonInput, Policy
+from ..trust import TrustPolicy, judge_stored, trusted_hit
+from ..trust.local import refused_note
+from .auth import Caller
+from .errors import ApiError
+from .objects import TEAM_LABEL, label_value
+from .placement import Placement
+
+MANAGED_BY = {"app.kubernetes.io/managed-by": "memoplane-api"}
+KEY_ANNOTATION = f"{p.GROUP}/api-key"   # the API key whose /v1/run made the job
+RESULT_CACHE = "default"                # the cache a job of /v1/run uses (spec.cache.resultCache's default)
+SCHEDULING_SLACK_S = 60.0   # waited beyond the job's own timeout: the operator's and an agent's turn
+POLL_S = 0.2
+
+
+class ClusterRuns:
+    """/v1/run's computations in the callers' namespaces (the agents' Leases and remembered keys are in
+    the placement's namespace)."""
+
+    def __init__(self, placement: Placement) -> None:
+        self.kube, self.placement = placement.kube, placement
+
+    async def run(self, job: Job, policy: Policy, caller: Caller, asked: str | None) -> dict[str, Any]:
+        """/v1/run's answer: a trusted hit of the namespace's cache, else its ComputeJob's result. Calls to
+        the API server and the store go to threads; the wait for the job does not hold one."""
+        namespace = namespace_for(caller, asked)
+        if policy == "Bypass":
+            raise ApiError(400, "policy Bypass is not supported yet for /v1/run on Kubernetes: an agent does not "
+                           "attest a Bypass result, so the API cannot verify what it would answer",
+                           'use "Refresh" to recompute and replace the stored result')
+        started = time.perf_counter()
+        if policy == "Use":
+            hit = await asyncio.to_thread(self._hit, namespace, job)
+            if hit is not None:
+                return await asyncio.to_thread(_answer, *hit, started, cached=True, computejob=None)
+        name = await asyncio.to_thread(self._create, job, policy, caller, namespace)
+        status = await self._settled(namespace, name, job.limits.timeout_s + SCHEDULING_SLACK_S)
+        return await asyncio.to_thread(self._computed, namespace, name, status, started)
+
+    def _hit(self, namespace: str, job: Job) -> tuple[Store, Hit] | None:
+        """A trusted hit of the job's key (with the runtime the live agents advertise) in the namespace's cache."""
+        runtime = self.placement.runtime(job.profile)
+        rc = self.kube.get(p.RESULTCACHES, namespace, RESULT_CACHE)
+        if runtime is None or rc is None:   # no agent (the job will wait); the operator makes the cache
+            return None
+        policy = self._policy(rc)
+        with contextlib.ExitStack() as unless_kept:
+            store = unless_kept.enter_context(cache_store(rc))
+            found = trusted_hit(store, dataclasses.replace(job, runtime=runtime).key, policy)
+            if found.hit is None:
+                return None
+            unless_kept.pop_all()   # the answer reads the value from it, then closes it
+            return store, found.hit
+
+    def _create(self, job: Job, policy: Policy, caller: Caller, namespace: str) -> str:
+        """A new ComputeJob of `job` in `namespace`, made by the caller's team and key: its name."""
+        try:
+            manifest = computejob_manifest("placeholder", namespace, job_spec(job, policy),
+                                           labels={**MANAGED_BY, TEAM_LABEL: label_value(caller.team)})
+        except SpecError as e:
+            raise ApiError(400, str(e)) from None
+        meta = manifest["metadata"]
+        del meta["name"]
+        meta["generateName"] = "run-"
+        meta["annotations"] = {KEY_ANNOTATION: caller.key_id}
+        created = self.kube.create(p.COMPUTEJOBS, namespace, manifest)
+        assert created is not None   # a generated name never exists
+        return str(created["metadata"]["name"])
+
+    async def _settled(self, namespace: str, name: str, seconds: float) -> dict[str, Any]:
+        """The job's status once it settled for its current spec (504 after `seconds`: it keeps running)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            obj = await asyncio.to_thread(self.kube.get, p.COMPUTEJOBS, namespace, name)
+            if obj is None:
+                raise ApiError(409, f"ComputeJob {namespace}/{name} was deleted before it settled", "call again")
+            status = obj.get("status") or {}
+            if status.get("phase") in p.TERMINAL and \
+                    status.get("observedGeneration") == obj["metadata"].get("generation"):
+                return dict(status)
+            if time.monotonic() > deadline:
+                raise ApiError(504, f"ComputeJob {namespace}/{name} is still {status.get('phase') or 'Pending'} "
+                               f"after {seconds:.0f}s", f"call /v1/run again later (a hit once it succeeds); "
+                               f"kubectl describe cjob {name} -n {namespace} says why it waits")
+            await asyncio.sleep(POLL_S)
+
+    def _computed(self, namespace: str, name: str, status: Mapping[str, Any], started: float) -> dict[str, Any]:
+        if status.get("phase") == p.FAILED:
+            failure = status.get("failure") or {}
+            raise ApiError(422, f"ComputeJob {namespace}/{name} failed ({failure.get('reason', 'Failed')}): "
+                           f"{failure.get('message') or status.get('message', '')} (nothing was cached)")
+        store, found = self._verified(namespace, name, status)
+        return _answer(store, found, started, cached=bool(status.get("cached")), computejob=f"{namespace}/{name}")
+
+    def _verified(self, namespace: str, name: str, status: Mapping[str, Any]) -> tuple[Store, Hit]:
+        """The job's result as its status names it, read from the store and judged by the cache's policy."""
+        result = status.get("result") or {}
+        key, digest, url = status.get("cacheKey"), result.get("digest"), result.get("store")
+        if not (isinstance(key, str) and isinstance(digest, str) and isinstance(url, str)):
+            raise ApiError(502, f"ComputeJob {namespace}/{name} succeeded without a stored result in its status")
+        rc = self.kube.get(p.RESULTCACHES, namespace, RESULT_CACHE)
+        if rc is None:
+            raise ApiError(502, f"ComputeJob {namespace}/{name}'s ResultCache is gone", "call again")
+        policy = self._policy(rc)
+        with contextlib.ExitStack() as unless_kept:
+            # A hit the operator served from a cache shared with this namespace is in that cache's store.
+            store = unless_kept.enter_context(cache_store(rc) if url == cache(rc).store_url else open_store(url))
+            verdict = judge_stored(store, policy, key, digest, ())
+            if not verdict.trusted:
+                raise ApiError(502, f"ComputeJob {namespace}/{name}'s result {digest[:19]} is not trusted by "
+                               f"ResultCache {namespace}/{cache(rc).meta.name}: {refused_note(verdict)}")
+            found = Hit(key, digest, store.get_result(digest))
+            unless_kept.pop_all()
+            return store, found
+
+    def _policy(self, rc: Mapping[str, Any]) -> TrustPolicy:
+        """The cache's trust policy as the operator builds it, with the agents' keys it remembered."""
+        view = cache(rc)
+        objects = {source: self._key_object(view.meta.namespace, source) for source in tr.key_sources(rc)}
+        remembered, _ = ak.remembered(self.kube.get_config_map(self.placement.namespace, p.AGENT_KEYS_CONFIG_MAP))
+        agents = ak.ClusterKeys(None, tuple(remembered[k] for k in sorted(remembered)))
+        policy = tr.effective_policy(rc, objects, agents)
+        if isinstance(policy, tr.Unusable):
+            raise ApiError(503, f"ResultCache {view.meta.namespace}/{view.meta.name}: {policy.message}")
+        return policy
+
+    def _key_object(self, namespace: str, source: tr.KeySource) -> dict[str, Any] | None:
+        if source.kind == tr.SECRET:
+            return self.kube.get_secret(namespace, source.name)
+        return self.kube.get_config_map(namespace, source.name)
+
+
+def namespace_for(caller: Caller, asked: str | None) -> str:
+    """The namespace the caller's job goes to: the one asked for, among its key's; refused otherwise."""
+    if not caller.namespaces:
+        who = "a caller without an API key" if caller.key_id == Caller().key_id else f"API key {caller.key_id}"
+        raise ApiError(403, f"{who} has no namespace: on Kubernetes /v1/run computes as a "
+                       "ComputeJob in a namespace the key is scoped to",
+                       "use a key made with `memoplane apikey create --verb run --namespace NS`")
+    if asked is None:
+        if len(caller.namespaces) == 1:
+            return caller.namespaces[0]
+        raise ApiError(400, f"API key {caller.key_id} is scoped to namespaces {', '.join(caller.namespaces)}: "
+                       "the request's namespace must say which", f'send "namespace": "{caller.namespaces[0]}"')
+    if asked not in caller.namespaces:
+        raise ApiError(403, f"API key {caller.key_id} is not scoped to namespace {asked[:63]!r} (only "
+                       f"{', '.join(caller.namespaces)})", f"use a key made with --namespace {asked[:63]}")
+    return asked
+
+
+def job_spec(job: Job, policy: Policy) -> dict[str, Any]:
+    """The ComputeJob spec whose key is `job`'s (code, JSON inputs, env, salt; the runtime the agents
+    advertise for its profile), with its timeout."""
+    code: dict[str, Any]
+    if isinstance(job.code, CommandCode):
+        code = {"command": list(job.code.argv)}
+    else:
+        code = {"python": {"source": job.code.source, "entrypoint": job.code.entrypoint}}
+    inputs = [{"name": name, "value": value.value} for name, value in job.inputs.items()
+              if isinstance(value, JsonInput)]
+    assert len(inputs) == len(job.inputs), "/v1/run's inputs are JSON values"
+    spec = {**code, "inputs": inputs, "runtime": {"profile": job.profile},
+            "cache": {"policy": policy, "version": job.salt},
+            "resources": {"timeoutSeconds": max(1, math.ceil(job.limits.timeout_s))}}
+    if job.env:
+        spec["env"] = dict(job.env)
+    return spec
+
+
+def _answer(store: Store, hit: Hit, started: float, *, cached: bool, computejob: str | None) -> dict[str, Any]:
+    with store:
+        report = hit_report(store, hit, started, cached=cached, explain=[], notes=[])
+        return {**report_json(report, store), "shared_by": None, "computejob": computejob}
