@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import time
@@ -187,10 +188,12 @@ def build_app(settings: ServeSettings, store: str | None = None, authenticate: A
         else:
             scope[SCOPE_KEY] = caller
             current_caller.set(caller)
+            # Freed before the response's last message: a caller who heard the end may start the next.
+            call.before_last = functools.partial(gate.done, caller, route)
             try:
                 await _dispatch(scope, receive, call.send, apps, api)
             finally:
-                gate.done(caller, route)
+                call.release()
         finally:
             if not call.recorded:   # never answered whole (the client went away): recorded all the same
                 await record()
@@ -226,6 +229,12 @@ class _CallTally:
         self.digest = hashlib.sha256()
         self.claimed_key = ""
         self.caller: Caller | None = None   # once authenticated (a call refused later is still theirs)
+        self.before_last: Callable[[], None] | None = None   # once, before the last message or at the end
+
+    def release(self) -> None:
+        before_last, self.before_last = self.before_last, None
+        if before_last is not None:
+            before_last()
 
     def counting(self, receive: Receive) -> Receive:
         async def counted() -> Message:
@@ -242,6 +251,7 @@ class _CallTally:
         elif message["type"] == "http.response.body":
             self.response_bytes += len(message.get("body", b""))
             if not message.get("more_body"):
+                self.release()
                 self.recorded = True
                 await self._record()
         await self._send(message)
