@@ -505,7 +505,7 @@ def kill_runtime(directory: Path) -> int:
     record = pidfiles.read_record(directory, "containerd")
     if record is None or not pidfiles.is_ours(record):
         raise NodeError(f"containerd of {directory} is not running: nothing to kill")
-    pid = int(record["pid"])  # type: ignore[call-overload]
+    pid = int(str(record["pid"]))
     os.kill(pid, signal.SIGKILL)
     pidfiles.stop(directory, "containerd")  # waits for the exit and removes the pid file
     return pid
