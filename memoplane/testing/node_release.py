@@ -24,9 +24,8 @@ from memoplane.cluster import protocol as p
 from memoplane.cluster.kube import Kube, load_config
 from memoplane.cluster.stores import Stores
 from memoplane.history import RunRecord
-from memoplane.testing import build, cluster
+from memoplane.testing import build, cluster, node_chart
 
-REPO = Path(__file__).resolve().parents[2]
 AGENT, OPERATOR = "agent", "operator"  # the chart's app.kubernetes.io/component labels
 _RUNS = re.compile(r'^memoplane_agent_runs_total\{outcome="(\w+)"\}\s+([0-9.e+]+)$', re.M)
 Obj = dict[str, Any]
@@ -38,7 +37,7 @@ class ReleaseError(cluster.ClusterError):
 
 def _hack_cluster(directory: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "MEMOPLANE_CLUSTER_DIR": str(directory)}
-    return subprocess.run([str(REPO / "hack" / "cluster"), *args], env=env, capture_output=True, text=True,
+    return subprocess.run([str(build.REPO_ROOT / "hack" / "cluster"), *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -56,16 +55,6 @@ def down(directory: Path) -> str:
     """`hack/cluster down` on `directory`; returns what it said."""
     proc = _hack_cluster(directory, "down", timeout=300)
     return proc.stderr
-
-
-def helm(info: cluster.ClusterInfo, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """The pinned helm against the set; raises ReleaseError with its stderr on failure."""
-    binary = build.binary_path("helm", build.load_versions())
-    proc = subprocess.run([str(binary), f"--kubeconfig={info.kubeconfig}", *args], capture_output=True,
-                          text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise ReleaseError(f"helm {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
-    return proc
 
 
 @dataclass(frozen=True)
@@ -115,12 +104,11 @@ class Release:
 
 
 def find_release(info: cluster.ClusterInfo) -> Release:
-    """The one release of the memoplane chart on the set."""
-    releases = json.loads(helm(info, "list", "--all-namespaces", "-o", "json").stdout)
-    ours = [r for r in releases if str(r.get("chart", "")).startswith("memoplane-")]
-    if len(ours) != 1:
-        raise ReleaseError(f"expected one release of the memoplane chart, found {[r['name'] for r in ours]}")
-    return Release(info, ours[0]["name"], ours[0]["namespace"])
+    """The chart's release on the node, once `up` installed it."""
+    listed = node_chart.helm(info, "status", node_chart.RELEASE)
+    if listed.returncode != 0:
+        raise ReleaseError(f"no release {node_chart.RELEASE} in {node_chart.NAMESPACE}: {listed.stderr.strip()}")
+    return Release(info, node_chart.RELEASE, node_chart.NAMESPACE)
 
 
 def pod_ready(pod: Obj) -> bool:

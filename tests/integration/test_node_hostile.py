@@ -30,6 +30,7 @@ LIBC = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
 RACE = (Path(__file__).parents[1] / "attacks" / "output_race.py").read_text()
 STORE_KEYS = "/var/run/secrets/memoplane/store"
 SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+NODE_KEY_DIR = "/var/lib/memoplane/node-key"  # the agent container's MEMOPLANE_NODE_KEY_DIR (the chart's)
 # What a job tries to read: the value is an exception's name, or what it read.
 PROBE = ("import os\ndef main(paths):\n    seen = {}\n    for p in paths:\n        try:\n"
          "            if os.path.isdir(p):\n                seen[p] = 'listed: ' + ' '.join(os.listdir(p))\n"
@@ -56,9 +57,8 @@ def agent_secrets(memoplane_on_node: Release) -> dict[str, str]:
     key_dir = Path(_volume(pod, "node-key")["hostPath"]["path"])
     keys = [k for k in key_dir.iterdir() if k.is_file()]
     assert keys, f"the agent made no node key in {key_dir}"
-    mount = next(m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"] if m["name"] == "node-key")
     for key in keys:
-        found[f"{mount}/{key.name}"] = key.read_bytes().decode("utf-8", "replace")
+        found[f"{NODE_KEY_DIR}/{key.name}"] = key.read_bytes().decode("utf-8", "replace")
     return found
 
 
@@ -90,8 +90,7 @@ def test_agent_and_host_secrets_are_not_readable(memoplane_on_node: Release, nod
     info = memoplane_on_node.info
     host = [str(Path(info.state_dir) / "pki" / "ca.key"), info.kubeconfig, "/etc/shadow", "/root/.kube/config",
             "/proc/1/environ", f"/proc/1/root{STORE_KEYS}/secretKey"]
-    in_pod = [*agent_secrets, STORE_KEYS, "/var/run/secrets/memoplane/sessions/secret",
-              str(Path(next(iter(p for p in agent_secrets if "node-key" in p or p.endswith(".key")))).parent)]
+    in_pod = [*agent_secrets, STORE_KEYS, NODE_KEY_DIR, "/var/run/secrets/memoplane/sessions/secret"]
     s = _run(node_jobs, contained, "probe", PROBE, {"paths": [*host, *in_pod]})
     assert s["phase"] == "Succeeded", s
     seen = s["result"]["value"]
