@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from memoplane.cluster.stores import Stores, StoreSettings
-from memoplane.testing import build, cluster, node_release
+from memoplane.testing import build, cluster, node_chart, node_release
 
 _HERE = Path(__file__).parent
 
@@ -92,20 +92,22 @@ def node_binaries() -> None:
 
 
 @pytest.fixture(scope="module")
-def memoplane_on_node(node_binaries: None) -> Iterator[node_release.Release]:
-    """The node with the chart installed (`hack/cluster up --with-node --with-memoplane`), as its own
-    set. One per module, not per session: only one node may run on a machine, and
-    test_node_kubelet.py brings up its own."""
-    directory = Path(f"{cluster.state_dir()}-chart")
+def memoplane_on_node(control_plane: cluster.ClusterInfo, node_binaries: None) -> Iterator[node_release.Release]:
+    """The node with the chart installed as `hack/cluster up --with-node --with-memoplane` installs it
+    (node_chart.install), as its own set sharing the session's MinIO. One per module, not per
+    session: only one node may run on a machine, and other modules bring up their own."""
+    directory = Path(f"{cluster.state_dir()}-onnode")
     try:
-        release = node_release.find_release(node_release.up(directory))
-    except cluster.ClusterError as exc:  # node_release.ReleaseError is one
-        node_release.down(directory)
+        info = cluster.up(directory, owner=f"pytest:{os.getpid()}", store=control_plane, with_node=True).info
+        node_chart.install(info)
+        release = node_release.find_release(info)
+    except cluster.ClusterError as exc:  # NodeError, ChartError and ReleaseError are ones
+        cluster.down(directory)
         pytest.fail(f"memoplane cannot be installed on the node: {exc}", pytrace=False)
     try:
         yield release
     finally:
-        node_release.down(directory)
+        cluster.down(directory)
 
 
 @pytest.fixture(scope="module")
