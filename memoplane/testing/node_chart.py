@@ -52,6 +52,10 @@ class ChartPorts:
         return list(asdict(self).values())
 
 
+def node_key_dir(directory: Path) -> Path:
+    return node.paths(directory).root / "agent-node-key"
+
+
 def node_values(info: cluster.ClusterInfo, ports: ChartPorts) -> dict[str, Any]:
     """The values this node needs; everything else is the chart's default."""
     return {
@@ -59,7 +63,8 @@ def node_values(info: cluster.ClusterInfo, ports: ChartPorts) -> dict[str, Any]:
         "hostNetwork": True,
         "apiServer": {"host": "127.0.0.1", "port": info.ports.apiserver},
         "operator": {"metricsPort": ports.operator_metrics, "healthPort": ports.operator_health},
-        "agent": {"httpPort": ports.agent_http},
+        # The node's signing key in the state directory, not the chart's /var/lib default: `down` removes it.
+        "agent": {"httpPort": ports.agent_http, "nodeKey": {"hostPath": str(node_key_dir(Path(info.state_dir)))}},
         "api": {"sessions": {"port": ports.agent_sessions}},
         "objectStore": {"minio": {"enabled": False},
                         "external": {"endpoint": info.s3_endpoint, "accessKey": info.s3_access_key,
