@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from memoplane.cas import open_store
-from memoplane.cluster.protocol import lease_name
+from memoplane.cluster.protocol import LEASE_PREFIX, lease_name
 from memoplane.testing import cluster, node_chart
 
 pytestmark = pytest.mark.timeout(900)
@@ -193,6 +193,12 @@ def test_an_upgrade_replaces_the_pods_and_a_running_job_completes_once(chart: cl
 def test_uninstall_leaves_no_stuck_objects(chart: cluster.ClusterInfo) -> None:
     node_chart.uninstall(chart)
     wait_for("the release's pods gone", lambda: not get(chart, "pods", "-n", node_chart.NAMESPACE)["items"], chart)
+    # The draining agent deletes its node's Lease; nothing else in the namespace holds anything.
+    leases = [item["metadata"]["name"] for item in get(chart, "leases", "-n", node_chart.NAMESPACE)["items"]]
+    assert not [name for name in leases if name.startswith(LEASE_PREFIX)], leases
+    left = kubectl(chart, "get", "all,configmaps,secrets,leases,serviceaccounts", "-n", node_chart.NAMESPACE,
+                   "-o", "name")
+    print(f"left in {node_chart.NAMESPACE} after uninstall:\n{left}")
     for kind in ("computejobs", "resultcaches"):
         held = [(o["metadata"]["namespace"], o["metadata"]["name"]) for o in get(chart, kind, "-A")["items"]
                 if o["metadata"].get("finalizers")]
