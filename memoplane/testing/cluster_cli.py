@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from memoplane.testing import build, cluster, image, node, processes
+from memoplane.testing import build, cluster, image, node, node_chart, processes
 
 
 def _say(msg: str) -> None:
@@ -28,10 +28,6 @@ def cmd_image(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     with_node = getattr(args, "with_node", False)
-    if with_node and getattr(args, "with_memoplane", False):
-        _say("--with-node --with-memoplane (the chart installed onto the node) is not supported yet: "
-             "use --with-node, or --with-memoplane for the operator and agents as host processes")
-        return 2
     before = cluster.load_info()
     if before is None or not all(cluster.healthy(before).values()):
         processes.down(cluster.state_dir())  # memoplane processes of a control plane that is gone
@@ -42,7 +38,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     _say(f"control plane {how} in {result.seconds_to_ready:.1f}s ({cache})")
     _say(f"kube-apiserver {info.apiserver_url}  MinIO {info.s3_endpoint}  "
          f"versitygw {(info.s3_endpoints or {}).get('versitygw')}  state {info.state_dir}")
-    if getattr(args, "with_memoplane", False):
+    if with_node and getattr(args, "with_memoplane", False):
+        seconds = node_chart.install(info)
+        _say(f"memoplane: the chart installed onto {node.NODE_NAME} in {seconds:.1f}s (release {node_chart.RELEASE} "
+             f"in {node_chart.NAMESPACE}: operator Deployment, agent DaemonSet, Ready); try: kubectl apply -f "
+             "examples/job.yaml")
+    elif getattr(args, "with_memoplane", False):
         cfg = processes.StackConfig(directory=cluster.state_dir(), env=info.env(),
                                     watch_namespaces=processes.dev_watch_namespaces())
         started = processes.up(cfg, api=True)
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "up":
             command.add_argument("--with-memoplane", action="store_true",
                                  help="also start the operator, agents for nodes node-a and node-b, and the "
-                                      "agent API (memoplane serve, sandboxes on those agents)")
+                                      "agent API (memoplane serve, sandboxes on those agents); with --with-node, "
+                                      "helm install the chart onto the node instead (operator and agent as pods)")
             command.add_argument("--with-node", action="store_true",
                                  help=f"also a real node ({node.NODE_NAME}): controller-manager, scheduler, "
                                       "containerd + runc and a kubelet")

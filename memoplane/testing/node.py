@@ -295,6 +295,14 @@ def _write_files(directory: Path, info: ClusterInfo, ports: NodePorts, versions:
     return {**kubeconfigs, "kubelet-config": kubelet_config}
 
 
+def _containerd_argv(directory: Path) -> tuple[list[str], dict[str, str]]:
+    """containerd's argv and environment (its config is written by _write_files)."""
+    p = paths(directory)
+    path_env = {"PATH": f"{p.bin}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    binary = build.binary_path("containerd", build.load_versions())
+    return [str(binary), f"--config={p.containerd / 'config.toml'}", "--log-level=info"], path_env
+
+
 def _argvs(directory: Path, info: ClusterInfo, ports: NodePorts) -> dict[str, tuple[list[str], dict[str, str]]]:
     """Write the node's files and return each server's argv and extra environment."""
     versions = build.load_versions()
@@ -304,8 +312,7 @@ def _argvs(directory: Path, info: ClusterInfo, ports: NodePorts) -> dict[str, tu
     path_env = {"PATH": f"{p.bin}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
     common = ["--bind-address=127.0.0.1", "--leader-elect=false", f"--cert-dir={p.pki}"]
     return {
-        "containerd": ([str(build.binary_path("containerd", versions)), f"--config={p.containerd / 'config.toml'}",
-                        "--log-level=info"], path_env),
+        "containerd": _containerd_argv(directory),
         "kube-controller-manager": ([
             str(build.binary_path("kube-controller-manager", versions)),
             f"--kubeconfig={kubeconfigs['kube-controller-manager']}",
@@ -490,6 +497,31 @@ def start(directory: Path, info: ClusterInfo) -> dict[str, int]:
         stop(directory)
         raise
     return {n: p.pid for n, p in procs.items()}
+
+
+def kill_runtime(directory: Path) -> int:
+    """SIGKILL the node's containerd (a crash, not a shutdown): exactly the process its pid file
+    records. The shims, and with them the running containers, outlive it. Returns its pid."""
+    record = pidfiles.read_record(directory, "containerd")
+    if record is None or not pidfiles.is_ours(record):
+        raise NodeError(f"containerd of {directory} is not running: nothing to kill")
+    pid = int(str(record["pid"]))
+    os.kill(pid, signal.SIGKILL)
+    pidfiles.stop(directory, "containerd")  # waits for the exit and removes the pid file
+    return pid
+
+
+def start_runtime(directory: Path) -> int:
+    """Start containerd again after kill_runtime, with the same config and state; returns its pid
+    once its socket answers. The kubelet reconnects to it by itself."""
+    if running(directory).get("containerd"):
+        raise NodeError(f"containerd of {directory} is already running")
+    socket = paths(directory).socket
+    socket.unlink(missing_ok=True)  # the killed one's: the wait below is for the new one's
+    argv, env = _containerd_argv(directory)
+    proc = pidfiles.spawn(directory, "containerd", argv, env)
+    _wait(directory, "containerd's socket", socket.is_socket, {"containerd": proc})
+    return proc.pid
 
 
 def healthy(directory: Path, info: ClusterInfo) -> dict[str, bool]:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from memoplane.testing import build, cluster
+from memoplane.cluster.stores import Stores, StoreSettings
+from memoplane.testing import build, cluster, node_chart, node_release
 
 _HERE = Path(__file__).parent
 
@@ -87,6 +89,50 @@ def node_binaries() -> None:
     """The node's binaries were built at collection; fails (never skips) with the build's error."""
     if _node_build_error:
         pytest.fail(f"the node's binaries cannot be built: {_node_build_error[0]}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def memoplane_on_node(control_plane: cluster.ClusterInfo, node_binaries: None) -> Iterator[node_release.Release]:
+    """The node with the chart installed as `hack/cluster up --with-node --with-memoplane` installs it
+    (node_chart.install), as its own set sharing the session's MinIO. One per module, not per
+    session: only one node may run on a machine, and other modules bring up their own."""
+    directory = Path(f"{cluster.state_dir()}-onnode")
+    try:
+        info = cluster.up(directory, owner=f"pytest:{os.getpid()}", store=control_plane, with_node=True).info
+        node_chart.install(info)
+        release = node_release.find_release(info)
+    except cluster.ClusterError as exc:  # NodeError, ChartError and ReleaseError are ones
+        cluster.down(directory)
+        pytest.fail(f"memoplane cannot be installed on the node: {exc}", pytrace=False)
+    try:
+        yield release
+    finally:
+        cluster.down(directory)
+
+
+@pytest.fixture(scope="module")
+def node_jobs(memoplane_on_node: node_release.Release) -> node_release.Jobs:
+    return node_release.Jobs.connect(memoplane_on_node.info)
+
+
+@pytest.fixture(scope="module")
+def node_stores(memoplane_on_node: node_release.Release) -> Iterator[Stores]:
+    """The node set's object stores, with its root keys (to read results and run records)."""
+    stores = Stores(StoreSettings.from_env(memoplane_on_node.info.env()))
+    yield stores
+    stores.close()
+
+
+@pytest.fixture
+def node_ns(node_jobs: node_release.Jobs, memoplane_on_node: node_release.Release) -> Iterator[str]:
+    """A new namespace for the test's jobs, once the release's pods are Ready (a test before may
+    have replaced them)."""
+    for component in (node_release.OPERATOR, node_release.AGENT):
+        memoplane_on_node.wait_ready(component)
+    name = f"onnode-{uuid.uuid4().hex[:6]}"
+    node_jobs.kube.ensure_namespace(name)
+    yield name
+    node_jobs.kube.core.delete_namespace(name)
 
 
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]

@@ -52,6 +52,9 @@ VARIANTS: dict[str, list[str]] = {
     "api": ["--set", "api.enabled=true", "--set", "api.apiKeys.existingSecret=memoplane-api-keys",
             "--set", "api.runNamespaces={ml,research}",
             "--set-json", 'api.tiers={"gold": {"key": ' + _LIMITS + ', "team": ' + _LIMITS + '}}'],
+    "host-network-node": ["--set", "hostNetwork=true", "--set", "apiServer.host=127.0.0.1",
+                          "--set", "apiServer.port=6443", "--set", "image.pullPolicy=Never",
+                          "--set", "api.enabled=true", "--set", "api.apiKeys.existingSecret=k"],
     "object-inputs": ["--set-json", 'objectInputs=[{"namespaces":["ml"],"bucket":"datasets","prefix":"tables/"},'
                                     '{"namespaces":"*","bucket":"public-data","prefix":""}]'],
 }
@@ -347,6 +350,10 @@ def test_external_s3_uses_the_given_endpoint_and_secret(helm: Path) -> None:
     (["--set", "agent.capacity=0"], "agent/capacity"),
     (["--set", "agent.seccompProfile.type=Localhost"], "localhostProfile"),
     (["--set", "unknownKey=1"], "unknownKey"),
+    (["--set", "apiServer.host=127.0.0.1"], "apiServer.host and apiServer.port are set together"),
+    (["--set", "apiServer.address=127.0.0.1"], "additional properties 'address' not allowed"),
+    (["--set", "apiServer.host=https://10.0.0.1"], "apiServer/host"),
+    (["--set", "hostNetwork=yes"], "hostNetwork"),
     (["--set", "image.digest=latest"], "image/digest"),
     (["--set-json", 'objectInputs=[{"namespaces":"*","bucket":"memoplane","prefix":""}]'],
      "the result bucket (objectStore.bucket), which is never readable"),
@@ -362,6 +369,19 @@ def test_bad_values_are_refused(helm: Path, args: list[str], message: str) -> No
     proc = run_helm(helm, "template", "mp", str(CHART), *args, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr
+
+
+def test_host_network_and_the_api_server_address_reach_every_pod_that_talks_to_the_api(helm: Path) -> None:
+    docs = render(helm, *VARIANTS["host-network-node"])
+    for kind, suffix in (("DaemonSet", "-agent"), ("Deployment", "-operator"), ("Deployment", "-api")):
+        pod = find(docs, kind, suffix)["spec"]["template"]["spec"]
+        assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet", suffix
+        env = {e["name"]: e.get("value") for c in pod["containers"] for e in c["env"]}
+        assert (env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"]) == ("127.0.0.1", "6443"), suffix
+    for kind, suffix in (("DaemonSet", "-agent"), ("Deployment", "-operator")):
+        pod = find(render(helm), kind, suffix)["spec"]["template"]["spec"]
+        assert "hostNetwork" not in pod and "dnsPolicy" not in pod
+        assert not any(e["name"].startswith("KUBERNETES_") for c in pod["containers"] for e in c["env"])
 
 
 def test_the_object_allowlist_reaches_the_operator_as_the_setting_it_reads(helm: Path) -> None:

@@ -127,6 +127,30 @@ operator's (agents have keys of their own). The volume is "signing-key" (memopla
   value: {{ include "memoplane.s3Endpoint" . | quote }}
 - name: MEMOPLANE_OPENLINEAGE_URL
   value: {{ .Values.openlineage.url | quote }}
+{{- include "memoplane.apiServerEnv" . }}
+{{- end -}}
+
+{{/* apiServer: where in-cluster clients reach the API server when the Service does not route. */}}
+{{- define "memoplane.apiServerEnv" -}}
+{{- with .Values.apiServer }}
+{{- if or .host .port }}
+{{- if not (and .host .port) }}
+{{- fail "apiServer.host and apiServer.port are set together (the API server's address for pods), or neither" }}
+{{- end }}
+- name: KUBERNETES_SERVICE_HOST
+  value: {{ .host | quote }}
+- name: KUBERNETES_SERVICE_PORT
+  value: {{ .port | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* hostNetwork: pods in the node's network (values: hostNetwork); DNS still through the cluster's. */}}
+{{- define "memoplane.hostNetwork" -}}
+{{- if .Values.hostNetwork }}
+hostNetwork: true
+dnsPolicy: ClusterFirstWithHostNet
+{{- end }}
 {{- end -}}
 
 {{/* The store keys as variables: the operator only. The agents, whose environment a job
