@@ -348,9 +348,8 @@ _VERSION_CHECKS: dict[str, tuple[list[str], dict[str, str]]] = {
 
 
 @contextmanager
-def _build_lock() -> Iterator[None]:
+def file_lock(lock_path: Path) -> Iterator[None]:
     """Two checkouts building at once would race on the same outputs; serialise them."""
-    lock_path = cache_dir() / "build.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with lock_path.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -368,7 +367,7 @@ def ensure_binary(component: str, versions: Versions | None = None) -> Path:
         return out
     if shutil.which("go") is None:
         raise BuildError(component, "`go` is not on PATH")
-    with _build_lock():
+    with file_lock(cache_dir() / "build.lock"):
         if out.exists():  # built by another process while we waited for the lock
             return out
         out.parent.mkdir(parents=True, exist_ok=True)

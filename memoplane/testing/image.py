@@ -21,7 +21,6 @@ a second build with nothing changed only rebuilds the wheel and compares the key
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -33,12 +32,10 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memoplane.testing.build import REPO_ROOT, cache_dir
+from memoplane.testing.build import REPO_ROOT, cache_dir, file_lock
 
 RECIPE_DIR = REPO_ROOT / "image"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -225,18 +222,6 @@ def _run(step: str, argv: list[str], log: Path, env: dict[str, str] | None = Non
         raise ImageError(f"{step}: `{shlex.join(argv[:3])} ...` exited {code}; last lines of {log}:\n{tail}")
 
 
-@contextmanager
-def _image_lock() -> Iterator[None]:
-    path = images_dir() / "build.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _require_tools() -> None:
     if os.geteuid() != 0:
         raise ImageError("the Debian builder needs root (mmdebstrap's root mode, chroot): run it as root")
@@ -409,7 +394,7 @@ def build_image(*, relocking: bool = False) -> BuiltImage:
     work = out_dir / f"work-{version}"
     bundle = work / "bundle"
     key_file = archive.with_suffix(".key")
-    with _image_lock():
+    with file_lock(images_dir() / "build.lock"):
         wheels = out_dir / "project-wheel"
         shutil.rmtree(wheels, ignore_errors=True)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,7 @@ cannot be made, every test here fails with the reason.
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ import yaml
 
 from memoplane.cas import open_store
 from memoplane.cluster.protocol import LEASE_PREFIX, lease_name
-from memoplane.testing import cluster, node_chart
+from memoplane.testing import cluster, node_chart, node_release
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -33,18 +31,9 @@ NOT_WITHOUT_PRIVILEGED = {"cgroup_memory", "cgroup_pids"}
 
 
 @pytest.fixture(scope="module")
-def chart(control_plane: cluster.ClusterInfo, node_binaries: None) -> Iterator[cluster.ClusterInfo]:
-    directory = Path(f"{cluster.state_dir()}-chart")
-    try:
-        info = cluster.up(directory, owner=f"pytest:{os.getpid()}", store=control_plane, with_node=True).info
-        node_chart.install(info)
-    except cluster.ClusterError as exc:  # NodeError and ChartError are ones
-        cluster.down(directory)
-        pytest.fail(f"the chart cannot be installed on the node: {exc}", pytrace=False)
-    try:
-        yield info
-    finally:
-        cluster.down(directory)
+def chart(memoplane_on_node: node_release.Release) -> cluster.ClusterInfo:
+    """The node with the chart installed (tests/integration/conftest.py: memoplane_on_node)."""
+    return memoplane_on_node.info
 
 
 @pytest.fixture
