@@ -147,6 +147,8 @@ def build_app(settings: ServeSettings, store: str | None = None, authenticate: A
                 yield
         finally:
             await sessions.close()
+            if cluster_runs is not None:
+                await asyncio.to_thread(cluster_runs.close)
             if calls is not None:
                 await asyncio.to_thread(calls.close)
 
@@ -164,7 +166,7 @@ def build_app(settings: ServeSettings, store: str | None = None, authenticate: A
 
     _control_plane(api, sessions)
     _envd_http(api, sessions)
-    memo.routes(api, sessions, store)
+    cluster_runs = memo.routes(api, sessions, store)
     grants.routes(api, authenticate.keys if isinstance(authenticate, KeyAuthenticator) else None)
     apps = connect_apps(sessions)
     gate = _Gate(authenticate, limiter, sessions, clock)

@@ -9,6 +9,12 @@ answers with its result. Every result, hit or computed, is read from the store a
 cache's own trust policy (its spec.trust and the agents' keys the operator remembered): whoever
 can write the store is not trusted, and neither is a status that points at a result. The embedded
 server's team store namespaces are not involved: on Kubernetes a namespace shares its cache.
+
+A hit must be cheap, so the hit path keeps between calls what it would otherwise read each time:
+the caches' stores stay open (the last KEPT_STORES used, closed at shutdown), and a namespace's
+ResultCache with its trust policy, and the runtime the agents advertise, are reused for KEPT_SECONDS
+(a TTL, no watch): a revoked key or a new minSignatures is in force for hits at most KEPT_SECONDS
+after the API server has it. A miss's result is judged by the policy read afresh.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ import asyncio
 import contextlib
 import dataclasses
 import math
+import threading
 import time
-from collections.abc import Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
 from ..api.specs import SpecError, computejob_manifest
@@ -43,14 +51,96 @@ KEY_ANNOTATION = f"{p.GROUP}/api-key"   # the API key whose /v1/run made the job
 RESULT_CACHE = "default"                # the cache a job of /v1/run uses (spec.cache.resultCache's default)
 SCHEDULING_SLACK_S = 60.0   # waited beyond the job's own timeout: the operator's and an agent's turn
 POLL_S = 0.2
+KEPT_SECONDS = 2.0   # how long a hit reuses a ResultCache, its trust policy and the agents' runtime (the README says)
+KEPT_STORES = 16     # the caches' stores a hit keeps open
+KEPT_ENTRIES = 1024  # namespaces and profiles whose reads are kept (the oldest dropped)
+
+
+class Recent:
+    """Values read for a key, each reused for `seconds` from just before it was read (so no value is
+    used longer than that after the read began); values whose read raised are not kept."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds, self._clock = seconds, clock
+        self._values: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, read: Callable[[], Any]) -> Any:
+        began = self._clock()
+        with self._lock:
+            kept = self._values.get(key)
+            if kept is not None and began - kept[0] < self.seconds:
+                return kept[1]
+        value = read()
+        with self._lock:
+            self._values[key] = (began, value)
+            self._values.move_to_end(key)
+            while len(self._values) > KEPT_ENTRIES:
+                self._values.popitem(last=False)
+        return value
+
+
+class OpenStores:
+    """The caches' stores, each opened once and kept while among the last `size` used; one pushed out is
+    closed once no call reads it, all of them at close()."""
+
+    def __init__(self, size: int = KEPT_STORES) -> None:
+        self.size = size
+        self._open: OrderedDict[Hashable, Store] = OrderedDict()
+        self._readers: Counter[Store] = Counter()
+        self._retired: list[Store] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def borrowed(self, rc: Mapping[str, Any]) -> Iterator[Store]:
+        """The ResultCache's store (with its cold tier), open for as long as the block runs."""
+        view = cache(rc)
+        tier = view.cold_tier
+        where = (view.store_url, (tier.url, tier.after) if tier is not None else None)
+        with self._lock:
+            store = self._open.get(where)
+            if store is None:
+                store = self._open[where] = cache_store(dict(rc))
+                while len(self._open) > self.size:
+                    self._retired.append(self._open.popitem(last=False)[1])
+            self._open.move_to_end(where)
+            self._readers[store] += 1
+        try:
+            yield store
+        finally:
+            self._put_back(store)
+
+    def _put_back(self, store: Store) -> None:
+        with self._lock:
+            self._readers[store] -= 1
+            unread = [s for s in self._retired if self._readers[s] <= 0]
+            self._retired = [s for s in self._retired if s not in unread]
+            for s in unread:
+                del self._readers[s]
+        for s in unread:
+            s.close()
+
+    def close(self) -> None:
+        with self._lock:
+            stores, self._retired = [*self._open.values(), *self._retired], []
+            self._open.clear()
+        for store in stores:
+            store.close()
 
 
 class ClusterRuns:
     """/v1/run's computations in the callers' namespaces (the agents' Leases and remembered keys are in
     the placement's namespace)."""
 
-    def __init__(self, placement: Placement) -> None:
+    def __init__(self, placement: Placement, kept_seconds: float = KEPT_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.kube, self.placement = placement.kube, placement
+        self.stores = OpenStores()
+        self._caches = Recent(kept_seconds, clock)     # namespace -> (its ResultCache, its policy) or None
+        self._runtimes = Recent(kept_seconds, clock)   # profile -> the runtime the live agents advertise
+
+    def close(self) -> None:
+        self.stores.close()
 
     async def run(self, job: Job, policy: Policy, caller: Caller, asked: str | None) -> dict[str, Any]:
         """/v1/run's answer: a trusted hit of the namespace's cache, else its ComputeJob's result. Calls to
@@ -62,27 +152,30 @@ class ClusterRuns:
                            'use "Refresh" to recompute and replace the stored result')
         started = time.perf_counter()
         if policy == "Use":
-            hit = await asyncio.to_thread(self._hit, namespace, job)
+            hit = await asyncio.to_thread(self._hit, namespace, job, started)
             if hit is not None:
-                return await asyncio.to_thread(_answer, *hit, started, cached=True, computejob=None)
+                return hit
         name = await asyncio.to_thread(self._create, job, policy, caller, namespace)
         status = await self._settled(namespace, name, job.limits.timeout_s + SCHEDULING_SLACK_S)
         return await asyncio.to_thread(self._computed, namespace, name, status, started)
 
-    def _hit(self, namespace: str, job: Job) -> tuple[Store, Hit] | None:
-        """A trusted hit of the job's key (with the runtime the live agents advertise) in the namespace's cache."""
-        runtime = self.placement.runtime(job.profile)
-        rc = self.kube.get(p.RESULTCACHES, namespace, RESULT_CACHE)
-        if runtime is None or rc is None:   # no agent (the job will wait); the operator makes the cache
+    def _hit(self, namespace: str, job: Job, started: float) -> dict[str, Any] | None:
+        """The answer of a trusted hit of the job's key (with the runtime the live agents advertise) in the
+        namespace's cache; None: a miss."""
+        runtime = self._runtimes.get(job.profile, lambda: self.placement.runtime(job.profile))
+        kept = self._caches.get(namespace, lambda: self._cache_and_policy(namespace))
+        if runtime is None or kept is None:   # no agent (the job will wait); the operator makes the cache
             return None
-        policy = self._policy(rc)
-        with contextlib.ExitStack() as unless_kept:
-            store = unless_kept.enter_context(cache_store(rc))
+        rc, policy = kept
+        with self.stores.borrowed(rc) as store:
             found = trusted_hit(store, dataclasses.replace(job, runtime=runtime).key, policy)
             if found.hit is None:
                 return None
-            unless_kept.pop_all()   # the answer reads the value from it, then closes it
-            return store, found.hit
+            return _answer(store, found.hit, started, cached=True, computejob=None)
+
+    def _cache_and_policy(self, namespace: str) -> tuple[dict[str, Any], TrustPolicy] | None:
+        rc = self.kube.get(p.RESULTCACHES, namespace, RESULT_CACHE)
+        return None if rc is None else (rc, self._policy(rc))
 
     def _create(self, job: Job, policy: Policy, caller: Caller, namespace: str) -> str:
         """A new ComputeJob of `job` in `namespace`, made by the caller's team and key: its name."""
@@ -122,7 +215,8 @@ class ClusterRuns:
             raise ApiError(422, f"ComputeJob {namespace}/{name} failed ({failure.get('reason', 'Failed')}): "
                            f"{failure.get('message') or status.get('message', '')} (nothing was cached)")
         store, found = self._verified(namespace, name, status)
-        return _answer(store, found, started, cached=bool(status.get("cached")), computejob=f"{namespace}/{name}")
+        with store:
+            return _answer(store, found, started, cached=bool(status.get("cached")), computejob=f"{namespace}/{name}")
 
     def _verified(self, namespace: str, name: str, status: Mapping[str, Any]) -> tuple[Store, Hit]:
         """The job's result as its status names it, read from the store and judged by the cache's policy."""
@@ -200,6 +294,5 @@ def job_spec(job: Job, policy: Policy) -> dict[str, Any]:
 
 
 def _answer(store: Store, hit: Hit, started: float, *, cached: bool, computejob: str | None) -> dict[str, Any]:
-    with store:
-        report = hit_report(store, hit, started, cached=cached, explain=[], notes=[])
-        return {**report_json(report, store), "shared_by": None, "computejob": computejob}
+    report = hit_report(store, hit, started, cached=cached, explain=[], notes=[])
+    return {**report_json(report, store), "shared_by": None, "computejob": computejob}

@@ -73,7 +73,8 @@ class RunRequest(BaseModel):
         return Job(code=code, inputs=inputs, env=self.env, salt=self.salt, limits=limits), identity
 
 
-def routes(api: FastAPI, sessions: SessionManager, store: str | None) -> None:
+def routes(api: FastAPI, sessions: SessionManager, store: str | None) -> ClusterRuns | None:
+    """/v1/run's route; on Kubernetes its ClusterRuns, which the server closes at shutdown (it keeps stores open)."""
     cluster = ClusterRuns(sessions.placement) if sessions.placement is not None else None
 
     @api.post("/v1/run", tags=["memory"])
@@ -88,6 +89,8 @@ def routes(api: FastAPI, sessions: SessionManager, store: str | None) -> None:
             raise ApiError(400, "namespace is for /v1/run on Kubernetes (MEMOPLANE_SERVE_NAMESPACE set): this "
                            "server computes in its own pools", "leave namespace out")
         return await asyncio.to_thread(_run, job, identity, body.policy, sessions, store, who)
+
+    return cluster
 
 
 def _run(job: Job, identity: str, policy: Policy, sessions: SessionManager, store: str | None,
