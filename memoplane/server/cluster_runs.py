@@ -58,7 +58,8 @@ KEPT_ENTRIES = 1024  # namespaces and profiles whose reads are kept (the oldest 
 
 class Recent:
     """Values read for a key, each reused for `seconds` from just before it was read (so no value is
-    used longer than that after the read began); values whose read raised are not kept."""
+    used longer than that after the read began). None (nothing there yet: no cache, no agent) and a read
+    that raised are not kept: what appears is seen by the next call."""
 
     def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.seconds, self._clock = seconds, clock
@@ -72,6 +73,8 @@ class Recent:
             if kept is not None and began - kept[0] < self.seconds:
                 return kept[1]
         value = read()
+        if value is None:
+            return None
         with self._lock:
             self._values[key] = (began, value)
             self._values.move_to_end(key)
@@ -84,8 +87,8 @@ class OpenStores:
     """The caches' stores, each opened once and kept while among the last `size` used; one pushed out is
     closed once no call reads it, all of them at close()."""
 
-    def __init__(self, size: int = KEPT_STORES) -> None:
-        self.size = size
+    def __init__(self, size: int = KEPT_STORES, opener: Callable[[dict[str, Any]], Store] = cache_store) -> None:
+        self.size, self._opener = size, opener
         self._open: OrderedDict[Hashable, Store] = OrderedDict()
         self._readers: Counter[Store] = Counter()
         self._retired: list[Store] = []
@@ -100,7 +103,7 @@ class OpenStores:
         with self._lock:
             store = self._open.get(where)
             if store is None:
-                store = self._open[where] = cache_store(dict(rc))
+                store = self._open[where] = self._opener(dict(rc))
                 while len(self._open) > self.size:
                     self._retired.append(self._open.popitem(last=False)[1])
             self._open.move_to_end(where)

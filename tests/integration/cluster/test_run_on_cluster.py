@@ -17,7 +17,7 @@ from test_trust_cluster import forged
 from memoplane.api import computejob_manifest
 from memoplane.cluster import protocol as p
 from memoplane.server.apikeys import ApiKeys
-from memoplane.server.cluster_runs import job_spec
+from memoplane.server.cluster_runs import KEPT_SECONDS, RESULT_CACHE, job_spec
 from memoplane.server.memo import RunRequest
 from memoplane.testing import processes
 
@@ -136,3 +136,31 @@ def test_a_key_scoped_to_namespace_a_makes_no_job_in_b(stack: Stack, api: dict[s
     assert refused.status_code == 403
     assert f"not scoped to namespace {other!r}" in refused.json()["message"]
     assert _jobs(stack, other) == []
+
+
+def test_a_stricter_trust_policy_refuses_the_next_hit_after_the_stated_bound(
+        stack: Stack, api: dict[str, Any], namespaces: tuple[str, str]) -> None:
+    """The API reuses a cache's trust policy for hits up to KEPT_SECONDS (the README says): once that
+    passed after a change, a result the new policy does not trust is no longer served."""
+    ns = namespaces[0]
+    body = {"code": SOURCE, "inputs": {"n": 8}, "salt": uuid.uuid4().hex[:8]}
+    assert _run(api, api["scoped"], body).json()["cached"] is False
+    assert _run(api, api["scoped"], body).json()["cached"] is True   # the old policy is kept now
+    rc = stack.kube.get(p.RESULTCACHES, ns, RESULT_CACHE)
+    assert rc is not None
+    trust = rc["spec"].get("trust")
+    # One agent's signature no longer suffices (two agents run: the policy is usable).
+    stack.kube.json_patch(p.RESULTCACHES, ns, RESULT_CACHE,
+                          [{"op": "add", "path": "/spec/trust", "value": {**(trust or {}), "minSignatures": 2}}])
+    try:
+        time.sleep(KEPT_SECONDS)
+        before = _jobs(stack, ns)
+        refused = _run(api, api["scoped"], body)
+        # Not a hit: a ComputeJob recomputed it on one node, and its one signature is refused too.
+        assert refused.status_code == 502, refused.text
+        assert "is not trusted by ResultCache" in refused.json()["message"]
+        assert len(_jobs(stack, ns)) == len(before) + 1
+    finally:
+        restore = {"op": "replace", "path": "/spec/trust", "value": trust} if trust is not None else \
+            {"op": "remove", "path": "/spec/trust"}
+        stack.kube.json_patch(p.RESULTCACHES, ns, RESULT_CACHE, [restore])
