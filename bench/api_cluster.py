@@ -53,7 +53,7 @@ def main() -> None:
     body = {"code": SOURCE, "inputs": {"n": 1000}}
     with stack("apihit") as bench, tempfile.TemporaryDirectory() as home:
         keys = ApiKeys(Path(home) / "apikeys.json")
-        _, token = keys.create("alpha", ["run"], namespaces=[bench.ns])
+        _, token = keys.create("alpha", ["run"], tier="large", namespaces=[bench.ns])   # 100 hits: over "standard"'s burst
         cluster_url = processes.start_api(bench.cfg, api_keys=keys.path).url("http", "/v1/run")
         env = {"MEMOPLANE_STORE": f"{home}/store", "MEMOPLANE_KEYS_DIR": f"{home}/keys"}
         proc, embedded = start_server({**os.environ, **env}, Path(home) / "serve.log")
