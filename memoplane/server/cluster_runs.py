@@ -135,12 +135,11 @@ class ClusterRuns:
     """/v1/run's computations in the callers' namespaces (the agents' Leases and remembered keys are in
     the placement's namespace)."""
 
-    def __init__(self, placement: Placement, kept_seconds: float = KEPT_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, placement: Placement) -> None:
         self.kube, self.placement = placement.kube, placement
         self.stores = OpenStores()
-        self._caches = Recent(kept_seconds, clock)     # namespace -> (its ResultCache, its policy) or None
-        self._runtimes = Recent(kept_seconds, clock)   # profile -> the runtime the live agents advertise
+        self._caches = Recent(KEPT_SECONDS)     # namespace -> (its ResultCache, its trust policy)
+        self._runtimes = Recent(KEPT_SECONDS)   # profile -> the runtime the live agents advertise
 
     def close(self) -> None:
         self.stores.close()
